@@ -23,7 +23,7 @@ except ImportError as e:  # not built, or built against another torch
     )
 
 if HAS_CPP:
-    HAS_CUDA = bool(torch.version.cuda) and hasattr(torch.ops.pyprune, "_bsr_linear_cuda")
+    HAS_CUDA = bool(_C.cpu_features()["with_cuda"])
     if not HAS_CUDA:
         CUDA_REASON = (
             "the extension was built without CUDA sources (needs nvcc and a CUDA build of torch at build time)"

@@ -1,0 +1,236 @@
+// pyprune::bsr_linear on the CPU: y = x W^T + b with W (N x K) in BSR, blocks (bh x bw) row-major, the blocks
+// at the bottom and right edges zero-padded past N and K.
+//
+// Many tokens: the token-minor scheme of csr_linear, but a weight block lets RB rows share every activation
+// load, so each loaded vector feeds RB FMAs (RB=4 on AVX-512: 4 loads + 4 broadcasts per 16 FMAs) and the
+// kernel can approach the FMA roofline at 1/density of the dense time. Few tokens: dense dot products of each
+// block row against x, bound by the weight bytes.
+#include "pyprune/check.h"
+#include "pyprune/token_tiles.h"
+
+namespace pyprune {
+namespace {
+
+constexpr int64_t kGatherMaxTokens = 4;
+
+struct BsrArgs {
+  const int32_t* crow;
+  const int32_t* col;
+  const float* val;
+  const float* bias;
+  int64_t M, K, N, bh, bw;
+};
+
+template <int RB, int NV>
+PYPRUNE_INLINE void block_rows(const BsrArgs& a, int64_t br, int64_t i0, const float* xt, int64_t ld, float* out,
+                               int64_t ldb) {
+  vf16 acc[RB][NV];
+  for (int i = 0; i < RB; ++i)
+    for (int t = 0; t < NV; ++t) acc[i][t] = vf16{};
+  for (int64_t blk = a.crow[br]; blk < a.crow[br + 1]; ++blk) {
+    const int64_t c0 = static_cast<int64_t>(a.col[blk]) * a.bw;
+    const int64_t jn = std::min(a.bw, a.K - c0);
+    const float* w = a.val + blk * a.bh * a.bw + i0 * a.bw;
+    const float* xp = xt + c0 * ld;
+    for (int64_t j = 0; j < jn; ++j) {
+      vf16 xv[NV];
+      for (int t = 0; t < NV; ++t) xv[t] = load16(xp + j * ld + kLanes * t);
+      for (int i = 0; i < RB; ++i) {
+        const vf16 wi = splat16(w[i * a.bw + j]);
+        for (int t = 0; t < NV; ++t) acc[i][t] += wi * xv[t];
+      }
+    }
+  }
+  for (int i = 0; i < RB; ++i)
+    for (int t = 0; t < NV; ++t) store16(out + i * ldb + kLanes * t, acc[i][t]);
+}
+
+// Units u in [u0, u1) of the (block-row part x token tile) grid; the ISA copy comes from the wrapper's target.
+template <int RB, int NV>
+PYPRUNE_INLINE void tile_units(const BsrArgs& a, const float* xt, int64_t ld, const int64_t* bounds,
+                               int64_t u0, int64_t u1, float* y) {
+  constexpr int64_t tile = kLanes * NV;
+  const int64_t n_tiles = (a.M + tile - 1) / tile;
+  std::vector<float> buf(a.bh * tile);
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t p = u / n_tiles, m0 = (u % n_tiles) * tile;
+    for (int64_t br = bounds[p]; br < bounds[p + 1]; ++br) {
+      const int64_t rows = std::min(a.bh, a.N - br * a.bh);
+      int64_t i = 0;
+      for (; i + RB <= rows; i += RB) block_rows<RB, NV>(a, br, i, xt + m0, ld, buf.data() + i * tile, tile);
+      for (; i < rows; ++i) block_rows<1, NV>(a, br, i, xt + m0, ld, buf.data() + i * tile, tile);
+      store_transposed(buf.data(), tile, rows, std::min(tile, a.M - m0), a.bias, y, a.N, br * a.bh, m0);
+    }
+  }
+}
+
+// Few tokens: per block row, dense dot products over its blocks' rows.
+template <int MT>
+PYPRUNE_INLINE void gather_rows(const BsrArgs& a, const float* x, int64_t b0, int64_t b1, float* y) {
+  for (int64_t br = b0; br < b1; ++br) {
+    const int64_t rows = std::min(a.bh, a.N - br * a.bh);
+    for (int64_t i = 0; i < rows; ++i) {
+      vf16 acc[MT];
+      float tail[MT] = {};
+      for (int m = 0; m < MT; ++m) acc[m] = vf16{};
+      for (int64_t blk = a.crow[br]; blk < a.crow[br + 1]; ++blk) {
+        const int64_t c0 = static_cast<int64_t>(a.col[blk]) * a.bw;
+        const int64_t jn = std::min(a.bw, a.K - c0);
+        const float* w = a.val + blk * a.bh * a.bw + i * a.bw;
+        int64_t j = 0;
+        for (; j + kLanes <= jn; j += kLanes) {
+          const vf16 wv = load16(w + j);
+          for (int m = 0; m < MT; ++m) acc[m] += wv * load16(x + m * a.K + c0 + j);
+        }
+        for (; j < jn; ++j)
+          for (int m = 0; m < MT; ++m) tail[m] += w[j] * x[m * a.K + c0 + j];
+      }
+      const int64_t r = br * a.bh + i;
+      for (int m = 0; m < MT; ++m) {
+        float s = tail[m];
+        for (int l = 0; l < kLanes; ++l) s += acc[m][l];
+        y[m * a.N + r] = s + (a.bias ? a.bias[r] : 0.f);
+      }
+    }
+  }
+}
+
+template <int MT>
+PYPRUNE_INLINE void gather_units(const BsrArgs& a, const float* x, const int64_t* bounds, int64_t p0, int64_t p1,
+                                 float* y) {
+  for (int64_t p = p0; p < p1; ++p)
+    for (int64_t m0 = 0; m0 < a.M; m0 += MT) {
+      if (a.M - m0 >= MT) {
+        gather_rows<MT>(a, x + m0 * a.K, bounds[p], bounds[p + 1], y + m0 * a.N);
+      } else {
+        for (int64_t m = m0; m < a.M; ++m) gather_rows<1>(a, x + m * a.K, bounds[p], bounds[p + 1], y + m * a.N);
+      }
+    }
+}
+
+using UnitsFn = void (*)(const BsrArgs&, const float*, int64_t, const int64_t*, int64_t, int64_t, float*);
+
+#define PYPRUNE_BSR_ISA(SUFFIX, TARGET)                                                                    \
+  template <int RB, int NV>                                                                               \
+  TARGET void units_##SUFFIX(const BsrArgs& a, const float* xt, int64_t ld, const int64_t* b, int64_t u0,   \
+                             int64_t u1, float* y) {                                                      \
+    tile_units<RB, NV>(a, xt, ld, b, u0, u1, y);                                                          \
+  }                                                                                                       \
+  TARGET void gather_##SUFFIX(const BsrArgs& a, const float* x, const int64_t* b, int64_t p0, int64_t p1,  \
+                              float* y) {                                                                 \
+    gather_units<kGatherMaxTokens>(a, x, b, p0, p1, y);                                                   \
+  }
+
+PYPRUNE_BSR_ISA(baseline, )
+#if PYPRUNE_X86
+PYPRUNE_BSR_ISA(avx2, PYPRUNE_TARGET_AVX2)
+PYPRUNE_BSR_ISA(avx512, PYPRUNE_TARGET_AVX512)
+#endif
+
+// Register tiles (RB rows x NV vectors of 16 tokens): AVX-512 4x4 = 16 zmm accumulators of 32; AVX2 4x1 = 8
+// ymm of 16; baseline 2x1 = 8 xmm of 16. Returns the tile width in vectors through nv.
+UnitsFn pick_units(Isa isa, int& nv) {
+#if PYPRUNE_X86
+  if (isa == Isa::kAvx512) {
+    static constexpr UnitsFn t[] = {units_avx512<4, 1>, units_avx512<4, 2>, units_avx512<4, 3>,
+                                    units_avx512<4, 4>};
+    return t[nv - 1];
+  }
+  if (isa == Isa::kAvx2) { nv = 1; return units_avx2<4, 1>; }
+#endif
+  (void)isa;
+  nv = 1;
+  return units_baseline<2, 1>;
+}
+
+using GatherFn = void (*)(const BsrArgs&, const float*, const int64_t*, int64_t, int64_t, float*);
+GatherFn pick_gather(Isa isa) {
+#if PYPRUNE_X86
+  if (isa == Isa::kAvx512) return gather_avx512;
+  if (isa == Isa::kAvx2) return gather_avx2;
+#endif
+  (void)isa;
+  return gather_baseline;
+}
+
+}  // namespace
+
+at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                          const at::Tensor& values, int64_t out_features, const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "bsr_linear";
+  PYPRUNE_CHECK(x.dim() >= 1, op, "x", "must have at least 1 dimension (..., in_features), got a scalar");
+  PYPRUNE_CHECK_DTYPE(values, op, "values", x.scalar_type());
+  PYPRUNE_CHECK_DTYPE(crow_indices, op, "crow_indices", at::kInt);
+  PYPRUNE_CHECK_DTYPE(col_indices, op, "col_indices", at::kInt);
+  PYPRUNE_CHECK_DIM(crow_indices, 1, op, "crow_indices");
+  PYPRUNE_CHECK_DIM(col_indices, 1, op, "col_indices");
+  PYPRUNE_CHECK_DIM(values, 3, op, "values");
+  for (const auto* t : {&x, &crow_indices, &col_indices, &values}) PYPRUNE_CHECK_CPU(*t, op, "x/indices/values");
+  const int64_t N = out_features, K = x.size(-1), M = K ? x.numel() / K : 0;
+  const int64_t bh = values.size(1), bw = values.size(2), nnzb = values.size(0);
+  PYPRUNE_CHECK(bh > 0 && bw > 0, op, "values", "must hold blocks of positive size, got ", values.sizes());
+  PYPRUNE_CHECK(N >= 0, op, "out_features", "must be >= 0, got ", N);
+  const int64_t n_brows = (N + bh - 1) / bh;
+  PYPRUNE_CHECK(crow_indices.numel() == n_brows + 1, op, "crow_indices", "must have ceil(out_features / bh) + 1 = ",
+                n_brows + 1, " entries, got ", crow_indices.numel());
+  PYPRUNE_CHECK(col_indices.numel() == nnzb, op, "col_indices", "must have one entry per block (", nnzb, "), got ",
+                col_indices.numel());
+  const at::Tensor crow = crow_indices.contiguous(), col = col_indices.contiguous(), val = values.contiguous();
+  PYPRUNE_CHECK(crow.data_ptr<int32_t>()[0] == 0 && crow.data_ptr<int32_t>()[n_brows] == nnzb, op, "crow_indices",
+                "must start at 0 and end at the number of blocks ", nnzb);
+  if (x.scalar_type() != at::kFloat) {
+    // The kernel is fp32; float64 (gradcheck), bf16 and fp16 run a dense fallback.
+    const int64_t n_bcols = (K + bw - 1) / bw;
+    const at::Tensor brow = at::repeat_interleave(at::arange(n_brows, crow.options().dtype(at::kLong)),
+                                                  crow.diff().to(at::kLong), nnzb);
+    at::Tensor grid = at::zeros({n_brows, n_bcols, bh, bw}, val.options());
+    grid.index_put_({brow, col.to(at::kLong)}, val, true);
+    const at::Tensor w = grid.permute({0, 2, 1, 3}).reshape({n_brows * bh, n_bcols * bw}).slice(0, 0, N).slice(1, 0, K);
+    return at::linear(x, w, bias);
+  }
+  at::Tensor b;
+  if (bias.has_value()) {
+    b = bias->contiguous();
+    PYPRUNE_CHECK_DTYPE(b, op, "bias", at::kFloat);
+    PYPRUNE_CHECK_CPU(b, op, "bias");
+    PYPRUNE_CHECK(b.dim() == 1 && b.numel() == N, op, "bias", "must have shape (", N, "), got ", b.sizes());
+  }
+  auto out_sizes = x.sizes().vec();
+  out_sizes.back() = N;
+  at::Tensor y = at::empty(out_sizes, x.options());
+  if (M == 0 || N == 0) return y;
+  if (K == 0 || nnzb == 0) return b.defined() ? y.copy_(b.expand_as(y)) : y.zero_();
+
+  const at::Tensor xc = x.contiguous();
+  const BsrArgs a{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), val.data_ptr<float>(),
+                  b.defined() ? b.data_ptr<float>() : nullptr, M, K, N, bh, bw};
+  const int32_t* cr = a.crow;
+  const int64_t block_cost = bh * bw;
+  auto prefix = [cr, block_cost](int64_t r) { return static_cast<int64_t>(cr[r]) * block_cost; };
+  const int64_t threads = at::get_num_threads();
+  const Isa isa = kernel_isa();
+  float* yp = y.data_ptr<float>();
+
+  if (M <= kGatherMaxTokens) {
+    const auto bounds = balanced_split(n_brows, threads * 8, prefix, bh * 4);
+    const GatherFn fn = pick_gather(isa);
+    const float* xp = xc.data_ptr<float>();
+    at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1,
+                     [&](int64_t p0, int64_t p1) { fn(a, xp, bounds.data(), p0, p1, yp); });
+    return y;
+  }
+  int nv = static_cast<int>(std::clamp<int64_t>((512 * 1024) / (K * kLanes * 4), 1, kMaxTileVecs));
+  const UnitsFn fn = pick_units(isa, nv);
+  const int64_t ld = round_up(M, kLanes), tile = kLanes * nv;
+  at::Tensor xt = at::empty({K, ld}, x.options());
+  pack_token_minor(xc.data_ptr<float>(), M, K, xt.data_ptr<float>(), ld);
+  const auto bounds = balanced_split(n_brows, threads * 8, prefix, bh * 4);
+  const int64_t n_units = (static_cast<int64_t>(bounds.size()) - 1) * ((M + tile - 1) / tile);
+  const float* xtp = xt.data_ptr<float>();
+  at::parallel_for(0, n_units, 1, [&](int64_t u0, int64_t u1) { fn(a, xtp, ld, bounds.data(), u0, u1, yp); });
+  return y;
+}
+
+TORCH_LIBRARY_IMPL(pyprune, CPU, m) { m.impl("bsr_linear", &bsr_linear_cpu); }
+
+}  // namespace pyprune

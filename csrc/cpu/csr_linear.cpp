@@ -1,0 +1,259 @@
+// pyprune::csr_linear on the CPU: y = x W^T + b with W (N x K) in CSR (int32 indices, fp32 values).
+//
+// Many tokens: x is packed token-minor (see token_tiles.h) and each nonzero w[o][k] does one broadcast FMA
+// into a 16..64-token accumulator tile, so the weight stream is read once per tile and the FMA count is
+// nnz * M. The tile width is chosen so that xt's slice (K x tile) stays in L2, because the column indices of a
+// row jump anywhere in K. Few tokens (decoding): a gather dot product per row, which is bound by the
+// weight bytes (8 per nonzero), not by arithmetic.
+#include <immintrin.h>
+
+#include "pyprune/check.h"
+#include "pyprune/token_tiles.h"
+
+namespace pyprune {
+namespace {
+
+constexpr int64_t kRowGroup = 16;   // rows whose token tiles are transposed into y together
+constexpr int64_t kGatherMaxTokens = 4;
+
+struct CsrArgs {
+  const int32_t* crow;
+  const int32_t* col;
+  const float* val;
+  const float* bias;
+  int64_t M, K, N;
+};
+
+// Two accumulator sets over alternate nonzeros: with 4 vectors that is 8 independent FMA chains, enough to
+// cover the FMA latency at one FMA per cycle.
+template <int NV>
+PYPRUNE_INLINE void row_tile(const int32_t* col, const float* val, int64_t nnz, const float* xt, int64_t ld,
+                             float* out) {
+  vf16 a[NV], b[NV];
+  for (int t = 0; t < NV; ++t) a[t] = b[t] = vf16{};
+  int64_t j = 0;
+  for (; j + 2 <= nnz; j += 2) {
+    const float* p0 = xt + static_cast<int64_t>(col[j]) * ld;
+    const float* p1 = xt + static_cast<int64_t>(col[j + 1]) * ld;
+    const vf16 w0 = splat16(val[j]), w1 = splat16(val[j + 1]);
+    for (int t = 0; t < NV; ++t) a[t] += w0 * load16(p0 + kLanes * t);
+    for (int t = 0; t < NV; ++t) b[t] += w1 * load16(p1 + kLanes * t);
+  }
+  if (j < nnz) {
+    const float* p0 = xt + static_cast<int64_t>(col[j]) * ld;
+    const vf16 w0 = splat16(val[j]);
+    for (int t = 0; t < NV; ++t) a[t] += w0 * load16(p0 + kLanes * t);
+  }
+  for (int t = 0; t < NV; ++t) store16(out + kLanes * t, a[t] + b[t]);
+}
+
+template <int NV>
+PYPRUNE_INLINE void rows_tile(const CsrArgs& a, const float* xt, int64_t ld, int64_t r0, int64_t r1,
+                              int64_t m0, float* buf, float* y) {
+  constexpr int64_t ldb = kLanes * NV;
+  for (int64_t g = r0; g < r1; g += kRowGroup) {
+    const int64_t ge = std::min(r1, g + kRowGroup);
+    for (int64_t r = g; r < ge; ++r) {
+      const int64_t s = a.crow[r];
+      row_tile<NV>(a.col + s, a.val + s, a.crow[r + 1] - s, xt + m0, ld, buf + (r - g) * ldb);
+    }
+    store_transposed(buf, ldb, ge - g, std::min<int64_t>(ldb, a.M - m0), a.bias, y, a.N, g, m0);
+  }
+}
+
+// Units u in [u0, u1) of the (row part x token tile) grid. Each ISA gets its own copy through the target
+// attribute of the wrapper below (a lambda would not inherit it, so parallel_for only calls the wrapper).
+template <int NV>
+PYPRUNE_INLINE void tile_units(const CsrArgs& a, const float* xt, int64_t ld, const int64_t* rb, int64_t u0,
+                               int64_t u1, float* y) {
+  constexpr int64_t tile = kLanes * NV;
+  const int64_t n_tiles = (a.M + tile - 1) / tile;
+  alignas(64) float buf[kRowGroup * tile];
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t p = u / n_tiles, t = u % n_tiles;
+    rows_tile<NV>(a, xt, ld, rb[p], rb[p + 1], t * tile, buf, y);
+  }
+}
+
+using UnitsFn = void (*)(const CsrArgs&, const float*, int64_t, const int64_t*, int64_t, int64_t, float*);
+
+#define PYPRUNE_CSR_UNITS(SUFFIX, TARGET)                                                                \
+  template <int NV>                                                                                     \
+  TARGET void units_##SUFFIX(const CsrArgs& a, const float* xt, int64_t ld, const int64_t* rb, int64_t u0, \
+                             int64_t u1, float* y) {                                                    \
+    tile_units<NV>(a, xt, ld, rb, u0, u1, y);                                                           \
+  }
+
+PYPRUNE_CSR_UNITS(baseline, )
+#if PYPRUNE_X86
+PYPRUNE_CSR_UNITS(avx2, PYPRUNE_TARGET_AVX2)
+PYPRUNE_CSR_UNITS(avx512, PYPRUNE_TARGET_AVX512)
+#endif
+
+// Token-tile width in vectors of 16, capped by the ISA's accumulator budget (2*NV vf16 live: 8 zmm on
+// AVX-512 at NV=4, 8 ymm on AVX2 at NV=2 out of 16 registers, 8 xmm on the baseline at NV=1).
+UnitsFn pick_units(Isa isa, int nv) {
+#if PYPRUNE_X86
+  if (isa == Isa::kAvx512) {
+    static constexpr UnitsFn t[] = {units_avx512<1>, units_avx512<2>, units_avx512<3>, units_avx512<4>};
+    return t[nv - 1];
+  }
+  if (isa == Isa::kAvx2) return nv >= 2 ? units_avx2<2> : units_avx2<1>;
+#endif
+  (void)isa;
+  (void)nv;
+  return units_baseline<1>;
+}
+
+int tile_vecs(Isa isa, int nv) {
+  const int cap = isa == Isa::kAvx512 ? 4 : (isa == Isa::kAvx2 ? 2 : 1);
+  return std::min(nv, cap);
+}
+
+// ---- few tokens: gather dot products over each row's nonzeros ----
+
+template <int MT>
+PYPRUNE_INLINE void gather_rows_scalar(const CsrArgs& a, const float* x, int64_t r0, int64_t r1, float* y) {
+  for (int64_t r = r0; r < r1; ++r) {
+    float acc[MT][4] = {};
+    const int64_t s = a.crow[r], e = a.crow[r + 1];
+    int64_t j = s;
+    for (; j + 4 <= e; j += 4)
+      for (int q = 0; q < 4; ++q)
+        for (int m = 0; m < MT; ++m) acc[m][q] += a.val[j + q] * x[m * a.K + a.col[j + q]];
+    for (; j < e; ++j)
+      for (int m = 0; m < MT; ++m) acc[m][0] += a.val[j] * x[m * a.K + a.col[j]];
+    for (int m = 0; m < MT; ++m)
+      y[m * a.N + r] = (acc[m][0] + acc[m][1]) + (acc[m][2] + acc[m][3]) + (a.bias ? a.bias[r] : 0.f);
+  }
+}
+
+#if PYPRUNE_X86
+template <int MT>
+PYPRUNE_TARGET_AVX512 void gather_rows_avx512(const CsrArgs& a, const float* x, int64_t r0, int64_t r1,
+                                              float* y) {
+  for (int64_t r = r0; r < r1; ++r) {
+    __m512 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+    const int64_t s = a.crow[r], e = a.crow[r + 1];
+    int64_t j = s;
+    for (; j + 16 <= e; j += 16) {
+      const __m512i idx = _mm512_loadu_si512(a.col + j);
+      const __m512 w = _mm512_loadu_ps(a.val + j);
+      for (int m = 0; m < MT; ++m)
+        acc[m] = _mm512_fmadd_ps(w, _mm512_i32gather_ps(idx, x + m * a.K, 4), acc[m]);
+    }
+    if (j < e) {
+      const __mmask16 k = static_cast<__mmask16>((1u << (e - j)) - 1u);
+      const __m512i idx = _mm512_maskz_loadu_epi32(k, a.col + j);
+      const __m512 w = _mm512_maskz_loadu_ps(k, a.val + j);
+      for (int m = 0; m < MT; ++m)
+        acc[m] = _mm512_fmadd_ps(
+            w, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, idx, x + m * a.K, 4), acc[m]);
+    }
+    for (int m = 0; m < MT; ++m)
+      y[m * a.N + r] = _mm512_reduce_add_ps(acc[m]) + (a.bias ? a.bias[r] : 0.f);
+  }
+}
+#endif
+
+template <int MT>
+void gather_rows(const CsrArgs& a, const float* x, int64_t r0, int64_t r1, float* y) {
+#if PYPRUNE_X86
+  if (kernel_isa() == Isa::kAvx512) return gather_rows_avx512<MT>(a, x, r0, r1, y);
+#endif
+  gather_rows_scalar<MT>(a, x, r0, r1, y);
+}
+
+void csr_gather(const CsrArgs& a, const float* x, const std::vector<int64_t>& rb, float* y) {
+  const int64_t n_parts = static_cast<int64_t>(rb.size()) - 1;
+  at::parallel_for(0, n_parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t m0 = 0; m0 < a.M; m0 += kGatherMaxTokens) {
+        const float* xm = x + m0 * a.K;
+        float* ym = y + m0 * a.N;
+        switch (std::min<int64_t>(kGatherMaxTokens, a.M - m0)) {
+          case 4: gather_rows<4>(a, xm, rb[p], rb[p + 1], ym); break;
+          case 3: gather_rows<3>(a, xm, rb[p], rb[p + 1], ym); break;
+          case 2: gather_rows<2>(a, xm, rb[p], rb[p + 1], ym); break;
+          default: gather_rows<1>(a, xm, rb[p], rb[p + 1], ym); break;
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                          const at::Tensor& values, int64_t out_features, const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "csr_linear";
+  PYPRUNE_CHECK(x.dim() >= 1, op, "x", "must have at least 1 dimension (..., in_features), got a scalar");
+  PYPRUNE_CHECK_DTYPE(values, op, "values", x.scalar_type());
+  PYPRUNE_CHECK_DTYPE(crow_indices, op, "crow_indices", at::kInt);
+  PYPRUNE_CHECK_DTYPE(col_indices, op, "col_indices", at::kInt);
+  PYPRUNE_CHECK_DIM(crow_indices, 1, op, "crow_indices");
+  PYPRUNE_CHECK_DIM(col_indices, 1, op, "col_indices");
+  PYPRUNE_CHECK_DIM(values, 1, op, "values");
+  PYPRUNE_CHECK(out_features >= 0, op, "out_features", "must be >= 0, got ", out_features);
+  PYPRUNE_CHECK(crow_indices.numel() == out_features + 1, op, "crow_indices",
+                "must have out_features + 1 = ", out_features + 1, " entries, got ", crow_indices.numel());
+  PYPRUNE_CHECK(col_indices.numel() == values.numel(), op, "col_indices",
+                "must have as many entries as values (", values.numel(), "), got ", col_indices.numel());
+  for (const auto* t : {&x, &crow_indices, &col_indices, &values}) PYPRUNE_CHECK_CPU(*t, op, "x/indices/values");
+  const int64_t N = out_features, K = x.size(-1), M = K ? x.numel() / K : 0;
+  const at::Tensor crow = crow_indices.contiguous(), col = col_indices.contiguous(), val = values.contiguous();
+  const int64_t nnz = val.numel();
+  PYPRUNE_CHECK(crow.data_ptr<int32_t>()[0] == 0 && crow.data_ptr<int32_t>()[N] == nnz, op, "crow_indices",
+                "must start at 0 and end at nnz = ", nnz, ", got ", crow.data_ptr<int32_t>()[0], " and ",
+                crow.data_ptr<int32_t>()[N]);
+  if (x.scalar_type() != at::kFloat) {
+    // The kernel is fp32; float64 (gradcheck), bf16 and fp16 run a dense fallback.
+    const at::Tensor rows = at::repeat_interleave(at::arange(N, crow.options().dtype(at::kLong)),
+                                                  crow.diff().to(at::kLong), nnz);
+    const at::Tensor w = at::zeros({N, K}, val.options()).index_put_({rows, col.to(at::kLong)}, val, true);
+    return at::linear(x, w, bias);
+  }
+  at::Tensor b;
+  if (bias.has_value()) {
+    b = bias->contiguous();
+    PYPRUNE_CHECK_DTYPE(b, op, "bias", at::kFloat);
+    PYPRUNE_CHECK_CPU(b, op, "bias");
+    PYPRUNE_CHECK(b.dim() == 1 && b.numel() == N, op, "bias", "must have shape (", N, "), got ", b.sizes());
+  }
+  auto out_sizes = x.sizes().vec();
+  out_sizes.back() = N;
+  at::Tensor y = at::empty(out_sizes, x.options());
+  if (M == 0 || N == 0) return y;
+  if (K == 0 || nnz == 0) return b.defined() ? y.copy_(b.expand_as(y)) : y.zero_();
+
+  const at::Tensor xc = x.contiguous();
+  const CsrArgs a{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), val.data_ptr<float>(),
+                  b.defined() ? b.data_ptr<float>() : nullptr, M, K, N};
+  const int32_t* cr = a.crow;
+  auto prefix = [cr](int64_t r) { return static_cast<int64_t>(cr[r]); };
+  const int64_t threads = at::get_num_threads();
+  const Isa isa = kernel_isa();
+
+  if (M <= kGatherMaxTokens) {
+    const auto rb = balanced_split(N, threads * 8, prefix, 8);
+    csr_gather(a, xc.data_ptr<float>(), rb, y.data_ptr<float>());
+    return y;
+  }
+  // Largest tile whose slice of xt fits in ~512 KiB of L2 (the column indices of a row are scattered over K).
+  const int nv = tile_vecs(isa, static_cast<int>(std::clamp<int64_t>((512 * 1024) / (K * kLanes * 4), 1, kMaxTileVecs)));
+  const int64_t ld = round_up(M, kLanes), tile = kLanes * nv;
+  at::Tensor xt = at::empty({K, ld}, x.options());
+  pack_token_minor(xc.data_ptr<float>(), M, K, xt.data_ptr<float>(), ld);
+  const auto rb = balanced_split(N, threads * 8, prefix, 16);
+  const UnitsFn fn = pick_units(isa, nv);
+  const int64_t n_units = (static_cast<int64_t>(rb.size()) - 1) * ((M + tile - 1) / tile);
+  const float* xtp = xt.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, n_units, 1, [&](int64_t u0, int64_t u1) { fn(a, xtp, ld, rb.data(), u0, u1, yp); });
+  return y;
+}
+
+TORCH_LIBRARY_IMPL(pyprune, CPU, m) { m.impl("csr_linear", &csr_linear_cpu); }
+
+}  // namespace pyprune

@@ -1,0 +1,26 @@
+"""Every pyprune op schema, defined once. The kernels register against these names: C++ through
+TORCH_LIBRARY_IMPL(pyprune, CPU, ...) in csrc/, and Python (fakes, autograd, the CUDA router, the reference
+fallback when pyprune._C is missing) in pyprune/ops/<op>.py.
+"""
+import torch
+
+lib = torch.library.Library("pyprune", "DEF")
+
+SCHEMAS = {
+    # y = x W^T + b; W (out_features x in_features) in CSR with int32 indices.
+    "csr_linear": "csr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
+    "int out_features, Tensor? bias) -> Tensor",
+    # W in BSR: values (nnz_blocks, bh, bw); blocks past the weight's edge are zero-padded.
+    "bsr_linear": "bsr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
+    "int out_features, Tensor? bias) -> Tensor",
+    # W in 2:4: values (K4/2, out), meta (K4/8, out) uint8, K4 = in_features rounded up to a multiple of 8.
+    "sparse24_linear": "sparse24_linear(Tensor x, Tensor values, Tensor meta, int out_features, "
+    "Tensor? bias) -> Tensor",
+}
+
+for _schema in SCHEMAS.values():
+    lib.define(_schema)
+
+from .. import _extension  # noqa: E402  (loads _C after the schemas exist)
+
+__all__ = ["lib", "SCHEMAS", "_extension"]

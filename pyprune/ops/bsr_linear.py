@@ -1,0 +1,55 @@
+"""pyprune::bsr_linear: y = x W^T + b with W in BSR."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _library  # noqa: F401
+from ._common import autograd_bias_grad, register_cpu_fallback
+from .csr_linear import csr_transpose
+
+
+def bsr_linear(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor, out_features: int,
+               bias: Tensor | None = None) -> Tensor:
+    """x: (..., K); W: (out_features, K) as BSR: int32 crow_indices (ceil(out_features / bh) + 1,),
+    col_indices (nnz_blocks,), values (nnz_blocks, bh, bw) zero past the weight's edges. Returns
+    (..., out_features)."""
+    return torch.ops.pyprune.bsr_linear(x, crow_indices, col_indices, values, out_features, bias)
+
+
+@torch.library.register_fake("pyprune::bsr_linear")
+def _(x, crow_indices, col_indices, values, out_features, bias):
+    torch._check(values.dtype == x.dtype, lambda: "bsr_linear: values must have the dtype of x")
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _setup_context(ctx, inputs, output):
+    x, crow_indices, col_indices, values, out_features, bias = inputs
+    ctx.save_for_backward(x, crow_indices, col_indices, values)
+    ctx.out_features = out_features
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    x, crow, col, values = ctx.saved_tensors
+    n, k = ctx.out_features, x.shape[-1]
+    bh, bw = values.shape[1], values.shape[2]
+    n_brows, n_bcols = crow.numel() - 1, -(-k // bw)
+    grad_x = grad_values = None
+    if ctx.needs_input_grad[0]:
+        # W^T is BSR with (bw x bh) blocks: the block structure transposed, each block transposed
+        t_crow, t_col, perm = csr_transpose(crow, col, n_bcols)
+        grad_x = torch.ops.pyprune.bsr_linear(grad, t_crow, t_col, values[perm].transpose(1, 2).contiguous(),
+                                              k, None)
+    if ctx.needs_input_grad[3]:
+        gw = grad.reshape(-1, n).t() @ x.reshape(-1, k)
+        gw = torch.nn.functional.pad(gw, (0, n_bcols * bw - k, 0, n_brows * bh - n))
+        grid = gw.reshape(n_brows, bh, n_bcols, bw).permute(0, 2, 1, 3)
+        brow = torch.repeat_interleave(torch.arange(n_brows, device=crow.device), (crow[1:] - crow[:-1]).long(),
+                                       output_size=col.numel())
+        grad_values = grid[brow, col.long()]
+    return grad_x, None, None, grad_values, None, autograd_bias_grad(ctx, grad)
+
+
+torch.library.register_autograd("pyprune::bsr_linear", _backward, setup_context=_setup_context)
+register_cpu_fallback("bsr_linear")

@@ -1,0 +1,61 @@
+"""pyprune::csr_linear: y = x W^T + b with W in CSR."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _library  # noqa: F401
+from ._common import autograd_bias_grad, register_cpu_fallback
+
+
+def csr_linear(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor, out_features: int,
+               bias: Tensor | None = None) -> Tensor:
+    """x: (..., K); W: (out_features, K) as CSR with int32 crow_indices (out_features + 1,) and
+    col_indices (nnz,), values (nnz,); bias: (out_features,) or None. Returns (..., out_features)."""
+    return torch.ops.pyprune.csr_linear(x, crow_indices, col_indices, values, out_features, bias)
+
+
+@torch.library.register_fake("pyprune::csr_linear")
+def _(x, crow_indices, col_indices, values, out_features, bias):
+    torch._check(values.dtype == x.dtype, lambda: "csr_linear: values must have the dtype of x")
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def csr_transpose(crow_indices: Tensor, col_indices: Tensor, n_cols: int) -> tuple[Tensor, Tensor, Tensor]:
+    """CSR of W^T for W (len(crow_indices) - 1, n_cols): (crow, col, perm) with values_T = values[perm]."""
+    n_rows = crow_indices.numel() - 1
+    nnz = col_indices.numel()
+    rows = torch.repeat_interleave(torch.arange(n_rows, device=col_indices.device, dtype=torch.int32),
+                                   (crow_indices[1:] - crow_indices[:-1]).long(), output_size=nnz)
+    # stable sort by column keeps the rows ascending inside each new row
+    perm = torch.sort(col_indices, stable=True).indices
+    counts = torch.zeros(n_cols + 1, dtype=torch.int32, device=col_indices.device)
+    counts.index_add_(0, col_indices.long() + 1, torch.ones_like(col_indices))
+    return torch.cumsum(counts, 0, dtype=torch.int32), rows[perm], perm
+
+
+def _setup_context(ctx, inputs, output):
+    x, crow_indices, col_indices, values, out_features, bias = inputs
+    ctx.save_for_backward(x, crow_indices, col_indices, values)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    x, crow, col, values = ctx.saved_tensors
+    k = x.shape[-1]
+    grad_x = grad_values = None
+    if ctx.needs_input_grad[0]:
+        t_crow, t_col, perm = csr_transpose(crow, col, k)
+        grad_x = torch.ops.pyprune.csr_linear(grad, t_crow, t_col, values[perm], k, None)
+    if ctx.needs_input_grad[3]:
+        # dL/dw[o, k] = sum_m grad[m, o] x[m, k], sampled at the stored positions only
+        g2 = grad.reshape(-1, grad.shape[-1])
+        x2 = x.reshape(-1, k)
+        rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device),
+                                       (crow[1:] - crow[:-1]).long(), output_size=col.numel())
+        grad_values = (g2.t() @ x2)[rows, col.long()]
+    return grad_x, None, None, grad_values, None, autograd_bias_grad(ctx, grad)
+
+
+torch.library.register_autograd("pyprune::csr_linear", _backward, setup_context=_setup_context)
+register_cpu_fallback("csr_linear")

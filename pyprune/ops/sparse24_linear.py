@@ -1,0 +1,49 @@
+"""pyprune::sparse24_linear: y = x W^T + b with W 2:4 sparse (storage in pyprune/sparse/sparse24.py)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _library  # noqa: F401
+from ..sparse.sparse24 import padded_in_features, value_columns
+from ._common import autograd_bias_grad, register_cpu_fallback
+
+
+def sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, out_features: int,
+                    bias: Tensor | None = None) -> Tensor:
+    """x: (..., K); values: (K4/2, out_features); meta: (K4/8, out_features) uint8, K4 = K rounded up to a
+    multiple of 8. Returns (..., out_features)."""
+    return torch.ops.pyprune.sparse24_linear(x, values, meta, out_features, bias)
+
+
+@torch.library.register_fake("pyprune::sparse24_linear")
+def _(x, values, meta, out_features, bias):
+    torch._check(values.dtype == x.dtype, lambda: "sparse24_linear: values must have the dtype of x")
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _setup_context(ctx, inputs, output):
+    x, values, meta, out_features, bias = inputs
+    ctx.save_for_backward(x, values, meta)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    x, values, meta = ctx.saved_tensors
+    k = x.shape[-1]
+    n = values.shape[1]
+    cols = value_columns(meta).t()  # (N, K4/2)
+    grad_x = grad_values = None
+    if ctx.needs_input_grad[0]:
+        w = torch.zeros(n, padded_in_features(k), dtype=values.dtype, device=values.device)
+        w = w.scatter_add(1, cols, values.t())[:, :k]
+        grad_x = grad @ w
+    if ctx.needs_input_grad[1]:
+        gw = grad.reshape(-1, n).t() @ x.reshape(-1, k)
+        gw = torch.nn.functional.pad(gw, (0, padded_in_features(k) - k))
+        grad_values = torch.gather(gw, 1, cols).t()
+    return grad_x, grad_values, None, None, autograd_bias_grad(ctx, grad)
+
+
+torch.library.register_autograd("pyprune::sparse24_linear", _backward, setup_context=_setup_context)
+register_cpu_fallback("sparse24_linear")

@@ -1,0 +1,85 @@
+"""What every weight format shares: tensors held as module state (so state_dict, .to() and parameters()
+work), a load that adopts the stored sizes (a fresh module knows the layout, not the nonzero count), and
+validation with messages that name the argument."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class SparseFormat(nn.Module):
+    """Base of CSR, BSR and Sparse24. ``values`` is an nn.Parameter (fine-tuning updates the stored nonzeros
+    only); index tensors are buffers; the dense shape travels in the state_dict as extra state."""
+
+    layout: str = ""
+    _index_names: tuple[str, ...] = ()
+
+    def __init__(self, shape: tuple[int, int]):
+        super().__init__()
+        if len(shape) != 2 or any(int(s) < 0 for s in shape):
+            raise ValueError(f"shape must be (out_features, in_features) with sizes >= 0, got {tuple(shape)}")
+        self.shape = (int(shape[0]), int(shape[1]))
+
+    @property
+    def nnz(self) -> int:
+        """Stored values (including explicit zeros inside blocks / 2:4 groups)."""
+        return self.values.numel()
+
+    @property
+    def density(self) -> float:
+        numel = self.shape[0] * self.shape[1]
+        return float(torch.count_nonzero(self.to_dense()).item()) / numel if numel else 0.0
+
+    def to_dense(self) -> Tensor:
+        raise NotImplementedError
+
+    def validate(self) -> None:
+        raise NotImplementedError
+
+    def get_extra_state(self):
+        return {"shape": self.shape}
+
+    def set_extra_state(self, state) -> None:
+        self.shape = tuple(int(s) for s in state["shape"])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        for name in ("values", *self._index_names):
+            key = prefix + name
+            if key in state_dict:
+                incoming = state_dict[key]
+                if name == "values":
+                    old = self._parameters[name]
+                    self._parameters[name] = nn.Parameter(
+                        old.new_empty(incoming.shape, dtype=incoming.dtype), requires_grad=old.requires_grad)
+                else:
+                    self._buffers[name] = self._buffers[name].new_empty(incoming.shape, dtype=incoming.dtype)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if not error_msgs:
+            self.validate()
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, nnz={self.nnz}"
+
+
+def check_tensor(t, name: str, *, dtype=None, dim: int | None = None, floating: bool = False) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
+    if floating and not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+
+
+def check_finite(values: Tensor, name: str = "values") -> None:
+    if values.numel() and not bool(torch.isfinite(values).all()):
+        bad = int((~torch.isfinite(values)).sum())
+        raise ValueError(f"{name} holds {bad} NaN/inf entries: a sparse weight must be finite")
+
+
+def check_dense(dense: Tensor) -> None:
+    check_tensor(dense, "dense", dim=2, floating=True)
+    check_finite(dense, "dense")
