@@ -1,0 +1,66 @@
+"""Swap masked layers for kernel-backed sparse modules."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .masks import get_mask
+
+LAYOUTS = ("csr", "bsr", "2:4")
+
+
+@dataclass
+class ConvertReport:
+    """Which layers ``convert`` replaced and which masked layers it left dense (with why)."""
+
+    converted: list[str] = field(default_factory=list)
+    left_dense: dict[str, str] = field(default_factory=dict)
+
+
+def _baked_linear(m: nn.Linear) -> nn.Linear:
+    """A plain nn.Linear whose weight is the masked weight (exact zeros where the mask is off)."""
+    lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device,
+                    dtype=m.weight.dtype)
+    lin.weight.data.copy_(m.weight.detach())  # reading .weight applies the mask
+    if m.bias is not None:
+        lin.bias.data.copy_(m.bias.detach())
+    return lin
+
+
+def convert(model: nn.Module, layout: str = "csr", block: tuple[int, int] = (32, 32), inplace: bool = False,
+            return_report: bool = False) -> nn.Module | tuple[nn.Module, ConvertReport]:
+    """Replace every masked ``nn.Linear`` by ``pyprune.nn.SparseLinear.from_dense(..., sparsity=None)``, which
+    stores exactly the zeros of the masked weight in ``layout`` ("csr", "bsr" with tiles ``block`` = (bh, bw),
+    or "2:4").
+
+    Only Linear layers are converted for now: masked convolutions are left dense with their masks (sparse
+    conv modules come with a later issue) and are listed in the report, as are masked Linear layers when no
+    SparseLinear is available. Returns the converted model, or ``(model, ConvertReport)`` if ``return_report``.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    try:
+        from ..nn import SparseLinear
+    except ImportError as exc:  # the sparse modules are built in a separate issue
+        raise ImportError("convert needs pyprune.nn.SparseLinear, which is not available in this build "
+                          f"({exc})") from exc
+    target = model if inplace else copy.deepcopy(model)
+    report = ConvertReport()
+    for name, mod in list(target.named_modules()):
+        if get_mask(mod) is None:
+            continue
+        if not isinstance(mod, nn.Linear):
+            report.left_dense[name] = f"{type(mod).__name__}: only nn.Linear is converted for now"
+            continue
+        sparse = SparseLinear.from_dense(_baked_linear(mod), sparsity=None, layout=layout, block=block)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(target.get_submodule(parent_name) if parent_name else target, attr, sparse)
+        report.converted.append(name)
+    return (target, report) if return_report else target
+
+
+__all__ = ["ConvertReport", "LAYOUTS", "convert"]

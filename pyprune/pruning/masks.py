@@ -1,0 +1,257 @@
+"""Weight masks: unstructured magnitude (layer-wise or global), N:M and block sparsity, fixed through fine-tuning.
+
+A mask is a ``torch.nn.utils.parametrize`` parametrization ``weight = original * mask``; the mask is a buffer, so
+masked weights stay zero (their gradient through the product is zero) until the mask is recomputed, which only
+an attached :class:`CubicSchedule` does.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterable
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+class WeightMask(nn.Module):
+    """Parametrization ``w -> w * mask``. mask: bool, same shape as the weight."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask.to(torch.bool))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.mask
+
+
+def _as_2d(w: torch.Tensor) -> torch.Tensor:
+    # Conv weights (O, C, kh, kw) flatten to (O, C*kh*kw): the reduction dim of the im2col GEMM.
+    return w.reshape(w.shape[0], -1)
+
+
+def _lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask (same shape) keeping all but exactly the ``k`` lowest scores (ties: lower flat index pruned)."""
+    keep = torch.ones(scores.numel(), dtype=torch.bool)
+    keep[torch.argsort(scores.reshape(-1), stable=True)[:k]] = False
+    return keep.reshape(scores.shape)
+
+
+def unstructured_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep the largest |w|; exactly ``round(sparsity * w.numel())`` entries are zeroed. -> bool, shape of w."""
+    _check_sparsity(sparsity)
+    return _lowest_k(w.detach().abs(), round(sparsity * w.numel()))
+
+
+def nm_mask(w: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """N:M mask: in every run of ``m`` consecutive weights along the input (reduction) dim, keep the ``n``
+    largest |w|. w: (O, I) or (O, C, kh, kw) with I = C*kh*kw divisible by m -> bool, shape of w."""
+    if not 0 < n <= m:
+        raise ValueError(f"N:M pattern needs 0 < N <= M, got {n}:{m}")
+    w2 = _as_2d(w.detach())
+    if w2.shape[1] % m:
+        raise ValueError(f"N:M pattern {n}:{m}: input dim {w2.shape[1]} is not a multiple of {m}")
+    groups = w2.abs().reshape(w2.shape[0], -1, m)
+    top = groups.topk(n, dim=-1).indices
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True)
+    return keep.reshape(w.shape)
+
+
+def block_scores(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """L2 norm of each (bh, bw) tile of the 2-D weight. w: (O, I) -> (O // bh, I // bw)."""
+    bh, bw = block
+    w2 = _as_2d(w.detach())
+    if w2.shape[0] % bh or w2.shape[1] % bw:
+        raise ValueError(f"block {block} does not tile a weight of shape {tuple(w2.shape)}")
+    return w2.reshape(w2.shape[0] // bh, bh, w2.shape[1] // bw, bw).pow(2).sum((1, 3)).sqrt()
+
+
+def _expand_blocks(keep: torch.Tensor, block: tuple[int, int], shape: torch.Size) -> torch.Tensor:
+    return keep.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1).reshape(shape)
+
+
+def block_mask(w: torch.Tensor, sparsity: float, block: tuple[int, int] = (32, 32)) -> torch.Tensor:
+    """Zero exactly ``round(sparsity * n_blocks)`` whole tiles, those of smallest L2 norm. -> bool, shape of w."""
+    _check_sparsity(sparsity)
+    s = block_scores(w, block)
+    return _expand_blocks(_lowest_k(s, round(sparsity * s.numel())), block, w.shape)
+
+
+def _check_sparsity(s: float) -> None:
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s <= 1.0:
+        raise ValueError(f"sparsity must be a number in [0, 1] (fraction of weights zeroed), got {s!r}")
+
+
+def _parse_pattern(pattern: str) -> tuple[str, int, int]:
+    if pattern in ("unstructured", "block"):
+        return pattern, 0, 0
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
+    if not match:
+        raise ValueError(f"pattern must be 'unstructured', 'block' or 'N:M' such as '2:4', got {pattern!r}")
+    return "nm", int(match.group(1)), int(match.group(2))
+
+
+class CubicSchedule:
+    """Gradual pruning schedule of Zhu & Gupta 2017: sparsity rises from ``initial_sparsity`` to the final one as
+
+        s_t = s_f + (s_i - s_f) * (1 - (t - begin_step) / (end_step - begin_step)) ** 3
+
+    and masks are recomputed every ``frequency`` steps between ``begin_step`` and ``end_step``. Pass it to
+    ``sparsify(..., schedule=...)``, which sets the final sparsity, then call :meth:`step` once per training step.
+    """
+
+    def __init__(self, begin_step: int = 0, end_step: int = 1000, frequency: int = 100,
+                 initial_sparsity: float = 0.0) -> None:
+        if not 0 <= begin_step < end_step:
+            raise ValueError(f"CubicSchedule needs 0 <= begin_step < end_step, got {begin_step}, {end_step}")
+        if frequency < 1:
+            raise ValueError(f"CubicSchedule frequency must be >= 1, got {frequency}")
+        _check_sparsity(initial_sparsity)
+        self.begin_step, self.end_step, self.frequency = begin_step, end_step, frequency
+        self.initial_sparsity = initial_sparsity
+        self.final_sparsity: float | None = None
+        self.current_step = 0
+        self._apply: Callable[[float], None] | None = None
+
+    def sparsity_at(self, step: int) -> float:
+        if self.final_sparsity is None:
+            raise RuntimeError("CubicSchedule is not attached: pass it to pyprune.sparsify(..., schedule=...)")
+        t = min(max(step, self.begin_step), self.end_step)
+        frac = (t - self.begin_step) / (self.end_step - self.begin_step)
+        return self.final_sparsity + (self.initial_sparsity - self.final_sparsity) * (1.0 - frac) ** 3
+
+    def step(self) -> float:
+        """Advance one training step; recompute the masks on update steps. Returns the current target sparsity."""
+        if self._apply is None:
+            raise RuntimeError("CubicSchedule is not attached: pass it to pyprune.sparsify(..., schedule=...)")
+        self.current_step += 1
+        t = self.current_step
+        if self.begin_step <= t <= self.end_step and ((t - self.begin_step) % self.frequency == 0
+                                                       or t == self.end_step):
+            self._apply(self.sparsity_at(t))
+        return self.sparsity_at(t)
+
+    def _attach(self, final_sparsity: float, apply: Callable[[float], None]) -> None:
+        self.final_sparsity, self._apply = final_sparsity, apply
+        apply(self.sparsity_at(0))
+
+
+def _targets(model: nn.Module, types: tuple[type, ...], ignore: Iterable[str]) -> dict[str, nn.Module]:
+    ignore = set(ignore)
+    known = {n for n, _ in model.named_modules()}
+    for n in ignore:
+        if n not in known:
+            raise ValueError(f"ignore: model has no layer named {n!r}")
+    return {n: m for n, m in model.named_modules() if isinstance(m, types) and n not in ignore
+            and not any(n.startswith(i + ".") for i in ignore)}
+
+
+def get_mask(module: nn.Module) -> torch.Tensor | None:
+    """The bool mask on ``module.weight`` set by sparsify, or None."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    for p in module.parametrizations.weight:
+        if isinstance(p, WeightMask):
+            return p.mask
+    return None
+
+
+def _set_mask(module: nn.Module, mask: torch.Tensor) -> None:
+    current = get_mask(module)
+    if current is not None:
+        current.copy_(mask)
+    else:
+        parametrize.register_parametrization(module, "weight", WeightMask(mask))
+
+
+def sparsify(model: nn.Module, sparsity: float = 0.9, pattern: str = "unstructured", scope: str = "layer",
+             block: tuple[int, int] = (32, 32), schedule: CubicSchedule | None = None,
+             ignore: Iterable[str] = (), types: tuple[type, ...] = (nn.Linear, nn.Conv2d),
+             inplace: bool = False) -> nn.Module:
+    """Mask the weights of every Linear / Conv2d (``types``) not in ``ignore``; returns the masked model.
+
+    Args:
+        sparsity: fraction of weights (unstructured) or tiles (block) zeroed, in [0, 1]; exact per layer for
+            scope="layer", exact over all targeted weights for scope="global". Not used by N:M patterns, whose
+            density is N/M.
+        pattern: "unstructured" (smallest |w|), "block" (tiles of ``block`` = (bh, bw) with the smallest L2
+            norm; the 2-D weight (O, C*kh*kw) must be tiled exactly) or "N:M" such as "2:4" (N largest of every
+            M consecutive input weights; the input dim must be a multiple of M).
+        scope: "layer" (each layer its own threshold) or "global" (one threshold over all targeted weights).
+        schedule: a :class:`CubicSchedule`; masks start at its initial sparsity and reach ``sparsity`` as the
+            user calls ``schedule.step()`` (unstructured and block patterns only).
+        inplace: mask ``model`` itself instead of a deep copy.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    kind, n, m = _parse_pattern(pattern)
+    if kind != "nm":
+        _check_sparsity(sparsity)
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+    if kind == "block" and (len(block) != 2 or min(block) < 1):
+        raise ValueError(f"block must be (bh, bw) with positive sizes, got {block!r}")
+    if schedule is not None and kind == "nm":
+        raise ValueError("schedule= works with pattern='unstructured' or 'block'; an N:M pattern has a fixed density")
+    if schedule is not None and not isinstance(schedule, CubicSchedule):
+        raise TypeError(f"schedule must be a pyprune CubicSchedule, got {type(schedule).__name__}")
+    target = model if inplace else copy.deepcopy(model)
+    layers = _targets(target, types, ignore)
+    if not layers:
+        raise ValueError(f"sparsify found no {[t.__name__ for t in types]} layers to mask outside ignore")
+    bad = []
+    for name, layer in layers.items():
+        w2 = _as_2d(layer.weight)
+        if kind == "nm" and w2.shape[1] % m:
+            bad.append(f"{name} (input dim {w2.shape[1]} not a multiple of {m})")
+        if kind == "block" and (w2.shape[0] % block[0] or w2.shape[1] % block[1]):
+            bad.append(f"{name} (weight {tuple(w2.shape)} not tiled by {tuple(block)})")
+    if bad:
+        raise ValueError(f"pattern={pattern!r} can't be applied to: {', '.join(bad)}; pass these names in "
+                         "ignore=[...]" + (" or choose a smaller block" if kind == "block" else ""))
+
+    def apply(s: float) -> None:
+        with torch.no_grad():
+            weights = {name: layer.weight.detach() for name, layer in layers.items()}  # masked if masked
+            if kind == "nm":
+                masks = {name: nm_mask(w, n, m) for name, w in weights.items()}
+            elif scope == "layer":
+                masks = {name: (unstructured_mask(w, s) if kind == "unstructured" else block_mask(w, s, block))
+                         for name, w in weights.items()}
+            else:
+                scores = {name: (w.abs() if kind == "unstructured" else block_scores(w, block))
+                          for name, w in weights.items()}
+                flat = torch.cat([sc.reshape(-1) for sc in scores.values()])
+                keep = _lowest_k(flat, round(s * flat.numel()))
+                masks, start = {}, 0
+                for name, sc in scores.items():
+                    k = keep[start:start + sc.numel()].reshape(sc.shape)
+                    start += sc.numel()
+                    masks[name] = k if kind == "unstructured" else _expand_blocks(k, block, weights[name].shape)
+            for name, mask in masks.items():
+                _set_mask(layers[name], mask)
+
+    if schedule is not None:
+        schedule._attach(float(sparsity), apply)
+    else:
+        apply(float(sparsity) if kind != "nm" else 1.0 - n / m)
+    return target
+
+
+def mask_density(model: nn.Module) -> dict[str, float]:
+    """Fraction of kept weights of every masked layer."""
+    return {name: float(mk.float().mean()) for name, mod in model.named_modules()
+            if (mk := get_mask(mod)) is not None}
+
+
+def remove_masks(model: nn.Module) -> nn.Module:
+    """Bake masks into plain weights (zeros stay zeros) and drop the parametrizations, in place."""
+    for mod in model.modules():
+        if get_mask(mod) is not None:
+            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
+    return model
+
+
+__all__ = ["CubicSchedule", "WeightMask", "block_mask", "block_scores", "get_mask", "mask_density", "nm_mask",
+           "remove_masks", "sparsify", "unstructured_mask"]
