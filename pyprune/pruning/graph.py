@@ -355,7 +355,13 @@ class _Builder(fx.Interpreter):
         if f in _BINARY:
             return self._broadcast(n, list(n.args), out)
         if f in _RESHAPE:
-            return self._reshape(n, args[0], n.args[0], out)
+            info = self._reshape(n, args[0], n.args[0], out)
+            if isinstance(info, ChInfo) and f in ("view", "reshape"):
+                shape = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (list, tuple)) else n.args[1:]
+                if info.dim < len(shape) and isinstance(shape[info.dim], int) and shape[info.dim] != -1:
+                    # A literal size in the code can't follow the pruned channel count.
+                    self.pin(info, f"{n.name}: {f} with a fixed size {shape[info.dim]} on the channel dim")
+            return info
         if f in ("permute", "transpose", "t", "movedim"):
             return self._permute(n, f, args[0], out)
         if f in ("expand", "expand_as", "repeat") and isinstance(args[0], ParamRef):
@@ -516,21 +522,10 @@ class _Builder(fx.Interpreter):
             if f == "unbind":
                 return [ChInfo(x.dim - (dim < x.dim), x.segs)] * len(out)
             return [x] * len(out)
-        if f == "unbind":
-            self.problem(n, x, "unbind along the channel dim")
-            return [None] * len(out)
-        pieces, start, segs = [], 0, list(x.segs)
-        for t in out:
-            length, taken = t.shape[dim], []
-            while length > 0 and segs and segs[0].size * segs[0].inner <= length:
-                taken.append(segs.pop(0))
-                length -= taken[-1].size * taken[-1].inner
-            if length != 0:
-                self.problem(n, x, "split cuts through a group of coupled channels")
-                return [None] * len(out)
-            pieces.append(ChInfo(dim, tuple(taken)))
-            start += t.shape[dim]
-        return pieces
+        # Split sizes (or the chunk count) are constants in the model's code, so the channels on either side of
+        # a channel-dim split must keep their number.
+        self.pin(x, f"{n.name}: {f} along the channel dim has sizes fixed in the model code")
+        return [None] * len(out)
 
     def _getitem(self, n: fx.Node, out: Any) -> Any:
         src, idx = n.args[0], n.args[1]

@@ -1,0 +1,236 @@
+"""Dependency graph: coupled groups for concat/split/depthwise/grouped/flatten/attention, and clear errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pyprune
+from pyprune import models
+from pyprune.pruning import (PrunedMultiheadAttention, PruningError, UnsupportedPatternError, build_graph,
+                             plan_pruning)
+
+
+class ConcatNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 6, 1)
+        self.bn = nn.BatchNorm2d(10)
+        self.c = nn.Conv2d(10, 8, 3, padding=1)
+        self.d = nn.Conv2d(3, 5, 1)
+        self.e = nn.Conv2d(3, 5, 1)
+        self.fc = nn.Linear(8 * 4 * 4 + 5, 3)
+
+    def forward(self, x):
+        y = F.relu(self.bn(torch.cat([self.a(x), self.b(x)], dim=1)))
+        z = self.d(x) * torch.sigmoid(self.e(x))  # gating couples d and e
+        flat = torch.flatten(F.adaptive_avg_pool2d(self.c(y), 4), 1)
+        return self.fc(torch.cat([flat, z.mean((2, 3))], dim=1))
+
+
+def _group(graph, producer):
+    gs = [g for g in graph.groups if producer in g.producers]
+    assert len(gs) == 1
+    return gs[0]
+
+
+def test_concat_members_carry_offsets_and_flatten_expands_positions():
+    m = ConcatNet().eval()
+    graph = build_graph(m, (torch.randn(2, 3, 8, 8),))
+    ga, gb = _group(graph, "a"), _group(graph, "b")
+    c_in_a = [x for x in ga.members if x.module == "c"][0]
+    c_in_b = [x for x in gb.members if x.module == "c"][0]
+    assert (c_in_a.dim, c_in_a.offset, c_in_a.role) == (1, 0, "in")
+    assert c_in_b.offset == 4
+    assert {x.module for x in gb.members} == {"b", "bn", "c"}
+    fc_in_c = [x for x in _group(graph, "c").members if x.module == "fc"][0]
+    assert (fc_in_c.dim, fc_in_c.inner) == (1, 16)  # each channel of c covers 4*4 flattened features
+    assert _group(graph, "d") is _group(graph, "e")
+    assert _group(graph, "d").members[-1].offset == 8 * 16  # fc reads z after the 128 flattened features
+
+
+def test_concat_pruning_is_exact(exactness):
+    pruned, plan = exactness(ConcatNet(), torch.randn(2, 3, 8, 8), ratio=0.5, protect_first_last=False)
+    assert (pruned.a.out_channels, pruned.b.out_channels, pruned.bn.num_features) == (2, 3, 5)
+    assert pruned.c.in_channels == 5 and pruned.fc.in_features == 4 * 16 + 3
+    assert pruned.d.out_channels == pruned.e.out_channels == 3
+
+
+class DepthwiseGrouped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pw = nn.Conv2d(3, 8, 1)
+        self.dw = nn.Conv2d(8, 16, 3, padding=1, groups=8)  # depthwise with channel multiplier 2
+        self.grouped = nn.Conv2d(16, 8, 3, padding=1, groups=4)
+        self.out = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.out(F.relu(self.grouped(F.relu(self.dw(F.relu(self.pw(x)))))))
+
+
+def test_depthwise_follows_its_input_and_grouped_conv_is_kept(exactness):
+    m = DepthwiseGrouped()
+    x = torch.randn(2, 3, 6, 6)
+    graph = build_graph(m.eval(), (x,))
+    g = _group(graph, "pw")
+    dw_member = [x_ for x_ in g.members if x_.module == "dw" and x_.tensor == "weight"][0]
+    assert (dw_member.role, dw_member.inner) == ("out", 2)
+    assert g.pinned and "grouped conv" in g.pinned[0]  # dw output feeds the grouped conv
+    assert any("grouped conv" in p for p in _group(graph, "grouped").pinned)
+    # Without the grouped conv in the way, depthwise channels prune together with pw.
+    m2 = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1, groups=8), nn.ReLU(),
+                       nn.Conv2d(16, 4, 1))
+    pruned, _ = exactness(m2, x, ratio=0.5, protect_first_last=False)
+    assert (pruned[0].out_channels, pruned[2].in_channels, pruned[2].groups, pruned[2].out_channels) == (4, 4, 4, 8)
+    assert pruned[4].in_channels == 8
+
+
+class MHABlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(12, 32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.fc1 = nn.Linear(32, 64)
+        self.fc2 = nn.Linear(64, 32)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = self.emb(x)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        h = h + self.fc2(F.gelu(self.fc1(h)))
+        return self.head(h.mean(1))
+
+
+def test_multihead_attention_heads_prune_exactly(exactness):
+    x = torch.randn(2, 5, 12)
+    pruned, plan = exactness(MHABlock(), x, ratio=0.5, ignore=["emb"], protect_first_last=False)
+    assert isinstance(pruned.attn, PrunedMultiheadAttention)
+    assert pruned.attn.num_heads == 2 and pruned.attn.in_proj_weight.shape == (3 * 16, 32)
+    assert pruned.attn.out_proj.weight.shape == (32, 16) and pruned.fc1.out_features == 32
+    heads = [g for g in plan.groups if g.channels == 4]
+    assert len(heads) == 1 and heads[0].keep == 2
+
+
+def test_multihead_attention_stream_prunes_too():
+    x = torch.randn(2, 5, 12)
+    pruned = pyprune.prune_channels(MHABlock().eval(), x, ratio=0.5, protect_first_last=False)
+    assert pruned.emb.out_features == 16 and pruned.attn.in_proj_weight.shape == (3 * 16, 16)
+    assert pruned.head.in_features == 16 and pruned(x).shape == (2, 3)
+
+
+def test_pruned_mha_matches_torch_mha_before_pruning():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    mine = PrunedMultiheadAttention.from_module(mha).eval()
+    q = torch.randn(2, 5, 16)
+    kpm = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    ref_out, ref_w = mha(q, q, q, key_padding_mask=kpm)
+    out, w = mine(q, q, q, key_padding_mask=kpm)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w, ref_w, rtol=1e-5, atol=1e-6)
+    causal = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    torch.testing.assert_close(mine(q, q, q, attn_mask=causal)[0], mha(q, q, q, attn_mask=causal)[0],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_transformer_groups_heads_mlp_and_layernorm():
+    m = models.bert("small", vocab_size=50).eval()
+    graph = build_graph(m, (torch.randint(0, 50, (1, 6)),))
+    heads = _group(graph, "encoder.layer.0.attention.self.query")
+    assert heads.channels == 8
+    dense_in = [x for x in heads.members if x.module == "encoder.layer.0.attention.output.dense"][0]
+    assert dense_in.inner == 64 and dense_in.role == "in"
+    mlp = _group(graph, "encoder.layer.0.intermediate.dense")
+    assert mlp.channels == 2048 and not mlp.pinned
+    stream = _group(graph, "embeddings.word_embeddings")
+    assert "model output" in stream.pinned
+    assert any(x.module == "encoder.layer.2.output.LayerNorm" for x in stream.members)
+
+
+def test_vit_class_token_and_position_embedding_join_the_stream():
+    m = models.vit_small(num_classes=3, img_size=32).eval()
+    graph = build_graph(m, (torch.randn(1, 3, 32, 32),))
+    stream = _group(graph, "patch_embed.proj")
+    tensors = {(x.module, x.tensor, x.dim) for x in stream.members}
+    assert ("", "cls_token", 2) in tensors and ("", "pos_embed", 2) in tensors
+    pruned = pyprune.prune_channels(m, torch.randn(1, 3, 32, 32), ratio=0.5, protect_first_last=False)
+    assert pruned.cls_token.shape == (1, 1, 192) and pruned.pos_embed.shape == (1, 5, 192)
+    assert pruned.blocks[0].attn.num_heads == 3 and pruned(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+class CumsumNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.cumsum(self.conv(x), dim=1))
+
+
+def test_unsupported_op_names_the_node_and_ignore_resolves_it():
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.raises(UnsupportedPatternError, match=r"cumsum.*ignore=\[\.\.\.\].*'conv'"):
+        pyprune.prune_channels(CumsumNet(), x, protect_first_last=False)
+    plan = pyprune.prune_channels(CumsumNet(), x, protect_first_last=False, ignore=["conv"], dry_run=True)
+    assert plan.removed_channels == 0 and all(g.pinned for g in plan.groups)
+
+
+class SplitInsideGroup(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.a = nn.Conv2d(4, 2, 1)
+        self.b = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        u, v = self.conv(x).chunk(2, dim=1)
+        return self.a(u) + self.b(v)
+
+
+def test_channel_split_keeps_its_fixed_sizes():
+    x = torch.randn(1, 3, 4, 4)
+    plan = pyprune.prune_channels(SplitInsideGroup(), x, protect_first_last=False, dry_run=True)
+    conv_group = [g for g in plan.groups if "conv" in g.layers][0]
+    assert conv_group.keep == 8 and "chunk along the channel dim" in conv_group.pinned[0]
+    pruned = pyprune.prune_channels(SplitInsideGroup(), x, protect_first_last=False)
+    assert pruned.conv.out_channels == 8 and pruned(x).shape == (1, 2, 4, 4)
+
+
+class FixedView(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.fc = nn.Linear(8 * 16, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).view(-1, 128))
+
+
+def test_reshape_with_a_literal_channel_size_is_pinned():
+    plan = pyprune.prune_channels(FixedView(), torch.randn(2, 3, 4, 4), protect_first_last=False, dry_run=True)
+    assert "fixed size 128" in plan.groups[0].pinned[0] and plan.removed_channels == 0
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow
+            return self.conv(x)
+        return x
+
+
+def test_untraceable_model_raises_a_clear_error():
+    with pytest.raises(PruningError, match="could not trace.*ignore="):
+        pyprune.prune_channels(Untraceable(), torch.randn(1, 3, 4, 4))
+    assert issubclass(PruningError, ValueError)
+
+
+def test_plan_lists_pinned_groups_with_reasons():
+    _, plan, _ = plan_pruning(models.lenet5().eval(), torch.randn(1, 1, 32, 32), ratio=0.5)
+    text = str(plan)
+    assert "first layer conv1" in text and "model output" in text
+    assert [g.keep for g in plan.groups] == [6, 8, 60, 84, 10]
