@@ -329,7 +329,8 @@ def prune_channels(model: nn.Module, example_inputs: torch.Tensor | tuple, ratio
                    importance: str = "l1", data: Iterable | None = None, loss_fn: Callable | None = None,
                    round_to: int = 1, per_layer: Mapping[str, float] | None = None, ignore: Iterable[str] = (),
                    protect_first_last: bool = True, global_ranking: bool = False, inplace: bool = False,
-                   dry_run: bool = False, seed: int = 0) -> nn.Module | PruningPlan:
+                   dry_run: bool = False, seed: int = 0, return_plan: bool = False
+                   ) -> nn.Module | PruningPlan | tuple[nn.Module, PruningPlan]:
     """Remove the least important channels of every prunable group and return a smaller dense model.
 
     Args:
@@ -352,9 +353,11 @@ def prune_channels(model: nn.Module, example_inputs: torch.Tensor | tuple, ratio
         inplace: prune ``model`` itself instead of a deep copy.
         dry_run: return a :class:`PruningPlan` describing the groups and removals; nothing is changed.
         seed: seed for "random" and for ThiNet's sampling.
+        return_plan: also return the PruningPlan of what was removed.
 
     Returns:
-        The pruned model (same class, smaller layers) or a PruningPlan when ``dry_run``.
+        The pruned model (same class, smaller layers), ``(model, plan)`` with ``return_plan``, or a PruningPlan
+        when ``dry_run``.
 
     Raises:
         TypeError / ValueError for bad arguments; PruningError (a ValueError) for a model that can't be traced;
@@ -382,7 +385,7 @@ def prune_channels(model: nn.Module, example_inputs: torch.Tensor | tuple, ratio
             target.train(was_training)
     if got != expected:
         raise PruningError(f"internal error: pruned model output shapes {got} differ from {expected}")
-    return target
+    return (target, plan) if return_plan else target
 
 
 def _shapes(out: Any) -> Any:
