@@ -1,0 +1,117 @@
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pyprune.nn import SparseLinear
+
+LAYOUTS = [("csr", 0.9), ("bsr", 0.75), ("2:4", 0.5)]
+
+
+@pytest.mark.parametrize("layout,sparsity", LAYOUTS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_from_dense_matches_linear_with_pruned_weight(layout, sparsity, bias):
+    lin = torch.nn.Linear(96, 40, bias=bias)
+    sp = SparseLinear.from_dense(lin, sparsity=sparsity, layout=layout, block=(8, 16))
+    dense = sp.to_dense()
+    assert isinstance(dense, torch.nn.Linear)
+    assert abs(float((dense.weight == 0).float().mean()) - sparsity) < 0.02
+    x = torch.randn(2, 5, 96)
+    torch.testing.assert_close(sp(x), dense(x), atol=1e-5, rtol=1e-5)
+    # the kept weights are the largest: every pruned |w| <= every kept |w| (elementwise layouts)
+    if layout == "csr":
+        kept = dense.weight != 0
+        assert lin.weight.abs()[~kept].max() <= lin.weight.abs()[kept].min()
+
+
+def test_sparsity_none_keeps_existing_zeros_exactly():
+    lin = torch.nn.Linear(32, 16)
+    with torch.no_grad():
+        lin.weight[lin.weight.abs() < 0.1] = 0
+    for layout in ("csr", "bsr"):
+        sp = SparseLinear.from_dense(lin, layout=layout, block=(4, 4))
+        assert torch.equal(sp.to_dense().weight, lin.weight)
+
+
+def test_extra_repr_shows_layout_and_density():
+    sp = SparseLinear.from_dense(torch.nn.Linear(64, 32), sparsity=0.75, layout="bsr", block=(16, 16))
+    r = repr(sp)
+    assert "layout=bsr" in r and "block=(16, 16)" in r and "density=0.250" in r
+
+
+@pytest.mark.parametrize("layout,sparsity", LAYOUTS)
+def test_state_dict_round_trip_into_fresh_module(layout, sparsity):
+    sp = SparseLinear.from_dense(torch.nn.Linear(48, 24), sparsity=sparsity, layout=layout, block=(8, 8))
+    buf = io.BytesIO()
+    torch.save(sp.state_dict(), buf)
+    buf.seek(0)
+    fresh = SparseLinear(48, 24, layout=layout, block=(8, 8))
+    fresh.load_state_dict(torch.load(buf))
+    x = torch.randn(3, 48)
+    assert torch.equal(fresh(x), sp(x))
+
+
+def test_state_dict_layout_mismatch_is_refused():
+    sp = SparseLinear.from_dense(torch.nn.Linear(16, 8), sparsity=0.5, layout="csr")
+    with pytest.raises(ValueError, match="layout"):
+        SparseLinear(16, 8, layout="bsr", block=(4, 4)).load_state_dict(sp.state_dict())
+
+
+def test_to_dtype_and_device_moves_everything():
+    sp = SparseLinear.from_dense(torch.nn.Linear(16, 8), sparsity=0.5, layout="csr").to(torch.float64)
+    assert sp.weight.values.dtype == torch.float64 and sp.bias.dtype == torch.float64
+    assert sp.weight.col_indices.dtype == torch.int32  # indices keep their dtype
+    x = torch.randn(2, 16, dtype=torch.float64)
+    torch.testing.assert_close(sp(x), sp.to_dense()(x))
+
+
+@pytest.mark.parametrize("layout,sparsity", LAYOUTS)
+def test_fine_tune_updates_only_stored_values(layout, sparsity):
+    lin = torch.nn.Linear(32, 8)
+    sp = SparseLinear.from_dense(lin, sparsity=sparsity, layout=layout, block=(4, 8))
+    pattern = sp.to_dense().weight != 0
+    opt = torch.optim.SGD(sp.parameters(), lr=0.1)
+    x, target = torch.randn(64, 32), torch.randn(64, 8)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = F.mse_loss(sp(x), target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert not bool((sp.to_dense().weight != 0)[~pattern].any())
+
+
+@pytest.mark.parametrize("layout,sparsity", LAYOUTS)
+def test_torch_compile_fullgraph_matches_eager(layout, sparsity):
+    model = torch.nn.Sequential(
+        SparseLinear.from_dense(torch.nn.Linear(32, 64), sparsity=sparsity, layout=layout, block=(8, 8)),
+        torch.nn.ReLU(),
+        SparseLinear.from_dense(torch.nn.Linear(64, 16), sparsity=sparsity, layout=layout, block=(8, 8)),
+    )
+    x = torch.randn(4, 7, 32)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_bad_input_raises_clearly():
+    sp = SparseLinear.from_dense(torch.nn.Linear(16, 8), sparsity=0.5)
+    with pytest.raises(ValueError, match="in_features=16"):
+        sp(torch.randn(2, 15))
+    with pytest.raises(TypeError, match="dtype"):
+        sp(torch.randn(2, 16, dtype=torch.float64))
+    with pytest.raises(TypeError, match="Linear"):
+        SparseLinear.from_dense(torch.nn.Conv2d(3, 3, 1))
+    with pytest.raises(ValueError, match="layout"):
+        SparseLinear.from_dense(torch.nn.Linear(4, 4), layout="coo")
+    with pytest.raises(ValueError, match="sparsity"):
+        SparseLinear.from_dense(torch.nn.Linear(4, 4), sparsity=1.5)
+    with pytest.raises(ValueError, match="2:4"):
+        SparseLinear.from_dense(torch.nn.Linear(8, 4), sparsity=0.9, layout="2:4")
+    with pytest.raises(ValueError, match="NaN"):
+        lin = torch.nn.Linear(4, 4)
+        with torch.no_grad():
+            lin.weight[0, 0] = float("nan")
+        SparseLinear.from_dense(lin)

@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from pyprune.ops import bsr_linear
+from pyprune.reference import bsr_linear_ref
+from pyprune.sparse import BSR
+
+from .linear_cases import (SHAPES, check_gradcheck, check_gradients, check_matches_reference, check_opcheck,
+                           check_shapes_and_empty, pruned_weight)
+
+BLOCKS = [(16, 8), (32, 32), (5, 3), (1, 1), (4, 64)]
+
+
+def args_for(block):
+    def make_args(w, b):
+        f = BSR.from_dense(w, block)
+        return f.crow_indices, f.col_indices, f.values.detach(), w.shape[0], b
+    return make_args
+
+
+make_args = args_for((16, 8))
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+def test_matches_reference(m, k, n, sparsity):
+    check_matches_reference(bsr_linear, bsr_linear_ref, make_args, m, k, n, sparsity, "bsr")
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("m", [1, 4, 7, 70])
+def test_block_shapes_with_ragged_edges(block, m):
+    # 50 x 70 is a multiple of none of the blocks' sides
+    w = pruned_weight(50, 70, 0.6, "csr")
+    x = torch.randn(m, 70)
+    b = torch.randn(50)
+    y = bsr_linear(x, *args_for(block)(w, b))
+    torch.testing.assert_close(y.double(), torch.nn.functional.linear(x.double(), w.double(), b.double()),
+                               atol=1e-4, rtol=0)
+
+
+def test_shapes_and_empty():
+    check_shapes_and_empty(bsr_linear, make_args, "bsr")
+
+
+@pytest.mark.parametrize("block", [(16, 8), (5, 3)])
+def test_gradients_match_reference(block):
+    check_gradients(bsr_linear, bsr_linear_ref, args_for(block), 2, "bsr")
+
+
+def test_gradcheck_float64():
+    check_gradcheck(bsr_linear, args_for((2, 4)), 2, "bsr")
+
+
+def test_opcheck():
+    check_opcheck(torch.ops.pyprune.bsr_linear.default, make_args, 2, "bsr")
+
+
+def test_bad_input_raises_clearly():
+    w = pruned_weight(16, 16, 0.5, "bsr")
+    crow, col, vals, n, _ = make_args(w, None)
+    with pytest.raises(ValueError, match="values"):
+        bsr_linear(torch.randn(2, 16), crow, col, vals[0], n)
+    with pytest.raises(ValueError, match="crow_indices"):
+        bsr_linear(torch.randn(2, 16), crow, col, vals, n + 16)
+    with pytest.raises(TypeError, match="values"):
+        bsr_linear(torch.randn(2, 16), crow, col, vals.double(), n)

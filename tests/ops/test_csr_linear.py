@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+import pyprune
+from pyprune.ops import csr_linear
+from pyprune.reference import csr_linear_ref
+from pyprune.sparse import CSR
+
+from .linear_cases import (SHAPES, check_gradcheck, check_gradients, check_matches_reference, check_opcheck,
+                           check_shapes_and_empty, pruned_weight)
+
+
+def make_args(w, b):
+    f = CSR.from_dense(w)
+    return f.crow_indices, f.col_indices, f.values.detach(), w.shape[0], b
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+def test_matches_reference(m, k, n, sparsity):
+    check_matches_reference(csr_linear, csr_linear_ref, make_args, m, k, n, sparsity, "csr")
+
+
+def test_shapes_and_empty():
+    check_shapes_and_empty(csr_linear, make_args, "csr")
+
+
+def test_skewed_rows():
+    # one dense row among empty ones: the load-balanced split must still cover every row exactly once
+    w = torch.zeros(300, 128)
+    w[7] = torch.randn(128)
+    w[299, ::3] = torch.randn(43)
+    x = torch.randn(33, 128)
+    torch.testing.assert_close(csr_linear(x, *make_args(w, None)), x @ w.t(), atol=1e-4, rtol=1e-4)
+
+
+def test_gradients_match_reference():
+    check_gradients(csr_linear, csr_linear_ref, make_args, 2, "csr")
+
+
+def test_gradcheck_float64():
+    check_gradcheck(csr_linear, make_args, 2, "csr")
+
+
+def test_opcheck():
+    check_opcheck(torch.ops.pyprune.csr_linear.default, make_args, 2, "csr")
+
+
+def test_bad_input_raises_clearly():
+    w = pruned_weight(8, 16, 0.5, "csr")
+    crow, col, vals, n, _ = make_args(w, None)
+    with pytest.raises(TypeError, match="values"):
+        csr_linear(torch.randn(2, 16), crow, col, vals.double(), n)
+    with pytest.raises(TypeError, match="col_indices"):
+        csr_linear(torch.randn(2, 16), crow, col.long(), vals, n)
+    with pytest.raises(ValueError, match="crow_indices"):
+        csr_linear(torch.randn(2, 16), crow[:-1], col, vals, n)
+    with pytest.raises(ValueError, match="bias"):
+        csr_linear(torch.randn(2, 16), crow, col, vals, n, torch.randn(n + 1))
+    bad = crow.clone()
+    bad[-1] += 1
+    with pytest.raises(ValueError, match="crow_indices"):
+        csr_linear(torch.randn(2, 16), bad, col, vals, n)
+
+
+def test_cpp_backend_is_the_cpu_kernel():
+    assert pyprune._extension.HAS_CPP, pyprune._extension.CPP_REASON
