@@ -182,7 +182,7 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
     // The kernel is fp32; float64 (gradcheck), bf16 and fp16 run a dense fallback.
     const int64_t n_bcols = (K + bw - 1) / bw;
     const at::Tensor brow = at::repeat_interleave(at::arange(n_brows, crow.options().dtype(at::kLong)),
-                                                  crow.diff().to(at::kLong), nnzb);
+                                                  crow.diff().to(at::kLong), 0, nnzb);
     at::Tensor grid = at::zeros({n_brows, n_bcols, bh, bw}, val.options());
     grid.index_put_({brow, col.to(at::kLong)}, val, true);
     const at::Tensor w = grid.permute({0, 2, 1, 3}).reshape({n_brows * bh, n_bcols * bw}).slice(0, 0, N).slice(1, 0, K);
@@ -219,7 +219,8 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
                      [&](int64_t p0, int64_t p1) { fn(a, xp, bounds.data(), p0, p1, yp); });
     return y;
   }
-  int nv = static_cast<int>(std::clamp<int64_t>((512 * 1024) / (K * kLanes * 4), 1, kMaxTileVecs));
+  // A block row walks its block columns in order, so xt streams through the prefetchers: the widest tile wins.
+  int nv = kMaxTileVecs;
   const UnitsFn fn = pick_units(isa, nv);
   const int64_t ld = round_up(M, kLanes), tile = kLanes * nv;
   at::Tensor xt = at::empty({K, ld}, x.options());

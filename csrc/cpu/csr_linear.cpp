@@ -210,7 +210,7 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   if (x.scalar_type() != at::kFloat) {
     // The kernel is fp32; float64 (gradcheck), bf16 and fp16 run a dense fallback.
     const at::Tensor rows = at::repeat_interleave(at::arange(N, crow.options().dtype(at::kLong)),
-                                                  crow.diff().to(at::kLong), nnz);
+                                                  crow.diff().to(at::kLong), 0, nnz);
     const at::Tensor w = at::zeros({N, K}, val.options()).index_put_({rows, col.to(at::kLong)}, val, true);
     return at::linear(x, w, bias);
   }
