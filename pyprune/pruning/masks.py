@@ -89,7 +89,10 @@ def _parse_pattern(pattern: str) -> tuple[str, int, int]:
     match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
     if not match:
         raise ValueError(f"pattern must be 'unstructured', 'block' or 'N:M' such as '2:4', got {pattern!r}")
-    return "nm", int(match.group(1)), int(match.group(2))
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n <= m:
+        raise ValueError(f"N:M pattern needs 0 < N <= M, got {pattern!r}")
+    return "nm", n, m
 
 
 class CubicSchedule:

@@ -1,0 +1,76 @@
+"""Layer pruning: residual blocks are found, removed by importance, and the model still runs."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import pyprune
+from pyprune import models
+from pyprune.pruning import Skip, residual_blocks
+
+
+def test_residual_blocks_found_in_the_zoo():
+    assert residual_blocks(models.resnet18()) == ["layer1.0", "layer1.1", "layer2.1", "layer3.1", "layer4.1"]
+    assert len(residual_blocks(models.resnet50())) == 16 - 4  # every block but the 4 with downsample
+    assert residual_blocks(models.mobilenet_v2())[:3] == ["features.3", "features.5", "features.6"]
+    assert residual_blocks(models.bert("small", vocab_size=16)) == [f"encoder.layer.{i}" for i in range(4)]
+    assert len(residual_blocks(models.vit_small(img_size=32))) == 12
+    assert residual_blocks(models.vgg16_bn()) == [] and residual_blocks(models.lenet5()) == []
+
+
+@pytest.mark.parametrize("build, x", [
+    (lambda: models.resnet18(num_classes=3), torch.randn(1, 3, 32, 32)),
+    (lambda: models.mobilenet_v2(num_classes=3), torch.randn(1, 3, 32, 32)),
+    (lambda: models.bert("small", vocab_size=16), torch.randint(0, 16, (1, 5))),
+    (lambda: models.vit_small(num_classes=3, img_size=32), torch.randn(1, 3, 32, 32)),
+])
+@pytest.mark.parametrize("importance", ["residual_norm", "l1", "random"])
+def test_prune_layers_keeps_outputs_shaped_and_state_dict_loadable(build, x, importance):
+    model = build().eval()
+    pruned = pyprune.prune_layers(model, n=2, importance=importance, example_inputs=x)
+    assert sum(isinstance(m, Skip) for m in pruned.modules()) == 2
+    assert not any(isinstance(m, Skip) for m in model.modules())
+    with torch.no_grad():
+        assert pruned(x).shape == model(x).shape
+    assert pyprune.count_params(pruned) < pyprune.count_params(model)
+    assert set(pruned.state_dict()) < set(model.state_dict())
+    fresh = copy.deepcopy(pruned)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    fresh.load_state_dict(pruned.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), pruned(x))
+
+
+def test_residual_norm_removes_the_block_that_changes_its_input_least():
+    model = models.resnet18(num_classes=3).eval()
+    with torch.no_grad():
+        model.layer3[1].bn2.weight.zero_()  # residual branch outputs only the BN bias (zero)
+        model.layer3[1].bn2.bias.zero_()
+    pruned = pyprune.prune_layers(model, n=1, example_inputs=torch.randn(1, 3, 32, 32))
+    assert isinstance(pruned.layer3[1], Skip)
+
+
+def test_ratio_and_bad_arguments():
+    model = models.resnet50(num_classes=3)
+    pruned = pyprune.prune_layers(model, ratio=0.5, importance="l1")
+    assert sum(isinstance(m, Skip) for m in pruned.modules()) == 6
+    with pytest.raises(ValueError, match="exactly one of n="):
+        pyprune.prune_layers(model)
+    with pytest.raises(ValueError, match=r"n must be an int in \[0, 12\]"):
+        pyprune.prune_layers(model, n=13, importance="l1")
+    with pytest.raises(ValueError, match=r"ratio must be in \[0, 1\)"):
+        pyprune.prune_layers(model, ratio=1.0)
+    with pytest.raises(ValueError, match="needs example_inputs"):
+        pyprune.prune_layers(model, n=1)
+    with pytest.raises(ValueError, match="importance must be one of"):
+        pyprune.prune_layers(model, n=1, importance="taylor")
+    with pytest.raises(ValueError, match=r"\[0, 0\]"):
+        pyprune.prune_layers(models.lenet5(), n=1, importance="l1")
+
+
+def test_skip_returns_its_first_argument():
+    x = torch.randn(2, 3)
+    assert Skip()(x, torch.ones(1), mask=None) is x

@@ -1,0 +1,166 @@
+"""Masks: exact densities, N:M patterns, blocks, global scope, fixed through training, cubic schedule, convert."""
+import pytest
+import torch
+from torch import nn
+
+import pyprune
+from pyprune import models
+from pyprune.pruning import CubicSchedule, get_mask, mask_density, remove_masks
+from pyprune.pruning.masks import block_mask, block_scores, nm_mask, unstructured_mask
+
+
+def test_unstructured_mask_hand_case():
+    w = torch.tensor([[0.5, -3.0], [0.1, 2.0]])
+    assert unstructured_mask(w, 0.5).tolist() == [[False, True], [False, True]]
+    assert unstructured_mask(w, 0.0).all() and not unstructured_mask(w, 1.0).any()
+
+
+@pytest.mark.parametrize("shape", [(7, 13), (97, 5), (16, 3, 3, 3)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+def test_unstructured_density_is_exact(shape, sparsity):
+    w = torch.randn(shape)
+    m = unstructured_mask(w, sparsity)
+    assert int((~m).sum()) == round(sparsity * w.numel())
+    if 0 < sparsity < 1:
+        assert w[m].abs().min() >= w[~m].abs().max()
+
+
+def test_nm_mask_hand_case_and_any_n_m():
+    w = torch.tensor([[1.0, -4.0, 2.0, 0.5, 0.0, 0.1, -0.2, 3.0]])
+    assert nm_mask(w, 2, 4).tolist() == [[False, True, True, False, False, False, True, True]]
+    w = torch.randn(6, 24)
+    for n, m in ((2, 4), (1, 4), (4, 8), (3, 6)):
+        keep = nm_mask(w, n, m).reshape(6, -1, m)
+        assert (keep.sum(-1) == n).all()
+
+
+def test_block_mask_zeroes_lowest_norm_tiles_exactly():
+    w = torch.ones(4, 4)
+    w[:2, 2:] = 0.1  # the weakest 2x2 tile
+    keep = block_mask(w, 0.25, (2, 2))
+    assert block_scores(w, (2, 2)).shape == (2, 2)
+    assert not keep[:2, 2:].any() and keep.sum() == 12
+    with pytest.raises(ValueError, match="does not tile"):
+        block_mask(torch.randn(5, 4), 0.5, (2, 2))
+
+
+def test_sparsify_layerwise_unstructured():
+    model = models.lenet5()
+    masked = pyprune.sparsify(model, sparsity=0.9)
+    assert get_mask(model.fc1) is None  # original untouched
+    for name, d in mask_density(masked).items():
+        numel = masked.get_submodule(name).weight.numel()
+        assert d == pytest.approx(1 - round(0.9 * numel) / numel), name
+        assert int((masked.get_submodule(name).weight == 0).sum()) >= round(0.9 * numel)
+
+
+def test_sparsify_global_is_exact_over_all_layers():
+    model = models.lenet5()
+    masked = pyprune.sparsify(model, sparsity=0.7, scope="global")
+    masks = [get_mask(m) for m in masked.modules() if get_mask(m) is not None]
+    total = sum(mk.numel() for mk in masks)
+    assert sum(int((~mk).sum()) for mk in masks) == round(0.7 * total)
+    assert len({round(float(mk.float().mean()), 3) for mk in masks}) > 1  # layers differ under one threshold
+
+
+def test_sparsify_nm_pattern_on_linear_and_conv():
+    model = models.bert("small", vocab_size=32)
+    masked = pyprune.sparsify(model, pattern="2:4")
+    for name, m in masked.named_modules():
+        if isinstance(m, nn.Linear):
+            assert (get_mask(m).reshape(m.out_features, -1, 4).sum(-1) == 2).all(), name
+    conv = pyprune.sparsify(models.resnet18(), pattern="2:4", ignore=["conv1"])  # conv1: 3*7*7 = 147 inputs
+    k = get_mask(conv.layer1[0].conv1).reshape(64, -1, 4)
+    assert (k.sum(-1) == 2).all()
+    with pytest.raises(ValueError, match=r"conv1 \(input dim 147 not a multiple of 4\).*ignore"):
+        pyprune.sparsify(models.resnet18(), pattern="2:4")
+
+
+def test_sparsify_block_pattern():
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 64))
+    masked = pyprune.sparsify(model, sparsity=0.5, pattern="block", block=(16, 16))
+    for m in (masked[0], masked[2]):
+        tiles = get_mask(m).reshape(m.out_features // 16, 16, m.in_features // 16, 16)
+        per_tile = tiles.float().mean((1, 3))
+        assert set(per_tile.unique().tolist()) == {0.0, 1.0} and per_tile.mean() == 0.5
+
+
+def test_masks_stay_fixed_through_fine_tuning():
+    torch.manual_seed(0)
+    masked = pyprune.sparsify(nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2)), sparsity=0.75)
+    zeros_before = [(m.weight == 0).clone() for m in (masked[0], masked[2])]
+    opt = torch.optim.SGD(masked.parameters(), lr=0.5)
+    for _ in range(5):
+        opt.zero_grad()
+        masked(torch.randn(4, 8)).pow(2).sum().backward()
+        opt.step()
+    for m, z in zip((masked[0], masked[2]), zeros_before):
+        assert ((m.weight == 0) >= z).all()
+    baked = remove_masks(masked)
+    assert isinstance(baked[0].weight, nn.Parameter) and get_mask(baked[0]) is None
+    assert int((baked[0].weight == 0).sum()) >= 48
+
+
+def test_cubic_schedule_follows_zhu_gupta():
+    sched = CubicSchedule(begin_step=0, end_step=10, frequency=2)
+    masked = pyprune.sparsify(nn.Sequential(nn.Linear(20, 10)), sparsity=0.8, schedule=sched)
+    assert mask_density(masked)["0"] == 1.0  # starts at the initial sparsity (0)
+    seen = [sched.step() for _ in range(10)]
+    assert seen[1] == pytest.approx(0.8 + (0 - 0.8) * (1 - 0.2) ** 3)
+    assert mask_density(masked)["0"] == pytest.approx(0.2)
+    assert seen[-1] == 0.8 and sched.step() == 0.8
+    # monotone: every update zeroes at least what the previous one did
+    sched2 = CubicSchedule(0, 6, 1)
+    masked2 = pyprune.sparsify(nn.Sequential(nn.Linear(20, 10)), sparsity=0.9, schedule=sched2)
+    prev = get_mask(masked2[0]).clone()
+    for _ in range(6):
+        sched2.step()
+        cur = get_mask(masked2[0])
+        assert (cur <= prev).all()
+        prev = cur.clone()
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(sparsity=1.5), ValueError, r"sparsity must be a number in \[0, 1\]"),
+    (dict(pattern="3-4"), ValueError, r"pattern must be"),
+    (dict(pattern="5:4"), ValueError, r"0 < N <= M"),
+    (dict(scope="model"), ValueError, r"scope must be"),
+    (dict(ignore=["fc9"]), ValueError, r"ignore: model has no layer named 'fc9'"),
+    (dict(pattern="2:4", schedule=CubicSchedule()), ValueError, r"schedule= works with"),
+    (dict(schedule="cubic"), TypeError, r"schedule must be"),
+    (dict(pattern="block", block=(32, 32)), ValueError, r"not tiled by"),
+])
+def test_sparsify_bad_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        pyprune.sparsify(models.lenet5(), **kwargs)
+
+
+def test_schedule_must_be_attached():
+    with pytest.raises(RuntimeError, match="not attached"):
+        CubicSchedule().step()
+    with pytest.raises(ValueError, match="begin_step < end_step"):
+        CubicSchedule(begin_step=5, end_step=5)
+
+
+def _sparse_linear_available():
+    return hasattr(pyprune.nn, "SparseLinear")
+
+
+@pytest.mark.skipif(not _sparse_linear_available(), reason="pyprune.nn.SparseLinear not built yet")
+@pytest.mark.parametrize("layout, pattern", [("csr", "unstructured"), ("bsr", "block"), ("2:4", "2:4")])
+def test_convert_swaps_masked_linears(layout, pattern):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    masked = pyprune.sparsify(model, sparsity=0.5, pattern=pattern, block=(4, 4), ignore=["0"])
+    masked = pyprune.sparsify(masked, sparsity=0.5, ignore=["2", "4"], inplace=True)  # mask the conv too
+    x = torch.randn(2, 3, 4, 4)
+    fast, report = pyprune.convert(masked, layout=layout, block=(4, 4), return_report=True)
+    assert report.converted == ["2", "4"] and list(report.left_dense) == ["0"]
+    assert isinstance(fast[2], pyprune.nn.SparseLinear) and get_mask(fast[0]) is not None
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), masked(x), rtol=1e-4, atol=1e-5)
+
+
+def test_convert_rejects_unknown_layout():
+    with pytest.raises(ValueError, match="layout must be one of"):
+        pyprune.convert(models.lenet5(), layout="coo")
