@@ -80,7 +80,9 @@ def _bsr_linear_fwd_kernel(
     # 1-D grid, token tiles fastest: programs running together share a block row of W (the operand read
     # through indices) while x streams; it also avoids the 65535 limit of grid axes 1 and 2.
     N_SUB: tl.constexpr = (BH + BLOCK_N - 1) // BLOCK_N
-    n_mtiles = tl.cdiv(M, BLOCK_M)
+    # Only builtins of tl here (no tl.cdiv / tl.zeros, which are @jit helpers): the CPU tests interpret a copy
+    # of this file after triton was imported in compile mode, and an interpreted kernel cannot call those.
+    n_mtiles = (M + BLOCK_M - 1) // BLOCK_M
     pid = tl.program_id(0)
     pid_m = pid % n_mtiles
     pid_r = pid // n_mtiles
@@ -96,7 +98,7 @@ def _bsr_linear_fwd_kernel(
 
     start = tl.load(crow_ptr + brow).to(tl.int64)
     end = tl.load(crow_ptr + brow + 1).to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for blk in range(start, end):
         bcol = tl.load(col_ptr + blk).to(tl.int64)
         v_base = values_ptr + blk * stride_vb

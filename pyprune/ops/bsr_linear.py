@@ -53,3 +53,5 @@ def _backward(ctx, grad):
 
 torch.library.register_autograd("pyprune::bsr_linear", _backward, setup_context=_setup_context)
 register_cpu_fallback("bsr_linear")
+from ._router import register_cuda  # noqa: E402
+register_cuda("bsr_linear")
