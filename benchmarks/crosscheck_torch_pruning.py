@@ -1,11 +1,14 @@
 """Cross-check pyprune.prune_channels against Torch-Pruning on ResNet-50, ratio 0.5, L1 magnitude.
 
-Not a test dependency: runs only where ``torch_pruning`` is importable (``pip install --no-deps torch-pruning``).
-Compares parameter and FLOP counts of the two pruned models, every layer's shape, and the sets of kept channels
+Not a test dependency: runs only where ``torch_pruning`` is importable (``pip install --no-deps
+torch-pruning``).
+Compares parameter and FLOP counts of the two pruned models, every layer's shape, and the sets of kept
+channels
 group by group, and writes benchmarks/results/cpu/crosscheck_torch_pruning.md.
 
     python benchmarks/crosscheck_torch_pruning.py [--out PATH]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,17 +24,21 @@ from pyprune.pruning import build_graph
 RATIO = 0.5
 
 
-def _torch_pruning(model: torch.nn.Module, x: torch.Tensor, tp, importance
-                   ) -> tuple[torch.nn.Module, dict[str, set[int]]]:
+def _torch_pruning(
+    model: torch.nn.Module, x: torch.Tensor, tp, importance
+) -> tuple[torch.nn.Module, dict[str, set[int]]]:
     """Prune a copy with Torch-Pruning; return it and {root conv name: removed output channels}."""
     model = copy.deepcopy(model)
     names = {m: n for n, m in model.named_modules()}
-    pruner = tp.pruner.MetaPruner(model, x, importance=importance, pruning_ratio=RATIO,
-                                  ignored_layers=[model.fc])
+    pruner = tp.pruner.MetaPruner(
+        model, x, importance=importance, pruning_ratio=RATIO, ignored_layers=[model.fc]
+    )
     removed: dict[str, set[int]] = {}
     for group in pruner.step(interactive=True):
         for dep, idxs in group:
-            if dep.handler.__name__ == "prune_out_channels" and isinstance(dep.target.module, torch.nn.Conv2d):
+            if dep.handler.__name__ == "prune_out_channels" and isinstance(
+                dep.target.module, torch.nn.Conv2d
+            ):
                 removed[names[dep.target.module]] = set(int(i) for i in idxs)
         group.prune()
     return model, removed
@@ -39,7 +46,9 @@ def _torch_pruning(model: torch.nn.Module, x: torch.Tensor, tp, importance
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results/cpu/crosscheck_torch_pruning.md"))
+    parser.add_argument(
+        "--out", default=str(Path(__file__).parent / "results/cpu/crosscheck_torch_pruning.md")
+    )
     args = parser.parse_args()
     try:
         import torch_pruning as tp
@@ -51,8 +60,9 @@ def main() -> None:
     x = torch.randn(1, 3, 224, 224)
     # Torch-Pruning prunes the stem and the last stage's residual stream and only leaves fc's outputs alone,
     # which is pyprune's protect_first_last=False (fc's outputs are the model output, always kept).
-    ours, plan = pyprune.prune_channels(model, x, ratio=RATIO, importance="l1", protect_first_last=False,
-                                        return_plan=True)
+    ours, plan = pyprune.prune_channels(
+        model, x, ratio=RATIO, importance="l1", protect_first_last=False, return_plan=True
+    )
     # Two Torch-Pruning importances: its default group L1 (every coupled tensor, per-layer mean normalisation,
     # mean over the group) and plain L1 of the group's first (root) layer, which is Li et al.'s filter norm.
     configs = {
@@ -62,7 +72,10 @@ def main() -> None:
     runs = {label: _torch_pruning(model, x, tp, imp) for label, imp in configs.items()}
     theirs = runs["TP group L1"][0]
 
-    counts = [("params", pyprune.count_params, ()), ("FLOPs (224x224, FlopCounterMode)", pyprune.count_flops, (x,))]
+    counts = [
+        ("params", pyprune.count_params, ()),
+        ("FLOPs (224x224, FlopCounterMode)", pyprune.count_flops, (x,)),
+    ]
     ours_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     theirs_shapes = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
     shape_diff = sorted(k for k in ours_shapes if ours_shapes[k] != theirs_shapes.get(k))
@@ -71,7 +84,9 @@ def main() -> None:
 
     graph = build_graph(model, (x,))
     group_rows = []
-    exact = {label: [0, 0] for label in runs}  # [identical kept sets in all groups, in single-producer groups]
+    exact = {
+        label: [0, 0] for label in runs
+    }  # [identical kept sets in all groups, in single-producer groups]
     n_single = 0
     for g, gp in zip(graph.groups, plan.groups):
         if not gp.removed:
@@ -98,9 +113,10 @@ def main() -> None:
         "`python benchmarks/crosscheck_torch_pruning.py`.",
         "",
         "pyprune: `prune_channels(model, x, ratio=0.5, importance='l1', protect_first_last=False)`.",
-        "Torch-Pruning: `MetaPruner(model, x, importance, pruning_ratio=0.5, ignored_layers=[model.fc])` with "
-        "`MagnitudeImportance(p=1)` (\"TP group L1\", its default reduction) and "
-        "`MagnitudeImportance(p=1, normalizer=None, group_reduction=\"first\")` (\"TP first-layer L1\").",
+        "Torch-Pruning: `MetaPruner(model, x, importance, pruning_ratio=0.5, "
+        "ignored_layers=[model.fc])` with "
+        '`MagnitudeImportance(p=1)` ("TP group L1", its default reduction) and '
+        '`MagnitudeImportance(p=1, normalizer=None, group_reduction="first")` ("TP first-layer L1").',
         "",
         "| quantity | original | pyprune | " + " | ".join(runs) + " |",
         "|---|---:|---:|" + "---:|" * len(runs),
@@ -110,21 +126,29 @@ def main() -> None:
         lines.append(f"| {name} | " + " | ".join(f"{v:,}" for v in vals) + " |")
     lines += [
         "",
-        f"- Output shape equal: {same_out_shape}. State-dict tensors whose shapes differ between pyprune's and "
+        f"- Output shape equal: {same_out_shape}. State-dict tensors whose shapes differ between "
+        f"pyprune's and "
         f"Torch-Pruning's pruned models: {len(shape_diff)} of {len(ours_shapes)}"
-        + (f" ({', '.join(shape_diff[:5])} ...)" if shape_diff else "") + ".",
+        + (f" ({', '.join(shape_diff[:5])} ...)" if shape_diff else "")
+        + ".",
         f"- {len(group_rows)} pruned groups, {n_single} of them with a single producing conv.",
     ]
     for label, (all_same, single_same) in exact.items():
-        lines.append(f"- Kept-channel sets identical to {label}: {all_same} of {len(group_rows)} groups "
-                     f"({single_same} of the {n_single} single-producer groups).")
+        lines.append(
+            f"- Kept-channel sets identical to {label}: {all_same} of {len(group_rows)} groups "
+            f"({single_same} of the {n_single} single-producer groups)."
+        )
     lines += [
         "",
-        "Reading: pyprune's l1 scores a group by the summed L1 norms of the filters that *produce* its channels "
-        "(Li et al. 2017). For a group with one producer that is exactly Torch-Pruning's first-layer L1, so the "
-        "kept sets should coincide there; in a residual group pyprune sums all producers while \"first\" uses "
-        "only the root conv. Torch-Pruning's default group L1 also scores the consumers' input slices and the "
-        "BatchNorm weights, normalises each by its layer mean and averages, so it ranks differently by design.",
+        "Reading: pyprune's l1 scores a group by the summed L1 norms of the filters that *produce* "
+        "its channels "
+        "(Li et al. 2017). For a group with one producer that is exactly Torch-Pruning's "
+        "first-layer L1, so the "
+        'kept sets should coincide there; in a residual group pyprune sums all producers while "first" uses '
+        "only the root conv. Torch-Pruning's default group L1 also scores the consumers' input "
+        "slices and the "
+        "BatchNorm weights, normalises each by its layer mean and averages, so it ranks "
+        "differently by design.",
         "",
         "| group (first producer) | channels | kept | " + " | ".join(f"Jaccard vs {k}" for k in runs) + " |",
         "|---|---:|---:|" + "---:|" * len(runs),

@@ -1,5 +1,6 @@
 """Parameter and FLOP counts. FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``, which counts
 matmul/conv/attention kernels (a multiply-add is 2 FLOPs) and ignores elementwise ops, norms and pooling."""
+
 from __future__ import annotations
 
 from typing import Any

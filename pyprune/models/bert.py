@@ -1,5 +1,6 @@
 """A BERT-style encoder (Devlin et al. 2019), module names as in HuggingFace ``BertModel`` (embeddings.*,
 encoder.layer.N.attention.self.query, ...), without the pooler. Returns the last hidden states."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -66,9 +67,14 @@ class BertSelfAttention(nn.Module):
         return x.view(n, s, self.num_attention_heads, self.attention_head_size).transpose(1, 2)
 
     def forward(self, hidden: torch.Tensor, additive_mask: torch.Tensor | None = None) -> torch.Tensor:
-        q, k, v = self._heads(self.query(hidden)), self._heads(self.key(hidden)), self._heads(self.value(hidden))
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask,
-                                             dropout_p=self.dropout_p if self.training else 0.0)
+        q, k, v = (
+            self._heads(self.query(hidden)),
+            self._heads(self.key(hidden)),
+            self._heads(self.value(hidden)),
+        )
+        ctx = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=additive_mask, dropout_p=self.dropout_p if self.training else 0.0
+        )
         n, _, s, _ = ctx.shape
         return ctx.transpose(1, 2).reshape(n, s, self.num_attention_heads * self.attention_head_size)
 
@@ -138,7 +144,8 @@ class BertEncoder(nn.Module):
 
 
 class BertModel(nn.Module):
-    """input_ids: (N, S) int64, attention_mask: (N, S) 1 = attend / 0 = padding -> hidden states (N, S, hidden)."""
+    """input_ids: (N, S) int64, attention_mask: (N, S) 1 = attend / 0 = padding -> hidden states (N, S,
+    hidden)."""
 
     def __init__(self, cfg: BertConfig) -> None:
         super().__init__()
@@ -155,8 +162,12 @@ class BertModel(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         additive = None
@@ -170,7 +181,9 @@ def bert(config: str | BertConfig = "base", vocab_size: int | None = None) -> Be
     """BERT encoder; ``config`` is "base" (L=12, H=768, A=12), "small" (L=4, H=512, A=8) or a BertConfig."""
     if isinstance(config, str):
         if config not in CONFIGS:
-            raise ValueError(f"bert(config=...) must be one of {sorted(CONFIGS)} or a BertConfig, got {config!r}")
+            raise ValueError(
+                f"bert(config=...) must be one of {sorted(CONFIGS)} or a BertConfig, got {config!r}"
+            )
         config = CONFIGS[config]
     if vocab_size is not None:
         config = BertConfig(**{**config.__dict__, "vocab_size": vocab_size})

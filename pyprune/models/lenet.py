@@ -1,4 +1,5 @@
 """LeNet-5 (LeCun et al. 1998) with ReLU and max pooling, as commonly used on 32x32 inputs."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """MobileNetV2 (Sandler et al. 2018), module names as in torchvision (features.N.conv.M, classifier.1)."""
+
 from __future__ import annotations
 
 import torch
@@ -6,7 +7,8 @@ from torch import nn
 
 
 def _make_divisible(v: float, divisor: int = 8) -> int:
-    # Channel counts rounded to multiples of 8, never more than 10% below the unrounded value (as in the paper's code).
+    # Channel counts rounded to multiples of 8, never more than 10% below the unrounded value (as in the
+    # paper's code).
     new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
     if new_v < 0.9 * v:
         new_v += divisor
@@ -16,7 +18,9 @@ def _make_divisible(v: float, divisor: int = 8) -> int:
 class ConvBNReLU6(nn.Sequential):
     """conv -> BN -> ReLU6; children are named 0, 1, 2 as torchvision's Conv2dNormActivation."""
 
-    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 1, groups: int = 1) -> None:
+    def __init__(
+        self, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 1, groups: int = 1
+    ) -> None:
         super().__init__(
             nn.Conv2d(in_ch, out_ch, kernel_size, stride, (kernel_size - 1) // 2, groups=groups, bias=False),
             nn.BatchNorm2d(out_ch),
@@ -52,8 +56,15 @@ class MobileNetV2(nn.Module):
     def __init__(self, num_classes: int = 1000, width_mult: float = 1.0, dropout: float = 0.2) -> None:
         super().__init__()
         # t (expansion), c (channels), n (repeats), s (first stride) from Table 2 of the paper.
-        setting = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2],
-                   [6, 320, 1, 1]]
+        setting = [
+            [1, 16, 1, 1],
+            [6, 24, 2, 2],
+            [6, 32, 3, 2],
+            [6, 64, 4, 2],
+            [6, 96, 3, 1],
+            [6, 160, 3, 2],
+            [6, 320, 1, 1],
+        ]
         input_channel = _make_divisible(32 * width_mult)
         self.last_channel = _make_divisible(1280 * max(1.0, width_mult))
         features: list[nn.Module] = [ConvBNReLU6(3, input_channel, stride=2)]

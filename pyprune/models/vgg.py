@@ -1,11 +1,31 @@
 """VGG-16 with batch norm (Simonyan & Zisserman 2015), module names as in torchvision's ``vgg16_bn``."""
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 # Output channels per 3x3 conv; "M" is a 2x2 max pool (configuration "D" of the paper).
-_CFG_D: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+_CFG_D: list[int | str] = [
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+]
 
 
 class VGG(nn.Module):
@@ -47,7 +67,11 @@ def _features(cfg: list[int | str]) -> nn.Sequential:
         if v == "M":
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
         else:
-            layers += [nn.Conv2d(in_ch, int(v), kernel_size=3, padding=1), nn.BatchNorm2d(int(v)), nn.ReLU(True)]
+            layers += [
+                nn.Conv2d(in_ch, int(v), kernel_size=3, padding=1),
+                nn.BatchNorm2d(int(v)),
+                nn.ReLU(True),
+            ]
             in_ch = int(v)
     return nn.Sequential(*layers)
 

@@ -1,5 +1,6 @@
 """ViT-Small/16 (Dosovitskiy et al. 2021; DeiT-S shape), module names as in timm (patch_embed.proj, cls_token,
 pos_embed, blocks.N.attn.qkv, blocks.N.mlp.fc1, norm, head)."""
+
 from __future__ import annotations
 
 import torch
@@ -66,8 +67,16 @@ class Block(nn.Module):
 class VisionTransformer(nn.Module):
     """x: (N, 3, img_size, img_size) -> logits (N, num_classes), classified from the class token."""
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, num_classes: int = 1000, embed_dim: int = 384,
-                 depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0) -> None:
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        num_classes: int = 1000,
+        embed_dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+    ) -> None:
         super().__init__()
         self.patch_embed = PatchEmbed(img_size, patch_size, 3, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))

@@ -1,4 +1,5 @@
 """Pruning engine: dependency graph, importance criteria, channel and layer pruning, masks and conversion."""
+
 from . import criteria
 from ..flops import count_flops, count_params
 from .attention import PrunedMultiheadAttention
@@ -9,8 +10,30 @@ from .layers import Skip, prune_layers, residual_blocks
 from .masks import CubicSchedule, WeightMask, get_mask, mask_density, remove_masks, sparsify
 
 __all__ = [
-    "IMPORTANCE", "ConvertReport", "CubicSchedule", "DependencyGraph", "Group", "GroupPlan", "Member",
-    "PrunedMultiheadAttention", "PruningError", "PruningPlan", "Skip", "UnsupportedPatternError", "WeightMask",
-    "build_graph", "convert", "count_flops", "count_params", "criteria", "get_mask", "mask_density",
-    "plan_pruning", "prune_channels", "prune_layers", "remove_masks", "residual_blocks", "sparsify",
+    "IMPORTANCE",
+    "ConvertReport",
+    "CubicSchedule",
+    "DependencyGraph",
+    "Group",
+    "GroupPlan",
+    "Member",
+    "PrunedMultiheadAttention",
+    "PruningError",
+    "PruningPlan",
+    "Skip",
+    "UnsupportedPatternError",
+    "WeightMask",
+    "build_graph",
+    "convert",
+    "count_flops",
+    "count_params",
+    "criteria",
+    "get_mask",
+    "mask_density",
+    "plan_pruning",
+    "prune_channels",
+    "prune_layers",
+    "remove_masks",
+    "residual_blocks",
+    "sparsify",
 ]

@@ -1,11 +1,13 @@
 """Attention modules as single nodes of the dependency graph: their heads form one channel group each.
 
 Supported: ``nn.MultiheadAttention`` (self-attention, q/k/v of equal width, no bias_k/bias_v), the zoo's
-``BertSelfAttention`` (separate query/key/value) and ViT ``Attention`` (fused qkv). ``nn.MultiheadAttention`` ties
+``BertSelfAttention`` (separate query/key/value) and ViT ``Attention`` (fused qkv). ``nn.MultiheadAttention``
+ties
 its inner width to its input width, so once heads or input channels are pruned it is replaced by
 :class:`PrunedMultiheadAttention`, which keeps the same parameter names (in_proj_weight, in_proj_bias,
 out_proj.*) and call signature.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -23,11 +25,20 @@ from .graph import ChInfo, Member, Seg, _Builder, register_fixup, register_leaf
 class PrunedMultiheadAttention(nn.Module):
     """nn.MultiheadAttention whose inner width ``num_heads * head_dim`` may differ from ``embed_dim``.
 
-    query: (L, N, E) or (N, L, E) if batch_first; key/value: (S, N, E) -> (output (.., E_out), weights or None).
+    query: (L, N, E) or (N, L, E) if batch_first; key/value: (S, N, E) -> (output (.., E_out), weights or
+    None).
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, head_dim: int, out_dim: int, bias: bool = True,
-                 batch_first: bool = False, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        head_dim: int,
+        out_dim: int,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
         self.batch_first, self.dropout = batch_first, dropout
@@ -40,15 +51,29 @@ class PrunedMultiheadAttention(nn.Module):
     @classmethod
     def from_module(cls, m: nn.Module) -> "PrunedMultiheadAttention":
         head_dim = m.head_dim
-        new = cls(m.in_proj_weight.shape[1], m.in_proj_weight.shape[0] // (3 * head_dim), head_dim,
-                  m.out_proj.weight.shape[0], m.in_proj_bias is not None, m.batch_first, m.dropout)
+        new = cls(
+            m.in_proj_weight.shape[1],
+            m.in_proj_weight.shape[0] // (3 * head_dim),
+            head_dim,
+            m.out_proj.weight.shape[0],
+            m.in_proj_bias is not None,
+            m.batch_first,
+            m.dropout,
+        )
         new.load_state_dict(m.state_dict())
         return new
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
-                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         L, N, _ = query.shape
@@ -61,13 +86,16 @@ class PrunedMultiheadAttention(nn.Module):
             return F.linear(x, w, b).reshape(n, N, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
 
         q, k, v = heads(query, w_q, b_q, L), heads(key, w_k, b_k, S), heads(value, w_v, b_v, S)
-        scores = q @ k.transpose(-1, -2) / self.head_dim ** 0.5  # (N, H, L, S)
+        scores = q @ k.transpose(-1, -2) / self.head_dim**0.5  # (N, H, L, S)
         if is_causal and attn_mask is None:
             attn_mask = torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1)
         if attn_mask is not None:
             attn_mask = attn_mask.view(N, self.num_heads, L, S) if attn_mask.dim() == 3 else attn_mask
-            scores = scores.masked_fill(attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
+            scores = (
+                scores.masked_fill(attn_mask, float("-inf"))
+                if attn_mask.dtype == torch.bool
                 else scores + attn_mask
+            )
         if key_padding_mask is not None:
             kpm = key_padding_mask[:, None, None, :]
             scores = scores.masked_fill(kpm, float("-inf")) if kpm.dtype == torch.bool else scores + kpm
@@ -101,7 +129,9 @@ def _out_space(b: _Builder, name: str, linear: nn.Linear, out: torch.Tensor) -> 
     return ChInfo(out.dim() - 1, (Seg(s, linear.out_features),))
 
 
-def _bert_self(b: _Builder, n: fx.Node, name: str, m: BertSelfAttention, infos: list, out: torch.Tensor) -> ChInfo:
+def _bert_self(
+    b: _Builder, n: fx.Node, name: str, m: BertSelfAttention, infos: list, out: torch.Tensor
+) -> ChInfo:
     _in_members(b, n, infos[0], out, name, ["query.weight", "key.weight", "value.weight"])
     hd, h = m.attention_head_size, m.num_attention_heads
     s = b.new_space(h, f"{name} (heads)")
@@ -120,8 +150,11 @@ def _fused_heads(b: _Builder, name: str, qkv: str, qkv_bias: bool, proj: str, h:
     owner = f"{name}.{mod}" if mod else name
     b.members[s].append(Member(owner, w, 0, "out", inner=hd, blocks=3, block_stride=stride))
     if qkv_bias:
-        b.members[s].append(Member(owner, "bias" if mod else "in_proj_bias", 0, "out", inner=hd, blocks=3,
-                                   block_stride=stride))
+        b.members[s].append(
+            Member(
+                owner, "bias" if mod else "in_proj_bias", 0, "out", inner=hd, blocks=3, block_stride=stride
+            )
+        )
     b.members[s].append(Member(f"{name}.{proj}", "weight", 1, "in", inner=hd))
 
 
@@ -135,8 +168,11 @@ def _mha(b: _Builder, n: fx.Node, name: str, m: nn.Module, infos: list, out: Any
     q_node = n.args[0] if n.args else n.kwargs.get("query")
     kv_nodes = [n.args[i] if len(n.args) > i else n.kwargs.get(k) for i, k in ((1, "key"), (2, "value"))]
     x = b.info.get(q_node)
-    supported = getattr(m, "_qkv_same_embed_dim", True) and getattr(m, "bias_k", None) is None \
+    supported = (
+        getattr(m, "_qkv_same_embed_dim", True)
+        and getattr(m, "bias_k", None) is None
         and not getattr(m, "add_zero_attn", False)
+    )
     if not supported:
         reason = f"nn.MultiheadAttention {name} with kdim/vdim, bias_k/bias_v or add_zero_attn is kept intact"
         b.pin([b.info.get(a) for a in [q_node] + kv_nodes], reason)
@@ -169,7 +205,10 @@ def _fix_mha(root: nn.Module, name: str, m: nn.Module) -> None:
     if isinstance(m, PrunedMultiheadAttention):
         m.num_heads = m.out_proj.weight.shape[1] // m.head_dim
         m.embed_dim = m.in_proj_weight.shape[1]
-        m.out_proj.in_features, m.out_proj.out_features = m.out_proj.weight.shape[1], m.out_proj.weight.shape[0]
+        m.out_proj.in_features, m.out_proj.out_features = (
+            m.out_proj.weight.shape[1],
+            m.out_proj.weight.shape[0],
+        )
         return
     parent_name, _, attr = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root

@@ -1,4 +1,5 @@
 """Structured channel pruning: shrink coupled groups of channels and return a smaller dense model."""
+
 from __future__ import annotations
 
 import copy
@@ -54,8 +55,10 @@ class PruningPlan:
             layers = ", ".join(g.layers[:4]) + (f" (+{len(g.layers) - 4})" if len(g.layers) > 4 else "")
             why = f"  [pinned: {g.pinned[0]}]" if g.pinned else (f"  [{g.note}]" if g.note else "")
             lines.append(f"{g.index:>5} {g.channels:>8} {g.keep:>6}  {layers}{why}")
-        lines.append(f"importance={self.importance}; {self.removed_channels} channels removed in "
-                     f"{sum(bool(g.removed) for g in self.groups)} groups")
+        lines.append(
+            f"importance={self.importance}; {self.removed_channels} channels removed in "
+            f"{sum(bool(g.removed) for g in self.groups)} groups"
+        )
         return "\n".join(lines)
 
 
@@ -64,8 +67,10 @@ def _as_args(example_inputs: Any) -> tuple:
         return (example_inputs,)
     if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
         return tuple(example_inputs)
-    raise TypeError("example_inputs must be a tensor or a tuple of tensors (the positional arguments of "
-                    f"model.forward), got {type(example_inputs).__name__}")
+    raise TypeError(
+        "example_inputs must be a tensor or a tuple of tensors (the positional arguments of "
+        f"model.forward), got {type(example_inputs).__name__}"
+    )
 
 
 def _check_ratio(name: str, r: Any) -> float:
@@ -79,8 +84,10 @@ def _check_names(arg: str, names: Iterable[str], model: nn.Module) -> None:
     for n in names:
         if n not in known:
             close = sorted(k for k in known if k and (n in k or k.endswith(n.rsplit(".", 1)[-1])))[:5]
-            raise ValueError(f"{arg}: model has no layer named {n!r}" + (f"; did you mean one of {close}?"
-                                                                         if close else ""))
+            raise ValueError(
+                f"{arg}: model has no layer named {n!r}"
+                + (f"; did you mean one of {close}?" if close else "")
+            )
 
 
 def _tensor(model: nn.Module, m: Member) -> torch.Tensor:
@@ -105,11 +112,14 @@ def _split_batch(batch: Any) -> tuple[tuple, Any]:
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         x, y = batch
         return (tuple(x) if isinstance(x, (tuple, list)) else (x,)), y
-    raise TypeError("data must yield tensors or (inputs, targets) pairs, got a batch of type "
-                    f"{type(batch).__name__}")
+    raise TypeError(
+        f"data must yield tensors or (inputs, targets) pairs, got a batch of type {type(batch).__name__}"
+    )
 
 
-def _taylor(model: nn.Module, groups: list[Group], data: Iterable, loss_fn: Callable) -> dict[int, torch.Tensor]:
+def _taylor(
+    model: nn.Module, groups: list[Group], data: Iterable, loss_fn: Callable
+) -> dict[int, torch.Tensor]:
     scratch = copy.deepcopy(model).eval()  # gradients land on a copy, never on the user's parameters
     acc = {g.index: torch.zeros(g.channels, dtype=torch.double) for g in groups}
     n_batches = 0
@@ -139,14 +149,16 @@ def _thinet_consumer(model: nn.Module, g: Group) -> Member | None:
         if m.role != "in" or m.tensor != "weight" or m.dim != 1:
             continue
         mod = model.get_submodule(m.module)
-        if isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.groups == 1
-                                          and mod.padding_mode == "zeros"):
+        if isinstance(mod, nn.Linear) or (
+            isinstance(mod, nn.Conv2d) and mod.groups == 1 and mod.padding_mode == "zeros"
+        ):
             return m
     return None
 
 
-def _thinet(model: nn.Module, groups: list[Group], data: Iterable, seed: int
-            ) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
+def _thinet(
+    model: nn.Module, groups: list[Group], data: Iterable, seed: int
+) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
     scratch = copy.deepcopy(model).eval()
     gen = torch.Generator().manual_seed(seed)
     samples: dict[int, list[torch.Tensor]] = {g.index: [] for g in groups}
@@ -172,6 +184,7 @@ def _thinet(model: nn.Module, groups: list[Group], data: Iterable, seed: int
                 wk = w.reshape(w.shape[0], w.shape[1], -1)[o]
                 z = (patch[:, pos] * wk[:, pos]).sum((-1, -2))
             samples[g.index].append(z)
+
         return hook
 
     for g in groups:
@@ -200,8 +213,14 @@ def _thinet(model: nn.Module, groups: list[Group], data: Iterable, seed: int
     return scores, notes
 
 
-def _scores(model: nn.Module, groups: list[Group], importance: str, data: Iterable | None,
-            loss_fn: Callable | None, seed: int) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
+def _scores(
+    model: nn.Module,
+    groups: list[Group],
+    importance: str,
+    data: Iterable | None,
+    loss_fn: Callable | None,
+    seed: int,
+) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
     notes: dict[int, str] = {}
     if importance == "taylor":
         return _taylor(model, groups, data, loss_fn), notes
@@ -214,9 +233,13 @@ def _scores(model: nn.Module, groups: list[Group], importance: str, data: Iterab
             out[g.index] = criteria.random_scores(g.channels, gen)
             continue
         if importance == "bn_scale":
-            gammas = [_rows(_tensor(model, m), m, g.channels).abs().sum(1) for m in g.members
-                      if m.role == "norm" and m.tensor == "weight"
-                      and isinstance(model.get_submodule(m.module), nn.modules.batchnorm._BatchNorm)]
+            gammas = [
+                _rows(_tensor(model, m), m, g.channels).abs().sum(1)
+                for m in g.members
+                if m.role == "norm"
+                and m.tensor == "weight"
+                and isinstance(model.get_submodule(m.module), nn.modules.batchnorm._BatchNorm)
+            ]
             if gammas:
                 out[g.index] = criteria.bn_scale(torch.stack(gammas).sum(0))
                 continue
@@ -240,8 +263,11 @@ def _lowest(scores: torch.Tensor, n: int) -> torch.Tensor:
 
 def _protect(graph: DependencyGraph) -> None:
     weighted = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Embedding)
-    names = [str(n.target) for n in graph.traced.graph.nodes if n.op == "call_module"
-             and isinstance(graph.model.get_submodule(str(n.target)), weighted)]
+    names = [
+        str(n.target)
+        for n in graph.traced.graph.nodes
+        if n.op == "call_module" and isinstance(graph.model.get_submodule(str(n.target)), weighted)
+    ]
     if not names:
         return
     for g in graph.group_of(names[0], "out"):
@@ -250,12 +276,21 @@ def _protect(graph: DependencyGraph) -> None:
         g.pinned.append(f"input of last layer {names[-1]} (protect_first_last=True)")
 
 
-def plan_pruning(model: nn.Module, example_inputs: Any, ratio: float = 0.5, importance: str = "l1",
-                 data: Iterable | None = None, loss_fn: Callable | None = None, round_to: int = 1,
-                 per_layer: Mapping[str, float] | None = None, ignore: Iterable[str] = (),
-                 protect_first_last: bool = True, global_ranking: bool = False, seed: int = 0
-                 ) -> tuple[DependencyGraph, PruningPlan, dict[int, torch.Tensor]]:
-    """Validate arguments, build the dependency graph and choose the channels to remove (see prune_channels)."""
+def plan_pruning(
+    model: nn.Module,
+    example_inputs: Any,
+    ratio: float = 0.5,
+    importance: str = "l1",
+    data: Iterable | None = None,
+    loss_fn: Callable | None = None,
+    round_to: int = 1,
+    per_layer: Mapping[str, float] | None = None,
+    ignore: Iterable[str] = (),
+    protect_first_last: bool = True,
+    global_ranking: bool = False,
+    seed: int = 0,
+) -> tuple[DependencyGraph, PruningPlan, dict[int, torch.Tensor]]:
+    """Validate arguments, build the dependency graph, choose the channels to remove (see prune_channels)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     args = _as_args(example_inputs)
@@ -263,12 +298,16 @@ def plan_pruning(model: nn.Module, example_inputs: Any, ratio: float = 0.5, impo
     if importance not in IMPORTANCE:
         raise ValueError(f"importance must be one of {IMPORTANCE}, got {importance!r}")
     if importance in _NEEDS_DATA and data is None:
-        raise ValueError(f"importance={importance!r} needs data=<iterable of batches> (e.g. a DataLoader); pass "
-                         "data or choose importance='l1'")
+        raise ValueError(
+            f"importance={importance!r} needs data=<iterable of batches> (e.g. a DataLoader); pass "
+            "data or choose importance='l1'"
+        )
     if importance == "taylor" and loss_fn is None:
         raise ValueError("importance='taylor' needs loss_fn=<callable(output, target) -> scalar loss>")
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-        raise ValueError(f"round_to must be a positive int (kept channels become a multiple of it), got {round_to!r}")
+        raise ValueError(
+            f"round_to must be a positive int (kept channels become a multiple of it), got {round_to!r}"
+        )
     ignore = [ignore] if isinstance(ignore, str) else list(ignore)
     _check_names("ignore", ignore, model)
     per_layer = dict(per_layer or {})
@@ -282,23 +321,39 @@ def plan_pruning(model: nn.Module, example_inputs: Any, ratio: float = 0.5, impo
     groups = [g for g in graph.groups if g.prunable]
     ratios = {g.index: ratio for g in groups}
     for name, r in per_layer.items():
-        hit = [g for g in groups if any(m.module == name or m.module.startswith(name + ".") for m in g.members
-                                        if m.role == "out")]
+        hit = [
+            g
+            for g in groups
+            if any(m.module == name or m.module.startswith(name + ".") for m in g.members if m.role == "out")
+        ]
         if not hit:
-            why = sorted({p for g in graph.groups for p in g.pinned
-                          if any(m.module == name for m in g.members)}) or ["it produces no prunable channels"]
-            raise ValueError(f"per_layer[{name!r}]: the output channels of {name!r} can't be pruned ({why[0]}); "
-                             "remove it from per_layer")
+            why = sorted(
+                {p for g in graph.groups for p in g.pinned if any(m.module == name for m in g.members)}
+            ) or ["it produces no prunable channels"]
+            raise ValueError(
+                f"per_layer[{name!r}]: the output channels of {name!r} can't be pruned ({why[0]}); "
+                "remove it from per_layer"
+            )
         for g in hit:
             ratios[g.index] = max(r, ratios[g.index]) if g.index in ratios and ratios[g.index] != ratio else r
 
     scores, notes = _scores(model, groups, importance, data, loss_fn, seed) if groups else ({}, {})
     removed: dict[int, torch.Tensor] = {}
     keep_count: dict[int, int] = {}
-    global_groups = [g for g in groups if global_ranking and not any(
-        m.module == n or m.module.startswith(n + ".") for n in per_layer for m in g.members if m.role == "out")]
+    global_groups = [
+        g
+        for g in groups
+        if global_ranking
+        and not any(
+            m.module == n or m.module.startswith(n + ".")
+            for n in per_layer
+            for m in g.members
+            if m.role == "out"
+        )
+    ]
     if global_groups:
-        # Scores of different layers have different scales; dividing by each group's mean makes them comparable.
+        # Scores of different layers have different scales; dividing by each group's mean makes them
+        # comparable.
         norm = torch.cat([scores[g.index] / scores[g.index].mean().clamp_min(1e-12) for g in global_groups])
         owner = torch.cat([torch.full((g.channels,), i) for i, g in enumerate(global_groups)])
         n_remove = int(math.floor(ratio * len(norm)))
@@ -308,8 +363,10 @@ def plan_pruning(model: nn.Module, example_inputs: Any, ratio: float = 0.5, impo
             if keep == 0:
                 raise ValueError(
                     f"global ranking at ratio={ratio} would remove every channel of group {g.index} (layers "
-                    f"{g.producers}); lower ratio, set per_layer={{{g.producers[0]!r}: <ratio>}} or pass it in "
-                    "ignore=[...]")
+                    f"{g.producers}); lower ratio, set per_layer={{{g.producers[0]!r}: <ratio>}} or pass it "
+                    "in "
+                    "ignore=[...]"
+                )
             keep_count[g.index] = keep
     for g in groups:
         if g.index not in keep_count:
@@ -317,20 +374,38 @@ def plan_pruning(model: nn.Module, example_inputs: Any, ratio: float = 0.5, impo
         keep = _round_keep(keep_count[g.index], g.channels, round_to, g)
         removed[g.index] = _lowest(scores[g.index], g.channels - keep)
 
-    plans = [GroupPlan(g.index, g.channels, g.channels - len(removed.get(g.index, ())),
-                       removed.get(g.index, torch.empty(0, dtype=torch.long)).tolist(), g.modules,
-                       g.pinned if g.pinned else ([] if g.prunable else ["no layer produces these channels"]),
-                       notes.get(g.index, ""))
-             for g in graph.groups]
+    plans = [
+        GroupPlan(
+            g.index,
+            g.channels,
+            g.channels - len(removed.get(g.index, ())),
+            removed.get(g.index, torch.empty(0, dtype=torch.long)).tolist(),
+            g.modules,
+            g.pinned if g.pinned else ([] if g.prunable else ["no layer produces these channels"]),
+            notes.get(g.index, ""),
+        )
+        for g in graph.groups
+    ]
     return graph, PruningPlan(importance, plans), removed
 
 
-def prune_channels(model: nn.Module, example_inputs: torch.Tensor | tuple, ratio: float = 0.5,
-                   importance: str = "l1", data: Iterable | None = None, loss_fn: Callable | None = None,
-                   round_to: int = 1, per_layer: Mapping[str, float] | None = None, ignore: Iterable[str] = (),
-                   protect_first_last: bool = True, global_ranking: bool = False, inplace: bool = False,
-                   dry_run: bool = False, seed: int = 0, return_plan: bool = False
-                   ) -> nn.Module | PruningPlan | tuple[nn.Module, PruningPlan]:
+def prune_channels(
+    model: nn.Module,
+    example_inputs: torch.Tensor | tuple,
+    ratio: float = 0.5,
+    importance: str = "l1",
+    data: Iterable | None = None,
+    loss_fn: Callable | None = None,
+    round_to: int = 1,
+    per_layer: Mapping[str, float] | None = None,
+    ignore: Iterable[str] = (),
+    protect_first_last: bool = True,
+    global_ranking: bool = False,
+    inplace: bool = False,
+    dry_run: bool = False,
+    seed: int = 0,
+    return_plan: bool = False,
+) -> nn.Module | PruningPlan | tuple[nn.Module, PruningPlan]:
     """Remove the least important channels of every prunable group and return a smaller dense model.
 
     Args:
@@ -356,15 +431,30 @@ def prune_channels(model: nn.Module, example_inputs: torch.Tensor | tuple, ratio
         return_plan: also return the PruningPlan of what was removed.
 
     Returns:
-        The pruned model (same class, smaller layers), ``(model, plan)`` with ``return_plan``, or a PruningPlan
+        The pruned model (same class, smaller layers), ``(model, plan)`` with ``return_plan``, or a
+        PruningPlan
         when ``dry_run``.
 
     Raises:
-        TypeError / ValueError for bad arguments; PruningError (a ValueError) for a model that can't be traced;
-        UnsupportedPatternError naming the node when an op couples channels in a way this engine doesn't model.
+        TypeError / ValueError for bad arguments; PruningError (a ValueError) for a model that can't be
+        traced;
+        UnsupportedPatternError naming the node when an op couples channels in a way this engine doesn't
+        model.
     """
-    graph, plan, removed = plan_pruning(model, example_inputs, ratio, importance, data, loss_fn, round_to,
-                                        per_layer, ignore, protect_first_last, global_ranking, seed)
+    graph, plan, removed = plan_pruning(
+        model,
+        example_inputs,
+        ratio,
+        importance,
+        data,
+        loss_fn,
+        round_to,
+        per_layer,
+        ignore,
+        protect_first_last,
+        global_ranking,
+        seed,
+    )
     if dry_run:
         return plan
     args = _as_args(example_inputs)
@@ -379,8 +469,10 @@ def prune_channels(model: nn.Module, example_inputs: torch.Tensor | tuple, ratio
         try:
             got = _shapes(target.eval()(*args))
         except Exception as exc:
-            raise PruningError(f"internal error: the pruned model fails on example_inputs ({exc}); please report "
-                               "it with the model, or pass the failing layer in ignore=[...]") from exc
+            raise PruningError(
+                f"internal error: the pruned model fails on example_inputs ({exc}); please report "
+                "it with the model, or pass the failing layer in ignore=[...]"
+            ) from exc
         finally:
             target.train(was_training)
     if got != expected:

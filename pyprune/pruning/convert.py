@@ -1,4 +1,5 @@
 """Swap masked layers for kernel-backed sparse modules."""
+
 from __future__ import annotations
 
 import copy
@@ -21,23 +22,30 @@ class ConvertReport:
 
 def _baked_linear(m: nn.Linear) -> nn.Linear:
     """A plain nn.Linear whose weight is the masked weight (exact zeros where the mask is off)."""
-    lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device,
-                    dtype=m.weight.dtype)
+    lin = nn.Linear(
+        m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype
+    )
     lin.weight.data.copy_(m.weight.detach())  # reading .weight applies the mask
     if m.bias is not None:
         lin.bias.data.copy_(m.bias.detach())
     return lin
 
 
-def convert(model: nn.Module, layout: str = "csr", block: tuple[int, int] = (32, 32), inplace: bool = False,
-            return_report: bool = False) -> nn.Module | tuple[nn.Module, ConvertReport]:
+def convert(
+    model: nn.Module,
+    layout: str = "csr",
+    block: tuple[int, int] = (32, 32),
+    inplace: bool = False,
+    return_report: bool = False,
+) -> nn.Module | tuple[nn.Module, ConvertReport]:
     """Replace every masked ``nn.Linear`` by ``pyprune.nn.SparseLinear.from_dense(..., sparsity=None)``, which
     stores exactly the zeros of the masked weight in ``layout`` ("csr", "bsr" with tiles ``block`` = (bh, bw),
     or "2:4").
 
     Only Linear layers are converted for now: masked convolutions are left dense with their masks (sparse
     conv modules come with a later issue) and are listed in the report, as are masked Linear layers when no
-    SparseLinear is available. Returns the converted model, or ``(model, ConvertReport)`` if ``return_report``.
+    SparseLinear is available. Returns the converted model, or ``(model, ConvertReport)`` if
+    ``return_report``.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -46,8 +54,9 @@ def convert(model: nn.Module, layout: str = "csr", block: tuple[int, int] = (32,
     try:
         from ..nn import SparseLinear
     except ImportError as exc:  # the sparse modules are built in a separate issue
-        raise ImportError("convert needs pyprune.nn.SparseLinear, which is not available in this build "
-                          f"({exc})") from exc
+        raise ImportError(
+            f"convert needs pyprune.nn.SparseLinear, which is not available in this build ({exc})"
+        ) from exc
     target = model if inplace else copy.deepcopy(model)
     report = ConvertReport()
     for name, mod in list(target.named_modules()):

@@ -4,6 +4,7 @@ Each function takes per-channel data with channels on dim 0. Group-level aggrega
 sharing one channel set) is done by the caller by concatenating the layers' per-channel rows before the call,
 which makes a norm of the group the norm of the concatenated filters.
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,7 +17,7 @@ def _rows(w: torch.Tensor) -> torch.Tensor:
 
 
 def l1_norm(w: torch.Tensor) -> torch.Tensor:
-    """Sum of |w| per filter (Li et al. 2017, "Pruning Filters for Efficient ConvNets"). w: (C, ...) -> (C,)."""
+    """Sum of |w| per filter (Li et al. 2017, "Pruning Filters for Efficient ConvNets"). (C, ...) -> (C,)"""
     return _rows(w).abs().sum(1)
 
 
@@ -42,7 +43,8 @@ def fpgm(w: torch.Tensor) -> torch.Tensor:
 
 
 def taylor(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """First-order Taylor importance of one mini-batch (Molchanov et al. 2019). weight, grad: (C, ...) -> (C,).
+    """First-order Taylor importance of one mini-batch (Molchanov et al. 2019). weight, grad: (C, ...) ->
+    (C,).
 
     The loss change from removing channel c is approximated by ``(sum_s g_s w_s)^2`` over all parameters s of
     the channel; callers sum this over mini-batches.

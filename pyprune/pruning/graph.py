@@ -2,17 +2,20 @@
 
 Every tensor in the trace gets a *channel description*: which of its dims carries channels and which "channel
 spaces" those positions belong to (a concat yields several segments; a flatten makes each channel cover
-``inner`` consecutive positions). Ops that must see the same channel set (residual add, BN after conv, a conv's
-input) merge spaces with union-find. Each resulting group lists the tensors ("members") to slice when one of its
+``inner`` consecutive positions). Ops that must see the same channel set (residual add, BN after conv, a
+conv's
+input) merge spaces with union-find. Each resulting group lists the tensors ("members") to slice when one of
+its
 channels is removed. Spaces that can't change (model inputs and outputs, grouped convs, ignored layers) are
-pinned. An op the analysis does not understand pins what flows into it; if such a space is not pinned for another
+pinned. An op the analysis does not understand pins what flows into it; if such a space is not pinned for
+another
 reason the build fails with an error naming the node, so a pruned model is never silently wrong.
 """
+
 from __future__ import annotations
 
 import inspect
 import math
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -60,8 +63,10 @@ class ParamRef:
 class Member:
     """Positions of ``module.tensor`` along ``dim`` that belong to a space's channels.
 
-    Channel c covers ``offset + b * block_stride + c * inner + j`` for each block b < blocks and j < inner (blocks
-    describe fused q/k/v projections). ``role`` is "out" for weights that produce the channel (filters), "in" for
+    Channel c covers ``offset + b * block_stride + c * inner + j`` for each block b < blocks and j < inner
+    (blocks
+    describe fused q/k/v projections). ``role`` is "out" for weights that produce the channel (filters), "in"
+    for
     weights that consume it, "norm" for BN/LN affine parameters and statistics, "param" for other tensors.
     """
 
@@ -108,7 +113,8 @@ class Group:
         return not self.pinned and any(m.role == "out" for m in self.members)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
+# ---
 # Leaf-module handlers for attention: the module is traced as one node; the handler declares its members.
 
 LeafHandler = Callable[["_Builder", fx.Node, str, nn.Module, list, Any], Any]
@@ -116,23 +122,88 @@ _LEAF_HANDLERS: dict[type, LeafHandler] = {}
 
 
 def register_leaf(cls: type, handler: LeafHandler) -> None:
-    """Trace ``cls`` as a single node and let ``handler`` declare its channel members and output description."""
+    """Trace ``cls`` as one node; ``handler`` declares its channel members and its output description."""
     _LEAF_HANDLERS[cls] = handler
 
 
 _PASS_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU, nn.ELU,
-    nn.Mish, nn.Identity, nn.Dropout, nn.Dropout2d, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Mish,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.Upsample,
 )
 _PASS_FUNCS = {
-    "relu", "relu_", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "leaky_relu", "elu",
-    "mish", "dropout", "contiguous", "clone", "detach", "float", "half", "to", "type_as", "neg", "abs", "exp",
-    "sqrt", "rsqrt", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "max_pool1d",
-    "avg_pool1d", "interpolate", "square",
+    "relu",
+    "relu_",
+    "relu6",
+    "gelu",
+    "silu",
+    "sigmoid",
+    "tanh",
+    "hardswish",
+    "hardsigmoid",
+    "leaky_relu",
+    "elu",
+    "mish",
+    "dropout",
+    "contiguous",
+    "clone",
+    "detach",
+    "float",
+    "half",
+    "to",
+    "type_as",
+    "neg",
+    "abs",
+    "exp",
+    "sqrt",
+    "rsqrt",
+    "max_pool2d",
+    "avg_pool2d",
+    "adaptive_avg_pool2d",
+    "adaptive_max_pool2d",
+    "max_pool1d",
+    "avg_pool1d",
+    "interpolate",
+    "square",
 }
-_BINARY = {"add", "add_", "iadd", "sub", "sub_", "isub", "mul", "mul_", "imul", "truediv", "div", "div_",
-           "itruediv", "pow", "maximum", "minimum", "where"}
+_BINARY = {
+    "add",
+    "add_",
+    "iadd",
+    "sub",
+    "sub_",
+    "isub",
+    "mul",
+    "mul_",
+    "imul",
+    "truediv",
+    "div",
+    "div_",
+    "itruediv",
+    "pow",
+    "maximum",
+    "minimum",
+    "where",
+}
 _RESHAPE = {"view", "reshape", "flatten", "unsqueeze", "squeeze", "unflatten"}
 _REDUCE = {"mean", "sum", "amax", "amin"}
 _NON_TENSOR = {"size", "dim", "getattr", "numel"}
@@ -163,9 +234,11 @@ def trace(model: nn.Module, n_inputs: int, leaf_names: set[str] = frozenset()) -
         graph = _Tracer(set(leaf_names)).trace(model, concrete_args=concrete or None)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, NotImplementedError ...)
         raise PruningError(
-            f"could not trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}). Models with "
-            "data-dependent control flow can't be traced; pass the submodule that contains it in ignore=[...] so "
-            "it is kept whole, or rewrite the branch without Python conditionals on tensors") from exc
+            f"could not trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}). "
+            "Models with data-dependent control flow can't be traced; pass the submodule that contains it "
+            "in ignore=[...] so "
+            "it is kept whole, or rewrite the branch without Python conditionals on tensors"
+        ) from exc
     return fx.GraphModule(model, graph)
 
 
@@ -205,8 +278,10 @@ class _Builder(fx.Interpreter):
         if ra == rb:
             return
         if self.size[ra] != self.size[rb]:
-            raise UnsupportedPatternError(f"node {node.name!r} couples channel groups of sizes {self.size[ra]} and "
-                                          f"{self.size[rb]}; this model can't be pruned as traced")
+            raise UnsupportedPatternError(
+                f"node {node.name!r} couples channel groups of sizes {self.size[ra]} and "
+                f"{self.size[rb]}; this model can't be pruned as traced"
+            )
         self.parent[rb] = ra
         self.members[ra] += self.members[rb]
         self.pins[ra] += self.pins[rb]
@@ -221,15 +296,26 @@ class _Builder(fx.Interpreter):
         if spaces:
             self.problems.append((node.name, spaces, why))
 
-    def add_members(self, info: ChInfo, module: str, tensor: str | None, dim: int, role: str, scale: int = 1,
-                    blocks: int = 1, block_stride: int = 0) -> None:
-        """Attach ``module.tensor`` along ``dim`` to each segment of ``info`` (``scale`` positions per position)."""
+    def add_members(
+        self,
+        info: ChInfo,
+        module: str,
+        tensor: str | None,
+        dim: int,
+        role: str,
+        scale: int = 1,
+        blocks: int = 1,
+        block_stride: int = 0,
+    ) -> None:
+        """Attach ``module.tensor`` along ``dim`` to each segment of ``info`` (``scale`` positions per
+        position)."""
         if tensor is None:
             return
         off = 0
         for seg in info.segs:
             self.members[self.find(seg.space)].append(
-                Member(module, tensor, dim, role, off * scale, seg.inner * scale, blocks, block_stride))
+                Member(module, tensor, dim, role, off * scale, seg.inner * scale, blocks, block_stride)
+            )
             off += seg.size * seg.inner
 
     # -- interpreter hooks ---------------------------------------------------------------------------------
@@ -263,9 +349,12 @@ class _Builder(fx.Interpreter):
     def _module(self, n: fx.Node, name: str, m: nn.Module, out: Any) -> Any:
         x = self._in(n.args[0]) if n.args else None
         handler = _LEAF_HANDLERS.get(type(m))
-        if name in self.ignore and not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear, nn.Embedding)) \
-                and handler is None and not isinstance(m, _PASS_MODULES + (nn.BatchNorm1d, nn.BatchNorm2d,
-                                                                          nn.LayerNorm)):
+        if (
+            name in self.ignore
+            and not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear, nn.Embedding))
+            and handler is None
+            and not isinstance(m, _PASS_MODULES + (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm))
+        ):
             # An ignored composite module is opaque: what it reads and writes keeps its size.
             self.pin([self._in(a) for a in n.args], f"input of ignored module {name}")
             return None
@@ -315,7 +404,9 @@ class _Builder(fx.Interpreter):
             if isinstance(x, ChInfo):
                 self.add_members(x, name, "weight", 1, "in")
             s = self.new_space(m.out_channels, name)
-            self.members[s] += [Member(name, "weight", 0, "out")] + ([Member(name, bias, 0, "out")] if bias else [])
+            self.members[s] += [Member(name, "weight", 0, "out")] + (
+                [Member(name, bias, 0, "out")] if bias else []
+            )
             return ChInfo(1, (Seg(s, m.out_channels),))
         if m.groups == m.in_channels and isinstance(x, ChInfo):
             # Depthwise (optionally with a channel multiplier): output channel k*mult+j reads input channel k,
@@ -327,7 +418,9 @@ class _Builder(fx.Interpreter):
         reason = f"grouped conv {name} (groups={m.groups}) is kept intact"
         self.pin(x, reason)
         s = self.new_space(m.out_channels, name)
-        self.members[s] += [Member(name, "weight", 0, "out")] + ([Member(name, bias, 0, "out")] if bias else [])
+        self.members[s] += [Member(name, "weight", 0, "out")] + (
+            [Member(name, bias, 0, "out")] if bias else []
+        )
         self.pins[s].append(reason)
         return ChInfo(1, (Seg(s, m.out_channels),))
 
@@ -346,7 +439,13 @@ class _Builder(fx.Interpreter):
     # -- functions and methods -----------------------------------------------------------------------------
     def _function(self, n: fx.Node, f: str, out: Any) -> Any:
         args = [self._in(a) for a in n.args]
-        if not isinstance(out, torch.Tensor) and f not in ("split", "chunk", "unbind", "tensor_split", "getitem"):
+        if not isinstance(out, torch.Tensor) and f not in (
+            "split",
+            "chunk",
+            "unbind",
+            "tensor_split",
+            "getitem",
+        ):
             return None
         if f in _NON_TENSOR:
             return None
@@ -393,8 +492,11 @@ class _Builder(fx.Interpreter):
     def _broadcast(self, n: fx.Node, operands: list, out: torch.Tensor) -> Any:
         """Elementwise op: channel dims that line up (broadcasting from the right) are the same channels."""
         nd = out.dim()
-        tracked = [(self.info[a], self.env[a]) for a in operands
-                   if isinstance(a, fx.Node) and isinstance(self.info.get(a), ChInfo)]
+        tracked = [
+            (self.info[a], self.env[a])
+            for a in operands
+            if isinstance(a, fx.Node) and isinstance(self.info.get(a), ChInfo)
+        ]
         if not tracked:
             return None
         ref, ref_t = tracked[0]
@@ -424,7 +526,9 @@ class _Builder(fx.Interpreter):
                 if pd >= 0 and p.shape[pd] == ref.length:
                     self.add_members(result, info.module, info.name, pd, "param")
                 elif pd >= 0 and p.shape[pd] != 1:
-                    self.problem(n, ref, f"parameter {info.module}.{info.name} broadcasts against the channels")
+                    self.problem(
+                        n, ref, f"parameter {info.module}.{info.name} broadcasts against the channels"
+                    )
             elif size != 1:
                 # A fixed tensor of full channel length: the partner's channels can't change either.
                 self.pin(ref, f"{n.name}: combined with a tensor whose size is fixed")
@@ -440,13 +544,13 @@ class _Builder(fx.Interpreter):
         if not isinstance(x, ChInfo):
             return None
         shape_in, shape_out = list(self.env[src].shape), list(out.shape)
-        before, length = math.prod(shape_in[:x.dim]), shape_in[x.dim]
-        after = math.prod(shape_in[x.dim + 1:])
+        before, length = math.prod(shape_in[: x.dim]), shape_in[x.dim]
+        after = math.prod(shape_in[x.dim + 1 :])
         for k in range(len(shape_out)):
             if math.prod(shape_out[:k]) != before or shape_out[k] < length or shape_out[k] % max(length, 1):
                 continue
             mult = shape_out[k] // max(length, 1)
-            if after % mult == 0 and math.prod(shape_out[k + 1:]) == after // mult:
+            if after % mult == 0 and math.prod(shape_out[k + 1 :]) == after // mult:
                 return ChInfo(k, tuple(Seg(s.space, s.size, s.inner * mult) for s in x.segs))
         self.problem(n, x, f"reshape {shape_in} -> {shape_out} splits the channel dim")
         return None
@@ -483,7 +587,7 @@ class _Builder(fx.Interpreter):
         if x.dim in dims:
             self.problem(n, x, "reduction over the channel dim")
             return None
-        keep = (n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False))
+        keep = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
         return x if keep else ChInfo(x.dim - sum(d < x.dim for d in dims), x.segs)
 
     def _cat(self, n: fx.Node, out: torch.Tensor) -> Any:
@@ -522,7 +626,8 @@ class _Builder(fx.Interpreter):
             if f == "unbind":
                 return [ChInfo(x.dim - (dim < x.dim), x.segs)] * len(out)
             return [x] * len(out)
-        # Split sizes (or the chunk count) are constants in the model's code, so the channels on either side of
+        # Split sizes (or the chunk count) are constants in the model's code, so the channels on either side
+        # of
         # a channel-dim split must keep their number.
         self.pin(x, f"{n.name}: {f} along the channel dim has sizes fixed in the model code")
         return [None] * len(out)
@@ -539,7 +644,7 @@ class _Builder(fx.Interpreter):
         if any(i is Ellipsis for i in idx):
             e = idx.index(Ellipsis)
             n_real = sum(i is not None for i in idx) - 1
-            idx = idx[:e] + (slice(None),) * (nd - n_real) + idx[e + 1:]
+            idx = idx[:e] + (slice(None),) * (nd - n_real) + idx[e + 1 :]
         out_dim, in_dim = 0, 0
         for i in idx:
             if i is None:
@@ -566,8 +671,15 @@ class _Builder(fx.Interpreter):
         out = []
         for r in roots:
             uniq = list(dict.fromkeys(self.members[r]))
-            out.append(Group(len(out), self.size[r], uniq, list(dict.fromkeys(self.pins[r])),
-                             list(dict.fromkeys(self.origin[r]))))
+            out.append(
+                Group(
+                    len(out),
+                    self.size[r],
+                    uniq,
+                    list(dict.fromkeys(self.pins[r])),
+                    list(dict.fromkeys(self.origin[r])),
+                )
+            )
         return out
 
 
@@ -588,14 +700,18 @@ class DependencyGraph:
     traced: fx.GraphModule
 
     def group_of(self, module: str, role: str | None = None) -> list[Group]:
-        return [g for g in self.groups if any(m.module == module and (role is None or m.role == role)
-                                               for m in g.members)]
+        return [
+            g
+            for g in self.groups
+            if any(m.module == module and (role is None or m.role == role) for m in g.members)
+        ]
 
 
 def build_graph(model: nn.Module, example_inputs: tuple, ignore: set[str] = frozenset()) -> DependencyGraph:
     """Trace ``model``, run it on ``example_inputs`` and group coupled channels.
 
-    Raises UnsupportedPatternError naming the node when an op the analysis does not model touches channels that
+    Raises UnsupportedPatternError naming the node when an op the analysis does not model touches channels
+    that
     nothing else pins.
     """
     modules = dict(model.named_modules())
@@ -619,8 +735,10 @@ def build_graph(model: nn.Module, example_inputs: tuple, ignore: set[str] = froz
         if any(not b.pins[b.find(s)] for s in spaces):
             layers = sorted({m.module for s in spaces for m in b.members[b.find(s)] if m.role == "out"})
             raise UnsupportedPatternError(
-                f"node {node!r}: {why}. Pass the layers that produce these channels in ignore=[...] to keep them "
-                f"intact: {layers}")
+                f"node {node!r}: {why}. Pass the layers that produce these channels in ignore=[...] to keep "
+                "them "
+                f"intact: {layers}"
+            )
         for s in spaces:
             b.pins[b.find(s)].append(f"{node}: {why}")
     return DependencyGraph(model, b.groups(), gm)
@@ -634,7 +752,9 @@ def slice_model(model: nn.Module, groups: list[Group], removed: dict[int, torch.
         if idx is None or idx.numel() == 0:
             continue
         for m in g.members:
-            cuts.setdefault((m.module, m.tensor), {}).setdefault(m.dim, []).append(m.positions(idx).reshape(-1))
+            cuts.setdefault((m.module, m.tensor), {}).setdefault(m.dim, []).append(
+                m.positions(idx).reshape(-1)
+            )
     touched: set[str] = set()
     for (mod_name, t_name), dims in cuts.items():
         mod = model.get_submodule(mod_name) if mod_name else model

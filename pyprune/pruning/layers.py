@@ -1,4 +1,5 @@
 """Layer pruning: remove whole residual blocks whose output has the shape of their input."""
+
 from __future__ import annotations
 
 import copy
@@ -13,8 +14,17 @@ from .graph import PruningError, trace
 
 LAYER_IMPORTANCE = ("residual_norm", "l1", "random")
 # Ops through which "the block's input" stays the block's input for the residual check.
-_SAME_SHAPE_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Identity, nn.Dropout, nn.LayerNorm, nn.BatchNorm1d,
-                       nn.BatchNorm2d)
+_SAME_SHAPE_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Identity,
+    nn.Dropout,
+    nn.LayerNorm,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+)
 _ADDS = {operator.add, operator.iadd, torch.add}
 
 
@@ -37,14 +47,26 @@ def _is_residual(block: nn.Module) -> bool:
         return False
     identity_like: set[fx.Node] = {placeholders[0]}
     for n in nodes:
-        if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), _SAME_SHAPE_MODULES) \
-                and n.args and n.args[0] in identity_like:
+        if (
+            n.op == "call_module"
+            and isinstance(gm.get_submodule(str(n.target)), _SAME_SHAPE_MODULES)
+            and n.args
+            and n.args[0] in identity_like
+        ):
             identity_like.add(n)
-        elif n.op == "call_function" and n.target in _ADDS and any(a in identity_like for a in n.args) \
-                and n.args[0] is not n.args[-1]:
+        elif (
+            n.op == "call_function"
+            and n.target in _ADDS
+            and any(a in identity_like for a in n.args)
+            and n.args[0] is not n.args[-1]
+        ):
             identity_like.add(n)
-        elif n.op in ("call_function", "call_method") and getattr(n.target, "__name__", n.target) in (
-                "relu", "gelu", "dropout") and n.args and n.args[0] in identity_like:
+        elif (
+            n.op in ("call_function", "call_method")
+            and getattr(n.target, "__name__", n.target) in ("relu", "gelu", "dropout")
+            and n.args
+            and n.args[0] in identity_like
+        ):
             identity_like.add(n)
     out = next(n for n in nodes if n.op == "output")
     return out.args[0] in identity_like and out.args[0] is not placeholders[0]
@@ -64,8 +86,9 @@ def residual_blocks(model: nn.Module) -> list[str]:
     return names
 
 
-def _block_scores(model: nn.Module, names: list[str], importance: str, example_inputs: Any,
-                  seed: int) -> torch.Tensor:
+def _block_scores(
+    model: nn.Module, names: list[str], importance: str, example_inputs: Any, seed: int
+) -> torch.Tensor:
     if importance == "random":
         return torch.rand(len(names), generator=torch.Generator().manual_seed(seed))
     if importance == "l1":
@@ -75,8 +98,10 @@ def _block_scores(model: nn.Module, names: list[str], importance: str, example_i
             out.append(torch.stack(ws).mean() if ws else torch.tensor(0.0))
         return torch.stack(out)
     if example_inputs is None:
-        raise ValueError("importance='residual_norm' needs example_inputs=<tensor or tuple> to measure how much "
-                         "each block changes its input; pass them or use importance='l1'")
+        raise ValueError(
+            "importance='residual_norm' needs example_inputs=<tensor or tuple> to measure how much "
+            "each block changes its input; pass them or use importance='l1'"
+        )
     args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     change: dict[str, float] = {}
 
@@ -84,6 +109,7 @@ def _block_scores(model: nn.Module, names: list[str], importance: str, example_i
         def fn(_m: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             x = inputs[0]
             change[name] = float((output - x).norm() / x.norm().clamp_min(1e-12))
+
         return fn
 
     handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
@@ -98,9 +124,15 @@ def _block_scores(model: nn.Module, names: list[str], importance: str, example_i
     return torch.tensor([change.get(n, float("inf")) for n in names])
 
 
-def prune_layers(model: nn.Module, n: int | None = None, ratio: float | None = None,
-                 importance: str = "residual_norm", example_inputs: torch.Tensor | tuple | None = None,
-                 inplace: bool = False, seed: int = 0) -> nn.Module:
+def prune_layers(
+    model: nn.Module,
+    n: int | None = None,
+    ratio: float | None = None,
+    importance: str = "residual_norm",
+    example_inputs: torch.Tensor | tuple | None = None,
+    inplace: bool = False,
+    seed: int = 0,
+) -> nn.Module:
     """Replace the ``n`` (or ``ratio`` of the) least important residual blocks by :class:`Skip`.
 
     Candidates are the residual children of nn.Sequential / nn.ModuleList containers (see
@@ -114,7 +146,9 @@ def prune_layers(model: nn.Module, n: int | None = None, ratio: float | None = N
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if (n is None) == (ratio is None):
-        raise ValueError("prune_layers needs exactly one of n=<number of blocks> or ratio=<fraction in [0, 1)>")
+        raise ValueError(
+            "prune_layers needs exactly one of n=<number of blocks> or ratio=<fraction in [0, 1)>"
+        )
     if importance not in LAYER_IMPORTANCE:
         raise ValueError(f"importance must be one of {LAYER_IMPORTANCE}, got {importance!r}")
     names = residual_blocks(model)
@@ -123,8 +157,10 @@ def prune_layers(model: nn.Module, n: int | None = None, ratio: float | None = N
             raise ValueError(f"ratio must be in [0, 1) (fraction of residual blocks removed), got {ratio!r}")
         n = int(ratio * len(names))
     if isinstance(n, bool) or not isinstance(n, int) or n < 0 or n > len(names):
-        raise ValueError(f"n must be an int in [0, {len(names)}] (the model has {len(names)} removable residual "
-                         f"blocks), got {n!r}")
+        raise ValueError(
+            f"n must be an int in [0, {len(names)}] (the model has {len(names)} removable residual "
+            f"blocks), got {n!r}"
+        )
     target = model if inplace else copy.deepcopy(model)
     if n == 0:
         return target

@@ -1,9 +1,12 @@
-"""Weight masks: unstructured magnitude (layer-wise or global), N:M and block sparsity, fixed through fine-tuning.
+"""Weight masks: unstructured magnitude (layer-wise or global), N:M and block sparsity, fixed through
+fine-tuning.
 
-A mask is a ``torch.nn.utils.parametrize`` parametrization ``weight = original * mask``; the mask is a buffer, so
+A mask is a ``torch.nn.utils.parametrize`` parametrization ``weight = original * mask``; the mask is a buffer,
+so
 masked weights stay zero (their gradient through the product is zero) until the mask is recomputed, which only
 an attached :class:`CubicSchedule` does.
 """
+
 from __future__ import annotations
 
 import copy
@@ -14,6 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+
 
 class WeightMask(nn.Module):
     """Parametrization ``w -> w * mask``. mask: bool, same shape as the weight."""
@@ -32,14 +36,14 @@ def _as_2d(w: torch.Tensor) -> torch.Tensor:
 
 
 def _lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask (same shape) keeping all but exactly the ``k`` lowest scores (ties: lower flat index pruned)."""
+    """Bool mask (same shape) keeping all but exactly the ``k`` lowest scores (ties: lower index pruned)."""
     keep = torch.ones(scores.numel(), dtype=torch.bool)
     keep[torch.argsort(scores.reshape(-1), stable=True)[:k]] = False
     return keep.reshape(scores.shape)
 
 
 def unstructured_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keep the largest |w|; exactly ``round(sparsity * w.numel())`` entries are zeroed. -> bool, shape of w."""
+    """Keep the largest |w|; exactly ``round(sparsity * w.numel())`` entries are zeroed -> bool, w's shape."""
     _check_sparsity(sparsity)
     return _lowest_k(w.detach().abs(), round(sparsity * w.numel()))
 
@@ -72,7 +76,8 @@ def _expand_blocks(keep: torch.Tensor, block: tuple[int, int], shape: torch.Size
 
 
 def block_mask(w: torch.Tensor, sparsity: float, block: tuple[int, int] = (32, 32)) -> torch.Tensor:
-    """Zero exactly ``round(sparsity * n_blocks)`` whole tiles, those of smallest L2 norm. -> bool, shape of w."""
+    """Zero exactly ``round(sparsity * n_blocks)`` whole tiles, those of smallest L2 norm. -> bool, shape of
+    w."""
     _check_sparsity(sparsity)
     s = block_scores(w, block)
     return _expand_blocks(_lowest_k(s, round(sparsity * s.numel())), block, w.shape)
@@ -96,16 +101,19 @@ def _parse_pattern(pattern: str) -> tuple[str, int, int]:
 
 
 class CubicSchedule:
-    """Gradual pruning schedule of Zhu & Gupta 2017: sparsity rises from ``initial_sparsity`` to the final one as
+    """Gradual pruning schedule of Zhu & Gupta 2017: sparsity rises from ``initial_sparsity`` to the final one
+    as
 
         s_t = s_f + (s_i - s_f) * (1 - (t - begin_step) / (end_step - begin_step)) ** 3
 
     and masks are recomputed every ``frequency`` steps between ``begin_step`` and ``end_step``. Pass it to
-    ``sparsify(..., schedule=...)``, which sets the final sparsity, then call :meth:`step` once per training step.
+    ``sparsify(..., schedule=...)``, which sets the final sparsity, then call :meth:`step` once per training
+    step.
     """
 
-    def __init__(self, begin_step: int = 0, end_step: int = 1000, frequency: int = 100,
-                 initial_sparsity: float = 0.0) -> None:
+    def __init__(
+        self, begin_step: int = 0, end_step: int = 1000, frequency: int = 100, initial_sparsity: float = 0.0
+    ) -> None:
         if not 0 <= begin_step < end_step:
             raise ValueError(f"CubicSchedule needs 0 <= begin_step < end_step, got {begin_step}, {end_step}")
         if frequency < 1:
@@ -119,19 +127,25 @@ class CubicSchedule:
 
     def sparsity_at(self, step: int) -> float:
         if self.final_sparsity is None:
-            raise RuntimeError("CubicSchedule is not attached: pass it to pyprune.sparsify(..., schedule=...)")
+            raise RuntimeError(
+                "CubicSchedule is not attached: pass it to pyprune.sparsify(..., schedule=...)"
+            )
         t = min(max(step, self.begin_step), self.end_step)
         frac = (t - self.begin_step) / (self.end_step - self.begin_step)
         return self.final_sparsity + (self.initial_sparsity - self.final_sparsity) * (1.0 - frac) ** 3
 
     def step(self) -> float:
-        """Advance one training step; recompute the masks on update steps. Returns the current target sparsity."""
+        """Advance one training step; recompute the masks on update steps. Returns the current target
+        sparsity."""
         if self._apply is None:
-            raise RuntimeError("CubicSchedule is not attached: pass it to pyprune.sparsify(..., schedule=...)")
+            raise RuntimeError(
+                "CubicSchedule is not attached: pass it to pyprune.sparsify(..., schedule=...)"
+            )
         self.current_step += 1
         t = self.current_step
-        if self.begin_step <= t <= self.end_step and ((t - self.begin_step) % self.frequency == 0
-                                                       or t == self.end_step):
+        if self.begin_step <= t <= self.end_step and (
+            (t - self.begin_step) % self.frequency == 0 or t == self.end_step
+        ):
             self._apply(self.sparsity_at(t))
         return self.sparsity_at(t)
 
@@ -146,8 +160,11 @@ def _targets(model: nn.Module, types: tuple[type, ...], ignore: Iterable[str]) -
     for n in ignore:
         if n not in known:
             raise ValueError(f"ignore: model has no layer named {n!r}")
-    return {n: m for n, m in model.named_modules() if isinstance(m, types) and n not in ignore
-            and not any(n.startswith(i + ".") for i in ignore)}
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, types) and n not in ignore and not any(n.startswith(i + ".") for i in ignore)
+    }
 
 
 def get_mask(module: nn.Module) -> torch.Tensor | None:
@@ -168,10 +185,17 @@ def _set_mask(module: nn.Module, mask: torch.Tensor) -> None:
         parametrize.register_parametrization(module, "weight", WeightMask(mask))
 
 
-def sparsify(model: nn.Module, sparsity: float = 0.9, pattern: str = "unstructured", scope: str = "layer",
-             block: tuple[int, int] = (32, 32), schedule: CubicSchedule | None = None,
-             ignore: Iterable[str] = (), types: tuple[type, ...] = (nn.Linear, nn.Conv2d),
-             inplace: bool = False) -> nn.Module:
+def sparsify(
+    model: nn.Module,
+    sparsity: float = 0.9,
+    pattern: str = "unstructured",
+    scope: str = "layer",
+    block: tuple[int, int] = (32, 32),
+    schedule: CubicSchedule | None = None,
+    ignore: Iterable[str] = (),
+    types: tuple[type, ...] = (nn.Linear, nn.Conv2d),
+    inplace: bool = False,
+) -> nn.Module:
     """Mask the weights of every Linear / Conv2d (``types``) not in ``ignore``; returns the masked model.
 
     Args:
@@ -179,7 +203,8 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, pattern: str = "unstructur
             scope="layer", exact over all targeted weights for scope="global". Not used by N:M patterns, whose
             density is N/M.
         pattern: "unstructured" (smallest |w|), "block" (tiles of ``block`` = (bh, bw) with the smallest L2
-            norm; the 2-D weight (O, C*kh*kw) must be tiled exactly) or "N:M" such as "2:4" (N largest of every
+            norm; the 2-D weight (O, C*kh*kw) must be tiled exactly) or "N:M" such as "2:4" (N largest of
+            every
             M consecutive input weights; the input dim must be a multiple of M).
         scope: "layer" (each layer its own threshold) or "global" (one threshold over all targeted weights).
         schedule: a :class:`CubicSchedule`; masks start at its initial sparsity and reach ``sparsity`` as the
@@ -196,7 +221,9 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, pattern: str = "unstructur
     if kind == "block" and (len(block) != 2 or min(block) < 1):
         raise ValueError(f"block must be (bh, bw) with positive sizes, got {block!r}")
     if schedule is not None and kind == "nm":
-        raise ValueError("schedule= works with pattern='unstructured' or 'block'; an N:M pattern has a fixed density")
+        raise ValueError(
+            "schedule= works with pattern='unstructured' or 'block'; an N:M pattern has a fixed density"
+        )
     if schedule is not None and not isinstance(schedule, CubicSchedule):
         raise TypeError(f"schedule must be a pyprune CubicSchedule, got {type(schedule).__name__}")
     target = model if inplace else copy.deepcopy(model)
@@ -211,8 +238,10 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, pattern: str = "unstructur
         if kind == "block" and (w2.shape[0] % block[0] or w2.shape[1] % block[1]):
             bad.append(f"{name} (weight {tuple(w2.shape)} not tiled by {tuple(block)})")
     if bad:
-        raise ValueError(f"pattern={pattern!r} can't be applied to: {', '.join(bad)}; pass these names in "
-                         "ignore=[...]" + (" or choose a smaller block" if kind == "block" else ""))
+        raise ValueError(
+            f"pattern={pattern!r} can't be applied to: {', '.join(bad)}; pass these names in "
+            "ignore=[...]" + (" or choose a smaller block" if kind == "block" else "")
+        )
 
     def apply(s: float) -> None:
         with torch.no_grad():
@@ -220,18 +249,24 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, pattern: str = "unstructur
             if kind == "nm":
                 masks = {name: nm_mask(w, n, m) for name, w in weights.items()}
             elif scope == "layer":
-                masks = {name: (unstructured_mask(w, s) if kind == "unstructured" else block_mask(w, s, block))
-                         for name, w in weights.items()}
+                masks = {
+                    name: (unstructured_mask(w, s) if kind == "unstructured" else block_mask(w, s, block))
+                    for name, w in weights.items()
+                }
             else:
-                scores = {name: (w.abs() if kind == "unstructured" else block_scores(w, block))
-                          for name, w in weights.items()}
+                scores = {
+                    name: (w.abs() if kind == "unstructured" else block_scores(w, block))
+                    for name, w in weights.items()
+                }
                 flat = torch.cat([sc.reshape(-1) for sc in scores.values()])
                 keep = _lowest_k(flat, round(s * flat.numel()))
                 masks, start = {}, 0
                 for name, sc in scores.items():
-                    k = keep[start:start + sc.numel()].reshape(sc.shape)
+                    k = keep[start : start + sc.numel()].reshape(sc.shape)
                     start += sc.numel()
-                    masks[name] = k if kind == "unstructured" else _expand_blocks(k, block, weights[name].shape)
+                    masks[name] = (
+                        k if kind == "unstructured" else _expand_blocks(k, block, weights[name].shape)
+                    )
             for name, mask in masks.items():
                 _set_mask(layers[name], mask)
 
@@ -244,8 +279,11 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, pattern: str = "unstructur
 
 def mask_density(model: nn.Module) -> dict[str, float]:
     """Fraction of kept weights of every masked layer."""
-    return {name: float(mk.float().mean()) for name, mod in model.named_modules()
-            if (mk := get_mask(mod)) is not None}
+    return {
+        name: float(mk.float().mean())
+        for name, mod in model.named_modules()
+        if (mk := get_mask(mod)) is not None
+    }
 
 
 def remove_masks(model: nn.Module) -> nn.Module:
@@ -256,5 +294,15 @@ def remove_masks(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["CubicSchedule", "WeightMask", "block_mask", "block_scores", "get_mask", "mask_density", "nm_mask",
-           "remove_masks", "sparsify", "unstructured_mask"]
+__all__ = [
+    "CubicSchedule",
+    "WeightMask",
+    "block_mask",
+    "block_scores",
+    "get_mask",
+    "mask_density",
+    "nm_mask",
+    "remove_masks",
+    "sparsify",
+    "unstructured_mask",
+]

@@ -1,4 +1,5 @@
-"""Zoo: shapes, parameter counts of the reference architectures, checkpoint-compatible names, FLOP counting."""
+"""Zoo: shapes, parameter counts of the reference architectures, checkpoint-style names, FLOP counts."""
+
 import pytest
 import torch
 from torch import nn
@@ -20,32 +21,73 @@ def test_small_models_forward_shapes():
         assert model.eval()(x).shape == shape, type(model).__name__
 
 
-@pytest.mark.parametrize("build, expected", [
-    # Parameter counts of torchvision / timm / HuggingFace (BertModel without pooler) for the same shapes.
-    (models.resnet18, 11_689_512),
-    (models.resnet50, 25_557_032),
-    (models.mobilenet_v2, 3_504_872),
-    (models.vit_small, 22_050_664),
-    (models.vgg16_bn, 138_365_992),
-    (lambda: models.bert("base"), 108_891_648),
-])
+@pytest.mark.parametrize(
+    "build, expected",
+    [
+        # Parameter counts of torchvision / timm / HuggingFace (BertModel without pooler) for the same shapes.
+        (models.resnet18, 11_689_512),
+        (models.resnet50, 25_557_032),
+        (models.mobilenet_v2, 3_504_872),
+        (models.vit_small, 22_050_664),
+        (models.vgg16_bn, 138_365_992),
+        (lambda: models.bert("base"), 108_891_648),
+    ],
+)
 def test_parameter_counts_match_reference_architectures(build, expected):
     assert pyprune.count_params(build()) == expected
 
 
-@pytest.mark.parametrize("build, keys", [
-    (models.resnet50, ["conv1.weight", "bn1.running_var", "layer1.0.conv3.weight", "layer1.0.downsample.0.weight",
-                       "layer4.2.bn3.bias", "fc.weight"]),
-    (models.mobilenet_v2, ["features.0.0.weight", "features.1.conv.0.0.weight", "features.1.conv.1.weight",
-                           "features.2.conv.1.0.weight", "features.18.0.weight", "classifier.1.weight"]),
-    (models.lenet5, ["conv1.weight", "conv2.bias", "fc1.weight", "fc3.bias"]),
-    (models.vit_small, ["cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight",
-                        "blocks.11.mlp.fc2.bias", "norm.weight", "head.weight"]),
-    (lambda: models.bert("small", vocab_size=50), [
-        "embeddings.word_embeddings.weight", "embeddings.LayerNorm.weight",
-        "encoder.layer.0.attention.self.query.weight", "encoder.layer.3.attention.output.LayerNorm.bias",
-        "encoder.layer.1.intermediate.dense.weight", "encoder.layer.1.output.dense.weight"]),
-])
+@pytest.mark.parametrize(
+    "build, keys",
+    [
+        (
+            models.resnet50,
+            [
+                "conv1.weight",
+                "bn1.running_var",
+                "layer1.0.conv3.weight",
+                "layer1.0.downsample.0.weight",
+                "layer4.2.bn3.bias",
+                "fc.weight",
+            ],
+        ),
+        (
+            models.mobilenet_v2,
+            [
+                "features.0.0.weight",
+                "features.1.conv.0.0.weight",
+                "features.1.conv.1.weight",
+                "features.2.conv.1.0.weight",
+                "features.18.0.weight",
+                "classifier.1.weight",
+            ],
+        ),
+        (models.lenet5, ["conv1.weight", "conv2.bias", "fc1.weight", "fc3.bias"]),
+        (
+            models.vit_small,
+            [
+                "cls_token",
+                "pos_embed",
+                "patch_embed.proj.weight",
+                "blocks.0.attn.qkv.weight",
+                "blocks.11.mlp.fc2.bias",
+                "norm.weight",
+                "head.weight",
+            ],
+        ),
+        (
+            lambda: models.bert("small", vocab_size=50),
+            [
+                "embeddings.word_embeddings.weight",
+                "embeddings.LayerNorm.weight",
+                "encoder.layer.0.attention.self.query.weight",
+                "encoder.layer.3.attention.output.LayerNorm.bias",
+                "encoder.layer.1.intermediate.dense.weight",
+                "encoder.layer.1.output.dense.weight",
+            ],
+        ),
+    ],
+)
 def test_state_dict_names_follow_common_conventions(build, keys):
     sd = build().state_dict()
     for k in keys:

@@ -1,4 +1,5 @@
-"""prune_channels on the zoo: every criterion, several ratios, exact sizes, state_dict round trips, bad input."""
+"""prune_channels on the zoo: every criterion, several ratios, exact sizes, state_dict round trips."""
+
 import copy
 import io
 
@@ -103,7 +104,10 @@ def test_vit_small(importance):
 
 
 def test_resnet50_and_vgg16_bn_at_small_resolution():
-    for build, x in ((models.resnet50, torch.randn(1, 3, 32, 32)), (models.vgg16_bn, torch.randn(1, 3, 32, 32))):
+    for build, x in (
+        (models.resnet50, torch.randn(1, 3, 32, 32)),
+        (models.vgg16_bn, torch.randn(1, 3, 32, 32)),
+    ):
         torch.manual_seed(0)
         model = build(num_classes=4).eval()
         pruned = pyprune.prune_channels(model, x, ratio=0.5, importance="l2")
@@ -139,7 +143,9 @@ def test_residual_groups_stay_consistent():
     assert pruned.conv1.out_channels == 32  # the stem writes layer1's residual stream
     for stage, width in (("layer1", 32), ("layer2", 64), ("layer3", 128), ("layer4", 256)):
         blocks = pruned.get_submodule(stage)
-        outs = {blocks[i].conv2.out_channels for i in range(2)} | {blocks[i].bn2.num_features for i in range(2)}
+        outs = {blocks[i].conv2.out_channels for i in range(2)} | {
+            blocks[i].bn2.num_features for i in range(2)
+        }
         assert outs == {width}
         if blocks[0].downsample is not None:
             assert blocks[0].downsample[0].out_channels == width
@@ -169,8 +175,14 @@ def test_bn_scale_uses_batchnorm_gammas():
     model = nn.Sequential(nn.Conv2d(1, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
     with torch.no_grad():
         model[1].weight.copy_(torch.tensor([0.1, -5.0, 0.2, 3.0]))
-    plan = pyprune.prune_channels(model, torch.randn(1, 1, 4, 4), ratio=0.5, importance="bn_scale",
-                                  protect_first_last=False, dry_run=True)
+    plan = pyprune.prune_channels(
+        model,
+        torch.randn(1, 1, 4, 4),
+        ratio=0.5,
+        importance="bn_scale",
+        protect_first_last=False,
+        dry_run=True,
+    )
     assert plan.groups[0].removed == [0, 2]
 
 
@@ -180,8 +192,9 @@ def test_round_to_per_layer_ignore_and_inplace():
     pruned = pyprune.prune_channels(model, x, ratio=0.3, round_to=16)
     assert pruned.layer1[0].conv1.out_channels == 48  # 64 - 19 = 45 -> 48
     assert pruned.layer3[0].conv1.out_channels % 16 == 0
-    pruned = pyprune.prune_channels(model, x, ratio=0.5, per_layer={"layer2.0.conv1": 0.25},
-                                    ignore=["layer3.0.conv1"])
+    pruned = pyprune.prune_channels(
+        model, x, ratio=0.5, per_layer={"layer2.0.conv1": 0.25}, ignore=["layer3.0.conv1"]
+    )
     assert pruned.layer2[0].conv1.out_channels == 96 and pruned.layer2[1].conv1.out_channels == 64
     assert pruned.layer3[0].conv1.out_channels == 256 and pruned.layer3[0].conv1.in_channels == 128
     assert model.layer1[0].conv1.out_channels == 64
@@ -194,8 +207,9 @@ def test_global_ranking_prunes_layers_unevenly():
     model = models.lenet5().eval()
     with torch.no_grad():
         model.fc1.weight.mul_(10)  # fc1's neurons look far more important than fc2's
-    plan = pyprune.prune_channels(model, torch.randn(1, 1, 32, 32), ratio=0.3, global_ranking=True,
-                                  dry_run=True)
+    plan = pyprune.prune_channels(
+        model, torch.randn(1, 1, 32, 32), ratio=0.3, global_ranking=True, dry_run=True
+    )
     prunable = [g for g in plan.groups if not g.pinned]
     assert sum(len(g.removed) for g in prunable) == int(0.3 * sum(g.channels for g in prunable))
     assert len({round(len(g.removed) / g.channels, 2) for g in prunable}) > 1
@@ -210,20 +224,23 @@ def test_dry_run_changes_nothing_and_reports_groups():
     assert "features.1.conv.0.0" in str(plan)  # the first depthwise conv shares the stem's (pinned) channels
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(ratio=1.0), r"ratio must be a number in \[0, 1\)"),
-    (dict(ratio=-0.1), r"ratio must be"),
-    (dict(ratio="half"), r"ratio must be"),
-    (dict(importance="magnitude"), r"importance must be one of"),
-    (dict(importance="taylor"), r"importance='taylor' needs data="),
-    (dict(importance="thinet"), r"importance='thinet' needs data="),
-    (dict(importance="taylor", data=[torch.randn(1, 1, 32, 32)]), r"needs loss_fn="),
-    (dict(ignore=["conv9"]), r"ignore: model has no layer named 'conv9'"),
-    (dict(per_layer={"fc9": 0.5}), r"per_layer: model has no layer named 'fc9'"),
-    (dict(per_layer={"conv2": 1.5}), r"per_layer\['conv2'\] must be"),
-    (dict(per_layer={"fc3": 0.5}), r"per_layer\['fc3'\].*can't be pruned"),
-    (dict(round_to=0), r"round_to must be a positive int"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(ratio=1.0), r"ratio must be a number in \[0, 1\)"),
+        (dict(ratio=-0.1), r"ratio must be"),
+        (dict(ratio="half"), r"ratio must be"),
+        (dict(importance="magnitude"), r"importance must be one of"),
+        (dict(importance="taylor"), r"importance='taylor' needs data="),
+        (dict(importance="thinet"), r"importance='thinet' needs data="),
+        (dict(importance="taylor", data=[torch.randn(1, 1, 32, 32)]), r"needs loss_fn="),
+        (dict(ignore=["conv9"]), r"ignore: model has no layer named 'conv9'"),
+        (dict(per_layer={"fc9": 0.5}), r"per_layer: model has no layer named 'fc9'"),
+        (dict(per_layer={"conv2": 1.5}), r"per_layer\['conv2'\] must be"),
+        (dict(per_layer={"fc3": 0.5}), r"per_layer\['fc3'\].*can't be pruned"),
+        (dict(round_to=0), r"round_to must be a positive int"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         pyprune.prune_channels(models.lenet5(), torch.randn(1, 1, 32, 32), **kwargs)
@@ -235,7 +252,9 @@ def test_bad_types():
     with pytest.raises(TypeError, match="example_inputs"):
         pyprune.prune_channels(models.lenet5(), [[1, 2]])
     with pytest.raises(TypeError, match="data must yield"):
-        pyprune.prune_channels(models.lenet5(), torch.randn(1, 1, 32, 32), importance="thinet", data=[{"x": 1}])
+        pyprune.prune_channels(
+            models.lenet5(), torch.randn(1, 1, 32, 32), importance="thinet", data=[{"x": 1}]
+        )
 
 
 def test_global_ranking_that_would_empty_a_group_raises():
@@ -244,5 +263,6 @@ def test_global_ranking_that_would_empty_a_group_raises():
         model[0].weight.zero_()
         model[0].bias.zero_()
     with pytest.raises(ValueError, match="would remove every channel of group.*lower ratio"):
-        pyprune.prune_channels(model, torch.randn(1, 1, 4, 4), ratio=0.5, global_ranking=True,
-                               protect_first_last=False)
+        pyprune.prune_channels(
+            model, torch.randn(1, 1, 4, 4), ratio=0.5, global_ranking=True, protect_first_last=False
+        )

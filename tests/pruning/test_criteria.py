@@ -1,4 +1,5 @@
 """Criteria on tiny hand-computed cases."""
+
 import math
 
 import pytest

@@ -1,4 +1,5 @@
 """Dependency graph: coupled groups for concat/split/depthwise/grouped/flatten/attention, and clear errors."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,8 +7,13 @@ from torch import nn
 
 import pyprune
 from pyprune import models
-from pyprune.pruning import (PrunedMultiheadAttention, PruningError, UnsupportedPatternError, build_graph,
-                             plan_pruning)
+from pyprune.pruning import (
+    PrunedMultiheadAttention,
+    PruningError,
+    UnsupportedPatternError,
+    build_graph,
+    plan_pruning,
+)
 
 
 class ConcatNet(nn.Module):
@@ -78,10 +84,20 @@ def test_depthwise_follows_its_input_and_grouped_conv_is_kept(exactness):
     assert g.pinned and "grouped conv" in g.pinned[0]  # dw output feeds the grouped conv
     assert any("grouped conv" in p for p in _group(graph, "grouped").pinned)
     # Without the grouped conv in the way, depthwise channels prune together with pw.
-    m2 = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1, groups=8), nn.ReLU(),
-                       nn.Conv2d(16, 4, 1))
+    m2 = nn.Sequential(
+        nn.Conv2d(3, 8, 1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, groups=8),
+        nn.ReLU(),
+        nn.Conv2d(16, 4, 1),
+    )
     pruned, _ = exactness(m2, x, ratio=0.5, protect_first_last=False)
-    assert (pruned[0].out_channels, pruned[2].in_channels, pruned[2].groups, pruned[2].out_channels) == (4, 4, 4, 8)
+    assert (pruned[0].out_channels, pruned[2].in_channels, pruned[2].groups, pruned[2].out_channels) == (
+        4,
+        4,
+        4,
+        8,
+    )
     assert pruned[4].in_channels == 8
 
 
@@ -129,8 +145,9 @@ def test_pruned_mha_matches_torch_mha_before_pruning():
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w, ref_w, rtol=1e-5, atol=1e-6)
     causal = torch.ones(5, 5, dtype=torch.bool).triu(1)
-    torch.testing.assert_close(mine(q, q, q, attn_mask=causal)[0], mha(q, q, q, attn_mask=causal)[0],
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        mine(q, q, q, attn_mask=causal)[0], mha(q, q, q, attn_mask=causal)[0], rtol=1e-5, atol=1e-6
+    )
 
 
 def test_transformer_groups_heads_mlp_and_layernorm():
@@ -208,7 +225,9 @@ class FixedView(nn.Module):
 
 
 def test_reshape_with_a_literal_channel_size_is_pinned():
-    plan = pyprune.prune_channels(FixedView(), torch.randn(2, 3, 4, 4), protect_first_last=False, dry_run=True)
+    plan = pyprune.prune_channels(
+        FixedView(), torch.randn(2, 3, 4, 4), protect_first_last=False, dry_run=True
+    )
     assert "fixed size 128" in plan.groups[0].pinned[0] and plan.removed_channels == 0
 
 

@@ -1,9 +1,9 @@
 """Layer pruning: residual blocks are found, removed by importance, and the model still runs."""
+
 import copy
 
 import pytest
 import torch
-from torch import nn
 
 import pyprune
 from pyprune import models
@@ -19,12 +19,15 @@ def test_residual_blocks_found_in_the_zoo():
     assert residual_blocks(models.vgg16_bn()) == [] and residual_blocks(models.lenet5()) == []
 
 
-@pytest.mark.parametrize("build, x", [
-    (lambda: models.resnet18(num_classes=3), torch.randn(1, 3, 32, 32)),
-    (lambda: models.mobilenet_v2(num_classes=3), torch.randn(1, 3, 32, 32)),
-    (lambda: models.bert("small", vocab_size=16), torch.randint(0, 16, (1, 5))),
-    (lambda: models.vit_small(num_classes=3, img_size=32), torch.randn(1, 3, 32, 32)),
-])
+@pytest.mark.parametrize(
+    "build, x",
+    [
+        (lambda: models.resnet18(num_classes=3), torch.randn(1, 3, 32, 32)),
+        (lambda: models.mobilenet_v2(num_classes=3), torch.randn(1, 3, 32, 32)),
+        (lambda: models.bert("small", vocab_size=16), torch.randint(0, 16, (1, 5))),
+        (lambda: models.vit_small(num_classes=3, img_size=32), torch.randn(1, 3, 32, 32)),
+    ],
+)
 @pytest.mark.parametrize("importance", ["residual_norm", "l1", "random"])
 def test_prune_layers_keeps_outputs_shaped_and_state_dict_loadable(build, x, importance):
     model = build().eval()

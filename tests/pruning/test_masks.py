@@ -1,4 +1,6 @@
-"""Masks: exact densities, N:M patterns, blocks, global scope, fixed through training, cubic schedule, convert."""
+"""Masks: exact densities, N:M patterns, blocks, global scope, fixed through training, cubic schedule,
+convert."""
+
 import pytest
 import torch
 from torch import nn
@@ -120,16 +122,19 @@ def test_cubic_schedule_follows_zhu_gupta():
         prev = cur.clone()
 
 
-@pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(sparsity=1.5), ValueError, r"sparsity must be a number in \[0, 1\]"),
-    (dict(pattern="3-4"), ValueError, r"pattern must be"),
-    (dict(pattern="5:4"), ValueError, r"0 < N <= M"),
-    (dict(scope="model"), ValueError, r"scope must be"),
-    (dict(ignore=["fc9"]), ValueError, r"ignore: model has no layer named 'fc9'"),
-    (dict(pattern="2:4", schedule=CubicSchedule()), ValueError, r"schedule= works with"),
-    (dict(schedule="cubic"), TypeError, r"schedule must be"),
-    (dict(pattern="block", block=(32, 32)), ValueError, r"not tiled by"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(sparsity=1.5), ValueError, r"sparsity must be a number in \[0, 1\]"),
+        (dict(pattern="3-4"), ValueError, r"pattern must be"),
+        (dict(pattern="5:4"), ValueError, r"0 < N <= M"),
+        (dict(scope="model"), ValueError, r"scope must be"),
+        (dict(ignore=["fc9"]), ValueError, r"ignore: model has no layer named 'fc9'"),
+        (dict(pattern="2:4", schedule=CubicSchedule()), ValueError, r"schedule= works with"),
+        (dict(schedule="cubic"), TypeError, r"schedule must be"),
+        (dict(pattern="block", block=(32, 32)), ValueError, r"not tiled by"),
+    ],
+)
 def test_sparsify_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         pyprune.sparsify(models.lenet5(), **kwargs)
