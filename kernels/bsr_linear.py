@@ -190,4 +190,4 @@ class _NullCtx:
         return False
 
 
-__all__ = ["bsr_linear_triton", "_bsr_linear_fwd_kernel", "INTERPRET"]
+__all__ = ["INTERPRET", "_bsr_linear_fwd_kernel", "bsr_linear_triton"]

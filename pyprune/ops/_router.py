@@ -19,9 +19,9 @@ import importlib.util
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -54,7 +54,7 @@ class use_backend:
         self._previous = _choice
         _choice = new
 
-    def __enter__(self) -> use_backend:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> bool:
@@ -104,7 +104,7 @@ def pick(op: str, backends: list[Backend], *args) -> Backend:
     raise RuntimeError(f"pyprune::{op}: no backend can run this call ({'; '.join(reasons)})")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_fallback(op: str, why: str) -> None:
     warnings.warn(f"pyprune::{op} on CUDA runs the slow reference ({why})", RuntimeWarning, stacklevel=3)
 
@@ -121,7 +121,7 @@ def route(op: str, backends: list[Backend]) -> Callable[..., Tensor]:
 
 # ---- loading the Triton kernels ------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_triton_kernels():
     """(module pyprune_kernels, None) or (None, why not). A source checkout whose install predates kernels/
     still finds them next to the pyprune package."""
@@ -225,5 +225,15 @@ def register_cuda(op: str) -> None:
     torch.library.impl(f"pyprune::{op}", "CUDA")(route(op, _TABLES[op]))
 
 
-__all__ = ["use_backend", "get_backend", "route", "pick", "Backend", "register_cuda", "load_triton_kernels",
-           "BSR_LINEAR_BACKENDS", "BACKEND_NAMES", "ENV_VAR"]
+__all__ = [
+    "BACKEND_NAMES",
+    "BSR_LINEAR_BACKENDS",
+    "ENV_VAR",
+    "Backend",
+    "get_backend",
+    "load_triton_kernels",
+    "pick",
+    "register_cuda",
+    "route",
+    "use_backend",
+]

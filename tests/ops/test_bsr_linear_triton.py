@@ -19,8 +19,7 @@ import torch.nn.functional as F
 
 import pyprune
 from pyprune.nn import SparseLinear
-from pyprune.ops import bsr_linear
-from pyprune.ops import _router
+from pyprune.ops import _router, bsr_linear
 from pyprune.sparse import BSR
 from pyprune.sparse.select import block_mask
 
@@ -137,7 +136,7 @@ def test_interpreted_non_contiguous_x_and_all_empty(interp):
 
 @pytest.mark.triton
 def test_interpreted_launcher_rejects_bad_input(interp):
-    w, crow, col, vals = bsr_case(32, 40, (16, 16))
+    _, crow, col, vals = bsr_case(32, 40, (16, 16))
     with pytest.raises(TypeError, match="dtype"):
         interp.bsr_linear_triton(torch.randn(2, 40), crow, col, vals.half(), 32, None)
     with pytest.raises(ValueError, match="crow"):
@@ -233,7 +232,7 @@ def test_gpu_matches_float64(dtype, block, m, k, n):
 @pytest.mark.triton
 @gpu
 def test_gpu_triton_equals_reference_backend_and_profiles():
-    w, crow, col, vals = bsr_case(96, 130, (32, 32), device="cuda")
+    _, crow, col, vals = bsr_case(96, 130, (32, 32), device="cuda")
     x = torch.randn(4, 7, 130, device="cuda")
     with _router.use_backend("reference"):
         want = bsr_linear(x, crow, col, vals, 96, None)
@@ -248,7 +247,7 @@ def test_gpu_triton_equals_reference_backend_and_profiles():
 @pytest.mark.triton
 @gpu
 def test_gpu_opcheck():
-    w, crow, col, vals = bsr_case(40, 33, (16, 16), device="cuda")
+    _, crow, col, vals = bsr_case(40, 33, (16, 16), device="cuda")
     x = torch.randn(5, 33, device="cuda", requires_grad=True)
     v = vals.clone().requires_grad_(True)
     torch.library.opcheck(torch.ops.pyprune.bsr_linear.default, (x, crow, col, v, 40, torch.randn(40, device="cuda")))
@@ -258,7 +257,7 @@ def test_gpu_opcheck():
 @pytest.mark.triton
 @gpu
 def test_gpu_torch_compile_equals_eager():
-    w, crow, col, vals = bsr_case(64, 96, (32, 32), dtype=torch.float16, device="cuda")
+    _, crow, col, vals = bsr_case(64, 96, (32, 32), dtype=torch.float16, device="cuda")
     b = torch.randn(64, device="cuda").half()
 
     def f(x):

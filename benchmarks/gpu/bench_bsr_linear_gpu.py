@@ -1,0 +1,313 @@
+"""GPU timings of BSR linear: cuBLAS dense (F.linear), torch.sparse BSR (bsr_dense_mm), ours (Triton), plus 2:4
+through torch.sparse.to_sparse_semi_structured. Writes results.md and results.json to --out.
+
+Timing: triton.testing.do_bench (median of the timed runs after its warmup). Each provider cycles through
+several input sets (x and W) whose total size is a few times the L2, so no run finds its operands cached by the
+previous one. Data are random normal, never zeros (zeros make tensor cores look faster than they are).
+
+Floor of a case: max(bytes / copy bandwidth, useful FLOPs / dense matmul rate), both measured in this run;
+bytes = x + stored blocks + indices + y, useful FLOPs = 2 M N K density.
+
+--dry (CPU machine): imports and argument parsing only; writes a stub table marked DRY with no timings.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+import traceback
+import zlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+SHAPES = [(4096, 4096), (768, 3072)]  # (in_features K, out_features N)
+MS = [2048, 128, 16]  # most telling first: the time budget may cut the tail
+BLOCKS = [32, 64]
+SPARSITIES = [0.5, 0.7, 0.9, 0.95]
+DTYPES = ["float16", "bfloat16"]
+SEMI_CASES = [(128, 4096, 4096), (2048, 4096, 4096), (8192, 8192, 8192)]  # (M, K, N)
+
+
+def planned_cases(quick: bool):
+    ms = [2048, 128] if quick else MS
+    dtypes = DTYPES[:1] if quick else DTYPES
+    for dt, m, (k, n), blk, sp in itertools.product(dtypes, ms, SHAPES, BLOCKS, SPARSITIES):
+        yield {"K": k, "N": n, "M": m, "dtype": dt, "block": blk, "sparsity": sp}
+
+
+def environment() -> dict:
+    env = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+           "host": platform.node()}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except Exception as e:  # noqa: BLE001
+        env["triton"] = f"missing ({e})"
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env.update(gpu=p.name, sm_count=p.multi_processor_count, capability=f"{p.major}.{p.minor}",
+                   l2_bytes=getattr(p, "L2_cache_size", None), memory_gib=round(p.total_memory / 2**30, 1))
+        try:
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           check=False, capture_output=True, text=True, timeout=20).stdout.strip()
+        except Exception as e:  # noqa: BLE001
+            env["driver"] = f"unknown ({e})"
+    return env
+
+
+# ---- timing helpers ---------------------------------------------------------------------------------
+
+def bench(fn, quick: bool) -> float:
+    from triton.testing import do_bench
+    return float(do_bench(fn, warmup=10, rep=30 if quick else 50, return_mode="median"))
+
+
+def n_sets(bytes_per_set: int, l2: int) -> int:
+    """Enough input sets to cover 3x the L2, at least 2, at most 8."""
+    return max(2, min(8, math.ceil(3 * l2 / max(1, bytes_per_set))))
+
+
+def rotating(fns):
+    it = itertools.cycle(range(len(fns)))
+    return lambda: fns[next(it)]()
+
+
+def measure_floors(quick: bool) -> dict:
+    n = 1 << 28  # 512 MiB fp16 source
+    a = torch.randn(n, device="cuda", dtype=torch.float16)
+    b = torch.empty_like(a)
+    t = bench(lambda: b.copy_(a), quick)
+    bw = 2 * a.numel() * a.element_size() / (t * 1e-3)
+    rates = {}
+    for dt in DTYPES:
+        dtype = getattr(torch, dt)
+        x = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+        w = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+        t = bench(lambda x=x, w=w: F.linear(x, w), quick)
+        rates[dt] = 2 * 8192 ** 3 / (t * 1e-3)
+    return {"copy_bytes_per_s": bw, "matmul_flops_per_s": rates}
+
+
+# ---- cases ------------------------------------------------------------------------------------------
+
+def random_bsr_weight(n, k, blk, sparsity, dtype, gen):
+    """Dense weight with a random exact fraction of (blk x blk) blocks zeroed, and its pyprune BSR arrays."""
+    nb_r, nb_c = -(-n // blk), -(-k // blk)
+    total = nb_r * nb_c
+    keep = torch.zeros(total, dtype=torch.bool)
+    keep[torch.randperm(total, generator=gen)[: max(1, round(total * (1 - sparsity)))]] = True
+    keep = keep.reshape(nb_r, nb_c)
+    mask = keep.cuda().repeat_interleave(blk, 0).repeat_interleave(blk, 1)[:n, :k]
+    w = (torch.randn(n, k, device="cuda") * mask).to(dtype)
+    brow, bcol = torch.nonzero(keep, as_tuple=True)
+    crow = torch.zeros(nb_r + 1, dtype=torch.int32)
+    crow[1:] = torch.cumsum(torch.bincount(brow, minlength=nb_r), 0)
+    wp = F.pad(w, (0, nb_c * blk - k, 0, nb_r * blk - n))
+    vals = wp.reshape(nb_r, blk, nb_c, blk).permute(0, 2, 1, 3)[brow.cuda(), bcol.cuda()].contiguous()
+    return w, crow.cuda(), bcol.to(torch.int32).cuda(), vals, float(keep.float().mean())
+
+
+def torch_bsr_mm():
+    """torch's Triton bsr_dense_mm if importable, else torch.mm on a sparse BSR tensor (name, fn)."""
+    try:
+        from torch.sparse._triton_ops import bsr_dense_mm
+        return "bsr_dense_mm", bsr_dense_mm
+    except Exception:  # noqa: BLE001
+        return "torch.mm", torch.mm
+
+
+def run_case(c, floors, quick, l2, triton_fn, dense_cache):
+    dtype = getattr(torch, c["dtype"])
+    m, k, n, blk = c["M"], c["K"], c["N"], c["block"]
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(sorted(c.items())).encode()))
+    nnz_bytes = int(n * k * (1 - c["sparsity"])) * 2
+    set_bytes = m * k * 2 + nnz_bytes + m * n * 2
+    r = n_sets(set_bytes, l2)
+    xs = [torch.randn(m, k, device="cuda", dtype=dtype) for _ in range(r)]
+    weights = [random_bsr_weight(n, k, blk, c["sparsity"], dtype, gen) for _ in range(r)]
+    density = weights[0][4]
+    out = dict(c, sets=r, density=density)
+    nnzb = weights[0][3].shape[0]
+    bytes_ = m * k * 2 + nnzb * blk * blk * 2 + (nnzb + n // blk + 1) * 4 + m * n * 2
+    flops = 2 * m * n * k * density
+    floor = max(bytes_ / floors["copy_bytes_per_s"], flops / floors["matmul_flops_per_s"][c["dtype"]]) * 1e3
+    out.update(floor_ms=floor, bytes=bytes_, useful_flops=flops)
+    # correctness of ours on one set, vs dense in the same dtype (fp32 accumulate in both)
+    w0, crow0, col0, vals0, _ = weights[0]
+    y_ref = F.linear(xs[0].float(), w0.float())
+    try:
+        y = triton_fn(xs[0], crow0, col0, vals0, n, None)
+        out["ours_max_rel_err"] = float((y.float() - y_ref).abs().max() / y_ref.abs().max())
+    except Exception as e:  # noqa: BLE001
+        out["ours_error"] = repr(e)[:300]
+    key = (m, k, n, c["dtype"])
+    if key not in dense_cache:
+        dws = [w for w, *_ in weights]
+        dense_cache[key] = bench(rotating([lambda i=i: F.linear(xs[i], dws[i]) for i in range(r)]), quick)
+    out["dense_ms"] = dense_cache[key]
+    if "ours_error" not in out:
+        try:
+            out["ours_ms"] = bench(rotating([lambda i=i: triton_fn(xs[i], *weights[i][1:4], n, None)
+                                             for i in range(r)]), quick)
+        except Exception as e:  # noqa: BLE001
+            out["ours_error"] = repr(e)[:300]
+    name, mm = torch_bsr_mm()
+    out["torch_bsr_impl"] = name
+    try:
+        bsrs = [w.to_sparse_bsr((blk, blk)) for w, *_ in weights]
+        xts = [x.t().contiguous() for x in xs]  # (K, M): W_bsr @ x^T is y^T
+        out["torch_bsr_ms"] = bench(rotating([lambda i=i: mm(bsrs[i], xts[i]) for i in range(r)]), quick)
+    except Exception as e:  # noqa: BLE001
+        out["torch_bsr_error"] = repr(e)[:300]
+    return out
+
+
+def run_semi_structured(quick, floors):
+    rows = []
+    try:
+        from torch.sparse import to_sparse_semi_structured
+    except Exception as e:  # noqa: BLE001
+        return [{"error": f"torch.sparse.to_sparse_semi_structured missing: {e!r}"}]
+    for m, k, n in (SEMI_CASES[:2] if quick else SEMI_CASES):
+        row = {"M": m, "K": k, "N": n, "dtype": "float16"}
+        try:
+            w = torch.randn(n, k, device="cuda", dtype=torch.float16)
+            mask = torch.tensor([1, 1, 0, 0], device="cuda", dtype=torch.bool).repeat(n, k // 4)
+            w = w * mask
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            row["dense_ms"] = bench(lambda x=x, w=w: F.linear(x, w), quick)
+            ws = to_sparse_semi_structured(w)
+            row["backend"] = type(ws).__name__
+            y = F.linear(x, ws)
+            ref = F.linear(x, w)
+            row["max_rel_err"] = float((y.float() - ref.float()).abs().max() / ref.float().abs().max())
+            row["sparse24_ms"] = bench(lambda x=x, ws=ws: F.linear(x, ws), quick)
+            row["speedup"] = row["dense_ms"] / row["sparse24_ms"]
+        except Exception as e:  # noqa: BLE001
+            row["error"] = (f"2:4 via to_sparse_semi_structured failed on this GPU/torch "
+                            f"({torch.cuda.get_device_name(0)}): {e!r}")[:400]
+        rows.append(row)
+    return rows
+
+
+# ---- report -----------------------------------------------------------------------------------------
+
+def fmt(v, nd=3):
+    return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+
+def table(rows):
+    head = ("| K->N | M | dtype | block | sparsity | dense ms | torch BSR ms | ours ms | x dense | x torch BSR | "
+            "floor ms | floor/ours | rel err |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        d, t, o = r.get("dense_ms"), r.get("torch_bsr_ms"), r.get("ours_ms")
+        lines.append("| " + " | ".join([
+            f"{r['K']}->{r['N']}", str(r["M"]), r["dtype"].replace("float", "f").replace("bf", "bf"), str(r["block"]),
+            fmt(r["sparsity"], 2), fmt(d), fmt(t) if t is not None else "ERR" if "torch_bsr_error" in r else "-",
+            fmt(o) if o is not None else "ERR" if "ours_error" in r else "-",
+            fmt(d / o, 2) if d and o else "-", fmt(t / o, 2) if t and o else "-",
+            fmt(r.get("floor_ms")), fmt(r["floor_ms"] / o, 2) if o and r.get("floor_ms") else "-",
+            fmt(r.get("ours_max_rel_err"), 4) if "ours_max_rel_err" in r else "-"]) + " |")
+    return "\n".join(lines)
+
+
+def write(out: Path, payload: dict, dry: bool):
+    (out / "results.json").write_text(json.dumps(payload, indent=1, default=str))
+    env = payload["environment"]
+    md = ["# pyprune GPU suite: BSR linear" + (" (DRY: no timings, wiring check only)" if dry else ""), ""]
+    md.append("| key | value |\n|---|---|")
+    md += [f"| {k} | {v} |" for k, v in env.items()]
+    if dry:
+        md += ["", "DRY run: planned cases (no timings)", "",
+               (f"{len(payload['cases'])} BSR cases over shapes {SHAPES}, M {MS}, blocks {BLOCKS}, "
+                f"sparsities {SPARSITIES}, dtypes {DTYPES}; 2:4 cases {SEMI_CASES}."), "", table(payload["cases"])]
+    else:
+        fl = payload.get("floors", {})
+        if fl:
+            md += ["", f"Floors measured in this run: copy {fl['copy_bytes_per_s'] / 1e12:.2f} TB/s (read+write); "
+                   "dense matmul " + ", ".join(f"{k} {v / 1e12:.0f} TFLOP/s" for k, v in
+                                               fl["matmul_flops_per_s"].items()) + " (8192^3)."]
+        md += ["", "## BSR linear (y = x W^T), median ms", "", ("x dense / x torch BSR: speedup of ours; "
+               "floor/ours: fraction of the floor reached (1.0 = at the floor)."), "", table(payload["cases"])]
+        errs = [r for r in payload["cases"] if "ours_error" in r or "torch_bsr_error" in r]
+        if errs:
+            md += ["", "### Errors", ""] + [f"- {r['K']}->{r['N']} M={r['M']} {r['dtype']} b{r['block']} "
+                                            f"s{r['sparsity']}: ours={r.get('ours_error', 'ok')} "
+                                            f"torch_bsr={r.get('torch_bsr_error', 'ok')}" for r in errs]
+        md += ["", "## 2:4 (torch.sparse.to_sparse_semi_structured, fp16)", "",
+               "| M | K | N | backend | dense ms | 2:4 ms | x dense | rel err | error |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in payload.get("semi_structured", []):
+            md.append(f"| {r.get('M', '-')} | {r.get('K', '-')} | {r.get('N', '-')} | {r.get('backend', '-')} | "
+                      f"{fmt(r.get('dense_ms'))} | {fmt(r.get('sparse24_ms'))} | {fmt(r.get('speedup'), 2)} | "
+                      f"{fmt(r.get('max_rel_err'), 4)} | {r.get('error', '')} |")
+        if payload.get("skipped"):
+            md += ["", f"Skipped for the time budget: {payload['skipped']} cases."]
+    (out / "results.md").write_text("\n".join(md) + "\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--dry", action="store_true", help="check wiring on a CPU machine; no timings")
+    ap.add_argument("--quick", action="store_true", help="fewer cases and shorter timing")
+    ap.add_argument("--budget-s", type=float, default=240.0, help="start no new case after this many seconds")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    import pyprune  # noqa: F401  (the op, its router)
+    from pyprune.ops._router import load_triton_kernels
+    kernels, why = load_triton_kernels()
+    env = environment()
+    env["pyprune_kernels"] = "ok" if kernels is not None else why
+    cases = list(planned_cases(args.quick))
+    if args.dry:
+        write(args.out, {"dry": True, "environment": env, "cases": cases}, dry=True)
+        print(f"DRY: {len(cases)} cases planned; wrote {args.out / 'results.md'}")
+        return 0
+    if not torch.cuda.is_available():
+        print("no CUDA device: run with --dry on a CPU machine", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = False
+    t0 = time.time()
+    floors = measure_floors(args.quick)
+    l2 = env.get("l2_bytes") or 50 * 2**20
+    triton_fn = kernels.bsr_linear_triton if kernels is not None else None
+    rows, dense_cache, skipped = [], {}, 0
+    payload = {"dry": False, "environment": env, "floors": floors, "cases": rows}
+    payload["semi_structured"] = run_semi_structured(args.quick, floors)  # short; before the budgeted loop
+    write(args.out, payload, dry=False)
+    for i, c in enumerate(cases):
+        if time.time() - t0 > args.budget_s:
+            skipped += 1
+            continue
+        try:
+            if triton_fn is None:
+                raise RuntimeError(f"pyprune_kernels unavailable: {why}")
+            rows.append(run_case(c, floors, args.quick, l2, triton_fn, dense_cache))
+        except Exception as e:  # noqa: BLE001
+            rows.append(dict(c, ours_error=f"case failed: {e!r}"[:300]))
+            traceback.print_exc()
+        torch.cuda.empty_cache()
+        print(f"[{i + 1}/{len(cases)}] {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+        if (i + 1) % 8 == 0:
+            write(args.out, payload, dry=False)  # partial results survive a kill
+    payload["skipped"] = skipped
+    payload["elapsed_s"] = time.time() - t0
+    write(args.out, payload, dry=False)
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The device suite: build the extension from source, run the GPU tests, time BSR linear against cuBLAS and
+# torch.sparse, write results.md + results.json to OUTDIR. Every step is guarded (one failing step does not stop
+# the next) and logged to OUTDIR/<step>.log; OUTDIR/steps.tsv says how each ended; the table prints last.
+#
+#   bash benchmarks/gpu/suite.sh OUTDIR          # on a GPU machine, under 8 minutes
+#   bash benchmarks/gpu/suite.sh OUTDIR --dry    # on a CPU machine: wiring check, stub table marked DRY
+#
+# Env: PYTHON (default python3), SUITE_BUILD_S / SUITE_TEST_S / SUITE_BENCH_S (step time limits, seconds).
+set -u -o pipefail
+if [ $# -lt 1 ]; then echo "usage: $0 OUTDIR [--dry]" >&2; exit 2; fi
+OUT=$(mkdir -p "$1" && cd "$1" && pwd)
+DRY=0
+[ "${2:-}" = "--dry" ] && DRY=1
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+: > "$OUT/steps.tsv"
+T0=$(date +%s)
+
+# step NAME LIMIT_S CMD...: runs CMD with a time limit, output to OUT/NAME.log, status to steps.tsv
+step() {
+  local name=$1 limit=$2; shift 2
+  local t=$(date +%s) rc
+  echo "== $name (limit ${limit}s): $*" | tee -a "$OUT/suite.log"
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  printf '%s\t%s\t%ss\n' "$name" "$rc" "$(( $(date +%s) - t ))" >> "$OUT/steps.tsv"
+  [ $rc -eq 0 ] || { echo "   $name failed (rc=$rc); last lines of $OUT/$name.log:"; tail -n 15 "$OUT/$name.log"; } | tee -a "$OUT/suite.log"
+  return 0
+}
+skip() { printf '%s\tskipped\t%s\n' "$1" "$2" >> "$OUT/steps.tsv"; echo "== $1 skipped: $2" | tee -a "$OUT/suite.log"; }
+
+# pyprune_kernels is the installed name of kernels/; without a pip install, point it at the checkout
+SHIM=$(mktemp -d)
+ln -s "$ROOT/kernels" "$SHIM/pyprune_kernels"
+export PYTHONPATH="$ROOT:$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+trap 'rm -rf "$SHIM"' EXIT
+
+step env 60 bash -c "nvidia-smi || echo 'nvidia-smi: not available'; $PY -c 'import sys, torch; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available()); import triton; print(\"triton\", triton.__version__)'; command -v nvcc && nvcc --version | tail -n 2"
+
+if [ $DRY -eq 1 ]; then
+  skip build "DRY: would run TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 $PY setup.py build_ext --inplace"
+  if $PY -c "import pytest" 2>/dev/null; then
+    skip pytest "DRY: would run $PY -m pytest -m gpu tests"
+  else
+    skip pytest "pytest is not installed"
+  fi
+  step bench 120 "$PY" benchmarks/gpu/bench_bsr_linear_gpu.py --out "$OUT" --dry
+else
+  step build "${SUITE_BUILD_S:-180}" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PYPRUNE_CUDA=1 "$PY" setup.py build_ext --inplace
+  step info 60 "$PY" -c "import pyprune; pyprune.info()"
+  if $PY -c "import pytest" 2>/dev/null; then
+    # one kernel config per shape in the tests: tuning every config would compile for minutes
+    step pytest "${SUITE_TEST_S:-110}" env PYPRUNE_TRITON_AUTOTUNE=0 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider \
+      -o addopts="" --strict-markers --junitxml="$OUT/pytest.xml"
+    tail -n 3 "$OUT/pytest.log" | tee -a "$OUT/suite.log"
+  else
+    skip pytest "pytest is not installed on this machine"
+  fi
+  step bench "${SUITE_BENCH_S:-230}" "$PY" benchmarks/gpu/bench_bsr_linear_gpu.py --out "$OUT" --budget-s 170
+fi
+
+echo
+echo "== steps (name, rc, seconds); total $(( $(date +%s) - T0 ))s"
+column -t -s "$(printf '\t')" "$OUT/steps.tsv" 2>/dev/null || cat "$OUT/steps.tsv"
+echo
+if [ -f "$OUT/results.md" ]; then cat "$OUT/results.md"; else echo "no results.md: see $OUT/bench.log"; fi

@@ -1,0 +1,33 @@
+"""The GPU device suite is wired up: its --dry mode runs on the CPU and writes a table marked DRY."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_suite_dry_run_writes_results(tmp_path):
+    out = tmp_path / "suite"
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "suite.sh"), str(out), "--dry"],
+                          capture_output=True, text=True, timeout=300, env={"PYTHON": sys.executable,
+                                                                             "PATH": _path()})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    md, js = out / "results.md", out / "results.json"
+    assert md.is_file() and js.is_file(), proc.stdout
+    assert "DRY" in md.read_text()
+    data = json.loads(js.read_text())
+    assert data["dry"] is True and len(data["cases"]) > 0
+    assert all("ours_ms" not in c for c in data["cases"])  # no timings in a dry run
+    steps = (out / "steps.tsv").read_text()
+    assert "bench\t0" in steps, steps
+    assert "DRY" in proc.stdout
+
+
+def _path():
+    import os
+    return os.environ.get("PATH", "/usr/bin:/bin")
