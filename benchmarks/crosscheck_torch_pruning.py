@@ -1,10 +1,8 @@
 """Cross-check pyprune.prune_channels against Torch-Pruning on ResNet-50, ratio 0.5, L1 magnitude.
 
 Not a test dependency: runs only where ``torch_pruning`` is importable (``pip install --no-deps
-torch-pruning``).
-Compares parameter and FLOP counts of the two pruned models, every layer's shape, and the sets of kept
-channels
-group by group, and writes benchmarks/results/cpu/crosscheck_torch_pruning.md.
+torch-pruning``). Compares parameter and FLOP counts of the two pruned models, every layer's shape, and the
+sets of kept channels group by group, and writes benchmarks/results/cpu/crosscheck_torch_pruning.md.
 
     python benchmarks/crosscheck_torch_pruning.py [--out PATH]
 """

@@ -1,6 +1,5 @@
 """Built-in model zoo: random init only, no downloads; module names follow torchvision / timm / HuggingFace so
-a
-checkpoint of the same architecture loads with ``load_state_dict``."""
+a checkpoint of the same architecture loads with ``load_state_dict``."""
 
 from .bert import BertConfig, BertModel, bert
 from .lenet import LeNet5, lenet5

@@ -2,8 +2,7 @@
 
 Supported: ``nn.MultiheadAttention`` (self-attention, q/k/v of equal width, no bias_k/bias_v), the zoo's
 ``BertSelfAttention`` (separate query/key/value) and ViT ``Attention`` (fused qkv). ``nn.MultiheadAttention``
-ties
-its inner width to its input width, so once heads or input channels are pruned it is replaced by
+ties its inner width to its input width, so once heads or input channels are pruned it is replaced by
 :class:`PrunedMultiheadAttention`, which keeps the same parameter names (in_proj_weight, in_proj_bias,
 out_proj.*) and call signature.
 """
@@ -25,8 +24,8 @@ from .graph import ChInfo, Member, Seg, _Builder, register_fixup, register_leaf
 class PrunedMultiheadAttention(nn.Module):
     """nn.MultiheadAttention whose inner width ``num_heads * head_dim`` may differ from ``embed_dim``.
 
-    query: (L, N, E) or (N, L, E) if batch_first; key/value: (S, N, E) -> (output (.., E_out), weights or
-    None).
+    query: (L, N, E) or (N, L, E) if batch_first; key/value: (S, N, E)
+    -> (output (..., E_out), attention weights or None).
     """
 
     def __init__(

@@ -432,14 +432,12 @@ def prune_channels(
 
     Returns:
         The pruned model (same class, smaller layers), ``(model, plan)`` with ``return_plan``, or a
-        PruningPlan
-        when ``dry_run``.
+        PruningPlan when ``dry_run``.
 
     Raises:
         TypeError / ValueError for bad arguments; PruningError (a ValueError) for a model that can't be
-        traced;
-        UnsupportedPatternError naming the node when an op couples channels in a way this engine doesn't
-        model.
+        traced; UnsupportedPatternError naming the node when an op couples channels in a way this engine
+        doesn't model.
     """
     graph, plan, removed = plan_pruning(
         model,

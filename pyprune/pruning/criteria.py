@@ -43,8 +43,9 @@ def fpgm(w: torch.Tensor) -> torch.Tensor:
 
 
 def taylor(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """First-order Taylor importance of one mini-batch (Molchanov et al. 2019). weight, grad: (C, ...) ->
-    (C,).
+    """First-order Taylor importance of one mini-batch (Molchanov et al. 2019).
+
+    weight, grad: (C, ...) -> (C,).
 
     The loss change from removing channel c is approximated by ``(sum_s g_s w_s)^2`` over all parameters s of
     the channel; callers sum this over mini-batches.

@@ -3,13 +3,11 @@
 Every tensor in the trace gets a *channel description*: which of its dims carries channels and which "channel
 spaces" those positions belong to (a concat yields several segments; a flatten makes each channel cover
 ``inner`` consecutive positions). Ops that must see the same channel set (residual add, BN after conv, a
-conv's
-input) merge spaces with union-find. Each resulting group lists the tensors ("members") to slice when one of
-its
-channels is removed. Spaces that can't change (model inputs and outputs, grouped convs, ignored layers) are
-pinned. An op the analysis does not understand pins what flows into it; if such a space is not pinned for
-another
-reason the build fails with an error naming the node, so a pruned model is never silently wrong.
+conv's input) merge spaces with union-find. Each resulting group lists the tensors ("members") to slice when
+one of its channels is removed. Spaces that can't change (model inputs and outputs, grouped convs, ignored
+layers) are pinned. An op the analysis does not understand pins what flows into it; if such a space is not
+pinned for another reason the build fails with an error naming the node, so a pruned model is never silently
+wrong.
 """
 
 from __future__ import annotations
@@ -64,10 +62,9 @@ class Member:
     """Positions of ``module.tensor`` along ``dim`` that belong to a space's channels.
 
     Channel c covers ``offset + b * block_stride + c * inner + j`` for each block b < blocks and j < inner
-    (blocks
-    describe fused q/k/v projections). ``role`` is "out" for weights that produce the channel (filters), "in"
-    for
-    weights that consume it, "norm" for BN/LN affine parameters and statistics, "param" for other tensors.
+    (blocks describe fused q/k/v projections). ``role`` is "out" for weights that produce the channel
+    (filters), "in" for weights that consume it, "norm" for BN/LN affine parameters and statistics, "param"
+    for other tensors.
     """
 
     module: str
@@ -307,8 +304,10 @@ class _Builder(fx.Interpreter):
         blocks: int = 1,
         block_stride: int = 0,
     ) -> None:
-        """Attach ``module.tensor`` along ``dim`` to each segment of ``info`` (``scale`` positions per
-        position)."""
+        """Attach ``module.tensor`` along ``dim`` to each segment of ``info``.
+
+        Each position of ``info`` covers ``scale`` positions of the tensor (a depthwise channel multiplier).
+        """
         if tensor is None:
             return
         off = 0
@@ -711,8 +710,7 @@ def build_graph(model: nn.Module, example_inputs: tuple, ignore: set[str] = froz
     """Trace ``model``, run it on ``example_inputs`` and group coupled channels.
 
     Raises UnsupportedPatternError naming the node when an op the analysis does not model touches channels
-    that
-    nothing else pins.
+    that nothing else pins.
     """
     modules = dict(model.named_modules())
     # Composite modules in ``ignore`` stay opaque so that the tracer doesn't need to see inside them.

@@ -2,9 +2,8 @@
 fine-tuning.
 
 A mask is a ``torch.nn.utils.parametrize`` parametrization ``weight = original * mask``; the mask is a buffer,
-so
-masked weights stay zero (their gradient through the product is zero) until the mask is recomputed, which only
-an attached :class:`CubicSchedule` does.
+so masked weights stay zero (their gradient through the product is zero) until the mask is recomputed, which
+only an attached :class:`CubicSchedule` does.
 """
 
 from __future__ import annotations
@@ -76,8 +75,10 @@ def _expand_blocks(keep: torch.Tensor, block: tuple[int, int], shape: torch.Size
 
 
 def block_mask(w: torch.Tensor, sparsity: float, block: tuple[int, int] = (32, 32)) -> torch.Tensor:
-    """Zero exactly ``round(sparsity * n_blocks)`` whole tiles, those of smallest L2 norm. -> bool, shape of
-    w."""
+    """Zero exactly ``round(sparsity * n_blocks)`` whole tiles, those of smallest L2 norm.
+
+    w: (O, I) or (O, C, kh, kw) -> bool mask of w's shape.
+    """
     _check_sparsity(sparsity)
     s = block_scores(w, block)
     return _expand_blocks(_lowest_k(s, round(sparsity * s.numel())), block, w.shape)
@@ -101,14 +102,14 @@ def _parse_pattern(pattern: str) -> tuple[str, int, int]:
 
 
 class CubicSchedule:
-    """Gradual pruning schedule of Zhu & Gupta 2017: sparsity rises from ``initial_sparsity`` to the final one
-    as
+    """Gradual pruning schedule of Zhu & Gupta 2017: sparsity rises from ``initial_sparsity`` to the final
+    one as
 
         s_t = s_f + (s_i - s_f) * (1 - (t - begin_step) / (end_step - begin_step)) ** 3
 
     and masks are recomputed every ``frequency`` steps between ``begin_step`` and ``end_step``. Pass it to
-    ``sparsify(..., schedule=...)``, which sets the final sparsity, then call :meth:`step` once per training
-    step.
+    ``sparsify(..., schedule=...)``, which sets the final sparsity, then call :meth:`step` once per
+    training step.
     """
 
     def __init__(
@@ -135,8 +136,7 @@ class CubicSchedule:
         return self.final_sparsity + (self.initial_sparsity - self.final_sparsity) * (1.0 - frac) ** 3
 
     def step(self) -> float:
-        """Advance one training step; recompute the masks on update steps. Returns the current target
-        sparsity."""
+        """Advance one training step; recompute the masks on update steps. Returns the target sparsity."""
         if self._apply is None:
             raise RuntimeError(
                 "CubicSchedule is not attached: pass it to pyprune.sparsify(..., schedule=...)"
@@ -204,8 +204,7 @@ def sparsify(
             density is N/M.
         pattern: "unstructured" (smallest |w|), "block" (tiles of ``block`` = (bh, bw) with the smallest L2
             norm; the 2-D weight (O, C*kh*kw) must be tiled exactly) or "N:M" such as "2:4" (N largest of
-            every
-            M consecutive input weights; the input dim must be a multiple of M).
+            every M consecutive input weights; the input dim must be a multiple of M).
         scope: "layer" (each layer its own threshold) or "global" (one threshold over all targeted weights).
         schedule: a :class:`CubicSchedule`; masks start at its initial sparsity and reach ``sparsity`` as the
             user calls ``schedule.step()`` (unstructured and block patterns only).

@@ -11,8 +11,7 @@ def zero_removed_inputs(model: nn.Module, graph, removed: dict) -> nn.Module:
     """Copy of ``model`` whose consumers ignore the channels chosen for removal.
 
     For networks without LayerNorm, pruning those channels must then leave every output unchanged, which
-    checks
-    the dependency graph and the slicing together.
+    checks the dependency graph and the slicing together.
     """
     ref = copy.deepcopy(model)
     with torch.no_grad():

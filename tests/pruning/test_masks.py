@@ -1,8 +1,9 @@
-"""Masks: exact densities, N:M patterns, blocks, global scope, fixed through training, cubic schedule,
-convert."""
+"""Masks: exact densities, N:M patterns, blocks, global scope, fine-tuning, cubic schedule, convert."""
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import pyprune
@@ -169,3 +170,26 @@ def test_convert_swaps_masked_linears(layout, pattern):
 def test_convert_rejects_unknown_layout():
     with pytest.raises(ValueError, match="layout must be one of"):
         pyprune.convert(models.lenet5(), layout="coo")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(1, 9),
+    groups=st.integers(1, 6),
+    nm=st.sampled_from([(1, 2), (2, 4), (1, 4), (4, 8), (3, 5)]),
+    sparsity=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_mask_properties(rows, groups, nm, sparsity, seed):
+    n, m = nm
+    w = torch.randn(rows, groups * m, generator=torch.Generator().manual_seed(seed))
+    keep = nm_mask(w, n, m)
+    assert (keep.reshape(rows, groups, m).sum(-1) == n).all()
+    # every kept weight is at least as large as every pruned weight of its own group of m
+    g = w.abs().reshape(rows, groups, m)
+    k = keep.reshape(rows, groups, m)
+    kept_min = torch.where(k, g, torch.inf).amin(-1)
+    pruned_max = torch.where(~k, g, -torch.inf).amax(-1)
+    assert (kept_min >= pruned_max).all()
+    u = unstructured_mask(w, sparsity)
+    assert int((~u).sum()) == round(sparsity * w.numel())
