@@ -320,6 +320,7 @@ def plan_pruning(
         _protect(graph)
     groups = [g for g in graph.groups if g.prunable]
     ratios = {g.index: ratio for g in groups}
+    overridden: set[int] = set()
     for name, r in per_layer.items():
         hit = [
             g
@@ -335,22 +336,14 @@ def plan_pruning(
                 "remove it from per_layer"
             )
         for g in hit:
-            ratios[g.index] = max(r, ratios[g.index]) if g.index in ratios and ratios[g.index] != ratio else r
+            # Two overrides reaching one coupled group (two convs feeding a residual add): the larger wins.
+            ratios[g.index] = max(r, ratios[g.index]) if g.index in overridden else r
+            overridden.add(g.index)
 
     scores, notes = _scores(model, groups, importance, data, loss_fn, seed) if groups else ({}, {})
     removed: dict[int, torch.Tensor] = {}
     keep_count: dict[int, int] = {}
-    global_groups = [
-        g
-        for g in groups
-        if global_ranking
-        and not any(
-            m.module == n or m.module.startswith(n + ".")
-            for n in per_layer
-            for m in g.members
-            if m.role == "out"
-        )
-    ]
+    global_groups = [g for g in groups if global_ranking and g.index not in overridden]
     if global_groups:
         # Scores of different layers have different scales; dividing by each group's mean makes them
         # comparable.
