@@ -271,7 +271,12 @@ def test_global_ranking_that_would_empty_a_group_raises():
 def test_per_layer_overrides_are_kept_out_of_global_ranking():
     model = models.lenet5().eval()
     plan = pyprune.prune_channels(
-        model, torch.randn(1, 1, 32, 32), ratio=0.3, global_ranking=True, per_layer={"fc1": 0.25}, dry_run=True
+        model,
+        torch.randn(1, 1, 32, 32),
+        ratio=0.3,
+        global_ranking=True,
+        per_layer={"fc1": 0.25},
+        dry_run=True,
     )
     fc1 = next(g for g in plan.groups if "fc1" in g.layers and g.channels == 120)
     assert len(fc1.removed) == 30
