@@ -37,7 +37,7 @@ ln -s "$ROOT/kernels" "$SHIM/pyprune_kernels"
 export PYTHONPATH="$ROOT:$SHIM${PYTHONPATH:+:$PYTHONPATH}"
 trap 'rm -rf "$SHIM"' EXIT
 
-step env 60 bash -c "nvidia-smi || echo 'nvidia-smi: not available'; $PY -c 'import sys, torch; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available()); import triton; print(\"triton\", triton.__version__)'; command -v nvcc && nvcc --version | tail -n 2"
+step env 30 bash -c "nvidia-smi || echo 'nvidia-smi: not available'; $PY -c 'import sys, torch; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available()); import triton; print(\"triton\", triton.__version__)'; command -v nvcc && nvcc --version | tail -n 2"
 
 if [ $DRY -eq 1 ]; then
   skip build "DRY: would run TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 $PY setup.py build_ext --inplace"
@@ -49,7 +49,7 @@ if [ $DRY -eq 1 ]; then
   step bench 120 "$PY" benchmarks/gpu/bench_bsr_linear_gpu.py --out "$OUT" --dry
 else
   step build "${SUITE_BUILD_S:-180}" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PYPRUNE_CUDA=1 "$PY" setup.py build_ext --inplace
-  step info 60 "$PY" -c "import pyprune; pyprune.info()"
+  step info 30 "$PY" -c "import pyprune; pyprune.info()"
   if $PY -c "import pytest" 2>/dev/null; then
     # one kernel config per shape in the tests: tuning every config would compile for minutes
     step pytest "${SUITE_TEST_S:-110}" env PYPRUNE_TRITON_AUTOTUNE=0 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider \
