@@ -37,6 +37,8 @@ class Skip(nn.Module):
 
 def _is_residual(block: nn.Module) -> bool:
     """True if the block's output is ``input + f(input)`` up to activations / norms (traced with torch.fx)."""
+    if isinstance(block, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return True  # residual by construction; their fast-path checks don't trace
     try:
         gm = trace(block, 1)
     except PruningError:
@@ -75,12 +77,16 @@ def _is_residual(block: nn.Module) -> bool:
 def residual_blocks(model: nn.Module) -> list[str]:
     """Names of the blocks ``prune_layers`` may remove: residual children of nn.Sequential / nn.ModuleList."""
     names = []
-    for parent_name, parent in model.named_modules():
+    modules = dict(model.named_modules())
+    for parent_name, parent in modules.items():
         if not isinstance(parent, (nn.Sequential, nn.ModuleList)):
             continue
+        owner = modules.get(parent_name.rpartition(".")[0]) if parent_name else None
         for child_name, child in parent.named_children():
             if isinstance(child, Skip) or not list(child.children()):
                 continue
+            if isinstance(owner, (nn.TransformerEncoder, nn.TransformerDecoder)) and child_name == "0":
+                continue  # their forward reads attributes of layers[0] (fast-path checks)
             if _is_residual(child):
                 names.append(f"{parent_name}.{child_name}" if parent_name else child_name)
     return names

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 import pyprune
 from pyprune import models
@@ -77,3 +78,15 @@ def test_ratio_and_bad_arguments():
 def test_skip_returns_its_first_argument():
     x = torch.randn(2, 3)
     assert Skip()(x, torch.ones(1), mask=None) is x
+
+
+def test_torch_transformer_encoder_layers_are_removable():
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+    enc = nn.TransformerEncoder(layer, num_layers=3, enable_nested_tensor=False).eval()
+    # layers.0 stays: TransformerEncoder.forward reads its attributes
+    assert residual_blocks(enc) == ["layers.1", "layers.2"]
+    x = torch.randn(2, 5, 32)
+    pruned = pyprune.prune_layers(enc, n=1, example_inputs=x)
+    assert sum(isinstance(m, Skip) for m in pruned.layers) == 1
+    with torch.no_grad():
+        assert pruned(x).shape == (2, 5, 32)
