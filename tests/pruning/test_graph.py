@@ -253,3 +253,33 @@ def test_plan_lists_pinned_groups_with_reasons():
     text = str(plan)
     assert "first layer conv1" in text and "model output" in text
     assert [g.keep for g in plan.groups] == [6, 8, 60, 84, 10]
+
+
+def test_pruned_attention_can_be_pruned_again():
+    x = torch.randn(2, 5, 12)
+    once = pyprune.prune_channels(MHABlock().eval(), x, ratio=0.5, protect_first_last=False)
+    twice = pyprune.prune_channels(once, x, ratio=0.5, protect_first_last=False)
+    assert (once.attn.num_heads, twice.attn.num_heads) == (2, 1)
+    assert twice.emb.out_features == 8 and twice(x).shape == (2, 3)
+
+
+class TorchEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 32)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(32, 2)
+
+    def forward(self, x):
+        return self.head(self.enc(self.proj(x)))
+
+
+def test_opaque_torch_transformer_is_named_and_can_be_ignored():
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(UnsupportedPatternError, match=r"node 'enc'.*TransformerEncoder.*'proj'"):
+        pyprune.prune_channels(TorchEncoder().eval(), x, protect_first_last=False)
+    plan = pyprune.prune_channels(
+        TorchEncoder().eval(), x, protect_first_last=False, ignore=["enc"], dry_run=True
+    )
+    assert plan.removed_channels == 0 and "ignored module enc" in str(plan)
