@@ -147,6 +147,19 @@ _PASS_MODULES = (
     nn.AdaptiveMaxPool2d,
     nn.Upsample,
 )
+_MODELED_MODULES = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.Linear,
+    nn.Embedding,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.Flatten,
+) + _PASS_MODULES
 _PASS_FUNCS = {
     "relu",
     "relu_",
@@ -348,13 +361,8 @@ class _Builder(fx.Interpreter):
     def _module(self, n: fx.Node, name: str, m: nn.Module, out: Any) -> Any:
         x = self._in(n.args[0]) if n.args else None
         handler = _LEAF_HANDLERS.get(type(m))
-        if (
-            name in self.ignore
-            and not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear, nn.Embedding))
-            and handler is None
-            and not isinstance(m, _PASS_MODULES + (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm))
-        ):
-            # An ignored composite module is opaque: what it reads and writes keeps its size.
+        if name in self.ignore and handler is None and not isinstance(m, _MODELED_MODULES):
+            # An ignored module the analysis can't see into is opaque: its inputs and outputs keep their size.
             self.pin([self._in(a) for a in n.args], f"input of ignored module {name}")
             return None
         if handler is not None:
