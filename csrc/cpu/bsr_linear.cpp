@@ -36,7 +36,7 @@ PYPRUNE_INLINE void block_rows(const BsrArgs& a, int64_t br, int64_t i0, const f
       vf16 xv[NV];
       for (int t = 0; t < NV; ++t) xv[t] = load16(xp + j * ld + kLanes * t);
       for (int i = 0; i < RB; ++i) {
-        const vf16 wi = splat16(w[i * a.bw + j]);
+        const float wi = w[i * a.bw + j];
         for (int t = 0; t < NV; ++t) acc[i][t] += wi * xv[t];
       }
     }

@@ -35,13 +35,13 @@ PYPRUNE_INLINE void row_tile(const int32_t* col, const float* val, int64_t nnz, 
   for (; j + 2 <= nnz; j += 2) {
     const float* p0 = xt + static_cast<int64_t>(col[j]) * ld;
     const float* p1 = xt + static_cast<int64_t>(col[j + 1]) * ld;
-    const vf16 w0 = splat16(val[j]), w1 = splat16(val[j + 1]);
+    const float w0 = val[j], w1 = val[j + 1];
     for (int t = 0; t < NV; ++t) a[t] += w0 * load16(p0 + kLanes * t);
     for (int t = 0; t < NV; ++t) b[t] += w1 * load16(p1 + kLanes * t);
   }
   if (j < nnz) {
     const float* p0 = xt + static_cast<int64_t>(col[j]) * ld;
-    const vf16 w0 = splat16(val[j]);
+    const float w0 = val[j];
     for (int t = 0; t < NV; ++t) a[t] += w0 * load16(p0 + kLanes * t);
   }
   for (int t = 0; t < NV; ++t) store16(out + kLanes * t, a[t] + b[t]);

@@ -15,14 +15,14 @@ namespace pyprune {
 
 // 16 floats: one zmm on AVX-512, two ymm on AVX2, four xmm on the baseline. The same source serves all three:
 // the caller's target attribute decides how GCC lowers it. aligned(4) makes plain dereference an unaligned load.
+// Broadcasts are written as `scalar * vector`: GCC then fuses them into the FMA as an embedded {1to16} memory
+// operand, while a splat helper function gets lowered lane by lane (16 masked broadcasts) before inlining.
 typedef float vf16 __attribute__((vector_size(64), aligned(4)));
 constexpr int kLanes = 16;
 constexpr int kMaxTileVecs = 4;  // up to 64 tokens per tile
 
 PYPRUNE_INLINE vf16 load16(const float* p) { return *reinterpret_cast<const vf16*>(p); }
 PYPRUNE_INLINE void store16(float* p, vf16 v) { *reinterpret_cast<vf16*>(p) = v; }
-PYPRUNE_INLINE vf16 splat16(float s) { return vf16{} + s; }
-
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
 // xt[k * ld + m] = x[m * K + k] for m < M, 0 for the padding M <= m < ld (padding lanes are computed, never
