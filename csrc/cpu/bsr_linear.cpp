@@ -21,24 +21,26 @@ struct BsrArgs {
   int64_t M, K, N, bh, bw;
 };
 
+// acc(RB rows x NV*16 tokens, held in `out`) += block rows [i0, i0 + RB) of block `blk` times xt's slice.
+// Block-outer order: the block's slice of xt (bw rows x tile) is read from L2 once and then from L1 by every
+// RB-row group; the accumulators make a round trip through the L1 buffer once per block (RB*NV loads and
+// stores per bw*RB*NV FMAs).
 template <int RB, int NV>
-PYPRUNE_INLINE void block_rows(const BsrArgs& a, int64_t br, int64_t i0, const float* xt, int64_t ld, float* out,
+PYPRUNE_INLINE void block_rows(const BsrArgs& a, int64_t blk, int64_t i0, const float* xt, int64_t ld, float* out,
                                int64_t ldb) {
   vf16 acc[RB][NV];
   for (int i = 0; i < RB; ++i)
-    for (int t = 0; t < NV; ++t) acc[i][t] = vf16{};
-  for (int64_t blk = a.crow[br]; blk < a.crow[br + 1]; ++blk) {
-    const int64_t c0 = static_cast<int64_t>(a.col[blk]) * a.bw;
-    const int64_t jn = std::min(a.bw, a.K - c0);
-    const float* w = a.val + blk * a.bh * a.bw + i0 * a.bw;
-    const float* xp = xt + c0 * ld;
-    for (int64_t j = 0; j < jn; ++j) {
-      vf16 xv[NV];
-      for (int t = 0; t < NV; ++t) xv[t] = load16(xp + j * ld + kLanes * t);
-      for (int i = 0; i < RB; ++i) {
-        const float wi = w[i * a.bw + j];
-        for (int t = 0; t < NV; ++t) acc[i][t] += wi * xv[t];
-      }
+    for (int t = 0; t < NV; ++t) acc[i][t] = load16(out + i * ldb + kLanes * t);
+  const int64_t c0 = static_cast<int64_t>(a.col[blk]) * a.bw;
+  const int64_t jn = std::min(a.bw, a.K - c0);
+  const float* w = a.val + blk * a.bh * a.bw + i0 * a.bw;
+  const float* xp = xt + c0 * ld;
+  for (int64_t j = 0; j < jn; ++j) {
+    vf16 xv[NV];
+    for (int t = 0; t < NV; ++t) xv[t] = load16(xp + j * ld + kLanes * t);
+    for (int i = 0; i < RB; ++i) {
+      const float wi = w[i * a.bw + j];
+      for (int t = 0; t < NV; ++t) acc[i][t] += wi * xv[t];
     }
   }
   for (int i = 0; i < RB; ++i)
@@ -56,9 +58,12 @@ PYPRUNE_INLINE void tile_units(const BsrArgs& a, const float* xt, int64_t ld, co
     const int64_t p = u / n_tiles, m0 = (u % n_tiles) * tile;
     for (int64_t br = bounds[p]; br < bounds[p + 1]; ++br) {
       const int64_t rows = std::min(a.bh, a.N - br * a.bh);
-      int64_t i = 0;
-      for (; i + RB <= rows; i += RB) block_rows<RB, NV>(a, br, i, xt + m0, ld, buf.data() + i * tile, tile);
-      for (; i < rows; ++i) block_rows<1, NV>(a, br, i, xt + m0, ld, buf.data() + i * tile, tile);
+      std::fill(buf.begin(), buf.begin() + rows * tile, 0.f);
+      for (int64_t blk = a.crow[br]; blk < a.crow[br + 1]; ++blk) {
+        int64_t i = 0;
+        for (; i + RB <= rows; i += RB) block_rows<RB, NV>(a, blk, i, xt + m0, ld, buf.data() + i * tile, tile);
+        for (; i < rows; ++i) block_rows<1, NV>(a, blk, i, xt + m0, ld, buf.data() + i * tile, tile);
+      }
       store_transposed(buf.data(), tile, rows, std::min(tile, a.M - m0), a.bias, y, a.N, br * a.bh, m0);
     }
   }

@@ -25,36 +25,98 @@ PYPRUNE_INLINE vf16 load16(const float* p) { return *reinterpret_cast<const vf16
 PYPRUNE_INLINE void store16(float* p, vf16 v) { *reinterpret_cast<vf16*>(p) = v; }
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
-// xt[k * ld + m] = x[m * K + k] for m < M, 0 for the padding M <= m < ld (padding lanes are computed, never
-// stored). Blocked 16x16 so both the reads and the writes stay within a few cache lines.
-inline void pack_token_minor(const float* x, int64_t M, int64_t K, float* xt, int64_t ld) {
-  at::parallel_for(0, (K + 15) / 16, 1, [&](int64_t kb0, int64_t kb1) {
-    for (int64_t kb = kb0; kb < kb1; ++kb) {
-      const int64_t k0 = kb * 16, k1 = std::min(K, k0 + 16);
-      for (int64_t m0 = 0; m0 < ld; m0 += 16) {
-        for (int64_t k = k0; k < k1; ++k) {
-          float* dst = xt + k * ld + m0;
-          for (int64_t m = 0; m < 16; ++m) dst[m] = (m0 + m < M) ? x[(m0 + m) * K + k] : 0.f;
-        }
-      }
-    }
-  });
+typedef int32_t vi16 __attribute__((vector_size(64)));
+
+// In-register 16x16 transpose by four block-swap stages (B = 8, 4, 2, 1): rows i and i+B exchange their
+// off-diagonal BxB blocks. Written with __builtin_shuffle so the caller's ISA picks the instructions
+// (vpermt2ps on AVX-512); the masks are compile-time constants once the loops unroll.
+template <int B>
+PYPRUNE_INLINE void swap_stage(vf16* r) {
+  vi16 keep, take;
+  for (int l = 0; l < kLanes; ++l) {
+    keep[l] = (l & B) ? kLanes + l - B : l;  // row i: own low block, then row i+B's low block
+    take[l] = (l & B) ? kLanes + l : l + B;  // row i+B: row i's high block, then its own high block
+  }
+  for (int i = 0; i < kLanes; ++i) {
+    if (i & B) continue;
+    const vf16 lo = r[i], hi = r[i + B];
+    r[i] = __builtin_shuffle(lo, hi, keep);
+    r[i + B] = __builtin_shuffle(lo, hi, take);
+  }
 }
 
-// y[(m0 + m) * N + r0 + r] = buf[r * ldb + m] (+ bias[r0 + r]) for r < rows, m < toks.
-inline void store_transposed(const float* buf, int64_t ldb, int64_t rows, int64_t toks, const float* bias,
-                             float* y, int64_t N, int64_t r0, int64_t m0) {
-  for (int64_t rb = 0; rb < rows; rb += 16) {
-    const int64_t re = std::min<int64_t>(rows, rb + 16);
-    for (int64_t m = 0; m < toks; ++m) {
-      float* dst = y + (m0 + m) * N + r0;
-      if (bias) {
-        for (int64_t r = rb; r < re; ++r) dst[r] = buf[r * ldb + m] + bias[r0 + r];
+PYPRUNE_INLINE void transpose16(vf16* r) {
+  swap_stage<8>(r);
+  swap_stage<4>(r);
+  swap_stage<2>(r);
+  swap_stage<1>(r);
+}
+
+// xt[k * ld + m] = x[m * K + k] for k in [k0, k1), m < M; 0 for the padding M <= m < ld (padding lanes are
+// computed, never stored). Whole 16x16 tiles go through transpose16, the ragged rest element by element.
+PYPRUNE_INLINE void pack_token_minor_range(const float* x, int64_t M, int64_t K, float* xt, int64_t ld,
+                                           int64_t k0, int64_t k1) {
+  for (int64_t kb = k0; kb < k1; kb += kLanes) {
+    const int64_t ke = std::min(k1, kb + kLanes);
+    for (int64_t m0 = 0; m0 < ld; m0 += kLanes) {
+      if (ke - kb == kLanes && m0 + kLanes <= M) {
+        vf16 r[kLanes];
+        for (int i = 0; i < kLanes; ++i) r[i] = load16(x + (m0 + i) * K + kb);
+        transpose16(r);
+        for (int j = 0; j < kLanes; ++j) store16(xt + (kb + j) * ld + m0, r[j]);
       } else {
-        for (int64_t r = rb; r < re; ++r) dst[r] = buf[r * ldb + m];
+        for (int64_t k = kb; k < ke; ++k)
+          for (int64_t m = 0; m < kLanes; ++m) xt[k * ld + m0 + m] = (m0 + m < M) ? x[(m0 + m) * K + k] : 0.f;
       }
     }
   }
+}
+
+// y[(m0 + m) * N + r0 + r] = buf[r * ldb + m] (+ bias[r0 + r]) for r < rows, m < toks.
+PYPRUNE_INLINE void store_transposed(const float* buf, int64_t ldb, int64_t rows, int64_t toks, const float* bias,
+                                     float* y, int64_t N, int64_t r0, int64_t m0) {
+  for (int64_t rb = 0; rb < rows; rb += kLanes) {
+    const int64_t re = std::min<int64_t>(rows, rb + kLanes);
+    int64_t mb = 0;
+    if (re - rb == kLanes) {
+      const vf16 b = bias ? load16(bias + r0 + rb) : vf16{};
+      for (; mb + kLanes <= toks; mb += kLanes) {
+        vf16 r[kLanes];
+        for (int i = 0; i < kLanes; ++i) r[i] = load16(buf + (rb + i) * ldb + mb);
+        transpose16(r);
+        for (int j = 0; j < kLanes; ++j) store16(y + (m0 + mb + j) * N + r0 + rb, r[j] + b);
+      }
+    }
+    for (int64_t m = mb; m < toks; ++m) {
+      float* dst = y + (m0 + m) * N + r0;
+      for (int64_t r = rb; r < re; ++r) dst[r] = buf[r * ldb + m] + (bias ? bias[r0 + r] : 0.f);
+    }
+  }
+}
+
+using PackFn = void (*)(const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
+
+#define PYPRUNE_PACK_ISA(SUFFIX, TARGET)                                                                      \
+  TARGET inline void pack_##SUFFIX(const float* x, int64_t M, int64_t K, float* xt, int64_t ld, int64_t k0,   \
+                                   int64_t k1) {                                                             \
+    pack_token_minor_range(x, M, K, xt, ld, k0, k1);                                                         \
+  }
+PYPRUNE_PACK_ISA(baseline, )
+#if PYPRUNE_X86
+PYPRUNE_PACK_ISA(avx2, PYPRUNE_TARGET_AVX2)
+PYPRUNE_PACK_ISA(avx512, PYPRUNE_TARGET_AVX512)
+#endif
+
+// Packs x (M x K) into xt (K x ld), parallel over feature blocks, with the widest ISA the CPU has.
+inline void pack_token_minor(const float* x, int64_t M, int64_t K, float* xt, int64_t ld) {
+  PackFn fn = pack_baseline;
+#if PYPRUNE_X86
+  if (kernel_isa() == Isa::kAvx512) fn = pack_avx512;
+  else if (kernel_isa() == Isa::kAvx2) fn = pack_avx2;
+#endif
+  at::parallel_for(0, (K + kLanes - 1) / kLanes, 1, [&](int64_t b0, int64_t b1) {
+    fn(x, M, K, xt, ld, b0 * kLanes, std::min(K, b1 * kLanes));
+  });
 }
 
 // Splits [0, n_units) into at most `parts` contiguous ranges of nearly equal cost, where cost(u) is
