@@ -69,32 +69,39 @@ PYPRUNE_INLINE void tile_units(const BsrArgs& a, const float* xt, int64_t ld, co
   }
 }
 
-// Few tokens: per block row, dense dot products over its blocks' rows.
+// Few tokens: bound by the weight bytes, so each block is streamed once, contiguously (row by row inside it),
+// into per-row partial sums kept in an L1 buffer (acc: rows x MT vectors), reduced at the end of the block row.
 template <int MT>
-PYPRUNE_INLINE void gather_rows(const BsrArgs& a, const float* x, int64_t b0, int64_t b1, float* y) {
+PYPRUNE_INLINE void gather_rows(const BsrArgs& a, const float* x, int64_t b0, int64_t b1, float* y, vf16* acc,
+                                float* tail) {
   for (int64_t br = b0; br < b1; ++br) {
     const int64_t rows = std::min(a.bh, a.N - br * a.bh);
-    for (int64_t i = 0; i < rows; ++i) {
-      vf16 acc[MT];
-      float tail[MT] = {};
-      for (int m = 0; m < MT; ++m) acc[m] = vf16{};
-      for (int64_t blk = a.crow[br]; blk < a.crow[br + 1]; ++blk) {
-        const int64_t c0 = static_cast<int64_t>(a.col[blk]) * a.bw;
-        const int64_t jn = std::min(a.bw, a.K - c0);
-        const float* w = a.val + blk * a.bh * a.bw + i * a.bw;
+    for (int64_t q = 0; q < rows * MT; ++q) {
+      acc[q] = vf16{};
+      tail[q] = 0.f;
+    }
+    for (int64_t blk = a.crow[br]; blk < a.crow[br + 1]; ++blk) {
+      const int64_t c0 = static_cast<int64_t>(a.col[blk]) * a.bw;
+      const int64_t jn = std::min(a.bw, a.K - c0);
+      const float* w = a.val + blk * a.bh * a.bw;
+      for (int64_t i = 0; i < rows; ++i) {
+        const float* wr = w + i * a.bw;
+        vf16* ai = acc + i * MT;
         int64_t j = 0;
         for (; j + kLanes <= jn; j += kLanes) {
-          const vf16 wv = load16(w + j);
-          for (int m = 0; m < MT; ++m) acc[m] += wv * load16(x + m * a.K + c0 + j);
+          const vf16 wv = load16(wr + j);
+          for (int m = 0; m < MT; ++m) ai[m] += wv * load16(x + m * a.K + c0 + j);
         }
         for (; j < jn; ++j)
-          for (int m = 0; m < MT; ++m) tail[m] += w[j] * x[m * a.K + c0 + j];
+          for (int m = 0; m < MT; ++m) tail[i * MT + m] += wr[j] * x[m * a.K + c0 + j];
       }
+    }
+    for (int64_t i = 0; i < rows; ++i) {
       const int64_t r = br * a.bh + i;
       for (int m = 0; m < MT; ++m) {
-        float s = tail[m];
-        for (int l = 0; l < kLanes; ++l) s += acc[m][l];
-        y[m * a.N + r] = s + (a.bias ? a.bias[r] : 0.f);
+        float sum = tail[i * MT + m];
+        for (int l = 0; l < kLanes; ++l) sum += acc[i * MT + m][l];
+        y[m * a.N + r] = sum + (a.bias ? a.bias[r] : 0.f);
       }
     }
   }
@@ -103,12 +110,17 @@ PYPRUNE_INLINE void gather_rows(const BsrArgs& a, const float* x, int64_t b0, in
 template <int MT>
 PYPRUNE_INLINE void gather_units(const BsrArgs& a, const float* x, const int64_t* bounds, int64_t p0, int64_t p1,
                                  float* y) {
+  // float storage: a std::vector<vf16> would drop the typedef's aligned(4) and assume 64-byte alignment
+  std::vector<float> acc_buf(a.bh * MT * kLanes);
+  vf16* acc = reinterpret_cast<vf16*>(acc_buf.data());
+  std::vector<float> tail(a.bh * MT);
   for (int64_t p = p0; p < p1; ++p)
     for (int64_t m0 = 0; m0 < a.M; m0 += MT) {
       if (a.M - m0 >= MT) {
-        gather_rows<MT>(a, x + m0 * a.K, bounds[p], bounds[p + 1], y + m0 * a.N);
+        gather_rows<MT>(a, x + m0 * a.K, bounds[p], bounds[p + 1], y + m0 * a.N, acc, tail.data());
       } else {
-        for (int64_t m = m0; m < a.M; ++m) gather_rows<1>(a, x + m * a.K, bounds[p], bounds[p + 1], y + m * a.N);
+        for (int64_t m = m0; m < a.M; ++m)
+          gather_rows<1>(a, x + m * a.K, bounds[p], bounds[p + 1], y + m * a.N, acc, tail.data());
       }
     }
 }
