@@ -69,7 +69,7 @@ def numpy_dense(lin, x, sparsity):
 
 def _pruned(lin, sparsity, block=None):
     w = lin.weight.detach()
-    return w * (block_mask(w, block, sparsity) if block else magnitude_mask(w, sparsity))
+    return w * (block_mask(w, sparsity, block) if block else magnitude_mask(w, sparsity))
 
 
 def torch_sparse_csr(lin, x, sparsity):

@@ -5,7 +5,7 @@
 // load, so each loaded vector feeds RB FMAs (RB=4 on AVX-512: 4 loads + 4 broadcasts per 16 FMAs) and the
 // kernel can approach the FMA roofline at 1/density of the dense time. Few tokens: dense dot products of each
 // block row against x, bound by the weight bytes.
-#include "pyprune/check.h"
+#include "pyprune/linear.h"
 #include "pyprune/token_tiles.h"
 
 namespace pyprune {
@@ -19,6 +19,7 @@ struct BsrArgs {
   const float* val;
   const float* bias;
   int64_t M, K, N, bh, bw;
+  UnitOrder order;
 };
 
 // acc(RB rows x NV*16 tokens, held in `out`) += block rows [i0, i0 + RB) of block `blk` times xt's slice.
@@ -52,17 +53,19 @@ template <int RB, int NV>
 PYPRUNE_INLINE void tile_units(const BsrArgs& a, const float* xt, int64_t ld, const int64_t* bounds,
                                int64_t u0, int64_t u1, float* y) {
   constexpr int64_t tile = kLanes * NV;
-  const int64_t n_tiles = (a.M + tile - 1) / tile;
   std::vector<float> buf(a.bh * tile);
   for (int64_t u = u0; u < u1; ++u) {
-    const int64_t p = u / n_tiles, m0 = (u % n_tiles) * tile;
+    int64_t p, t;
+    a.order.decode(u, p, t);
+    const int64_t m0 = t * tile;
+    const float* xtt = xt + (m0 / tile) * a.K * ld;
     for (int64_t br = bounds[p]; br < bounds[p + 1]; ++br) {
       const int64_t rows = std::min(a.bh, a.N - br * a.bh);
       std::fill(buf.begin(), buf.begin() + rows * tile, 0.f);
       for (int64_t blk = a.crow[br]; blk < a.crow[br + 1]; ++blk) {
         int64_t i = 0;
-        for (; i + RB <= rows; i += RB) block_rows<RB, NV>(a, blk, i, xt + m0, ld, buf.data() + i * tile, tile);
-        for (; i < rows; ++i) block_rows<1, NV>(a, blk, i, xt + m0, ld, buf.data() + i * tile, tile);
+        for (; i + RB <= rows; i += RB) block_rows<RB, NV>(a, blk, i, xtt, ld, buf.data() + i * tile, tile);
+        for (; i < rows; ++i) block_rows<1, NV>(a, blk, i, xtt, ld, buf.data() + i * tile, tile);
       }
       store_transposed(buf.data(), tile, rows, std::min(tile, a.M - m0), a.bias, y, a.N, br * a.bh, m0);
     }
@@ -205,22 +208,14 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
     const at::Tensor w = grid.permute({0, 2, 1, 3}).reshape({n_brows * bh, n_bcols * bw}).slice(0, 0, N).slice(1, 0, K);
     return at::linear(x, w, bias);
   }
-  at::Tensor b;
-  if (bias.has_value()) {
-    b = bias->contiguous();
-    PYPRUNE_CHECK_DTYPE(b, op, "bias", at::kFloat);
-    PYPRUNE_CHECK_CPU(b, op, "bias");
-    PYPRUNE_CHECK(b.dim() == 1 && b.numel() == N, op, "bias", "must have shape (", N, "), got ", b.sizes());
-  }
-  auto out_sizes = x.sizes().vec();
-  out_sizes.back() = N;
-  at::Tensor y = at::empty(out_sizes, x.options());
+  const at::Tensor b = checked_bias(bias, N, op);
+  at::Tensor y = linear_output(x, N);
   if (M == 0 || N == 0) return y;
-  if (K == 0 || nnzb == 0) return b.defined() ? y.copy_(b.expand_as(y)) : y.zero_();
+  if (K == 0 || nnzb == 0) return bias_only(y, b);
 
   const at::Tensor xc = x.contiguous();
-  const BsrArgs a{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), val.data_ptr<float>(),
-                  b.defined() ? b.data_ptr<float>() : nullptr, M, K, N, bh, bw};
+  BsrArgs a{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), val.data_ptr<float>(),
+            b.defined() ? b.data_ptr<float>() : nullptr, M, K, N, bh, bw, UnitOrder{}};
   const int32_t* cr = a.crow;
   const int64_t block_cost = bh * bw;
   auto prefix = [cr, block_cost](int64_t r) { return static_cast<int64_t>(cr[r]) * block_cost; };
@@ -239,11 +234,13 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   // A block row walks its block columns in order, so xt streams through the prefetchers: the widest tile wins.
   int nv = kMaxTileVecs;
   const UnitsFn fn = pick_units(isa, nv);
-  const int64_t ld = round_up(M, kLanes), tile = kLanes * nv;
-  at::Tensor xt = at::empty({K, ld}, x.options());
-  pack_token_minor(xc.data_ptr<float>(), M, K, xt.data_ptr<float>(), ld);
+  const int64_t tile = kLanes * nv, ld = tile;
+  at::Tensor xt = at::empty({round_up(M, tile), K}, x.options());
+  pack_token_minor(xc.data_ptr<float>(), M, K, xt.data_ptr<float>(), tile);
   const auto bounds = balanced_split(n_brows, threads * 8, prefix, bh * 4);
-  const int64_t n_units = (static_cast<int64_t>(bounds.size()) - 1) * ((M + tile - 1) / tile);
+  a.order = unit_order(static_cast<int64_t>(bounds.size()) - 1, (M + tile - 1) / tile, nnzb * bh * bw * 4,
+                       K * M * 4);
+  const int64_t n_units = a.order.size();
   const float* xtp = xt.data_ptr<float>();
   at::parallel_for(0, n_units, 1, [&](int64_t u0, int64_t u1) { fn(a, xtp, ld, bounds.data(), u0, u1, yp); });
   return y;

@@ -7,7 +7,7 @@
 // weight bytes (8 per nonzero), not by arithmetic.
 #include <immintrin.h>
 
-#include "pyprune/check.h"
+#include "pyprune/linear.h"
 #include "pyprune/token_tiles.h"
 
 namespace pyprune {
@@ -22,6 +22,7 @@ struct CsrArgs {
   const float* val;
   const float* bias;
   int64_t M, K, N;
+  UnitOrder order;
 };
 
 // Two accumulator sets over alternate nonzeros: with 4 vectors that is 8 independent FMA chains, enough to
@@ -55,7 +56,7 @@ PYPRUNE_INLINE void rows_tile(const CsrArgs& a, const float* xt, int64_t ld, int
     const int64_t ge = std::min(r1, g + kRowGroup);
     for (int64_t r = g; r < ge; ++r) {
       const int64_t s = a.crow[r];
-      row_tile<NV>(a.col + s, a.val + s, a.crow[r + 1] - s, xt + m0, ld, buf + (r - g) * ldb);
+      row_tile<NV>(a.col + s, a.val + s, a.crow[r + 1] - s, xt, ld, buf + (r - g) * ldb);
     }
     store_transposed(buf, ldb, ge - g, std::min<int64_t>(ldb, a.M - m0), a.bias, y, a.N, g, m0);
   }
@@ -67,11 +68,11 @@ template <int NV>
 PYPRUNE_INLINE void tile_units(const CsrArgs& a, const float* xt, int64_t ld, const int64_t* rb, int64_t u0,
                                int64_t u1, float* y) {
   constexpr int64_t tile = kLanes * NV;
-  const int64_t n_tiles = (a.M + tile - 1) / tile;
   alignas(64) float buf[kRowGroup * tile];
   for (int64_t u = u0; u < u1; ++u) {
-    const int64_t p = u / n_tiles, t = u % n_tiles;
-    rows_tile<NV>(a, xt, ld, rb[p], rb[p + 1], t * tile, buf, y);
+    int64_t p, t;
+    a.order.decode(u, p, t);
+    rows_tile<NV>(a, xt + t * a.K * ld, ld, rb[p], rb[p + 1], t * tile, buf, y);
   }
 }
 
@@ -214,22 +215,14 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
     const at::Tensor w = at::zeros({N, K}, val.options()).index_put_({rows, col.to(at::kLong)}, val, true);
     return at::linear(x, w, bias);
   }
-  at::Tensor b;
-  if (bias.has_value()) {
-    b = bias->contiguous();
-    PYPRUNE_CHECK_DTYPE(b, op, "bias", at::kFloat);
-    PYPRUNE_CHECK_CPU(b, op, "bias");
-    PYPRUNE_CHECK(b.dim() == 1 && b.numel() == N, op, "bias", "must have shape (", N, "), got ", b.sizes());
-  }
-  auto out_sizes = x.sizes().vec();
-  out_sizes.back() = N;
-  at::Tensor y = at::empty(out_sizes, x.options());
+  const at::Tensor b = checked_bias(bias, N, op);
+  at::Tensor y = linear_output(x, N);
   if (M == 0 || N == 0) return y;
-  if (K == 0 || nnz == 0) return b.defined() ? y.copy_(b.expand_as(y)) : y.zero_();
+  if (K == 0 || nnz == 0) return bias_only(y, b);
 
   const at::Tensor xc = x.contiguous();
-  const CsrArgs a{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), val.data_ptr<float>(),
-                  b.defined() ? b.data_ptr<float>() : nullptr, M, K, N};
+  CsrArgs a{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), val.data_ptr<float>(),
+            b.defined() ? b.data_ptr<float>() : nullptr, M, K, N, UnitOrder{}};
   const int32_t* cr = a.crow;
   auto prefix = [cr](int64_t r) { return static_cast<int64_t>(cr[r]); };
   const int64_t threads = at::get_num_threads();
@@ -242,12 +235,13 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   }
   // Largest tile whose slice of xt fits in ~512 KiB of L2 (the column indices of a row are scattered over K).
   const int nv = tile_vecs(isa, static_cast<int>(std::clamp<int64_t>((512 * 1024) / (K * kLanes * 4), 1, kMaxTileVecs)));
-  const int64_t ld = round_up(M, kLanes), tile = kLanes * nv;
-  at::Tensor xt = at::empty({K, ld}, x.options());
-  pack_token_minor(xc.data_ptr<float>(), M, K, xt.data_ptr<float>(), ld);
+  const int64_t tile = kLanes * nv, ld = tile;
+  at::Tensor xt = at::empty({round_up(M, tile), K}, x.options());
+  pack_token_minor(xc.data_ptr<float>(), M, K, xt.data_ptr<float>(), tile);
   const auto rb = balanced_split(N, threads * 8, prefix, 16);
   const UnitsFn fn = pick_units(isa, nv);
-  const int64_t n_units = (static_cast<int64_t>(rb.size()) - 1) * ((M + tile - 1) / tile);
+  a.order = unit_order(static_cast<int64_t>(rb.size()) - 1, (M + tile - 1) / tile, nnz * 8, K * M * 4);
+  const int64_t n_units = a.order.size();
   const float* xtp = xt.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, n_units, 1, [&](int64_t u0, int64_t u1) { fn(a, xtp, ld, rb.data(), u0, u1, yp); });

@@ -10,7 +10,7 @@
 // needs no masking) picks each output's input: per group and token 2 FMAs instead of the dense 4.
 #include <immintrin.h>
 
-#include "pyprune/check.h"
+#include "pyprune/linear.h"
 #include "pyprune/token_tiles.h"
 
 namespace pyprune {
@@ -160,18 +160,10 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
                              .scatter_add_(1, cols.t().to(at::kLong), values.t()).slice(1, 0, K);
     return at::linear(x, w, bias);
   }
-  at::Tensor b;
-  if (bias.has_value()) {
-    b = bias->contiguous();
-    PYPRUNE_CHECK_DTYPE(b, op, "bias", at::kFloat);
-    PYPRUNE_CHECK_CPU(b, op, "bias");
-    PYPRUNE_CHECK(b.dim() == 1 && b.numel() == N, op, "bias", "must have shape (", N, "), got ", b.sizes());
-  }
-  auto out_sizes = x.sizes().vec();
-  out_sizes.back() = N;
-  at::Tensor y = at::empty(out_sizes, x.options());
+  const at::Tensor b = checked_bias(bias, N, op);
+  at::Tensor y = linear_output(x, N);
   if (M == 0 || N == 0) return y;
-  if (K == 0) return b.defined() ? y.copy_(b.expand_as(y)) : y.zero_();
+  if (K == 0) return bias_only(y, b);
 
   // The kernel reads whole group pairs: pad the rows of x to K4 with zeros when K is not a multiple of 8.
   at::Tensor xc = x.reshape({M, K});

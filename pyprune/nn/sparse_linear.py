@@ -58,7 +58,7 @@ class SparseLinear(nn.Module):
                     raise ValueError(f"sparsity for layout '2:4' must be 0.5 (or None), got {sparsity!r}")
                 mask = nm_mask(w, 2, 4)
             elif layout == "bsr":
-                mask = block_mask(w, check_block(block), sparsity)
+                mask = block_mask(w, sparsity, check_block(block))
             else:
                 mask = magnitude_mask(w, sparsity)
             w = w * mask

@@ -17,6 +17,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..sparse.select import (block_mask, block_scores, check_sparsity, expand_blocks, lowest_k,
+                             magnitude_mask, nm_mask)
+
 
 class WeightMask(nn.Module):
     """Parametrization ``w -> w * mask``. mask: bool, same shape as the weight."""
@@ -32,61 +35,6 @@ class WeightMask(nn.Module):
 def _as_2d(w: torch.Tensor) -> torch.Tensor:
     # Conv weights (O, C, kh, kw) flatten to (O, C*kh*kw): the reduction dim of the im2col GEMM.
     return w.reshape(w.shape[0], -1)
-
-
-def _lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask (same shape) keeping all but exactly the ``k`` lowest scores (ties: lower index pruned)."""
-    keep = torch.ones(scores.numel(), dtype=torch.bool)
-    keep[torch.argsort(scores.reshape(-1), stable=True)[:k]] = False
-    return keep.reshape(scores.shape)
-
-
-def unstructured_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keep the largest |w|; exactly ``round(sparsity * w.numel())`` entries are zeroed -> bool, w's shape."""
-    _check_sparsity(sparsity)
-    return _lowest_k(w.detach().abs(), round(sparsity * w.numel()))
-
-
-def nm_mask(w: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
-    """N:M mask: in every run of ``m`` consecutive weights along the input (reduction) dim, keep the ``n``
-    largest |w|. w: (O, I) or (O, C, kh, kw) with I = C*kh*kw divisible by m -> bool, shape of w."""
-    if not 0 < n <= m:
-        raise ValueError(f"N:M pattern needs 0 < N <= M, got {n}:{m}")
-    w2 = _as_2d(w.detach())
-    if w2.shape[1] % m:
-        raise ValueError(f"N:M pattern {n}:{m}: input dim {w2.shape[1]} is not a multiple of {m}")
-    groups = w2.abs().reshape(w2.shape[0], -1, m)
-    top = groups.topk(n, dim=-1).indices
-    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True)
-    return keep.reshape(w.shape)
-
-
-def block_scores(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """L2 norm of each (bh, bw) tile of the 2-D weight. w: (O, I) -> (O // bh, I // bw)."""
-    bh, bw = block
-    w2 = _as_2d(w.detach())
-    if w2.shape[0] % bh or w2.shape[1] % bw:
-        raise ValueError(f"block {block} does not tile a weight of shape {tuple(w2.shape)}")
-    return w2.reshape(w2.shape[0] // bh, bh, w2.shape[1] // bw, bw).pow(2).sum((1, 3)).sqrt()
-
-
-def _expand_blocks(keep: torch.Tensor, block: tuple[int, int], shape: torch.Size) -> torch.Tensor:
-    return keep.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1).reshape(shape)
-
-
-def block_mask(w: torch.Tensor, sparsity: float, block: tuple[int, int] = (32, 32)) -> torch.Tensor:
-    """Zero exactly ``round(sparsity * n_blocks)`` whole tiles, those of smallest L2 norm.
-
-    w: (O, I) or (O, C, kh, kw) -> bool mask of w's shape.
-    """
-    _check_sparsity(sparsity)
-    s = block_scores(w, block)
-    return _expand_blocks(_lowest_k(s, round(sparsity * s.numel())), block, w.shape)
-
-
-def _check_sparsity(s: float) -> None:
-    if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s <= 1.0:
-        raise ValueError(f"sparsity must be a number in [0, 1] (fraction of weights zeroed), got {s!r}")
 
 
 def _parse_pattern(pattern: str) -> tuple[str, int, int]:
@@ -119,7 +67,7 @@ class CubicSchedule:
             raise ValueError(f"CubicSchedule needs 0 <= begin_step < end_step, got {begin_step}, {end_step}")
         if frequency < 1:
             raise ValueError(f"CubicSchedule frequency must be >= 1, got {frequency}")
-        _check_sparsity(initial_sparsity)
+        check_sparsity(initial_sparsity)
         self.begin_step, self.end_step, self.frequency = begin_step, end_step, frequency
         self.initial_sparsity = initial_sparsity
         self.final_sparsity: float | None = None
@@ -214,7 +162,7 @@ def sparsify(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     kind, n, m = _parse_pattern(pattern)
     if kind != "nm":
-        _check_sparsity(sparsity)
+        check_sparsity(sparsity)
     if scope not in ("layer", "global"):
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
     if kind == "block" and (len(block) != 2 or min(block) < 1):
@@ -249,7 +197,7 @@ def sparsify(
                 masks = {name: nm_mask(w, n, m) for name, w in weights.items()}
             elif scope == "layer":
                 masks = {
-                    name: (unstructured_mask(w, s) if kind == "unstructured" else block_mask(w, s, block))
+                    name: (magnitude_mask(w, s) if kind == "unstructured" else block_mask(w, s, block))
                     for name, w in weights.items()
                 }
             else:
@@ -258,13 +206,13 @@ def sparsify(
                     for name, w in weights.items()
                 }
                 flat = torch.cat([sc.reshape(-1) for sc in scores.values()])
-                keep = _lowest_k(flat, round(s * flat.numel()))
+                keep = lowest_k(flat, round(s * flat.numel()))
                 masks, start = {}, 0
                 for name, sc in scores.items():
                     k = keep[start : start + sc.numel()].reshape(sc.shape)
                     start += sc.numel()
                     masks[name] = (
-                        k if kind == "unstructured" else _expand_blocks(k, block, weights[name].shape)
+                        k if kind == "unstructured" else expand_blocks(k, block, weights[name].shape)
                     )
             for name, mask in masks.items():
                 _set_mask(layers[name], mask)
@@ -303,5 +251,5 @@ __all__ = [
     "nm_mask",
     "remove_masks",
     "sparsify",
-    "unstructured_mask",
+    "magnitude_mask",
 ]

@@ -23,7 +23,7 @@ def pruned_weight(n: int, k: int, sparsity: float, layout: str, block=(16, 8), d
             return w * mask
         return w * mask * (magnitude_mask(w * mask, sparsity) if sparsity > 0.5 else 1)
     if layout == "bsr":
-        return w * block_mask(w, block, sparsity)
+        return w * block_mask(w, sparsity, block)
     return w * magnitude_mask(w, sparsity)
 
 

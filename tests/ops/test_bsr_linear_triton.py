@@ -54,7 +54,7 @@ def interp():
 def bsr_case(n, k, block, sparsity=0.5, dtype=torch.float32, device="cpu", empty_rows=()):
     """Dense pruned weight (rounded to dtype) and its BSR; block rows in ``empty_rows`` hold no block."""
     w = torch.randn(n, k)
-    w = w * block_mask(w, block, sparsity)
+    w = w * block_mask(w, sparsity, block)
     for r in empty_rows:
         w[r * block[0]:(r + 1) * block[0]] = 0
     w = w.to(dtype)

@@ -85,7 +85,7 @@ def test_sparse24_rejects_dense_weight_and_bad_meta():
 def test_masks_have_exact_counts():
     w = torch.randn(64, 96)
     assert int(magnitude_mask(w, 0.9).sum()) == round(0.1 * w.numel())
-    m = block_mask(w, (16, 32), 0.5)
+    m = block_mask(w, 0.5, (16, 32))
     assert int(m.sum()) == 64 * 96 // 2
     assert m.reshape(4, 16, 3, 32).all((1, 3)).sum() == 6
     nm = nm_mask(w, 2, 4).reshape(64, 24, 4)

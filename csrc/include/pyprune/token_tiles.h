@@ -52,21 +52,25 @@ PYPRUNE_INLINE void transpose16(vf16* r) {
   swap_stage<1>(r);
 }
 
-// xt[k * ld + m] = x[m * K + k] for k in [k0, k1), m < M; 0 for the padding M <= m < ld (padding lanes are
-// computed, never stored). Whole 16x16 tiles go through transpose16, the ragged rest element by element.
-PYPRUNE_INLINE void pack_token_minor_range(const float* x, int64_t M, int64_t K, float* xt, int64_t ld,
+// Token-minor packing in tile-major order: xt[t][k][j] = x[t * tile + j][k] for k in [k0, k1), zero for the
+// padding tokens past M (computed, never stored). One token tile's slice (K x tile) is contiguous, so a kernel
+// jumping between columns stays within a few pages (a K x M layout puts every column of a tile on its own page
+// once M is large: TLB misses cost 10x at M = 2048). Whole 16x16 blocks go through transpose16.
+PYPRUNE_INLINE void pack_token_minor_range(const float* x, int64_t M, int64_t K, float* xt, int64_t tile,
                                            int64_t k0, int64_t k1) {
+  const int64_t m_end = round_up(M, tile);
   for (int64_t kb = k0; kb < k1; kb += kLanes) {
     const int64_t ke = std::min(k1, kb + kLanes);
-    for (int64_t m0 = 0; m0 < ld; m0 += kLanes) {
+    for (int64_t m0 = 0; m0 < m_end; m0 += kLanes) {
+      float* dst = xt + (m0 / tile) * K * tile + m0 % tile;  // + k * tile + j
       if (ke - kb == kLanes && m0 + kLanes <= M) {
         vf16 r[kLanes];
         for (int i = 0; i < kLanes; ++i) r[i] = load16(x + (m0 + i) * K + kb);
         transpose16(r);
-        for (int j = 0; j < kLanes; ++j) store16(xt + (kb + j) * ld + m0, r[j]);
+        for (int j = 0; j < kLanes; ++j) store16(dst + (kb + j) * tile, r[j]);
       } else {
         for (int64_t k = kb; k < ke; ++k)
-          for (int64_t m = 0; m < kLanes; ++m) xt[k * ld + m0 + m] = (m0 + m < M) ? x[(m0 + m) * K + k] : 0.f;
+          for (int64_t m = 0; m < kLanes; ++m) dst[k * tile + m] = (m0 + m < M) ? x[(m0 + m) * K + k] : 0.f;
       }
     }
   }
@@ -97,9 +101,9 @@ PYPRUNE_INLINE void store_transposed(const float* buf, int64_t ldb, int64_t rows
 using PackFn = void (*)(const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
 
 #define PYPRUNE_PACK_ISA(SUFFIX, TARGET)                                                                      \
-  TARGET inline void pack_##SUFFIX(const float* x, int64_t M, int64_t K, float* xt, int64_t ld, int64_t k0,   \
+  TARGET inline void pack_##SUFFIX(const float* x, int64_t M, int64_t K, float* xt, int64_t tile, int64_t k0, \
                                    int64_t k1) {                                                             \
-    pack_token_minor_range(x, M, K, xt, ld, k0, k1);                                                         \
+    pack_token_minor_range(x, M, K, xt, tile, k0, k1);                                                       \
   }
 PYPRUNE_PACK_ISA(baseline, )
 #if PYPRUNE_X86
@@ -107,16 +111,33 @@ PYPRUNE_PACK_ISA(avx2, PYPRUNE_TARGET_AVX2)
 PYPRUNE_PACK_ISA(avx512, PYPRUNE_TARGET_AVX512)
 #endif
 
-// Packs x (M x K) into xt (K x ld), parallel over feature blocks, with the widest ISA the CPU has.
-inline void pack_token_minor(const float* x, int64_t M, int64_t K, float* xt, int64_t ld) {
+// Packs x (M x K) into xt (ceil(M / tile) x K x tile), parallel over feature blocks, with the widest ISA.
+inline void pack_token_minor(const float* x, int64_t M, int64_t K, float* xt, int64_t tile) {
   PackFn fn = pack_baseline;
 #if PYPRUNE_X86
   if (kernel_isa() == Isa::kAvx512) fn = pack_avx512;
   else if (kernel_isa() == Isa::kAvx2) fn = pack_avx2;
 #endif
   at::parallel_for(0, (K + kLanes - 1) / kLanes, 1, [&](int64_t b0, int64_t b1) {
-    fn(x, M, K, xt, ld, b0 * kLanes, std::min(K, b1 * kLanes));
+    fn(x, M, K, xt, tile, b0 * kLanes, std::min(K, b1 * kLanes));
   });
+}
+
+// The order of the (row part p, token tile t) work units. Row-part-outer keeps a part's weights hot and
+// re-reads xt once per part; tile-outer keeps one tile's slice of xt hot and re-reads the weights once per
+// tile: pick whichever re-reads fewer bytes (tile-outer wins for many tokens and few nonzeros).
+struct UnitOrder {
+  int64_t n_parts = 1, n_tiles = 1;
+  bool tile_outer = false;
+  int64_t size() const { return n_parts * n_tiles; }
+  PYPRUNE_INLINE void decode(int64_t u, int64_t& p, int64_t& t) const {
+    if (tile_outer) { t = u / n_parts; p = u % n_parts; }
+    else { p = u / n_tiles; t = u % n_tiles; }
+  }
+};
+
+inline UnitOrder unit_order(int64_t n_parts, int64_t n_tiles, int64_t weight_bytes, int64_t xt_bytes) {
+  return {n_parts, n_tiles, n_tiles * weight_bytes < n_parts * xt_bytes};
 }
 
 // Splits [0, n_units) into at most `parts` contiguous ranges of nearly equal cost, where cost(u) is

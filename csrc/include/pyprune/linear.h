@@ -1,0 +1,29 @@
+// What the CPU linear ops share around their kernels: the bias check and the output tensor.
+#pragma once
+#include "pyprune/check.h"
+
+namespace pyprune {
+
+// bias: None or (N,) fp32 on the CPU; returned contiguous (undefined for None).
+inline at::Tensor checked_bias(const std::optional<at::Tensor>& bias, int64_t N, const char* op) {
+  if (!bias.has_value()) return at::Tensor();
+  at::Tensor b = bias->contiguous();
+  PYPRUNE_CHECK_DTYPE(b, op, "bias", at::kFloat);
+  PYPRUNE_CHECK_CPU(b, op, "bias");
+  PYPRUNE_CHECK(b.dim() == 1 && b.numel() == N, op, "bias", "must have shape (", N, "), got ", b.sizes());
+  return b;
+}
+
+// y: (..., N) for x: (..., K), uninitialised.
+inline at::Tensor linear_output(const at::Tensor& x, int64_t N) {
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  return at::empty(sizes, x.options());
+}
+
+// The result of a weight with nothing stored (or K = 0): the bias broadcast, or zeros.
+inline at::Tensor bias_only(at::Tensor& y, const at::Tensor& b) {
+  return b.defined() ? y.copy_(b.expand_as(y)) : y.zero_();
+}
+
+}  // namespace pyprune
