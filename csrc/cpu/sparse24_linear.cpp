@@ -19,6 +19,7 @@ namespace {
 constexpr int kMR = 8;          // tokens per register tile
 constexpr int64_t kOutBlock = 64;  // outputs per parallel unit
 constexpr int64_t kTokBlock = 64;  // tokens per parallel unit
+constexpr int64_t kDecodeMaxTokens = 4;
 
 struct S24Args {
   const float* val;
@@ -107,6 +108,49 @@ PYPRUNE_TARGET_AVX2 void panel_avx2(const S24Args& a, const float* x, int64_t m0
   for (int m = 0; m < MR; ++m) _mm256_storeu_ps(y + (m0 + m) * N + o0, _mm256_add_ps(acc[m], b));
 }
 
+// Decoding (few tokens): bound by the weight bytes, so the values are streamed row by row, each row contiguous
+// over all N outputs, into a per-thread accumulator acc (MT x N, L1/L2) over a range of group pairs; the
+// threads' partial sums are added at the end. (The panel kernel above walks each 16-output column panel
+// down all of K instead: 64-byte reads at a 4N-byte stride that starve the prefetchers.)
+template <int MT>
+PYPRUNE_TARGET_AVX512 void decode_avx512(const S24Args& a, const float* x, int64_t p0, int64_t p1, float* acc) {
+  const int64_t N = a.N;
+  for (int64_t p = p0; p < p1; ++p) {
+    __m512 xa[MT], xb[MT];
+    for (int m = 0; m < MT; ++m) {
+      xa[m] = _mm512_broadcast_f32x4(_mm_loadu_ps(x + m * a.K4 + 8 * p));
+      xb[m] = _mm512_broadcast_f32x4(_mm_loadu_ps(x + m * a.K4 + 8 * p + 4));
+    }
+    const float* v = a.val + 4 * p * N;
+    const uint8_t* mp = a.meta + p * N;
+    for (int64_t o = 0; o < N; o += 16) {
+      const __mmask16 k = static_cast<__mmask16>(N - o >= 16 ? 0xFFFFu : (1u << (N - o)) - 1u);
+      const __m512i mb = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, mp + o));
+      const __m512i i1 = _mm512_srli_epi32(mb, 2), i2 = _mm512_srli_epi32(mb, 4), i3 = _mm512_srli_epi32(mb, 6);
+      const __m512 v0 = _mm512_maskz_loadu_ps(k, v + o), v1 = _mm512_maskz_loadu_ps(k, v + N + o);
+      const __m512 v2 = _mm512_maskz_loadu_ps(k, v + 2 * N + o), v3 = _mm512_maskz_loadu_ps(k, v + 3 * N + o);
+      for (int m = 0; m < MT; ++m) {
+        __m512 s = _mm512_maskz_loadu_ps(k, acc + m * N + o);
+        s = _mm512_fmadd_ps(v0, _mm512_permutevar_ps(xa[m], mb), s);
+        s = _mm512_fmadd_ps(v1, _mm512_permutevar_ps(xa[m], i1), s);
+        s = _mm512_fmadd_ps(v2, _mm512_permutevar_ps(xb[m], i2), s);
+        s = _mm512_fmadd_ps(v3, _mm512_permutevar_ps(xb[m], i3), s);
+        _mm512_mask_storeu_ps(acc + m * N + o, k, s);
+      }
+    }
+  }
+}
+
+PYPRUNE_TARGET_AVX512 void decode_range_avx512(const S24Args& a, const float* x, int64_t p0, int64_t p1,
+                                               float* acc) {
+  switch (a.M) {
+    case 4: return decode_avx512<4>(a, x, p0, p1, acc);
+    case 3: return decode_avx512<3>(a, x, p0, p1, acc);
+    case 2: return decode_avx512<2>(a, x, p0, p1, acc);
+    default: return decode_avx512<1>(a, x, p0, p1, acc);
+  }
+}
+
 PYPRUNE_TARGET_AVX2 void block_avx2(const S24Args& a, const float* x, int64_t m0, int64_t m1, int64_t o0,
                                     int64_t o1, float* y) {
   int64_t o = o0;
@@ -171,9 +215,23 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
   const at::Tensor v = values.contiguous(), mt = meta.contiguous();
   const S24Args a{v.data_ptr<float>(), mt.data_ptr<uint8_t>(), b.defined() ? b.data_ptr<float>() : nullptr,
                   M, K4, N};
-  const BlockFn fn = pick_block(kernel_isa());
   const float* xp = xc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+#if PYPRUNE_X86
+  if (M <= kDecodeMaxTokens && kernel_isa() == Isa::kAvx512) {
+    const int64_t pairs = K4 / 8, parts = std::min<int64_t>(at::get_num_threads(), pairs);
+    at::Tensor partial = at::zeros({parts, M, N}, x.options());
+    float* pp = partial.data_ptr<float>();
+    at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q)
+        decode_range_avx512(a, xp, pairs * q / parts, pairs * (q + 1) / parts, pp + q * M * N);
+    });
+    at::Tensor out = partial.sum(0);
+    if (b.defined()) out.add_(b);
+    return y.copy_(out.view(y.sizes()));
+  }
+#endif
+  const BlockFn fn = pick_block(kernel_isa());
   const int64_t n_ob = (N + kOutBlock - 1) / kOutBlock, n_tb = (M + kTokBlock - 1) / kTokBlock;
   at::parallel_for(0, n_ob * n_tb, 1, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
