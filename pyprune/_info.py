@@ -31,7 +31,10 @@ def info(print_it: bool = True) -> dict:
                 "why": "built" if _extension.HAS_CPP else _extension.CPP_REASON + " (the CPU ops fall back to "
                        "the slow reference in pyprune/reference.py)",
                 "kernel_isa": feats.get("kernel_isa")},
-        "cuda": {"available": _extension.HAS_CUDA, "why": "built" if _extension.HAS_CUDA else _extension.CUDA_REASON},
+        "cuda": {"available": _extension.HAS_CUDA,
+                 "why": (f"extension built with CUDA {torch.version.cuda}; no .cu kernels yet, CUDA tensors go "
+                         "through the Triton router (pyprune.use_backend / PYPRUNE_BACKEND)")
+                 if _extension.HAS_CUDA else _extension.CUDA_REASON},
         "triton": {"available": triton_ok, "why": triton_why},
     }
     if print_it:

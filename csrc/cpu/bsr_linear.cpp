@@ -231,8 +231,9 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
                      [&](int64_t p0, int64_t p1) { fn(a, xp, bounds.data(), p0, p1, yp); });
     return y;
   }
-  // A block row walks its block columns in order, so xt streams through the prefetchers: the widest tile wins.
-  int nv = kMaxTileVecs;
+  // A block row walks its block columns in order, so xt streams through the prefetchers: the widest tile wins,
+  // up to the number of tokens (padding lanes are computed for nothing).
+  int nv = static_cast<int>(std::min<int64_t>(kMaxTileVecs, (M + kLanes - 1) / kLanes));
   const UnitsFn fn = pick_units(isa, nv);
   const int64_t tile = kLanes * nv, ld = tile;
   at::Tensor xt = at::empty({round_up(M, tile), K}, x.options());

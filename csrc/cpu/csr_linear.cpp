@@ -234,7 +234,10 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
     return y;
   }
   // Largest tile whose slice of xt fits in ~512 KiB of L2 (the column indices of a row are scattered over K).
-  const int nv = tile_vecs(isa, static_cast<int>(std::clamp<int64_t>((512 * 1024) / (K * kLanes * 4), 1, kMaxTileVecs)));
+  // Tile width: no wider than the tokens (a 64-token tile at M = 32 computes half padding), and xt's slice
+  // (K x tile) within ~512 KiB of L2, since the column indices of a row jump anywhere in K.
+  const int64_t l2_vecs = std::clamp<int64_t>((512 * 1024) / (K * kLanes * 4), 1, kMaxTileVecs);
+  const int nv = tile_vecs(isa, static_cast<int>(std::min<int64_t>(l2_vecs, (M + kLanes - 1) / kLanes)));
   const int64_t tile = kLanes * nv, ld = tile;
   at::Tensor xt = at::empty({round_up(M, tile), K}, x.options());
   pack_token_minor(xc.data_ptr<float>(), M, K, xt.data_ptr<float>(), tile);
