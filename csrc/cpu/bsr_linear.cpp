@@ -178,14 +178,7 @@ GatherFn pick_gather(Isa isa) {
 at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, const at::Tensor& col_indices,
                           const at::Tensor& values, int64_t out_features, const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "bsr_linear";
-  PYPRUNE_CHECK(x.dim() >= 1, op, "x", "must have at least 1 dimension (..., in_features), got a scalar");
-  PYPRUNE_CHECK_DTYPE(values, op, "values", x.scalar_type());
-  PYPRUNE_CHECK_DTYPE(crow_indices, op, "crow_indices", at::kInt);
-  PYPRUNE_CHECK_DTYPE(col_indices, op, "col_indices", at::kInt);
-  PYPRUNE_CHECK_DIM(crow_indices, 1, op, "crow_indices");
-  PYPRUNE_CHECK_DIM(col_indices, 1, op, "col_indices");
-  PYPRUNE_CHECK_DIM(values, 3, op, "values");
-  for (const auto* t : {&x, &crow_indices, &col_indices, &values}) PYPRUNE_CHECK_CPU(*t, op, "x/indices/values");
+  check_compressed_args(x, crow_indices, col_indices, values, 3, op);
   const int64_t N = out_features, K = x.size(-1), M = K ? x.numel() / K : 0;
   const int64_t bh = values.size(1), bw = values.size(2), nnzb = values.size(0);
   PYPRUNE_CHECK(bh > 0 && bw > 0, op, "values", "must hold blocks of positive size, got ", values.sizes());

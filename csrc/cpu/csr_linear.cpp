@@ -189,19 +189,12 @@ void csr_gather(const CsrArgs& a, const float* x, const std::vector<int64_t>& rb
 at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, const at::Tensor& col_indices,
                           const at::Tensor& values, int64_t out_features, const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "csr_linear";
-  PYPRUNE_CHECK(x.dim() >= 1, op, "x", "must have at least 1 dimension (..., in_features), got a scalar");
-  PYPRUNE_CHECK_DTYPE(values, op, "values", x.scalar_type());
-  PYPRUNE_CHECK_DTYPE(crow_indices, op, "crow_indices", at::kInt);
-  PYPRUNE_CHECK_DTYPE(col_indices, op, "col_indices", at::kInt);
-  PYPRUNE_CHECK_DIM(crow_indices, 1, op, "crow_indices");
-  PYPRUNE_CHECK_DIM(col_indices, 1, op, "col_indices");
-  PYPRUNE_CHECK_DIM(values, 1, op, "values");
+  check_compressed_args(x, crow_indices, col_indices, values, 1, op);
   PYPRUNE_CHECK(out_features >= 0, op, "out_features", "must be >= 0, got ", out_features);
   PYPRUNE_CHECK(crow_indices.numel() == out_features + 1, op, "crow_indices",
                 "must have out_features + 1 = ", out_features + 1, " entries, got ", crow_indices.numel());
   PYPRUNE_CHECK(col_indices.numel() == values.numel(), op, "col_indices",
                 "must have as many entries as values (", values.numel(), "), got ", col_indices.numel());
-  for (const auto* t : {&x, &crow_indices, &col_indices, &values}) PYPRUNE_CHECK_CPU(*t, op, "x/indices/values");
   const int64_t N = out_features, K = x.size(-1), M = K ? x.numel() / K : 0;
   const at::Tensor crow = crow_indices.contiguous(), col = col_indices.contiguous(), val = values.contiguous();
   const int64_t nnz = val.numel();

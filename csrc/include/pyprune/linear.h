@@ -4,6 +4,21 @@
 
 namespace pyprune {
 
+// The arguments CSR and BSR share: x (..., K); int32 1-D crow / col indices; values of x's dtype with
+// `values_dim` dims; all on the CPU.
+inline void check_compressed_args(const at::Tensor& x, const at::Tensor& crow_indices,
+                                  const at::Tensor& col_indices, const at::Tensor& values, int64_t values_dim,
+                                  const char* op) {
+  PYPRUNE_CHECK(x.dim() >= 1, op, "x", "must have at least 1 dimension (..., in_features), got a scalar");
+  PYPRUNE_CHECK_DTYPE(values, op, "values", x.scalar_type());
+  PYPRUNE_CHECK_DTYPE(crow_indices, op, "crow_indices", at::kInt);
+  PYPRUNE_CHECK_DTYPE(col_indices, op, "col_indices", at::kInt);
+  PYPRUNE_CHECK_DIM(crow_indices, 1, op, "crow_indices");
+  PYPRUNE_CHECK_DIM(col_indices, 1, op, "col_indices");
+  PYPRUNE_CHECK_DIM(values, values_dim, op, "values");
+  for (const auto* t : {&x, &crow_indices, &col_indices, &values}) PYPRUNE_CHECK_CPU(*t, op, "x/indices/values");
+}
+
 // bias: None or (N,) fp32 on the CPU; returned contiguous (undefined for None).
 inline at::Tensor checked_bias(const std::optional<at::Tensor>& bias, int64_t N, const char* op) {
   if (!bias.has_value()) return at::Tensor();
