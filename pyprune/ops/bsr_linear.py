@@ -6,6 +6,7 @@ from torch import Tensor
 
 from . import _library  # noqa: F401
 from ._common import autograd_bias_grad, register_cpu_fallback
+from ._router import register_cuda
 from .csr_linear import csr_transpose
 
 
@@ -53,5 +54,4 @@ def _backward(ctx, grad):
 
 torch.library.register_autograd("pyprune::bsr_linear", _backward, setup_context=_setup_context)
 register_cpu_fallback("bsr_linear")
-from ._router import register_cuda  # noqa: E402
 register_cuda("bsr_linear")
