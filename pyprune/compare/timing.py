@@ -1,0 +1,87 @@
+"""Interleaved timing: every variant is timed in every round, in a shuffled order, so drift on a shared machine
+hits all variants alike; speedups are the median over rounds of the same-round ratio time(dense) / time(v)."""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import statistics
+import time
+from typing import Callable, Iterator
+
+import torch
+from torch.utils import benchmark
+
+
+@contextlib.contextmanager
+def fixed_threads(threads: int | None) -> Iterator[int]:
+    """Pin torch's intra-op thread count for the block (default: leave it), restoring it afterwards."""
+    old = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old)
+
+
+def _sample(fn: Callable[[], object], number: int, threads: int) -> float:
+    """Seconds per call, averaged over ``number`` back-to-back calls (one torch.utils.benchmark measurement)."""
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+    return timer.timeit(number).mean
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    rounds: int,
+    threads: int,
+    budget_s: float,
+    seed: int = 0,
+    min_rounds: int = 2,
+) -> dict[str, list[float]]:
+    """Per-call seconds of each fn, one sample per round; sample i of every fn comes from round i.
+
+    Each fn is warmed up and calibrated first so that one sample lasts about ``budget_s / (rounds * len(fns))``
+    (at least 1 call). Rounds stop early, after ``min_rounds``, once ``budget_s`` is spent.
+    """
+    rng = random.Random(seed)
+    per_sample = min(0.25, max(0.005, budget_s / max(1, rounds * len(fns))))
+    number = {}
+    with torch.no_grad():
+        for name, fn in fns.items():
+            fn()  # warm-up: first-call allocations, lazy init, oneDNN primitive creation
+            t0 = time.perf_counter()
+            fn()
+            est = max(time.perf_counter() - t0, 1e-7)
+            number[name] = max(1, math.ceil(per_sample / est))
+        samples: dict[str, list[float]] = {name: [] for name in fns}
+        start = time.perf_counter()
+        for r in range(rounds):
+            order = list(fns)
+            rng.shuffle(order)
+            for name in order:
+                samples[name].append(_sample(fns[name], number[name], threads))
+            if r + 1 >= min_rounds and time.perf_counter() - start > budget_s:
+                break
+    return samples
+
+
+def summarize(times: list[float], baseline: list[float] | None) -> dict:
+    """median / p10 / p90 (linear interpolation), same-round speedup vs ``baseline`` and the noisy flag."""
+    med = statistics.median(times)
+    if len(times) > 1:
+        q = statistics.quantiles(times, n=10, method="inclusive")
+        p10, p90 = q[0], q[-1]
+    else:
+        p10 = p90 = times[0]
+    out = {"median_s": med, "p10_s": p10, "p90_s": p90, "noisy": (p90 - p10) / med > 0.2}
+    if baseline is not None:
+        out["speedup"] = same_round_speedup(baseline, times)
+    return out
+
+
+def same_round_speedup(baseline: list[float], times: list[float]) -> float:
+    """Median over rounds of baseline[i] / times[i]."""
+    if len(baseline) != len(times):
+        raise ValueError(f"need one baseline sample per round, got {len(baseline)} and {len(times)}")
+    return statistics.median(b / t for b, t in zip(baseline, times))
