@@ -46,10 +46,5 @@ def exactness():
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # These tests run many tiny forwards; on a 2-core machine shared with builds, intra-op threads only add
-    # contention. Restored afterwards so other test directories keep their setting.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
