@@ -4,6 +4,7 @@ CI runs this with --benchmark-disable (each case once, as a smoke test). The num
 benchmarks/results/cpu/ come from sparse_linear_table.py, which interleaves providers and repeats rounds.
 Threads: every provider runs with torch's thread count (the OpenMP kernels and oneDNN/MKL share it).
 """
+
 import pytest
 import torch
 

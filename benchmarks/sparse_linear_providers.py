@@ -1,6 +1,7 @@
 """Cases and providers shared by bench_sparse_linear.py (pytest-benchmark) and sparse_linear_table.py
 (interleaved rounds, the numbers in benchmarks/results/cpu/). Each provider builds its operands outside the
 timed region and returns a zero-argument callable."""
+
 from __future__ import annotations
 
 import copy
@@ -46,6 +47,7 @@ def rotating(fns):
     def call():
         it[0] = (it[0] + 1) % len(fns)
         return fns[it[0]]()
+
     return call if len(fns) > 1 else fns[0]
 
 
@@ -95,6 +97,7 @@ def _ours(layout, block=(32, 32)):
         nbytes = sum(_nbytes(t) for t in sp.state_dict().values() if isinstance(t, torch.Tensor))
         sps = [sp] + [copy.deepcopy(sp) for _ in range(copies_for(x, nbytes) - 1)]
         return rotating([lambda sp=sp: sp(x) for sp in sps])
+
     return make
 
 
@@ -119,11 +122,21 @@ def environment() -> dict:
     except (OSError, StopIteration):
         pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__)).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(__file__),
+        ).stdout.strip()
     except OSError:
         commit = ""
     feats = pyprune._extension.cpu_features()
-    return {"cpu": cpu, "kernel_isa": feats.get("kernel_isa"), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
-            "git_commit": commit}
+    return {
+        "cpu": cpu,
+        "kernel_isa": feats.get("kernel_isa"),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "git_commit": commit,
+    }

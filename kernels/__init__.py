@@ -1,5 +1,6 @@
 """pyprune_kernels: Triton kernels, compiled just in time. Installed as the package ``pyprune_kernels`` (the
 folder is ``kernels/`` in the checkout); pyprune's CUDA router imports the launchers from here."""
+
 from .bsr_linear import bsr_linear_triton
 
 __all__ = ["bsr_linear_triton"]

@@ -13,6 +13,7 @@ Blocks of any size work: ``tl.dot`` needs every side >= 16 and ``tl.arange`` pow
 padded (masked) up to the next power of two >= 16; blocks with sides in {16, 32, 64, ...} waste nothing.
 Sides above 128 (rows) or 64 (cols) are split into several tiles.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,12 @@ def _configs() -> list[triton.Config]:
     if os.environ.get("PYPRUNE_TRITON_AUTOTUNE", "1") == "0":
         return [triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=3)]
     # Hopper and Ampere both like 64/128-row tiles with 3-4 stages; 16/32 rows serve decode (few tokens).
-    big = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
-           for bm in (64, 128) for w in (4, 8) for s in (3, 4)]
+    big = [
+        triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
+        for bm in (64, 128)
+        for w in (4, 8)
+        for s in (3, 4)
+    ]
     small = [triton.Config({"BLOCK_M": bm}, num_warps=4, num_stages=s) for bm in (16, 32) for s in (3, 4)]
     return small + big
 
@@ -49,8 +54,10 @@ def _configs() -> list[triton.Config]:
 def _prune_configs(configs, named_args, **kwargs):
     """Keep token tiles that fit M (no 128-row tile for 16 tokens) and stages that fit shared memory."""
     m_bucket = named_args["M_BUCKET"]
-    block_n, block_k = kwargs.get("BLOCK_N", named_args.get("BLOCK_N")), kwargs.get("BLOCK_K",
-                                                                                   named_args.get("BLOCK_K"))
+    block_n, block_k = (
+        kwargs.get("BLOCK_N", named_args.get("BLOCK_N")),
+        kwargs.get("BLOCK_K", named_args.get("BLOCK_K")),
+    )
     elem = named_args["x_ptr"].element_size()
     cap = max(16, min(128, m_bucket))
     kept = []
@@ -65,17 +72,38 @@ def _prune_configs(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"], c.num_stages))]
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "BH", "BW"],
-                 prune_configs_by={"early_config_prune": _prune_configs})
+@triton.autotune(
+    configs=_configs(),
+    key=["M_BUCKET", "N", "K", "BH", "BW"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)
 @triton.jit
 def _bsr_linear_fwd_kernel(
-    x_ptr, crow_ptr, col_ptr, values_ptr, bias_ptr, y_ptr,
-    M, N, K, M_BUCKET, N_BROWS,
-    stride_xm, stride_xk,
-    stride_vb, stride_vh, stride_vw,
-    stride_ym, stride_yn,
-    BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    x_ptr,
+    crow_ptr,
+    col_ptr,
+    values_ptr,
+    bias_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    M_BUCKET,
+    N_BROWS,
+    stride_xm,
+    stride_xk,
+    stride_vb,
+    stride_vh,
+    stride_vw,
+    stride_ym,
+    stride_yn,
+    BH: tl.constexpr,
+    BW: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     # 1-D grid, token tiles fastest: programs running together share a block row of W (the operand read
     # through indices) while x streams; it also avoids the 65535 limit of grid axes 1 and 2.
@@ -130,16 +158,25 @@ def _pad_side(side: int, cap: int) -> int:
     return min(triton.next_power_of_2(max(side, 16)), cap)
 
 
-def bsr_linear_triton(x2d: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
-                      out_features: int, bias: torch.Tensor | None = None, *,
-                      allow_tf32: bool | None = None) -> torch.Tensor:
+def bsr_linear_triton(
+    x2d: torch.Tensor,
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    values: torch.Tensor,
+    out_features: int,
+    bias: torch.Tensor | None = None,
+    *,
+    allow_tf32: bool | None = None,
+) -> torch.Tensor:
     """x2d: (M, K); crow: (ceil(N / BH) + 1,) int32; col: (nnz_blocks,) int32; values: (nnz_blocks, BH, BW),
     zero past the weight's edges; bias: (N,) or None; N = out_features. Returns y: (M, N) in x2d's dtype.
 
     ``allow_tf32`` (fp32 only): None follows ``torch.backends.cuda.matmul.allow_tf32``."""
     if x2d.dim() != 2 or values.dim() != 3:
-        raise ValueError(f"bsr_linear_triton: x2d must be 2-D and values 3-D, got {tuple(x2d.shape)} and "
-                         f"{tuple(values.shape)}")
+        raise ValueError(
+            f"bsr_linear_triton: x2d must be 2-D and values 3-D, got {tuple(x2d.shape)} and "
+            f"{tuple(values.shape)}"
+        )
     if values.dtype != x2d.dtype:
         raise TypeError(f"bsr_linear_triton: values ({values.dtype}) must have x's dtype ({x2d.dtype})")
     if x2d.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -171,13 +208,30 @@ def bsr_linear_triton(x2d: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, 
     ctx = torch.cuda.device(x2d.device) if x2d.is_cuda else _NullCtx()
     with ctx:
         _bsr_linear_fwd_kernel[grid](
-            x2d, crow, col, values, b_arg, y,
-            M, N, K, m_bucket, n_brows,
-            x2d.stride(0), x2d.stride(1),
-            values.stride(0), values.stride(1), values.stride(2),
-            y.stride(0), y.stride(1),
-            BH=bh, BW=bw, BLOCK_N=block_n, BLOCK_K=block_k,
-            HAS_BIAS=bias is not None, INPUT_PRECISION=precision,
+            x2d,
+            crow,
+            col,
+            values,
+            b_arg,
+            y,
+            M,
+            N,
+            K,
+            m_bucket,
+            n_brows,
+            x2d.stride(0),
+            x2d.stride(1),
+            values.stride(0),
+            values.stride(1),
+            values.stride(2),
+            y.stride(0),
+            y.stride(1),
+            BH=bh,
+            BW=bw,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            HAS_BIAS=bias is not None,
+            INPUT_PRECISION=precision,
         )
     return y
 

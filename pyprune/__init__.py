@@ -1,4 +1,5 @@
 """pyprune: will pruning make *my* model faster on *my* hardware, and which kind?"""
+
 from __future__ import annotations
 
 from . import ops  # noqa: F401  (defines the op schemas, then loads _C)
@@ -6,13 +7,21 @@ from . import _extension, nn, sparse  # noqa: F401
 from ._info import info
 from .ops._router import use_backend
 from . import models, pruning  # noqa: F401
-from .pruning import (CubicSchedule, convert, count_flops, count_params, prune_channels, prune_layers,
-                      sparsify)
+from .pruning import CubicSchedule, convert, count_flops, count_params, prune_channels, prune_layers, sparsify
 
 from .compare import compare
 
 __version__ = "0.1.0"
 
 __all__ = ["compare", "info", "nn", "ops", "sparse", "use_backend"]
-__all__ += ["CubicSchedule", "convert", "count_flops", "count_params", "models", "prune_channels", "prune_layers",
-            "pruning", "sparsify"]
+__all__ += [
+    "CubicSchedule",
+    "convert",
+    "count_flops",
+    "count_params",
+    "models",
+    "prune_channels",
+    "prune_layers",
+    "pruning",
+    "sparsify",
+]

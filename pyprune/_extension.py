@@ -3,6 +3,7 @@
 Importing pyprune never fails because a backend is missing: the reason is kept in ``CPP_REASON`` and
 raised by :func:`require_cpp` when an op needs the C++ kernels.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """pyprune.info(): which backends this install has, and why not the others."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -27,19 +28,30 @@ def info(print_it: bool = True) -> dict:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "cpu_threads": torch.get_num_threads(),
-        "cpp": {"available": _extension.HAS_CPP,
-                "why": "built" if _extension.HAS_CPP else _extension.CPP_REASON + " (the CPU ops fall back to "
-                       "the slow reference in pyprune/reference.py)",
-                "kernel_isa": feats.get("kernel_isa")},
-        "cuda": {"available": _extension.HAS_CUDA,
-                 "why": (f"extension built with CUDA {torch.version.cuda}; no .cu kernels yet, CUDA tensors go "
-                         "through the Triton router (pyprune.use_backend / PYPRUNE_BACKEND)")
-                 if _extension.HAS_CUDA else _extension.CUDA_REASON},
+        "cpp": {
+            "available": _extension.HAS_CPP,
+            "why": "built"
+            if _extension.HAS_CPP
+            else _extension.CPP_REASON + " (the CPU ops fall back to "
+            "the slow reference in pyprune/reference.py)",
+            "kernel_isa": feats.get("kernel_isa"),
+        },
+        "cuda": {
+            "available": _extension.HAS_CUDA,
+            "why": (
+                f"extension built with CUDA {torch.version.cuda}; no .cu kernels yet, CUDA tensors go "
+                "through the Triton router (pyprune.use_backend / PYPRUNE_BACKEND)"
+            )
+            if _extension.HAS_CUDA
+            else _extension.CUDA_REASON,
+        },
         "triton": {"available": triton_ok, "why": triton_why},
     }
     if print_it:
-        print(f"pyprune {d['pyprune']}  torch {d['torch']}  python {d['python']}  {d['machine']}, "
-              f"{d['cpu_threads']} threads")
+        print(
+            f"pyprune {d['pyprune']}  torch {d['torch']}  python {d['python']}  {d['machine']}, "
+            f"{d['cpu_threads']} threads"
+        )
         for name in ("cpp", "cuda", "triton"):
             status = "yes" if d[name]["available"] else "no "
             extra = f" [{d['cpp']['kernel_isa']}]" if name == "cpp" and d["cpp"]["available"] else ""

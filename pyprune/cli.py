@@ -1,4 +1,5 @@
 """The `pyprune` command line."""
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,16 @@ def _compare(args) -> int:
         raise ValueError(f"--model must be one of {list(MODELS)}, got {args.model!r}")
     model, inputs = _model_and_inputs(args.model, args.batch, args.seq, args.image)
     t0 = time.perf_counter()
-    report = compare(model, inputs, methods=args.methods, levels=args.levels, threads=args.threads,
-                     rounds=args.rounds, budget_s=args.budget, name=args.model)
+    report = compare(
+        model,
+        inputs,
+        methods=args.methods,
+        levels=args.levels,
+        threads=args.threads,
+        rounds=args.rounds,
+        budget_s=args.budget,
+        name=args.model,
+    )
     report.print()
     print(f"({time.perf_counter() - t0:.1f} s)")
     if args.json:

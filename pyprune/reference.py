@@ -1,5 +1,6 @@
 """The spec of every op in plain PyTorch: densify the weight, then F.linear. Readable, slow, never edited to
 make a kernel pass. Tests compare kernels against these in float64."""
+
 from __future__ import annotations
 
 import torch
@@ -7,8 +8,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def csr_linear_ref(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor, out_features: int,
-                   bias: Tensor | None = None) -> Tensor:
+def csr_linear_ref(
+    x: Tensor,
+    crow_indices: Tensor,
+    col_indices: Tensor,
+    values: Tensor,
+    out_features: int,
+    bias: Tensor | None = None,
+) -> Tensor:
     w = torch.zeros(out_features, x.shape[-1], dtype=values.dtype, device=values.device)
     for row in range(out_features):
         start, end = int(crow_indices[row]), int(crow_indices[row + 1])
@@ -16,8 +23,14 @@ def csr_linear_ref(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values:
     return F.linear(x, w.to(x.dtype), bias)
 
 
-def bsr_linear_ref(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor, out_features: int,
-                   bias: Tensor | None = None) -> Tensor:
+def bsr_linear_ref(
+    x: Tensor,
+    crow_indices: Tensor,
+    col_indices: Tensor,
+    values: Tensor,
+    out_features: int,
+    bias: Tensor | None = None,
+) -> Tensor:
     in_features = x.shape[-1]
     bh, bw = values.shape[1], values.shape[2]
     n_brows = crow_indices.numel() - 1
@@ -26,12 +39,13 @@ def bsr_linear_ref(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values:
     for brow in range(n_brows):
         for blk in range(int(crow_indices[brow]), int(crow_indices[brow + 1])):
             c = int(col_indices[blk])
-            w[brow * bh:(brow + 1) * bh, c * bw:(c + 1) * bw] = values[blk]
+            w[brow * bh : (brow + 1) * bh, c * bw : (c + 1) * bw] = values[blk]
     return F.linear(x, w[:out_features, :in_features].to(x.dtype), bias)
 
 
-def sparse24_linear_ref(x: Tensor, values: Tensor, meta: Tensor, out_features: int,
-                        bias: Tensor | None = None) -> Tensor:
+def sparse24_linear_ref(
+    x: Tensor, values: Tensor, meta: Tensor, out_features: int, bias: Tensor | None = None
+) -> Tensor:
     in_features = x.shape[-1]
     w = torch.zeros(out_features, meta.shape[0] * 8, dtype=values.dtype, device=values.device)
     for r in range(values.shape[0]):  # value row r: group r // 2, meta byte r // 4, bit field r % 4

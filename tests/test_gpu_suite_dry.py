@@ -1,4 +1,5 @@
 """The GPU device suite is wired up: its --dry mode runs on the CPU and writes a table marked DRY."""
+
 import json
 import shutil
 import subprocess
@@ -13,9 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_suite_dry_run_writes_results(tmp_path):
     out = tmp_path / "suite"
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "suite.sh"), str(out), "--dry"],
-                          capture_output=True, text=True, timeout=300, env={"PYTHON": sys.executable,
-                                                                             "PATH": _path()})
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu" / "suite.sh"), str(out), "--dry"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHON": sys.executable, "PATH": _path()},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     md, js = out / "results.md", out / "results.json"
     assert md.is_file() and js.is_file(), proc.stdout
@@ -30,4 +35,5 @@ def test_suite_dry_run_writes_results(tmp_path):
 
 def _path():
     import os
+
     return os.environ.get("PATH", "/usr/bin:/bin")

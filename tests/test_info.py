@@ -13,6 +13,8 @@ def test_info_reports_every_backend_with_a_reason():
 
 
 def test_cli_info_prints_backends():
-    out = subprocess.run([sys.executable, "-m", "pyprune.cli", "info"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "pyprune.cli", "info"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert "cpp" in out.stdout and "cuda" in out.stdout and "triton" in out.stdout

@@ -1,4 +1,5 @@
 """The references on hand-computed cases (the 2:4 one lives in tests/ops/test_sparse24_linear.py)."""
+
 import torch
 
 from pyprune.reference import bsr_linear_ref, csr_linear_ref
@@ -6,15 +7,25 @@ from pyprune.reference import bsr_linear_ref, csr_linear_ref
 
 def test_csr_linear_ref_hand_computed():
     # W = [[1, 0, 2], [0, 0, 0]], x = [1, 2, 3], b = [10, 20] -> [1 + 6 + 10, 20]
-    y = csr_linear_ref(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([0, 2, 2], dtype=torch.int32),
-                       torch.tensor([0, 2], dtype=torch.int32), torch.tensor([1.0, 2.0]), 2,
-                       torch.tensor([10.0, 20.0]))
+    y = csr_linear_ref(
+        torch.tensor([[1.0, 2.0, 3.0]]),
+        torch.tensor([0, 2, 2], dtype=torch.int32),
+        torch.tensor([0, 2], dtype=torch.int32),
+        torch.tensor([1.0, 2.0]),
+        2,
+        torch.tensor([10.0, 20.0]),
+    )
     assert y.tolist() == [[17.0, 20.0]]
 
 
 def test_bsr_linear_ref_hand_computed_ragged():
     # 3 x 3 weight in 2 x 2 blocks: block (0, 1) holds W[0:2, 2:3] = [[5], [6]]; block (1, 0) holds W[2, 0:2]
     values = torch.tensor([[[5.0, 0.0], [6.0, 0.0]], [[1.0, 2.0], [0.0, 0.0]]])
-    y = bsr_linear_ref(torch.tensor([[1.0, 1.0, 2.0]]), torch.tensor([0, 1, 2], dtype=torch.int32),
-                       torch.tensor([1, 0], dtype=torch.int32), values, 3)
+    y = bsr_linear_ref(
+        torch.tensor([[1.0, 1.0, 2.0]]),
+        torch.tensor([0, 1, 2], dtype=torch.int32),
+        torch.tensor([1, 0], dtype=torch.int32),
+        values,
+        3,
+    )
     assert y.tolist() == [[10.0, 12.0, 3.0]]

@@ -10,6 +10,7 @@ bytes = x + stored blocks + indices + y, useful FLOPs = 2 M N K density.
 
 --dry (CPU machine): imports and argument parsing only; writes a stub table marked DRY with no timings.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,20 +47,35 @@ def planned_cases(quick: bool):
 
 
 def environment() -> dict:
-    env = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-           "host": platform.node()}
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "host": platform.node(),
+    }
     try:
         import triton
+
         env["triton"] = triton.__version__
     except Exception as e:  # noqa: BLE001
         env["triton"] = f"missing ({e})"
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        env.update(gpu=p.name, sm_count=p.multi_processor_count, capability=f"{p.major}.{p.minor}",
-                   l2_bytes=getattr(p, "L2_cache_size", None), memory_gib=round(p.total_memory / 2**30, 1))
+        env.update(
+            gpu=p.name,
+            sm_count=p.multi_processor_count,
+            capability=f"{p.major}.{p.minor}",
+            l2_bytes=getattr(p, "L2_cache_size", None),
+            memory_gib=round(p.total_memory / 2**30, 1),
+        )
         try:
-            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           check=False, capture_output=True, text=True, timeout=20).stdout.strip()
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                check=False,
+                capture_output=True,
+                text=True,
+                timeout=20,
+            ).stdout.strip()
         except Exception as e:  # noqa: BLE001
             env["driver"] = f"unknown ({e})"
     return env
@@ -67,8 +83,10 @@ def environment() -> dict:
 
 # ---- timing helpers ---------------------------------------------------------------------------------
 
+
 def bench(fn, quick: bool) -> float:
     from triton.testing import do_bench
+
     return float(do_bench(fn, warmup=10, rep=30 if quick else 50, return_mode="median"))
 
 
@@ -94,11 +112,12 @@ def measure_floors(quick: bool) -> dict:
         x = torch.randn(8192, 8192, device="cuda", dtype=dtype)
         w = torch.randn(8192, 8192, device="cuda", dtype=dtype)
         t = bench(lambda x=x, w=w: F.linear(x, w), quick)
-        rates[dt] = 2 * 8192 ** 3 / (t * 1e-3)
+        rates[dt] = 2 * 8192**3 / (t * 1e-3)
     return {"copy_bytes_per_s": bw, "matmul_flops_per_s": rates}
 
 
 # ---- cases ------------------------------------------------------------------------------------------
+
 
 def random_bsr_weight(n, k, blk, sparsity, dtype, gen):
     """Dense weight with a random exact fraction of (blk x blk) blocks zeroed, and its pyprune BSR arrays."""
@@ -121,6 +140,7 @@ def torch_bsr_mm():
     """torch's Triton bsr_dense_mm if importable, else torch.mm on a sparse BSR tensor (name, fn)."""
     try:
         from torch.sparse._triton_ops import bsr_dense_mm
+
         return "bsr_dense_mm", bsr_dense_mm
     except Exception:  # noqa: BLE001
         return "torch.mm", torch.mm
@@ -157,8 +177,9 @@ def run_case(c, floors, quick, l2, triton_fn, dense_cache):
     out["dense_ms"] = dense_cache[key]
     if "ours_error" not in out:
         try:
-            out["ours_ms"] = bench(rotating([lambda i=i: triton_fn(xs[i], *weights[i][1:4], n, None)
-                                             for i in range(r)]), quick)
+            out["ours_ms"] = bench(
+                rotating([lambda i=i: triton_fn(xs[i], *weights[i][1:4], n, None) for i in range(r)]), quick
+            )
         except Exception as e:  # noqa: BLE001
             out["ours_error"] = repr(e)[:300]
     name, mm = torch_bsr_mm()
@@ -178,7 +199,7 @@ def run_semi_structured(quick, floors):
         from torch.sparse import to_sparse_semi_structured
     except Exception as e:  # noqa: BLE001
         return [{"error": f"torch.sparse.to_sparse_semi_structured missing: {e!r}"}]
-    for m, k, n in (SEMI_CASES[:2] if quick else SEMI_CASES):
+    for m, k, n in SEMI_CASES[:2] if quick else SEMI_CASES:
         row = {"M": m, "K": k, "N": n, "dtype": "float16"}
         try:
             w = torch.randn(n, k, device="cuda", dtype=torch.float16)
@@ -194,31 +215,50 @@ def run_semi_structured(quick, floors):
             row["sparse24_ms"] = bench(lambda x=x, ws=ws: F.linear(x, ws), quick)
             row["speedup"] = row["dense_ms"] / row["sparse24_ms"]
         except Exception as e:  # noqa: BLE001
-            row["error"] = (f"2:4 via to_sparse_semi_structured failed on this GPU/torch "
-                            f"({torch.cuda.get_device_name(0)}): {e!r}")[:400]
+            row["error"] = (
+                f"2:4 via to_sparse_semi_structured failed on this GPU/torch "
+                f"({torch.cuda.get_device_name(0)}): {e!r}"
+            )[:400]
         rows.append(row)
     return rows
 
 
 # ---- report -----------------------------------------------------------------------------------------
 
+
 def fmt(v, nd=3):
     return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
 
 
 def table(rows):
-    head = ("| K->N | M | dtype | block | sparsity | dense ms | torch BSR ms | ours ms | x dense | x torch BSR | "
-            "floor ms | floor/ours | rel err |")
+    head = (
+        "| K->N | M | dtype | block | sparsity | dense ms | torch BSR ms | ours ms | x dense | x torch BSR | "
+        "floor ms | floor/ours | rel err |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         d, t, o = r.get("dense_ms"), r.get("torch_bsr_ms"), r.get("ours_ms")
-        lines.append("| " + " | ".join([
-            f"{r['K']}->{r['N']}", str(r["M"]), r["dtype"].replace("float", "f").replace("bf", "bf"), str(r["block"]),
-            fmt(r["sparsity"], 2), fmt(d), fmt(t) if t is not None else "ERR" if "torch_bsr_error" in r else "-",
-            fmt(o) if o is not None else "ERR" if "ours_error" in r else "-",
-            fmt(d / o, 2) if d and o else "-", fmt(t / o, 2) if t and o else "-",
-            fmt(r.get("floor_ms")), fmt(r["floor_ms"] / o, 2) if o and r.get("floor_ms") else "-",
-            fmt(r.get("ours_max_rel_err"), 4) if "ours_max_rel_err" in r else "-"]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    f"{r['K']}->{r['N']}",
+                    str(r["M"]),
+                    r["dtype"].replace("float", "f").replace("bf", "bf"),
+                    str(r["block"]),
+                    fmt(r["sparsity"], 2),
+                    fmt(d),
+                    fmt(t) if t is not None else "ERR" if "torch_bsr_error" in r else "-",
+                    fmt(o) if o is not None else "ERR" if "ours_error" in r else "-",
+                    fmt(d / o, 2) if d and o else "-",
+                    fmt(t / o, 2) if t and o else "-",
+                    fmt(r.get("floor_ms")),
+                    fmt(r["floor_ms"] / o, 2) if o and r.get("floor_ms") else "-",
+                    fmt(r.get("ours_max_rel_err"), 4) if "ours_max_rel_err" in r else "-",
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -229,28 +269,59 @@ def write(out: Path, payload: dict, dry: bool):
     md.append("| key | value |\n|---|---|")
     md += [f"| {k} | {v} |" for k, v in env.items()]
     if dry:
-        md += ["", "DRY run: planned cases (no timings)", "",
-               (f"{len(payload['cases'])} BSR cases over shapes {SHAPES}, M {MS}, blocks {BLOCKS}, "
-                f"sparsities {SPARSITIES}, dtypes {DTYPES}; 2:4 cases {SEMI_CASES}."), "", table(payload["cases"])]
+        md += [
+            "",
+            "DRY run: planned cases (no timings)",
+            "",
+            (
+                f"{len(payload['cases'])} BSR cases over shapes {SHAPES}, M {MS}, blocks {BLOCKS}, "
+                f"sparsities {SPARSITIES}, dtypes {DTYPES}; 2:4 cases {SEMI_CASES}."
+            ),
+            "",
+            table(payload["cases"]),
+        ]
     else:
         fl = payload.get("floors", {})
         if fl:
-            md += ["", f"Floors measured in this run: copy {fl['copy_bytes_per_s'] / 1e12:.2f} TB/s (read+write); "
-                   "dense matmul " + ", ".join(f"{k} {v / 1e12:.0f} TFLOP/s" for k, v in
-                                               fl["matmul_flops_per_s"].items()) + " (8192^3)."]
-        md += ["", "## BSR linear (y = x W^T), median ms", "", ("x dense / x torch BSR: speedup of ours; "
-               "floor/ours: fraction of the floor reached (1.0 = at the floor)."), "", table(payload["cases"])]
+            md += [
+                "",
+                f"Floors measured in this run: copy {fl['copy_bytes_per_s'] / 1e12:.2f} TB/s (read+write); "
+                "dense matmul "
+                + ", ".join(f"{k} {v / 1e12:.0f} TFLOP/s" for k, v in fl["matmul_flops_per_s"].items())
+                + " (8192^3).",
+            ]
+        md += [
+            "",
+            "## BSR linear (y = x W^T), median ms",
+            "",
+            (
+                "x dense / x torch BSR: speedup of ours; "
+                "floor/ours: fraction of the floor reached (1.0 = at the floor)."
+            ),
+            "",
+            table(payload["cases"]),
+        ]
         errs = [r for r in payload["cases"] if "ours_error" in r or "torch_bsr_error" in r]
         if errs:
-            md += ["", "### Errors", ""] + [f"- {r['K']}->{r['N']} M={r['M']} {r['dtype']} b{r['block']} "
-                                            f"s{r['sparsity']}: ours={r.get('ours_error', 'ok')} "
-                                            f"torch_bsr={r.get('torch_bsr_error', 'ok')}" for r in errs]
-        md += ["", "## 2:4 (torch.sparse.to_sparse_semi_structured, fp16)", "",
-               "| M | K | N | backend | dense ms | 2:4 ms | x dense | rel err | error |", "|---|---|---|---|---|---|---|---|---|"]
+            md += ["", "### Errors", ""] + [
+                f"- {r['K']}->{r['N']} M={r['M']} {r['dtype']} b{r['block']} "
+                f"s{r['sparsity']}: ours={r.get('ours_error', 'ok')} "
+                f"torch_bsr={r.get('torch_bsr_error', 'ok')}"
+                for r in errs
+            ]
+        md += [
+            "",
+            "## 2:4 (torch.sparse.to_sparse_semi_structured, fp16)",
+            "",
+            "| M | K | N | backend | dense ms | 2:4 ms | x dense | rel err | error |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in payload.get("semi_structured", []):
-            md.append(f"| {r.get('M', '-')} | {r.get('K', '-')} | {r.get('N', '-')} | {r.get('backend', '-')} | "
-                      f"{fmt(r.get('dense_ms'))} | {fmt(r.get('sparse24_ms'))} | {fmt(r.get('speedup'), 2)} | "
-                      f"{fmt(r.get('max_rel_err'), 4)} | {r.get('error', '')} |")
+            md.append(
+                f"| {r.get('M', '-')} | {r.get('K', '-')} | {r.get('N', '-')} | {r.get('backend', '-')} | "
+                f"{fmt(r.get('dense_ms'))} | {fmt(r.get('sparse24_ms'))} | {fmt(r.get('speedup'), 2)} | "
+                f"{fmt(r.get('max_rel_err'), 4)} | {r.get('error', '')} |"
+            )
         if payload.get("skipped"):
             md += ["", f"Skipped for the time budget: {payload['skipped']} cases."]
     (out / "results.md").write_text("\n".join(md) + "\n")
@@ -267,6 +338,7 @@ def main(argv=None) -> int:
 
     import pyprune  # noqa: F401  (the op, its router)
     from pyprune.ops._router import load_triton_kernels
+
     kernels, why = load_triton_kernels()
     env = environment()
     env["pyprune_kernels"] = "ok" if kernels is not None else why

@@ -5,6 +5,7 @@ autotuner's pick, then launches ours --launches more times (the launches ncu sho
     ncu --clock-control none -k regex:bsr_linear --launch-skip 20 --launch-count 1 --section SpeedOfLight \
         python benchmarks/gpu/profile_bsr_linear.py ...
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,13 +46,17 @@ def main(argv=None) -> None:
     if kernels is None:
         sys.exit(f"Triton kernels unavailable: {why}")
     run = lambda: kernels.bsr_linear_triton(x, crow, col, vals, args.n)  # noqa: E731
-    err = ((run().float() - F.linear(x.float(), w.float())).norm() / F.linear(x.float(), w.float()).norm()).item()
+    err = (
+        (run().float() - F.linear(x.float(), w.float())).norm() / F.linear(x.float(), w.float()).norm()
+    ).item()
     ours = triton.testing.do_bench(run, warmup=50, rep=200, return_mode="median")
     dense = triton.testing.do_bench(lambda: F.linear(x, w), warmup=50, rep=200, return_mode="median")
     best = getattr(kernels._bsr_linear_fwd_kernel, "best_config", None)
-    print(f"{args.dtype} M={args.m} {args.k}->{args.n} block {args.block} sparsity {args.sparsity}: "
-          f"ours {ours * 1e3:.1f} us, cuBLAS {dense * 1e3:.1f} us, ratio {dense / ours:.2f}x, rel err {err:.1e}, "
-          f"config {best}")
+    print(
+        f"{args.dtype} M={args.m} {args.k}->{args.n} block {args.block} sparsity {args.sparsity}: "
+        f"ours {ours * 1e3:.1f} us, cuBLAS {dense * 1e3:.1f} us, ratio {dense / ours:.2f}x, rel err {err:.1e}, "
+        f"config {best}"
+    )
     for _ in range(args.launches):
         run()
     torch.cuda.synchronize()

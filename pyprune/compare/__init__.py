@@ -14,6 +14,7 @@ Variants per level, all timed in the same run with the same inputs (see :mod:`.t
   ``convert(layout="2:4")``, only at level 0.5. Convolutions are not converted (no sparse conv module yet): in
   csr rows their masks are baked into plain dense weights.
 """
+
 from __future__ import annotations
 
 import copy
@@ -109,7 +110,9 @@ def _linear_names(model, ok: Callable[[nn.Linear], bool]) -> tuple[list[str], li
     return good, bad
 
 
-def _build(method: str, level: float | None, model: nn.Module, args: tuple, block: tuple[int, int]) -> tuple[nn.Module, str]:
+def _build(
+    method: str, level: float | None, model: nn.Module, args: tuple, block: tuple[int, int]
+) -> tuple[nn.Module, str]:
     if method == "dense":
         return model, ""
     if method == "masked":
@@ -117,8 +120,9 @@ def _build(method: str, level: float | None, model: nn.Module, args: tuple, bloc
     if method == "csr":
         # a fresh masked copy (same magnitudes, same mask): removing parametrizations from a deep copy of a
         # parametrized model also strips the original's
-        out, rep = convert(sparsify(model, level, pattern="unstructured"), layout="csr", inplace=True,
-                           return_report=True)
+        out, rep = convert(
+            sparsify(model, level, pattern="unstructured"), layout="csr", inplace=True, return_report=True
+        )
         remove_masks(out)
         note = f"{len(rep.converted)} linear -> csr"
         if rep.left_dense:
@@ -134,13 +138,17 @@ def _build(method: str, level: float | None, model: nn.Module, args: tuple, bloc
     if method in ("bsr", "2:4"):
         bh, bw = block
         if method == "bsr":
-            good, bad = _linear_names(model, lambda l: l.out_features % bh == 0 and l.in_features % bw == 0)
+            good, bad = _linear_names(
+                model, lambda lin: lin.out_features % bh == 0 and lin.in_features % bw == 0
+            )
             kw = dict(pattern="block", block=block)
         else:
-            good, bad = _linear_names(model, lambda l: l.in_features % 4 == 0)
+            good, bad = _linear_names(model, lambda lin: lin.in_features % 4 == 0)
             kw = dict(pattern="2:4")
         if not good:
-            why = f"no Linear layer tiles by {block}" if method == "bsr" else "no Linear layer with in % 4 == 0"
+            why = (
+                f"no Linear layer tiles by {block}" if method == "bsr" else "no Linear layer with in % 4 == 0"
+            )
             raise NotApplicable(why)
         masked = sparsify(model, level, types=(nn.Linear,), ignore=bad, **kw)
         out = convert(masked, layout=method, block=block)
@@ -219,15 +227,23 @@ def compare(
             mod.eval()
             built[key] = (mod, note)
         fns = {key: (lambda m=mod: m(*args)) for key, (mod, _) in built.items()}
-        samples = time_interleaved({f"{m}@{lv}": fn for (m, lv), fn in fns.items()}, int(rounds), nthreads,
-                                   budget_s, seed=seed)
+        samples = time_interleaved(
+            {f"{m}@{lv}": fn for (m, lv), fn in fns.items()}, int(rounds), nthreads, budget_s, seed=seed
+        )
         dense_t = samples["dense@None"]
         dense_w = _prunable_weights(model)
         for (m, lv), (mod, note) in built.items():
             ts = samples[f"{m}@{lv}"]
-            row = {"method": m, "level": lv, **summarize(ts, dense_t), "params": count_params(mod),
-                   "flops": _executed_flops(mod, args), "prunable_kept": _kept_weights(mod) / dense_w,
-                   "times_s": ts, "note": note}
+            row = {
+                "method": m,
+                "level": lv,
+                **summarize(ts, dense_t),
+                "params": count_params(mod),
+                "flops": _executed_flops(mod, args),
+                "prunable_kept": _kept_weights(mod) / dense_w,
+                "times_s": ts,
+                "note": note,
+            }
             rows.append(row)
     order = {key: i for i, key in enumerate(variants)}
     rows.sort(key=lambda r: order[(r["method"], r["level"])])

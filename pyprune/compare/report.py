@@ -1,4 +1,5 @@
 """The compare report: rows of dicts, a text / rich table, JSON with an environment fingerprint."""
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,13 @@ def _cpu_model() -> str:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -64,8 +70,15 @@ def _cells(r: dict) -> list[str]:
     if r["noisy"]:
         note = ("noisy; " + note) if note else "noisy"
     return [
-        r["method"], level, f"{r['median_s'] * 1e3:.3f}", f"{r['p10_s'] * 1e3:.3f}-{r['p90_s'] * 1e3:.3f}",
-        f"{r['speedup']:.2f}x", _si(r["params"]), f"{r['prunable_kept']:.2f}", _si(r["flops"]), note,
+        r["method"],
+        level,
+        f"{r['median_s'] * 1e3:.3f}",
+        f"{r['p10_s'] * 1e3:.3f}-{r['p90_s'] * 1e3:.3f}",
+        f"{r['speedup']:.2f}x",
+        _si(r["params"]),
+        f"{r['prunable_kept']:.2f}",
+        _si(r["flops"]),
+        note,
     ]
 
 
@@ -80,8 +93,10 @@ class Report:
 
     def header(self) -> str:
         e = self.environment
-        return (f"{self.model} on {e.get('device')}: {e.get('cpu')} ({e.get('isa')}), {e.get('threads')} threads, "
-                f"torch {e.get('torch')}, commit {e.get('git_commit')}")
+        return (
+            f"{self.model} on {e.get('device')}: {e.get('cpu')} ({e.get('isa')}), {e.get('threads')} threads, "
+            f"torch {e.get('torch')}, commit {e.get('git_commit')}"
+        )
 
     def table(self) -> str:
         """Plain-text table (fixed-width columns)."""
@@ -89,13 +104,18 @@ class Report:
         widths = [max(len(row[i]) for row in body) for i in range(len(COLUMNS))]
         lines = [self.header()]
         for j, row in enumerate(body):
-            lines.append("  ".join(c.ljust(w) if i in (0, 8) else c.rjust(w)
-                                   for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+            lines.append(
+                "  ".join(
+                    c.ljust(w) if i in (0, 8) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
+                ).rstrip()
+            )
             if j == 0:
                 lines.append("  ".join("-" * w for w in widths))
-        lines.append("speedup = median over interleaved rounds of time(dense)/time(variant); "
-                     "noisy = (p90-p10)/median > 0.2; "
-                     "kept = nonzero Linear/Conv2d weights / dense")
+        lines.append(
+            "speedup = median over interleaved rounds of time(dense)/time(variant); "
+            "noisy = (p90-p10)/median > 0.2; "
+            "kept = nonzero Linear/Conv2d weights / dense"
+        )
         return "\n".join(lines)
 
     def print(self) -> None:
@@ -106,9 +126,12 @@ class Report:
         except ImportError:
             print(self.table())
             return
-        t = Table(title=self.header(), caption="speedup = median over interleaved rounds of "
-                  "time(dense)/time(variant); noisy = (p90-p10)/median > 0.2; kept = nonzero "
-                  "Linear/Conv2d weights / dense")
+        t = Table(
+            title=self.header(),
+            caption="speedup = median over interleaved rounds of "
+            "time(dense)/time(variant); noisy = (p90-p10)/median > 0.2; kept = nonzero "
+            "Linear/Conv2d weights / dense",
+        )
         for i, c in enumerate(COLUMNS):
             t.add_column(c, justify="left" if i in (0, 8) else "right", no_wrap=i != 8)
         for r in self.rows:

@@ -1,5 +1,6 @@
 """Interleaved timing: every variant is timed in every round, in a shuffled order, so drift on a shared machine
 hits all variants alike; speedups are the median over rounds of the same-round ratio time(dense) / time(v)."""
+
 from __future__ import annotations
 
 import contextlib

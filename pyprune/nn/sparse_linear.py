@@ -1,5 +1,6 @@
 """SparseLinear: a drop-in nn.Linear whose weight is stored CSR, BSR or 2:4 and multiplied by pyprune's
 kernels."""
+
 from __future__ import annotations
 
 import torch
@@ -27,8 +28,16 @@ class SparseLinear(nn.Module):
     stays fixed, so a pruned model can be fine-tuned without re-densifying.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, layout: str = "csr",
-                 block: tuple[int, int] = (32, 32), device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        layout: str = "csr",
+        block: tuple[int, int] = (32, 32),
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         _check_layout(layout)
         self.in_features, self.out_features, self.layout = int(in_features), int(out_features), layout
@@ -43,8 +52,13 @@ class SparseLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, sparsity: float | None = None, layout: str = "csr",
-                   block: tuple[int, int] = (32, 32)) -> SparseLinear:
+    def from_dense(
+        cls,
+        linear: nn.Linear,
+        sparsity: float | None = None,
+        layout: str = "csr",
+        block: tuple[int, int] = (32, 32),
+    ) -> SparseLinear:
         """With ``sparsity``, drops the smallest-magnitude weights (bsr: the smallest-norm blocks; 2:4: the two
         smallest of every four inputs, so sparsity must be 0.5); with ``sparsity=None`` keeps exactly the zeros
         already in the weight."""
@@ -78,24 +92,32 @@ class SparseLinear(nn.Module):
         if not isinstance(input, Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
         if input.dim() < 1 or input.shape[-1] != self.in_features:
-            raise ValueError(f"input must have shape (..., in_features={self.in_features}), got "
-                             f"{tuple(input.shape)}")
+            raise ValueError(
+                f"input must have shape (..., in_features={self.in_features}), got {tuple(input.shape)}"
+            )
         w = self.weight
         if input.dtype != w.values.dtype:
-            raise TypeError(f"input has dtype {input.dtype} but the weight is {w.values.dtype}; "
-                            f"convert one of them (e.g. module.to({input.dtype}))")
+            raise TypeError(
+                f"input has dtype {input.dtype} but the weight is {w.values.dtype}; "
+                f"convert one of them (e.g. module.to({input.dtype}))"
+            )
         if input.device != w.values.device:
             raise ValueError(f"input is on {input.device} but the weight is on {w.values.device}")
         if self.layout == "csr":
-            return ops.csr_linear(input, w.crow_indices, w.col_indices, w.values, self.out_features, self.bias)
+            return ops.csr_linear(
+                input, w.crow_indices, w.col_indices, w.values, self.out_features, self.bias
+            )
         if self.layout == "bsr":
-            return ops.bsr_linear(input, w.crow_indices, w.col_indices, w.values, self.out_features, self.bias)
+            return ops.bsr_linear(
+                input, w.crow_indices, w.col_indices, w.values, self.out_features, self.bias
+            )
         return ops.sparse24_linear(input, w.values, w.meta, self.out_features, self.bias)
 
     def to_dense(self) -> nn.Linear:
         w = self.weight.to_dense()
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device,
-                        dtype=w.dtype)
+        lin = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype
+        )
         with torch.no_grad():
             lin.weight.copy_(w)
             if self.bias is not None:
@@ -107,12 +129,15 @@ class SparseLinear(nn.Module):
 
     def set_extra_state(self, state) -> None:
         if state["layout"] != self.layout:
-            raise ValueError(f"state_dict holds a '{state['layout']}' weight but this module's layout is "
-                             f"'{self.layout}'")
+            raise ValueError(
+                f"state_dict holds a '{state['layout']}' weight but this module's layout is '{self.layout}'"
+            )
 
     def extra_repr(self) -> str:
-        s = (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-             f"layout={self.layout}")
+        s = (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"layout={self.layout}"
+        )
         if self.layout == "bsr":
             s += f", block={self.weight.block}"
         return s + f", density={self.weight.density:.3f}"

@@ -1,4 +1,5 @@
 """Pieces every linear-like op shares: the bias gradient and the reference fallback when _C is missing."""
+
 from __future__ import annotations
 
 import torch

@@ -2,6 +2,7 @@
 TORCH_LIBRARY_IMPL(pyprune, CPU, ...) in csrc/, and Python (fakes, autograd, the CUDA router, the reference
 fallback when pyprune._C is missing) in pyprune/ops/<op>.py.
 """
+
 import torch
 
 lib = torch.library.Library("pyprune", "DEF")

@@ -11,6 +11,7 @@ Which backend runs, first match wins:
 A backend named explicitly but unavailable raises an error that says why and how to get it.
 The choice is a module global, not a context variable, so autograd's backward threads see it too.
 """
+
 from __future__ import annotations
 
 import functools
@@ -87,8 +88,10 @@ def pick(op: str, backends: list[Backend], *args) -> Backend:
     if wanted is not None:
         named = {b.name: b for b in backends}
         if wanted not in named:
-            raise RuntimeError(f"pyprune::{op} has no '{wanted}' backend; it has {list(named)}. "
-                               f"Pick another with pyprune.use_backend(...) or {ENV_VAR}.")
+            raise RuntimeError(
+                f"pyprune::{op} has no '{wanted}' backend; it has {list(named)}. "
+                f"Pick another with pyprune.use_backend(...) or {ENV_VAR}."
+            )
         reason = named[wanted].unavailable(*args)
         if reason:
             raise RuntimeError(f"pyprune::{op}: backend '{wanted}' cannot run this call: {reason}")
@@ -111,15 +114,18 @@ def _warn_fallback(op: str, why: str) -> None:
 
 def route(op: str, backends: list[Backend]) -> Callable[..., Tensor]:
     """The CUDA implementation of ``pyprune::<op>``: picks a backend per call and labels it for the profiler."""
+
     def impl(*args):
         backend = pick(op, backends, *args)
         with torch.profiler.record_function(f"pyprune::{op}/{backend.name}"):
             return backend.fn(*args)
+
     impl.__name__ = f"{op}_cuda_router"
     return impl
 
 
 # ---- loading the Triton kernels ------------------------------------------------------------------------
+
 
 @functools.cache
 def load_triton_kernels():
@@ -128,17 +134,23 @@ def load_triton_kernels():
     try:
         import triton  # noqa: F401
     except ImportError as e:
-        return None, f"triton is not installed ({e}); `pip install triton` (it comes with CUDA builds of torch)"
+        return (
+            None,
+            f"triton is not installed ({e}); `pip install triton` (it comes with CUDA builds of torch)",
+        )
     try:
         return importlib.import_module("pyprune_kernels"), None
     except ImportError as e:
         first = e
     root = Path(__file__).resolve().parents[2] / "kernels"
     if not (root / "__init__.py").is_file():
-        return None, (f"pyprune_kernels is not importable ({first}); reinstall pyprune with "
-                      "`pip install --no-build-isolation -e .`")
-    spec = importlib.util.spec_from_file_location("pyprune_kernels", root / "__init__.py",
-                                                  submodule_search_locations=[str(root)])
+        return None, (
+            f"pyprune_kernels is not importable ({first}); reinstall pyprune with "
+            "`pip install --no-build-isolation -e .`"
+        )
+    spec = importlib.util.spec_from_file_location(
+        "pyprune_kernels", root / "__init__.py", submodule_search_locations=[str(root)]
+    )
     mod = importlib.util.module_from_spec(spec)
     sys.modules["pyprune_kernels"] = mod
     try:
@@ -157,7 +169,9 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _check_bsr_args(x, crow, col, values, out_features, bias) -> None:
     op = "pyprune::bsr_linear"
     if x.dim() < 1:
-        raise ValueError(f"{op}: argument 'x' must have at least 1 dimension (..., in_features), got a scalar")
+        raise ValueError(
+            f"{op}: argument 'x' must have at least 1 dimension (..., in_features), got a scalar"
+        )
     if values.dtype != x.dtype:
         raise TypeError(f"{op}: argument 'values' must be {x.dtype} (x's dtype), got {values.dtype}")
     for name, t in (("crow_indices", crow), ("col_indices", col)):
@@ -166,35 +180,48 @@ def _check_bsr_args(x, crow, col, values, out_features, bias) -> None:
         if t.dim() != 1:
             raise ValueError(f"{op}: argument '{name}' must be 1-D, got shape {tuple(t.shape)}")
     if values.dim() != 3:
-        raise ValueError(f"{op}: argument 'values' must be 3-D (nnz_blocks, bh, bw), got {tuple(values.shape)}")
+        raise ValueError(
+            f"{op}: argument 'values' must be 3-D (nnz_blocks, bh, bw), got {tuple(values.shape)}"
+        )
     nnzb, bh, bw = values.shape
     if bh <= 0 or bw <= 0:
-        raise ValueError(f"{op}: argument 'values' must hold blocks of positive size, got {tuple(values.shape)}")
+        raise ValueError(
+            f"{op}: argument 'values' must hold blocks of positive size, got {tuple(values.shape)}"
+        )
     if out_features < 0:
         raise ValueError(f"{op}: argument 'out_features' must be >= 0, got {out_features}")
     n_brows = -(-out_features // bh)
     if crow.numel() != n_brows + 1:
-        raise ValueError(f"{op}: argument 'crow_indices' must have ceil(out_features / bh) + 1 = {n_brows + 1} "
-                         f"entries, got {crow.numel()}")
+        raise ValueError(
+            f"{op}: argument 'crow_indices' must have ceil(out_features / bh) + 1 = {n_brows + 1} "
+            f"entries, got {crow.numel()}"
+        )
     if col.numel() != nnzb:
-        raise ValueError(f"{op}: argument 'col_indices' must have one entry per block ({nnzb}), got {col.numel()}")
+        raise ValueError(
+            f"{op}: argument 'col_indices' must have one entry per block ({nnzb}), got {col.numel()}"
+        )
     tensors = [x, crow, col, values] + ([bias] if bias is not None else [])
     if len({t.device for t in tensors}) != 1:
-        raise ValueError(f"{op}: x, indices, values and bias must share a device, got "
-                         f"{[str(t.device) for t in tensors]}")
+        raise ValueError(
+            f"{op}: x, indices, values and bias must share a device, got {[str(t.device) for t in tensors]}"
+        )
     if bias is not None:
         if bias.dtype != x.dtype:
             raise TypeError(f"{op}: argument 'bias' must be {x.dtype}, got {bias.dtype}")
         if bias.dim() != 1 or bias.numel() != out_features:
-            raise ValueError(f"{op}: argument 'bias' must have shape ({out_features},), got {tuple(bias.shape)}")
+            raise ValueError(
+                f"{op}: argument 'bias' must have shape ({out_features},), got {tuple(bias.shape)}"
+            )
 
 
 def _flat(fn2d):
     """Adapts a 2-D (M, K) implementation to x of shape (..., K); checks the arguments first."""
+
     def run(x, crow, col, values, out_features, bias):
         _check_bsr_args(x, crow, col, values, out_features, bias)
         y = fn2d(x.reshape(-1, x.shape[-1]), crow, col, values, out_features, bias)
         return y.reshape(*x.shape[:-1], out_features)
+
     return run
 
 

@@ -1,4 +1,5 @@
 """pyprune::bsr_linear: y = x W^T + b with W in BSR."""
+
 from __future__ import annotations
 
 import torch
@@ -10,8 +11,14 @@ from ._router import register_cuda
 from .csr_linear import csr_transpose
 
 
-def bsr_linear(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor, out_features: int,
-               bias: Tensor | None = None) -> Tensor:
+def bsr_linear(
+    x: Tensor,
+    crow_indices: Tensor,
+    col_indices: Tensor,
+    values: Tensor,
+    out_features: int,
+    bias: Tensor | None = None,
+) -> Tensor:
     """x: (..., K); W: (out_features, K) as BSR: int32 crow_indices (ceil(out_features / bh) + 1,),
     col_indices (nnz_blocks,), values (nnz_blocks, bh, bw) zero past the weight's edges. Returns
     (..., out_features)."""
@@ -40,14 +47,16 @@ def _backward(ctx, grad):
     if ctx.needs_input_grad[0]:
         # W^T is BSR with (bw x bh) blocks: the block structure transposed, each block transposed
         t_crow, t_col, perm = csr_transpose(crow, col, n_bcols)
-        grad_x = torch.ops.pyprune.bsr_linear(grad, t_crow, t_col, values[perm].transpose(1, 2).contiguous(),
-                                              k, None)
+        grad_x = torch.ops.pyprune.bsr_linear(
+            grad, t_crow, t_col, values[perm].transpose(1, 2).contiguous(), k, None
+        )
     if ctx.needs_input_grad[3]:
         gw = grad.reshape(-1, n).t() @ x.reshape(-1, k)
         gw = torch.nn.functional.pad(gw, (0, n_bcols * bw - k, 0, n_brows * bh - n))
         grid = gw.reshape(n_brows, bh, n_bcols, bw).permute(0, 2, 1, 3)
-        brow = torch.repeat_interleave(torch.arange(n_brows, device=crow.device), (crow[1:] - crow[:-1]).long(),
-                                       output_size=col.numel())
+        brow = torch.repeat_interleave(
+            torch.arange(n_brows, device=crow.device), (crow[1:] - crow[:-1]).long(), output_size=col.numel()
+        )
         grad_values = grid[brow, col.long()]
     return grad_x, None, None, grad_values, None, autograd_bias_grad(ctx, grad)
 

@@ -1,4 +1,5 @@
 """pyprune::csr_linear: y = x W^T + b with W in CSR."""
+
 from __future__ import annotations
 
 import torch
@@ -8,8 +9,14 @@ from . import _library  # noqa: F401
 from ._common import autograd_bias_grad, register_cpu_fallback
 
 
-def csr_linear(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor, out_features: int,
-               bias: Tensor | None = None) -> Tensor:
+def csr_linear(
+    x: Tensor,
+    crow_indices: Tensor,
+    col_indices: Tensor,
+    values: Tensor,
+    out_features: int,
+    bias: Tensor | None = None,
+) -> Tensor:
     """x: (..., K); W: (out_features, K) as CSR with int32 crow_indices (out_features + 1,) and
     col_indices (nnz,), values (nnz,); bias: (out_features,) or None. Returns (..., out_features)."""
     return torch.ops.pyprune.csr_linear(x, crow_indices, col_indices, values, out_features, bias)
@@ -25,8 +32,11 @@ def csr_transpose(crow_indices: Tensor, col_indices: Tensor, n_cols: int) -> tup
     """CSR of W^T for W (len(crow_indices) - 1, n_cols): (crow, col, perm) with values_T = values[perm]."""
     n_rows = crow_indices.numel() - 1
     nnz = col_indices.numel()
-    rows = torch.repeat_interleave(torch.arange(n_rows, device=col_indices.device, dtype=torch.int32),
-                                   (crow_indices[1:] - crow_indices[:-1]).long(), output_size=nnz)
+    rows = torch.repeat_interleave(
+        torch.arange(n_rows, device=col_indices.device, dtype=torch.int32),
+        (crow_indices[1:] - crow_indices[:-1]).long(),
+        output_size=nnz,
+    )
     # stable sort by column keeps the rows ascending inside each new row
     perm = torch.sort(col_indices, stable=True).indices
     counts = torch.zeros(n_cols + 1, dtype=torch.int32, device=col_indices.device)
@@ -51,8 +61,11 @@ def _backward(ctx, grad):
         # dL/dw[o, k] = sum_m grad[m, o] x[m, k], sampled at the stored positions only
         g2 = grad.reshape(-1, grad.shape[-1])
         x2 = x.reshape(-1, k)
-        rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device),
-                                       (crow[1:] - crow[:-1]).long(), output_size=col.numel())
+        rows = torch.repeat_interleave(
+            torch.arange(crow.numel() - 1, device=crow.device),
+            (crow[1:] - crow[:-1]).long(),
+            output_size=col.numel(),
+        )
         grad_values = (g2.t() @ x2)[rows, col.long()]
     return grad_x, None, None, grad_values, None, autograd_bias_grad(ctx, grad)
 

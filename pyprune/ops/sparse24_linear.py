@@ -1,4 +1,5 @@
 """pyprune::sparse24_linear: y = x W^T + b with W 2:4 sparse (storage in pyprune/sparse/sparse24.py)."""
+
 from __future__ import annotations
 
 import torch
@@ -9,8 +10,9 @@ from ..sparse.sparse24 import padded_in_features, value_columns
 from ._common import autograd_bias_grad, register_cpu_fallback
 
 
-def sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, out_features: int,
-                    bias: Tensor | None = None) -> Tensor:
+def sparse24_linear(
+    x: Tensor, values: Tensor, meta: Tensor, out_features: int, bias: Tensor | None = None
+) -> Tensor:
     """x: (..., K); values: (K4/2, out_features); meta: (K4/8, out_features) uint8, K4 = K rounded up to a
     multiple of 8. Returns (..., out_features)."""
     return torch.ops.pyprune.sparse24_linear(x, values, meta, out_features, bias)

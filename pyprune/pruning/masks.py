@@ -17,8 +17,15 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..sparse.select import (block_mask, block_scores, check_sparsity, expand_blocks, lowest_k,
-                             magnitude_mask, nm_mask)
+from ..sparse.select import (
+    block_mask,
+    block_scores,
+    check_sparsity,
+    expand_blocks,
+    lowest_k,
+    magnitude_mask,
+    nm_mask,
+)
 
 
 class WeightMask(nn.Module):

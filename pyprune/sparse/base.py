@@ -1,6 +1,7 @@
 """What every weight format shares: tensors held as module state (so state_dict, .to() and parameters()
 work), a load that adopts the stored sizes (a fresh module knows the layout, not the nonzero count), and
 validation with messages that name the argument."""
+
 from __future__ import annotations
 
 import torch
@@ -42,8 +43,9 @@ class SparseFormat(nn.Module):
     def set_extra_state(self, state) -> None:
         self.shape = tuple(int(s) for s in state["shape"])
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         for name in ("values", *self._index_names):
             key = prefix + name
             if key in state_dict:
@@ -51,11 +53,13 @@ class SparseFormat(nn.Module):
                 if name == "values":
                     old = self._parameters[name]
                     self._parameters[name] = nn.Parameter(
-                        old.new_empty(incoming.shape, dtype=incoming.dtype), requires_grad=old.requires_grad)
+                        old.new_empty(incoming.shape, dtype=incoming.dtype), requires_grad=old.requires_grad
+                    )
                 else:
                     self._buffers[name] = self._buffers[name].new_empty(incoming.shape, dtype=incoming.dtype)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         if not error_msgs:
             self.validate()
 

@@ -1,5 +1,6 @@
 """BSR weight: W (out_features x in_features) as a CSR of (bh x bw) blocks. The blocks of the last block row
 and column reach past the weight's edge when its sides are not multiples of the block; that part is zero."""
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,11 @@ def _blocks_grid(dense: Tensor, block: tuple[int, int]) -> Tensor:
 
 
 def check_block(block) -> tuple[int, int]:
-    if (not isinstance(block, (tuple, list)) or len(block) != 2
-            or not all(isinstance(b, int) and b > 0 for b in block)):
+    if (
+        not isinstance(block, (tuple, list))
+        or len(block) != 2
+        or not all(isinstance(b, int) and b > 0 for b in block)
+    ):
         raise ValueError(f"block must be a pair of positive ints (bh, bw), got {block!r}")
     return int(block[0]), int(block[1])
 
@@ -31,8 +35,14 @@ class BSR(SparseFormat):
     layout = "bsr"
     _index_names = ("crow_indices", "col_indices")
 
-    def __init__(self, crow_indices: Tensor, col_indices: Tensor, values: Tensor, shape: tuple[int, int],
-                 validate: bool = True):
+    def __init__(
+        self,
+        crow_indices: Tensor,
+        col_indices: Tensor,
+        values: Tensor,
+        shape: tuple[int, int],
+        validate: bool = True,
+    ):
         super().__init__(shape)
         check_tensor(values, "values", dim=3, floating=True)
         self.register_buffer("crow_indices", crow_indices)
@@ -58,15 +68,18 @@ class BSR(SparseFormat):
         return cls(crow, bcol.to(torch.int32), grid[brow, bcol].clone(), tuple(dense.shape), validate=False)
 
     @classmethod
-    def empty(cls, shape: tuple[int, int], block: tuple[int, int] = (32, 32), dtype=torch.float32,
-              device=None) -> BSR:
+    def empty(
+        cls, shape: tuple[int, int], block: tuple[int, int] = (32, 32), dtype=torch.float32, device=None
+    ) -> BSR:
         return cls.from_dense(torch.zeros(shape, dtype=dtype, device=device), block)
 
     def block_row_indices(self) -> Tensor:
         n_brows = self.crow_indices.numel() - 1
         return torch.repeat_interleave(
             torch.arange(n_brows, device=self.crow_indices.device),
-            (self.crow_indices[1:] - self.crow_indices[:-1]).long(), output_size=self.col_indices.numel())
+            (self.crow_indices[1:] - self.crow_indices[:-1]).long(),
+            output_size=self.col_indices.numel(),
+        )
 
     def to_dense(self) -> Tensor:
         bh, bw = self.block
@@ -87,31 +100,39 @@ class BSR(SparseFormat):
             raise ValueError(f"values must hold blocks of positive size, got {tuple(values.shape)}")
         nb_r, nb_c = -(-n // bh), -(-k // bw)
         if crow.numel() != nb_r + 1:
-            raise ValueError(f"crow_indices must have ceil(out_features / bh) + 1 = {nb_r + 1} entries, "
-                             f"got {crow.numel()}")
+            raise ValueError(
+                f"crow_indices must have ceil(out_features / bh) + 1 = {nb_r + 1} entries, got {crow.numel()}"
+            )
         if col.numel() != values.shape[0]:
-            raise ValueError(f"col_indices ({col.numel()}) must have one entry per block of values "
-                             f"({values.shape[0]})")
+            raise ValueError(
+                f"col_indices ({col.numel()}) must have one entry per block of values ({values.shape[0]})"
+            )
         if not (crow.device == col.device == values.device):
             raise ValueError("crow_indices, col_indices and values must share a device")
         if int(crow[0]) != 0 or int(crow[-1]) != col.numel():
-            raise ValueError(f"crow_indices must start at 0 and end at the block count {col.numel()}, got "
-                             f"{int(crow[0])} and {int(crow[-1])}")
+            raise ValueError(
+                f"crow_indices must start at 0 and end at the block count {col.numel()}, got "
+                f"{int(crow[0])} and {int(crow[-1])}"
+            )
         if bool((crow[1:] < crow[:-1]).any()):
             raise ValueError("crow_indices must be non-decreasing")
         if col.numel():
             if int(col.min()) < 0 or int(col.max()) >= nb_c:
-                raise ValueError(f"col_indices must lie in [0, ceil(in_features / bw) = {nb_c}), got range "
-                                 f"[{int(col.min())}, {int(col.max())}]")
+                raise ValueError(
+                    f"col_indices must lie in [0, ceil(in_features / bw) = {nb_c}), got range "
+                    f"[{int(col.min())}, {int(col.max())}]"
+                )
             brow = self.block_row_indices()
             same = brow[1:] == brow[:-1]
             if bool((col[1:] <= col[:-1])[same].any()):
                 raise ValueError("col_indices must be strictly increasing within each block row")
             v = values.detach()
-            if n % bh and bool(v[brow == nb_r - 1][:, n % bh:, :].ne(0).any()):
+            if n % bh and bool(v[brow == nb_r - 1][:, n % bh :, :].ne(0).any()):
                 raise ValueError(f"values: rows past out_features = {n} in the last block row must be zero")
-            if k % bw and bool(v[col == nb_c - 1][:, :, k % bw:].ne(0).any()):
-                raise ValueError(f"values: columns past in_features = {k} in the last block column must be zero")
+            if k % bw and bool(v[col == nb_c - 1][:, :, k % bw :].ne(0).any()):
+                raise ValueError(
+                    f"values: columns past in_features = {k} in the last block column must be zero"
+                )
         check_finite(values.detach())
 
     def extra_repr(self) -> str:

@@ -1,4 +1,5 @@
 """CSR weight: W (out_features x in_features) as row pointers, sorted column indices and values."""
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,14 @@ class CSR(SparseFormat):
     layout = "csr"
     _index_names = ("crow_indices", "col_indices")
 
-    def __init__(self, crow_indices: Tensor, col_indices: Tensor, values: Tensor, shape: tuple[int, int],
-                 validate: bool = True):
+    def __init__(
+        self,
+        crow_indices: Tensor,
+        col_indices: Tensor,
+        values: Tensor,
+        shape: tuple[int, int],
+        validate: bool = True,
+    ):
         super().__init__(shape)
         check_tensor(values, "values", floating=True)
         self.register_buffer("crow_indices", crow_indices)
@@ -44,7 +51,9 @@ class CSR(SparseFormat):
     def row_indices(self) -> Tensor:
         return torch.repeat_interleave(
             torch.arange(self.shape[0], device=self.crow_indices.device),
-            (self.crow_indices[1:] - self.crow_indices[:-1]).long(), output_size=self.nnz)
+            (self.crow_indices[1:] - self.crow_indices[:-1]).long(),
+            output_size=self.nnz,
+        )
 
     def to_dense(self) -> Tensor:
         dense = torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device)
@@ -60,23 +69,33 @@ class CSR(SparseFormat):
         if crow.numel() != n + 1:
             raise ValueError(f"crow_indices must have out_features + 1 = {n + 1} entries, got {crow.numel()}")
         if col.numel() != values.numel():
-            raise ValueError(f"col_indices ({col.numel()}) and values ({values.numel()}) must have the same length")
+            raise ValueError(
+                f"col_indices ({col.numel()}) and values ({values.numel()}) must have the same length"
+            )
         if not (crow.device == col.device == values.device):
-            raise ValueError(f"crow_indices, col_indices and values must share a device, got "
-                             f"{crow.device}, {col.device}, {values.device}")
+            raise ValueError(
+                f"crow_indices, col_indices and values must share a device, got "
+                f"{crow.device}, {col.device}, {values.device}"
+            )
         if int(crow[0]) != 0 or int(crow[-1]) != col.numel():
-            raise ValueError(f"crow_indices must start at 0 and end at nnz = {col.numel()}, got "
-                             f"{int(crow[0])} and {int(crow[-1])}")
+            raise ValueError(
+                f"crow_indices must start at 0 and end at nnz = {col.numel()}, got "
+                f"{int(crow[0])} and {int(crow[-1])}"
+            )
         if bool((crow[1:] < crow[:-1]).any()):
             raise ValueError("crow_indices must be non-decreasing (row pointers that add up to nnz)")
         if col.numel():
             if int(col.min()) < 0 or int(col.max()) >= k:
-                raise ValueError(f"col_indices must lie in [0, in_features = {k}), got range "
-                                 f"[{int(col.min())}, {int(col.max())}]")
+                raise ValueError(
+                    f"col_indices must lie in [0, in_features = {k}), got range "
+                    f"[{int(col.min())}, {int(col.max())}]"
+                )
             rows = self.row_indices()
             same_row = rows[1:] == rows[:-1]
             if bool((col[1:] <= col[:-1])[same_row].any()):
-                raise ValueError("col_indices must be strictly increasing within each row (sorted, no duplicates)")
+                raise ValueError(
+                    "col_indices must be strictly increasing within each row (sorted, no duplicates)"
+                )
         check_finite(values.detach())
 
     def extra_repr(self) -> str:

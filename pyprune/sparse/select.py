@@ -3,6 +3,7 @@ returning boolean keep-masks of the weight's shape; the one implementation behin
 pyprune.sparsify. A weight of more than 2 dims (a conv's (O, C, kh, kw)) is viewed as (O, C*kh*kw), the
 reduction dim of its im2col GEMM. Sides that are not multiples of the block or of M are handled: the edge
 blocks / the last group are padded and count only their real entries. Ties prune the lower index first."""
+
 from __future__ import annotations
 
 import torch

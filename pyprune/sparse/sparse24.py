@@ -6,6 +6,7 @@ pair p holds the in-group positions for value rows 4p, 4p+1, 4p+2, 4p+3 in bits 
 K4 = in_features rounded up to a multiple of 8; the padding is zero. The two positions of a group are
 distinct and ascending.
 """
+
 from __future__ import annotations
 
 import torch
@@ -57,8 +58,10 @@ class Sparse24(SparseFormat):
         per_group = nz.sum(-1)
         if bool((per_group > 2).any()):
             bad = int((per_group > 2).sum())
-            raise ValueError(f"dense is not 2:4 sparse: {bad} groups of 4 inputs hold more than 2 nonzeros; "
-                             "prune it first (sparsity=0.5 with layout='2:4')")
+            raise ValueError(
+                f"dense is not 2:4 sparse: {bad} groups of 4 inputs hold more than 2 nonzeros; "
+                "prune it first (sparsity=0.5 with layout='2:4')"
+            )
         # kept positions: the nonzeros first, then the lowest zero positions, then sorted ascending
         order = torch.argsort((~nz).to(torch.int8) * 4 + torch.arange(4, device=dense.device), dim=-1)
         pos = order[..., :2].sort(-1).values  # (N, G, 2)
@@ -84,10 +87,14 @@ class Sparse24(SparseFormat):
         check_tensor(self.meta, "meta", dtype=torch.uint8, dim=2)
         check_tensor(self.values, "values", dim=2, floating=True)
         if tuple(self.values.shape) != (k4 // 2, n):
-            raise ValueError(f"values must have shape (K4/2, N) = ({k4 // 2}, {n}) for shape {self.shape}, "
-                             f"got {tuple(self.values.shape)}")
+            raise ValueError(
+                f"values must have shape (K4/2, N) = ({k4 // 2}, {n}) for shape {self.shape}, "
+                f"got {tuple(self.values.shape)}"
+            )
         if tuple(self.meta.shape) != (k4 // 8, n):
-            raise ValueError(f"meta must have shape (K4/8, N) = ({k4 // 8}, {n}), got {tuple(self.meta.shape)}")
+            raise ValueError(
+                f"meta must have shape (K4/8, N) = ({k4 // 8}, {n}), got {tuple(self.meta.shape)}"
+            )
         if self.meta.device != self.values.device:
             raise ValueError("meta and values must share a device")
         pos = meta_positions(self.meta).reshape(k4 // 4, 2, n)

@@ -11,14 +11,20 @@ from torch import nn
 import pyprune
 from pyprune.cli import main
 from pyprune.compare import METHODS
-from pyprune.compare.timing import summarize
 from pyprune.models import lenet5
 
 
 def _mlp():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64),
-                         nn.ReLU(), nn.Linear(64, 10))
+    return nn.Sequential(
+        nn.Linear(64, 128),
+        nn.ReLU(),
+        nn.Linear(128, 128),
+        nn.ReLU(),
+        nn.Linear(128, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +85,22 @@ def test_table_and_json(mlp_report, tmp_path):
 
 def test_threads_restored():
     before = torch.get_num_threads()
-    pyprune.compare(_mlp(), torch.randn(2, 64), methods=("dense",), levels=(0.5,), rounds=2, budget_s=0.1,
-                    threads=1)
+    pyprune.compare(
+        _mlp(), torch.randn(2, 64), methods=("dense",), levels=(0.5,), rounds=2, budget_s=0.1, threads=1
+    )
     assert torch.get_num_threads() == before
 
 
 def test_lenet_conv_model():
-    rep = pyprune.compare(lenet5(), torch.randn(1, 1, 32, 32), methods=("dense", "masked", "channel", "csr"),
-                          levels=(0.5,), rounds=2, budget_s=0.5, threads=1)
+    rep = pyprune.compare(
+        lenet5(),
+        torch.randn(1, 1, 32, 32),
+        methods=("dense", "masked", "channel", "csr"),
+        levels=(0.5,),
+        rounds=2,
+        budget_s=0.5,
+        threads=1,
+    )
     rows = {(r["method"], r["level"]): r for r in rep.rows}
     assert set(rows) == {("dense", None), ("masked", 0.5), ("channel", 0.5), ("csr", 0.5)}
     assert rows[("csr", 0.5)]["params"] < rows[("dense", None)]["params"]
@@ -116,9 +130,27 @@ def test_cli_unknown_model():
 
 def test_cli_compare_lenet(tmp_path):
     out = tmp_path / "out.json"
-    proc = subprocess.run([sys.executable, "-m", "pyprune.cli", "compare", "--model", "lenet5", "--levels", "0.5",
-                           "--rounds", "2", "--budget", "1", "--json", str(out)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pyprune.cli",
+            "compare",
+            "--model",
+            "lenet5",
+            "--levels",
+            "0.5",
+            "--rounds",
+            "2",
+            "--budget",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
     assert {r["method"] for r in data["rows"]} == set(METHODS)

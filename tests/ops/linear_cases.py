@@ -1,5 +1,6 @@
 """Shared cases for the sparse linear ops: each op file builds its arguments from a dense weight with
 `make_args(dense, bias)` and calls the checks below."""
+
 from __future__ import annotations
 
 import torch
@@ -11,7 +12,12 @@ from pyprune.sparse.select import block_mask, magnitude_mask, nm_mask
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 SHAPES = [  # (M tokens, in_features K, out_features N): 1, 7, 97, 1025 and sides that blocks don't divide
-    (1, 7, 5), (7, 97, 33), (97, 64, 48), (3, 1025, 17), (130, 256, 97), (1025, 40, 24),
+    (1, 7, 5),
+    (7, 97, 33),
+    (97, 64, 48),
+    (3, 1025, 17),
+    (130, 256, 97),
+    (1025, 40, 24),
 ]
 
 
@@ -70,7 +76,9 @@ def check_gradcheck(op, make_args, values_index, layout, n=6, k=9):
     x = torch.randn(3, k, dtype=torch.float64, requires_grad=True)
     v = args[values_index].detach().clone().requires_grad_(True)
     b = torch.randn(n, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, v, b: op(x, *_with_values(args[:-1], values_index, v), b), (x, v, b))
+    assert torch.autograd.gradcheck(
+        lambda x, v, b: op(x, *_with_values(args[:-1], values_index, v), b), (x, v, b)
+    )
 
 
 def check_opcheck(opoverload, make_args, values_index, layout, n=20, k=33):

@@ -5,8 +5,15 @@ from pyprune.ops import bsr_linear
 from pyprune.reference import bsr_linear_ref
 from pyprune.sparse import BSR
 
-from .linear_cases import (SHAPES, check_gradcheck, check_gradients, check_matches_reference, check_opcheck,
-                           check_shapes_and_empty, pruned_weight)
+from .linear_cases import (
+    SHAPES,
+    check_gradcheck,
+    check_gradients,
+    check_matches_reference,
+    check_opcheck,
+    check_shapes_and_empty,
+    pruned_weight,
+)
 
 BLOCKS = [(16, 8), (32, 32), (5, 3), (1, 1), (4, 64)]
 
@@ -15,6 +22,7 @@ def args_for(block):
     def make_args(w, b):
         f = BSR.from_dense(w, block)
         return f.crow_indices, f.col_indices, f.values.detach(), w.shape[0], b
+
     return make_args
 
 
@@ -35,8 +43,9 @@ def test_block_shapes_with_ragged_edges(block, m):
     x = torch.randn(m, 70)
     b = torch.randn(50)
     y = bsr_linear(x, *args_for(block)(w, b))
-    torch.testing.assert_close(y.double(), torch.nn.functional.linear(x.double(), w.double(), b.double()),
-                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        y.double(), torch.nn.functional.linear(x.double(), w.double(), b.double()), atol=1e-4, rtol=0
+    )
 
 
 def test_shapes_and_empty():

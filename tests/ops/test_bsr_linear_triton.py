@@ -6,6 +6,7 @@ its @triton.jit decorators run: Triton decides interpret-or-compile when it deco
 run in the same process, still compile for the device.
 GPU (`-m gpu`): the routed op on CUDA in every dtype and block size, opcheck, torch.compile, gradients.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -56,7 +57,7 @@ def bsr_case(n, k, block, sparsity=0.5, dtype=torch.float32, device="cpu", empty
     w = torch.randn(n, k)
     w = w * block_mask(w, sparsity, block)
     for r in empty_rows:
-        w[r * block[0]:(r + 1) * block[0]] = 0
+        w[r * block[0] : (r + 1) * block[0]] = 0
     w = w.to(dtype)
     f = BSR.from_dense(w, block)
     return w.to(device), f.crow_indices.to(device), f.col_indices.to(device), f.values.detach().to(device)
@@ -72,6 +73,7 @@ TOL32 = 1e-5
 
 # ---- CPU: the kernel under the Triton interpreter ----------------------------------------------------
 
+
 @pytest.mark.triton
 @pytest.mark.parametrize("block", [(16, 16), (32, 32), (16, 32)])
 @pytest.mark.parametrize("m,k,n", [(1, 16, 16), (7, 50, 40), (20, 97, 33)])
@@ -81,7 +83,7 @@ def test_interpreted_fp32_matches_float64(interp, block, m, k, n):
     x, b = torch.randn(m, k), torch.randn(n)
     y = interp.bsr_linear_triton(x, crow, col, vals, n, b)
     assert y.shape == (m, n) and y.dtype == torch.float32
-    torch.testing.assert_close(y.double(), ref64(x, w, b), rtol=0, atol=TOL32 * k ** 0.5 * 4)
+    torch.testing.assert_close(y.double(), ref64(x, w, b), rtol=0, atol=TOL32 * k**0.5 * 4)
 
 
 @pytest.mark.triton
@@ -126,8 +128,9 @@ def test_interpreted_non_contiguous_x_and_all_empty(interp):
     w, crow, col, vals = bsr_case(32, 40, (16, 16))
     x = torch.randn(40, 6).t()
     assert not x.is_contiguous()
-    torch.testing.assert_close(interp.bsr_linear_triton(x, crow, col, vals, 32, None).double(), ref64(x, w, None),
-                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        interp.bsr_linear_triton(x, crow, col, vals, 32, None).double(), ref64(x, w, None), rtol=0, atol=1e-4
+    )
     _, crow0, col0, vals0 = bsr_case(32, 40, (16, 16), sparsity=1.0)
     b = torch.randn(32)
     torch.testing.assert_close(interp.bsr_linear_triton(x, crow0, col0, vals0, 32, b), b.expand(6, 32))
@@ -144,6 +147,7 @@ def test_interpreted_launcher_rejects_bad_input(interp):
 
 
 # ---- CPU: the router's choice ---------------------------------------------------------------------------
+
 
 def test_use_backend_sets_and_restores(monkeypatch):
     monkeypatch.delenv(_router.ENV_VAR, raising=False)
@@ -222,7 +226,7 @@ def test_gpu_matches_float64(dtype, block, m, k, n):
     want = ref64(x, w, b)
     err = (y.double() - want).abs().max().item()
     if dtype == torch.float32:
-        assert err <= TOL32 * k ** 0.5 * 4, err
+        assert err <= TOL32 * k**0.5 * 4, err
     else:
         naive = (F.linear(x, w, b).double() - want).abs().max().item()
         assert err <= 2 * naive + 1e-6, (err, naive)
@@ -236,8 +240,10 @@ def test_gpu_triton_equals_reference_backend_and_profiles():
     x = torch.randn(4, 7, 130, device="cuda")
     with _router.use_backend("reference"):
         want = bsr_linear(x, crow, col, vals, 96, None)
-    with _router.use_backend("triton"), torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with (
+        _router.use_backend("triton"),
+        torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof,
+    ):
         got = bsr_linear(x, crow, col, vals, 96, None)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert "pyprune::bsr_linear/triton" in {e.name for e in prof.events()}
@@ -250,7 +256,9 @@ def test_gpu_opcheck():
     _, crow, col, vals = bsr_case(40, 33, (16, 16), device="cuda")
     x = torch.randn(5, 33, device="cuda", requires_grad=True)
     v = vals.clone().requires_grad_(True)
-    torch.library.opcheck(torch.ops.pyprune.bsr_linear.default, (x, crow, col, v, 40, torch.randn(40, device="cuda")))
+    torch.library.opcheck(
+        torch.ops.pyprune.bsr_linear.default, (x, crow, col, v, 40, torch.randn(40, device="cuda"))
+    )
 
 
 @pytest.mark.gpu
@@ -282,5 +290,7 @@ def test_gpu_sparse_linear_gradients(block):
     with _router.use_backend("triton"):
         dev(xd).backward(g.cuda())
     torch.testing.assert_close(xd.grad.cpu().double(), x.grad.double(), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(dev.weight.values.grad.cpu().double(), cpu.weight.values.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        dev.weight.values.grad.cpu().double(), cpu.weight.values.grad, atol=1e-4, rtol=1e-4
+    )
     torch.testing.assert_close(dev.bias.grad.cpu().double(), cpu.bias.grad, atol=1e-4, rtol=1e-4)

@@ -6,8 +6,15 @@ from pyprune.ops import csr_linear
 from pyprune.reference import csr_linear_ref
 from pyprune.sparse import CSR
 
-from .linear_cases import (SHAPES, check_gradcheck, check_gradients, check_matches_reference, check_opcheck,
-                           check_shapes_and_empty, pruned_weight)
+from .linear_cases import (
+    SHAPES,
+    check_gradcheck,
+    check_gradients,
+    check_matches_reference,
+    check_opcheck,
+    check_shapes_and_empty,
+    pruned_weight,
+)
 
 
 def make_args(w, b):

@@ -1,5 +1,6 @@
 """Every SIMD path of the C++ kernels (AVX-512, AVX2, portable baseline) on the same cases. The ISA is picked
 once per process, so each capped path runs in a subprocess with PYPRUNE_ISA set."""
+
 import os
 import subprocess
 import sys

@@ -5,8 +5,15 @@ from pyprune.ops import sparse24_linear
 from pyprune.reference import sparse24_linear_ref
 from pyprune.sparse import Sparse24
 
-from .linear_cases import (SHAPES, check_gradcheck, check_gradients, check_matches_reference, check_opcheck,
-                           check_shapes_and_empty, pruned_weight)
+from .linear_cases import (
+    SHAPES,
+    check_gradcheck,
+    check_gradients,
+    check_matches_reference,
+    check_opcheck,
+    check_shapes_and_empty,
+    pruned_weight,
+)
 
 
 def make_args(w, b):

@@ -14,8 +14,14 @@ def sparse_dense(n, k, density, seed):
 
 
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(1, 40), k=st.integers(1, 40), density=st.floats(0, 1), seed=st.integers(0, 10**6),
-       bh=st.integers(1, 9), bw=st.integers(1, 9))
+@given(
+    n=st.integers(1, 40),
+    k=st.integers(1, 40),
+    density=st.floats(0, 1),
+    seed=st.integers(0, 10**6),
+    bh=st.integers(1, 9),
+    bw=st.integers(1, 9),
+)
 def test_round_trip_every_format(n, k, density, seed, bh, bw):
     w = sparse_dense(n, k, density, seed)
     for f in (CSR.from_dense(w), BSR.from_dense(w, (bh, bw))):
@@ -28,32 +34,47 @@ def test_round_trip_every_format(n, k, density, seed, bh, bw):
 
 
 def test_csr_hand_built_and_nnz():
-    f = CSR(torch.tensor([0, 2, 2, 3], dtype=torch.int32), torch.tensor([0, 3, 1], dtype=torch.int32),
-            torch.tensor([1.0, 2.0, 3.0]), (3, 4))
+    f = CSR(
+        torch.tensor([0, 2, 2, 3], dtype=torch.int32),
+        torch.tensor([0, 3, 1], dtype=torch.int32),
+        torch.tensor([1.0, 2.0, 3.0]),
+        (3, 4),
+    )
     assert f.nnz == 3
     assert torch.equal(f.to_dense(), torch.tensor([[1.0, 0, 0, 2], [0, 0, 0, 0], [0, 3, 0, 0]]))
 
 
-@pytest.mark.parametrize("crow,col,match", [
-    ([0, 2, 2, 3], [0, 4, 1], "col_indices must lie in"),
-    ([0, 2, 2, 3], [3, 0, 1], "strictly increasing"),
-    ([0, 2, 2, 3], [0, 0, 1], "strictly increasing"),
-    ([0, 2, 1, 3], [0, 3, 1], "non-decreasing"),
-    ([0, 2, 2, 4], [0, 3, 1], "end at nnz"),
-    ([0, 2, 3], [0, 3, 1], "out_features \\+ 1"),
-])
+@pytest.mark.parametrize(
+    "crow,col,match",
+    [
+        ([0, 2, 2, 3], [0, 4, 1], "col_indices must lie in"),
+        ([0, 2, 2, 3], [3, 0, 1], "strictly increasing"),
+        ([0, 2, 2, 3], [0, 0, 1], "strictly increasing"),
+        ([0, 2, 1, 3], [0, 3, 1], "non-decreasing"),
+        ([0, 2, 2, 4], [0, 3, 1], "end at nnz"),
+        ([0, 2, 3], [0, 3, 1], "out_features \\+ 1"),
+    ],
+)
 def test_csr_validate_names_the_problem(crow, col, match):
     with pytest.raises(ValueError, match=match):
-        CSR(torch.tensor(crow, dtype=torch.int32), torch.tensor(col, dtype=torch.int32),
-            torch.tensor([1.0, 2.0, 3.0]), (3, 4))
+        CSR(
+            torch.tensor(crow, dtype=torch.int32),
+            torch.tensor(col, dtype=torch.int32),
+            torch.tensor([1.0, 2.0, 3.0]),
+            (3, 4),
+        )
 
 
 def test_csr_rejects_wrong_index_dtype_and_nan():
     with pytest.raises(TypeError, match="crow_indices"):
         CSR(torch.tensor([0, 1]), torch.tensor([0], dtype=torch.int32), torch.tensor([1.0]), (1, 1))
     with pytest.raises(ValueError, match="NaN"):
-        CSR(torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0], dtype=torch.int32),
-            torch.tensor([float("nan")]), (1, 1))
+        CSR(
+            torch.tensor([0, 1], dtype=torch.int32),
+            torch.tensor([0], dtype=torch.int32),
+            torch.tensor([float("nan")]),
+            (1, 1),
+        )
     with pytest.raises(ValueError, match="NaN"):
         CSR.from_dense(torch.tensor([[1.0, float("nan")]]))
 
@@ -91,15 +112,19 @@ def test_masks_have_exact_counts():
     nm = nm_mask(w, 2, 4).reshape(64, 24, 4)
     assert bool((nm.sum(-1) == 2).all())
     kept = w.abs().reshape(64, 24, 4)
-    assert bool((kept[nm].reshape(64, 24, 2).min(-1).values >= kept[~nm].reshape(64, 24, 2).max(-1).values).all())
+    assert bool(
+        (kept[nm].reshape(64, 24, 2).min(-1).values >= kept[~nm].reshape(64, 24, 2).max(-1).values).all()
+    )
     with pytest.raises(ValueError, match="sparsity"):
         magnitude_mask(w, 1.5)
 
 
 def test_state_dict_round_trip_adopts_stored_sizes():
     w = sparse_dense(30, 20, 0.3, 1)
-    for src, fresh in ((CSR.from_dense(w), CSR.empty((30, 20))),
-                       (BSR.from_dense(w, (8, 4)), BSR.empty((30, 20), (8, 4))),
-                       (Sparse24.from_dense(w * nm_mask(w)), Sparse24.empty((30, 20)))):
+    for src, fresh in (
+        (CSR.from_dense(w), CSR.empty((30, 20))),
+        (BSR.from_dense(w, (8, 4)), BSR.empty((30, 20), (8, 4))),
+        (Sparse24.from_dense(w * nm_mask(w)), Sparse24.empty((30, 20))),
+    ):
         fresh.load_state_dict(src.state_dict())
         assert torch.equal(fresh.to_dense(), src.to_dense())
