@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..sparse.base import compressed_rows
 from . import _library  # noqa: F401
 from ._common import autograd_bias_grad, register_cpu_fallback
 from ._router import register_cuda
@@ -54,10 +55,7 @@ def _backward(ctx, grad):
         gw = grad.reshape(-1, n).t() @ x.reshape(-1, k)
         gw = torch.nn.functional.pad(gw, (0, n_bcols * bw - k, 0, n_brows * bh - n))
         grid = gw.reshape(n_brows, bh, n_bcols, bw).permute(0, 2, 1, 3)
-        brow = torch.repeat_interleave(
-            torch.arange(n_brows, device=crow.device), (crow[1:] - crow[:-1]).long(), output_size=col.numel()
-        )
-        grad_values = grid[brow, col.long()]
+        grad_values = grid[compressed_rows(crow, col.numel()), col.long()]
     return grad_x, None, None, grad_values, None, autograd_bias_grad(ctx, grad)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..sparse.base import compressed_rows
 from . import _library  # noqa: F401
 from ._common import autograd_bias_grad, register_cpu_fallback
 
@@ -30,13 +31,7 @@ def _(x, crow_indices, col_indices, values, out_features, bias):
 
 def csr_transpose(crow_indices: Tensor, col_indices: Tensor, n_cols: int) -> tuple[Tensor, Tensor, Tensor]:
     """CSR of W^T for W (len(crow_indices) - 1, n_cols): (crow, col, perm) with values_T = values[perm]."""
-    n_rows = crow_indices.numel() - 1
-    nnz = col_indices.numel()
-    rows = torch.repeat_interleave(
-        torch.arange(n_rows, device=col_indices.device, dtype=torch.int32),
-        (crow_indices[1:] - crow_indices[:-1]).long(),
-        output_size=nnz,
-    )
+    rows = compressed_rows(crow_indices, col_indices.numel()).to(torch.int32)
     # stable sort by column keeps the rows ascending inside each new row
     perm = torch.sort(col_indices, stable=True).indices
     counts = torch.zeros(n_cols + 1, dtype=torch.int32, device=col_indices.device)
@@ -61,12 +56,7 @@ def _backward(ctx, grad):
         # dL/dw[o, k] = sum_m grad[m, o] x[m, k], sampled at the stored positions only
         g2 = grad.reshape(-1, grad.shape[-1])
         x2 = x.reshape(-1, k)
-        rows = torch.repeat_interleave(
-            torch.arange(crow.numel() - 1, device=crow.device),
-            (crow[1:] - crow[:-1]).long(),
-            output_size=col.numel(),
-        )
-        grad_values = (g2.t() @ x2)[rows, col.long()]
+        grad_values = (g2.t() @ x2)[compressed_rows(crow, col.numel()), col.long()]
     return grad_x, None, None, grad_values, None, autograd_bias_grad(ctx, grad)
 
 

@@ -87,3 +87,39 @@ def check_finite(values: Tensor, name: str = "values") -> None:
 def check_dense(dense: Tensor) -> None:
     check_tensor(dense, "dense", dim=2, floating=True)
     check_finite(dense, "dense")
+
+
+def compressed_rows(crow_indices: Tensor, nnz: int) -> Tensor:
+    """Row (block row for BSR) of every stored entry of a compressed-row structure: (nnz,) int64."""
+    n_rows = crow_indices.numel() - 1
+    return torch.repeat_interleave(
+        torch.arange(n_rows, device=crow_indices.device),
+        (crow_indices[1:] - crow_indices[:-1]).long(),
+        output_size=nnz,
+    )
+
+
+def check_compressed(
+    crow: Tensor, col: Tensor, n_rows: int, n_cols: int, rows: str, cols: str, count: str
+) -> None:
+    """The row-pointer / column-index structure CSR and BSR share: ``n_rows + 1`` pointers from 0 to the
+    entry count, non-decreasing; columns in [0, n_cols), strictly increasing within a row. ``rows``,
+    ``cols`` and ``count`` describe the bounds in the messages (e.g. "out_features", "in_features", "nnz")."""
+    if crow.numel() != n_rows + 1:
+        raise ValueError(f"crow_indices must have {rows} + 1 = {n_rows + 1} entries, got {crow.numel()}")
+    if int(crow[0]) != 0 or int(crow[-1]) != col.numel():
+        raise ValueError(
+            f"crow_indices must start at 0 and end at {count} = {col.numel()}, got {int(crow[0])} and {int(crow[-1])}"
+        )
+    if bool((crow[1:] < crow[:-1]).any()):
+        raise ValueError("crow_indices must be non-decreasing (row pointers that add up to the entry count)")
+    if col.numel():
+        if int(col.min()) < 0 or int(col.max()) >= n_cols:
+            raise ValueError(
+                f"col_indices must lie in [0, {cols} = {n_cols}), got range [{int(col.min())}, {int(col.max())}]"
+            )
+        r = compressed_rows(crow, col.numel())
+        if bool((col[1:] <= col[:-1])[r[1:] == r[:-1]].any()):
+            raise ValueError(
+                "col_indices must be strictly increasing within each row (sorted, no duplicates)"
+            )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import SparseFormat, check_dense, check_finite, check_tensor
+from .base import SparseFormat, check_compressed, check_dense, check_finite, check_tensor, compressed_rows
 
 
 def _blocks_grid(dense: Tensor, block: tuple[int, int]) -> Tensor:
@@ -74,12 +74,7 @@ class BSR(SparseFormat):
         return cls.from_dense(torch.zeros(shape, dtype=dtype, device=device), block)
 
     def block_row_indices(self) -> Tensor:
-        n_brows = self.crow_indices.numel() - 1
-        return torch.repeat_interleave(
-            torch.arange(n_brows, device=self.crow_indices.device),
-            (self.crow_indices[1:] - self.crow_indices[:-1]).long(),
-            output_size=self.col_indices.numel(),
-        )
+        return compressed_rows(self.crow_indices, self.col_indices.numel())
 
     def to_dense(self) -> Tensor:
         bh, bw = self.block
@@ -99,33 +94,17 @@ class BSR(SparseFormat):
         if bh <= 0 or bw <= 0:
             raise ValueError(f"values must hold blocks of positive size, got {tuple(values.shape)}")
         nb_r, nb_c = -(-n // bh), -(-k // bw)
-        if crow.numel() != nb_r + 1:
-            raise ValueError(
-                f"crow_indices must have ceil(out_features / bh) + 1 = {nb_r + 1} entries, got {crow.numel()}"
-            )
         if col.numel() != values.shape[0]:
             raise ValueError(
                 f"col_indices ({col.numel()}) must have one entry per block of values ({values.shape[0]})"
             )
         if not (crow.device == col.device == values.device):
             raise ValueError("crow_indices, col_indices and values must share a device")
-        if int(crow[0]) != 0 or int(crow[-1]) != col.numel():
-            raise ValueError(
-                f"crow_indices must start at 0 and end at the block count {col.numel()}, got "
-                f"{int(crow[0])} and {int(crow[-1])}"
-            )
-        if bool((crow[1:] < crow[:-1]).any()):
-            raise ValueError("crow_indices must be non-decreasing")
+        check_compressed(
+            crow, col, nb_r, nb_c, "ceil(out_features / bh)", "ceil(in_features / bw)", "the block count"
+        )
         if col.numel():
-            if int(col.min()) < 0 or int(col.max()) >= nb_c:
-                raise ValueError(
-                    f"col_indices must lie in [0, ceil(in_features / bw) = {nb_c}), got range "
-                    f"[{int(col.min())}, {int(col.max())}]"
-                )
             brow = self.block_row_indices()
-            same = brow[1:] == brow[:-1]
-            if bool((col[1:] <= col[:-1])[same].any()):
-                raise ValueError("col_indices must be strictly increasing within each block row")
             v = values.detach()
             if n % bh and bool(v[brow == nb_r - 1][:, n % bh :, :].ne(0).any()):
                 raise ValueError(f"values: rows past out_features = {n} in the last block row must be zero")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import SparseFormat, check_dense, check_finite, check_tensor
+from .base import SparseFormat, check_compressed, check_dense, check_finite, check_tensor, compressed_rows
 
 
 class CSR(SparseFormat):
@@ -49,11 +49,7 @@ class CSR(SparseFormat):
         return cls.from_dense(torch.zeros(shape, dtype=dtype, device=device))
 
     def row_indices(self) -> Tensor:
-        return torch.repeat_interleave(
-            torch.arange(self.shape[0], device=self.crow_indices.device),
-            (self.crow_indices[1:] - self.crow_indices[:-1]).long(),
-            output_size=self.nnz,
-        )
+        return compressed_rows(self.crow_indices, self.nnz)
 
     def to_dense(self) -> Tensor:
         dense = torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device)
@@ -66,8 +62,6 @@ class CSR(SparseFormat):
         check_tensor(crow, "crow_indices", dtype=torch.int32, dim=1)
         check_tensor(col, "col_indices", dtype=torch.int32, dim=1)
         check_tensor(values, "values", dim=1, floating=True)
-        if crow.numel() != n + 1:
-            raise ValueError(f"crow_indices must have out_features + 1 = {n + 1} entries, got {crow.numel()}")
         if col.numel() != values.numel():
             raise ValueError(
                 f"col_indices ({col.numel()}) and values ({values.numel()}) must have the same length"
@@ -77,26 +71,5 @@ class CSR(SparseFormat):
                 f"crow_indices, col_indices and values must share a device, got "
                 f"{crow.device}, {col.device}, {values.device}"
             )
-        if int(crow[0]) != 0 or int(crow[-1]) != col.numel():
-            raise ValueError(
-                f"crow_indices must start at 0 and end at nnz = {col.numel()}, got "
-                f"{int(crow[0])} and {int(crow[-1])}"
-            )
-        if bool((crow[1:] < crow[:-1]).any()):
-            raise ValueError("crow_indices must be non-decreasing (row pointers that add up to nnz)")
-        if col.numel():
-            if int(col.min()) < 0 or int(col.max()) >= k:
-                raise ValueError(
-                    f"col_indices must lie in [0, in_features = {k}), got range "
-                    f"[{int(col.min())}, {int(col.max())}]"
-                )
-            rows = self.row_indices()
-            same_row = rows[1:] == rows[:-1]
-            if bool((col[1:] <= col[:-1])[same_row].any()):
-                raise ValueError(
-                    "col_indices must be strictly increasing within each row (sorted, no duplicates)"
-                )
+        check_compressed(crow, col, n, k, "out_features", "in_features", "nnz")
         check_finite(values.detach())
-
-    def extra_repr(self) -> str:
-        return f"shape={self.shape}, nnz={self.nnz}"
