@@ -53,3 +53,34 @@ def sparse24_linear_ref(
         cols = 4 * (r // 2) + pos
         w[torch.arange(out_features), cols] += values[r]
     return F.linear(x, w[:, :in_features].to(x.dtype), bias)
+
+
+def pruned_conv2d_ref(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    in_index: Tensor | None,
+    out_index: Tensor | None,
+    out_channels: int,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    relu: bool,
+) -> Tensor:
+    xs = x if in_index is None else x.index_select(1, in_index)
+    y = F.conv2d(xs, weight, bias, stride, padding, dilation, groups)
+    if relu:
+        y = torch.relu(y)
+    if out_index is not None:
+        full = y.new_zeros(y.shape[0], out_channels, y.shape[2], y.shape[3])
+        full[:, out_index] = y
+        y = full
+    return y.contiguous(memory_format=_memory_format(x))
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """channels_last when x is laid out so (and not trivially both), else contiguous: what F.conv2d returns."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format

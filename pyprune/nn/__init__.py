@@ -1,5 +1,6 @@
 """Drop-in modules backed by pyprune's kernels."""
 
+from .pruned_conv2d import PrunedConv2d
 from .sparse_linear import SparseLinear
 
-__all__ = ["SparseLinear"]
+__all__ = ["PrunedConv2d", "SparseLinear"]

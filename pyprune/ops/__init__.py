@@ -1,8 +1,9 @@
 """pyprune ops: one file per op (public function, fake, autograd); schemas in _library.py."""
 
 from . import _library  # noqa: F401
-from .csr_linear import csr_linear
 from .bsr_linear import bsr_linear
+from .csr_linear import csr_linear
+from .pruned_conv2d import pruned_conv2d
 from .sparse24_linear import sparse24_linear
 
-__all__ = ["csr_linear", "bsr_linear", "sparse24_linear"]
+__all__ = ["bsr_linear", "csr_linear", "pruned_conv2d", "sparse24_linear"]

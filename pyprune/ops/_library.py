@@ -17,11 +17,15 @@ SCHEMAS = {
     # W in 2:4: values (K4/2, out), meta (K4/8, out) uint8, K4 = in_features rounded up to a multiple of 8.
     "sparse24_linear": "sparse24_linear(Tensor x, Tensor values, Tensor meta, int out_features, "
     "Tensor? bias) -> Tensor",
+    # conv2d over the input channels in_index (gathered inside the kernel) with weight (C_out_kept,
+    # C_in_kept / groups, kh, kw); relu fused; out_index scatters into an out_channels-wide zero output.
+    "pruned_conv2d": "pruned_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor? in_index, Tensor? out_index, "
+    "int out_channels, int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor",
 }
 
 for _schema in SCHEMAS.values():
     lib.define(_schema)
 
-from .. import _extension  # noqa: E402  (loads _C after the schemas exist)
+from .. import _extension
 
-__all__ = ["lib", "SCHEMAS", "_extension"]
+__all__ = ["SCHEMAS", "_extension", "lib"]

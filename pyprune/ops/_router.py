@@ -244,7 +244,20 @@ BSR_LINEAR_BACKENDS = [
     Backend("reference", _flat(reference.bsr_linear_ref)),
 ]
 
-_TABLES = {"bsr_linear": BSR_LINEAR_BACKENDS}
+# ---- pruned_conv2d -------------------------------------------------------------------------------------
+
+
+def _pruned_conv2d_reference(*args):
+    from .pruned_conv2d import pruned_conv2d_checked_ref
+
+    return pruned_conv2d_checked_ref(*args)
+
+
+PRUNED_CONV2D_BACKENDS = [
+    Backend("reference", _pruned_conv2d_reference),
+]
+
+_TABLES = {"bsr_linear": BSR_LINEAR_BACKENDS, "pruned_conv2d": PRUNED_CONV2D_BACKENDS}
 
 
 def register_cuda(op: str) -> None:
@@ -256,6 +269,7 @@ __all__ = [
     "BACKEND_NAMES",
     "BSR_LINEAR_BACKENDS",
     "ENV_VAR",
+    "PRUNED_CONV2D_BACKENDS",
     "Backend",
     "get_backend",
     "load_triton_kernels",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _library  # noqa: F401
 from ..sparse.sparse24 import padded_in_features, value_columns
+from . import _library  # noqa: F401
 from ._common import autograd_bias_grad, register_cpu_fallback
 
 

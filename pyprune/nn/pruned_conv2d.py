@@ -1,0 +1,217 @@
+"""PrunedConv2d: a drop-in nn.Conv2d that reads only the kept input channels of its (unpruned) input and
+computes only the kept output channels, through pyprune::pruned_conv2d."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..ops.pruned_conv2d import check_index_values, pair
+
+
+def _index(idx, n: int, name: str, device) -> Tensor | None:
+    """None (keep all n) or a sorted, unique int64 index tensor; rejects anything else by name."""
+    if idx is None:
+        return None
+    if isinstance(idx, Tensor):
+        if idx.dtype not in (torch.int64, torch.int32) or idx.dim() != 1:
+            raise TypeError(f"{name} must be a 1-D integer tensor (or a list of ints), got {idx.dtype} "
+                            f"of shape {tuple(idx.shape)}")  # fmt: skip
+        t = idx.detach().to(device=device, dtype=torch.int64)
+    else:
+        idx = list(idx)
+        if not all(isinstance(i, int) for i in idx):
+            raise TypeError(f"{name} must be a sequence of ints, got {idx!r}")
+        t = torch.tensor(idx, dtype=torch.int64, device=device)
+    if t.numel() == 0:
+        raise ValueError(f"{name} must keep at least one channel")
+    check_index_values(t, None, n, 0) if name == "keep_in" else check_index_values(None, t, 0, n)
+    return t
+
+
+class PrunedConv2d(nn.Module):
+    """``relu?(conv2d(x[:, keep_in], weight, bias))``, the output compact ``(N, len(keep_out), OH, OW)`` or,
+    with ``scatter_output=True``, scattered into ``(N, out_channels, OH, OW)`` with zeros elsewhere.
+
+    Build it with :meth:`from_dense`. ``weight`` (a Parameter) holds only the kept rows and columns;
+    ``in_index`` / ``out_index`` are buffers (``None`` when everything is kept)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int],
+        keep_in: Sequence[int] | Tensor | None = None,
+        keep_out: Sequence[int] | Tensor | None = None,
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] = 0,
+        dilation: int | Sequence[int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        relu: bool = False,
+        scatter_output: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        kh, kw = pair(kernel_size, "kernel_size")
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size = (kh, kw)
+        self.stride = tuple(pair(stride, "stride"))
+        self.padding = tuple(pair(padding, "padding"))
+        self.dilation = tuple(pair(dilation, "dilation"))
+        self.groups, self.relu, self.scatter_output = int(groups), bool(relu), bool(scatter_output)
+        in_index = _index(keep_in, self.in_channels, "keep_in", device)
+        out_index = _index(keep_out, self.out_channels, "keep_out", device)
+        c_in = self.in_channels if in_index is None else in_index.numel()
+        c_out = self.out_channels if out_index is None else out_index.numel()
+        if c_in % self.groups or c_out % self.groups:
+            raise ValueError(
+                f"groups ({self.groups}) must divide the kept input ({c_in}) and output ({c_out}) channels"
+            )
+        dtype = dtype or torch.get_default_dtype()
+        self.weight = nn.Parameter(
+            torch.zeros(c_out, c_in // self.groups, kh, kw, device=device, dtype=dtype)
+        )
+        self.bias = nn.Parameter(torch.zeros(c_out, device=device, dtype=dtype)) if bias else None
+        self.register_buffer("in_index", in_index)
+        self.register_buffer("out_index", out_index)
+
+    @classmethod
+    def from_dense(
+        cls,
+        conv: nn.Conv2d,
+        keep_in: Sequence[int] | Tensor | None = None,
+        keep_out: Sequence[int] | Tensor | None = None,
+        bn: nn.BatchNorm2d | None = None,
+        relu: bool = False,
+        scatter_output: bool = False,
+    ) -> PrunedConv2d:
+        """Keeps ``conv``'s weight rows ``keep_out`` and input channels ``keep_in`` (sorted unique indices, None =
+        all). ``bn`` (eval-mode statistics) is folded into the weight and bias; ``relu`` fuses a ReLU after it.
+        Depthwise convs (groups == in_channels == out_channels) need keep_in == keep_out."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be a torch.nn.Conv2d, got {type(conv).__name__}")
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"conv must use numeric zero padding, got padding={conv.padding!r} "
+                             f"padding_mode={conv.padding_mode!r}")  # fmt: skip
+        w = conv.weight.detach()
+        new = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, keep_in, keep_out, conv.stride, conv.padding,
+            conv.dilation, 1, bias=conv.bias is not None or bn is not None, relu=relu,
+            scatter_output=scatter_output, device=w.device, dtype=w.dtype,
+        )  # fmt: skip
+        g = new.groups = conv.groups
+        rows = torch.arange(conv.out_channels, device=w.device) if new.out_index is None else new.out_index
+        cols = torch.arange(conv.in_channels, device=w.device) if new.in_index is None else new.in_index
+        if g == 1:
+            weight = w[rows][:, cols]
+        else:
+            # groups that keep nothing drop out; the others must keep the same number of inputs and outputs
+            per_in, per_out = conv.in_channels // g, conv.out_channels // g
+            g_in, g_out = cols // per_in, rows // per_out
+            counts_in = torch.bincount(g_in, minlength=g)
+            counts_out = torch.bincount(g_out, minlength=g)
+            live = counts_out > 0
+            if (
+                not torch.equal(live, counts_in > 0)
+                or len(set(counts_in[live].tolist())) != 1
+                or len(set(counts_out[live].tolist())) != 1
+            ):
+                raise ValueError(
+                    f"a grouped conv (groups={g}) must keep inputs exactly in the groups it keeps outputs "
+                    f"in, the same number in each; keep_in gives {counts_in.tolist()} per group, keep_out "
+                    f"gives {counts_out.tolist()}"
+                )
+            new.groups = int(live.sum())
+            local_in = (cols % per_in).reshape(new.groups, -1)
+            kept = live.nonzero().flatten().tolist()
+            weight = torch.cat([w[rows[g_out == grp]][:, local_in[i]] for i, grp in enumerate(kept)])
+        weight = weight.clone()
+        bias = conv.bias.detach()[rows].clone() if conv.bias is not None else None
+        if bn is not None:
+            if not isinstance(bn, nn.BatchNorm2d) or bn.num_features != conv.out_channels:
+                raise ValueError(f"bn must be a BatchNorm2d over conv's {conv.out_channels} output channels")
+            if bn.running_mean is None:
+                raise ValueError("bn must track running statistics to be folded")
+            scale = bn.weight.detach() if bn.affine else torch.ones_like(bn.running_var)
+            shift = bn.bias.detach() if bn.affine else torch.zeros_like(bn.running_mean)
+            s = (scale / torch.sqrt(bn.running_var + bn.eps))[rows]
+            weight = weight * s.reshape(-1, 1, 1, 1).to(weight.dtype)
+            b0 = bias if bias is not None else torch.zeros_like(s)
+            bias = ((b0 - bn.running_mean[rows]) * s + shift[rows]).to(weight.dtype)
+        with torch.no_grad():
+            new.weight.data = weight.contiguous()
+            if new.bias is not None:
+                new.bias.data = bias.contiguous()
+        return new
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not isinstance(input, Tensor) or input.dim() != 4 or input.shape[1] != self.in_channels:
+            shape = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
+            raise ValueError(f"input must have shape (N, in_channels={self.in_channels}, H, W), got {shape}")
+        if input.dtype != self.weight.dtype:
+            raise TypeError(f"input has dtype {input.dtype} but the weight is {self.weight.dtype}; convert "
+                            f"one of them (e.g. module.to({input.dtype}))")  # fmt: skip
+        out_index = self.out_index if self.scatter_output else None
+        return ops.pruned_conv2d(
+            input, self.weight, self.bias, self.in_index, out_index,
+            self.out_channels if self.scatter_output else self.weight.shape[0],
+            self.stride, self.padding, self.dilation, self.groups, self.relu,
+        )  # fmt: skip
+
+    def to_dense(self) -> nn.Sequential:
+        """An equivalent plain-PyTorch module: index_select -> nn.Conv2d -> (ReLU) -> (scatter)."""
+        w = self.weight
+        conv = nn.Conv2d(w.shape[1] * self.groups, w.shape[0], self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, bias=self.bias is not None, device=w.device, dtype=w.dtype)  # fmt: skip
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        layers = [_SelectChannels(self.in_index)] if self.in_index is not None else []
+        layers.append(conv)
+        if self.relu:
+            layers.append(nn.ReLU())
+        if self.scatter_output and self.out_index is not None:
+            layers.append(_ScatterChannels(self.out_index, self.out_channels))
+        return nn.Sequential(*layers)
+
+    def extra_repr(self) -> str:
+        c_in, c_out = self.weight.shape[1] * self.groups, self.weight.shape[0]
+        s = (f"{self.in_channels}->{self.out_channels} keeping {c_in}->{c_out}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}, padding={self.padding}")  # fmt: skip
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.relu:
+            s += ", relu=True"
+        if self.scatter_output:
+            s += ", scatter_output=True"
+        return s
+
+
+class _SelectChannels(nn.Module):
+    def __init__(self, index: Tensor):
+        super().__init__()
+        self.register_buffer("index", index.clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.index_select(1, self.index)
+
+
+class _ScatterChannels(nn.Module):
+    def __init__(self, index: Tensor, channels: int):
+        super().__init__()
+        self.channels = channels
+        self.register_buffer("index", index.clone())
+
+    def forward(self, y: Tensor) -> Tensor:
+        full = y.new_zeros(y.shape[0], self.channels, *y.shape[2:])
+        return full.index_copy(1, self.index, y)

@@ -1,0 +1,194 @@
+"""pyprune::pruned_conv2d: a convolution over a subset of input channels producing a subset of output channels.
+
+The channel gather is part of the op (the kernel reads ``x[:, in_index]`` in place, no compacted copy), as is
+the optional ReLU and the scatter of the kept outputs into a full-width output (so a residual add still lines
+up when only one side of it was pruned)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from . import _library  # noqa: F401
+from ._router import register_cuda
+
+OP = "pyprune::pruned_conv2d"
+
+
+def pruned_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    in_index: Tensor | None = None,
+    out_index: Tensor | None = None,
+    out_channels: int | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    relu: bool = False,
+) -> Tensor:
+    """x: (N, C_in, H, W) in NCHW or channels_last; weight: (C_out_kept, C_in_kept / groups, kh, kw);
+    bias: (C_out_kept,); in_index: int64 (C_in_kept,) sorted unique channels of x (None: all of them);
+    out_index: int64 (C_out_kept,) sorted unique channels of an out_channels-wide output (None: the output
+    is compact, (N, C_out_kept, OH, OW)). Returns relu?(conv2d(x[:, in_index], weight, bias)) scattered to
+    out_index, in x's memory format."""
+    if out_channels is None:
+        out_channels = weight.shape[0] if out_index is None else int(out_index.max()) + 1
+    return torch.ops.pyprune.pruned_conv2d(
+        x, weight, bias, in_index, out_index, out_channels,
+        pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation"), groups, relu,
+    )  # fmt: skip
+
+
+def pair(v, name: str) -> list[int]:
+    if isinstance(v, int):
+        return [v, v]
+    v = list(v)
+    if len(v) != 2 or not all(isinstance(i, int) for i in v):
+        raise ValueError(f"pruned_conv2d: argument '{name}' must be an int or a pair of ints, got {v!r}")
+    return v
+
+
+def output_size(x_hw, weight_hw, stride, padding, dilation) -> tuple[int, int]:
+    return tuple(
+        (x_hw[i] + 2 * padding[i] - dilation[i] * (weight_hw[i] - 1) - 1) // stride[i] + 1 for i in range(2)
+    )
+
+
+def check_args(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu):
+    """Shape, dtype and device checks (no index values: see check_index_values)."""
+    if x.dim() != 4:
+        raise ValueError(f"{OP}: argument 'x' must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(
+            f"{OP}: argument 'weight' must be 4-D (C_out, C_in / groups, kh, kw), got {tuple(weight.shape)}"
+        )
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{OP}: argument 'weight' must be {x.dtype} (x's dtype), got {weight.dtype}")
+    for name, v, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        if len(v) != 2 or min(v) < low:
+            raise ValueError(f"{OP}: argument '{name}' must be two ints >= {low}, got {list(v)}")
+    if groups < 1:
+        raise ValueError(f"{OP}: argument 'groups' must be >= 1, got {groups}")
+    c_out = weight.shape[0]
+    c_in = x.shape[1] if in_index is None else in_index.numel()
+    for name, idx in (("in_index", in_index), ("out_index", out_index)):
+        if idx is None:
+            continue
+        if idx.dtype != torch.int64:
+            raise TypeError(f"{OP}: argument '{name}' must be torch.int64, got {idx.dtype}")
+        if idx.dim() != 1:
+            raise ValueError(f"{OP}: argument '{name}' must be 1-D, got shape {tuple(idx.shape)}")
+        if idx.device != x.device:
+            raise ValueError(f"{OP}: argument '{name}' must be on {x.device} (x's device), got {idx.device}")
+    if c_in % groups or c_out % groups:
+        raise ValueError(
+            f"{OP}: argument 'groups' ({groups}) must divide the kept input channels ({c_in}) and the "
+            f"output channels ({c_out})"
+        )
+    if weight.shape[1] * groups != c_in:
+        raise ValueError(
+            f"{OP}: argument 'weight' must have C_in_kept / groups = {c_in // groups} input channels "
+            f"(C_in_kept = {c_in}), got shape {tuple(weight.shape)}"
+        )
+    if out_index is None:
+        if out_channels != c_out:
+            raise ValueError(
+                f"{OP}: argument 'out_channels' must equal weight.shape[0] ({c_out}) when out_index is None, "
+                f"got {out_channels}"
+            )
+    elif out_index.numel() != c_out:
+        raise ValueError(
+            f"{OP}: argument 'out_index' must have one entry per weight row ({c_out}), got {out_index.numel()}"
+        )
+    if bias is not None:
+        if bias.dtype != x.dtype or bias.shape != (c_out,) or bias.device != x.device:
+            raise ValueError(
+                f"{OP}: argument 'bias' must be a {x.dtype} tensor of shape ({c_out},) on {x.device}, got "
+                f"{bias.dtype} {tuple(bias.shape)} on {bias.device}"
+            )
+    if weight.device != x.device:
+        raise ValueError(f"{OP}: argument 'weight' must be on {x.device} (x's device), got {weight.device}")
+    oh, ow = output_size(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+    if oh <= 0 or ow <= 0:
+        raise ValueError(
+            f"{OP}: the output would be empty ({oh} x {ow}) for input {tuple(x.shape[2:])}, kernel "
+            f"{tuple(weight.shape[2:])}, stride {list(stride)}, padding {list(padding)}, dilation {list(dilation)}"
+        )
+    return oh, ow
+
+
+def check_index_values(in_index, out_index, x_channels: int, out_channels: int) -> None:
+    """Indices must be sorted, unique and in range (reads the values: one device sync on GPU)."""
+    for name, idx, bound in (("in_index", in_index, x_channels), ("out_index", out_index, out_channels)):
+        if idx is None or idx.numel() == 0:
+            continue
+        if int(idx.min()) < 0 or int(idx.max()) >= bound:
+            raise ValueError(
+                f"{OP}: argument '{name}' must hold channels in [0, {bound}), got values in "
+                f"[{int(idx.min())}, {int(idx.max())}]"
+            )
+        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            raise ValueError(f"{OP}: argument '{name}' must be sorted and free of duplicates")
+
+
+@torch.library.register_fake(OP)
+def _(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu):
+    oh, ow = check_args(
+        x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu
+    )
+    y = x.new_empty((x.shape[0], out_channels, oh, ow))
+    return y.contiguous(memory_format=reference._memory_format(x))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu = inputs
+    ctx.save_for_backward(x, weight, in_index, out_index, output if relu else None)
+    ctx.conv = (stride, padding, dilation, groups)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    x, weight, in_index, out_index, y = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conv
+    if y is not None:
+        grad = grad * (y > 0)
+    if out_index is not None:
+        grad = grad.index_select(1, out_index)
+    grad_x = grad_w = grad_b = None
+    xs = x if in_index is None else x.index_select(1, in_index)
+    if ctx.needs_input_grad[0]:
+        gx = torch.nn.grad.conv2d_input(xs.shape, weight, grad, stride, padding, dilation, groups)
+        if in_index is None:
+            grad_x = gx
+        else:
+            grad_x = x.new_zeros(x.shape).index_copy_(1, in_index, gx)
+    if ctx.needs_input_grad[1]:
+        grad_w = torch.nn.grad.conv2d_weight(xs, weight.shape, grad, stride, padding, dilation, groups)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_b = grad.sum((0, 2, 3))
+    return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd(OP, _backward, setup_context=_setup_context)
+
+
+def pruned_conv2d_checked_ref(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation,
+                              groups, relu):  # fmt: skip
+    """The reference behind the full argument checks: the CPU kernel when _C lacks one, and the CUDA
+    'reference' backend."""
+    check_args(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu)
+    check_index_values(in_index, out_index, x.shape[1], out_channels)
+    return reference.pruned_conv2d_ref(
+        x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu
+    )
+
+
+if not torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU"):
+    torch.library.impl(OP, "CPU")(pruned_conv2d_checked_ref)
+register_cuda("pruned_conv2d")
+__all__ = ["check_args", "check_index_values", "output_size", "pair", "pruned_conv2d"]
