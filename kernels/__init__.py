@@ -2,5 +2,6 @@
 folder is ``kernels/`` in the checkout); pyprune's CUDA router imports the launchers from here."""
 
 from .bsr_linear import bsr_linear_triton
+from .pruned_conv2d import pruned_conv2d_triton
 
-__all__ = ["bsr_linear_triton"]
+__all__ = ["bsr_linear_triton", "pruned_conv2d_triton"]
