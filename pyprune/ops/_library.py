@@ -21,6 +21,11 @@ SCHEMAS = {
     # C_in_kept / groups, kh, kw); relu fused; out_index scatters into an out_channels-wide zero output.
     "pruned_conv2d": "pruned_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor? in_index, Tensor? out_index, "
     "int out_channels, int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor",
+    # private: the CUDA kernel of csrc/cuda/pruned_conv2d.cu, called by pruned_conv2d's router (which checks the
+    # arguments first); registered for CUDA only, by pyprune._C when built with CUDA.
+    "_pruned_conv2d_cuda": "_pruned_conv2d_cuda(Tensor x, Tensor weight, Tensor? bias, Tensor? in_index, "
+    "Tensor? out_index, int out_channels, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+    "bool relu) -> Tensor",
 }
 
 for _schema in SCHEMAS.values():

@@ -253,7 +253,65 @@ def _pruned_conv2d_reference(*args):
     return pruned_conv2d_checked_ref(*args)
 
 
+def _pruned_conv2d_checked(fn):
+    """Runs the op's full argument checks, index values included (one device sync), before fn: a bad index
+    never reaches a kernel, which would read or write out of bounds."""
+
+    def run(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu):
+        from .pruned_conv2d import check_args, check_index_values  # that module imports this one
+
+        args = (x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu)
+        check_args(*args)
+        check_index_values(in_index, out_index, x.shape[1], out_channels)
+        return fn(*args)
+
+    return run
+
+
+def _pruned_conv2d_triton(*args):
+    mod, _ = load_triton_kernels()
+    return mod.pruned_conv2d_triton(*args)
+
+
+def _pruned_conv2d_triton_unavailable(x, *args) -> str | None:
+    mod, why = load_triton_kernels()
+    if mod is None:
+        return why
+    if not hasattr(mod, "pruned_conv2d_triton"):
+        return (
+            f"the installed pyprune_kernels ({mod.__file__}) predates pruned_conv2d; reinstall pyprune with "
+            "`pip install --no-build-isolation -e .`"
+        )
+    if x.dtype not in _TRITON_DTYPES:
+        return f"the Triton kernel takes float16, bfloat16 or float32, not {x.dtype}"
+    return None
+
+
+_PRUNED_CONV2D_CUDA_OP = "pyprune::_pruned_conv2d_cuda"
+
+
+def _pruned_conv2d_cuda(*args):
+    return torch.ops.pyprune._pruned_conv2d_cuda(*args)
+
+
+def _pruned_conv2d_cuda_unavailable(x, *args) -> str | None:
+    from .. import _extension
+
+    if not _extension.HAS_CUDA:
+        return f"pyprune._C has no CUDA kernels: {_extension.CUDA_REASON}"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(_PRUNED_CONV2D_CUDA_OP, "CUDA"):
+        return (
+            "pyprune._C was built with CUDA but without csrc/cuda/pruned_conv2d.cu; rebuild it with "
+            "`pip install --no-build-isolation -e .`"
+        )
+    if x.dtype not in _TRITON_DTYPES:
+        return f"the CUDA kernel takes float16, bfloat16 or float32, not {x.dtype}"
+    return None
+
+
 PRUNED_CONV2D_BACKENDS = [
+    Backend("triton", _pruned_conv2d_checked(_pruned_conv2d_triton), _pruned_conv2d_triton_unavailable),
+    Backend("cuda", _pruned_conv2d_checked(_pruned_conv2d_cuda), _pruned_conv2d_cuda_unavailable),
     Backend("reference", _pruned_conv2d_reference),
 ]
 
