@@ -1,6 +1,7 @@
 """Drop-in modules backed by pyprune's kernels."""
 
 from .pruned_conv2d import PrunedConv2d
+from .sparse_conv2d import SparseConv2d
 from .sparse_linear import SparseLinear
 
-__all__ = ["PrunedConv2d", "SparseLinear"]
+__all__ = ["PrunedConv2d", "SparseConv2d", "SparseLinear"]

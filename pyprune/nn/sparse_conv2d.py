@@ -1,0 +1,311 @@
+"""SparseConv2d: a drop-in nn.Conv2d whose weight is stored CSR, BSR or 2:4 and multiplied by pyprune's
+sparse-linear kernels, never densified.
+
+A convolution is a GEMM over the pixels: each output pixel is a row (a "token") of the linear op, the
+reduction runs over the kh * kw * C_in inputs of its receptive field (Fast Sparse ConvNets, Elsen et al. 2020,
+for the 1x1 case). Everything is computed in the NHWC (channels_last) arrangement, where a pixel's channels are
+contiguous:
+
+- 1x1, channels_last input: the input *is* the (N*H*W, C_in) activation matrix (a view, no copy), and the
+  op's (N*H*W, C_out) output *is* the channels_last result.
+- 1x1, NCHW input: one transpose of the input to NHWC before the op and one of the output back to NCHW. The
+  kernel packs its activations token-minor internally, which is NCHW's own order, so these two transposes are
+  pure overhead that a kernel accepting token-minor input would remove (benchmarks/results/cpu/
+  sparse_conv2d.md measures them).
+- kxk (and strided / padded 1x1): **explicit im2col**, not implicit GEMM. The (N*OH*OW, kh*kw*C_in) patch
+  matrix is materialised from a strided view of the zero-padded NHWC input, then multiplied. This costs
+  kh*kw times the input's bytes in memory traffic, often more than the dense convolution itself; an implicit
+  GEMM kernel (the kernel reading patches in place) is future work.
+
+Because of that arrangement the stored weight is the (C_out, kh*kw*C_in) matrix in **tap-major column
+order**: column ``(i * kw + j) * C_in + c`` holds ``conv.weight[o, c, i, j]`` (``conv.weight.permute(0, 2, 3,
+1)``), so a patch row is a contiguous run of channels per tap. For 1x1 convs this is conv.weight's own order.
+Block (bsr) and 2:4 patterns therefore group channels of one tap: a 2:4 group is 4 consecutive input
+channels at one kernel position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from ..sparse import BSR, CSR, Sparse24
+from ..sparse.bsr import check_block
+from ..sparse.select import block_mask, magnitude_mask, nm_mask
+from .sparse_linear import LAYOUTS, _check_layout
+
+
+def _pair(v, name: str) -> tuple[int, int]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v, v)
+    if (
+        isinstance(v, (tuple, list))
+        and len(v) == 2
+        and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+    ):
+        return (int(v[0]), int(v[1]))
+    raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+
+
+def tap_major(weight: Tensor) -> Tensor:
+    """(C_out, C_in, kh, kw) -> (C_out, kh*kw*C_in), column (i*kw + j)*C_in + c: the im2col order of NHWC."""
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+
+def _embed_groups(w: Tensor, groups: int) -> Tensor:
+    """Grouped weight (C_out, kh, kw, C_in/g) -> block-diagonal (C_out, kh, kw, C_in): zeros across groups."""
+    o, kh, kw, cg = w.shape
+    full = w.new_zeros(groups, o // groups, kh, kw, groups, cg)
+    torch.diagonal(full, dim1=0, dim2=4).copy_(
+        w.reshape(groups, o // groups, kh, kw, cg).permute(1, 2, 3, 4, 0)
+    )
+    return full.reshape(o, kh, kw, groups * cg)
+
+
+class SparseConv2d(nn.Module):
+    """``conv2d(input, W, bias, stride, padding, dilation, groups)`` with W sparse (layout "csr", "bsr" with
+    tiles ``block`` = (bh, bw), or "2:4"), through ``pyprune.ops.{csr,bsr,sparse24}_linear``.
+
+    input: (N, C_in, H, W) or (C_in, H, W), NCHW or channels_last; returns (N, C_out, OH, OW) in the same
+    memory format. ``weight`` is a ``pyprune.sparse`` format of shape (C_out, kh*kw*C_in) in tap-major column
+    order (see the module docstring); for ``groups > 1`` (csr only) it is the block-diagonal embedding of
+    the grouped weight, whose cross-group zeros are not stored. kxk convolutions use explicit im2col (a
+    materialised patch matrix), not an implicit GEMM.
+
+    Build it with :meth:`from_dense`; the constructor makes an all-zero weight of the right layout, which
+    ``load_state_dict`` then fills. Gradients reach the input, the stored nonzeros (``weight.values``) and the
+    bias; the pattern stays fixed.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] = 0,
+        dilation: int | Sequence[int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        layout: str = "csr",
+        block: tuple[int, int] = (32, 32),
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        _check_layout(layout)
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        if self.in_channels <= 0 or self.out_channels <= 0:
+            raise ValueError(
+                f"in_channels and out_channels must be positive, got {in_channels!r}, {out_channels!r}"
+            )
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.padding = _pair(padding, "padding")
+        self.dilation = _pair(dilation, "dilation")
+        if (
+            min(self.kernel_size) < 1
+            or min(self.stride) < 1
+            or min(self.dilation) < 1
+            or min(self.padding) < 0
+        ):
+            raise ValueError(
+                f"kernel_size, stride and dilation must be >= 1 and padding >= 0, got kernel_size="
+                f"{self.kernel_size}, stride={self.stride}, dilation={self.dilation}, padding={self.padding}"
+            )
+        if (
+            not isinstance(groups, int)
+            or groups < 1
+            or self.in_channels % groups
+            or self.out_channels % groups
+        ):
+            raise ValueError(
+                f"groups must be a positive int dividing in_channels ({self.in_channels}) and out_channels "
+                f"({self.out_channels}), got {groups!r}"
+            )
+        if groups != 1 and layout != "csr":
+            raise ValueError(
+                f"groups={groups} is supported with layout 'csr' only (the block-diagonal weight would store "
+                f"its cross-group zeros in '{layout}'); got layout={layout!r}"
+            )
+        self.groups, self.layout = groups, layout
+        dtype = dtype or torch.get_default_dtype()
+        shape = (self.out_channels, self.kernel_size[0] * self.kernel_size[1] * self.in_channels)
+        if layout == "csr":
+            self.weight = CSR.empty(shape, dtype=dtype, device=device)
+        elif layout == "bsr":
+            self.weight = BSR.empty(shape, check_block(block), dtype=dtype, device=device)
+        else:
+            self.weight = Sparse24.empty(shape, dtype=dtype, device=device)
+        self.bias = nn.Parameter(torch.zeros(out_channels, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_dense(
+        cls,
+        conv: nn.Conv2d,
+        sparsity: float | None = None,
+        layout: str = "csr",
+        block: tuple[int, int] = (32, 32),
+    ) -> SparseConv2d:
+        """With ``sparsity``, drops the smallest-magnitude weights (bsr: the smallest-norm (bh, bw) tiles of the
+        tap-major weight matrix; 2:4: the two smallest of every four consecutive tap-major inputs, i.e. input
+        channels at one kernel position when in_channels % 4 == 0, so sparsity must be 0.5); with ``sparsity=None`` keeps exactly the zeros already in
+        ``conv.weight``."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be a torch.nn.Conv2d, got {type(conv).__name__}")
+        _check_layout(layout)
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(
+                f"conv must use numeric zero padding, got padding={conv.padding!r} "
+                f"padding_mode={conv.padding_mode!r}"
+            )
+        w = conv.weight.detach()
+        new = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, bias=conv.bias is not None, layout=layout, block=block, device=w.device, dtype=w.dtype,
+        )  # fmt: skip
+        w2 = tap_major(w)  # (C_out, kh*kw*C_in/groups)
+        if sparsity is not None:
+            if layout == "2:4":
+                if sparsity != 0.5:
+                    raise ValueError(f"sparsity for layout '2:4' must be 0.5 (or None), got {sparsity!r}")
+                mask = nm_mask(w2, 2, 4)
+            elif layout == "bsr":
+                mask = block_mask(w2, sparsity, check_block(block))
+            else:
+                mask = magnitude_mask(w2, sparsity)
+            w2 = w2 * mask
+        if conv.groups != 1:
+            kh, kw = conv.kernel_size
+            w2 = _embed_groups(w2.reshape(conv.out_channels, kh, kw, -1), conv.groups)
+            w2 = w2.reshape(conv.out_channels, -1)
+        if layout == "csr":
+            new.weight = CSR.from_dense(w2)
+        elif layout == "bsr":
+            new.weight = BSR.from_dense(w2, check_block(block))
+        else:
+            new.weight = Sparse24.from_dense(w2)
+        if conv.bias is not None:
+            new.bias = nn.Parameter(conv.bias.detach().clone())
+        return new
+
+    def _linear(self, a: Tensor) -> Tensor:
+        w = self.weight
+        if self.layout == "csr":
+            return ops.csr_linear(a, w.crow_indices, w.col_indices, w.values, self.out_channels, self.bias)
+        if self.layout == "bsr":
+            return ops.bsr_linear(a, w.crow_indices, w.col_indices, w.values, self.out_channels, self.bias)
+        return ops.sparse24_linear(a, w.values, w.meta, self.out_channels, self.bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+        if input.dim() not in (3, 4) or input.shape[-3] != self.in_channels:
+            raise ValueError(
+                f"input must have shape (N, in_channels={self.in_channels}, H, W) or (in_channels, H, W), "
+                f"got {tuple(input.shape)}"
+            )
+        values = self.weight.values
+        if input.dtype != values.dtype:
+            raise TypeError(
+                f"input has dtype {input.dtype} but the weight is {values.dtype}; "
+                f"convert one of them (e.g. module.to({input.dtype}))"
+            )
+        if input.device != values.device:
+            raise ValueError(f"input is on {input.device} but the weight is on {values.device}")
+        x = input if input.dim() == 4 else input.unsqueeze(0)
+        n, c, h, w = x.shape
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        if oh <= 0 or ow <= 0:
+            raise ValueError(
+                f"input's spatial size {(h, w)} is smaller than the dilated kernel "
+                f"{(dh * (kh - 1) + 1, dw * (kw - 1) + 1)} after padding {self.padding}"
+            )
+        # channels_last when the channels are the innermost of C, W (ties: layouts coincide, NCHW chosen)
+        channels_last = x.stride(1) < x.stride(3)
+        xl = x.permute(0, 2, 3, 1)  # (N, H, W, C): a view; contiguous iff the input is channels_last
+        if (kh, kw) == (1, 1) and (ph, pw) == (0, 0):
+            # 1x1: pixels are rows. A view for dense channels_last input; else one NHWC copy of the kept pixels
+            a = xl[:, ::sh, ::sw].reshape(n * oh * ow, c)
+        else:
+            # explicit im2col from a strided view of the padded NHWC input (F.pad writes it NHWC-contiguous)
+            xp = F.pad(xl, (0, 0, pw, pw, ph, ph)) if ph or pw else xl
+            patches = xp.unfold(1, dh * (kh - 1) + 1, sh).unfold(2, dw * (kw - 1) + 1, sw)
+            patches = patches[..., ::dh, ::dw]  # (N, OH, OW, C, kh, kw)
+            a = patches.permute(0, 1, 2, 4, 5, 3).reshape(n * oh * ow, kh * kw * c)
+        y = self._linear(a).view(n, oh, ow, self.out_channels).permute(0, 3, 1, 2)  # channels_last strides
+        if not channels_last:
+            y = y.contiguous()
+        return y if input.dim() == 4 else y.squeeze(0)
+
+    def to_dense(self) -> nn.Conv2d:
+        kh, kw = self.kernel_size
+        w = self.weight.to_dense().reshape(self.out_channels, kh, kw, self.in_channels)
+        if self.groups != 1:
+            g, cg = self.groups, self.in_channels // self.groups
+            blocks = w.reshape(g, self.out_channels // g, kh, kw, g, cg)
+            w = (
+                torch.diagonal(blocks, dim1=0, dim2=4)
+                .permute(4, 0, 1, 2, 3)
+                .reshape(self.out_channels, kh, kw, cg)
+            )
+        conv = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
+            self.groups, bias=self.bias is not None, device=w.device, dtype=w.dtype,
+        )  # fmt: skip
+        with torch.no_grad():
+            conv.weight.copy_(w.permute(0, 3, 1, 2))
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def get_extra_state(self):
+        return {"layout": self.layout, "kernel_size": self.kernel_size, "groups": self.groups}
+
+    def set_extra_state(self, state) -> None:
+        mine = self.get_extra_state()
+        for key in ("layout", "kernel_size", "groups"):
+            theirs = tuple(state[key]) if key == "kernel_size" else state[key]
+            if theirs != mine[key]:
+                raise ValueError(
+                    f"state_dict holds a weight with {key}={theirs!r} but this module has {mine[key]!r}"
+                )
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        shape = state_dict.get(prefix + "weight._extra_state", {}).get("shape")
+        want = (self.out_channels, self.kernel_size[0] * self.kernel_size[1] * self.in_channels)
+        if shape is not None and tuple(shape) != want:
+            error_msgs.append(
+                f"{prefix}weight: state_dict holds a {tuple(shape)} weight, this SparseConv2d needs {want} "
+                "(C_out, kh*kw*C_in)"
+            )
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        if self.padding != (0, 0):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        s += f", layout={self.layout}"
+        if self.layout == "bsr":
+            s += f", block={self.weight.block}"
+        # density of the real (per-group) weights, not of the block-diagonal embedding
+        return s + f", density={self.weight.density * self.groups:.3f}"
+
+
+__all__ = ["LAYOUTS", "SparseConv2d", "tap_major"]
