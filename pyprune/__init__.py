@@ -10,10 +10,11 @@ from . import models, pruning  # noqa: F401
 from .pruning import CubicSchedule, convert, count_flops, count_params, prune_channels, prune_layers, sparsify
 
 from .compare import compare
+from .accuracy import pipeline
 
 __version__ = "0.1.0"
 
-__all__ = ["compare", "info", "nn", "ops", "sparse", "use_backend"]
+__all__ = ["compare", "info", "pipeline", "nn", "ops", "sparse", "use_backend"]
 __all__ += [
     "CubicSchedule",
     "convert",

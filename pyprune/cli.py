@@ -69,7 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     cp.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's current)")
     cp.add_argument("--budget", type=float, default=30.0, help="seconds for the timing rounds (default 30)")
     cp.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
+    from .accuracy.cli import register as _register_accuracy  # pyprune accuracy (issue #7)
+
+    _register_accuracy(sub)
     args = parser.parse_args(argv)
+    if args.command == "accuracy":
+        return args.func(args)
     if args.command == "info":
         from . import info
 
