@@ -31,6 +31,18 @@ def _baked_linear(m: nn.Linear) -> nn.Linear:
     return lin
 
 
+def _baked_conv(m: nn.Conv2d) -> nn.Conv2d:
+    """A plain nn.Conv2d whose weight is the masked weight."""
+    conv = nn.Conv2d(
+        m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+        bias=m.bias is not None, padding_mode=m.padding_mode, device=m.weight.device, dtype=m.weight.dtype,
+    )  # fmt: skip
+    conv.weight.data.copy_(m.weight.detach())
+    if m.bias is not None:
+        conv.bias.data.copy_(m.bias.detach())
+    return conv
+
+
 def convert(
     model: nn.Module,
     layout: str = "csr",
@@ -38,13 +50,14 @@ def convert(
     inplace: bool = False,
     return_report: bool = False,
 ) -> nn.Module | tuple[nn.Module, ConvertReport]:
-    """Replace every masked ``nn.Linear`` by ``pyprune.nn.SparseLinear.from_dense(..., sparsity=None)``, which
-    stores exactly the zeros of the masked weight in ``layout`` ("csr", "bsr" with tiles ``block`` = (bh, bw),
-    or "2:4").
+    """Replace every masked ``nn.Linear`` by ``pyprune.nn.SparseLinear.from_dense(..., sparsity=None)`` and every
+    masked ``nn.Conv2d`` by ``pyprune.nn.SparseConv2d.from_dense(..., sparsity=None)``, which store exactly the
+    zeros of the masked weight in ``layout`` ("csr", "bsr" with tiles ``block`` = (bh, bw), or "2:4").
 
-    Only Linear layers are converted for now: masked convolutions are left dense with their masks (sparse
-    conv modules come with a later issue) and are listed in the report, as are masked Linear layers when no
-    SparseLinear is available. Returns the converted model, or ``(model, ConvertReport)`` if
+    A masked Conv2d that SparseConv2d cannot hold in ``layout`` is left dense with its mask and listed in the
+    report with the reason: non-zero padding modes, groups > 1 outside "csr", and "2:4" on kxk convs whose
+    mask is not 2:4 along SparseConv2d's tap-major inputs (sparsify's N:M groups run over (C, kh, kw)).
+    Other masked layers are left dense too. Returns the converted model, or ``(model, ConvertReport)`` if
     ``return_report``.
     """
     if layout not in LAYOUTS:
@@ -52,7 +65,7 @@ def convert(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     try:
-        from ..nn import SparseLinear
+        from ..nn import SparseConv2d, SparseLinear
     except ImportError as exc:  # the sparse modules are built in a separate issue
         raise ImportError(
             f"convert needs pyprune.nn.SparseLinear, which is not available in this build ({exc})"
@@ -62,10 +75,17 @@ def convert(
     for name, mod in list(target.named_modules()):
         if get_mask(mod) is None:
             continue
-        if not isinstance(mod, nn.Linear):
-            report.left_dense[name] = f"{type(mod).__name__}: only nn.Linear is converted for now"
+        if isinstance(mod, nn.Conv2d):
+            try:
+                sparse = SparseConv2d.from_dense(_baked_conv(mod), sparsity=None, layout=layout, block=block)
+            except ValueError as exc:
+                report.left_dense[name] = f"Conv2d: {exc}"
+                continue
+        elif isinstance(mod, nn.Linear):
+            sparse = SparseLinear.from_dense(_baked_linear(mod), sparsity=None, layout=layout, block=block)
+        else:
+            report.left_dense[name] = f"{type(mod).__name__}: only nn.Linear and nn.Conv2d are converted"
             continue
-        sparse = SparseLinear.from_dense(_baked_linear(mod), sparsity=None, layout=layout, block=block)
         parent_name, _, attr = name.rpartition(".")
         setattr(target.get_submodule(parent_name) if parent_name else target, attr, sparse)
         report.converted.append(name)

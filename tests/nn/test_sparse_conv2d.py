@@ -1,0 +1,334 @@
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyprune
+from pyprune.nn import SparseConv2d
+
+# (in, out, kernel, stride, padding, dilation, batch, (H, W)): 1x1 and 3x3, stride 2, padding, dilation,
+# odd channel counts (7, 97), a non-square kernel, batch 1 and 3
+SHAPES = [
+    pytest.param(7, 97, 1, 1, 0, 1, 1, (9, 9), id="1x1-7to97-b1"),
+    pytest.param(97, 7, 1, 2, 0, 1, 3, (8, 11), id="1x1-s2-97to7-b3"),
+    pytest.param(8, 16, 1, 2, 1, 1, 3, (7, 6), id="1x1-s2-pad1"),
+    pytest.param(16, 32, 3, 1, 1, 1, 3, (7, 7), id="3x3-pad1-b3"),
+    pytest.param(7, 16, 3, 2, 1, 1, 1, (9, 10), id="3x3-s2-7ch-b1"),
+    pytest.param(8, 12, 3, 1, 2, 2, 3, (11, 9), id="3x3-dil2"),
+    pytest.param(5, 9, (1, 3), (2, 1), (0, 1), 1, 1, (6, 7), id="1x3-nonsquare"),
+]
+
+
+def _tap_major_mask(shape, sparsity, gen, layout):
+    """Random keep-mask of a conv weight (O, C, kh, kw) built by the test itself: csr/bsr any pattern; 2:4 keeps
+    2 of every 4 consecutive (kh, kw, C)-ordered inputs, the order SparseConv2d documents."""
+    o, c, kh, kw = shape
+    if layout == "2:4":
+        k = kh * kw * c
+        k4 = -(-k // 4) * 4
+        scores = torch.rand(o, k4 // 4, 4, generator=gen)
+        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(2, -1).indices, True)
+        keep = keep.reshape(o, k4)[:, :k]
+        return keep.reshape(o, kh, kw, c).permute(0, 3, 1, 2)
+    return torch.rand(shape, generator=gen) >= sparsity
+
+
+def _masked_conv(cin, cout, k, stride, padding, dilation, sparsity, layout, bias=True, seed=0):
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv2d(cin, cout, k, stride, padding, dilation, bias=bias)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        conv.weight.mul_(_tap_major_mask(conv.weight.shape, sparsity, gen, layout))
+    return conv
+
+
+def _reference(conv, x):
+    """float64 nn.Conv2d on the masked weight: the spec."""
+    w = conv.weight.detach().double()
+    b = conv.bias.detach().double() if conv.bias is not None else None
+    return F.conv2d(x.double(), w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _as_format(x, fmt):
+    if fmt == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if fmt == "noncontig":  # a W-strided slice of a wider NCHW tensor
+        wide = torch.randn(*x.shape[:3], 2 * x.shape[3])
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    return x
+
+
+@pytest.mark.parametrize("cin,cout,k,stride,padding,dilation,batch,hw", SHAPES)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("fmt", ["nchw", "channels_last", "noncontig"])
+def test_csr_matches_float64_conv_on_masked_weight(
+    cin, cout, k, stride, padding, dilation, batch, hw, sparsity, fmt
+):
+    conv = _masked_conv(cin, cout, k, stride, padding, dilation, sparsity, "csr")
+    sc = SparseConv2d.from_dense(conv, sparsity=None, layout="csr")
+    x = _as_format(torch.randn(batch, cin, *hw), fmt)
+    y = sc(x)
+    ref = _reference(conv, x)
+    assert y.shape == ref.shape and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-4)
+    if fmt == "channels_last" and cout > 1:
+        assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    else:
+        assert y.is_contiguous()
+
+
+@pytest.mark.parametrize("cin,cout,k,stride,padding,dilation,batch,hw", SHAPES)
+@pytest.mark.parametrize(
+    "layout,sparsity,block", [("bsr", 0.5, (4, 8)), ("bsr", 0.9, (16, 4)), ("2:4", None, None)]
+)
+@pytest.mark.parametrize("fmt", ["nchw", "channels_last"])
+def test_bsr_and_24_match_float64_conv(
+    cin, cout, k, stride, padding, dilation, batch, hw, layout, sparsity, block, fmt
+):
+    conv = _masked_conv(cin, cout, k, stride, padding, dilation, sparsity or 0.5, layout)
+    sc = SparseConv2d.from_dense(conv, sparsity=None, layout=layout, block=block or (32, 32))
+    x = _as_format(torch.randn(batch, cin, *hw), fmt)
+    torch.testing.assert_close(sc(x).double(), _reference(conv, x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout,sparsity", [("csr", 0.9), ("csr", 0.5), ("bsr", 0.75), ("2:4", 0.5)])
+def test_from_dense_sparsity_prunes_and_keeps_largest(layout, sparsity):
+    torch.manual_seed(3)
+    conv = torch.nn.Conv2d(16, 24, 3, padding=1)
+    sc = SparseConv2d.from_dense(conv, sparsity=sparsity, layout=layout, block=(8, 8))
+    dense = sc.to_dense()
+    assert isinstance(dense, torch.nn.Conv2d) and dense.padding == (1, 1)
+    kept = dense.weight != 0
+    assert abs(float(1 - kept.float().mean()) - sparsity) < 0.02
+    # kept weights are exactly the conv's own; nothing else survives
+    assert torch.equal(dense.weight[kept], conv.weight.detach()[kept])
+    if layout == "csr":
+        assert conv.weight.abs()[~kept].max() <= conv.weight.abs()[kept].min()
+    if layout == "2:4":  # 2 of every 4 consecutive input channels at each kernel position
+        groups = kept.permute(0, 2, 3, 1).reshape(24, 3, 3, 4, 4)
+        assert bool((groups.sum(-1) <= 2).all())
+    x = torch.randn(2, 16, 8, 8)
+    torch.testing.assert_close(sc(x).double(), _reference(dense, x), atol=1e-4, rtol=1e-4)
+
+
+def test_sparsity_none_keeps_existing_zeros_exactly():
+    conv = _masked_conv(8, 16, 3, 1, 1, 1, 0.7, "csr")
+    for layout in ("csr", "bsr"):
+        back = SparseConv2d.from_dense(conv, layout=layout, block=(4, 4)).to_dense()
+        assert torch.equal(back.weight, conv.weight) and torch.equal(back.bias, conv.bias)
+
+
+@pytest.mark.parametrize("groups,cin,cout", [(3, 12, 6), (8, 8, 8)])
+def test_groups_csr_matches_grouped_conv(groups, cin, cout):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(cin, cout, 3, padding=1, groups=groups)
+    sc = SparseConv2d.from_dense(conv, sparsity=0.5, layout="csr")
+    dense = sc.to_dense()
+    assert dense.groups == groups and dense.weight.shape == conv.weight.shape
+    assert abs(float((dense.weight == 0).float().mean()) - 0.5) < 0.05
+    # the stored nonzeros are the real weights only: nothing of the block-diagonal embedding's zeros
+    assert sc.weight.nnz == int((dense.weight != 0).sum())
+    x = torch.randn(2, cin, 7, 5)
+    torch.testing.assert_close(sc(x).double(), _reference(dense, x), atol=1e-4, rtol=1e-4)
+
+
+def test_empty_batch_and_unbatched_input():
+    sc = SparseConv2d.from_dense(torch.nn.Conv2d(8, 4, 3, stride=2, padding=1), sparsity=0.5)
+    assert sc(torch.randn(0, 8, 9, 9)).shape == (0, 4, 5, 5)
+    x = torch.randn(8, 9, 9)
+    torch.testing.assert_close(sc(x), sc(x.unsqueeze(0)).squeeze(0))
+    assert sc(x).shape == (4, 5, 5)
+
+
+def _grad_dense(fmt, grad_values):
+    """Scatter a gradient of ``fmt.values`` back to the dense (tap-major) weight it belongs to."""
+    g = copy.deepcopy(fmt)
+    g.values.data = grad_values.detach().clone()
+    return g.to_dense()
+
+
+def _stored(fmt):
+    g = copy.deepcopy(fmt)
+    g.values.data = torch.ones_like(g.values)
+    return g.to_dense() != 0
+
+
+@pytest.mark.parametrize("layout,k,stride,padding,dilation", [("csr", 1, 1, 0, 1), ("csr", 3, 2, 1, 1),
+                                                               ("csr", 3, 1, 2, 2), ("bsr", 3, 1, 1, 1),
+                                                               ("2:4", 1, 2, 0, 1), ("2:4", 3, 1, 1, 1)])  # fmt: skip
+@pytest.mark.parametrize("fmt", ["nchw", "channels_last"])
+def test_gradients_match_reference_autograd(layout, k, stride, padding, dilation, fmt):
+    conv = _masked_conv(8, 12, k, stride, padding, dilation, 0.6, layout)
+    sc = SparseConv2d.from_dense(conv, layout=layout, block=(4, 8))
+    x = _as_format(torch.randn(3, 8, 9, 7), fmt).requires_grad_(True)
+    y = sc(x)
+    gout = torch.randn_like(y)
+    (y * gout).sum().backward()
+
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = conv.weight.detach().double().requires_grad_(True)
+    b64 = conv.bias.detach().double().requires_grad_(True)
+    ref = F.conv2d(x64, w64, b64, stride, padding, dilation)
+    (ref * gout.double()).sum().backward()
+
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sc.bias.grad.double(), b64.grad, atol=1e-4, rtol=1e-4)
+    ref_gw = w64.grad.permute(0, 2, 3, 1).reshape(12, -1)  # tap-major, like the stored weight
+    stored = _stored(sc.weight)
+    assert bool(stored.any())
+    torch.testing.assert_close(_grad_dense(sc.weight, sc.weight.values.grad).double(), ref_gw * stored,
+                               atol=1e-4, rtol=1e-4)  # fmt: skip
+
+
+@pytest.mark.parametrize("layout,k,stride,padding", [("csr", 3, 2, 1), ("bsr", 3, 1, 1), ("2:4", 1, 1, 0)])
+def test_gradcheck_float64_tiny(layout, k, stride, padding):
+    conv = _masked_conv(4, 3, k, stride, padding, 1, 0.5, layout).double()
+    sc = SparseConv2d.from_dense(conv, layout=layout, block=(2, 4))
+    x = torch.randn(2, 4, 5, 4, dtype=torch.float64, requires_grad=True)
+    v = sc.weight.values.detach().clone().requires_grad_(True)
+    b = sc.bias.detach().clone().requires_grad_(True)
+
+    def f(x, v, b):
+        return torch.func.functional_call(sc, {"weight.values": v, "bias": b}, (x,))
+
+    assert torch.autograd.gradcheck(f, (x, v, b), fast_mode=True)
+    assert torch.autograd.gradcheck(
+        f, (x.contiguous(memory_format=torch.channels_last), v, b), fast_mode=True
+    )
+
+
+@pytest.mark.parametrize("layout,sparsity", [("csr", 0.9), ("bsr", 0.75), ("2:4", 0.5)])
+def test_torch_compile_fullgraph_matches_eager(layout, sparsity):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        SparseConv2d.from_dense(torch.nn.Conv2d(16, 32, 1), sparsity=sparsity, layout=layout, block=(8, 8)),
+        torch.nn.ReLU(),
+        SparseConv2d.from_dense(torch.nn.Conv2d(32, 8, 3, stride=2, padding=1), sparsity=sparsity, layout=layout,
+                                block=(8, 8)),
+    )  # fmt: skip
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for x in (
+        torch.randn(2, 16, 9, 9),
+        torch.randn(2, 16, 9, 9).contiguous(memory_format=torch.channels_last),
+    ):
+        y = compiled(x)
+        torch.testing.assert_close(y, model(x))
+        assert y.is_contiguous(memory_format=torch.channels_last) == (not x.is_contiguous())
+
+
+@pytest.mark.parametrize("layout,sparsity", [("csr", 0.9), ("bsr", 0.75), ("2:4", 0.5)])
+def test_state_dict_round_trip_into_fresh_module(layout, sparsity):
+    conv = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1, dilation=1)
+    sc = SparseConv2d.from_dense(conv, sparsity=sparsity, layout=layout, block=(4, 8))
+    buf = io.BytesIO()
+    torch.save(sc.state_dict(), buf)
+    buf.seek(0)
+    fresh = SparseConv2d(8, 16, 3, stride=2, padding=1, layout=layout, block=(4, 8))
+    fresh.load_state_dict(torch.load(buf))
+    x = torch.randn(2, 8, 7, 7)
+    assert torch.equal(fresh(x), sc(x))
+
+
+def test_state_dict_mismatch_is_refused_naming_what_differs():
+    sd = SparseConv2d.from_dense(torch.nn.Conv2d(8, 16, 3), sparsity=0.5).state_dict()
+    with pytest.raises(ValueError, match="layout"):
+        SparseConv2d(8, 16, 3, layout="bsr", block=(4, 4)).load_state_dict(sd)
+    with pytest.raises(ValueError, match="kernel_size"):
+        SparseConv2d(8, 16, 1).load_state_dict(sd)
+    with pytest.raises(RuntimeError, match="C_out, kh\\*kw\\*C_in"):
+        SparseConv2d(4, 16, 3).load_state_dict(sd)
+
+
+def test_to_dtype_moves_everything():
+    sc = SparseConv2d.from_dense(torch.nn.Conv2d(8, 4, 3), sparsity=0.5).to(torch.float64)
+    assert sc.weight.values.dtype == torch.float64 and sc.bias.dtype == torch.float64
+    assert sc.weight.col_indices.dtype == torch.int32  # indices keep their dtype
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(sc(x), sc.to_dense()(x))
+
+
+def test_fine_tune_updates_only_stored_values():
+    sc = SparseConv2d.from_dense(torch.nn.Conv2d(8, 8, 3, padding=1), sparsity=0.8)
+    pattern = sc.to_dense().weight != 0
+    opt = torch.optim.SGD(sc.parameters(), lr=0.05)
+    x, target = torch.randn(4, 8, 6, 6), torch.randn(4, 8, 6, 6)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = F.mse_loss(sc(x), target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert torch.equal(sc.to_dense().weight != 0, pattern)
+
+
+def test_extra_repr():
+    sc = SparseConv2d.from_dense(torch.nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), sparsity=0.5,
+                                 layout="bsr", block=(16, 16))  # fmt: skip
+    r = repr(sc)
+    assert "16, 32, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), bias=False, layout=bsr" in r
+    assert "block=(16, 16)" in r and "density=0.500" in r
+
+
+def test_bad_input_raises_naming_the_argument():
+    sc = SparseConv2d.from_dense(torch.nn.Conv2d(8, 4, 3), sparsity=0.5)
+    with pytest.raises(ValueError, match="in_channels=8"):
+        sc(torch.randn(2, 7, 6, 6))
+    with pytest.raises(ValueError, match="in_channels=8"):
+        sc(torch.randn(8, 6))
+    with pytest.raises(TypeError, match="dtype"):
+        sc(torch.randn(2, 8, 6, 6, dtype=torch.float64))
+    with pytest.raises(TypeError, match="input must be a torch.Tensor"):
+        sc([1.0])
+    with pytest.raises(ValueError, match="spatial size"):
+        sc(torch.randn(1, 8, 2, 2))
+    with pytest.raises(TypeError, match="Conv2d"):
+        SparseConv2d.from_dense(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="layout"):
+        SparseConv2d.from_dense(torch.nn.Conv2d(4, 4, 1), layout="coo")
+    with pytest.raises(ValueError, match="layout"):
+        SparseConv2d(4, 4, 1, layout="2:8")
+    with pytest.raises(ValueError, match="groups=2 is supported with layout 'csr' only"):
+        SparseConv2d.from_dense(torch.nn.Conv2d(4, 4, 3, groups=2), layout="bsr")
+    with pytest.raises(ValueError, match="groups"):
+        SparseConv2d(6, 4, 3, groups=4)
+    with pytest.raises(ValueError, match="padding"):
+        SparseConv2d.from_dense(torch.nn.Conv2d(4, 4, 3, padding="same"))
+    with pytest.raises(ValueError, match="padding"):
+        SparseConv2d.from_dense(torch.nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(ValueError, match="kernel_size"):
+        SparseConv2d(4, 4, (3, 3, 3))
+    with pytest.raises(ValueError, match="stride"):
+        SparseConv2d(4, 4, 3, stride=0)
+    with pytest.raises(ValueError, match="sparsity"):
+        SparseConv2d.from_dense(torch.nn.Conv2d(4, 4, 1), sparsity=1.5)
+    with pytest.raises(ValueError, match="2:4"):
+        SparseConv2d.from_dense(torch.nn.Conv2d(8, 4, 1), sparsity=0.9, layout="2:4")
+
+
+@pytest.mark.parametrize("layout", ["csr", "bsr", "2:4"])
+def test_convert_swaps_masked_conv2d(layout):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 1), torch.nn.Flatten(),
+        torch.nn.Linear(8 * 5 * 5, 10),
+    )  # fmt: skip
+    pattern = "2:4" if layout == "2:4" else "unstructured"
+    masked = pyprune.sparsify(model, sparsity=0.8, pattern=pattern)
+    x = torch.randn(2, 8, 5, 5)
+    fast, report = pyprune.convert(masked, layout=layout, block=(4, 4), return_report=True)
+    assert isinstance(fast[2], SparseConv2d) and isinstance(fast[4], pyprune.nn.SparseLinear)
+    assert "2" in report.converted and "4" in report.converted
+    # 3x3 with layout 2:4: sparsify groups (C, kh, kw)-ordered inputs, SparseConv2d tap-major ones; csr/bsr
+    # store any pattern
+    if layout == "2:4":
+        assert isinstance(fast[0], torch.nn.Conv2d) and "0" in report.left_dense
+        assert "2:4" in report.left_dense["0"]
+    else:
+        assert isinstance(fast[0], SparseConv2d) and "0" in report.converted
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), masked(x), atol=1e-4, rtol=1e-4)
