@@ -1,0 +1,227 @@
+"""Interleaved timing of SparseConv2d (CSR / BSR / 2:4) against dense F.conv2d (oneDNN) on ResNet-50's 1x1
+convolutions, NCHW and channels_last, written as markdown + JSON.
+
+Every round times each provider of a case once (the median single call of a batch of >= --batch-ms), in a
+shuffled order, so drift on a shared VM hits all providers alike; a speedup is the median over rounds of the same-round ratio
+time(dense) / time(provider). For NCHW input the table also times `nchw_transposes` alone: the NCHW -> NHWC
+copy of the input and the NHWC -> NCHW copy of the output that SparseConv2d does around the linear op, so the
+cost of the arrangement can be read off (the op itself is what the channels_last rows time). Usage:
+    python benchmarks/sparse_conv2d_table.py [--quick] [--rounds 9] [--threads 2] [--out benchmarks/results/cpu]
+
+The providers and cases are shared with bench_sparse_conv2d.py (pytest-benchmark).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from sparse_linear_providers import environment
+
+from pyprune.nn import SparseConv2d
+
+# ResNet-50 bottleneck 1x1 convs: (C_in, C_out, H=W)
+SHAPES = [(256, 64, 56), (1024, 256, 14), (2048, 512, 7)]
+BATCHES = [1, 8]
+SPARSITIES = [0.5, 0.6, 0.7, 0.9]
+FORMATS = ["nchw", "channels_last"]
+
+
+def dense_conv(c_in: int, c_out: int) -> torch.nn.Conv2d:
+    torch.manual_seed(0)
+    return torch.nn.Conv2d(c_in, c_out, 1)
+
+
+def make_input(n: int, c: int, hw: int, fmt: str) -> torch.Tensor:
+    torch.manual_seed(1)
+    x = torch.randn(n, c, hw, hw)
+    return x.contiguous(memory_format=torch.channels_last) if fmt == "channels_last" else x
+
+
+def torch_dense(conv, x, sparsity):
+    w, b = conv.weight.detach(), conv.bias.detach()
+    if x.is_contiguous(memory_format=torch.channels_last):
+        w = w.contiguous(memory_format=torch.channels_last)
+    return lambda: F.conv2d(x, w, b)
+
+
+def _ours(layout, block=(32, 32)):
+    def make(conv, x, sparsity):
+        if layout == "2:4" and sparsity != 0.5:
+            return None
+        sc = SparseConv2d.from_dense(conv, sparsity=sparsity, layout=layout, block=block).requires_grad_(
+            False
+        )
+        return lambda: sc(x)
+
+    return make
+
+
+def nchw_transposes(conv, x, sparsity):
+    """Only the two copies SparseConv2d makes around the op for NCHW input (None for channels_last)."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return None
+    n, c, h, w = x.shape
+    y_nhwc = torch.randn(n, h, w, conv.out_channels)
+
+    def run():
+        x.permute(0, 2, 3, 1).reshape(n * h * w, c)
+        return y_nhwc.permute(0, 3, 1, 2).contiguous()
+
+    return run
+
+
+PROVIDERS = {
+    "torch_dense": torch_dense,
+    "cpp_csr": _ours("csr"),
+    "cpp_bsr32": _ours("bsr", (32, 32)),
+    "cpp_2:4": _ours("2:4"),
+    "nchw_transposes": nchw_transposes,
+}
+DENSE = ("torch_dense", "nchw_transposes")  # do not depend on sparsity: built once per case
+
+
+def time_batch(fn, batch_s: float) -> float:
+    """Median of the single calls in a batch of >= batch_s: on a shared 2-core VM a call whose OpenMP team
+    loses a core to another process stalls for a scheduler slice (several ms); the median ignores those calls,
+    a batch mean would not."""
+    fn()
+    times, t_end = [], time.perf_counter() + batch_s
+    while True:
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        times.append(t1 - t0)
+        if t1 >= t_end and len(times) >= 3:
+            return statistics.median(times)
+
+
+def run_case(c_in, c_out, hw, n, fmt, sparsities, providers, rounds, batch_s, rng):
+    conv = dense_conv(c_in, c_out)
+    x = make_input(n, c_in, hw, fmt)
+    fns = {}
+    for p in providers:
+        for s in [sparsities[0]] if p in DENSE else sparsities:
+            fn = PROVIDERS[p](conv, x, s)
+            if fn is not None:
+                fns[(p, None if p in DENSE else s)] = fn
+    samples = {key: [] for key in fns}
+    with torch.no_grad():
+        for _ in range(rounds):
+            keys = list(fns)
+            rng.shuffle(keys)
+            for key in keys:
+                samples[key].append(time_batch(fns[key], batch_s))
+    dense = samples[("torch_dense", None)]
+    flops = 2.0 * n * hw * hw * c_in * c_out
+    rows = []
+    for (p, s), ts in samples.items():
+        med = statistics.median(ts)
+        rows.append(
+            {
+                "in": c_in,
+                "out": c_out,
+                "hw": hw,
+                "batch": n,
+                "format": fmt,
+                "provider": p,
+                "sparsity": s,
+                "median_s": med,
+                "spread": (max(ts) - min(ts)) / med,
+                "speedup_vs_torch_dense": statistics.median(d / t for d, t in zip(dense, ts)),
+                "dense_equivalent_gflops": flops / med / 1e9,
+            }
+        )
+    return rows
+
+
+def to_markdown(rows, env, load) -> str:
+    lines = [
+        (
+            f"CPU: {env['cpu']} ({env['kernel_isa']}), {env['threads']} threads, torch {env['torch']}, "
+            f"commit {env['git_commit']}; load average before / after: {load[0]} / {load[1]}"
+        ),
+        "",
+        (
+            "Speedup = median over interleaved rounds of time(F.conv2d) / time(provider) in the same round. "
+            "GFLOP/s are dense-equivalent (2 N H W C_in C_out / time). `nchw_transposes` = the input NCHW->NHWC "
+            "and output NHWC->NCHW copies alone (its 'speedup' column is dense / transposes)."
+        ),
+        "",
+        "| batch | conv | format | provider | sparsity | median ms | GFLOP/s | vs F.conv2d | spread |",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        s = "-" if r["sparsity"] is None else f"{r['sparsity']:.1f}"
+        lines.append(
+            f"| {r['batch']} | {r['in']}->{r['out']} @{r['hw']} | {r['format']} | {r['provider']} | {s} | "
+            f"{r['median_s'] * 1e3:.3f} | {r['dense_equivalent_gflops']:.0f} | "
+            f"{r['speedup_vs_torch_dense']:.2f}x | {r['spread']:.0%} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _load() -> str:
+    try:
+        return " ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        return "?"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="one shape, batch 1, sparsity 0.5 and 0.9")
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--batch-ms", type=float, default=30.0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--providers", nargs="*", default=list(PROVIDERS))
+    ap.add_argument(
+        "--out", default=None, help="directory for sparse_conv2d.md / .json (default: print only)"
+    )
+    ap.add_argument("--name", default="sparse_conv2d", help="file name stem under --out")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    shapes, batches, sparsities = SHAPES, BATCHES, SPARSITIES
+    if args.quick:
+        shapes, batches, sparsities = SHAPES[1:2], [1], [0.5, 0.9]
+    env = environment()
+    load_before = _load()
+    rng = random.Random(0)
+    rows = []
+    for c_in, c_out, hw in shapes:
+        for n in batches:
+            for fmt in FORMATS:
+                case = run_case(
+                    c_in, c_out, hw, n, fmt, sparsities, args.providers, args.rounds, args.batch_ms / 1e3, rng
+                )
+                rows += case
+                for r in case:
+                    s = "-" if r["sparsity"] is None else f"{r['sparsity']:.1f}"
+                    print(
+                        f"N={n} {c_in}->{c_out}@{hw} {fmt:<13} {r['provider']:<15} s={s:<4} "
+                        f"{r['median_s'] * 1e3:8.3f} ms {r['speedup_vs_torch_dense']:5.2f}x  "
+                        f"spread {r['spread']:.0%}",
+                        flush=True,
+                    )
+    load = (load_before, _load())
+    md = to_markdown(rows, env, load)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
+            f.write(md)
+        with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
+            json.dump({"environment": env, "load_average": load, "rows": rows}, f, indent=1)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
