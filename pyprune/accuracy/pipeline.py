@@ -22,7 +22,7 @@ from torch.nn.utils import parametrize
 
 from ..compare.timing import fixed_threads, summarize, time_interleaved
 from ..flops import count_flops, count_params
-from ..pruning import IMPORTANCE, convert, prune_channels, prune_layers, sparsify
+from ..pruning import IMPORTANCE, build_graph, convert, prune_channels, prune_layers, sparsify
 from ..pruning.layers import residual_blocks
 from ..pruning.masks import get_mask
 from .data import check_loader
@@ -188,22 +188,34 @@ def _check_prune(p: Prune) -> None:
 # ----------------------------------------------------------------------------------------------- measuring
 
 
-def effective_flops(model: nn.Module, example_inputs: torch.Tensor | tuple) -> int:
-    """FLOPs of the Linear / Conv2d / SparseLinear layers counting only nonzero weights: 2 * nnz(W) per output
-    position. For an unpruned model this equals count_flops' matmul/conv count."""
-    from ..nn import SparseLinear
+def _nnz(weight: object) -> int | None:
+    if isinstance(weight, torch.Tensor):
+        return int(torch.count_nonzero(weight.detach()))
+    values = getattr(weight, "values", None)  # pyprune.sparse formats (CSR, BSR, Sparse24) keep their values
+    if isinstance(values, torch.Tensor):
+        return int(torch.count_nonzero(values.detach()))
+    return None
 
+
+def effective_flops(model: nn.Module, example_inputs: torch.Tensor | tuple) -> int:
+    """FLOPs of the weighted layers counting only nonzero weights: 2 * nnz(W) per output position, for
+    nn.Linear / nn.Conv2d and pyprune's SparseLinear / SparseConv2d (any module whose ``weight`` is a tensor or
+    a sparse format). For an unpruned conv / linear model this equals count_flops."""
     total = [0]
 
     def hook(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
-        if isinstance(mod, SparseLinear):
-            total[0] += 2 * int(torch.count_nonzero(mod.weight.values)) * (inp[0].numel() // mod.in_features)
+        nnz = _nnz(mod.weight)
+        if nnz is None or not isinstance(out, torch.Tensor) or out.dim() < 2:
             return
-        nnz = int(torch.count_nonzero(mod.weight.detach()))
-        per_out = out.numel() // out.shape[1] if isinstance(mod, nn.Conv2d) else out.numel() // out.shape[-1]
+        per_out = out.numel() // out.shape[1] if out.dim() == 4 else out.numel() // out.shape[-1]
         total[0] += 2 * nnz * per_out
 
-    mods = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d, SparseLinear))]
+    mods = [
+        m
+        for m in model.modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+        or (hasattr(m, "weight") and _nnz(m.weight) is not None)
+    ]
     handles = [m.register_forward_hook(hook) for m in mods]
     args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     was = model.training
@@ -276,6 +288,57 @@ def match_flops_ratio(
     return best
 
 
+def match_flops(
+    model: nn.Module, args: tuple, level: float, refine_steps: int = 5, **prune_kwargs
+) -> tuple[float, dict[str, float], float]:
+    """Like :func:`match_flops_ratio`, then, because one uniform ratio moves in coarse steps on narrow layers
+    (LeNet's 6-channel conv1), each group's ratio is lowered in turn (bisection, ``refine_steps``) as long as
+    at least ``level`` of the FLOPs stays removed. Returns (ratio, per_layer overrides, fraction removed).
+
+    Channel counts, hence FLOPs, depend on the architecture only, so results are cached by parameter shapes.
+    """
+    key = (
+        type(model).__name__,
+        tuple((n, tuple(p.shape)) for n, p in model.named_parameters()),
+        tuple(tuple(a.shape) for a in args),
+        round(level, 9),
+        refine_steps,
+        tuple(sorted(prune_kwargs.items())),
+    )
+    if key not in _MATCH_CACHE:
+        _MATCH_CACHE[key] = _match_flops(model, args, level, refine_steps, **prune_kwargs)
+    ratio, per_layer, got = _MATCH_CACHE[key]
+    return ratio, dict(per_layer), got
+
+
+_MATCH_CACHE: dict[tuple, tuple[float, dict[str, float], float]] = {}
+
+
+def _match_flops(model, args, level, refine_steps, **prune_kwargs):
+    ratio, got = match_flops_ratio(model, args, level, **prune_kwargs)
+    dense = _flops(model, args)
+    kw = dict(prune_kwargs, importance="l1")
+    graph = build_graph(model, args)
+    producers = [g.producers[0] for g in graph.groups if g.prunable and g.producers]
+    per_layer: dict[str, float] = {}
+
+    def removed(pl: dict[str, float]) -> float:
+        return 1.0 - _flops(prune_channels(model, args, ratio=ratio, per_layer=pl, **kw), args) / dense
+
+    for name in producers:
+        lo, hi = 0.0, ratio
+        for _ in range(refine_steps):
+            mid = (lo + hi) / 2
+            r = removed({**per_layer, name: mid})
+            if r >= level:
+                hi, got = mid, r
+            else:
+                lo = mid
+        if hi < ratio:
+            per_layer[name] = hi
+    return ratio, per_layer, got
+
+
 def _loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out, y)
 
@@ -303,12 +366,13 @@ def _prune_once(
         if rel <= 0:
             return model, note + "already below the FLOP target"
         kw = {"protect_first_last": False}
-        ratio, _ = match_flops_ratio(model, args, rel, **kw)
+        ratio, per_layer, _ = match_flops(model, args, rel, **kw)
         data = list(itertools.islice(iter(train_data), p.importance_batches))
         pruned, plan = prune_channels(
             model,
             args,
             ratio=ratio,
+            per_layer=per_layer,
             importance=importance,
             data=data,
             loss_fn=_loss_fn,
@@ -316,7 +380,8 @@ def _prune_once(
             **kw,
         )
         notes = sorted({g.note for g in plan.groups if g.note})
-        return pruned, note + f"ratio {ratio:.3f}" + (f"; {notes[0]}" if notes else "")
+        over = f" ({', '.join(f'{k} {v:.2f}' for k, v in per_layer.items())})" if per_layer else ""
+        return pruned, note + f"ratio {ratio:.3f}{over}" + (f"; {notes[0]}" if notes else "")
     if m == "layer":
         names = residual_blocks(model)
         if not names:
@@ -385,7 +450,8 @@ def _finalize_unstructured(model: nn.Module, method: str, block: tuple[int, int]
         return bake_masks(model), "dense kernels, zeros stored"
     layout = {"csr": "csr", "2:4": "2:4", "block": "bsr"}[method]
     out, rep = convert(model, layout=layout, block=tuple(block), return_report=True)
-    return bake_masks(out), f"{len(rep.converted)} linear -> {layout}"
+    dense = f", {len(rep.left_dense)} left dense" if rep.left_dense else ""
+    return bake_masks(out), f"{len(rep.converted)} layers -> {layout}{dense}"
 
 
 def _is_unstructured_masked(model: nn.Module) -> bool:
