@@ -28,8 +28,12 @@ def test_suite_dry_run_writes_results(tmp_path):
     data = json.loads(js.read_text())
     assert data["dry"] is True and len(data["cases"]) > 0
     assert all("ours_ms" not in c for c in data["cases"])  # no timings in a dry run
+    conv = json.loads((out / "pruned_conv2d.json").read_text())
+    assert conv["dry"] is True and len(conv["cases"]) > 0
+    assert all(not any(k.endswith("_ms") for k in c) for c in conv["cases"])
+    assert "DRY" in (out / "pruned_conv2d.md").read_text()
     steps = (out / "steps.tsv").read_text()
-    assert "bench\t0" in steps, steps
+    assert "bench\t0" in steps and "bench_conv\t0" in steps, steps
     assert "DRY" in proc.stdout
 
 

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The device suite: build the extension from source, run the GPU tests, time BSR linear against cuBLAS and
-# torch.sparse, write results.md + results.json to OUTDIR. Every step is guarded (one failing step does not stop
-# the next) and logged to OUTDIR/<step>.log; OUTDIR/steps.tsv says how each ended; the table prints last.
+# torch.sparse (results.md + results.json) and pruned conv2d against cuDNN (pruned_conv2d.md + .json) in OUTDIR.
+# Every step is guarded (one failing step does not stop the next) and logged to OUTDIR/<step>.log;
+# OUTDIR/steps.tsv says how each ended; the tables print last.
 #
 #   bash benchmarks/gpu/suite.sh OUTDIR          # on a GPU machine, under 8 minutes
 #   bash benchmarks/gpu/suite.sh OUTDIR --dry    # on a CPU machine: wiring check, stub table marked DRY
 #
-# Env: PYTHON (default python3), SUITE_BUILD_S / SUITE_TEST_S / SUITE_BENCH_S (step time limits, seconds).
+# Env: PYTHON (default python3), SUITE_BUILD_S / SUITE_TEST_S / SUITE_BENCH_S / SUITE_CONV_S (step time limits,
+# seconds).
 set -u -o pipefail
 if [ $# -lt 1 ]; then echo "usage: $0 OUTDIR [--dry]" >&2; exit 2; fi
 OUT=$(mkdir -p "$1" && cd "$1" && pwd)
@@ -47,18 +49,21 @@ if [ $DRY -eq 1 ]; then
     skip pytest "pytest is not installed"
   fi
   step bench 120 "$PY" benchmarks/gpu/bench_bsr_linear_gpu.py --out "$OUT" --dry
+  step bench_conv 120 "$PY" benchmarks/gpu/bench_pruned_conv2d_gpu.py --out "$OUT" --dry
 else
   step build "${SUITE_BUILD_S:-180}" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PYPRUNE_CUDA=1 "$PY" setup.py build_ext --inplace
   step info 30 "$PY" -c "import pyprune; pyprune.info()"
   if $PY -c "import pytest" 2>/dev/null; then
     # one kernel config per shape in the tests: tuning every config would compile for minutes
-    step pytest "${SUITE_TEST_S:-110}" env PYPRUNE_TRITON_AUTOTUNE=0 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider \
+    step pytest "${SUITE_TEST_S:-240}" env PYPRUNE_TRITON_AUTOTUNE=0 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider \
       -o addopts="" --strict-markers --junitxml="$OUT/pytest.xml"
     tail -n 3 "$OUT/pytest.log" | tee -a "$OUT/suite.log"
   else
     skip pytest "pytest is not installed on this machine"
   fi
   step bench "${SUITE_BENCH_S:-230}" "$PY" benchmarks/gpu/bench_bsr_linear_gpu.py --out "$OUT" --budget-s 170
+  # autotuning compiles each Triton config once per layout and kernel size: the budget cuts bf16 first
+  step bench_conv "${SUITE_CONV_S:-170}" "$PY" benchmarks/gpu/bench_pruned_conv2d_gpu.py --out "$OUT" --budget-s 110
 fi
 
 echo
@@ -66,3 +71,5 @@ echo "== steps (name, rc, seconds); total $(( $(date +%s) - T0 ))s"
 column -t -s "$(printf '\t')" "$OUT/steps.tsv" 2>/dev/null || cat "$OUT/steps.tsv"
 echo
 if [ -f "$OUT/results.md" ]; then cat "$OUT/results.md"; else echo "no results.md: see $OUT/bench.log"; fi
+echo
+if [ -f "$OUT/pruned_conv2d.md" ]; then cat "$OUT/pruned_conv2d.md"; else echo "no pruned_conv2d.md: see $OUT/bench_conv.log"; fi
