@@ -1,18 +1,18 @@
 """Triton channel-pruned conv2d: y[:, out_index] = relu?(conv2d(x[:, in_index], weight) + bias), as an implicit GEMM.
 
 GEMM view, per group g: rows M = N * OH * OW output pixels, columns = the group's kept output channels
-(COUT_G), reduction K_G = CIN_G * KH * KW. No im2col and no compacted copy of x: each (BLOCK_M x BLOCK_K) tile
+(COUT_G), reduction K = CIN_G * KH * KW. No im2col and no compacted copy of x: each (BLOCK_M x BLOCK_K) tile
 of the implicit im2col matrix is loaded straight from x, the input channel read through ``in_index`` and the
 padding handled by the load mask. Bias, ReLU and the scatter of the kept output channels through ``out_index``
 happen on the fp32 accumulator before the single rounding to x's dtype.
 
 Layouts: x and the output may be NCHW or channels_last (any strides work; the output takes x's memory format,
-as F.conv2d does). The K order follows x so that neighbouring K elements are neighbours in memory:
-(c, r, s) for NCHW, (r, s, c) for channels_last; the launcher lays the weight out in the same order (a small
-copy when the weight's memory format differs from x's; a model converted with
-``.to(memory_format=torch.channels_last)`` already has channels_last weights). Tiles are loaded with the
-memory-contiguous dimension last (NCHW: pixels; channels_last: channels) so the loads coalesce, and
-transposed in registers for ``tl.dot``.
+as F.conv2d does). The reduction walks (kernel tap, block of BLOCK_K channels) in one flat loop, so a tile's
+padding test is per pixel and its channel bound per column. The weight is read per tap along channels, from
+a channels_last weight: the launcher copies an NCHW k x k weight (small; 1x1 weights are already both, and a
+model converted with ``.to(memory_format=torch.channels_last)`` has channels_last weights). x tiles are loaded
+with x's contiguous dimension last (NCHW: pixels; channels_last: channels) so the loads coalesce, and
+transposed in registers for ``tl.dot``; the output is stored the same way.
 
 Numerics: fp16/bf16 multiply on tensor cores (``tl.dot``) with fp32 accumulation. fp32 inputs use TF32 tensor
 cores when ``allow_tf32`` is true; by default that follows ``torch.backends.cudnn.allow_tf32`` (True unless
@@ -57,19 +57,19 @@ def _configs() -> list[triton.Config]:
     if os.environ.get("PYPRUNE_TRITON_AUTOTUNE", "1") == "0":
         return [_cfg(128, 64, 32, 4, 4)]
     # Hopper (wgmma, 228 KiB smem) likes 128-row tiles with 3-4 stages; all of these also fit Ampere's
-    # 164 KiB. 32-row tiles serve small M (batch 1 at 7x7 = 49 pixels); 32-wide N tiles serve the 32-channel
-    # groups of pruned early layers; BLOCK_K 32 serves K_G = 32 * 1 * 1.
+    # 164 KiB. 32- and 64-row tiles give small M (batch 1 at 7x7 = 49 pixels) more programs; 32-wide N tiles
+    # serve the 32-channel groups of pruned early layers; BLOCK_K 32 / 16 serve groups of 32 / <= 16 channels.
     return [
         _cfg(128, 128, 64, 8, 3),
         _cfg(128, 128, 32, 8, 4),
         _cfg(128, 64, 64, 4, 4),
         _cfg(128, 64, 32, 4, 4),
         _cfg(64, 128, 64, 4, 4),
-        _cfg(128, 32, 64, 4, 4),
+        _cfg(128, 32, 32, 4, 4),
         _cfg(64, 64, 64, 4, 4),
         _cfg(64, 32, 32, 4, 4),
         _cfg(32, 64, 64, 4, 4),
-        _cfg(32, 32, 64, 4, 3),
+        _cfg(64, 64, 16, 4, 3),
     ]
 
 
@@ -78,7 +78,7 @@ def _prune_configs(configs, named_args, **kwargs):
     memory; big M keeps only big row tiles (many programs already)."""
     m_bucket = named_args["M_BUCKET"]
     n_cap = max(16, triton.next_power_of_2(named_args["COUT_G"]))
-    k_cap = max(16, triton.next_power_of_2(max(1, named_args["K_G"])))
+    k_cap = max(16, triton.next_power_of_2(max(1, named_args["CIN_G"])))
     elem = named_args["x_ptr"].element_size()
     kept = []
     for c in configs:
@@ -97,7 +97,7 @@ def _prune_configs(configs, named_args, **kwargs):
 
 @triton.autotune(
     configs=_configs(),
-    key=["M_BUCKET", "COUT_G", "K_G", "CIN_G", "KH", "KW", "X_M_MAJOR", "Y_M_MAJOR", "HAS_PAD"],
+    key=["M_BUCKET", "COUT_G", "CIN_G", "KH", "KW", "X_M_MAJOR", "Y_M_MAJOR", "HAS_PAD"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
 @triton.jit
@@ -116,8 +116,6 @@ def _pruned_conv2d_fwd_kernel(
     OW,
     CIN_G,
     COUT_G,
-    K_G,
-    N_GROUPS,
     stride_xn,
     stride_xc,
     stride_xh,
@@ -180,45 +178,41 @@ def _pruned_conv2d_fwd_kernel(
     w_row = co.to(tl.int64) * stride_wo
 
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for k0 in range(0, K_G, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K_G
-        if X_M_MAJOR:  # NCHW: K = (c, r, s)
-            c = offs_k // (KH * KW)
-            rs = offs_k % (KH * KW)
-        else:  # channels_last: K = (r, s, c)
-            c = offs_k % CIN_G
-            rs = offs_k // CIN_G
-        dr = (rs // KW) * DIL_H
-        ds = (rs % KW) * DIL_W
+    # One flat loop over (kernel tap, channel block), as torch inductor's conv template does: the tap and the
+    # block come from scalar arithmetic, the padding test is per row and the channel bound per column (no
+    # per-element index math), and a single loop is what Triton's software pipeliner overlaps.
+    n_cblocks = (CIN_G + BLOCK_K - 1) // BLOCK_K
+    offs_k = tl.arange(0, BLOCK_K)
+    for it in range(KH * KW * n_cblocks):
+        c0 = (it % n_cblocks) * BLOCK_K
+        tap = it // n_cblocks
+        r = tap // KW
+        s = tap % KW
+        row_ok = mask_m
+        if HAS_PAD:
+            ih = ih0 + r * DIL_H
+            iw = iw0 + s * DIL_W
+            row_ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_tap = x_row + ((r * DIL_H).to(tl.int64) * stride_xh + (s * DIL_W).to(tl.int64) * stride_xw)
+        c = c0 + offs_k  # input channel inside the group
+        mask_c = c < CIN_G
         chan = g * CIN_G + c  # kept input channel
         if HAS_IN_INDEX:
-            chan = tl.load(in_idx_ptr + chan, mask=mask_k, other=0)
-        x_col = chan.to(tl.int64) * stride_xc + dr.to(tl.int64) * stride_xh + ds.to(tl.int64) * stride_xw
-        w_col = (
-            c.to(tl.int64) * stride_wc
-            + (rs // KW).to(tl.int64) * stride_wh
-            + (rs % KW).to(tl.int64) * stride_ww
-        )
-
-        if X_M_MAJOR:  # (BLOCK_K, BLOCK_M): pixels contiguous in NCHW, so threads run along them
-            a_mask = mask_k[:, None] & mask_m[None, :]
-            if HAS_PAD:
-                ih = ih0[None, :] + dr[:, None]
-                iw = iw0[None, :] + ds[:, None]
-                a_mask = a_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a = tl.load(x_ptr + (x_row[None, :] + x_col[:, None]), mask=a_mask, other=0.0)
+            chan = tl.load(in_idx_ptr + chan, mask=mask_c, other=0)
+        x_col = chan.to(tl.int64) * stride_xc
+        if X_M_MAJOR:  # (BLOCK_K, BLOCK_M): pixels are contiguous in NCHW, so threads run along them
+            a = tl.load(
+                x_ptr + (x_tap[None, :] + x_col[:, None]), mask=mask_c[:, None] & row_ok[None, :], other=0.0
+            )
             a = tl.trans(a)
-        else:
-            a_mask = mask_m[:, None] & mask_k[None, :]
-            if HAS_PAD:
-                ih = ih0[:, None] + dr[None, :]
-                iw = iw0[:, None] + ds[None, :]
-                a_mask = a_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a = tl.load(x_ptr + (x_row[:, None] + x_col[None, :]), mask=a_mask, other=0.0)
-        # weight as (BLOCK_N, BLOCK_K), K contiguous in the layout the launcher chose, then transposed
+        else:  # channels_last: channels contiguous
+            a = tl.load(
+                x_ptr + (x_tap[:, None] + x_col[None, :]), mask=row_ok[:, None] & mask_c[None, :], other=0.0
+            )
+        # weight as (BLOCK_N, BLOCK_K): channels contiguous in the channels_last weight the launcher passes
+        w_col = c * stride_wc + (r * stride_wh + s * stride_ww)
         b = tl.load(
-            w_ptr + (w_row[:, None] + w_col[None, :]), mask=mask_n[:, None] & mask_k[None, :], other=0.0
+            w_ptr + (w_row[:, None] + w_col[None, :]), mask=mask_n[:, None] & mask_c[None, :], other=0.0
         )
         acc = tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
 
@@ -402,10 +396,12 @@ def pruned_conv2d_triton(
     if allow_tf32 is None:
         allow_tf32 = torch.backends.cudnn.allow_tf32
     precision = "tf32" if (x.dtype != torch.float32 or allow_tf32) else "ieee"
-    # K order follows x's layout: (c, r, s) when width is x's densest dimension, (r, s, c) when channels are
+    # x tiles are loaded with x's densest dimension last: width (NCHW-like) or channels (channels_last-like)
     x_m_major = x.stride(3) <= x.stride(1)
-    wmf = torch.contiguous_format if x_m_major else torch.channels_last
-    wt = weight if weight.is_contiguous(memory_format=wmf) else weight.contiguous(memory_format=wmf)
+    # the kernel reads the weight per tap along channels: channels_last (a copy for an NCHW k x k weight;
+    # 1x1 weights are both)
+    cl_w = torch.channels_last
+    wt = weight if weight.is_contiguous(memory_format=cl_w) else weight.contiguous(memory_format=cl_w)
     in_idx = in_index.contiguous() if in_index is not None else x  # never read without HAS_IN_INDEX
     out_idx = out_index.contiguous() if out_index is not None else x  # never read without HAS_OUT_INDEX
     b_arg = bias.contiguous() if bias is not None else x  # never read without HAS_BIAS
@@ -432,14 +428,13 @@ def pruned_conv2d_triton(
                 KH=kh, KW=kw, **common,
             )  # fmt: skip
         else:
-            k_g = cin_g * kh * kw
 
             def grid(meta):
                 return (groups * triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cout_g, meta["BLOCK_N"]),)
 
             _pruned_conv2d_fwd_kernel[grid](
                 x, wt, b_arg, in_idx, out_idx, y,
-                m, m_bucket, h, w, oh, ow, cin_g, cout_g, k_g, groups,
+                m, m_bucket, h, w, oh, ow, cin_g, cout_g,
                 *x.stride(), *wt.stride(), *y.stride(),
                 sh, sw, ph, pw, dh, dw,
                 KH=kh, KW=kw, X_M_MAJOR=x_m_major, Y_M_MAJOR=not cl, INPUT_PRECISION=precision, **common,

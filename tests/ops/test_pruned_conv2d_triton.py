@@ -105,6 +105,7 @@ CPU_CASES = [
     case("3x3_pad", n=2, c=9, hw=5, c_out=20, k=3, keep_in=ODD7, padding=1),
     case("3x3_stride2_cl", n=2, c=9, hw=7, c_out=17, k=3, keep_in=ODD7, padding=1, stride=2, channels_last=True),
     case("dilation2", n=1, c=8, hw=7, c_out=6, k=3, padding=2, dilation=2, relu=True),
+    case("3x3_two_cblocks", n=1, c=40, hw=4, c_out=18, k=3, keep_in=list(range(1, 40, 2)), padding=1),
     case("groups2_cl", n=1, c=8, hw=6, c_out=6, k=3, keep_in=[0, 1, 3, 4, 5, 7], padding=1, groups=2,
          channels_last=True),
     case("depthwise_scatter", n=2, c=8, hw=6, c_out=6, k=3, keep_in=[0, 1, 3, 4, 5, 7],
