@@ -1,165 +1,61 @@
 """``pyprune.compare``: time structured and unstructured pruning of one model side by side, on this machine.
 
-Variants per level, all timed in the same run with the same inputs (see :mod:`.timing`):
-
-- ``dense``: the model as given (once, the baseline);
-- ``masked``: ``sparsify(pattern="unstructured")`` run as is: the zeros are there, the speed is not (the mask is
-  applied on every forward, as with torch.nn.utils.prune);
-- ``channel``: ``prune_channels`` (L1) at the ratio whose kept Linear/Conv2d weights best match the unstructured
-  level, i.e. prunable_params(channel) ~= (1 - level) * prunable_params(dense), found by bisection on the ratio.
-  When the engine cannot shrink that far (protected first/last layers, attention heads), the closest reachable
-  model is used and the note says what fraction was kept;
-- ``csr``: the masked model converted with ``convert(layout="csr")``; ``bsr``: ``sparsify(pattern="block")`` of
-  the Linear layers whose shape tiles by ``block``, converted to BSR; ``2:4``: ``sparsify(pattern="2:4")`` then
-  ``convert(layout="2:4")``, only at level 0.5. Convolutions are not converted (no sparse conv module yet): in
-  csr rows their masks are baked into plain dense weights.
+Every variant (see :mod:`.variants` for what each is) is timed in the same run, on the same inputs, at one
+fixed thread count, in interleaved rounds (:mod:`.timing`); the machine's dense matmul rate and copy bandwidth
+are measured once per run (:mod:`.roofline`) so every row can say how close it gets to what the hardware allows
+and why (:mod:`.work` counts the useful FLOPs and the bytes). ``per_layer=True`` adds each weight layer's time
+per variant, from which the report derives break-even sparsities and per-layer advice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from typing import Callable, Iterable, Sequence
+import os
+import sys
+import time
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from ..flops import count_flops, count_params
-from ..pruning import convert, prune_channels, remove_masks, sparsify
-from .report import Report, environment
-from .timing import fixed_threads, summarize, time_interleaved
+from .report import Report, environment, loadavg
+from .roofline import explain, measure_peak, place
+from .timing import Progress, fixed_threads, summarize, time_interleaved
+from .variants import METHODS, Builder, NotApplicable, kept_weights, prunable_weights, stored_params
+from .work import measure_work, time_layers
 
-METHODS = ("dense", "masked", "channel", "csr", "bsr", "2:4")
+__all__ = ["METHODS", "NotApplicable", "Report", "compare", "measure_peak"]
 
-__all__ = ["METHODS", "Report", "compare"]
-
-
-class NotApplicable(Exception):
-    """A variant that does not apply to this model; the row says why instead of crashing."""
+# errors a variant may raise when it cannot run on this model / device; the row says so instead of crashing
+_VARIANT_ERRORS = (NotApplicable, NotImplementedError, RuntimeError, ValueError, TypeError)
 
 
 def _args(example_inputs) -> tuple:
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
 
 
-def _prunable_weights(model: nn.Module) -> int:
-    """Weight elements of the Linear / Conv2d layers (what sparsify masks); masked weights count in full."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
-
-
-def _kept_weights(model: nn.Module) -> int:
-    """Nonzero weights of Linear / Conv2d layers plus the stored values of sparse modules."""
-    from ..nn import SparseLinear
-
-    n = 0
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            n += int(torch.count_nonzero(m.weight.detach()))
-        elif isinstance(m, SparseLinear):
-            n += int(torch.count_nonzero(m.weight.values))
-    return n
-
-
-def _executed_flops(model: nn.Module, args: tuple) -> int:
-    """count_flops (aten ops) plus 2 * stored values * rows for each SparseLinear, whose custom ops the flop
-    counter does not see (BSR blocks and 2:4 groups count their explicit zeros: that work is done)."""
-    from ..nn import SparseLinear
-
-    extra = [0]
-
-    def hook(mod, inp, out):
-        extra[0] += 2 * mod.weight.nnz * (inp[0].numel() // mod.in_features)
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, SparseLinear)]
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The torch.device for ``device``, or ValueError naming the valid choices on this machine."""
+    valid = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     try:
-        flops = count_flops(model, args)
-    finally:
-        for h in handles:
-            h.remove()
-    return flops + extra[0]
-
-
-def _match_channel_ratio(model, args, level, dense_w, steps: int = 8):
-    """Bisection on prune_channels' ratio so that prunable weights ~= (1 - level) * dense."""
-    target = (1.0 - level) * dense_w
-    lo, hi = 0.0, 0.95
-    best = None
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        m = prune_channels(model, args, ratio=mid)
-        w = _prunable_weights(m)
-        if best is None or abs(w - target) < abs(best[2] - target):
-            best = (mid, m, w)
-        if w > target:
-            lo = mid
-        else:
-            hi = mid
-    if best[2] > target:  # the top of the range may reach lower than the bisection visited
-        m = prune_channels(model, args, ratio=hi)
-        w = _prunable_weights(m)
-        if abs(w - target) < abs(best[2] - target):
-            best = (hi, m, w)
-    return best
-
-
-def _linear_names(model, ok: Callable[[nn.Linear], bool]) -> tuple[list[str], list[str]]:
-    good, bad = [], []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear):
-            (good if ok(m) else bad).append(name)
-    return good, bad
-
-
-def _build(
-    method: str, level: float | None, model: nn.Module, args: tuple, block: tuple[int, int]
-) -> tuple[nn.Module, str]:
-    if method == "dense":
-        return model, ""
-    if method == "masked":
-        return sparsify(model, level, pattern="unstructured"), ""
-    if method == "csr":
-        # a fresh masked copy (same magnitudes, same mask): removing parametrizations from a deep copy of a
-        # parametrized model also strips the original's
-        out, rep = convert(
-            sparsify(model, level, pattern="unstructured"), layout="csr", inplace=True, return_report=True
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: unknown device {device!r}; valid devices here are {valid}") from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: {device!r} is not supported; valid devices here are {valid}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device: {device!r} requested but no CUDA GPU is available (torch {torch.__version__}, "
+            f"torch.cuda.is_available() is False); valid devices here are {valid}"
         )
-        remove_masks(out)
-        note = f"{len(rep.converted)} linear -> csr"
-        if rep.left_dense:
-            note += f", {len(rep.left_dense)} left dense"
-        return out, note
-    if method == "channel":
-        dense_w = _prunable_weights(model)
-        ratio, m, w = _match_channel_ratio(model, args, level, dense_w)
-        note = f"ratio {ratio:.3f}"
-        if abs(w / dense_w - (1 - level)) > 0.05:
-            note += f"; kept {1 - level:.2f} not reachable"
-        return m, note
-    if method in ("bsr", "2:4"):
-        bh, bw = block
-        if method == "bsr":
-            good, bad = _linear_names(
-                model, lambda lin: lin.out_features % bh == 0 and lin.in_features % bw == 0
-            )
-            kw = dict(pattern="block", block=block)
-        else:
-            good, bad = _linear_names(model, lambda lin: lin.in_features % 4 == 0)
-            kw = dict(pattern="2:4")
-        if not good:
-            why = (
-                f"no Linear layer tiles by {block}" if method == "bsr" else "no Linear layer with in % 4 == 0"
-            )
-            raise NotApplicable(why)
-        masked = sparsify(model, level, types=(nn.Linear,), ignore=bad, **kw)
-        out = convert(masked, layout=method, block=block)
-        note = f"{len(good)} linear -> {method}"
-        if bad:
-            note += f", {len(bad)} dense"
-        return out, note
-    raise ValueError(f"unknown method {method!r}")
+    return dev
 
 
 def _check(methods, levels, rounds, threads, device):
+    if isinstance(methods, str):
+        methods = (methods,)
     methods = tuple(methods)
     bad = [m for m in methods if m not in METHODS]
     if bad:
@@ -172,9 +68,64 @@ def _check(methods, levels, rounds, threads, device):
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     if threads is not None and int(threads) < 1:
         raise ValueError(f"threads must be >= 1 or None, got {threads}")
-    if torch.device(device).type != "cpu":
-        raise ValueError(f"device: only 'cpu' is supported by this version of compare, got {device!r}")
-    return methods, levels
+    return methods, levels, resolve_device(device)
+
+
+def _variants(methods, levels) -> list[tuple[str, float | None]]:
+    out: list[tuple[str, float | None]] = [("dense", None)]
+    for lv in levels:
+        for m in methods:
+            if m not in ("dense", "2:4"):
+                out.append((m, lv))
+    if "2:4" in methods:  # fixed density 1/2: one row, at level 0.5, whatever the levels
+        out.append(("2:4", 0.5))
+    return out
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (the profiler's C++ side logs a start/stop line per session there)."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _kernels(mod: nn.Module, args: tuple, device: str = "cpu", top: int = 3) -> str:
+    """The ops that took the most self time in one profiled forward: what actually ran ("[cpp]" / "[python]"
+    after a pyprune op says whether its compiled kernel or the Python reference ran)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU]
+    if any(a.is_cuda for a in args if isinstance(a, torch.Tensor)):
+        acts.append(ProfilerActivity.CUDA)
+    with _quiet_stderr(), profile(activities=acts) as prof:
+        mod(*args)
+    events = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    from .profile import op_backend
+
+    def label(key: str) -> str:
+        if key.startswith("pyprune::") and "/" not in key:
+            return f"{key}[{op_backend(key.split('::', 1)[1], device)}]"
+        return key
+
+    return ", ".join(f"{label(e.key)} {e.self_cpu_time_total / total:.0%}" for e in events[:top])
+
+
+def _na(method, level, why: str) -> dict:
+    return {"method": method, "level": level, "median_s": None, "note": f"n/a: {why}"}
 
 
 def compare(
@@ -189,6 +140,11 @@ def compare(
     block: tuple[int, int] = (32, 32),
     name: str | None = None,
     seed: int = 0,
+    per_layer: bool = False,
+    layer_repeats: int = 5,
+    peak: dict | None = None,
+    progress: bool = False,
+    keep_models: bool = False,
 ) -> Report:
     """Time dense, masked, channel-pruned and sparse-converted variants of ``model`` in one interleaved run.
 
@@ -198,53 +154,100 @@ def compare(
             variant runs on these same tensors.
         methods: a subset of ``METHODS``; "dense" is always timed as the baseline. Levels are sparsities in
             (0, 1): the fraction of Linear/Conv2d weights removed (channel: matched by parameter count).
+        device: "cpu" or "cuda" (ValueError when no GPU is available).
         threads: torch threads for the whole comparison (default: the current setting); restored afterwards.
         rounds: interleaved rounds (each times every variant once, in a shuffled order).
         budget_s: time budget for the timing rounds; after at least 2 rounds, rounds stop once it is spent.
         block: BSR tile (bh, bw).
+        per_layer: also time every weight layer of every variant (``layer_repeats`` forward passes each).
+        peak: a :func:`measure_peak` result to reuse (default: measured here, once).
+        progress: report progress on stderr (a rich bar on a terminal).
+        keep_models: keep the built variants in ``report.models`` {(method, level): module} (not serialised).
     Returns:
-        a :class:`Report`; rows that do not apply carry ``median_s=None`` and a note saying why.
+        a :class:`Report`; rows that do not apply carry ``median_s=None`` and a note ``"n/a: <why>"``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    methods, levels = _check(methods, levels, rounds, threads, device)
-    args = _args(example_inputs)
-    model = copy.deepcopy(model).eval()
-    with fixed_threads(threads) as nthreads, torch.no_grad():
-        variants: list[tuple[str, float | None]] = [("dense", None)]
-        for lv in levels:
-            for m in methods:
-                if m == "dense" or (m == "2:4" and not math.isclose(lv, 0.5)):
-                    continue
-                variants.append((m, lv))
+    methods, levels, dev = _check(methods, levels, rounds, threads, device)
+    if int(layer_repeats) < 1:
+        raise ValueError(f"layer_repeats must be >= 1, got {layer_repeats}")
+    args = tuple(a.to(dev) if isinstance(a, torch.Tensor) else a for a in _args(example_inputs))
+    model = copy.deepcopy(model).to(dev).eval()
+    sync = torch.cuda.synchronize if dev.type == "cuda" else None
+    t_start = time.perf_counter()
+    with fixed_threads(threads) as nthreads, torch.no_grad(), Progress(progress) as prog:
+        env = environment(nthreads, str(dev))
+        if peak is None:
+            prog.stage("measuring the roofline (matmul rate, copy bandwidth)", 1)
+            peak = measure_peak(nthreads, str(dev))
+            prog.step(f"{peak['peak_gflops']:.1f} GFLOP/s, {peak['copy_gbps']:.1f} GB/s")
+        variants = _variants(methods, levels)
+        builder = Builder(model, args, block)
         built, rows = {}, []
+        prog.stage("building variants", len(variants))
         for key in variants:
             try:
-                mod, note = _build(key[0], key[1], model, args, block)
-            except NotApplicable as exc:
-                rows.append({"method": key[0], "level": key[1], "median_s": None, "note": f"n/a: {exc}"})
+                mod, note = builder.build(*key)
+                mod(*args)  # one call: a variant that cannot run here fails now, not in the timing loop
+            except _VARIANT_ERRORS as exc:
+                why = str(exc) if isinstance(exc, NotApplicable) else f"{type(exc).__name__}: {exc}"
+                rows.append(_na(*key, why.splitlines()[0][:200] if why else type(exc).__name__))
+                prog.step(f"{key[0]}@{key[1]}: n/a")
                 continue
-            mod.eval()
             built[key] = (mod, note)
+            prog.step(f"{key[0]}@{key[1]}")
         fns = {key: (lambda m=mod: m(*args)) for key, (mod, _) in built.items()}
         samples = time_interleaved(
-            {f"{m}@{lv}": fn for (m, lv), fn in fns.items()}, int(rounds), nthreads, budget_s, seed=seed
+            {f"{m}@{lv}": fn for (m, lv), fn in fns.items()},
+            int(rounds),
+            nthreads,
+            budget_s,
+            seed=seed,
+            progress=prog,
         )
         dense_t = samples["dense@None"]
-        dense_w = _prunable_weights(model)
+        dense_w = prunable_weights(model)
+        prog.stage("counting FLOPs and bytes" + (", timing layers" if per_layer else ""), len(built))
         for (m, lv), (mod, note) in built.items():
             ts = samples[f"{m}@{lv}"]
+            work = measure_work(mod, args)
+            stats = summarize(ts, dense_t)
             row = {
                 "method": m,
                 "level": lv,
-                **summarize(ts, dense_t),
-                "params": count_params(mod),
-                "flops": _executed_flops(mod, args),
-                "prunable_kept": _kept_weights(mod) / dense_w,
+                **stats,
+                "params": stored_params(mod),
+                "flops": work["flops"],
+                "flops_executed": work["flops_executed"],
+                "bytes": work["bytes"],
+                "memory_bytes": work["weight_bytes"],
+                "prunable_kept": kept_weights(mod) / dense_w,
+                **place(work["flops"], work["bytes"], stats["median_s"], peak),
+                "kernels": _kernels(mod, args, str(dev)),
                 "times_s": ts,
                 "note": note,
             }
+            row["explain"] = explain(row, peak)
+            if per_layer:
+                times = time_layers(mod, args, int(layer_repeats), sync=sync)
+                row["layers"] = {
+                    name: {**info, "time_s": times.get(name), **_place_layer(info, times.get(name), peak)}
+                    for name, info in work["layers"].items()
+                }
             rows.append(row)
+            prog.step(f"{m}@{lv}")
     order = {key: i for i, key in enumerate(variants)}
     rows.sort(key=lambda r: order[(r["method"], r["level"])])
-    return Report(rows=rows, environment=environment(nthreads, "cpu"), model=name or type(model).__name__)
+    env["wall_s"] = time.perf_counter() - t_start
+    env["loadavg_end"] = loadavg()
+    report = Report(rows=rows, environment={**env, **peak}, model=name or type(model).__name__)
+    if keep_models:
+        report.models = {key: mod for key, (mod, _) in built.items()}
+    return report
+
+
+def _place_layer(info: dict, seconds: float | None, peak: dict) -> dict:
+    if not seconds:
+        return {}
+    p = place(info["flops"], info["bytes"], seconds, peak)
+    return {k: p[k] for k in ("achieved_gflops", "intensity", "bound", "frac_roofline")}

@@ -7,8 +7,9 @@ import contextlib
 import math
 import random
 import statistics
+import sys
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils import benchmark
@@ -32,6 +33,50 @@ def _sample(fn: Callable[[], object], number: int, threads: int) -> float:
     return timer.timeit(number).mean
 
 
+class Progress:
+    """Progress reporting on stderr: a rich bar when rich is installed and stderr is a terminal, one line per
+    step otherwise; silent when disabled."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._rich = None
+        self._task = None
+        if enabled and sys.stderr.isatty():
+            try:
+                from rich.console import Console
+                from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+                from rich.progress import Progress as RichProgress
+            except ImportError:
+                return
+            self._rich = RichProgress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                console=Console(stderr=True), transient=True,
+            )  # fmt: skip
+
+    def __enter__(self):
+        if self._rich is not None:
+            self._rich.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._rich is not None:
+            self._rich.__exit__(*exc)
+
+    def stage(self, description: str, total: int) -> None:
+        if self._rich is not None:
+            if self._task is not None:
+                self._rich.remove_task(self._task)
+            self._task = self._rich.add_task(description, total=total)
+        elif self.enabled:
+            print(f"[pyprune compare] {description} ({total})", file=sys.stderr, flush=True)
+
+    def step(self, what: str = "") -> None:
+        if self._rich is not None and self._task is not None:
+            self._rich.advance(self._task)
+        elif self.enabled and what:
+            print(f"  {what}", file=sys.stderr, flush=True)
+
+
 def time_interleaved(
     fns: dict[str, Callable[[], object]],
     rounds: int,
@@ -39,12 +84,14 @@ def time_interleaved(
     budget_s: float,
     seed: int = 0,
     min_rounds: int = 2,
+    progress: Progress | None = None,
 ) -> dict[str, list[float]]:
     """Per-call seconds of each fn, one sample per round; sample i of every fn comes from round i.
 
     Each fn is warmed up and calibrated first so that one sample lasts about ``budget_s / (rounds * len(fns))``
     (at least 1 call). Rounds stop early, after ``min_rounds``, once ``budget_s`` is spent.
     """
+    progress = progress or Progress(False)
     rng = random.Random(seed)
     per_sample = min(0.25, max(0.005, budget_s / max(1, rounds * len(fns))))
     number = {}
@@ -56,12 +103,14 @@ def time_interleaved(
             est = max(time.perf_counter() - t0, 1e-7)
             number[name] = max(1, math.ceil(per_sample / est))
         samples: dict[str, list[float]] = {name: [] for name in fns}
+        progress.stage("timing rounds", rounds)
         start = time.perf_counter()
         for r in range(rounds):
             order = list(fns)
             rng.shuffle(order)
             for name in order:
                 samples[name].append(_sample(fns[name], number[name], threads))
+            progress.step(f"round {r + 1}/{rounds} ({time.perf_counter() - start:.1f} s)")
             if r + 1 >= min_rounds and time.perf_counter() - start > budget_s:
                 break
     return samples
@@ -78,6 +127,12 @@ def summarize(times: list[float], baseline: list[float] | None) -> dict:
     out = {"median_s": med, "p10_s": p10, "p90_s": p90, "noisy": (p90 - p10) / med > 0.2}
     if baseline is not None:
         out["speedup"] = same_round_speedup(baseline, times)
+        ratios = [b / t for b, t in zip(baseline, times)]
+        if len(ratios) > 1:
+            q = statistics.quantiles(ratios, n=10, method="inclusive")
+            out["speedup_p10"], out["speedup_p90"] = q[0], q[-1]
+        else:
+            out["speedup_p10"] = out["speedup_p90"] = ratios[0]
     return out
 
 

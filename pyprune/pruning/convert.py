@@ -18,6 +18,7 @@ class ConvertReport:
 
     converted: list[str] = field(default_factory=list)
     left_dense: dict[str, str] = field(default_factory=dict)
+    layouts: dict[str, str] = field(default_factory=dict)  # layout="auto": the form chosen per masked layer
 
 
 def _baked_linear(m: nn.Linear) -> nn.Linear:
@@ -49,6 +50,7 @@ def convert(
     block: tuple[int, int] = (32, 32),
     inplace: bool = False,
     return_report: bool = False,
+    example_inputs=None,
 ) -> nn.Module | tuple[nn.Module, ConvertReport]:
     """Replace every masked ``nn.Linear`` by ``pyprune.nn.SparseLinear.from_dense(..., sparsity=None)`` and every
     masked ``nn.Conv2d`` by ``pyprune.nn.SparseConv2d.from_dense(..., sparsity=None)``, which store exactly the
@@ -59,9 +61,18 @@ def convert(
     mask is not 2:4 along SparseConv2d's tap-major inputs (sparsify's N:M groups run over (C, kh, kw)).
     Other masked layers are left dense too. Returns the converted model, or ``(model, ConvertReport)`` if
     ``return_report``.
+
+    ``layout="auto"`` (needs ``example_inputs``) times each masked layer as dense and in every layout that holds
+    its pattern, on the input it receives, on this device, and keeps the fastest (``report.layouts``).
     """
+    if layout == "auto":
+        # layout="auto": time each masked layer dense / csr / bsr / 2:4 on its input from example_inputs on
+        # this device and keep the fastest (pyprune.compare.auto; decisions cached per device and shape)
+        from ..compare.auto import convert_auto
+
+        return convert_auto(model, example_inputs, block=block, inplace=inplace, return_report=return_report)
     if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        raise ValueError(f"layout must be one of {LAYOUTS + ('auto',)}, got {layout!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     try:

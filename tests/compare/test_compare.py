@@ -1,5 +1,7 @@
+import csv
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -35,15 +37,27 @@ def mlp_report():
 def test_rows_for_every_method_and_level(mlp_report):
     keys = {(r["method"], r["level"]) for r in mlp_report.rows}
     expected = {("dense", None), ("2:4", 0.5)}
-    expected |= {(m, lv) for m in ("masked", "channel", "csr", "bsr") for lv in (0.5, 0.75)}
+    expected |= {(m, lv) for m in METHODS if m not in ("dense", "2:4") for lv in (0.5, 0.75)}
     assert keys == expected
     assert len(mlp_report.rows) == len(expected)
+
+
+def test_not_applicable_rows_say_why(mlp_report):
+    rows = {(r["method"], r["level"]): r for r in mlp_report.rows}
+    for lv in (0.5, 0.75):
+        r = rows[("channel-pyprune", lv)]  # an MLP has no convolution for PrunedConv2d
+        assert r["median_s"] is None and r["note"].startswith("n/a: ") and "Conv2d" in r["note"]
+    timed = [r for r in mlp_report.rows if r["method"] != "channel-pyprune"]
+    assert all(r["median_s"] is not None for r in timed)
+    assert "n/a" in mlp_report.table()
 
 
 def test_speedup_is_median_of_same_round_ratios(mlp_report):
     dense = next(r for r in mlp_report.rows if r["method"] == "dense")
     assert dense["speedup"] == pytest.approx(1.0)
     for r in mlp_report.rows:
+        if r["median_s"] is None:
+            continue
         assert isinstance(r["speedup"], float) and r["speedup"] > 0 and math.isfinite(r["speedup"])
         assert len(r["times_s"]) == len(dense["times_s"]) >= 2
         ratios = [d / t for d, t in zip(dense["times_s"], r["times_s"])]
@@ -51,6 +65,7 @@ def test_speedup_is_median_of_same_round_ratios(mlp_report):
         assert r["median_s"] == pytest.approx(statistics.median(r["times_s"]))
         assert r["p10_s"] <= r["median_s"] <= r["p90_s"]
         assert r["noisy"] == ((r["p90_s"] - r["p10_s"]) / r["median_s"] > 0.2)
+        assert r["speedup_p10"] <= r["speedup"] <= r["speedup_p90"]
 
 
 def test_params_drop_for_csr_and_channel(mlp_report):
@@ -61,6 +76,13 @@ def test_params_drop_for_csr_and_channel(mlp_report):
         assert rows[("channel", lv)]["params"] < dense["params"]
         assert rows[("masked", lv)]["params"] == dense["params"]  # the zeros are still stored
         assert rows[("csr", lv)]["flops"] < dense["flops"]
+        assert rows[("torch.sparse", lv)]["params"] < dense["params"]
+        # useful FLOPs: masked dense executes everything but only the kept weights count
+        assert (
+            rows[("masked", lv)]["flops"]
+            == rows[("csr", lv)]["flops"]
+            < rows[("masked", lv)]["flops_executed"]
+        )
     assert rows[("channel", 0.75)]["params"] < rows[("channel", 0.5)]["params"]
 
 
@@ -68,6 +90,22 @@ def test_channel_matched_to_parameter_budget(mlp_report):
     for r in mlp_report.rows:
         if r["method"] == "channel" and "not reachable" not in r["note"]:
             assert r["prunable_kept"] == pytest.approx(1 - r["level"], abs=0.05)
+
+
+def test_roofline_columns(mlp_report):
+    env = mlp_report.environment
+    assert env["peak_gflops"] > 0 and env["copy_gbps"] > 0
+    for r in mlp_report.rows:
+        if r["median_s"] is None:
+            continue
+        assert r["achieved_gflops"] == pytest.approx(r["flops"] / r["median_s"] / 1e9)
+        assert r["frac_peak"] == pytest.approx(r["achieved_gflops"] / env["peak_gflops"])
+        assert r["bound"] in ("compute", "memory")
+        assert r["bytes"] >= r["memory_bytes"] > 0
+        assert r["bound"] in r["explain"] and r["kernels"]
+    rows = {(r["method"], r["level"]): r for r in mlp_report.rows}
+    assert "pyprune::csr_linear" in rows[("csr", 0.5)]["kernels"]
+    assert "pyprune::bsr_linear" in rows[("bsr", 0.5)]["kernels"]
 
 
 def test_table_and_json(mlp_report, tmp_path):
@@ -80,7 +118,17 @@ def test_table_and_json(mlp_report, tmp_path):
     assert len(data["rows"]) == len(mlp_report.rows)
     env = data["environment"]
     assert env["threads"] == 1 and env["torch"] == torch.__version__ and env["cpu"]
-    assert "isa" in env and "git_commit" in env
+    for key in (
+        "isa",
+        "cpu_flags",
+        "git_commit",
+        "triton",
+        "gpu",
+        "peak_gflops",
+        "copy_gbps",
+        "loadavg_start",
+    ):
+        assert key in env
 
 
 def test_threads_restored():
@@ -91,20 +139,99 @@ def test_threads_restored():
     assert torch.get_num_threads() == before
 
 
-def test_lenet_conv_model():
-    rep = pyprune.compare(
+@pytest.fixture(scope="module")
+def lenet_report():
+    return pyprune.compare(
         lenet5(),
         torch.randn(1, 1, 32, 32),
-        methods=("dense", "masked", "channel", "csr"),
-        levels=(0.5,),
+        methods=("dense", "masked", "channel", "channel-pyprune", "csr", "bsr"),
+        levels=(0.5, 0.75),
         rounds=2,
         budget_s=0.5,
         threads=1,
+        per_layer=True,
+        layer_repeats=2,
     )
-    rows = {(r["method"], r["level"]): r for r in rep.rows}
-    assert set(rows) == {("dense", None), ("masked", 0.5), ("channel", 0.5), ("csr", 0.5)}
+
+
+def test_lenet_conv_model(lenet_report):
+    rows = {(r["method"], r["level"]): r for r in lenet_report.rows}
+    expected = {("dense", None)}
+    expected |= {
+        (m, lv) for m in ("masked", "channel", "channel-pyprune", "csr", "bsr") for lv in (0.5, 0.75)
+    }
+    assert set(rows) == expected
     assert rows[("csr", 0.5)]["params"] < rows[("dense", None)]["params"]
-    assert all(r["speedup"] > 0 for r in rep.rows)
+    assert all(r["speedup"] > 0 for r in lenet_report.rows)
+    for lv in (0.5, 0.75):
+        pc, ch = rows[("channel-pyprune", lv)], rows[("channel", lv)]
+        assert "conv -> PrunedConv2d" in pc["note"]
+        assert pc["params"] == ch["params"] and pc["flops"] == ch["flops"]  # same shapes, other kernels
+        assert "pyprune::pruned_conv2d" in pc["kernels"]
+        kinds = {lay["kind"] for lay in pc["layers"].values()}
+        assert "PrunedConv2d" in kinds and "Conv2d" not in kinds
+    if hasattr(pyprune.nn, "SparseConv2d"):
+        kinds = {lay["kind"] for lay in rows[("csr", 0.5)]["layers"].values()}
+        assert "SparseConv2d" in kinds
+
+
+def test_per_layer_data(lenet_report):
+    dense = next(r for r in lenet_report.rows if r["method"] == "dense")
+    names = set(dense["layers"])
+    assert names == {"conv1", "conv2", "fc1", "fc2", "fc3"}
+    for r in lenet_report.rows:
+        assert set(r["layers"]) == names
+        for lay in r["layers"].values():
+            # a BSR layer whose only (ragged) block was dropped does no useful work: 0 FLOPs is right
+            assert lay["time_s"] > 0 and lay["flops"] >= 0 and lay["bytes"] > 0
+            assert lay["flops"] > 0 or r["method"] == "bsr"
+            assert lay["bound"] in ("compute", "memory")
+            assert lay["intensity"] == pytest.approx(lay["flops"] / lay["bytes"])
+    # per-layer useful FLOPs add up to (at most) the model's: pooling and activations count nothing
+    assert sum(lay["flops"] for lay in dense["layers"].values()) == dense["flops"]
+    text = lenet_report.layer_table("csr", 0.5)
+    assert "break-even" in text and "conv2" in text
+    with pytest.raises(ValueError, match="per_layer=True"):
+        lenet_report.layer_table("2:4", 0.5)
+
+
+def test_advice_picks_fastest_form(lenet_report):
+    advice = lenet_report.advice()
+    assert [a["level"] for a in advice] == [0.5, 0.75]
+    by = {(r["method"], r["level"]): r for r in lenet_report.rows}
+    for a in advice:
+        for name, v in a["layers"].items():
+            options = {"dense": by[("dense", None)]["layers"][name]["time_s"]}
+            for m in ("csr", "bsr"):
+                lay = by[(m, a["level"])]["layers"][name]
+                if lay["kind"].split("+")[0] not in ("Linear", "Conv2d"):
+                    options[m] = lay["time_s"]
+            assert v["best"] == min(options, key=options.get)
+            assert v["time_s"] == options[v["best"]]
+        best = max((r for r in lenet_report.rows if r["level"] == a["level"]), key=lambda r: r["speedup"])
+        assert a["model_best"] == (best["method"] if best["speedup"] > 1 else "dense")
+    assert "fastest whole model" in lenet_report.advice_text()
+
+
+def test_save_writes_everything(lenet_report, tmp_path):
+    paths = lenet_report.save(tmp_path)
+    names = {os.path.basename(p) for p in paths}
+    for n in ("compare_lenet5.txt", "compare_lenet5.json", "compare_lenet5.csv", "compare_lenet5_layers.csv",
+              "compare_lenet5_speedup.png", "compare_lenet5_roofline.png", "compare_lenet5_layers_50.png",
+              "compare_lenet5_layers_75.png"):  # fmt: skip
+        assert n in names
+    for p in paths:
+        assert os.path.getsize(p) > 0
+        if p.endswith(".png"):
+            with open(p, "rb") as f:
+                assert f.read(4) == b"\x89PNG"
+    with open(tmp_path / "compare_lenet5.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(lenet_report.rows)
+    assert {r["env_threads"] for r in rows} == {"1"} and all(r["env_peak_gflops"] for r in rows)
+    with open(tmp_path / "compare_lenet5_layers.csv") as f:
+        layer_rows = list(csv.DictReader(f))
+    assert len(layer_rows) == 5 * len(lenet_report.rows)
 
 
 @pytest.mark.parametrize(
@@ -115,7 +242,8 @@ def test_lenet_conv_model():
         ({"levels": (1.0,)}, "levels"),
         ({"levels": (1.5,)}, "levels"),
         ({"rounds": 0}, "rounds"),
-        ({"device": "cuda"}, "device"),
+        ({"device": "tpu"}, "device"),
+        ({"layer_repeats": 0}, "layer_repeats"),
     ],
 )
 def test_bad_arguments(kwargs, word):
@@ -123,9 +251,27 @@ def test_bad_arguments(kwargs, word):
         pyprune.compare(_mlp(), torch.randn(2, 64), **kwargs)
 
 
-def test_cli_unknown_model():
-    with pytest.raises(ValueError, match="--model"):
-        main(["compare", "--model", "alexnet"])
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_gpu_is_a_clear_error():
+    with pytest.raises(ValueError, match="device: 'cuda' requested but no CUDA GPU"):
+        pyprune.compare(_mlp(), torch.randn(2, 64), device="cuda")
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["compare", "--model", "alexnet"], ["--model", "alexnet", "resnet50", "bert-base"]),
+        (["compare", "--model", "lenet5", "--methods", "coo"], ["--methods", "coo", "csr", "torch.sparse"]),
+        (["compare", "--model", "lenet5", "--device", "tpu"], ["--device", "tpu", "cpu", "cuda"]),
+        (["profile", "--model", "lenet5", "--method", "dense"], ["--method"]),
+        (["profile", "--model", "lenet5", "--level", "1.5"], ["--level"]),
+    ],
+)
+def test_cli_bad_names_list_the_valid_ones(argv, words, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    for w in words:
+        assert w in err
 
 
 def test_cli_compare_lenet(tmp_path):
@@ -146,15 +292,26 @@ def test_cli_compare_lenet(tmp_path):
             "1",
             "--json",
             str(out),
-        ],
+            "--csv",
+            str(tmp_path / "out.csv"),
+            "--plot",
+            str(tmp_path / "png"),
+        ]
+        + (["--device", "cuda"] if not torch.cuda.is_available() else []),
+        check=False,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
     assert {r["method"] for r in data["rows"]} == set(METHODS)
+    assert data["environment"]["device"] == "cpu"
     assert "dense" in proc.stdout
+    assert (tmp_path / "out.csv").read_text().startswith("model,method,level")
+    assert (tmp_path / "png" / "compare_lenet5_speedup.png").read_bytes()[:4] == b"\x89PNG"
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU is available" in proc.stderr and "continuing on the CPU" in proc.stderr
 
 
 def test_cli_info_still_works(capsys):

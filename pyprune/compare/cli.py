@@ -1,0 +1,252 @@
+"""The ``compare``, ``profile`` and ``advise`` subcommands of the ``pyprune`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+# name -> (zoo constructor name and args, input kind, default size): random weights, no downloads
+MODELS = {
+    "resnet50": ("resnet50", (), "image", 224),
+    "bert-base": ("bert", ("base",), "tokens", 128),
+    "bert-small": ("bert", ("small",), "tokens", 128),
+    "resnet18": ("resnet18", (), "image", 224),
+    "mobilenet_v2": ("mobilenet_v2", (), "image", 224),
+    "vgg16_bn": ("vgg16_bn", (), "image", 224),
+    "vit_small": ("vit_small", (), "image", 224),
+    "lenet5": ("lenet5", (), "image1", 32),
+}
+DEFAULT_MODELS = ("resnet50", "bert-base")
+DEFAULT_LEVELS = (0.5, 0.75, 0.9)
+# --quick: the same models and variants at two levels, fewer rounds and a smaller budget
+QUICK_LEVELS = (0.5, 0.9)
+
+
+def model_and_inputs(name: str, batch: int = 1, seq: int | None = None, image: int | None = None):
+    """The named zoo model (eval mode) and its example inputs."""
+    import torch
+
+    from .. import models
+
+    if name not in MODELS:
+        raise ValueError(f"--model: unknown model {name!r}; valid models are {list(MODELS)}")
+    if batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {batch}")
+    ctor, ctor_args, kind, size = MODELS[name]
+    m = getattr(models, ctor)(*ctor_args).eval()
+    gen = torch.Generator().manual_seed(0)
+    if kind == "tokens":
+        s = seq or size
+        if not 1 <= s <= m.config.max_position_embeddings:
+            raise ValueError(f"--seq must lie in [1, {m.config.max_position_embeddings}], got {s}")
+        return m, (torch.randint(0, m.config.vocab_size, (batch, s), generator=gen),)
+    side = image or size
+    if side < 1:
+        raise ValueError(f"--image must be >= 1, got {side}")
+    channels = 1 if kind == "image1" else 3
+    return m, (torch.randn(batch, channels, side, side, generator=gen),)
+
+
+def resolve_cli_device(device: str) -> str:
+    """``--device``: valid names are checked; ``cuda`` without a GPU warns and continues with the CPU."""
+    import torch
+
+    valid = ("cpu", "cuda")
+    if device.split(":")[0] not in valid:
+        raise ValueError(f"--device: unknown device {device!r}; valid devices are {list(valid)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print(
+            f"pyprune: --device {device}: no CUDA GPU is available here (torch {torch.__version__}, "
+            "torch.cuda.is_available() is False); continuing on the CPU",
+            file=sys.stderr,
+        )
+        return "cpu"
+    return device
+
+
+def _common(p: argparse.ArgumentParser, model_nargs) -> None:
+    p.add_argument(
+        "--model",
+        nargs=model_nargs,
+        default=None,
+        help=f"one of {', '.join(MODELS)}",
+    )
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=None, help="sequence length for bert models (default 128)")
+    p.add_argument("--image", type=int, default=None, help="image side (default 224; lenet5 32)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's current)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda without a GPU: warns, uses the CPU)")
+    p.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
+
+
+def _methods(values):
+    from . import METHODS
+
+    bad = [m for m in values if m not in METHODS]
+    if bad:
+        raise ValueError(f"--methods: unknown {bad}; valid methods are {list(METHODS)}")
+    return tuple(values)
+
+
+def _suffixed(path: str, model: str, many: bool) -> str:
+    if not many:
+        return path
+    root, ext = os.path.splitext(path)
+    return f"{root}_{model}{ext}"
+
+
+def _compare(args) -> int:
+    from . import compare, measure_peak
+    from .timing import fixed_threads
+
+    names = args.model or list(DEFAULT_MODELS)
+    for n in names:
+        if n not in MODELS:
+            raise ValueError(f"--model: unknown model {n!r}; valid models are {list(MODELS)}")
+    methods = _methods(args.methods)
+    device = resolve_cli_device(args.device)
+    levels = args.levels or (QUICK_LEVELS if args.quick else DEFAULT_LEVELS)
+    rounds = args.rounds or (3 if args.quick else 5)
+    budget = args.budget if args.budget is not None else (4.0 if args.quick else 20.0)
+    t0 = time.perf_counter()
+    with fixed_threads(args.threads) as nthreads:
+        peak = measure_peak(nthreads, device)
+    many = len(names) > 1
+    for name in names:
+        model, inputs = model_and_inputs(name, args.batch, args.seq, args.image)
+        t1 = time.perf_counter()
+        report = compare(
+            model, inputs, methods=methods, levels=levels, device=device, threads=args.threads, rounds=rounds,
+            budget_s=budget, name=name, per_layer=args.per_layer, peak=peak, progress=not args.no_progress,
+        )  # fmt: skip
+        report.print()
+        if args.per_layer:
+            print(report.advice_text(per_layer=False))
+        print(f"({name}: {time.perf_counter() - t1:.1f} s)")
+        written = []
+        if args.out:
+            written += report.save(args.out)
+        if args.json:
+            report.to_json(_suffixed(args.json, name, many))
+            written.append(_suffixed(args.json, name, many))
+        if args.csv:
+            report.to_csv(_suffixed(args.csv, name, many))
+            written.append(_suffixed(args.csv, name, many))
+        if args.plot:
+            written += report.plot(args.plot)
+        for p in written:
+            print(f"wrote {p}")
+    print(f"(total {time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _profile(args) -> int:
+    from . import measure_peak
+    from .profile import profile_variant
+    from .timing import fixed_threads
+
+    name = args.model or "bert-small"
+    if args.method not in _methods([args.method]) or args.method == "dense":
+        raise ValueError(f"--method: {args.method!r} is not a pruned variant")
+    if not 0.0 < args.level < 1.0:
+        raise ValueError(f"--level must lie in (0, 1), got {args.level}")
+    device = resolve_cli_device(args.device)
+    model, inputs = model_and_inputs(name, args.batch, args.seq, args.image)
+    trace = args.trace or f"pyprune_trace_{name}_{args.method.replace(':', '')}_{args.level:g}.json"
+    t0 = time.perf_counter()
+    with fixed_threads(args.threads) as nthreads:
+        peak = measure_peak(nthreads, device)
+    rep = profile_variant(
+        model, inputs, args.method, args.level, trace=trace, device=device, threads=args.threads,
+        layer_repeats=args.repeats, peak=peak, progress=not args.no_progress,
+    )  # fmt: skip
+    rep.model = name
+    level = 0.5 if args.method == "2:4" else args.level
+    print(rep.header())
+    print(rep.layer_table(args.method, level))
+    row = rep._row(args.method, level)
+    if row is not None:
+        print(f"whole model: {row['speedup']:.2f}x vs dense; {row['explain']}")
+    print(f"wrote chrome trace {trace} (chrome://tracing or ui.perfetto.dev)")
+    print(f"({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _advise(args) -> int:
+    from . import compare
+
+    name = args.model or "bert-small"
+    device = resolve_cli_device(args.device)
+    methods = ("dense", *_methods(args.methods))
+    model, inputs = model_and_inputs(name, args.batch, args.seq, args.image)
+    t0 = time.perf_counter()
+    rep = compare(
+        model, inputs, methods=methods, levels=args.levels, device=device, threads=args.threads,
+        rounds=args.rounds, budget_s=args.budget, name=name, per_layer=True, progress=not args.no_progress,
+    )  # fmt: skip
+    print(rep.header())
+    print(rep.advice_text(per_layer=not args.summary))
+    print(f"({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _friendly(fn):
+    """Bad arguments end with ``pyprune <command>: error: <message>`` and exit status 2, as argparse does."""
+
+    def run(args) -> int:
+        try:
+            return fn(args)
+        except ValueError as exc:
+            print(f"pyprune {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``compare``, ``profile`` and ``advise``; each parser's ``func`` default runs it."""
+    from . import METHODS
+
+    cp = sub.add_parser(
+        "compare",
+        help="time dense, masked, channel-pruned and sparse variants side by side",
+        description=f"Default: {' and '.join(DEFAULT_MODELS)} at sparsity {' '.join(map(str, DEFAULT_LEVELS))}, "
+        "every method, 5 interleaved rounds within a 20 s timing budget per model.",
+    )
+    _common(cp, "+")
+    cp.add_argument("--levels", type=float, nargs="+", default=None, help="sparsity levels in (0, 1)")
+    cp.add_argument("--methods", nargs="+", default=list(METHODS), help=f"subset of {', '.join(METHODS)}")
+    cp.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; --quick 3)")
+    cp.add_argument("--budget", type=float, default=None, help="seconds for the timing rounds (default 20)")
+    cp.add_argument(
+        "--quick", action="store_true", help=f"levels {' '.join(map(str, QUICK_LEVELS))}, 3 rounds, 4 s"
+    )
+    cp.add_argument("--per-layer", action="store_true", help="also time every weight layer; prints advice")
+    cp.add_argument("--out", default=None, metavar="DIR", help="write txt, JSON, CSV and PNGs into DIR")
+    cp.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
+    cp.add_argument("--csv", default=None, metavar="PATH", help="also write the report as CSV")
+    cp.add_argument("--plot", default=None, metavar="DIR", help="write PNG plots into DIR")
+    cp.set_defaults(func=_friendly(_compare))
+
+    pp = sub.add_parser("profile", help="per-layer time, intensity, bound and break-even of one variant")
+    _common(pp, None)
+    pp.add_argument("--method", default="csr", help=f"one of {', '.join(METHODS[1:])}")
+    pp.add_argument("--level", type=float, default=0.9)
+    pp.add_argument("--repeats", type=int, default=5, help="forward passes per per-layer timing")
+    pp.add_argument(
+        "--trace", default=None, metavar="PATH", help="chrome trace file (default pyprune_trace_*.json)"
+    )
+    pp.set_defaults(func=_friendly(_profile))
+
+    ap = sub.add_parser(
+        "advise", help="per layer, which form (dense, csr, bsr, 2:4) is fastest at each budget"
+    )
+    _common(ap, None)
+    ap.add_argument("--levels", type=float, nargs="+", default=[0.5, 0.9])
+    ap.add_argument("--methods", nargs="+", default=["channel", "csr", "bsr", "2:4", "torch.sparse"])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--budget", type=float, default=10.0)
+    ap.add_argument("--summary", action="store_true", help="counts per form, not every layer")
+    ap.set_defaults(func=_friendly(_advise))

@@ -1,0 +1,385 @@
+"""The variants ``pyprune.compare`` times, built from one model.
+
+- ``dense``: the model as given (the baseline);
+- ``masked``: ``sparsify(pattern="unstructured")`` run as is: the zeros are there, the speed is not (the mask is
+  applied on every forward, as with torch.nn.utils.prune);
+- ``channel``: ``prune_channels`` (L1) at the ratio whose kept Linear/Conv2d weights best match the level, i.e.
+  weights(channel) ~= (1 - level) * weights(dense), found by bisection on the ratio; the engine's (oneDNN /
+  BLAS) kernels run the smaller shapes. When the engine cannot shrink that far (protected first/last layers,
+  attention heads), the closest reachable model is used and the note says so;
+- ``channel-pyprune``: that same channel-pruned model with every Conv2d replaced by
+  ``pyprune.nn.PrunedConv2d.from_dense``, its following eval-mode BatchNorm folded and ReLU fused where the fx
+  graph shows the conv's output feeding only them;
+- ``csr``: the masked model converted with ``convert(layout="csr")``; ``bsr``: ``sparsify(pattern="block")`` of
+  the layers whose shape tiles by ``block``, converted to BSR; ``2:4``: ``sparsify(pattern="2:4")`` then
+  ``convert(layout="2:4")`` (density is fixed at 1/2, so it is built once, at level 0.5). Conv2d layers are
+  converted too when ``pyprune.nn.SparseConv2d`` exists; otherwise their masks are baked into plain convs;
+- ``torch.sparse``: the masked model's Linear weights as ``torch.sparse_csr`` tensors, ``y^T = W @ x^T`` through
+  ``torch.mm`` (MKL on CPU): the incumbent sparse baseline.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..pruning import convert, get_mask, prune_channels, sparsify
+
+METHODS = ("dense", "masked", "channel", "channel-pyprune", "csr", "bsr", "2:4", "torch.sparse")
+
+
+class NotApplicable(Exception):
+    """A variant that does not apply to this model; the row says why instead of crashing."""
+
+
+class TorchSparseLinear(nn.Module):
+    """``y = x @ W^T + b`` with ``W`` a ``torch.sparse_csr`` tensor (the torch.sparse baseline)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        with (
+            warnings.catch_warnings()
+        ):  # "sparse CSR support is in beta": known, and the point of the baseline
+            warnings.simplefilter("ignore", UserWarning)
+            self.weight_csr = linear.weight.detach().to_sparse_csr()
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        y = torch.mm(self.weight_csr, x2.t()).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _apply(self, fn, recurse=True):
+        self.weight_csr = fn(self.weight_csr)
+        return super()._apply(fn, recurse)
+
+    def stored(self) -> tuple[int, int]:
+        """(stored weight values, bytes of values + indices): the CSR tensor is not a parameter or buffer."""
+        w = self.weight_csr
+        parts = (w.values(), w.crow_indices(), w.col_indices())
+        return w.values().numel(), sum(t.numel() * t.element_size() for t in parts)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.weight_csr._nnz()}"
+        )
+
+
+def stored_params(model: nn.Module) -> int:
+    """Parameter elements as stored, counting the torch.sparse baseline's CSR values too."""
+    n = sum(p.numel() for p in model.parameters())
+    return n + sum(m.stored()[0] for m in model.modules() if isinstance(m, TorchSparseLinear))
+
+
+def prunable_weights(model: nn.Module) -> int:
+    """Weight elements of the Linear / Conv2d layers (what sparsify masks); masked weights count in full."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+
+
+def kept_weights(model: nn.Module) -> int:
+    """Nonzero weights of the weight layers, whatever their storage (dense, masked, sparse, pruned conv)."""
+    from ..nn import PrunedConv2d, SparseLinear
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, PrunedConv2d)):
+            n += int(torch.count_nonzero(m.weight.detach()))
+        elif isinstance(m, SparseLinear):
+            n += int(torch.count_nonzero(m.weight.values.detach()))
+        elif isinstance(m, TorchSparseLinear):
+            n += int(torch.count_nonzero(m.weight_csr.values()))
+        elif _is_sparse_conv(m):
+            n += int(torch.count_nonzero(m.to_dense().weight.detach()))
+    return n
+
+
+def _sparse_conv_cls():
+    from .. import nn as pnn
+
+    return getattr(pnn, "SparseConv2d", None)
+
+
+def _is_sparse_conv(m: nn.Module) -> bool:
+    sc = _sparse_conv_cls()
+    return sc is not None and isinstance(m, sc)
+
+
+def _set(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, new)
+
+
+def _baked(m: nn.Module) -> nn.Module:
+    """A plain copy of a masked Linear / Conv2d whose weight holds the masked values (zeros stay zeros).
+
+    A fresh module rather than remove_parametrizations: removing them from a deep copy of a parametrized
+    model also strips the original's, which other variants still use."""
+    if isinstance(m, nn.Linear):
+        new = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+    elif isinstance(m, nn.Conv2d):
+        new = nn.Conv2d(
+            m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+            bias=m.bias is not None, padding_mode=m.padding_mode,
+        )  # fmt: skip
+    else:
+        raise NotApplicable(f"cannot bake the mask of a {type(m).__name__}")
+    new = new.to(device=m.weight.device, dtype=m.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(m.weight.detach())
+        if m.bias is not None:
+            new.bias.copy_(m.bias.detach())
+    return new
+
+
+def _bake_all(model: nn.Module) -> int:
+    """Bake every remaining mask in place; returns how many layers were baked."""
+    names = [name for name, m in model.named_modules() if get_mask(m) is not None]
+    for name in names:
+        _set(model, name, _baked(model.get_submodule(name)))
+    return len(names)
+
+
+def _convert_convs(model: nn.Module, layout: str, block: tuple[int, int]) -> tuple[int, str]:
+    """Replace masked Conv2d layers by ``pyprune.nn.SparseConv2d`` when it exists; returns (count, why not)."""
+    sc = _sparse_conv_cls()
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and get_mask(m) is not None]
+    if not convs:
+        return 0, ""
+    if sc is None:
+        return 0, "no pyprune.nn.SparseConv2d yet"
+    done, why = 0, ""
+    for name in convs:
+        try:
+            new = sc.from_dense(_baked(model.get_submodule(name)), sparsity=None, layout=layout, block=block)
+        except (TypeError, ValueError, NotImplementedError, RuntimeError) as exc:
+            why = f"SparseConv2d.from_dense: {exc}"
+            continue
+        _set(model, name, new)
+        done += 1
+    return done, why
+
+
+def _is_relu(node, modules) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), nn.ReLU)
+    if node.op == "call_function":
+        return node.target in (torch.relu, torch.relu_, nn.functional.relu)
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def fuse_pruned_convs(model: nn.Module) -> tuple[nn.Module, dict]:
+    """``model`` (not modified) with every Conv2d as a PrunedConv2d, BN folded and ReLU fused where the fx
+    graph allows (the conv output feeds only an eval-mode BatchNorm2d, whose output feeds only the ReLU).
+    Returns (new model, counts {"conv", "bn", "relu", "skipped"} and "why" for a model fx cannot trace)."""
+    from ..nn import PrunedConv2d
+
+    counts = {"conv": 0, "bn": 0, "relu": 0, "skipped": 0, "why": ""}
+    try:
+        gm = torch.fx.symbolic_trace(copy.deepcopy(model))
+    except Exception as exc:  # noqa: BLE001  (fx raises many types; fall back to per-module replacement)
+        counts["why"] = f"fx trace failed ({type(exc).__name__}), BN not folded"
+        out = copy.deepcopy(model)
+        for name, m in list(out.named_modules()):
+            if isinstance(m, nn.Conv2d):
+                try:
+                    _set(out, name, PrunedConv2d.from_dense(m))
+                    counts["conv"] += 1
+                except (TypeError, ValueError):
+                    counts["skipped"] += 1
+        return out, counts
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.Conv2d):
+            continue
+        conv, bn, bn_node, relu_node, last = modules[node.target], None, None, None, node
+        users = list(node.users)
+        if (
+            len(users) == 1
+            and users[0].op == "call_module"
+            and isinstance(modules.get(users[0].target), nn.BatchNorm2d)
+            and not modules[users[0].target].training
+            and modules[users[0].target].running_mean is not None
+        ):
+            bn_node, bn = users[0], modules[users[0].target]
+            last = bn_node
+        users = list(last.users)
+        if len(users) == 1 and _is_relu(users[0], modules):
+            relu_node = users[0]
+        try:
+            new = PrunedConv2d.from_dense(conv, bn=bn, relu=relu_node is not None)
+        except (TypeError, ValueError):
+            counts["skipped"] += 1
+            continue
+        _set(gm, node.target, new)
+        counts["conv"] += 1
+        if relu_node is not None:
+            relu_node.replace_all_uses_with(node)
+            gm.graph.erase_node(relu_node)
+            counts["relu"] += 1
+        if bn_node is not None:
+            bn_node.replace_all_uses_with(node)
+            gm.graph.erase_node(bn_node)
+            counts["bn"] += 1
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    return gm, counts
+
+
+class Builder:
+    """Builds the variants of one model, sharing the expensive steps (one unstructured mask per level, one
+    channel-pruning search per level) between the methods that start from them."""
+
+    def __init__(self, model: nn.Module, args: tuple, block: tuple[int, int] = (32, 32)):
+        self.model, self.args, self.block = model, args, tuple(block)
+        self.dense_w = prunable_weights(model)
+        self._masked: dict[float, nn.Module] = {}
+        self._channel: dict[float, tuple[nn.Module, str]] = {}
+        self._ratio_cache: dict[float, tuple[nn.Module, int]] = {}
+
+    def build(self, method: str, level: float | None) -> tuple[nn.Module, str]:
+        """(module in eval mode, note). Raises NotApplicable with the reason when the method does not apply."""
+        fn: dict[str, Callable] = {
+            "dense": lambda: (self.model, ""),
+            "masked": lambda: (self.masked(level), ""),
+            "channel": lambda: self.channel(level),
+            "channel-pyprune": lambda: self.channel_pyprune(level),
+            "csr": lambda: self.csr(level),
+            "bsr": lambda: self.structured_sparse("bsr", level),
+            "2:4": lambda: self.structured_sparse("2:4", level),
+            "torch.sparse": lambda: self.torch_sparse(level),
+        }
+        if method not in fn:
+            raise ValueError(f"method: unknown {method!r}; valid methods are {list(METHODS)}")
+        mod, note = fn[method]()
+        return mod.eval(), note
+
+    def masked(self, level: float) -> nn.Module:
+        if level not in self._masked:
+            self._masked[level] = sparsify(self.model, level, pattern="unstructured")
+        return self._masked[level]
+
+    def csr(self, level: float) -> tuple[nn.Module, str]:
+        out = convert(self.masked(level), layout="csr", block=self.block)
+        _, why = _convert_convs(out, "csr", self.block)
+        baked = _bake_all(out)
+        return out, _sparse_note(out, "csr", baked, why)
+
+    def torch_sparse(self, level: float) -> tuple[nn.Module, str]:
+        out = copy.deepcopy(self.masked(level))
+        names = [n for n, m in out.named_modules() if isinstance(m, nn.Linear) and get_mask(m) is not None]
+        if not names:
+            raise NotApplicable("no Linear layer (torch.sparse has no sparse convolution)")
+        for name in names:
+            _set(out, name, TorchSparseLinear(_baked(out.get_submodule(name))))
+        baked = _bake_all(out)
+        note = f"{len(names)} linear -> torch.sparse_csr"
+        if baked:
+            note += f", {baked} conv dense (no torch.sparse conv)"
+        return out, note
+
+    def structured_sparse(self, method: str, level: float) -> tuple[nn.Module, str]:
+        """Linear layers: ``sparsify`` with the block / 2:4 pattern, then ``convert``. Conv2d layers (when
+        SparseConv2d exists): ``SparseConv2d.from_dense(conv, sparsity, layout)``, which selects the pattern in
+        its own (tap-major) weight layout, so blocks and 2:4 groups line up with what its kernel stores."""
+        bh, bw = self.block
+        good, bad = [], []
+        for name, m in self.model.named_modules():
+            if isinstance(m, nn.Linear):
+                ok = (
+                    (m.out_features % bh == 0 and m.in_features % bw == 0)
+                    if method == "bsr"
+                    else m.in_features % 4 == 0
+                )
+                (good if ok else bad).append(name)
+        if good:
+            kw = {"pattern": "block", "block": self.block} if method == "bsr" else {"pattern": "2:4"}
+            masked = sparsify(self.model, level, types=(nn.Linear,), ignore=bad, **kw)
+            out = convert(masked, layout=method, block=self.block, inplace=True)
+        else:
+            out = copy.deepcopy(self.model)
+        convs = [n for n, m in out.named_modules() if isinstance(m, nn.Conv2d)]
+        sc, why, kept = _sparse_conv_cls(), "", 0
+        for name in convs:
+            if sc is None:
+                why, kept = "no pyprune.nn.SparseConv2d yet", len(convs)
+                break
+            try:
+                new = sc.from_dense(out.get_submodule(name), sparsity=level, layout=method, block=self.block)
+            except (TypeError, ValueError, NotImplementedError, RuntimeError) as exc:
+                why, kept = f"SparseConv2d.from_dense: {str(exc).splitlines()[0][:120]}", kept + 1
+                continue
+            _set(out, name, new)
+        if not good and kept == len(convs):
+            shape = f"tiles by {self.block}" if method == "bsr" else "has inputs % 4 == 0"
+            raise NotApplicable(
+                f"no Linear layer {shape}" + (f" and no conv converts ({why})" if convs else "")
+            )
+        note = _sparse_note(out, method, 0, "")
+        if bad or kept:
+            note += f", {len(bad) + kept} kept dense" + (f" ({why})" if why else "")
+        return out, note
+
+    def _prune_at(self, ratio: float) -> tuple[nn.Module, int]:
+        if ratio not in self._ratio_cache:
+            m = prune_channels(self.model, self.args, ratio=ratio)
+            self._ratio_cache[ratio] = (m, prunable_weights(m))
+        return self._ratio_cache[ratio]
+
+    def channel(self, level: float, steps: int = 8) -> tuple[nn.Module, str]:
+        """Bisection on prune_channels' ratio so that prunable weights ~= (1 - level) * dense."""
+        if level in self._channel:
+            return self._channel[level]
+        target = (1.0 - level) * self.dense_w
+        lo, hi, best = 0.0, 0.95, None
+        for _ in range(steps):
+            mid = round((lo + hi) / 2, 6)
+            m, w = self._prune_at(mid)
+            if best is None or abs(w - target) < abs(best[2] - target):
+                best = (mid, m, w)
+            lo, hi = (mid, hi) if w > target else (lo, mid)
+        if best[2] > target:  # the top of the range may reach lower than the bisection visited
+            m, w = self._prune_at(hi)
+            if abs(w - target) < abs(best[2] - target):
+                best = (hi, m, w)
+        ratio, m, w = best
+        note = f"ratio {ratio:.3f}"
+        if abs(w / self.dense_w - (1 - level)) > 0.05:
+            note += f"; kept {1 - level:.2f} not reachable"
+        self._channel[level] = (m, note)
+        return m, note
+
+    def channel_pyprune(self, level: float) -> tuple[nn.Module, str]:
+        if not any(isinstance(m, nn.Conv2d) for m in self.model.modules()):
+            raise NotApplicable("no Conv2d layer (PrunedConv2d is a convolution kernel)")
+        base, note = self.channel(level)
+        out, c = fuse_pruned_convs(base)
+        if c["conv"] == 0:
+            raise NotApplicable(f"no Conv2d could become a PrunedConv2d ({c['skipped']} skipped) {c['why']}")
+        parts = [f"{c['conv']} conv -> PrunedConv2d", f"{c['bn']} BN folded", f"{c['relu']} ReLU fused"]
+        if c["skipped"]:
+            parts.append(f"{c['skipped']} conv kept")
+        if c["why"]:
+            parts.append(c["why"])
+        return out, "; ".join([note] + [", ".join(parts)])
+
+
+def _sparse_note(model: nn.Module, layout: str, baked: int, why: str) -> str:
+    from ..nn import SparseLinear
+
+    n_lin = sum(isinstance(m, SparseLinear) for m in model.modules())
+    n_conv = sum(_is_sparse_conv(m) for m in model.modules())
+    note = f"{n_lin} linear"
+    if n_conv:
+        note += f", {n_conv} conv"
+    note += f" -> {layout}"
+    if baked:
+        note += f", {baked} dense" + (f" ({why})" if why else "")
+    return note

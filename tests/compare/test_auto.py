@@ -1,0 +1,60 @@
+import pytest
+import torch
+from torch import nn
+
+import pyprune
+from pyprune.compare import auto
+
+
+def _masked_mlp():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    return pyprune.sparsify(mlp, 0.75, pattern="unstructured")
+
+
+def test_auto_converts_every_masked_layer_and_keeps_outputs(monkeypatch):
+    auto.clear_cache()
+    calls = []
+    real = auto._measure
+    monkeypatch.setattr(auto, "_measure", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    model = _masked_mlp()
+    x = torch.randn(4, 64)
+    out, rep = pyprune.convert(model, layout="auto", example_inputs=(x,), return_report=True)
+    assert set(rep.layouts) == {"0", "2", "4"}
+    assert set(rep.layouts.values()) <= {"dense", "csr", "bsr", "2:4"}
+    assert "2:4" not in rep.layouts.values()  # a 75% unstructured mask is not 2:4
+    for name, layout in rep.layouts.items():
+        mod = out.get_submodule(name)
+        if layout == "dense":
+            assert type(mod) is nn.Linear and name in rep.left_dense
+        else:
+            assert isinstance(mod, pyprune.nn.SparseLinear) and mod.layout == layout and name in rep.converted
+        assert pyprune.pruning.get_mask(mod) is None
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), model(x), rtol=1e-5, atol=1e-5)
+    # layers 0 and 2 share shape, input shape and pattern statistics: measured once
+    assert len(calls) == 2
+    before = len(calls)
+    pyprune.convert(model, layout="auto", example_inputs=x)
+    assert len(calls) == before  # every decision came from the cache
+
+
+def test_auto_offers_24_only_for_24_masks():
+    auto.clear_cache()
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(64, 32)).eval()
+    masked = pyprune.sparsify(mlp, 0.5, pattern="2:4")
+    x = torch.randn(8, 64)
+    plan = auto.plan(masked, x)
+    layout, times = plan["0"]
+    assert set(times) == {"dense", "csr", "bsr", "2:4"}
+    assert layout == min(times, key=times.get)
+
+
+def test_auto_bad_input():
+    with pytest.raises(ValueError, match="example_inputs"):
+        pyprune.convert(_masked_mlp(), layout="auto")
+    with pytest.raises(ValueError, match="candidates"):
+        auto.plan(_masked_mlp(), torch.randn(2, 64), candidates=("coo",))
+    with pytest.raises(ValueError, match="auto"):
+        pyprune.convert(_masked_mlp(), layout="ell")

@@ -1,0 +1,109 @@
+import pytest
+import torch
+from torch import nn
+
+import pyprune
+from pyprune.compare.variants import Builder, NotApplicable, TorchSparseLinear, fuse_pruned_convs
+from pyprune.compare.work import measure_work, time_layers
+
+
+def test_useful_flops_linear_masked_and_sparse():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    x = torch.randn(3, 5, 64)  # 15 rows
+    dense = measure_work(lin, (x,))
+    assert dense["flops"] == dense["flops_executed"] == 2 * 64 * 32 * 15
+    masked = pyprune.sparsify(nn.Sequential(lin), 0.75, pattern="unstructured")
+    w = measure_work(masked, (x,))
+    nnz = int(torch.count_nonzero(masked[0].weight))
+    assert w["flops"] == 2 * nnz * 15 and w["flops_executed"] == 2 * 64 * 32 * 15
+    sp = pyprune.convert(masked, layout="csr")
+    s = measure_work(sp, (x,))
+    assert s["flops"] == 2 * nnz * 15  # the custom op is invisible to FlopCounterMode; the hook counts it
+    assert s["layers"]["0"]["kind"] == "SparseLinear"
+    assert s["weight_bytes"] < w["weight_bytes"]
+    assert s["bytes"] == s["weight_bytes"] + (x.numel() + 15 * 32) * 4
+
+
+def test_useful_flops_conv_and_pruned_conv():
+    conv = nn.Conv2d(4, 8, 3, padding=1)
+    x = torch.randn(2, 4, 6, 6)
+    w = measure_work(nn.Sequential(conv), (x,))
+    assert w["flops"] == 2 * 8 * 4 * 9 * 2 * 36
+    pc = pyprune.nn.PrunedConv2d.from_dense(conv, keep_out=[0, 2, 5])
+    p = measure_work(nn.Sequential(pc), (x,))
+    assert p["flops"] == 2 * 3 * 4 * 9 * 2 * 36
+    times = time_layers(nn.Sequential(pc), (x,), repeats=2)
+    assert set(times) == {"0"} and times["0"] > 0
+
+
+def test_torch_sparse_linear_matches_dense():
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 12)
+    with torch.no_grad():
+        lin.weight[lin.weight.abs() < 0.1] = 0
+    ts = TorchSparseLinear(lin)
+    x = torch.randn(2, 3, 16)
+    torch.testing.assert_close(ts(x), lin(x))
+    values, nbytes = ts.stored()
+    assert values == int(torch.count_nonzero(lin.weight))
+    assert nbytes == values * 4 + (12 + 1) * 8 + values * 8
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.conv3 = nn.Conv2d(8, 4, 3, stride=2)
+
+    def forward(self, x):
+        y = self.relu(self.bn1(self.conv1(x)))
+        z = self.bn2(self.conv2(y))
+        return self.conv3(torch.relu(z + y))  # the ReLU after bn2 follows an add: not fused
+
+
+def test_fuse_pruned_convs_folds_bn_and_relu():
+    torch.manual_seed(0)
+    net = _Net()
+    for bn in (net.bn1, net.bn2):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+    net.eval()
+    fused, counts = fuse_pruned_convs(net)
+    assert counts == {"conv": 3, "bn": 2, "relu": 1, "skipped": 0, "why": ""}
+    kinds = [type(m).__name__ for m in fused.modules()]
+    assert kinds.count("PrunedConv2d") == 3 and "BatchNorm2d" not in kinds
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), net(x), rtol=1e-4, atol=1e-5)
+    assert isinstance(net.conv1, nn.Conv2d)  # the original is untouched
+
+
+def test_builder_not_applicable_and_unknown():
+    mlp = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    b = Builder(mlp, (torch.randn(2, 8),))
+    with pytest.raises(NotApplicable, match="no Conv2d"):
+        b.build("channel-pyprune", 0.5)
+    with pytest.raises(NotApplicable, match="tiles by"):
+        b.build("bsr", 0.5)  # 8x8 and 8x4 weights do not tile by 32x32
+    with pytest.raises(ValueError, match="valid methods"):
+        b.build("coo", 0.5)
+
+
+def test_builder_shares_the_masked_model():
+    mlp = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(2, 16)
+    b = Builder(mlp, (x,))
+    masked, _ = b.build("masked", 0.5)
+    csr, note = b.build("csr", 0.5)
+    ts, _ = b.build("torch.sparse", 0.5)
+    assert "2 linear -> csr" in note
+    with torch.no_grad():
+        torch.testing.assert_close(csr(x), masked(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ts(x), masked(x), rtol=1e-5, atol=1e-5)
+    assert pyprune.pruning.get_mask(masked[0]) is not None  # converting copies left the masks in place
