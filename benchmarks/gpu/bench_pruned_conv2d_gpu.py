@@ -14,7 +14,8 @@ The goal (issue #3): triton >= 0.9x compact, i.e. compact_ms / triton_ms >= 0.9.
 
 Every provider cycles through several input sets whose total size is a few times the L2, so no run finds its
 operands cached by the previous one. Data are random normal. channels_last cases convert x and the weights to
-channels_last (as model.to(memory_format=torch.channels_last) does); NCHW cases keep both contiguous.
+channels_last (as model.to(memory_format=torch.channels_last) does); NCHW cases keep both contiguous, so the
+Triton rows of NCHW 3x3 cases include the launcher's per-call copy of the weight to channels_last.
 
 --dry (CPU machine): imports and argument parsing only; writes a stub table marked DRY with no timings.
 """
