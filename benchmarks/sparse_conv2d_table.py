@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import statistics
 import sys
 import time
@@ -74,7 +75,7 @@ def nchw_transposes(conv, x, sparsity):
     y_nhwc = torch.randn(n, h, w, conv.out_channels)
 
     def run():
-        x.permute(0, 2, 3, 1).reshape(n * h * w, c)
+        x.permute(0, 2, 3, 1).reshape(n * h * w, c).contiguous()  # N=1: reshape alone is a view
         return y_nhwc.permute(0, 3, 1, 2).contiguous()
 
     return run
@@ -90,7 +91,11 @@ PROVIDERS = {
 DENSE = ("torch_dense", "nchw_transposes")  # do not depend on sparsity: built once per case
 
 
-def time_batch(fn, batch_s: float) -> float:
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def time_batch(fn, batch_s: float) -> tuple[float, int]:
     """Median of the single calls in a batch of >= batch_s: on a shared 2-core VM a call whose OpenMP team
     loses a core to another process stalls for a scheduler slice (several ms); the median ignores those calls,
     a batch mean would not."""
@@ -102,7 +107,7 @@ def time_batch(fn, batch_s: float) -> float:
         t1 = time.perf_counter()
         times.append(t1 - t0)
         if t1 >= t_end and len(times) >= 3:
-            return statistics.median(times)
+            return statistics.median(times), len(times)
 
 
 def run_case(c_in, c_out, hw, n, fmt, sparsities, providers, rounds, batch_s, rng):
@@ -115,12 +120,16 @@ def run_case(c_in, c_out, hw, n, fmt, sparsities, providers, rounds, batch_s, rn
             if fn is not None:
                 fns[(p, None if p in DENSE else s)] = fn
     samples = {key: [] for key in fns}
+    faults = {key: [] for key in fns}
     with torch.no_grad():
         for _ in range(rounds):
             keys = list(fns)
             rng.shuffle(keys)
             for key in keys:
-                samples[key].append(time_batch(fns[key], batch_s))
+                f0 = minor_faults()
+                t, calls = time_batch(fns[key], batch_s)
+                samples[key].append(t)
+                faults[key].append((minor_faults() - f0) / (calls + 1))
     dense = samples[("torch_dense", None)]
     flops = 2.0 * n * hw * hw * c_in * c_out
     rows = []
@@ -139,6 +148,7 @@ def run_case(c_in, c_out, hw, n, fmt, sparsities, providers, rounds, batch_s, rn
                 "spread": (max(ts) - min(ts)) / med,
                 "speedup_vs_torch_dense": statistics.median(d / t for d, t in zip(dense, ts)),
                 "dense_equivalent_gflops": flops / med / 1e9,
+                "page_faults_per_call": statistics.median(faults[(p, s)]),
             }
         )
     return rows
@@ -154,18 +164,19 @@ def to_markdown(rows, env, load) -> str:
         (
             "Speedup = median over interleaved rounds of time(F.conv2d) / time(provider) in the same round. "
             "GFLOP/s are dense-equivalent (2 N H W C_in C_out / time). `nchw_transposes` = the input NCHW->NHWC "
-            "and output NHWC->NCHW copies alone (its 'speedup' column is dense / transposes)."
+            "and output NHWC->NCHW copies alone (its 'speedup' column is dense / transposes). `faults` = minor page "
+            "faults per call (4 KiB each): memory the allocator handed back to the OS and touched again."
         ),
         "",
-        "| batch | conv | format | provider | sparsity | median ms | GFLOP/s | vs F.conv2d | spread |",
-        "|---:|---|---|---|---:|---:|---:|---:|---:|",
+        "| batch | conv | format | provider | sparsity | median ms | GFLOP/s | vs F.conv2d | spread | faults |",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         s = "-" if r["sparsity"] is None else f"{r['sparsity']:.1f}"
         lines.append(
             f"| {r['batch']} | {r['in']}->{r['out']} @{r['hw']} | {r['format']} | {r['provider']} | {s} | "
             f"{r['median_s'] * 1e3:.3f} | {r['dense_equivalent_gflops']:.0f} | "
-            f"{r['speedup_vs_torch_dense']:.2f}x | {r['spread']:.0%} |"
+            f"{r['speedup_vs_torch_dense']:.2f}x | {r['spread']:.0%} | {r['page_faults_per_call']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -188,9 +199,12 @@ def main(argv=None):
         "--out", default=None, help="directory for sparse_conv2d.md / .json (default: print only)"
     )
     ap.add_argument("--name", default="sparse_conv2d", help="file name stem under --out")
+    ap.add_argument("--shapes", type=int, nargs="*", default=None, help="indices into SHAPES (default: all)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes, batches, sparsities = SHAPES, BATCHES, SPARSITIES
+    if args.shapes is not None:
+        shapes = [SHAPES[i] for i in args.shapes]
     if args.quick:
         shapes, batches, sparsities = SHAPES[1:2], [1], [0.5, 0.9]
     env = environment()
@@ -209,7 +223,7 @@ def main(argv=None):
                     print(
                         f"N={n} {c_in}->{c_out}@{hw} {fmt:<13} {r['provider']:<15} s={s:<4} "
                         f"{r['median_s'] * 1e3:8.3f} ms {r['speedup_vs_torch_dense']:5.2f}x  "
-                        f"spread {r['spread']:.0%}",
+                        f"spread {r['spread']:.0%} faults {r['page_faults_per_call']:.0f}",
                         flush=True,
                     )
     load = (load_before, _load())
@@ -219,7 +233,10 @@ def main(argv=None):
         with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
             f.write(md)
         with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
-            json.dump({"environment": env, "load_average": load, "rows": rows}, f, indent=1)
+            json.dump(
+                {"environment": env, "load_average": load, "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+                 "rows": rows}, f, indent=1,
+            )  # fmt: skip
     print(md)
 
 
