@@ -1,0 +1,197 @@
+"""Interleaved timing of PrunedConv2d (the fused-gather C++ kernel) against dense F.conv2d (oneDNN) on the
+ResNet-50 conv shapes, written as markdown + JSON.
+
+Providers per case (keep ratio r on both sides):
+- dense: F.conv2d on the unpruned conv (the baseline);
+- onednn_compact: F.conv2d with the pruned weight on an input compacted beforehand (what a physically
+  shrunk model runs; the compaction itself is not timed);
+- ours: pyprune::pruned_conv2d reading the kept channels of the full input in place (the fused gather);
+- ours_compact: pyprune::pruned_conv2d on the same pre-compacted input (so ours / ours_compact is the
+  cost of fusing the gather).
+Each round times every provider once, in shuffled order (a batch of calls of >= --batch-ms); figures are
+medians over rounds of same-round ratios. "of ideal" = speedup vs dense / (1 / r^2).
+    python benchmarks/pruned_conv2d_table.py [--quick] [--rounds 7] [--out benchmarks/results/cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import pyprune  # noqa: F401  (registers the ops)
+from pyprune._extension import cpu_features
+
+# (C_in, C_out, kernel, feature map side) of ResNet-50's convs named in issue #3
+SHAPES = [
+    (64, 64, 3, 56),
+    (256, 64, 1, 56),
+    (128, 128, 3, 28),
+    (256, 256, 3, 14),
+    (512, 512, 3, 7),
+    (1024, 256, 1, 14),
+    (2048, 512, 1, 7),
+]
+KEEPS = (0.75, 0.5, 0.25)
+BATCHES = (1, 8)
+
+
+CLOCK = time.perf_counter
+
+
+def time_batch(fn, batch_s: float) -> float:
+    fn()
+    n, t0 = 0, CLOCK()
+    while True:
+        fn()
+        n += 1
+        el = CLOCK() - t0
+        if el >= batch_s:
+            return el / n
+
+
+def providers(cin, cout, k, side, batch, keep, channels_last, gen):
+    x = torch.randn(batch, cin, side, side, generator=gen)
+    w = torch.randn(cout, cin, k, k, generator=gen) / (cin * k * k) ** 0.5
+    b = torch.randn(cout, generator=gen)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
+    ci, co = max(1, round(cin * keep)), max(1, round(cout * keep))
+    ii = torch.sort(torch.randperm(cin, generator=gen)[:ci]).values
+    oi = torch.sort(torch.randperm(cout, generator=gen)[:co]).values
+    wk = w[oi][:, ii].contiguous()
+    bk = b[oi].contiguous()
+    xk = x.index_select(1, ii).contiguous(memory_format=fmt)
+    pad = k // 2
+    op = torch.ops.pyprune.pruned_conv2d
+    fns = {
+        "dense": lambda: F.conv2d(x, w, b, 1, pad),
+        "onednn_compact": lambda: F.conv2d(xk, wk, bk, 1, pad),
+        "ours": lambda: op(x, wk, bk, ii, None, co, [1, 1], [pad, pad], [1, 1], 1, False),
+        "ours_compact": lambda: op(xk, wk, bk, None, None, co, [1, 1], [pad, pad], [1, 1], 1, False),
+    }
+    # the check that the timed kernels agree (a benchmark of a wrong result is worthless)
+    ref = F.conv2d(xk, wk, bk, 1, pad)
+    for name in ("ours", "ours_compact"):
+        torch.testing.assert_close(fns[name](), ref, rtol=1e-3, atol=1e-3)
+    return fns
+
+
+def run_case(shape, batch, keep, channels_last, rounds, batch_s, rng, gen):
+    cin, cout, k, side = shape
+    fns = providers(cin, cout, k, side, batch, keep, channels_last, gen)
+    samples = {name: [] for name in fns}
+    with torch.no_grad():
+        for _ in range(rounds):
+            names = list(fns)
+            rng.shuffle(names)
+            for name in names:
+                samples[name].append(time_batch(fns[name], batch_s))
+    dense = samples["dense"]
+    ideal = 1.0 / (keep * keep)
+    row = {
+        "c_in": cin, "c_out": cout, "kernel": k, "side": side, "batch": batch, "keep": keep,
+        "format": "channels_last" if channels_last else "nchw", "ideal": ideal,
+        "dense_median_s": statistics.median(dense),
+    }  # fmt: skip
+    for name in ("onednn_compact", "ours", "ours_compact"):
+        ts = samples[name]
+        sp = statistics.median(d / t for d, t in zip(dense, ts))
+        row[f"{name}_median_s"] = statistics.median(ts)
+        row[f"{name}_speedup"] = sp
+        row[f"{name}_of_ideal"] = sp / ideal
+    row["gather_cost"] = statistics.median(a / c - 1 for a, c in zip(samples["ours"], samples["ours_compact"]))
+    row["ours_vs_onednn_compact"] = statistics.median(
+        o / t for o, t in zip(samples["onednn_compact"], samples["ours"])
+    )
+    return row
+
+
+def environment() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu, "isa": cpu_features().get("kernel_isa", "?"), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "python": platform.python_version(),
+    }  # fmt: skip
+
+
+def markdown(rows, env) -> str:
+    lines = [
+        f"# PrunedConv2d vs dense F.conv2d (CPU)\n\n{env['cpu']}, ISA {env['isa']}, {env['threads']} threads, "
+        f"torch {env['torch']}, fp32. Keep ratio r on both sides; ideal speedup 1/r^2. Medians of same-round "
+        "ratios over interleaved rounds.\n",
+        "| conv | batch | format | keep | ideal | oneDNN compact | ours (fused gather) | of ideal | "
+        "ours / oneDNN compact | gather cost | dense ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['c_in']}->{r['c_out']} {r['kernel']}x{r['kernel']} @{r['side']} | {r['batch']} | {r['format']} | "
+            f"{r['keep']} | {r['ideal']:.1f} | {r['onednn_compact_speedup']:.2f} | {r['ours_speedup']:.2f} | "
+            f"{r['ours_of_ideal']:.2f} | {r['ours_vs_onednn_compact']:.2f} | {100 * r['gather_cost']:+.1f}% | "
+            f"{1e3 * r['dense_median_s']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="batch 1, keep 0.5, NCHW only, 3 rounds")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--batch-ms", type=float, default=20.0)
+    ap.add_argument("--shapes", type=int, nargs="+", default=None, help="indices into SHAPES")
+    ap.add_argument("--formats", nargs="+", default=["nchw", "channels_last"])
+    ap.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    ap.add_argument("--keeps", type=float, nargs="+", default=list(KEEPS))
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's current)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time by the thread's CPU clock (single thread; steadier on a shared machine)")
+    ap.add_argument("--out", default=None, help="directory for pruned_conv2d.md / .json")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.rounds, args.formats, args.batches, args.keeps = 3, ["nchw"], [1], [0.5]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        if torch.get_num_threads() != 1:
+            ap.error("--cpu-time needs --threads 1 (it reads the calling thread's CPU clock)")
+        global CLOCK
+        CLOCK = time.thread_time
+    shapes = SHAPES if args.shapes is None else [SHAPES[i] for i in args.shapes]
+    rng, gen = random.Random(0), torch.Generator().manual_seed(0)
+    env = environment()
+    rows = []
+    for shape in shapes:
+        for batch in args.batches:
+            for fmt in args.formats:
+                for keep in args.keeps:
+                    row = run_case(shape, batch, keep, fmt == "channels_last", args.rounds, args.batch_ms / 1e3,
+                                   rng, gen)  # fmt: skip
+                    rows.append(row)
+                    print(markdown([row], env).splitlines()[-1], flush=True)
+    md = markdown(rows, env)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "pruned_conv2d.md"), "w") as f:
+            f.write(md)
+        with open(os.path.join(args.out, "pruned_conv2d.json"), "w") as f:
+            json.dump({"environment": env, "rows": rows}, f, indent=1)
+    else:
+        print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

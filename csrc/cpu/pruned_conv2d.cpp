@@ -1,0 +1,569 @@
+// pyprune::pruned_conv2d on the CPU: y[:, out_index] = relu?(conv2d(x[:, in_index], weight, bias)).
+//
+// Implicit GEMM per group: Y_g (C_out_g x pixels) = W_g (C_out_g x K_g) * X_g (K_g x pixels), K_g = C_in_g * kh * kw.
+// Vectors run over output pixels (16 per vector, up to 48 per tile), pixels of consecutive images share a
+// tile so a 7x7 map at batch 8 fills its vectors. Weights are broadcast straight from the weight rows (an
+// embedded {1to16} memory operand of the FMA), so the weight needs no packing. The im2col tile of X_g is built
+// per tile from the kept channels only (the gather is fused: x[:, in_index] never exists); a 1x1 stride-1 conv
+// on a contiguous plane skips even that and points the kernel at the input rows. A register tile is
+// MR = 8 output channels x NV = 3 vectors (24 accumulators). The epilogue adds the bias, applies the ReLU and
+// writes each row to its output channel (out_index) in NCHW or channels_last.
+// Convs with one input channel per group (depthwise) take a direct stencil loop instead.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "pyprune/check.h"
+#include "pyprune/cpu_features.h"
+#include "pyprune/token_tiles.h"
+
+namespace pyprune {
+namespace {
+
+constexpr const char* kOp = "pruned_conv2d";
+constexpr int kMR = 6;                // output channels per register tile
+constexpr int kNV = 4;                // pixel vectors per register tile
+constexpr int64_t kNR = kNV * kLanes;  // pixels per tile
+
+struct ConvArgs {
+  const float* x;
+  const float* w;
+  const float* bias;
+  float* y;
+  const int64_t* in_idx;  // x's channel of every kept input channel
+  const int64_t* out_ch;  // y's channel of every weight row
+  int64_t N, H, W, sN, sC, sH, sW;
+  int64_t KH, KW, SH, SW, PH, PW, DH, DW, OH, OW, P;
+  int64_t G, Cig, Cog, Kg;
+  int64_t oN, oC, oP;  // y strides: image, channel, pixel (pixels are contiguous among themselves)
+  bool relu;
+  // work decomposition of the GEMM path: unit = (tile, group, slice of C_out_g)
+  int64_t n_tiles, n_slices, rows_per_slice;
+  // staged path (stride 1, kxk): the kept channels copied once into zero-bordered planes of width Wp, so the
+  // kernel reads every tap as a shifted contiguous row (outputs are computed on the Wp-wide grid, and the
+  // Wp - OW extra columns per row are dropped at the store)
+  const float* xp;
+  int64_t xpN, xpC, Wp, tiles_per_image;
+};
+
+// A run of pixels of one output row inside a tile: image n, output row oh, columns [ow0, ow0 + len), lanes from j0.
+struct Segment {
+  int64_t n, oh, ow0, len, j0;
+};
+
+PYPRUNE_INLINE int tile_segments(const ConvArgs& a, int64_t q0, int64_t cnt, Segment* seg) {
+  int ns = 0;
+  for (int64_t j = 0; j < cnt;) {
+    const int64_t q = q0 + j, n = q / a.P, p = q % a.P, oh = p / a.OW, ow = p % a.OW;
+    const int64_t len = std::min(cnt - j, a.OW - ow);
+    seg[ns++] = {n, oh, ow, len, j};
+    j += len;
+  }
+  return ns;
+}
+
+// buf[k][j] (k = (c, kh, kw) of group g, j < NR) = x[n_j, in_idx[g * Cig + c], ih, iw] or 0 in the padding.
+// The column bounds of each (segment, kw) and the row of each (segment, kh) are worked out once per tile, so
+// the loop over kept channels only copies runs and zero-fills the padding.
+PYPRUNE_INLINE void pack_tile(const ConvArgs& a, int64_t g, const Segment* seg, int ns, int64_t cnt, int64_t width,
+                              float* buf) {
+  constexpr int kMaxK = 16;  // kernels up to 16x16 take this path (larger ones fall back to per-row bounds)
+  int64_t lo[kMaxK], hi[kMaxK], src_off[kMaxK], row_off[kMaxK];
+  const bool tabled = a.KW <= kMaxK && a.KH <= kMaxK;
+  for (int s = 0; s < ns; ++s) {
+    const Segment& sg = seg[s];
+    for (int64_t kw = 0; tabled && kw < a.KW; ++kw) {
+      // columns i with 0 <= (ow0 + i) * SW + off_w < W
+      const int64_t off_w = kw * a.DW - a.PW, start = sg.ow0 * a.SW + off_w;
+      const int64_t first = start >= 0 ? 0 : (-start + a.SW - 1) / a.SW;
+      const int64_t past = (a.W - off_w - 1) >= 0 ? (a.W - off_w - 1) / a.SW + 1 - sg.ow0 : 0;
+      lo[kw] = std::min(first, sg.len);
+      hi[kw] = std::max(lo[kw], std::min(past, sg.len));
+      src_off[kw] = start * a.sW;
+    }
+    for (int64_t kh = 0; tabled && kh < a.KH; ++kh) {
+      const int64_t ih = sg.oh * a.SH - a.PH + kh * a.DH;
+      row_off[kh] = (ih < 0 || ih >= a.H) ? -1 : sg.n * a.sN + ih * a.sH;
+    }
+    for (int64_t c = 0; c < a.Cig; ++c) {
+      const float* plane = a.x + a.in_idx[g * a.Cig + c] * a.sC;
+      for (int64_t kh = 0; kh < a.KH; ++kh) {
+        for (int64_t kw = 0; kw < a.KW; ++kw) {
+          float* d = buf + ((c * a.KH + kh) * a.KW + kw) * kNR + sg.j0;
+          int64_t ro, l, h, so;
+          if (tabled) {
+            ro = row_off[kh], l = lo[kw], h = hi[kw], so = src_off[kw];
+          } else {
+            const int64_t ih = sg.oh * a.SH - a.PH + kh * a.DH, start = sg.ow0 * a.SW + kw * a.DW - a.PW;
+            ro = (ih < 0 || ih >= a.H) ? -1 : sg.n * a.sN + ih * a.sH;
+            l = std::min(sg.len, start >= 0 ? 0 : (-start + a.SW - 1) / a.SW);
+            const int64_t last = a.W - 1 - (start - sg.ow0 * a.SW);
+            h = std::max(l, std::min(sg.len, last >= 0 ? last / a.SW + 1 - sg.ow0 : 0));
+            so = start * a.sW;
+          }
+          if (ro < 0) {
+            for (int64_t i = 0; i < sg.len; ++i) d[i] = 0.f;
+            continue;
+          }
+          const float* src = plane + ro + so;  // column i reads src[i * SW * sW]
+          for (int64_t i = 0; i < l; ++i) d[i] = 0.f;
+          if (a.SW == 1 && a.sW == 1) {
+            for (int64_t i = l; i < h; ++i) d[i] = src[i];
+          } else {
+            const int64_t step = a.SW * a.sW;
+            for (int64_t i = l; i < h; ++i) d[i] = src[i * step];
+          }
+          for (int64_t i = h; i < sg.len; ++i) d[i] = 0.f;
+        }
+      }
+    }
+  }
+  for (int64_t k = 0; k < a.Kg; ++k)
+    for (int64_t j = cnt; j < width; ++j) buf[k * kNR + j] = 0.f;
+}
+
+// acc[r][v] = sum_k w[r][k] * b[k][16 v ...]: the weight scalar is broadcast from its row.
+template <int MR, int NV>
+PYPRUNE_INLINE void micro(const float* w, int64_t ldw, const float* const* brow, int64_t K, const float* bias,
+                          bool relu, float* stage) {
+  vf16 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = vf16{} + (bias ? bias[r] : 0.f);
+  const float* wr[MR];
+  for (int r = 0; r < MR; ++r) wr[r] = w + r * ldw;
+  for (int64_t k = 0; k < K; ++k) {
+    const float* b = brow[k];
+    vf16 bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = load16(b + v * kLanes);
+    for (int r = 0; r < MR; ++r) {
+      const float s = wr[r][k];
+      for (int v = 0; v < NV; ++v) acc[r][v] += s * bv[v];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) {
+      vf16 t = acc[r][v];
+      if (relu) t = t > 0.f ? t : vf16{};
+      store16(stage + r * kNR + v * kLanes, t);
+    }
+}
+
+template <int NV>
+PYPRUNE_INLINE void micro_rows(int mr, const float* w, int64_t ldw, const float* const* brow, int64_t K,
+                               const float* bias, bool relu, float* stage) {
+  switch (mr) {
+#define PYPRUNE_MR_CASE(R) \
+  case R: micro<R, NV>(w, ldw, brow, K, bias, relu, stage); break;
+    PYPRUNE_MR_CASE(1) PYPRUNE_MR_CASE(2) PYPRUNE_MR_CASE(3) PYPRUNE_MR_CASE(4)
+    PYPRUNE_MR_CASE(5) PYPRUNE_MR_CASE(6) PYPRUNE_MR_CASE(7) PYPRUNE_MR_CASE(8)
+#undef PYPRUNE_MR_CASE
+  }
+}
+
+// stage rows -> y: one output channel per row, the tile's pixels through its segments.
+PYPRUNE_INLINE void store_rows(const ConvArgs& a, const float* stage, int mr, int64_t row0, const Segment* seg,
+                               int ns) {
+  if (a.oC == 1 && a.out_ch[row0 + mr - 1] - a.out_ch[row0] == mr - 1) {
+    // channels_last, consecutive channels: each pixel's mr outputs are one short contiguous run
+    for (int s = 0; s < ns; ++s) {
+      const Segment& sg = seg[s];
+      float* d = a.y + sg.n * a.oN + (sg.oh * a.OW + sg.ow0) * a.oP + a.out_ch[row0];
+      for (int64_t i = 0; i < sg.len; ++i)
+        for (int r = 0; r < mr; ++r) d[i * a.oP + r] = stage[r * kNR + sg.j0 + i];
+    }
+    return;
+  }
+  for (int r = 0; r < mr; ++r) {
+    float* yc = a.y + a.out_ch[row0 + r] * a.oC;
+    const float* src = stage + r * kNR;
+    for (int s = 0; s < ns; ++s) {
+      const Segment& sg = seg[s];
+      float* d = yc + sg.n * a.oN + (sg.oh * a.OW + sg.ow0) * a.oP;
+      if (a.oP == 1) {
+        std::memcpy(d, src + sg.j0, sg.len * sizeof(float));
+      } else {
+        for (int64_t i = 0; i < sg.len; ++i) d[i * a.oP] = src[sg.j0 + i];
+      }
+    }
+  }
+}
+
+// The runs of a staged tile (pixels q0 .. q0 + cnt of image n on the Wp-wide grid) that land in the output.
+PYPRUNE_INLINE int staged_segments(const ConvArgs& a, int64_t n, int64_t q0, int64_t cnt, Segment* seg) {
+  int ns = 0;
+  for (int64_t j = 0; j < cnt;) {
+    const int64_t q = q0 + j, oh = q / a.Wp, ow = q % a.Wp;
+    const int64_t len = std::min(cnt - j, a.Wp - ow);
+    if (ow < a.OW) seg[ns++] = {n, oh, ow, std::min(len, a.OW - ow), j};
+    j += len;
+  }
+  return ns;
+}
+
+PYPRUNE_INLINE void gemm_units(const ConvArgs& a, int64_t u0, int64_t u1) {
+  const bool direct_ok = a.KH == 1 && a.KW == 1 && a.SH == 1 && a.SW == 1 && a.PH == 0 && a.PW == 0 &&
+                         a.sW == 1 && a.sH == a.W;
+  std::vector<float> storage((a.xp ? 0 : a.Kg * kNR) + kMR * kNR + 32);
+  float* buf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));
+  float* stage = buf + (a.xp ? 0 : a.Kg * kNR);
+  std::vector<const float*> brow(std::max<int64_t>(a.Kg, 1));
+  Segment seg[kNR];
+  int64_t packed = -1;  // (tile, group) whose operand is in brow
+  int ns = 0;
+  int64_t cnt = 0;
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t s = u % a.n_slices, tg = u / a.n_slices, g = tg % a.G, t = tg / a.G;
+    if (tg != packed) {
+      if (a.xp) {
+        const int64_t n = t / a.tiles_per_image, q0 = (t % a.tiles_per_image) * kNR;
+        cnt = std::min(kNR, a.OH * a.Wp - q0);
+        ns = staged_segments(a, n, q0, cnt, seg);
+        const float* base = a.xp + n * a.xpN + g * a.Cig * a.xpC + q0;
+        for (int64_t c = 0, k = 0; c < a.Cig; ++c)
+          for (int64_t kh = 0; kh < a.KH; ++kh)
+            for (int64_t kw = 0; kw < a.KW; ++kw, ++k) brow[k] = base + c * a.xpC + kh * a.DH * a.Wp + kw * a.DW;
+      } else {
+        const int64_t q0 = t * kNR;
+        cnt = std::min(kNR, a.N * a.P - q0);
+        ns = tile_segments(a, q0, cnt, seg);
+        const int64_t width = round_up(cnt, kLanes);
+        if (direct_ok && ns >= 1 && seg[0].n == seg[ns - 1].n && cnt == kNR) {
+          const float* base = a.x + seg[0].n * a.sN + (q0 % a.P);
+          for (int64_t k = 0; k < a.Kg; ++k) brow[k] = base + a.in_idx[g * a.Cig + k] * a.sC;
+        } else {
+          pack_tile(a, g, seg, ns, cnt, width, buf);
+          for (int64_t k = 0; k < a.Kg; ++k) brow[k] = buf + k * kNR;
+        }
+      }
+      packed = tg;
+    }
+    const int nv = static_cast<int>((cnt + kLanes - 1) / kLanes);
+    const int64_t r_begin = s * a.rows_per_slice, r_end = std::min(a.Cog, r_begin + a.rows_per_slice);
+    for (int64_t r = r_begin; r < r_end; r += kMR) {
+      const int mr = static_cast<int>(std::min<int64_t>(kMR, r_end - r));
+      const int64_t row = g * a.Cog + r;
+      const float* w = a.w + row * a.Kg;
+      const float* b = a.bias ? a.bias + row : nullptr;
+      if (nv == 4) micro_rows<4>(mr, w, a.Kg, brow.data(), a.Kg, b, a.relu, stage);
+      else if (nv == 3) micro_rows<3>(mr, w, a.Kg, brow.data(), a.Kg, b, a.relu, stage);
+      else if (nv == 2) micro_rows<2>(mr, w, a.Kg, brow.data(), a.Kg, b, a.relu, stage);
+      else micro_rows<1>(mr, w, a.Kg, brow.data(), a.Kg, b, a.relu, stage);
+      store_rows(a, stage, mr, row, seg, ns);
+    }
+  }
+}
+
+// One input channel per group: each output plane is a stencil over one input plane. Unit = (image, out row).
+PYPRUNE_INLINE void depthwise_units(const ConvArgs& a, int64_t u0, int64_t u1) {
+  std::vector<float> acc(a.OW);
+  const int64_t C_out = a.G * a.Cog;
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t n = u / C_out, row = u % C_out, g = row / a.Cog;
+    const float* plane = a.x + n * a.sN + a.in_idx[g] * a.sC;
+    const float* w = a.w + row * a.Kg;
+    float* yc = a.y + n * a.oN + a.out_ch[row] * a.oC;
+    const float b = a.bias ? a.bias[row] : 0.f;
+    for (int64_t oh = 0; oh < a.OH; ++oh) {
+      for (int64_t i = 0; i < a.OW; ++i) acc[i] = b;
+      for (int64_t kh = 0; kh < a.KH; ++kh) {
+        const int64_t ih = oh * a.SH - a.PH + kh * a.DH;
+        if (ih < 0 || ih >= a.H) continue;
+        const float* src = plane + ih * a.sH;
+        for (int64_t kw = 0; kw < a.KW; ++kw) {
+          const float wv = w[kh * a.KW + kw];
+          const int64_t off_w = kw * a.DW - a.PW;
+          const int64_t lo = off_w >= 0 ? 0 : std::min(a.OW, (-off_w + a.SW - 1) / a.SW);
+          const int64_t hi = std::max(lo, std::min(a.OW, a.W - off_w - 1 >= 0 ? (a.W - off_w - 1) / a.SW + 1 : 0));
+          float* ac = acc.data();
+          if (a.SW == 1 && a.sW == 1) {
+            const float* s1 = src + off_w;
+            for (int64_t i = lo; i < hi; ++i) ac[i] += wv * s1[i];
+          } else {
+            for (int64_t i = lo; i < hi; ++i) ac[i] += wv * src[(i * a.SW + off_w) * a.sW];
+          }
+        }
+      }
+      float* d = yc + oh * a.OW * a.oP;
+      for (int64_t i = 0; i < a.OW; ++i) {
+        const float v = acc[i];
+        d[i * a.oP] = (a.relu && v < 0.f) ? 0.f : v;
+      }
+    }
+  }
+}
+
+// xp[n][c] = x[n, in_idx[c]] with a zero border of PH rows / PW columns; unit = (image, kept channel).
+PYPRUNE_INLINE void stage_units(const ConvArgs& a, float* xp, int64_t Hp, int64_t u0, int64_t u1) {
+  const int64_t c_in = a.G * a.Cig;
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t n = u / c_in, c = u % c_in;
+    const float* src = a.x + n * a.sN + a.in_idx[c] * a.sC;
+    float* dst = xp + n * a.xpN + c * a.xpC;
+    std::memset(dst, 0, a.PH * a.Wp * sizeof(float));
+    for (int64_t h = 0; h < a.H; ++h) {
+      float* d = dst + (a.PH + h) * a.Wp;
+      const float* sr = src + h * a.sH;
+      for (int64_t i = 0; i < a.PW; ++i) d[i] = 0.f;
+      if (a.sW == 1) {
+        for (int64_t i = 0; i < a.W; ++i) d[a.PW + i] = sr[i];
+      } else {
+        for (int64_t i = 0; i < a.W; ++i) d[a.PW + i] = sr[i * a.sW];
+      }
+      for (int64_t i = a.PW + a.W; i < a.Wp; ++i) d[i] = 0.f;
+    }
+    std::memset(dst + (a.PH + a.H) * a.Wp, 0, (a.xpC - (a.PH + a.H) * a.Wp) * sizeof(float));
+  }
+  (void)Hp;
+}
+
+// The same from a channels_last x, one input row at a time (unit = (image, row)): each pixel's channels are
+// read contiguously and scattered to the planes, instead of one strided pass over x per channel.
+PYPRUNE_INLINE void stage_rows_cl(const ConvArgs& a, float* xp, int64_t Hp, int64_t u0, int64_t u1) {
+  const int64_t c_in = a.G * a.Cig;
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t n = u / Hp, hp = u % Hp, h = hp - a.PH;
+    float* dst = xp + n * a.xpN + hp * a.Wp;
+    if (h < 0 || h >= a.H) {
+      for (int64_t c = 0; c < c_in; ++c) std::memset(dst + c * a.xpC, 0, a.Wp * sizeof(float));
+    } else {
+      for (int64_t c = 0; c < c_in; ++c) {
+        float* d = dst + c * a.xpC;
+        for (int64_t i = 0; i < a.PW; ++i) d[i] = 0.f;
+        for (int64_t i = a.PW + a.W; i < a.Wp; ++i) d[i] = 0.f;
+      }
+      const float* src = a.x + n * a.sN + h * a.sH;
+      for (int64_t w = 0; w < a.W; ++w) {
+        const float* px = src + w * a.sW;
+        float* d = dst + a.PW + w;
+        for (int64_t c = 0; c < c_in; ++c) d[c * a.xpC] = px[a.in_idx[c] * a.sC];
+      }
+    }
+    if (hp == Hp - 1)  // the slack past the bottom border is read by the last tile's taps (never stored)
+      for (int64_t c = 0; c < c_in; ++c) std::memset(dst + a.Wp + c * a.xpC, 0, (a.xpC - Hp * a.Wp) * sizeof(float));
+  }
+}
+
+using UnitFn = void (*)(const ConvArgs&, int64_t, int64_t);
+using StageFn = void (*)(const ConvArgs&, float*, int64_t, int64_t, int64_t);
+
+#define PYPRUNE_CONV_ISA(SUFFIX, TARGET)                                                                 \
+  TARGET void gemm_##SUFFIX(const ConvArgs& a, int64_t u0, int64_t u1) { gemm_units(a, u0, u1); }        \
+  TARGET void depthwise_##SUFFIX(const ConvArgs& a, int64_t u0, int64_t u1) { depthwise_units(a, u0, u1); }
+PYPRUNE_CONV_ISA(baseline, )
+#define PYPRUNE_STAGE_ISA(SUFFIX, TARGET)                                                                   \
+  TARGET void stage_##SUFFIX(const ConvArgs& a, float* xp, int64_t Hp, int64_t u0, int64_t u1) {            \
+    stage_units(a, xp, Hp, u0, u1);                                                                         \
+  }                                                                                                         \
+  TARGET void stage_cl_##SUFFIX(const ConvArgs& a, float* xp, int64_t Hp, int64_t u0, int64_t u1) {         \
+    stage_rows_cl(a, xp, Hp, u0, u1);                                                                       \
+  }
+PYPRUNE_STAGE_ISA(baseline, )
+#if PYPRUNE_X86
+PYPRUNE_STAGE_ISA(avx2, PYPRUNE_TARGET_AVX2)
+PYPRUNE_STAGE_ISA(avx512, PYPRUNE_TARGET_AVX512)
+#endif
+#if PYPRUNE_X86
+PYPRUNE_CONV_ISA(avx2, PYPRUNE_TARGET_AVX2)
+PYPRUNE_CONV_ISA(avx512, PYPRUNE_TARGET_AVX512)
+#endif
+
+void check_index(const std::optional<at::Tensor>& idx, const char* name, int64_t bound, const char* bound_name) {
+  if (!idx.has_value()) return;
+  const at::Tensor& t = *idx;
+  PYPRUNE_CHECK_DTYPE(t, kOp, name, at::kLong);
+  PYPRUNE_CHECK_DIM(t, 1, kOp, name);
+  PYPRUNE_CHECK_CPU(t, kOp, name);
+  const at::Tensor c = t.contiguous();
+  const int64_t* p = c.data_ptr<int64_t>();
+  for (int64_t i = 0; i < c.numel(); ++i) {
+    PYPRUNE_CHECK(p[i] >= 0 && p[i] < bound, kOp, name, "must hold channels in [0, ", bound, ") (", bound_name,
+                  "), got ", p[i], " at position ", i);
+    PYPRUNE_CHECK(i == 0 || p[i] > p[i - 1], kOp, name, "must be sorted and free of duplicates, got ", p[i - 1],
+                  " then ", p[i], " at position ", i);
+  }
+}
+
+}  // namespace
+
+at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& in_index, const std::optional<at::Tensor>& out_index,
+                             int64_t out_channels, at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation, int64_t groups, bool relu) {
+  PYPRUNE_CHECK(x.dim() == 4, kOp, "x", "must be 4-D (N, C, H, W), got shape ", x.sizes());
+  PYPRUNE_CHECK(weight.dim() == 4, kOp, "weight", "must be 4-D (C_out, C_in / groups, kh, kw), got shape ",
+                weight.sizes());
+  PYPRUNE_CHECK_DTYPE(weight, kOp, "weight", x.scalar_type());
+  PYPRUNE_CHECK_CPU(x, kOp, "x");
+  PYPRUNE_CHECK_CPU(weight, kOp, "weight");
+  PYPRUNE_CHECK(stride.size() == 2 && stride[0] >= 1 && stride[1] >= 1, kOp, "stride", "must be two ints >= 1, got ",
+                stride);
+  PYPRUNE_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, kOp, "padding",
+                "must be two ints >= 0, got ", padding);
+  PYPRUNE_CHECK(dilation.size() == 2 && dilation[0] >= 1 && dilation[1] >= 1, kOp, "dilation",
+                "must be two ints >= 1, got ", dilation);
+  PYPRUNE_CHECK(groups >= 1, kOp, "groups", "must be >= 1, got ", groups);
+  const int64_t C = x.size(1);
+  check_index(in_index, "in_index", C, "x's channels");
+  check_index(out_index, "out_index", out_channels, "out_channels");
+  const int64_t c_in = in_index.has_value() ? in_index->numel() : C;
+  const int64_t c_out = weight.size(0);
+  PYPRUNE_CHECK(c_in % groups == 0 && c_out % groups == 0, kOp, "groups", "(", groups,
+                ") must divide the kept input channels (", c_in, ") and the output channels (", c_out, ")");
+  PYPRUNE_CHECK(weight.size(1) * groups == c_in, kOp, "weight", "must have C_in_kept / groups = ", c_in / groups,
+                " input channels (C_in_kept = ", c_in, "), got shape ", weight.sizes());
+  if (out_index.has_value()) {
+    PYPRUNE_CHECK(out_index->numel() == c_out, kOp, "out_index", "must have one entry per weight row (", c_out,
+                  "), got ", out_index->numel());
+  } else {
+    PYPRUNE_CHECK(out_channels == c_out, kOp, "out_channels", "must equal weight.shape[0] (", c_out,
+                  ") when out_index is None, got ", out_channels);
+  }
+  if (bias.has_value()) {
+    PYPRUNE_CHECK_DTYPE(*bias, kOp, "bias", x.scalar_type());
+    PYPRUNE_CHECK_CPU(*bias, kOp, "bias");
+    PYPRUNE_CHECK(bias->dim() == 1 && bias->numel() == c_out, kOp, "bias", "must have shape (", c_out, "), got ",
+                  bias->sizes());
+  }
+  const int64_t KH = weight.size(2), KW = weight.size(3);
+  const int64_t OH = (x.size(2) + 2 * padding[0] - dilation[0] * (KH - 1) - 1) / stride[0] + 1;
+  const int64_t OW = (x.size(3) + 2 * padding[1] - dilation[1] * (KW - 1) - 1) / stride[1] + 1;
+  PYPRUNE_CHECK(OH > 0 && OW > 0, kOp, "x", "gives an empty output (", OH, " x ", OW, ") for kernel ", KH, "x", KW,
+                ", stride ", stride, ", padding ", padding, ", dilation ", dilation, "; got shape ", x.sizes());
+
+  const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+
+  if (x.scalar_type() != at::kFloat) {
+    // The kernel computes fp32; other dtypes take ATen's convolution on the gathered input.
+    at::Tensor xs = in_index.has_value() ? x.index_select(1, *in_index) : x;
+    at::Tensor y = at::conv2d(xs, weight, bias, stride, padding, dilation, groups);
+    if (relu) y = at::relu(y);
+    if (out_index.has_value()) {
+      at::Tensor full = at::zeros({x.size(0), out_channels, OH, OW}, y.options());
+      y = full.index_copy_(1, *out_index, y);
+    }
+    return y.contiguous(fmt);
+  }
+
+  at::Tensor xc = x.is_contiguous() || channels_last ? x : x.contiguous();
+  at::Tensor wc = weight.contiguous();
+  at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor y = at::empty({x.size(0), out_channels, OH, OW}, x.options().memory_format(fmt));
+  std::vector<int64_t> in_ids, out_ids;
+  if (!in_index.has_value()) {
+    in_ids.resize(C);
+    for (int64_t i = 0; i < C; ++i) in_ids[i] = i;
+  } else {
+    at::Tensor c = in_index->contiguous();
+    in_ids.assign(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+  }
+  if (!out_index.has_value()) {
+    out_ids.resize(c_out);
+    for (int64_t i = 0; i < c_out; ++i) out_ids[i] = i;
+  } else {
+    at::Tensor c = out_index->contiguous();
+    out_ids.assign(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+    if (c_out < out_channels) {  // channels nobody writes are zero
+      std::vector<int64_t> rest;
+      for (int64_t ch = 0, i = 0; ch < out_channels; ++ch) {
+        if (i < c_out && out_ids[i] == ch) ++i;
+        else rest.push_back(ch);
+      }
+      y.index_fill_(1, at::tensor(rest, at::kLong), 0.f);
+    }
+  }
+  if (x.size(0) == 0 || c_out == 0) return y;
+
+  ConvArgs a{};
+  a.x = xc.data_ptr<float>();
+  a.w = wc.data_ptr<float>();
+  a.bias = bc.defined() ? bc.data_ptr<float>() : nullptr;
+  a.y = y.data_ptr<float>();
+  a.in_idx = in_ids.data();
+  a.out_ch = out_ids.data();
+  a.N = x.size(0);
+  a.H = x.size(2);
+  a.W = x.size(3);
+  a.sN = xc.stride(0);
+  a.sC = xc.stride(1);
+  a.sH = xc.stride(2);
+  a.sW = xc.stride(3);
+  a.KH = KH;
+  a.KW = KW;
+  a.SH = stride[0];
+  a.SW = stride[1];
+  a.PH = padding[0];
+  a.PW = padding[1];
+  a.DH = dilation[0];
+  a.DW = dilation[1];
+  a.OH = OH;
+  a.OW = OW;
+  a.P = OH * OW;
+  a.G = groups;
+  a.Cig = c_in / groups;
+  a.Cog = c_out / groups;
+  a.Kg = a.Cig * KH * KW;
+  a.oN = y.stride(0);
+  a.oC = y.stride(1);
+  a.oP = y.stride(3);
+  a.relu = relu;
+
+  const int64_t threads = at::get_num_threads();
+  if (a.Cig == 1) {
+    UnitFn fn = depthwise_baseline;
+#if PYPRUNE_X86
+    if (kernel_isa() == Isa::kAvx512) fn = depthwise_avx512;
+    else if (kernel_isa() == Isa::kAvx2) fn = depthwise_avx2;
+#endif
+    at::parallel_for(0, a.N * c_out, 1, [&](int64_t u0, int64_t u1) { fn(a, u0, u1); });
+    return y;
+  }
+  // Stride-1 kxk convs on maps wide enough that the Wp - OW wasted columns cost less than building im2col
+  // tiles (about a fifth of the FMAs' time at 28x28): stage the kept channels into zero-bordered planes.
+  const int64_t Wp = a.W + 2 * a.PW, Hp = a.H + 2 * a.PH;
+  at::Tensor staged;
+  // A channels_last x is staged at stride 1 whatever the waste: the planar copy turns every strided gather of
+  // the im2col path into contiguous rows.
+  const bool planar = xc.stride(3) == 1;
+  if (a.SH == 1 && a.SW == 1 && (!planar || ((KH > 1 || KW > 1) && 7 * (Wp - OW) <= Wp))) {
+    a.Wp = Wp;
+    a.xpC = Hp * Wp + kNR + kLanes;  // slack: the last tile's taps read past the bottom border (lanes not stored)
+    a.xpN = c_in * a.xpC;
+    staged = at::empty({a.N * a.xpN}, x.options().memory_format(at::MemoryFormat::Contiguous));
+    a.tiles_per_image = (OH * Wp + kNR - 1) / kNR;
+    a.n_tiles = a.N * a.tiles_per_image;
+    StageFn sfn = planar ? stage_baseline : stage_cl_baseline;
+#if PYPRUNE_X86
+    if (kernel_isa() == Isa::kAvx512) sfn = planar ? stage_avx512 : stage_cl_avx512;
+    else if (kernel_isa() == Isa::kAvx2) sfn = planar ? stage_avx2 : stage_cl_avx2;
+#endif
+    float* xp = staged.data_ptr<float>();
+    const int64_t units = planar ? a.N * c_in : a.N * Hp;
+    at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) { sfn(a, xp, Hp, u0, u1); });
+    a.xp = xp;
+  } else {
+    a.n_tiles = (a.N * a.P + kNR - 1) / kNR;
+  }
+  // Too few (tile, group) units to keep every thread busy: split each group's rows too (the slices of one
+  // tile then each build its im2col tile, a cost of 1 / rows_per_slice of the FMAs).
+  const int64_t panels = (a.Cog + kMR - 1) / kMR;
+  const int64_t tg = a.n_tiles * a.G;
+  a.n_slices = tg >= 4 * threads ? 1 : std::min(panels, (4 * threads + tg - 1) / tg);
+  a.rows_per_slice = (panels + a.n_slices - 1) / a.n_slices * kMR;
+  a.n_slices = (a.Cog + a.rows_per_slice - 1) / a.rows_per_slice;
+  UnitFn fn = gemm_baseline;
+#if PYPRUNE_X86
+  if (kernel_isa() == Isa::kAvx512) fn = gemm_avx512;
+  else if (kernel_isa() == Isa::kAvx2) fn = gemm_avx2;
+#endif
+  at::parallel_for(0, tg * a.n_slices, 1, [&](int64_t u0, int64_t u1) { fn(a, u0, u1); });
+  return y;
+}
+
+TORCH_LIBRARY_IMPL(pyprune, CPU, m) { m.impl("pruned_conv2d", &pruned_conv2d_cpu); }
+
+}  // namespace pyprune
