@@ -107,7 +107,9 @@ def run_case(shape, batch, keep, channels_last, rounds, batch_s, rng, gen):
         row[f"{name}_median_s"] = statistics.median(ts)
         row[f"{name}_speedup"] = sp
         row[f"{name}_of_ideal"] = sp / ideal
-    row["gather_cost"] = statistics.median(a / c - 1 for a, c in zip(samples["ours"], samples["ours_compact"]))
+    row["gather_cost"] = statistics.median(
+        a / c - 1 for a, c in zip(samples["ours"], samples["ours_compact"])
+    )
     row["ours_vs_onednn_compact"] = statistics.median(
         o / t for o, t in zip(samples["onednn_compact"], samples["ours"])
     )
@@ -129,11 +131,15 @@ def environment() -> dict:
 
 def markdown(rows, env) -> str:
     lines = [
-        f"# PrunedConv2d vs dense F.conv2d (CPU)\n\n{env['cpu']}, ISA {env['isa']}, {env['threads']} threads, "
-        f"torch {env['torch']}, fp32. Keep ratio r on both sides; ideal speedup 1/r^2. Medians of same-round "
-        "ratios over interleaved rounds.\n",
-        "| conv | batch | format | keep | ideal | oneDNN compact | ours (fused gather) | of ideal | "
-        "ours / oneDNN compact | gather cost | dense ms |",
+        (
+            f"# PrunedConv2d vs dense F.conv2d (CPU)\n\n{env['cpu']}, ISA {env['isa']}, {env['threads']} threads, "
+            f"torch {env['torch']}, fp32. Keep ratio r on both sides; ideal speedup 1/r^2. Medians of same-round "
+            "ratios over interleaved rounds.\n"
+        ),
+        (
+            "| conv | batch | format | keep | ideal | oneDNN compact | ours (fused gather) | of ideal | "
+            "ours / oneDNN compact | gather cost | dense ms |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -156,8 +162,11 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     ap.add_argument("--keeps", type=float, nargs="+", default=list(KEEPS))
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's current)")
-    ap.add_argument("--cpu-time", action="store_true",
-                    help="time by the thread's CPU clock (single thread; steadier on a shared machine)")
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time by the thread's CPU clock (single thread; steadier on a shared machine)",
+    )
     ap.add_argument("--out", default=None, help="directory for pruned_conv2d.md / .json")
     args = ap.parse_args(argv)
     if args.quick:

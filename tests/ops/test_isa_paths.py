@@ -23,6 +23,21 @@ for layout, s in (("csr", 0.8), ("bsr", 0.6), ("2:4", 0.5)):
             want = F.linear(x.double(), sp.to_dense().weight.double(), lin.bias.double())
             err = (sp(x).double() - want).abs().max().item()
             assert err < 1e-4, (layout, m, k, n, err)
+from pyprune.reference import pruned_conv2d_ref
+for cin, cout, k, s, p, g, side, cl in ((12, 10, 3, 1, 1, 1, 20, False), (12, 10, 3, 2, 1, 1, 9, True),
+                                        (16, 8, 1, 1, 0, 1, 7, False), (6, 6, 3, 1, 1, 3, 8, False),
+                                        (5, 5, 3, 1, 1, 5, 9, True)):
+    x = torch.randn(2, cin, side, side)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ii = torch.arange(0, cin, 2) if g == 1 else None
+    w = torch.randn(cout, (cin if ii is None else ii.numel()) // g, k, k)
+    args = (x, w, torch.randn(cout), ii, None, cout, [s, s], [p, p], [1, 1], g, True)
+    got = torch.ops.pyprune.pruned_conv2d(*args)
+    want = pruned_conv2d_ref(*[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                               for a in args])
+    err = (got.double() - want).abs().max().item()
+    assert err < 1e-4, ("conv", cin, cout, k, s, g, side, cl, err)
 print("ok")
 """
 

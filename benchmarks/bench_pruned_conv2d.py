@@ -1,0 +1,41 @@
+"""pytest-benchmark: PrunedConv2d (pyprune::pruned_conv2d, fused channel gather) vs dense F.conv2d and oneDNN on a
+pre-compacted input, on ResNet-50 conv shapes.
+
+CI runs this with --benchmark-disable (each case once, as a smoke test). The numbers quoted in
+benchmarks/results/cpu/ come from pruned_conv2d_table.py, which interleaves providers and repeats rounds.
+"""
+
+import pytest
+import torch
+from pruned_conv2d_table import SHAPES, environment, providers
+
+_dense_median: dict = {}
+PROVIDERS = ("dense", "onednn_compact", "ours", "ours_compact")
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("keep", [0.5, 0.25])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("batch", [1])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-{s[1]}-k{s[2]}-{s[3]}")
+def test_pruned_conv2d(benchmark, shape, batch, channels_last, keep, provider):
+    if provider == "dense" and keep != 0.5:
+        pytest.skip("dense does not depend on keep: timed once per shape")
+    cin, cout, k, side = shape
+    fns = providers(cin, cout, k, side, batch, keep, channels_last, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        benchmark(fns[provider])
+    kept = round(cin * keep) * round(cout * keep) if provider != "dense" else cin * cout
+    flops = 2.0 * batch * side * side * k * k * kept
+    key = (shape, batch, channels_last)
+    info = {"shape": shape, "batch": batch, "keep": keep, "format": "channels_last" if channels_last else "nchw",
+            "dtype": "float32", "device": "cpu", **environment()}  # fmt: skip
+    if benchmark.stats is not None:
+        med = benchmark.stats.stats.median
+        info["gflops"] = flops / med / 1e9
+        if provider == "dense":
+            _dense_median[key] = med
+        elif key in _dense_median:
+            info["speedup_vs_dense"] = _dense_median[key] / med
+            info["ideal"] = 1 / (keep * keep)
+    benchmark.extra_info.update(info)

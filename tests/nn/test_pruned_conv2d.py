@@ -1,0 +1,128 @@
+"""PrunedConv2d: from_dense (BN folding, groups, depthwise, scatter), to_dense, state_dict, .to(), bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from pyprune.nn import PrunedConv2d
+
+
+def _masked_input(x, keep_in):
+    m = torch.zeros(x.shape[1], dtype=x.dtype)
+    m[keep_in] = 1
+    return x * m.view(1, -1, 1, 1)
+
+
+@pytest.fixture
+def conv_bn():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 24, 3, stride=2, padding=1)
+    bn = nn.BatchNorm2d(24).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.normal_()
+        bn.bias.normal_()
+    return conv, bn
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_from_dense_folds_bn_and_relu(conv_bn, channels_last):
+    conv, bn = conv_bn
+    keep_in, keep_out = [0, 3, 4, 9, 15], [1, 2, 8, 23]
+    m = PrunedConv2d.from_dense(conv, keep_in, keep_out, bn=bn, relu=True)
+    x = torch.randn(2, 16, 11, 11)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    want = torch.relu(bn(conv(_masked_input(x, keep_in))))[:, keep_out]
+    torch.testing.assert_close(m(x), want, rtol=1e-4, atol=1e-5)
+    assert m.weight.shape == (4, 5, 3, 3)
+
+
+def test_scatter_output_lines_up_with_the_full_width(conv_bn):
+    conv, _ = conv_bn
+    keep_out = [0, 5, 6, 20]
+    m = PrunedConv2d.from_dense(conv, keep_out=keep_out, scatter_output=True)
+    x = torch.randn(1, 16, 8, 8)
+    y = m(x)
+    assert y.shape == (1, 24, 4, 4)
+    torch.testing.assert_close(y[:, keep_out], conv(x)[:, keep_out], rtol=1e-4, atol=1e-5)
+    others = [c for c in range(24) if c not in keep_out]
+    assert (y[:, others] == 0).all()
+
+
+def test_to_dense_is_equivalent(conv_bn):
+    conv, bn = conv_bn
+    m = PrunedConv2d.from_dense(conv, [1, 2, 3], [4, 5], bn=bn, relu=True, scatter_output=True)
+    x = torch.randn(2, 16, 9, 9)
+    torch.testing.assert_close(m.to_dense()(x), m(x), rtol=1e-5, atol=1e-6)
+
+
+def test_depthwise_and_grouped():
+    torch.manual_seed(1)
+    dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    keep = [1, 2, 5]
+    m = PrunedConv2d.from_dense(dw, keep, keep)
+    assert m.groups == 3
+    x = torch.randn(2, 8, 6, 6)
+    torch.testing.assert_close(m(x), dw(x)[:, keep], rtol=1e-5, atol=1e-6)
+    g = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+    m = PrunedConv2d.from_dense(g, [0, 1, 4, 5], [0, 4])
+    torch.testing.assert_close(m(x), g(_masked_input(x, [0, 1, 4, 5]))[:, [0, 4]], rtol=1e-5, atol=1e-6)
+
+
+def test_state_dict_round_trip_and_to(conv_bn):
+    conv, bn = conv_bn
+    m = PrunedConv2d.from_dense(conv, [0, 7, 9], [3, 4, 10], bn=bn, relu=True)
+    fresh = PrunedConv2d(16, 24, 3, keep_in=[0, 7, 9], keep_out=[3, 4, 10], stride=2, padding=1, relu=True)
+    fresh.load_state_dict(m.state_dict())
+    x = torch.randn(1, 16, 7, 7)
+    torch.testing.assert_close(fresh(x), m(x))
+    m64 = copy.deepcopy(m).to(torch.float64)
+    assert m64.weight.dtype == torch.float64 and m64.in_index.dtype == torch.int64
+    torch.testing.assert_close(m64(x.double()), m(x).double(), rtol=1e-5, atol=1e-6)
+    assert "16->24 keeping 3->3" in repr(m) and "relu=True" in repr(m)
+
+
+def test_gradients_reach_the_kept_weight(conv_bn):
+    conv, _ = conv_bn
+    m = PrunedConv2d.from_dense(conv, [0, 1, 2, 3], [0, 1])
+    x = torch.randn(2, 16, 5, 5, requires_grad=True)
+    m(x).square().sum().backward()
+    assert m.weight.grad is not None and m.weight.grad.abs().sum() > 0
+    assert (x.grad[:, 4:] == 0).all() and x.grad[:, :4].abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"keep_in": [0, 16]}, ValueError, "keep_in.*\\[0, 16\\)"),
+        ({"keep_in": [3, 1]}, ValueError, "keep_in.*sorted"),
+        ({"keep_out": [1, 1]}, ValueError, "keep_out.*duplicates"),
+        ({"keep_out": []}, ValueError, "keep_out must keep at least one"),
+        ({"keep_in": torch.tensor([0.0, 1.0])}, TypeError, "keep_in must be a 1-D integer tensor"),
+        ({"keep_in": ["a"]}, TypeError, "keep_in must be a sequence of ints"),
+    ],
+)
+def test_bad_indices_are_named(conv_bn, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        PrunedConv2d.from_dense(conv_bn[0], **kwargs)
+
+
+def test_bad_modules_and_inputs(conv_bn):
+    conv, _ = conv_bn
+    with pytest.raises(TypeError, match="conv must be a torch.nn.Conv2d"):
+        PrunedConv2d.from_dense(nn.Linear(3, 4))
+    with pytest.raises(ValueError, match="grouped conv"):
+        PrunedConv2d.from_dense(nn.Conv2d(8, 8, 3, groups=2), keep_in=[0, 1, 4], keep_out=[0, 4])
+    with pytest.raises(ValueError, match="bn must be a BatchNorm2d"):
+        PrunedConv2d.from_dense(conv, bn=nn.BatchNorm2d(5))
+    m = PrunedConv2d.from_dense(conv, [0, 1])
+    with pytest.raises(ValueError, match="in_channels=16"):
+        m(torch.randn(1, 15, 8, 8))
+    with pytest.raises(TypeError, match="dtype"):
+        m(torch.randn(1, 16, 8, 8, dtype=torch.float64))

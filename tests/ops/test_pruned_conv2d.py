@@ -1,0 +1,189 @@
+"""pyprune::pruned_conv2d on the CPU (the C++ kernel when built, else the reference) against the float64 spec."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyprune
+from pyprune.ops import pruned_conv2d
+from pyprune.reference import pruned_conv2d_ref
+
+OP = torch.ops.pyprune.pruned_conv2d
+
+# (C_in, C_out, kernel, stride, padding, dilation, groups, side, batch): 1x1 and kxk, stride 2, dilation,
+# groups and depthwise, odd sizes, maps wide enough for the staged path (>= 18) and small ones (7) for im2col
+CASES = [
+    (16, 32, 3, 1, 1, 1, 1, 9, 2),
+    (7, 5, 1, 1, 0, 1, 1, 7, 1),
+    (64, 64, 1, 1, 0, 1, 1, 56, 1),
+    (33, 17, 3, 2, 1, 1, 1, 13, 3),
+    (20, 12, 3, 1, 2, 2, 1, 11, 2),
+    (12, 12, 3, 1, 1, 1, 3, 10, 2),
+    (8, 8, 3, 1, 1, 1, 8, 12, 2),
+    (8, 16, 5, 2, 2, 1, 8, 17, 1),
+    (97, 9, 1, 2, 0, 1, 1, 9, 2),
+    (32, 40, 3, 1, 0, 1, 1, 7, 8),
+    (16, 24, 1, 1, 0, 1, 1, 7, 8),
+    (16, 24, 3, 1, 1, 1, 1, 20, 2),
+    (12, 12, 3, 1, 2, 2, 3, 24, 1),
+    (8, 8, 5, 1, 2, 1, 1, 40, 1),
+    (9, 4, 3, 1, 0, 1, 1, 25, 2),
+    (1, 1, 3, 1, 1, 1, 1, 5, 1),
+]
+
+
+def _case(case, keep, scatter, cl, bias, dtype=torch.float32, seed=0):
+    cin, cout, k, s, p, d, g, side, n = case
+    gen = torch.Generator().manual_seed(seed)
+    ci = max(g, int(cin * keep) // g * g)
+    in_index = None if ci == cin else torch.sort(torch.randperm(cin, generator=gen)[:ci]).values
+    if g == cin:  # depthwise: every kept input channel is its own group
+        g = co = ci
+    else:
+        co = max(g, int(cout * keep) // g * g)
+    out_index = torch.sort(torch.randperm(cout, generator=gen)[:co]).values if scatter else None
+    if g == ci and scatter:
+        out_index = in_index.clone() if in_index is not None else torch.arange(cin)
+    x = torch.randn(n, cin, side, side, generator=gen, dtype=dtype)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(co, ci // g, k, k, generator=gen, dtype=dtype)
+    b = torch.randn(co, generator=gen, dtype=dtype) if bias else None
+    out_channels = (cout if g != ci else cin) if scatter else co
+    return x, w, b, in_index, out_index, out_channels, [s, s], [p, p], [d, d], g
+
+
+def _double(args):
+    return [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("keep", [1.0, 0.5])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_matches_reference(case, keep, channels_last):
+    for scatter, relu, bias in ((False, False, True), (True, True, False), (True, False, True)):
+        args = (*_case(case, keep, scatter, channels_last, bias), relu)
+        y = OP(*args)
+        want = pruned_conv2d_ref(*_double(args))
+        assert y.shape == want.shape
+        assert y.is_contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format
+        )
+        torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)
+        if scatter:
+            dropped = torch.ones(want.shape[1], dtype=torch.bool)
+            dropped[args[4]] = False
+            assert (y[:, dropped] == 0).all()
+
+
+def test_reference_hand_computed():
+    # one input channel kept of two, a 1x1 weight of 2, out_index scatters to channel 1 of 3, ReLU
+    x = torch.tensor([[[[1.0, -2.0]], [[10.0, 20.0]]]])
+    w = torch.tensor([[[[2.0]]]])
+    y = pruned_conv2d_ref(x, w, torch.tensor([0.5]), torch.tensor([0]), torch.tensor([1]), 3,
+                          [1, 1], [0, 0], [1, 1], 1, True)  # fmt: skip
+    assert torch.equal(y, torch.tensor([[[[0.0, 0.0]], [[2.5, 0.0]], [[0.0, 0.0]]]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_other_dtypes(dtype):
+    args = (*_case((16, 24, 3, 1, 1, 1, 1, 9, 2), 0.5, True, False, True, dtype), True)
+    y = OP(*args)
+    assert y.dtype == dtype
+    want = pruned_conv2d_ref(*_double(args))
+    naive = pruned_conv2d_ref(*args).double()
+    assert (y.double() - want).abs().max() <= 2 * (naive - want).abs().max() + 1e-12
+
+
+def test_empty_batch_and_noncontiguous_input():
+    x, w, b, ii, oi, oc, s, p, d, g = _case((16, 24, 3, 1, 1, 1, 1, 20, 1), 0.5, False, False, True)
+    empty = OP(x[:0], w, b, ii, oi, oc, s, p, d, g, False)
+    assert empty.shape == (0, oc, 20, 20)
+    big = torch.randn(2, 32, 24, 22)
+    view = big[:, ::2, 2:, :20]  # every other channel, cropped: strided in C, H and W
+    assert not view.is_contiguous()
+    y = OP(view, w, b, ii, oi, oc, s, p, d, g, False)
+    want = pruned_conv2d_ref(*_double((view.contiguous(), w, b, ii, oi, oc, s, p, d, g, False)))
+    torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_public_function_defaults():
+    x = torch.randn(1, 6, 5, 5)
+    w = torch.randn(4, 3, 3, 3)
+    ii = torch.tensor([0, 2, 5])
+    oi = torch.tensor([0, 1, 3, 6])
+    y = pruned_conv2d(x, w, None, ii, oi, padding=1)  # out_channels defaults to out_index.max() + 1
+    assert y.shape == (1, 7, 5, 5)
+    torch.testing.assert_close(y[:, oi], F.conv2d(x[:, ii], w, padding=1))
+
+
+def test_gradients_match_reference_autograd():
+    args = list(_case((12, 10, 3, 2, 1, 1, 1, 9, 2), 0.5, True, False, True))
+    x, w, b = (t.clone().requires_grad_() for t in args[:3])
+    y = OP(x, w, b, *args[3:], True)
+    gy = torch.randn_like(y)
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), gy)
+    x2, w2, b2 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    y2 = pruned_conv2d_ref(x2, w2, b2, *args[3:], True)
+    gx2, gw2, gb2 = torch.autograd.grad(y2, (x2, w2, b2), gy.double())
+    for got, want in ((gx, gx2), (gw, gw2), (gb, gb2)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    assert (gx[:, [c for c in range(12) if c not in args[3].tolist()]] == 0).all()
+
+
+def test_gradcheck_float64():
+    x, w, b, ii, oi, oc, s, p, d, g = _case(
+        (6, 5, 3, 1, 1, 1, 1, 5, 1), 0.5, True, False, True, torch.float64
+    )
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    fn = lambda x, w, b: OP(x, w, b, ii, oi, oc, s, p, d, g, False)
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+def test_opcheck():
+    args = (*_case((8, 6, 3, 1, 1, 1, 1, 6, 2), 0.5, True, False, True), True)
+    torch.library.opcheck(OP, args)
+
+
+def test_compile_matches_eager():
+    conv = torch.nn.Conv2d(8, 12, 3, padding=1)
+    m = pyprune.nn.PrunedConv2d.from_dense(conv, keep_in=[0, 3, 5, 7], keep_out=[1, 2, 4, 8, 11], relu=True)
+    x = torch.randn(2, 8, 10, 10)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), m(x))
+
+
+def _bad(**change):
+    args = dict(zip(
+        ["x", "weight", "bias", "in_index", "out_index", "out_channels", "stride", "padding", "dilation", "groups"],
+        _case((8, 6, 3, 1, 1, 1, 1, 6, 1), 0.5, True, False, True),
+    ))  # fmt: skip
+    args.update(change)
+    return OP(*args.values(), False)
+
+
+@pytest.mark.parametrize(
+    "change, exc, match",
+    [
+        ({"in_index": torch.tensor([0, 1, 2, 8])}, ValueError, "in_index.*must hold channels in \\[0, 8\\)"),
+        ({"in_index": torch.tensor([0, 2, 2, 3])}, ValueError, "in_index.*sorted and free of duplicates"),
+        ({"in_index": torch.tensor([3, 2, 1, 0])}, ValueError, "in_index.*sorted"),
+        ({"in_index": torch.tensor([0, 1, 2, 3], dtype=torch.int32)}, TypeError, "in_index.*Long"),
+        ({"out_index": torch.tensor([0, 1, 6])}, ValueError, "out_index.*\\[0, 6\\)"),
+        ({"out_index": torch.tensor([0, 1])}, ValueError, "out_index.*one entry per weight row"),
+        ({"in_index": torch.tensor([0, 1, 2])}, ValueError, "weight.*C_in_kept"),
+        ({"groups": 3}, ValueError, "groups.*must divide"),
+        ({"weight": torch.randn(3, 4, 3)}, ValueError, "weight.*4-D"),
+        ({"weight": torch.randn(3, 4, 3, 3, dtype=torch.float64)}, TypeError, "weight"),
+        ({"bias": torch.randn(5)}, ValueError, "bias"),
+        ({"out_index": None, "out_channels": 7}, ValueError, "out_channels"),
+        ({"stride": [0, 1]}, ValueError, "stride"),
+        ({"padding": [0, 0], "x": torch.randn(1, 8, 2, 2)}, ValueError, "empty output"),
+    ],
+)
+def test_bad_input_names_the_argument(change, exc, match):
+    with pytest.raises(exc, match=match):
+        _bad(**change)
