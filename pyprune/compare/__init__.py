@@ -183,19 +183,24 @@ def compare(
             prog.step(f"{peak['peak_gflops']:.1f} GFLOP/s, {peak['copy_gbps']:.1f} GB/s")
         variants = _variants(methods, levels)
         builder = Builder(model, args, block)
-        built, rows = {}, []
+        built, info, rows = {}, {}, []
         prog.stage("building variants", len(variants))
         for key in variants:
             try:
                 mod, note = builder.build(*key)
-                mod(*args)  # one call: a variant that cannot run here fails now, not in the timing loop
+                # the first call (counting FLOPs and bytes) also warms it up, and a variant that cannot run
+                # here fails now, not in the timing loop; the second one shows which kernels ran
+                work = measure_work(mod, args)
+                kernels = _kernels(mod, args, str(dev))
             except _VARIANT_ERRORS as exc:
                 why = str(exc) if isinstance(exc, NotApplicable) else f"{type(exc).__name__}: {exc}"
                 rows.append(_na(*key, why.splitlines()[0][:200] if why else type(exc).__name__))
                 prog.step(f"{key[0]}@{key[1]}: n/a")
                 continue
             built[key] = (mod, note)
+            info[key] = (work, kernels)
             prog.step(f"{key[0]}@{key[1]}")
+        env["build_s"] = time.perf_counter() - t_start
         fns = {key: (lambda m=mod: m(*args)) for key, (mod, _) in built.items()}
         samples = time_interleaved(
             {f"{m}@{lv}": fn for (m, lv), fn in fns.items()},
@@ -204,13 +209,16 @@ def compare(
             budget_s,
             seed=seed,
             progress=prog,
+            warmed=True,
         )
+        env["timing_s"] = time.perf_counter() - t_start - env["build_s"]
         dense_t = samples["dense@None"]
         dense_w = prunable_weights(model)
-        prog.stage("counting FLOPs and bytes" + (", timing layers" if per_layer else ""), len(built))
+        if per_layer:
+            prog.stage("timing layers", len(built))
         for (m, lv), (mod, note) in built.items():
             ts = samples[f"{m}@{lv}"]
-            work = measure_work(mod, args)
+            work, kernels = info[(m, lv)]
             stats = summarize(ts, dense_t)
             row = {
                 "method": m,
@@ -223,7 +231,7 @@ def compare(
                 "memory_bytes": work["weight_bytes"],
                 "prunable_kept": kept_weights(mod) / dense_w,
                 **place(work["flops"], work["bytes"], stats["median_s"], peak),
-                "kernels": _kernels(mod, args, str(dev)),
+                "kernels": kernels,
                 "times_s": ts,
                 "note": note,
             }
@@ -231,11 +239,11 @@ def compare(
             if per_layer:
                 times = time_layers(mod, args, int(layer_repeats), sync=sync)
                 row["layers"] = {
-                    name: {**info, "time_s": times.get(name), **_place_layer(info, times.get(name), peak)}
-                    for name, info in work["layers"].items()
+                    name: {**lay, "time_s": times.get(name), **_place_layer(lay, times.get(name), peak)}
+                    for name, lay in work["layers"].items()
                 }
+                prog.step(f"{m}@{lv}")
             rows.append(row)
-            prog.step(f"{m}@{lv}")
     order = {key: i for i, key in enumerate(variants)}
     rows.sort(key=lambda r: order[(r["method"], r["level"])])
     env["wall_s"] = time.perf_counter() - t_start

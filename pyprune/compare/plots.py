@@ -29,7 +29,9 @@ def plot_report(report, directory: str | os.PathLike) -> list[str]:
     os.makedirs(directory, exist_ok=True)
     stem = _stem(report, directory)
     env = report.environment
-    subtitle = f"{env.get('cpu')}, {env.get('threads')} threads, {env.get('device')}"
+    subtitle = (
+        f"{env.get('cpu')}, threads={env.get('threads')}, {env.get('device')}, commit {env.get('git_commit')}"
+    )
     paths = []
 
     # speedup vs sparsity, one line per method, bars = p10-p90 of the same-round ratios

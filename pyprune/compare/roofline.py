@@ -79,10 +79,13 @@ def explain(r: dict, peak: dict) -> str:
         f"{side}-bound on paper (intensity {r['intensity']:.1f} FLOP/B vs machine balance {balance:.1f}); "
         f"at {r['frac_roofline']:.0%} of its roofline floor {r['floor_s'] * 1e3:.2f} ms"
     )
-    if r["frac_roofline"] < 0.3:
-        s += "; most time goes to neither FLOPs nor bytes (dispatch, small or irregular kernels)"
-    elif r["bound"] == "compute":
-        s += f"; {r['frac_peak']:.0%} of the dense matmul rate"
+    if r["frac_roofline"] >= 0.3:
+        s += f"; {r['frac_peak']:.0%} of the dense matmul rate" if r["bound"] == "compute" else ""
+    else:
+        s += (
+            "; far below both roofs: the time goes to what the roofline does not count (op dispatch, small "
+            "shapes, index or im2col traffic, irregular access)"
+        )
     return s
 
 

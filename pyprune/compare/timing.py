@@ -85,11 +85,15 @@ def time_interleaved(
     seed: int = 0,
     min_rounds: int = 2,
     progress: Progress | None = None,
+    warmed: bool = False,
+    target_spread: float = 0.1,
 ) -> dict[str, list[float]]:
     """Per-call seconds of each fn, one sample per round; sample i of every fn comes from round i.
 
-    Each fn is warmed up and calibrated first so that one sample lasts about ``budget_s / (rounds * len(fns))``
-    (at least 1 call). Rounds stop early, after ``min_rounds``, once ``budget_s`` is spent.
+    Each fn is warmed up (unless ``warmed``: the caller already ran it once) and calibrated first so that one
+    sample lasts about ``budget_s / (rounds * len(fns))`` (at least 1 call). Rounds stop early, after
+    ``min_rounds``, once ``budget_s`` is spent, or after 3 rounds once every fn's (p90 - p10) / median is
+    within ``target_spread``.
     """
     progress = progress or Progress(False)
     rng = random.Random(seed)
@@ -97,7 +101,8 @@ def time_interleaved(
     number = {}
     with torch.no_grad():
         for name, fn in fns.items():
-            fn()  # warm-up: first-call allocations, lazy init, oneDNN primitive creation
+            if not warmed:
+                fn()  # warm-up: first-call allocations, lazy init, oneDNN primitive creation
             t0 = time.perf_counter()
             fn()
             est = max(time.perf_counter() - t0, 1e-7)
@@ -113,7 +118,14 @@ def time_interleaved(
             progress.step(f"round {r + 1}/{rounds} ({time.perf_counter() - start:.1f} s)")
             if r + 1 >= min_rounds and time.perf_counter() - start > budget_s:
                 break
+            if r + 1 >= max(3, min_rounds) and all(_spread(ts) <= target_spread for ts in samples.values()):
+                break
     return samples
+
+
+def _spread(times: list[float]) -> float:
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return (q[-1] - q[0]) / statistics.median(times)
 
 
 def summarize(times: list[float], baseline: list[float] | None) -> dict:

@@ -25,14 +25,15 @@ def test_place_memory_bound():
     assert p["floor_s"] == pytest.approx(0.01)
     assert p["frac_roofline"] == pytest.approx(0.1)
     text = explain(p, PEAK)
-    assert text.startswith("memory-bound") and "balance 10.0" in text and "neither FLOPs nor bytes" in text
+    assert text.startswith("memory-bound") and "balance 10.0" in text and "far below both roofs" in text
     assert balance(PEAK) == pytest.approx(10.0)
 
 
 def test_explain_compute_near_roof():
     p = place(1e9, 1e7, 0.0125, PEAK)
     text = explain(p, PEAK)
-    assert text.startswith("compute-bound") and "80% of its roofline" in text and "neither" not in text
+    assert text.startswith("compute-bound") and "80% of its roofline" in text and "far below" not in text
+    assert "80% of the dense matmul rate" in text
 
 
 def test_break_even_one_level_is_proportional():
