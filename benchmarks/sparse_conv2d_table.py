@@ -3,9 +3,9 @@ convolutions, NCHW and channels_last, written as markdown + JSON.
 
 Every round times each provider of a case once (the median single call of a batch of >= --batch-ms), in a
 shuffled order, so drift on a shared VM hits all providers alike; a speedup is the median over rounds of the same-round ratio
-time(dense) / time(provider). For NCHW input the table also times `nchw_transposes` alone: the NCHW -> NHWC
-copy of the input and the NHWC -> NCHW copy of the output that SparseConv2d does around the linear op, so the
-cost of the arrangement can be read off (the op itself is what the channels_last rows time). Usage:
+time(dense) / time(provider). For NCHW input the table also times `nchw_transposes` alone: the per-image
+transposes of the input to (pixels, C) and of the output back that SparseConv2d does around the linear op, so
+the cost of the arrangement can be read off (the op itself is what the channels_last rows time). Usage:
     python benchmarks/sparse_conv2d_table.py [--quick] [--rounds 9] [--threads 2] [--out benchmarks/results/cpu]
 
 The providers and cases are shared with bench_sparse_conv2d.py (pytest-benchmark).
@@ -68,15 +68,18 @@ def _ours(layout, block=(32, 32)):
 
 
 def nchw_transposes(conv, x, sparsity):
-    """Only the two copies SparseConv2d makes around the op for NCHW input (None for channels_last)."""
+    """Only the copies SparseConv2d makes around the op for NCHW input, per image as it does in eager mode: the
+    (C, H*W) -> (H*W, C) input transpose and the (H*W, C_out) -> (C_out, H*W) output transpose into the stacked
+    result (None for channels_last)."""
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return None
     n, c, h, w = x.shape
-    y_nhwc = torch.randn(n, h, w, conv.out_channels)
+    ys = [torch.randn(h * w, conv.out_channels) for _ in range(n)]
 
     def run():
-        x.permute(0, 2, 3, 1).reshape(n * h * w, c).contiguous()  # N=1: reshape alone is a view
-        return y_nhwc.permute(0, 3, 1, 2).contiguous()
+        for i in range(n):
+            x[i].reshape(c, h * w).t().contiguous()
+        return torch.stack([y.t() for y in ys])
 
     return run
 
@@ -163,8 +166,8 @@ def to_markdown(rows, env, load) -> str:
         "",
         (
             "Speedup = median over interleaved rounds of time(F.conv2d) / time(provider) in the same round. "
-            "GFLOP/s are dense-equivalent (2 N H W C_in C_out / time). `nchw_transposes` = the input NCHW->NHWC "
-            "and output NHWC->NCHW copies alone (its 'speedup' column is dense / transposes). `faults` = minor page "
+            "GFLOP/s are dense-equivalent (2 N H W C_in C_out / time). `nchw_transposes` = the per-image input "
+            "(C, HW)->(HW, C) and output (HW, C_out)->(C_out, HW) copies alone (its 'speedup' column is dense / transposes). `faults` = minor page "
             "faults per call (4 KiB each): memory the allocator handed back to the OS and touched again."
         ),
         "",

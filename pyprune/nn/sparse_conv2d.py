@@ -8,10 +8,10 @@ contiguous:
 
 - 1x1, channels_last input: the input *is* the (N*H*W, C_in) activation matrix (a view, no copy), and the
   op's (N*H*W, C_out) output *is* the channels_last result.
-- 1x1, NCHW input: one transpose of the input to NHWC before the op and one of the output back to NCHW. The
-  kernel packs its activations token-minor internally, which is NCHW's own order, so these two transposes are
-  pure overhead that a kernel accepting token-minor input would remove (benchmarks/results/cpu/
-  sparse_conv2d.md measures them).
+- 1x1, NCHW input: per image, one transpose of the input to (H*W, C) before the op and one of the output back
+  to (C_out, H*W). The kernel packs its activations token-minor internally, which is NCHW's own order, so these
+  two transposes are pure overhead that a kernel accepting token-minor input would remove (benchmarks/results/
+  cpu/sparse_conv2d.md measures them). Under torch.compile the whole batch is transposed at once instead.
 - kxk (and strided / padded 1x1): **explicit im2col**, not implicit GEMM. The (N*OH*OW, kh*kw*C_in) patch
   matrix is materialised from a strided view of the zero-padded NHWC input, then multiplied. This costs
   kh*kw times the input's bytes in memory traffic, often more than the dense convolution itself; an implicit
@@ -229,8 +229,19 @@ class SparseConv2d(nn.Module):
             )
         # channels_last when the channels are the innermost of C, W (ties: layouts coincide, NCHW chosen)
         channels_last = x.stride(1) < x.stride(3)
+        pointwise = (kh, kw) == (1, 1) and (ph, pw) == (0, 0)
+        if pointwise and not channels_last and n > 0 and not torch.compiler.is_compiling():
+            # NCHW 1x1, one image at a time: image i is (C, H*W) with the pixels contiguous, so its (pixels, C)
+            # operand is a transposed view that the op copies once; per image, that copy and the kernel's
+            # packed activations stay cache-sized, and the allocator does not unmap and re-fault them every call
+            # as it does for whole-batch buffers (benchmarks/results/cpu/sparse_conv2d.md). Traced graphs take
+            # the batched path below, which does not depend on the batch size.
+            xs = x[:, :, ::sh, ::sw]
+            y = torch.stack([self._linear(xs[i].reshape(c, oh * ow).t()).t() for i in range(n)])
+            y = y.view(n, self.out_channels, oh, ow)
+            return y if input.dim() == 4 else y.squeeze(0)
         xl = x.permute(0, 2, 3, 1)  # (N, H, W, C): a view; contiguous iff the input is channels_last
-        if (kh, kw) == (1, 1) and (ph, pw) == (0, 0):
+        if pointwise:
             # 1x1: pixels are rows. A view for dense channels_last input; else one NHWC copy of the kept pixels
             a = xl[:, ::sh, ::sw].reshape(n * oh * ow, c)
         else:

@@ -138,6 +138,8 @@ def test_groups_csr_matches_grouped_conv(groups, cin, cout):
 def test_empty_batch_and_unbatched_input():
     sc = SparseConv2d.from_dense(torch.nn.Conv2d(8, 4, 3, stride=2, padding=1), sparsity=0.5)
     assert sc(torch.randn(0, 8, 9, 9)).shape == (0, 4, 5, 5)
+    pointwise = SparseConv2d.from_dense(torch.nn.Conv2d(8, 4, 1), sparsity=0.5)
+    assert pointwise(torch.randn(0, 8, 3, 3)).shape == (0, 4, 3, 3)
     x = torch.randn(8, 9, 9)
     torch.testing.assert_close(sc(x), sc(x.unsqueeze(0)).squeeze(0))
     assert sc(x).shape == (4, 5, 5)
