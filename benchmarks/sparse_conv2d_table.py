@@ -166,9 +166,10 @@ def to_markdown(rows, env, load) -> str:
         "",
         (
             "Speedup = median over interleaved rounds of time(F.conv2d) / time(provider) in the same round. "
-            "GFLOP/s are dense-equivalent (2 N H W C_in C_out / time). `nchw_transposes` = the per-image input "
-            "(C, HW)->(HW, C) and output (HW, C_out)->(C_out, HW) copies alone (its 'speedup' column is dense / transposes). `faults` = minor page "
-            "faults per call (4 KiB each): memory the allocator handed back to the OS and touched again."
+            "GFLOP/s are dense-equivalent (2 N H W C_in C_out / time). `nchw_transposes` = the per-image "
+            "input (C, HW)->(HW, C) and output (HW, C_out)->(C_out, HW) copies alone (its 'speedup' column is "
+            "dense / transposes). `faults` = minor page faults per call (4 KiB each): memory the allocator "
+            "handed back to the OS and touched again."
         ),
         "",
         "| batch | conv | format | provider | sparsity | median ms | GFLOP/s | vs F.conv2d | spread | faults |",
