@@ -8,8 +8,8 @@ contiguous:
 
 - 1x1, channels_last input: the input *is* the (N*H*W, C_in) activation matrix (a view, no copy), and the
   op's (N*H*W, C_out) output *is* the channels_last result.
-- 1x1, NCHW input: per image, one transpose of the input to (H*W, C) before the op and one of the output back
-  to (C_out, H*W). The kernel packs its activations token-minor internally, which is NCHW's own order, so these
+- 1x1, NCHW input: per image and in ~1 MiB chunks of pixels, one transpose of the input to (pixels, C) before
+  the op and one of the output back to (C_out, pixels). The kernel packs its activations token-minor internally, which is NCHW's own order, so these
   two transposes are pure overhead that a kernel accepting token-minor input would remove (benchmarks/results/
   cpu/sparse_conv2d.md measures them). Under torch.compile the whole batch is transposed at once instead.
 - kxk (and strided / padded 1x1): **explicit im2col**, not implicit GEMM. The (N*OH*OW, kh*kw*C_in) patch
@@ -37,6 +37,9 @@ from ..sparse import BSR, CSR, Sparse24
 from ..sparse.bsr import check_block
 from ..sparse.select import block_mask, magnitude_mask, nm_mask
 from .sparse_linear import LAYOUTS, _check_layout
+
+# activations per op call on the NCHW 1x1 path (measured: 1 MiB chunks beat whole images of 3 MiB and more)
+_NCHW_CHUNK_BYTES = 1 << 20
 
 
 def _pair(v, name: str) -> tuple[int, int]:
@@ -231,14 +234,22 @@ class SparseConv2d(nn.Module):
         channels_last = x.stride(1) < x.stride(3)
         pointwise = (kh, kw) == (1, 1) and (ph, pw) == (0, 0)
         if pointwise and not channels_last and n > 0 and not torch.compiler.is_compiling():
-            # NCHW 1x1, one image at a time: image i is (C, H*W) with the pixels contiguous, so its (pixels, C)
-            # operand is a transposed view that the op copies once; per image, that copy and the kernel's
-            # packed activations stay cache-sized, and the allocator does not unmap and re-fault them every call
-            # as it does for whole-batch buffers (benchmarks/results/cpu/sparse_conv2d.md). Traced graphs take
-            # the batched path below, which does not depend on the batch size.
+            # NCHW 1x1, one image at a time, its pixels in chunks of about _NCHW_CHUNK_BYTES of activations:
+            # image i is (C, H*W) with the pixels contiguous, so a chunk's (pixels, C) operand is a transposed view
+            # that the op copies once. Cache-sized chunks keep that copy and the kernel's packed activations in
+            # L2, and keep glibc from unmapping and re-faulting multi-MB buffers on every call, which cost more
+            # than the multiply (benchmarks/results/cpu/sparse_conv2d.md). Traced graphs take the batched path
+            # below, which does not depend on the batch size.
             xs = x[:, :, ::sh, ::sw]
-            y = torch.stack([self._linear(xs[i].reshape(c, oh * ow).t()).t() for i in range(n)])
-            y = y.view(n, self.out_channels, oh, ow)
+            pixels = oh * ow
+            n_chunks = -(-pixels * c * x.element_size() // _NCHW_CHUNK_BYTES)
+            step = -(-pixels // n_chunks)
+            images = []
+            for i in range(n):
+                xi = xs[i].reshape(c, pixels)
+                parts = [self._linear(xi[:, j : j + step].t()).t() for j in range(0, pixels, step)]
+                images.append(parts[0] if len(parts) == 1 else torch.cat(parts, 1))
+            y = torch.stack(images).view(n, self.out_channels, oh, ow)
             return y if input.dim() == 4 else y.squeeze(0)
         xl = x.permute(0, 2, 3, 1)  # (N, H, W, C): a view; contiguous iff the input is channels_last
         if pointwise:

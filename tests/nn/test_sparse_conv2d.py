@@ -334,3 +334,19 @@ def test_convert_swaps_masked_conv2d(layout):
         assert isinstance(fast[0], SparseConv2d) and "0" in report.converted
     with torch.no_grad():
         torch.testing.assert_close(fast(x), masked(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_bytes", [100, 1 << 20])
+def test_nchw_pointwise_chunks_match_reference_and_gradients(monkeypatch, chunk_bytes):
+    # a tiny chunk budget splits every image's pixels into many op calls (uneven last chunk); the default does not
+    monkeypatch.setattr(pyprune.nn.sparse_conv2d, "_NCHW_CHUNK_BYTES", chunk_bytes)
+    conv = _masked_conv(7, 5, 1, 2, 0, 1, 0.5, "csr")
+    sc = SparseConv2d.from_dense(conv)
+    x = torch.randn(3, 7, 9, 11, requires_grad=True)
+    y = sc(x)
+    torch.testing.assert_close(y.double(), _reference(conv, x), atol=1e-4, rtol=1e-4)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    x64 = x.detach().double().requires_grad_(True)
+    (_reference(conv, x64) * g.double()).sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-4, rtol=1e-4)
