@@ -160,9 +160,8 @@ def _profile(args) -> int:
         peak = measure_peak(nthreads, device)
     rep = profile_variant(
         model, inputs, args.method, args.level, trace=trace, device=device, threads=args.threads,
-        layer_repeats=args.repeats, peak=peak, progress=not args.no_progress,
+        layer_repeats=args.repeats, peak=peak, progress=not args.no_progress, name=name,
     )  # fmt: skip
-    rep.model = name
     level = 0.5 if args.method == "2:4" else args.level
     print(rep.header())
     print(rep.layer_table(args.method, level))

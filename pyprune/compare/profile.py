@@ -110,6 +110,7 @@ def profile_variant(
     layer_repeats: int = 5,
     peak: dict | None = None,
     progress: bool = False,
+    name: str | None = None,
 ):
     """Compare ``method`` at ``level`` with dense, layer by layer; returns the Report (``report.layer_table``)
     and writes the chrome trace to ``trace`` when given."""
@@ -122,7 +123,7 @@ def profile_variant(
     rep = compare(
         model, example_inputs, methods=("dense", method), levels=(level,), device=device, threads=threads,
         rounds=rounds, budget_s=budget_s, per_layer=True, layer_repeats=layer_repeats, peak=peak,
-        progress=progress, keep_models=trace is not None,
+        progress=progress, keep_models=trace is not None, name=name,
     )  # fmt: skip
     if trace is not None:
         args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in _args(example_inputs))

@@ -192,6 +192,8 @@ class Report:
         )
         if "peak_gflops" in e:
             s += f"; measured peak {e['peak_gflops']:.1f} GFLOP/s matmul, {e['copy_gbps']:.1f} GB/s copy"
+        if e.get("loadavg_start"):
+            s += f"; load average {e['loadavg_start'].split()[0]} at start"
         return s
 
     def table(self) -> str:

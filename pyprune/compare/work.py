@@ -119,6 +119,26 @@ def _act_bytes(obj) -> int:
     return sum(t.numel() * t.element_size() for t in _tensors(obj))
 
 
+def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _flop_counter() -> FlopCounterMode:
+    """FlopCounterMode that also counts the CPU flash-attention kernel (absent from torch's registry: without
+    it a transformer's attention counts 0 FLOPs when SDPA takes the fused CPU path, and the full bmm count when
+    a variant's layout sends it down the math path)."""
+    mapping = {}
+    packet = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if packet is not None:
+        from torch.utils.flop_counter import flop_registry
+
+        if packet not in flop_registry:
+            mapping[packet] = _sdpa_cpu_flop
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
 def measure_work(model: nn.Module, args: tuple) -> dict:
     """One forward pass of ``model(*args)`` (no grad) counting work.
 
@@ -128,7 +148,7 @@ def measure_work(model: nn.Module, args: tuple) -> dict:
     per: dict[str, dict] = {}
     counted = [0]  # FLOPs the FlopCounterMode attributed to weight layers (dense nn.Linear / Conv2d calls)
     state: dict[str, int] = {}
-    counter = FlopCounterMode(display=False)
+    counter = _flop_counter()
 
     def pre(name):
         def hook(mod, inp):

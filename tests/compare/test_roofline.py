@@ -61,3 +61,9 @@ def test_measure_peak_small():
     assert (peak["matmul_n"], peak["copy_mib"]) == (128, 4)
     with pytest.raises(ValueError, match="repeats"):
         measure_peak(1, repeats=0)
+
+
+def test_explain_flags_a_rate_above_the_measured_peak():
+    p = place(2e9, 1e7, 0.01, PEAK)  # 200 GFLOP/s against a 100 GFLOP/s peak
+    assert p["frac_peak"] == pytest.approx(2.0)
+    assert "measurement was disturbed" in explain(p, PEAK)

@@ -107,3 +107,17 @@ def test_builder_shares_the_masked_model():
         torch.testing.assert_close(csr(x), masked(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ts(x), masked(x), rtol=1e-5, atol=1e-5)
     assert pyprune.pruning.get_mask(masked[0]) is not None  # converting copies left the masks in place
+
+
+class _Attn(nn.Module):
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def test_attention_flops_counted_on_both_sdpa_paths():
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    expected = 2 * (2 * 2 * 16 * 16 * 8)  # q @ k^T and p @ v, per head
+    assert measure_work(_Attn(), (q, k, v))["flops"] == expected
+    # non-contiguous inputs take another kernel; the count must not change with the path
+    qt, kt, vt = (t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (q, k, v))
+    assert measure_work(_Attn(), (qt, kt, vt))["flops"] == expected
