@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from sparse_linear_providers import environment
 
 from pyprune.nn import SparseConv2d
+from pyprune.nn.sparse_conv2d import _NCHW_CHUNK_BYTES
 
 # ResNet-50 bottleneck 1x1 convs: (C_in, C_out, H=W)
 SHAPES = [(256, 64, 56), (1024, 256, 14), (2048, 512, 7)]
@@ -68,18 +69,24 @@ def _ours(layout, block=(32, 32)):
 
 
 def nchw_transposes(conv, x, sparsity):
-    """Only the copies SparseConv2d makes around the op for NCHW input, per image as it does in eager mode: the
-    (C, H*W) -> (H*W, C) input transpose and the (H*W, C_out) -> (C_out, H*W) output transpose into the stacked
-    result (None for channels_last)."""
+    """Only the copies SparseConv2d makes around the op for NCHW input, chunked as it does in eager mode: each
+    chunk's (C, pixels) -> (pixels, C) input transpose and (pixels, C_out) -> (C_out, pixels) output transpose,
+    then the per-image concatenation and the stack (None for channels_last)."""
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return None
     n, c, h, w = x.shape
-    ys = [torch.randn(h * w, conv.out_channels) for _ in range(n)]
+    pixels = h * w
+    step = -(-pixels // -(-pixels * c * x.element_size() // _NCHW_CHUNK_BYTES))
+    ys = [torch.randn(min(step, pixels - j), conv.out_channels) for j in range(0, pixels, step)]
 
     def run():
+        images = []
         for i in range(n):
-            x[i].reshape(c, h * w).t().contiguous()
-        return torch.stack([y.t() for y in ys])
+            xi = x[i].reshape(c, pixels)
+            for j in range(0, pixels, step):
+                xi[:, j : j + step].t().contiguous()
+            images.append(ys[0].t() if len(ys) == 1 else torch.cat([y.t() for y in ys], 1))
+        return torch.stack(images)
 
     return run
 
@@ -166,9 +173,9 @@ def to_markdown(rows, env, load) -> str:
         "",
         (
             "Speedup = median over interleaved rounds of time(F.conv2d) / time(provider) in the same round. "
-            "GFLOP/s are dense-equivalent (2 N H W C_in C_out / time). `nchw_transposes` = the per-image "
-            "input (C, HW)->(HW, C) and output (HW, C_out)->(C_out, HW) copies alone (its 'speedup' column is "
-            "dense / transposes). `faults` = minor page faults per call (4 KiB each): memory the allocator "
+            "GFLOP/s are dense-equivalent (2 N H W C_in C_out / time). `nchw_transposes` = the chunked "
+            "input (C, pixels)->(pixels, C) and output (pixels, C_out)->(C_out, pixels) copies alone (its "
+            "'speedup' column is dense / transposes). `faults` = minor page faults per call (4 KiB each): memory the allocator "
             "handed back to the OS and touched again."
         ),
         "",
