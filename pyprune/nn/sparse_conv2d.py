@@ -9,9 +9,10 @@ contiguous:
 - 1x1, channels_last input: the input *is* the (N*H*W, C_in) activation matrix (a view, no copy), and the
   op's (N*H*W, C_out) output *is* the channels_last result.
 - 1x1, NCHW input: per image and in ~1 MiB chunks of pixels, one transpose of the input to (pixels, C) before
-  the op and one of the output back to (C_out, pixels). The kernel packs its activations token-minor internally, which is NCHW's own order, so these
-  two transposes are pure overhead that a kernel accepting token-minor input would remove (benchmarks/results/
-  cpu/sparse_conv2d.md measures them). Under torch.compile the whole batch is transposed at once instead.
+  the op and one of the output back to (C_out, pixels). The kernel packs its activations token-minor
+  internally, which is NCHW's own order, so these two transposes are pure overhead that a kernel accepting
+  token-minor input would remove (benchmarks/results/cpu/sparse_conv2d.md measures them). Under torch.compile
+  the whole batch is transposed at once instead.
 - kxk (and strided / padded 1x1): **explicit im2col**, not implicit GEMM. The (N*OH*OW, kh*kw*C_in) patch
   matrix is materialised from a strided view of the zero-padded NHWC input, then multiplied. This costs
   kh*kw times the input's bytes in memory traffic, often more than the dense convolution itself; an implicit
@@ -21,7 +22,9 @@ Because of that arrangement the stored weight is the (C_out, kh*kw*C_in) matrix 
 order**: column ``(i * kw + j) * C_in + c`` holds ``conv.weight[o, c, i, j]`` (``conv.weight.permute(0, 2, 3,
 1)``), so a patch row is a contiguous run of channels per tap. For 1x1 convs this is conv.weight's own order.
 Block (bsr) and 2:4 patterns therefore group channels of one tap: a 2:4 group is 4 consecutive input
-channels at one kernel position.
+channels at one kernel position. ``pyprune.sparsify(pattern="2:4")`` groups (C_in, kh, kw)-ordered inputs instead,
+so its masks on kxk convs are generally not 2:4 here (``convert`` leaves such layers dense and says why); use
+``from_dense(conv, sparsity=0.5, layout="2:4")`` for them.
 """
 
 from __future__ import annotations
