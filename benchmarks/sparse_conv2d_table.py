@@ -2,11 +2,12 @@
 convolutions, NCHW and channels_last, written as markdown + JSON.
 
 Every round times each provider of a case once (the median single call of a batch of >= --batch-ms), in a
-shuffled order, so drift on a shared VM hits all providers alike; a speedup is the median over rounds of the same-round ratio
-time(dense) / time(provider). For NCHW input the table also times `nchw_transposes` alone: the per-image
-transposes of the input to (pixels, C) and of the output back that SparseConv2d does around the linear op, so
-the cost of the arrangement can be read off (the op itself is what the channels_last rows time). Usage:
-    python benchmarks/sparse_conv2d_table.py [--quick] [--rounds 9] [--threads 2] [--out benchmarks/results/cpu]
+shuffled order, so drift on a shared VM hits all providers alike; a speedup is the median over rounds of the
+same-round ratio time(dense) / time(provider). For NCHW input the table also times `nchw_transposes` alone: the
+chunked transposes of the input to (pixels, C) and of the output back that SparseConv2d does around the linear
+op, so the cost of the arrangement can be read off (the op itself is what the channels_last rows time). Usage:
+    python benchmarks/sparse_conv2d_table.py [--quick] [--rounds 9] [--threads 2] [--shapes 0 1]
+        [--out benchmarks/results/cpu] [--name sparse_conv2d]
 
 The providers and cases are shared with bench_sparse_conv2d.py (pytest-benchmark).
 """
@@ -70,8 +71,8 @@ def _ours(layout, block=(32, 32)):
 
 def nchw_transposes(conv, x, sparsity):
     """Only the copies SparseConv2d makes around the op for NCHW input, chunked as it does in eager mode: each
-    chunk's (C, pixels) -> (pixels, C) input transpose and (pixels, C_out) -> (C_out, pixels) output transpose,
-    then the per-image concatenation and the stack (None for channels_last)."""
+    chunk's (C, pixels) -> (pixels, C) input transpose and (pixels, C_out) -> (C_out, pixels) output
+    transpose, then the per-image concatenation and the stack (None for channels_last)."""
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return None
     n, c, h, w = x.shape

@@ -3,8 +3,8 @@ sparse-linear kernels, never densified.
 
 A convolution is a GEMM over the pixels: each output pixel is a row (a "token") of the linear op, the
 reduction runs over the kh * kw * C_in inputs of its receptive field (Fast Sparse ConvNets, Elsen et al. 2020,
-for the 1x1 case). Everything is computed in the NHWC (channels_last) arrangement, where a pixel's channels are
-contiguous:
+for the 1x1 case). Everything is computed in the NHWC (channels_last) arrangement, where a pixel's channels
+are contiguous:
 
 - 1x1, channels_last input: the input *is* the (N*H*W, C_in) activation matrix (a view, no copy), and the
   op's (N*H*W, C_out) output *is* the channels_last result.
@@ -22,8 +22,8 @@ Because of that arrangement the stored weight is the (C_out, kh*kw*C_in) matrix 
 order**: column ``(i * kw + j) * C_in + c`` holds ``conv.weight[o, c, i, j]`` (``conv.weight.permute(0, 2, 3,
 1)``), so a patch row is a contiguous run of channels per tap. For 1x1 convs this is conv.weight's own order.
 Block (bsr) and 2:4 patterns therefore group channels of one tap: a 2:4 group is 4 consecutive input
-channels at one kernel position. ``pyprune.sparsify(pattern="2:4")`` groups (C_in, kh, kw)-ordered inputs instead,
-so its masks on kxk convs are generally not 2:4 here (``convert`` leaves such layers dense and says why); use
+channels at one kernel position. ``pyprune.sparsify(pattern="2:4")`` groups (C_in, kh, kw)-ordered inputs
+instead, so its masks on kxk convs are generally not 2:4 here (``convert`` leaves such layers dense and says why); use
 ``from_dense(conv, sparsity=0.5, layout="2:4")`` for them.
 """
 
@@ -159,8 +159,8 @@ class SparseConv2d(nn.Module):
     ) -> SparseConv2d:
         """With ``sparsity``, drops the smallest-magnitude weights (bsr: the smallest-norm (bh, bw) tiles of the
         tap-major weight matrix; 2:4: the two smallest of every four consecutive tap-major inputs, i.e. input
-        channels at one kernel position when in_channels % 4 == 0, so sparsity must be 0.5); with ``sparsity=None`` keeps exactly the zeros already in
-        ``conv.weight``."""
+        channels at one kernel position when in_channels % 4 == 0, so sparsity must be 0.5); with
+        ``sparsity=None`` keeps exactly the zeros already in ``conv.weight``."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be a torch.nn.Conv2d, got {type(conv).__name__}")
         _check_layout(layout)
@@ -238,10 +238,10 @@ class SparseConv2d(nn.Module):
         pointwise = (kh, kw) == (1, 1) and (ph, pw) == (0, 0)
         if pointwise and not channels_last and n > 0 and not torch.compiler.is_compiling():
             # NCHW 1x1, one image at a time, its pixels in chunks of about _NCHW_CHUNK_BYTES of activations:
-            # image i is (C, H*W) with the pixels contiguous, so a chunk's (pixels, C) operand is a transposed view
-            # that the op copies once. Cache-sized chunks keep that copy and the kernel's packed activations in
-            # L2, and keep glibc from unmapping and re-faulting multi-MB buffers on every call, which cost more
-            # than the multiply (benchmarks/results/cpu/sparse_conv2d.md). Traced graphs take the batched path
+            # image i is (C, H*W) with the pixels contiguous, so a chunk's (pixels, C) operand is a transposed
+            # view that the op copies once. Cache-sized chunks keep that copy and the kernel's packed
+            # activations in L2, and keep glibc from unmapping and re-faulting multi-MB buffers on every call,
+            # which cost more than the multiply (benchmarks/results/cpu/sparse_conv2d.md). Traced graphs take the batched path
             # below, which does not depend on the batch size.
             xs = x[:, :, ::sh, ::sw]
             pixels = oh * ow
@@ -256,7 +256,7 @@ class SparseConv2d(nn.Module):
             return y if input.dim() == 4 else y.squeeze(0)
         xl = x.permute(0, 2, 3, 1)  # (N, H, W, C): a view; contiguous iff the input is channels_last
         if pointwise:
-            # 1x1: pixels are rows. A view for dense channels_last input; else one NHWC copy of the kept pixels
+            # 1x1: pixels are rows. A view for dense channels_last input; else one NHWC copy of the pixels
             a = xl[:, ::sh, ::sw].reshape(n * oh * ow, c)
         else:
             # explicit im2col from a strided view of the padded NHWC input (F.pad writes it NHWC-contiguous)

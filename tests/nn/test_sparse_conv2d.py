@@ -22,8 +22,8 @@ SHAPES = [
 
 
 def _tap_major_mask(shape, sparsity, gen, layout):
-    """Random keep-mask of a conv weight (O, C, kh, kw) built by the test itself: csr/bsr any pattern; 2:4 keeps
-    2 of every 4 consecutive (kh, kw, C)-ordered inputs, the order SparseConv2d documents."""
+    """Random keep-mask of a conv weight (O, C, kh, kw) built by the test itself: csr/bsr any pattern; 2:4
+    keeps 2 of every 4 consecutive (kh, kw, C)-ordered inputs, the order SparseConv2d documents."""
     o, c, kh, kw = shape
     if layout == "2:4":
         k = kh * kw * c
@@ -338,7 +338,8 @@ def test_convert_swaps_masked_conv2d(layout):
 
 @pytest.mark.parametrize("chunk_bytes", [100, 1 << 20])
 def test_nchw_pointwise_chunks_match_reference_and_gradients(monkeypatch, chunk_bytes):
-    # a tiny chunk budget splits every image's pixels into many op calls (uneven last chunk); the default does not
+    # a tiny chunk budget splits every image's pixels into many op calls (uneven last chunk); the default
+    # does not
     monkeypatch.setattr(pyprune.nn.sparse_conv2d, "_NCHW_CHUNK_BYTES", chunk_bytes)
     conv = _masked_conv(7, 5, 1, 2, 0, 1, 0.5, "csr")
     sc = SparseConv2d.from_dense(conv)
