@@ -15,6 +15,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <list>
+#include <mutex>
 #include <vector>
 
 #include "pyprune/check.h"
@@ -296,6 +298,118 @@ PYPRUNE_INLINE void depthwise_units(const ConvArgs& a, int64_t u0, int64_t u1) {
   }
 }
 
+// ---- channels_last input: vectors over output channels, pixels broadcast ----------------------------------
+// A channels_last x holds each pixel's channels contiguously, which is the layout of a GEMM with pixels as rows:
+// acc[pixel r][channel vector v] += x[pixel r, tap, in_idx[c]] * wt[tap][c][16 v ...]. The activation is read
+// in place through the kept-channel index as an embedded broadcast (taps in the padding point at a zero row),
+// so nothing is staged or packed per pixel; only the weight is transposed, once per call, to wt (K x Cog16).
+struct ClArgs {
+  const float* wt;     // (G, KH * KW, Cig, Cog16): zero-padded past Cog
+  const float* zeros;  // a row of zeros covering every channel index
+  int64_t Cog16, MR;
+};
+
+template <int MR, int NV>
+PYPRUNE_INLINE void cl_micro(const ConvArgs& a, const ClArgs& c, const float* const* px, int64_t g, int64_t co0,
+                             float* stage) {
+  vf16 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = vf16{};
+  const int64_t* idx = a.in_idx + g * a.Cig;
+  const int64_t taps = a.KH * a.KW;
+  for (int64_t t = 0; t < taps; ++t) {
+    const float* const* pt = px + t * MR;
+    const float* p[MR];
+    for (int r = 0; r < MR; ++r) p[r] = pt[r];
+    const float* w = c.wt + ((g * taps + t) * a.Cig) * c.Cog16 + co0;
+    for (int64_t ci = 0; ci < a.Cig; ++ci, w += c.Cog16) {
+      const int64_t off = idx[ci] * a.sC;
+      vf16 wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = load16(w + v * kLanes);
+      for (int r = 0; r < MR; ++r) {
+        const float xs = p[r][off];
+        for (int v = 0; v < NV; ++v) acc[r][v] += xs * wv[v];
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) store16(stage + r * 64 + v * kLanes, acc[r][v]);
+}
+
+template <int MR>
+PYPRUNE_INLINE void cl_micro_nv(int nv, const ConvArgs& a, const ClArgs& c, const float* const* px, int64_t g,
+                                int64_t co0, float* stage) {
+  if (nv >= 4) cl_micro<MR, (MR <= 6 ? 4 : 1)>(a, c, px, g, co0, stage);
+  else if (nv == 3) cl_micro<MR, (MR <= 8 ? 3 : 1)>(a, c, px, g, co0, stage);
+  else if (nv == 2) cl_micro<MR, 2>(a, c, px, g, co0, stage);
+  else cl_micro<MR, 1>(a, c, px, g, co0, stage);
+}
+
+// unit = (group and block of NVmax * 16 output channels, chunk of kClChunk tiles of MR consecutive output
+// pixels, which may span images). Block-major order: a thread's units share one weight block (K x 64 floats,
+// 256 KB at K = 1024), which then stays in L2 while the chunk's pixels stream past it.
+constexpr int64_t kClChunk = 16;
+
+PYPRUNE_INLINE void cl_units(const ConvArgs& a, const ClArgs& c, int64_t u0, int64_t u1) {
+  const int64_t taps = a.KH * a.KW, MR = c.MR, NVmax = MR == 6 ? 4 : (MR == 8 ? 3 : 2);
+  const int64_t bw = NVmax * kLanes, blocks_per_group = (a.Cog + bw - 1) / bw;
+  const int64_t n_tiles = (a.N * a.P + MR - 1) / MR, n_chunks = (n_tiles + kClChunk - 1) / kClChunk;
+  std::vector<const float*> px(taps * MR);
+  alignas(64) float stage[12 * 64];
+  int64_t pix_n[12], pix_p[12];
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t blk = u / n_chunks, chunk = u % n_chunks;
+    const int64_t g = blk / blocks_per_group, co0 = (blk % blocks_per_group) * bw;
+    const int nv = static_cast<int>(std::min<int64_t>(NVmax, (a.Cog - co0 + kLanes - 1) / kLanes));
+    const int64_t nco = std::min<int64_t>(nv * kLanes, a.Cog - co0);
+    const int64_t row0 = g * a.Cog + co0;
+    const bool consecutive = a.out_ch[row0 + nco - 1] - a.out_ch[row0] == nco - 1;
+    const int64_t t_end = std::min(n_tiles, (chunk + 1) * kClChunk);
+    for (int64_t t = chunk * kClChunk; t < t_end; ++t) {
+      const int64_t q0 = t * MR, cnt = std::min<int64_t>(MR, a.N * a.P - q0);
+      for (int64_t r = 0; r < MR; ++r) {
+        const int64_t q = q0 + std::min<int64_t>(r, cnt - 1), n = q / a.P, pp = q % a.P;
+        const int64_t oh = pp / a.OW, ow = pp % a.OW;
+        pix_n[r] = n;
+        pix_p[r] = pp;
+        for (int64_t kh = 0; kh < a.KH; ++kh) {
+          const int64_t ih = oh * a.SH - a.PH + kh * a.DH;
+          for (int64_t kw = 0; kw < a.KW; ++kw) {
+            const int64_t iw = ow * a.SW - a.PW + kw * a.DW;
+            const bool in = ih >= 0 && ih < a.H && iw >= 0 && iw < a.W;
+            px[(kh * a.KW + kw) * MR + r] = in ? a.x + n * a.sN + ih * a.sH + iw * a.sW : c.zeros;
+          }
+        }
+      }
+      if (MR == 6) cl_micro_nv<6>(nv, a, c, px.data(), g, co0, stage);
+      else if (MR == 8) cl_micro_nv<8>(nv, a, c, px.data(), g, co0, stage);
+      else cl_micro_nv<12>(nv, a, c, px.data(), g, co0, stage);
+      for (int64_t r = 0; r < cnt; ++r) {
+        float* d = a.y + pix_n[r] * a.oN + pix_p[r] * a.oP;
+        const float* src = stage + r * 64;
+        if (consecutive) {  // channels_last output: one contiguous run (a.oC == 1)
+          d += a.out_ch[row0];
+          const float* b = a.bias ? a.bias + row0 : nullptr;
+          if (b && a.relu) {
+            for (int64_t j = 0; j < nco; ++j) d[j] = std::max(src[j] + b[j], 0.f);
+          } else if (b) {
+            for (int64_t j = 0; j < nco; ++j) d[j] = src[j] + b[j];
+          } else if (a.relu) {
+            for (int64_t j = 0; j < nco; ++j) d[j] = std::max(src[j], 0.f);
+          } else {
+            for (int64_t j = 0; j < nco; ++j) d[j] = src[j];
+          }
+        } else {
+          for (int64_t j = 0; j < nco; ++j) {
+            const float v = src[j] + (a.bias ? a.bias[row0 + j] : 0.f);
+            d[a.out_ch[row0 + j] * a.oC] = (a.relu && v < 0.f) ? 0.f : v;
+          }
+        }
+      }
+    }
+  }
+}
+
 // xp[n][c] = x[n, in_idx[c]] with a zero border of PH rows / PW columns; unit = (image, kept channel).
 PYPRUNE_INLINE void stage_units(const ConvArgs& a, float* xp, int64_t Hp, int64_t u0, int64_t u1) {
   const int64_t c_in = a.G * a.Cig;
@@ -348,12 +462,21 @@ PYPRUNE_INLINE void stage_rows_cl(const ConvArgs& a, float* xp, int64_t Hp, int6
 }
 
 using UnitFn = void (*)(const ConvArgs&, int64_t, int64_t);
+using ClFn = void (*)(const ConvArgs&, const ClArgs&, int64_t, int64_t);
 using StageFn = void (*)(const ConvArgs&, float*, int64_t, int64_t, int64_t);
 
 #define PYPRUNE_CONV_ISA(SUFFIX, TARGET)                                                                 \
   TARGET void gemm_##SUFFIX(const ConvArgs& a, int64_t u0, int64_t u1) { gemm_units(a, u0, u1); }        \
   TARGET void depthwise_##SUFFIX(const ConvArgs& a, int64_t u0, int64_t u1) { depthwise_units(a, u0, u1); }
 PYPRUNE_CONV_ISA(baseline, )
+#define PYPRUNE_CL_ISA(SUFFIX, TARGET) \
+  TARGET void cl_##SUFFIX(const ConvArgs& a, const ClArgs& c, int64_t u0, int64_t u1) { cl_units(a, c, u0, u1); }
+PYPRUNE_CL_ISA(baseline, )
+#if PYPRUNE_X86
+PYPRUNE_CL_ISA(avx2, PYPRUNE_TARGET_AVX2)
+PYPRUNE_CL_ISA(avx512, PYPRUNE_TARGET_AVX512)
+#endif
+
 #define PYPRUNE_STAGE_ISA(SUFFIX, TARGET)                                                                   \
   TARGET void stage_##SUFFIX(const ConvArgs& a, float* xp, int64_t Hp, int64_t u0, int64_t u1) {            \
     stage_units(a, xp, Hp, u0, u1);                                                                         \
@@ -385,6 +508,76 @@ void check_index(const std::optional<at::Tensor>& idx, const char* name, int64_t
     PYPRUNE_CHECK(i == 0 || p[i] > p[i - 1], kOp, name, "must be sorted and free of duplicates, got ", p[i - 1],
                   " then ", p[i], " at position ", i);
   }
+}
+
+// wt (G, taps, Cig, Cog16) from w (G * Cog, Cig, taps), zero past Cog: 16 output channels at a time, so every
+// write is a contiguous vector and the reads are 16 row streams.
+void transpose_weight(const float* w, float* wt, int64_t G, int64_t Cog, int64_t Cig, int64_t taps, int64_t cog16) {
+  const int64_t blocks = cog16 / kLanes;
+  at::parallel_for(0, G * blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t g = b / blocks, co0 = (b % blocks) * kLanes, n = std::min<int64_t>(kLanes, Cog - co0);
+      const float* src = w + (g * Cog + co0) * Cig * taps;
+      for (int64_t t = 0; t < taps; ++t)
+        for (int64_t c = 0; c < Cig; ++c) {
+          float* d = wt + ((g * taps + t) * Cig + c) * cog16 + co0;
+          for (int64_t j = 0; j < n; ++j) d[j] = src[(j * Cig + c) * taps + t];
+          for (int64_t j = n; j < kLanes; ++j) d[j] = 0.f;
+        }
+    }
+  });
+}
+
+// Transposed weights are kept between calls (an inference model calls with the same weights every time): an
+// entry is reused only while the weight tensor is alive, is the same TensorImpl with the same data pointer,
+// and its version counter (bumped by every in-place write, an optimizer step included) has not moved.
+struct WtEntry {
+  c10::weak_intrusive_ptr<c10::TensorImpl> impl;
+  const void* data;
+  uint32_t version;
+  int64_t groups;
+  at::Tensor wt;
+};
+constexpr int64_t kWtCacheBytes = int64_t(256) << 20;
+
+at::Tensor transposed_weight(const at::Tensor& weight, const at::Tensor& wc, int64_t G, int64_t Cog, int64_t Cig,
+                             int64_t taps, int64_t cog16) {
+  static std::mutex mu;
+  static std::list<WtEntry> cache;  // most recently used first
+  static int64_t bytes = 0;
+  const bool cacheable = !weight.is_inference() && !c10::InferenceMode::is_enabled();
+  if (cacheable) {
+    const uint32_t version = weight.unsafeGetTensorImpl()->version_counter().current_version();
+    std::lock_guard<std::mutex> lock(mu);
+    for (auto it = cache.begin(); it != cache.end();) {
+      auto alive = it->impl.lock();
+      if (!alive) {  // the weight is gone: drop its copy
+        bytes -= it->wt.nbytes();
+        it = cache.erase(it);
+        continue;
+      }
+      if (alive.get() == weight.unsafeGetTensorImpl() && it->data == weight.data_ptr() &&
+          it->version == version && it->groups == G) {
+        cache.splice(cache.begin(), cache, it);
+        return cache.front().wt;
+      }
+      ++it;
+    }
+  }
+  at::Tensor wt = at::empty({G, taps, Cig, cog16}, wc.options());
+  transpose_weight(wc.data_ptr<float>(), wt.data_ptr<float>(), G, Cog, Cig, taps, cog16);
+  if (cacheable && wt.nbytes() <= static_cast<size_t>(kWtCacheBytes)) {
+    const uint32_t version = weight.unsafeGetTensorImpl()->version_counter().current_version();
+    std::lock_guard<std::mutex> lock(mu);
+    cache.push_front({c10::weak_intrusive_ptr<c10::TensorImpl>(weight.getIntrusivePtr()), weight.data_ptr(),
+                      version, G, wt});
+    bytes += wt.nbytes();
+    while (bytes > kWtCacheBytes) {
+      bytes -= cache.back().wt.nbytes();
+      cache.pop_back();
+    }
+  }
+  return wt;
 }
 
 }  // namespace
@@ -526,9 +719,24 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   // tiles (about a fifth of the FMAs' time at 28x28): stage the kept channels into zero-bordered planes.
   const int64_t Wp = a.W + 2 * a.PW, Hp = a.H + 2 * a.PH;
   at::Tensor staged;
-  // A channels_last x is staged at stride 1 whatever the waste: the planar copy turns every strided gather of
-  // the im2col path into contiguous rows.
   const bool planar = xc.stride(3) == 1;
+  if (!planar && xc.stride(1) == 1) {
+    // channels_last: pixels as GEMM rows, read in place (the weight transposed once per call)
+    const int64_t cog16 = round_up(a.Cog, kLanes);
+    at::Tensor wt = transposed_weight(weight, wc, groups, a.Cog, a.Cig, KH * KW, cog16);
+    at::Tensor zeros = at::zeros({C}, wc.options());
+    ClArgs c{wt.data_ptr<float>(), zeros.data_ptr<float>(), cog16, cog16 > 48 ? 6 : (cog16 > 32 ? 8 : 12)};
+    ClFn fn = cl_baseline;
+#if PYPRUNE_X86
+    if (kernel_isa() == Isa::kAvx512) fn = cl_avx512;
+    else if (kernel_isa() == Isa::kAvx2) fn = cl_avx2;
+#endif
+    const int64_t bw = (c.MR == 6 ? 4 : (c.MR == 8 ? 3 : 2)) * kLanes;
+    const int64_t tiles = (a.N * a.P + c.MR - 1) / c.MR, chunks = (tiles + kClChunk - 1) / kClChunk;
+    const int64_t units = groups * ((a.Cog + bw - 1) / bw) * chunks;
+    at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) { fn(a, c, u0, u1); });
+    return y;
+  }
   if (a.SH == 1 && a.SW == 1 && (!planar || ((KH > 1 || KW > 1) && 7 * (Wp - OW) <= Wp))) {
     a.Wp = Wp;
     a.xpC = Hp * Wp + kNR + kLanes;  // slack: the last tile's taps read past the bottom border (lanes not stored)

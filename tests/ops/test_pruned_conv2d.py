@@ -187,3 +187,27 @@ def _bad(**change):
 def test_bad_input_names_the_argument(change, exc, match):
     with pytest.raises(exc, match=match):
         _bad(**change)
+
+
+def test_channels_last_weight_cache_follows_weight_changes():
+    # the channels_last path keeps a transposed copy of the weight between calls: in-place updates, a new
+    # .data and a different weight tensor must all be seen
+    x = torch.randn(2, 12, 9, 9).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(10, 6, 3, 3)
+    ii = torch.arange(0, 12, 2)
+
+    def run(weight):
+        return OP(x, weight, None, ii, None, 10, [1, 1], [1, 1], [1, 1], 1, False)
+
+    y1 = run(w)
+    torch.testing.assert_close(run(w), y1)
+    w.mul_(2.0)
+    torch.testing.assert_close(run(w), 2 * y1)
+    p = torch.nn.Parameter(w.clone())
+    torch.testing.assert_close(run(p), 2 * y1)
+    p.data = -p.data
+    torch.testing.assert_close(run(p), -2 * y1)
+    with torch.no_grad():
+        p.add_(p)
+    torch.testing.assert_close(run(p), -4 * y1)
+    torch.testing.assert_close(run(torch.zeros_like(w)), torch.zeros_like(y1))
