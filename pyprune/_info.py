@@ -39,8 +39,8 @@ def info(print_it: bool = True) -> dict:
         "cuda": {
             "available": _extension.HAS_CUDA,
             "why": (
-                f"extension built with CUDA {torch.version.cuda}; no .cu kernels yet, CUDA tensors go "
-                "through the Triton router (pyprune.use_backend / PYPRUNE_BACKEND)"
+                f"extension built with CUDA {torch.version.cuda} (.cu kernels: pruned_conv2d); CUDA tensors go "
+                "through the router (pyprune.use_backend / PYPRUNE_BACKEND)"
             )
             if _extension.HAS_CUDA
             else _extension.CUDA_REASON,
