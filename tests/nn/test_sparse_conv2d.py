@@ -211,14 +211,18 @@ def test_torch_compile_fullgraph_matches_eager(layout, sparsity):
         SparseConv2d.from_dense(torch.nn.Conv2d(32, 8, 3, stride=2, padding=1), sparsity=sparsity, layout=layout,
                                 block=(8, 8)),
     )  # fmt: skip
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    for x in (
-        torch.randn(2, 16, 9, 9),
-        torch.randn(2, 16, 9, 9).contiguous(memory_format=torch.channels_last),
-    ):
-        y = compiled(x)
-        torch.testing.assert_close(y, model(x))
-        assert y.is_contiguous(memory_format=torch.channels_last) == (not x.is_contiguous())
+    # nn.Sequential.forward is one code object for every test's model: start and leave dynamo's cache empty so
+    # these compiles do not count against other tests' recompile limit
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        nchw = torch.randn(2, 16, 9, 9)
+        for x in (nchw, nchw.contiguous(memory_format=torch.channels_last)):
+            y = compiled(x)
+            torch.testing.assert_close(y, model(x))
+            assert y.is_contiguous(memory_format=torch.channels_last) == (not x.is_contiguous())
+    finally:
+        torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("layout,sparsity", [("csr", 0.9), ("bsr", 0.75), ("2:4", 0.5)])
