@@ -12,11 +12,24 @@ the user opted in), so fp32 matches cuBLAS' fp32 in both settings.
 Blocks of any size work: ``tl.dot`` needs every side >= 16 and ``tl.arange`` powers of two, so a block side is
 padded (masked) up to the next power of two >= 16; blocks with sides in {16, 32, 64, ...} waste nothing.
 Sides above 128 (rows) or 64 (cols) are split into several tiles.
+
+Schedules (``schedule=``, or ``PYPRUNE_BSR_SCHEDULE``): "rows" (default) gives every (block row, token tile)
+one program in block-row order, so a block row with many more blocks than the others is the critical path
+while most programs finish early. "balanced" launches a grid over work items: long block rows are cut into
+chunks of at most ``split_blocks`` blocks (each chunk writes an fp32 partial tile, summed afterwards in block-row
+order, so the result is deterministic) and items are ordered longest first, so the hardware scheduler hands
+the longest work out first (LPT). The work list depends only on the structure: it is built once on the host
+(one device sync) and cached while ``crow_indices`` is the same tensor at the same version.
+
+Backward pieces: the input gradient is this same forward on the transposed structure (see
+pyprune/ops/bsr_linear.py); the values' gradient is ``bsr_linear_grad_values_triton``, a sampled dense-dense
+product (SDDMM) computing, for each stored block (r, c) only, grad[:, rows of r]^T @ x[:, cols of c].
 """
 
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 import triton
@@ -74,7 +87,7 @@ def _prune_configs(configs, named_args, **kwargs):
 
 @triton.autotune(
     configs=_configs(),
-    key=["M_BUCKET", "N", "K", "BH", "BW"],
+    key=["M_BUCKET", "N", "K", "BH", "BW", "BALANCED"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
 @triton.jit
@@ -90,6 +103,11 @@ def _bsr_linear_fwd_kernel(
     K,
     M_BUCKET,
     N_BROWS,
+    item_row_ptr,
+    item_start_ptr,
+    item_end_ptr,
+    item_slot_ptr,
+    part_ptr,
     stride_xm,
     stride_xk,
     stride_vb,
@@ -103,6 +121,7 @@ def _bsr_linear_fwd_kernel(
     BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    BALANCED: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     # 1-D grid, token tiles fastest: programs running together share a block row of W (the operand read
@@ -114,8 +133,18 @@ def _bsr_linear_fwd_kernel(
     pid = tl.program_id(0)
     pid_m = pid % n_mtiles
     pid_r = pid // n_mtiles
-    brow = pid_r // N_SUB
     sub = pid_r % N_SUB
+    if BALANCED:
+        # work item: a block row or a chunk of one (longest first); slot >= 0 marks a chunk of a split row
+        item = pid_r // N_SUB
+        brow = tl.load(item_row_ptr + item)
+        start = tl.load(item_start_ptr + item).to(tl.int64)
+        end = tl.load(item_end_ptr + item).to(tl.int64)
+        slot = tl.load(item_slot_ptr + item)
+    else:
+        brow = pid_r // N_SUB
+        start = tl.load(crow_ptr + brow).to(tl.int64)
+        end = tl.load(crow_ptr + brow + 1).to(tl.int64)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_h = sub * BLOCK_N + tl.arange(0, BLOCK_N)  # row inside the block
@@ -124,8 +153,6 @@ def _bsr_linear_fwd_kernel(
     # int64: M * K and nnz_blocks * BH * BW pass 2**31 for large layers
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
 
-    start = tl.load(crow_ptr + brow).to(tl.int64)
-    end = tl.load(crow_ptr + brow + 1).to(tl.int64)
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for blk in range(start, end):
         bcol = tl.load(col_ptr + blk).to(tl.int64)
@@ -147,11 +174,25 @@ def _bsr_linear_fwd_kernel(
 
     offs_n = brow * BH + offs_h
     mask_n = (offs_n < N) & (offs_h < BH)
+    if BALANCED:
+        # a chunk of a split row leaves its fp32 partial (M, BH) in part[slot]; the launcher sums them
+        # the slot as a vector: a scalar mask term trips the interpreter
+        is_part = (offs_h * 0 + slot) >= 0
+        p_ptrs = (
+            part_ptr
+            + tl.maximum(slot, 0).to(tl.int64) * M * BH
+            + offs_m.to(tl.int64)[:, None] * BH
+            + offs_h[None, :]
+        )
+        tl.store(p_ptrs, acc, mask=mask_m[:, None] & ((offs_h < BH) & is_part)[None, :])
+        out_mask = mask_m[:, None] & (mask_n & (~is_part))[None, :]
+    else:
+        out_mask = mask_m[:, None] & mask_n[None, :]
     if HAS_BIAS:
         b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         acc += b[None, :]
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
 def _pad_side(side: int, cap: int) -> int:
@@ -167,11 +208,16 @@ def bsr_linear_triton(
     bias: torch.Tensor | None = None,
     *,
     allow_tf32: bool | None = None,
+    schedule: str | None = None,
+    split_blocks: int | None = None,
 ) -> torch.Tensor:
     """x2d: (M, K); crow: (ceil(N / BH) + 1,) int32; col: (nnz_blocks,) int32; values: (nnz_blocks, BH, BW),
     zero past the weight's edges; bias: (N,) or None; N = out_features. Returns y: (M, N) in x2d's dtype.
 
-    ``allow_tf32`` (fp32 only): None follows ``torch.backends.cuda.matmul.allow_tf32``."""
+    ``allow_tf32`` (fp32 only): None follows ``torch.backends.cuda.matmul.allow_tf32``.
+    ``schedule``: "rows" or "balanced" (see the module docstring); None reads ``PYPRUNE_BSR_SCHEDULE``
+    (default "rows"). ``split_blocks`` (balanced only): most blocks per work item; None picks one from the
+    number of blocks and SMs."""
     if x2d.dim() != 2 or values.dim() != 3:
         raise ValueError(
             f"bsr_linear_triton: x2d must be 2-D and values 3-D, got {tuple(x2d.shape)} and "
@@ -181,6 +227,12 @@ def bsr_linear_triton(
         raise TypeError(f"bsr_linear_triton: values ({values.dtype}) must have x's dtype ({x2d.dtype})")
     if x2d.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"bsr_linear_triton: dtype must be float16, bfloat16 or float32, got {x2d.dtype}")
+    if schedule is None:
+        schedule = os.environ.get("PYPRUNE_BSR_SCHEDULE", "rows").strip().lower() or "rows"
+    if schedule not in ("rows", "balanced"):
+        raise ValueError(f"bsr_linear_triton: schedule must be 'rows' or 'balanced', got {schedule!r}")
+    if split_blocks is not None and split_blocks < 1:
+        raise ValueError(f"bsr_linear_triton: split_blocks must be >= 1, got {split_blocks}")
     M, K = x2d.shape
     N = int(out_features)
     nnzb, bh, bw = values.shape
@@ -201,10 +253,25 @@ def bsr_linear_triton(
     n_sub = -(-bh // block_n)
     m_bucket = triton.next_power_of_2(M)
 
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * n_brows * n_sub,)
-
     b_arg = bias.contiguous() if bias is not None else y  # never read without HAS_BIAS
+    balanced = schedule == "balanced"
+    if balanced:
+        if split_blocks is None:
+            split_blocks = _default_split_blocks(nnzb, triton.cdiv(M, 64), x2d.device)
+        plan = _balanced_plan(crow, split_blocks)
+        n_items = plan.n_items
+        items = (plan.row, plan.start, plan.end, plan.slot)
+        # one spare zero slot: the padding of plan.slot_table
+        part = torch.empty((plan.n_slots + 1, M, bh), dtype=torch.float32, device=x2d.device)
+        part[plan.n_slots].zero_()
+    else:
+        n_items = n_brows
+        items = (crow, crow, crow, crow)  # never read without BALANCED
+        part = y
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * n_items * n_sub,)
+
     ctx = torch.cuda.device(x2d.device) if x2d.is_cuda else _NullCtx()
     with ctx:
         _bsr_linear_fwd_kernel[grid](
@@ -219,6 +286,8 @@ def bsr_linear_triton(
             K,
             m_bucket,
             n_brows,
+            *items,
+            part,
             x2d.stride(0),
             x2d.stride(1),
             values.stride(0),
@@ -232,8 +301,272 @@ def bsr_linear_triton(
             BLOCK_K=block_k,
             HAS_BIAS=bias is not None,
             INPUT_PRECISION=precision,
+            BALANCED=balanced,
         )
+    if balanced and plan.n_slots:
+        _sum_partials(y, part, plan, bias, bh, N)
     return y
+
+
+# ---- backward: the values' gradient (SDDMM) ----------------------------------------------------------------
+
+
+def _gv_configs() -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=1)]
+    if os.environ.get("PYPRUNE_TRITON_AUTOTUNE", "1") == "0":
+        return [triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=3)]
+    return [
+        triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
+        for bm in (32, 64, 128)
+        for w in (4, 8)
+        for s in (3, 4)
+    ]
+
+
+def _gv_prune(configs, named_args, **kwargs):
+    """Keep token tiles no longer than M (rounded up) and stages that fit shared memory."""
+    m_bucket = named_args["M_BUCKET"]
+    bh, bw = (
+        kwargs.get("BLOCK_H", named_args.get("BLOCK_H")),
+        kwargs.get("BLOCK_W", named_args.get("BLOCK_W")),
+    )
+    elem = named_args["x_ptr"].element_size()
+    kept = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_M"] <= max(32, m_bucket)
+        and c.num_stages * c.kwargs["BLOCK_M"] * (bh + bw) * elem <= 160 * 1024
+    ]
+    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"], c.num_stages))]
+
+
+@triton.autotune(
+    configs=_gv_configs(),
+    key=["M_BUCKET", "N", "K", "BH", "BW"],
+    prune_configs_by={"early_config_prune": _gv_prune},
+)
+@triton.jit
+def _bsr_linear_grad_values_kernel(
+    grad_ptr,
+    x_ptr,
+    brow_ptr,
+    col_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    M_BUCKET,
+    stride_gm,
+    stride_gn,
+    stride_xm,
+    stride_xk,
+    stride_ob,
+    stride_oh,
+    stride_ow,
+    BH: tl.constexpr,
+    BW: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    # One program per (stored block, BLOCK_H x BLOCK_W tile of it): out[blk] = grad[:, rows]^T @ x[:, cols],
+    # reduced over all M tokens in fp32. Only stored blocks are computed: the dense grad^T @ x is never formed.
+    N_SUB_H: tl.constexpr = (BH + BLOCK_H - 1) // BLOCK_H
+    N_SUB_W: tl.constexpr = (BW + BLOCK_W - 1) // BLOCK_W
+    pid = tl.program_id(0)
+    blk = pid // (N_SUB_H * N_SUB_W)
+    sub = pid % (N_SUB_H * N_SUB_W)
+    offs_h = (sub // N_SUB_W) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_w = (sub % N_SUB_W) * BLOCK_W + tl.arange(0, BLOCK_W)
+    brow = tl.load(brow_ptr + blk).to(tl.int64)
+    bcol = tl.load(col_ptr + blk).to(tl.int64)
+    rows = brow * BH + offs_h
+    cols = bcol * BW + offs_w
+    mask_h = (offs_h < BH) & (rows < N)
+    mask_w = (offs_w < BW) & (cols < K)
+    # grad^T tile (BLOCK_H x BLOCK_M): tokens along the reduction axis
+    g_ptrs = grad_ptr + rows[:, None] * stride_gn
+    x_ptrs = x_ptr + cols[None, :] * stride_xk
+    acc = tl.full((BLOCK_H, BLOCK_W), 0.0, tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        mask_m = offs_m < M
+        g = tl.load(g_ptrs + offs_m[None, :] * stride_gm, mask=mask_h[:, None] & mask_m[None, :], other=0.0)
+        xt = tl.load(x_ptrs + offs_m[:, None] * stride_xm, mask=mask_m[:, None] & mask_w[None, :], other=0.0)
+        acc = tl.dot(g, xt, acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+    o_ptrs = out_ptr + blk * stride_ob + offs_h[:, None] * stride_oh + offs_w[None, :] * stride_ow
+    # entries past the weight's edge get 0 (their loads were masked), as the padding of values must stay zero
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_h < BH)[:, None] & (offs_w < BW)[None, :])
+
+
+def bsr_linear_grad_values_triton(
+    grad2d: torch.Tensor,
+    x2d: torch.Tensor,
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    bh: int,
+    bw: int,
+    *,
+    allow_tf32: bool | None = None,
+) -> torch.Tensor:
+    """The gradient of bsr_linear's values: grad2d (M, N), x2d (M, K), crow / col the BSR structure of W
+    (N x K) in (bh x bw) blocks. Returns (nnz_blocks, bh, bw) in x2d's dtype: for stored block i at
+    (block row r, block column c), grad2d[:, r*bh:(r+1)*bh]^T @ x2d[:, c*bw:(c+1)*bw] (zero past the edges)."""
+    if grad2d.dim() != 2 or x2d.dim() != 2 or grad2d.shape[0] != x2d.shape[0]:
+        raise ValueError(
+            "bsr_linear_grad_values_triton: grad2d (M, N) and x2d (M, K) must be 2-D with the same M, got "
+            f"{tuple(grad2d.shape)} and {tuple(x2d.shape)}"
+        )
+    if grad2d.dtype != x2d.dtype or x2d.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(
+            "bsr_linear_grad_values_triton: grad and x must share a dtype among float16, bfloat16, float32, "
+            f"got {grad2d.dtype} and {x2d.dtype}"
+        )
+    M, N = grad2d.shape
+    K = x2d.shape[1]
+    nnzb = col.numel()
+    if crow.numel() != -(-N // bh) + 1:
+        raise ValueError(
+            f"bsr_linear_grad_values_triton: crow has {crow.numel()} entries, expected ceil({N} / {bh}) + 1"
+        )
+    out = torch.empty((nnzb, bh, bw), dtype=x2d.dtype, device=x2d.device)
+    if nnzb == 0:
+        return out
+    if M == 0:
+        return out.zero_()
+    crow = crow.to(torch.int32)
+    col = col.to(torch.int32).contiguous()
+    n_brows = crow.numel() - 1
+    # block row of every stored block, without a device sync (output_size is known)
+    brow = torch.repeat_interleave(
+        torch.arange(n_brows, device=crow.device, dtype=torch.int32),
+        (crow[1:] - crow[:-1]).long(),
+        output_size=nnzb,
+    )
+    if allow_tf32 is None:
+        allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    precision = "tf32" if (x2d.dtype != torch.float32 or allow_tf32) else "ieee"
+    block_h, block_w = _pad_side(bh, 64), _pad_side(bw, 64)
+    n_sub = -(-bh // block_h) * -(-bw // block_w)
+    ctx = torch.cuda.device(x2d.device) if x2d.is_cuda else _NullCtx()
+    with ctx:
+        _bsr_linear_grad_values_kernel[(nnzb * n_sub,)](
+            grad2d,
+            x2d,
+            brow,
+            col,
+            out,
+            M,
+            N,
+            K,
+            triton.next_power_of_2(M),
+            grad2d.stride(0),
+            grad2d.stride(1),
+            x2d.stride(0),
+            x2d.stride(1),
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            BH=bh,
+            BW=bw,
+            BLOCK_H=block_h,
+            BLOCK_W=block_w,
+            INPUT_PRECISION=precision,
+        )
+    return out
+
+
+# ---- the balanced schedule's work list --------------------------------------------------------------------
+
+
+class _Plan:
+    """Work items of the balanced schedule, longest first, as device arrays: block row, block range
+    [start, end), and the partial-tile slot (-1: the item is a whole block row and writes y itself; a row of
+    more than ``split_blocks`` blocks becomes several chunks, each with its own slot)."""
+
+    def __init__(self, crow_cpu: torch.Tensor, split_blocks: int, device):
+        lengths = (crow_cpu[1:] - crow_cpu[:-1]).tolist()
+        starts = crow_cpu[:-1].tolist()
+        items, slot_row, split_rows = [], [], []
+        for r, (s0, n) in enumerate(zip(starts, lengths)):
+            if n <= split_blocks:
+                items.append((n, r, s0, s0 + n, -1))
+                continue
+            split_rows.append(r)
+            for c0 in range(0, n, split_blocks):
+                c1 = min(n, c0 + split_blocks)
+                items.append((c1 - c0, r, s0 + c0, s0 + c1, len(slot_row)))
+                slot_row.append(len(split_rows) - 1)
+        items.sort(key=lambda t: (-t[0], t[1], t[2]))  # longest first; stable among equals
+        cols = list(zip(*items)) if items else [(), (), (), (), ()]
+
+        def dev(v, dtype=torch.int32):
+            return torch.tensor(list(v), dtype=dtype).to(device)
+
+        self.n_items = len(items)
+        self.row, self.start, self.end, self.slot = (dev(c) for c in cols[1:])
+        self.n_slots = len(slot_row)
+        self.n_split = len(split_rows)
+        # (n_split, most chunks of a row): the slots of each split row, padded with the zero slot n_slots
+        per_row = [0] * self.n_split
+        for i in slot_row:
+            per_row[i] += 1
+        width = max(per_row, default=0)
+        table = [[self.n_slots] * width for _ in range(self.n_split)]
+        for slot, i in enumerate(slot_row):
+            table[i][table[i].index(self.n_slots)] = slot
+        self.slot_table = torch.tensor(table, dtype=torch.int64).reshape(self.n_split, width).to(device)
+        self._split_rows = split_rows
+        self._device = device
+        self._cols: dict[tuple[int, int], torch.Tensor] = {}
+
+    def split_cols(self, bh: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output columns of the split rows below n, and their positions in the (n_split * bh) partial sums."""
+        if (bh, n) not in self._cols:
+            flat = [r * bh + h for r in self._split_rows for h in range(bh)]
+            pos = [i for i, c in enumerate(flat) if c < n]
+            self._cols[bh, n] = (
+                torch.tensor([flat[i] for i in pos], dtype=torch.int64).to(self._device),
+                torch.tensor(pos, dtype=torch.int64).to(self._device),
+            )
+        return self._cols[bh, n]
+
+
+# (id(crow), split_blocks) -> (weakref to crow, its version, split_blocks, plan); checked on every hit, so a freed tensor whose
+# id is reused, or crow modified in place, never gets a stale plan
+_PLANS: dict[int, tuple] = {}
+
+
+def _balanced_plan(crow: torch.Tensor, split_blocks: int) -> _Plan:
+    key = (id(crow), split_blocks)
+    hit = _PLANS.get(key)
+    if hit is not None and hit[0]() is crow and hit[1] == crow._version:
+        return hit[3]
+    plan = _Plan(crow.detach().to("cpu", torch.int64), split_blocks, crow.device)
+    if len(_PLANS) > 256:
+        _PLANS.clear()
+    _PLANS[key] = (weakref.ref(crow), crow._version, split_blocks, plan)
+    return plan
+
+
+def _default_split_blocks(nnzb: int, m_tiles: int, device) -> int:
+    """About four items' worth of blocks per SM over the whole launch, never under 8 blocks per item; a power
+    of two, so that token counts close to each other share one cached plan."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return triton.next_power_of_2(max(8, -(-nnzb * m_tiles // (4 * sms))))
+
+
+def _sum_partials(y, part, plan: _Plan, bias, bh: int, n: int) -> None:
+    """y[:, rows of split row r] = sum of r's partial tiles (+ bias), in fp32 and a fixed order (no atomics)."""
+    m = y.shape[0]
+    acc = part[plan.slot_table].sum(1)  # (n_split, M, bh)
+    cols, pos = plan.split_cols(bh, n)
+    acc = acc.permute(1, 0, 2).reshape(m, -1)[:, pos]
+    if bias is not None:
+        acc = acc + bias.float()[cols]
+    y.index_copy_(1, cols, acc.to(y.dtype))
 
 
 class _NullCtx:
@@ -244,4 +577,10 @@ class _NullCtx:
         return False
 
 
-__all__ = ["INTERPRET", "_bsr_linear_fwd_kernel", "bsr_linear_triton"]
+__all__ = [
+    "INTERPRET",
+    "_bsr_linear_fwd_kernel",
+    "_bsr_linear_grad_values_kernel",
+    "bsr_linear_grad_values_triton",
+    "bsr_linear_triton",
+]

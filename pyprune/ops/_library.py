@@ -26,6 +26,14 @@ SCHEMAS = {
     "_pruned_conv2d_cuda": "_pruned_conv2d_cuda(Tensor x, Tensor weight, Tensor? bias, Tensor? in_index, "
     "Tensor? out_index, int out_channels, int[2] stride, int[2] padding, int[2] dilation, int groups, "
     "bool relu) -> Tensor",
+    # private: the values' gradient of bsr_linear on CUDA (nnz_blocks, bh, bw), each stored block of
+    # grad^T @ x computed alone (SDDMM); bsr_linear's autograd calls it for CUDA tensors, its router picks the
+    # Triton kernel or the dense-sampled reference.
+    "_bsr_linear_grad_values": "_bsr_linear_grad_values(Tensor grad, Tensor x, Tensor crow_indices, "
+    "Tensor col_indices, int bh, int bw) -> Tensor",
+    # private: the CUDA kernel of csrc/cuda/csr_linear.cu, called by csr_linear's router after its checks.
+    "_csr_linear_cuda": "_csr_linear_cuda(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
+    "int out_features, Tensor? bias) -> Tensor",
 }
 
 for _schema in SCHEMAS.values():

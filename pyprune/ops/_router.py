@@ -20,6 +20,7 @@ import importlib.util
 import os
 import sys
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,6 +245,307 @@ BSR_LINEAR_BACKENDS = [
     Backend("reference", _flat(reference.bsr_linear_ref)),
 ]
 
+
+# ---- bsr_linear's values gradient (private op _bsr_linear_grad_values) -----------------------------------
+
+
+def _check_grad_values_args(grad, x, crow, col, bh, bw) -> None:
+    op = "pyprune::_bsr_linear_grad_values"
+    if grad.dtype != x.dtype:
+        raise TypeError(f"{op}: grad ({grad.dtype}) must have x's dtype ({x.dtype})")
+    if grad.dim() < 1 or grad.shape[:-1] != x.shape[:-1]:
+        raise ValueError(
+            f"{op}: grad (..., N) and x (..., K) must share leading dims, got {tuple(grad.shape)} and "
+            f"{tuple(x.shape)}"
+        )
+    if bh <= 0 or bw <= 0:
+        raise ValueError(f"{op}: block sides must be positive, got ({bh}, {bw})")
+    for name, t in (("crow_indices", crow), ("col_indices", col)):
+        if t.dtype != torch.int32 or t.dim() != 1:
+            raise TypeError(f"{op}: argument '{name}' must be a 1-D torch.int32 tensor")
+    if crow.numel() != -(-grad.shape[-1] // bh) + 1:
+        raise ValueError(
+            f"{op}: argument 'crow_indices' must have ceil(N / bh) + 1 = {-(-grad.shape[-1] // bh) + 1} entries"
+        )
+
+
+def _grad_values_triton(grad, x, crow, col, bh, bw):
+    _check_grad_values_args(grad, x, crow, col, bh, bw)
+    mod, _ = load_triton_kernels()
+    return mod.bsr_linear_grad_values_triton(
+        grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]), crow, col, bh, bw
+    )
+
+
+def _grad_values_triton_unavailable(grad, x, *args) -> str | None:
+    mod, why = load_triton_kernels()
+    if mod is None:
+        return why
+    if not hasattr(mod, "bsr_linear_grad_values_triton"):
+        return (
+            f"the installed pyprune_kernels ({mod.__file__}) predates the SDDMM kernel; reinstall pyprune with "
+            "`pip install --no-build-isolation -e .`"
+        )
+    if x.dtype not in _TRITON_DTYPES:
+        return f"the Triton kernel takes float16, bfloat16 or float32, not {x.dtype}"
+    return None
+
+
+def _grad_values_reference(grad, x, crow, col, bh, bw):
+    from .bsr_linear import bsr_grad_values_dense  # that module imports this one
+
+    _check_grad_values_args(grad, x, crow, col, bh, bw)
+    return bsr_grad_values_dense(grad, x, crow, col, bh, bw)
+
+
+BSR_GRAD_VALUES_BACKENDS = [
+    Backend("triton", _grad_values_triton, _grad_values_triton_unavailable),
+    Backend("reference", _grad_values_reference),
+]
+
+
+# ---- caches keyed on a tensor's identity and version --------------------------------------------------------
+
+
+class TensorCache:
+    """Values derived from tensors (a converted weight, a validated index), reused while every key tensor is
+    the same object at the same version (``Tensor._version`` counts in-place changes, optimizer steps
+    included). Held through weak references: a freed tensor whose id is reused never hits."""
+
+    def __init__(self, max_entries: int = 64):
+        self._entries: dict[tuple[int, ...], tuple] = {}
+        self._max = max_entries
+
+    def get(self, tensors: tuple[Tensor, ...], make: Callable[[], object]):
+        key = tuple(id(t) for t in tensors)
+        hit = self._entries.get(key)
+        versions = tuple(t._version for t in tensors)
+        if hit is not None and hit[1] == versions and all(r() is t for r, t in zip(hit[0], tensors)):
+            return hit[2]
+        value = make()
+        if len(self._entries) >= self._max:
+            self._entries.pop(next(iter(self._entries)))
+        self._entries[key] = (tuple(weakref.ref(t) for t in tensors), versions, value)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+# ---- csr_linear ----------------------------------------------------------------------------------------
+
+_CSR_LINEAR_CUDA_OP = "pyprune::_csr_linear_cuda"
+_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# (crow, col) -> True once their values were checked: a bad index would make the kernel read out of bounds,
+# and checking the values costs a device sync, so each structure is checked once
+_CSR_CHECKED = TensorCache()
+
+
+def _check_csr_args(x, crow, col, values, out_features, bias) -> None:
+    op = "pyprune::csr_linear"
+    if x.dim() < 1:
+        raise ValueError(f"{op}: argument 'x' must have at least 1 dimension (..., in_features), got a scalar")
+    if values.dtype != x.dtype:
+        raise TypeError(f"{op}: argument 'values' must be {x.dtype} (x's dtype), got {values.dtype}")
+    for name, t in (("crow_indices", crow), ("col_indices", col), ("values", values)):
+        if name != "values" and t.dtype != torch.int32:
+            raise TypeError(f"{op}: argument '{name}' must be torch.int32, got {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"{op}: argument '{name}' must be 1-D, got shape {tuple(t.shape)}")
+    if out_features < 0:
+        raise ValueError(f"{op}: argument 'out_features' must be >= 0, got {out_features}")
+    if crow.numel() != out_features + 1:
+        raise ValueError(
+            f"{op}: argument 'crow_indices' must have out_features + 1 = {out_features + 1} entries, "
+            f"got {crow.numel()}"
+        )
+    if col.numel() != values.numel():
+        raise ValueError(
+            f"{op}: arguments 'col_indices' ({col.numel()}) and 'values' ({values.numel()}) must have one "
+            "entry per nonzero each"
+        )
+    tensors = [x, crow, col, values] + ([bias] if bias is not None else [])
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(
+            f"{op}: x, indices, values and bias must share a device, got {[str(t.device) for t in tensors]}"
+        )
+    if bias is not None:
+        if bias.dtype != x.dtype:
+            raise TypeError(f"{op}: argument 'bias' must be {x.dtype}, got {bias.dtype}")
+        if bias.dim() != 1 or bias.numel() != out_features:
+            raise ValueError(f"{op}: argument 'bias' must have shape ({out_features},), got {tuple(bias.shape)}")
+
+
+def check_csr_index_values(crow: Tensor, col: Tensor, in_features: int) -> None:
+    """crow starts at 0, never decreases and ends at nnz; every column is in [0, in_features). One device sync;
+    raises ValueError naming the first problem."""
+    op = "pyprune::csr_linear"
+    nnz = col.numel()
+    c = crow.long()
+    if crow.numel() == 0 or int(c[0]) != 0 or int(c[-1]) != nnz:
+        raise ValueError(f"{op}: argument 'crow_indices' must start at 0 and end at nnz = {nnz}")
+    if bool((c[1:] < c[:-1]).any()):
+        raise ValueError(f"{op}: argument 'crow_indices' must be non-decreasing")
+    if nnz and bool(((col < 0) | (col >= in_features)).any()):
+        raise ValueError(f"{op}: argument 'col_indices' must lie in [0, in_features = {in_features})")
+
+
+def _csr_cuda(x, crow, col, values, out_features, bias):
+    _check_csr_args(x, crow, col, values, out_features, bias)
+    k = x.shape[-1]
+    checked_for = _CSR_CHECKED.get((crow, col), lambda: check_csr_index_values(crow, col, k) or k)
+    if checked_for != k:  # the same structure against another in_features: column bounds differ
+        check_csr_index_values(crow, col, k)
+    return torch.ops.pyprune._csr_linear_cuda(x, crow, col, values, out_features, bias)
+
+
+def _csr_cuda_unavailable(x, *args) -> str | None:
+    from .. import _extension
+
+    if not _extension.HAS_CUDA:
+        return f"pyprune._C has no CUDA kernels: {_extension.CUDA_REASON}"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(_CSR_LINEAR_CUDA_OP, "CUDA"):
+        return (
+            "pyprune._C was built with CUDA but without csrc/cuda/csr_linear.cu; rebuild it with "
+            "`pip install --no-build-isolation -e .`"
+        )
+    if x.dtype not in _CUDA_DTYPES:
+        return f"the CUDA kernel takes float16, bfloat16 or float32, not {x.dtype}"
+    return None
+
+
+def _csr_reference(x, crow, col, values, out_features, bias):
+    _check_csr_args(x, crow, col, values, out_features, bias)
+    return reference.csr_linear_ref(x, crow, col, values, out_features, bias)
+
+
+CSR_LINEAR_BACKENDS = [
+    Backend("cuda", _csr_cuda, _csr_cuda_unavailable),
+    Backend("reference", _csr_reference),
+]
+
+
+# ---- sparse24_linear -----------------------------------------------------------------------------------
+
+_SEMI_DTYPES = (torch.float16, torch.bfloat16)
+# torch's semi-structured layouts want both weight sides multiples of 64 (CUTLASS fp16/bf16: 32 x 64;
+# cuSPARSELt: 16 x 16): the weight is zero-padded to 64 x 64 multiples once, x along K per call when needed
+_SEMI_PAD = 64
+# (values, meta) -> (semi-structured padded weight, padded K): converted once per weight version
+_SEMI_CACHE = TensorCache()
+
+
+def _semi_structured_kind() -> tuple[str | None, str]:
+    """("cusparselt" | "cutlass", "") where torch has a semi-structured backend, else (None, why)."""
+    try:
+        from torch.sparse import SparseSemiStructuredTensor  # noqa: F401
+    except ImportError as e:
+        return None, f"torch {torch.__version__} has no torch.sparse.to_sparse_semi_structured ({e})"
+    cusparselt = getattr(torch.backends, "cusparselt", None)
+    if cusparselt is not None and cusparselt.is_available():
+        return "cusparselt", ""
+    if torch.version.cuda:
+        return "cutlass", ""
+    return None, f"torch {torch.__version__} is not a CUDA build (semi-structured sparsity needs CUDA)"
+
+
+def sparse24_semi_unavailable(x, values, meta, out_features, bias) -> str | None:
+    """Why torch's semi-structured sparsity cannot run this call, or None. Checked per call: dtype, device
+    and compute capability (sparse tensor cores exist from sm_80)."""
+    if x.dtype not in _SEMI_DTYPES:
+        return (
+            f"torch semi-structured sparsity (cuSPARSELt / CUTLASS) takes float16 or bfloat16 here, not "
+            f"{x.dtype}; cast the layer with .half() / .bfloat16()"
+        )
+    if x.device.type != "cuda":
+        return f"torch semi-structured sparsity needs CUDA tensors, got {x.device}"
+    major, minor = torch.cuda.get_device_capability(x.device)
+    if major < 8:
+        return (
+            f"torch semi-structured sparsity needs sparse tensor cores (compute capability >= 8.0); "
+            f"{torch.cuda.get_device_name(x.device)} is {major}.{minor}"
+        )
+    kind, why = _semi_structured_kind()
+    if kind is None:
+        return why
+    return None
+
+
+def _sparse24_to_padded_dense(values: Tensor, meta: Tensor, out_features: int, in_features: int) -> Tensor:
+    """The 2:4 weight as a dense (N, K) matrix, zero-padded to multiples of 64 on both sides."""
+    from ..sparse.sparse24 import value_columns
+
+    n_pad = -(-max(out_features, 1) // _SEMI_PAD) * _SEMI_PAD
+    k4 = meta.shape[0] * 8
+    k_pad = -(-max(in_features, k4, 1) // _SEMI_PAD) * _SEMI_PAD
+    w = torch.zeros(n_pad, k_pad, dtype=values.dtype, device=values.device)
+    w[:out_features].scatter_(1, value_columns(meta).t(), values.detach().t())
+    return w
+
+
+def _to_semi_structured(dense: Tensor):
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+
+    kind, _ = _semi_structured_kind()
+    cls = SparseSemiStructuredTensorCUSPARSELT if kind == "cusparselt" else SparseSemiStructuredTensorCUTLASS
+    return cls.from_dense(dense)
+
+
+def _check_sparse24_args(x, values, meta, out_features, bias) -> None:
+    op = "pyprune::sparse24_linear"
+    if x.dim() < 1:
+        raise ValueError(f"{op}: argument 'x' must have at least 1 dimension (..., in_features), got a scalar")
+    if values.dtype != x.dtype:
+        raise TypeError(f"{op}: argument 'values' must be {x.dtype} (x's dtype), got {values.dtype}")
+    if meta.dtype != torch.uint8:
+        raise TypeError(f"{op}: argument 'meta' must be torch.uint8, got {meta.dtype}")
+    k4 = -(-x.shape[-1] // 8) * 8
+    if tuple(values.shape) != (k4 // 2, out_features) or tuple(meta.shape) != (k4 // 8, out_features):
+        raise ValueError(
+            f"{op}: values must be (K4/2, N) = ({k4 // 2}, {out_features}) and meta (K4/8, N) = "
+            f"({k4 // 8}, {out_features}), got {tuple(values.shape)} and {tuple(meta.shape)}"
+        )
+    tensors = [x, values, meta] + ([bias] if bias is not None else [])
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(
+            f"{op}: x, values, meta and bias must share a device, got {[str(t.device) for t in tensors]}"
+        )
+    if bias is not None and (bias.dtype != x.dtype or bias.dim() != 1 or bias.numel() != out_features):
+        raise ValueError(f"{op}: argument 'bias' must be a ({out_features},) {x.dtype} tensor")
+
+
+def _sparse24_semi(x, values, meta, out_features, bias):
+    _check_sparse24_args(x, values, meta, out_features, bias)
+    k = x.shape[-1]
+
+    def convert():
+        dense = _sparse24_to_padded_dense(values, meta, out_features, k)
+        return _to_semi_structured(dense), dense.shape[0], dense.shape[1]
+
+    w_semi, n_pad, k_pad = _SEMI_CACHE.get((values, meta), convert)
+    x2 = x.reshape(-1, k)
+    if k_pad != k:
+        x2 = torch.nn.functional.pad(x2, (0, k_pad - k))
+    x2 = x2.contiguous()
+    b = None
+    if bias is not None:
+        b = torch.nn.functional.pad(bias, (0, n_pad - out_features)) if n_pad != out_features else bias
+    y = torch.nn.functional.linear(x2, w_semi, b)
+    if n_pad != out_features:
+        y = y[:, :out_features]
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def _sparse24_reference(x, values, meta, out_features, bias):
+    _check_sparse24_args(x, values, meta, out_features, bias)
+    return reference.sparse24_linear_ref(x, values, meta, out_features, bias)
+
+
+SPARSE24_LINEAR_BACKENDS = [
+    Backend("cuda", _sparse24_semi, sparse24_semi_unavailable),
+    Backend("reference", _sparse24_reference),
+]
+
 # ---- pruned_conv2d -------------------------------------------------------------------------------------
 
 
@@ -315,7 +617,13 @@ PRUNED_CONV2D_BACKENDS = [
     Backend("reference", _pruned_conv2d_reference),
 ]
 
-_TABLES = {"bsr_linear": BSR_LINEAR_BACKENDS, "pruned_conv2d": PRUNED_CONV2D_BACKENDS}
+_TABLES = {
+    "bsr_linear": BSR_LINEAR_BACKENDS,
+    "_bsr_linear_grad_values": BSR_GRAD_VALUES_BACKENDS,
+    "csr_linear": CSR_LINEAR_BACKENDS,
+    "sparse24_linear": SPARSE24_LINEAR_BACKENDS,
+    "pruned_conv2d": PRUNED_CONV2D_BACKENDS,
+}
 
 
 def register_cuda(op: str) -> None:
@@ -325,14 +633,20 @@ def register_cuda(op: str) -> None:
 
 __all__ = [
     "BACKEND_NAMES",
+    "BSR_GRAD_VALUES_BACKENDS",
     "BSR_LINEAR_BACKENDS",
+    "CSR_LINEAR_BACKENDS",
     "ENV_VAR",
     "PRUNED_CONV2D_BACKENDS",
+    "SPARSE24_LINEAR_BACKENDS",
     "Backend",
+    "TensorCache",
+    "check_csr_index_values",
     "get_backend",
     "load_triton_kernels",
     "pick",
     "register_cuda",
     "route",
+    "sparse24_semi_unavailable",
     "use_backend",
 ]

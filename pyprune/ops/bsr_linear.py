@@ -41,9 +41,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x, crow, col, values = ctx.saved_tensors
-    n, k = ctx.out_features, x.shape[-1]
+    k = x.shape[-1]
     bh, bw = values.shape[1], values.shape[2]
-    n_brows, n_bcols = crow.numel() - 1, -(-k // bw)
+    n_bcols = -(-k // bw)
     grad_x = grad_values = None
     if ctx.needs_input_grad[0]:
         # W^T is BSR with (bw x bh) blocks: the block structure transposed, each block transposed
@@ -52,13 +52,31 @@ def _backward(ctx, grad):
             grad, t_crow, t_col, values[perm].transpose(1, 2).contiguous(), k, None
         )
     if ctx.needs_input_grad[3]:
-        gw = grad.reshape(-1, n).t() @ x.reshape(-1, k)
-        gw = torch.nn.functional.pad(gw, (0, n_bcols * bw - k, 0, n_brows * bh - n))
-        grid = gw.reshape(n_brows, bh, n_bcols, bw).permute(0, 2, 1, 3)
-        grad_values = grid[compressed_rows(crow, col.numel()), col.long()]
+        if grad.is_cuda:
+            # only the stored blocks of grad^T @ x (Triton SDDMM through the router)
+            grad_values = torch.ops.pyprune._bsr_linear_grad_values(grad, x, crow, col, bh, bw)
+        else:
+            grad_values = bsr_grad_values_dense(grad, x, crow, col, bh, bw)
     return grad_x, None, None, grad_values, None, autograd_bias_grad(ctx, grad)
+
+
+def bsr_grad_values_dense(grad: Tensor, x: Tensor, crow: Tensor, col: Tensor, bh: int, bw: int) -> Tensor:
+    """The values' gradient sampled from the dense grad^T @ x: grad (..., N), x (..., K) ->
+    (nnz_blocks, bh, bw). The CPU path, and the reference backend of the CUDA SDDMM."""
+    n, k = grad.shape[-1], x.shape[-1]
+    n_brows, n_bcols = crow.numel() - 1, -(-k // bw)
+    gw = grad.reshape(-1, n).t() @ x.reshape(-1, k)
+    gw = torch.nn.functional.pad(gw, (0, n_bcols * bw - k, 0, n_brows * bh - n))
+    grid = gw.reshape(n_brows, bh, n_bcols, bw).permute(0, 2, 1, 3)
+    return grid[compressed_rows(crow, col.numel()), col.long()]
+
+
+@torch.library.register_fake("pyprune::_bsr_linear_grad_values")
+def _(grad, x, crow_indices, col_indices, bh, bw):
+    return x.new_empty((col_indices.shape[0], bh, bw))
 
 
 torch.library.register_autograd("pyprune::bsr_linear", _backward, setup_context=_setup_context)
 register_cpu_fallback("bsr_linear")
 register_cuda("bsr_linear")
+register_cuda("_bsr_linear_grad_values")

@@ -8,6 +8,7 @@ from torch import Tensor
 from ..sparse.base import compressed_rows
 from . import _library  # noqa: F401
 from ._common import autograd_bias_grad, register_cpu_fallback
+from ._router import register_cuda
 
 
 def csr_linear(
@@ -62,3 +63,4 @@ def _backward(ctx, grad):
 
 torch.library.register_autograd("pyprune::csr_linear", _backward, setup_context=_setup_context)
 register_cpu_fallback("csr_linear")
+register_cuda("csr_linear")

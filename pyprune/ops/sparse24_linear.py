@@ -8,6 +8,7 @@ from torch import Tensor
 from ..sparse.sparse24 import padded_in_features, value_columns
 from . import _library  # noqa: F401
 from ._common import autograd_bias_grad, register_cpu_fallback
+from ._router import register_cuda
 
 
 def sparse24_linear(
@@ -49,3 +50,4 @@ def _backward(ctx, grad):
 
 torch.library.register_autograd("pyprune::sparse24_linear", _backward, setup_context=_setup_context)
 register_cpu_fallback("sparse24_linear")
+register_cuda("sparse24_linear")
