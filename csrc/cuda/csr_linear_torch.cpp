@@ -1,0 +1,122 @@
+// Torch glue of the CUDA csr_linear (kernels in csr_linear.cu): checks what the kernel needs, prepares x (and, for
+// many tokens, x transposed and the rows in descending nnz order), and registers pyprune::_csr_linear_cuda.
+// Compiled only in a CUDA build (setup.py adds csrc/cuda/*.cpp with the .cu files): it needs torch's CUDA headers.
+// The index values are not checked here (that would cost a device sync per call): the CUDA router of
+// pyprune::csr_linear checks them once per structure before it calls this op, which is private for that reason.
+// PYPRUNE_CSR_PATH=decode|rows forces a kernel (tests use it to run both on the same shapes).
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "csr_linear.h"
+#include "pyprune/check.h"
+
+namespace pyprune {
+namespace {
+
+constexpr const char* kOp = "_csr_linear_cuda";
+
+gpu::csr::DType kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return gpu::csr::DType::kFloat32;
+    case at::kHalf:
+      return gpu::csr::DType::kFloat16;
+    case at::kBFloat16:
+      return gpu::csr::DType::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, "pyprune::", kOp, ": argument 'x' must be float16, bfloat16 or float32, got ", t);
+  }
+}
+
+gpu::csr::Path forced_path() {
+  const char* env = std::getenv("PYPRUNE_CSR_PATH");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return gpu::csr::Path::kAuto;
+  if (std::strcmp(env, "decode") == 0) return gpu::csr::Path::kDecode;
+  if (std::strcmp(env, "rows") == 0) return gpu::csr::Path::kRows;
+  TORCH_CHECK_VALUE(false, "pyprune::", kOp, ": PYPRUNE_CSR_PATH must be auto, decode or rows, got '", env, "'");
+}
+
+}  // namespace
+
+at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                           const at::Tensor& values, int64_t out_features, const std::optional<at::Tensor>& bias) {
+  PYPRUNE_CHECK(x.is_cuda(), kOp, "x", "must be a CUDA tensor, got ", x.device());
+  PYPRUNE_CHECK(x.dim() >= 1, kOp, "x", "must have at least 1 dimension");
+  const gpu::csr::DType dt = kernel_dtype(x.scalar_type());
+  PYPRUNE_CHECK_DTYPE(values, kOp, "values", x.scalar_type());
+  PYPRUNE_CHECK_DTYPE(crow, kOp, "crow_indices", at::kInt);
+  PYPRUNE_CHECK_DTYPE(col, kOp, "col_indices", at::kInt);
+  PYPRUNE_CHECK_DIM(crow, 1, kOp, "crow_indices");
+  PYPRUNE_CHECK_DIM(col, 1, kOp, "col_indices");
+  PYPRUNE_CHECK_DIM(values, 1, kOp, "values");
+  PYPRUNE_CHECK(out_features >= 0, kOp, "out_features", "must be >= 0, got ", out_features);
+  PYPRUNE_CHECK(crow.numel() == out_features + 1, kOp, "crow_indices", "must have out_features + 1 = ",
+                out_features + 1, " entries, got ", crow.numel());
+  PYPRUNE_CHECK(col.numel() == values.numel(), kOp, "col_indices", "must have one entry per value (",
+                values.numel(), "), got ", col.numel());
+  for (const at::Tensor* t : {&crow, &col, &values}) {
+    PYPRUNE_CHECK(t->device() == x.device(), kOp, "values", "indices and values must be on ", x.device());
+  }
+  if (bias.has_value()) {
+    PYPRUNE_CHECK_DTYPE(*bias, kOp, "bias", x.scalar_type());
+    PYPRUNE_CHECK(bias->numel() == out_features && bias->device() == x.device(), kOp, "bias", "must have ",
+                  out_features, " entries on ", x.device());
+  }
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t k = x.size(-1);
+  const at::Tensor x2 = x.reshape({-1, k}).contiguous();
+  const int64_t m = x2.size(0);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = out_features;
+  at::Tensor y = at::empty({m, out_features}, x.options());
+  if (m == 0 || out_features == 0) return y.reshape(out_shape);
+
+  const int device = x.device().index();
+  const gpu::csr::Path path = forced_path();
+  const bool decode = gpu::csr::csr_linear_decode_tokens(m, k, dt, device, path) > 0;
+  at::Tensor xt, order;
+  int64_t ldxt = 0;
+  const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous(), vals_c = values.contiguous();
+  if (!decode) {
+    // x transposed, each column of tokens padded to a multiple of 16 bytes (zeros) for vector loads
+    const int64_t vec = 16 / x.element_size();
+    ldxt = (m + vec - 1) / vec * vec;
+    xt = at::empty({k, ldxt}, x.options());
+    if (ldxt > m) xt.narrow(1, m, ldxt - m).zero_();
+    xt.narrow(1, 0, m).copy_(x2.t());
+    // rows by descending nnz: the longest start first
+    const at::Tensor lengths = crow_c.narrow(0, 1, out_features) - crow_c.narrow(0, 0, out_features);
+    order = std::get<1>(lengths.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true)).to(at::kInt);
+  }
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+
+  gpu::csr::CsrLinearParams p{};
+  p.dtype = dt;
+  p.x = x2.data_ptr();
+  p.xt = xt.defined() ? xt.data_ptr() : nullptr;
+  p.crow = crow_c.data_ptr<int32_t>();
+  p.col = col_c.data_ptr<int32_t>();
+  p.values = vals_c.data_ptr();
+  p.bias = b.defined() ? b.data_ptr() : nullptr;
+  p.row_order = order.defined() ? order.data_ptr<int32_t>() : nullptr;
+  p.y = y.data_ptr();
+  p.m = m;
+  p.n = out_features;
+  p.k = k;
+  p.nnz = col.numel();
+  p.ldx = x2.stride(0);
+  p.ldxt = ldxt;
+  p.ldy = y.stride(0);
+  const char* err = gpu::csr::csr_linear_cuda_launch(p, device, path, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == nullptr, "pyprune::", kOp, ": ", err);
+  return y.reshape(out_shape);
+}
+
+TORCH_LIBRARY_IMPL(pyprune, CUDA, m) { m.impl("_csr_linear_cuda", &csr_linear_cuda); }
+
+}  // namespace pyprune
