@@ -32,8 +32,12 @@ def test_suite_dry_run_writes_results(tmp_path):
     assert conv["dry"] is True and len(conv["cases"]) > 0
     assert all(not any(k.endswith("_ms") for k in c) for c in conv["cases"])
     assert "DRY" in (out / "pruned_conv2d.md").read_text()
+    csr = json.loads((out / "csr_sparse24.json").read_text())
+    assert csr["dry"] is True and len(csr["csr"]) > 0 and len(csr["semi_structured"]) > 0
+    assert all(not any(k.endswith("_ms") for k in c) for c in csr["csr"] + csr["semi_structured"])
+    assert "DRY" in (out / "csr_sparse24.md").read_text()
     steps = (out / "steps.tsv").read_text()
-    assert "bench\t0" in steps and "bench_conv\t0" in steps, steps
+    assert "bench\t0" in steps and "bench_conv\t0" in steps and "bench_csr\t0" in steps, steps
     assert "DRY" in proc.stdout
 
 

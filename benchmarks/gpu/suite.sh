@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The device suite: build the extension from source, run the GPU tests, time BSR linear against cuBLAS and
-# torch.sparse (results.md + results.json) and pruned conv2d against cuDNN (pruned_conv2d.md + .json) in OUTDIR.
+# torch.sparse (results.md + results.json), pruned conv2d against cuDNN (pruned_conv2d.md + .json), and CSR
+# decode against cuBLAS / cuSPARSE plus 2:4 at 8192^3 against cuBLAS (csr_sparse24.md + .json) in OUTDIR.
 # Every step is guarded (one failing step does not stop the next) and logged to OUTDIR/<step>.log;
 # OUTDIR/steps.tsv says how each ended; the tables print last.
 #
 #   bash benchmarks/gpu/suite.sh OUTDIR          # on a GPU machine, under 8 minutes
 #   bash benchmarks/gpu/suite.sh OUTDIR --dry    # on a CPU machine: wiring check, stub table marked DRY
 #
-# Env: PYTHON (default python3), SUITE_BUILD_S / SUITE_TEST_S / SUITE_BENCH_S / SUITE_CONV_S (step time limits,
-# seconds).
+# Env: PYTHON (default python3), SUITE_BUILD_S / SUITE_TEST_S / SUITE_BENCH_S / SUITE_CONV_S / SUITE_CSR_S (step
+# time limits, seconds). Budget on an H100 (under 8 minutes in all): build ~45 s, tests ~90 s, BSR bench 140 s of
+# cases, conv bench 95 s, CSR/2:4 bench ~40 s, plus start-up and floors per step.
 set -u -o pipefail
 if [ $# -lt 1 ]; then echo "usage: $0 OUTDIR [--dry]" >&2; exit 2; fi
 OUT=$(mkdir -p "$1" && cd "$1" && pwd)
@@ -50,6 +52,7 @@ if [ $DRY -eq 1 ]; then
   fi
   step bench 120 "$PY" benchmarks/gpu/bench_bsr_linear_gpu.py --out "$OUT" --dry
   step bench_conv 120 "$PY" benchmarks/gpu/bench_pruned_conv2d_gpu.py --out "$OUT" --dry
+  step bench_csr 120 "$PY" benchmarks/gpu/bench_csr_sparse24_gpu.py --out "$OUT" --dry
 else
   step build "${SUITE_BUILD_S:-180}" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PYPRUNE_CUDA=1 "$PY" setup.py build_ext --inplace
   step info 30 "$PY" -c "import pyprune; pyprune.info()"
@@ -61,9 +64,11 @@ else
   else
     skip pytest "pytest is not installed on this machine"
   fi
-  step bench "${SUITE_BENCH_S:-230}" "$PY" benchmarks/gpu/bench_bsr_linear_gpu.py --out "$OUT" --budget-s 170
+  # case budgets trimmed (BSR 170 -> 140 s, conv 110 -> 95 s) to make room for the CSR / 2:4 step
+  step bench "${SUITE_BENCH_S:-200}" "$PY" benchmarks/gpu/bench_bsr_linear_gpu.py --out "$OUT" --budget-s 140
   # autotuning compiles each Triton config once per layout and kernel size: the budget cuts bf16 first
-  step bench_conv "${SUITE_CONV_S:-170}" "$PY" benchmarks/gpu/bench_pruned_conv2d_gpu.py --out "$OUT" --budget-s 110
+  step bench_conv "${SUITE_CONV_S:-150}" "$PY" benchmarks/gpu/bench_pruned_conv2d_gpu.py --out "$OUT" --budget-s 95
+  step bench_csr "${SUITE_CSR_S:-90}" "$PY" benchmarks/gpu/bench_csr_sparse24_gpu.py --out "$OUT" --budget-s 40
 fi
 
 echo
@@ -73,3 +78,5 @@ echo
 if [ -f "$OUT/results.md" ]; then cat "$OUT/results.md"; else echo "no results.md: see $OUT/bench.log"; fi
 echo
 if [ -f "$OUT/pruned_conv2d.md" ]; then cat "$OUT/pruned_conv2d.md"; else echo "no pruned_conv2d.md: see $OUT/bench_conv.log"; fi
+echo
+if [ -f "$OUT/csr_sparse24.md" ]; then cat "$OUT/csr_sparse24.md"; else echo "no csr_sparse24.md: see $OUT/bench_csr.log"; fi
