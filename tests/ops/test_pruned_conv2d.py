@@ -13,7 +13,8 @@ from pyprune.reference import pruned_conv2d_ref
 OP = torch.ops.pyprune.pruned_conv2d
 
 # (C_in, C_out, kernel, stride, padding, dilation, groups, side, batch): 1x1 and kxk, stride 2, dilation,
-# groups and depthwise, odd sizes, maps wide enough for the staged path (>= 18) and small ones (7) for im2col
+# groups and depthwise, odd sizes; maps that take each path of the C++ kernel: small maps (pixels as rows),
+# stride-1 kxk on wide maps (staged planes), 1x1 (rows read in place), the rest (im2col tiles)
 CASES = [
     (16, 32, 3, 1, 1, 1, 1, 9, 2),
     (7, 5, 1, 1, 0, 1, 1, 7, 1),
@@ -31,6 +32,9 @@ CASES = [
     (8, 8, 5, 1, 2, 1, 1, 40, 1),
     (9, 4, 3, 1, 0, 1, 1, 25, 2),
     (1, 1, 3, 1, 1, 1, 1, 5, 1),
+    (24, 20, 3, 2, 1, 1, 1, 40, 2),
+    (10, 12, 3, 1, 2, 2, 1, 17, 1),
+    (16, 24, 1, 1, 0, 1, 1, 10, 3),
 ]
 
 
