@@ -129,7 +129,9 @@ PYPRUNE_INLINE void pack_tile(const ConvArgs& a, int64_t g, const Segment* seg, 
 }
 
 // acc[r][v] = sum_k w[r][k] * b[k][16 v ...]: the weight scalar is broadcast from its row.
-template <int MR, int NV>
+// PF: also prefetch each row's next tile (brow[k] + NR), for operands read in place from x or the staged planes,
+// where one tile touches K rows at a large stride (too many streams for the hardware prefetcher).
+template <int MR, int NV, bool PF>
 PYPRUNE_INLINE void micro(const float* w, int64_t ldw, const float* const* brow, int64_t K, const float* bias,
                           bool relu, float* stage) {
   vf16 acc[MR][NV];
@@ -141,6 +143,8 @@ PYPRUNE_INLINE void micro(const float* w, int64_t ldw, const float* const* brow,
     const float* b = brow[k];
     vf16 bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = load16(b + v * kLanes);
+    if (PF)
+      for (int v = 0; v < NV; ++v) __builtin_prefetch(b + kNR + v * kLanes);
     for (int r = 0; r < MR; ++r) {
       const float s = wr[r][k];
       for (int v = 0; v < NV; ++v) acc[r][v] += s * bv[v];
@@ -155,11 +159,14 @@ PYPRUNE_INLINE void micro(const float* w, int64_t ldw, const float* const* brow,
 }
 
 template <int NV>
-PYPRUNE_INLINE void micro_rows(int mr, const float* w, int64_t ldw, const float* const* brow, int64_t K,
+PYPRUNE_INLINE void micro_rows(int mr, bool pf, const float* w, int64_t ldw, const float* const* brow, int64_t K,
                                const float* bias, bool relu, float* stage) {
   switch (mr) {
-#define PYPRUNE_MR_CASE(R) \
-  case R: micro<R, NV>(w, ldw, brow, K, bias, relu, stage); break;
+#define PYPRUNE_MR_CASE(R)                                                        \
+  case R:                                                                         \
+    if (pf) micro<R, NV, true>(w, ldw, brow, K, bias, relu, stage);               \
+    else micro<R, NV, false>(w, ldw, brow, K, bias, relu, stage);                 \
+    break;
     PYPRUNE_MR_CASE(1) PYPRUNE_MR_CASE(2) PYPRUNE_MR_CASE(3) PYPRUNE_MR_CASE(4)
     PYPRUNE_MR_CASE(5) PYPRUNE_MR_CASE(6) PYPRUNE_MR_CASE(7) PYPRUNE_MR_CASE(8)
 #undef PYPRUNE_MR_CASE
@@ -215,6 +222,7 @@ PYPRUNE_INLINE void gemm_units(const ConvArgs& a, int64_t u0, int64_t u1) {
   std::vector<const float*> brow(std::max<int64_t>(a.Kg, 1));
   Segment seg[kNR];
   int64_t packed = -1;  // (tile, group) whose operand is in brow
+  bool in_place = false;  // brow points into x or the staged planes (not the im2col buffer)
   int ns = 0;
   int64_t cnt = 0;
   for (int64_t u = u0; u < u1; ++u) {
@@ -228,6 +236,7 @@ PYPRUNE_INLINE void gemm_units(const ConvArgs& a, int64_t u0, int64_t u1) {
         for (int64_t c = 0, k = 0; c < a.Cig; ++c)
           for (int64_t kh = 0; kh < a.KH; ++kh)
             for (int64_t kw = 0; kw < a.KW; ++kw, ++k) brow[k] = base + c * a.xpC + kh * a.DH * a.Wp + kw * a.DW;
+        in_place = true;
       } else {
         const int64_t q0 = t * kNR;
         cnt = std::min(kNR, a.N * a.P - q0);
@@ -236,9 +245,11 @@ PYPRUNE_INLINE void gemm_units(const ConvArgs& a, int64_t u0, int64_t u1) {
         if (direct_ok && ns >= 1 && seg[0].n == seg[ns - 1].n && cnt == kNR) {
           const float* base = a.x + seg[0].n * a.sN + (q0 % a.P);
           for (int64_t k = 0; k < a.Kg; ++k) brow[k] = base + a.in_idx[g * a.Cig + k] * a.sC;
+          in_place = true;
         } else {
           pack_tile(a, g, seg, ns, cnt, width, buf);
           for (int64_t k = 0; k < a.Kg; ++k) brow[k] = buf + k * kNR;
+          in_place = false;
         }
       }
       packed = tg;
@@ -250,10 +261,11 @@ PYPRUNE_INLINE void gemm_units(const ConvArgs& a, int64_t u0, int64_t u1) {
       const int64_t row = g * a.Cog + r;
       const float* w = a.w + row * a.Kg;
       const float* b = a.bias ? a.bias + row : nullptr;
-      if (nv == 4) micro_rows<4>(mr, w, a.Kg, brow.data(), a.Kg, b, a.relu, stage);
-      else if (nv == 3) micro_rows<3>(mr, w, a.Kg, brow.data(), a.Kg, b, a.relu, stage);
-      else if (nv == 2) micro_rows<2>(mr, w, a.Kg, brow.data(), a.Kg, b, a.relu, stage);
-      else micro_rows<1>(mr, w, a.Kg, brow.data(), a.Kg, b, a.relu, stage);
+      const bool pf = in_place && r == r_begin;  // the first panel of a tile fetches the next tile's rows
+      if (nv == 4) micro_rows<4>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, a.relu, stage);
+      else if (nv == 3) micro_rows<3>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, a.relu, stage);
+      else if (nv == 2) micro_rows<2>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, a.relu, stage);
+      else micro_rows<1>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, a.relu, stage);
       store_rows(a, stage, mr, row, seg, ns);
     }
   }
