@@ -732,15 +732,20 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   const int64_t Wp = a.W + 2 * a.PW, Hp = a.H + 2 * a.PH;
   at::Tensor staged;
   const bool planar = xc.stride(3) == 1;
-  // Pixels as GEMM rows: always for channels_last; for NCHW on small maps (7x7, and 14x14 kxk), where 64-pixel
-  // vectors would waste lanes or need many short im2col runs (measured: 0.65-0.91 -> 0.83-1.2 of the ideal).
-  const bool small_map = a.P <= 64 || (a.P <= 256 && (KH > 1 || KW > 1));
+  // Pixels as GEMM rows: always for channels_last; for NCHW on small maps (7x7, and kxk up to 32x32), where
+  // 64-pixel vectors would waste lanes, need many short im2col runs or staged planes with wasted border columns
+  // (measured, 1-2 threads: 0.65-0.91 -> 0.83-1.2 of the ideal at 7x7 and 14x14, 0.71-0.86 -> 0.76-0.93 at 28x28).
+  const bool small_map = a.P <= 64 || (a.P <= 1024 && (KH > 1 || KW > 1));
   if ((!planar && xc.stride(1) == 1) || small_map) {
     // read in place through the channel index; the weight transposed once and cached
     const int64_t cog16 = round_up(a.Cog, kLanes);
     at::Tensor wt = transposed_weight(weight, wc, groups, a.Cog, a.Cig, KH * KW, cog16);
     at::Tensor zeros = at::zeros({(C - 1) * xc.stride(1) + 1}, wc.options());  // every x[pixel, c] offset
-    ClArgs c{wt.data_ptr<float>(), zeros.data_ptr<float>(), cog16, cog16 > 48 ? 6 : (cog16 > 32 ? 8 : 12)};
+    // register tile: 4 channel vectors x 6 pixels, or 3 x 8 when that splits the channels evenly (96, 144, ...),
+    // else 2 x 12 / 1 x 12 for 32 / 16 channels
+    const int64_t vecs = cog16 / kLanes;
+    const int64_t mr = vecs >= 4 && (vecs % 4 == 0 || vecs % 3 != 0) ? 6 : (vecs >= 3 ? 8 : 12);
+    ClArgs c{wt.data_ptr<float>(), zeros.data_ptr<float>(), cog16, mr};
     ClFn fn = cl_baseline;
 #if PYPRUNE_X86
     if (kernel_isa() == Isa::kAvx512) fn = cl_avx512;
