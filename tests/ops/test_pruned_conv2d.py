@@ -13,8 +13,9 @@ from pyprune.reference import pruned_conv2d_ref
 OP = torch.ops.pyprune.pruned_conv2d
 
 # (C_in, C_out, kernel, stride, padding, dilation, groups, side, batch): 1x1 and kxk, stride 2, dilation,
-# groups and depthwise, odd sizes; maps that take each path of the C++ kernel: small maps (pixels as rows),
-# stride-1 kxk on wide maps (staged planes), 1x1 (rows read in place), the rest (im2col tiles)
+# groups and depthwise, odd sizes; maps that take each path of the C++ kernel: channels_last and NCHW maps up to
+# 32x32 (pixels as rows), stride-1 kxk on wider maps (staged planes: 40, 36), NCHW 1x1 (rows read in place),
+# the rest (im2col tiles: stride 2 at 70, a 7x7 kernel whose border columns would waste > 1/7)
 CASES = [
     (16, 32, 3, 1, 1, 1, 1, 9, 2),
     (7, 5, 1, 1, 0, 1, 1, 7, 1),
@@ -32,8 +33,9 @@ CASES = [
     (8, 8, 5, 1, 2, 1, 1, 40, 1),
     (9, 4, 3, 1, 0, 1, 1, 25, 2),
     (1, 1, 3, 1, 1, 1, 1, 5, 1),
-    (24, 20, 3, 2, 1, 1, 1, 40, 2),
-    (10, 12, 3, 1, 2, 2, 1, 17, 1),
+    (24, 20, 3, 2, 1, 1, 1, 70, 1),
+    (6, 8, 7, 1, 3, 1, 1, 33, 1),
+    (12, 12, 3, 1, 2, 2, 3, 36, 1),
     (16, 24, 1, 1, 0, 1, 1, 10, 3),
 ]
 
