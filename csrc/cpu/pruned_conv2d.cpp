@@ -28,6 +28,7 @@ namespace {
 
 constexpr const char* kOp = "pruned_conv2d";
 constexpr int kMR = 6;                // output channels per register tile
+static_assert(kMR <= 6, "micro_rows instantiates tiles of 1 to 6 rows");
 constexpr int kNV = 4;                // pixel vectors per register tile
 constexpr int64_t kNR = kNV * kLanes;  // pixels per tile
 
@@ -158,17 +159,20 @@ PYPRUNE_INLINE void micro(const float* w, int64_t ldw, const float* const* brow,
     }
 }
 
+// A full 6 x 64 tile is the hot case and gets the prefetching variant; partial tiles (the last rows of a group,
+// the last pixels of a map) do without, which keeps the instantiations (and the compile time) down.
 template <int NV>
 PYPRUNE_INLINE void micro_rows(int mr, bool pf, const float* w, int64_t ldw, const float* const* brow, int64_t K,
                                const float* bias, bool relu, float* stage) {
+  if (NV == 4 && mr == kMR && pf) {
+    micro<kMR, NV, true>(w, ldw, brow, K, bias, relu, stage);
+    return;
+  }
   switch (mr) {
-#define PYPRUNE_MR_CASE(R)                                                        \
-  case R:                                                                         \
-    if (pf) micro<R, NV, true>(w, ldw, brow, K, bias, relu, stage);               \
-    else micro<R, NV, false>(w, ldw, brow, K, bias, relu, stage);                 \
-    break;
-    PYPRUNE_MR_CASE(1) PYPRUNE_MR_CASE(2) PYPRUNE_MR_CASE(3) PYPRUNE_MR_CASE(4)
-    PYPRUNE_MR_CASE(5) PYPRUNE_MR_CASE(6) PYPRUNE_MR_CASE(7) PYPRUNE_MR_CASE(8)
+#define PYPRUNE_MR_CASE(R) \
+  case R: micro<R, NV, false>(w, ldw, brow, K, bias, relu, stage); break;
+    PYPRUNE_MR_CASE(1) PYPRUNE_MR_CASE(2) PYPRUNE_MR_CASE(3)
+    PYPRUNE_MR_CASE(4) PYPRUNE_MR_CASE(5) PYPRUNE_MR_CASE(6)
 #undef PYPRUNE_MR_CASE
   }
 }
