@@ -367,12 +367,15 @@ PYPRUNE_INLINE void cl_micro_nv(int nv, const ConvArgs& a, const ClArgs& c, cons
 constexpr int64_t kClChunk = 16;
 
 PYPRUNE_INLINE void cl_units(const ConvArgs& a, const ClArgs& c, int64_t u0, int64_t u1) {
-  const int64_t taps = a.KH * a.KW, MR = c.MR, NVmax = MR == 6 ? 4 : (MR == 8 ? 3 : 2);
+  const int64_t taps = a.KH * a.KW, MR = c.MR, NVmax = MR == 6 ? 4 : 3;
   const int64_t bw = NVmax * kLanes, blocks_per_group = (a.Cog + bw - 1) / bw;
   const int64_t n_tiles = (a.N * a.P + MR - 1) / MR, n_chunks = (n_tiles + kClChunk - 1) / kClChunk;
   std::vector<const float*> px(taps * MR);
-  alignas(64) float stage[12 * 64];
-  int64_t pix_n[12], pix_p[12];
+  std::vector<int64_t> tap_off(taps);
+  for (int64_t kh = 0; kh < a.KH; ++kh)
+    for (int64_t kw = 0; kw < a.KW; ++kw) tap_off[kh * a.KW + kw] = kh * a.DH * a.sH + kw * a.DW * a.sW;
+  alignas(64) float stage[8 * 64];
+  int64_t pix_n[8], pix_p[8];
   for (int64_t u = u0; u < u1; ++u) {
     const int64_t blk = u / n_chunks, chunk = u % n_chunks;
     const int64_t g = blk / blocks_per_group, co0 = (blk % blocks_per_group) * bw;
@@ -383,23 +386,32 @@ PYPRUNE_INLINE void cl_units(const ConvArgs& a, const ClArgs& c, int64_t u0, int
     const int64_t t_end = std::min(n_tiles, (chunk + 1) * kClChunk);
     for (int64_t t = chunk * kClChunk; t < t_end; ++t) {
       const int64_t q0 = t * MR, cnt = std::min<int64_t>(MR, a.N * a.P - q0);
+      // walk the tile's pixels without dividing per pixel; past cnt, repeat the last one (never stored)
+      int64_t n = q0 / a.P, oh = (q0 % a.P) / a.OW, ow = (q0 % a.P) % a.OW;
       for (int64_t r = 0; r < MR; ++r) {
-        const int64_t q = q0 + std::min<int64_t>(r, cnt - 1), n = q / a.P, pp = q % a.P;
-        const int64_t oh = pp / a.OW, ow = pp % a.OW;
+        if (r > 0 && r < cnt && ++ow == a.OW) {
+          ow = 0;
+          if (++oh == a.OH) oh = 0, ++n;
+        }
         pix_n[r] = n;
-        pix_p[r] = pp;
+        pix_p[r] = oh * a.OW + ow;
+        const int64_t ih0 = oh * a.SH - a.PH, iw0 = ow * a.SW - a.PW;
+        if (ih0 >= 0 && ih0 + (a.KH - 1) * a.DH < a.H && iw0 >= 0 && iw0 + (a.KW - 1) * a.DW < a.W) {
+          const float* base = a.x + n * a.sN + ih0 * a.sH + iw0 * a.sW;  // every tap inside the input
+          for (int64_t tap = 0; tap < taps; ++tap) px[tap * MR + r] = base + tap_off[tap];
+          continue;
+        }
         for (int64_t kh = 0; kh < a.KH; ++kh) {
-          const int64_t ih = oh * a.SH - a.PH + kh * a.DH;
+          const int64_t ih = ih0 + kh * a.DH;
           for (int64_t kw = 0; kw < a.KW; ++kw) {
-            const int64_t iw = ow * a.SW - a.PW + kw * a.DW;
+            const int64_t iw = iw0 + kw * a.DW;
             const bool in = ih >= 0 && ih < a.H && iw >= 0 && iw < a.W;
             px[(kh * a.KW + kw) * MR + r] = in ? a.x + n * a.sN + ih * a.sH + iw * a.sW : c.zeros;
           }
         }
       }
       if (MR == 6) cl_micro_nv<6>(nv, a, c, px.data(), g, co0, stage);
-      else if (MR == 8) cl_micro_nv<8>(nv, a, c, px.data(), g, co0, stage);
-      else cl_micro_nv<12>(nv, a, c, px.data(), g, co0, stage);
+      else cl_micro_nv<8>(nv, a, c, px.data(), g, co0, stage);
       for (int64_t r = 0; r < cnt; ++r) {
         float* d = a.y + pix_n[r] * a.oN + pix_p[r] * a.oP;
         const float* src = stage + r * 64;
@@ -745,17 +757,17 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
     const int64_t cog16 = round_up(a.Cog, kLanes);
     at::Tensor wt = transposed_weight(weight, wc, groups, a.Cog, a.Cig, KH * KW, cog16);
     at::Tensor zeros = at::zeros({(C - 1) * xc.stride(1) + 1}, wc.options());  // every x[pixel, c] offset
-    // register tile: 4 channel vectors x 6 pixels, or 3 x 8 when that splits the channels evenly (96, 144, ...),
-    // else 2 x 12 / 1 x 12 for 32 / 16 channels
+    // register tile: 4 channel vectors x 6 pixels, or up to 3 x 8 when that splits the channels evenly (96,
+    // 144, ...) and for 16-48 channels (8 pixels: 12 spilled the pixel pointers)
     const int64_t vecs = cog16 / kLanes;
-    const int64_t mr = vecs >= 4 && (vecs % 4 == 0 || vecs % 3 != 0) ? 6 : (vecs >= 3 ? 8 : 12);
+    const int64_t mr = vecs >= 4 && (vecs % 4 == 0 || vecs % 3 != 0) ? 6 : 8;
     ClArgs c{wt.data_ptr<float>(), zeros.data_ptr<float>(), cog16, mr};
     ClFn fn = cl_baseline;
 #if PYPRUNE_X86
     if (kernel_isa() == Isa::kAvx512) fn = cl_avx512;
     else if (kernel_isa() == Isa::kAvx2) fn = cl_avx2;
 #endif
-    const int64_t bw = (c.MR == 6 ? 4 : (c.MR == 8 ? 3 : 2)) * kLanes;
+    const int64_t bw = (c.MR == 6 ? 4 : 3) * kLanes;
     const int64_t tiles = (a.N * a.P + c.MR - 1) / c.MR, chunks = (tiles + kClChunk - 1) / kClChunk;
     const int64_t units = groups * ((a.Cog + bw - 1) / bw) * chunks;
     at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) { fn(a, c, u0, u1); });
