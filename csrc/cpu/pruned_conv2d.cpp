@@ -323,6 +323,7 @@ struct ClArgs {
   const float* wt;     // (G, KH * KW, Cig, Cog16): zero-padded past Cog
   const float* zeros;  // a row of zeros covering every channel index
   int64_t Cog16, MR;
+  int64_t chunk;  // pixel tiles per work unit
 };
 
 template <int MR, int NV>
@@ -361,15 +362,15 @@ PYPRUNE_INLINE void cl_micro_nv(int nv, const ConvArgs& a, const ClArgs& c, cons
   else cl_micro<MR, 1>(a, c, px, g, co0, stage);
 }
 
-// unit = (group and block of NVmax * 16 output channels, chunk of kClChunk tiles of MR consecutive output
+// unit = (group and block of NVmax * 16 output channels, chunk of c.chunk tiles of MR consecutive output
 // pixels, which may span images). Block-major order: a thread's units share one weight block (K x 64 floats,
 // 256 KB at K = 1024), which then stays in L2 while the chunk's pixels stream past it.
-constexpr int64_t kClChunk = 16;
+constexpr int64_t kClChunk = 16;  // tiles per unit on large maps
 
 PYPRUNE_INLINE void cl_units(const ConvArgs& a, const ClArgs& c, int64_t u0, int64_t u1) {
   const int64_t taps = a.KH * a.KW, MR = c.MR, NVmax = MR == 6 ? 4 : 3;
   const int64_t bw = NVmax * kLanes, blocks_per_group = (a.Cog + bw - 1) / bw;
-  const int64_t n_tiles = (a.N * a.P + MR - 1) / MR, n_chunks = (n_tiles + kClChunk - 1) / kClChunk;
+  const int64_t n_tiles = (a.N * a.P + MR - 1) / MR, n_chunks = (n_tiles + c.chunk - 1) / c.chunk;
   std::vector<const float*> px(taps * MR);
   std::vector<int64_t> tap_off(taps);
   for (int64_t kh = 0; kh < a.KH; ++kh)
@@ -383,8 +384,8 @@ PYPRUNE_INLINE void cl_units(const ConvArgs& a, const ClArgs& c, int64_t u0, int
     const int64_t nco = std::min<int64_t>(nv * kLanes, a.Cog - co0);
     const int64_t row0 = g * a.Cog + co0;
     const bool consecutive = a.oC == 1 && a.out_ch[row0 + nco - 1] - a.out_ch[row0] == nco - 1;
-    const int64_t t_end = std::min(n_tiles, (chunk + 1) * kClChunk);
-    for (int64_t t = chunk * kClChunk; t < t_end; ++t) {
+    const int64_t t_end = std::min(n_tiles, (chunk + 1) * c.chunk);
+    for (int64_t t = chunk * c.chunk; t < t_end; ++t) {
       const int64_t q0 = t * MR, cnt = std::min<int64_t>(MR, a.N * a.P - q0);
       // walk the tile's pixels without dividing per pixel; past cnt, repeat the last one (never stored)
       int64_t n = q0 / a.P, oh = (q0 % a.P) / a.OW, ow = (q0 % a.P) % a.OW;
@@ -761,15 +762,18 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
     // 144, ...) and for 16-48 channels (8 pixels: 12 spilled the pixel pointers)
     const int64_t vecs = cog16 / kLanes;
     const int64_t mr = vecs >= 4 && (vecs % 4 == 0 || vecs % 3 != 0) ? 6 : 8;
-    ClArgs c{wt.data_ptr<float>(), zeros.data_ptr<float>(), cog16, mr};
+    ClArgs c{wt.data_ptr<float>(), zeros.data_ptr<float>(), cog16, mr, kClChunk};
     ClFn fn = cl_baseline;
 #if PYPRUNE_X86
     if (kernel_isa() == Isa::kAvx512) fn = cl_avx512;
     else if (kernel_isa() == Isa::kAvx2) fn = cl_avx2;
 #endif
     const int64_t bw = (c.MR == 6 ? 4 : 3) * kLanes;
-    const int64_t tiles = (a.N * a.P + c.MR - 1) / c.MR, chunks = (tiles + kClChunk - 1) / kClChunk;
-    const int64_t units = groups * ((a.Cog + bw - 1) / bw) * chunks;
+    const int64_t tiles = (a.N * a.P + c.MR - 1) / c.MR, blocks = groups * ((a.Cog + bw - 1) / bw);
+    // smaller chunks on small maps, so there are >= 8 units per thread to balance (64->64 3x3 @14 had 3 units
+    // for 2 threads and ran no faster than on one)
+    c.chunk = std::max<int64_t>(1, std::min<int64_t>(kClChunk, tiles * blocks / (8 * threads)));
+    const int64_t units = blocks * ((tiles + c.chunk - 1) / c.chunk);
     at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) { fn(a, c, u0, u1); });
     return y;
   }
