@@ -1,14 +1,16 @@
 // pyprune::pruned_conv2d on the CPU: y[:, out_index] = relu?(conv2d(x[:, in_index], weight, bias)).
 //
 // Implicit GEMM per group: Y_g (C_out_g x pixels) = W_g (C_out_g x K_g) * X_g (K_g x pixels), K_g = C_in_g * kh * kw.
-// Vectors run over output pixels (16 per vector, up to 48 per tile), pixels of consecutive images share a
-// tile so a 7x7 map at batch 8 fills its vectors. Weights are broadcast straight from the weight rows (an
-// embedded {1to16} memory operand of the FMA), so the weight needs no packing. The im2col tile of X_g is built
-// per tile from the kept channels only (the gather is fused: x[:, in_index] never exists); a 1x1 stride-1 conv
-// on a contiguous plane skips even that and points the kernel at the input rows. A register tile is
-// MR = 8 output channels x NV = 3 vectors (24 accumulators). The epilogue adds the bias, applies the ReLU and
-// writes each row to its output channel (out_index) in NCHW or channels_last.
-// Convs with one input channel per group (depthwise) take a direct stencil loop instead.
+// The gather is fused everywhere: x[:, in_index] never exists, kept channels are read through the index.
+// Two orientations:
+// - Vectors over output pixels (NCHW, larger maps): 64 pixels per tile (pixels of consecutive images share a
+//   tile), weights broadcast straight from their rows (an embedded {1to16} operand of the FMA, no weight
+//   packing), register tile 6 output channels x 4 vectors. X_g comes from the input rows in place (1x1 stride 1),
+//   from zero-bordered planes of the kept channels staged once per call (stride-1 kxk), or from im2col tiles.
+// - Pixels as GEMM rows (channels_last, and small NCHW maps): 6-8 pixels x 16-64 output channels, each input
+//   value broadcast in place, the weight transposed once and cached (see transposed_weight).
+// The epilogue adds the bias, applies the ReLU and writes each row to its output channel (out_index) in NCHW or
+// channels_last. Convs with one input channel per group (depthwise) take a direct stencil loop instead.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
