@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import time
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import pyprune  # noqa: F401  (registers the ops)
-from pyprune._extension import cpu_features
+from sparse_linear_providers import environment
 
 # (C_in, C_out, kernel, feature map side) of ResNet-50's convs named in issue #3
 SHAPES = [
@@ -116,23 +115,10 @@ def run_case(shape, batch, keep, channels_last, rounds, batch_s, rng, gen):
     return row
 
 
-def environment() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu": cpu, "isa": cpu_features().get("kernel_isa", "?"), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "python": platform.python_version(),
-    }  # fmt: skip
-
-
 def markdown(rows, env) -> str:
     lines = [
         (
-            f"# PrunedConv2d vs dense F.conv2d (CPU)\n\n{env['cpu']}, ISA {env['isa']}, {env['threads']} threads, "
+            f"# PrunedConv2d vs dense F.conv2d (CPU)\n\n{env['cpu']}, ISA {env['kernel_isa']}, {env['threads']} threads, "
             f"torch {env['torch']}, fp32. Keep ratio r on both sides; ideal speedup 1/r^2. Medians of same-round "
             "ratios over interleaved rounds.\n"
         ),

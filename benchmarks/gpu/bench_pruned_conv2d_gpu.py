@@ -38,19 +38,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parents[1]))
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT.parent))
 
 from bench_bsr_linear_gpu import environment, n_sets, rotating
+from pruned_conv2d_table import SHAPES  # (C_in, C_out, kernel, H = W); stride 1, padding kernel // 2
 
-# (C_in, C_out, kernel, H = W) of ResNet-50 convs; stride 1, padding kernel // 2
-SHAPES = [
-    (64, 64, 3, 56),
-    (256, 64, 1, 56),
-    (128, 128, 3, 28),
-    (256, 256, 3, 14),
-    (512, 512, 3, 7),
-    (1024, 256, 1, 14),
-    (2048, 512, 1, 7),
-]
 BATCHES = [32, 1]
 LAYOUTS = ["channels_last", "nchw"]
 DTYPES = ["float16", "bfloat16"]

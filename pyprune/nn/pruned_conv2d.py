@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops.pruned_conv2d import pair
+from ..ops.pruned_conv2d import check_channel_index, pair
 
 
 def _index(idx, n: int, name: str, device) -> Tensor | None:
@@ -28,12 +28,7 @@ def _index(idx, n: int, name: str, device) -> Tensor | None:
         t = torch.tensor(idx, dtype=torch.int64, device=device)
     if t.numel() == 0:
         raise ValueError(f"{name} must keep at least one channel")
-    if int(t.min()) < 0 or int(t.max()) >= n:
-        raise ValueError(
-            f"{name} must hold channels in [0, {n}), got values in [{int(t.min())}, {int(t.max())}]"
-        )
-    if t.numel() > 1 and not bool((t[1:] > t[:-1]).all()):
-        raise ValueError(f"{name} must be sorted and free of duplicates")
+    check_channel_index(t, n, name)
     return t
 
 

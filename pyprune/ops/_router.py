@@ -344,7 +344,9 @@ _CSR_CHECKED = TensorCache()
 def _check_csr_args(x, crow, col, values, out_features, bias) -> None:
     op = "pyprune::csr_linear"
     if x.dim() < 1:
-        raise ValueError(f"{op}: argument 'x' must have at least 1 dimension (..., in_features), got a scalar")
+        raise ValueError(
+            f"{op}: argument 'x' must have at least 1 dimension (..., in_features), got a scalar"
+        )
     if values.dtype != x.dtype:
         raise TypeError(f"{op}: argument 'values' must be {x.dtype} (x's dtype), got {values.dtype}")
     for name, t in (("crow_indices", crow), ("col_indices", col), ("values", values)):
@@ -373,7 +375,9 @@ def _check_csr_args(x, crow, col, values, out_features, bias) -> None:
         if bias.dtype != x.dtype:
             raise TypeError(f"{op}: argument 'bias' must be {x.dtype}, got {bias.dtype}")
         if bias.dim() != 1 or bias.numel() != out_features:
-            raise ValueError(f"{op}: argument 'bias' must have shape ({out_features},), got {tuple(bias.shape)}")
+            raise ValueError(
+                f"{op}: argument 'bias' must have shape ({out_features},), got {tuple(bias.shape)}"
+            )
 
 
 def check_csr_index_values(crow: Tensor, col: Tensor, in_features: int) -> None:
@@ -399,19 +403,24 @@ def _csr_cuda(x, crow, col, values, out_features, bias):
     return torch.ops.pyprune._csr_linear_cuda(x, crow, col, values, out_features, bias)
 
 
-def _csr_cuda_unavailable(x, *args) -> str | None:
+def _cuda_kernel_unavailable(op: str, source: str, x) -> str | None:
+    """Why the compiled CUDA kernel ``op`` (built from csrc/cuda/<source>) cannot run x, or None."""
     from .. import _extension
 
     if not _extension.HAS_CUDA:
         return f"pyprune._C has no CUDA kernels: {_extension.CUDA_REASON}"
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(_CSR_LINEAR_CUDA_OP, "CUDA"):
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"):
         return (
-            "pyprune._C was built with CUDA but without csrc/cuda/csr_linear.cu; rebuild it with "
+            f"pyprune._C was built with CUDA but without csrc/cuda/{source}; rebuild it with "
             "`pip install --no-build-isolation -e .`"
         )
     if x.dtype not in _CUDA_DTYPES:
         return f"the CUDA kernel takes float16, bfloat16 or float32, not {x.dtype}"
     return None
+
+
+def _csr_cuda_unavailable(x, *args) -> str | None:
+    return _cuda_kernel_unavailable(_CSR_LINEAR_CUDA_OP, "csr_linear.cu", x)
 
 
 def _csr_reference(x, crow, col, values, out_features, bias):
@@ -494,7 +503,9 @@ def _to_semi_structured(dense: Tensor):
 def _check_sparse24_args(x, values, meta, out_features, bias) -> None:
     op = "pyprune::sparse24_linear"
     if x.dim() < 1:
-        raise ValueError(f"{op}: argument 'x' must have at least 1 dimension (..., in_features), got a scalar")
+        raise ValueError(
+            f"{op}: argument 'x' must have at least 1 dimension (..., in_features), got a scalar"
+        )
     if values.dtype != x.dtype:
         raise TypeError(f"{op}: argument 'values' must be {x.dtype} (x's dtype), got {values.dtype}")
     if meta.dtype != torch.uint8:
@@ -597,18 +608,7 @@ def _pruned_conv2d_cuda(*args):
 
 
 def _pruned_conv2d_cuda_unavailable(x, *args) -> str | None:
-    from .. import _extension
-
-    if not _extension.HAS_CUDA:
-        return f"pyprune._C has no CUDA kernels: {_extension.CUDA_REASON}"
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(_PRUNED_CONV2D_CUDA_OP, "CUDA"):
-        return (
-            "pyprune._C was built with CUDA but without csrc/cuda/pruned_conv2d.cu; rebuild it with "
-            "`pip install --no-build-isolation -e .`"
-        )
-    if x.dtype not in _TRITON_DTYPES:
-        return f"the CUDA kernel takes float16, bfloat16 or float32, not {x.dtype}"
-    return None
+    return _cuda_kernel_unavailable(_PRUNED_CONV2D_CUDA_OP, "pruned_conv2d.cu", x)
 
 
 PRUNED_CONV2D_BACKENDS = [

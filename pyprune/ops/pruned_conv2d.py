@@ -122,18 +122,23 @@ def check_args(x, weight, bias, in_index, out_index, out_channels, stride, paddi
     return oh, ow
 
 
+def check_channel_index(idx: Tensor, bound: int, what: str) -> None:
+    """idx must hold sorted, unique channels in [0, bound); ``what`` names the argument in the message. Reads
+    the values (one device sync on GPU)."""
+    if idx.numel() == 0:
+        return
+    low, high = int(idx.min()), int(idx.max())
+    if low < 0 or high >= bound:
+        raise ValueError(f"{what} must hold channels in [0, {bound}), got values in [{low}, {high}]")
+    if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+        raise ValueError(f"{what} must be sorted and free of duplicates")
+
+
 def check_index_values(in_index, out_index, x_channels: int, out_channels: int) -> None:
-    """Indices must be sorted, unique and in range (reads the values: one device sync on GPU)."""
+    """Indices must be sorted, unique and in range."""
     for name, idx, bound in (("in_index", in_index, x_channels), ("out_index", out_index, out_channels)):
-        if idx is None or idx.numel() == 0:
-            continue
-        if int(idx.min()) < 0 or int(idx.max()) >= bound:
-            raise ValueError(
-                f"{OP}: argument '{name}' must hold channels in [0, {bound}), got values in "
-                f"[{int(idx.min())}, {int(idx.max())}]"
-            )
-        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
-            raise ValueError(f"{OP}: argument '{name}' must be sorted and free of duplicates")
+        if idx is not None:
+            check_channel_index(idx, bound, f"{OP}: argument '{name}'")
 
 
 @torch.library.register_fake(OP)
@@ -191,4 +196,4 @@ def pruned_conv2d_checked_ref(x, weight, bias, in_index, out_index, out_channels
 if not torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU"):
     torch.library.impl(OP, "CPU")(pruned_conv2d_checked_ref)
 register_cuda("pruned_conv2d")
-__all__ = ["check_args", "check_index_values", "output_size", "pair", "pruned_conv2d"]
+__all__ = ["check_args", "check_channel_index", "check_index_values", "output_size", "pair", "pruned_conv2d"]
