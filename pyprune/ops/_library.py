@@ -17,6 +17,10 @@ SCHEMAS = {
     # W in 2:4: values (K4/2, out), meta (K4/8, out) uint8, K4 = in_features rounded up to a multiple of 8.
     "sparse24_linear": "sparse24_linear(Tensor x, Tensor values, Tensor meta, int out_features, "
     "Tensor? bias) -> Tensor",
+    # conv2d with a CSR weight (out_channels, kh*kw*C_in) in tap-major column order: column (i*kw + j)*C_in + c
+    # holds w[o, c, i, j]; grouped convs store their block-diagonal embedding. x: (N, C_in, H, W).
+    "csr_conv2d": "csr_conv2d(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
+    "int out_channels, int[2] kernel_size, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation) -> Tensor",
     # conv2d over the input channels in_index (gathered inside the kernel) with weight (C_out_kept,
     # C_in_kept / groups, kh, kw); relu fused; out_index scatters into an out_channels-wide zero output.
     "pruned_conv2d": "pruned_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor? in_index, Tensor? out_index, "
