@@ -55,6 +55,29 @@ def sparse24_linear_ref(
     return F.linear(x, w[:, :in_features].to(x.dtype), bias)
 
 
+def csr_conv2d_ref(
+    x: Tensor,
+    crow_indices: Tensor,
+    col_indices: Tensor,
+    values: Tensor,
+    out_channels: int,
+    kernel_size: list[int],
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+) -> Tensor:
+    """The weight is (out_channels, kh*kw*C_in) in tap-major columns: column (i*kw + j)*C_in + c is w[o, c, i, j]."""
+    kh, kw = kernel_size
+    c_in = x.shape[1]
+    w = torch.zeros(out_channels, kh * kw * c_in, dtype=values.dtype, device=values.device)
+    for row in range(out_channels):
+        start, end = int(crow_indices[row]), int(crow_indices[row + 1])
+        w[row, col_indices[start:end].long()] = values[start:end]
+    w = w.reshape(out_channels, kh, kw, c_in).permute(0, 3, 1, 2)
+    return F.conv2d(x, w.to(x.dtype), bias, stride, padding, dilation).contiguous()
+
+
 def pruned_conv2d_ref(
     x: Tensor,
     weight: Tensor,

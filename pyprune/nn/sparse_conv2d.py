@@ -1,22 +1,23 @@
 """SparseConv2d: a drop-in nn.Conv2d whose weight is stored CSR, BSR or 2:4 and multiplied by pyprune's
-sparse-linear kernels, never densified.
+sparse kernels, never densified.
 
-A convolution is a GEMM over the pixels: each output pixel is a row (a "token") of the linear op, the
-reduction runs over the kh * kw * C_in inputs of its receptive field (Fast Sparse ConvNets, Elsen et al. 2020,
-for the 1x1 case). Everything is computed in the NHWC (channels_last) arrangement, where a pixel's channels
-are contiguous:
+A convolution is a GEMM over the pixels with a reduction over the kh * kw * C_in inputs of each receptive
+field (Fast Sparse ConvNets, Elsen et al. 2020, for the 1x1 case).
 
-- 1x1, channels_last input: the input *is* the (N*H*W, C_in) activation matrix (a view, no copy), and the
-  op's (N*H*W, C_out) output *is* the channels_last result.
-- 1x1, NCHW input: per image and in ~1 MiB chunks of pixels, one transpose of the input to (pixels, C) before
-  the op and one of the output back to (C_out, pixels). The kernel packs its activations token-minor
-  internally, which is NCHW's own order, so these two transposes are pure overhead that a kernel accepting
-  token-minor input would remove (benchmarks/results/cpu/sparse_conv2d.md measures them). Under torch.compile
-  the whole batch is transposed at once instead.
-- kxk (and strided / padded 1x1): **explicit im2col**, not implicit GEMM. The (N*OH*OW, kh*kw*C_in) patch
-  matrix is materialised from a strided view of the zero-padded NHWC input, then multiplied. This costs
-  kh*kw times the input's bytes in memory traffic, often more than the dense convolution itself; an implicit
-  GEMM kernel (the kernel reading patches in place) is future work.
+- **csr**, NCHW input (any kernel, stride, padding, dilation, groups): ``pyprune::csr_conv2d``, an implicit
+  GEMM that reads each channel's pixels as contiguous runs (the C++ kernel stages zero-padded planes per
+  stride phase once per call; a stride-1 unpadded 1x1 conv reads the input in place). channels_last input to
+  a kxk conv goes the same way through one NCHW copy in and one channels_last copy out.
+- **csr**, channels_last 1x1 (unpadded), and **bsr** / **2:4** everywhere: the sparse-linear ops in the
+  NHWC (channels_last) arrangement, where a pixel's channels are contiguous:
+  - 1x1, channels_last input: the input *is* the (N*H*W, C_in) activation matrix (a view, no copy), and the
+    op's (N*H*W, C_out) output *is* the channels_last result.
+  - 1x1, NCHW input: per image and in ~1 MiB chunks of pixels, one transpose of the input to (pixels, C)
+    before the op and one of the output back to (C_out, pixels) (benchmarks/results/cpu/sparse_conv2d.md
+    measures them). Under torch.compile the whole batch is transposed at once instead.
+  - kxk (and strided / padded 1x1): **explicit im2col**: the (N*OH*OW, kh*kw*C_in) patch matrix is
+    materialised from a strided view of the zero-padded NHWC input, then multiplied. This costs kh*kw times
+    the input's bytes in memory traffic.
 
 Because of that arrangement the stored weight is the (C_out, kh*kw*C_in) matrix in **tap-major column
 order**: column ``(i * kw + j) * C_in + c`` holds ``conv.weight[o, c, i, j]`` (``conv.weight.permute(0, 2, 3,
@@ -74,13 +75,13 @@ def _embed_groups(w: Tensor, groups: int) -> Tensor:
 
 class SparseConv2d(nn.Module):
     """``conv2d(input, W, bias, stride, padding, dilation, groups)`` with W sparse (layout "csr", "bsr" with
-    tiles ``block`` = (bh, bw), or "2:4"), through ``pyprune.ops.{csr,bsr,sparse24}_linear``.
+    tiles ``block`` = (bh, bw), or "2:4"), through ``pyprune.ops.csr_conv2d`` or
+    ``pyprune.ops.{csr,bsr,sparse24}_linear`` (see the module docstring for which runs when).
 
     input: (N, C_in, H, W) or (C_in, H, W), NCHW or channels_last; returns (N, C_out, OH, OW) in the same
     memory format. ``weight`` is a ``pyprune.sparse`` format of shape (C_out, kh*kw*C_in) in tap-major column
     order (see the module docstring); for ``groups > 1`` (csr only) it is the block-diagonal embedding of
-    the grouped weight, whose cross-group zeros are not stored. kxk convolutions use explicit im2col (a
-    materialised patch matrix), not an implicit GEMM.
+    the grouped weight, whose cross-group zeros are not stored.
 
     Build it with :meth:`from_dense`; the constructor makes an all-zero weight of the right layout, which
     ``load_state_dict`` then fills. Gradients reach the input, the stored nonzeros (``weight.values``) and the
@@ -236,6 +237,15 @@ class SparseConv2d(nn.Module):
         # channels_last when the channels are the innermost of C, W (ties: layouts coincide, NCHW chosen)
         channels_last = x.stride(1) < x.stride(3)
         pointwise = (kh, kw) == (1, 1) and (ph, pw) == (0, 0)
+        if self.layout == "csr" and not (pointwise and channels_last):
+            wt = self.weight
+            y = ops.csr_conv2d(
+                x, wt.crow_indices, wt.col_indices, wt.values, self.out_channels, self.kernel_size, self.bias,
+                self.stride, self.padding, self.dilation,
+            )  # fmt: skip
+            if channels_last:
+                y = y.contiguous(memory_format=torch.channels_last)
+            return y if input.dim() == 4 else y.squeeze(0)
         if pointwise and not channels_last and n > 0 and not torch.compiler.is_compiling():
             # NCHW 1x1, one image at a time, its pixels in chunks of about _NCHW_CHUNK_BYTES of activations:
             # image i is (C, H*W) with the pixels contiguous, so a chunk's (pixels, C) operand is a transposed

@@ -38,6 +38,13 @@ for cin, cout, k, s, p, g, side, cl in ((12, 10, 3, 1, 1, 1, 20, False), (12, 10
                                for a in args])
     err = (got.double() - want).abs().max().item()
     assert err < 1e-4, ("conv", cin, cout, k, s, g, side, cl, err)
+from pyprune.nn import SparseConv2d
+for cin, cout, k, s, p, side in ((12, 10, 1, 1, 0, 7), (12, 10, 3, 1, 1, 20), (9, 7, 3, 2, 1, 9)):
+    m = SparseConv2d.from_dense(torch.nn.Conv2d(cin, cout, k, s, p), sparsity=0.6)
+    x = torch.randn(2, cin, side, side)
+    want = F.conv2d(x.double(), m.to_dense().weight.double(), m.bias.double(), s, p)
+    err = (m(x).double() - want).abs().max().item()
+    assert err < 1e-4, ("csr_conv2d", cin, cout, k, s, side, err)
 print("ok")
 """
 

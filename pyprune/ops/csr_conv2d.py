@@ -1,0 +1,158 @@
+"""pyprune::csr_conv2d: conv2d whose weight is stored CSR, computed as an implicit GEMM over the nonzeros.
+
+The weight is the (out_channels, kh*kw*C_in) matrix in tap-major column order: column ``(i*kw + j)*C_in + c``
+holds ``w[o, c, i, j]`` (``w.permute(0, 2, 3, 1).reshape(out_channels, -1)``); a grouped conv stores the
+block-diagonal embedding of its weight, whose cross-group zeros are simply not stored. The CPU kernel reads the
+input in NCHW; its output is NCHW-contiguous.
+
+Backward: the input gradient and the stored values' gradient (the dense weight gradient sampled at the stored
+positions) go through ``torch.nn.grad.conv2d_input`` / ``conv2d_weight`` on the densified weight, so training
+costs dense time; only the forward is sparse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..sparse.base import check_compressed, compressed_rows
+from . import _library  # noqa: F401
+from ._router import Backend, route
+from .pruned_conv2d import output_size, pair
+
+OP = "pyprune::csr_conv2d"
+
+
+def csr_conv2d(
+    x: Tensor,
+    crow_indices: Tensor,
+    col_indices: Tensor,
+    values: Tensor,
+    out_channels: int,
+    kernel_size: int | Sequence[int],
+    bias: Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+) -> Tensor:
+    """x: (N, C_in, H, W); W: (out_channels, kh*kw*C_in) in tap-major columns as CSR with int32 crow_indices
+    (out_channels + 1,) and col_indices (nnz,), values (nnz,); bias: (out_channels,) or None.
+    Returns conv2d(x, W, bias, stride, padding, dilation): (N, out_channels, OH, OW), NCHW-contiguous."""
+    return torch.ops.pyprune.csr_conv2d(
+        x, crow_indices, col_indices, values, out_channels, pair(kernel_size, "kernel_size"), bias,
+        pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation"),
+    )  # fmt: skip
+
+
+def check_args(x, crow, col, values, out_channels, kernel_size, bias, stride, padding, dilation):
+    """Shape, dtype and device checks (no index values: the kernels check those); returns (OH, OW)."""
+    if x.dim() != 4:
+        raise ValueError(f"{OP}: argument 'x' must be 4-D (N, C_in, H, W), got shape {tuple(x.shape)}")
+    if values.dtype != x.dtype:
+        raise TypeError(f"{OP}: argument 'values' must be {x.dtype} (x's dtype), got {values.dtype}")
+    for name, t, dim in (("crow_indices", crow, 1), ("col_indices", col, 1), ("values", values, 1)):
+        if name != "values" and t.dtype != torch.int32:
+            raise TypeError(f"{OP}: argument '{name}' must be torch.int32, got {t.dtype}")
+        if t.dim() != dim:
+            raise ValueError(f"{OP}: argument '{name}' must be 1-D, got shape {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{OP}: argument '{name}' must be on {x.device} (x's device), got {t.device}")
+    if out_channels < 0:
+        raise ValueError(f"{OP}: argument 'out_channels' must be >= 0, got {out_channels}")
+    for name, v, low in (
+        ("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)
+    ):  # fmt: skip
+        if len(v) != 2 or min(v) < low:
+            raise ValueError(f"{OP}: argument '{name}' must be two ints >= {low}, got {list(v)}")
+    if crow.numel() != out_channels + 1:
+        raise ValueError(
+            f"{OP}: argument 'crow_indices' must have out_channels + 1 = {out_channels + 1} entries, "
+            f"got {crow.numel()}"
+        )
+    if col.numel() != values.numel():
+        raise ValueError(
+            f"{OP}: argument 'col_indices' must have as many entries as values ({values.numel()}), "
+            f"got {col.numel()}"
+        )
+    if bias is not None and (bias.dtype != x.dtype or bias.shape != (out_channels,) or bias.device != x.device):
+        raise ValueError(
+            f"{OP}: argument 'bias' must be a {x.dtype} tensor of shape ({out_channels},) on {x.device}, got "
+            f"{bias.dtype} {tuple(bias.shape)} on {bias.device}"
+        )
+    oh, ow = output_size(x.shape[2:], kernel_size, stride, padding, dilation)
+    if oh <= 0 or ow <= 0:
+        raise ValueError(
+            f"{OP}: argument 'x' has spatial size {tuple(x.shape[2:])}, smaller than the dilated kernel "
+            f"{list(kernel_size)} (dilation {list(dilation)}) after padding {list(padding)}"
+        )
+    return oh, ow
+
+
+@torch.library.register_fake(OP)
+def _(x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation):
+    oh, ow = check_args(
+        x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation
+    )
+    return x.new_empty((x.shape[0], out_channels, oh, ow))
+
+
+def dense_weight(crow: Tensor, col: Tensor, values: Tensor, out_channels: int, kernel_size, c_in: int) -> Tensor:
+    """The (out_channels, C_in, kh, kw) weight the CSR stores."""
+    kh, kw = kernel_size
+    w = values.new_zeros(out_channels, kh * kw * c_in)
+    w[compressed_rows(crow, col.numel()), col.long()] = values
+    return w.view(out_channels, kh, kw, c_in).permute(0, 3, 1, 2)
+
+
+def _setup_context(ctx, inputs, output):
+    x, crow, col, values, out_channels, kernel_size, bias, stride, padding, dilation = inputs
+    ctx.save_for_backward(x, crow, col, values)
+    ctx.conv = (out_channels, kernel_size, stride, padding, dilation)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    x, crow, col, values = ctx.saved_tensors
+    out_channels, kernel_size, stride, padding, dilation = ctx.conv
+    w = dense_weight(crow, col, values, out_channels, kernel_size, x.shape[1])
+    grad_x = grad_values = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.nn.grad.conv2d_input(x.shape, w, grad, stride, padding, dilation)
+    if ctx.needs_input_grad[3]:
+        gw = torch.nn.grad.conv2d_weight(x, w.shape, grad, stride, padding, dilation)
+        gw = gw.permute(0, 2, 3, 1).reshape(out_channels, -1)
+        grad_values = gw[compressed_rows(crow, col.numel()), col.long()]
+    if ctx.has_bias and ctx.needs_input_grad[6]:
+        grad_b = grad.sum((0, 2, 3))
+    return grad_x, None, None, grad_values, None, None, grad_b, None, None, None
+
+
+torch.library.register_autograd(OP, _backward, setup_context=_setup_context)
+
+
+def csr_conv2d_checked_ref(x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding,
+                           dilation):  # fmt: skip
+    """The reference behind the full argument checks: the CPU kernel when _C lacks one, and the CUDA path (no
+    GPU kernel exists for this op yet)."""
+    check_args(x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation)
+    kh, kw = kernel_size
+    try:
+        check_compressed(
+            crow_indices, col_indices, out_channels, kh * kw * x.shape[1],
+            "out_channels", "kh*kw*C_in", "nnz",
+        )  # fmt: skip
+    except ValueError as e:
+        raise ValueError(f"{OP}: {e}") from None
+    return reference.csr_conv2d_ref(
+        x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation
+    )
+
+
+if not torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU"):
+    torch.library.impl(OP, "CPU")(csr_conv2d_checked_ref)
+torch.library.impl(OP, "CUDA")(route("csr_conv2d", [Backend("reference", csr_conv2d_checked_ref)]))
+
+__all__ = ["check_args", "csr_conv2d", "dense_weight"]

@@ -1,0 +1,198 @@
+"""pyprune::csr_conv2d on the CPU (the C++ kernel when built, else the reference) against the float64 spec."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyprune
+from pyprune.nn.sparse_conv2d import tap_major
+from pyprune.ops import csr_conv2d
+from pyprune.ops.csr_conv2d import csr_conv2d_checked_ref
+from pyprune.reference import csr_conv2d_ref
+from pyprune.sparse import CSR
+
+OP = torch.ops.pyprune.csr_conv2d
+
+# (C_in, C_out, (kh, kw), stride, padding, dilation, (H, W), batch). Paths of the C++ kernel: a stride-1
+# unpadded 1x1 reads x in place (pixel counts that are and are not multiples of 16, so the last image's last
+# tile reads its staged copy); everything else reads staged planes, one per stride phase in use (stride 2,
+# stride 3 with dilation 2, asymmetric ones), in flat tiles across rows (small maps) or row tiles (wide maps
+# where flat tiles would compute more dropped columns: 1x7 at width 40); kernel wider than the map.
+CASES = [
+    (7, 5, (1, 1), 1, 0, 1, (7, 7), 1),
+    (16, 24, (1, 1), 1, 0, 1, (8, 8), 3),
+    (64, 33, (1, 1), 1, 0, 1, (56, 56), 1),
+    (97, 9, (1, 1), 2, 0, 1, (9, 9), 2),
+    (16, 32, (3, 3), 1, 1, 1, (9, 9), 2),
+    (33, 17, (3, 3), 2, 1, 1, (13, 13), 3),
+    (20, 12, (3, 3), 1, 2, 2, (11, 11), 2),
+    (12, 10, (3, 3), 3, 2, 2, (17, 14), 1),
+    (8, 8, (5, 5), 1, 2, 1, (40, 40), 1),
+    (6, 8, (1, 7), 1, (0, 3), 1, (3, 40), 2),
+    (9, 4, (3, 2), (2, 1), (1, 0), (1, 2), (10, 12), 2),
+    (5, 6, (7, 7), 1, 3, 1, (4, 5), 1),
+    (1, 1, (3, 3), 1, 1, 1, (5, 5), 1),
+]
+
+
+def _pair(v):
+    return [v, v] if isinstance(v, int) else list(v)
+
+
+def _case(case, sparsity, bias=True, dtype=torch.float32, seed=0):
+    cin, cout, k, s, p, d, hw, n = case
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(cout, cin, *k, generator=gen, dtype=dtype)
+    w = w * (torch.rand(w.shape, generator=gen) >= sparsity)
+    csr = CSR.from_dense(tap_major(w))
+    x = torch.randn(n, cin, *hw, generator=gen, dtype=dtype)
+    b = torch.randn(cout, generator=gen, dtype=dtype) if bias else None
+    args = (x, csr.crow_indices, csr.col_indices, csr.values, cout, list(k), b, _pair(s), _pair(p), _pair(d))
+    return args, w
+
+
+def _double(args):
+    return [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)).replace(" ", ""))
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+def test_matches_reference_and_dense_conv(case, sparsity):
+    args, w = _case(case, sparsity, bias=sparsity != 0.5)
+    y = OP(*args)
+    want = csr_conv2d_ref(*_double(args))
+    assert y.shape == want.shape and y.is_contiguous()
+    torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)
+    x, b, stride, padding, dilation = args[0], args[6], args[7], args[8], args[9]
+    dense = F.conv2d(x.double(), w.double(), None if b is None else b.double(), stride, padding, dilation)
+    torch.testing.assert_close(want, dense)
+
+
+def test_reference_hand_computed():
+    # 1 input channel, 2x2 image, a 2x2 kernel holding one nonzero at tap (1, 0) and a bias
+    x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+    crow, col, val = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([2], dtype=torch.int32), torch.tensor([5.0])
+    y = csr_conv2d_ref(x, crow, col, val, 1, [2, 2], torch.tensor([1.0]), [1, 1], [0, 0], [1, 1])
+    assert y.tolist() == [[[[1.0 + 5 * 3]]]]
+
+
+def test_grouped_conv_as_block_diagonal():
+    conv = torch.nn.Conv2d(8, 12, 3, padding=1, groups=4)
+    m = pyprune.nn.SparseConv2d.from_dense(conv, sparsity=0.5)
+    x = torch.randn(2, 8, 10, 9)
+    w = m.weight
+    y = csr_conv2d(x, w.crow_indices, w.col_indices, w.values, 12, 3, m.bias, padding=1)
+    torch.testing.assert_close(y, m.to_dense()(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_other_dtypes(dtype):
+    args, _ = _case(CASES[5], 0.5, dtype=dtype)
+    y = OP(*args)
+    assert y.dtype == dtype
+    want = csr_conv2d_ref(*_double(args))
+    naive = csr_conv2d_ref(*args).double()
+    assert (y.double() - want).abs().max() <= 2 * (naive - want).abs().max() + 1e-12
+
+
+def test_empty_and_noncontiguous_inputs():
+    args, _ = _case(CASES[4], 0.5)
+    x = args[0]
+    empty = OP(x[:0], *args[1:])
+    assert empty.shape == (0, 32, 9, 9)
+    for xs in (x.contiguous(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3),
+               torch.randn(2, 32, 9, 9)[:, ::2]):  # fmt: skip
+        got = OP(xs, *args[1:])
+        torch.testing.assert_close(got, csr_conv2d_ref(xs, *args[1:]), rtol=1e-4, atol=1e-4)
+    no_rows = (x, torch.zeros(1, dtype=torch.int32), args[2][:0], args[3][:0], 0, *args[5:6], None, *args[7:])
+    assert OP(*no_rows).shape == (2, 0, 9, 9)
+
+
+def test_public_function_defaults():
+    args, w = _case(CASES[1], 0.5, bias=False)
+    x, crow, col, val = args[:4]
+    torch.testing.assert_close(csr_conv2d(x, crow, col, val, 24, 1), F.conv2d(x, w), rtol=1e-4, atol=1e-4)
+
+
+def test_gradients_match_reference_autograd():
+    args, _ = _case(CASES[5], 0.5)
+    x, b, v = args[0].requires_grad_(), args[6].requires_grad_(), args[3].requires_grad_()
+    OP(*args).square().sum().backward()
+    got = [t.grad.clone() for t in (x, v, b)]
+    for t in (x, v, b):
+        t.grad = None
+    csr_conv2d_ref(*args).square().sum().backward()
+    for g, t in zip(got, (x, v, b)):
+        torch.testing.assert_close(g, t.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_gradcheck_float64():
+    args, _ = _case((3, 4, (3, 2), 2, 1, (1, 2), (6, 7), 2), 0.5, dtype=torch.float64)
+    x, v, b = args[0].requires_grad_(), args[3].requires_grad_(), args[6].requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x, v, b: OP(x, args[1], args[2], v, *args[4:6], b, *args[7:]), (x, v, b)
+    )
+
+
+def test_opcheck():
+    args, _ = _case(CASES[6], 0.5)
+    torch.library.opcheck(OP, args)
+
+
+def test_compile_matches_eager():
+    conv = torch.nn.Conv2d(12, 16, 3, stride=2, padding=1)
+    m = pyprune.nn.SparseConv2d.from_dense(conv, sparsity=0.8)
+    x = torch.randn(2, 12, 11, 11)
+    compiled = torch.compile(m, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), m(x))
+
+
+def _bad(change):
+    args, _ = _case(CASES[4], 0.5)
+    args = list(args)
+    change(args)
+    return args
+
+
+def _set(i, v):
+    def change(a):
+        a[i] = v(a) if callable(v) else v
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "change, exc, match",
+    [
+        (_set(0, lambda a: a[0][0]), ValueError, "'x' must be 4-D"),
+        (_set(1, lambda a: a[1].long()), TypeError, "'crow_indices' must be"),
+        (_set(2, lambda a: a[2].long()), TypeError, "'col_indices' must be"),
+        (_set(3, lambda a: a[3].double()), TypeError, "'values' must be"),
+        (_set(1, lambda a: a[1][:-1]), ValueError, "'crow_indices' must have out_channels \\+ 1"),
+        (_set(2, lambda a: a[2][:-1]), ValueError, "'col_indices' must have as many entries"),
+        (_set(2, lambda a: a[2] + 16 * 9), ValueError, "'col_indices' must lie in"),
+        (_set(1, lambda a: a[1].flip(0)), ValueError, "'crow_indices' must"),
+        (_set(5, [0, 3]), ValueError, "'kernel_size' must be"),
+        (_set(7, [1, 0]), ValueError, "'stride' must be"),
+        (_set(8, [-1, 1]), ValueError, "'padding' must be"),
+        (_set(9, [1, 0]), ValueError, "'dilation' must be"),
+        (_set(6, lambda a: torch.zeros(3)), ValueError, "'bias' must"),
+        (_set(5, [12, 3]), ValueError, "'x' has spatial size"),
+        (_set(4, -1), ValueError, "'out_channels' must be >= 0"),
+    ],
+)
+def test_bad_input_names_the_argument(change, exc, match):
+    with pytest.raises(exc, match=match):
+        OP(*_bad(change))
+
+
+def test_checked_reference_rejects_bad_indices():
+    # what the CPU runs without pyprune._C, and the CUDA path
+    args, _ = _case(CASES[4], 0.5)
+    bad_col = list(args)
+    bad_col[2] = args[2] + 16 * 9
+    with pytest.raises(ValueError, match="csr_conv2d: col_indices must lie in"):
+        csr_conv2d_checked_ref(*bad_col)
+    torch.testing.assert_close(csr_conv2d_checked_ref(*args), OP(*args), rtol=1e-4, atol=1e-4)
