@@ -38,6 +38,10 @@ SCHEMAS = {
     # private: the CUDA kernel of csrc/cuda/csr_linear.cu, called by csr_linear's router after its checks.
     "_csr_linear_cuda": "_csr_linear_cuda(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
     "int out_features, Tensor? bias) -> Tensor",
+    # private: the CUDA kernel of csrc/cuda/bsr_linear.cu (fp16 / bf16 on tensor cores, block sides 16, 32 or
+    # 64), called by bsr_linear's router after its checks.
+    "_bsr_linear_cuda": "_bsr_linear_cuda(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
+    "int out_features, Tensor? bias) -> Tensor",
 }
 
 for _schema in SCHEMAS.values():
