@@ -240,8 +240,55 @@ def _bsr_triton_unavailable(x, crow, col, values, out_features, bias) -> str | N
     return None
 
 
+_BSR_LINEAR_CUDA_OP = "pyprune::_bsr_linear_cuda"
+# the CUDA kernel multiplies on tensor cores in 16-bit only; float32 (exact, or TF32 when allowed) is Triton's
+_BSR_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+_BSR_CUDA_SIDES = (16, 32, 64)
+
+
+def check_bsr_index_values(crow: Tensor, col: Tensor, n_bcols: int) -> None:
+    """crow starts at 0, never decreases and ends at nnz_blocks; every block column is in [0, n_bcols). One
+    device sync; raises ValueError naming the first problem."""
+    check_csr_index_values(crow, col, n_bcols, op="pyprune::bsr_linear", bound="ceil(in_features / bw)")
+
+
+def _bsr_cuda(x, crow, col, values, out_features, bias):
+    _check_bsr_args(x, crow, col, values, out_features, bias)
+    n_bcols = -(-x.shape[-1] // values.shape[2])
+    checked_for = _BSR_CHECKED.get((crow, col), lambda: check_bsr_index_values(crow, col, n_bcols) or n_bcols)
+    if checked_for != n_bcols:  # the same structure against another in_features: column bounds differ
+        check_bsr_index_values(crow, col, n_bcols)
+    return torch.ops.pyprune._bsr_linear_cuda(x, crow, col, values, out_features, bias)
+
+
+def _bsr_cuda_unavailable(x, crow, col, values, out_features, bias) -> str | None:
+    note = (
+        " (it multiplies on tensor cores in 16-bit; float32 runs on the triton or reference backend)"
+        if x.dtype == torch.float32
+        else ""
+    )
+    reason = _cuda_kernel_unavailable(_BSR_LINEAR_CUDA_OP, "bsr_linear.cu", x, _BSR_CUDA_DTYPES, note)
+    if reason:
+        return reason
+    if values.dim() == 3 and not (values.shape[1] in _BSR_CUDA_SIDES and values.shape[2] in _BSR_CUDA_SIDES):
+        return (
+            f"the CUDA kernel takes blocks with sides 16, 32 or 64, not {values.shape[1]} x {values.shape[2]}; "
+            "the triton backend takes any block"
+        )
+    if x.device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(x.device)
+        if major < 8:
+            return (
+                "the CUDA kernel needs compute capability >= 8.0 (cp.async, bf16 tensor cores); "
+                f"{torch.cuda.get_device_name(x.device)} is {major}.{minor}"
+            )
+    return None
+
+
+# "auto" tries triton before cuda: no GPU measurement says yet which is faster (benchmarks/gpu times both)
 BSR_LINEAR_BACKENDS = [
     Backend("triton", _flat(_bsr_triton), _bsr_triton_unavailable),
+    Backend("cuda", _bsr_cuda, _bsr_cuda_unavailable),
     Backend("reference", _flat(reference.bsr_linear_ref)),
 ]
 
@@ -336,9 +383,10 @@ class TensorCache:
 
 _CSR_LINEAR_CUDA_OP = "pyprune::_csr_linear_cuda"
 _CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# (crow, col) -> True once their values were checked: a bad index would make the kernel read out of bounds,
-# and checking the values costs a device sync, so each structure is checked once
+# (crow, col) -> the column bound their values were checked against: a bad index would make the kernel read out
+# of bounds, and checking the values costs a device sync, so each structure is checked once (bsr: block columns)
 _CSR_CHECKED = TensorCache()
+_BSR_CHECKED = TensorCache()
 
 
 def _check_csr_args(x, crow, col, values, out_features, bias) -> None:
@@ -380,10 +428,11 @@ def _check_csr_args(x, crow, col, values, out_features, bias) -> None:
             )
 
 
-def check_csr_index_values(crow: Tensor, col: Tensor, in_features: int) -> None:
+def check_csr_index_values(
+    crow: Tensor, col: Tensor, in_features: int, op: str = "pyprune::csr_linear", bound: str = "in_features"
+) -> None:
     """crow starts at 0, never decreases and ends at nnz; every column is in [0, in_features). One device sync;
-    raises ValueError naming the first problem."""
-    op = "pyprune::csr_linear"
+    raises ValueError naming the first problem (``op`` and ``bound`` name the op and the column bound)."""
     nnz = col.numel()
     c = crow.long()
     if crow.numel() == 0 or int(c[0]) != 0 or int(c[-1]) != nnz:
@@ -391,7 +440,7 @@ def check_csr_index_values(crow: Tensor, col: Tensor, in_features: int) -> None:
     if bool((c[1:] < c[:-1]).any()):
         raise ValueError(f"{op}: argument 'crow_indices' must be non-decreasing")
     if nnz and bool(((col < 0) | (col >= in_features)).any()):
-        raise ValueError(f"{op}: argument 'col_indices' must lie in [0, in_features = {in_features})")
+        raise ValueError(f"{op}: argument 'col_indices' must lie in [0, {bound} = {in_features})")
 
 
 def _csr_cuda(x, crow, col, values, out_features, bias):
@@ -403,8 +452,11 @@ def _csr_cuda(x, crow, col, values, out_features, bias):
     return torch.ops.pyprune._csr_linear_cuda(x, crow, col, values, out_features, bias)
 
 
-def _cuda_kernel_unavailable(op: str, source: str, x) -> str | None:
-    """Why the compiled CUDA kernel ``op`` (built from csrc/cuda/<source>) cannot run x, or None."""
+def _cuda_kernel_unavailable(
+    op: str, source: str, x, dtypes: tuple[torch.dtype, ...] = _CUDA_DTYPES, dtype_note: str = ""
+) -> str | None:
+    """Why the compiled CUDA kernel ``op`` (built from csrc/cuda/<source>) cannot run x, or None. ``dtypes``: those
+    the kernel takes; ``dtype_note`` is appended to the message when x has another."""
     from .. import _extension
 
     if not _extension.HAS_CUDA:
@@ -414,8 +466,10 @@ def _cuda_kernel_unavailable(op: str, source: str, x) -> str | None:
             f"pyprune._C was built with CUDA but without csrc/cuda/{source}; rebuild it with "
             "`pip install --no-build-isolation -e .`"
         )
-    if x.dtype not in _CUDA_DTYPES:
-        return f"the CUDA kernel takes float16, bfloat16 or float32, not {x.dtype}"
+    if x.dtype not in dtypes:
+        names = [str(d).removeprefix("torch.") for d in dtypes]
+        listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+        return f"the CUDA kernel takes {listed}, not {x.dtype}{dtype_note}"
     return None
 
 
@@ -641,6 +695,7 @@ __all__ = [
     "SPARSE24_LINEAR_BACKENDS",
     "Backend",
     "TensorCache",
+    "check_bsr_index_values",
     "check_csr_index_values",
     "get_backend",
     "load_triton_kernels",
