@@ -1,5 +1,6 @@
-"""GPU timings of BSR linear: cuBLAS dense (F.linear), torch.sparse BSR (bsr_dense_mm), ours (Triton), plus 2:4
-through torch.sparse.to_sparse_semi_structured. Writes results.md and results.json to --out.
+"""GPU timings of BSR linear: cuBLAS dense (F.linear), torch.sparse BSR (bsr_dense_mm), ours (Triton), our CUDA
+kernel (the private op pyprune::_bsr_linear_cuda, when pyprune._C was built with CUDA), plus 2:4 through
+torch.sparse.to_sparse_semi_structured. Writes results.md and results.json to --out.
 
 Timing: triton.testing.do_bench (median of the timed runs after its warmup). Each provider cycles through
 several input sets (x and W) whose total size is a few times the L2, so no run finds its operands cached by the
@@ -146,6 +147,32 @@ def torch_bsr_mm():
         return "torch.mm", torch.mm
 
 
+def cuda_bsr_unavailable(x, crow, col, vals, n) -> str | None:
+    """Why pyprune's CUDA BSR kernel cannot run these arguments (not built, dtype, block), or None."""
+    from pyprune.ops import _router
+
+    return _router._bsr_cuda_unavailable(x, crow, col, vals, n, None)
+
+
+def run_cuda_provider(out, xs, weights, n, y_ref, quick):
+    """Times the CUDA kernel through its private op (no router, no index check), like ours through its
+    launcher; records cuda_ms and cuda_max_rel_err, cuda_unavailable (why it cannot run here) or cuda_error."""
+    r = len(xs)
+    reason = cuda_bsr_unavailable(xs[0], *weights[0][1:4], n)
+    if reason:
+        out["cuda_unavailable"] = reason[:300]
+        return
+    op = torch.ops.pyprune._bsr_linear_cuda
+    try:
+        y = op(xs[0], *weights[0][1:4], n, None)
+        out["cuda_max_rel_err"] = float((y.float() - y_ref).abs().max() / y_ref.abs().max())
+        out["cuda_ms"] = bench(
+            rotating([lambda i=i: op(xs[i], *weights[i][1:4], n, None) for i in range(r)]), quick
+        )
+    except Exception as e:  # noqa: BLE001
+        out["cuda_error"] = repr(e)[:300]
+
+
 def run_case(c, floors, quick, l2, triton_fn, dense_cache):
     dtype = getattr(torch, c["dtype"])
     m, k, n, blk = c["M"], c["K"], c["N"], c["block"]
@@ -190,6 +217,8 @@ def run_case(c, floors, quick, l2, triton_fn, dense_cache):
         out["torch_bsr_ms"] = bench(rotating([lambda i=i: mm(bsrs[i], xts[i]) for i in range(r)]), quick)
     except Exception as e:  # noqa: BLE001
         out["torch_bsr_error"] = repr(e)[:300]
+    # last: a fault in the untested kernel would poison the CUDA context for whatever runs after it
+    run_cuda_provider(out, xs, weights, n, y_ref, quick)
     return out
 
 
@@ -233,11 +262,11 @@ def fmt(v, nd=3):
 def table(rows):
     head = (
         "| K->N | M | dtype | block | sparsity | dense ms | torch BSR ms | ours ms | x dense | x torch BSR | "
-        "floor ms | floor/ours | rel err |"
+        "floor ms | floor/ours | rel err | cuda ms | cuda x dense | cuda rel err |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        d, t, o = r.get("dense_ms"), r.get("torch_bsr_ms"), r.get("ours_ms")
+        d, t, o, cu = r.get("dense_ms"), r.get("torch_bsr_ms"), r.get("ours_ms"), r.get("cuda_ms")
         lines.append(
             "| "
             + " | ".join(
@@ -255,6 +284,15 @@ def table(rows):
                     fmt(r.get("floor_ms")),
                     fmt(r["floor_ms"] / o, 2) if o and r.get("floor_ms") else "-",
                     fmt(r.get("ours_max_rel_err"), 4) if "ours_max_rel_err" in r else "-",
+                    fmt(cu)
+                    if cu is not None
+                    else "ERR"
+                    if "cuda_error" in r
+                    else "n/a"
+                    if "cuda_unavailable" in r
+                    else "-",
+                    fmt(d / cu, 2) if d and cu else "-",
+                    fmt(r.get("cuda_max_rel_err"), 4) if "cuda_max_rel_err" in r else "-",
                 ]
             )
             + " |"
@@ -295,18 +333,21 @@ def write(out: Path, payload: dict, dry: bool):
             "## BSR linear (y = x W^T), median ms",
             "",
             (
-                "x dense / x torch BSR: speedup of ours; "
+                "ours: the Triton kernel; cuda: the CUDA kernel (n/a: it cannot run here, see pyprune_cuda_bsr above). "
+                "x dense / x torch BSR: speedup of ours; cuda x dense: speedup of the CUDA kernel; "
                 "floor/ours: fraction of the floor reached (1.0 = at the floor)."
             ),
             "",
             table(payload["cases"]),
         ]
-        errs = [r for r in payload["cases"] if "ours_error" in r or "torch_bsr_error" in r]
+        errs = [
+            r for r in payload["cases"] if "ours_error" in r or "torch_bsr_error" in r or "cuda_error" in r
+        ]
         if errs:
             md += ["", "### Errors", ""] + [
                 f"- {r['K']}->{r['N']} M={r['M']} {r['dtype']} b{r['block']} "
                 f"s{r['sparsity']}: ours={r.get('ours_error', 'ok')} "
-                f"torch_bsr={r.get('torch_bsr_error', 'ok')}"
+                f"torch_bsr={r.get('torch_bsr_error', 'ok')} cuda={r.get('cuda_error', 'ok')}"
                 for r in errs
             ]
         md += [
@@ -342,6 +383,11 @@ def main(argv=None) -> int:
     kernels, why = load_triton_kernels()
     env = environment()
     env["pyprune_kernels"] = "ok" if kernels is not None else why
+    # the build and dtype part of the CUDA kernel's availability (CPU probe: no device or capability check)
+    probe = torch.empty(1, 32, dtype=torch.float16)
+    env["pyprune_cuda_bsr"] = (
+        cuda_bsr_unavailable(probe, None, None, torch.empty(0, 32, 32, dtype=torch.float16), 32) or "ok"
+    )
     cases = list(planned_cases(args.quick))
     if args.dry:
         write(args.out, {"dry": True, "environment": env, "cases": cases}, dry=True)
