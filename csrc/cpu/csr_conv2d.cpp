@@ -8,12 +8,12 @@
 // Output pixel (oh, ow) is then q = oh*Wq + ow, and the tap (c, i, j) reads plane (i*dh % sh, j*dw % sw, c) at
 // q + (i*dh / sh)*Wq + (j*dw / sw): one int32 offset per nonzero, computed per call. Flat q covers Wq - OW
 // columns per row that are computed and dropped; tiles either follow output rows (no waste, partial last
-// vectors) or run flat across rows, whichever computes fewer vectors. A stride-1 unpadded 1x1 conv reads x in
-// place (q is the pixel index); then only the last image's last tile could read past x's end, and it reads a
-// staged copy instead.
+// vectors) or run flat across rows, whichever computes fewer vectors. A stride-1 unpadded 1x1 conv on a map
+// of whole vectors (H*W % 16 == 0) reads x in place.
 //
 // Work units are (image, pixel tile, output-row part): a tile's input slice (planes x tile) stays in L2 while
-// every row's nonzeros stream past it; row parts (balanced by nnz) add parallelism when tiles are few.
+// every row's nonzeros stream past it, and the next tile's slice is prefetched meanwhile; row parts (balanced
+// by nnz) add parallelism when tiles are few.
 #include <immintrin.h>
 
 #include "pyprune/linear.h"
@@ -34,8 +34,8 @@ struct ConvArgs {
   const float* bias;
   const float* in;  // image 0's staged planes (or x itself)
   int64_t in_image;  // floats per image of `in`
-  const int32_t* tail_off;  // the last image's last tile reads tail_in through these offsets (or null)
-  const float* tail_in;
+  int64_t planes, plane;  // input planes per image and their stride in floats
+  int64_t pf_lines;  // cache lines per plane one tile reads (tile + the taps' reach)
   const Tile* tiles;
   const int64_t* rb;  // output-row part bounds
   int64_t n_tiles, n_parts, n_images, O, Wq, OW, OHW;
@@ -84,13 +84,25 @@ PYPRUNE_INLINE void store_tile(const vf16* acc, const Tile& tl, float bias, int6
   }
 }
 
+// Prefetches planes [p0, p1) of the tile at `next` (null: none).
+PYPRUNE_INLINE void prefetch_planes(const ConvArgs& a, const float* next, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const char* s = reinterpret_cast<const char*>(next + p * a.plane);
+    for (int64_t l = 0; l < a.pf_lines; ++l) __builtin_prefetch(s + 64 * l, 0, 3);
+  }
+}
+
+// Rows [r0, r1) of one tile; the next tile's input (if `next`) is prefetched a slice of planes per row, so
+// that its memory traffic overlaps this tile's arithmetic.
 template <int NV>
-PYPRUNE_INLINE void rows_tile(const ConvArgs& a, const Tile& tl, const float* base, const int32_t* off,
+PYPRUNE_INLINE void rows_tile(const ConvArgs& a, const Tile& tl, const float* base, const float* next,
                               int64_t r0, int64_t r1, float* y_img) {
   vf16 acc[NV];
+  const int64_t rows = r1 - r0;
   for (int64_t o = r0; o < r1; ++o) {
+    if (next) prefetch_planes(a, next, (o - r0) * a.planes / rows, (o - r0 + 1) * a.planes / rows);
     const int64_t s = a.crow[o];
-    row_tile<NV>(off + s, a.val + s, a.crow[o + 1] - s, base, acc);
+    row_tile<NV>(a.off + s, a.val + s, a.crow[o + 1] - s, base, acc);
     store_tile<NV>(acc, tl, a.bias ? a.bias[o] : 0.f, a.Wq, a.OW, y_img + o * a.OHW);
   }
 }
@@ -102,19 +114,22 @@ PYPRUNE_INLINE void conv_units(const ConvArgs& a, int64_t u0, int64_t u1) {
   for (int64_t u = u0; u < u1; ++u) {
     const int64_t p = u % a.n_parts, t = (u / a.n_parts) % a.n_tiles, n = u / (a.n_parts * a.n_tiles);
     const Tile& tl = a.tiles[t];
-    const bool tail = a.tail_in && n == a.n_images - 1 && t == a.n_tiles - 1;
-    const float* base = tail ? a.tail_in : a.in + n * a.in_image + tl.q0;
-    const int32_t* off = tail ? a.tail_off : a.off;
+    const float* base = a.in + n * a.in_image + tl.q0;
+    const float* next = nullptr;  // the next unit's tile, when this unit is the last on its own
+    if (u + 1 < u1 && p == a.n_parts - 1) {
+      const int64_t t1 = (t + 1) % a.n_tiles, n1 = t1 ? n : n + 1;
+      next = a.in + n1 * a.in_image + a.tiles[t1].q0;
+    }
     float* y_img = a.y + n * a.O * a.OHW;
     const int64_t r0 = a.rb[p], r1 = a.rb[p + 1];
     switch (std::min<int64_t>(NVMAX, (tl.len + kLanes - 1) / kLanes)) {
-      case 4: if constexpr (NVMAX >= 4) { rows_tile<4>(a, tl, base, off, r0, r1, y_img); break; }
+      case 4: if constexpr (NVMAX >= 4) { rows_tile<4>(a, tl, base, next, r0, r1, y_img); break; }
       [[fallthrough]];
-      case 3: if constexpr (NVMAX >= 3) { rows_tile<3>(a, tl, base, off, r0, r1, y_img); break; }
+      case 3: if constexpr (NVMAX >= 3) { rows_tile<3>(a, tl, base, next, r0, r1, y_img); break; }
       [[fallthrough]];
-      case 2: if constexpr (NVMAX >= 2) { rows_tile<2>(a, tl, base, off, r0, r1, y_img); break; }
+      case 2: if constexpr (NVMAX >= 2) { rows_tile<2>(a, tl, base, next, r0, r1, y_img); break; }
       [[fallthrough]];
-      default: rows_tile<1>(a, tl, base, off, r0, r1, y_img);
+      default: rows_tile<1>(a, tl, base, next, r0, r1, y_img);
     }
   }
 }
@@ -223,9 +238,11 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   PYPRUNE_CHECK(lo >= 0 && (nnz == 0 || hi < K), op, "col_indices", "must lie in [0, kh*kw*C_in = ", K,
                 "), got values in [", lo, ", ", hi, "]");
 
-  // Staged planes: one per (stride phase in use, channel), Hq x Wq each; a 1x1 stride-1 unpadded conv reads x.
-  const bool in_place = kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0;
-  const int64_t Hq = (Hp + sh - 1) / sh, Wq = in_place ? W : (Wp + sw - 1) / sw;
+  // Staged planes: one per (stride phase in use, channel), Hq x Wq each, padded to whole vectors so that every
+  // plane starts 64-byte aligned (split-line loads cost 1.5x on 7x7 and 14x14 maps). A 1x1 stride-1 unpadded
+  // conv whose planes are whole vectors already reads x in place.
+  const bool in_place = kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 && (H * W) % kLanes == 0;
+  const int64_t Hq = (Hp + sh - 1) / sh, Wq = (Wp + sw - 1) / sw;
   std::vector<int64_t> phase_slot(sh * sw, -1);
   std::vector<int64_t> slot_phase;
   for (int64_t i = 0; i < kh; ++i)
@@ -237,7 +254,7 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
       }
     }
   const int64_t planes = in_place ? C : static_cast<int64_t>(slot_phase.size()) * C;
-  const int64_t plane = in_place ? H * W : Hq * Wq;
+  const int64_t plane = round_up(Hq * Wq, kLanes);
 
   if (x.scalar_type() != at::kFloat || planes * plane >= (int64_t{1} << 31))
     return dense_conv(x, crow, col, val, O, kh, kw, bias, stride, padding, dilation);
@@ -249,7 +266,7 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   const at::Tensor xc = x.contiguous();
   const Isa isa = kernel_isa();
   // Widest tile whose input slice (planes x (tile + the taps' reach)) stays within ~512 KiB of L2.
-  const int64_t reach = in_place ? 0 : ((kh - 1) * dh / sh) * Wq + (kw - 1) * dw / sw;
+  const int64_t reach = ((kh - 1) * dh / sh) * Wq + (kw - 1) * dw / sw;
   int64_t nv = isa_vecs(isa);
   while (nv > 1 && planes * (kLanes * nv + reach) * 4 > 512 * 1024) --nv;
   const int64_t tile = kLanes * nv;
@@ -259,9 +276,8 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   std::vector<int64_t> tap_off(kh * kw);
   for (int64_t i = 0; i < kh; ++i)
     for (int64_t j = 0; j < kw; ++j)
-      tap_off[i * kw + j] = in_place ? 0
-                                     : phase_slot[(i * dh % sh) * sw + j * dw % sw] * C * plane +
-                                           (i * dh / sh) * Wq + j * dw / sw;
+      tap_off[i * kw + j] =
+          phase_slot[(i * dh % sh) * sw + j * dw % sw] * C * plane + (i * dh / sh) * Wq + j * dw / sw;
   at::Tensor offs = at::empty({nnz}, crow.options());
   int32_t* off = offs.data_ptr<int32_t>();
   at::parallel_for(0, O, 64, [&](int64_t r0, int64_t r1) {
@@ -274,11 +290,10 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   });
 
   // Staging: every image's planes, zero borders, plus one tile of slack at the end for full-vector reads.
-  at::Tensor staged, tail_in, tail_offs;
+  at::Tensor staged;
   const float* in = xc.data_ptr<float>();
-  int64_t in_image = C * H * W;
+  const int64_t in_image = planes * plane;
   if (!in_place) {
-    in_image = planes * plane;
     staged = at::empty({N * in_image + kLanes * nv}, x.options());
     float* st = staged.data_ptr<float>();
     std::fill(st + N * in_image, st + N * in_image + kLanes * nv, 0.f);
@@ -289,6 +304,9 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
         const int64_t pa = slot_phase[s] / sw, pb = slot_phase[s] % sw;
         const float* src = in + (n * C + c) * H * W;
         float* dst = st + n * in_image + (s * C + c) * plane;
+        // columns v whose input column v*sw + pb - pw lies in [0, W)
+        const int64_t v0 = std::min(Wq, (std::max<int64_t>(0, pw - pb) + sw - 1) / sw);
+        const int64_t v1 = std::max(v0, std::min(Wq, (W + pw - pb + sw - 1) / sw));
         for (int64_t u = 0; u < Hq; ++u) {
           const int64_t r = u * sh + pa - ph;
           float* d = dst + u * Wq;
@@ -296,25 +314,16 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
             std::fill(d, d + Wq, 0.f);
             continue;
           }
-          const float* sr = src + r * W;
-          for (int64_t v = 0; v < Wq; ++v) {
-            const int64_t col_in = v * sw + pb - pw;
-            d[v] = (col_in >= 0 && col_in < W) ? sr[col_in] : 0.f;
-          }
+          const float* sr = src + r * W + pb - pw;
+          std::fill(d, d + v0, 0.f);
+          if (sw == 1) std::copy(sr + v0, sr + v1, d + v0);
+          else for (int64_t v = v0; v < v1; ++v) d[v] = sr[v * sw];
+          std::fill(d + v1, d + Wq, 0.f);
         }
+        std::fill(dst + Hq * Wq, dst + plane, 0.f);
       }
     });
     in = st;
-  } else if (tiles.back().q0 + round_up(tiles.back().len, kLanes) > H * W) {
-    // In place, the last tile's full-vector reads run past the pixels; only the last image's can leave x.
-    const Tile& last = tiles.back();
-    tail_in = at::zeros({C * tile}, x.options());
-    float* ti = tail_in.data_ptr<float>();
-    const float* src = in + (N - 1) * in_image + last.q0;
-    for (int64_t c = 0; c < C; ++c) std::copy(src + c * H * W, src + c * H * W + last.len, ti + c * tile);
-    tail_offs = at::empty({nnz}, crow.options());
-    int32_t* to = tail_offs.data_ptr<int32_t>();
-    for (int64_t j = 0; j < nnz; ++j) to[j] = static_cast<int32_t>(ci[j] * tile);
   }
 
   const int64_t threads = at::get_num_threads();
@@ -328,8 +337,9 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
              b.defined() ? b.data_ptr<float>() : nullptr,
              in,
              in_image,
-             tail_offs.defined() ? tail_offs.data_ptr<int32_t>() : nullptr,
-             tail_in.defined() ? tail_in.data_ptr<float>() : nullptr,
+             planes,
+             plane,
+             ((tile + reach) * 4 + 63) / 64 + 1,
              tiles.data(),
              rb.data(),
              n_tiles,
