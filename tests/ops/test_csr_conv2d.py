@@ -196,3 +196,17 @@ def test_checked_reference_rejects_bad_indices():
     with pytest.raises(ValueError, match="csr_conv2d: col_indices must lie in"):
         csr_conv2d_checked_ref(*bad_col)
     torch.testing.assert_close(csr_conv2d_checked_ref(*args), OP(*args), rtol=1e-4, atol=1e-4)
+
+
+def test_cached_structure_follows_index_changes():
+    # the C++ kernel keeps what it derives from the indices between calls; in-place writes must invalidate it
+    args, _ = _case(CASES[5], 0.5)
+    x, crow, col = args[0], args[1], args[2]
+    torch.testing.assert_close(OP(*args), csr_conv2d_ref(*args), rtol=1e-4, atol=1e-4)
+    first = int(crow[1])  # move row 0's last nonzero to the last column, keeping the row sorted
+    assert first > 0 and int(col[first - 1]) < 9 * x.shape[1] - 1
+    col[first - 1] = 9 * x.shape[1] - 1
+    torch.testing.assert_close(OP(*args), csr_conv2d_ref(*args), rtol=1e-4, atol=1e-4)
+    col[0], col[1] = col[1].clone(), col[0].clone()
+    with pytest.raises(ValueError, match="'col_indices' must be strictly increasing within each row"):
+        OP(*args)
