@@ -1,11 +1,11 @@
 """Interleaved timing of SparseConv2d (CSR / BSR / 2:4) against dense F.conv2d (oneDNN) on ResNet-50's 1x1
-convolutions, NCHW and channels_last, written as markdown + JSON.
+and 3x3 convolutions (stride 1), NCHW and channels_last, written as markdown + JSON.
 
 Every round times each provider of a case once (the median single call of a batch of >= --batch-ms), in a
 shuffled order, so drift on a shared VM hits all providers alike; a speedup is the median over rounds of the
-same-round ratio time(dense) / time(provider). For NCHW input the table also times `nchw_transposes` alone: the
-chunked transposes of the input to (pixels, C) and of the output back that SparseConv2d does around the linear
-op, so the cost of the arrangement can be read off (the op itself is what the channels_last rows time). Usage:
+same-round ratio time(dense) / time(provider). For NCHW input to a 1x1 conv the table also times
+`nchw_transposes` alone: the chunked transposes of the input to (pixels, C) and of the output back that
+SparseConv2d does around the bsr / 2:4 linear ops (csr runs `csr_conv2d` on NCHW directly). Usage:
     python benchmarks/sparse_conv2d_table.py [--quick] [--rounds 9] [--threads 2] [--shapes 0 1]
         [--out benchmarks/results/cpu] [--name sparse_conv2d]
 
@@ -32,16 +32,19 @@ from sparse_linear_providers import environment
 from pyprune.nn import SparseConv2d
 from pyprune.nn.sparse_conv2d import _NCHW_CHUNK_BYTES
 
-# ResNet-50 bottleneck 1x1 convs: (C_in, C_out, H=W)
-SHAPES = [(256, 64, 56), (1024, 256, 14), (2048, 512, 7)]
+# ResNet-50 bottleneck convs: (C_in, C_out, H=W, kernel), 1x1 then the stride-1 3x3s (padding 1)
+SHAPES = [
+    (256, 64, 56, 1), (1024, 256, 14, 1), (2048, 512, 7, 1),
+    (64, 64, 56, 3), (128, 128, 28, 3), (256, 256, 14, 3), (512, 512, 7, 3),
+]  # fmt: skip
 BATCHES = [1, 8]
 SPARSITIES = [0.5, 0.6, 0.7, 0.9]
 FORMATS = ["nchw", "channels_last"]
 
 
-def dense_conv(c_in: int, c_out: int) -> torch.nn.Conv2d:
+def dense_conv(c_in: int, c_out: int, k: int = 1) -> torch.nn.Conv2d:
     torch.manual_seed(0)
-    return torch.nn.Conv2d(c_in, c_out, 1)
+    return torch.nn.Conv2d(c_in, c_out, k, padding=k // 2)
 
 
 def make_input(n: int, c: int, hw: int, fmt: str) -> torch.Tensor:
@@ -54,7 +57,7 @@ def torch_dense(conv, x, sparsity):
     w, b = conv.weight.detach(), conv.bias.detach()
     if x.is_contiguous(memory_format=torch.channels_last):
         w = w.contiguous(memory_format=torch.channels_last)
-    return lambda: F.conv2d(x, w, b)
+    return lambda: F.conv2d(x, w, b, padding=conv.padding)
 
 
 def _ours(layout, block=(32, 32)):
@@ -72,8 +75,8 @@ def _ours(layout, block=(32, 32)):
 def nchw_transposes(conv, x, sparsity):
     """Only the copies SparseConv2d makes around the op for NCHW input, chunked as it does in eager mode: each
     chunk's (C, pixels) -> (pixels, C) input transpose and (pixels, C_out) -> (C_out, pixels) output
-    transpose, then the per-image concatenation and the stack (None for channels_last)."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    transpose, then the per-image concatenation and the stack (None for channels_last and kxk convs)."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() or conv.kernel_size != (1, 1):
         return None
     n, c, h, w = x.shape
     pixels = h * w
@@ -121,8 +124,8 @@ def time_batch(fn, batch_s: float) -> tuple[float, int]:
             return statistics.median(times), len(times)
 
 
-def run_case(c_in, c_out, hw, n, fmt, sparsities, providers, rounds, batch_s, rng):
-    conv = dense_conv(c_in, c_out)
+def run_case(c_in, c_out, hw, k, n, fmt, sparsities, providers, rounds, batch_s, rng):
+    conv = dense_conv(c_in, c_out, k)
     x = make_input(n, c_in, hw, fmt)
     fns = {}
     for p in providers:
@@ -142,7 +145,7 @@ def run_case(c_in, c_out, hw, n, fmt, sparsities, providers, rounds, batch_s, rn
                 samples[key].append(t)
                 faults[key].append((minor_faults() - f0) / (calls + 1))
     dense = samples[("torch_dense", None)]
-    flops = 2.0 * n * hw * hw * c_in * c_out
+    flops = 2.0 * n * hw * hw * c_in * c_out * k * k
     rows = []
     for (p, s), ts in samples.items():
         med = statistics.median(ts)
@@ -151,6 +154,7 @@ def run_case(c_in, c_out, hw, n, fmt, sparsities, providers, rounds, batch_s, rn
                 "in": c_in,
                 "out": c_out,
                 "hw": hw,
+                "kernel": k,
                 "batch": n,
                 "format": fmt,
                 "provider": p,
@@ -174,7 +178,7 @@ def to_markdown(rows, env, load) -> str:
         "",
         (
             "Speedup = median over interleaved rounds of time(F.conv2d) / time(provider) in the same round. "
-            "GFLOP/s are dense-equivalent (2 N H W C_in C_out / time). `nchw_transposes` = the chunked "
+            "GFLOP/s are dense-equivalent (2 N H W C_in C_out k^2 / time). `nchw_transposes` = the chunked "
             "input (C, pixels)->(pixels, C) and output (pixels, C_out)->(C_out, pixels) copies alone (its "
             "'speedup' column is dense / transposes). `faults` = minor page faults per call (4 KiB each): memory the allocator "
             "handed back to the OS and touched again."
@@ -186,7 +190,7 @@ def to_markdown(rows, env, load) -> str:
     for r in rows:
         s = "-" if r["sparsity"] is None else f"{r['sparsity']:.1f}"
         lines.append(
-            f"| {r['batch']} | {r['in']}->{r['out']} @{r['hw']} | {r['format']} | {r['provider']} | {s} | "
+            f"| {r['batch']} | {r['in']}->{r['out']} {r['kernel']}x{r['kernel']} @{r['hw']} | {r['format']} | {r['provider']} | {s} | "
             f"{r['median_s'] * 1e3:.3f} | {r['dense_equivalent_gflops']:.0f} | "
             f"{r['speedup_vs_torch_dense']:.2f}x | {r['spread']:.0%} | {r['page_faults_per_call']:.0f} |"
         )
@@ -218,22 +222,22 @@ def main(argv=None):
     if args.shapes is not None:
         shapes = [SHAPES[i] for i in args.shapes]
     if args.quick:
-        shapes, batches, sparsities = SHAPES[1:2], [1], [0.5, 0.9]
+        shapes, batches, sparsities = SHAPES[1:2] + SHAPES[5:6], [1], [0.5, 0.9]
     env = environment()
     load_before = _load()
     rng = random.Random(0)
     rows = []
-    for c_in, c_out, hw in shapes:
+    for c_in, c_out, hw, k in shapes:
         for n in batches:
             for fmt in FORMATS:
                 case = run_case(
-                    c_in, c_out, hw, n, fmt, sparsities, args.providers, args.rounds, args.batch_ms / 1e3, rng
+                    c_in, c_out, hw, k, n, fmt, sparsities, args.providers, args.rounds, args.batch_ms / 1e3, rng
                 )
                 rows += case
                 for r in case:
                     s = "-" if r["sparsity"] is None else f"{r['sparsity']:.1f}"
                     print(
-                        f"N={n} {c_in}->{c_out}@{hw} {fmt:<13} {r['provider']:<15} s={s:<4} "
+                        f"N={n} {c_in}->{c_out} {k}x{k}@{hw} {fmt:<13} {r['provider']:<15} s={s:<4} "
                         f"{r['median_s'] * 1e3:8.3f} ms {r['speedup_vs_torch_dense']:5.2f}x  "
                         f"spread {r['spread']:.0%} faults {r['page_faults_per_call']:.0f}",
                         flush=True,
