@@ -8,7 +8,9 @@ Which backend runs, first match wins:
 3. "auto": the op's backends in order of measured speed, skipping those unavailable for the call (not
    installed, or e.g. a dtype the kernel lacks). ``reference`` (plain PyTorch, slow, always correct) is last.
 
-A backend named explicitly but unavailable raises an error that says why and how to get it.
+A backend named explicitly but unavailable raises an error that says why and how to get it; an op that has no
+backend of that name at all (a gradient helper, or ``csr_conv2d``, which has only the reference on CUDA) takes
+its automatic order instead and warns once.
 The choice is a module global, not a context variable, so autograd's backward threads see it too.
 """
 
@@ -88,15 +90,14 @@ def pick(op: str, backends: list[Backend], *args) -> Backend:
     wanted = get_backend()
     if wanted is not None:
         named = {b.name: b for b in backends}
-        if wanted not in named:
-            raise RuntimeError(
-                f"pyprune::{op} has no '{wanted}' backend; it has {list(named)}. "
-                f"Pick another with pyprune.use_backend(...) or {ENV_VAR}."
-            )
-        reason = named[wanted].unavailable(*args)
-        if reason:
-            raise RuntimeError(f"pyprune::{op}: backend '{wanted}' cannot run this call: {reason}")
-        return named[wanted]
+        if wanted in named:
+            reason = named[wanted].unavailable(*args)
+            if reason:
+                raise RuntimeError(f"pyprune::{op}: backend '{wanted}' cannot run this call: {reason}")
+            return named[wanted]
+        # an op without such a backend at all (e.g. a gradient helper, or an op with only the reference on
+        # CUDA) runs its automatic order, so that naming a backend does not break the ops that lack it
+        _warn_missing(op, wanted, tuple(named))
     reasons = []
     for b in backends:
         reason = b.unavailable(*args)
@@ -106,6 +107,15 @@ def pick(op: str, backends: list[Backend], *args) -> Backend:
             return b
         reasons.append(f"{b.name}: {reason}")
     raise RuntimeError(f"pyprune::{op}: no backend can run this call ({'; '.join(reasons)})")
+
+
+@functools.cache
+def _warn_missing(op: str, wanted: str, have: tuple[str, ...]) -> None:
+    warnings.warn(
+        f"pyprune::{op} has no '{wanted}' backend (it has {list(have)}); it uses its automatic choice",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 @functools.cache

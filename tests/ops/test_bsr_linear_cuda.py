@@ -276,8 +276,8 @@ def test_gpu_opcheck_and_compile():
     x = torch.randn(5, 33, device="cuda").half().requires_grad_(True)
     b = torch.randn(40, device="cuda").half()
     with _router.use_backend("cuda"):
-        # values without grad: their gradient (_bsr_linear_grad_values) has no "cuda" backend to name
-        torch.library.opcheck(torch.ops.pyprune.bsr_linear.default, (x, crow, col, vals, 40, b))
+        # the values' gradient (_bsr_linear_grad_values, no "cuda" backend) takes its automatic order
+        torch.library.opcheck(torch.ops.pyprune.bsr_linear.default, (x, crow, col, vals.requires_grad_(), 40, b))
 
         def f(x):
             return torch.relu(bsr_linear(x, crow, col, vals, 40, b)) * 2
@@ -291,7 +291,7 @@ def test_gpu_opcheck_and_compile():
 @pytest.mark.parametrize("block", [(16, 32), (64, 16)])
 def test_gpu_input_gradient(block):
     # the input gradient is bsr_linear on the transposed structure with (bw x bh) blocks: the kernel again. The
-    # values' gradient is left out: _bsr_linear_grad_values has no "cuda" backend to name.
+    # values' gradient is left out (the Triton SDDMM's, tested in test_bsr_linear_triton_backward.py).
     _cuda_or_skip()
     lin = torch.nn.Linear(70, 50).half().float()  # weights exact in fp16: both sides use the same ones
     cpu = SparseLinear.from_dense(lin, sparsity=0.6, layout="bsr", block=block).double()
