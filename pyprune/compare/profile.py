@@ -12,14 +12,11 @@ from torch import nn
 
 from .variants import METHODS
 
-# the op each pyprune module calls, by class name and layout
+# the op each pyprune module calls, by class name and layout (SparseConv2d says per input: op_for)
 _OPS = {
     ("SparseLinear", "csr"): "csr_linear",
     ("SparseLinear", "bsr"): "bsr_linear",
     ("SparseLinear", "2:4"): "sparse24_linear",
-    ("SparseConv2d", "csr"): "csr_linear",
-    ("SparseConv2d", "bsr"): "bsr_linear",
-    ("SparseConv2d", "2:4"): "sparse24_linear",
     ("PrunedConv2d", None): "pruned_conv2d",
 }
 
@@ -39,7 +36,10 @@ def op_backend(op: str, device: str = "cpu") -> str:
     return "none"
 
 
-def module_op(m: nn.Module) -> str | None:
+def module_op(m: nn.Module, input: torch.Tensor) -> str | None:
+    """The pyprune op ``m(input)`` calls, or None for modules that are not pyprune's."""
+    if hasattr(m, "op_for"):
+        return m.op_for(input)
     name = type(m).__name__
     return _OPS.get((name, getattr(m, "layout", None))) or _OPS.get((name, None))
 
@@ -52,12 +52,13 @@ def layer_ranges(model: nn.Module, device: str = "cpu"):
     stack: dict[int, list] = {}
     handles = []
     for name, m in weight_layers(model).items():
-        labels = [f"layer {name} ({kind(m)})"]
-        op = module_op(m)
-        if op is not None:
-            labels.append(f"pyprune::{op}/{op_backend(op, device)}")
+        layer = f"layer {name} ({kind(m)})"
 
-        def pre(mod, inp, labels=labels):
+        def pre(mod, inp, layer=layer):
+            labels = [layer]
+            op = module_op(mod, inp[0])
+            if op is not None:
+                labels.append(f"pyprune::{op}/{op_backend(op, device)}")
             rfs = [torch.autograd.profiler.record_function(label) for label in labels]
             for rf in rfs:
                 rf.__enter__()

@@ -58,6 +58,11 @@ def _pair(v, name: str) -> tuple[int, int]:
     raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
 
 
+def _channels_last(x: Tensor) -> bool:
+    """channels_last when the channels are the innermost of C, W (ties: the layouts coincide, NCHW chosen)."""
+    return x.stride(1) < x.stride(3)
+
+
 def tap_major(weight: Tensor) -> Tensor:
     """(C_out, C_in, kh, kw) -> (C_out, kh*kw*C_in), column (i*kw + j)*C_in + c: the im2col order of NHWC."""
     return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
@@ -234,10 +239,9 @@ class SparseConv2d(nn.Module):
                 f"input's spatial size {(h, w)} is smaller than the dilated kernel "
                 f"{(dh * (kh - 1) + 1, dw * (kw - 1) + 1)} after padding {self.padding}"
             )
-        # channels_last when the channels are the innermost of C, W (ties: layouts coincide, NCHW chosen)
-        channels_last = x.stride(1) < x.stride(3)
+        channels_last = _channels_last(x)
         pointwise = (kh, kw) == (1, 1) and (ph, pw) == (0, 0)
-        if self.layout == "csr" and not (pointwise and channels_last):
+        if self.op_for(x) == "csr_conv2d":
             wt = self.weight
             y = ops.csr_conv2d(
                 x, wt.crow_indices, wt.col_indices, wt.values, self.out_channels, self.kernel_size, self.bias,
@@ -278,6 +282,14 @@ class SparseConv2d(nn.Module):
         if not channels_last:
             y = y.contiguous()
         return y if input.dim() == 4 else y.squeeze(0)
+
+    def op_for(self, input: Tensor) -> str:
+        """The pyprune op ``forward(input)`` runs: ``csr_conv2d``, or the layout's linear op."""
+        if self.layout == "csr":
+            pointwise = self.kernel_size == (1, 1) and self.padding == (0, 0)
+            x = input if input.dim() == 4 else input.unsqueeze(0)
+            return "csr_linear" if pointwise and _channels_last(x) else "csr_conv2d"
+        return "bsr_linear" if self.layout == "bsr" else "sparse24_linear"
 
     def to_dense(self) -> nn.Conv2d:
         kh, kw = self.kernel_size
