@@ -34,8 +34,7 @@ struct Tile {
 struct ConvArgs {
   const int32_t* bnd;  // (n_chunks + 1, O): bnd[k * O + o] = row o's first nonzero with column >= k * chunk
   int64_t n_chunks;
-  float* scratch;  // per thread: partial sums of a part's rows over the chunks done so far (rows x tile)
-  int64_t scratch_stride;
+  int64_t scratch_stride;  // floats per row in a unit range's scratch (partial sums between chunks)
   const int32_t* off;  // per nonzero: input plane and tap shift, relative to the tile's first q
   const float* val;
   const float* bias;
@@ -133,7 +132,7 @@ PYPRUNE_INLINE void rows_tile(const ConvArgs& a, const Tile& tl, const float* ba
 // Units u in [u0, u1), ordered (image, tile, row part). NVMAX is the ISA's accumulator budget (2*NV vectors
 // live: 8 zmm on AVX-512 at 4, 8 ymm pairs on AVX2 at 2, 8 xmm quads on the baseline at 1).
 template <int NVMAX>
-PYPRUNE_INLINE void conv_units(const ConvArgs& a, int64_t u0, int64_t u1) {
+PYPRUNE_INLINE void conv_units(const ConvArgs& a, int64_t u0, int64_t u1, float* scratch) {
   for (int64_t u = u0; u < u1; ++u) {
     const int64_t p = u % a.n_parts, t = (u / a.n_parts) % a.n_tiles, n = u / (a.n_parts * a.n_tiles);
     const Tile& tl = a.tiles[t];
@@ -144,7 +143,6 @@ PYPRUNE_INLINE void conv_units(const ConvArgs& a, int64_t u0, int64_t u1) {
       next = a.in + n1 * a.in_image + a.tiles[t1].q0;
     }
     float* y_img = a.y + n * a.O * a.OHW;
-    float* scratch = a.scratch ? a.scratch + at::get_thread_num() * a.scratch_stride * a.O : nullptr;
     const int64_t r0 = a.rb[p], r1 = a.rb[p + 1];
     switch (std::min<int64_t>(NVMAX, (tl.len + kLanes - 1) / kLanes)) {
       case 4: if constexpr (NVMAX >= 4) { rows_tile<4>(a, tl, base, next, r0, r1, y_img, scratch); break; }
@@ -158,10 +156,12 @@ PYPRUNE_INLINE void conv_units(const ConvArgs& a, int64_t u0, int64_t u1) {
   }
 }
 
-using UnitsFn = void (*)(const ConvArgs&, int64_t, int64_t);
+using UnitsFn = void (*)(const ConvArgs&, int64_t, int64_t, float*);
 
-#define PYPRUNE_CSR_CONV_UNITS(SUFFIX, TARGET, NVMAX) \
-  TARGET void units_##SUFFIX(const ConvArgs& a, int64_t u0, int64_t u1) { conv_units<NVMAX>(a, u0, u1); }
+#define PYPRUNE_CSR_CONV_UNITS(SUFFIX, TARGET, NVMAX)                                \
+  TARGET void units_##SUFFIX(const ConvArgs& a, int64_t u0, int64_t u1, float* scratch) { \
+    conv_units<NVMAX>(a, u0, u1, scratch);                                            \
+  }
 
 PYPRUNE_CSR_CONV_UNITS(baseline, , 1)
 #if PYPRUNE_X86
@@ -412,7 +412,6 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   const int32_t* off = st.off.data_ptr<int32_t>();
   const int64_t n_chunks = st.n_chunks;
   const int64_t threads = at::get_num_threads();
-  at::Tensor scratch = n_chunks > 1 ? at::empty({threads * O * tile}, x.options()) : at::Tensor();
 
   // Staging: every image's planes, zero borders, plus one tile of slack at the end for full-vector reads.
   at::Tensor staged;
@@ -459,7 +458,6 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   const auto rb = balanced_split(O, want_parts, prefix, 16);
   ConvArgs a{st.bnd.data_ptr<int32_t>(),
              n_chunks,
-             scratch.defined() ? scratch.data_ptr<float>() : nullptr,
              tile,
              off,
              val.data_ptr<float>(),
@@ -492,8 +490,12 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   }
   const auto ub = balanced_split(n_units, cost[n_units] < 65536 ? 1 : threads,
                                  [&cost](int64_t u) { return cost[u]; }, 0);
-  at::parallel_for(0, static_cast<int64_t>(ub.size()) - 1, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) fn(a, ub[r], ub[r + 1]);
+  // scratch per unit range, not per thread id: safe whatever thread runs a range
+  const int64_t ranges = static_cast<int64_t>(ub.size()) - 1;
+  at::Tensor scratch = n_chunks > 1 ? at::empty({ranges * O * tile}, x.options()) : at::Tensor();
+  float* sc = scratch.defined() ? scratch.data_ptr<float>() : nullptr;
+  at::parallel_for(0, ranges, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) fn(a, ub[r], ub[r + 1], sc ? sc + r * O * tile : nullptr);
   });
   return y;
 }
