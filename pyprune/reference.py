@@ -75,7 +75,7 @@ def csr_conv2d_ref(
         start, end = int(crow_indices[row]), int(crow_indices[row + 1])
         w[row, col_indices[start:end].long()] = values[start:end]
     w = w.reshape(out_channels, kh, kw, c_in).permute(0, 3, 1, 2)
-    return F.conv2d(x, w.to(x.dtype), bias, stride, padding, dilation).contiguous()
+    return F.conv2d(x, w.to(x.dtype), bias, stride, padding, dilation).contiguous(memory_format=_memory_format(x))
 
 
 def pruned_conv2d_ref(

@@ -8,8 +8,9 @@
 // Output pixel (oh, ow) is then q = oh*Wq + ow, and the tap (c, i, j) reads plane (i*dh % sh, j*dw % sw, c) at
 // q + (i*dh / sh)*Wq + (j*dw / sw): one int32 offset per nonzero, computed per call. Flat q covers Wq - OW
 // columns per row that are computed and dropped; tiles either follow output rows (no waste, partial last
-// vectors) or run flat across rows, whichever computes fewer vectors. A stride-1 unpadded 1x1 conv on a map
-// of whole vectors (H*W % 16 == 0) reads x in place.
+// vectors) or run flat across rows, whichever computes fewer vectors. A stride-1 unpadded 1x1 conv on an NCHW
+// map of whole vectors (H*W % 16 == 0) reads x in place. channels_last x is staged through 16x16 transposes
+// and gets a channels_last y, stored 16 rows at a time through the same transposes.
 //
 // Work units are (image, pixel tile, output-row part): a tile's input slice (planes x tile) stays in L2 while
 // every row's nonzeros stream past it, and the next tile's slice is prefetched meanwhile; row parts (balanced
@@ -45,6 +46,7 @@ struct ConvArgs {
   const Tile* tiles;
   const int64_t* rb;  // output-row part bounds
   int64_t n_tiles, n_parts, n_images, O, Wq, OW, OHW;
+  bool cl_out;  // y is channels_last: rows leave in groups of 16 through 16x16 transposes (parts are multiples)
   float* y;
 };
 
@@ -94,6 +96,34 @@ PYPRUNE_INLINE void store_tile(const vf16* acc, const Tile& tl, float bias, int6
   }
 }
 
+// channels_last output: rows [o0, o0 + g) of one tile, buffered as buf[row][q - q0] (bias added), go out as
+// y[pixel][o0 .. o0 + g), a whole group through in-register 16x16 transposes, a partial one element-wise.
+PYPRUNE_INLINE void store_group_cl(const float* buf, int64_t ldb, int64_t g, const Tile& tl, int64_t Wq,
+                                   int64_t OW, int64_t O, int64_t o0, float* y_img) {
+  auto pixel = [&](int64_t q) {  // output pixel of q, or -1 for a dropped column
+    const int64_t oh = q / Wq, ow = q - oh * Wq;
+    return ow < OW ? oh * OW + ow : -1;
+  };
+  for (int64_t qb = 0; qb < tl.len; qb += kLanes) {
+    const int64_t n = std::min<int64_t>(kLanes, tl.len - qb);
+    if (g == kLanes) {
+      vf16 r[kLanes];
+      for (int i = 0; i < kLanes; ++i) r[i] = load16(buf + i * ldb + qb);
+      transpose16(r);
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t p = pixel(tl.q0 + qb + j);
+        if (p >= 0) store16(y_img + p * O + o0, r[j]);
+      }
+      continue;
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t p = pixel(tl.q0 + qb + j);
+      if (p < 0) continue;
+      for (int64_t i = 0; i < g; ++i) y_img[p * O + o0 + i] = buf[i * ldb + qb + j];
+    }
+  }
+}
+
 // Prefetches planes [p0, p1) of the tile at `next` (null: none).
 PYPRUNE_INLINE void prefetch_planes(const ConvArgs& a, const float* next, int64_t p0, int64_t p1) {
   for (int64_t p = p0; p < p1; ++p) {
@@ -110,6 +140,7 @@ template <int NV>
 PYPRUNE_INLINE void rows_tile(const ConvArgs& a, const Tile& tl, const float* base, const float* next,
                               int64_t r0, int64_t r1, float* y_img, float* scratch) {
   vf16 acc[NV];
+  alignas(64) float group[kLanes * NV * kLanes];  // channels_last: the current 16 rows, bias added
   const int64_t rows = r1 - r0;
   for (int64_t k = 0; k < a.n_chunks; ++k) {
     const int32_t* lo = a.bnd + k * a.O;
@@ -124,7 +155,15 @@ PYPRUNE_INLINE void rows_tile(const ConvArgs& a, const Tile& tl, const float* ba
         continue;
       }
       if (next) prefetch_planes(a, next, (o - r0) * a.planes / rows, (o - r0 + 1) * a.planes / rows);
-      store_tile<NV>(acc, tl, a.bias ? a.bias[o] : 0.f, a.Wq, a.OW, y_img + o * a.OHW);
+      const float bias = a.bias ? a.bias[o] : 0.f;
+      if (!a.cl_out) {
+        store_tile<NV>(acc, tl, bias, a.Wq, a.OW, y_img + o * a.OHW);
+        continue;
+      }
+      const int64_t i = (o - r0) % kLanes;
+      for (int t = 0; t < NV; ++t) store16(group + i * NV * kLanes + kLanes * t, acc[t] + bias);
+      if (i == kLanes - 1 || o + 1 == r1)
+        store_group_cl(group, NV * kLanes, i + 1, tl, a.Wq, a.OW, a.O, o - i, y_img);
     }
   }
 }
@@ -180,6 +219,54 @@ UnitsFn pick_units(Isa isa) {
   return units_baseline;
 }
 
+// channels_last input: plane row u (all channels) from one NHWC input row xr, columns v in [v0, v1) reading
+// input column v*sw + col0; stride 1 through in-register 16x16 transposes (16 pixels x 16 channels at a time).
+PYPRUNE_INLINE void stage_row_cl(const float* xr, int64_t C, int64_t v0, int64_t v1, int64_t col0, int64_t sw,
+                                 float* dst, int64_t plane) {
+  int64_t v = v0;
+  if (sw == 1) {
+    for (; v + kLanes <= v1; v += kLanes) {
+      const float* src = xr + (v + col0) * C;
+      int64_t c = 0;
+      for (; c + kLanes <= C; c += kLanes) {
+        vf16 r[kLanes];
+        for (int i = 0; i < kLanes; ++i) r[i] = load16(src + i * C + c);
+        transpose16(r);
+        for (int j = 0; j < kLanes; ++j) store16(dst + (c + j) * plane + v, r[j]);
+      }
+      for (; c < C; ++c)
+        for (int i = 0; i < kLanes; ++i) dst[c * plane + v + i] = src[i * C + c];
+    }
+  }
+  for (; v < v1; ++v) {
+    const float* src = xr + (v * sw + col0) * C;
+    for (int64_t c = 0; c < C; ++c) dst[c * plane + v] = src[c];
+  }
+}
+
+using StageClFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
+
+#define PYPRUNE_STAGE_CL(SUFFIX, TARGET)                                                                    \
+  TARGET void stage_cl_##SUFFIX(const float* xr, int64_t C, int64_t v0, int64_t v1, int64_t col0, int64_t sw, \
+                                float* dst, int64_t plane) {                                                \
+    stage_row_cl(xr, C, v0, v1, col0, sw, dst, plane);                                                     \
+  }
+
+PYPRUNE_STAGE_CL(baseline, )
+#if PYPRUNE_X86
+PYPRUNE_STAGE_CL(avx2, PYPRUNE_TARGET_AVX2)
+PYPRUNE_STAGE_CL(avx512, PYPRUNE_TARGET_AVX512)
+#endif
+
+StageClFn pick_stage_cl(Isa isa) {
+#if PYPRUNE_X86
+  if (isa == Isa::kAvx512) return stage_cl_avx512;
+  if (isa == Isa::kAvx2) return stage_cl_avx2;
+#endif
+  (void)isa;
+  return stage_cl_baseline;
+}
+
 // The pixel tiles of one image in q space, at most `tile` wide: along output rows, or flat across them.
 std::vector<Tile> make_tiles(int64_t OH, int64_t OW, int64_t Wq, int64_t tile) {
   auto vecs = [](int64_t len) { return (len + kLanes - 1) / kLanes; };
@@ -212,7 +299,9 @@ at::Tensor dense_conv(const at::Tensor& x, const at::Tensor& crow, const at::Ten
       at::repeat_interleave(at::arange(O, crow.options().dtype(at::kLong)), crow.diff().to(at::kLong), 0, nnz);
   const at::Tensor w = at::zeros({O, kh * kw * C}, val.options()).index_put_({rows, col.to(at::kLong)}, val, true);
   return at::conv2d(x, w.view({O, kh, kw, C}).permute({0, 3, 1, 2}), bias, stride, padding, dilation)
-      .contiguous();
+      .contiguous(x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous()
+                      ? at::MemoryFormat::ChannelsLast
+                      : at::MemoryFormat::Contiguous);
 }
 
 // Index values: rows non-decreasing, columns strictly increasing within a row and inside [0, K).
@@ -376,7 +465,10 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   // same 4 sets: 1.6x slower at 32x32). A stride-1 unpadded 1x1 conv whose planes already qualify reads x in
   // place.
   auto spread = [nv](int64_t lines) { return std::gcd<int64_t>(lines, 64) <= nv; };
-  const bool in_place = kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 &&
+  // channels_last x (as F.conv2d decides: laid out so, and not trivially both) is staged from NHWC and gets a
+  // channels_last y; anything else is read as NCHW.
+  const bool cl = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+  const bool in_place = !cl && kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 &&
                         (H * W) % kLanes == 0 && spread(H * W / kLanes);
   int64_t plane = round_up(Hq * Wq, kLanes);
   if (!in_place && !spread(plane / kLanes)) plane += kLanes;
@@ -386,11 +478,12 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
     return dense_conv(x, crow, col, val, O, kh, kw, bias, stride, padding, dilation);
   }
   const at::Tensor b = checked_bias(bias, O, op);
-  at::Tensor y = at::empty({N, O, OH, OW}, x.options());
+  at::Tensor y = at::empty({N, O, OH, OW},
+                           x.options().memory_format(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
   if (N == 0 || O == 0) return y;
   if (C == 0 || nnz == 0) return b.defined() ? y.copy_(b.view({1, O, 1, 1}).expand_as(y)) : y.zero_();
 
-  const at::Tensor xc = x.contiguous();
+  const at::Tensor xc = cl ? x : x.contiguous();
   const std::vector<Tile> tiles = make_tiles(OH, OW, Wq, tile);
 
   // Column chunks: when a row holds >= 24 nonzeros per ~96 columns on average, the reduction runs in chunks of
@@ -417,7 +510,24 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   at::Tensor staged;
   const float* in = xc.data_ptr<float>();
   const int64_t in_image = planes * plane;
-  if (!in_place) {
+  if (cl) {
+    // NHWC rows into zeroed planes: unit (image, slot, plane row), a thread's share at least ~64 KiB
+    staged = at::zeros({N * in_image + kLanes * nv}, x.options());
+    float* st = staged.data_ptr<float>();
+    const int64_t n_slots = static_cast<int64_t>(slot_phase.size());
+    const StageClFn stage = pick_stage_cl(isa);
+    at::parallel_for(0, N * n_slots * Hq, std::max<int64_t>(1, 16384 / (C * Wq)), [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t n = p / (n_slots * Hq), s = (p / Hq) % n_slots, u = p % Hq;
+        const int64_t pa = slot_phase[s] / sw, pb = slot_phase[s] % sw, r = u * sh + pa - ph;
+        if (r < 0 || r >= H) continue;
+        const int64_t v0 = std::min(Wq, (std::max<int64_t>(0, pw - pb) + sw - 1) / sw);
+        const int64_t v1 = std::max(v0, std::min(Wq, (W + pw - pb + sw - 1) / sw));
+        stage(in + (n * H + r) * W * C, C, v0, v1, pb - pw, sw, st + n * in_image + s * C * plane + u * Wq, plane);
+      }
+    });
+    in = st;
+  } else if (!in_place) {
     staged = at::empty({N * in_image + kLanes * nv}, x.options());
     float* st = staged.data_ptr<float>();
     std::fill(st + N * in_image, st + N * in_image + kLanes * nv, 0.f);
@@ -453,9 +563,12 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   }
 
   const int64_t n_tiles = static_cast<int64_t>(tiles.size());
-  const int64_t want_parts = std::clamp<int64_t>((8 * threads + N * n_tiles - 1) / (N * n_tiles), 1, O);
-  auto prefix = [cr](int64_t r) { return static_cast<int64_t>(cr[r]); };
-  const auto rb = balanced_split(O, want_parts, prefix, 16);
+  // row parts balanced by nnz; for channels_last output, in whole groups of 16 rows (one transposed store each)
+  const int64_t step = cl ? kLanes : 1, groups = (O + step - 1) / step;
+  const int64_t want_parts = std::clamp<int64_t>((8 * threads + N * n_tiles - 1) / (N * n_tiles), 1, groups);
+  auto prefix = [cr, step, O](int64_t g) { return static_cast<int64_t>(cr[std::min(g * step, O)]); };
+  std::vector<int64_t> rb = balanced_split(groups, want_parts, prefix, 16 * step);
+  for (int64_t& r : rb) r = std::min(r * step, O);
   ConvArgs a{st.bnd.data_ptr<int32_t>(),
              n_chunks,
              tile,
@@ -476,6 +589,7 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
              Wq,
              OW,
              OH * OW,
+             cl,
              y.data_ptr<float>()};
   const UnitsFn fn = pick_units(isa);
   // Each thread takes a contiguous range of units of equal cost (vectors x nonzeros, plus a little per row):

@@ -2,8 +2,8 @@
 
 The weight is the (out_channels, kh*kw*C_in) matrix in tap-major column order: column ``(i*kw + j)*C_in + c``
 holds ``w[o, c, i, j]`` (``w.permute(0, 2, 3, 1).reshape(out_channels, -1)``); a grouped conv stores the
-block-diagonal embedding of its weight, whose cross-group zeros are simply not stored. The CPU kernel reads the
-input in NCHW; its output is NCHW-contiguous.
+block-diagonal embedding of its weight, whose cross-group zeros are simply not stored. The output has x's
+memory format (channels_last when x is laid out so, else contiguous), like F.conv2d.
 
 Backward: the input gradient and the stored values' gradient (the dense weight gradient sampled at the stored
 positions) go through ``torch.nn.grad.conv2d_input`` / ``conv2d_weight`` on the densified weight, so training
@@ -40,7 +40,7 @@ def csr_conv2d(
 ) -> Tensor:
     """x: (N, C_in, H, W); W: (out_channels, kh*kw*C_in) in tap-major columns as CSR with int32 crow_indices
     (out_channels + 1,) and col_indices (nnz,), values (nnz,); bias: (out_channels,) or None.
-    Returns conv2d(x, W, bias, stride, padding, dilation): (N, out_channels, OH, OW), NCHW-contiguous."""
+    Returns conv2d(x, W, bias, stride, padding, dilation): (N, out_channels, OH, OW) in x's memory format."""
     return torch.ops.pyprune.csr_conv2d(
         x, crow_indices, col_indices, values, out_channels, pair(kernel_size, "kernel_size"), bias,
         pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation"),
@@ -96,7 +96,8 @@ def _(x, crow_indices, col_indices, values, out_channels, kernel_size, bias, str
     oh, ow = check_args(
         x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation
     )
-    return x.new_empty((x.shape[0], out_channels, oh, ow))
+    y = x.new_empty((x.shape[0], out_channels, oh, ow))
+    return y.contiguous(memory_format=reference._memory_format(x))
 
 
 def dense_weight(crow: Tensor, col: Tensor, values: Tensor, out_channels: int, kernel_size, c_in: int) -> Tensor:

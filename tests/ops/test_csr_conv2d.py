@@ -59,11 +59,16 @@ def _double(args):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)).replace(" ", ""))
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
-def test_matches_reference_and_dense_conv(case, sparsity):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_matches_reference_and_dense_conv(case, sparsity, channels_last):
     args, w = _case(case, sparsity, bias=sparsity != 0.5)
+    if channels_last:  # staged from NHWC through 16x16 transposes; channels_last output
+        args = (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
     y = OP(*args)
     want = csr_conv2d_ref(*_double(args))
-    assert y.shape == want.shape and y.is_contiguous()
+    cl = channels_last and not args[0].is_contiguous()  # C == 1 or a 1x1 map: both layouts at once
+    assert y.shape == want.shape
+    assert y.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
     torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)
     x, b, stride, padding, dilation = args[0], args[6], args[7], args[8], args[9]
     dense = F.conv2d(x.double(), w.double(), None if b is None else b.double(), stride, padding, dilation)
@@ -136,8 +141,11 @@ def test_gradcheck_float64():
     )
 
 
-def test_opcheck():
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_opcheck(channels_last):
     args, _ = _case(CASES[6], 0.5)
+    if channels_last:
+        args = (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
     torch.library.opcheck(OP, args)
 
 
