@@ -533,29 +533,39 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
     std::fill(st + N * in_image, st + N * in_image + kLanes * nv, 0.f);
     const int64_t n_slots = static_cast<int64_t>(slot_phase.size());
     // a thread's share at least ~64 KiB: waking the second thread costs more than copying less
+    // per slot: its phase (pa, pb) and the columns v whose input column v*sw + pb - pw lies in [0, W)
+    std::vector<int64_t> pa(n_slots), pb(n_slots), v0(n_slots), v1(n_slots);
+    for (int64_t s = 0; s < n_slots; ++s) {
+      pa[s] = slot_phase[s] / sw;
+      pb[s] = slot_phase[s] % sw;
+      v0[s] = std::min(Wq, (std::max<int64_t>(0, pw - pb[s]) + sw - 1) / sw);
+      v1[s] = std::max(v0[s], std::min(Wq, (W + pw - pb[s] + sw - 1) / sw));
+    }
+    const bool unpadded_1x1 = Hq == H && Wq == W && sh == 1 && sw == 1 && ph == 0 && pw == 0;
+    // a thread's share at least ~64 KiB: waking the second thread costs more than copying less. Plane p is
+    // (image n, slot s, channel c) = p / planes, (p % planes) / C, p % C, stepped without divisions.
     at::parallel_for(0, N * planes, std::max<int64_t>(1, 16384 / plane), [&](int64_t p0, int64_t p1) {
+      int64_t n = p0 / planes, s = (p0 % planes) / C, c = p0 % C;
       for (int64_t p = p0; p < p1; ++p) {
-        const int64_t n = p / planes, s = (p / C) % n_slots, c = p % C;
-        const int64_t pa = slot_phase[s] / sw, pb = slot_phase[s] % sw;
         const float* src = in + (n * C + c) * H * W;
-        float* dst = st + n * in_image + (s * C + c) * plane;
-        if (Hq == H && Wq == W && sh == 1 && sw == 1 && ph == 0 && pw == 0) {  // unpadded 1x1: one run
+        float* dst = st + p * plane;
+        if (unpadded_1x1) {  // one run
           std::copy(src, src + H * W, dst);
           std::fill(dst + H * W, dst + plane, 0.f);
-          continue;
+        } else {  // one fill of the plane, then a copy per row
+          std::fill(dst, dst + plane, 0.f);
+          for (int64_t u = 0; u < Hq; ++u) {
+            const int64_t r = u * sh + pa[s] - ph;
+            if (r < 0 || r >= H) continue;
+            const float* sr = src + r * W + pb[s] - pw;
+            float* d = dst + u * Wq;
+            if (sw == 1) std::copy(sr + v0[s], sr + v1[s], d + v0[s]);
+            else for (int64_t v = v0[s]; v < v1[s]; ++v) d[v] = sr[v * sw];
+          }
         }
-        // columns v whose input column v*sw + pb - pw lies in [0, W); one fill of the plane, then the rows
-        // (small maps: a call per row, not three)
-        const int64_t v0 = std::min(Wq, (std::max<int64_t>(0, pw - pb) + sw - 1) / sw);
-        const int64_t v1 = std::max(v0, std::min(Wq, (W + pw - pb + sw - 1) / sw));
-        std::fill(dst, dst + plane, 0.f);
-        for (int64_t u = 0; u < Hq; ++u) {
-          const int64_t r = u * sh + pa - ph;
-          if (r < 0 || r >= H) continue;
-          const float* sr = src + r * W + pb - pw;
-          float* d = dst + u * Wq;
-          if (sw == 1) std::copy(sr + v0, sr + v1, d + v0);
-          else for (int64_t v = v0; v < v1; ++v) d[v] = sr[v * sw];
+        if (++c == C) {
+          c = 0;
+          if (++s == n_slots) s = 0, ++n;
         }
       }
     });
