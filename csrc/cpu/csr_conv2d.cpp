@@ -1,4 +1,4 @@
-// pyprune::csr_conv2d on the CPU: conv2d of NCHW x with a CSR weight (C_out, kh*kw*C_in), tap-major columns
+// pyprune::csr_conv2d on the CPU: conv2d of x with a CSR weight (C_out, kh*kw*C_in), tap-major columns
 // (column (i*kw + j)*C_in + c holds w[o, c, i, j]), as an implicit GEMM that never builds a patch matrix.
 //
 // Fast Sparse ConvNets (Elsen et al. 2020) for 1x1 convs, generalised to kxk: in NCHW a channel's pixels are
@@ -6,7 +6,7 @@
 // output pixels, one broadcast FMA per 16 pixels. To make every tap a plain shift, each image's input is
 // staged once as zero-padded planes, split by stride phase: plane (a, b, c)[u][v] = x_pad[c][u*sh + a][v*sw + b].
 // Output pixel (oh, ow) is then q = oh*Wq + ow, and the tap (c, i, j) reads plane (i*dh % sh, j*dw % sw, c) at
-// q + (i*dh / sh)*Wq + (j*dw / sw): one int32 offset per nonzero, computed per call. Flat q covers Wq - OW
+// q + (i*dh / sh)*Wq + (j*dw / sw): one int32 offset per nonzero, cached with the indices. Flat q covers Wq - OW
 // columns per row that are computed and dropped; tiles either follow output rows (no waste, partial last
 // vectors) or run flat across rows, whichever computes fewer vectors. A stride-1 unpadded 1x1 conv on an NCHW
 // map of whole vectors (H*W % 16 == 0) reads x in place. channels_last x is staged through 16x16 transposes
@@ -460,10 +460,10 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   while (nv > 1 && planes * (kLanes * nv + reach) * 4 > 512 * 1024) --nv;
   const int64_t tile = kLanes * nv;
   // Staged planes: one per (stride phase in use, channel), Hq x Wq each, padded to whole vectors so that every
-  // plane starts 64-byte aligned (split-line loads cost 1.5x on 7x7 and 14x14 maps), and to a line count that
-  // spreads consecutive planes' tiles over the L1 sets (a 4 KiB plane stride puts every plane's tile in the
-  // same 4 sets: 1.6x slower at 32x32). A stride-1 unpadded 1x1 conv whose planes already qualify reads x in
-  // place.
+  // plane starts 64-byte aligned (split-line loads cost 1.2-1.25x on 7x7 and 14x14 maps), and to a line count
+  // that spreads consecutive planes' tiles over the L1 sets (a 4 KiB plane stride puts every plane's tile in
+  // the same 4 sets: about 1.5x slower at 32x32). A stride-1 unpadded 1x1 conv on NCHW x whose planes already
+  // qualify reads x in place.
   auto spread = [nv](int64_t lines) { return std::gcd<int64_t>(lines, 64) <= nv; };
   // channels_last x (as F.conv2d decides: laid out so, and not trivially both) is staged from NHWC and gets a
   // channels_last y; anything else is read as NCHW.
