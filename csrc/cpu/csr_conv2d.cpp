@@ -10,7 +10,10 @@
 // columns per row that are computed and dropped; tiles either follow output rows (no waste, partial last
 // vectors) or run flat across rows, whichever computes fewer vectors. A stride-1 unpadded 1x1 conv on an NCHW
 // map of whole vectors (H*W % 16 == 0) reads x in place. channels_last x is staged through 16x16 transposes
-// and gets a channels_last y, stored 16 rows at a time through the same transposes.
+// and gets a channels_last y, stored 16 rows at a time through the same transposes; for a stride-1 unpadded
+// 1x1 conv with many tiles each unit transposes its own tile instead (the input is read once, nothing staged
+// goes through memory), and with few tiles under 25% density the CSR linear kernel runs on the pixels as
+// they lie.
 //
 // Work units are (image, pixel tile, output-row part): a tile's input slice (planes x tile) stays in L2 while
 // every row's nonzeros stream past it, and the next tile's slice is prefetched meanwhile; row parts (balanced
@@ -47,6 +50,9 @@ struct ConvArgs {
   const int64_t* rb;  // output-row part bounds
   int64_t n_tiles, n_parts, n_images, O, Wq, OW, OHW;
   bool cl_out;  // y is channels_last: rows leave in groups of 16 through 16x16 transposes (parts are multiples)
+  bool pack_tiles;  // channels_last 1x1: each unit transposes its own tile of x_cl into its range's buffer
+  const float* x_cl;
+  int64_t C, tile;
   float* y;
 };
 
@@ -168,57 +174,6 @@ PYPRUNE_INLINE void rows_tile(const ConvArgs& a, const Tile& tl, const float* ba
   }
 }
 
-// Units u in [u0, u1), ordered (image, tile, row part). NVMAX is the ISA's accumulator budget (2*NV vectors
-// live: 8 zmm on AVX-512 at 4, 8 ymm pairs on AVX2 at 2, 8 xmm quads on the baseline at 1).
-template <int NVMAX>
-PYPRUNE_INLINE void conv_units(const ConvArgs& a, int64_t u0, int64_t u1, float* scratch) {
-  for (int64_t u = u0; u < u1; ++u) {
-    const int64_t p = u % a.n_parts, t = (u / a.n_parts) % a.n_tiles, n = u / (a.n_parts * a.n_tiles);
-    const Tile& tl = a.tiles[t];
-    const float* base = a.in + n * a.in_image + tl.q0;
-    const float* next = nullptr;  // the next unit's tile, when this unit is the last on its own
-    if (u + 1 < u1 && p == a.n_parts - 1) {
-      const int64_t t1 = (t + 1) % a.n_tiles, n1 = t1 ? n : n + 1;
-      next = a.in + n1 * a.in_image + a.tiles[t1].q0;
-    }
-    float* y_img = a.y + n * a.O * a.OHW;
-    const int64_t r0 = a.rb[p], r1 = a.rb[p + 1];
-    switch (std::min<int64_t>(NVMAX, (tl.len + kLanes - 1) / kLanes)) {
-      case 4: if constexpr (NVMAX >= 4) { rows_tile<4>(a, tl, base, next, r0, r1, y_img, scratch); break; }
-      [[fallthrough]];
-      case 3: if constexpr (NVMAX >= 3) { rows_tile<3>(a, tl, base, next, r0, r1, y_img, scratch); break; }
-      [[fallthrough]];
-      case 2: if constexpr (NVMAX >= 2) { rows_tile<2>(a, tl, base, next, r0, r1, y_img, scratch); break; }
-      [[fallthrough]];
-      default: rows_tile<1>(a, tl, base, next, r0, r1, y_img, scratch);
-    }
-  }
-}
-
-using UnitsFn = void (*)(const ConvArgs&, int64_t, int64_t, float*);
-
-#define PYPRUNE_CSR_CONV_UNITS(SUFFIX, TARGET, NVMAX)                                \
-  TARGET void units_##SUFFIX(const ConvArgs& a, int64_t u0, int64_t u1, float* scratch) { \
-    conv_units<NVMAX>(a, u0, u1, scratch);                                            \
-  }
-
-PYPRUNE_CSR_CONV_UNITS(baseline, , 1)
-#if PYPRUNE_X86
-PYPRUNE_CSR_CONV_UNITS(avx2, PYPRUNE_TARGET_AVX2, 2)
-PYPRUNE_CSR_CONV_UNITS(avx512, PYPRUNE_TARGET_AVX512, 4)
-#endif
-
-int isa_vecs(Isa isa) { return isa == Isa::kAvx512 ? 4 : (isa == Isa::kAvx2 ? 2 : 1); }
-
-UnitsFn pick_units(Isa isa) {
-#if PYPRUNE_X86
-  if (isa == Isa::kAvx512) return units_avx512;
-  if (isa == Isa::kAvx2) return units_avx2;
-#endif
-  (void)isa;
-  return units_baseline;
-}
-
 // channels_last input: plane row u (all channels) from one NHWC input row xr, columns v in [v0, v1) reading
 // input column v*sw + col0; stride 1 through in-register 16x16 transposes (16 pixels x 16 channels at a time).
 PYPRUNE_INLINE void stage_row_cl(const float* xr, int64_t C, int64_t v0, int64_t v1, int64_t col0, int64_t sw,
@@ -242,6 +197,63 @@ PYPRUNE_INLINE void stage_row_cl(const float* xr, int64_t C, int64_t v0, int64_t
     const float* src = xr + (v * sw + col0) * C;
     for (int64_t c = 0; c < C; ++c) dst[c * plane + v] = src[c];
   }
+}
+
+// Units u in [u0, u1), ordered (image, tile, row part). NVMAX is the ISA's accumulator budget (2*NV vectors
+// live: 8 zmm on AVX-512 at 4, 8 ymm pairs on AVX2 at 2, 8 xmm quads on the baseline at 1).
+template <int NVMAX>
+PYPRUNE_INLINE void conv_units(const ConvArgs& a, int64_t u0, int64_t u1, float* scratch, float* tile_buf) {
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t p = u % a.n_parts, t = (u / a.n_parts) % a.n_tiles, n = u / (a.n_parts * a.n_tiles);
+    const Tile& tl = a.tiles[t];
+    const float* base = a.in + n * a.in_image + tl.q0;
+    const float* next = nullptr;  // the next unit's tile, when this unit is the last on its own
+    if (a.pack_tiles) {  // pixels q0 .. q0 + len of image n, as C planes of `tile` floats; lanes past len zero
+      stage_row_cl(a.x_cl + (n * a.OHW + tl.q0) * a.C, a.C, 0, tl.len, 0, 1, tile_buf, a.tile);
+      const int64_t end = round_up(tl.len, kLanes);
+      for (int64_t c = 0; end > tl.len && c < a.C; ++c)
+        std::fill(tile_buf + c * a.tile + tl.len, tile_buf + c * a.tile + end, 0.f);
+      base = tile_buf;
+    } else if (u + 1 < u1 && p == a.n_parts - 1) {
+      const int64_t t1 = (t + 1) % a.n_tiles, n1 = t1 ? n : n + 1;
+      next = a.in + n1 * a.in_image + a.tiles[t1].q0;
+    }
+    float* y_img = a.y + n * a.O * a.OHW;
+    const int64_t r0 = a.rb[p], r1 = a.rb[p + 1];
+    switch (std::min<int64_t>(NVMAX, (tl.len + kLanes - 1) / kLanes)) {
+      case 4: if constexpr (NVMAX >= 4) { rows_tile<4>(a, tl, base, next, r0, r1, y_img, scratch); break; }
+      [[fallthrough]];
+      case 3: if constexpr (NVMAX >= 3) { rows_tile<3>(a, tl, base, next, r0, r1, y_img, scratch); break; }
+      [[fallthrough]];
+      case 2: if constexpr (NVMAX >= 2) { rows_tile<2>(a, tl, base, next, r0, r1, y_img, scratch); break; }
+      [[fallthrough]];
+      default: rows_tile<1>(a, tl, base, next, r0, r1, y_img, scratch);
+    }
+  }
+}
+
+using UnitsFn = void (*)(const ConvArgs&, int64_t, int64_t, float*, float*);
+
+#define PYPRUNE_CSR_CONV_UNITS(SUFFIX, TARGET, NVMAX)                                                      \
+  TARGET void units_##SUFFIX(const ConvArgs& a, int64_t u0, int64_t u1, float* scratch, float* tile_buf) { \
+    conv_units<NVMAX>(a, u0, u1, scratch, tile_buf);                                                       \
+  }
+
+PYPRUNE_CSR_CONV_UNITS(baseline, , 1)
+#if PYPRUNE_X86
+PYPRUNE_CSR_CONV_UNITS(avx2, PYPRUNE_TARGET_AVX2, 2)
+PYPRUNE_CSR_CONV_UNITS(avx512, PYPRUNE_TARGET_AVX512, 4)
+#endif
+
+int isa_vecs(Isa isa) { return isa == Isa::kAvx512 ? 4 : (isa == Isa::kAvx2 ? 2 : 1); }
+
+UnitsFn pick_units(Isa isa) {
+#if PYPRUNE_X86
+  if (isa == Isa::kAvx512) return units_avx512;
+  if (isa == Isa::kAvx2) return units_avx2;
+#endif
+  (void)isa;
+  return units_baseline;
 }
 
 using StageClFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
@@ -470,8 +482,19 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   const bool cl = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
   const bool in_place = !cl && kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 &&
                         (H * W) % kLanes == 0 && spread(H * W / kLanes);
-  int64_t plane = round_up(Hq * Wq, kLanes);
-  if (!in_place && !spread(plane / kLanes)) plane += kLanes;
+  const std::vector<Tile> tiles = make_tiles(OH, OW, Wq, tile);
+  const int64_t n_tiles = static_cast<int64_t>(tiles.size());
+  const int64_t threads = at::get_num_threads();
+  // row parts balanced by nnz; for channels_last output, in whole groups of 16 rows (one transposed store each)
+  const int64_t step = cl ? kLanes : 1, groups = (O + step - 1) / step;
+  const int64_t units = std::max<int64_t>(1, N * n_tiles);  // N = 0 returns below, before any use
+  const int64_t want_parts = std::clamp<int64_t>((8 * threads + units - 1) / units, 1, std::max<int64_t>(1, groups));
+  // channels_last 1x1 (stride 1, unpadded) with one part per tile: each unit transposes its own tile into an
+  // L2-sized buffer, so the input is read once and no staged copy goes through memory
+  const bool pack_tiles =
+      cl && kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 && want_parts == 1;
+  int64_t plane = pack_tiles ? tile : round_up(Hq * Wq, kLanes);
+  if (!in_place && !pack_tiles && !spread(plane / kLanes)) plane += kLanes;
 
   if (x.scalar_type() != at::kFloat || N * planes * plane >= (int64_t{1} << 31)) {
     check_structure(cr, ci, O, K);
@@ -484,7 +507,6 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   if (C == 0 || nnz == 0) return b.defined() ? y.copy_(b.view({1, O, 1, 1}).expand_as(y)) : y.zero_();
 
   const at::Tensor xc = cl ? x : x.contiguous();
-  const std::vector<Tile> tiles = make_tiles(OH, OW, Wq, tile);
 
   // Column chunks: when a row holds >= 24 nonzeros per ~96 columns on average, the reduction runs in chunks of
   // that many columns (the input slice of chunk x tile fits in L1, 24 KiB). Sparser rows run whole: the
@@ -504,13 +526,19 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   });
   const int32_t* off = st.off.data_ptr<int32_t>();
   const int64_t n_chunks = st.n_chunks;
-  const int64_t threads = at::get_num_threads();
+  if (cl && kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 && !pack_tiles && 4 * nnz < O * K) {
+    // channels_last 1x1 under 25% dense with few tiles: csr_linear's token-minor kernel on the pixels as they
+    // lie beats staging them (2 threads, 90%: 1024->256 @14 batch 1 2.0x vs 1.3x, 2048->512 @7 5.8x vs 4.8x);
+    // its output (pixels, C_out) is the channels_last result
+    const at::Tensor y2 = csr_linear_cpu(xc.permute({0, 2, 3, 1}).reshape({N * H * W, C}), crow, col, val, O, bias);
+    return y2.view({N, H, W, O}).permute({0, 3, 1, 2});
+  }
 
   // Staging: every image's planes, zero borders, plus one tile of slack at the end for full-vector reads.
   at::Tensor staged;
   const float* in = xc.data_ptr<float>();
   const int64_t in_image = planes * plane;
-  if (cl) {
+  if (cl && !pack_tiles) {
     // NHWC rows into zeroed planes: unit (image, slot, plane row), a thread's share at least ~64 KiB
     staged = at::zeros({N * in_image + kLanes * nv}, x.options());
     float* st = staged.data_ptr<float>();
@@ -527,7 +555,7 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
       }
     });
     in = st;
-  } else if (!in_place) {
+  } else if (!in_place && !cl) {
     staged = at::empty({N * in_image + kLanes * nv}, x.options());
     float* st = staged.data_ptr<float>();
     std::fill(st + N * in_image, st + N * in_image + kLanes * nv, 0.f);
@@ -572,10 +600,6 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
     in = st;
   }
 
-  const int64_t n_tiles = static_cast<int64_t>(tiles.size());
-  // row parts balanced by nnz; for channels_last output, in whole groups of 16 rows (one transposed store each)
-  const int64_t step = cl ? kLanes : 1, groups = (O + step - 1) / step;
-  const int64_t want_parts = std::clamp<int64_t>((8 * threads + N * n_tiles - 1) / (N * n_tiles), 1, groups);
   auto prefix = [cr, step, O](int64_t g) { return static_cast<int64_t>(cr[std::min(g * step, O)]); };
   std::vector<int64_t> rb = balanced_split(groups, want_parts, prefix, 16 * step);
   for (int64_t& r : rb) r = std::min(r * step, O);
@@ -600,6 +624,10 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
              OW,
              OH * OW,
              cl,
+             pack_tiles,
+             xc.data_ptr<float>(),
+             C,
+             tile,
              y.data_ptr<float>()};
   const UnitsFn fn = pick_units(isa);
   // Each thread takes a contiguous range of units of equal cost (vectors x nonzeros, plus a little per row):
@@ -618,8 +646,11 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   const int64_t ranges = static_cast<int64_t>(ub.size()) - 1;
   at::Tensor scratch = n_chunks > 1 ? at::empty({ranges * O * tile}, x.options()) : at::Tensor();
   float* sc = scratch.defined() ? scratch.data_ptr<float>() : nullptr;
+  at::Tensor tile_bufs = pack_tiles ? at::empty({ranges * C * tile}, x.options()) : at::Tensor();
+  float* tb = tile_bufs.defined() ? tile_bufs.data_ptr<float>() : nullptr;
   at::parallel_for(0, ranges, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) fn(a, ub[r], ub[r + 1], sc ? sc + r * O * tile : nullptr);
+    for (int64_t r = r0; r < r1; ++r)
+      fn(a, ub[r], ub[r + 1], sc ? sc + r * O * tile : nullptr, tb ? tb + r * C * tile : nullptr);
   });
   return y;
 }

@@ -4,13 +4,13 @@ sparse kernels, never densified.
 A convolution is a GEMM over the pixels with a reduction over the kh * kw * C_in inputs of each receptive
 field (Fast Sparse ConvNets, Elsen et al. 2020, for the 1x1 case).
 
-- **csr** (any kernel, stride, padding, dilation, groups): ``pyprune::csr_conv2d``, an implicit GEMM that
-  reads each channel's pixels as contiguous runs (the C++ kernel stages zero-padded planes per stride phase
-  once per call, from NCHW or, through 16x16 transposes, from channels_last input; a stride-1 unpadded 1x1
-  conv on NCHW input is read in place). Except channels_last 1x1 convs whose weight is under 25% dense:
-  those run ``csr_linear`` on the input as it lies, which is faster there.
-- **csr** channels_last 1x1 under 25% dense, and **bsr** / **2:4** everywhere: the sparse-linear ops in the
-  NHWC (channels_last) arrangement, where a pixel's channels are contiguous:
+- **csr** (any kernel, stride, padding, dilation, groups, memory format): ``pyprune::csr_conv2d``, an
+  implicit GEMM that reads each channel's pixels as contiguous runs (the C++ kernel stages zero-padded planes
+  per stride phase once per call, or through 16x16 transposes from channels_last input; see
+  csrc/cpu/csr_conv2d.cpp for the cases it reads in place, transposes per tile, or hands to the CSR linear
+  kernel).
+- **bsr** / **2:4**: the sparse-linear ops in the NHWC (channels_last) arrangement, where a pixel's channels
+  are contiguous:
   - 1x1, channels_last input: the input *is* the (N*H*W, C_in) activation matrix (a view, no copy), and the
     op's (N*H*W, C_out) output *is* the channels_last result.
   - 1x1, NCHW input: per image and in ~1 MiB chunks of pixels, one transpose of the input to (pixels, C)
@@ -43,8 +43,6 @@ from ..sparse.bsr import check_block
 from ..sparse.select import block_mask, magnitude_mask, nm_mask
 from .sparse_linear import LAYOUTS, _check_layout
 
-# channels_last 1x1 convs run csr_conv2d from this weight density up, csr_linear below (measured, 2 threads)
-_CSR_CONV2D_MIN_DENSITY = 0.25
 # activations per op call on the NCHW 1x1 path (measured: 1 MiB chunks beat whole images of 3 MiB and more)
 _NCHW_CHUNK_BYTES = 1 << 20
 
@@ -289,13 +287,7 @@ class SparseConv2d(nn.Module):
     def op_for(self, input: Tensor) -> str:
         """The pyprune op ``forward(input)`` runs: ``csr_conv2d``, or the layout's linear op."""
         if self.layout == "csr":
-            pointwise = self.kernel_size == (1, 1) and self.padding == (0, 0)
-            x = input if input.dim() == 4 else input.unsqueeze(0)
-            # channels_last 1x1 with a sparse weight: csr_linear on the input as it lies beats staging it into
-            # planes (benchmarks/results/cpu/sparse_conv2d.md); from 25% density csr_conv2d's L1 chunks win
-            rows, cols = self.weight.shape
-            sparse = self.weight.nnz < _CSR_CONV2D_MIN_DENSITY * rows * cols
-            return "csr_linear" if pointwise and _channels_last(x) and sparse else "csr_conv2d"
+            return "csr_conv2d"
         return "bsr_linear" if self.layout == "bsr" else "sparse24_linear"
 
     def to_dense(self) -> nn.Conv2d:

@@ -19,7 +19,9 @@ OP = torch.ops.pyprune.csr_conv2d
 # unpadded 1x1 reads x in place (pixel counts that are and are not multiples of 16, so the last image's last
 # tile reads its staged copy); everything else reads staged planes, one per stride phase in use (stride 2,
 # stride 3 with dilation 2, asymmetric ones), in flat tiles across rows (small maps) or row tiles (wide maps
-# where flat tiles would compute more dropped columns: 1x7 at width 40); kernel wider than the map.
+# where flat tiles would compute more dropped columns: 1x7 at width 40); kernel wider than the map. With
+# channels_last input the planes are staged through 16x16 transposes, except for a 1x1 conv with many tiles
+# (the last case: 38), where each unit transposes its own tile (channel and pixel tails included).
 CASES = [
     (7, 5, (1, 1), 1, 0, 1, (7, 7), 1),
     (16, 24, (1, 1), 1, 0, 1, (8, 8), 3),
@@ -34,6 +36,7 @@ CASES = [
     (9, 4, (3, 2), (2, 1), (1, 0), (1, 2), (10, 12), 2),
     (5, 6, (7, 7), 1, 3, 1, (4, 5), 1),
     (1, 1, (3, 3), 1, 1, 1, (5, 5), 1),
+    (24, 20, (1, 1), 1, 0, 1, (33, 35), 2),
 ]
 
 

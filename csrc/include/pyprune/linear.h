@@ -41,4 +41,8 @@ inline at::Tensor bias_only(at::Tensor& y, const at::Tensor& b) {
   return b.defined() ? y.copy_(b.expand_as(y)) : y.zero_();
 }
 
+// The CSR linear kernel (csrc/cpu/csr_linear.cpp), which csr_conv2d also runs for channels_last 1x1 convs.
+at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                          const at::Tensor& values, int64_t out_features, const std::optional<at::Tensor>& bias);
+
 }  // namespace pyprune
