@@ -31,11 +31,11 @@ def test_csr_conv2d(benchmark, c_in, c_out, hw, k, sparsity, provider):
     w = conv.weight.detach()
     x = torch.randn(1, c_in, hw, hw, generator=torch.Generator().manual_seed(1))
     if provider == "torch_dense":
-        fn = lambda: F.conv2d(x, w, None, 1, k // 2)  # noqa: E731
+        fn = lambda: F.conv2d(x, w, None, 1, k // 2)
     else:
         w2 = tap_major(w)
         csr = CSR.from_dense(w2 * magnitude_mask(w2, sparsity))
-        fn = lambda: csr_conv2d(x, csr.crow_indices, csr.col_indices, csr.values, c_out, k, padding=k // 2)  # noqa: E731
+        fn = lambda: csr_conv2d(x, csr.crow_indices, csr.col_indices, csr.values, c_out, k, padding=k // 2)
     with torch.no_grad():
         y = benchmark(fn)
     assert y.shape == (1, c_out, hw, hw)

@@ -14,6 +14,29 @@ def autograd_bias_grad(ctx, grad: torch.Tensor) -> torch.Tensor | None:
     return grad.reshape(-1, grad.shape[-1]).sum(0)
 
 
+def check_csr_arrays(op: str, x, crow, col, values, n_rows: int, rows: str) -> None:
+    """The CSR triple of a weight with ``n_rows`` rows (named ``rows`` in messages): values of x's dtype, int32
+    1-D indices, n_rows + 1 row pointers, one column index per value. ``op`` is "pyprune::<op>"."""
+    if values.dtype != x.dtype:
+        raise TypeError(f"{op}: argument 'values' must be {x.dtype} (x's dtype), got {values.dtype}")
+    for name, t in (("crow_indices", crow), ("col_indices", col), ("values", values)):
+        if name != "values" and t.dtype != torch.int32:
+            raise TypeError(f"{op}: argument '{name}' must be torch.int32, got {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"{op}: argument '{name}' must be 1-D, got shape {tuple(t.shape)}")
+    if n_rows < 0:
+        raise ValueError(f"{op}: argument '{rows}' must be >= 0, got {n_rows}")
+    if crow.numel() != n_rows + 1:
+        raise ValueError(
+            f"{op}: argument 'crow_indices' must have {rows} + 1 = {n_rows + 1} entries, got {crow.numel()}"
+        )
+    if col.numel() != values.numel():
+        raise ValueError(
+            f"{op}: argument 'col_indices' must have as many entries as values ({values.numel()}), "
+            f"got {col.numel()}"
+        )
+
+
 def register_cpu_fallback(op: str) -> None:
     """Without pyprune._C the CPU key runs ``reference.<op>_ref`` (slow, correct); pyprune.info() says so."""
     if not HAS_CPP:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from ._common import check_csr_arrays
 
 ENV_VAR = "PYPRUNE_BACKEND"
 BACKEND_NAMES = ("triton", "cuda", "reference")
@@ -405,25 +406,7 @@ def _check_csr_args(x, crow, col, values, out_features, bias) -> None:
         raise ValueError(
             f"{op}: argument 'x' must have at least 1 dimension (..., in_features), got a scalar"
         )
-    if values.dtype != x.dtype:
-        raise TypeError(f"{op}: argument 'values' must be {x.dtype} (x's dtype), got {values.dtype}")
-    for name, t in (("crow_indices", crow), ("col_indices", col), ("values", values)):
-        if name != "values" and t.dtype != torch.int32:
-            raise TypeError(f"{op}: argument '{name}' must be torch.int32, got {t.dtype}")
-        if t.dim() != 1:
-            raise ValueError(f"{op}: argument '{name}' must be 1-D, got shape {tuple(t.shape)}")
-    if out_features < 0:
-        raise ValueError(f"{op}: argument 'out_features' must be >= 0, got {out_features}")
-    if crow.numel() != out_features + 1:
-        raise ValueError(
-            f"{op}: argument 'crow_indices' must have out_features + 1 = {out_features + 1} entries, "
-            f"got {crow.numel()}"
-        )
-    if col.numel() != values.numel():
-        raise ValueError(
-            f"{op}: arguments 'col_indices' ({col.numel()}) and 'values' ({values.numel()}) must have one "
-            "entry per nonzero each"
-        )
+    check_csr_arrays(op, x, crow, col, values, out_features, "out_features")
     tensors = [x, crow, col, values] + ([bias] if bias is not None else [])
     if len({t.device for t in tensors}) != 1:
         raise ValueError(

@@ -20,6 +20,7 @@ from torch import Tensor
 from .. import reference
 from ..sparse.base import check_compressed, compressed_rows
 from . import _library  # noqa: F401
+from ._common import check_csr_arrays
 from ._router import Backend, route
 from .pruned_conv2d import output_size, pair
 
@@ -51,33 +52,18 @@ def check_args(x, crow, col, values, out_channels, kernel_size, bias, stride, pa
     """Shape, dtype and device checks (no index values: the kernels check those); returns (OH, OW)."""
     if x.dim() != 4:
         raise ValueError(f"{OP}: argument 'x' must be 4-D (N, C_in, H, W), got shape {tuple(x.shape)}")
-    if values.dtype != x.dtype:
-        raise TypeError(f"{OP}: argument 'values' must be {x.dtype} (x's dtype), got {values.dtype}")
-    for name, t, dim in (("crow_indices", crow, 1), ("col_indices", col, 1), ("values", values, 1)):
-        if name != "values" and t.dtype != torch.int32:
-            raise TypeError(f"{OP}: argument '{name}' must be torch.int32, got {t.dtype}")
-        if t.dim() != dim:
-            raise ValueError(f"{OP}: argument '{name}' must be 1-D, got shape {tuple(t.shape)}")
+    check_csr_arrays(OP, x, crow, col, values, out_channels, "out_channels")
+    for name, t in (("crow_indices", crow), ("col_indices", col), ("values", values)):
         if t.device != x.device:
             raise ValueError(f"{OP}: argument '{name}' must be on {x.device} (x's device), got {t.device}")
-    if out_channels < 0:
-        raise ValueError(f"{OP}: argument 'out_channels' must be >= 0, got {out_channels}")
     for name, v, low in (
         ("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)
     ):  # fmt: skip
         if len(v) != 2 or min(v) < low:
             raise ValueError(f"{OP}: argument '{name}' must be two ints >= {low}, got {list(v)}")
-    if crow.numel() != out_channels + 1:
-        raise ValueError(
-            f"{OP}: argument 'crow_indices' must have out_channels + 1 = {out_channels + 1} entries, "
-            f"got {crow.numel()}"
-        )
-    if col.numel() != values.numel():
-        raise ValueError(
-            f"{OP}: argument 'col_indices' must have as many entries as values ({values.numel()}), "
-            f"got {col.numel()}"
-        )
-    if bias is not None and (bias.dtype != x.dtype or bias.shape != (out_channels,) or bias.device != x.device):
+    if bias is not None and (
+        bias.dtype != x.dtype or bias.shape != (out_channels,) or bias.device != x.device
+    ):
         raise ValueError(
             f"{OP}: argument 'bias' must be a {x.dtype} tensor of shape ({out_channels},) on {x.device}, got "
             f"{bias.dtype} {tuple(bias.shape)} on {bias.device}"
@@ -100,7 +86,9 @@ def _(x, crow_indices, col_indices, values, out_channels, kernel_size, bias, str
     return y.contiguous(memory_format=reference._memory_format(x))
 
 
-def dense_weight(crow: Tensor, col: Tensor, values: Tensor, out_channels: int, kernel_size, c_in: int) -> Tensor:
+def dense_weight(
+    crow: Tensor, col: Tensor, values: Tensor, out_channels: int, kernel_size, c_in: int
+) -> Tensor:
     """The (out_channels, C_in, kh, kw) weight the CSR stores."""
     kh, kw = kernel_size
     w = values.new_zeros(out_channels, kh * kw * c_in)
@@ -138,7 +126,9 @@ def csr_conv2d_checked_ref(x, crow_indices, col_indices, values, out_channels, k
                            dilation):  # fmt: skip
     """The reference behind the full argument checks: the CPU kernel when _C lacks one, and the CUDA path (no
     GPU kernel exists for this op yet)."""
-    check_args(x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation)
+    check_args(
+        x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation
+    )
     kh, kw = kernel_size
     try:
         check_compressed(

@@ -19,27 +19,12 @@ import torch.nn.functional as F
 from pyprune import _extension
 from pyprune.nn import SparseLinear
 from pyprune.ops import _router, bsr_linear
-from pyprune.sparse import BSR
-from pyprune.sparse.select import block_mask
+
+from .test_bsr_linear_triton import bsr_case, ref64
 
 HAS_CUDA = torch.cuda.is_available()
 SIDES = (16, 32, 64)
 BLOCKS = [(bh, bw) for bh in SIDES for bw in SIDES]
-
-
-def bsr_case(n, k, block, sparsity=0.5, dtype=torch.float32, device="cpu", empty_rows=()):
-    """Dense pruned weight (rounded to dtype) and its BSR; block rows in ``empty_rows`` hold no block."""
-    w = torch.randn(n, k)
-    w = w * block_mask(w, sparsity, block)
-    for r in empty_rows:
-        w[r * block[0] : (r + 1) * block[0]] = 0
-    w = w.to(dtype)
-    f = BSR.from_dense(w, block)
-    return w.to(device), f.crow_indices.to(device), f.col_indices.to(device), f.values.detach().to(device)
-
-
-def ref64(x, w, b):
-    return F.linear(x.double(), w.double(), None if b is None else b.double())
 
 
 def fake_cuda_x(dtype):

@@ -81,7 +81,11 @@ def test_matches_reference_and_dense_conv(case, sparsity, channels_last):
 def test_reference_hand_computed():
     # 1 input channel, 2x2 image, a 2x2 kernel holding one nonzero at tap (1, 0) and a bias
     x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
-    crow, col, val = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([2], dtype=torch.int32), torch.tensor([5.0])
+    crow, col, val = (
+        torch.tensor([0, 1], dtype=torch.int32),
+        torch.tensor([2], dtype=torch.int32),
+        torch.tensor([5.0]),
+    )
     y = csr_conv2d_ref(x, crow, col, val, 1, [2, 2], torch.tensor([1.0]), [1, 1], [0, 0], [1, 1])
     assert y.tolist() == [[[[1.0 + 5 * 3]]]]
 
