@@ -39,12 +39,16 @@ for cin, cout, k, s, p, g, side, cl in ((12, 10, 3, 1, 1, 1, 20, False), (12, 10
     err = (got.double() - want).abs().max().item()
     assert err < 1e-4, ("conv", cin, cout, k, s, g, side, cl, err)
 from pyprune.nn import SparseConv2d
-for cin, cout, k, s, p, side in ((12, 10, 1, 1, 0, 7), (12, 10, 3, 1, 1, 20), (9, 7, 3, 2, 1, 9)):
+for cin, cout, k, s, p, side, cl in ((12, 10, 1, 1, 0, 7, False), (12, 10, 3, 1, 1, 20, False),
+                                     (9, 7, 3, 2, 1, 9, False), (20, 18, 3, 1, 1, 13, True),
+                                     (24, 20, 1, 1, 0, 33, True)):
     m = SparseConv2d.from_dense(torch.nn.Conv2d(cin, cout, k, s, p), sparsity=0.6)
     x = torch.randn(2, cin, side, side)
+    if cl:  # staged through 16x16 transposes; the 1x1 one transposes per tile
+        x = x.contiguous(memory_format=torch.channels_last)
     want = F.conv2d(x.double(), m.to_dense().weight.double(), m.bias.double(), s, p)
     err = (m(x).double() - want).abs().max().item()
-    assert err < 1e-4, ("csr_conv2d", cin, cout, k, s, side, err)
+    assert err < 1e-4, ("csr_conv2d", cin, cout, k, s, side, cl, err)
 print("ok")
 """
 
