@@ -2,6 +2,7 @@
 folder is ``kernels/`` in the checkout); pyprune's CUDA router imports the launchers from here."""
 
 from .bsr_linear import bsr_linear_triton
+from .csr_conv2d import csr_conv2d_triton
 from .pruned_conv2d import pruned_conv2d_triton
 
-__all__ = ["bsr_linear_triton", "pruned_conv2d_triton"]
+__all__ = ["bsr_linear_triton", "csr_conv2d_triton", "pruned_conv2d_triton"]

@@ -19,7 +19,10 @@ from torch import Tensor
 
 from .. import reference
 from ..sparse.base import check_compressed, compressed_rows
-from . import _library  # noqa: F401
+from . import (
+    _library,  # noqa: F401
+    _router,
+)
 from ._common import check_csr_arrays
 from ._router import Backend, route
 from .pruned_conv2d import output_size, pair
@@ -124,8 +127,8 @@ torch.library.register_autograd(OP, _backward, setup_context=_setup_context)
 
 def csr_conv2d_checked_ref(x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding,
                            dilation):  # fmt: skip
-    """The reference behind the full argument checks: the CPU kernel when _C lacks one, and the CUDA path (no
-    GPU kernel exists for this op yet)."""
+    """The reference behind the full argument checks: the CPU kernel when _C lacks one, and the CUDA router's
+    last resort."""
     check_args(
         x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation
     )
@@ -144,6 +147,48 @@ def csr_conv2d_checked_ref(x, crow_indices, col_indices, values, out_channels, k
 
 if not torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU"):
     torch.library.impl(OP, "CPU")(csr_conv2d_checked_ref)
-torch.library.impl(OP, "CUDA")(route("csr_conv2d", [Backend("reference", csr_conv2d_checked_ref)]))
 
-__all__ = ["check_args", "csr_conv2d", "dense_weight"]
+# (crow, col) -> the column bound kh*kw*C_in their values were checked against: an out-of-range column would
+# make the kernel read x out of bounds, and the check costs a device sync, so each structure version is checked
+# once
+_CSR_CONV2D_CHECKED = _router.TensorCache()
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _csr_conv2d_triton(x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding,
+                       dilation):  # fmt: skip
+    args = (x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation)
+    check_args(*args)
+    bound = kernel_size[0] * kernel_size[1] * x.shape[1]
+
+    def check() -> int:
+        _router.check_csr_index_values(crow_indices, col_indices, bound, OP, "kh*kw*C_in")
+        return bound
+
+    if _CSR_CONV2D_CHECKED.get((crow_indices, col_indices), check) != bound:  # another C_in or kernel size
+        check()
+    mod, _ = _router.load_triton_kernels()
+    return mod.csr_conv2d_triton(*args)
+
+
+def _csr_conv2d_triton_unavailable(x, *args) -> str | None:
+    mod, why = _router.load_triton_kernels()
+    if mod is None:
+        return why
+    if not hasattr(mod, "csr_conv2d_triton"):
+        return (
+            f"the installed pyprune_kernels ({mod.__file__}) predates csr_conv2d; reinstall pyprune with "
+            "`pip install --no-build-isolation -e .`"
+        )
+    if x.dtype not in _TRITON_DTYPES:
+        return f"the Triton kernel takes float16, bfloat16 or float32, not {x.dtype}"
+    return None
+
+
+CSR_CONV2D_BACKENDS = [
+    Backend("triton", _csr_conv2d_triton, _csr_conv2d_triton_unavailable),
+    Backend("reference", csr_conv2d_checked_ref),
+]
+torch.library.impl(OP, "CUDA")(route("csr_conv2d", CSR_CONV2D_BACKENDS))
+
+__all__ = ["CSR_CONV2D_BACKENDS", "check_args", "csr_conv2d", "dense_weight"]
