@@ -9,8 +9,8 @@ Which backend runs, first match wins:
    installed, or e.g. a dtype the kernel lacks). ``reference`` (plain PyTorch, slow, always correct) is last.
 
 A backend named explicitly but unavailable raises an error that says why and how to get it; an op that has no
-backend of that name at all (a gradient helper, or ``csr_conv2d``, which has only the reference on CUDA) takes
-its automatic order instead and warns once.
+backend of that name at all (e.g. ``use_backend("cuda")`` for the BSR values' gradient or ``csr_conv2d``, which
+have no CUDA kernel) takes its automatic order instead and warns once.
 The choice is a module global, not a context variable, so autograd's backward threads see it too.
 """
 
