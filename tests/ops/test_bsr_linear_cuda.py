@@ -262,7 +262,9 @@ def test_gpu_opcheck_and_compile():
     b = torch.randn(40, device="cuda").half()
     with _router.use_backend("cuda"):
         # the values' gradient (_bsr_linear_grad_values, no "cuda" backend) takes its automatic order
-        torch.library.opcheck(torch.ops.pyprune.bsr_linear.default, (x, crow, col, vals.requires_grad_(), 40, b))
+        torch.library.opcheck(
+            torch.ops.pyprune.bsr_linear.default, (x, crow, col, vals.requires_grad_(), 40, b)
+        )
 
         def f(x):
             return torch.relu(bsr_linear(x, crow, col, vals, 40, b)) * 2

@@ -9,10 +9,7 @@ GPU (`-m gpu`): the routed op on CUDA in every dtype and block size, opcheck, to
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,32 +21,12 @@ from pyprune.ops import _router, bsr_linear
 from pyprune.sparse import BSR
 from pyprune.sparse.select import block_mask
 
-KERNEL_FILE = Path(__file__).resolve().parents[2] / "kernels" / "bsr_linear.py"
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+from .triton_interp import interp_fixture
+
 HAS_CUDA = torch.cuda.is_available()
 
 
-def _load_interpreted():
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        spec = importlib.util.spec_from_file_location("_pyprune_kernels_bsr_linear_interpreted", KERNEL_FILE)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-    assert mod.INTERPRET
-    return mod
-
-
-@pytest.fixture(scope="module")
-def interp():
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    return _load_interpreted()
+interp = interp_fixture("bsr_linear")
 
 
 def bsr_case(n, k, block, sparsity=0.5, dtype=torch.float32, device="cpu", empty_rows=()):

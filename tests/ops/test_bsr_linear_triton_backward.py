@@ -8,8 +8,6 @@ GPU (`-m gpu`): every dtype and block size against float64, autograd through the
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,17 +17,11 @@ from pyprune.ops.bsr_linear import bsr_grad_values_dense
 from pyprune.sparse import BSR
 from pyprune.sparse.base import compressed_rows
 
-from .test_bsr_linear_triton import TOL32, _load_interpreted, bsr_case, ref64
+from .test_bsr_linear_triton import TOL32, bsr_case, ref64
+from .triton_interp import interp_fixture
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
-
-
-@pytest.fixture(scope="module")
-def interp():
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    return _load_interpreted()
+interp = interp_fixture("bsr_linear")
 
 
 def grad_values64(g, x, crow, col, block, n, k):

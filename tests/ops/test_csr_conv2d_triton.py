@@ -8,10 +8,6 @@ GPU (`-m gpu`): the routed op on CUDA through the triton backend in every dtype,
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -21,32 +17,12 @@ from pyprune.ops.csr_conv2d import _CSR_CONV2D_CHECKED, CSR_CONV2D_BACKENDS
 from pyprune.reference import csr_conv2d_ref
 from pyprune.sparse import CSR
 
-KERNEL_FILE = Path(__file__).resolve().parents[2] / "kernels" / "csr_conv2d.py"
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+from .triton_interp import HAS_TRITON, interp_fixture
+
 HAS_CUDA = torch.cuda.is_available()
 
 
-def _load_interpreted():
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        spec = importlib.util.spec_from_file_location("_pyprune_kernels_csr_conv2d_interpreted", KERNEL_FILE)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-    assert mod.INTERPRET
-    return mod
-
-
-@pytest.fixture(scope="module")
-def interp():
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    return _load_interpreted()
+interp = interp_fixture("csr_conv2d")
 
 
 def _pair(v):

@@ -9,10 +9,6 @@ opcheck, torch.compile, gradients through PrunedConv2d.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,34 +17,12 @@ from pyprune.nn import PrunedConv2d
 from pyprune.ops import _router, pruned_conv2d
 from pyprune.reference import pruned_conv2d_ref
 
-KERNEL_FILE = Path(__file__).resolve().parents[2] / "kernels" / "pruned_conv2d.py"
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+from .triton_interp import interp_fixture
+
 HAS_CUDA = torch.cuda.is_available()
 
 
-def _load_interpreted():
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "_pyprune_kernels_pruned_conv2d_interpreted", KERNEL_FILE
-        )
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-    assert mod.INTERPRET
-    return mod
-
-
-@pytest.fixture(scope="module")
-def interp():
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    return _load_interpreted()
+interp = interp_fixture("pruned_conv2d")
 
 
 def make_case(

@@ -1,0 +1,44 @@
+"""A kernels/ module loaded under the Triton interpreter, for the CPU tests of the Triton kernels."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+KERNELS = Path(__file__).resolve().parents[2] / "kernels"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def load_interpreted(name: str):
+    """kernels/<name>.py executed again with TRITON_INTERPRET=1, as a module of its own (the installed
+    pyprune_kernels stays compiled); the variable is restored afterwards."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        spec = importlib.util.spec_from_file_location(
+            f"_pyprune_kernels_{name}_interpreted", KERNELS / f"{name}.py"
+        )
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    assert mod.INTERPRET
+    return mod
+
+
+def interp_fixture(name: str):
+    """A module-scoped pytest fixture giving load_interpreted(name), skipped without triton."""
+
+    @pytest.fixture(scope="module")
+    def interp():
+        if not HAS_TRITON:
+            pytest.skip("triton is not installed")
+        return load_interpreted(name)
+
+    return interp
