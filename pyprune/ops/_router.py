@@ -173,9 +173,41 @@ def load_triton_kernels():
     return mod, None
 
 
-# ---- bsr_linear --------------------------------------------------------------------------------------
-
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def triton_unavailable(launcher: str, what: str, dtype: torch.dtype) -> str | None:
+    """Why the Triton launcher ``pyprune_kernels.<launcher>`` (``what``, for the message) cannot run a call
+    in ``dtype``, or None when it can."""
+    mod, why = load_triton_kernels()
+    if mod is None:
+        return why
+    if not hasattr(mod, launcher):
+        return (
+            f"the installed pyprune_kernels ({mod.__file__}) predates {what}; reinstall pyprune with "
+            "`pip install --no-build-isolation -e .`"
+        )
+    if dtype not in _TRITON_DTYPES:
+        return f"the Triton kernel takes float16, bfloat16 or float32, not {dtype}"
+    return None
+
+
+def _check_device_and_bias(op, x, crow, col, values, bias, out_features) -> None:
+    tensors = [x, crow, col, values] + ([bias] if bias is not None else [])
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(
+            f"{op}: x, indices, values and bias must share a device, got {[str(t.device) for t in tensors]}"
+        )
+    if bias is not None:
+        if bias.dtype != x.dtype:
+            raise TypeError(f"{op}: argument 'bias' must be {x.dtype}, got {bias.dtype}")
+        if bias.dim() != 1 or bias.numel() != out_features:
+            raise ValueError(
+                f"{op}: argument 'bias' must have shape ({out_features},), got {tuple(bias.shape)}"
+            )
+
+
+# ---- bsr_linear --------------------------------------------------------------------------------------
 
 
 def _check_bsr_args(x, crow, col, values, out_features, bias) -> None:
@@ -212,18 +244,7 @@ def _check_bsr_args(x, crow, col, values, out_features, bias) -> None:
         raise ValueError(
             f"{op}: argument 'col_indices' must have one entry per block ({nnzb}), got {col.numel()}"
         )
-    tensors = [x, crow, col, values] + ([bias] if bias is not None else [])
-    if len({t.device for t in tensors}) != 1:
-        raise ValueError(
-            f"{op}: x, indices, values and bias must share a device, got {[str(t.device) for t in tensors]}"
-        )
-    if bias is not None:
-        if bias.dtype != x.dtype:
-            raise TypeError(f"{op}: argument 'bias' must be {x.dtype}, got {bias.dtype}")
-        if bias.dim() != 1 or bias.numel() != out_features:
-            raise ValueError(
-                f"{op}: argument 'bias' must have shape ({out_features},), got {tuple(bias.shape)}"
-            )
+    _check_device_and_bias(op, x, crow, col, values, bias, out_features)
 
 
 def _flat(fn2d):
@@ -243,12 +264,7 @@ def _bsr_triton(x2d, crow, col, values, out_features, bias):
 
 
 def _bsr_triton_unavailable(x, crow, col, values, out_features, bias) -> str | None:
-    mod, why = load_triton_kernels()
-    if mod is None:
-        return why
-    if x.dtype not in _TRITON_DTYPES:
-        return f"the Triton kernel takes float16, bfloat16 or float32, not {x.dtype}"
-    return None
+    return triton_unavailable("bsr_linear_triton", "bsr_linear", x.dtype)
 
 
 _BSR_LINEAR_CUDA_OP = "pyprune::_bsr_linear_cuda"
@@ -336,17 +352,7 @@ def _grad_values_triton(grad, x, crow, col, bh, bw):
 
 
 def _grad_values_triton_unavailable(grad, x, *args) -> str | None:
-    mod, why = load_triton_kernels()
-    if mod is None:
-        return why
-    if not hasattr(mod, "bsr_linear_grad_values_triton"):
-        return (
-            f"the installed pyprune_kernels ({mod.__file__}) predates the SDDMM kernel; reinstall pyprune with "
-            "`pip install --no-build-isolation -e .`"
-        )
-    if x.dtype not in _TRITON_DTYPES:
-        return f"the Triton kernel takes float16, bfloat16 or float32, not {x.dtype}"
-    return None
+    return triton_unavailable("bsr_linear_grad_values_triton", "the SDDMM kernel", x.dtype)
 
 
 def _grad_values_reference(grad, x, crow, col, bh, bw):
@@ -407,18 +413,7 @@ def _check_csr_args(x, crow, col, values, out_features, bias) -> None:
             f"{op}: argument 'x' must have at least 1 dimension (..., in_features), got a scalar"
         )
     check_csr_arrays(op, x, crow, col, values, out_features, "out_features")
-    tensors = [x, crow, col, values] + ([bias] if bias is not None else [])
-    if len({t.device for t in tensors}) != 1:
-        raise ValueError(
-            f"{op}: x, indices, values and bias must share a device, got {[str(t.device) for t in tensors]}"
-        )
-    if bias is not None:
-        if bias.dtype != x.dtype:
-            raise TypeError(f"{op}: argument 'bias' must be {x.dtype}, got {bias.dtype}")
-        if bias.dim() != 1 or bias.numel() != out_features:
-            raise ValueError(
-                f"{op}: argument 'bias' must have shape ({out_features},), got {tuple(bias.shape)}"
-            )
+    _check_device_and_bias(op, x, crow, col, values, bias, out_features)
 
 
 def check_csr_index_values(
@@ -634,17 +629,7 @@ def _pruned_conv2d_triton(*args):
 
 
 def _pruned_conv2d_triton_unavailable(x, *args) -> str | None:
-    mod, why = load_triton_kernels()
-    if mod is None:
-        return why
-    if not hasattr(mod, "pruned_conv2d_triton"):
-        return (
-            f"the installed pyprune_kernels ({mod.__file__}) predates pruned_conv2d; reinstall pyprune with "
-            "`pip install --no-build-isolation -e .`"
-        )
-    if x.dtype not in _TRITON_DTYPES:
-        return f"the Triton kernel takes float16, bfloat16 or float32, not {x.dtype}"
-    return None
+    return triton_unavailable("pruned_conv2d_triton", "pruned_conv2d", x.dtype)
 
 
 _PRUNED_CONV2D_CUDA_OP = "pyprune::_pruned_conv2d_cuda"

@@ -152,7 +152,6 @@ if not torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU"):
 # make the kernel read x out of bounds, and the check costs a device sync, so each structure version is checked
 # once
 _CSR_CONV2D_CHECKED = _router.TensorCache()
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _csr_conv2d_triton(x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding,
@@ -172,17 +171,7 @@ def _csr_conv2d_triton(x, crow_indices, col_indices, values, out_channels, kerne
 
 
 def _csr_conv2d_triton_unavailable(x, *args) -> str | None:
-    mod, why = _router.load_triton_kernels()
-    if mod is None:
-        return why
-    if not hasattr(mod, "csr_conv2d_triton"):
-        return (
-            f"the installed pyprune_kernels ({mod.__file__}) predates csr_conv2d; reinstall pyprune with "
-            "`pip install --no-build-isolation -e .`"
-        )
-    if x.dtype not in _TRITON_DTYPES:
-        return f"the Triton kernel takes float16, bfloat16 or float32, not {x.dtype}"
-    return None
+    return _router.triton_unavailable("csr_conv2d_triton", "csr_conv2d", x.dtype)
 
 
 CSR_CONV2D_BACKENDS = [
