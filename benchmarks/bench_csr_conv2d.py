@@ -3,8 +3,11 @@ ResNet-50's 1x1 and stride-1 3x3 conv shapes, batch 1.
 
 CI runs this with --benchmark-disable (each case once, as a smoke test). The numbers quoted in
 benchmarks/results/cpu/sparse_conv2d.md come from sparse_conv2d_table.py (SparseConv2d, which calls this op for
-NCHW input), which interleaves providers and repeats rounds.
+NCHW input), which interleaves providers and repeats rounds. Provider cpp_inference_mode is the same call under
+torch.inference_mode (the op keeps what it derives from the indices between calls there too).
 """
+
+import contextlib
 
 import pytest
 import torch
@@ -17,7 +20,7 @@ from pyprune.ops import csr_conv2d
 from pyprune.sparse import CSR
 from pyprune.sparse.select import magnitude_mask
 
-PROVIDERS = ("torch_dense", "cpp")
+PROVIDERS = ("torch_dense", "cpp", "cpp_inference_mode")
 _dense_median: dict = {}
 
 
@@ -36,7 +39,10 @@ def test_csr_conv2d(benchmark, c_in, c_out, hw, k, sparsity, provider):
         w2 = tap_major(w)
         csr = CSR.from_dense(w2 * magnitude_mask(w2, sparsity))
         fn = lambda: csr_conv2d(x, csr.crow_indices, csr.col_indices, csr.values, c_out, k, padding=k // 2)
-    with torch.no_grad():
+    with (
+        torch.inference_mode() if provider == "cpp_inference_mode" else contextlib.nullcontext(),
+        torch.no_grad(),
+    ):
         y = benchmark(fn)
     assert y.shape == (1, c_out, hw, hw)
     flops = 2.0 * hw * hw * c_in * c_out * k * k

@@ -20,10 +20,9 @@
 // by nnz) add parallelism when tiles are few.
 #include <immintrin.h>
 
-#include <list>
-#include <mutex>
 #include <numeric>
 
+#include "pyprune/derived_cache.h"
 #include "pyprune/linear.h"
 #include "pyprune/token_tiles.h"
 
@@ -360,60 +359,14 @@ Structure build_structure(const int32_t* cr, const int32_t* ci, int64_t O, int64
   return st;
 }
 
-// Structures are kept between calls (an inference model calls with the same weights every time; at 90%
-// sparsity building one costs as much as the multiply on a 7x7 map): an entry is reused while both index
-// tensors are alive, are the same TensorImpls with the same data pointers and unmoved version counters (bumped
-// by every in-place write), and the geometry matches. Validation happens only when an entry is built.
-struct StructureEntry {
-  c10::weak_intrusive_ptr<c10::TensorImpl> crow, col;
-  const void* crow_data;
-  const void* col_data;
-  uint32_t crow_version, col_version;
-  std::vector<int64_t> geometry;
-  Structure st;
-};
-constexpr int64_t kStructureCacheBytes = int64_t(64) << 20;
-
+// Structures are kept between calls (at 90% sparsity building one costs as much as the multiply on a 7x7 map),
+// per index tensors and geometry; validation happens only when an entry is built.
 template <typename Build>
 Structure structure(const at::Tensor& crow, const at::Tensor& col, std::vector<int64_t> geometry, Build build) {
-  static std::mutex mu;
-  static std::list<StructureEntry> cache;  // most recently used first
-  static int64_t bytes = 0;
-  auto size = [](const Structure& st) { return static_cast<int64_t>(st.off.nbytes() + st.bnd.nbytes()); };
-  const bool cacheable = !crow.is_inference() && !col.is_inference() && !c10::InferenceMode::is_enabled();
-  auto version = [](const at::Tensor& t) { return t.unsafeGetTensorImpl()->version_counter().current_version(); };
-  if (cacheable) {
-    std::lock_guard<std::mutex> lock(mu);
-    for (auto it = cache.begin(); it != cache.end();) {
-      auto crow_alive = it->crow.lock();
-      auto col_alive = it->col.lock();
-      if (!crow_alive || !col_alive) {  // the pattern is gone: drop what was derived from it
-        bytes -= size(it->st);
-        it = cache.erase(it);
-        continue;
-      }
-      if (crow_alive.get() == crow.unsafeGetTensorImpl() && col_alive.get() == col.unsafeGetTensorImpl() &&
-          it->crow_data == crow.data_ptr() && it->col_data == col.data_ptr() &&
-          it->crow_version == version(crow) && it->col_version == version(col) && it->geometry == geometry) {
-        cache.splice(cache.begin(), cache, it);
-        return cache.front().st;
-      }
-      ++it;
-    }
-  }
-  Structure st = build();
-  if (cacheable && size(st) <= kStructureCacheBytes) {
-    std::lock_guard<std::mutex> lock(mu);
-    cache.push_front({c10::weak_intrusive_ptr<c10::TensorImpl>(crow.getIntrusivePtr()),
-                      c10::weak_intrusive_ptr<c10::TensorImpl>(col.getIntrusivePtr()), crow.data_ptr(),
-                      col.data_ptr(), version(crow), version(col), std::move(geometry), st});
-    bytes += size(st);
-    while (bytes > kStructureCacheBytes) {
-      bytes -= size(cache.back().st);
-      cache.pop_back();
-    }
-  }
-  return st;
+  static DerivedCache<Structure> cache(int64_t(64) << 20);
+  return cache.get({crow, col}, std::move(geometry), build, [](const Structure& st) {
+    return static_cast<int64_t>(st.off.nbytes() + st.bnd.nbytes());
+  });
 }
 
 }  // namespace

@@ -17,12 +17,11 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <list>
-#include <mutex>
 #include <vector>
 
 #include "pyprune/check.h"
 #include "pyprune/cpu_features.h"
+#include "pyprune/derived_cache.h"
 #include "pyprune/token_tiles.h"
 
 namespace pyprune {
@@ -559,56 +558,15 @@ void transpose_weight(const float* w, float* wt, int64_t G, int64_t Cog, int64_t
   });
 }
 
-// Transposed weights are kept between calls (an inference model calls with the same weights every time): an
-// entry is reused only while the weight tensor is alive, is the same TensorImpl with the same data pointer,
-// and its version counter (bumped by every in-place write, an optimizer step included) has not moved.
-struct WtEntry {
-  c10::weak_intrusive_ptr<c10::TensorImpl> impl;
-  const void* data;
-  uint32_t version;
-  int64_t groups;
-  at::Tensor wt;
-};
-constexpr int64_t kWtCacheBytes = int64_t(256) << 20;
-
+// Transposed weights are kept between calls (see derived_cache.h for when one is reused).
 at::Tensor transposed_weight(const at::Tensor& weight, const at::Tensor& wc, int64_t G, int64_t Cog, int64_t Cig,
                              int64_t taps, int64_t cog16) {
-  static std::mutex mu;
-  static std::list<WtEntry> cache;  // most recently used first
-  static int64_t bytes = 0;
-  const bool cacheable = !weight.is_inference() && !c10::InferenceMode::is_enabled();
-  if (cacheable) {
-    const uint32_t version = weight.unsafeGetTensorImpl()->version_counter().current_version();
-    std::lock_guard<std::mutex> lock(mu);
-    for (auto it = cache.begin(); it != cache.end();) {
-      auto alive = it->impl.lock();
-      if (!alive) {  // the weight is gone: drop its copy
-        bytes -= it->wt.nbytes();
-        it = cache.erase(it);
-        continue;
-      }
-      if (alive.get() == weight.unsafeGetTensorImpl() && it->data == weight.data_ptr() &&
-          it->version == version && it->groups == G) {
-        cache.splice(cache.begin(), cache, it);
-        return cache.front().wt;
-      }
-      ++it;
-    }
-  }
-  at::Tensor wt = at::empty({G, taps, Cig, cog16}, wc.options());
-  transpose_weight(wc.data_ptr<float>(), wt.data_ptr<float>(), G, Cog, Cig, taps, cog16);
-  if (cacheable && wt.nbytes() <= static_cast<size_t>(kWtCacheBytes)) {
-    const uint32_t version = weight.unsafeGetTensorImpl()->version_counter().current_version();
-    std::lock_guard<std::mutex> lock(mu);
-    cache.push_front({c10::weak_intrusive_ptr<c10::TensorImpl>(weight.getIntrusivePtr()), weight.data_ptr(),
-                      version, G, wt});
-    bytes += wt.nbytes();
-    while (bytes > kWtCacheBytes) {
-      bytes -= cache.back().wt.nbytes();
-      cache.pop_back();
-    }
-  }
-  return wt;
+  static DerivedCache<at::Tensor> cache(int64_t(256) << 20);
+  return cache.get({weight}, {G}, [&] {
+    at::Tensor wt = at::empty({G, taps, Cig, cog16}, wc.options());
+    transpose_weight(wc.data_ptr<float>(), wt.data_ptr<float>(), G, Cog, Cig, taps, cog16);
+    return wt;
+  }, [](const at::Tensor& wt) { return static_cast<int64_t>(wt.nbytes()); });
 }
 
 }  // namespace

@@ -374,13 +374,16 @@ BSR_GRAD_VALUES_BACKENDS = [
 class TensorCache:
     """Values derived from tensors (a converted weight, a validated index), reused while every key tensor is
     the same object at the same version (``Tensor._version`` counts in-place changes, optimizer steps
-    included). Held through weak references: a freed tensor whose id is reused never hits."""
+    included, under torch.inference_mode too). Held through weak references: a freed tensor whose id is reused
+    never hits. Inference tensors keep no version, so what derives from them is made again on every call."""
 
     def __init__(self, max_entries: int = 64):
         self._entries: dict[tuple[int, ...], tuple] = {}
         self._max = max_entries
 
     def get(self, tensors: tuple[Tensor, ...], make: Callable[[], object]):
+        if any(t.is_inference() for t in tensors):
+            return make()
         key = tuple(id(t) for t in tensors)
         hit = self._entries.get(key)
         versions = tuple(t._version for t in tensors)

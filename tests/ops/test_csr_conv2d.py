@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -213,15 +215,28 @@ def test_checked_reference_rejects_bad_indices():
     torch.testing.assert_close(csr_conv2d_checked_ref(*args), OP(*args), rtol=1e-4, atol=1e-4)
 
 
-def test_cached_structure_follows_index_changes():
-    # the C++ kernel keeps what it derives from the indices between calls; in-place writes must invalidate it
-    args, _ = _case(CASES[5], 0.5)
+@pytest.mark.parametrize(
+    "made_in, called_in",
+    [("grad", "grad"), ("grad", "inference_mode"), ("inference_mode", "inference_mode")],
+    ids=["grad", "normal-tensors-in-inference-mode", "inference-tensors"],
+)
+def test_cached_structure_follows_index_changes(made_in, called_in):
+    # the C++ kernel keeps what it derives from the indices between calls (under inference_mode too, for
+    # normal tensors); in-place writes must invalidate it, and inference tensors (no version counter) are never
+    # kept
+    def mode(name):
+        return torch.inference_mode() if name == "inference_mode" else contextlib.nullcontext()
+
+    with mode(made_in):
+        args, _ = _case(CASES[5], 0.5)
     x, crow, col = args[0], args[1], args[2]
-    torch.testing.assert_close(OP(*args), csr_conv2d_ref(*args), rtol=1e-4, atol=1e-4)
-    first = int(crow[1])  # move row 0's last nonzero to the last column, keeping the row sorted
-    assert first > 0 and int(col[first - 1]) < 9 * x.shape[1] - 1
-    col[first - 1] = 9 * x.shape[1] - 1
-    torch.testing.assert_close(OP(*args), csr_conv2d_ref(*args), rtol=1e-4, atol=1e-4)
-    col[0], col[1] = col[1].clone(), col[0].clone()
-    with pytest.raises(ValueError, match="'col_indices' must be strictly increasing within each row"):
-        OP(*args)
+    assert col.is_inference() == (made_in == "inference_mode")
+    with mode(called_in):
+        torch.testing.assert_close(OP(*args), csr_conv2d_ref(*args), rtol=1e-4, atol=1e-4)
+        first = int(crow[1])  # move row 0's last nonzero to the last column, keeping the row sorted
+        assert first > 0 and int(col[first - 1]) < 9 * x.shape[1] - 1
+        col[first - 1] = 9 * x.shape[1] - 1
+        torch.testing.assert_close(OP(*args), csr_conv2d_ref(*args), rtol=1e-4, atol=1e-4)
+        col[0], col[1] = col[1].clone(), col[0].clone()
+        with pytest.raises(ValueError, match="'col_indices' must be strictly increasing within each row"):
+            OP(*args)

@@ -162,6 +162,13 @@ def test_tensor_cache_keys_on_identity_and_version():
     assert cache.get((c,), make("c")) == "c"  # evicts the oldest entry (max 2)
     assert cache.get((a, b), make("ab3")) == "ab3"
     assert calls == ["ab", "ab2", "ba", "c", "ab3"]
+    with torch.inference_mode():
+        a.add_(1)  # a normal tensor still counts versions in inference mode
+        assert cache.get((a, b), make("ab4")) == "ab4"
+        assert cache.get((a, b), make("again")) == "ab4"
+        d = torch.zeros(3)  # an inference tensor has no version: never kept
+        assert cache.get((d,), make("d")) == "d" and cache.get((d,), make("d2")) == "d2"
+    assert calls == ["ab", "ab2", "ba", "c", "ab3", "ab4", "d", "d2"]
 
 
 # ---- GPU -------------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -195,20 +197,30 @@ def test_bad_input_names_the_argument(change, exc, match):
         _bad(**change)
 
 
-def test_channels_last_weight_cache_follows_weight_changes():
-    # the channels_last path keeps a transposed copy of the weight between calls: in-place updates, a new
-    # .data and a different weight tensor must all be seen
+@pytest.mark.parametrize("made_in", ["grad", "inference_mode"], ids=["normal-weight", "inference-weight"])
+@pytest.mark.parametrize("called_in", ["grad", "inference_mode"])
+def test_channels_last_weight_cache_follows_weight_changes(made_in, called_in):
+    # the channels_last path keeps a transposed copy of the weight between calls (under inference_mode too,
+    # for a normal weight): in-place updates, a new .data and a different weight tensor must all be seen
+    def mode(name):
+        return torch.inference_mode() if name == "inference_mode" else contextlib.nullcontext()
+
     x = torch.randn(2, 12, 9, 9).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(10, 6, 3, 3)
+    with mode(made_in):
+        w = torch.randn(10, 6, 3, 3)
     ii = torch.arange(0, 12, 2)
 
     def run(weight):
-        return OP(x, weight, None, ii, None, 10, [1, 1], [1, 1], [1, 1], 1, False)
+        with mode(called_in):
+            return OP(x, weight, None, ii, None, 10, [1, 1], [1, 1], [1, 1], 1, False)
 
     y1 = run(w)
     torch.testing.assert_close(run(w), y1)
-    w.mul_(2.0)
+    with mode(called_in if made_in == "grad" else "inference_mode"):  # inference tensors change only in there
+        w.mul_(2.0)
     torch.testing.assert_close(run(w), 2 * y1)
+    if made_in == "inference_mode":
+        return
     p = torch.nn.Parameter(w.clone())
     torch.testing.assert_close(run(p), 2 * y1)
     p.data = -p.data
