@@ -5,8 +5,8 @@ Providers per case (keep ratio r on both sides):
 - dense: F.conv2d on the unpruned conv (the baseline);
 - onednn_compact: F.conv2d with the pruned weight on an input compacted beforehand (what a physically
   shrunk model runs; the compaction itself is not timed);
-- ours: pyprune::pruned_conv2d reading the kept channels of the full input in place (the fused gather);
-- ours_compact: pyprune::pruned_conv2d on the same pre-compacted input (so ours / ours_compact is the
+- ours: pyprune.ops.pruned_conv2d (the op as users call it) reading the kept channels of the full input in place (the fused gather);
+- ours_compact: the same function on the same pre-compacted input (so ours / ours_compact is the
   cost of fusing the gather).
 Each round times every provider once, in shuffled order (a batch of calls of >= --batch-ms); figures are
 medians over rounds of same-round ratios. "of ideal" = speedup vs dense / (1 / r^2).
@@ -24,9 +24,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-
-import pyprune  # noqa: F401  (registers the ops)
 from sparse_linear_providers import environment
+
+from pyprune.ops import pruned_conv2d
 
 # (C_in, C_out, kernel, feature map side) of ResNet-50's convs named in issue #3
 SHAPES = [
@@ -69,7 +69,7 @@ def providers(cin, cout, k, side, batch, keep, channels_last, gen):
     bk = b[oi].contiguous()
     xk = x.index_select(1, ii).contiguous(memory_format=fmt)
     pad = k // 2
-    op = torch.ops.pyprune.pruned_conv2d
+    op = pruned_conv2d
     fns = {
         "dense": lambda: F.conv2d(x, w, b, 1, pad),
         "onednn_compact": lambda: F.conv2d(xk, wk, bk, 1, pad),

@@ -231,6 +231,15 @@ class SparseConv2d(nn.Module):
         if input.device != values.device:
             raise ValueError(f"input is on {input.device} but the weight is on {values.device}")
         x = input if input.dim() == 4 else input.unsqueeze(0)
+        if self.layout == "csr":  # the op checks the spatial size itself
+            wt = self.weight
+            y = ops.csr_conv2d(
+                x, wt.crow_indices, wt.col_indices, wt.values, self.out_channels, self.kernel_size, self.bias,
+                self.stride, self.padding, self.dilation,
+            )  # fmt: skip
+            if _channels_last(x):
+                y = y.contiguous(memory_format=torch.channels_last)
+            return y if input.dim() == 4 else y.squeeze(0)
         n, c, h, w = x.shape
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
         oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
@@ -242,15 +251,6 @@ class SparseConv2d(nn.Module):
             )
         channels_last = _channels_last(x)
         pointwise = (kh, kw) == (1, 1) and (ph, pw) == (0, 0)
-        if self.op_for(x) == "csr_conv2d":
-            wt = self.weight
-            y = ops.csr_conv2d(
-                x, wt.crow_indices, wt.col_indices, wt.values, self.out_channels, self.kernel_size, self.bias,
-                self.stride, self.padding, self.dilation,
-            )  # fmt: skip
-            if channels_last:
-                y = y.contiguous(memory_format=torch.channels_last)
-            return y if input.dim() == 4 else y.squeeze(0)
         if pointwise and not channels_last and n > 0 and not torch.compiler.is_compiling():
             # NCHW 1x1, one image at a time, its pixels in chunks of about _NCHW_CHUNK_BYTES of activations:
             # image i is (C, H*W) with the pixels contiguous, so a chunk's (pixels, C) operand is a transposed

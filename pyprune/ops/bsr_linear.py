@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..sparse.base import compressed_rows
 from . import _library  # noqa: F401
-from ._common import autograd_bias_grad, register_cpu_fallback
+from ._common import autograd_bias_grad, call_op, register_cpu_fallback
 from ._router import register_cuda
 from .csr_linear import csr_transpose
 
@@ -23,7 +23,7 @@ def bsr_linear(
     """x: (..., K); W: (out_features, K) as BSR: int32 crow_indices (ceil(out_features / bh) + 1,),
     col_indices (nnz_blocks,), values (nnz_blocks, bh, bw) zero past the weight's edges. Returns
     (..., out_features)."""
-    return torch.ops.pyprune.bsr_linear(x, crow_indices, col_indices, values, out_features, bias)
+    return call_op(torch.ops.pyprune.bsr_linear, x, crow_indices, col_indices, values, out_features, bias)
 
 
 @torch.library.register_fake("pyprune::bsr_linear")

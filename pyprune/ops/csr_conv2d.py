@@ -23,7 +23,7 @@ from . import (
     _library,  # noqa: F401
     _router,
 )
-from ._common import check_csr_arrays
+from ._common import call_op, check_csr_arrays
 from ._router import Backend, route
 from .pruned_conv2d import output_size, pair
 
@@ -45,8 +45,8 @@ def csr_conv2d(
     """x: (N, C_in, H, W); W: (out_channels, kh*kw*C_in) in tap-major columns as CSR with int32 crow_indices
     (out_channels + 1,) and col_indices (nnz,), values (nnz,); bias: (out_channels,) or None.
     Returns conv2d(x, W, bias, stride, padding, dilation): (N, out_channels, OH, OW) in x's memory format."""
-    return torch.ops.pyprune.csr_conv2d(
-        x, crow_indices, col_indices, values, out_channels, pair(kernel_size, "kernel_size"), bias,
+    return call_op(
+        torch.ops.pyprune.csr_conv2d, x, crow_indices, col_indices, values, out_channels, pair(kernel_size, "kernel_size"), bias,
         pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation"),
     )  # fmt: skip
 

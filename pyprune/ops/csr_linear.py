@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..sparse.base import compressed_rows
 from . import _library  # noqa: F401
-from ._common import autograd_bias_grad, register_cpu_fallback
+from ._common import autograd_bias_grad, call_op, register_cpu_fallback
 from ._router import register_cuda
 
 
@@ -21,7 +21,7 @@ def csr_linear(
 ) -> Tensor:
     """x: (..., K); W: (out_features, K) as CSR with int32 crow_indices (out_features + 1,) and
     col_indices (nnz,), values (nnz,); bias: (out_features,) or None. Returns (..., out_features)."""
-    return torch.ops.pyprune.csr_linear(x, crow_indices, col_indices, values, out_features, bias)
+    return call_op(torch.ops.pyprune.csr_linear, x, crow_indices, col_indices, values, out_features, bias)
 
 
 @torch.library.register_fake("pyprune::csr_linear")

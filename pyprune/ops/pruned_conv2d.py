@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .. import reference
 from . import _library  # noqa: F401
+from ._common import call_op
 from ._router import register_cuda
 
 OP = "pyprune::pruned_conv2d"
@@ -38,8 +39,8 @@ def pruned_conv2d(
     out_index, in x's memory format."""
     if out_channels is None:
         out_channels = weight.shape[0] if out_index is None else int(out_index.max()) + 1
-    return torch.ops.pyprune.pruned_conv2d(
-        x, weight, bias, in_index, out_index, out_channels,
+    return call_op(
+        torch.ops.pyprune.pruned_conv2d, x, weight, bias, in_index, out_index, out_channels,
         pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation"), groups, relu,
     )  # fmt: skip
 

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..sparse.sparse24 import padded_in_features, value_columns
 from . import _library  # noqa: F401
-from ._common import autograd_bias_grad, register_cpu_fallback
+from ._common import autograd_bias_grad, call_op, register_cpu_fallback
 from ._router import register_cuda
 
 
@@ -16,7 +16,7 @@ def sparse24_linear(
 ) -> Tensor:
     """x: (..., K); values: (K4/2, out_features); meta: (K4/8, out_features) uint8, K4 = K rounded up to a
     multiple of 8. Returns (..., out_features)."""
-    return torch.ops.pyprune.sparse24_linear(x, values, meta, out_features, bias)
+    return call_op(torch.ops.pyprune.sparse24_linear, x, values, meta, out_features, bias)
 
 
 @torch.library.register_fake("pyprune::sparse24_linear")

@@ -229,3 +229,18 @@ def test_channels_last_weight_cache_follows_weight_changes(made_in, called_in):
         p.add_(p)
     torch.testing.assert_close(run(p), -4 * y1)
     torch.testing.assert_close(run(torch.zeros_like(w)), torch.zeros_like(y1))
+
+
+def test_grad_mode_off_skips_autograd_and_gives_the_same_result():
+    # pyprune.ops.* call below the Autograd key under no_grad (ops._common.call_op): same values, no graph
+    x = torch.randn(2, 6, 5, 5, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    ii = torch.tensor([0, 2, 5])
+    y = pruned_conv2d(x, w, None, ii, padding=1)
+    assert y.requires_grad and y.grad_fn is not None
+    with torch.no_grad():
+        y0 = pruned_conv2d(x, w, None, ii, padding=1)
+    assert not y0.requires_grad and y0.grad_fn is None
+    torch.testing.assert_close(y0, y.detach())
+    with torch.no_grad(), torch.enable_grad():  # grad mode back on inside: the graph is built again
+        assert pruned_conv2d(x, w, None, ii, padding=1).grad_fn is not None
