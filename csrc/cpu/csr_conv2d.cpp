@@ -9,11 +9,12 @@
 // q + (i*dh / sh)*Wq + (j*dw / sw): one int32 offset per nonzero, cached with the indices. Flat q covers Wq - OW
 // columns per row that are computed and dropped; tiles either follow output rows (no waste, partial last
 // vectors) or run flat across rows, whichever computes fewer vectors. A stride-1 unpadded 1x1 conv on an NCHW
-// map of whole vectors (H*W % 16 == 0) reads x in place. channels_last x is staged through 16x16 transposes
-// and gets a channels_last y, stored 16 rows at a time through the same transposes; for a stride-1 unpadded
-// 1x1 conv with many tiles each unit transposes its own tile instead (the input is read once, nothing staged
-// goes through memory), and with few tiles under 25% density the CSR linear kernel runs on the pixels as
-// they lie.
+// map of whole vectors (H*W % 16 == 0) reads x in place; on other NCHW maps (7x7, 14x14) each unit range copies
+// its own tiles into an L2 buffer instead of staging the image (no pass through memory). channels_last x is
+// staged through 16x16 transposes and gets a channels_last y, stored 16 rows at a time through the same
+// transposes; for a stride-1 unpadded 1x1 conv with many tiles each unit transposes its own tile instead (the
+// input is read once, nothing staged goes through memory), and with few tiles under 25% density the CSR
+// linear kernel runs on the pixels as they lie.
 //
 // Work units are (image, pixel tile, output-row part): a tile's input slice (planes x tile) stays in L2 while
 // every row's nonzeros stream past it, and the next tile's slice is prefetched meanwhile; row parts (balanced
@@ -49,8 +50,9 @@ struct ConvArgs {
   const int64_t* rb;  // output-row part bounds
   int64_t n_tiles, n_parts, n_images, O, Wq, OW, OHW;
   bool cl_out;  // y is channels_last: rows leave in groups of 16 through 16x16 transposes (parts are multiples)
-  bool pack_tiles;  // channels_last 1x1: each unit transposes its own tile of x_cl into its range's buffer
-  const float* x_cl;
+  bool pack_tiles;  // 1x1 without staging: each unit range copies (NCHW) or transposes (channels_last) its
+                    // tiles of x_raw into its own buffer
+  const float* x_raw;
   int64_t C, tile;
   float* y;
 };
@@ -202,16 +204,31 @@ PYPRUNE_INLINE void stage_row_cl(const float* xr, int64_t C, int64_t v0, int64_t
 // live: 8 zmm on AVX-512 at 4, 8 ymm pairs on AVX2 at 2, 8 xmm quads on the baseline at 1).
 template <int NVMAX>
 PYPRUNE_INLINE void conv_units(const ConvArgs& a, int64_t u0, int64_t u1, float* scratch, float* tile_buf) {
+  int64_t packed = -1;  // (image, tile) in tile_buf
   for (int64_t u = u0; u < u1; ++u) {
     const int64_t p = u % a.n_parts, t = (u / a.n_parts) % a.n_tiles, n = u / (a.n_parts * a.n_tiles);
     const Tile& tl = a.tiles[t];
     const float* base = a.in + n * a.in_image + tl.q0;
     const float* next = nullptr;  // the next unit's tile, when this unit is the last on its own
     if (a.pack_tiles) {  // pixels q0 .. q0 + len of image n, as C planes of `tile` floats; lanes past len zero
-      stage_row_cl(a.x_cl + (n * a.OHW + tl.q0) * a.C, a.C, 0, tl.len, 0, 1, tile_buf, a.tile);
-      const int64_t end = round_up(tl.len, kLanes);
-      for (int64_t c = 0; end > tl.len && c < a.C; ++c)
-        std::fill(tile_buf + c * a.tile + tl.len, tile_buf + c * a.tile + end, 0.f);
+      const int64_t key = n * a.n_tiles + t;
+      if (key != packed) {  // the row parts of one tile that fall in this range share its packing
+        const int64_t end = round_up(tl.len, kLanes), full = tl.len / kLanes * kLanes;
+        if (a.cl_out) {
+          stage_row_cl(a.x_raw + (n * a.OHW + tl.q0) * a.C, a.C, 0, tl.len, 0, 1, tile_buf, a.tile);
+        } else {
+          const float* src = a.x_raw + n * a.C * a.OHW + tl.q0;
+          for (int64_t c = 0; c < a.C; ++c) {
+            const float* s = src + c * a.OHW;
+            float* d = tile_buf + c * a.tile;
+            for (int64_t i = 0; i < full; i += kLanes) store16(d + i, load16(s + i));
+            for (int64_t i = full; i < tl.len; ++i) d[i] = s[i];
+          }
+        }
+        for (int64_t c = 0; end > tl.len && c < a.C; ++c)
+          std::fill(tile_buf + c * a.tile + tl.len, tile_buf + c * a.tile + end, 0.f);
+        packed = key;
+      }
       base = tile_buf;
     } else if (u + 1 < u1 && p == a.n_parts - 1) {
       const int64_t t1 = (t + 1) % a.n_tiles, n1 = t1 ? n : n + 1;
@@ -444,8 +461,8 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   const int64_t want_parts = std::clamp<int64_t>((8 * threads + units - 1) / units, 1, std::max<int64_t>(1, groups));
   // channels_last 1x1 (stride 1, unpadded) with one part per tile: each unit transposes its own tile into an
   // L2-sized buffer, so the input is read once and no staged copy goes through memory
-  const bool pack_tiles =
-      cl && kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 && want_parts == 1;
+  const bool unpadded_1x1 = kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0;
+  const bool pack_tiles = unpadded_1x1 && (cl ? want_parts == 1 : !in_place);
   int64_t plane = pack_tiles ? tile : round_up(Hq * Wq, kLanes);
   if (!in_place && !pack_tiles && !spread(plane / kLanes)) plane += kLanes;
 
@@ -479,7 +496,7 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   });
   const int32_t* off = st.off.data_ptr<int32_t>();
   const int64_t n_chunks = st.n_chunks;
-  if (cl && kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 && !pack_tiles && 4 * nnz < O * K) {
+  if (cl && unpadded_1x1 && !pack_tiles && 4 * nnz < O * K) {
     // channels_last 1x1 under 25% dense with few tiles: csr_linear's token-minor kernel on the pixels as they
     // lie beats staging them (2 threads, 90%: 1024->256 @14 batch 1 2.0x vs 1.3x, 2048->512 @7 5.8x vs 4.8x);
     // its output (pixels, C_out) is the channels_last result
@@ -508,7 +525,7 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
       }
     });
     in = st;
-  } else if (!in_place && !cl) {
+  } else if (!in_place && !pack_tiles && !cl) {
     staged = at::empty({N * in_image + kLanes * nv}, x.options());
     float* st = staged.data_ptr<float>();
     std::fill(st + N * in_image, st + N * in_image + kLanes * nv, 0.f);
@@ -522,7 +539,7 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
       v0[s] = std::min(Wq, (std::max<int64_t>(0, pw - pb[s]) + sw - 1) / sw);
       v1[s] = std::max(v0[s], std::min(Wq, (W + pw - pb[s] + sw - 1) / sw));
     }
-    const bool unpadded_1x1 = Hq == H && Wq == W && sh == 1 && sw == 1 && ph == 0 && pw == 0;
+    const bool whole_planes = Hq == H && Wq == W && sh == 1 && sw == 1 && ph == 0 && pw == 0;
     // a thread's share at least ~64 KiB: waking the second thread costs more than copying less. Plane p is
     // (image n, slot s, channel c) = p / planes, (p % planes) / C, p % C, stepped without divisions.
     at::parallel_for(0, N * planes, std::max<int64_t>(1, 16384 / plane), [&](int64_t p0, int64_t p1) {
@@ -530,7 +547,7 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
       for (int64_t p = p0; p < p1; ++p) {
         const float* src = in + (n * C + c) * H * W;
         float* dst = st + p * plane;
-        if (unpadded_1x1) {  // one run
+        if (whole_planes) {  // one run
           std::copy(src, src + H * W, dst);
           std::fill(dst + H * W, dst + plane, 0.f);
         } else {  // one fill of the plane, then a copy per row

@@ -18,8 +18,9 @@ from pyprune.sparse import CSR
 OP = torch.ops.pyprune.csr_conv2d
 
 # (C_in, C_out, (kh, kw), stride, padding, dilation, (H, W), batch). Paths of the C++ kernel: a stride-1
-# unpadded 1x1 reads x in place (pixel counts that are and are not multiples of 16, so the last image's last
-# tile reads its staged copy); everything else reads staged planes, one per stride phase in use (stride 2,
+# unpadded 1x1 reads x in place when the pixel count is a multiple of 16, else each unit range copies its own
+# tiles (7x7: one tile shared by several row parts; 33x35: many tiles, a partial last one); everything else
+# reads staged planes, one per stride phase in use (stride 2,
 # stride 3 with dilation 2, asymmetric ones), in flat tiles across rows (small maps) or row tiles (wide maps
 # where flat tiles would compute more dropped columns: 1x7 at width 40); kernel wider than the map. With
 # channels_last input the planes are staged through 16x16 transposes, except for a 1x1 conv with many tiles
