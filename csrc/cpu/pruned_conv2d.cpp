@@ -4,9 +4,10 @@
 // The gather is fused everywhere: x[:, in_index] never exists, kept channels are read through the index.
 // Two orientations:
 // - Vectors over output pixels (NCHW, larger maps): 64 pixels per tile (pixels of consecutive images share a
-//   tile), weights broadcast straight from their rows (an embedded {1to16} operand of the FMA, no weight
-//   packing), register tile 6 output channels x 4 vectors. X_g comes from the input rows in place (1x1 stride 1),
-//   from zero-bordered planes of the kept channels staged once per call (stride-1 kxk), or from im2col tiles.
+//   tile), weights broadcast straight from their rows (one broadcast feeds 4 FMAs, no weight packing), register
+//   tile 6 output channels x 4 vectors. X_g comes from the input rows in place (1x1 stride 1), from
+//   zero-bordered planes of the kept channels (stride-1 kxk; each thread stages the band of rows its own tiles
+//   read, inside the same parallel region), or from im2col tiles.
 // - Pixels as GEMM rows (channels_last, and small NCHW maps): 6-8 pixels x 16-64 output channels, each input
 //   value broadcast in place, the weight transposed once and cached (see transposed_weight).
 // The epilogue adds the bias, applies the ReLU and writes each row to its output channel (out_index) in NCHW or
@@ -17,6 +18,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "pyprune/check.h"
@@ -47,11 +49,11 @@ struct ConvArgs {
   bool relu;
   // work decomposition of the GEMM path: unit = (tile, group, slice of C_out_g)
   int64_t n_tiles, n_slices, rows_per_slice;
-  // staged path (stride 1, kxk): the kept channels copied once into zero-bordered planes of width Wp, so the
-  // kernel reads every tap as a shifted contiguous row (outputs are computed on the Wp-wide grid, and the
-  // Wp - OW extra columns per row are dropped at the store)
-  const float* xp;
-  int64_t xpN, xpC, Wp, tiles_per_image;
+  // staged path (stride 1, kxk): the kept channels copied into zero-bordered planes of width Wp, so the kernel
+  // reads every tap as a shifted contiguous row (outputs are computed on the Wp-wide grid, and the Wp - OW extra
+  // columns per row are dropped at the store). Each thread stages only the band of rows its own tiles read.
+  bool staged;
+  int64_t Hp, Wp, tiles_per_image;
 };
 
 // A run of pixels of one output row inside a tile: image n, output row oh, columns [ow0, ow0 + len), lanes from j0.
@@ -131,8 +133,10 @@ PYPRUNE_INLINE void pack_tile(const ConvArgs& a, int64_t g, const Segment* seg, 
 }
 
 // acc[r][v] = sum_k w[r][k] * b[k][16 v ...]: the weight scalar is broadcast from its row.
-// PF: also prefetch each row's next tile (brow[k] + NR), for operands read in place from x or the staged planes,
-// where one tile touches K rows at a large stride (too many streams for the hardware prefetcher).
+// PF: also prefetch each row's next tile (brow[k] + NR) into L2, for operands read in place from x or the staged
+// planes, where one tile touches K rows at a large stride (too many streams for the hardware prefetcher); into L2,
+// not L1, so that the current tile's rows stay in L1 for the tile's other panels (A/B in one process, 2 threads:
+// 256->64 1x1 @56 batch 8 3-8% faster, the rest within 1%).
 template <int MR, int NV, bool PF>
 PYPRUNE_INLINE void micro(const float* w, int64_t ldw, const float* const* brow, int64_t K, const float* bias,
                           bool relu, float* stage) {
@@ -146,7 +150,7 @@ PYPRUNE_INLINE void micro(const float* w, int64_t ldw, const float* const* brow,
     vf16 bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = load16(b + v * kLanes);
     if (PF)
-      for (int v = 0; v < NV; ++v) __builtin_prefetch(b + kNR + v * kLanes);
+      for (int v = 0; v < NV; ++v) __builtin_prefetch(b + kNR + v * kLanes, 0, 2);
     for (int r = 0; r < MR; ++r) {
       const float s = wr[r][k];
       for (int v = 0; v < NV; ++v) acc[r][v] += s * bv[v];
@@ -218,12 +222,44 @@ PYPRUNE_INLINE int staged_segments(const ConvArgs& a, int64_t n, int64_t q0, int
   return ns;
 }
 
+// Rows [r0, r1) of image n's zero-bordered planes (padded row r is input row r - PH), every kept channel, into
+// band[c][(r - r0) * Wp + ...] (plane stride ld), then zeros to the end of each plane: the last tile's taps read
+// past the band (lanes that are never stored, but must not hold denormals or NaN).
+PYPRUNE_INLINE void stage_band(const ConvArgs& a, int64_t n, int64_t r0, int64_t r1, float* band, int64_t ld) {
+  const int64_t c_in = a.G * a.Cig;
+  for (int64_t c = 0; c < c_in; ++c) {
+    const float* src = a.x + n * a.sN + a.in_idx[c] * a.sC;
+    float* plane = band + c * ld;
+    for (int64_t r = r0; r < r1; ++r) {
+      float* d = plane + (r - r0) * a.Wp;
+      const int64_t h = r - a.PH;
+      if (h < 0 || h >= a.H) {
+        std::memset(d, 0, a.Wp * sizeof(float));
+        continue;
+      }
+      const float* sr = src + h * a.sH;
+      for (int64_t i = 0; i < a.PW; ++i) d[i] = 0.f;
+      if (a.sW == 1) {
+        std::memcpy(d + a.PW, sr, a.W * sizeof(float));
+      } else {
+        for (int64_t i = 0; i < a.W; ++i) d[a.PW + i] = sr[i * a.sW];
+      }
+      for (int64_t i = a.PW + a.W; i < a.Wp; ++i) d[i] = 0.f;
+    }
+    std::memset(plane + (r1 - r0) * a.Wp, 0, (ld - (r1 - r0) * a.Wp) * sizeof(float));
+  }
+}
+
 PYPRUNE_INLINE void gemm_units(const ConvArgs& a, int64_t u0, int64_t u1) {
   const bool direct_ok = a.KH == 1 && a.KW == 1 && a.SH == 1 && a.SW == 1 && a.PH == 0 && a.PW == 0 &&
                          a.sW == 1 && a.sH == a.W;
-  std::vector<float> storage((a.xp ? 0 : a.Kg * kNR) + kMR * kNR + 32);
+  std::vector<float> storage((a.staged ? 0 : a.Kg * kNR) + kMR * kNR + 32);
   float* buf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));
-  float* stage = buf + (a.xp ? 0 : a.Kg * kNR);
+  float* stage = buf + (a.staged ? 0 : a.Kg * kNR);
+  // staged path: this range's band of the current image's planes (rows band_r0 ..), plane stride band_ld
+  std::unique_ptr<float[]> band;
+  int64_t band_size = 0, band_n = -1, band_r0 = 0, band_ld = 0;
+  const int64_t t_lo = u0 / a.n_slices / a.G, t_hi = (u1 - 1) / a.n_slices / a.G;  // this range's tiles
   std::vector<const float*> brow(std::max<int64_t>(a.Kg, 1));
   Segment seg[kNR];
   int64_t packed = -1;  // (tile, group) whose operand is in brow
@@ -233,14 +269,29 @@ PYPRUNE_INLINE void gemm_units(const ConvArgs& a, int64_t u0, int64_t u1) {
   for (int64_t u = u0; u < u1; ++u) {
     const int64_t s = u % a.n_slices, tg = u / a.n_slices, g = tg % a.G, t = tg / a.G;
     if (tg != packed) {
-      if (a.xp) {
-        const int64_t n = t / a.tiles_per_image, q0 = (t % a.tiles_per_image) * kNR;
+      if (a.staged) {
+        const int64_t tpi = a.tiles_per_image, n = t / tpi, q0 = (t % tpi) * kNR;
         cnt = std::min(kNR, a.OH * a.Wp - q0);
+        if (n != band_n) {  // the rows this range's tiles of image n read: from the first tile's row on
+          const int64_t q_lo = (std::max(t_lo, n * tpi) - n * tpi) * kNR;
+          const int64_t q_hi = std::min((std::min(t_hi, n * tpi + tpi - 1) - n * tpi + 1) * kNR, a.OH * a.Wp);
+          band_r0 = q_lo / a.Wp;
+          const int64_t r1 = std::min(a.Hp, (q_hi - 1) / a.Wp + (a.KH - 1) * a.DH + 1);
+          // slack for the taps of the last tile (a full tile past the rows, plus a row's reach), whole vectors
+          band_ld = round_up((r1 - band_r0) * a.Wp + kNR + a.Wp, kLanes);
+          if (band_ld % 1024 == 0) band_ld += kLanes;  // planes 4 KiB apart would share L1 sets
+          if (a.G * a.Cig * band_ld > band_size) {
+            band_size = a.G * a.Cig * band_ld;
+            band.reset(new float[band_size]);
+          }
+          stage_band(a, n, band_r0, r1, band.get(), band_ld);
+          band_n = n;
+        }
         ns = staged_segments(a, n, q0, cnt, seg);
-        const float* base = a.xp + n * a.xpN + g * a.Cig * a.xpC + q0;
+        const float* base = band.get() + g * a.Cig * band_ld + q0 - band_r0 * a.Wp;
         for (int64_t c = 0, k = 0; c < a.Cig; ++c)
           for (int64_t kh = 0; kh < a.KH; ++kh)
-            for (int64_t kw = 0; kw < a.KW; ++kw, ++k) brow[k] = base + c * a.xpC + kh * a.DH * a.Wp + kw * a.DW;
+            for (int64_t kw = 0; kw < a.KW; ++kw, ++k) brow[k] = base + c * band_ld + kh * a.DH * a.Wp + kw * a.DW;
         in_place = true;
       } else {
         const int64_t q0 = t * kNR;
@@ -440,60 +491,8 @@ PYPRUNE_INLINE void cl_units(const ConvArgs& a, const ClArgs& c, int64_t u0, int
   }
 }
 
-// xp[n][c] = x[n, in_idx[c]] with a zero border of PH rows / PW columns; unit = (image, kept channel).
-PYPRUNE_INLINE void stage_units(const ConvArgs& a, float* xp, int64_t Hp, int64_t u0, int64_t u1) {
-  const int64_t c_in = a.G * a.Cig;
-  for (int64_t u = u0; u < u1; ++u) {
-    const int64_t n = u / c_in, c = u % c_in;
-    const float* src = a.x + n * a.sN + a.in_idx[c] * a.sC;
-    float* dst = xp + n * a.xpN + c * a.xpC;
-    std::memset(dst, 0, a.PH * a.Wp * sizeof(float));
-    for (int64_t h = 0; h < a.H; ++h) {
-      float* d = dst + (a.PH + h) * a.Wp;
-      const float* sr = src + h * a.sH;
-      for (int64_t i = 0; i < a.PW; ++i) d[i] = 0.f;
-      if (a.sW == 1) {
-        for (int64_t i = 0; i < a.W; ++i) d[a.PW + i] = sr[i];
-      } else {
-        for (int64_t i = 0; i < a.W; ++i) d[a.PW + i] = sr[i * a.sW];
-      }
-      for (int64_t i = a.PW + a.W; i < a.Wp; ++i) d[i] = 0.f;
-    }
-    std::memset(dst + (a.PH + a.H) * a.Wp, 0, (a.xpC - (a.PH + a.H) * a.Wp) * sizeof(float));
-  }
-  (void)Hp;
-}
-
-// The same from a channels_last x, one input row at a time (unit = (image, row)): each pixel's channels are
-// read contiguously and scattered to the planes, instead of one strided pass over x per channel.
-PYPRUNE_INLINE void stage_rows_cl(const ConvArgs& a, float* xp, int64_t Hp, int64_t u0, int64_t u1) {
-  const int64_t c_in = a.G * a.Cig;
-  for (int64_t u = u0; u < u1; ++u) {
-    const int64_t n = u / Hp, hp = u % Hp, h = hp - a.PH;
-    float* dst = xp + n * a.xpN + hp * a.Wp;
-    if (h < 0 || h >= a.H) {
-      for (int64_t c = 0; c < c_in; ++c) std::memset(dst + c * a.xpC, 0, a.Wp * sizeof(float));
-    } else {
-      for (int64_t c = 0; c < c_in; ++c) {
-        float* d = dst + c * a.xpC;
-        for (int64_t i = 0; i < a.PW; ++i) d[i] = 0.f;
-        for (int64_t i = a.PW + a.W; i < a.Wp; ++i) d[i] = 0.f;
-      }
-      const float* src = a.x + n * a.sN + h * a.sH;
-      for (int64_t w = 0; w < a.W; ++w) {
-        const float* px = src + w * a.sW;
-        float* d = dst + a.PW + w;
-        for (int64_t c = 0; c < c_in; ++c) d[c * a.xpC] = px[a.in_idx[c] * a.sC];
-      }
-    }
-    if (hp == Hp - 1)  // the slack past the bottom border is read by the last tile's taps (never stored)
-      for (int64_t c = 0; c < c_in; ++c) std::memset(dst + a.Wp + c * a.xpC, 0, (a.xpC - Hp * a.Wp) * sizeof(float));
-  }
-}
-
 using UnitFn = void (*)(const ConvArgs&, int64_t, int64_t);
 using ClFn = void (*)(const ConvArgs&, const ClArgs&, int64_t, int64_t);
-using StageFn = void (*)(const ConvArgs&, float*, int64_t, int64_t, int64_t);
 
 #define PYPRUNE_CONV_ISA(SUFFIX, TARGET)                                                                 \
   TARGET void gemm_##SUFFIX(const ConvArgs& a, int64_t u0, int64_t u1) { gemm_units(a, u0, u1); }        \
@@ -507,18 +506,6 @@ PYPRUNE_CL_ISA(avx2, PYPRUNE_TARGET_AVX2)
 PYPRUNE_CL_ISA(avx512, PYPRUNE_TARGET_AVX512)
 #endif
 
-#define PYPRUNE_STAGE_ISA(SUFFIX, TARGET)                                                                   \
-  TARGET void stage_##SUFFIX(const ConvArgs& a, float* xp, int64_t Hp, int64_t u0, int64_t u1) {            \
-    stage_units(a, xp, Hp, u0, u1);                                                                         \
-  }                                                                                                         \
-  TARGET void stage_cl_##SUFFIX(const ConvArgs& a, float* xp, int64_t Hp, int64_t u0, int64_t u1) {         \
-    stage_rows_cl(a, xp, Hp, u0, u1);                                                                       \
-  }
-PYPRUNE_STAGE_ISA(baseline, )
-#if PYPRUNE_X86
-PYPRUNE_STAGE_ISA(avx2, PYPRUNE_TARGET_AVX2)
-PYPRUNE_STAGE_ISA(avx512, PYPRUNE_TARGET_AVX512)
-#endif
 #if PYPRUNE_X86
 PYPRUNE_CONV_ISA(avx2, PYPRUNE_TARGET_AVX2)
 PYPRUNE_CONV_ISA(avx512, PYPRUNE_TARGET_AVX512)
@@ -707,7 +694,6 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   // Stride-1 kxk convs on maps wide enough that the Wp - OW wasted columns cost less than building im2col
   // tiles (about a fifth of the FMAs' time at 28x28): stage the kept channels into zero-bordered planes.
   const int64_t Wp = a.W + 2 * a.PW, Hp = a.H + 2 * a.PH;
-  at::Tensor staged;
   const bool planar = xc.stride(3) == 1;
   // Pixels as GEMM rows: always for channels_last; for NCHW on small maps (7x7, and kxk up to 32x32), where
   // 64-pixel vectors would waste lanes, need many short im2col runs or staged planes with wasted border columns
@@ -737,22 +723,12 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
     at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) { fn(a, c, u0, u1); });
     return y;
   }
-  if (a.SH == 1 && a.SW == 1 && (!planar || ((KH > 1 || KW > 1) && 7 * (Wp - OW) <= Wp))) {
+  if (a.SH == 1 && a.SW == 1 && (KH > 1 || KW > 1) && 7 * (Wp - OW) <= Wp) {
+    a.staged = true;
+    a.Hp = Hp;
     a.Wp = Wp;
-    a.xpC = Hp * Wp + kNR + kLanes;  // slack: the last tile's taps read past the bottom border (lanes not stored)
-    a.xpN = c_in * a.xpC;
-    staged = at::empty({a.N * a.xpN}, x.options().memory_format(at::MemoryFormat::Contiguous));
     a.tiles_per_image = (OH * Wp + kNR - 1) / kNR;
     a.n_tiles = a.N * a.tiles_per_image;
-    StageFn sfn = planar ? stage_baseline : stage_cl_baseline;
-#if PYPRUNE_X86
-    if (kernel_isa() == Isa::kAvx512) sfn = planar ? stage_avx512 : stage_cl_avx512;
-    else if (kernel_isa() == Isa::kAvx2) sfn = planar ? stage_avx2 : stage_cl_avx2;
-#endif
-    float* xp = staged.data_ptr<float>();
-    const int64_t units = planar ? a.N * c_in : a.N * Hp;
-    at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) { sfn(a, xp, Hp, u0, u1); });
-    a.xp = xp;
   } else {
     a.n_tiles = (a.N * a.P + kNR - 1) / kNR;
   }

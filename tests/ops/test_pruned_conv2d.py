@@ -16,7 +16,7 @@ OP = torch.ops.pyprune.pruned_conv2d
 
 # (C_in, C_out, kernel, stride, padding, dilation, groups, side, batch): 1x1 and kxk, stride 2, dilation,
 # groups and depthwise, odd sizes; maps that take each path of the C++ kernel: channels_last and NCHW maps up to
-# 32x32 (pixels as rows), stride-1 kxk on wider maps (staged planes: 40, 36), NCHW 1x1 (rows read in place),
+# 32x32 (pixels as rows), stride-1 kxk on wider maps (staged planes: 40, 36; see also the thread-count test), NCHW 1x1 (rows read in place),
 # the rest (im2col tiles: stride 2 at 70, a 7x7 kernel whose border columns would waste > 1/7)
 CASES = [
     (16, 32, 3, 1, 1, 1, 1, 9, 2),
@@ -84,6 +84,23 @@ def test_matches_reference(case, keep, channels_last):
             dropped = torch.ones(want.shape[1], dtype=torch.bool)
             dropped[args[4]] = False
             assert (y[:, dropped] == 0).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+@pytest.mark.parametrize(
+    "case", [(10, 14, 3, 1, 1, 1, 1, 34, 1), (12, 12, 3, 1, 2, 2, 3, 36, 3)], ids=lambda c: "x".join(map(str, c))
+)
+def test_staged_bands_at_any_thread_count(case, threads):
+    # the staged path (stride-1 kxk on maps wider than 32): each thread stages the band of rows its tiles read,
+    # so bands start and end mid-image, span images, and (8 threads, few tiles) share tiles split by rows
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        args = (*_case(case, 0.5, True, False, True), True)
+        want = pruned_conv2d_ref(*_double(args))
+        torch.testing.assert_close(OP(*args).double(), want, rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_reference_hand_computed():
