@@ -375,7 +375,6 @@ struct ClArgs {
   const float* wt;     // (G, KH * KW, Cig, Cog16): zero-padded past Cog
   const float* zeros;  // a row of zeros covering every channel index
   int64_t Cog16, MR;
-  int64_t chunk;  // pixel tiles per work unit
 };
 
 template <int MR, int NV>
@@ -414,30 +413,29 @@ PYPRUNE_INLINE void cl_micro_nv(int nv, const ConvArgs& a, const ClArgs& c, cons
   else cl_micro<MR, 1>(a, c, px, g, co0, stage);
 }
 
-// unit = (group and block of NVmax * 16 output channels, chunk of c.chunk tiles of MR consecutive output
-// pixels, which may span images). Block-major order: a thread's units share one weight block (K x 64 floats,
-// 256 KB at K = 1024), which then stays in L2 while the chunk's pixels stream past it.
-constexpr int64_t kClChunk = 16;  // tiles per unit on large maps
-
-PYPRUNE_INLINE void cl_units(const ConvArgs& a, const ClArgs& c, int64_t u0, int64_t u1) {
+// Work item f = (group and block of NVmax * 16 output channels, tile of MR consecutive output pixels, which may
+// span images), block-major: a thread's range of items shares one weight block (K x 64 floats, 256 KB at
+// K = 1024), which then stays in L2 while the tiles' pixels stream past it. Items [f0, f1).
+PYPRUNE_INLINE void cl_units(const ConvArgs& a, const ClArgs& c, int64_t f0, int64_t f1) {
   const int64_t taps = a.KH * a.KW, MR = c.MR, NVmax = MR == 6 ? 4 : 3;
   const int64_t bw = NVmax * kLanes, blocks_per_group = (a.Cog + bw - 1) / bw;
-  const int64_t n_tiles = (a.N * a.P + MR - 1) / MR, n_chunks = (n_tiles + c.chunk - 1) / c.chunk;
+  const int64_t n_tiles = (a.N * a.P + MR - 1) / MR;
   std::vector<const float*> px(taps * MR);
   std::vector<int64_t> tap_off(taps);
   for (int64_t kh = 0; kh < a.KH; ++kh)
     for (int64_t kw = 0; kw < a.KW; ++kw) tap_off[kh * a.KW + kw] = kh * a.DH * a.sH + kw * a.DW * a.sW;
   alignas(64) float stage[8 * 64];
   int64_t pix_n[8], pix_p[8];
-  for (int64_t u = u0; u < u1; ++u) {
-    const int64_t blk = u / n_chunks, chunk = u % n_chunks;
+  for (int64_t f = f0; f < f1;) {
+    const int64_t blk = f / n_tiles;
     const int64_t g = blk / blocks_per_group, co0 = (blk % blocks_per_group) * bw;
     const int nv = static_cast<int>(std::min<int64_t>(NVmax, (a.Cog - co0 + kLanes - 1) / kLanes));
     const int64_t nco = std::min<int64_t>(nv * kLanes, a.Cog - co0);
     const int64_t row0 = g * a.Cog + co0;
     const bool consecutive = a.oC == 1 && a.out_ch[row0 + nco - 1] - a.out_ch[row0] == nco - 1;
-    const int64_t t_end = std::min(n_tiles, (chunk + 1) * c.chunk);
-    for (int64_t t = chunk * c.chunk; t < t_end; ++t) {
+    const int64_t t_begin = f % n_tiles, t_end = std::min(n_tiles, t_begin + f1 - f);
+    f += t_end - t_begin;
+    for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t q0 = t * MR, cnt = std::min<int64_t>(MR, a.N * a.P - q0);
       // walk the tile's pixels without dividing per pixel; past cnt, repeat the last one (never stored)
       int64_t n = q0 / a.P, oh = (q0 % a.P) / a.OW, ow = (q0 % a.P) % a.OW;
@@ -708,7 +706,7 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
     // 144, ...) and for 16-48 channels (8 pixels: 12 spilled the pixel pointers)
     const int64_t vecs = cog16 / kLanes;
     const int64_t mr = vecs >= 4 && (vecs % 4 == 0 || vecs % 3 != 0) ? 6 : 8;
-    ClArgs c{wt.data_ptr<float>(), zeros.data_ptr<float>(), cog16, mr, kClChunk};
+    ClArgs c{wt.data_ptr<float>(), zeros.data_ptr<float>(), cog16, mr};
     ClFn fn = cl_baseline;
 #if PYPRUNE_X86
     if (kernel_isa() == Isa::kAvx512) fn = cl_avx512;
@@ -716,11 +714,12 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
 #endif
     const int64_t bw = (c.MR == 6 ? 4 : 3) * kLanes;
     const int64_t tiles = (a.N * a.P + c.MR - 1) / c.MR, blocks = groups * ((a.Cog + bw - 1) / bw);
-    // smaller chunks on small maps, so there are >= 8 units per thread to balance (64->64 3x3 @14 had 3 units
-    // for 2 threads and ran no faster than on one)
-    c.chunk = std::max<int64_t>(1, std::min<int64_t>(kClChunk, tiles * blocks / (8 * threads)));
-    const int64_t units = blocks * ((tiles + c.chunk - 1) / c.chunk);
-    at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) { fn(a, c, u0, u1); });
+    // one equal share of the (block, tile) items per thread (chunks of whole units left one thread up to 10%
+    // more tiles than the other at 2 threads: 17 units of 8 tiles for 131 tiles)
+    const int64_t items = blocks * tiles, parts = std::min(threads, items);
+    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) fn(a, c, items * p / parts, items * (p + 1) / parts);
+    });
     return y;
   }
   if (a.SH == 1 && a.SW == 1 && (KH > 1 || KW > 1) && 7 * (Wp - OW) <= Wp) {

@@ -88,15 +88,20 @@ def test_matches_reference(case, keep, channels_last):
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
 @pytest.mark.parametrize(
-    "case", [(10, 14, 3, 1, 1, 1, 1, 34, 1), (12, 12, 3, 1, 2, 2, 3, 36, 3)], ids=lambda c: "x".join(map(str, c))
-)
-def test_staged_bands_at_any_thread_count(case, threads):
+    "case, cl",
+    [((10, 14, 3, 1, 1, 1, 1, 34, 1), False), ((12, 12, 3, 1, 2, 2, 3, 36, 3), False),
+     ((40, 72, 3, 1, 1, 1, 2, 13, 3), False), ((24, 40, 1, 1, 0, 1, 1, 9, 5), True)],
+    ids=["staged", "staged-groups", "pixel-rows", "pixel-rows-cl"],
+)  # fmt: skip
+def test_work_split_at_any_thread_count(case, cl, threads):
     # the staged path (stride-1 kxk on maps wider than 32): each thread stages the band of rows its tiles read,
-    # so bands start and end mid-image, span images, and (8 threads, few tiles) share tiles split by rows
+    # so bands start and end mid-image, span images, and (8 threads, few tiles) share tiles split by rows; the
+    # pixels-as-rows path (small NCHW maps, channels_last): each thread takes an equal share of (output-channel
+    # block, pixel tile) items, which may start and end mid-block
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        args = (*_case(case, 0.5, True, False, True), True)
+        args = (*_case(case, 0.5, True, cl, True), True)
         want = pruned_conv2d_ref(*_double(args))
         torch.testing.assert_close(OP(*args).double(), want, rtol=1e-4, atol=1e-4)
     finally:
