@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "pyprune/check.h"
@@ -373,7 +374,7 @@ PYPRUNE_INLINE void depthwise_units(const ConvArgs& a, int64_t u0, int64_t u1) {
 // so nothing is staged or packed per pixel; only the weight is transposed, once per call, to wt (K x Cog16).
 struct ClArgs {
   const float* wt;     // (G, KH * KW, Cig, Cog16): zero-padded past Cog
-  const float* zeros;  // a row of zeros covering every channel index
+  const float* zeros;  // a row of zeros covering every channel index (null when no tap lies in the padding)
   int64_t Cog16, MR;
 };
 
@@ -554,6 +555,16 @@ at::Tensor transposed_weight(const at::Tensor& weight, const at::Tensor& wc, int
   }, [](const at::Tensor& wt) { return static_cast<int64_t>(wt.nbytes()); });
 }
 
+// At least n fp32 zeros, kept for the next call (a bigger request replaces the buffer; a call in flight holds
+// its own reference to the old one).
+at::Tensor shared_zeros(int64_t n) {
+  static std::mutex mu;
+  static at::Tensor zeros;
+  std::lock_guard<std::mutex> lock(mu);
+  if (!zeros.defined() || zeros.numel() < n) zeros = at::zeros({n}, at::kFloat);
+  return zeros;
+}
+
 }  // namespace
 
 at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -701,12 +712,14 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
     // read in place through the channel index; the weight transposed once and cached
     const int64_t cog16 = round_up(a.Cog, kLanes);
     at::Tensor wt = transposed_weight(weight, wc, groups, a.Cog, a.Cig, KH * KW, cog16);
-    at::Tensor zeros = at::zeros({(C - 1) * xc.stride(1) + 1}, wc.options());  // every x[pixel, c] offset
+    // taps in the padding read a row of zeros at every x[pixel, c] offset (C floats for channels_last input,
+    // the whole image for NCHW): allocated and cleared once, shared by the calls (never written after)
+    const at::Tensor zeros = a.PH || a.PW ? shared_zeros((C - 1) * xc.stride(1) + 1) : at::Tensor();
     // register tile: 4 channel vectors x 6 pixels, or up to 3 x 8 when that splits the channels evenly (96,
     // 144, ...) and for 16-48 channels (8 pixels: 12 spilled the pixel pointers)
     const int64_t vecs = cog16 / kLanes;
     const int64_t mr = vecs >= 4 && (vecs % 4 == 0 || vecs % 3 != 0) ? 6 : 8;
-    ClArgs c{wt.data_ptr<float>(), zeros.data_ptr<float>(), cog16, mr};
+    ClArgs c{wt.data_ptr<float>(), zeros.defined() ? zeros.data_ptr<float>() : nullptr, cog16, mr};
     ClFn fn = cl_baseline;
 #if PYPRUNE_X86
     if (kernel_isa() == Isa::kAvx512) fn = cl_avx512;

@@ -108,6 +108,17 @@ def test_work_split_at_any_thread_count(case, cl, threads):
         torch.set_num_threads(before)
 
 
+def test_padding_taps_read_zeros_whatever_the_call_order():
+    # the pixels-as-rows path points taps in the padding at a zero buffer shared by all calls (grown on demand):
+    # a small NCHW map with many channels needs it as large as the image, the next call may need more or less
+    for cin, side in ((8, 5), (96, 9), (16, 7), (128, 11), (8, 5)):
+        x = torch.randn(2, cin, side, side)
+        w = torch.randn(6, cin // 2, 3, 3)
+        ii = torch.arange(1, cin, 2)
+        args = (x, w, None, ii, None, 6, [1, 1], [1, 1], [1, 1], 1, False)
+        torch.testing.assert_close(OP(*args).double(), pruned_conv2d_ref(*_double(args)), rtol=1e-4, atol=1e-4)
+
+
 def test_reference_hand_computed():
     # one input channel kept of two, a 1x1 weight of 2, out_index scatters to channel 1 of 3, ReLU
     x = torch.tensor([[[[1.0, -2.0]], [[10.0, 20.0]]]])
