@@ -254,8 +254,9 @@ PYPRUNE_INLINE void stage_band(const ConvArgs& a, int64_t n, int64_t r0, int64_t
 PYPRUNE_INLINE void gemm_units(const ConvArgs& a, int64_t u0, int64_t u1) {
   const bool direct_ok = a.KH == 1 && a.KW == 1 && a.SH == 1 && a.SW == 1 && a.PH == 0 && a.PW == 0 &&
                          a.sW == 1 && a.sH == a.W;
-  std::vector<float> storage((a.staged ? 0 : a.Kg * kNR) + kMR * kNR + 32);
-  float* buf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));
+  // im2col tile (every lane micro reads is written by pack_tile first) and the store stage: not cleared
+  const std::unique_ptr<float[]> storage(new float[(a.staged ? 0 : a.Kg * kNR) + kMR * kNR + 32]);
+  float* buf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(storage.get()) + 63) & ~uintptr_t(63));
   float* stage = buf + (a.staged ? 0 : a.Kg * kNR);
   // staged path: this range's band of the current image's planes (rows band_r0 ..), plane stride band_ld
   std::unique_ptr<float[]> band;
