@@ -23,7 +23,9 @@ def bsr_linear(
     """x: (..., K); W: (out_features, K) as BSR: int32 crow_indices (ceil(out_features / bh) + 1,),
     col_indices (nnz_blocks,), values (nnz_blocks, bh, bw) zero past the weight's edges. Returns
     (..., out_features)."""
-    return call_op(torch.ops.pyprune.bsr_linear, x, crow_indices, col_indices, values, out_features, bias)
+    return call_op(
+        torch.ops.pyprune.bsr_linear.default, x, crow_indices, col_indices, values, out_features, bias
+    )
 
 
 @torch.library.register_fake("pyprune::bsr_linear")

@@ -46,8 +46,9 @@ def csr_conv2d(
     (out_channels + 1,) and col_indices (nnz,), values (nnz,); bias: (out_channels,) or None.
     Returns conv2d(x, W, bias, stride, padding, dilation): (N, out_channels, OH, OW) in x's memory format."""
     return call_op(
-        torch.ops.pyprune.csr_conv2d, x, crow_indices, col_indices, values, out_channels, pair(kernel_size, "kernel_size"), bias,
-        pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation"),
+        torch.ops.pyprune.csr_conv2d.default, x, crow_indices, col_indices, values, out_channels,
+        pair(kernel_size, "kernel_size"), bias, pair(stride, "stride"), pair(padding, "padding"),
+        pair(dilation, "dilation"),
     )  # fmt: skip
 
 

@@ -21,7 +21,9 @@ def csr_linear(
 ) -> Tensor:
     """x: (..., K); W: (out_features, K) as CSR with int32 crow_indices (out_features + 1,) and
     col_indices (nnz,), values (nnz,); bias: (out_features,) or None. Returns (..., out_features)."""
-    return call_op(torch.ops.pyprune.csr_linear, x, crow_indices, col_indices, values, out_features, bias)
+    return call_op(
+        torch.ops.pyprune.csr_linear.default, x, crow_indices, col_indices, values, out_features, bias
+    )
 
 
 @torch.library.register_fake("pyprune::csr_linear")

@@ -40,14 +40,16 @@ def pruned_conv2d(
     if out_channels is None:
         out_channels = weight.shape[0] if out_index is None else int(out_index.max()) + 1
     return call_op(
-        torch.ops.pyprune.pruned_conv2d, x, weight, bias, in_index, out_index, out_channels,
+        torch.ops.pyprune.pruned_conv2d.default, x, weight, bias, in_index, out_index, out_channels,
         pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation"), groups, relu,
     )  # fmt: skip
 
 
-def pair(v, name: str) -> list[int]:
+def pair(v, name: str) -> list[int] | tuple[int, int]:
     if isinstance(v, int):
         return [v, v]
+    if type(v) in (tuple, list) and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:
+        return v  # the common case, checked without a copy (a module's stride is a tuple)
     v = list(v)
     if len(v) != 2 or not all(isinstance(i, int) for i in v):
         raise ValueError(f"pruned_conv2d: argument '{name}' must be an int or a pair of ints, got {v!r}")

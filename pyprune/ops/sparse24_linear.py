@@ -16,7 +16,7 @@ def sparse24_linear(
 ) -> Tensor:
     """x: (..., K); values: (K4/2, out_features); meta: (K4/8, out_features) uint8, K4 = K rounded up to a
     multiple of 8. Returns (..., out_features)."""
-    return call_op(torch.ops.pyprune.sparse24_linear, x, values, meta, out_features, bias)
+    return call_op(torch.ops.pyprune.sparse24_linear.default, x, values, meta, out_features, bias)
 
 
 @torch.library.register_fake("pyprune::sparse24_linear")
