@@ -35,15 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import interpreting, on_device
 
-def _interpreting() -> bool:
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-INTERPRET = _interpreting()
+INTERPRET = interpreting()
 
 
 def _configs() -> list[triton.Config]:
@@ -272,7 +266,7 @@ def bsr_linear_triton(
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * n_items * n_sub,)
 
-    ctx = torch.cuda.device(x2d.device) if x2d.is_cuda else _NullCtx()
+    ctx = on_device(x2d)
     with ctx:
         _bsr_linear_fwd_kernel[grid](
             x2d,
@@ -450,7 +444,7 @@ def bsr_linear_grad_values_triton(
     precision = "tf32" if (x2d.dtype != torch.float32 or allow_tf32) else "ieee"
     block_h, block_w = _pad_side(bh, 64), _pad_side(bw, 64)
     n_sub = -(-bh // block_h) * -(-bw // block_w)
-    ctx = torch.cuda.device(x2d.device) if x2d.is_cuda else _NullCtx()
+    ctx = on_device(x2d)
     with ctx:
         _bsr_linear_grad_values_kernel[(nnzb * n_sub,)](
             grad2d,
@@ -567,14 +561,6 @@ def _sum_partials(y, part, plan: _Plan, bias, bh: int, n: int) -> None:
     if bias is not None:
         acc = acc + bias.float()[cols]
     y.index_copy_(1, cols, acc.to(y.dtype))
-
-
-class _NullCtx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 __all__ = [

@@ -23,15 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import channels_last, interpreting, on_device
 
-def _interpreting() -> bool:
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-INTERPRET = _interpreting()
+INTERPRET = interpreting()
 
 
 def _cfg(bp, bk, warps):
@@ -159,11 +153,6 @@ def _csr_conv2d_fwd_kernel(
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask_p)
 
 
-def _channels_last(x: torch.Tensor) -> bool:
-    """The rule of F.conv2d (and pyprune.reference): channels_last unless also plainly contiguous."""
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-
-
 def csr_conv2d_triton(
     x: torch.Tensor,
     crow_indices: torch.Tensor,
@@ -205,7 +194,7 @@ def csr_conv2d_triton(
     ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     if oh <= 0 or ow <= 0:
         raise ValueError(f"csr_conv2d_triton: empty output ({oh} x {ow})")
-    fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
+    fmt = torch.channels_last if channels_last(x) else torch.contiguous_format
     y = torch.empty((n, out_channels, oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt)
     if n == 0 or out_channels == 0:
         return y
@@ -218,7 +207,7 @@ def csr_conv2d_triton(
     def grid(meta):
         return (out_channels * n * triton.cdiv(ohw, meta["BLOCK_P"]),)
 
-    ctx = torch.cuda.device(x.device) if x.is_cuda else _NullCtx()
+    ctx = on_device(x)
     with ctx:
         _csr_conv2d_fwd_kernel[grid](
             x, crow, col, val, b_arg, y,
@@ -228,14 +217,6 @@ def csr_conv2d_triton(
             KH=kh, KW=kw, HAS_PAD=ph > 0 or pw > 0, HAS_BIAS=bias is not None,
         )  # fmt: skip
     return y
-
-
-class _NullCtx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 __all__ = ["INTERPRET", "_csr_conv2d_fwd_kernel", "csr_conv2d_triton"]

@@ -34,15 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import channels_last, interpreting, on_device
 
-def _interpreting() -> bool:
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-INTERPRET = _interpreting()
+INTERPRET = interpreting()
 
 
 def _cfg(bm, bn, bk, warps, stages):
@@ -340,11 +334,6 @@ def _pruned_conv2d_dw_kernel(
     )
 
 
-def _channels_last(x: torch.Tensor) -> bool:
-    """The rule of F.conv2d (and pyprune.reference): channels_last unless also plainly contiguous."""
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-
-
 def pruned_conv2d_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -384,7 +373,7 @@ def pruned_conv2d_triton(
         raise ValueError(f"pruned_conv2d_triton: empty output ({oh} x {ow})")
     groups = int(groups)
     cout_g = c_out // groups
-    cl = _channels_last(x)
+    cl = channels_last(x)
     fmt = torch.channels_last if cl else torch.contiguous_format
     partial = out_index is not None and out_index.numel() < out_channels
     y = torch.empty((n, out_channels, oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt)
@@ -413,7 +402,7 @@ def pruned_conv2d_triton(
         "RELU": bool(relu),
     }
     m_bucket = triton.next_power_of_2(m)
-    ctx = torch.cuda.device(x.device) if x.is_cuda else _NullCtx()
+    ctx = on_device(x)
     with ctx:
         if cin_g == 1:
 
@@ -440,14 +429,6 @@ def pruned_conv2d_triton(
                 KH=kh, KW=kw, X_M_MAJOR=x_m_major, Y_M_MAJOR=not cl, INPUT_PRECISION=precision, **common,
             )  # fmt: skip
     return y
-
-
-class _NullCtx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 __all__ = ["INTERPRET", "_pruned_conv2d_dw_kernel", "_pruned_conv2d_fwd_kernel", "pruned_conv2d_triton"]

@@ -13,13 +13,16 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def load_interpreted(name: str):
-    """kernels/<name>.py executed again with TRITON_INTERPRET=1, as a module of its own (the installed
-    pyprune_kernels stays compiled); the variable is restored afterwards."""
+    """kernels/<name>.py executed again with TRITON_INTERPRET=1, as a module of its own inside the installed
+    pyprune_kernels (so its relative imports resolve; that package's own modules stay compiled); the
+    variable is restored afterwards."""
+    import pyprune_kernels  # noqa: F401  (the parent package of the interpreted copy)
+
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         spec = importlib.util.spec_from_file_location(
-            f"_pyprune_kernels_{name}_interpreted", KERNELS / f"{name}.py"
+            f"pyprune_kernels._{name}_interpreted", KERNELS / f"{name}.py"
         )
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
