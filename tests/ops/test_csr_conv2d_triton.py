@@ -17,7 +17,7 @@ from pyprune.ops.csr_conv2d import _CSR_CONV2D_CHECKED, CSR_CONV2D_BACKENDS
 from pyprune.reference import csr_conv2d_ref
 from pyprune.sparse import CSR
 
-from .triton_interp import HAS_TRITON, interp_fixture
+from .triton_interp import HAS_TRITON, case, check_layout, interp_fixture, to_double
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -50,7 +50,7 @@ def make_case(
 
 
 def ref64(args):
-    return csr_conv2d_ref(*[a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args])
+    return csr_conv2d_ref(*to_double(args))
 
 
 def naive(args):
@@ -61,17 +61,6 @@ def naive(args):
 def fp32_tol(args):
     x, k = args[0], args[5]
     return 4e-6 * max(1, x.shape[1] * k[0] * k[1]) ** 0.5
-
-
-def check_layout(y, args):
-    x = args[0]
-    want_cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    assert y.is_contiguous(memory_format=torch.channels_last if want_cl else torch.contiguous_format)
-
-
-def case(name, **kw):
-    """(id, make_case keyword arguments)"""
-    return name, kw
 
 
 # (id, make_case kwargs): every kernel path and edge at least once, each small enough to interpret. With the

@@ -116,7 +116,9 @@ def test_padding_taps_read_zeros_whatever_the_call_order():
         w = torch.randn(6, cin // 2, 3, 3)
         ii = torch.arange(1, cin, 2)
         args = (x, w, None, ii, None, 6, [1, 1], [1, 1], [1, 1], 1, False)
-        torch.testing.assert_close(OP(*args).double(), pruned_conv2d_ref(*_double(args)), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            OP(*args).double(), pruned_conv2d_ref(*_double(args)), rtol=1e-4, atol=1e-4
+        )
 
 
 def test_reference_hand_computed():

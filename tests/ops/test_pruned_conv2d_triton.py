@@ -17,7 +17,7 @@ from pyprune.nn import PrunedConv2d
 from pyprune.ops import _router, pruned_conv2d
 from pyprune.reference import pruned_conv2d_ref
 
-from .triton_interp import interp_fixture
+from .triton_interp import case, check_layout, interp_fixture, to_double
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -46,9 +46,7 @@ def make_case(
 
 
 def ref64(args):
-    return pruned_conv2d_ref(
-        *[a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
-    )
+    return pruned_conv2d_ref(*to_double(args))
 
 
 def naive(args):
@@ -59,17 +57,6 @@ def naive(args):
 def fp32_tol(args):
     k = args[1].shape[1] * args[1].shape[2] * args[1].shape[3]
     return 1e-5 * max(1, k) ** 0.5 * 4
-
-
-def check_layout(y, args):
-    x = args[0]
-    want_cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    assert y.is_contiguous(memory_format=torch.channels_last if want_cl else torch.contiguous_format)
-
-
-def case(name, **kw):
-    """(id, make_case keyword arguments)"""
-    return name, kw
 
 
 ODD7 = [0, 2, 3, 5, 6, 7, 8]  # 7 of 9 input channels

@@ -1,4 +1,5 @@
-"""A kernels/ module loaded under the Triton interpreter, for the CPU tests of the Triton kernels."""
+"""A kernels/ module loaded under the Triton interpreter, for the CPU tests of the Triton kernels, and the
+helpers the conv kernels' tests share."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 KERNELS = Path(__file__).resolve().parents[2] / "kernels"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -45,3 +47,20 @@ def interp_fixture(name: str):
         return load_interpreted(name)
 
     return interp
+
+
+def case(name, **kw):
+    """(id, make_case keyword arguments)"""
+    return name, kw
+
+
+def to_double(args):
+    """An op's positional arguments with every floating tensor in float64 (for the reference)."""
+    return [a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+
+
+def check_layout(y, args):
+    """y has the memory format F.conv2d gives for x = args[0]."""
+    x = args[0]
+    want_cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    assert y.is_contiguous(memory_format=torch.channels_last if want_cl else torch.contiguous_format)
