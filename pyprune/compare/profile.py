@@ -12,11 +12,14 @@ from torch import nn
 
 from .variants import METHODS
 
-# the op each pyprune module calls, by class name and layout (SparseConv2d says per input: op_for)
+# the op each pyprune module calls, by class name and layout
 _OPS = {
     ("SparseLinear", "csr"): "csr_linear",
     ("SparseLinear", "bsr"): "bsr_linear",
     ("SparseLinear", "2:4"): "sparse24_linear",
+    ("SparseConv2d", "csr"): "csr_conv2d",
+    ("SparseConv2d", "bsr"): "bsr_linear",
+    ("SparseConv2d", "2:4"): "sparse24_linear",
     ("PrunedConv2d", None): "pruned_conv2d",
 }
 
@@ -36,10 +39,8 @@ def op_backend(op: str, device: str = "cpu") -> str:
     return "none"
 
 
-def module_op(m: nn.Module, input: torch.Tensor) -> str | None:
-    """The pyprune op ``m(input)`` calls, or None for modules that are not pyprune's."""
-    if hasattr(m, "op_for"):
-        return m.op_for(input)
+def module_op(m: nn.Module) -> str | None:
+    """The pyprune op ``m`` calls, or None for modules that are not pyprune's."""
     name = type(m).__name__
     return _OPS.get((name, getattr(m, "layout", None))) or _OPS.get((name, None))
 
@@ -52,13 +53,12 @@ def layer_ranges(model: nn.Module, device: str = "cpu"):
     stack: dict[int, list] = {}
     handles = []
     for name, m in weight_layers(model).items():
-        layer = f"layer {name} ({kind(m)})"
+        labels = [f"layer {name} ({kind(m)})"]
+        op = module_op(m)
+        if op is not None:
+            labels.append(f"pyprune::{op}/{op_backend(op, device)}")
 
-        def pre(mod, inp, layer=layer):
-            labels = [layer]
-            op = module_op(mod, inp[0])
-            if op is not None:
-                labels.append(f"pyprune::{op}/{op_backend(op, device)}")
+        def pre(mod, inp, labels=labels):
             rfs = [torch.autograd.profiler.record_function(label) for label in labels]
             for rf in rfs:
                 rf.__enter__()

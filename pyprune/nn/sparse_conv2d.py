@@ -284,12 +284,6 @@ class SparseConv2d(nn.Module):
             y = y.contiguous()
         return y if input.dim() == 4 else y.squeeze(0)
 
-    def op_for(self, input: Tensor) -> str:
-        """The pyprune op ``forward(input)`` runs: ``csr_conv2d``, or the layout's linear op."""
-        if self.layout == "csr":
-            return "csr_conv2d"
-        return "bsr_linear" if self.layout == "bsr" else "sparse24_linear"
-
     def to_dense(self) -> nn.Conv2d:
         kh, kw = self.kernel_size
         w = self.weight.to_dense().reshape(self.out_channels, kh, kw, self.in_channels)
