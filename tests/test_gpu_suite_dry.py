@@ -28,6 +28,8 @@ def test_suite_dry_run_writes_results(tmp_path):
     data = json.loads(js.read_text())
     assert data["dry"] is True and len(data["cases"]) > 0
     assert all("ours_ms" not in c for c in data["cases"])  # no timings in a dry run
+    assert {c["M"] for c in data["skew"]} == {16, 128, 2048}  # the schedule cases are planned
+    assert all(not any(k.endswith("_ms") for k in c) for c in data["skew"])
     conv = json.loads((out / "pruned_conv2d.json").read_text())
     assert conv["dry"] is True and len(conv["cases"]) > 0
     assert all(not any(k.endswith("_ms") for k in c) for c in conv["cases"])

@@ -1,6 +1,8 @@
 """GPU timings of BSR linear: cuBLAS dense (F.linear), torch.sparse BSR (bsr_dense_mm), ours (Triton), our CUDA
 kernel (the private op pyprune::_bsr_linear_cuda, when pyprune._C was built with CUDA), plus 2:4 through
-torch.sparse.to_sparse_semi_structured. Writes results.md and results.json to --out.
+torch.sparse.to_sparse_semi_structured, and the Triton kernel's two schedules ("rows", "balanced") on a
+skewed structure (blocks per block row following a Zipf law), the data for choosing between them. Writes
+results.md and results.json to --out.
 
 Timing: triton.testing.do_bench (median of the timed runs after its warmup). Each provider cycles through
 several input sets (x and W) whose total size is a few times the L2, so no run finds its operands cached by the
@@ -38,6 +40,9 @@ BLOCKS = [32, 64]
 SPARSITIES = [0.5, 0.7, 0.9, 0.95]
 DTYPES = ["float16", "bfloat16"]
 SEMI_CASES = [(128, 4096, 4096), (2048, 4096, 4096), (8192, 8192, 8192)]  # (M, K, N)
+# skewed block rows, for choosing between the Triton kernel's schedules: (K, N, block, sparsity) x M, fp16
+SKEW_SHAPE = (4096, 4096, 64, 0.9)
+SKEW_MS = [16, 128, 2048]
 
 
 def planned_cases(quick: bool):
@@ -135,6 +140,84 @@ def random_bsr_weight(n, k, blk, sparsity, dtype, gen):
     wp = F.pad(w, (0, nb_c * blk - k, 0, nb_r * blk - n))
     vals = wp.reshape(nb_r, blk, nb_c, blk).permute(0, 2, 1, 3)[brow.cuda(), bcol.cuda()].contiguous()
     return w, crow.cuda(), bcol.to(torch.int32).cuda(), vals, float(keep.float().mean())
+
+
+def skewed_crow(nb_r: int, nb_c: int, nnzb: int, gen) -> torch.Tensor:
+    """Blocks per block row following a Zipf law (row of rank i gets a share ~ 1 / (i + 1), capped at nb_c),
+    ranks shuffled over the rows: the structure whose longest rows dominate the "rows" schedule."""
+    share = 1.0 / torch.arange(1, nb_r + 1, dtype=torch.float64)
+    counts = torch.clamp(torch.round(share / share.sum() * nnzb), 1, nb_c).long()
+    return counts[torch.randperm(nb_r, generator=gen)]
+
+
+def skewed_bsr_weight(n, k, blk, sparsity, dtype, gen):
+    """Like random_bsr_weight, with Zipf-distributed blocks per block row (random columns within a row)."""
+    nb_r, nb_c = -(-n // blk), -(-k // blk)
+    counts = skewed_crow(nb_r, nb_c, max(1, round(nb_r * nb_c * (1 - sparsity))), gen)
+    keep = torch.zeros(nb_r, nb_c, dtype=torch.bool)
+    for r, c in enumerate(counts.tolist()):
+        keep[r, torch.randperm(nb_c, generator=gen)[:c]] = True
+    mask = keep.cuda().repeat_interleave(blk, 0).repeat_interleave(blk, 1)[:n, :k]
+    w = (torch.randn(n, k, device="cuda") * mask).to(dtype)
+    brow, bcol = torch.nonzero(keep, as_tuple=True)
+    crow = torch.zeros(nb_r + 1, dtype=torch.int32)
+    crow[1:] = torch.cumsum(torch.bincount(brow, minlength=nb_r), 0)
+    wp = F.pad(w, (0, nb_c * blk - k, 0, nb_r * blk - n))
+    vals = wp.reshape(nb_r, blk, nb_c, blk).permute(0, 2, 1, 3)[brow.cuda(), bcol.cuda()].contiguous()
+    return w, crow.cuda(), bcol.to(torch.int32).cuda(), vals, counts
+
+
+def planned_skew_cases():
+    k, n, blk, sp = SKEW_SHAPE
+    return [{"K": k, "N": n, "M": m, "dtype": "float16", "block": blk, "sparsity": sp} for m in SKEW_MS]
+
+
+def run_skew_case(c, quick, l2, triton_fn):
+    """One skewed structure: dense, the "rows" and the "balanced" schedule of the Triton kernel, each checked
+    against dense first; the longest and mean row lengths say how skewed it is."""
+    m, k, n, blk = c["M"], c["K"], c["N"], c["block"]
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(sorted(c.items())).encode()))
+    set_bytes = m * k * 2 + int(n * k * (1 - c["sparsity"])) * 2 + m * n * 2
+    r = n_sets(set_bytes, l2)
+    xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(r)]
+    weights = [skewed_bsr_weight(n, k, blk, c["sparsity"], torch.float16, gen) for _ in range(r)]
+    counts = weights[0][4]
+    out = dict(c, sets=r, longest_row=int(counts.max()), mean_row=float(counts.float().mean()))
+    out["dense_ms"] = bench(rotating([lambda i=i: F.linear(xs[i], weights[i][0]) for i in range(r)]), quick)
+    y_ref = F.linear(xs[0].float(), weights[0][0].float())
+    for sched in ("rows", "balanced"):
+        try:
+            y = triton_fn(xs[0], *weights[0][1:4], n, None, schedule=sched)
+            out[f"{sched}_max_rel_err"] = float((y.float() - y_ref).abs().max() / y_ref.abs().max())
+            out[f"{sched}_ms"] = bench(
+                rotating([lambda i=i, s=sched: triton_fn(xs[i], *weights[i][1:4], n, None, schedule=s)
+                          for i in range(r)]), quick,
+            )  # fmt: skip
+        except Exception as e:  # noqa: BLE001
+            out[f"{sched}_error"] = repr(e)[:300]
+    return out
+
+
+def skew_table(rows):
+    lines = [
+        (
+            "| K->N | M | block | sparsity | longest / mean row (blocks) | dense ms | rows ms | balanced ms | "
+            "rows / balanced | x dense (best) | rel err rows / balanced |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ro, ba, d = r.get("rows_ms"), r.get("balanced_ms"), r.get("dense_ms")
+        best = min(v for v in (ro, ba) if v) if (ro or ba) else None
+        lines.append(
+            f"| {r['K']}->{r['N']} | {r['M']} | {r['block']} | {fmt(r['sparsity'], 2)} | "
+            f"{r.get('longest_row', '-')} / {fmt(r.get('mean_row'), 1)} | {fmt(d)} | "
+            f"{fmt(ro) if ro else 'ERR' if 'rows_error' in r else '-'} | "
+            f"{fmt(ba) if ba else 'ERR' if 'balanced_error' in r else '-'} | "
+            f"{fmt(ro / ba, 2) if ro and ba else '-'} | {fmt(d / best, 2) if d and best else '-'} | "
+            f"{fmt(r.get('rows_max_rel_err'), 4)} / {fmt(r.get('balanced_max_rel_err'), 4)} |"
+        )
+    return "\n".join(lines)
 
 
 def torch_bsr_mm():
@@ -313,10 +396,13 @@ def write(out: Path, payload: dict, dry: bool):
             "",
             (
                 f"{len(payload['cases'])} BSR cases over shapes {SHAPES}, M {MS}, blocks {BLOCKS}, "
-                f"sparsities {SPARSITIES}, dtypes {DTYPES}; 2:4 cases {SEMI_CASES}."
+                f"sparsities {SPARSITIES}, dtypes {DTYPES}; 2:4 cases {SEMI_CASES}; skewed-structure "
+                f"schedule cases {SKEW_SHAPE} x M {SKEW_MS}."
             ),
             "",
             table(payload["cases"]),
+            "",
+            skew_table(payload.get("skew", [])),
         ]
     else:
         fl = payload.get("floors", {})
@@ -363,6 +449,18 @@ def write(out: Path, payload: dict, dry: bool):
                 f"{fmt(r.get('dense_ms'))} | {fmt(r.get('sparse24_ms'))} | {fmt(r.get('speedup'), 2)} | "
                 f"{fmt(r.get('max_rel_err'), 4)} | {r.get('error', '')} |"
             )
+        md += [
+            "",
+            "## Skewed block rows: the Triton kernel's schedules (fp16)",
+            "",
+            (
+                "Blocks per block row follow a Zipf law (see skewed_crow). rows: one program per (block row, "
+                "token tile); balanced: long rows split into work items, longest first, partial tiles summed "
+                "after. rows / balanced > 1: balanced is faster."
+            ),
+            "",
+            skew_table(payload.get("skew", [])),
+        ]
         if payload.get("skipped"):
             md += ["", f"Skipped for the time budget: {payload['skipped']} cases."]
     (out / "results.md").write_text("\n".join(md) + "\n")
@@ -390,7 +488,11 @@ def main(argv=None) -> int:
     )
     cases = list(planned_cases(args.quick))
     if args.dry:
-        write(args.out, {"dry": True, "environment": env, "cases": cases}, dry=True)
+        write(
+            args.out,
+            {"dry": True, "environment": env, "cases": cases, "skew": planned_skew_cases()},
+            dry=True,
+        )
         print(f"DRY: {len(cases)} cases planned; wrote {args.out / 'results.md'}")
         return 0
     if not torch.cuda.is_available():
@@ -404,6 +506,15 @@ def main(argv=None) -> int:
     rows, dense_cache, skipped = [], {}, 0
     payload = {"dry": False, "environment": env, "floors": floors, "cases": rows}
     payload["semi_structured"] = run_semi_structured(args.quick, floors)  # short; before the budgeted loop
+    payload["skew"] = []
+    for c in planned_skew_cases():  # short too (3 cases)
+        try:
+            if triton_fn is None:
+                raise RuntimeError(f"pyprune_kernels unavailable: {why}")
+            payload["skew"].append(run_skew_case(c, args.quick, l2, triton_fn))
+        except Exception as e:  # noqa: BLE001
+            payload["skew"].append(dict(c, rows_error=f"case failed: {e!r}"[:300]))
+            traceback.print_exc()
     write(args.out, payload, dry=False)
     for i, c in enumerate(cases):
         if time.time() - t0 > args.budget_s:

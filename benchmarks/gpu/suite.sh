@@ -10,7 +10,8 @@
 #
 # Env: PYTHON (default python3), SUITE_BUILD_S / SUITE_TEST_S / SUITE_BENCH_S / SUITE_CONV_S / SUITE_CSR_S (step
 # time limits, seconds). Budget on an H100 (under 8 minutes in all): build ~45 s, tests ~90 s, BSR bench 125 s of
-# cases, conv bench 90 s, CSR/2:4 bench ~40 s, plus start-up and floors per step.
+# cases (the three skewed-structure schedule cases first, then the main table until the budget), conv bench 90 s,
+# CSR/2:4 bench ~40 s, plus start-up and floors per step.
 set -u -o pipefail
 if [ $# -lt 1 ]; then echo "usage: $0 OUTDIR [--dry]" >&2; exit 2; fi
 OUT=$(mkdir -p "$1" && cd "$1" && pwd)
