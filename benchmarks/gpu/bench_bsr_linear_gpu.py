@@ -131,7 +131,13 @@ def random_bsr_weight(n, k, blk, sparsity, dtype, gen):
     total = nb_r * nb_c
     keep = torch.zeros(total, dtype=torch.bool)
     keep[torch.randperm(total, generator=gen)[: max(1, round(total * (1 - sparsity)))]] = True
-    keep = keep.reshape(nb_r, nb_c)
+    return (*bsr_weight(keep.reshape(nb_r, nb_c), n, k, blk, dtype), float(keep.float().mean()))
+
+
+def bsr_weight(keep, n, k, blk, dtype):
+    """A random (n, k) weight whose (blk x blk) blocks are zero where the CPU bool mask ``keep`` (block rows x
+    block cols) is False, and its pyprune BSR arrays: (w, crow, col, values) on the GPU."""
+    nb_r, nb_c = keep.shape
     mask = keep.cuda().repeat_interleave(blk, 0).repeat_interleave(blk, 1)[:n, :k]
     w = (torch.randn(n, k, device="cuda") * mask).to(dtype)
     brow, bcol = torch.nonzero(keep, as_tuple=True)
@@ -139,7 +145,7 @@ def random_bsr_weight(n, k, blk, sparsity, dtype, gen):
     crow[1:] = torch.cumsum(torch.bincount(brow, minlength=nb_r), 0)
     wp = F.pad(w, (0, nb_c * blk - k, 0, nb_r * blk - n))
     vals = wp.reshape(nb_r, blk, nb_c, blk).permute(0, 2, 1, 3)[brow.cuda(), bcol.cuda()].contiguous()
-    return w, crow.cuda(), bcol.to(torch.int32).cuda(), vals, float(keep.float().mean())
+    return w, crow.cuda(), bcol.to(torch.int32).cuda(), vals
 
 
 def skewed_crow(nb_r: int, nb_c: int, nnzb: int, gen) -> torch.Tensor:
@@ -151,20 +157,14 @@ def skewed_crow(nb_r: int, nb_c: int, nnzb: int, gen) -> torch.Tensor:
 
 
 def skewed_bsr_weight(n, k, blk, sparsity, dtype, gen):
-    """Like random_bsr_weight, with Zipf-distributed blocks per block row (random columns within a row)."""
+    """Like random_bsr_weight, with Zipf-distributed blocks per block row (random columns within a row); the
+    last item is the blocks per block row."""
     nb_r, nb_c = -(-n // blk), -(-k // blk)
     counts = skewed_crow(nb_r, nb_c, max(1, round(nb_r * nb_c * (1 - sparsity))), gen)
     keep = torch.zeros(nb_r, nb_c, dtype=torch.bool)
     for r, c in enumerate(counts.tolist()):
         keep[r, torch.randperm(nb_c, generator=gen)[:c]] = True
-    mask = keep.cuda().repeat_interleave(blk, 0).repeat_interleave(blk, 1)[:n, :k]
-    w = (torch.randn(n, k, device="cuda") * mask).to(dtype)
-    brow, bcol = torch.nonzero(keep, as_tuple=True)
-    crow = torch.zeros(nb_r + 1, dtype=torch.int32)
-    crow[1:] = torch.cumsum(torch.bincount(brow, minlength=nb_r), 0)
-    wp = F.pad(w, (0, nb_c * blk - k, 0, nb_r * blk - n))
-    vals = wp.reshape(nb_r, blk, nb_c, blk).permute(0, 2, 1, 3)[brow.cuda(), bcol.cuda()].contiguous()
-    return w, crow.cuda(), bcol.to(torch.int32).cuda(), vals, counts
+    return (*bsr_weight(keep, n, k, blk, dtype), counts)
 
 
 def planned_skew_cases():
