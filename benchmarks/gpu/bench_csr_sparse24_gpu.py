@@ -7,7 +7,8 @@ Timing: triton.testing.do_bench medians; each provider cycles through input sets
 passes 3x the L2, so no run finds its weight cached by the previous one. Data random normal.
 
 Floor of a case: max(bytes / copy bandwidth, useful FLOPs / dense matmul rate), both measured in this run.
-CSR bytes = x + values + int32 columns + int32 row pointers + y, useful FLOPs = 2 M nnz. 2:4 bytes = x + the
+CSR bytes = x + values + column indices as the kernel reads them (16-bit when K <= 65536, else int32) + int32
+row pointers + y, useful FLOPs = 2 M nnz. "ours int32 idx" times the same kernel with PYPRUNE_CSR_INDEX=int32. 2:4 bytes = x + the
 kept half of W + 2-bit metadata + y, useful FLOPs = M N K (half of the dense 2 M N K); the floor uses the dense
 matmul rate, so 2:4 sparse tensor cores (2x the dense peak) can beat it.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -75,9 +77,10 @@ def run_csr(c, floors, l2, quick):
     ws = [random_csr(n, k, c["sparsity"], dtype, gen) for _ in range(r)]
     xs = [torch.randn(m, k, device="cuda", dtype=dtype) for _ in range(r)]
     out = dict(c, sets=r, nnz=nnz)
-    bytes_ = m * k * 2 + nnz * (2 + 4) + (n + 1) * 4 + m * n * 2
+    idx_bytes = 2 if k <= 65536 else 4  # what the glue hands the kernel
+    bytes_ = m * k * 2 + nnz * (2 + idx_bytes) + (n + 1) * 4 + m * n * 2
     flops = 2 * m * nnz
-    out.update(bytes=bytes_, useful_flops=flops)
+    out.update(bytes=bytes_, useful_flops=flops, index_bytes=idx_bytes)
     out["floor_ms"] = (
         max(bytes_ / floors["copy_bytes_per_s"], flops / floors["matmul_flops_per_s"][c["dtype"]]) * 1e3
     )
@@ -100,6 +103,13 @@ def run_csr(c, floors, l2, quick):
         out["ours_ms"] = bench(
             rotating([lambda i=i: op(xs[i], *ws[i][1:], n, None) for i in range(r)]), quick
         )
+        os.environ["PYPRUNE_CSR_INDEX"] = "int32"
+        try:
+            out["ours_int32_ms"] = bench(
+                rotating([lambda i=i: op(xs[i], *ws[i][1:], n, None) for i in range(r)]), quick
+            )
+        finally:
+            del os.environ["PYPRUNE_CSR_INDEX"]
         with _router.use_backend("cuda"):
             out["routed_ms"] = bench(
                 rotating([lambda i=i: csr_linear(xs[i], *ws[i][1:], n, None) for i in range(r)]), quick
@@ -157,8 +167,8 @@ def _ratio(a, b):
 
 def csr_table(rows):
     head = (
-        "| K->N | M | dtype | sparsity | cuBLAS ms | cuSPARSE ms | ours ms | routed ms | x cuBLAS | x cuSPARSE | "
-        "floor ms | floor/ours | rel err |"
+        "| K->N | M | dtype | sparsity | cuBLAS ms | cuSPARSE ms | ours ms | ours int32 idx ms | routed ms | "
+        "x cuBLAS | x cuSPARSE | floor ms | floor/ours | rel err |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -171,6 +181,7 @@ def csr_table(rows):
             fmt(d),
             fmt(s) if s is not None else ("ERR" if "cusparse_error" in r else "-"),
             fmt(o) if o is not None else ("ERR" if "ours_error" in r else "-"),
+            fmt(r.get("ours_int32_ms")),
             fmt(r.get("routed_ms")),
             _ratio(d, o),
             _ratio(s, o),
@@ -226,7 +237,8 @@ def write(out: Path, payload: dict, dry: bool):
         "## CSR linear, few tokens (y = x W^T), median ms",
         "",
         (
-            "ours: the private op pyprune::_csr_linear_cuda; routed: pyprune.ops.csr_linear (router + checks). "
+            "ours: the private op pyprune::_csr_linear_cuda (16-bit column indices when K <= 65536); ours int32 "
+            "idx: the same with PYPRUNE_CSR_INDEX=int32; routed: pyprune.ops.csr_linear (router + checks). "
             "cuSPARSE: torch.mm(W.to_sparse_csr(), x^T). x cuBLAS / x cuSPARSE: speedup of ours."
         ),
         "",

@@ -17,6 +17,9 @@
 // vector (float4 / 4 x half2). Rows are handed out in descending nnz order (row_order, from the glue), so the
 // longest rows start first (LPT); Sputnik's row swizzle plays the same role.
 //
+// Column indices: 32-bit, or 16-bit (p.col16) when the glue has them (k <= 65536); each kernel is instantiated
+// for both (index type I).
+//
 // Status: compiled with `nvcc -c` (sm_80, sm_90, and the default arch), never run on a GPU by its author; the
 // GPU tests in tests/ops/test_csr_sparse24_cuda.py are what will tell whether it is right.
 #include <cuda_bf16.h>
@@ -57,6 +60,14 @@ struct alignas(sizeof(T) * N < 16 ? sizeof(T) * N : 16) Pack {
   T v[N];
 };
 
+// the column index array of the width I
+template <typename I>
+__device__ __forceinline__ const I* col_array(const CsrLinearParams& p);
+template <>
+__device__ __forceinline__ const int32_t* col_array<int32_t>(const CsrLinearParams& p) { return p.col; }
+template <>
+__device__ __forceinline__ const uint16_t* col_array<uint16_t>(const CsrLinearParams& p) { return p.col16; }
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -77,7 +88,7 @@ __device__ __forceinline__ int64_t lower_bound(const int32_t* crow, int64_t n, i
   return lo;
 }
 
-template <typename T, int MT>
+template <typename T, int MT, typename I>
 __global__ void __launch_bounds__(kDecodeThreads) csr_linear_decode_kernel(const CsrLinearParams p, int vec_x) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* xs = reinterpret_cast<T*>(smem_raw);  // [k][MT]
@@ -85,6 +96,7 @@ __global__ void __launch_bounds__(kDecodeThreads) csr_linear_decode_kernel(const
   const T* x = static_cast<const T*>(p.x);
   const T* vals = static_cast<const T*>(p.values);
   const T* bias = static_cast<const T*>(p.bias);
+  const I* col = col_array<I>(p);
   T* y = static_cast<T*>(p.y);
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * MT;
   const int mt = static_cast<int>(p.m - m0 < MT ? p.m - m0 : MT);
@@ -128,7 +140,7 @@ __global__ void __launch_bounds__(kDecodeThreads) csr_linear_decode_kernel(const
 #pragma unroll
     for (int t = 0; t < MT; ++t) acc[t] = 0.f;
     for (int64_t j = start + lane; j < end; j += 32) {
-      const int64_t c = p.col[j];
+      const int64_t c = col[j];
       const float v = to_f(vals[j]);
       const Pack<T, MT> xv = *reinterpret_cast<const Pack<T, MT>*>(xs + c * MT);
 #pragma unroll
@@ -145,12 +157,13 @@ __global__ void __launch_bounds__(kDecodeThreads) csr_linear_decode_kernel(const
   }
 }
 
-template <typename T>
+template <typename T, typename I>
 __global__ void __launch_bounds__(kRowsWarps * 32) csr_linear_rows_kernel(const CsrLinearParams p) {
   constexpr int kVec = 16 / sizeof(T);  // 4 fp32 (float4) or 8 fp16 / bf16 (4 x half2)
   const T* xt = static_cast<const T*>(p.xt);
   const T* vals = static_cast<const T*>(p.values);
   const T* bias = static_cast<const T*>(p.bias);
+  const I* col = col_array<I>(p);
   T* y = static_cast<T*>(p.y);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t slot = static_cast<int64_t>(blockIdx.x) * kRowsWarps + warp;
@@ -164,7 +177,7 @@ __global__ void __launch_bounds__(kRowsWarps * 32) csr_linear_rows_kernel(const 
   for (int e = 0; e < kVec; ++e) acc[e] = 0.f;
   for (int64_t j0 = start; j0 < end; j0 += 32) {
     const int64_t j = j0 + lane;
-    const int32_t my_c = j < end ? p.col[j] : 0;
+    const int32_t my_c = j < end ? static_cast<int32_t>(col[j]) : 0;
     const float my_v = j < end ? to_f(vals[j]) : 0.f;
     const int cnt = static_cast<int>(end - j0 < 32 ? end - j0 : 32);
 #pragma unroll 4
@@ -197,10 +210,10 @@ int decode_smem_limit(int device) {
   return optin < kDecodeSmemCap ? optin : kDecodeSmemCap;
 }
 
-template <typename T, int MT>
+template <typename T, int MT, typename I>
 const char* launch_decode(const CsrLinearParams& p, int device, cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(p.k) * MT * sizeof(T);
-  auto kernel = csr_linear_decode_kernel<T, MT>;
+  auto kernel = csr_linear_decode_kernel<T, MT, I>;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
       cudaSuccess) {
     return cudaGetErrorString(cudaGetLastError());
@@ -223,18 +236,18 @@ const char* launch_decode(const CsrLinearParams& p, int device, cudaStream_t str
   return nullptr;
 }
 
-template <typename T>
+template <typename T, typename I>
 const char* launch_t(const CsrLinearParams& p, int device, Path path, cudaStream_t stream) {
   const int mt = csr_linear_decode_tokens(p.m, p.k, p.dtype, device, path);
   switch (mt) {
     case 1:
-      return launch_decode<T, 1>(p, device, stream);
+      return launch_decode<T, 1, I>(p, device, stream);
     case 2:
-      return launch_decode<T, 2>(p, device, stream);
+      return launch_decode<T, 2, I>(p, device, stream);
     case 4:
-      return launch_decode<T, 4>(p, device, stream);
+      return launch_decode<T, 4, I>(p, device, stream);
     case 8:
-      return launch_decode<T, 8>(p, device, stream);
+      return launch_decode<T, 8, I>(p, device, stream);
     default:
       break;
   }
@@ -245,7 +258,7 @@ const char* launch_t(const CsrLinearParams& p, int device, Path path, cudaStream
   const int64_t tiles = (p.ldxt + 32 * kVec - 1) / (32 * kVec);
   const int64_t bx = (p.n + kRowsWarps - 1) / kRowsWarps;
   if (tiles > 65535 || bx > 0x7fffffff) return "csr_linear rows path: grid too large";
-  csr_linear_rows_kernel<T>
+  csr_linear_rows_kernel<T, I>
       <<<dim3(static_cast<unsigned>(bx), static_cast<unsigned>(tiles)), kRowsWarps * 32, 0, stream>>>(p);
   return nullptr;
 }
@@ -268,16 +281,21 @@ const char* csr_linear_cuda_launch(const CsrLinearParams& p, int device, Path pa
     return "null pointer";
   }
   if (p.k > 0x7fffffff) return "in_features must be < 2**31 (int32 column indices)";
+  if (p.col16 != nullptr && p.k > 65536) return "16-bit column indices need in_features <= 65536";
+  const bool narrow = p.col16 != nullptr;
   const char* err = nullptr;
   switch (p.dtype) {
     case DType::kFloat32:
-      err = launch_t<float>(p, device, path, stream);
+      err = narrow ? launch_t<float, uint16_t>(p, device, path, stream)
+                   : launch_t<float, int32_t>(p, device, path, stream);
       break;
     case DType::kFloat16:
-      err = launch_t<__half>(p, device, path, stream);
+      err = narrow ? launch_t<__half, uint16_t>(p, device, path, stream)
+                   : launch_t<__half, int32_t>(p, device, path, stream);
       break;
     case DType::kBFloat16:
-      err = launch_t<__nv_bfloat16>(p, device, path, stream);
+      err = narrow ? launch_t<__nv_bfloat16, uint16_t>(p, device, path, stream)
+                   : launch_t<__nv_bfloat16, int32_t>(p, device, path, stream);
       break;
     default:
       return "dtype must be float32, float16 or bfloat16";

@@ -16,7 +16,9 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 enum class Path : int { kAuto = 0, kDecode = 1, kRows = 2 };
 
 // y = x W^T + bias with W (n x k) in CSR: int32 crow (n + 1) and col (nnz), values (nnz); fp32 accumulation,
-// one rounding to the dtype. x (m x k) has unit column stride and row stride ldx; y (m x n) row stride ldy.
+// one rounding to the dtype. col16, when not null, holds the same column indices in 16 bits (k <= 65536) and the
+// kernels read it instead of col: at decode the weight's bytes are the cost, and 16-bit indices take fp16's 6
+// bytes a nonzero down to 4. x (m x k) has unit column stride and row stride ldx; y (m x n) row stride ldy.
 // The rows path reads xt, x transposed (k x ldxt, ldxt >= m a multiple of 16 / sizeof(T), zero past m, 16-byte
 // aligned), and row_order (n int32, the rows by descending nnz) when not null.
 struct CsrLinearParams {
@@ -25,6 +27,7 @@ struct CsrLinearParams {
   const void* xt;
   const int32_t* crow;
   const int32_t* col;
+  const uint16_t* col16;  // or null
   const void* values;
   const void* bias;  // (n,) or null
   const int32_t* row_order;

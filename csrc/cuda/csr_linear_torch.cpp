@@ -4,6 +4,9 @@
 // The index values are not checked here (that would cost a device sync per call): the CUDA router of
 // pyprune::csr_linear checks them once per structure before it calls this op, which is private for that reason.
 // PYPRUNE_CSR_PATH=decode|rows forces a kernel (tests use it to run both on the same shapes).
+// Column indices go to the kernels in 16 bits when in_features <= 65536, converted once per col tensor and kept
+// (DerivedCache: reused while col is the same tensor at the same version); PYPRUNE_CSR_INDEX=int32 keeps
+// them 32-bit (tests and the GPU benchmark compare the two).
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
@@ -13,6 +16,7 @@
 
 #include "csr_linear.h"
 #include "pyprune/check.h"
+#include "pyprune/derived_cache.h"
 
 namespace pyprune {
 namespace {
@@ -38,6 +42,25 @@ gpu::csr::Path forced_path() {
   if (std::strcmp(env, "decode") == 0) return gpu::csr::Path::kDecode;
   if (std::strcmp(env, "rows") == 0) return gpu::csr::Path::kRows;
   TORCH_CHECK_VALUE(false, "pyprune::", kOp, ": PYPRUNE_CSR_PATH must be auto, decode or rows, got '", env, "'");
+}
+
+// col (int32, values in [0, 65536)) as 16-bit, for the kernels to read as unsigned: columns from 32768 on
+// are stored as their value - 65536, whose 16-bit pattern is the column itself. Kept between calls; the cache
+// is never destroyed (CUDA tensors freed by a static destructor at exit could outlive the CUDA allocator).
+at::Tensor narrow_columns(const at::Tensor& col) {
+  static auto* cache = new DerivedCache<at::Tensor>(int64_t(256) << 20);
+  return cache->get({col}, {}, [&] {
+    const at::Tensor c = col.contiguous();
+    return at::where(c >= 32768, c - 65536, c).to(at::kShort);
+  }, [](const at::Tensor& t) { return static_cast<int64_t>(t.nbytes()); });
+}
+
+bool wide_columns_forced() {
+  const char* env = std::getenv("PYPRUNE_CSR_INDEX");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return false;
+  TORCH_CHECK_VALUE(std::strcmp(env, "int32") == 0, "pyprune::", kOp,
+                    ": PYPRUNE_CSR_INDEX must be auto or int32, got '", env, "'");
+  return true;
 }
 
 }  // namespace
@@ -94,6 +117,8 @@ at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& crow, const at
     order = std::get<1>(lengths.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true)).to(at::kInt);
   }
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor col16 = k <= 65536 && col_c.numel() > 0 && !wide_columns_forced() ? narrow_columns(col)
+                                                                                     : at::Tensor();
 
   gpu::csr::CsrLinearParams p{};
   p.dtype = dt;
@@ -101,6 +126,7 @@ at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& crow, const at
   p.xt = xt.defined() ? xt.data_ptr() : nullptr;
   p.crow = crow_c.data_ptr<int32_t>();
   p.col = col_c.data_ptr<int32_t>();
+  p.col16 = col16.defined() ? reinterpret_cast<const uint16_t*>(col16.data_ptr<int16_t>()) : nullptr;
   p.values = vals_c.data_ptr();
   p.bias = b.defined() ? b.data_ptr() : nullptr;
   p.row_order = order.defined() ? order.data_ptr<int32_t>() : nullptr;

@@ -235,6 +235,37 @@ def test_gpu_csr_cuda_edges():
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("path", ["decode", "rows"])
+def test_gpu_csr_cuda_16_bit_columns(monkeypatch, path):
+    # in_features <= 65536: the kernels read 16-bit column indices (columns from 32768 on included), the same
+    # sums as with the 32-bit ones; an in-place change of col is seen (the 16-bit copy is rebuilt)
+    _csr_cuda_or_skip()
+    monkeypatch.setenv("PYPRUNE_CSR_PATH", path)
+    n, k = 24, 40000
+    w, crow, col, vals = csr_args(n, k, sparsity=0.99, dtype=torch.float16, device="cuda")
+    assert int(col.max()) >= 32768
+    x = torch.randn(5, k, device="cuda").half()
+    with _router.use_backend("cuda"):
+        y16 = csr_linear(x, crow, col, vals, n, None)
+        monkeypatch.setenv("PYPRUNE_CSR_INDEX", "int32")
+        y32 = csr_linear(x, crow, col, vals, n, None)
+        monkeypatch.delenv("PYPRUNE_CSR_INDEX")
+        assert torch.equal(y16, y32)
+        _close_to_float64(y16, x, w, None, torch.float16, k)
+        # the same row lengths, other columns (each row mirrored, k - 1 - c), written into col in place
+        new_col = col.clone()
+        for r in range(n):
+            lo, hi = int(crow[r]), int(crow[r + 1])
+            new_col[lo:hi] = torch.sort(k - 1 - col[lo:hi]).values
+        w2 = torch.zeros_like(w)
+        rows = torch.repeat_interleave(torch.arange(n, device="cuda"), (crow[1:] - crow[:-1]).long())
+        w2[rows, new_col.long()] = vals
+        col.copy_(new_col)
+        _close_to_float64(csr_linear(x, crow, col, vals, n, None), x, w2, None, torch.float16, k)
+
+
+@pytest.mark.gpu
+@gpu
 def test_gpu_csr_cuda_opcheck_compile_gradients():
     _csr_cuda_or_skip()
     _, crow, col, vals = csr_args(40, 33, sparsity=0.7, device="cuda")
