@@ -13,7 +13,7 @@
 #include <cstring>
 
 #include "bsr_linear.h"
-#include "pyprune/check.h"
+#include "linear_glue.h"
 
 namespace pyprune {
 namespace {
@@ -44,40 +44,20 @@ int forced_tile() {
 
 at::Tensor bsr_linear_cuda(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
                            const at::Tensor& values, int64_t out_features, const std::optional<at::Tensor>& bias) {
-  PYPRUNE_CHECK(x.is_cuda(), kOp, "x", "must be a CUDA tensor, got ", x.device());
-  PYPRUNE_CHECK(x.dim() >= 1, kOp, "x", "must have at least 1 dimension");
+  check_cuda_compressed(kOp, x, crow, col, values, 3, out_features, bias);
   const gpu::bsr::DType dt = kernel_dtype(x.scalar_type());
-  PYPRUNE_CHECK_DTYPE(values, kOp, "values", x.scalar_type());
-  PYPRUNE_CHECK_DTYPE(crow, kOp, "crow_indices", at::kInt);
-  PYPRUNE_CHECK_DTYPE(col, kOp, "col_indices", at::kInt);
-  PYPRUNE_CHECK_DIM(crow, 1, kOp, "crow_indices");
-  PYPRUNE_CHECK_DIM(col, 1, kOp, "col_indices");
-  PYPRUNE_CHECK_DIM(values, 3, kOp, "values");
   const int64_t bh = values.size(1), bw = values.size(2);
   PYPRUNE_CHECK(gpu::bsr::bsr_linear_block_supported(static_cast<int>(bh), static_cast<int>(bw)), kOp, "values",
                 "must hold blocks with sides 16, 32 or 64, got ", bh, " x ", bw);
-  PYPRUNE_CHECK(out_features >= 0, kOp, "out_features", "must be >= 0, got ", out_features);
   const int64_t n_brows = (out_features + bh - 1) / bh;
   PYPRUNE_CHECK(crow.numel() == n_brows + 1, kOp, "crow_indices", "must have ceil(out_features / bh) + 1 = ",
                 n_brows + 1, " entries, got ", crow.numel());
   PYPRUNE_CHECK(col.numel() == values.size(0), kOp, "col_indices", "must have one entry per block (",
                 values.size(0), "), got ", col.numel());
-  for (const at::Tensor* t : {&crow, &col, &values}) {
-    PYPRUNE_CHECK(t->device() == x.device(), kOp, "values", "indices and values must be on ", x.device());
-  }
-  if (bias.has_value()) {
-    PYPRUNE_CHECK_DTYPE(*bias, kOp, "bias", x.scalar_type());
-    PYPRUNE_CHECK(bias->numel() == out_features && bias->device() == x.device(), kOp, "bias", "must have ",
-                  out_features, " entries on ", x.device());
-  }
 
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t k = x.size(-1);
-  int64_t m = 1;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) m *= x.size(d);  // not reshape(-1, k): k may be 0
-  const at::Tensor x2 = x.reshape({m, k}).contiguous();
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = out_features;
+  const auto [x2, out_shape] = as_rows(x, out_features);
+  const int64_t m = x2.size(0), k = x2.size(1);
   at::Tensor y = at::empty({m, out_features}, x.options());
   if (m == 0 || out_features == 0) return y.reshape(out_shape);
 

@@ -15,7 +15,7 @@
 #include <cstring>
 
 #include "csr_linear.h"
-#include "pyprune/check.h"
+#include "linear_glue.h"
 #include "pyprune/derived_cache.h"
 
 namespace pyprune {
@@ -67,35 +67,16 @@ bool wide_columns_forced() {
 
 at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
                            const at::Tensor& values, int64_t out_features, const std::optional<at::Tensor>& bias) {
-  PYPRUNE_CHECK(x.is_cuda(), kOp, "x", "must be a CUDA tensor, got ", x.device());
-  PYPRUNE_CHECK(x.dim() >= 1, kOp, "x", "must have at least 1 dimension");
+  check_cuda_compressed(kOp, x, crow, col, values, 1, out_features, bias);
   const gpu::csr::DType dt = kernel_dtype(x.scalar_type());
-  PYPRUNE_CHECK_DTYPE(values, kOp, "values", x.scalar_type());
-  PYPRUNE_CHECK_DTYPE(crow, kOp, "crow_indices", at::kInt);
-  PYPRUNE_CHECK_DTYPE(col, kOp, "col_indices", at::kInt);
-  PYPRUNE_CHECK_DIM(crow, 1, kOp, "crow_indices");
-  PYPRUNE_CHECK_DIM(col, 1, kOp, "col_indices");
-  PYPRUNE_CHECK_DIM(values, 1, kOp, "values");
-  PYPRUNE_CHECK(out_features >= 0, kOp, "out_features", "must be >= 0, got ", out_features);
   PYPRUNE_CHECK(crow.numel() == out_features + 1, kOp, "crow_indices", "must have out_features + 1 = ",
                 out_features + 1, " entries, got ", crow.numel());
   PYPRUNE_CHECK(col.numel() == values.numel(), kOp, "col_indices", "must have one entry per value (",
                 values.numel(), "), got ", col.numel());
-  for (const at::Tensor* t : {&crow, &col, &values}) {
-    PYPRUNE_CHECK(t->device() == x.device(), kOp, "values", "indices and values must be on ", x.device());
-  }
-  if (bias.has_value()) {
-    PYPRUNE_CHECK_DTYPE(*bias, kOp, "bias", x.scalar_type());
-    PYPRUNE_CHECK(bias->numel() == out_features && bias->device() == x.device(), kOp, "bias", "must have ",
-                  out_features, " entries on ", x.device());
-  }
 
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t k = x.size(-1);
-  const at::Tensor x2 = x.reshape({-1, k}).contiguous();
-  const int64_t m = x2.size(0);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = out_features;
+  const auto [x2, out_shape] = as_rows(x, out_features);
+  const int64_t m = x2.size(0), k = x2.size(1);
   at::Tensor y = at::empty({m, out_features}, x.options());
   if (m == 0 || out_features == 0) return y.reshape(out_shape);
 
