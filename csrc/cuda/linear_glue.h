@@ -16,17 +16,8 @@ inline void check_cuda_compressed(const char* op, const at::Tensor& x, const at:
                                   const at::Tensor& col, const at::Tensor& values, int64_t values_dim,
                                   int64_t out_features, const std::optional<at::Tensor>& bias) {
   PYPRUNE_CHECK(x.is_cuda(), op, "x", "must be a CUDA tensor, got ", x.device());
-  PYPRUNE_CHECK(x.dim() >= 1, op, "x", "must have at least 1 dimension");
-  PYPRUNE_CHECK_DTYPE(values, op, "values", x.scalar_type());
-  PYPRUNE_CHECK_DTYPE(crow, op, "crow_indices", at::kInt);
-  PYPRUNE_CHECK_DTYPE(col, op, "col_indices", at::kInt);
-  PYPRUNE_CHECK_DIM(crow, 1, op, "crow_indices");
-  PYPRUNE_CHECK_DIM(col, 1, op, "col_indices");
-  PYPRUNE_CHECK_DIM(values, values_dim, op, "values");
+  check_compressed_arrays(x, crow, col, values, values_dim, op);
   PYPRUNE_CHECK(out_features >= 0, op, "out_features", "must be >= 0, got ", out_features);
-  for (const at::Tensor* t : {&crow, &col, &values}) {
-    PYPRUNE_CHECK(t->device() == x.device(), op, "values", "indices and values must be on ", x.device());
-  }
   if (bias.has_value()) {
     PYPRUNE_CHECK_DTYPE(*bias, op, "bias", x.scalar_type());
     PYPRUNE_CHECK(bias->numel() == out_features && bias->device() == x.device(), op, "bias", "must have ",

@@ -9,14 +9,8 @@ namespace pyprune {
 inline void check_compressed_args(const at::Tensor& x, const at::Tensor& crow_indices,
                                   const at::Tensor& col_indices, const at::Tensor& values, int64_t values_dim,
                                   const char* op) {
-  PYPRUNE_CHECK(x.dim() >= 1, op, "x", "must have at least 1 dimension (..., in_features), got a scalar");
-  PYPRUNE_CHECK_DTYPE(values, op, "values", x.scalar_type());
-  PYPRUNE_CHECK_DTYPE(crow_indices, op, "crow_indices", at::kInt);
-  PYPRUNE_CHECK_DTYPE(col_indices, op, "col_indices", at::kInt);
-  PYPRUNE_CHECK_DIM(crow_indices, 1, op, "crow_indices");
-  PYPRUNE_CHECK_DIM(col_indices, 1, op, "col_indices");
-  PYPRUNE_CHECK_DIM(values, values_dim, op, "values");
-  for (const auto* t : {&x, &crow_indices, &col_indices, &values}) PYPRUNE_CHECK_CPU(*t, op, "x/indices/values");
+  check_compressed_arrays(x, crow_indices, col_indices, values, values_dim, op);
+  PYPRUNE_CHECK_CPU(x, op, "x");
 }
 
 // bias: None or (N,) fp32 on the CPU; returned contiguous (undefined for None).
