@@ -5,8 +5,8 @@
 // pyprune::csr_linear checks them once per structure before it calls this op, which is private for that reason.
 // PYPRUNE_CSR_PATH=decode|rows forces a kernel (tests use it to run both on the same shapes).
 // Column indices go to the kernels in 16 bits when in_features <= 65536, converted once per col tensor and kept
-// (DerivedCache: reused while col is the same tensor at the same version); PYPRUNE_CSR_INDEX=int32 keeps
-// them 32-bit (tests and the GPU benchmark compare the two).
+// (DerivedCache: reused while col is the same tensor at the same version), as is the rows kernel's row order
+// (per crow); PYPRUNE_CSR_INDEX=int32 keeps the indices 32-bit (tests and the GPU benchmark compare the two).
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
@@ -55,6 +55,17 @@ at::Tensor narrow_columns(const at::Tensor& col) {
   }, [](const at::Tensor& t) { return static_cast<int64_t>(t.nbytes()); });
 }
 
+// The rows by descending nnz (int32): the rows kernel starts the longest first. A device sort, so kept between
+// calls like the 16-bit columns.
+at::Tensor rows_by_length(const at::Tensor& crow, int64_t n) {
+  static auto* cache = new DerivedCache<at::Tensor>(int64_t(64) << 20);
+  return cache->get({crow}, {n}, [&] {
+    const at::Tensor c = crow.contiguous();
+    const at::Tensor lengths = c.narrow(0, 1, n) - c.narrow(0, 0, n);
+    return std::get<1>(lengths.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true)).to(at::kInt);
+  }, [](const at::Tensor& t) { return static_cast<int64_t>(t.nbytes()); });
+}
+
 bool wide_columns_forced() {
   const char* env = std::getenv("PYPRUNE_CSR_INDEX");
   if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return false;
@@ -93,9 +104,7 @@ at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& crow, const at
     xt = at::empty({k, ldxt}, x.options());
     if (ldxt > m) xt.narrow(1, m, ldxt - m).zero_();
     xt.narrow(1, 0, m).copy_(x2.t());
-    // rows by descending nnz: the longest start first
-    const at::Tensor lengths = crow_c.narrow(0, 1, out_features) - crow_c.narrow(0, 0, out_features);
-    order = std::get<1>(lengths.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true)).to(at::kInt);
+    order = rows_by_length(crow, out_features);
   }
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor col16 = k <= 65536 && col_c.numel() > 0 && !wide_columns_forced() ? narrow_columns(col)

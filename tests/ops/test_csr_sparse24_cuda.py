@@ -238,7 +238,8 @@ def test_gpu_csr_cuda_edges():
 @pytest.mark.parametrize("path", ["decode", "rows"])
 def test_gpu_csr_cuda_16_bit_columns(monkeypatch, path):
     # in_features <= 65536: the kernels read 16-bit column indices (columns from 32768 on included), the same
-    # sums as with the 32-bit ones; an in-place change of col is seen (the 16-bit copy is rebuilt)
+    # sums as with the 32-bit ones; an in-place change of the structure is seen (the 16-bit columns and the
+    # rows kernel's row order, both kept between calls, are rebuilt)
     _csr_cuda_or_skip()
     monkeypatch.setenv("PYPRUNE_CSR_PATH", path)
     n, k = 24, 40000
@@ -252,16 +253,12 @@ def test_gpu_csr_cuda_16_bit_columns(monkeypatch, path):
         monkeypatch.delenv("PYPRUNE_CSR_INDEX")
         assert torch.equal(y16, y32)
         _close_to_float64(y16, x, w, None, torch.float16, k)
-        # the same row lengths, other columns (each row mirrored, k - 1 - c), written into col in place
-        new_col = col.clone()
-        for r in range(n):
-            lo, hi = int(crow[r]), int(crow[r + 1])
-            new_col[lo:hi] = torch.sort(k - 1 - col[lo:hi]).values
-        w2 = torch.zeros_like(w)
-        rows = torch.repeat_interleave(torch.arange(n, device="cuda"), (crow[1:] - crow[:-1]).long())
-        w2[rows, new_col.long()] = vals
-        col.copy_(new_col)
-        _close_to_float64(csr_linear(x, crow, col, vals, n, None), x, w2, None, torch.float16, k)
+        # the rows in reverse order: other row lengths and columns, the same nnz, written in place
+        f = CSR.from_dense(w.flip(0).cpu())
+        crow.copy_(f.crow_indices)
+        col.copy_(f.col_indices)
+        vals.copy_(f.values.detach())
+        _close_to_float64(csr_linear(x, crow, col, vals, n, None), x, w.flip(0), None, torch.float16, k)
 
 
 @pytest.mark.gpu
