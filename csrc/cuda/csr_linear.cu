@@ -39,6 +39,7 @@ constexpr int kDecodeWarps = 8;
 constexpr int kDecodeThreads = kDecodeWarps * 32;
 constexpr int kRowsWarps = 4;
 constexpr int kMaxDecodeTokens = 64;
+constexpr int kDecodeUnroll = 4;  // nonzeros per lane whose loads the decode kernel issues together
 constexpr int kDecodeSmemCap = 96 * 1024;  // x tile in shared memory: leaves room for 2 blocks per SM on sm_90
 
 __device__ __forceinline__ float to_f(float v) { return v; }
@@ -139,7 +140,25 @@ __global__ void __launch_bounds__(kDecodeThreads) csr_linear_decode_kernel(const
     float acc[MT];
 #pragma unroll
     for (int t = 0; t < MT; ++t) acc[t] = 0.f;
-    for (int64_t j = start + lane; j < end; j += 32) {
+    // kDecodeUnroll nonzeros per lane in flight: their index and value loads are all issued before the first
+    // use (one pair at a time leaves a few KB in flight per SM, far from what hides the memory latency)
+    int64_t j = start + lane;
+    for (; j + 32 * (kDecodeUnroll - 1) < end; j += 32 * kDecodeUnroll) {
+      int64_t c[kDecodeUnroll];
+      float v[kDecodeUnroll];
+#pragma unroll
+      for (int u = 0; u < kDecodeUnroll; ++u) {
+        c[u] = col[j + 32 * u];
+        v[u] = to_f(vals[j + 32 * u]);
+      }
+#pragma unroll
+      for (int u = 0; u < kDecodeUnroll; ++u) {
+        const Pack<T, MT> xv = *reinterpret_cast<const Pack<T, MT>*>(xs + c[u] * MT);
+#pragma unroll
+        for (int t = 0; t < MT; ++t) acc[t] = fmaf(v[u], to_f(xv.v[t]), acc[t]);
+      }
+    }
+    for (; j < end; j += 32) {
       const int64_t c = col[j];
       const float v = to_f(vals[j]);
       const Pack<T, MT> xv = *reinterpret_cast<const Pack<T, MT>*>(xs + c * MT);
