@@ -13,13 +13,17 @@ Blocks of any size work: ``tl.dot`` needs every side >= 16 and ``tl.arange`` pow
 padded (masked) up to the next power of two >= 16; blocks with sides in {16, 32, 64, ...} waste nothing.
 Sides above 128 (rows) or 64 (cols) are split into several tiles.
 
-Schedules (``schedule=``, or ``PYPRUNE_BSR_SCHEDULE``): "rows" (default) gives every (block row, token tile)
-one program in block-row order, so a block row with many more blocks than the others is the critical path
-while most programs finish early. "balanced" launches a grid over work items: long block rows are cut into
-chunks of at most ``split_blocks`` blocks (each chunk writes an fp32 partial tile, summed afterwards in block-row
-order, so the result is deterministic) and items are ordered longest first, so the hardware scheduler hands
-the longest work out first (LPT). The work list depends only on the structure: it is built once on the host
-(one device sync) and cached while ``crow_indices`` is the same tensor at the same version.
+Schedules (``schedule=``, or ``PYPRUNE_BSR_SCHEDULE``): "rows" gives every (block row, token tile) one program
+in block-row order, so a block row with many more blocks than the others is the critical path while most
+programs finish early. "balanced" launches a grid over work items: long block rows are cut into chunks of at
+most ``split_blocks`` blocks (each chunk writes an fp32 partial tile, summed afterwards in block-row order, so
+the result is deterministic) and items are ordered longest first, so the hardware scheduler hands the longest
+work out first (LPT). The work list depends only on the structure: it is built once on the host (one device
+sync) and cached while ``crow_indices`` is the same tensor at the same version. "auto" (the default) takes
+"balanced" only where the argument for it holds without a measurement: the rows schedule's programs all fit
+on the GPU at once (one wave; few tokens) and its longest block row holds more than twice the blocks of a
+balanced work item, so that row alone sets the time; else "rows". It reads the row lengths once per structure
+(the same cached host copy). The GPU suite times both schedules on a skewed structure to check the rule.
 
 Backward pieces: the input gradient is this same forward on the transposed structure (see
 pyprune/ops/bsr_linear.py); the values' gradient is ``bsr_linear_grad_values_triton``, a sampled dense-dense
@@ -209,8 +213,8 @@ def bsr_linear_triton(
     zero past the weight's edges; bias: (N,) or None; N = out_features. Returns y: (M, N) in x2d's dtype.
 
     ``allow_tf32`` (fp32 only): None follows ``torch.backends.cuda.matmul.allow_tf32``.
-    ``schedule``: "rows" or "balanced" (see the module docstring); None reads ``PYPRUNE_BSR_SCHEDULE``
-    (default "rows"). ``split_blocks`` (balanced only): most blocks per work item; None picks one from the
+    ``schedule``: "auto", "rows" or "balanced" (see the module docstring); None reads ``PYPRUNE_BSR_SCHEDULE``
+    (default "auto"). ``split_blocks`` (balanced only): most blocks per work item; None picks one from the
     number of blocks and SMs."""
     if x2d.dim() != 2 or values.dim() != 3:
         raise ValueError(
@@ -222,9 +226,11 @@ def bsr_linear_triton(
     if x2d.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"bsr_linear_triton: dtype must be float16, bfloat16 or float32, got {x2d.dtype}")
     if schedule is None:
-        schedule = os.environ.get("PYPRUNE_BSR_SCHEDULE", "rows").strip().lower() or "rows"
-    if schedule not in ("rows", "balanced"):
-        raise ValueError(f"bsr_linear_triton: schedule must be 'rows' or 'balanced', got {schedule!r}")
+        schedule = os.environ.get("PYPRUNE_BSR_SCHEDULE", "auto").strip().lower() or "auto"
+    if schedule not in ("auto", "rows", "balanced"):
+        raise ValueError(
+            f"bsr_linear_triton: schedule must be 'auto', 'rows' or 'balanced', got {schedule!r}"
+        )
     if split_blocks is not None and split_blocks < 1:
         raise ValueError(f"bsr_linear_triton: split_blocks must be >= 1, got {split_blocks}")
     M, K = x2d.shape
@@ -248,10 +254,12 @@ def bsr_linear_triton(
     m_bucket = triton.next_power_of_2(M)
 
     b_arg = bias.contiguous() if bias is not None else y  # never read without HAS_BIAS
+    if split_blocks is None:
+        split_blocks = _default_split_blocks(nnzb, triton.cdiv(M, 64), x2d.device)
+    if schedule == "auto":
+        schedule = auto_schedule(crow, M, n_sub, split_blocks, x2d.device)
     balanced = schedule == "balanced"
     if balanced:
-        if split_blocks is None:
-            split_blocks = _default_split_blocks(nnzb, triton.cdiv(M, 64), x2d.device)
         plan = _balanced_plan(crow, split_blocks)
         n_items = plan.n_items
         items = (plan.row, plan.start, plan.end, plan.slot)
@@ -545,11 +553,40 @@ def _balanced_plan(crow: torch.Tensor, split_blocks: int) -> _Plan:
     return plan
 
 
+def auto_schedule(crow: torch.Tensor, m: int, n_sub: int, split_blocks: int, device) -> str:
+    """The schedule "auto" runs for this structure and token count (see the module docstring): "balanced" when
+    the rows schedule is one wave (its programs, with token tiles of 64, or of m when fewer, at most one per
+    SM) and its longest block row exceeds 2 * split_blocks blocks; else "rows"."""
+    programs = -(-m // 64) * (crow.numel() - 1) * n_sub
+    if programs > _sm_count(device):
+        return "rows"
+    return "balanced" if _longest_row(crow) > 2 * split_blocks else "rows"
+
+
+# id(crow) -> (weakref to crow, its version, the most blocks in a block row): one device sync per structure
+_LONGEST: dict[int, tuple] = {}
+
+
+def _longest_row(crow: torch.Tensor) -> int:
+    hit = _LONGEST.get(id(crow))
+    if hit is not None and hit[0]() is crow and hit[1] == crow._version:
+        return hit[2]
+    longest = int((crow[1:] - crow[:-1]).max()) if crow.numel() > 1 else 0
+    if len(_LONGEST) > 256:
+        _LONGEST.clear()
+    _LONGEST[id(crow)] = (weakref.ref(crow), crow._version, longest)
+    return longest
+
+
+def _sm_count(device) -> int:
+    """The device's multiprocessors (4 for the CPU, where the interpreter runs the kernels)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def _default_split_blocks(nnzb: int, m_tiles: int, device) -> int:
     """About four items' worth of blocks per SM over the whole launch, never under 8 blocks per item; a power
     of two, so that token counts close to each other share one cached plan."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return triton.next_power_of_2(max(8, -(-nnzb * m_tiles // (4 * sms))))
+    return triton.next_power_of_2(max(8, -(-nnzb * m_tiles // (4 * _sm_count(device)))))
 
 
 def _sum_partials(y, part, plan: _Plan, bias, bh: int, n: int) -> None:
@@ -567,6 +604,7 @@ __all__ = [
     "INTERPRET",
     "_bsr_linear_fwd_kernel",
     "_bsr_linear_grad_values_kernel",
+    "auto_schedule",
     "bsr_linear_grad_values_triton",
     "bsr_linear_triton",
 ]

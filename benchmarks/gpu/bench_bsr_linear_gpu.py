@@ -173,8 +173,8 @@ def planned_skew_cases():
 
 
 def run_skew_case(c, quick, l2, triton_fn):
-    """One skewed structure: dense, the "rows" and the "balanced" schedule of the Triton kernel, each checked
-    against dense first; the longest and mean row lengths say how skewed it is."""
+    """One skewed structure: dense, the "rows", "balanced" and "auto" schedules of the Triton kernel, each checked
+    against dense first, and which one auto picks; the longest and mean row lengths say how skewed it is."""
     m, k, n, blk = c["M"], c["K"], c["N"], c["block"]
     gen = torch.Generator().manual_seed(zlib.crc32(repr(sorted(c.items())).encode()))
     set_bytes = m * k * 2 + int(n * k * (1 - c["sparsity"])) * 2 + m * n * 2
@@ -185,7 +185,11 @@ def run_skew_case(c, quick, l2, triton_fn):
     out = dict(c, sets=r, longest_row=int(counts.max()), mean_row=float(counts.float().mean()))
     out["dense_ms"] = bench(rotating([lambda i=i: F.linear(xs[i], weights[i][0]) for i in range(r)]), quick)
     y_ref = F.linear(xs[0].float(), weights[0][0].float())
-    for sched in ("rows", "balanced"):
+    kernels = sys.modules[triton_fn.__module__]
+    crow0, nnzb = weights[0][1], weights[0][3].shape[0]
+    split = kernels._default_split_blocks(nnzb, -(-m // 64), crow0.device)
+    out["auto_pick"] = kernels.auto_schedule(crow0, m, -(-blk // 128), split, crow0.device)
+    for sched in ("rows", "balanced", "auto"):
         try:
             y = triton_fn(xs[0], *weights[0][1:4], n, None, schedule=sched)
             out[f"{sched}_max_rel_err"] = float((y.float() - y_ref).abs().max() / y_ref.abs().max())
@@ -202,9 +206,9 @@ def skew_table(rows):
     lines = [
         (
             "| K->N | M | block | sparsity | longest / mean row (blocks) | dense ms | rows ms | balanced ms | "
-            "rows / balanced | x dense (best) | rel err rows / balanced |"
+            "rows / balanced | auto picks | auto ms | x dense (best) | rel err rows / balanced |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ro, ba, d = r.get("rows_ms"), r.get("balanced_ms"), r.get("dense_ms")
@@ -214,7 +218,8 @@ def skew_table(rows):
             f"{r.get('longest_row', '-')} / {fmt(r.get('mean_row'), 1)} | {fmt(d)} | "
             f"{fmt(ro) if ro else 'ERR' if 'rows_error' in r else '-'} | "
             f"{fmt(ba) if ba else 'ERR' if 'balanced_error' in r else '-'} | "
-            f"{fmt(ro / ba, 2) if ro and ba else '-'} | {fmt(d / best, 2) if d and best else '-'} | "
+            f"{fmt(ro / ba, 2) if ro and ba else '-'} | {r.get('auto_pick', '-')} | {fmt(r.get('auto_ms'))} | "
+            f"{fmt(d / best, 2) if d and best else '-'} | "
             f"{fmt(r.get('rows_max_rel_err'), 4)} / {fmt(r.get('balanced_max_rel_err'), 4)} |"
         )
     return "\n".join(lines)

@@ -155,6 +155,24 @@ def test_interpreted_balanced_plan_orders_longest_first_and_splits(interp):
 
 
 @pytest.mark.triton
+def test_interpreted_auto_schedule_takes_balanced_only_for_one_wave_and_a_long_row(interp):
+    # 4 block rows, row 0 holding all 4 of its blocks; on the CPU the rule counts 4 SMs
+    w, crow, col, vals = skewed_case(4, 64, (16, 16), dense_row=0)
+    cpu = torch.device("cpu")
+    assert interp.auto_schedule(crow, 5, 1, 1, cpu) == "balanced"  # 4 programs, one wave; 4 blocks > 2 * 1
+    assert interp.auto_schedule(crow, 5, 1, 2, cpu) == "rows"  # 4 blocks are not more than 2 * 2
+    assert interp.auto_schedule(crow, 100, 1, 1, cpu) == "rows"  # 2 token tiles: 8 programs, two waves
+    x = torch.randn(5, 64)
+    y = interp.bsr_linear_triton(x, crow, col, vals, 64, None, split_blocks=1)  # the default: auto
+    torch.testing.assert_close(y, interp.bsr_linear_triton(x, crow, col, vals, 64, None, schedule="balanced",
+                                                           split_blocks=1), rtol=0, atol=0)  # fmt: skip
+    torch.testing.assert_close(y.double(), ref64(x, w, None), rtol=0, atol=TOL32 * 64**0.5 * 4)
+    # the row lengths are read once per structure; an in-place change of crow is seen
+    crow.copy_(torch.tensor([0, 1, 2, 3, 4], dtype=crow.dtype))  # one block per row
+    assert interp.auto_schedule(crow, 5, 1, 1, cpu) == "rows"
+
+
+@pytest.mark.triton
 def test_interpreted_balanced_fp16_and_bad_schedule(interp, monkeypatch):
     w, crow, col, vals = skewed_case(4, 64, (16, 32), dense_row=0, dtype=torch.float16)
     x = torch.randn(5, 64).half()
