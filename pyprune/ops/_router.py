@@ -375,28 +375,45 @@ class TensorCache:
     """Values derived from tensors (a converted weight, a validated index), reused while every key tensor is
     the same object at the same version (``Tensor._version`` counts in-place changes, optimizer steps
     included, under torch.inference_mode too). Held through weak references: a freed tensor whose id is reused
-    never hits. Inference tensors keep no version, so what derives from them is made again on every call."""
+    never hits. Inference tensors keep no version, so what derives from them is made again on every call.
+    At most ``max_entries`` values, and with ``max_bytes`` at most that many bytes of tensors among them (a
+    value is a tensor or a tuple of tensors and other things); the least recently used go first."""
 
-    def __init__(self, max_entries: int = 64):
+    def __init__(self, max_entries: int = 64, max_bytes: int | None = None):
         self._entries: dict[tuple[int, ...], tuple] = {}
         self._max = max_entries
+        self._max_bytes = max_bytes
+        self._bytes = 0
 
     def get(self, tensors: tuple[Tensor, ...], make: Callable[[], object]):
         if any(t.is_inference() for t in tensors):
             return make()
         key = tuple(id(t) for t in tensors)
-        hit = self._entries.get(key)
+        hit = self._entries.pop(key, None)
         versions = tuple(t._version for t in tensors)
         if hit is not None and hit[1] == versions and all(r() is t for r, t in zip(hit[0], tensors)):
+            self._entries[key] = hit  # most recently used last
             return hit[2]
+        if hit is not None:
+            self._bytes -= hit[3]
         value = make()
-        if len(self._entries) >= self._max:
-            self._entries.pop(next(iter(self._entries)))
-        self._entries[key] = (tuple(weakref.ref(t) for t in tensors), versions, value)
+        size = _nbytes(value)
+        self._entries[key] = (tuple(weakref.ref(t) for t in tensors), versions, value, size)
+        self._bytes += size
+        while len(self._entries) > self._max or (
+            self._max_bytes is not None and self._bytes > self._max_bytes and len(self._entries) > 1
+        ):
+            self._bytes -= self._entries.pop(next(iter(self._entries)))[3]
         return value
 
     def clear(self) -> None:
         self._entries.clear()
+        self._bytes = 0
+
+
+def _nbytes(value) -> int:
+    items = value if isinstance(value, tuple) else (value,)
+    return sum(v.nbytes for v in items if isinstance(v, Tensor))
 
 
 # ---- csr_linear ----------------------------------------------------------------------------------------

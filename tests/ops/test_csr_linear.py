@@ -49,6 +49,24 @@ def test_gradcheck_float64():
     check_gradcheck(csr_linear, make_args, 2, "csr")
 
 
+def test_backward_sees_a_structure_changed_in_place():
+    # the backward keeps W^T's structure between steps; rewriting crow / col / values in place must not reuse it
+    w = pruned_weight(40, 24, 0.7, "csr")
+    crow, col, vals, n, _ = make_args(w, None)
+    vals.requires_grad_(True)
+    x = torch.randn(6, 24, requires_grad=True)
+    g = torch.randn(6, 40)
+    for weight in (w, w.flip(0), w.flip(1)):  # the same nonzero count, other rows and columns
+        f = CSR.from_dense(weight)
+        with torch.no_grad():
+            crow.copy_(f.crow_indices)
+            col.copy_(f.col_indices)
+            vals.copy_(f.values)
+        x.grad = None
+        csr_linear(x, crow, col, vals, n).backward(g)
+        torch.testing.assert_close(x.grad, g @ weight, atol=1e-5, rtol=1e-5)
+
+
 def test_opcheck():
     check_opcheck(torch.ops.pyprune.csr_linear.default, make_args, 2, "csr")
 

@@ -171,6 +171,23 @@ def test_tensor_cache_keys_on_identity_and_version():
     assert calls == ["ab", "ab2", "ba", "c", "ab3", "ab4", "d", "d2"]
 
 
+def test_tensor_cache_drops_the_least_recently_used_past_its_byte_budget():
+    cache = _router.TensorCache(max_entries=10, max_bytes=100)  # 100 bytes: two 40-byte values, not three
+    keys = [torch.zeros(1) for _ in range(3)]
+    made = []
+
+    def make(i):
+        return lambda: made.append(i) or (torch.zeros(10), i)  # 40 bytes of tensor, plus an int
+
+    cache.get((keys[0],), make(0))
+    cache.get((keys[1],), make(1))
+    cache.get((keys[0],), make(0))  # a hit: 0 becomes the most recently used
+    cache.get((keys[2],), make(2))  # over budget: 1, the least recently used, goes
+    cache.get((keys[0],), make(0))
+    cache.get((keys[1],), make(1))
+    assert made == [0, 1, 2, 1]
+
+
 # ---- GPU -------------------------------------------------------------------------------------------------
 
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
