@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -73,11 +75,41 @@ def _backward(ctx, grad):
         t_crow, t_col, perm = csr_transpose(crow, col, k)
         grad_x = torch.ops.pyprune.csr_linear(grad, t_crow, t_col, values[perm], k, None)
     if ctx.needs_input_grad[3]:
-        # dL/dw[o, k] = sum_m grad[m, o] x[m, k], sampled at the stored positions only
-        g2 = grad.reshape(-1, grad.shape[-1])
-        x2 = x.reshape(-1, k)
-        grad_values = (g2.t() @ x2)[compressed_rows(crow, col.numel()), col.long()]
+        grad_values = grad_values_csr(grad.reshape(-1, grad.shape[-1]), x.reshape(-1, k), crow, col)
     return grad_x, None, None, grad_values, None, autograd_bias_grad(ctx, grad)
+
+
+def grad_values_csr(g2: Tensor, x2: Tensor, crow: Tensor, col: Tensor) -> Tensor:
+    """dL/dw[o, c] = sum_m grad[m, o] x[m, c] at the stored positions only, for g2 (M, N), x2 (M, K).
+
+    Two ways: the dense product g2^T x2 (N x K) then a gather of the stored entries, or torch's sampled
+    product (``torch.sparse.sampled_addmm``), which computes only the stored dot products but less efficiently
+    per FLOP. On the CPU, in float32 / float64, the sampled one runs when density x M <= 128 (measured on this
+    project's 2-core CPU, 768x3072 to 4096x4096 at 50% and 90%, M 8 to 2048: at 90% and 64 tokens 7.7 vs
+    38.9 ms for 4096^2, and no case where the rule picked the slower way by more than 1.5x). Tracing (fake or
+    functional tensors, torch.compile) takes the dense way."""
+    n, k = g2.shape[1], x2.shape[1]
+    nnz = col.numel()
+    sampled = (
+        g2.device.type == "cpu"
+        and g2.dtype in (torch.float32, torch.float64)
+        and not torch.compiler.is_compiling()
+        and all(type(t) is Tensor for t in (g2, x2, crow, col))  # not fake / functional tensors (tracing)
+        and g2.shape[0] * nnz <= 128 * n * k
+    )
+    return _grad_values_sampled(g2, x2, crow, col) if sampled else _grad_values_dense(g2, x2, crow, col)
+
+
+def _grad_values_dense(g2: Tensor, x2: Tensor, crow: Tensor, col: Tensor) -> Tensor:
+    return (g2.t() @ x2)[compressed_rows(crow, col.numel()), col.long()]
+
+
+def _grad_values_sampled(g2: Tensor, x2: Tensor, crow: Tensor, col: Tensor) -> Tensor:
+    n, k = g2.shape[1], x2.shape[1]
+    with warnings.catch_warnings():  # torch flags its sparse CSR support as beta
+        warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
+        mask = torch.sparse_csr_tensor(crow, col, g2.new_zeros(col.numel()), (n, k), check_invariants=False)
+        return torch.sparse.sampled_addmm(mask, g2.t(), x2, beta=0.0).values()
 
 
 torch.library.register_autograd("pyprune::csr_linear", _backward, setup_context=_setup_context)

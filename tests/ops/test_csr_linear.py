@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 
@@ -47,6 +49,25 @@ def test_gradients_match_reference():
 
 def test_gradcheck_float64():
     check_gradcheck(csr_linear, make_args, 2, "csr")
+
+
+@pytest.mark.parametrize("m,way", [(3, "sampled"), (400, "dense")])  # density 0.5: 1.5 and 200 <= / > 128
+def test_values_gradient_both_ways_match_float64(monkeypatch, m, way):
+    # the module: pyprune.ops.csr_linear is the function
+    mod = importlib.import_module("pyprune.ops.csr_linear")
+    used = []
+    for name in ("_grad_values_sampled", "_grad_values_dense"):
+        fn = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, fn=fn, name=name: used.append(name) or fn(*a))
+    w = pruned_weight(48, 40, 0.5, "csr")
+    crow, col, vals, n, _ = make_args(w, None)
+    vals.requires_grad_(True)
+    x, g = torch.randn(m, 40), torch.randn(m, 48)
+    csr_linear(x, crow, col, vals, n).backward(g)
+    assert used == [f"_grad_values_{way}"]
+    rows = torch.repeat_interleave(torch.arange(48), (crow[1:] - crow[:-1]).long())
+    want = (g.double().t() @ x.double())[rows, col.long()]
+    torch.testing.assert_close(vals.grad.double(), want, atol=1e-4, rtol=1e-5)
 
 
 def test_backward_sees_a_structure_changed_in_place():
