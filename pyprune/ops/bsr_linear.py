@@ -58,7 +58,7 @@ def _backward(ctx, grad):
             # only the stored blocks of grad^T @ x (Triton SDDMM through the router)
             grad_values = torch.ops.pyprune._bsr_linear_grad_values(grad, x, crow, col, bh, bw)
         else:
-            grad_values = bsr_grad_values_dense(grad, x, crow, col, bh, bw)
+            grad_values = bsr_grad_values_cpu(grad, x, crow, col, bh, bw)
     return grad_x, None, None, grad_values, None, autograd_bias_grad(ctx, grad)
 
 
@@ -71,6 +71,35 @@ def bsr_grad_values_dense(grad: Tensor, x: Tensor, crow: Tensor, col: Tensor, bh
     gw = torch.nn.functional.pad(gw, (0, n_bcols * bw - k, 0, n_brows * bh - n))
     grid = gw.reshape(n_brows, bh, n_bcols, bw).permute(0, 2, 1, 3)
     return grid[compressed_rows(crow, col.numel()), col.long()]
+
+
+def bsr_grad_values_cpu(grad: Tensor, x: Tensor, crow: Tensor, col: Tensor, bh: int, bw: int) -> Tensor:
+    """The values' gradient on the CPU: only the stored blocks (bsr_grad_values_blocks) when density x tokens
+    <= 16, else sampled from the dense product (measured on this project's 2-core CPU, blocks of 32, 768x3072
+    and 4096^2 at 50% and 90%, 8 to 2048 tokens: at 90% and 64 tokens 9.1 vs 63 ms for 4096^2; the rule's worst
+    pick 1.45x slower than the other way). Tracing (fake or functional tensors) takes the dense way."""
+    m = grad.numel() // max(1, grad.shape[-1])
+    density = col.numel() * bh * bw / max(1, grad.shape[-1] * x.shape[-1])
+    blocks = all(type(t) is Tensor for t in (grad, x, crow, col)) and density * m <= 16
+    return (bsr_grad_values_blocks if blocks else bsr_grad_values_dense)(grad, x, crow, col, bh, bw)
+
+
+def bsr_grad_values_blocks(grad: Tensor, x: Tensor, crow: Tensor, col: Tensor, bh: int, bw: int) -> Tensor:
+    """Only the stored blocks of grad^T @ x: block (r, c) is grad[:, rows of r]^T @ x[:, cols of c], batched
+    (bmm) over chunks of blocks whose gathered operands take at most ~32 MB."""
+    n, k = grad.shape[-1], x.shape[-1]
+    g2, x2 = grad.reshape(-1, n), x.reshape(-1, k)
+    m, nnzb = g2.shape[0], col.numel()
+    n_brows, n_bcols = crow.numel() - 1, -(-k // bw)
+    gt = torch.nn.functional.pad(g2, (0, n_brows * bh - n)).t().reshape(n_brows, bh, m)
+    xt = torch.nn.functional.pad(x2, (0, n_bcols * bw - k)).t().reshape(n_bcols, bw, m)
+    rows, cols = compressed_rows(crow, nnzb), col.long()
+    out = g2.new_empty((nnzb, bh, bw))
+    chunk = max(1, (32 << 20) // max(1, (bh + bw) * m * g2.element_size()))
+    for s in range(0, nnzb, chunk):
+        e = min(nnzb, s + chunk)
+        torch.bmm(gt[rows[s:e]], xt[cols[s:e]].transpose(1, 2), out=out[s:e])
+    return out
 
 
 @torch.library.register_fake("pyprune::_bsr_linear_grad_values")

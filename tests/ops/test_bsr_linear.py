@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 
@@ -59,6 +61,30 @@ def test_gradients_match_reference(block):
 
 def test_gradcheck_float64():
     check_gradcheck(bsr_linear, args_for((2, 4)), 2, "bsr")
+
+
+@pytest.mark.parametrize("m,way", [(3, "blocks"), (200, "dense")])  # density ~0.5: ~1.5 and ~100 vs 16
+def test_values_gradient_both_ways_match_float64(monkeypatch, m, way):
+    mod = importlib.import_module(
+        "pyprune.ops.bsr_linear"
+    )  # the module: pyprune.ops.bsr_linear is the function
+    used = []
+    for name in ("bsr_grad_values_blocks", "bsr_grad_values_dense"):
+        fn = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, fn=fn, name=name: used.append(name) or fn(*a))
+    block = (8, 4)
+    w = torch.randn(40, 36) * (torch.rand(10, 9) < 0.5).repeat_interleave(4, 0).repeat_interleave(4, 1)
+    f = BSR.from_dense(w, block)
+    vals = f.values.detach().clone().requires_grad_(True)
+    x, g = torch.randn(m, 36), torch.randn(m, 40)
+    bsr_linear(x, f.crow_indices, f.col_indices, vals, 40).backward(g)
+    assert used == [f"bsr_grad_values_{way}"]
+    gw = g.double().t() @ x.double()  # (40, 36); the blocks of 8 x 4 that are stored
+    rows = torch.repeat_interleave(torch.arange(5), (f.crow_indices[1:] - f.crow_indices[:-1]).long())
+    want = torch.stack(
+        [gw[r * 8 : r * 8 + 8, c * 4 : c * 4 + 4] for r, c in zip(rows.tolist(), f.col_indices.tolist())]
+    )
+    torch.testing.assert_close(vals.grad.double(), want, atol=1e-4, rtol=1e-5)
 
 
 def test_opcheck():
