@@ -16,15 +16,13 @@ medians over rounds of same-round ratios. "of ideal" = speedup vs dense / (1 / r
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
-from sparse_linear_providers import environment
+from sparse_linear_providers import environment, time_batch, write_table
 
 from pyprune.ops import pruned_conv2d
 
@@ -43,17 +41,6 @@ BATCHES = (1, 8)
 
 
 CLOCK = time.perf_counter
-
-
-def time_batch(fn, batch_s: float) -> float:
-    fn()
-    n, t0 = 0, CLOCK()
-    while True:
-        fn()
-        n += 1
-        el = CLOCK() - t0
-        if el >= batch_s:
-            return el / n
 
 
 def providers(cin, cout, k, side, batch, keep, channels_last, gen):
@@ -92,7 +79,7 @@ def run_case(shape, batch, keep, channels_last, rounds, batch_s, rng, gen):
             names = list(fns)
             rng.shuffle(names)
             for name in names:
-                samples[name].append(time_batch(fns[name], batch_s))
+                samples[name].append(time_batch(fns[name], batch_s, CLOCK))
     dense = samples["dense"]
     ideal = 1.0 / (keep * keep)
     row = {
@@ -178,11 +165,7 @@ def main(argv=None) -> int:
                     print(markdown([row], env).splitlines()[-1], flush=True)
     md = markdown(rows, env)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "pruned_conv2d.md"), "w") as f:
-            f.write(md)
-        with open(os.path.join(args.out, "pruned_conv2d.json"), "w") as f:
-            json.dump({"environment": env, "rows": rows}, f, indent=1)
+        write_table(args.out, "pruned_conv2d", md, {"environment": env, "rows": rows})
     else:
         print(md)
     return 0

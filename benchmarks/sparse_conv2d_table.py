@@ -15,7 +15,6 @@ The providers and cases are shared with bench_sparse_conv2d.py (pytest-benchmark
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import resource
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from sparse_linear_providers import environment
+from sparse_linear_providers import environment, write_table
 
 from pyprune.nn import SparseConv2d
 from pyprune.nn.sparse_conv2d import _NCHW_CHUNK_BYTES
@@ -245,14 +244,11 @@ def main(argv=None):
     load = (load_before, _load())
     md = to_markdown(rows, env, load)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
-            f.write(md)
-        with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
-            json.dump(
-                {"environment": env, "load_average": load, "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
-                 "rows": rows}, f, indent=1,
-            )  # fmt: skip
+        write_table(
+            args.out, args.name, md,
+            {"environment": env, "load_average": load, "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+             "rows": rows},
+        )  # fmt: skip
     print(md)
 
 

@@ -5,9 +5,11 @@ timed region and returns a zero-argument callable."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import platform
 import subprocess
+import time
 
 import numpy as np
 import torch
@@ -140,3 +142,24 @@ def environment() -> dict:
         "python": platform.python_version(),
         "git_commit": commit,
     }
+
+
+def time_batch(fn, batch_s: float, clock=time.perf_counter) -> float:
+    """Seconds per call of fn, over a batch of calls lasting at least batch_s (after one warm-up call)."""
+    fn()
+    n, t0 = 0, clock()
+    while True:
+        fn()
+        n += 1
+        el = clock() - t0
+        if el >= batch_s:
+            return el / n
+
+
+def write_table(out: str, name: str, md: str, payload: dict) -> None:
+    """The table scripts' results: out/name.md (md) and out/name.json (payload)."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(payload, f, indent=1)

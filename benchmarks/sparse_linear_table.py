@@ -9,12 +9,10 @@ time(dense) / time(provider). Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
 import sys
-import time
 
 import torch
 
@@ -27,18 +25,9 @@ from sparse_linear_providers import (
     TOKENS,  # noqa: E402
     dense_weight,
     environment,
+    time_batch,
+    write_table,
 )
-
-
-def time_batch(fn, batch_s: float) -> float:
-    fn()
-    n, t0 = 0, time.perf_counter()
-    while True:
-        fn()
-        n += 1
-        el = time.perf_counter() - t0
-        if el >= batch_s:
-            return el / n
 
 
 def run_case(k, n, m, sparsities, providers, rounds, batch_s, rng):
@@ -129,11 +118,7 @@ def main(argv=None):
                 )
     md = to_markdown(rows, env)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "sparse_linear.md"), "w") as f:
-            f.write(md)
-        with open(os.path.join(args.out, "sparse_linear.json"), "w") as f:
-            json.dump({"environment": env, "rows": rows}, f, indent=1)
+        write_table(args.out, "sparse_linear", md, {"environment": env, "rows": rows})
     print(md)
 
 

@@ -10,14 +10,11 @@ requiring grad, the weight's gradients accumulated (zeroed between steps, not ti
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
 import statistics
-import time
 
 import torch
-from sparse_linear_providers import environment
+from sparse_linear_providers import environment, time_batch, write_table
 
 from pyprune.nn import SparseLinear
 
@@ -36,17 +33,6 @@ def step_fn(layer, x, g):
         layer(x).backward(g)
 
     return step
-
-
-def time_batch(fn, batch_s: float) -> float:
-    fn()
-    n, t0 = 0, time.perf_counter()
-    while True:
-        fn()
-        n += 1
-        el = time.perf_counter() - t0
-        if el >= batch_s:
-            return el / n
 
 
 def run_case(k, n, m, sparsity, rounds, batch_s, rng):
@@ -112,11 +98,7 @@ def main(argv=None) -> int:
                 print(markdown(rows[-1:], env).splitlines()[-1], flush=True)
     md = markdown(rows, env)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
-            f.write(md)
-        with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
-            json.dump({"environment": env, "rows": rows}, f, indent=1)
+        write_table(args.out, args.name, md, {"environment": env, "rows": rows})
     else:
         print(md)
     return 0
