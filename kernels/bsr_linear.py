@@ -22,8 +22,8 @@ work out first (LPT). The work list depends only on the structure: it is built o
 sync) and cached while ``crow_indices`` is the same tensor at the same version. "auto" (the default) takes
 "balanced" only where the argument for it holds without a measurement: the rows schedule's programs all fit
 on the GPU at once (one wave; few tokens) and its longest block row holds more than twice the blocks of a
-balanced work item, so that row alone sets the time; else "rows". It reads the row lengths once per structure
-(the same cached host copy). The GPU suite times both schedules on a skewed structure to check the rule.
+balanced work item, so that row alone sets the time; else "rows". It reads the row lengths from the same
+host copy of ``crow_indices`` the balanced plan is built from (one sync per structure). The GPU suite times both schedules on a skewed structure to check the rule.
 
 Backward pieces: the input gradient is this same forward on the transposed structure (see
 pyprune/ops/bsr_linear.py); the values' gradient is ``bsr_linear_grad_values_triton``, a sampled dense-dense
@@ -254,7 +254,7 @@ def bsr_linear_triton(
     m_bucket = triton.next_power_of_2(M)
 
     b_arg = bias.contiguous() if bias is not None else y  # never read without HAS_BIAS
-    if split_blocks is None:
+    if split_blocks is None and schedule != "rows":
         split_blocks = _default_split_blocks(nnzb, triton.cdiv(M, 64), x2d.device)
     if schedule == "auto":
         schedule = auto_schedule(crow, M, n_sub, split_blocks, x2d.device)
@@ -536,21 +536,28 @@ class _Plan:
         return self._cols[bh, n]
 
 
-# (id(crow), split_blocks) -> (weakref to crow, its version, split_blocks, plan); checked on every hit, so a freed tensor whose
-# id is reused, or crow modified in place, never gets a stale plan
-_PLANS: dict[int, tuple] = {}
+# id(crow) -> (weakref to crow, its version, what was derived from it: {"host": crow on the CPU, ("plan",
+# split_blocks): _Plan, "longest": int}); checked on every hit, so a freed tensor whose id is reused, or crow
+# modified in place, never gets stale entries. One device sync (the host copy) per structure.
+_DERIVED: dict[int, tuple] = {}
+
+
+def _derived(crow: torch.Tensor) -> dict:
+    hit = _DERIVED.get(id(crow))
+    if hit is not None and hit[0]() is crow and hit[1] == crow._version:
+        return hit[2]
+    if len(_DERIVED) > 256:
+        _DERIVED.clear()
+    d = {"host": crow.detach().to("cpu", torch.int64)}
+    _DERIVED[id(crow)] = (weakref.ref(crow), crow._version, d)
+    return d
 
 
 def _balanced_plan(crow: torch.Tensor, split_blocks: int) -> _Plan:
-    key = (id(crow), split_blocks)
-    hit = _PLANS.get(key)
-    if hit is not None and hit[0]() is crow and hit[1] == crow._version:
-        return hit[3]
-    plan = _Plan(crow.detach().to("cpu", torch.int64), split_blocks, crow.device)
-    if len(_PLANS) > 256:
-        _PLANS.clear()
-    _PLANS[key] = (weakref.ref(crow), crow._version, split_blocks, plan)
-    return plan
+    d = _derived(crow)
+    if ("plan", split_blocks) not in d:
+        d["plan", split_blocks] = _Plan(d["host"], split_blocks, crow.device)
+    return d["plan", split_blocks]
 
 
 def auto_schedule(crow: torch.Tensor, m: int, n_sub: int, split_blocks: int, device) -> str:
@@ -560,22 +567,11 @@ def auto_schedule(crow: torch.Tensor, m: int, n_sub: int, split_blocks: int, dev
     programs = -(-m // 64) * (crow.numel() - 1) * n_sub
     if programs > _sm_count(device):
         return "rows"
-    return "balanced" if _longest_row(crow) > 2 * split_blocks else "rows"
-
-
-# id(crow) -> (weakref to crow, its version, the most blocks in a block row): one device sync per structure
-_LONGEST: dict[int, tuple] = {}
-
-
-def _longest_row(crow: torch.Tensor) -> int:
-    hit = _LONGEST.get(id(crow))
-    if hit is not None and hit[0]() is crow and hit[1] == crow._version:
-        return hit[2]
-    longest = int((crow[1:] - crow[:-1]).max()) if crow.numel() > 1 else 0
-    if len(_LONGEST) > 256:
-        _LONGEST.clear()
-    _LONGEST[id(crow)] = (weakref.ref(crow), crow._version, longest)
-    return longest
+    d = _derived(crow)
+    if "longest" not in d:
+        host = d["host"]
+        d["longest"] = int((host[1:] - host[:-1]).max()) if host.numel() > 1 else 0
+    return "balanced" if d["longest"] > 2 * split_blocks else "rows"
 
 
 def _sm_count(device) -> int:
