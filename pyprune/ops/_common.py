@@ -20,6 +20,12 @@ def call_op(op, *args):
         return op(*args)
 
 
+def eager(*tensors: torch.Tensor) -> bool:
+    """True outside tracing: not under torch.compile, and every tensor a plain Tensor (not a fake or functional
+    one). What backward caches and host-side choices check before they look at tensor identity or values."""
+    return not torch.compiler.is_compiling() and all(type(t) is torch.Tensor for t in tensors)
+
+
 def autograd_bias_grad(ctx, grad: torch.Tensor) -> torch.Tensor | None:
     if not (ctx.has_bias and ctx.needs_input_grad[-1]):
         return None

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..sparse.base import compressed_rows
 from . import _library  # noqa: F401
-from ._common import autograd_bias_grad, call_op, register_cpu_fallback
+from ._common import autograd_bias_grad, call_op, eager, register_cpu_fallback
 from ._router import register_cuda
 from .csr_linear import csr_transpose
 
@@ -77,10 +77,10 @@ def bsr_grad_values_cpu(grad: Tensor, x: Tensor, crow: Tensor, col: Tensor, bh: 
     """The values' gradient on the CPU: only the stored blocks (bsr_grad_values_blocks) when density x tokens
     <= 16, else sampled from the dense product (measured on this project's 2-core CPU, blocks of 32, 768x3072
     and 4096^2 at 50% and 90%, 8 to 2048 tokens: at 90% and 64 tokens 9.1 vs 63 ms for 4096^2; the rule's worst
-    pick 1.45x slower than the other way). Tracing (fake or functional tensors) takes the dense way."""
+    pick 1.45x slower than the other way). Tracing takes the dense way."""
     m = grad.numel() // max(1, grad.shape[-1])
     density = col.numel() * bh * bw / max(1, grad.shape[-1] * x.shape[-1])
-    blocks = all(type(t) is Tensor for t in (grad, x, crow, col)) and density * m <= 16
+    blocks = eager(grad, x, crow, col) and density * m <= 16
     return (bsr_grad_values_blocks if blocks else bsr_grad_values_dense)(grad, x, crow, col, bh, bw)
 
 

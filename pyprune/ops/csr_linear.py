@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..sparse.base import compressed_rows
 from . import _library  # noqa: F401
-from ._common import autograd_bias_grad, call_op, register_cpu_fallback
+from ._common import autograd_bias_grad, call_op, eager, register_cpu_fallback
 from ._router import TensorCache, register_cuda
 
 
@@ -40,7 +40,7 @@ def csr_transpose(crow_indices: Tensor, col_indices: Tensor, n_cols: int) -> tup
     Kept while the structure is unchanged (the backward of every training step asks for it, and the sort costs
     a multiple of the forward: 34 ms against 3 ms for a 4096^2 weight at 90% and 64 tokens on this project's
     CPU); not while tracing, and not for tensor subclasses (fake or functional tensors)."""
-    if torch.compiler.is_compiling() or type(crow_indices) is not Tensor or type(col_indices) is not Tensor:
+    if not eager(crow_indices, col_indices):
         return _transpose(crow_indices, col_indices, n_cols)
     kept = _TRANSPOSES.get(
         (crow_indices, col_indices), lambda: (n_cols, *_transpose(crow_indices, col_indices, n_cols))
@@ -93,8 +93,7 @@ def grad_values_csr(g2: Tensor, x2: Tensor, crow: Tensor, col: Tensor) -> Tensor
     sampled = (
         g2.device.type == "cpu"
         and g2.dtype in (torch.float32, torch.float64)
-        and not torch.compiler.is_compiling()
-        and all(type(t) is Tensor for t in (g2, x2, crow, col))  # not fake / functional tensors (tracing)
+        and eager(g2, x2, crow, col)
         and g2.shape[0] * nnz <= 128 * n * k
     )
     return _grad_values_sampled(g2, x2, crow, col) if sampled else _grad_values_dense(g2, x2, crow, col)
