@@ -30,7 +30,7 @@ CSV_FIELDS = (
 )  # fmt: skip
 ENV_FIELDS = (
     "device", "cpu", "isa", "cpu_flags", "cpu_count", "threads", "torch", "triton", "python", "gpu", "git_commit",
-    "peak_gflops", "copy_gbps", "loadavg_start", "loadavg_end",
+    "peak_gflops", "peak_engine", "mm_gflops", "conv1x1_gflops", "copy_gbps", "loadavg_start", "loadavg_end",
 )  # fmt: skip
 
 # the SIMD extensions that decide which kernels run (pyprune's C++ dispatch, oneDNN's and MKL's)
@@ -191,7 +191,10 @@ class Report:
             f"torch {e.get('torch')}, commit {e.get('git_commit')}"
         )
         if "peak_gflops" in e:
-            s += f"; measured peak {e['peak_gflops']:.1f} GFLOP/s matmul, {e['copy_gbps']:.1f} GB/s copy"
+            s += f"; measured peak {e['peak_gflops']:.1f} GFLOP/s matmul"
+            if e.get("conv1x1_gflops"):  # which dense engine set it, and the other one's rate
+                s += f" (torch.mm {e['mm_gflops']:.1f}, oneDNN 1x1 conv {e['conv1x1_gflops']:.1f})"
+            s += f", {e['copy_gbps']:.1f} GB/s copy"
         if e.get("loadavg_start"):
             s += f"; load average {e['loadavg_start'].split()[0]} at start"
         return s

@@ -1,6 +1,7 @@
 """The machine's roofline, measured once per run, and where a timed variant or layer sits under it.
 
-Two numbers bound every forward pass: the dense matmul rate (FLOP/s of a large fp32 ``torch.mm``) and the copy
+Two numbers bound every forward pass: the dense matmul rate (FLOP/s of a large fp32 GEMM, the faster of ``torch.mm``
+and, on the CPU, oneDNN's 1x1 convolution) and the copy
 bandwidth (bytes/s of copying a buffer larger than the last-level cache), both at the run's thread count. A
 variant doing ``F`` useful FLOPs and moving at least ``B`` bytes cannot finish before
 ``max(F / peak_flops, B / bandwidth)`` (the roofline floor); which term is larger says whether it is compute- or
@@ -13,6 +14,7 @@ from __future__ import annotations
 import statistics
 
 import torch
+import torch.nn.functional as F
 from torch.utils import benchmark
 
 
@@ -28,22 +30,36 @@ def measure_peak(
 ) -> dict:
     """Dense matmul rate and copy bandwidth of ``device`` at ``threads`` torch threads.
 
-    Returns ``{"peak_gflops", "copy_gbps", "matmul_n", "copy_mib"}``: ``peak_gflops`` = 2 n^3 / time of an
-    (n x n) @ (n x n) fp32 ``torch.mm``; ``copy_gbps`` = 2 * buffer bytes (read + write) / time of ``dst.copy_(src)``
-    over a ``copy_mib`` MiB fp32 buffer. Both take the best of ``repeats`` timings.
+    Returns ``{"peak_gflops", "peak_engine", "mm_gflops", "conv1x1_gflops", "copy_gbps", "matmul_n",
+    "copy_mib"}``. ``mm_gflops`` = 2 n^3 / time of an (n x n) @ (n x n) fp32 ``torch.mm``; on the CPU
+    ``conv1x1_gflops`` is the same GEMM as a channels_last 1x1 ``F.conv2d`` (n channels in and out over an
+    s x s map, s = round(sqrt(n))), which oneDNN runs, None elsewhere. ``peak_gflops`` is the faster of the two
+    (``peak_engine`` names it): the dense layers of a model run on both engines, and they need not be equally
+    fast (on an AMD Zen 5 VM with 2 threads torch.mm (MKL) reached 212 GFLOP/s, the conv 470). ``copy_gbps`` =
+    2 * buffer bytes (read + write) / time of ``dst.copy_(src)`` over a ``copy_mib`` MiB fp32 buffer. Every
+    figure takes the best of ``repeats`` timings.
     """
     if n < 1 or copy_mib < 1 or repeats < 1:
         raise ValueError(f"n, copy_mib and repeats must be >= 1, got {n}, {copy_mib}, {repeats}")
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=gen).to(device)
     b = torch.randn(n, n, generator=gen).to(device)
-    t_mm = _best_time(lambda: torch.mm(a, b), threads, repeats)
+    mm = 2 * n**3 / _best_time(lambda: torch.mm(a, b), threads, repeats) / 1e9
+    conv = None
+    if torch.device(device).type == "cpu":  # on CUDA a conv may run in TF32, which an fp32 GEMM peak must not
+        side = max(1, round(n**0.5))
+        x = torch.randn(1, n, side, side, generator=gen).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(n, n, 1, 1, generator=gen)
+        conv = 2 * n * n * side * side / _best_time(lambda: F.conv2d(x, w), threads, repeats) / 1e9
     numel = copy_mib * 2**20 // 4
     src = torch.ones(numel, device=device)
     dst = torch.empty_like(src)
     t_copy = _best_time(lambda: dst.copy_(src), threads, repeats)
     return {
-        "peak_gflops": 2 * n**3 / t_mm / 1e9,
+        "peak_gflops": max(mm, conv or 0.0),
+        "peak_engine": "conv1x1" if conv and conv > mm else "mm",
+        "mm_gflops": mm,
+        "conv1x1_gflops": conv,
         "copy_gbps": 2 * src.numel() * src.element_size() / t_copy / 1e9,
         "matmul_n": n,
         "copy_mib": copy_mib,

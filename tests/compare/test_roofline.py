@@ -59,6 +59,11 @@ def test_measure_peak_small():
     assert peak["peak_gflops"] > 0 and math.isfinite(peak["peak_gflops"])
     assert peak["copy_gbps"] > 0 and math.isfinite(peak["copy_gbps"])
     assert (peak["matmul_n"], peak["copy_mib"]) == (128, 4)
+    # the peak is the faster of the two dense engines, and says which one that was
+    assert peak["mm_gflops"] > 0 and peak["conv1x1_gflops"] > 0
+    assert peak["peak_gflops"] == max(peak["mm_gflops"], peak["conv1x1_gflops"])
+    engine = "conv1x1" if peak["conv1x1_gflops"] > peak["mm_gflops"] else "mm"
+    assert peak["peak_engine"] == engine
     with pytest.raises(ValueError, match="repeats"):
         measure_peak(1, repeats=0)
 
