@@ -51,13 +51,15 @@ def measure_peak(
         x = torch.randn(1, n, side, side, generator=gen).contiguous(memory_format=torch.channels_last)
         w = torch.randn(n, n, 1, 1, generator=gen)
         conv = 2 * n * n * side * side / _best_time(lambda: F.conv2d(x, w), threads, repeats) / 1e9
+    rates = {"mm": mm} if conv is None else {"mm": mm, "conv1x1": conv}
+    engine = max(rates, key=rates.get)
     numel = copy_mib * 2**20 // 4
     src = torch.ones(numel, device=device)
     dst = torch.empty_like(src)
     t_copy = _best_time(lambda: dst.copy_(src), threads, repeats)
     return {
-        "peak_gflops": max(mm, conv or 0.0),
-        "peak_engine": "conv1x1" if conv and conv > mm else "mm",
+        "peak_gflops": rates[engine],
+        "peak_engine": engine,
         "mm_gflops": mm,
         "conv1x1_gflops": conv,
         "copy_gbps": 2 * src.numel() * src.element_size() / t_copy / 1e9,
