@@ -9,7 +9,9 @@
 //   zero-bordered planes of the kept channels (stride-1 kxk; each thread stages the band of rows its own tiles
 //   read, inside the same parallel region), or from im2col tiles.
 // - Pixels as GEMM rows (channels_last, and small NCHW maps): 6-8 pixels x 16-64 output channels, each input
-//   value broadcast in place, the weight transposed once and cached (see transposed_weight).
+//   value broadcast in place, the weight transposed once and cached (see transposed_weight). With at most 32
+//   output channels a broadcast feeds too few FMAs; 3-wide stride-1 kernels then take row windows of 7-14
+//   pixels, where each broadcast serves the three taps that read it (cl_row_micro).
 // The epilogue adds the bias, applies the ReLU and writes each row to its output channel (out_index) in NCHW or
 // channels_last. Convs with one input channel per group (depthwise) take a direct stencil loop instead.
 #include <ATen/Parallel.h>
@@ -377,6 +379,7 @@ struct ClArgs {
   const float* wt;     // (G, KH * KW, Cig, Cog16): zero-padded past Cog
   const float* zeros;  // a row of zeros covering every channel index (null when no tap lies in the padding)
   int64_t Cog16, MR;
+  bool rows;  // row windows (cl_row_micro): MR divides OW
 };
 
 template <int MR, int NV>
@@ -415,19 +418,68 @@ PYPRUNE_INLINE void cl_micro_nv(int nv, const ConvArgs& a, const ClArgs& c, cons
   else cl_micro<MR, 1>(a, c, px, g, co0, stage);
 }
 
+// Row windows (KW = 3, stride and dilation 1 along the row, PW <= 1) for at most 32 output channels, where one
+// broadcast per FMA vector leaves the loads, not the FMAs, as the bound: a tile is MR consecutive pixels of one
+// output row, and each input value of its window (MR + 2 columns) is broadcast once for the three taps kw that
+// read it (3 * NV FMAs per broadcast). L / R: the window's first / last column lies in the padding (skipped).
+template <int MR, int NV, bool L, bool R>
+PYPRUNE_INLINE void cl_row_micro(const ConvArgs& a, const ClArgs& c, int64_t n, int64_t oh, int64_t ow0, int64_t g,
+                                 int64_t co0, float* stage) {
+  constexpr int KW = 3, J = MR + KW - 1;
+  vf16 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = vf16{};
+  const int64_t* idx = a.in_idx + g * a.Cig;
+  const int64_t tap_stride = a.Cig * c.Cog16, sW = a.sW;
+  for (int64_t kh = 0; kh < a.KH; ++kh) {
+    const int64_t ih = oh * a.SH - a.PH + kh * a.DH;
+    if (ih < 0 || ih >= a.H) continue;  // a row of padding adds nothing
+    const float* row = a.x + n * a.sN + ih * a.sH + (ow0 - a.PW + L) * sW;  // window column L
+    const float* w = c.wt + ((g * a.KH + kh) * KW * a.Cig) * c.Cog16 + co0;
+    for (int64_t ci = 0; ci < a.Cig; ++ci, w += c.Cog16) {
+      vf16 wv[KW][NV];
+      for (int kw = 0; kw < KW; ++kw)
+        for (int v = 0; v < NV; ++v) wv[kw][v] = load16(w + kw * tap_stride + v * kLanes);
+      const float* q = row + idx[ci] * a.sC;
+#pragma GCC unroll 32
+      for (int j = L; j < J - R; ++j, q += sW) {
+        const float xs = *q;
+#pragma GCC unroll 3
+        for (int kw = 0; kw < KW; ++kw) {
+          const int r = j - kw;
+          if (r >= 0 && r < MR)
+            for (int v = 0; v < NV; ++v) acc[r][v] += xs * wv[kw][v];
+        }
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) store16(stage + r * 64 + v * kLanes, acc[r][v]);
+}
+
+template <int MR, int NV>
+PYPRUNE_INLINE void cl_row_lr(bool l, bool r, const ConvArgs& a, const ClArgs& c, int64_t n, int64_t oh,
+                              int64_t ow0, int64_t g, int64_t co0, float* stage) {
+  if (l && r) cl_row_micro<MR, NV, true, true>(a, c, n, oh, ow0, g, co0, stage);
+  else if (l) cl_row_micro<MR, NV, true, false>(a, c, n, oh, ow0, g, co0, stage);
+  else if (r) cl_row_micro<MR, NV, false, true>(a, c, n, oh, ow0, g, co0, stage);
+  else cl_row_micro<MR, NV, false, false>(a, c, n, oh, ow0, g, co0, stage);
+}
+
 // Work item f = (group and block of NVmax * 16 output channels, tile of MR consecutive output pixels, which may
-// span images), block-major: a thread's range of items shares one weight block (K x 64 floats, 256 KB at
-// K = 1024), which then stays in L2 while the tiles' pixels stream past it. Items [f0, f1).
+// span images; with row windows, MR divides OW and a tile is part of one row), block-major: a thread's range of
+// items shares one weight block (K x 64 floats, 256 KB at K = 1024), which then stays in L2 while the tiles'
+// pixels stream past it. Items [f0, f1).
 PYPRUNE_INLINE void cl_units(const ConvArgs& a, const ClArgs& c, int64_t f0, int64_t f1) {
-  const int64_t taps = a.KH * a.KW, MR = c.MR, NVmax = MR == 6 ? 4 : 3;
+  const int64_t taps = a.KH * a.KW, MR = c.MR, NVmax = c.rows ? 2 : (MR == 6 ? 4 : 3);
   const int64_t bw = NVmax * kLanes, blocks_per_group = (a.Cog + bw - 1) / bw;
   const int64_t n_tiles = (a.N * a.P + MR - 1) / MR;
   std::vector<const float*> px(taps * MR);
   std::vector<int64_t> tap_off(taps);
   for (int64_t kh = 0; kh < a.KH; ++kh)
     for (int64_t kw = 0; kw < a.KW; ++kw) tap_off[kh * a.KW + kw] = kh * a.DH * a.sH + kw * a.DW * a.sW;
-  alignas(64) float stage[8 * 64];
-  int64_t pix_n[8], pix_p[8];
+  alignas(64) float stage[14 * 64];
+  int64_t pix_n[14], pix_p[14];
   for (int64_t f = f0; f < f1;) {
     const int64_t blk = f / n_tiles;
     const int64_t g = blk / blocks_per_group, co0 = (blk % blocks_per_group) * bw;
@@ -441,30 +493,40 @@ PYPRUNE_INLINE void cl_units(const ConvArgs& a, const ClArgs& c, int64_t f0, int
       const int64_t q0 = t * MR, cnt = std::min<int64_t>(MR, a.N * a.P - q0);
       // walk the tile's pixels without dividing per pixel; past cnt, repeat the last one (never stored)
       int64_t n = q0 / a.P, oh = (q0 % a.P) / a.OW, ow = (q0 % a.P) % a.OW;
-      for (int64_t r = 0; r < MR; ++r) {
-        if (r > 0 && r < cnt && ++ow == a.OW) {
-          ow = 0;
-          if (++oh == a.OH) oh = 0, ++n;
-        }
-        pix_n[r] = n;
-        pix_p[r] = oh * a.OW + ow;
-        const int64_t ih0 = oh * a.SH - a.PH, iw0 = ow * a.SW - a.PW;
-        if (ih0 >= 0 && ih0 + (a.KH - 1) * a.DH < a.H && iw0 >= 0 && iw0 + (a.KW - 1) * a.DW < a.W) {
-          const float* base = a.x + n * a.sN + ih0 * a.sH + iw0 * a.sW;  // every tap inside the input
-          for (int64_t tap = 0; tap < taps; ++tap) px[tap * MR + r] = base + tap_off[tap];
-          continue;
-        }
-        for (int64_t kh = 0; kh < a.KH; ++kh) {
-          const int64_t ih = ih0 + kh * a.DH;
-          for (int64_t kw = 0; kw < a.KW; ++kw) {
-            const int64_t iw = iw0 + kw * a.DW;
-            const bool in = ih >= 0 && ih < a.H && iw >= 0 && iw < a.W;
-            px[(kh * a.KW + kw) * MR + r] = in ? a.x + n * a.sN + ih * a.sH + iw * a.sW : c.zeros;
+      if (c.rows) {
+        for (int64_t r = 0; r < MR; ++r) pix_n[r] = n, pix_p[r] = oh * a.OW + ow + r;
+        const bool l = ow < a.PW, rp = ow - a.PW + MR + 2 > a.W;
+        if (MR == 14) cl_row_lr<14, 1>(l, rp, a, c, n, oh, ow, g, co0, stage);
+        else if (MR == 8 && nv == 1) cl_row_lr<8, 1>(l, rp, a, c, n, oh, ow, g, co0, stage);
+        else if (MR == 8) cl_row_lr<8, 2>(l, rp, a, c, n, oh, ow, g, co0, stage);
+        else if (nv == 1) cl_row_lr<7, 1>(l, rp, a, c, n, oh, ow, g, co0, stage);
+        else cl_row_lr<7, 2>(l, rp, a, c, n, oh, ow, g, co0, stage);
+      } else {
+        for (int64_t r = 0; r < MR; ++r) {
+          if (r > 0 && r < cnt && ++ow == a.OW) {
+            ow = 0;
+            if (++oh == a.OH) oh = 0, ++n;
+          }
+          pix_n[r] = n;
+          pix_p[r] = oh * a.OW + ow;
+          const int64_t ih0 = oh * a.SH - a.PH, iw0 = ow * a.SW - a.PW;
+          if (ih0 >= 0 && ih0 + (a.KH - 1) * a.DH < a.H && iw0 >= 0 && iw0 + (a.KW - 1) * a.DW < a.W) {
+            const float* base = a.x + n * a.sN + ih0 * a.sH + iw0 * a.sW;  // every tap inside the input
+            for (int64_t tap = 0; tap < taps; ++tap) px[tap * MR + r] = base + tap_off[tap];
+            continue;
+          }
+          for (int64_t kh = 0; kh < a.KH; ++kh) {
+            const int64_t ih = ih0 + kh * a.DH;
+            for (int64_t kw = 0; kw < a.KW; ++kw) {
+              const int64_t iw = iw0 + kw * a.DW;
+              const bool in = ih >= 0 && ih < a.H && iw >= 0 && iw < a.W;
+              px[(kh * a.KW + kw) * MR + r] = in ? a.x + n * a.sN + ih * a.sH + iw * a.sW : c.zeros;
+            }
           }
         }
+        if (MR == 6) cl_micro_nv<6>(nv, a, c, px.data(), g, co0, stage);
+        else cl_micro_nv<8>(nv, a, c, px.data(), g, co0, stage);
       }
-      if (MR == 6) cl_micro_nv<6>(nv, a, c, px.data(), g, co0, stage);
-      else cl_micro_nv<8>(nv, a, c, px.data(), g, co0, stage);
       for (int64_t r = 0; r < cnt; ++r) {
         float* d = a.y + pix_n[r] * a.oN + pix_p[r] * a.oP;
         const float* src = stage + r * 64;
@@ -719,14 +781,23 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
     // register tile: 4 channel vectors x 6 pixels, or up to 3 x 8 when that splits the channels evenly (96,
     // 144, ...) and for 16-48 channels (8 pixels: 12 spilled the pixel pointers)
     const int64_t vecs = cog16 / kLanes;
-    const int64_t mr = vecs >= 4 && (vecs % 4 == 0 || vecs % 3 != 0) ? 6 : 8;
-    ClArgs c{wt.data_ptr<float>(), zeros.defined() ? zeros.data_ptr<float>() : nullptr, cog16, mr};
+    int64_t mr = vecs >= 4 && (vecs % 4 == 0 || vecs % 3 != 0) ? 6 : 8;
+    // row windows: 14, 8 or 7 pixels (whichever first divides OW; 14 only for one channel vector)
+    bool rows = false;
+    if (kernel_isa() == Isa::kAvx512 && vecs <= 2 && KW == 3 && a.SW == 1 && a.DW == 1 && a.PW <= 1) {
+      for (int64_t m : {14, 8, 7}) {
+        if ((m == 14 && vecs > 1) || OW % m != 0) continue;
+        mr = m, rows = true;
+        break;
+      }
+    }
+    ClArgs c{wt.data_ptr<float>(), zeros.defined() ? zeros.data_ptr<float>() : nullptr, cog16, mr, rows};
     ClFn fn = cl_baseline;
 #if PYPRUNE_X86
     if (kernel_isa() == Isa::kAvx512) fn = cl_avx512;
     else if (kernel_isa() == Isa::kAvx2) fn = cl_avx2;
 #endif
-    const int64_t bw = (c.MR == 6 ? 4 : 3) * kLanes;
+    const int64_t bw = (rows ? 2 : (c.MR == 6 ? 4 : 3)) * kLanes;
     const int64_t tiles = (a.N * a.P + c.MR - 1) / c.MR, blocks = groups * ((a.Cog + bw - 1) / bw);
     // one equal share of the (block, tile) items per thread (chunks of whole units left one thread up to 10%
     // more tiles than the other at 2 threads: 17 units of 8 tiles for 131 tiles)

@@ -26,7 +26,8 @@ for layout, s in (("csr", 0.8), ("bsr", 0.6), ("2:4", 0.5)):
 from pyprune.reference import pruned_conv2d_ref
 for cin, cout, k, s, p, g, side, cl in ((12, 10, 3, 1, 1, 1, 20, False), (12, 10, 3, 2, 1, 1, 9, True),
                                         (16, 8, 1, 1, 0, 1, 7, False), (6, 6, 3, 1, 1, 3, 8, False),
-                                        (5, 5, 3, 1, 1, 5, 9, True)):
+                                        (5, 5, 3, 1, 1, 5, 9, True), (16, 12, 3, 1, 1, 1, 14, True),
+                                        (16, 24, 3, 1, 1, 1, 16, False)):  # the last two: row windows
     x = torch.randn(2, cin, side, side)
     if cl:
         x = x.contiguous(memory_format=torch.channels_last)

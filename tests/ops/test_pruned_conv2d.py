@@ -16,8 +16,11 @@ OP = torch.ops.pyprune.pruned_conv2d
 
 # (C_in, C_out, kernel, stride, padding, dilation, groups, side, batch): 1x1 and kxk, stride 2, dilation,
 # groups and depthwise, odd sizes; maps that take each path of the C++ kernel: channels_last and NCHW maps up to
-# 32x32 (pixels as rows), stride-1 kxk on wider maps (staged planes: 40, 36; see also the thread-count test), NCHW 1x1 (rows read in place),
-# the rest (im2col tiles: stride 2 at 70, a 7x7 kernel whose border columns would waste > 1/7)
+# 32x32 (pixels as rows), stride-1 kxk on wider maps (staged planes: 40, 36; see also the thread-count test),
+# NCHW 1x1 (rows read in place), the rest (im2col tiles: stride 2 at 70, a 7x7 kernel whose border columns
+# would waste > 1/7); pixels as rows with row windows (3-wide stride-1 kernels, <= 32 output channels, OW a
+# multiple of 14, 8 or 7): both borders in one 14-pixel tile (14), unpadded with groups (8), 8-pixel tiles of
+# one and two channel vectors (16), 14 and 7 (28)
 CASES = [
     (16, 32, 3, 1, 1, 1, 1, 9, 2),
     (7, 5, 1, 1, 0, 1, 1, 7, 1),
@@ -39,6 +42,10 @@ CASES = [
     (6, 8, 7, 1, 3, 1, 1, 33, 1),
     (12, 12, 3, 1, 2, 2, 3, 36, 1),
     (16, 24, 1, 1, 0, 1, 1, 10, 3),
+    (16, 24, 3, 1, 1, 1, 1, 14, 2),
+    (12, 30, 3, 1, 0, 1, 2, 10, 3),
+    (16, 32, 3, 1, 1, 1, 1, 16, 2),
+    (24, 32, 3, 1, 1, 1, 1, 28, 1),
 ]
 
 
@@ -90,8 +97,9 @@ def test_matches_reference(case, keep, channels_last):
 @pytest.mark.parametrize(
     "case, cl",
     [((10, 14, 3, 1, 1, 1, 1, 34, 1), False), ((12, 12, 3, 1, 2, 2, 3, 36, 3), False),
-     ((40, 72, 3, 1, 1, 1, 2, 13, 3), False), ((24, 40, 1, 1, 0, 1, 1, 9, 5), True)],
-    ids=["staged", "staged-groups", "pixel-rows", "pixel-rows-cl"],
+     ((40, 72, 3, 1, 1, 1, 2, 13, 3), False), ((24, 40, 1, 1, 0, 1, 1, 9, 5), True),
+     ((20, 48, 3, 1, 1, 1, 1, 14, 3), True)],
+    ids=["staged", "staged-groups", "pixel-rows", "pixel-rows-cl", "row-windows"],
 )  # fmt: skip
 def test_work_split_at_any_thread_count(case, cl, threads):
     # the staged path (stride-1 kxk on maps wider than 32): each thread stages the band of rows its tiles read,
