@@ -26,19 +26,19 @@ struct BsrArgs {
 // Block-outer order: the block's slice of xt (bw rows x tile) is read from L2 once and then from L1 by every
 // RB-row group; the accumulators make a round trip through the L1 buffer once per block (RB*NV loads and
 // stores per bw*RB*NV FMAs).
-template <int RB, int NV>
+template <class V, int RB, int NV>
 PYPRUNE_INLINE void block_rows(const BsrArgs& a, int64_t blk, int64_t i0, const float* xt, int64_t ld, float* out,
                                int64_t ldb) {
-  vf16 acc[RB][NV];
+  V acc[RB][NV];
   for (int i = 0; i < RB; ++i)
-    for (int t = 0; t < NV; ++t) acc[i][t] = load16(out + i * ldb + kLanes * t);
+    for (int t = 0; t < NV; ++t) acc[i][t] = load16<V>(out + i * ldb + kLanes * t);
   const int64_t c0 = static_cast<int64_t>(a.col[blk]) * a.bw;
   const int64_t jn = std::min(a.bw, a.K - c0);
   const float* w = a.val + blk * a.bh * a.bw + i0 * a.bw;
   const float* xp = xt + c0 * ld;
   for (int64_t j = 0; j < jn; ++j) {
-    vf16 xv[NV];
-    for (int t = 0; t < NV; ++t) xv[t] = load16(xp + j * ld + kLanes * t);
+    V xv[NV];
+    for (int t = 0; t < NV; ++t) xv[t] = load16<V>(xp + j * ld + kLanes * t);
     for (int i = 0; i < RB; ++i) {
       const float wi = w[i * a.bw + j];
       for (int t = 0; t < NV; ++t) acc[i][t] += wi * xv[t];
@@ -49,7 +49,7 @@ PYPRUNE_INLINE void block_rows(const BsrArgs& a, int64_t blk, int64_t i0, const 
 }
 
 // Units u in [u0, u1) of the (block-row part x token tile) grid; the ISA copy comes from the wrapper's target.
-template <int RB, int NV>
+template <class V, int RB, int NV>
 PYPRUNE_INLINE void tile_units(const BsrArgs& a, const float* xt, int64_t ld, const int64_t* bounds,
                                int64_t u0, int64_t u1, float* y) {
   constexpr int64_t tile = kLanes * NV;
@@ -64,23 +64,23 @@ PYPRUNE_INLINE void tile_units(const BsrArgs& a, const float* xt, int64_t ld, co
       std::fill(buf.begin(), buf.begin() + rows * tile, 0.f);
       for (int64_t blk = a.crow[br]; blk < a.crow[br + 1]; ++blk) {
         int64_t i = 0;
-        for (; i + RB <= rows; i += RB) block_rows<RB, NV>(a, blk, i, xtt, ld, buf.data() + i * tile, tile);
-        for (; i < rows; ++i) block_rows<1, NV>(a, blk, i, xtt, ld, buf.data() + i * tile, tile);
+        for (; i + RB <= rows; i += RB) block_rows<V, RB, NV>(a, blk, i, xtt, ld, buf.data() + i * tile, tile);
+        for (; i < rows; ++i) block_rows<V, 1, NV>(a, blk, i, xtt, ld, buf.data() + i * tile, tile);
       }
-      store_transposed(buf.data(), tile, rows, std::min(tile, a.M - m0), a.bias, y, a.N, br * a.bh, m0);
+      store_transposed<V>(buf.data(), tile, rows, std::min(tile, a.M - m0), a.bias, y, a.N, br * a.bh, m0);
     }
   }
 }
 
 // Few tokens: bound by the weight bytes, so each block is streamed once, contiguously (row by row inside it),
 // into per-row partial sums kept in an L1 buffer (acc: rows x MT vectors), reduced at the end of the block row.
-template <int MT>
-PYPRUNE_INLINE void gather_rows(const BsrArgs& a, const float* x, int64_t b0, int64_t b1, float* y, vf16* acc,
+template <class V, int MT>
+PYPRUNE_INLINE void gather_rows(const BsrArgs& a, const float* x, int64_t b0, int64_t b1, float* y, V* acc,
                                 float* tail) {
   for (int64_t br = b0; br < b1; ++br) {
     const int64_t rows = std::min(a.bh, a.N - br * a.bh);
     for (int64_t q = 0; q < rows * MT; ++q) {
-      acc[q] = vf16{};
+      acc[q] = V{};
       tail[q] = 0.f;
     }
     for (int64_t blk = a.crow[br]; blk < a.crow[br + 1]; ++blk) {
@@ -89,11 +89,11 @@ PYPRUNE_INLINE void gather_rows(const BsrArgs& a, const float* x, int64_t b0, in
       const float* w = a.val + blk * a.bh * a.bw;
       for (int64_t i = 0; i < rows; ++i) {
         const float* wr = w + i * a.bw;
-        vf16* ai = acc + i * MT;
+        V* ai = acc + i * MT;
         int64_t j = 0;
         for (; j + kLanes <= jn; j += kLanes) {
-          const vf16 wv = load16(wr + j);
-          for (int m = 0; m < MT; ++m) ai[m] += wv * load16(x + m * a.K + c0 + j);
+          const V wv = load16<V>(wr + j);
+          for (int m = 0; m < MT; ++m) ai[m] += wv * load16<V>(x + m * a.K + c0 + j);
         }
         for (; j < jn; ++j)
           for (int m = 0; m < MT; ++m) tail[i * MT + m] += wr[j] * x[m * a.K + c0 + j];
@@ -110,41 +110,40 @@ PYPRUNE_INLINE void gather_rows(const BsrArgs& a, const float* x, int64_t b0, in
   }
 }
 
-template <int MT>
+template <class V, int MT>
 PYPRUNE_INLINE void gather_units(const BsrArgs& a, const float* x, const int64_t* bounds, int64_t p0, int64_t p1,
                                  float* y) {
-  // float storage: a std::vector<vf16> would drop the typedef's aligned(4) and assume 64-byte alignment
-  std::vector<float> acc_buf(a.bh * MT * kLanes);
-  vf16* acc = reinterpret_cast<vf16*>(acc_buf.data());
+  std::vector<float> acc_buf(a.bh * MT * kLanes);  // float storage, viewed as vectors (alignment 4)
+  V* acc = reinterpret_cast<V*>(acc_buf.data());
   std::vector<float> tail(a.bh * MT);
   for (int64_t p = p0; p < p1; ++p)
     for (int64_t m0 = 0; m0 < a.M; m0 += MT) {
       if (a.M - m0 >= MT) {
-        gather_rows<MT>(a, x + m0 * a.K, bounds[p], bounds[p + 1], y + m0 * a.N, acc, tail.data());
+        gather_rows<V, MT>(a, x + m0 * a.K, bounds[p], bounds[p + 1], y + m0 * a.N, acc, tail.data());
       } else {
         for (int64_t m = m0; m < a.M; ++m)
-          gather_rows<1>(a, x + m * a.K, bounds[p], bounds[p + 1], y + m * a.N, acc, tail.data());
+          gather_rows<V, 1>(a, x + m * a.K, bounds[p], bounds[p + 1], y + m * a.N, acc, tail.data());
       }
     }
 }
 
 using UnitsFn = void (*)(const BsrArgs&, const float*, int64_t, const int64_t*, int64_t, int64_t, float*);
 
-#define PYPRUNE_BSR_ISA(SUFFIX, TARGET)                                                                    \
+#define PYPRUNE_BSR_ISA(SUFFIX, TARGET, V)                                                                 \
   template <int RB, int NV>                                                                               \
   TARGET void units_##SUFFIX(const BsrArgs& a, const float* xt, int64_t ld, const int64_t* b, int64_t u0,   \
                              int64_t u1, float* y) {                                                      \
-    tile_units<RB, NV>(a, xt, ld, b, u0, u1, y);                                                          \
+    tile_units<V, RB, NV>(a, xt, ld, b, u0, u1, y);                                                       \
   }                                                                                                       \
   TARGET void gather_##SUFFIX(const BsrArgs& a, const float* x, const int64_t* b, int64_t p0, int64_t p1,  \
                               float* y) {                                                                 \
-    gather_units<kGatherMaxTokens>(a, x, b, p0, p1, y);                                                   \
+    gather_units<V, kGatherMaxTokens>(a, x, b, p0, p1, y);                                                \
   }
 
-PYPRUNE_BSR_ISA(baseline, )
+PYPRUNE_BSR_ISA(baseline, , VecBaseline)
 #if PYPRUNE_X86
-PYPRUNE_BSR_ISA(avx2, PYPRUNE_TARGET_AVX2)
-PYPRUNE_BSR_ISA(avx512, PYPRUNE_TARGET_AVX512)
+PYPRUNE_BSR_ISA(avx2, PYPRUNE_TARGET_AVX2, VecAvx2)
+PYPRUNE_BSR_ISA(avx512, PYPRUNE_TARGET_AVX512, VecAvx512)
 #endif
 
 // Register tiles (RB rows x NV vectors of 16 tokens): AVX-512 4x4 = 16 zmm accumulators of 32; AVX2 4x1 = 8

@@ -58,32 +58,32 @@ struct ConvArgs {
 };
 
 // Two accumulator sets over alternate nonzeros: with 4 vectors, 8 independent FMA chains.
-template <int NV>
+template <class V, int NV>
 PYPRUNE_INLINE void row_tile(const int32_t* off, const float* val, int64_t nnz, const float* base,
-                             const float* init, vf16* out) {
-  vf16 a[NV], b[NV];
+                             const float* init, V* out) {
+  V a[NV], b[NV];
   for (int t = 0; t < NV; ++t) {
-    a[t] = init ? load16(init + kLanes * t) : vf16{};
-    b[t] = vf16{};
+    a[t] = init ? load16<V>(init + kLanes * t) : V{};
+    b[t] = V{};
   }
   int64_t j = 0;
   for (; j + 2 <= nnz; j += 2) {
     const float* p0 = base + off[j];
     const float* p1 = base + off[j + 1];
     const float w0 = val[j], w1 = val[j + 1];
-    for (int t = 0; t < NV; ++t) a[t] += w0 * load16(p0 + kLanes * t);
-    for (int t = 0; t < NV; ++t) b[t] += w1 * load16(p1 + kLanes * t);
+    for (int t = 0; t < NV; ++t) a[t] += w0 * load16<V>(p0 + kLanes * t);
+    for (int t = 0; t < NV; ++t) b[t] += w1 * load16<V>(p1 + kLanes * t);
   }
   if (j < nnz) {
     const float* p0 = base + off[j];
     const float w0 = val[j];
-    for (int t = 0; t < NV; ++t) a[t] += w0 * load16(p0 + kLanes * t);
+    for (int t = 0; t < NV; ++t) a[t] += w0 * load16<V>(p0 + kLanes * t);
   }
   for (int t = 0; t < NV; ++t) out[t] = a[t] + b[t];
 }
 
-template <int NV>
-PYPRUNE_INLINE void store_tile(const vf16* acc, const Tile& tl, float bias, int64_t Wq, int64_t OW, float* yc) {
+template <class V, int NV>
+PYPRUNE_INLINE void store_tile(const V* acc, const Tile& tl, float bias, int64_t Wq, int64_t OW, float* yc) {
   if (tl.dst >= 0) {
     float* d = yc + tl.dst;
     int t = 0;
@@ -105,6 +105,7 @@ PYPRUNE_INLINE void store_tile(const vf16* acc, const Tile& tl, float bias, int6
 
 // channels_last output: rows [o0, o0 + g) of one tile, buffered as buf[row][q - q0] (bias added), go out as
 // y[pixel][o0 .. o0 + g), a whole group through in-register 16x16 transposes, a partial one element-wise.
+template <class V>
 PYPRUNE_INLINE void store_group_cl(const float* buf, int64_t ldb, int64_t g, const Tile& tl, int64_t Wq,
                                    int64_t OW, int64_t O, int64_t o0, float* y_img) {
   auto pixel = [&](int64_t q) {  // output pixel of q, or -1 for a dropped column
@@ -115,8 +116,8 @@ PYPRUNE_INLINE void store_group_cl(const float* buf, int64_t ldb, int64_t g, con
   for (int64_t qb = 0; qb < tl.len; qb += kLanes) {
     const int64_t n = std::min<int64_t>(kLanes, tl.len - qb);
     if (g == kLanes) {
-      vf16 r[kLanes];
-      for (int i = 0; i < kLanes; ++i) r[i] = load16(buf + i * ldb + qb);
+      V r[kLanes];
+      for (int i = 0; i < kLanes; ++i) r[i] = load16<V>(buf + i * ldb + qb);
       transpose16(r);
       for (int64_t j = 0; j < n; ++j) {
         const int64_t p = pixel(tl.q0 + qb + j);
@@ -144,10 +145,10 @@ PYPRUNE_INLINE void prefetch_planes(const ConvArgs& a, const float* next, int64_
 // stays in L1 while the rows' nonzeros in it stream past (partial sums wait in `scratch` between chunks).
 // During the last chunk the next tile's input (if `next`) is prefetched a slice of planes per row, so that its
 // memory traffic overlaps this tile's arithmetic.
-template <int NV>
+template <class V, int NV>
 PYPRUNE_INLINE void rows_tile(const ConvArgs& a, const Tile& tl, const float* base, const float* next,
                               int64_t r0, int64_t r1, float* y_img, float* scratch) {
-  vf16 acc[NV];
+  V acc[NV];
   alignas(64) float group[kLanes * NV * kLanes];  // channels_last: the current 16 rows, bias added
   const int64_t rows = r1 - r0;
   for (int64_t k = 0; k < a.n_chunks; ++k) {
@@ -157,7 +158,7 @@ PYPRUNE_INLINE void rows_tile(const ConvArgs& a, const Tile& tl, const float* ba
     for (int64_t o = r0; o < r1; ++o) {
       float* sc = scratch + (o - r0) * a.scratch_stride;
       const int64_t s = lo[o];
-      row_tile<NV>(a.off + s, a.val + s, hi[o] - s, base, k ? sc : nullptr, acc);
+      row_tile<V, NV>(a.off + s, a.val + s, hi[o] - s, base, k ? sc : nullptr, acc);
       if (!last) {
         for (int t = 0; t < NV; ++t) store16(sc + kLanes * t, acc[t]);
         continue;
@@ -165,13 +166,13 @@ PYPRUNE_INLINE void rows_tile(const ConvArgs& a, const Tile& tl, const float* ba
       if (next) prefetch_planes(a, next, (o - r0) * a.planes / rows, (o - r0 + 1) * a.planes / rows);
       const float bias = a.bias ? a.bias[o] : 0.f;
       if (!a.cl_out) {
-        store_tile<NV>(acc, tl, bias, a.Wq, a.OW, y_img + o * a.OHW);
+        store_tile<V, NV>(acc, tl, bias, a.Wq, a.OW, y_img + o * a.OHW);
         continue;
       }
       const int64_t i = (o - r0) % kLanes;
       for (int t = 0; t < NV; ++t) store16(group + i * NV * kLanes + kLanes * t, acc[t] + bias);
       if (i == kLanes - 1 || o + 1 == r1)
-        store_group_cl(group, NV * kLanes, i + 1, tl, a.Wq, a.OW, a.O, o - i, y_img);
+        store_group_cl<V>(group, NV * kLanes, i + 1, tl, a.Wq, a.OW, a.O, o - i, y_img);
     }
   }
 }
@@ -186,6 +187,7 @@ PYPRUNE_INLINE void rows_tile(const ConvArgs& a, const Tile& tl, const float* ba
 // builds in alternating processes: 2.35-3.17 -> 1.81-2.37 ms; batch 1 and the 3x3 convs within 1-6%).
 constexpr int64_t kPrefetchBlocks = 3;
 
+template <class V>
 PYPRUNE_INLINE void stage_row_cl(const float* xr, int64_t C, int64_t v0, int64_t v1, int64_t col0, int64_t sw,
                                  float* dst, int64_t plane) {
   int64_t v = v0;
@@ -195,8 +197,8 @@ PYPRUNE_INLINE void stage_row_cl(const float* xr, int64_t C, int64_t v0, int64_t
       int64_t c = 0;
       for (; c + kLanes <= C; c += kLanes) {
         for (int i = 0; i < kLanes; ++i) __builtin_prefetch(src + (kPrefetchBlocks * kLanes + i) * C + c, 0, 2);
-        vf16 r[kLanes];
-        for (int i = 0; i < kLanes; ++i) r[i] = load16(src + i * C + c);
+        V r[kLanes];
+        for (int i = 0; i < kLanes; ++i) r[i] = load16<V>(src + i * C + c);
         transpose16(r);
         for (int j = 0; j < kLanes; ++j) store16(dst + (c + j) * plane + v, r[j]);
       }
@@ -212,7 +214,7 @@ PYPRUNE_INLINE void stage_row_cl(const float* xr, int64_t C, int64_t v0, int64_t
 
 // Units u in [u0, u1), ordered (image, tile, row part). NVMAX is the ISA's accumulator budget (2*NV vectors
 // live: 8 zmm on AVX-512 at 4, 8 ymm pairs on AVX2 at 2, 8 xmm quads on the baseline at 1).
-template <int NVMAX>
+template <class V, int NVMAX>
 PYPRUNE_INLINE void conv_units(const ConvArgs& a, int64_t u0, int64_t u1, float* scratch, float* tile_buf) {
   int64_t packed = -1;  // (image, tile) in tile_buf
   for (int64_t u = u0; u < u1; ++u) {
@@ -225,13 +227,13 @@ PYPRUNE_INLINE void conv_units(const ConvArgs& a, int64_t u0, int64_t u1, float*
       if (key != packed) {  // the row parts of one tile that fall in this range share its packing
         const int64_t end = round_up(tl.len, kLanes), full = tl.len / kLanes * kLanes;
         if (a.cl_out) {
-          stage_row_cl(a.x_raw + (n * a.OHW + tl.q0) * a.C, a.C, 0, tl.len, 0, 1, tile_buf, a.tile);
+          stage_row_cl<V>(a.x_raw + (n * a.OHW + tl.q0) * a.C, a.C, 0, tl.len, 0, 1, tile_buf, a.tile);
         } else {
           const float* src = a.x_raw + n * a.C * a.OHW + tl.q0;
           for (int64_t c = 0; c < a.C; ++c) {
             const float* s = src + c * a.OHW;
             float* d = tile_buf + c * a.tile;
-            for (int64_t i = 0; i < full; i += kLanes) store16(d + i, load16(s + i));
+            for (int64_t i = 0; i < full; i += kLanes) store16(d + i, load16<V>(s + i));
             for (int64_t i = full; i < tl.len; ++i) d[i] = s[i];
           }
         }
@@ -247,28 +249,28 @@ PYPRUNE_INLINE void conv_units(const ConvArgs& a, int64_t u0, int64_t u1, float*
     float* y_img = a.y + n * a.O * a.OHW;
     const int64_t r0 = a.rb[p], r1 = a.rb[p + 1];
     switch (std::min<int64_t>(NVMAX, (tl.len + kLanes - 1) / kLanes)) {
-      case 4: if constexpr (NVMAX >= 4) { rows_tile<4>(a, tl, base, next, r0, r1, y_img, scratch); break; }
+      case 4: if constexpr (NVMAX >= 4) { rows_tile<V, 4>(a, tl, base, next, r0, r1, y_img, scratch); break; }
       [[fallthrough]];
-      case 3: if constexpr (NVMAX >= 3) { rows_tile<3>(a, tl, base, next, r0, r1, y_img, scratch); break; }
+      case 3: if constexpr (NVMAX >= 3) { rows_tile<V, 3>(a, tl, base, next, r0, r1, y_img, scratch); break; }
       [[fallthrough]];
-      case 2: if constexpr (NVMAX >= 2) { rows_tile<2>(a, tl, base, next, r0, r1, y_img, scratch); break; }
+      case 2: if constexpr (NVMAX >= 2) { rows_tile<V, 2>(a, tl, base, next, r0, r1, y_img, scratch); break; }
       [[fallthrough]];
-      default: rows_tile<1>(a, tl, base, next, r0, r1, y_img, scratch);
+      default: rows_tile<V, 1>(a, tl, base, next, r0, r1, y_img, scratch);
     }
   }
 }
 
 using UnitsFn = void (*)(const ConvArgs&, int64_t, int64_t, float*, float*);
 
-#define PYPRUNE_CSR_CONV_UNITS(SUFFIX, TARGET, NVMAX)                                                      \
+#define PYPRUNE_CSR_CONV_UNITS(SUFFIX, TARGET, V, NVMAX)                                                     \
   TARGET void units_##SUFFIX(const ConvArgs& a, int64_t u0, int64_t u1, float* scratch, float* tile_buf) { \
-    conv_units<NVMAX>(a, u0, u1, scratch, tile_buf);                                                       \
+    conv_units<V, NVMAX>(a, u0, u1, scratch, tile_buf);                                                    \
   }
 
-PYPRUNE_CSR_CONV_UNITS(baseline, , 1)
+PYPRUNE_CSR_CONV_UNITS(baseline, , VecBaseline, 1)
 #if PYPRUNE_X86
-PYPRUNE_CSR_CONV_UNITS(avx2, PYPRUNE_TARGET_AVX2, 2)
-PYPRUNE_CSR_CONV_UNITS(avx512, PYPRUNE_TARGET_AVX512, 4)
+PYPRUNE_CSR_CONV_UNITS(avx2, PYPRUNE_TARGET_AVX2, VecAvx2, 2)
+PYPRUNE_CSR_CONV_UNITS(avx512, PYPRUNE_TARGET_AVX512, VecAvx512, 4)
 #endif
 
 int isa_vecs(Isa isa) { return isa == Isa::kAvx512 ? 4 : (isa == Isa::kAvx2 ? 2 : 1); }
@@ -284,16 +286,16 @@ UnitsFn pick_units(Isa isa) {
 
 using StageClFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
 
-#define PYPRUNE_STAGE_CL(SUFFIX, TARGET)                                                                    \
+#define PYPRUNE_STAGE_CL(SUFFIX, TARGET, V)                                                                \
   TARGET void stage_cl_##SUFFIX(const float* xr, int64_t C, int64_t v0, int64_t v1, int64_t col0, int64_t sw, \
                                 float* dst, int64_t plane) {                                                \
-    stage_row_cl(xr, C, v0, v1, col0, sw, dst, plane);                                                     \
+    stage_row_cl<V>(xr, C, v0, v1, col0, sw, dst, plane);                                                   \
   }
 
-PYPRUNE_STAGE_CL(baseline, )
+PYPRUNE_STAGE_CL(baseline, , VecBaseline)
 #if PYPRUNE_X86
-PYPRUNE_STAGE_CL(avx2, PYPRUNE_TARGET_AVX2)
-PYPRUNE_STAGE_CL(avx512, PYPRUNE_TARGET_AVX512)
+PYPRUNE_STAGE_CL(avx2, PYPRUNE_TARGET_AVX2, VecAvx2)
+PYPRUNE_STAGE_CL(avx512, PYPRUNE_TARGET_AVX512, VecAvx512)
 #endif
 
 StageClFn pick_stage_cl(Isa isa) {

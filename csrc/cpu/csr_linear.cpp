@@ -27,28 +27,28 @@ struct CsrArgs {
 
 // Two accumulator sets over alternate nonzeros: with 4 vectors that is 8 independent FMA chains, enough to
 // cover the FMA latency at one FMA per cycle.
-template <int NV>
+template <class V, int NV>
 PYPRUNE_INLINE void row_tile(const int32_t* col, const float* val, int64_t nnz, const float* xt, int64_t ld,
                              float* out) {
-  vf16 a[NV], b[NV];
-  for (int t = 0; t < NV; ++t) a[t] = b[t] = vf16{};
+  V a[NV], b[NV];
+  for (int t = 0; t < NV; ++t) a[t] = b[t] = V{};
   int64_t j = 0;
   for (; j + 2 <= nnz; j += 2) {
     const float* p0 = xt + static_cast<int64_t>(col[j]) * ld;
     const float* p1 = xt + static_cast<int64_t>(col[j + 1]) * ld;
     const float w0 = val[j], w1 = val[j + 1];
-    for (int t = 0; t < NV; ++t) a[t] += w0 * load16(p0 + kLanes * t);
-    for (int t = 0; t < NV; ++t) b[t] += w1 * load16(p1 + kLanes * t);
+    for (int t = 0; t < NV; ++t) a[t] += w0 * load16<V>(p0 + kLanes * t);
+    for (int t = 0; t < NV; ++t) b[t] += w1 * load16<V>(p1 + kLanes * t);
   }
   if (j < nnz) {
     const float* p0 = xt + static_cast<int64_t>(col[j]) * ld;
     const float w0 = val[j];
-    for (int t = 0; t < NV; ++t) a[t] += w0 * load16(p0 + kLanes * t);
+    for (int t = 0; t < NV; ++t) a[t] += w0 * load16<V>(p0 + kLanes * t);
   }
   for (int t = 0; t < NV; ++t) store16(out + kLanes * t, a[t] + b[t]);
 }
 
-template <int NV>
+template <class V, int NV>
 PYPRUNE_INLINE void rows_tile(const CsrArgs& a, const float* xt, int64_t ld, int64_t r0, int64_t r1,
                               int64_t m0, float* buf, float* y) {
   constexpr int64_t ldb = kLanes * NV;
@@ -56,15 +56,15 @@ PYPRUNE_INLINE void rows_tile(const CsrArgs& a, const float* xt, int64_t ld, int
     const int64_t ge = std::min(r1, g + kRowGroup);
     for (int64_t r = g; r < ge; ++r) {
       const int64_t s = a.crow[r];
-      row_tile<NV>(a.col + s, a.val + s, a.crow[r + 1] - s, xt, ld, buf + (r - g) * ldb);
+      row_tile<V, NV>(a.col + s, a.val + s, a.crow[r + 1] - s, xt, ld, buf + (r - g) * ldb);
     }
-    store_transposed(buf, ldb, ge - g, std::min<int64_t>(ldb, a.M - m0), a.bias, y, a.N, g, m0);
+    store_transposed<V>(buf, ldb, ge - g, std::min<int64_t>(ldb, a.M - m0), a.bias, y, a.N, g, m0);
   }
 }
 
 // Units u in [u0, u1) of the (row part x token tile) grid. Each ISA gets its own copy through the target
 // attribute of the wrapper below (a lambda would not inherit it, so parallel_for only calls the wrapper).
-template <int NV>
+template <class V, int NV>
 PYPRUNE_INLINE void tile_units(const CsrArgs& a, const float* xt, int64_t ld, const int64_t* rb, int64_t u0,
                                int64_t u1, float* y) {
   constexpr int64_t tile = kLanes * NV;
@@ -72,26 +72,26 @@ PYPRUNE_INLINE void tile_units(const CsrArgs& a, const float* xt, int64_t ld, co
   for (int64_t u = u0; u < u1; ++u) {
     int64_t p, t;
     a.order.decode(u, p, t);
-    rows_tile<NV>(a, xt + t * a.K * ld, ld, rb[p], rb[p + 1], t * tile, buf, y);
+    rows_tile<V, NV>(a, xt + t * a.K * ld, ld, rb[p], rb[p + 1], t * tile, buf, y);
   }
 }
 
 using UnitsFn = void (*)(const CsrArgs&, const float*, int64_t, const int64_t*, int64_t, int64_t, float*);
 
-#define PYPRUNE_CSR_UNITS(SUFFIX, TARGET)                                                                \
+#define PYPRUNE_CSR_UNITS(SUFFIX, TARGET, V)                                                              \
   template <int NV>                                                                                     \
   TARGET void units_##SUFFIX(const CsrArgs& a, const float* xt, int64_t ld, const int64_t* rb, int64_t u0, \
                              int64_t u1, float* y) {                                                    \
-    tile_units<NV>(a, xt, ld, rb, u0, u1, y);                                                           \
+    tile_units<V, NV>(a, xt, ld, rb, u0, u1, y);                                                        \
   }
 
-PYPRUNE_CSR_UNITS(baseline, )
+PYPRUNE_CSR_UNITS(baseline, , VecBaseline)
 #if PYPRUNE_X86
-PYPRUNE_CSR_UNITS(avx2, PYPRUNE_TARGET_AVX2)
-PYPRUNE_CSR_UNITS(avx512, PYPRUNE_TARGET_AVX512)
+PYPRUNE_CSR_UNITS(avx2, PYPRUNE_TARGET_AVX2, VecAvx2)
+PYPRUNE_CSR_UNITS(avx512, PYPRUNE_TARGET_AVX512, VecAvx512)
 #endif
 
-// Token-tile width in vectors of 16, capped by the ISA's accumulator budget (2*NV vf16 live: 8 zmm on
+// Token-tile width in vectors of 16, capped by the ISA's accumulator budget (2*NV vectors of 16 live: 8 zmm on
 // AVX-512 at NV=4, 8 ymm on AVX2 at NV=2 out of 16 registers, 8 xmm on the baseline at NV=1).
 UnitsFn pick_units(Isa isa, int nv) {
 #if PYPRUNE_X86

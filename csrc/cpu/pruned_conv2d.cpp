@@ -140,18 +140,18 @@ PYPRUNE_INLINE void pack_tile(const ConvArgs& a, int64_t g, const Segment* seg, 
 // planes, where one tile touches K rows at a large stride (too many streams for the hardware prefetcher); into L2,
 // not L1, so that the current tile's rows stay in L1 for the tile's other panels (A/B in one process, 2 threads:
 // 256->64 1x1 @56 batch 8 3-8% faster, the rest within 1%).
-template <int MR, int NV, bool PF>
+template <class V, int MR, int NV, bool PF>
 PYPRUNE_INLINE void micro(const float* w, int64_t ldw, const float* const* brow, int64_t K, const float* bias,
                           bool relu, float* stage) {
-  vf16 acc[MR][NV];
+  V acc[MR][NV];
   for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = vf16{} + (bias ? bias[r] : 0.f);
+    for (int v = 0; v < NV; ++v) acc[r][v] = V{} + (bias ? bias[r] : 0.f);
   const float* wr[MR];
   for (int r = 0; r < MR; ++r) wr[r] = w + r * ldw;
   for (int64_t k = 0; k < K; ++k) {
     const float* b = brow[k];
-    vf16 bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = load16(b + v * kLanes);
+    V bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = load16<V>(b + v * kLanes);
     if (PF)
       for (int v = 0; v < NV; ++v) __builtin_prefetch(b + kNR + v * kLanes, 0, 2);
     for (int r = 0; r < MR; ++r) {
@@ -161,24 +161,22 @@ PYPRUNE_INLINE void micro(const float* w, int64_t ldw, const float* const* brow,
   }
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) {
-      vf16 t = acc[r][v];
-      if (relu) t = t > 0.f ? t : vf16{};
-      store16(stage + r * kNR + v * kLanes, t);
+      store16(stage + r * kNR + v * kLanes, relu ? relu16(acc[r][v]) : acc[r][v]);
     }
 }
 
 // A full 6 x 64 tile is the hot case and gets the prefetching variant; partial tiles (the last rows of a group,
 // the last pixels of a map) do without, which keeps the instantiations (and the compile time) down.
-template <int NV>
+template <class V, int NV>
 PYPRUNE_INLINE void micro_rows(int mr, bool pf, const float* w, int64_t ldw, const float* const* brow, int64_t K,
                                const float* bias, bool relu, float* stage) {
   if (NV == 4 && mr == kMR && pf) {
-    micro<kMR, NV, true>(w, ldw, brow, K, bias, relu, stage);
+    micro<V, kMR, NV, true>(w, ldw, brow, K, bias, relu, stage);
     return;
   }
   switch (mr) {
 #define PYPRUNE_MR_CASE(R) \
-  case R: micro<R, NV, false>(w, ldw, brow, K, bias, relu, stage); break;
+  case R: micro<V, R, NV, false>(w, ldw, brow, K, bias, relu, stage); break;
     PYPRUNE_MR_CASE(1) PYPRUNE_MR_CASE(2) PYPRUNE_MR_CASE(3)
     PYPRUNE_MR_CASE(4) PYPRUNE_MR_CASE(5) PYPRUNE_MR_CASE(6)
 #undef PYPRUNE_MR_CASE
@@ -253,6 +251,7 @@ PYPRUNE_INLINE void stage_band(const ConvArgs& a, int64_t n, int64_t r0, int64_t
   }
 }
 
+template <class V>
 PYPRUNE_INLINE void gemm_units(const ConvArgs& a, int64_t u0, int64_t u1) {
   const bool direct_ok = a.KH == 1 && a.KW == 1 && a.SH == 1 && a.SW == 1 && a.PH == 0 && a.PW == 0 &&
                          a.sW == 1 && a.sH == a.W;
@@ -322,10 +321,10 @@ PYPRUNE_INLINE void gemm_units(const ConvArgs& a, int64_t u0, int64_t u1) {
       const float* w = a.w + row * a.Kg;
       const float* b = a.bias ? a.bias + row : nullptr;
       const bool pf = in_place && r == r_begin;  // the first panel of a tile fetches the next tile's rows
-      if (nv == 4) micro_rows<4>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, a.relu, stage);
-      else if (nv == 3) micro_rows<3>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, a.relu, stage);
-      else if (nv == 2) micro_rows<2>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, a.relu, stage);
-      else micro_rows<1>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, a.relu, stage);
+      if (nv == 4) micro_rows<V, 4>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, a.relu, stage);
+      else if (nv == 3) micro_rows<V, 3>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, a.relu, stage);
+      else if (nv == 2) micro_rows<V, 2>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, a.relu, stage);
+      else micro_rows<V, 1>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, a.relu, stage);
       store_rows(a, stage, mr, row, seg, ns);
     }
   }
@@ -382,12 +381,12 @@ struct ClArgs {
   bool rows;  // row windows (cl_row_micro): MR divides OW
 };
 
-template <int MR, int NV>
+template <class V, int MR, int NV>
 PYPRUNE_INLINE void cl_micro(const ConvArgs& a, const ClArgs& c, const float* const* px, int64_t g, int64_t co0,
                              float* stage) {
-  vf16 acc[MR][NV];
+  V acc[MR][NV];
   for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = vf16{};
+    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
   const int64_t* idx = a.in_idx + g * a.Cig;
   const int64_t taps = a.KH * a.KW;
   for (int64_t t = 0; t < taps; ++t) {
@@ -397,8 +396,8 @@ PYPRUNE_INLINE void cl_micro(const ConvArgs& a, const ClArgs& c, const float* co
     const float* w = c.wt + ((g * taps + t) * a.Cig) * c.Cog16 + co0;
     for (int64_t ci = 0; ci < a.Cig; ++ci, w += c.Cog16) {
       const int64_t off = idx[ci] * a.sC;
-      vf16 wv[NV];
-      for (int v = 0; v < NV; ++v) wv[v] = load16(w + v * kLanes);
+      V wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = load16<V>(w + v * kLanes);
       for (int r = 0; r < MR; ++r) {
         const float xs = p[r][off];
         for (int v = 0; v < NV; ++v) acc[r][v] += xs * wv[v];
@@ -409,26 +408,26 @@ PYPRUNE_INLINE void cl_micro(const ConvArgs& a, const ClArgs& c, const float* co
     for (int v = 0; v < NV; ++v) store16(stage + r * 64 + v * kLanes, acc[r][v]);
 }
 
-template <int MR>
+template <class V, int MR>
 PYPRUNE_INLINE void cl_micro_nv(int nv, const ConvArgs& a, const ClArgs& c, const float* const* px, int64_t g,
                                 int64_t co0, float* stage) {
-  if (nv >= 4) cl_micro<MR, (MR <= 6 ? 4 : 1)>(a, c, px, g, co0, stage);
-  else if (nv == 3) cl_micro<MR, (MR <= 8 ? 3 : 1)>(a, c, px, g, co0, stage);
-  else if (nv == 2) cl_micro<MR, 2>(a, c, px, g, co0, stage);
-  else cl_micro<MR, 1>(a, c, px, g, co0, stage);
+  if (nv >= 4) cl_micro<V, MR, (MR <= 6 ? 4 : 1)>(a, c, px, g, co0, stage);
+  else if (nv == 3) cl_micro<V, MR, (MR <= 8 ? 3 : 1)>(a, c, px, g, co0, stage);
+  else if (nv == 2) cl_micro<V, MR, 2>(a, c, px, g, co0, stage);
+  else cl_micro<V, MR, 1>(a, c, px, g, co0, stage);
 }
 
 // Row windows (KW = 3, stride and dilation 1 along the row, PW <= 1) for at most 32 output channels, where one
 // broadcast per FMA vector leaves the loads, not the FMAs, as the bound: a tile is MR consecutive pixels of one
 // output row, and each input value of its window (MR + 2 columns) is broadcast once for the three taps kw that
 // read it (3 * NV FMAs per broadcast). L / R: the window's first / last column lies in the padding (skipped).
-template <int MR, int NV, bool L, bool R>
+template <class V, int MR, int NV, bool L, bool R>
 PYPRUNE_INLINE void cl_row_micro(const ConvArgs& a, const ClArgs& c, int64_t n, int64_t oh, int64_t ow0, int64_t g,
                                  int64_t co0, float* stage) {
   constexpr int KW = 3, J = MR + KW - 1;
-  vf16 acc[MR][NV];
+  V acc[MR][NV];
   for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = vf16{};
+    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
   const int64_t* idx = a.in_idx + g * a.Cig;
   const int64_t tap_stride = a.Cig * c.Cog16, sW = a.sW;
   for (int64_t kh = 0; kh < a.KH; ++kh) {
@@ -437,9 +436,9 @@ PYPRUNE_INLINE void cl_row_micro(const ConvArgs& a, const ClArgs& c, int64_t n, 
     const float* row = a.x + n * a.sN + ih * a.sH + (ow0 - a.PW + L) * sW;  // window column L
     const float* w = c.wt + ((g * a.KH + kh) * KW * a.Cig) * c.Cog16 + co0;
     for (int64_t ci = 0; ci < a.Cig; ++ci, w += c.Cog16) {
-      vf16 wv[KW][NV];
+      V wv[KW][NV];
       for (int kw = 0; kw < KW; ++kw)
-        for (int v = 0; v < NV; ++v) wv[kw][v] = load16(w + kw * tap_stride + v * kLanes);
+        for (int v = 0; v < NV; ++v) wv[kw][v] = load16<V>(w + kw * tap_stride + v * kLanes);
       const float* q = row + idx[ci] * a.sC;
 #pragma GCC unroll 32
       for (int j = L; j < J - R; ++j, q += sW) {
@@ -457,19 +456,36 @@ PYPRUNE_INLINE void cl_row_micro(const ConvArgs& a, const ClArgs& c, int64_t n, 
     for (int v = 0; v < NV; ++v) store16(stage + r * 64 + v * kLanes, acc[r][v]);
 }
 
-template <int MR, int NV>
+template <class V, int MR, int NV>
 PYPRUNE_INLINE void cl_row_lr(bool l, bool r, const ConvArgs& a, const ClArgs& c, int64_t n, int64_t oh,
                               int64_t ow0, int64_t g, int64_t co0, float* stage) {
-  if (l && r) cl_row_micro<MR, NV, true, true>(a, c, n, oh, ow0, g, co0, stage);
-  else if (l) cl_row_micro<MR, NV, true, false>(a, c, n, oh, ow0, g, co0, stage);
-  else if (r) cl_row_micro<MR, NV, false, true>(a, c, n, oh, ow0, g, co0, stage);
-  else cl_row_micro<MR, NV, false, false>(a, c, n, oh, ow0, g, co0, stage);
+  if (l && r) cl_row_micro<V, MR, NV, true, true>(a, c, n, oh, ow0, g, co0, stage);
+  else if (l) cl_row_micro<V, MR, NV, true, false>(a, c, n, oh, ow0, g, co0, stage);
+  else if (r) cl_row_micro<V, MR, NV, false, true>(a, c, n, oh, ow0, g, co0, stage);
+  else cl_row_micro<V, MR, NV, false, false>(a, c, n, oh, ow0, g, co0, stage);
+}
+
+// One row-window tile of MR (14, 8 or 7) pixels and nv (1 or 2) channel vectors. Instantiated for AVX-512
+// only, the one ISA the host enables them on: 14 accumulators plus 3 weight vectors exceed AVX2's 16
+// registers once each vector takes two.
+template <class V>
+PYPRUNE_INLINE void cl_row_tile(int64_t mr, int nv, const ConvArgs& a, const ClArgs& c, int64_t n, int64_t oh,
+                                int64_t ow0, int64_t g, int64_t co0, float* stage) {
+  if constexpr (V::kParts == 1) {
+    const bool l = ow0 < a.PW, r = ow0 - a.PW + mr + 2 > a.W;
+    if (mr == 14) cl_row_lr<V, 14, 1>(l, r, a, c, n, oh, ow0, g, co0, stage);
+    else if (mr == 8 && nv == 1) cl_row_lr<V, 8, 1>(l, r, a, c, n, oh, ow0, g, co0, stage);
+    else if (mr == 8) cl_row_lr<V, 8, 2>(l, r, a, c, n, oh, ow0, g, co0, stage);
+    else if (nv == 1) cl_row_lr<V, 7, 1>(l, r, a, c, n, oh, ow0, g, co0, stage);
+    else cl_row_lr<V, 7, 2>(l, r, a, c, n, oh, ow0, g, co0, stage);
+  }
 }
 
 // Work item f = (group and block of NVmax * 16 output channels, tile of MR consecutive output pixels, which may
 // span images; with row windows, MR divides OW and a tile is part of one row), block-major: a thread's range of
 // items shares one weight block (K x 64 floats, 256 KB at K = 1024), which then stays in L2 while the tiles'
 // pixels stream past it. Items [f0, f1).
+template <class V>
 PYPRUNE_INLINE void cl_units(const ConvArgs& a, const ClArgs& c, int64_t f0, int64_t f1) {
   const int64_t taps = a.KH * a.KW, MR = c.MR, NVmax = c.rows ? 2 : (MR == 6 ? 4 : 3);
   const int64_t bw = NVmax * kLanes, blocks_per_group = (a.Cog + bw - 1) / bw;
@@ -495,12 +511,7 @@ PYPRUNE_INLINE void cl_units(const ConvArgs& a, const ClArgs& c, int64_t f0, int
       int64_t n = q0 / a.P, oh = (q0 % a.P) / a.OW, ow = (q0 % a.P) % a.OW;
       if (c.rows) {
         for (int64_t r = 0; r < MR; ++r) pix_n[r] = n, pix_p[r] = oh * a.OW + ow + r;
-        const bool l = ow < a.PW, rp = ow - a.PW + MR + 2 > a.W;
-        if (MR == 14) cl_row_lr<14, 1>(l, rp, a, c, n, oh, ow, g, co0, stage);
-        else if (MR == 8 && nv == 1) cl_row_lr<8, 1>(l, rp, a, c, n, oh, ow, g, co0, stage);
-        else if (MR == 8) cl_row_lr<8, 2>(l, rp, a, c, n, oh, ow, g, co0, stage);
-        else if (nv == 1) cl_row_lr<7, 1>(l, rp, a, c, n, oh, ow, g, co0, stage);
-        else cl_row_lr<7, 2>(l, rp, a, c, n, oh, ow, g, co0, stage);
+        cl_row_tile<V>(MR, nv, a, c, n, oh, ow, g, co0, stage);
       } else {
         for (int64_t r = 0; r < MR; ++r) {
           if (r > 0 && r < cnt && ++ow == a.OW) {
@@ -524,8 +535,8 @@ PYPRUNE_INLINE void cl_units(const ConvArgs& a, const ClArgs& c, int64_t f0, int
             }
           }
         }
-        if (MR == 6) cl_micro_nv<6>(nv, a, c, px.data(), g, co0, stage);
-        else cl_micro_nv<8>(nv, a, c, px.data(), g, co0, stage);
+        if (MR == 6) cl_micro_nv<V, 6>(nv, a, c, px.data(), g, co0, stage);
+        else cl_micro_nv<V, 8>(nv, a, c, px.data(), g, co0, stage);
       }
       for (int64_t r = 0; r < cnt; ++r) {
         float* d = a.y + pix_n[r] * a.oN + pix_p[r] * a.oP;
@@ -556,21 +567,14 @@ PYPRUNE_INLINE void cl_units(const ConvArgs& a, const ClArgs& c, int64_t f0, int
 using UnitFn = void (*)(const ConvArgs&, int64_t, int64_t);
 using ClFn = void (*)(const ConvArgs&, const ClArgs&, int64_t, int64_t);
 
-#define PYPRUNE_CONV_ISA(SUFFIX, TARGET)                                                                 \
-  TARGET void gemm_##SUFFIX(const ConvArgs& a, int64_t u0, int64_t u1) { gemm_units(a, u0, u1); }        \
-  TARGET void depthwise_##SUFFIX(const ConvArgs& a, int64_t u0, int64_t u1) { depthwise_units(a, u0, u1); }
-PYPRUNE_CONV_ISA(baseline, )
-#define PYPRUNE_CL_ISA(SUFFIX, TARGET) \
-  TARGET void cl_##SUFFIX(const ConvArgs& a, const ClArgs& c, int64_t u0, int64_t u1) { cl_units(a, c, u0, u1); }
-PYPRUNE_CL_ISA(baseline, )
+#define PYPRUNE_CONV_ISA(SUFFIX, TARGET, V)                                                                   \
+  TARGET void gemm_##SUFFIX(const ConvArgs& a, int64_t u0, int64_t u1) { gemm_units<V>(a, u0, u1); }          \
+  TARGET void depthwise_##SUFFIX(const ConvArgs& a, int64_t u0, int64_t u1) { depthwise_units(a, u0, u1); }   \
+  TARGET void cl_##SUFFIX(const ConvArgs& a, const ClArgs& c, int64_t u0, int64_t u1) { cl_units<V>(a, c, u0, u1); }
+PYPRUNE_CONV_ISA(baseline, , VecBaseline)
 #if PYPRUNE_X86
-PYPRUNE_CL_ISA(avx2, PYPRUNE_TARGET_AVX2)
-PYPRUNE_CL_ISA(avx512, PYPRUNE_TARGET_AVX512)
-#endif
-
-#if PYPRUNE_X86
-PYPRUNE_CONV_ISA(avx2, PYPRUNE_TARGET_AVX2)
-PYPRUNE_CONV_ISA(avx512, PYPRUNE_TARGET_AVX512)
+PYPRUNE_CONV_ISA(avx2, PYPRUNE_TARGET_AVX2, VecAvx2)
+PYPRUNE_CONV_ISA(avx512, PYPRUNE_TARGET_AVX512, VecAvx512)
 #endif
 
 void check_index(const std::optional<at::Tensor>& idx, const char* name, int64_t bound, const char* bound_name) {
@@ -782,7 +786,8 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
     // 144, ...) and for 16-48 channels (8 pixels: 12 spilled the pixel pointers)
     const int64_t vecs = cog16 / kLanes;
     int64_t mr = vecs >= 4 && (vecs % 4 == 0 || vecs % 3 != 0) ? 6 : 8;
-    // row windows: 14, 8 or 7 pixels (whichever first divides OW; 14 only for one channel vector)
+    // row windows (AVX-512, see cl_row_tile): 14, 8 or 7 pixels (whichever first divides OW; 14 only for one
+    // channel vector)
     bool rows = false;
     if (kernel_isa() == Isa::kAvx512 && vecs <= 2 && KW == 3 && a.SW == 1 && a.DW == 1 && a.PW <= 1) {
       for (int64_t m : {14, 8, 7}) {

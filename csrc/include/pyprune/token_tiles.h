@@ -7,45 +7,105 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "pyprune/cpu_features.h"
 
 namespace pyprune {
 
-// 16 floats: one zmm on AVX-512, two ymm on AVX2, four xmm on the baseline. The same source serves all three:
-// the caller's target attribute decides how GCC lowers it. aligned(4) makes plain dereference an unaligned load.
-// Broadcasts are written as `scalar * vector`: GCC then fuses them into the FMA as an embedded {1to16} memory
-// operand, while a splat helper function gets lowered lane by lane (16 masked broadcasts) before inlining.
-typedef float vf16 __attribute__((vector_size(64), aligned(4)));
+// 16 floats as P native vectors: one zmm on AVX-512 (P = 1), two ymm on AVX2 (2), four xmm on the baseline (4).
+// Kernels are templates over the vector type and each ISA's entry point instantiates its own: a single 64-byte
+// generic vector would serve all three only on AVX-512, since GCC keeps a generic vector wider than the
+// target's registers in memory and routes every operation through the stack (AVX2 kernels measured 25x slower
+// than AVX-512 on the same CPU, and slower than the portable baseline). aligned(4) makes plain dereference an
+// unaligned load. Broadcasts are written as `scalar * vector`: GCC then fuses them into the FMA as an embedded
+// {1to16} memory operand, while a splat helper function gets lowered lane by lane before inlining.
+template <int P>
+struct Vec16 {
+  static constexpr int kParts = P, kWidth = 16 / P;
+  typedef float H __attribute__((vector_size(64 / P), aligned(4)));
+  typedef int32_t HI __attribute__((vector_size(64 / P)));
+  H h[P];
+  PYPRUNE_INLINE float operator[](int i) const { return h[i / kWidth][i % kWidth]; }
+  PYPRUNE_INLINE Vec16& operator+=(const Vec16& b) {
+    for (int p = 0; p < P; ++p) h[p] += b.h[p];
+    return *this;
+  }
+};
+template <int P>
+PYPRUNE_INLINE Vec16<P> operator+(Vec16<P> a, const Vec16<P>& b) {
+  return a += b;
+}
+template <int P>
+PYPRUNE_INLINE Vec16<P> operator+(Vec16<P> a, float s) {
+  for (int p = 0; p < P; ++p) a.h[p] += s;
+  return a;
+}
+template <int P>
+PYPRUNE_INLINE Vec16<P> operator*(float s, Vec16<P> a) {
+  for (int p = 0; p < P; ++p) a.h[p] = s * a.h[p];
+  return a;
+}
+template <int P>
+PYPRUNE_INLINE Vec16<P> operator*(Vec16<P> a, const Vec16<P>& b) {
+  for (int p = 0; p < P; ++p) a.h[p] *= b.h[p];
+  return a;
+}
+template <int P>
+PYPRUNE_INLINE Vec16<P> relu16(Vec16<P> a) {
+  for (int p = 0; p < P; ++p) a.h[p] = a.h[p] > 0.f ? a.h[p] : typename Vec16<P>::H{};
+  return a;
+}
+
+using VecAvx512 = Vec16<1>;
+using VecAvx2 = Vec16<2>;
+using VecBaseline = Vec16<4>;
 constexpr int kLanes = 16;
 constexpr int kMaxTileVecs = 4;  // up to 64 tokens per tile
 
-PYPRUNE_INLINE vf16 load16(const float* p) { return *reinterpret_cast<const vf16*>(p); }
-PYPRUNE_INLINE void store16(float* p, vf16 v) { *reinterpret_cast<vf16*>(p) = v; }
+template <class V>
+PYPRUNE_INLINE V load16(const float* p) {
+  V v;
+  for (int q = 0; q < V::kParts; ++q) v.h[q] = *reinterpret_cast<const typename V::H*>(p + V::kWidth * q);
+  return v;
+}
+template <int P>
+PYPRUNE_INLINE void store16(float* p, const Vec16<P>& v) {
+  for (int q = 0; q < P; ++q) *reinterpret_cast<typename Vec16<P>::H*>(p + Vec16<P>::kWidth * q) = v.h[q];
+}
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
-typedef int32_t vi16 __attribute__((vector_size(64)));
-
 // In-register 16x16 transpose by four block-swap stages (B = 8, 4, 2, 1): rows i and i+B exchange their
-// off-diagonal BxB blocks. Written with __builtin_shuffle so the caller's ISA picks the instructions
-// (vpermt2ps on AVX-512); the masks are compile-time constants once the loops unroll.
-template <int B>
-PYPRUNE_INLINE void swap_stage(vf16* r) {
-  vi16 keep, take;
-  for (int l = 0; l < kLanes; ++l) {
-    keep[l] = (l & B) ? kLanes + l - B : l;  // row i: own low block, then row i+B's low block
-    take[l] = (l & B) ? kLanes + l : l + B;  // row i+B: row i's high block, then its own high block
-  }
+// off-diagonal BxB blocks. A block at least as wide as a part swaps whole parts; a narrower one goes through
+// __builtin_shuffle within each part, so the caller's ISA picks the instructions (vpermt2ps on AVX-512); the
+// masks are compile-time constants once the loops unroll.
+template <int B, int P>
+PYPRUNE_INLINE void swap_stage(Vec16<P>* r) {
+  using V = Vec16<P>;
+  constexpr int W = V::kWidth;
   for (int i = 0; i < kLanes; ++i) {
     if (i & B) continue;
-    const vf16 lo = r[i], hi = r[i + B];
-    r[i] = __builtin_shuffle(lo, hi, keep);
-    r[i + B] = __builtin_shuffle(lo, hi, take);
+    if constexpr (B >= W) {  // row i's high-block parts trade places with row i+B's low-block parts
+      for (int p = 0; p < P; ++p)
+        if ((p * W) & B) std::swap(r[i].h[p], r[i + B].h[p - B / W]);
+    } else {
+      typename V::HI keep, take;
+      for (int l = 0; l < W; ++l) {
+        keep[l] = (l & B) ? W + l - B : l;  // row i: own low block, then row i+B's low block
+        take[l] = (l & B) ? W + l : l + B;  // row i+B: row i's high block, then its own high block
+      }
+      for (int p = 0; p < P; ++p) {
+        const typename V::H lo = r[i].h[p], hi = r[i + B].h[p];
+        r[i].h[p] = __builtin_shuffle(lo, hi, keep);
+        r[i + B].h[p] = __builtin_shuffle(lo, hi, take);
+      }
+    }
   }
 }
 
-PYPRUNE_INLINE void transpose16(vf16* r) {
+template <int P>
+PYPRUNE_INLINE void transpose16(Vec16<P>* r) {
   swap_stage<8>(r);
   swap_stage<4>(r);
   swap_stage<2>(r);
@@ -56,6 +116,7 @@ PYPRUNE_INLINE void transpose16(vf16* r) {
 // padding tokens past M (computed, never stored). One token tile's slice (K x tile) is contiguous, so a kernel
 // jumping between columns stays within a few pages (a K x M layout puts every column of a tile on its own page
 // once M is large: TLB misses cost 10x at M = 2048). Whole 16x16 blocks go through transpose16.
+template <class V>
 PYPRUNE_INLINE void pack_token_minor_range(const float* x, int64_t M, int64_t K, float* xt, int64_t tile,
                                            int64_t k0, int64_t k1) {
   const int64_t m_end = round_up(M, tile);
@@ -64,8 +125,8 @@ PYPRUNE_INLINE void pack_token_minor_range(const float* x, int64_t M, int64_t K,
     for (int64_t m0 = 0; m0 < m_end; m0 += kLanes) {
       float* dst = xt + (m0 / tile) * K * tile + m0 % tile;  // + k * tile + j
       if (ke - kb == kLanes && m0 + kLanes <= M) {
-        vf16 r[kLanes];
-        for (int i = 0; i < kLanes; ++i) r[i] = load16(x + (m0 + i) * K + kb);
+        V r[kLanes];
+        for (int i = 0; i < kLanes; ++i) r[i] = load16<V>(x + (m0 + i) * K + kb);
         transpose16(r);
         for (int j = 0; j < kLanes; ++j) store16(dst + (kb + j) * tile, r[j]);
       } else {
@@ -77,16 +138,17 @@ PYPRUNE_INLINE void pack_token_minor_range(const float* x, int64_t M, int64_t K,
 }
 
 // y[(m0 + m) * N + r0 + r] = buf[r * ldb + m] (+ bias[r0 + r]) for r < rows, m < toks.
+template <class V>
 PYPRUNE_INLINE void store_transposed(const float* buf, int64_t ldb, int64_t rows, int64_t toks, const float* bias,
                                      float* y, int64_t N, int64_t r0, int64_t m0) {
   for (int64_t rb = 0; rb < rows; rb += kLanes) {
     const int64_t re = std::min<int64_t>(rows, rb + kLanes);
     int64_t mb = 0;
     if (re - rb == kLanes) {
-      const vf16 b = bias ? load16(bias + r0 + rb) : vf16{};
+      const V b = bias ? load16<V>(bias + r0 + rb) : V{};
       for (; mb + kLanes <= toks; mb += kLanes) {
-        vf16 r[kLanes];
-        for (int i = 0; i < kLanes; ++i) r[i] = load16(buf + (rb + i) * ldb + mb);
+        V r[kLanes];
+        for (int i = 0; i < kLanes; ++i) r[i] = load16<V>(buf + (rb + i) * ldb + mb);
         transpose16(r);
         for (int j = 0; j < kLanes; ++j) store16(y + (m0 + mb + j) * N + r0 + rb, r[j] + b);
       }
@@ -100,15 +162,15 @@ PYPRUNE_INLINE void store_transposed(const float* buf, int64_t ldb, int64_t rows
 
 using PackFn = void (*)(const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
 
-#define PYPRUNE_PACK_ISA(SUFFIX, TARGET)                                                                      \
+#define PYPRUNE_PACK_ISA(SUFFIX, TARGET, V)                                                                   \
   TARGET inline void pack_##SUFFIX(const float* x, int64_t M, int64_t K, float* xt, int64_t tile, int64_t k0, \
                                    int64_t k1) {                                                             \
-    pack_token_minor_range(x, M, K, xt, tile, k0, k1);                                                       \
+    pack_token_minor_range<V>(x, M, K, xt, tile, k0, k1);                                                    \
   }
-PYPRUNE_PACK_ISA(baseline, )
+PYPRUNE_PACK_ISA(baseline, , VecBaseline)
 #if PYPRUNE_X86
-PYPRUNE_PACK_ISA(avx2, PYPRUNE_TARGET_AVX2)
-PYPRUNE_PACK_ISA(avx512, PYPRUNE_TARGET_AVX512)
+PYPRUNE_PACK_ISA(avx2, PYPRUNE_TARGET_AVX2, VecAvx2)
+PYPRUNE_PACK_ISA(avx512, PYPRUNE_TARGET_AVX512, VecAvx512)
 #endif
 
 // Packs x (M x K) into xt (ceil(M / tile) x K x tile), parallel over feature blocks, with the widest ISA.
