@@ -142,14 +142,14 @@ PYPRUNE_INLINE void pack_tile(const ConvArgs& a, int64_t g, const Segment* seg, 
 // 256->64 1x1 @56 batch 8 3-8% faster, the rest within 1%).
 template <class V, int MR, int NV, bool PF>
 PYPRUNE_INLINE void micro(const float* w, int64_t ldw, const float* const* brow, int64_t K, const float* bias,
-                          bool relu, float* stage) {
+                          bool relu, float* stage, int64_t c0) {
   V acc[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = V{} + (bias ? bias[r] : 0.f);
   const float* wr[MR];
   for (int r = 0; r < MR; ++r) wr[r] = w + r * ldw;
   for (int64_t k = 0; k < K; ++k) {
-    const float* b = brow[k];
+    const float* b = brow[k] + c0;
     V bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = load16<V>(b + v * kLanes);
     if (PF)
@@ -161,22 +161,23 @@ PYPRUNE_INLINE void micro(const float* w, int64_t ldw, const float* const* brow,
   }
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) {
-      store16(stage + r * kNR + v * kLanes, relu ? relu16(acc[r][v]) : acc[r][v]);
+      store16(stage + r * kNR + c0 + v * kLanes, relu ? relu16(acc[r][v]) : acc[r][v]);
     }
 }
 
-// A full 6 x 64 tile is the hot case and gets the prefetching variant; partial tiles (the last rows of a group,
-// the last pixels of a map) do without, which keeps the instantiations (and the compile time) down.
+// Full 6-row panels of a tile read in place (64 pixels) are the hot case and get the prefetching variant;
+// partial ones (the last rows of a group) and packed tiles do without, which keeps the instantiations (and
+// the compile time) down.
 template <class V, int NV>
 PYPRUNE_INLINE void micro_rows(int mr, bool pf, const float* w, int64_t ldw, const float* const* brow, int64_t K,
-                               const float* bias, bool relu, float* stage) {
-  if (NV == 4 && mr == kMR && pf) {
-    micro<V, kMR, NV, true>(w, ldw, brow, K, bias, relu, stage);
+                               const float* bias, bool relu, float* stage, int64_t c0) {
+  if (mr == kMR && pf) {
+    micro<V, kMR, NV, true>(w, ldw, brow, K, bias, relu, stage, c0);
     return;
   }
   switch (mr) {
 #define PYPRUNE_MR_CASE(R) \
-  case R: micro<V, R, NV, false>(w, ldw, brow, K, bias, relu, stage); break;
+  case R: micro<V, R, NV, false>(w, ldw, brow, K, bias, relu, stage, c0); break;
     PYPRUNE_MR_CASE(1) PYPRUNE_MR_CASE(2) PYPRUNE_MR_CASE(3)
     PYPRUNE_MR_CASE(4) PYPRUNE_MR_CASE(5) PYPRUNE_MR_CASE(6)
 #undef PYPRUNE_MR_CASE
@@ -321,10 +322,18 @@ PYPRUNE_INLINE void gemm_units(const ConvArgs& a, int64_t u0, int64_t u1) {
       const float* w = a.w + row * a.Kg;
       const float* b = a.bias ? a.bias + row : nullptr;
       const bool pf = in_place && r == r_begin;  // the first panel of a tile fetches the next tile's rows
-      if (nv == 4) micro_rows<V, 4>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, a.relu, stage);
-      else if (nv == 3) micro_rows<V, 3>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, a.relu, stage);
-      else if (nv == 2) micro_rows<V, 2>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, a.relu, stage);
-      else micro_rows<V, 1>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, a.relu, stage);
+      if constexpr (V::kParts > 1) {  // AVX2, baseline: 6 x 1 tiles per 16 pixels (6 x 4 would spill)
+        for (int v = 0; v < nv; ++v)
+          micro_rows<V, 1>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, a.relu, stage, v * kLanes);
+      } else if (nv == 4) {
+        micro_rows<V, 4>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, a.relu, stage, 0);
+      } else if (nv == 3) {
+        micro_rows<V, 3>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, a.relu, stage, 0);
+      } else if (nv == 2) {
+        micro_rows<V, 2>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, a.relu, stage, 0);
+      } else {
+        micro_rows<V, 1>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, a.relu, stage, 0);
+      }
       store_rows(a, stage, mr, row, seg, ns);
     }
   }
@@ -377,8 +386,8 @@ PYPRUNE_INLINE void depthwise_units(const ConvArgs& a, int64_t u0, int64_t u1) {
 struct ClArgs {
   const float* wt;     // (G, KH * KW, Cig, Cog16): zero-padded past Cog
   const float* zeros;  // a row of zeros covering every channel index (null when no tap lies in the padding)
-  int64_t Cog16, MR;
-  bool rows;  // row windows (cl_row_micro): MR divides OW
+  int64_t Cog16, MR, NVmax;  // register tile: MR pixels x up to NVmax channel vectors
+  bool rows;                 // row windows (cl_row_micro): MR divides OW
 };
 
 template <class V, int MR, int NV>
@@ -487,8 +496,8 @@ PYPRUNE_INLINE void cl_row_tile(int64_t mr, int nv, const ConvArgs& a, const ClA
 // pixels stream past it. Items [f0, f1).
 template <class V>
 PYPRUNE_INLINE void cl_units(const ConvArgs& a, const ClArgs& c, int64_t f0, int64_t f1) {
-  const int64_t taps = a.KH * a.KW, MR = c.MR, NVmax = c.rows ? 2 : (MR == 6 ? 4 : 3);
-  const int64_t bw = NVmax * kLanes, blocks_per_group = (a.Cog + bw - 1) / bw;
+  const int64_t taps = a.KH * a.KW, MR = c.MR;
+  const int64_t bw = c.NVmax * kLanes, blocks_per_group = (a.Cog + bw - 1) / bw;
   const int64_t n_tiles = (a.N * a.P + MR - 1) / MR;
   std::vector<const float*> px(taps * MR);
   std::vector<int64_t> tap_off(taps);
@@ -499,7 +508,7 @@ PYPRUNE_INLINE void cl_units(const ConvArgs& a, const ClArgs& c, int64_t f0, int
   for (int64_t f = f0; f < f1;) {
     const int64_t blk = f / n_tiles;
     const int64_t g = blk / blocks_per_group, co0 = (blk % blocks_per_group) * bw;
-    const int nv = static_cast<int>(std::min<int64_t>(NVmax, (a.Cog - co0 + kLanes - 1) / kLanes));
+    const int nv = static_cast<int>(std::min<int64_t>(c.NVmax, (a.Cog - co0 + kLanes - 1) / kLanes));
     const int64_t nco = std::min<int64_t>(nv * kLanes, a.Cog - co0);
     const int64_t row0 = g * a.Cog + co0;
     const bool consecutive = a.oC == 1 && a.out_ch[row0 + nco - 1] - a.out_ch[row0] == nco - 1;
@@ -782,27 +791,31 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
     // taps in the padding read a row of zeros at every x[pixel, c] offset (C floats for channels_last input,
     // the whole image for NCHW): allocated and cleared once, shared by the calls (never written after)
     const at::Tensor zeros = a.PH || a.PW ? shared_zeros((C - 1) * xc.stride(1) + 1) : at::Tensor();
-    // register tile: 4 channel vectors x 6 pixels, or up to 3 x 8 when that splits the channels evenly (96,
-    // 144, ...) and for 16-48 channels (8 pixels: 12 spilled the pixel pointers)
+    // register tile (AVX-512): 4 channel vectors x 6 pixels, or up to 3 x 8 when that splits the channels
+    // evenly (96, 144, ...) and for 16-48 channels (8 pixels: 12 spilled the pixel pointers); AVX2 and the
+    // baseline: 1 x 6 (12 ymm accumulators of 16; the AVX-512 tiles spill there)
+    const bool avx512 = kernel_isa() == Isa::kAvx512;
     const int64_t vecs = cog16 / kLanes;
     int64_t mr = vecs >= 4 && (vecs % 4 == 0 || vecs % 3 != 0) ? 6 : 8;
+    int64_t nv_max = mr == 6 ? 4 : 3;
+    if (!avx512) mr = 6, nv_max = 1;
     // row windows (AVX-512, see cl_row_tile): 14, 8 or 7 pixels (whichever first divides OW; 14 only for one
     // channel vector)
     bool rows = false;
-    if (kernel_isa() == Isa::kAvx512 && vecs <= 2 && KW == 3 && a.SW == 1 && a.DW == 1 && a.PW <= 1) {
+    if (avx512 && vecs <= 2 && KW == 3 && a.SW == 1 && a.DW == 1 && a.PW <= 1) {
       for (int64_t m : {14, 8, 7}) {
         if ((m == 14 && vecs > 1) || OW % m != 0) continue;
-        mr = m, rows = true;
+        mr = m, nv_max = 2, rows = true;
         break;
       }
     }
-    ClArgs c{wt.data_ptr<float>(), zeros.defined() ? zeros.data_ptr<float>() : nullptr, cog16, mr, rows};
+    ClArgs c{wt.data_ptr<float>(), zeros.defined() ? zeros.data_ptr<float>() : nullptr, cog16, mr, nv_max, rows};
     ClFn fn = cl_baseline;
 #if PYPRUNE_X86
     if (kernel_isa() == Isa::kAvx512) fn = cl_avx512;
     else if (kernel_isa() == Isa::kAvx2) fn = cl_avx2;
 #endif
-    const int64_t bw = (rows ? 2 : (c.MR == 6 ? 4 : 3)) * kLanes;
+    const int64_t bw = nv_max * kLanes;
     const int64_t tiles = (a.N * a.P + c.MR - 1) / c.MR, blocks = groups * ((a.Cog + bw - 1) / bw);
     // one equal share of the (block, tile) items per thread (chunks of whole units left one thread up to 10%
     // more tiles than the other at 2 threads: 17 units of 8 tiles for 131 tiles)
