@@ -1,8 +1,7 @@
 // pyprune::pruned_conv2d on the CPU: y[:, out_index] = relu?(conv2d(x[:, in_index], weight, bias)).
 //
 // Implicit GEMM per group: Y_g (C_out_g x pixels) = W_g (C_out_g x K_g) * X_g (K_g x pixels), K_g = C_in_g * kh * kw.
-// The gather is fused: kept channels are read through the index, or staged from it (the stride-1 kxk planes
-// below, and NCHW kxk small maps, whose kept channels are staged pixel-major once per call).
+// The gather is fused everywhere: x[:, in_index] never exists, kept channels are read through the index.
 // Two orientations:
 // - Vectors over output pixels (NCHW, larger maps): 64 pixels per tile (pixels of consecutive images share a
 //   tile), weights broadcast straight from their rows (one broadcast feeds 4 FMAs, no weight packing), register
@@ -10,8 +9,7 @@
 //   zero-bordered planes of the kept channels (stride-1 kxk; each thread stages the band of rows its own tiles
 //   read, inside the same parallel region), or from im2col tiles.
 // - Pixels as GEMM rows (channels_last, and small NCHW maps): 6-8 pixels x 16-64 output channels, each input
-//   value broadcast in place (NCHW kxk: from the pixel-major copy), the weight transposed once and cached (see
-//   transposed_weight). With at most 32
+//   value broadcast in place, the weight transposed once and cached (see transposed_weight). With at most 32
 //   output channels a broadcast feeds too few FMAs; 3-wide stride-1 kernels then take row windows of 7-14
 //   pixels, where each broadcast serves the three taps that read it (cl_row_micro).
 // The epilogue adds the bias, applies the ReLU and writes each row to its output channel (out_index) in NCHW or
