@@ -785,37 +785,12 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   // (measured, 1-2 threads: 0.65-0.91 -> 0.83-1.2 of the ideal at 7x7 and 14x14, 0.71-0.86 -> 0.76-0.93 at 28x28).
   const bool small_map = a.P <= 64 || (a.P <= 1024 && (KH > 1 || KW > 1));
   if ((!planar && xc.stride(1) == 1) || small_map) {
-    // NCHW kxk: the kept channels first copied pixel-major, (N, H, W, C_in kept), so that a tap's channels are
-    // one contiguous run instead of one line per channel plane (A/B on the Zen 5 VM, 2 threads, keep 0.5:
-    // 256->256 3x3 @14 batch 8 1.36-1.46 -> 1.22-1.24 ms, 512->512 3x3 @7 batch 1 and 8 3-6% faster; 1x1
-    // convs, which read each channel once, 1-2% slower with the copy, so they read in place)
-    at::Tensor packed;
-    if (planar && KH * KW > 1) {
-      const int64_t ck = c_in;
-      packed = at::empty({a.N, a.H, a.W, ck}, x.options());
-      float* dst = packed.data_ptr<float>();
-      const int64_t HW = a.H * a.W;
-      at::parallel_for(0, a.N, 1, [&](int64_t n0, int64_t n1) {
-        for (int64_t n = n0; n < n1; ++n)
-          for (int64_t c = 0; c < ck; ++c) {
-            const float* src = a.x + n * a.sN + in_ids[c] * a.sC;
-            float* d = dst + n * HW * ck + c;
-            for (int64_t p = 0; p < HW; ++p) d[p * ck] = src[p];
-          }
-      });
-      for (int64_t i = 0; i < ck; ++i) in_ids[i] = i;
-      a.x = dst;
-      a.sN = HW * ck;
-      a.sC = 1;
-      a.sH = a.W * ck;
-      a.sW = ck;
-    }
     // read in place through the channel index; the weight transposed once and cached
     const int64_t cog16 = round_up(a.Cog, kLanes);
     at::Tensor wt = transposed_weight(weight, wc, groups, a.Cog, a.Cig, KH * KW, cog16);
     // taps in the padding read a row of zeros at every x[pixel, c] offset (C floats for channels_last input,
     // the whole image for NCHW): allocated and cleared once, shared by the calls (never written after)
-    const at::Tensor zeros = a.PH || a.PW ? shared_zeros((C - 1) * a.sC + 1) : at::Tensor();
+    const at::Tensor zeros = a.PH || a.PW ? shared_zeros((C - 1) * xc.stride(1) + 1) : at::Tensor();
     // register tile (AVX-512): 4 channel vectors x 6 pixels, or up to 3 x 8 when that splits the channels
     // evenly (96, 144, ...) and for 16-48 channels (8 pixels: 12 spilled the pixel pointers); AVX2 and the
     // baseline: 1 x 6 (12 ymm accumulators of 16; the AVX-512 tiles spill there)
