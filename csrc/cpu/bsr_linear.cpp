@@ -205,7 +205,6 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   if (M == 0 || N == 0) return y;
   if (K == 0 || nnzb == 0) return bias_only(y, b);
 
-  const at::Tensor xc = x.contiguous();
   BsrArgs a{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), val.data_ptr<float>(),
             b.defined() ? b.data_ptr<float>() : nullptr, M, K, N, bh, bw, UnitOrder{}};
   const int32_t* cr = a.crow;
@@ -218,6 +217,7 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   if (M <= kGatherMaxTokens) {
     const auto bounds = balanced_split(n_brows, threads * 8, prefix, bh * 4);
     const GatherFn fn = pick_gather(isa);
+    const at::Tensor xc = x.contiguous();
     const float* xp = xc.data_ptr<float>();
     at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1,
                      [&](int64_t p0, int64_t p1) { fn(a, xp, bounds.data(), p0, p1, yp); });
@@ -229,7 +229,7 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   const UnitsFn fn = pick_units(isa, nv);
   const int64_t tile = kLanes * nv, ld = tile;
   at::Tensor xt = at::empty({round_up(M, tile), K}, x.options());
-  pack_token_minor(xc.data_ptr<float>(), M, K, xt.data_ptr<float>(), tile);
+  pack_tokens(x, M, K, xt.data_ptr<float>(), tile);
   const auto bounds = balanced_split(n_brows, threads * 8, prefix, bh * 4);
   a.order = unit_order(static_cast<int64_t>(bounds.size()) - 1, (M + tile - 1) / tile, nnzb * bh * bw * 4,
                        K * M * 4);

@@ -213,7 +213,6 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   if (M == 0 || N == 0) return y;
   if (K == 0 || nnz == 0) return bias_only(y, b);
 
-  const at::Tensor xc = x.contiguous();
   CsrArgs a{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), val.data_ptr<float>(),
             b.defined() ? b.data_ptr<float>() : nullptr, M, K, N, UnitOrder{}};
   const int32_t* cr = a.crow;
@@ -223,6 +222,7 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
 
   if (M <= kGatherMaxTokens) {
     const auto rb = balanced_split(N, threads * 8, prefix, 8);
+    const at::Tensor xc = x.contiguous();
     csr_gather(a, xc.data_ptr<float>(), rb, y.data_ptr<float>());
     return y;
   }
@@ -233,7 +233,7 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   const int nv = tile_vecs(isa, static_cast<int>(std::min<int64_t>(l2_vecs, (M + kLanes - 1) / kLanes)));
   const int64_t tile = kLanes * nv, ld = tile;
   at::Tensor xt = at::empty({round_up(M, tile), K}, x.options());
-  pack_token_minor(xc.data_ptr<float>(), M, K, xt.data_ptr<float>(), tile);
+  pack_tokens(x, M, K, xt.data_ptr<float>(), tile);
   const auto rb = balanced_split(N, threads * 8, prefix, 16);
   const UnitsFn fn = pick_units(isa, nv);
   a.order = unit_order(static_cast<int64_t>(rb.size()) - 1, (M + tile - 1) / tile, nnz * 8, K * M * 4);

@@ -13,9 +13,11 @@ field (Fast Sparse ConvNets, Elsen et al. 2020, for the 1x1 case).
   are contiguous:
   - 1x1, channels_last input: the input *is* the (N*H*W, C_in) activation matrix (a view, no copy), and the
     op's (N*H*W, C_out) output *is* the channels_last result.
-  - 1x1, NCHW input: per image and in ~1 MiB chunks of pixels, one transpose of the input to (pixels, C)
-    before the op and one of the output back to (C_out, pixels) (benchmarks/results/cpu/sparse_conv2d.md
-    measures them). Under torch.compile the whole batch is transposed at once instead.
+  - 1x1, NCHW input: per image and in ~1 MiB chunks of pixels, the op gets the (pixels, C) transposed view
+    of the chunk (bsr packs it for its kernel with plain copies, as the pixels of a channel are contiguous;
+    2:4 makes one transposed copy) and its (pixels, C_out) output is transposed back to (C_out, pixels)
+    (benchmarks/results/cpu/sparse_conv2d.md measures the transposes). Under torch.compile the whole batch
+    is transposed at once instead.
   - kxk (and strided / padded 1x1): **explicit im2col**: the (N*OH*OW, kh*kw*C_in) patch matrix is
     materialised from a strided view of the zero-padded NHWC input, then multiplied. This costs kh*kw times
     the input's bytes in memory traffic.
@@ -254,10 +256,10 @@ class SparseConv2d(nn.Module):
         if pointwise and not channels_last and n > 0 and not torch.compiler.is_compiling():
             # NCHW 1x1, one image at a time, its pixels in chunks of about _NCHW_CHUNK_BYTES of activations:
             # image i is (C, H*W) with the pixels contiguous, so a chunk's (pixels, C) operand is a transposed
-            # view that the op copies once. Cache-sized chunks keep that copy and the kernel's packed
-            # activations in L2, and keep glibc from unmapping and re-faulting multi-MB buffers on every call,
-            # which cost more than the multiply (benchmarks/results/cpu/sparse_conv2d.md). Traced graphs take the batched path
-            # below, which does not depend on the batch size.
+            # view that the op packs (bsr) or copies (2:4) once. Cache-sized chunks keep that copy and the
+            # kernel's packed activations in L2, and keep glibc from unmapping and re-faulting multi-MB
+            # buffers on every call, which cost more than the multiply (benchmarks/results/cpu/sparse_conv2d.md).
+            # Traced graphs take the batched path below, which does not depend on the batch size.
             xs = x[:, :, ::sh, ::sw]
             pixels = oh * ow
             n_chunks = -(-pixels * c * x.element_size() // _NCHW_CHUNK_BYTES)

@@ -47,6 +47,19 @@ def check_matches_reference(op, ref, make_args, m, k, n, sparsity, layout, bias=
     torch.testing.assert_close(ref(x.double(), *args64), expected, rtol=0, atol=1e-10)
 
 
+def check_column_major_input(op, make_args, layout, k=40, n=36):
+    # x as the transposed view of a (K, L) tensor's column slice (stride 1 along the tokens, row stride L >=
+    # M), as SparseConv2d passes NCHW images: the kernels pack it without a contiguous copy
+    w = pruned_weight(n, k, 0.7, layout)
+    b = torch.randn(n)
+    for m, extra in ((3, 0), (70, 0), (70, 13), (200, 5)):
+        big = torch.randn(k, m + extra)
+        x = big[:, extra:].t()
+        assert x.stride(0) == 1 and not x.is_contiguous()
+        expected = F.linear(x.double(), w.double(), b.double())
+        torch.testing.assert_close(op(x, *make_args(w, b)).double(), expected, rtol=0, atol=1e-4)
+
+
 def _with_values(args, values_index, values):
     args = list(args)
     args[values_index] = values

@@ -10,6 +10,7 @@ from pyprune.sparse import BSR
 from .linear_cases import (
     SHAPES,
     check_gradcheck,
+    check_column_major_input,
     check_gradients,
     check_matches_reference,
     check_opcheck,
@@ -100,3 +101,7 @@ def test_bad_input_raises_clearly():
         bsr_linear(torch.randn(2, 16), crow, col, vals, n + 16)
     with pytest.raises(TypeError, match="values"):
         bsr_linear(torch.randn(2, 16), crow, col, vals.double(), n)
+
+
+def test_column_major_input():
+    check_column_major_input(bsr_linear, make_args, "bsr")

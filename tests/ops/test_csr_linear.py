@@ -11,6 +11,7 @@ from pyprune.sparse import CSR
 from .linear_cases import (
     SHAPES,
     check_gradcheck,
+    check_column_major_input,
     check_gradients,
     check_matches_reference,
     check_opcheck,
@@ -111,3 +112,7 @@ def test_bad_input_raises_clearly():
 
 def test_cpp_backend_is_the_cpu_kernel():
     assert pyprune._extension.HAS_CPP, pyprune._extension.CPP_REASON
+
+
+def test_column_major_input():
+    check_column_major_input(csr_linear, make_args, "csr")

@@ -185,6 +185,33 @@ inline void pack_token_minor(const float* x, int64_t M, int64_t K, float* xt, in
   });
 }
 
+// The same packing from a column-major x (element (m, k) at x[k * ldx + m], as x = X.t() for a (K, M) X with
+// row stride ldx): the tokens of a tile are already contiguous per k, so each (k, tile) is one copy, no
+// transpose (SparseConv2d hands NCHW images to the linear ops so: their (C, pixels) planes, transposed).
+inline void pack_token_minor_cols(const float* x, int64_t ldx, int64_t M, int64_t K, float* xt, int64_t tile) {
+  const int64_t n_tiles = (M + tile - 1) / tile;
+  at::parallel_for(0, K, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, M)), [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k)
+      for (int64_t t = 0; t < n_tiles; ++t) {
+        const int64_t m0 = t * tile, len = std::min(tile, M - m0);
+        float* dst = xt + t * K * tile + k * tile;
+        std::copy(x + k * ldx + m0, x + k * ldx + m0 + len, dst);
+        std::fill(dst + len, dst + tile, 0.f);
+      }
+  });
+}
+
+// Packs a 2-D or batched x (..., K) for the token-tile kernels: straight from a column-major 2-D view
+// (stride 1 along M), else through x.contiguous() and 16x16 transposes.
+inline void pack_tokens(const at::Tensor& x, int64_t M, int64_t K, float* xt, int64_t tile) {
+  if (x.dim() == 2 && x.stride(0) == 1 && x.stride(1) >= M && M > 1) {
+    pack_token_minor_cols(x.data_ptr<float>(), x.stride(1), M, K, xt, tile);
+    return;
+  }
+  const at::Tensor xc = x.contiguous();
+  pack_token_minor(xc.data_ptr<float>(), M, K, xt, tile);
+}
+
 // The order of the (row part p, token tile t) work units. Row-part-outer keeps a part's weights hot and
 // re-reads xt once per part; tile-outer keeps one tile's slice of xt hot and re-reads the weights once per
 // tile: pick whichever re-reads fewer bytes (tile-outer wins for many tokens and few nonzeros).
