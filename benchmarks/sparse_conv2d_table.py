@@ -76,7 +76,7 @@ def nchw_transposes(conv, x, sparsity):
     """Only the copies SparseConv2d makes around the op for NCHW input, chunked as it does in eager mode: each
     chunk's (C, pixels) -> (pixels, C) input transpose (2:4 makes it; bsr packs the transposed view without
     it, so for bsr this is an upper bound) and (pixels, C_out) -> (C_out, pixels) output transpose, then
-    the per-image concatenation and the stack (None for channels_last and kxk convs)."""
+    the copy of each output chunk into its place (None for channels_last and kxk convs)."""
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() or conv.kernel_size != (1, 1):
         return None
     n, c, h, w = x.shape
@@ -85,13 +85,13 @@ def nchw_transposes(conv, x, sparsity):
     ys = [torch.randn(min(step, pixels - j), conv.out_channels) for j in range(0, pixels, step)]
 
     def run():
-        images = []
+        out = x.new_empty(n, conv.out_channels, pixels)
         for i in range(n):
             xi = x[i].reshape(c, pixels)
-            for j in range(0, pixels, step):
+            for q, j in enumerate(range(0, pixels, step)):
                 xi[:, j : j + step].t().contiguous()
-            images.append(ys[0].t() if len(ys) == 1 else torch.cat([y.t() for y in ys], 1))
-        return torch.stack(images)
+                out[i, :, j : j + step] = ys[q].t()
+        return out
 
     return run
 

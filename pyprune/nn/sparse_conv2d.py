@@ -264,12 +264,14 @@ class SparseConv2d(nn.Module):
             pixels = oh * ow
             n_chunks = -(-pixels * c * x.element_size() // _NCHW_CHUNK_BYTES)
             step = -(-pixels // n_chunks)
-            images = []
+            # each chunk's (pixels, C_out) result is transposed straight into its place in y (one copy; a
+            # concatenation per image and a stack of the images made two)
+            y = x.new_empty(n, self.out_channels, pixels)
             for i in range(n):
                 xi = xs[i].reshape(c, pixels)
-                parts = [self._linear(xi[:, j : j + step].t()).t() for j in range(0, pixels, step)]
-                images.append(parts[0] if len(parts) == 1 else torch.cat(parts, 1))
-            y = torch.stack(images).view(n, self.out_channels, oh, ow)
+                for j in range(0, pixels, step):
+                    y[i, :, j : j + step] = self._linear(xi[:, j : j + step].t()).t()
+            y = y.view(n, self.out_channels, oh, ow)
             return y if input.dim() == 4 else y.squeeze(0)
         xl = x.permute(0, 2, 3, 1)  # (N, H, W, C): a view; contiguous iff the input is channels_last
         if pointwise:
