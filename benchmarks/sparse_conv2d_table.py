@@ -5,8 +5,9 @@ Every round times each provider of a case once (the median single call of a batc
 shuffled order, so drift on a shared VM hits all providers alike; a speedup is the median over rounds of the
 same-round ratio time(dense) / time(provider). For NCHW input to a 1x1 conv the table also times
 `nchw_transposes` alone: the chunked transposes of the input to (pixels, C) and of the output back that
-SparseConv2d does around the 2:4 linear op (bsr skips the input one: its kernel packs the transposed view
-directly; csr runs `csr_conv2d` on NCHW directly). Usage:
+SparseConv2d did around the bsr / 2:4 linear ops, as ATen copies (the ops now take the input's transposed
+view themselves: bsr packs it with plain copies, 2:4 through register transposes; csr runs `csr_conv2d` on
+NCHW directly). Usage:
     python benchmarks/sparse_conv2d_table.py [--quick] [--rounds 9] [--threads 2] [--shapes 0 1]
         [--out benchmarks/results/cpu] [--name sparse_conv2d]
 
@@ -74,9 +75,9 @@ def _ours(layout, block=(32, 32)):
 
 def nchw_transposes(conv, x, sparsity):
     """Only the copies SparseConv2d makes around the op for NCHW input, chunked as it does in eager mode: each
-    chunk's (C, pixels) -> (pixels, C) input transpose (2:4 makes it; bsr packs the transposed view without
-    it, so for bsr this is an upper bound) and (pixels, C_out) -> (C_out, pixels) output transpose, then
-    the copy of each output chunk into its place (None for channels_last and kxk convs)."""
+    chunk's (C, pixels) -> (pixels, C) input transpose as an ATen copy (the ops now take the transposed view
+    themselves, so this is an upper bound of the input side) and the copy of each (pixels, C_out) output
+    chunk into its place in (C_out, pixels) (None for channels_last and kxk convs)."""
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() or conv.kernel_size != (1, 1):
         return None
     n, c, h, w = x.shape

@@ -209,9 +209,17 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
   if (M == 0 || N == 0) return y;
   if (K == 0) return bias_only(y, b);
 
-  // The kernel reads whole group pairs: pad the rows of x to K4 with zeros when K is not a multiple of 8.
-  at::Tensor xc = x.reshape({M, K});
-  xc = K4 == K ? xc.contiguous() : at::constant_pad_nd(xc, {0, K4 - K}, 0.0);
+  // The kernel reads whole group pairs: pad the rows of x to K4 with zeros when K is not a multiple of 8. A
+  // column-major x (SparseConv2d's transposed views of NCHW images) is transposed into rows through 16x16
+  // register transposes when K4 is whole vectors.
+  at::Tensor xc;
+  if (x.dim() == 2 && x.stride(0) == 1 && x.stride(1) >= M && M > 1 && K4 % kLanes == 0) {
+    xc = at::empty({M, K4}, x.options());
+    pack_token_minor(x.data_ptr<float>(), x.stride(1), K, M, xc.data_ptr<float>(), K4);
+  } else {
+    xc = x.reshape({M, K});
+    xc = K4 == K ? xc.contiguous() : at::constant_pad_nd(xc, {0, K4 - K}, 0.0);
+  }
   const at::Tensor v = values.contiguous(), mt = meta.contiguous();
   const S24Args a{v.data_ptr<float>(), mt.data_ptr<uint8_t>(), b.defined() ? b.data_ptr<float>() : nullptr,
                   M, K4, N};

@@ -15,7 +15,7 @@ field (Fast Sparse ConvNets, Elsen et al. 2020, for the 1x1 case).
     op's (N*H*W, C_out) output *is* the channels_last result.
   - 1x1, NCHW input: per image and in ~1 MiB chunks of pixels, the op gets the (pixels, C) transposed view
     of the chunk (bsr packs it for its kernel with plain copies, as the pixels of a channel are contiguous;
-    2:4 makes one transposed copy) and its (pixels, C_out) output is transposed back to (C_out, pixels)
+    2:4 transposes it into rows through 16x16 register transposes) and its (pixels, C_out) output is transposed back to (C_out, pixels)
     (benchmarks/results/cpu/sparse_conv2d.md measures the transposes). Under torch.compile the whole batch
     is transposed at once instead.
   - kxk (and strided / padded 1x1): **explicit im2col**: the (N*OH*OW, kh*kw*C_in) patch matrix is
@@ -256,7 +256,7 @@ class SparseConv2d(nn.Module):
         if pointwise and not channels_last and n > 0 and not torch.compiler.is_compiling():
             # NCHW 1x1, one image at a time, its pixels in chunks of about _NCHW_CHUNK_BYTES of activations:
             # image i is (C, H*W) with the pixels contiguous, so a chunk's (pixels, C) operand is a transposed
-            # view that the op packs (bsr) or copies (2:4) once. Cache-sized chunks keep that copy and the
+            # view that the op packs (bsr) or transposes (2:4) once. Cache-sized chunks keep that copy and the
             # kernel's packed activations in L2, and keep glibc from unmapping and re-faulting multi-MB
             # buffers on every call, which cost more than the multiply (benchmarks/results/cpu/sparse_conv2d.md).
             # Traced graphs take the batched path below, which does not depend on the batch size.

@@ -9,8 +9,8 @@ from pyprune.sparse import BSR
 
 from .linear_cases import (
     SHAPES,
-    check_gradcheck,
     check_column_major_input,
+    check_gradcheck,
     check_gradients,
     check_matches_reference,
     check_opcheck,

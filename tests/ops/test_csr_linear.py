@@ -10,8 +10,8 @@ from pyprune.sparse import CSR
 
 from .linear_cases import (
     SHAPES,
-    check_gradcheck,
     check_column_major_input,
+    check_gradcheck,
     check_gradients,
     check_matches_reference,
     check_opcheck,

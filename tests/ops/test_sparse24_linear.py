@@ -7,6 +7,7 @@ from pyprune.sparse import Sparse24
 
 from .linear_cases import (
     SHAPES,
+    check_column_major_input,
     check_gradcheck,
     check_gradients,
     check_matches_reference,
@@ -60,3 +61,8 @@ def test_bad_input_raises_clearly():
         sparse24_linear(torch.randn(2, 24), vals, meta, n)
     with pytest.raises(TypeError, match="meta"):
         sparse24_linear(torch.randn(2, 16), vals, meta.int(), n)
+
+
+@pytest.mark.parametrize("k", [48, 40, 45])  # whole vectors (the register transposes), and the padded copy
+def test_column_major_input(k):
+    check_column_major_input(sparse24_linear, make_args, "2:4", k=k)

@@ -115,10 +115,11 @@ PYPRUNE_INLINE void transpose16(Vec16<P>* r) {
 // Token-minor packing in tile-major order: xt[t][k][j] = x[t * tile + j][k] for k in [k0, k1), zero for the
 // padding tokens past M (computed, never stored). One token tile's slice (K x tile) is contiguous, so a kernel
 // jumping between columns stays within a few pages (a K x M layout puts every column of a tile on its own page
-// once M is large: TLB misses cost 10x at M = 2048). Whole 16x16 blocks go through transpose16.
+// once M is large: TLB misses cost 10x at M = 2048). Whole 16x16 blocks go through transpose16. x's rows are
+// ldx floats apart (ldx >= K).
 template <class V>
-PYPRUNE_INLINE void pack_token_minor_range(const float* x, int64_t M, int64_t K, float* xt, int64_t tile,
-                                           int64_t k0, int64_t k1) {
+PYPRUNE_INLINE void pack_token_minor_range(const float* x, int64_t ldx, int64_t M, int64_t K, float* xt,
+                                           int64_t tile, int64_t k0, int64_t k1) {
   const int64_t m_end = round_up(M, tile);
   for (int64_t kb = k0; kb < k1; kb += kLanes) {
     const int64_t ke = std::min(k1, kb + kLanes);
@@ -126,12 +127,12 @@ PYPRUNE_INLINE void pack_token_minor_range(const float* x, int64_t M, int64_t K,
       float* dst = xt + (m0 / tile) * K * tile + m0 % tile;  // + k * tile + j
       if (ke - kb == kLanes && m0 + kLanes <= M) {
         V r[kLanes];
-        for (int i = 0; i < kLanes; ++i) r[i] = load16<V>(x + (m0 + i) * K + kb);
+        for (int i = 0; i < kLanes; ++i) r[i] = load16<V>(x + (m0 + i) * ldx + kb);
         transpose16(r);
         for (int j = 0; j < kLanes; ++j) store16(dst + (kb + j) * tile, r[j]);
       } else {
         for (int64_t k = kb; k < ke; ++k)
-          for (int64_t m = 0; m < kLanes; ++m) dst[k * tile + m] = (m0 + m < M) ? x[(m0 + m) * K + k] : 0.f;
+          for (int64_t m = 0; m < kLanes; ++m) dst[k * tile + m] = (m0 + m < M) ? x[(m0 + m) * ldx + k] : 0.f;
       }
     }
   }
@@ -160,12 +161,12 @@ PYPRUNE_INLINE void store_transposed(const float* buf, int64_t ldb, int64_t rows
   }
 }
 
-using PackFn = void (*)(const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
+using PackFn = void (*)(const float*, int64_t, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
 
-#define PYPRUNE_PACK_ISA(SUFFIX, TARGET, V)                                                                   \
-  TARGET inline void pack_##SUFFIX(const float* x, int64_t M, int64_t K, float* xt, int64_t tile, int64_t k0, \
-                                   int64_t k1) {                                                             \
-    pack_token_minor_range<V>(x, M, K, xt, tile, k0, k1);                                                    \
+#define PYPRUNE_PACK_ISA(SUFFIX, TARGET, V)                                                                  \
+  TARGET inline void pack_##SUFFIX(const float* x, int64_t ldx, int64_t M, int64_t K, float* xt, int64_t tile, \
+                                   int64_t k0, int64_t k1) {                                                  \
+    pack_token_minor_range<V>(x, ldx, M, K, xt, tile, k0, k1);                                                \
   }
 PYPRUNE_PACK_ISA(baseline, , VecBaseline)
 #if PYPRUNE_X86
@@ -173,15 +174,16 @@ PYPRUNE_PACK_ISA(avx2, PYPRUNE_TARGET_AVX2, VecAvx2)
 PYPRUNE_PACK_ISA(avx512, PYPRUNE_TARGET_AVX512, VecAvx512)
 #endif
 
-// Packs x (M x K) into xt (ceil(M / tile) x K x tile), parallel over feature blocks, with the widest ISA.
-inline void pack_token_minor(const float* x, int64_t M, int64_t K, float* xt, int64_t tile) {
+// Packs x (M x K, rows ldx floats apart) into xt (ceil(M / tile) x K x tile), parallel over feature blocks,
+// with the widest ISA. With one tile as wide as M (rounded up to 16) this is a zero-padded transpose.
+inline void pack_token_minor(const float* x, int64_t ldx, int64_t M, int64_t K, float* xt, int64_t tile) {
   PackFn fn = pack_baseline;
 #if PYPRUNE_X86
   if (kernel_isa() == Isa::kAvx512) fn = pack_avx512;
   else if (kernel_isa() == Isa::kAvx2) fn = pack_avx2;
 #endif
   at::parallel_for(0, (K + kLanes - 1) / kLanes, 1, [&](int64_t b0, int64_t b1) {
-    fn(x, M, K, xt, tile, b0 * kLanes, std::min(K, b1 * kLanes));
+    fn(x, ldx, M, K, xt, tile, b0 * kLanes, std::min(K, b1 * kLanes));
   });
 }
 
@@ -209,7 +211,7 @@ inline void pack_tokens(const at::Tensor& x, int64_t M, int64_t K, float* xt, in
     return;
   }
   const at::Tensor xc = x.contiguous();
-  pack_token_minor(xc.data_ptr<float>(), M, K, xt, tile);
+  pack_token_minor(xc.data_ptr<float>(), K, M, K, xt, tile);
 }
 
 // The order of the (row part p, token tile t) work units. Row-part-outer keeps a part's weights hot and
