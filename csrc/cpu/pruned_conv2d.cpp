@@ -420,6 +420,10 @@ PYPRUNE_INLINE void cl_micro(const ConvArgs& a, const ClArgs& c, const float* co
 template <class V, int MR>
 PYPRUNE_INLINE void cl_micro_nv(int nv, const ConvArgs& a, const ClArgs& c, const float* const* px, int64_t g,
                                 int64_t co0, float* stage) {
+  if constexpr (V::kParts > 1) {  // AVX2, baseline: one channel vector per tile (the host sets NVmax = 1)
+    cl_micro<V, MR, 1>(a, c, px, g, co0, stage);
+    return;
+  }
   if (nv >= 4) cl_micro<V, MR, (MR <= 6 ? 4 : 1)>(a, c, px, g, co0, stage);
   else if (nv == 3) cl_micro<V, MR, (MR <= 8 ? 3 : 1)>(a, c, px, g, co0, stage);
   else if (nv == 2) cl_micro<V, MR, 2>(a, c, px, g, co0, stage);
@@ -576,10 +580,12 @@ PYPRUNE_INLINE void cl_units(const ConvArgs& a, const ClArgs& c, int64_t f0, int
 using UnitFn = void (*)(const ConvArgs&, int64_t, int64_t);
 using ClFn = void (*)(const ConvArgs&, const ClArgs&, int64_t, int64_t);
 
-#define PYPRUNE_CONV_ISA(SUFFIX, TARGET, V)                                                                   \
-  TARGET void gemm_##SUFFIX(const ConvArgs& a, int64_t u0, int64_t u1) { gemm_units<V>(a, u0, u1); }          \
-  TARGET void depthwise_##SUFFIX(const ConvArgs& a, int64_t u0, int64_t u1) { depthwise_units(a, u0, u1); }   \
-  TARGET void cl_##SUFFIX(const ConvArgs& a, const ClArgs& c, int64_t u0, int64_t u1) { cl_units<V>(a, c, u0, u1); }
+#define PYPRUNE_CONV_ISA(SUFFIX, TARGET, V)                                                                 \
+  TARGET void gemm_##SUFFIX(const ConvArgs& a, int64_t u0, int64_t u1) { gemm_units<V>(a, u0, u1); }        \
+  TARGET void depthwise_##SUFFIX(const ConvArgs& a, int64_t u0, int64_t u1) { depthwise_units(a, u0, u1); } \
+  TARGET void cl_##SUFFIX(const ConvArgs& a, const ClArgs& c, int64_t u0, int64_t u1) {                     \
+    cl_units<V>(a, c, u0, u1);                                                                              \
+  }
 PYPRUNE_CONV_ISA(baseline, , VecBaseline)
 #if PYPRUNE_X86
 PYPRUNE_CONV_ISA(avx2, PYPRUNE_TARGET_AVX2, VecAvx2)

@@ -213,7 +213,7 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
   // column-major x (SparseConv2d's transposed views of NCHW images) is transposed into rows through 16x16
   // register transposes when K4 is whole vectors.
   at::Tensor xc;
-  if (x.dim() == 2 && x.stride(0) == 1 && x.stride(1) >= M && M > 1 && K4 % kLanes == 0) {
+  if (column_major(x, M) && K4 % kLanes == 0) {
     xc = at::empty({M, K4}, x.options());
     pack_token_minor(x.data_ptr<float>(), x.stride(1), K, M, xc.data_ptr<float>(), K4);
   } else {

@@ -15,9 +15,9 @@ field (Fast Sparse ConvNets, Elsen et al. 2020, for the 1x1 case).
     op's (N*H*W, C_out) output *is* the channels_last result.
   - 1x1, NCHW input: per image and in ~1 MiB chunks of pixels, the op gets the (pixels, C) transposed view
     of the chunk (bsr packs it for its kernel with plain copies, as the pixels of a channel are contiguous;
-    2:4 transposes it into rows through 16x16 register transposes) and its (pixels, C_out) output is transposed back to (C_out, pixels)
-    (benchmarks/results/cpu/sparse_conv2d.md measures the transposes). Under torch.compile the whole batch
-    is transposed at once instead.
+    2:4 transposes it into rows through 16x16 register transposes), and its (pixels, C_out) output is
+    transposed back to (C_out, pixels) (benchmarks/results/cpu/sparse_conv2d.md measures the transposes).
+    Under torch.compile the whole batch is transposed at once instead.
   - kxk (and strided / padded 1x1): **explicit im2col**: the (N*OH*OW, kh*kw*C_in) patch matrix is
     materialised from a strided view of the zero-padded NHWC input, then multiplied. This costs kh*kw times
     the input's bytes in memory traffic.

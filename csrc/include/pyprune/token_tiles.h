@@ -175,7 +175,8 @@ PYPRUNE_PACK_ISA(avx512, PYPRUNE_TARGET_AVX512, VecAvx512)
 #endif
 
 // Packs x (M x K, rows ldx floats apart) into xt (ceil(M / tile) x K x tile), parallel over feature blocks,
-// with the widest ISA. With one tile as wide as M (rounded up to 16) this is a zero-padded transpose.
+// with the widest ISA. With a single tile (tile >= M, a multiple of 16) this is a transpose of x into rows of
+// tile floats, zero-padded past M.
 inline void pack_token_minor(const float* x, int64_t ldx, int64_t M, int64_t K, float* xt, int64_t tile) {
   PackFn fn = pack_baseline;
 #if PYPRUNE_X86
@@ -203,10 +204,15 @@ inline void pack_token_minor_cols(const float* x, int64_t ldx, int64_t M, int64_
   });
 }
 
-// Packs a 2-D or batched x (..., K) for the token-tile kernels: straight from a column-major 2-D view
-// (stride 1 along M), else through x.contiguous() and 16x16 transposes.
+// x (M x K) is a column-major 2-D view: stride 1 along M, each column x.stride(1) >= M floats apart.
+inline bool column_major(const at::Tensor& x, int64_t M) {
+  return x.dim() == 2 && x.stride(0) == 1 && x.stride(1) >= M && M > 1;
+}
+
+// Packs a 2-D or batched x (..., K) for the token-tile kernels: straight from a column-major 2-D view, else
+// through x.contiguous() and 16x16 transposes.
 inline void pack_tokens(const at::Tensor& x, int64_t M, int64_t K, float* xt, int64_t tile) {
-  if (x.dim() == 2 && x.stride(0) == 1 && x.stride(1) >= M && M > 1) {
+  if (column_major(x, M)) {
     pack_token_minor_cols(x.data_ptr<float>(), x.stride(1), M, K, xt, tile);
     return;
   }
