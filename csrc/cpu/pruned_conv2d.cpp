@@ -37,6 +37,7 @@ constexpr int kMR = 6;                // output channels per register tile
 static_assert(kMR <= 6, "micro_rows instantiates tiles of 1 to 6 rows");
 constexpr int kNV = 4;                // pixel vectors per register tile
 constexpr int64_t kNR = kNV * kLanes;  // pixels per tile
+constexpr int64_t kTileBatch = 32;     // pixels-as-rows tiles that share a pass over a chunk of taps
 
 struct ConvArgs {
   const float* x;
@@ -388,6 +389,7 @@ struct ClArgs {
   const float* zeros;  // a row of zeros covering every channel index (null when no tap lies in the padding)
   int64_t Cog16, MR, NVmax;  // register tile: MR pixels x up to NVmax channel vectors
   bool rows;                 // row windows (cl_row_micro): MR divides OW
+  int64_t tap_chunk;         // taps per pass over a batch of tiles (all of them: one pass)
 };
 
 // The next tile's input, prefetched while a tile computes: `lines` cache lines from p, `per` of them after each
@@ -399,15 +401,15 @@ struct Ahead {
 
 template <class V, int MR, int NV>
 PYPRUNE_INLINE void cl_micro(const ConvArgs& a, const ClArgs& c, const float* const* px, int64_t g, int64_t co0,
-                             float* stage, const Ahead& ahead) {
+                             int64_t t0, int64_t t1, const float* init, float* stage, const Ahead& ahead) {
   V acc[MR][NV];
   const char* pf = ahead.p;
   const char* const pf_end = pf + 64 * ahead.lines;
   for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+    for (int v = 0; v < NV; ++v) acc[r][v] = init ? load16<V>(init + r * 64 + v * kLanes) : V{};
   const int64_t* idx = a.in_idx + g * a.Cig;
   const int64_t taps = a.KH * a.KW;
-  for (int64_t t = 0; t < taps; ++t) {
+  for (int64_t t = t0; t < t1; ++t) {
     const float* const* pt = px + t * MR;
     const float* p[MR];
     for (int r = 0; r < MR; ++r) p[r] = pt[r];
@@ -429,15 +431,16 @@ PYPRUNE_INLINE void cl_micro(const ConvArgs& a, const ClArgs& c, const float* co
 
 template <class V, int MR>
 PYPRUNE_INLINE void cl_micro_nv(int nv, const ConvArgs& a, const ClArgs& c, const float* const* px, int64_t g,
-                                int64_t co0, float* stage, const Ahead& ahead) {
+                                int64_t co0, int64_t t0, int64_t t1, const float* init, float* stage,
+                                const Ahead& ahead) {
   if constexpr (V::kParts > 1) {  // AVX2, baseline: one channel vector per tile (the host sets NVmax = 1)
-    cl_micro<V, MR, 1>(a, c, px, g, co0, stage, ahead);
+    cl_micro<V, MR, 1>(a, c, px, g, co0, t0, t1, init, stage, ahead);
     return;
   }
-  if (nv >= 4) cl_micro<V, MR, (MR <= 6 ? 4 : 1)>(a, c, px, g, co0, stage, ahead);
-  else if (nv == 3) cl_micro<V, MR, (MR <= 8 ? 3 : 1)>(a, c, px, g, co0, stage, ahead);
-  else if (nv == 2) cl_micro<V, MR, 2>(a, c, px, g, co0, stage, ahead);
-  else cl_micro<V, MR, 1>(a, c, px, g, co0, stage, ahead);
+  if (nv >= 4) cl_micro<V, MR, (MR <= 6 ? 4 : 1)>(a, c, px, g, co0, t0, t1, init, stage, ahead);
+  else if (nv == 3) cl_micro<V, MR, (MR <= 8 ? 3 : 1)>(a, c, px, g, co0, t0, t1, init, stage, ahead);
+  else if (nv == 2) cl_micro<V, MR, 2>(a, c, px, g, co0, t0, t1, init, stage, ahead);
+  else cl_micro<V, MR, 1>(a, c, px, g, co0, t0, t1, init, stage, ahead);
 }
 
 // Row windows (KW = 3, stride and dilation 1 along the row, PW <= 1) for at most 32 output channels, where one
@@ -504,6 +507,84 @@ PYPRUNE_INLINE void cl_row_tile(int64_t mr, int nv, const ConvArgs& a, const ClA
   }
 }
 
+// Tile t of one channel block, taps [k0, k1): the pixels' tap pointers into px (pix_n / pix_p: their image and
+// output pixel), then the register tile, started from `part` after the first chunk and left there before the
+// last (which leaves the result in `stage`). Returns the tile's pixel count.
+template <class V>
+PYPRUNE_INLINE int64_t cl_tile(const ConvArgs& a, const ClArgs& c, int64_t t, int64_t g, int64_t co0, int nv,
+                               int64_t k0, int64_t k1, float* part, const float** px, const int64_t* tap_off,
+                               bool ahead_ok, float* stage, int64_t* pix_n, int64_t* pix_p) {
+  const int64_t taps = a.KH * a.KW, MR = c.MR;
+  const int64_t q0 = t * MR, cnt = std::min<int64_t>(MR, a.N * a.P - q0);
+  // walk the tile's pixels without dividing per pixel; past cnt, repeat the last one (never stored)
+  int64_t n = q0 / a.P, oh = (q0 % a.P) / a.OW, ow = (q0 % a.P) % a.OW;
+  if (c.rows) {
+    for (int64_t r = 0; r < MR; ++r) pix_n[r] = n, pix_p[r] = oh * a.OW + ow + r;
+    cl_row_tile<V>(MR, nv, a, c, n, oh, ow, g, co0, stage);
+    return cnt;
+  }
+  for (int64_t r = 0; r < MR; ++r) {
+    if (r > 0 && r < cnt && ++ow == a.OW) {
+      ow = 0;
+      if (++oh == a.OH) oh = 0, ++n;
+    }
+    pix_n[r] = n;
+    pix_p[r] = oh * a.OW + ow;
+    const int64_t ih0 = oh * a.SH - a.PH, iw0 = ow * a.SW - a.PW;
+    if (ih0 >= 0 && ih0 + (a.KH - 1) * a.DH < a.H && iw0 >= 0 && iw0 + (a.KW - 1) * a.DW < a.W) {
+      const float* base = a.x + n * a.sN + ih0 * a.sH + iw0 * a.sW;  // every tap inside the input
+      for (int64_t tap = 0; tap < taps; ++tap) px[tap * MR + r] = base + tap_off[tap];
+      continue;
+    }
+    for (int64_t kh = 0; kh < a.KH; ++kh) {
+      const int64_t ih = ih0 + kh * a.DH;
+      for (int64_t kw = 0; kw < a.KW; ++kw) {
+        const int64_t iw = iw0 + kw * a.DW;
+        const bool in = ih >= 0 && ih < a.H && iw >= 0 && iw < a.W;
+        px[(kh * a.KW + kw) * MR + r] = in ? a.x + n * a.sN + ih * a.sH + iw * a.sW : c.zeros;
+      }
+    }
+  }
+  Ahead ahead{nullptr, 0, 0};
+  if (ahead_ok) {
+    ahead.p = reinterpret_cast<const char*>(px[0] + MR * a.sW);
+    ahead.lines = (MR * a.sW * 4 + 63) / 64;
+    ahead.per = (ahead.lines + a.Cig - 1) / a.Cig;
+  }
+  const float* init = k0 > 0 ? part : nullptr;
+  float* out = k1 < taps ? part : stage;
+  if (MR == 6) cl_micro_nv<V, 6>(nv, a, c, px, g, co0, k0, k1, init, out, ahead);
+  else cl_micro_nv<V, 8>(nv, a, c, px, g, co0, k0, k1, init, out, ahead);
+  return cnt;
+}
+
+// A finished tile's outputs (stage[r * 64 + j]: pixel r, channel row0 + j of nco) into y, with bias and ReLU.
+PYPRUNE_INLINE void cl_store(const ConvArgs& a, const float* stage, int64_t cnt, const int64_t* pix_n,
+                             const int64_t* pix_p, int64_t row0, int64_t nco, bool consecutive) {
+  for (int64_t r = 0; r < cnt; ++r) {
+    float* d = a.y + pix_n[r] * a.oN + pix_p[r] * a.oP;
+    const float* src = stage + r * 64;
+    if (consecutive) {  // channels_last output: one contiguous run (a.oC == 1)
+      d += a.out_ch[row0];
+      const float* b = a.bias ? a.bias + row0 : nullptr;
+      if (b && a.relu) {
+        for (int64_t j = 0; j < nco; ++j) d[j] = std::max(src[j] + b[j], 0.f);
+      } else if (b) {
+        for (int64_t j = 0; j < nco; ++j) d[j] = src[j] + b[j];
+      } else if (a.relu) {
+        for (int64_t j = 0; j < nco; ++j) d[j] = std::max(src[j], 0.f);
+      } else {
+        for (int64_t j = 0; j < nco; ++j) d[j] = src[j];
+      }
+    } else {
+      for (int64_t j = 0; j < nco; ++j) {
+        const float v = src[j] + (a.bias ? a.bias[row0 + j] : 0.f);
+        d[a.out_ch[row0 + j] * a.oC] = (a.relu && v < 0.f) ? 0.f : v;
+      }
+    }
+  }
+}
+
 // Work item f = (group and block of NVmax * 16 output channels, tile of MR consecutive output pixels, which may
 // span images; with row windows, MR divides OW and a tile is part of one row), block-major: a thread's range of
 // items shares one weight block (K x 64 floats, 256 KB at K = 1024), which then stays in L2 while the tiles'
@@ -526,6 +607,10 @@ PYPRUNE_INLINE void cl_units(const ConvArgs& a, const ClArgs& c, int64_t f0, int
   // 1.15-1.74 -> 1.07-1.17 ms, keep 0.5 0.60-1.19 -> 0.55-0.85 ms; batch 1 and keep 0.25, which is bound by
   // reading the whole input, unchanged).
   const bool ahead_ok = a.sC == 1 && taps == 1 && a.SH == 1 && a.SW == 1 && a.PH == 0 && a.PW == 0;
+  // taps in chunks (c.tap_chunk < taps): a batch of tiles takes each chunk in turn, its partial sums waiting in
+  // `partial`, so that a chunk's weights stay in L2 for the whole batch
+  const bool chunked = c.tap_chunk < taps;
+  std::vector<float> partial(chunked ? kTileBatch * MR * 64 : 0);
   for (int64_t f = f0; f < f1;) {
     const int64_t blk = f / n_tiles;
     const int64_t g = blk / blocks_per_group, co0 = (blk % blocks_per_group) * bw;
@@ -535,65 +620,16 @@ PYPRUNE_INLINE void cl_units(const ConvArgs& a, const ClArgs& c, int64_t f0, int
     const bool consecutive = a.oC == 1 && a.out_ch[row0 + nco - 1] - a.out_ch[row0] == nco - 1;
     const int64_t t_begin = f % n_tiles, t_end = std::min(n_tiles, t_begin + f1 - f);
     f += t_end - t_begin;
-    for (int64_t t = t_begin; t < t_end; ++t) {
-      const int64_t q0 = t * MR, cnt = std::min<int64_t>(MR, a.N * a.P - q0);
-      // walk the tile's pixels without dividing per pixel; past cnt, repeat the last one (never stored)
-      int64_t n = q0 / a.P, oh = (q0 % a.P) / a.OW, ow = (q0 % a.P) % a.OW;
-      if (c.rows) {
-        for (int64_t r = 0; r < MR; ++r) pix_n[r] = n, pix_p[r] = oh * a.OW + ow + r;
-        cl_row_tile<V>(MR, nv, a, c, n, oh, ow, g, co0, stage);
-      } else {
-        for (int64_t r = 0; r < MR; ++r) {
-          if (r > 0 && r < cnt && ++ow == a.OW) {
-            ow = 0;
-            if (++oh == a.OH) oh = 0, ++n;
-          }
-          pix_n[r] = n;
-          pix_p[r] = oh * a.OW + ow;
-          const int64_t ih0 = oh * a.SH - a.PH, iw0 = ow * a.SW - a.PW;
-          if (ih0 >= 0 && ih0 + (a.KH - 1) * a.DH < a.H && iw0 >= 0 && iw0 + (a.KW - 1) * a.DW < a.W) {
-            const float* base = a.x + n * a.sN + ih0 * a.sH + iw0 * a.sW;  // every tap inside the input
-            for (int64_t tap = 0; tap < taps; ++tap) px[tap * MR + r] = base + tap_off[tap];
-            continue;
-          }
-          for (int64_t kh = 0; kh < a.KH; ++kh) {
-            const int64_t ih = ih0 + kh * a.DH;
-            for (int64_t kw = 0; kw < a.KW; ++kw) {
-              const int64_t iw = iw0 + kw * a.DW;
-              const bool in = ih >= 0 && ih < a.H && iw >= 0 && iw < a.W;
-              px[(kh * a.KW + kw) * MR + r] = in ? a.x + n * a.sN + ih * a.sH + iw * a.sW : c.zeros;
-            }
-          }
-        }
-        Ahead ahead{nullptr, 0, 0};
-        if (ahead_ok) {
-          ahead.p = reinterpret_cast<const char*>(px[0] + MR * a.sW);
-          ahead.lines = (MR * a.sW * 4 + 63) / 64;
-          ahead.per = (ahead.lines + a.Cig - 1) / a.Cig;
-        }
-        if (MR == 6) cl_micro_nv<V, 6>(nv, a, c, px.data(), g, co0, stage, ahead);
-        else cl_micro_nv<V, 8>(nv, a, c, px.data(), g, co0, stage, ahead);
-      }
-      for (int64_t r = 0; r < cnt; ++r) {
-        float* d = a.y + pix_n[r] * a.oN + pix_p[r] * a.oP;
-        const float* src = stage + r * 64;
-        if (consecutive) {  // channels_last output: one contiguous run (a.oC == 1)
-          d += a.out_ch[row0];
-          const float* b = a.bias ? a.bias + row0 : nullptr;
-          if (b && a.relu) {
-            for (int64_t j = 0; j < nco; ++j) d[j] = std::max(src[j] + b[j], 0.f);
-          } else if (b) {
-            for (int64_t j = 0; j < nco; ++j) d[j] = src[j] + b[j];
-          } else if (a.relu) {
-            for (int64_t j = 0; j < nco; ++j) d[j] = std::max(src[j], 0.f);
-          } else {
-            for (int64_t j = 0; j < nco; ++j) d[j] = src[j];
-          }
-        } else {
-          for (int64_t j = 0; j < nco; ++j) {
-            const float v = src[j] + (a.bias ? a.bias[row0 + j] : 0.f);
-            d[a.out_ch[row0 + j] * a.oC] = (a.relu && v < 0.f) ? 0.f : v;
-          }
+    const int64_t batch = chunked ? kTileBatch : t_end - t_begin;
+    for (int64_t tb = t_begin; tb < t_end; tb += batch) {
+      const int64_t te = std::min(t_end, tb + batch);
+      for (int64_t k0 = 0; k0 < taps; k0 += c.tap_chunk) {
+        const int64_t k1 = std::min(taps, k0 + c.tap_chunk);
+        for (int64_t t = tb; t < te; ++t) {
+          float* part = chunked ? partial.data() + (t - tb) * MR * 64 : nullptr;
+          const int64_t cnt = cl_tile<V>(a, c, t, g, co0, nv, k0, k1, part, px.data(), tap_off.data(), ahead_ok,
+                                         stage, pix_n, pix_p);
+          if (k1 == taps) cl_store(a, stage, cnt, pix_n, pix_p, row0, nco, consecutive);
         }
       }
     }
@@ -838,7 +874,16 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
         break;
       }
     }
-    ClArgs c{wt.data_ptr<float>(), zeros.defined() ? zeros.data_ptr<float>() : nullptr, cog16, mr, nv_max, rows};
+    // A channel block's weights over 512 KiB (with the input, more than a core's L2) stream from L3 once per
+    // tile; then the taps go in chunks of at most 256 KiB of weights, each read once per batch of tiles (A/B in
+    // one process, 2 threads, Zen 5 VM: 512->512 3x3 @7 NCHW batch 8 keep 0.75 3.49 -> 3.09 ms, keep 0.5 1.41
+    // -> 1.35 ms, batch 1 0.205 -> 0.192 ms, channels_last batch 8 keep 0.5 1.30 -> 1.15 ms; chunking blocks of
+    // 295-442 KiB (256->256 3x3 @14, keep 0.5-0.75; 512->512 keep 0.25) cost 1-8%, so they stay whole)
+    const int64_t taps = KH * KW, tap_bytes = a.Cig * std::min(nv_max * kLanes, cog16) * 4;
+    const int64_t n_chunks =
+        rows || taps * tap_bytes <= (512 << 10) ? 1 : std::min(taps, (taps * tap_bytes + (256 << 10) - 1) / (256 << 10));
+    const int64_t tap_chunk = (taps + n_chunks - 1) / n_chunks;
+    ClArgs c{wt.data_ptr<float>(), zeros.defined() ? zeros.data_ptr<float>() : nullptr, cog16, mr, nv_max, rows, tap_chunk};
     ClFn fn = cl_baseline;
 #if PYPRUNE_X86
     if (kernel_isa() == Isa::kAvx512) fn = cl_avx512;

@@ -20,7 +20,7 @@ OP = torch.ops.pyprune.pruned_conv2d
 # NCHW 1x1 (rows read in place), the rest (im2col tiles: stride 2 at 70, a 7x7 kernel whose border columns
 # would waste > 1/7); pixels as rows with row windows (3-wide stride-1 kernels, <= 32 output channels, OW a
 # multiple of 14, 8 or 7): both borders in one 14-pixel tile (14), unpadded with groups (8), 8-pixel tiles of
-# one and two channel vectors (16), 14 and 7 (28)
+# one and two channel vectors (16), 14 and 7 (28); the taps in chunks: see the thread-count test
 CASES = [
     (16, 32, 3, 1, 1, 1, 1, 9, 2),
     (7, 5, 1, 1, 0, 1, 1, 7, 1),
@@ -98,14 +98,17 @@ def test_matches_reference(case, keep, channels_last):
     "case, cl",
     [((10, 14, 3, 1, 1, 1, 1, 34, 1), False), ((12, 12, 3, 1, 2, 2, 3, 36, 3), False),
      ((40, 72, 3, 1, 1, 1, 2, 13, 3), False), ((24, 40, 1, 1, 0, 1, 1, 9, 5), True),
-     ((20, 48, 3, 1, 1, 1, 1, 14, 3), True)],
-    ids=["staged", "staged-groups", "pixel-rows", "pixel-rows-cl", "row-windows"],
+     ((20, 48, 3, 1, 1, 1, 1, 14, 3), True), ((800, 72, 3, 1, 1, 1, 1, 10, 3), False),
+     ((800, 72, 3, 1, 1, 1, 1, 10, 3), True)],
+    ids=["staged", "staged-groups", "pixel-rows", "pixel-rows-cl", "row-windows", "tap-chunks", "tap-chunks-cl"],
 )  # fmt: skip
 def test_work_split_at_any_thread_count(case, cl, threads):
     # the staged path (stride-1 kxk on maps wider than 32): each thread stages the band of rows its tiles read,
     # so bands start and end mid-image, span images, and (8 threads, few tiles) share tiles split by rows; the
     # pixels-as-rows path (small NCHW maps, channels_last): each thread takes an equal share of (output-channel
-    # block, pixel tile) items, which may start and end mid-block
+    # block, pixel tile) items, which may start and end mid-block; with the taps in chunks (400 kept input
+    # channels x 9 taps x 36 output channels, 48 in the transposed weight: a block's weights over 512 KiB) a
+    # thread's tiles of a block pass over each chunk in batches (38 tiles: two batches at one thread)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
