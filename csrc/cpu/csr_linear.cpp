@@ -64,25 +64,38 @@ PYPRUNE_INLINE void rows_tile(const CsrArgs& a, const float* xt, int64_t ld, int
 
 // Units u in [u0, u1) of the (row part x token tile) grid. Each ISA gets its own copy through the target
 // attribute of the wrapper below (a lambda would not inherit it, so parallel_for only calls the wrapper).
+// xt is x packed token-minor, or (null) this range packs each tile of the row-major x_rows it reaches into its
+// own buffer (units then run tile-outer, so a range packs a tile once).
 template <class V, int NV>
-PYPRUNE_INLINE void tile_units(const CsrArgs& a, const float* xt, int64_t ld, const int64_t* rb, int64_t u0,
-                               int64_t u1, float* y) {
-  constexpr int64_t tile = kLanes * NV;
+PYPRUNE_INLINE void tile_units(const CsrArgs& a, const float* xt, const float* x_rows, const int64_t* rb,
+                               int64_t u0, int64_t u1, float* y) {
+  constexpr int64_t tile = kLanes * NV, ld = tile;
   alignas(64) float buf[kRowGroup * tile];
+  std::vector<float> own(xt ? 0 : a.K * tile);
+  int64_t packed = -1;
   for (int64_t u = u0; u < u1; ++u) {
     int64_t p, t;
     a.order.decode(u, p, t);
-    rows_tile<V, NV>(a, xt + t * a.K * ld, ld, rb[p], rb[p + 1], t * tile, buf, y);
+    const float* xtt = xt + t * a.K * ld;
+    if (!xt) {
+      if (t != packed) {
+        const int64_t m0 = t * tile;
+        pack_token_minor_range<V>(x_rows + m0 * a.K, a.K, std::min(tile, a.M - m0), a.K, own.data(), tile, 0, a.K);
+        packed = t;
+      }
+      xtt = own.data();
+    }
+    rows_tile<V, NV>(a, xtt, ld, rb[p], rb[p + 1], t * tile, buf, y);
   }
 }
 
-using UnitsFn = void (*)(const CsrArgs&, const float*, int64_t, const int64_t*, int64_t, int64_t, float*);
+using UnitsFn = void (*)(const CsrArgs&, const float*, const float*, const int64_t*, int64_t, int64_t, float*);
 
 #define PYPRUNE_CSR_UNITS(SUFFIX, TARGET, V)                                                              \
   template <int NV>                                                                                     \
-  TARGET void units_##SUFFIX(const CsrArgs& a, const float* xt, int64_t ld, const int64_t* rb, int64_t u0, \
-                             int64_t u1, float* y) {                                                    \
-    tile_units<V, NV>(a, xt, ld, rb, u0, u1, y);                                                        \
+  TARGET void units_##SUFFIX(const CsrArgs& a, const float* xt, const float* x_rows, const int64_t* rb,   \
+                             int64_t u0, int64_t u1, float* y) {                                        \
+    tile_units<V, NV>(a, xt, x_rows, rb, u0, u1, y);                                                    \
   }
 
 PYPRUNE_CSR_UNITS(baseline, , VecBaseline)
@@ -231,16 +244,27 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   // (K x tile) within ~512 KiB of L2, since the column indices of a row jump anywhere in K.
   const int64_t l2_vecs = std::clamp<int64_t>((512 * 1024) / (K * kLanes * 4), 1, kMaxTileVecs);
   const int nv = tile_vecs(isa, static_cast<int>(std::min<int64_t>(l2_vecs, (M + kLanes - 1) / kLanes)));
-  const int64_t tile = kLanes * nv, ld = tile;
-  at::Tensor xt = at::empty({round_up(M, tile), K}, x.options());
-  pack_tokens(x, M, K, xt.data_ptr<float>(), tile);
+  const int64_t tile = kLanes * nv;
   const auto rb = balanced_split(N, threads * 8, prefix, 16);
   const UnitsFn fn = pick_units(isa, nv);
-  a.order = unit_order(static_cast<int64_t>(rb.size()) - 1, (M + tile - 1) / tile, nnz * 8, K * M * 4);
+  const int64_t n_parts = static_cast<int64_t>(rb.size()) - 1, n_tiles = (M + tile - 1) / tile;
+  // x past 8 MiB would make a round trip through memory as a packed copy: each unit range packs the tiles it
+  // reaches instead, units tile-outer (as bsr_linear)
+  const bool own_tiles = K * M * 4 > (8 << 20) && !column_major(x, M);
+  at::Tensor xt, xc;
+  if (own_tiles) {
+    xc = x.contiguous();
+    a.order = UnitOrder{n_parts, n_tiles, true};
+  } else {
+    xt = at::empty({round_up(M, tile), K}, x.options());
+    pack_tokens(x, M, K, xt.data_ptr<float>(), tile);
+    a.order = unit_order(n_parts, n_tiles, nnz * 8, K * M * 4);
+  }
   const int64_t n_units = a.order.size();
-  const float* xtp = xt.data_ptr<float>();
+  const float* xtp = xt.defined() ? xt.data_ptr<float>() : nullptr;
+  const float* xrp = xc.defined() ? xc.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, n_units, 1, [&](int64_t u0, int64_t u1) { fn(a, xtp, ld, rb.data(), u0, u1, yp); });
+  at::parallel_for(0, n_units, 1, [&](int64_t u0, int64_t u1) { fn(a, xtp, xrp, rb.data(), u0, u1, yp); });
   return y;
 }
 
