@@ -20,7 +20,9 @@ field (Fast Sparse ConvNets, Elsen et al. 2020, for the 1x1 case).
     Under torch.compile the whole batch is transposed at once instead.
   - kxk (and strided / padded 1x1): **explicit im2col**: the (N*OH*OW, kh*kw*C_in) patch matrix is
     materialised from a strided view of the zero-padded NHWC input, then multiplied. This costs kh*kw times
-    the input's bytes in memory traffic.
+    the input's bytes in memory traffic. Past 4 MiB of patches it goes per image, a few output rows per op
+    call, so each chunk's patches stay in cache and no multi-MB buffer is mapped and unmapped per call
+    (eager only; under torch.compile the whole batch goes in one call).
 
 Because of that arrangement the stored weight is the (C_out, kh*kw*C_in) matrix in **tap-major column
 order**: column ``(i * kw + j) * C_in + c`` holds ``conv.weight[o, c, i, j]`` (``conv.weight.permute(0, 2, 3,
@@ -47,6 +49,11 @@ from .sparse_linear import LAYOUTS, _check_layout
 
 # activations per op call on the NCHW 1x1 path (measured: 1 MiB chunks beat whole images of 3 MiB and more)
 _NCHW_CHUNK_BYTES = 1 << 20
+# im2col per op call on the kxk path (bsr, 2:4) past this size: rows of each image at a time. Whole 58 MiB
+# patch matrices (64->64 3x3 @56, batch 8) were allocated, page-faulted and unmapped on every call: 2 threads,
+# Zen 5 VM, bsr 90% channels_last 29.7 -> 4.6 ms, 2:4 26.8 -> 6.5 ms (dense 4.1-4.2 ms); chunks of 1 and
+# 16 MiB did no better than 4 on the ResNet-50 3x3 shapes at batch 1 and 8
+_KXK_CHUNK_BYTES = 4 << 20
 
 
 def _pair(v, name: str) -> tuple[int, int]:
@@ -274,6 +281,9 @@ class SparseConv2d(nn.Module):
             y = y.view(n, self.out_channels, oh, ow)
             return y if input.dim() == 4 else y.squeeze(0)
         xl = x.permute(0, 2, 3, 1)  # (N, H, W, C): a view; contiguous iff the input is channels_last
+        patch_row = ow * kh * kw * c * x.element_size()  # bytes of im2col per output row
+        if not pointwise and n * oh * patch_row > _KXK_CHUNK_BYTES and not torch.compiler.is_compiling():
+            return self._kxk_chunked(x, xl, oh, ow, max(1, _KXK_CHUNK_BYTES // patch_row), input.dim() == 4)
         if pointwise:
             # 1x1: pixels are rows. A view for dense channels_last input; else one NHWC copy of the pixels
             a = xl[:, ::sh, ::sw].reshape(n * oh * ow, c)
@@ -287,6 +297,25 @@ class SparseConv2d(nn.Module):
         if not channels_last:
             y = y.contiguous()
         return y if input.dim() == 4 else y.squeeze(0)
+
+    def _kxk_chunked(self, x: Tensor, xl: Tensor, oh: int, ow: int, rows: int, batched: bool) -> Tensor:
+        """kxk with a large im2col: per image, `rows` output rows at a time, each chunk's patches built from
+        the input rows it reads and its (pixels, C_out) result written into its place in an NHWC y."""
+        n, c = x.shape[:2]
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        xp = F.pad(xl, (0, 0, pw, pw, ph, ph)) if ph or pw else xl
+        y = x.new_empty(n, oh, ow, self.out_channels)
+        for i in range(n):
+            for r0 in range(0, oh, rows):
+                r1 = min(oh, r0 + rows)
+                xs = xp[i, r0 * sh : (r1 - 1) * sh + dh * (kh - 1) + 1]
+                patches = xs.unfold(0, dh * (kh - 1) + 1, sh).unfold(1, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
+                a = patches.permute(0, 1, 3, 4, 2).reshape((r1 - r0) * ow, kh * kw * c)
+                y[i, r0:r1] = self._linear(a).view(r1 - r0, ow, self.out_channels)
+        y = y.permute(0, 3, 1, 2)  # channels_last strides
+        if not _channels_last(x):
+            y = y.contiguous()
+        return y if batched else y.squeeze(0)
 
     def to_dense(self) -> nn.Conv2d:
         kh, kw = self.kernel_size

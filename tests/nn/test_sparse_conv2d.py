@@ -340,15 +340,38 @@ def test_convert_swaps_masked_conv2d(layout):
         torch.testing.assert_close(fast(x), masked(x), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("layout", ["bsr", "2:4"])
 @pytest.mark.parametrize("chunk_bytes", [100, 1 << 20])
-def test_nchw_pointwise_chunks_match_reference_and_gradients(monkeypatch, chunk_bytes):
+def test_nchw_pointwise_chunks_match_reference_and_gradients(monkeypatch, chunk_bytes, layout):
     # a tiny chunk budget splits every image's pixels into many op calls (uneven last chunk); the default
-    # does not
+    # does not (bsr and 2:4: csr convs run their own op)
     monkeypatch.setattr(pyprune.nn.sparse_conv2d, "_NCHW_CHUNK_BYTES", chunk_bytes)
-    conv = _masked_conv(7, 5, 1, 2, 0, 1, 0.5, "csr")
-    sc = SparseConv2d.from_dense(conv)
-    x = torch.randn(3, 7, 9, 11, requires_grad=True)
+    conv = _masked_conv(8, 5, 1, 2, 0, 1, 0.5, layout)
+    sc = SparseConv2d.from_dense(conv, layout=layout, block=(4, 4))
+    x = torch.randn(3, 8, 9, 11, requires_grad=True)
     y = sc(x)
+    torch.testing.assert_close(y.double(), _reference(conv, x), atol=1e-4, rtol=1e-4)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    x64 = x.detach().double().requires_grad_(True)
+    (_reference(conv, x64) * g.double()).sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["bsr", "2:4"])
+@pytest.mark.parametrize("fmt", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", [(3, 2, 1, 1, (11, 9)), (3, 1, 2, 2, (10, 12))], ids=["stride2", "dilation2"])
+@pytest.mark.parametrize("chunk_bytes", [100, 7000, 1 << 20])
+def test_kxk_chunks_match_reference_and_gradients(monkeypatch, chunk_bytes, case, fmt, layout):
+    # kxk im2col past the chunk budget: per image, a few output rows per op call (100 bytes: one row; 7000:
+    # two rows, or at stride 2 four and an uneven last chunk of two; 1 MiB: the whole batch in one call)
+    monkeypatch.setattr(pyprune.nn.sparse_conv2d, "_KXK_CHUNK_BYTES", chunk_bytes)
+    k, stride, padding, dilation, hw = case
+    conv = _masked_conv(8, 6, k, stride, padding, dilation, 0.5, layout)
+    sc = SparseConv2d.from_dense(conv, layout=layout, block=(4, 8))
+    x = _as_format(torch.randn(2, 8, *hw), fmt).requires_grad_(True)
+    y = sc(x)
+    assert y.is_contiguous(memory_format=torch.channels_last if fmt == "channels_last" else torch.contiguous_format)
     torch.testing.assert_close(y.double(), _reference(conv, x), atol=1e-4, rtol=1e-4)
     g = torch.randn_like(y)
     (y * g).sum().backward()
