@@ -389,7 +389,7 @@ struct ClArgs {
   const float* zeros;  // a row of zeros covering every channel index (null when no tap lies in the padding)
   int64_t Cog16, MR, NVmax;  // register tile: MR pixels x up to NVmax channel vectors
   bool rows;                 // row windows (cl_row_micro): MR divides OW
-  int64_t tap_chunk;         // taps per pass over a batch of tiles (all of them: one pass)
+  int64_t k_chunk;           // inputs (tap-major: t * Cig + ci) per pass over a batch of tiles
 };
 
 // The next tile's input, prefetched while a tile computes: `lines` cache lines from p, `per` of them after each
@@ -401,7 +401,7 @@ struct Ahead {
 
 template <class V, int MR, int NV>
 PYPRUNE_INLINE void cl_micro(const ConvArgs& a, const ClArgs& c, const float* const* px, int64_t g, int64_t co0,
-                             int64_t t0, int64_t t1, const float* init, float* stage, const Ahead& ahead) {
+                             int64_t k0, int64_t k1, const float* init, float* stage, const Ahead& ahead) {
   V acc[MR][NV];
   const char* pf = ahead.p;
   const char* const pf_end = pf + 64 * ahead.lines;
@@ -409,12 +409,13 @@ PYPRUNE_INLINE void cl_micro(const ConvArgs& a, const ClArgs& c, const float* co
     for (int v = 0; v < NV; ++v) acc[r][v] = init ? load16<V>(init + r * 64 + v * kLanes) : V{};
   const int64_t* idx = a.in_idx + g * a.Cig;
   const int64_t taps = a.KH * a.KW;
-  for (int64_t t = t0; t < t1; ++t) {
+  for (int64_t t = k0 / a.Cig; t * a.Cig < k1; ++t) {
     const float* const* pt = px + t * MR;
     const float* p[MR];
     for (int r = 0; r < MR; ++r) p[r] = pt[r];
-    const float* w = c.wt + ((g * taps + t) * a.Cig) * c.Cog16 + co0;
-    for (int64_t ci = 0; ci < a.Cig; ++ci, w += c.Cog16) {
+    const int64_t ci0 = std::max<int64_t>(0, k0 - t * a.Cig), ci1 = std::min(a.Cig, k1 - t * a.Cig);
+    const float* w = c.wt + ((g * taps + t) * a.Cig + ci0) * c.Cog16 + co0;
+    for (int64_t ci = ci0; ci < ci1; ++ci, w += c.Cog16) {
       const int64_t off = idx[ci] * a.sC;
       V wv[NV];
       for (int v = 0; v < NV; ++v) wv[v] = load16<V>(w + v * kLanes);
@@ -431,16 +432,16 @@ PYPRUNE_INLINE void cl_micro(const ConvArgs& a, const ClArgs& c, const float* co
 
 template <class V, int MR>
 PYPRUNE_INLINE void cl_micro_nv(int nv, const ConvArgs& a, const ClArgs& c, const float* const* px, int64_t g,
-                                int64_t co0, int64_t t0, int64_t t1, const float* init, float* stage,
+                                int64_t co0, int64_t k0, int64_t k1, const float* init, float* stage,
                                 const Ahead& ahead) {
   if constexpr (V::kParts > 1) {  // AVX2, baseline: one channel vector per tile (the host sets NVmax = 1)
-    cl_micro<V, MR, 1>(a, c, px, g, co0, t0, t1, init, stage, ahead);
+    cl_micro<V, MR, 1>(a, c, px, g, co0, k0, k1, init, stage, ahead);
     return;
   }
-  if (nv >= 4) cl_micro<V, MR, (MR <= 6 ? 4 : 1)>(a, c, px, g, co0, t0, t1, init, stage, ahead);
-  else if (nv == 3) cl_micro<V, MR, (MR <= 8 ? 3 : 1)>(a, c, px, g, co0, t0, t1, init, stage, ahead);
-  else if (nv == 2) cl_micro<V, MR, 2>(a, c, px, g, co0, t0, t1, init, stage, ahead);
-  else cl_micro<V, MR, 1>(a, c, px, g, co0, t0, t1, init, stage, ahead);
+  if (nv >= 4) cl_micro<V, MR, (MR <= 6 ? 4 : 1)>(a, c, px, g, co0, k0, k1, init, stage, ahead);
+  else if (nv == 3) cl_micro<V, MR, (MR <= 8 ? 3 : 1)>(a, c, px, g, co0, k0, k1, init, stage, ahead);
+  else if (nv == 2) cl_micro<V, MR, 2>(a, c, px, g, co0, k0, k1, init, stage, ahead);
+  else cl_micro<V, MR, 1>(a, c, px, g, co0, k0, k1, init, stage, ahead);
 }
 
 // Row windows (KW = 3, stride and dilation 1 along the row, PW <= 1) for at most 32 output channels, where one
@@ -507,7 +508,7 @@ PYPRUNE_INLINE void cl_row_tile(int64_t mr, int nv, const ConvArgs& a, const ClA
   }
 }
 
-// Tile t of one channel block, taps [k0, k1): the pixels' tap pointers into px (pix_n / pix_p: their image and
+// Tile t of one channel block, inputs [k0, k1) (tap-major): the pixels' tap pointers into px (pix_n / pix_p: their image and
 // output pixel), then the register tile, started from `part` after the first chunk and left there before the
 // last (which leaves the result in `stage`). Returns the tile's pixel count.
 template <class V>
@@ -552,7 +553,7 @@ PYPRUNE_INLINE int64_t cl_tile(const ConvArgs& a, const ClArgs& c, int64_t t, in
     ahead.per = (ahead.lines + a.Cig - 1) / a.Cig;
   }
   const float* init = k0 > 0 ? part : nullptr;
-  float* out = k1 < taps ? part : stage;
+  float* out = k1 < taps * a.Cig ? part : stage;
   if (MR == 6) cl_micro_nv<V, 6>(nv, a, c, px, g, co0, k0, k1, init, out, ahead);
   else cl_micro_nv<V, 8>(nv, a, c, px, g, co0, k0, k1, init, out, ahead);
   return cnt;
@@ -607,9 +608,10 @@ PYPRUNE_INLINE void cl_units(const ConvArgs& a, const ClArgs& c, int64_t f0, int
   // 1.15-1.74 -> 1.07-1.17 ms, keep 0.5 0.60-1.19 -> 0.55-0.85 ms; batch 1 and keep 0.25, which is bound by
   // reading the whole input, unchanged).
   const bool ahead_ok = a.sC == 1 && taps == 1 && a.SH == 1 && a.SW == 1 && a.PH == 0 && a.PW == 0;
-  // taps in chunks (c.tap_chunk < taps): a batch of tiles takes each chunk in turn, its partial sums waiting in
-  // `partial`, so that a chunk's weights stay in L2 for the whole batch
-  const bool chunked = c.tap_chunk < taps;
+  // inputs in chunks (c.k_chunk < K): a batch of tiles takes each chunk in turn, its partial sums waiting in
+  // `partial`, so that a chunk's weights stay in cache for the whole batch
+  const int64_t K = taps * a.Cig;
+  const bool chunked = c.k_chunk < K;
   std::vector<float> partial(chunked ? kTileBatch * MR * 64 : 0);
   for (int64_t f = f0; f < f1;) {
     const int64_t blk = f / n_tiles;
@@ -623,13 +625,13 @@ PYPRUNE_INLINE void cl_units(const ConvArgs& a, const ClArgs& c, int64_t f0, int
     const int64_t batch = chunked ? kTileBatch : t_end - t_begin;
     for (int64_t tb = t_begin; tb < t_end; tb += batch) {
       const int64_t te = std::min(t_end, tb + batch);
-      for (int64_t k0 = 0; k0 < taps; k0 += c.tap_chunk) {
-        const int64_t k1 = std::min(taps, k0 + c.tap_chunk);
+      for (int64_t k0 = 0; k0 < K; k0 += c.k_chunk) {
+        const int64_t k1 = std::min(K, k0 + c.k_chunk);
         for (int64_t t = tb; t < te; ++t) {
           float* part = chunked ? partial.data() + (t - tb) * MR * 64 : nullptr;
-          const int64_t cnt = cl_tile<V>(a, c, t, g, co0, nv, k0, k1, part, px.data(), tap_off.data(), ahead_ok,
-                                         stage, pix_n, pix_p);
-          if (k1 == taps) cl_store(a, stage, cnt, pix_n, pix_p, row0, nco, consecutive);
+          const int64_t cnt = cl_tile<V>(a, c, t, g, co0, nv, k0, k1, part, px.data(), tap_off.data(),
+                                         ahead_ok && !chunked, stage, pix_n, pix_p);
+          if (k1 == K) cl_store(a, stage, cnt, pix_n, pix_p, row0, nco, consecutive);
         }
       }
     }
@@ -878,12 +880,21 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
     // tile; then the taps go in chunks of at most 256 KiB of weights, each read once per batch of tiles (A/B in
     // one process, 2 threads, Zen 5 VM: 512->512 3x3 @7 NCHW batch 8 keep 0.75 3.49 -> 3.09 ms, keep 0.5 1.41
     // -> 1.35 ms, batch 1 0.205 -> 0.192 ms, channels_last batch 8 keep 0.5 1.30 -> 1.15 ms; chunking blocks of
-    // 295-442 KiB (256->256 3x3 @14, keep 0.5-0.75; 512->512 keep 0.25) cost 1-8%, so they stay whole)
+    // 295-442 KiB (256->256 3x3 @14, keep 0.5-0.75; 512->512 keep 0.25) cost 1-8%, so they stay whole). A 1x1
+    // conv's chunks re-read no input (each takes other channels): past 192 KiB its input channels go in chunks
+    // of at most 64 KiB of weights (2048->512 1x1 @7 batch 8, NCHW keep 0.75 1.16 -> 1.05 ms, keep 0.5 0.56 ->
+    // 0.50 ms, channels_last keep 0.5 0.48 -> 0.45 ms; 1024->256 @14 channels_last keep 0.75, a 192 KiB block,
+    // was 4% slower chunked: it loses the prefetch of the next tile, which runs only unchunked).
     const int64_t taps = KH * KW, tap_bytes = a.Cig * std::min(nv_max * kLanes, cog16) * 4;
-    const int64_t n_chunks =
-        rows || taps * tap_bytes <= (512 << 10) ? 1 : std::min(taps, (taps * tap_bytes + (256 << 10) - 1) / (256 << 10));
-    const int64_t tap_chunk = (taps + n_chunks - 1) / n_chunks;
-    ClArgs c{wt.data_ptr<float>(), zeros.defined() ? zeros.data_ptr<float>() : nullptr, cog16, mr, nv_max, rows, tap_chunk};
+    int64_t k_chunk = taps * a.Cig;
+    if (!rows && taps > 1 && taps * tap_bytes > (512 << 10)) {
+      const int64_t n_chunks = std::min(taps, (taps * tap_bytes + (256 << 10) - 1) / (256 << 10));
+      k_chunk = (taps + n_chunks - 1) / n_chunks * a.Cig;
+    } else if (!rows && taps == 1 && tap_bytes > (192 << 10)) {
+      const int64_t n_chunks = (tap_bytes + (64 << 10) - 1) / (64 << 10);
+      k_chunk = (a.Cig + n_chunks - 1) / n_chunks;
+    }
+    ClArgs c{wt.data_ptr<float>(), zeros.defined() ? zeros.data_ptr<float>() : nullptr, cog16, mr, nv_max, rows, k_chunk};
     ClFn fn = cl_baseline;
 #if PYPRUNE_X86
     if (kernel_isa() == Isa::kAvx512) fn = cl_avx512;
