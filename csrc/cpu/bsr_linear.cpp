@@ -49,27 +49,18 @@ PYPRUNE_INLINE void block_rows(const BsrArgs& a, int64_t blk, int64_t i0, const 
 }
 
 // Units u in [u0, u1) of the (block-row part x token tile) grid; the ISA copy comes from the wrapper's target.
-// xt is x packed token-minor, or (null) this range packs each tile of the row-major x_rows it reaches into its
-// own buffer (units then run tile-outer, so a range packs a tile once).
+// The tiles' slices come from xt, or (xt null) are packed by this range from the row-major x_rows.
 template <class V, int RB, int NV>
 PYPRUNE_INLINE void tile_units(const BsrArgs& a, const float* xt, const float* x_rows, const int64_t* bounds,
                                int64_t u0, int64_t u1, float* y) {
   constexpr int64_t tile = kLanes * NV, ld = tile;
   std::vector<float> buf(a.bh * tile);
-  std::vector<float> own(xt ? 0 : a.K * tile);
-  int64_t packed = -1;
+  TileSource<V> src(xt, x_rows, a.M, a.K, tile);
   for (int64_t u = u0; u < u1; ++u) {
     int64_t p, t;
     a.order.decode(u, p, t);
     const int64_t m0 = t * tile;
-    const float* xtt = xt + t * a.K * ld;
-    if (!xt) {
-      if (t != packed) {
-        pack_token_minor_range<V>(x_rows + m0 * a.K, a.K, std::min(tile, a.M - m0), a.K, own.data(), tile, 0, a.K);
-        packed = t;
-      }
-      xtt = own.data();
-    }
+    const float* xtt = src.slice(t);
     for (int64_t br = bounds[p]; br < bounds[p + 1]; ++br) {
       const int64_t rows = std::min(a.bh, a.N - br * a.bh);
       std::fill(buf.begin(), buf.begin() + rows * tile, 0.f);
@@ -240,22 +231,12 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   const UnitsFn fn = pick_units(isa, nv);
   const int64_t tile = kLanes * nv;
   const auto bounds = balanced_split(n_brows, threads * 8, prefix, bh * 4);
-  const int64_t n_parts = static_cast<int64_t>(bounds.size()) - 1, n_tiles = (M + tile - 1) / tile;
-  // x past 8 MiB (a large map's pixels, channels_last) would make a round trip through memory as a packed copy:
-  // each unit range packs the tiles it reaches instead, units tile-outer
-  const bool own_tiles = K * M * 4 > (8 << 20) && !column_major(x, M);
-  at::Tensor xt, xc;
-  if (own_tiles) {
-    xc = x.contiguous();
-    a.order = UnitOrder{n_parts, n_tiles, true};
-  } else {
-    xt = at::empty({round_up(M, tile), K}, x.options());
-    pack_tokens(x, M, K, xt.data_ptr<float>(), tile);
-    a.order = unit_order(n_parts, n_tiles, nnzb * bh * bw * 4, K * M * 4);
-  }
+  const TokenOperand xo =
+      token_operand(x, M, K, tile, static_cast<int64_t>(bounds.size()) - 1, nnzb * bh * bw * 4);
+  a.order = xo.order;
   const int64_t n_units = a.order.size();
-  const float* xtp = xt.defined() ? xt.data_ptr<float>() : nullptr;
-  const float* xrp = xc.defined() ? xc.data_ptr<float>() : nullptr;
+  const float* xtp = xo.xt_data();
+  const float* xrp = xo.rows_data();
   at::parallel_for(0, n_units, 1, [&](int64_t u0, int64_t u1) { fn(a, xtp, xrp, bounds.data(), u0, u1, yp); });
   return y;
 }

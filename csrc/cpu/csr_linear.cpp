@@ -64,28 +64,17 @@ PYPRUNE_INLINE void rows_tile(const CsrArgs& a, const float* xt, int64_t ld, int
 
 // Units u in [u0, u1) of the (row part x token tile) grid. Each ISA gets its own copy through the target
 // attribute of the wrapper below (a lambda would not inherit it, so parallel_for only calls the wrapper).
-// xt is x packed token-minor, or (null) this range packs each tile of the row-major x_rows it reaches into its
-// own buffer (units then run tile-outer, so a range packs a tile once).
+// The tiles' slices come from xt, or (xt null) are packed by this range from the row-major x_rows.
 template <class V, int NV>
 PYPRUNE_INLINE void tile_units(const CsrArgs& a, const float* xt, const float* x_rows, const int64_t* rb,
                                int64_t u0, int64_t u1, float* y) {
   constexpr int64_t tile = kLanes * NV, ld = tile;
   alignas(64) float buf[kRowGroup * tile];
-  std::vector<float> own(xt ? 0 : a.K * tile);
-  int64_t packed = -1;
+  TileSource<V> src(xt, x_rows, a.M, a.K, tile);
   for (int64_t u = u0; u < u1; ++u) {
     int64_t p, t;
     a.order.decode(u, p, t);
-    const float* xtt = xt + t * a.K * ld;
-    if (!xt) {
-      if (t != packed) {
-        const int64_t m0 = t * tile;
-        pack_token_minor_range<V>(x_rows + m0 * a.K, a.K, std::min(tile, a.M - m0), a.K, own.data(), tile, 0, a.K);
-        packed = t;
-      }
-      xtt = own.data();
-    }
-    rows_tile<V, NV>(a, xtt, ld, rb[p], rb[p + 1], t * tile, buf, y);
+    rows_tile<V, NV>(a, src.slice(t), ld, rb[p], rb[p + 1], t * tile, buf, y);
   }
 }
 
@@ -247,22 +236,11 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   const int64_t tile = kLanes * nv;
   const auto rb = balanced_split(N, threads * 8, prefix, 16);
   const UnitsFn fn = pick_units(isa, nv);
-  const int64_t n_parts = static_cast<int64_t>(rb.size()) - 1, n_tiles = (M + tile - 1) / tile;
-  // x past 8 MiB would make a round trip through memory as a packed copy: each unit range packs the tiles it
-  // reaches instead, units tile-outer (as bsr_linear)
-  const bool own_tiles = K * M * 4 > (8 << 20) && !column_major(x, M);
-  at::Tensor xt, xc;
-  if (own_tiles) {
-    xc = x.contiguous();
-    a.order = UnitOrder{n_parts, n_tiles, true};
-  } else {
-    xt = at::empty({round_up(M, tile), K}, x.options());
-    pack_tokens(x, M, K, xt.data_ptr<float>(), tile);
-    a.order = unit_order(n_parts, n_tiles, nnz * 8, K * M * 4);
-  }
+  const TokenOperand xo = token_operand(x, M, K, tile, static_cast<int64_t>(rb.size()) - 1, nnz * 8);
+  a.order = xo.order;
   const int64_t n_units = a.order.size();
-  const float* xtp = xt.defined() ? xt.data_ptr<float>() : nullptr;
-  const float* xrp = xc.defined() ? xc.data_ptr<float>() : nullptr;
+  const float* xtp = xo.xt_data();
+  const float* xrp = xo.rows_data();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, n_units, 1, [&](int64_t u0, int64_t u1) { fn(a, xtp, xrp, rb.data(), u0, u1, yp); });
   return y;

@@ -51,6 +51,18 @@ def _reference(conv, x):
     return F.conv2d(x.double(), w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
+def _check_output_and_input_grad(sc, conv, x):
+    """sc(x) and the gradient it sends to x against the float64 reference; returns sc(x)."""
+    y = sc(x)
+    torch.testing.assert_close(y.double(), _reference(conv, x), atol=1e-4, rtol=1e-4)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    x64 = x.detach().double().requires_grad_(True)
+    (_reference(conv, x64) * g.double()).sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-4, rtol=1e-4)
+    return y
+
+
 def _as_format(x, fmt):
     if fmt == "channels_last":
         return x.contiguous(memory_format=torch.channels_last)
@@ -348,14 +360,7 @@ def test_nchw_pointwise_chunks_match_reference_and_gradients(monkeypatch, chunk_
     monkeypatch.setattr(pyprune.nn.sparse_conv2d, "_NCHW_CHUNK_BYTES", chunk_bytes)
     conv = _masked_conv(8, 5, 1, 2, 0, 1, 0.5, layout)
     sc = SparseConv2d.from_dense(conv, layout=layout, block=(4, 4))
-    x = torch.randn(3, 8, 9, 11, requires_grad=True)
-    y = sc(x)
-    torch.testing.assert_close(y.double(), _reference(conv, x), atol=1e-4, rtol=1e-4)
-    g = torch.randn_like(y)
-    (y * g).sum().backward()
-    x64 = x.detach().double().requires_grad_(True)
-    (_reference(conv, x64) * g.double()).sum().backward()
-    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-4, rtol=1e-4)
+    _check_output_and_input_grad(sc, conv, torch.randn(3, 8, 9, 11, requires_grad=True))
 
 
 @pytest.mark.parametrize("layout", ["bsr", "2:4"])
@@ -369,15 +374,8 @@ def test_kxk_chunks_match_reference_and_gradients(monkeypatch, chunk_bytes, case
     k, stride, padding, dilation, hw = case
     conv = _masked_conv(8, 6, k, stride, padding, dilation, 0.5, layout)
     sc = SparseConv2d.from_dense(conv, layout=layout, block=(4, 8))
-    x = _as_format(torch.randn(2, 8, *hw), fmt).requires_grad_(True)
-    y = sc(x)
+    y = _check_output_and_input_grad(sc, conv, _as_format(torch.randn(2, 8, *hw), fmt).requires_grad_(True))
     assert y.is_contiguous(memory_format=torch.channels_last if fmt == "channels_last" else torch.contiguous_format)
-    torch.testing.assert_close(y.double(), _reference(conv, x), atol=1e-4, rtol=1e-4)
-    g = torch.randn_like(y)
-    (y * g).sum().backward()
-    x64 = x.detach().double().requires_grad_(True)
-    (_reference(conv, x64) * g.double()).sum().backward()
-    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-4, rtol=1e-4)
 
 
 def test_profile_names_the_op_forward_runs():

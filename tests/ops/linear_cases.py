@@ -60,6 +60,21 @@ def check_column_major_input(op, make_args, layout, k=40, n=36):
         torch.testing.assert_close(op(x, *make_args(w, b)).double(), expected, rtol=0, atol=1e-4)
 
 
+def check_many_tokens(op, make_args, threads):
+    # x over 8 MiB (8203 x 260 floats): each unit range packs the token tiles it reaches (tile-outer units);
+    # a ragged last tile, blocks or rows past the edges, ranges that start mid-tile at 3 threads
+    w = pruned_weight(37, 260, 0.7, "csr")
+    x = torch.randn(8203, 260)
+    b = torch.randn(37)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = op(x, *make_args(w, b))
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(y.double(), F.linear(x.double(), w.double(), b.double()), atol=1e-4, rtol=0)
+
+
 def _with_values(args, values_index, values):
     args = list(args)
     args[values_index] = values

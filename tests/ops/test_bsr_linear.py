@@ -12,6 +12,7 @@ from .linear_cases import (
     check_column_major_input,
     check_gradcheck,
     check_gradients,
+    check_many_tokens,
     check_matches_reference,
     check_opcheck,
     check_shapes_and_empty,
@@ -53,20 +54,7 @@ def test_block_shapes_with_ragged_edges(block, m):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_many_tokens_pack_their_own_tiles(threads):
-    # x over 8 MiB (8203 x 260 floats): each unit range packs the token tiles it reaches (tile-outer units);
-    # a ragged last tile, blocks past the right and bottom edges, ranges that start mid-tile at 3 threads
-    w = pruned_weight(37, 260, 0.7, "csr")
-    x = torch.randn(8203, 260)
-    b = torch.randn(37)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        y = bsr_linear(x, *args_for((16, 8))(w, b))
-    finally:
-        torch.set_num_threads(before)
-    torch.testing.assert_close(
-        y.double(), torch.nn.functional.linear(x.double(), w.double(), b.double()), atol=1e-4, rtol=0
-    )
+    check_many_tokens(bsr_linear, args_for((16, 8)), threads)
 
 
 def test_shapes_and_empty():

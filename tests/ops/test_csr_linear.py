@@ -13,6 +13,7 @@ from .linear_cases import (
     check_column_major_input,
     check_gradcheck,
     check_gradients,
+    check_many_tokens,
     check_matches_reference,
     check_opcheck,
     check_shapes_and_empty,
@@ -37,20 +38,7 @@ def test_shapes_and_empty():
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_many_tokens_pack_their_own_tiles(threads):
-    # x over 8 MiB (8203 x 260 floats): each unit range packs the token tiles it reaches (tile-outer units),
-    # a ragged last tile, ranges that start mid-tile at 3 threads
-    w = pruned_weight(37, 260, 0.7, "csr")
-    x = torch.randn(8203, 260)
-    b = torch.randn(37)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        y = csr_linear(x, *make_args(w, b))
-    finally:
-        torch.set_num_threads(before)
-    torch.testing.assert_close(
-        y.double(), torch.nn.functional.linear(x.double(), w.double(), b.double()), atol=1e-4, rtol=0
-    )
+    check_many_tokens(csr_linear, make_args, threads)
 
 
 def test_skewed_rows():
