@@ -847,10 +847,15 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   // tiles (about a fifth of the FMAs' time at 28x28): stage the kept channels into zero-bordered planes.
   const int64_t Wp = a.W + 2 * a.PW, Hp = a.H + 2 * a.PH;
   const bool planar = xc.stride(3) == 1;
-  // Pixels as GEMM rows: always for channels_last; for NCHW on small maps (7x7, and kxk up to 32x32), where
-  // 64-pixel vectors would waste lanes, need many short im2col runs or staged planes with wasted border columns
-  // (measured, 1-2 threads: 0.65-0.91 -> 0.83-1.2 of the ideal at 7x7 and 14x14, 0.71-0.86 -> 0.76-0.93 at 28x28).
-  const bool small_map = a.P <= 64 || (a.P <= 1024 && (KH > 1 || KW > 1));
+  // Pixels as GEMM rows: always for channels_last; for NCHW on small maps (7x7, stride-1 1x1 up to 16x16, kxk up
+  // to 32x32), where 64-pixel vectors would waste lanes, need many short im2col runs or staged planes with
+  // wasted border columns (measured, 1-2 threads: 0.65-0.91 -> 0.83-1.2 of the ideal at 7x7 and 14x14,
+  // 0.71-0.86 -> 0.76-0.93 at 28x28; stride-1 1x1 at 14x14, Zen 5 VM, 2 threads, 1024->256 at keep 0.25 / 0.5 /
+  // 0.75: batch 1 0.69 / 0.86 / 0.96 -> 0.75 / 0.97 / 1.10, batch 8 0.72 / 0.88 / 0.97 -> 0.83 / 0.95 / 1.02;
+  // not at 28x28, 0.95 -> 0.91 and 0.77 -> 0.56 for 512->128, nor for stride 2, 0.98 -> 0.76 for 512->1024 @28
+  // batch 8).
+  const bool small_map =
+      a.P <= 64 || (a.P <= 256 && KH == 1 && KW == 1 && a.SH == 1 && a.SW == 1) || (a.P <= 1024 && (KH > 1 || KW > 1));
   if ((!planar && xc.stride(1) == 1) || small_map) {
     // read in place through the channel index; the weight transposed once and cached
     const int64_t cog16 = round_up(a.Cog, kLanes);
