@@ -21,7 +21,8 @@ OP = torch.ops.pyprune.pruned_conv2d
 # would waste > 1/7); pixels as rows with row windows (3-wide stride-1 kernels, <= 32 output channels, OW a
 # multiple of 14, 8 or 7): both borders in one 14-pixel tile (14), unpadded with groups (8), 8-pixel tiles of
 # one and two channel vectors (16), 14 and 7 (28); the taps in chunks: see the thread-count test; stride-1 1x1
-# on NCHW maps past 16x16 (17: tiles of 64 pixels that span images) and up to it (10: pixels as rows)
+# on NCHW maps past 16x16 (17: tiles of 64 pixels that span images) and up to it (10: pixels as rows); on
+# channels_last with <= 32 output channels, 14-pixel runs with a partial last tile (7, 10, 56; grouped: 9)
 CASES = [
     (16, 32, 3, 1, 1, 1, 1, 9, 2),
     (7, 5, 1, 1, 0, 1, 1, 7, 1),
@@ -44,6 +45,7 @@ CASES = [
     (12, 12, 3, 1, 2, 2, 3, 36, 1),
     (16, 24, 1, 1, 0, 1, 1, 10, 3),
     (16, 24, 1, 1, 0, 1, 1, 17, 3),
+    (24, 16, 1, 1, 0, 1, 2, 9, 3),
     (16, 24, 3, 1, 1, 1, 1, 14, 2),
     (12, 30, 3, 1, 0, 1, 2, 10, 3),
     (16, 32, 3, 1, 1, 1, 1, 16, 2),
