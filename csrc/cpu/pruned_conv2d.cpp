@@ -12,7 +12,7 @@
 //   value broadcast in place, the weight transposed once and cached (see transposed_weight). With at most 32
 //   output channels a broadcast feeds too few FMAs; 3-wide stride-1 kernels then take row windows of 7-14
 //   pixels, where each broadcast serves the three taps that read it (cl_row_micro), and stride-1 1x1 convs on
-//   channels_last x 14-pixel runs addressed from one pointer (cl_run_micro).
+//   channels_last x 14-pixel runs addressed from one pointer (cl_micro's RUN).
 // The epilogue adds the bias, applies the ReLU and writes each row to its output channel (out_index) in NCHW or
 // channels_last. Convs with one input channel per group (depthwise) take a direct stencil loop instead.
 #include <ATen/Parallel.h>
@@ -390,7 +390,7 @@ struct ClArgs {
   const float* zeros;  // a row of zeros covering every channel index (null when no tap lies in the padding)
   int64_t Cog16, MR, NVmax;  // register tile: MR pixels x up to NVmax channel vectors
   bool rows;                 // row windows (cl_row_micro): MR divides OW
-  bool run;                  // stride-1 unpadded 1x1 on channels_last x: a tile's pixels are one run (cl_run_micro)
+  bool run;                  // stride-1 unpadded 1x1 on channels_last x: a tile's pixels are one run (RUN)
   int64_t k_chunk;           // inputs (tap-major: t * Cig + ci) per pass over a batch of tiles
 };
 
@@ -401,7 +401,10 @@ struct Ahead {
   int64_t lines, per;
 };
 
-template <class V, int MR, int NV>
+// RUN: a full tile of a stride-1 unpadded 1x1 conv on channels_last x, whose MR pixels are one run sW floats
+// apart: addressed from its first pixel's pointer alone instead of MR pointers, which leaves the registers for
+// MR = 14 (28 accumulators at two channel vectors, against 8 x 2).
+template <class V, int MR, int NV, bool RUN = false>
 PYPRUNE_INLINE void cl_micro(const ConvArgs& a, const ClArgs& c, const float* const* px, int64_t g, int64_t co0,
                              int64_t k0, int64_t k1, const float* init, float* stage, const Ahead& ahead) {
   V acc[MR][NV];
@@ -414,7 +417,7 @@ PYPRUNE_INLINE void cl_micro(const ConvArgs& a, const ClArgs& c, const float* co
   for (int64_t t = k0 / a.Cig; t * a.Cig < k1; ++t) {
     const float* const* pt = px + t * MR;
     const float* p[MR];
-    for (int r = 0; r < MR; ++r) p[r] = pt[r];
+    for (int r = 0; r < (RUN ? 1 : MR); ++r) p[r] = pt[r];
     const int64_t ci0 = std::max<int64_t>(0, k0 - t * a.Cig), ci1 = std::min(a.Cig, k1 - t * a.Cig);
     const float* w = c.wt + ((g * taps + t) * a.Cig + ci0) * c.Cog16 + co0;
     for (int64_t ci = ci0; ci < ci1; ++ci, w += c.Cog16) {
@@ -423,7 +426,9 @@ PYPRUNE_INLINE void cl_micro(const ConvArgs& a, const ClArgs& c, const float* co
       for (int v = 0; v < NV; ++v) wv[v] = load16<V>(w + v * kLanes);
       for (int64_t e = 0; e < ahead.per && pf < pf_end; ++e, pf += 64) __builtin_prefetch(pf, 0, 2);
       for (int r = 0; r < MR; ++r) {
-        const float xs = p[r][off];
+        float xs;
+        if constexpr (RUN) xs = p[0][off + r * a.sW];
+        else xs = p[r][off];
         for (int v = 0; v < NV; ++v) acc[r][v] += xs * wv[v];
       }
     }
@@ -444,34 +449,6 @@ PYPRUNE_INLINE void cl_micro_nv(int nv, const ConvArgs& a, const ClArgs& c, cons
   else if (nv == 3) cl_micro<V, MR, (MR <= 8 ? 3 : 1)>(a, c, px, g, co0, k0, k1, init, stage, ahead);
   else if (nv == 2) cl_micro<V, MR, 2>(a, c, px, g, co0, k0, k1, init, stage, ahead);
   else cl_micro<V, MR, 1>(a, c, px, g, co0, k0, k1, init, stage, ahead);
-}
-
-// A full tile of a stride-1 unpadded 1x1 conv on channels_last x, with at most 32 output channels: its MR
-// pixels are one run, sW floats apart, so they are addressed from one pointer per input channel instead of MR
-// pointers, which leaves the registers for MR = 14 (28 accumulators at two channel vectors, against 8 x 2).
-template <class V, int MR, int NV>
-PYPRUNE_INLINE void cl_run_micro(const ConvArgs& a, const ClArgs& c, const float* base, int64_t g, int64_t co0,
-                                 int64_t k0, int64_t k1, const float* init, float* stage, const Ahead& ahead) {
-  V acc[MR][NV];
-  const char* pf = ahead.p;
-  const char* const pf_end = pf + 64 * ahead.lines;
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = init ? load16<V>(init + r * 64 + v * kLanes) : V{};
-  const int64_t* idx = a.in_idx + g * a.Cig;
-  const int64_t sW = a.sW;
-  const float* w = c.wt + (g * a.Cig + k0) * c.Cog16 + co0;
-  for (int64_t ci = k0; ci < k1; ++ci, w += c.Cog16) {
-    const float* q = base + idx[ci];
-    V wv[NV];
-    for (int v = 0; v < NV; ++v) wv[v] = load16<V>(w + v * kLanes);
-    for (int64_t e = 0; e < ahead.per && pf < pf_end; ++e, pf += 64) __builtin_prefetch(pf, 0, 2);
-    for (int r = 0; r < MR; ++r) {
-      const float xs = q[r * sW];
-      for (int v = 0; v < NV; ++v) acc[r][v] += xs * wv[v];
-    }
-  }
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) store16(stage + r * 64 + v * kLanes, acc[r][v]);
 }
 
 // Row windows (KW = 3, stride and dilation 1 along the row, PW <= 1) for at most 32 output channels, where one
@@ -586,8 +563,8 @@ PYPRUNE_INLINE int64_t cl_tile(const ConvArgs& a, const ClArgs& c, int64_t t, in
   float* out = k1 < taps * a.Cig ? part : stage;
   if constexpr (V::kParts == 1) {  // runs: AVX-512 only (the host sets them there)
     if (c.run) {
-      if (cnt == MR && nv == 2) cl_run_micro<V, 14, 2>(a, c, px[0], g, co0, k0, k1, init, out, ahead);
-      else if (cnt == MR) cl_run_micro<V, 14, 1>(a, c, px[0], g, co0, k0, k1, init, out, ahead);
+      if (cnt == MR && nv == 2) cl_micro<V, 14, 2, true>(a, c, px, g, co0, k0, k1, init, out, ahead);
+      else if (cnt == MR) cl_micro<V, 14, 1, true>(a, c, px, g, co0, k0, k1, init, out, ahead);
       else if (nv == 2) cl_micro<V, 14, 2>(a, c, px, g, co0, k0, k1, init, out, ahead);
       else cl_micro<V, 14, 1>(a, c, px, g, co0, k0, k1, init, out, ahead);
       return cnt;
@@ -920,7 +897,7 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
         break;
       }
     }
-    // runs (AVX-512, see cl_run_micro): stride-1 unpadded 1x1 on channels_last x with <= 32 output channels,
+    // runs (AVX-512, see cl_micro's RUN): stride-1 unpadded 1x1 on channels_last x with <= 32 output channels,
     // 14-pixel tiles (A/B in one process, 2 threads: 256->64 1x1 @56 keep 0.5 batch 1 0.080-0.085 -> 0.071 ms,
     // 0.72 -> 0.82 of ideal; 128->32 and 64->32 1x1 8-10% faster; batch 8 within noise)
     const bool run = avx512 && vecs <= 2 && KH == 1 && KW == 1 && a.SH == 1 && a.SW == 1 && a.PH == 0 &&
