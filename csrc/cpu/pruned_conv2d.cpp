@@ -390,7 +390,8 @@ struct ClArgs {
   const float* zeros;  // a row of zeros covering every channel index (null when no tap lies in the padding)
   int64_t Cog16, MR, NVmax;  // register tile: MR pixels x up to NVmax channel vectors
   bool rows;                 // row windows (cl_row_micro): MR divides OW
-  bool run;                  // stride-1 unpadded 1x1 on channels_last x: a tile's pixels are one run (RUN)
+  bool one_run;              // stride-1 unpadded 1x1 on channels_last x: a tile's pixels are one run of x
+  bool run;                  // ... and the full tiles take cl_micro's RUN addressing (AVX-512, <= 32 channels)
   int64_t k_chunk;           // inputs (tap-major: t * Cig + ci) per pass over a batch of tiles
 };
 
@@ -515,9 +516,9 @@ PYPRUNE_INLINE void cl_row_tile(int64_t mr, int nv, const ConvArgs& a, const ClA
   }
 }
 
-// Tile t of one channel block, inputs [k0, k1) (tap-major): the pixels' tap pointers into px (pix_n / pix_p: their image and
-// output pixel), then the register tile, started from `part` after the first chunk and left there before the
-// last (which leaves the result in `stage`). Returns the tile's pixel count.
+// Tile t of one channel block, inputs [k0, k1) (tap-major): the pixels' tap pointers into px (pix_n / pix_p:
+// their image and output pixel), then the register tile, started from `part` after the first chunk and left
+// there before the last (which leaves the result in `stage`). Returns the tile's pixel count.
 template <class V>
 PYPRUNE_INLINE int64_t cl_tile(const ConvArgs& a, const ClArgs& c, int64_t t, int64_t g, int64_t co0, int nv,
                                int64_t k0, int64_t k1, float* part, const float** px, const int64_t* tap_off,
@@ -623,7 +624,7 @@ PYPRUNE_INLINE void cl_units(const ConvArgs& a, const ClArgs& c, int64_t f0, int
   // left the loads waiting (256->64 1x1 @56 batch 8, 2 threads, A/B in one process over four runs: keep 0.75
   // 1.15-1.74 -> 1.07-1.17 ms, keep 0.5 0.60-1.19 -> 0.55-0.85 ms; batch 1 and keep 0.25, which is bound by
   // reading the whole input, unchanged).
-  const bool ahead_ok = a.sC == 1 && taps == 1 && a.SH == 1 && a.SW == 1 && a.PH == 0 && a.PW == 0;
+  const bool ahead_ok = c.one_run;
   // inputs in chunks (c.k_chunk < K): a batch of tiles takes each chunk in turn, its partial sums waiting in
   // `partial`, so that a chunk's weights stay in cache for the whole batch
   const int64_t K = taps * a.Cig;
@@ -900,8 +901,8 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
     // runs (AVX-512, see cl_micro's RUN): stride-1 unpadded 1x1 on channels_last x with <= 32 output channels,
     // 14-pixel tiles (A/B in one process, 2 threads: 256->64 1x1 @56 keep 0.5 batch 1 0.080-0.085 -> 0.071 ms,
     // 0.72 -> 0.82 of ideal; 128->32 and 64->32 1x1 8-10% faster; batch 8 within noise)
-    const bool run = avx512 && vecs <= 2 && KH == 1 && KW == 1 && a.SH == 1 && a.SW == 1 && a.PH == 0 &&
-                     a.PW == 0 && a.sC == 1;
+    const bool one_run = KH == 1 && KW == 1 && a.SH == 1 && a.SW == 1 && a.PH == 0 && a.PW == 0 && a.sC == 1;
+    const bool run = avx512 && vecs <= 2 && one_run;
     if (run) mr = 14, nv_max = 2;
     // A channel block's weights over 512 KiB (with the input, more than a core's L2) stream from L3 once per
     // tile; then the taps go in chunks of at most 256 KiB of weights, each read once per batch of tiles (A/B in
@@ -921,7 +922,8 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
       const int64_t n_chunks = (tap_bytes + (64 << 10) - 1) / (64 << 10);
       k_chunk = (a.Cig + n_chunks - 1) / n_chunks;
     }
-    ClArgs c{wt.data_ptr<float>(), zeros.defined() ? zeros.data_ptr<float>() : nullptr, cog16, mr, nv_max, rows, run, k_chunk};
+    ClArgs c{wt.data_ptr<float>(), zeros.defined() ? zeros.data_ptr<float>() : nullptr, cog16, mr, nv_max, rows,
+             one_run, run, k_chunk};
     ClFn fn = cl_baseline;
 #if PYPRUNE_X86
     if (kernel_isa() == Isa::kAvx512) fn = cl_avx512;

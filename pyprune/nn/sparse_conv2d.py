@@ -281,41 +281,34 @@ class SparseConv2d(nn.Module):
             y = y.view(n, self.out_channels, oh, ow)
             return y if input.dim() == 4 else y.squeeze(0)
         xl = x.permute(0, 2, 3, 1)  # (N, H, W, C): a view; contiguous iff the input is channels_last
-        patch_row = ow * kh * kw * c * x.element_size()  # bytes of im2col per output row
-        if not pointwise and n * oh * patch_row > _KXK_CHUNK_BYTES and not torch.compiler.is_compiling():
-            return self._kxk_chunked(x, xl, oh, ow, max(1, _KXK_CHUNK_BYTES // patch_row), input.dim() == 4)
         if pointwise:
             # 1x1: pixels are rows. A view for dense channels_last input; else one NHWC copy of the pixels
-            a = xl[:, ::sh, ::sw].reshape(n * oh * ow, c)
+            y = self._linear(xl[:, ::sh, ::sw].reshape(n * oh * ow, c)).view(n, oh, ow, self.out_channels)
         else:
-            # explicit im2col from a strided view of the padded NHWC input (F.pad writes it NHWC-contiguous)
+            # explicit im2col from strided views of the padded NHWC input (F.pad writes it NHWC-contiguous);
+            # past _KXK_CHUNK_BYTES (eager only) per image, `rows` output rows per op call
             xp = F.pad(xl, (0, 0, pw, pw, ph, ph)) if ph or pw else xl
-            patches = xp.unfold(1, dh * (kh - 1) + 1, sh).unfold(2, dw * (kw - 1) + 1, sw)
-            patches = patches[..., ::dh, ::dw]  # (N, OH, OW, C, kh, kw)
-            a = patches.permute(0, 1, 2, 4, 5, 3).reshape(n * oh * ow, kh * kw * c)
-        y = self._linear(a).view(n, oh, ow, self.out_channels).permute(0, 3, 1, 2)  # channels_last strides
+            patch_row = ow * kh * kw * c * x.element_size()  # bytes of im2col per output row
+            if n * oh * patch_row > _KXK_CHUNK_BYTES and not torch.compiler.is_compiling():
+                rows = max(1, _KXK_CHUNK_BYTES // patch_row)
+                y = x.new_empty(n, oh, ow, self.out_channels)
+                for i in range(n):
+                    for r0 in range(0, oh, rows):
+                        r1 = min(oh, r0 + rows)
+                        a = self._im2col(xp[i, r0 * sh : (r1 - 1) * sh + dh * (kh - 1) + 1])
+                        y[i, r0:r1] = self._linear(a).view(r1 - r0, ow, self.out_channels)
+            else:
+                y = self._linear(self._im2col(xp)).view(n, oh, ow, self.out_channels)
+        y = y.permute(0, 3, 1, 2)  # channels_last strides
         if not channels_last:
             y = y.contiguous()
         return y if input.dim() == 4 else y.squeeze(0)
 
-    def _kxk_chunked(self, x: Tensor, xl: Tensor, oh: int, ow: int, rows: int, batched: bool) -> Tensor:
-        """kxk with a large im2col: per image, `rows` output rows at a time, each chunk's patches built from
-        the input rows it reads and its (pixels, C_out) result written into its place in an NHWC y."""
-        n, c = x.shape[:2]
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        xp = F.pad(xl, (0, 0, pw, pw, ph, ph)) if ph or pw else xl
-        y = x.new_empty(n, oh, ow, self.out_channels)
-        for i in range(n):
-            for r0 in range(0, oh, rows):
-                r1 = min(oh, r0 + rows)
-                xs = xp[i, r0 * sh : (r1 - 1) * sh + dh * (kh - 1) + 1]
-                patches = xs.unfold(0, dh * (kh - 1) + 1, sh).unfold(1, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
-                a = patches.permute(0, 1, 3, 4, 2).reshape((r1 - r0) * ow, kh * kw * c)
-                y[i, r0:r1] = self._linear(a).view(r1 - r0, ow, self.out_channels)
-        y = y.permute(0, 3, 1, 2)  # channels_last strides
-        if not _channels_last(x):
-            y = y.contiguous()
-        return y if batched else y.squeeze(0)
+    def _im2col(self, xp: Tensor) -> Tensor:
+        """(..., H, W, C) padded NHWC rows -> the (pixels, kh * kw * C) patch matrix in tap-major order."""
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        patches = xp.unfold(-3, dh * (kh - 1) + 1, sh).unfold(-3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
+        return patches.movedim(-3, -1).reshape(-1, kh * kw * xp.shape[-1])  # (..., OH, OW, kh, kw, C)
 
     def to_dense(self) -> nn.Conv2d:
         kh, kw = self.kernel_size
