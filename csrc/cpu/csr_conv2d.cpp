@@ -48,10 +48,11 @@ struct ConvArgs {
   int64_t pf_lines;  // cache lines per plane one tile reads (tile + the taps' reach)
   const Tile* tiles;
   const int64_t* rb;  // output-row part bounds
-  int64_t n_tiles, n_parts, n_images, O, Wq, OW, OHW;
+  int64_t n_tiles, n_parts, O, Wq, OW, OHW;
   bool cl_out;  // y is channels_last: rows leave in groups of 16 through 16x16 transposes (parts are multiples)
   bool pack_tiles;  // 1x1 without staging: each unit range copies (NCHW) or transposes (channels_last) its
-                    // tiles of x_raw into its own buffer
+                    // tiles of x_raw into its own buffer; the tiles then run flat across images (one image
+                    // of N * OHW pixels in q; an NCHW tile that spans images has dst -1)
   const float* x_raw;
   int64_t C, tile;
   float* y;
@@ -100,6 +101,21 @@ PYPRUNE_INLINE void store_tile(const V* acc, const Tile& tl, float bias, int64_t
     float* d = yc + oh * OW - row;
     for (int64_t k = q; k < valid_end; ++k) d[k] = buf[k - tl.q0] + bias;
     q = std::min(q1, row + Wq);
+  }
+}
+
+// NCHW output of a packed tile that spans images (q = n * OHW + p): one run per image. yo: output channel o of
+// image 0; images are O * OHW apart.
+template <class V, int NV>
+PYPRUNE_INLINE void store_tile_images(const V* acc, const Tile& tl, float bias, int64_t OHW, int64_t O, float* yo) {
+  alignas(64) float buf[NV * kLanes];
+  for (int t = 0; t < NV; ++t) store16(buf + kLanes * t, acc[t]);
+  for (int64_t q = tl.q0, q1 = tl.q0 + tl.len; q < q1;) {
+    const int64_t n = q / OHW, p = q - n * OHW, len = std::min(q1 - q, OHW - p);
+    float* d = yo + n * O * OHW + p;
+    const float* s = buf + (q - tl.q0);
+    for (int64_t k = 0; k < len; ++k) d[k] = s[k] + bias;
+    q += len;
   }
 }
 
@@ -166,7 +182,8 @@ PYPRUNE_INLINE void rows_tile(const ConvArgs& a, const Tile& tl, const float* ba
       if (next) prefetch_planes(a, next, (o - r0) * a.planes / rows, (o - r0 + 1) * a.planes / rows);
       const float bias = a.bias ? a.bias[o] : 0.f;
       if (!a.cl_out) {
-        store_tile<V, NV>(acc, tl, bias, a.Wq, a.OW, y_img + o * a.OHW);
+        if (a.pack_tiles && tl.dst < 0) store_tile_images<V, NV>(acc, tl, bias, a.OHW, a.O, y_img + o * a.OHW);
+        else store_tile<V, NV>(acc, tl, bias, a.Wq, a.OW, y_img + o * a.OHW);
         continue;
       }
       const int64_t i = (o - r0) % kLanes;
@@ -225,16 +242,22 @@ PYPRUNE_INLINE void conv_units(const ConvArgs& a, int64_t u0, int64_t u1, float*
     if (a.pack_tiles) {  // pixels q0 .. q0 + len of image n, as C planes of `tile` floats; lanes past len zero
       const int64_t key = n * a.n_tiles + t;
       if (key != packed) {  // the row parts of one tile that fall in this range share its packing
-        const int64_t end = round_up(tl.len, kLanes), full = tl.len / kLanes * kLanes;
-        if (a.cl_out) {
-          stage_row_cl<V>(a.x_raw + (n * a.OHW + tl.q0) * a.C, a.C, 0, tl.len, 0, 1, tile_buf, a.tile);
-        } else {
-          const float* src = a.x_raw + n * a.C * a.OHW + tl.q0;
-          for (int64_t c = 0; c < a.C; ++c) {
-            const float* s = src + c * a.OHW;
-            float* d = tile_buf + c * a.tile;
-            for (int64_t i = 0; i < full; i += kLanes) store16(d + i, load16<V>(s + i));
-            for (int64_t i = full; i < tl.len; ++i) d[i] = s[i];
+        const int64_t end = round_up(tl.len, kLanes);
+        if (a.cl_out) {  // the images' pixels are one run of x
+          stage_row_cl<V>(a.x_raw + tl.q0 * a.C, a.C, 0, tl.len, 0, 1, tile_buf, a.tile);
+        } else {  // one run per image the tile reaches
+          for (int64_t q = tl.q0, q1 = tl.q0 + tl.len; q < q1;) {
+            const int64_t img = q / a.OHW, p = q - img * a.OHW, len = std::min(q1 - q, a.OHW - p);
+            const int64_t full = len / kLanes * kLanes;
+            const float* src = a.x_raw + img * a.C * a.OHW + p;
+            float* dst = tile_buf + (q - tl.q0);
+            for (int64_t c = 0; c < a.C; ++c) {
+              const float* s = src + c * a.OHW;
+              float* d = dst + c * a.tile;
+              for (int64_t i = 0; i < full; i += kLanes) store16(d + i, load16<V>(s + i));
+              for (int64_t i = full; i < len; ++i) d[i] = s[i];
+            }
+            q += len;
           }
         }
         for (int64_t c = 0; end > tl.len && c < a.C; ++c)
@@ -464,17 +487,33 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   const bool cl = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
   const bool in_place = !cl && kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 &&
                         (H * W) % kLanes == 0 && spread(H * W / kLanes);
-  const std::vector<Tile> tiles = make_tiles(OH, OW, Wq, tile);
-  const int64_t n_tiles = static_cast<int64_t>(tiles.size());
+  std::vector<Tile> tiles = make_tiles(OH, OW, Wq, tile);
   const int64_t threads = at::get_num_threads();
   // row parts balanced by nnz; for channels_last output, in whole groups of 16 rows (one transposed store each)
   const int64_t step = cl ? kLanes : 1, groups = (O + step - 1) / step;
-  const int64_t units = std::max<int64_t>(1, N * n_tiles);  // N = 0 returns below, before any use
-  const int64_t want_parts = std::clamp<int64_t>((8 * threads + units - 1) / units, 1, std::max<int64_t>(1, groups));
+  auto parts_for = [&](int64_t units) {  // units = (image, tile) pairs; N = 0 returns below, before any use
+    units = std::max<int64_t>(1, units);
+    return std::clamp<int64_t>((8 * threads + units - 1) / units, 1, std::max<int64_t>(1, groups));
+  };
+  int64_t want_parts = parts_for(N * static_cast<int64_t>(tiles.size()));
   // channels_last 1x1 (stride 1, unpadded) with one part per tile: each unit transposes its own tile into an
   // L2-sized buffer, so the input is read once and no staged copy goes through memory
   const bool unpadded_1x1 = kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0;
   const bool pack_tiles = unpadded_1x1 && (cl ? want_parts == 1 : !in_place);
+  // Packed tiles run flat across images (q = n * OH * OW + p, as one image), so that small maps fill whole
+  // vectors: a 7x7 image alone is 49 pixels in 4 vectors, 8 of them 25 vectors instead of 32.
+  int64_t n_img = N;
+  if (pack_tiles) {
+    tiles = make_tiles(1, N * OH * OW, N * OH * OW, tile);
+    if (!cl)  // an NCHW tile's outputs are one run only inside one image: dst in y's channel 0, else -1
+      for (Tile& t : tiles) {
+        const int64_t n = t.q0 / (OH * OW), p = t.q0 - n * OH * OW;
+        t.dst = p + t.len <= OH * OW ? n * O * OH * OW + p : -1;
+      }
+    n_img = 1;
+    want_parts = parts_for(static_cast<int64_t>(tiles.size()));
+  }
+  const int64_t n_tiles = static_cast<int64_t>(tiles.size());
   int64_t plane = pack_tiles ? tile : round_up(Hq * Wq, kLanes);
   if (!in_place && !pack_tiles && !spread(plane / kLanes)) plane += kLanes;
 
@@ -600,7 +639,6 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
              rb.data(),
              n_tiles,
              static_cast<int64_t>(rb.size()) - 1,
-             N,
              O,
              Wq,
              OW,
@@ -615,7 +653,7 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   // Each thread takes a contiguous range of units of equal cost (vectors x nonzeros, plus a little per row):
   // a short last tile or a light row part would otherwise leave one thread idle. One thread for tiny convs
   // (under ~64K vector FMAs, some 20 us), where waking the second costs more.
-  const int64_t n_units = N * n_tiles * a.n_parts;
+  const int64_t n_units = n_img * n_tiles * a.n_parts;
   std::vector<int64_t> cost(n_units + 1, 0);
   for (int64_t u = 0; u < n_units; ++u) {
     const int64_t p = u % a.n_parts, t = (u / a.n_parts) % n_tiles;

@@ -24,7 +24,9 @@ OP = torch.ops.pyprune.csr_conv2d
 # stride 3 with dilation 2, asymmetric ones), in flat tiles across rows (small maps) or row tiles (wide maps
 # where flat tiles would compute more dropped columns: 1x7 at width 40); kernel wider than the map. With
 # channels_last input the planes are staged through 16x16 transposes, except for a 1x1 conv with many tiles
-# (the last case: 38), where each unit transposes its own tile (channel and pixel tails included).
+# (33x35: 38), where each unit transposes its own tile (channel and pixel tails included). Copied or
+# transposed tiles run flat across images: 7x7 batch 5 and 3x3 batch 9 put two to eight images in one tile
+# (NCHW: outputs stored a run per image), and 33x35 has tiles across the image boundary.
 CASES = [
     (7, 5, (1, 1), 1, 0, 1, (7, 7), 1),
     (16, 24, (1, 1), 1, 0, 1, (8, 8), 3),
@@ -40,6 +42,8 @@ CASES = [
     (5, 6, (7, 7), 1, 3, 1, (4, 5), 1),
     (1, 1, (3, 3), 1, 1, 1, (5, 5), 1),
     (24, 20, (1, 1), 1, 0, 1, (33, 35), 2),
+    (70, 20, (1, 1), 1, 0, 1, (7, 7), 5),
+    (40, 18, (1, 1), 1, 0, 1, (3, 3), 9),
 ]
 
 
