@@ -10,7 +10,8 @@
 // columns per row that are computed and dropped; tiles either follow output rows (no waste, partial last
 // vectors) or run flat across rows, whichever computes fewer vectors. A stride-1 unpadded 1x1 conv on an NCHW
 // map of whole vectors (H*W % 16 == 0) reads x in place; on other NCHW maps (7x7, 14x14) each unit range copies
-// its own tiles into an L2 buffer instead of staging the image (no pass through memory). channels_last x is
+// its own tiles into an L2 buffer instead of staging the image (no pass through memory), the tiles running flat
+// across images so that small maps fill whole vectors. channels_last x is
 // staged through 16x16 transposes and gets a channels_last y, stored 16 rows at a time through the same
 // transposes; for a stride-1 unpadded 1x1 conv with many tiles each unit transposes its own tile instead (the
 // input is read once, nothing staged goes through memory), and with few tiles under 25% density the CSR
