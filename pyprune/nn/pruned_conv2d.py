@@ -153,13 +153,16 @@ class PrunedConv2d(nn.Module):
         if not isinstance(input, Tensor) or input.dim() != 4 or input.shape[1] != self.in_channels:
             shape = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
             raise ValueError(f"input must have shape (N, in_channels={self.in_channels}, H, W), got {shape}")
-        if input.dtype != self.weight.dtype:
-            raise TypeError(f"input has dtype {input.dtype} but the weight is {self.weight.dtype}; convert "
+        # each parameter and buffer read once: a module's __getattr__ costs ~0.45 us a read, a sizeable share of
+        # a small conv's call
+        weight = self.weight
+        if input.dtype != weight.dtype:
+            raise TypeError(f"input has dtype {input.dtype} but the weight is {weight.dtype}; convert "
                             f"one of them (e.g. module.to({input.dtype}))")  # fmt: skip
-        out_index = self.out_index if self.scatter_output else None
+        scatter = self.scatter_output
         return ops.pruned_conv2d(
-            input, self.weight, self.bias, self.in_index, out_index,
-            self.out_channels if self.scatter_output else self.weight.shape[0],
+            input, weight, self.bias, self.in_index, self.out_index if scatter else None,
+            self.out_channels if scatter else weight.shape[0],
             self.stride, self.padding, self.dilation, self.groups, self.relu,
         )  # fmt: skip
 

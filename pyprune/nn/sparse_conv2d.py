@@ -231,7 +231,8 @@ class SparseConv2d(nn.Module):
                 f"input must have shape (N, in_channels={self.in_channels}, H, W) or (in_channels, H, W), "
                 f"got {tuple(input.shape)}"
             )
-        values = self.weight.values
+        wt = self.weight  # read once: a module attribute costs ~0.45 us a read
+        values = wt.values
         if input.dtype != values.dtype:
             raise TypeError(
                 f"input has dtype {input.dtype} but the weight is {values.dtype}; "
@@ -241,9 +242,8 @@ class SparseConv2d(nn.Module):
             raise ValueError(f"input is on {input.device} but the weight is on {values.device}")
         x = input if input.dim() == 4 else input.unsqueeze(0)
         if self.layout == "csr":  # the op checks the spatial size itself
-            wt = self.weight
             y = ops.csr_conv2d(
-                x, wt.crow_indices, wt.col_indices, wt.values, self.out_channels, self.kernel_size, self.bias,
+                x, wt.crow_indices, wt.col_indices, values, self.out_channels, self.kernel_size, self.bias,
                 self.stride, self.padding, self.dilation,
             )  # fmt: skip
             if _channels_last(x):
