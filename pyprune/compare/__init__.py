@@ -36,6 +36,18 @@ def _args(example_inputs) -> tuple:
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
 
 
+def _memory_format(model: nn.Module, args: tuple) -> str | None:
+    """How the images flow: "channels_last" when a 4-D input or a conv weight is laid out so (and not trivially
+    NCHW too; as for F.conv2d, either makes the convs' outputs channels_last), else "contiguous"; None without a
+    4-D input."""
+    images = [a for a in args if isinstance(a, torch.Tensor) and a.dim() == 4]
+    if not images:
+        return None
+    weights = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+    cl = any(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() for t in images + weights)
+    return "channels_last" if cl else "contiguous"
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """The torch.device for ``device``, or ValueError naming the valid choices on this machine."""
     valid = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -176,7 +188,7 @@ def compare(
     sync = torch.cuda.synchronize if dev.type == "cuda" else None
     t_start = time.perf_counter()
     with fixed_threads(threads) as nthreads, torch.no_grad(), Progress(progress) as prog:
-        env = environment(nthreads, str(dev))
+        env = {**environment(nthreads, str(dev)), "memory_format": _memory_format(model, args)}
         if peak is None:
             prog.stage("measuring the roofline (matmul rate, copy bandwidth)", 1)
             peak = measure_peak(nthreads, str(dev))

@@ -24,8 +24,11 @@ DEFAULT_LEVELS = (0.5, 0.75, 0.9)
 QUICK_LEVELS = (0.9,)
 
 
-def model_and_inputs(name: str, batch: int = 1, seq: int | None = None, image: int | None = None):
-    """The named zoo model (eval mode) and its example inputs."""
+def model_and_inputs(
+    name: str, batch: int = 1, seq: int | None = None, image: int | None = None, channels_last: bool = False
+):
+    """The named zoo model (eval mode) and its example inputs; ``channels_last``: an image model's weights and
+    input in channels_last memory format."""
     import torch
 
     from .. import models
@@ -38,6 +41,8 @@ def model_and_inputs(name: str, batch: int = 1, seq: int | None = None, image: i
     m = getattr(models, ctor)(*ctor_args).eval()
     gen = torch.Generator().manual_seed(0)
     if kind == "tokens":
+        if channels_last:
+            raise ValueError(f"--channels-last applies to image models; {name} takes token ids")
         s = seq or size
         if not 1 <= s <= m.config.max_position_embeddings:
             raise ValueError(f"--seq must lie in [1, {m.config.max_position_embeddings}], got {s}")
@@ -46,7 +51,10 @@ def model_and_inputs(name: str, batch: int = 1, seq: int | None = None, image: i
     if side < 1:
         raise ValueError(f"--image must be >= 1, got {side}")
     channels = 1 if kind == "image1" else 3
-    return m, (torch.randn(batch, channels, side, side, generator=gen),)
+    x = torch.randn(batch, channels, side, side, generator=gen)
+    if channels_last:
+        return m.to(memory_format=torch.channels_last), (x.contiguous(memory_format=torch.channels_last),)
+    return m, (x,)
 
 
 def resolve_cli_device(device: str) -> str:
@@ -79,6 +87,11 @@ def _common(p: argparse.ArgumentParser, model_nargs) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's current)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda without a GPU: warns, uses the CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="image models: weights and input in channels_last memory format, for every variant (dense too)",
+    )
 
 
 def _methods(values):
@@ -95,6 +108,11 @@ def _suffixed(path: str, model: str, many: bool) -> str:
         return path
     root, ext = os.path.splitext(path)
     return f"{root}_{model}{ext}"
+
+
+def _run_name(name: str, args) -> str:
+    """The report's model name, which also names its files: channels_last runs apart from the default ones."""
+    return f"{name} channels_last" if args.channels_last else name
 
 
 def _compare(args) -> int:
@@ -115,11 +133,12 @@ def _compare(args) -> int:
         peak = measure_peak(nthreads, device)
     many = len(names) > 1
     for name in names:
-        model, inputs = model_and_inputs(name, args.batch, args.seq, args.image)
+        model, inputs = model_and_inputs(name, args.batch, args.seq, args.image, args.channels_last)
         t1 = time.perf_counter()
         report = compare(
             model, inputs, methods=methods, levels=levels, device=device, threads=args.threads, rounds=rounds,
-            budget_s=budget, name=name, per_layer=args.per_layer, peak=peak, progress=not args.no_progress,
+            budget_s=budget, name=_run_name(name, args), per_layer=args.per_layer, peak=peak,
+            progress=not args.no_progress,
         )  # fmt: skip
         report.print()
         if args.per_layer:
@@ -153,14 +172,14 @@ def _profile(args) -> int:
     if not 0.0 < args.level < 1.0:
         raise ValueError(f"--level must lie in (0, 1), got {args.level}")
     device = resolve_cli_device(args.device)
-    model, inputs = model_and_inputs(name, args.batch, args.seq, args.image)
+    model, inputs = model_and_inputs(name, args.batch, args.seq, args.image, args.channels_last)
     trace = args.trace or f"pyprune_trace_{name}_{args.method.replace(':', '')}_{args.level:g}.json"
     t0 = time.perf_counter()
     with fixed_threads(args.threads) as nthreads:
         peak = measure_peak(nthreads, device)
     rep = profile_variant(
         model, inputs, args.method, args.level, trace=trace, device=device, threads=args.threads,
-        layer_repeats=args.repeats, peak=peak, progress=not args.no_progress, name=name,
+        layer_repeats=args.repeats, peak=peak, progress=not args.no_progress, name=_run_name(name, args),
     )  # fmt: skip
     level = 0.5 if args.method == "2:4" else args.level
     print(rep.header())
@@ -179,11 +198,12 @@ def _advise(args) -> int:
     name = args.model or "bert-small"
     device = resolve_cli_device(args.device)
     methods = ("dense", *_methods(args.methods))
-    model, inputs = model_and_inputs(name, args.batch, args.seq, args.image)
+    model, inputs = model_and_inputs(name, args.batch, args.seq, args.image, args.channels_last)
     t0 = time.perf_counter()
     rep = compare(
         model, inputs, methods=methods, levels=args.levels, device=device, threads=args.threads,
-        rounds=args.rounds, budget_s=args.budget, name=name, per_layer=True, progress=not args.no_progress,
+        rounds=args.rounds, budget_s=args.budget, name=_run_name(name, args), per_layer=True,
+        progress=not args.no_progress,
     )  # fmt: skip
     print(rep.header())
     print(rep.advice_text(per_layer=not args.summary))

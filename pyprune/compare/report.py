@@ -31,6 +31,7 @@ CSV_FIELDS = (
 ENV_FIELDS = (
     "device", "cpu", "isa", "cpu_flags", "cpu_count", "threads", "torch", "triton", "python", "gpu", "git_commit",
     "peak_gflops", "peak_engine", "mm_gflops", "conv1x1_gflops", "copy_gbps", "loadavg_start", "loadavg_end",
+    "memory_format",
 )  # fmt: skip
 
 # the SIMD extensions that decide which kernels run (pyprune's C++ dispatch, oneDNN's and MKL's)
@@ -190,6 +191,8 @@ class Report:
             f"{self.model} on {e.get('device')}: {e.get('cpu')} ({e.get('isa')}), {e.get('threads')} threads, "
             f"torch {e.get('torch')}, commit {e.get('git_commit')}"
         )
+        if e.get("memory_format") == "channels_last":
+            s += "; channels_last input"
         if "peak_gflops" in e:
             s += f"; measured peak {e['peak_gflops']:.1f} GFLOP/s matmul"
             if e.get("conv1x1_gflops"):  # which dense engine set it, and the other one's rate

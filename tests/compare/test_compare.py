@@ -314,5 +314,31 @@ def test_cli_compare_lenet(tmp_path):
         assert "no CUDA GPU is available" in proc.stderr and "continuing on the CPU" in proc.stderr
 
 
+def test_cli_compare_channels_last(tmp_path, capsys):
+    # every variant, dense included, runs on the channels_last input; the report says so and its files are
+    # named apart from a default run's
+    argv = ["compare", "--model", "lenet5", "--channels-last", "--levels", "0.5", "--rounds", "2", "--budget", "1"]
+    argv += ["--methods", "dense", "channel-pyprune", "csr", "--no-progress", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert "channels_last input" in capsys.readouterr().out
+    data = json.loads((tmp_path / "compare_lenet5_channels_last.json").read_text())
+    assert data["environment"]["memory_format"] == "channels_last"
+    rows = {r["method"]: r for r in data["rows"]}
+    assert set(rows) == {"dense", "channel-pyprune", "csr"}
+    assert all(r["speedup"] > 0 for r in rows.values())
+    assert "pyprune::pruned_conv2d" in rows["channel-pyprune"]["kernels"]
+    assert not (tmp_path / "compare_lenet5.json").exists()
+
+
+def test_memory_format_recorded_for_default_inputs(lenet_report, mlp_report):
+    assert lenet_report.environment["memory_format"] == "contiguous"
+    assert mlp_report.environment["memory_format"] is None  # no image input
+
+
+def test_cli_channels_last_needs_an_image_model(capsys):
+    assert main(["compare", "--model", "bert-small", "--channels-last", "--no-progress"]) == 2
+    assert "--channels-last applies to image models; bert-small takes token ids" in capsys.readouterr().err
+
+
 def test_cli_info_still_works(capsys):
     assert main(["info"]) == 0
