@@ -335,6 +335,17 @@ def test_memory_format_recorded_for_default_inputs(lenet_report, mlp_report):
     assert mlp_report.environment["memory_format"] is None  # no image input
 
 
+def test_pool_hint_points_nchw_runs_at_channels_last():
+    from pyprune.compare import _pool_hint
+
+    ran = "aten::max_pool2d_with_indices 46%, pyprune::pruned_conv2d[cpp] 40%, aten::addmm 7%"
+    hint = _pool_hint(ran, "contiguous")
+    assert "max pool takes 46%" in hint and "--channels-last" in hint
+    assert _pool_hint(ran, "channels_last") == ""  # already there
+    assert _pool_hint("aten::mkldnn_convolution 80%, aten::max_pool2d_with_indices 7%", "contiguous") == ""
+    assert _pool_hint("aten::addmm 90%", None) == ""
+
+
 def test_cli_channels_last_needs_an_image_model(capsys):
     assert main(["compare", "--model", "bert-small", "--channels-last", "--no-progress"]) == 2
     assert "--channels-last applies to image models; bert-small takes token ids" in capsys.readouterr().err
