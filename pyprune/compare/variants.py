@@ -13,7 +13,9 @@
 - ``csr``: the masked model converted with ``convert(layout="csr")``; ``bsr``: ``sparsify(pattern="block")`` of
   the layers whose shape tiles by ``block``, converted to BSR; ``2:4``: ``sparsify(pattern="2:4")`` then
   ``convert(layout="2:4")`` (density is fixed at 1/2, so it is built once, at level 0.5). Conv2d layers are
-  converted too when ``pyprune.nn.SparseConv2d`` exists; otherwise their masks are baked into plain convs;
+  converted too when ``pyprune.nn.SparseConv2d`` exists; otherwise their masks are baked into plain convs.
+  In all three, an eval-mode BatchNorm2d that alone follows a conv is folded into it first (``fold_bn``; zeros
+  stay zeros), as channel-pyprune folds its own;
 - ``torch.sparse``: the masked model's Linear weights as ``torch.sparse_csr`` tensors, ``y^T = W @ x^T`` through
   ``torch.mm`` (MKL on CPU): the incumbent sparse baseline.
 """
@@ -26,6 +28,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..pruning import convert, get_mask, prune_channels, sparsify
 
@@ -166,6 +169,53 @@ def _convert_convs(model: nn.Module, layout: str, block: tuple[int, int]) -> tup
     return done, why
 
 
+def _bn_after(node, modules) -> tuple | None:
+    """(bn node, bn module) when ``node``'s output feeds only an eval-mode BatchNorm2d with running statistics."""
+    users = list(node.users)
+    if len(users) != 1 or users[0].op != "call_module":
+        return None
+    bn = modules.get(users[0].target)
+    if not isinstance(bn, nn.BatchNorm2d) or bn.training or bn.running_mean is None:
+        return None
+    return users[0], bn
+
+
+def fold_bn(model: nn.Module) -> tuple[nn.Module, int, str]:
+    """A copy of ``model`` with every eval-mode BatchNorm2d that alone consumes a Conv2d's output folded into that
+    conv (its weight scaled per output channel, a masked conv's mask kept: zeros stay zeros; a bias added) and
+    taken out of the graph. Returns (model, BNs folded, why none were: an fx trace failure)."""
+    from ..nn._bn import bn_affine
+
+    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        return model, 0, ""
+    try:
+        gm = torch.fx.symbolic_trace(copy.deepcopy(model))
+    except Exception as exc:  # noqa: BLE001  (fx raises many types)
+        return model, 0, f"fx trace failed ({type(exc).__name__}), BN not folded"
+    modules = dict(gm.named_modules())
+    folded = 0
+    for node in list(gm.graph.nodes):
+        conv = modules.get(node.target) if node.op == "call_module" else None
+        found = _bn_after(node, modules) if isinstance(conv, nn.Conv2d) else None
+        if found is None:
+            continue
+        bn_node, bn = found
+        scale, shift = bn_affine(bn, conv.out_channels)
+        masked = parametrize.is_parametrized(conv, "weight")
+        weight = conv.parametrizations.weight.original if masked else conv.weight
+        with torch.no_grad():
+            weight.mul_(scale.view(-1, 1, 1, 1).to(weight.dtype))
+            bias = (conv.bias.detach() * scale if conv.bias is not None else 0) + shift
+            conv.bias = nn.Parameter(bias.to(weight.dtype))
+        bn_node.replace_all_uses_with(node)
+        gm.graph.erase_node(bn_node)
+        folded += 1
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    return gm, folded, ""
+
+
 def _is_relu(node, modules) -> bool:
     if node.op == "call_module":
         return isinstance(modules.get(node.target), nn.ReLU)
@@ -199,15 +249,9 @@ def fuse_pruned_convs(model: nn.Module) -> tuple[nn.Module, dict]:
         if node.op != "call_module" or not isinstance(modules.get(node.target), nn.Conv2d):
             continue
         conv, bn, bn_node, relu_node, last = modules[node.target], None, None, None, node
-        users = list(node.users)
-        if (
-            len(users) == 1
-            and users[0].op == "call_module"
-            and isinstance(modules.get(users[0].target), nn.BatchNorm2d)
-            and not modules[users[0].target].training
-            and modules[users[0].target].running_mean is not None
-        ):
-            bn_node, bn = users[0], modules[users[0].target]
+        found = _bn_after(node, modules)
+        if found is not None:
+            bn_node, bn = found
             last = bn_node
         users = list(last.users)
         if len(users) == 1 and _is_relu(users[0], modules):
@@ -267,10 +311,11 @@ class Builder:
         return self._masked[level]
 
     def csr(self, level: float) -> tuple[nn.Module, str]:
-        out = convert(self.masked(level), layout="csr", block=self.block)
+        folded, n_bn, why_bn = fold_bn(self.masked(level))
+        out = convert(folded, layout="csr", block=self.block, inplace=folded is not self.masked(level))
         _, why = _convert_convs(out, "csr", self.block)
         baked = _bake_all(out)
-        return out, _sparse_note(out, "csr", baked, why)
+        return out, _sparse_note(out, "csr", baked, why, n_bn, why_bn)
 
     def torch_sparse(self, level: float) -> tuple[nn.Module, str]:
         out = copy.deepcopy(self.masked(level))
@@ -290,8 +335,9 @@ class Builder:
         SparseConv2d exists): ``SparseConv2d.from_dense(conv, sparsity, layout)``, which selects the pattern in
         its own (tap-major) weight layout, so blocks and 2:4 groups line up with what its kernel stores."""
         bh, bw = self.block
+        base, n_bn, why_bn = fold_bn(self.model)
         good, bad = [], []
-        for name, m in self.model.named_modules():
+        for name, m in base.named_modules():
             if isinstance(m, nn.Linear):
                 ok = (
                     (m.out_features % bh == 0 and m.in_features % bw == 0)
@@ -301,10 +347,10 @@ class Builder:
                 (good if ok else bad).append(name)
         if good:
             kw = {"pattern": "block", "block": self.block} if method == "bsr" else {"pattern": "2:4"}
-            masked = sparsify(self.model, level, types=(nn.Linear,), ignore=bad, **kw)
+            masked = sparsify(base, level, types=(nn.Linear,), ignore=bad, **kw)
             out = convert(masked, layout=method, block=self.block, inplace=True)
         else:
-            out = copy.deepcopy(self.model)
+            out = copy.deepcopy(base)
         convs = [n for n, m in out.named_modules() if isinstance(m, nn.Conv2d)]
         sc, why, kept = _sparse_conv_cls(), "", 0
         for name in convs:
@@ -322,7 +368,7 @@ class Builder:
             raise NotApplicable(
                 f"no Linear layer {shape}" + (f" and no conv converts ({why})" if convs else "")
             )
-        note = _sparse_note(out, method, 0, "")
+        note = _sparse_note(out, method, 0, "", n_bn, why_bn)
         if bad or kept:
             note += f", {len(bad) + kept} kept dense" + (f" ({why})" if why else "")
         return out, note
@@ -371,7 +417,8 @@ class Builder:
         return out, "; ".join([note] + [", ".join(parts)])
 
 
-def _sparse_note(model: nn.Module, layout: str, baked: int, why: str) -> str:
+def _sparse_note(model: nn.Module, layout: str, baked: int, why: str, bn: int = 0, why_bn: str = "") -> str:
+    """What a sparse variant holds: its sparse layers, the layers left dense and why, the BNs folded."""
     from ..nn import SparseLinear
 
     n_lin = sum(isinstance(m, SparseLinear) for m in model.modules())
@@ -382,4 +429,8 @@ def _sparse_note(model: nn.Module, layout: str, baked: int, why: str) -> str:
     note += f" -> {layout}"
     if baked:
         note += f", {baked} dense" + (f" ({why})" if why else "")
+    if bn:
+        note += f", {bn} BN folded"
+    elif why_bn:
+        note += f", {why_bn}"
     return note

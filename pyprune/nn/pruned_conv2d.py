@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops.pruned_conv2d import check_channel_index, pair
+from ._bn import bn_affine
 
 
 def _index(idx, n: int, name: str, device) -> Tensor | None:
@@ -133,16 +134,11 @@ class PrunedConv2d(nn.Module):
         weight = weight.clone()
         bias = conv.bias.detach()[rows].clone() if conv.bias is not None else None
         if bn is not None:
-            if not isinstance(bn, nn.BatchNorm2d) or bn.num_features != conv.out_channels:
-                raise ValueError(f"bn must be a BatchNorm2d over conv's {conv.out_channels} output channels")
-            if bn.running_mean is None:
-                raise ValueError("bn must track running statistics to be folded")
-            scale = bn.weight.detach() if bn.affine else torch.ones_like(bn.running_var)
-            shift = bn.bias.detach() if bn.affine else torch.zeros_like(bn.running_mean)
-            s = (scale / torch.sqrt(bn.running_var + bn.eps))[rows]
+            scale, shift = bn_affine(bn, conv.out_channels)
+            s = scale[rows]
             weight = weight * s.reshape(-1, 1, 1, 1).to(weight.dtype)
             b0 = bias if bias is not None else torch.zeros_like(s)
-            bias = ((b0 - bn.running_mean[rows]) * s + shift[rows]).to(weight.dtype)
+            bias = (b0 * s + shift[rows]).to(weight.dtype)
         with torch.no_grad():
             new.weight.data = weight.contiguous()
             if new.bias is not None:

@@ -3,8 +3,9 @@ import torch
 from torch import nn
 
 import pyprune
-from pyprune.compare.variants import Builder, NotApplicable, TorchSparseLinear, fuse_pruned_convs
+from pyprune.compare.variants import Builder, NotApplicable, TorchSparseLinear, fold_bn, fuse_pruned_convs
 from pyprune.compare.work import measure_work, time_layers
+from pyprune.pruning import get_mask, sparsify
 
 
 def test_useful_flops_linear_masked_and_sparse():
@@ -82,6 +83,47 @@ def test_fuse_pruned_convs_folds_bn_and_relu():
     with torch.no_grad():
         torch.testing.assert_close(fused(x), net(x), rtol=1e-4, atol=1e-5)
     assert isinstance(net.conv1, nn.Conv2d)  # the original is untouched
+
+
+def _net_with_bn_stats():
+    torch.manual_seed(0)
+    net = _Net()
+    for bn in (net.bn1, net.bn2):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+def test_fold_bn_keeps_masks_and_outputs():
+    net = _net_with_bn_stats()
+    masked = sparsify(net, 0.6, pattern="unstructured")
+    mask = get_mask(masked.conv1).clone()
+    folded, n, why = fold_bn(masked)
+    assert (n, why) == (2, "")
+    assert "BatchNorm2d" not in [type(m).__name__ for m in folded.modules()]
+    assert torch.equal(get_mask(folded.conv1), mask)  # still masked: zeros stay zeros
+    assert torch.equal(folded.conv1.weight == 0, masked.conv1.weight == 0)
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), masked(x), rtol=1e-4, atol=1e-5)
+    assert isinstance(masked.bn1, nn.BatchNorm2d)  # the original is untouched
+    plain = nn.Sequential(nn.Linear(4, 4))
+    assert fold_bn(plain) == (plain, 0, "")  # nothing to fold: the model itself
+
+
+@pytest.mark.parametrize("method", ["csr", "bsr"])
+def test_sparse_variants_fold_bn(method):
+    net = _net_with_bn_stats()
+    x = torch.randn(2, 3, 9, 9)
+    b = Builder(net, (x,))
+    mod, note = b.build(method, 0.5)
+    kinds = [type(m).__name__ for m in mod.modules()]
+    assert "BatchNorm2d" not in kinds and "SparseConv2d" in kinds
+    assert "2 BN folded" in note
+    if method == "csr":  # same zeros as the masked variant: the same function
+        with torch.no_grad():
+            torch.testing.assert_close(mod(x), b.masked(0.5)(x), rtol=1e-4, atol=1e-5)
 
 
 def test_builder_not_applicable_and_unknown():
