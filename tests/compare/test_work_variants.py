@@ -67,24 +67,6 @@ class _Net(nn.Module):
         return self.conv3(torch.relu(z + y))  # the ReLU after bn2 follows an add: not fused
 
 
-def test_fuse_pruned_convs_folds_bn_and_relu():
-    torch.manual_seed(0)
-    net = _Net()
-    for bn in (net.bn1, net.bn2):
-        bn.running_mean.uniform_(-0.5, 0.5)
-        bn.running_var.uniform_(0.5, 2.0)
-        bn.weight.data.uniform_(0.5, 1.5)
-    net.eval()
-    fused, counts = fuse_pruned_convs(net)
-    assert counts == {"conv": 3, "bn": 2, "relu": 1, "skipped": 0, "why": ""}
-    kinds = [type(m).__name__ for m in fused.modules()]
-    assert kinds.count("PrunedConv2d") == 3 and "BatchNorm2d" not in kinds
-    x = torch.randn(2, 3, 9, 9)
-    with torch.no_grad():
-        torch.testing.assert_close(fused(x), net(x), rtol=1e-4, atol=1e-5)
-    assert isinstance(net.conv1, nn.Conv2d)  # the original is untouched
-
-
 def _net_with_bn_stats():
     torch.manual_seed(0)
     net = _Net()
@@ -93,6 +75,18 @@ def _net_with_bn_stats():
         bn.running_var.uniform_(0.5, 2.0)
         bn.weight.data.uniform_(0.5, 1.5)
     return net.eval()
+
+
+def test_fuse_pruned_convs_folds_bn_and_relu():
+    net = _net_with_bn_stats()
+    fused, counts = fuse_pruned_convs(net)
+    assert counts == {"conv": 3, "bn": 2, "relu": 1, "skipped": 0, "why": ""}
+    kinds = [type(m).__name__ for m in fused.modules()]
+    assert kinds.count("PrunedConv2d") == 3 and "BatchNorm2d" not in kinds
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), net(x), rtol=1e-4, atol=1e-5)
+    assert isinstance(net.conv1, nn.Conv2d)  # the original is untouched
 
 
 def test_fold_bn_keeps_masks_and_outputs():
