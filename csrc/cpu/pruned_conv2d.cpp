@@ -940,7 +940,10 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
     // runs (AVX-512, see cl_micro's RUN): stride-1 unpadded 1x1 on channels_last x with <= 32 output channels,
     // 14-pixel tiles (A/B in one process, 2 threads: 256->64 1x1 @56 keep 0.5 batch 1 0.080-0.085 -> 0.071 ms,
     // 0.72 -> 0.82 of ideal; 128->32 and 64->32 1x1 8-10% faster; batch 8 within noise)
-    const bool one_run = KH == 1 && KW == 1 && a.SH == 1 && a.SW == 1 && a.PH == 0 && a.PW == 0 && a.sC == 1;
+    // (pixels one run: every pixel of the batch sW floats after the previous one, i.e. channels_last x; an NCHW
+    // 1x1 map also has sC == 1, but its images lie C floats apart)
+    const bool one_run = KH == 1 && KW == 1 && a.SH == 1 && a.SW == 1 && a.PH == 0 && a.PW == 0 && a.sC == 1 &&
+                         a.sH == a.W * a.sW && a.sN == a.H * a.sH;
     const bool run = avx512 && vecs <= 2 && one_run;
     if (run) mr = 14, nv_max = 2;
     // A channel block's weights over 512 KiB (with the input, more than a core's L2) stream from L3 once per

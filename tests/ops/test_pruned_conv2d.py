@@ -22,7 +22,8 @@ OP = torch.ops.pyprune.pruned_conv2d
 # multiple of 14, 8 or 7): both borders in one 14-pixel tile (14), unpadded with groups (8), 8-pixel tiles of
 # one and two channel vectors (16), 14 and 7 (28); the taps in chunks: see the thread-count test; stride-1 1x1
 # on NCHW maps past 16x16 (17: tiles of 64 pixels that span images) and up to it (10: pixels as rows); on
-# channels_last with <= 32 output channels, 14-pixel runs with a partial last tile (7, 10, 56; grouped: 9)
+# channels_last with <= 32 output channels, 14-pixel runs with a partial last tile (7, 10, 56; grouped: 9),
+# but not a 1x1 map of 30 NCHW images (its pixels are one input channel apart yet not one run: C floats apart)
 CASES = [
     (16, 32, 3, 1, 1, 1, 1, 9, 2),
     (7, 5, 1, 1, 0, 1, 1, 7, 1),
@@ -50,6 +51,7 @@ CASES = [
     (12, 30, 3, 1, 0, 1, 2, 10, 3),
     (16, 32, 3, 1, 1, 1, 1, 16, 2),
     (24, 32, 3, 1, 1, 1, 1, 28, 1),
+    (40, 24, 1, 1, 0, 1, 1, 1, 30),
 ]
 
 
