@@ -29,13 +29,21 @@ def _shapes(seed: int, n: int):
             continue
         out.append(
             dict(
-                cin=rng.choice([1, 3, 8, 16, 33, 64]), cout=rng.choice([1, 5, 16, 24, 32, 40, 70]),
+                cin=rng.choice([1, 3, 8, 16, 33, 64]),
+                cout=rng.choice([1, 5, 16, 24, 32, 40, 70]),
                 k=k,
-                s=rng.choice([1, 1, 2]), p=p, h=h, w=w, n=rng.choice([1, 2, 5, 14, 15, 30]),
-                cl=rng.random() < 0.5, keep=rng.choice([1.0, 0.5, 0.25]), sparsity=rng.choice([0.0, 0.5, 0.9]),
-                bias=rng.random() < 0.5, relu=rng.random() < 0.3,
+                s=rng.choice([1, 1, 2]),
+                p=p,
+                h=h,
+                w=w,
+                n=rng.choice([1, 2, 5, 14, 15, 30]),
+                cl=rng.random() < 0.5,
+                keep=rng.choice([1.0, 0.5, 0.25]),
+                sparsity=rng.choice([0.0, 0.5, 0.9]),
+                bias=rng.random() < 0.5,
+                relu=rng.random() < 0.3,
             )
-        )  # fmt: skip
+        )
     return out
 
 
