@@ -38,21 +38,23 @@ def _args(example_inputs) -> tuple:
 
 
 def _memory_format(model: nn.Module, args: tuple) -> str | None:
-    """How the images flow: "channels_last" when a 4-D input or a conv weight is laid out so (and not trivially
-    NCHW too; as for F.conv2d, either makes the convs' outputs channels_last), else "contiguous"; None without a
-    4-D input."""
+    """How the images flow: "channels_last" when a 4-D input or a conv weight is laid out so (and not
+    trivially NCHW too; as for F.conv2d, either makes the convs' outputs channels_last), else "contiguous";
+    None without a 4-D input."""
     images = [a for a in args if isinstance(a, torch.Tensor) and a.dim() == 4]
     if not images:
         return None
     weights = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
-    cl = any(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() for t in images + weights)
+    cl = any(
+        t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() for t in images + weights
+    )
     return "channels_last" if cl else "contiguous"
 
 
 def _pool_hint(kernels: str, memory_format: str | None) -> str:
-    """A pointer to channels_last when ATen's NCHW max pool takes a large share of an NCHW run (its CPU kernel
-    walks each plane scalar; the channels_last one is vectorized over channels: 2.43 vs 0.14 ms for ResNet-50's
-    stem pool on the Zen 5 VM)."""
+    """A pointer to channels_last when ATen's NCHW max pool takes a large share of an NCHW run (its CPU
+    kernel walks each plane scalar; the channels_last one is vectorized over channels: 2.43 vs 0.14 ms for
+    ResNet-50's stem pool on the Zen 5 VM)."""
     m = re.search(r"aten::max_pool2d\w* (\d+)%", kernels or "")
     if memory_format != "contiguous" or m is None or int(m.group(1)) < 20:
         return ""

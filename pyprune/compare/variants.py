@@ -169,8 +169,19 @@ def _convert_convs(model: nn.Module, layout: str, block: tuple[int, int]) -> tup
     return done, why
 
 
+def _shared_modules(gm: torch.fx.GraphModule) -> set:
+    """Modules the graph calls more than once: folding a BN or ReLU into one would carry it into its other
+    calls."""
+    seen, shared = set(), set()
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            (shared if node.target in seen else seen).add(node.target)
+    return shared
+
+
 def _bn_after(node, modules) -> tuple | None:
-    """(bn node, bn module) when ``node``'s output feeds only an eval-mode BatchNorm2d with running statistics."""
+    """(bn node, bn module) when ``node``'s output feeds only an eval-mode BatchNorm2d with running
+    statistics."""
     users = list(node.users)
     if len(users) != 1 or users[0].op != "call_module":
         return None
@@ -181,9 +192,10 @@ def _bn_after(node, modules) -> tuple | None:
 
 
 def fold_bn(model: nn.Module) -> tuple[nn.Module, int, str]:
-    """A copy of ``model`` with every eval-mode BatchNorm2d that alone consumes a Conv2d's output folded into that
-    conv (its weight scaled per output channel, a masked conv's mask kept: zeros stay zeros; a bias added) and
-    taken out of the graph. Returns (model, BNs folded, why none were: an fx trace failure)."""
+    """A copy of ``model`` with every eval-mode BatchNorm2d that alone consumes a Conv2d's output folded into
+    that conv (its weight scaled per output channel, a masked conv's mask kept: zeros stay zeros; a bias
+    added) and taken out of the graph; a conv the graph calls twice is left alone. Returns (model, BNs folded,
+    why none were: an fx trace failure)."""
     from ..nn._bn import bn_affine
 
     if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
@@ -192,11 +204,13 @@ def fold_bn(model: nn.Module) -> tuple[nn.Module, int, str]:
         gm = torch.fx.symbolic_trace(copy.deepcopy(model))
     except Exception as exc:  # noqa: BLE001  (fx raises many types)
         return model, 0, f"fx trace failed ({type(exc).__name__}), BN not folded"
-    modules = dict(gm.named_modules())
+    modules, shared = dict(gm.named_modules()), _shared_modules(gm)
     folded = 0
     for node in list(gm.graph.nodes):
         conv = modules.get(node.target) if node.op == "call_module" else None
-        found = _bn_after(node, modules) if isinstance(conv, nn.Conv2d) else None
+        if not isinstance(conv, nn.Conv2d) or node.target in shared:
+            continue
+        found = _bn_after(node, modules)
         if found is None:
             continue
         bn_node, bn = found
@@ -244,17 +258,17 @@ def fuse_pruned_convs(model: nn.Module) -> tuple[nn.Module, dict]:
                 except (TypeError, ValueError):
                     counts["skipped"] += 1
         return out, counts
-    modules = dict(gm.named_modules())
+    modules, shared = dict(gm.named_modules()), _shared_modules(gm)
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(modules.get(node.target), nn.Conv2d):
             continue
         conv, bn, bn_node, relu_node, last = modules[node.target], None, None, None, node
-        found = _bn_after(node, modules)
+        found = _bn_after(node, modules) if node.target not in shared else None
         if found is not None:
             bn_node, bn = found
             last = bn_node
         users = list(last.users)
-        if len(users) == 1 and _is_relu(users[0], modules):
+        if node.target not in shared and len(users) == 1 and _is_relu(users[0], modules):
             relu_node = users[0]
         try:
             new = PrunedConv2d.from_dense(conv, bn=bn, relu=relu_node is not None)

@@ -7,8 +7,8 @@ from torch import nn
 
 
 def bn_affine(bn: nn.Module, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) with ``bn(z) == scale[c] * z + shift[c]`` per channel c, from ``bn``'s running statistics;
-    ``bn`` must be a BatchNorm2d over ``channels`` channels that tracks them."""
+    """(scale, shift) with ``bn(z) == scale[c] * z + shift[c]`` per channel c, from ``bn``'s running
+    statistics; ``bn`` must be a BatchNorm2d over ``channels`` channels that tracks them."""
     if not isinstance(bn, nn.BatchNorm2d) or bn.num_features != channels:
         raise ValueError(f"bn must be a BatchNorm2d over conv's {channels} output channels")
     if bn.running_mean is None:

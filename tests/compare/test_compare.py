@@ -317,8 +317,9 @@ def test_cli_compare_lenet(tmp_path):
 def test_cli_compare_channels_last(tmp_path, capsys):
     # every variant, dense included, runs on the channels_last input; the report says so and its files are
     # named apart from a default run's
-    argv = ["compare", "--model", "lenet5", "--channels-last", "--levels", "0.5", "--rounds", "2", "--budget", "1"]
-    argv += ["--methods", "dense", "channel-pyprune", "csr", "--no-progress", "--out", str(tmp_path)]
+    argv = ["compare", "--model", "lenet5", "--channels-last", "--levels", "0.5", "--rounds", "2"]
+    argv += ["--budget", "1", "--methods", "dense", "channel-pyprune", "csr", "--no-progress"]
+    argv += ["--out", str(tmp_path)]
     assert main(argv) == 0
     assert "channels_last input" in capsys.readouterr().out
     data = json.loads((tmp_path / "compare_lenet5_channels_last.json").read_text())

@@ -106,6 +106,32 @@ def test_fold_bn_keeps_masks_and_outputs():
     assert fold_bn(plain) == (plain, 0, "")  # nothing to fold: the model itself
 
 
+class _Shared(nn.Module):
+    """One conv called twice, its first output through a BN: folding would carry that BN into the other
+    call."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.conv(self.bn(self.conv(x)))
+
+
+def test_fold_bn_and_fuse_leave_a_shared_conv_alone():
+    net = _Shared().eval()
+    net.bn.running_mean.uniform_(-0.5, 0.5)
+    net.bn.running_var.uniform_(0.5, 2.0)
+    folded, n, _ = fold_bn(net)
+    fused, counts = fuse_pruned_convs(net)
+    assert n == 0 and counts["bn"] == 0  # the conv becomes a PrunedConv2d at both calls, nothing folded
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), net(x))
+        torch.testing.assert_close(fused(x), net(x), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["csr", "bsr"])
 def test_sparse_variants_fold_bn(method):
     net = _net_with_bn_stats()
