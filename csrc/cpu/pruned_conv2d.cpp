@@ -394,6 +394,7 @@ struct ClArgs {
   bool one_run;              // stride-1 unpadded 1x1 on channels_last x: a tile's pixels are one run of x
   bool run;                  // ... and the full tiles take cl_micro's RUN addressing (AVX-512, <= 32 channels)
   int64_t k_chunk;           // inputs (tap-major: t * Cig + ci) per pass over a batch of tiles
+  const int64_t* tap_off;    // (taps): tap (kh, kw)'s offset from a pixel's window origin
   // kxk (not row windows): (G, taps * Cig) offsets of input k = (t, ci) from a pixel's window origin,
   // tap_off[t] + in_idx[g * Cig + ci] * sC; a tile whose pixels' windows all lie inside x reads through them,
   // one pointer per pixel (cl_micro's WIN); null otherwise
@@ -554,7 +555,7 @@ PYPRUNE_INLINE const float* opaque(const float* p) {
 // x takes one pointer per pixel, its window origin (returns true: cl_micro's WIN); otherwise px holds one
 // pointer per tap and pixel, taps in the padding pointing at c.zeros.
 PYPRUNE_INLINE bool tile_windows(const ConvArgs& a, const ClArgs& c, int64_t q0, int64_t cnt, const float** px,
-                                 const int64_t* tap_off, int64_t* pix_n, int64_t* pix_p) {
+                                 int64_t* pix_n, int64_t* pix_p) {
   const int64_t taps = a.KH * a.KW, MR = c.MR;
   // walk the tile's pixels without dividing per pixel
   int64_t n = q0 / a.P, oh = (q0 % a.P) / a.OW, ow = (q0 % a.P) % a.OW;
@@ -578,7 +579,7 @@ PYPRUNE_INLINE bool tile_windows(const ConvArgs& a, const ClArgs& c, int64_t q0,
   } else {
     for (int64_t r = 0; r < MR; ++r) {
       if (inside[r]) {  // every tap inside the input
-        for (int64_t tap = 0; tap < taps; ++tap) px[tap * MR + r] = opaque(base[r] + tap_off[tap]);
+        for (int64_t tap = 0; tap < taps; ++tap) px[tap * MR + r] = opaque(base[r] + c.tap_off[tap]);
         continue;
       }
       for (int64_t kh = 0; kh < a.KH; ++kh) {
@@ -586,7 +587,7 @@ PYPRUNE_INLINE bool tile_windows(const ConvArgs& a, const ClArgs& c, int64_t q0,
         for (int64_t kw = 0; kw < a.KW; ++kw) {
           const int64_t iw = iw0[r] + kw * a.DW;
           const bool in = ih >= 0 && ih < a.H && iw >= 0 && iw < a.W;
-          px[(kh * a.KW + kw) * MR + r] = in ? base[r] + kh * a.DH * a.sH + kw * a.DW * a.sW : c.zeros;
+          px[(kh * a.KW + kw) * MR + r] = in ? base[r] + c.tap_off[kh * a.KW + kw] : c.zeros;
         }
       }
     }
@@ -599,7 +600,7 @@ PYPRUNE_INLINE bool tile_windows(const ConvArgs& a, const ClArgs& c, int64_t q0,
 // there before the last (which leaves the result in `stage`). Returns the tile's pixel count.
 template <class V>
 PYPRUNE_INLINE int64_t cl_tile(const ConvArgs& a, const ClArgs& c, int64_t t, int64_t g, int64_t co0, int nv,
-                               int64_t k0, int64_t k1, float* part, const float** px, const int64_t* tap_off,
+                               int64_t k0, int64_t k1, float* part, const float** px,
                                bool ahead_ok, float* stage, int64_t* pix_n, int64_t* pix_p) {
   const int64_t taps = a.KH * a.KW, MR = c.MR;
   const int64_t q0 = t * MR, cnt = std::min<int64_t>(MR, a.N * a.P - q0);
@@ -619,7 +620,7 @@ PYPRUNE_INLINE int64_t cl_tile(const ConvArgs& a, const ClArgs& c, int64_t t, in
       pix_n[r] = 0, pix_p[r] = q, px[r] = opaque(a.x + q * a.sW);
     }
   } else {
-    all_in = tile_windows(a, c, q0, cnt, px, tap_off, pix_n, pix_p);
+    all_in = tile_windows(a, c, q0, cnt, px, pix_n, pix_p);
   }
   Ahead ahead{nullptr, 0, 0};
   if (ahead_ok) {
@@ -682,9 +683,6 @@ PYPRUNE_INLINE void cl_units(const ConvArgs& a, const ClArgs& c, int64_t f0, int
   const int64_t bw = c.NVmax * kLanes, blocks_per_group = (a.Cog + bw - 1) / bw;
   const int64_t n_tiles = (a.N * a.P + MR - 1) / MR;
   std::vector<const float*> px(taps * MR);
-  std::vector<int64_t> tap_off(taps);
-  for (int64_t kh = 0; kh < a.KH; ++kh)
-    for (int64_t kw = 0; kw < a.KW; ++kw) tap_off[kh * a.KW + kw] = kh * a.DH * a.sH + kw * a.DW * a.sW;
   alignas(64) float stage[14 * 64];
   int64_t pix_n[14], pix_p[14];
   // A stride-1 unpadded 1x1 conv on channels_last x reads one contiguous run of pixels per tile (the kept
@@ -715,7 +713,7 @@ PYPRUNE_INLINE void cl_units(const ConvArgs& a, const ClArgs& c, int64_t f0, int
         const int64_t k1 = std::min(K, k0 + c.k_chunk);
         for (int64_t t = tb; t < te; ++t) {
           float* part = chunked ? partial.data() + (t - tb) * MR * 64 : nullptr;
-          const int64_t cnt = cl_tile<V>(a, c, t, g, co0, nv, k0, k1, part, px.data(), tap_off.data(),
+          const int64_t cnt = cl_tile<V>(a, c, t, g, co0, nv, k0, k1, part, px.data(),
                                          ahead_ok && !chunked, stage, pix_n, pix_p);
           if (k1 == K) cl_store(a, stage, cnt, pix_n, pix_p, row0, nco, consecutive);
         }
@@ -997,17 +995,17 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
     // kxk tiles whose windows lie inside x run one loop over all taps through these offsets (cl_micro's WIN;
     // A/B in one process, 2 threads, keep 0.75 batch 8: 128->128 3x3 @28 4-5% faster in either format, 64->64
     // @56 channels_last 4%, the other ResNet-50 3x3 shapes within 1%)
-    std::vector<int64_t> koff;
+    std::vector<int64_t> tap_off(taps), koff;
+    for (int64_t t = 0; t < taps; ++t) tap_off[t] = (t / KW) * a.DH * a.sH + (t % KW) * a.DW * a.sW;
     if (taps > 1 && !rows) {
       koff.resize(groups * taps * a.Cig);
       for (int64_t g = 0; g < groups; ++g)
         for (int64_t t = 0; t < taps; ++t)
           for (int64_t ci = 0; ci < a.Cig; ++ci)
-            koff[(g * taps + t) * a.Cig + ci] = (t / KW) * a.DH * a.sH + (t % KW) * a.DW * a.sW +
-                                                in_ids[g * a.Cig + ci] * a.sC;
+            koff[(g * taps + t) * a.Cig + ci] = tap_off[t] + in_ids[g * a.Cig + ci] * a.sC;
     }
     ClArgs c{wt.data_ptr<float>(), zeros.defined() ? zeros.data_ptr<float>() : nullptr, cog16, mr, nv_max, rows,
-             one_run, run, k_chunk, koff.empty() ? nullptr : koff.data()};
+             one_run, run, k_chunk, tap_off.data(), koff.empty() ? nullptr : koff.data()};
     ClFn fn = cl_baseline;
 #if PYPRUNE_X86
     if (kernel_isa() == Isa::kAvx512) fn = cl_avx512;
