@@ -301,6 +301,7 @@ class Builder:
         self._masked: dict[float, nn.Module] = {}
         self._channel: dict[float, tuple[nn.Module, str]] = {}
         self._ratio_cache: dict[float, tuple[nn.Module, int]] = {}
+        self._folded: tuple[nn.Module, int, str] | None = None
 
     def build(self, method: str, level: float | None) -> tuple[nn.Module, str]:
         """(module in eval mode, note). Raises NotApplicable with the reason when the method does not apply."""
@@ -323,6 +324,12 @@ class Builder:
         if level not in self._masked:
             self._masked[level] = sparsify(self.model, level, pattern="unstructured")
         return self._masked[level]
+
+    def folded(self) -> tuple[nn.Module, int, str]:
+        """``fold_bn(model)``, once: the base of every bsr and 2:4 level (which copy it, never change it)."""
+        if self._folded is None:
+            self._folded = fold_bn(self.model)
+        return self._folded
 
     def csr(self, level: float) -> tuple[nn.Module, str]:
         folded, n_bn, why_bn = fold_bn(self.masked(level))
@@ -349,7 +356,7 @@ class Builder:
         SparseConv2d exists): ``SparseConv2d.from_dense(conv, sparsity, layout)``, which selects the pattern in
         its own (tap-major) weight layout, so blocks and 2:4 groups line up with what its kernel stores."""
         bh, bw = self.block
-        base, n_bn, why_bn = fold_bn(self.model)
+        base, n_bn, why_bn = self.folded()
         good, bad = [], []
         for name, m in base.named_modules():
             if isinstance(m, nn.Linear):
