@@ -122,9 +122,9 @@ def _in_members(b: _Builder, n: fx.Node, x: Any, out: torch.Tensor, module: str,
 
 def _out_space(b: _Builder, name: str, linear: nn.Linear, out: torch.Tensor) -> ChInfo:
     s = b.new_space(linear.out_features, name)
-    b.members[s].append(Member(name, "weight", 0, "out"))
+    b.attach(s, Member(name, "weight", 0, "out"))
     if linear.bias is not None:
-        b.members[s].append(Member(name, "bias", 0, "out"))
+        b.attach(s, Member(name, "bias", 0, "out"))
     return ChInfo(out.dim() - 1, (Seg(s, linear.out_features),))
 
 
@@ -136,25 +136,24 @@ def _bert_self(
     s = b.new_space(h, f"{name} (heads)")
     for p in ("query", "key", "value"):
         lin = getattr(m, p)
-        b.members[s].append(Member(f"{name}.{p}", "weight", 0, "out", inner=hd))
+        b.attach(s, Member(f"{name}.{p}", "weight", 0, "out", inner=hd))
         if lin.bias is not None:
-            b.members[s].append(Member(f"{name}.{p}", "bias", 0, "out", inner=hd))
+            b.attach(s, Member(f"{name}.{p}", "bias", 0, "out", inner=hd))
     return ChInfo(out.dim() - 1, (Seg(s, h, hd),))
 
 
-def _fused_heads(b: _Builder, name: str, qkv: str, qkv_bias: bool, proj: str, h: int, hd: int) -> None:
+def _fused_heads(b: _Builder, name: str, qkv: str, qkv_bias: bool, proj: str, h: int, hd: int) -> int:
+    """Declare the heads space of a fused q/k/v projection and return it."""
     s = b.new_space(h, f"{name} (heads)")
     stride = h * hd
     mod, _, w = qkv.rpartition(".")
     owner = f"{name}.{mod}" if mod else name
-    b.members[s].append(Member(owner, w, 0, "out", inner=hd, blocks=3, block_stride=stride))
+    b.attach(s, Member(owner, w, 0, "out", inner=hd, blocks=3, block_stride=stride))
     if qkv_bias:
-        b.members[s].append(
-            Member(
-                owner, "bias" if mod else "in_proj_bias", 0, "out", inner=hd, blocks=3, block_stride=stride
-            )
-        )
-    b.members[s].append(Member(f"{name}.{proj}", "weight", 1, "in", inner=hd))
+        bias = "bias" if mod else "in_proj_bias"
+        b.attach(s, Member(owner, bias, 0, "out", inner=hd, blocks=3, block_stride=stride))
+    b.attach(s, Member(f"{name}.{proj}", "weight", 1, "in", inner=hd))
+    return s
 
 
 def _vit_attn(b: _Builder, n: fx.Node, name: str, m: VitAttention, infos: list, out: torch.Tensor) -> ChInfo:
@@ -188,7 +187,11 @@ def _mha(b: _Builder, n: fx.Node, name: str, m: nn.Module, infos: list, out: Any
             b.pin([x, y], f"{name}: query and key/value come from differently sized tensors")
     _in_members(b, n, x, out[0], name, ["in_proj_weight"])
     hd = m.head_dim
-    _fused_heads(b, name, "in_proj_weight", m.in_proj_bias is not None, "out_proj", m.num_heads, hd)
+    heads = _fused_heads(b, name, "in_proj_weight", m.in_proj_bias is not None, "out_proj", m.num_heads, hd)
+    mask = n.kwargs.get("attn_mask", n.args[5] if len(n.args) > 5 else None)
+    if isinstance(mask, fx.Node) and isinstance(b.env.get(mask), torch.Tensor) and b.env[mask].dim() == 3:
+        # A 3-D mask is (N * num_heads, L, S): its head count is fixed by the caller.
+        b.pins[heads].append(f"{name}: 3-D attn_mask holds one mask per head")
     return [_out_space(b, f"{name}.out_proj", m.out_proj, out[0]), None]
 
 

@@ -133,7 +133,7 @@ def _taylor(
         for g in groups:
             ws, gs = [], []
             for m in g.members:
-                t = _tensor(scratch, m)
+                t = _tensor(scratch, m) if m.tensor is not None else None
                 if isinstance(t, nn.Parameter) and t.grad is not None:
                     ws.append(_rows(t, m, g.channels))
                     gs.append(_rows(t.grad, m, g.channels))
@@ -308,6 +308,8 @@ def plan_pruning(
         raise ValueError(
             f"round_to must be a positive int (kept channels become a multiple of it), got {round_to!r}"
         )
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int (seeds 'random' and ThiNet's sampling), got {seed!r}")
     ignore = [ignore] if isinstance(ignore, str) else list(ignore)
     _check_names("ignore", ignore, model)
     per_layer = dict(per_layer or {})

@@ -64,11 +64,12 @@ class Member:
     Channel c covers ``offset + b * block_stride + c * inner + j`` for each block b < blocks and j < inner
     (blocks describe fused q/k/v projections). ``role`` is "out" for weights that produce the channel
     (filters), "in" for weights that consume it, "norm" for BN/LN affine parameters and statistics, "param"
-    for other tensors.
+    for other tensors. ``tensor`` None lists a module that has no tensor on these channels but whose size
+    attribute follows them (a LayerNorm without affine parameters).
     """
 
     module: str
-    tensor: str
+    tensor: str | None
     dim: int
     role: str
     offset: int = 0
@@ -265,6 +266,8 @@ class _Builder(fx.Interpreter):
         self.pins: list[list[str]] = []
         self.origin: list[list[str]] = []
         self.problems: list[tuple[str, list[int], str]] = []  # (node, spaces, why) for unknown ops
+        self.placed: list[tuple[Member, int]] = []  # every member with the space it was attached to
+        self.calls: dict[str, list[set[tuple]]] = {}  # module -> (module, tensor, dim) listed by each call
         self.info: dict[fx.Node, Any] = {}
         self.output_infos: list[Any] = []
 
@@ -292,6 +295,9 @@ class _Builder(fx.Interpreter):
                 f"node {node.name!r} couples channel groups of sizes {self.size[ra]} and "
                 f"{self.size[rb]}; this model can't be pruned as traced"
             )
+        self._merge(ra, rb)
+
+    def _merge(self, ra: int, rb: int) -> None:
         self.parent[rb] = ra
         self.members[ra] += self.members[rb]
         self.pins[ra] += self.pins[rb]
@@ -305,6 +311,10 @@ class _Builder(fx.Interpreter):
         spaces = _spaces(info)
         if spaces:
             self.problems.append((node.name, spaces, why))
+
+    def attach(self, space: int, member: Member) -> None:
+        self.members[self.find(space)].append(member)
+        self.placed.append((member, space))
 
     def add_members(
         self,
@@ -321,13 +331,10 @@ class _Builder(fx.Interpreter):
 
         Each position of ``info`` covers ``scale`` positions of the tensor (a depthwise channel multiplier).
         """
-        if tensor is None:
-            return
         off = 0
         for seg in info.segs:
-            self.members[self.find(seg.space)].append(
-                Member(module, tensor, dim, role, off * scale, seg.inner * scale, blocks, block_stride)
-            )
+            member = Member(module, tensor, dim, role, off * scale, seg.inner * scale, blocks, block_stride)
+            self.attach(seg.space, member)
             off += seg.size * seg.inner
 
     # -- interpreter hooks ---------------------------------------------------------------------------------
@@ -354,7 +361,11 @@ class _Builder(fx.Interpreter):
             self.pin(self._in(n.args[0]), "model output")
             return None
         if n.op == "call_module":
-            return self._module(n, str(n.target), self.root.get_submodule(str(n.target)), result)
+            start = len(self.placed)
+            info = self._module(n, str(n.target), self.root.get_submodule(str(n.target)), result)
+            listed = {(m.module, m.tensor, m.dim) for m, _ in self.placed[start:]}
+            self.calls.setdefault(str(n.target), []).append(listed)
+            return info
         return self._function(n, _fname(n), result)
 
     # -- modules -------------------------------------------------------------------------------------------
@@ -376,23 +387,21 @@ class _Builder(fx.Interpreter):
                 if x.dim != 1:
                     self.problem(n, x, f"{type(m).__name__} normalises dim 1 but channels are on dim {x.dim}")
                     return None
-                for t in ("weight", "bias", "running_mean", "running_var"):
-                    self.add_members(x, name, t if getattr(m, t, None) is not None else None, 0, "norm")
+                self._norm_members(x, name, m, ("weight", "bias", "running_mean", "running_var"))
             return x
         if isinstance(m, nn.LayerNorm):
             if isinstance(x, ChInfo):
                 if len(m.normalized_shape) != 1 or x.dim != out.dim() - 1:
                     self.problem(n, x, "LayerNorm over more than the channel (last) dim")
                     return None
-                for t in ("weight", "bias"):
-                    self.add_members(x, name, t if getattr(m, t, None) is not None else None, 0, "norm")
+                self._norm_members(x, name, m, ("weight", "bias"))
             return x
         if isinstance(m, nn.GroupNorm):
             self.pin(x, f"GroupNorm {name} (groups of channels are kept whole)")
             return None
         if isinstance(m, nn.Embedding):
             s = self.new_space(m.embedding_dim, name)
-            self.members[s].append(Member(name, "weight", 1, "out"))
+            self.attach(s, Member(name, "weight", 1, "out"))
             return ChInfo(out.dim() - 1, (Seg(s, m.embedding_dim),))
         if isinstance(m, nn.Flatten):
             return self._reshape(n, x, n.args[0], out)
@@ -402,8 +411,14 @@ class _Builder(fx.Interpreter):
             self.problem(n, self._in(list(n.args)), f"module type {type(m).__name__} is not supported")
         return None
 
+    def _norm_members(self, x: ChInfo, name: str, m: nn.Module, tensors: tuple[str, ...]) -> None:
+        present = [t for t in tensors if getattr(m, t, None) is not None]
+        # Without any tensor the norm is still listed, so that its size attribute follows the channels.
+        for t in present or [None]:
+            self.add_members(x, name, t, 0, "norm")
+
     def _conv(self, n: fx.Node, name: str, m: nn.Module, x: Any) -> ChInfo:
-        bias = "bias" if m.bias is not None else None
+        filters = ("weight", "bias") if m.bias is not None else ("weight",)
         if isinstance(x, ChInfo) and x.dim != 1:
             self.problem(n, x, f"conv {name} reads channels from dim 1 but they are on dim {x.dim}")
             x = None
@@ -411,23 +426,21 @@ class _Builder(fx.Interpreter):
             if isinstance(x, ChInfo):
                 self.add_members(x, name, "weight", 1, "in")
             s = self.new_space(m.out_channels, name)
-            self.members[s] += [Member(name, "weight", 0, "out")] + (
-                [Member(name, bias, 0, "out")] if bias else []
-            )
+            for t in filters:
+                self.attach(s, Member(name, t, 0, "out"))
             return ChInfo(1, (Seg(s, m.out_channels),))
         if m.groups == m.in_channels and isinstance(x, ChInfo):
             # Depthwise (optionally with a channel multiplier): output channel k*mult+j reads input channel k,
             # so the output shares the input's channels and the filters follow them.
             mult = m.out_channels // m.in_channels
-            self.add_members(x, name, "weight", 0, "out", scale=mult)
-            self.add_members(x, name, bias, 0, "out", scale=mult)
+            for t in filters:
+                self.add_members(x, name, t, 0, "out", scale=mult)
             return ChInfo(1, tuple(Seg(s.space, s.size, s.inner * mult) for s in x.segs))
         reason = f"grouped conv {name} (groups={m.groups}) is kept intact"
         self.pin(x, reason)
         s = self.new_space(m.out_channels, name)
-        self.members[s] += [Member(name, "weight", 0, "out")] + (
-            [Member(name, bias, 0, "out")] if bias else []
-        )
+        for t in filters:
+            self.attach(s, Member(name, t, 0, "out"))
         self.pins[s].append(reason)
         return ChInfo(1, (Seg(s, m.out_channels),))
 
@@ -438,9 +451,9 @@ class _Builder(fx.Interpreter):
             else:
                 self.add_members(x, name, "weight", 1, "in")
         s = self.new_space(m.out_features, name)
-        self.members[s].append(Member(name, "weight", 0, "out"))
+        self.attach(s, Member(name, "weight", 0, "out"))
         if m.bias is not None:
-            self.members[s].append(Member(name, "bias", 0, "out"))
+            self.attach(s, Member(name, "bias", 0, "out"))
         return ChInfo(out.dim() - 1, (Seg(s, m.out_features),))
 
     # -- functions and methods -----------------------------------------------------------------------------
@@ -672,6 +685,43 @@ class _Builder(fx.Interpreter):
                 return None
         return ChInfo(out_dim + x.dim - in_dim, x.segs)
 
+    # -- tensors listed more than once ---------------------------------------------------------------------
+    def couple_repeats(self, ignore: set[str]) -> None:
+        """A module called twice (or a parameter used twice) lists its tensors once per use.
+
+        Slicing cuts each tensor once, so a position listed by several uses must hold the same channel in
+        each: equal listings merge their spaces, and a dim that one call lists and another does not (that
+        call's input can't change) is kept whole. Ignored modules are skipped: their groups are pinned anyway.
+        """
+        for module, calls in self.calls.items():
+            partial = set().union(*calls) - set.intersection(*calls)
+            if not partial or _within(module, ignore):
+                continue
+            why = f"{module} is called more than once, once on channels that can't change"
+            for m, s in self.placed:
+                if (m.module, m.tensor, m.dim) in partial:
+                    self.pins[self.find(s)].append(why)
+        space: dict[Member, int] = {}
+        listings: dict[tuple, list[Member]] = {}
+        for m, s in self.placed:
+            if _within(m.module, ignore):
+                continue
+            if m not in space:
+                space[m] = s
+                listings.setdefault((m.module, m.tensor, m.dim), []).append(m)
+                continue
+            ra, rb = self.find(space[m]), self.find(s)
+            if ra != rb:
+                if self.size[ra] != self.size[rb]:
+                    raise _repeat_error(m, f"groups of {self.size[ra]} and {self.size[rb]} channels")
+                self._merge(ra, rb)
+        for ms in listings.values():
+            if len(ms) == 1:
+                continue
+            pos = torch.cat([m.positions(torch.arange(self.size[self.find(space[m])])).flatten() for m in ms])
+            if pos.unique().numel() < pos.numel():
+                raise _repeat_error(ms[0], "channels laid out differently (concat, flatten)")
+
     # -- result --------------------------------------------------------------------------------------------
     def groups(self) -> list[Group]:
         roots = sorted({self.find(s) for s in range(len(self.parent))})
@@ -688,6 +738,18 @@ class _Builder(fx.Interpreter):
                 )
             )
         return out
+
+
+def _within(module: str, names: set[str]) -> bool:
+    return any(module == n or module.startswith(n + ".") for n in names)
+
+
+def _repeat_error(m: Member, why: str) -> UnsupportedPatternError:
+    what = f"{m.module}.{m.tensor}" if m.tensor else m.module
+    return UnsupportedPatternError(
+        f"{what} is used more than once (a module called twice or a shared parameter) on {why}, "
+        f"which can't be pruned consistently; pass {m.module!r} in ignore=[...] to keep it intact"
+    )
 
 
 def _spaces(info: Any) -> list[int]:
@@ -732,6 +794,7 @@ def build_graph(model: nn.Module, example_inputs: tuple, ignore: set[str] = froz
             b.run(*example_inputs)
     finally:
         model.train(was_training)
+    b.couple_repeats(set(ignore))
     for name in ignore:
         for s in range(len(b.parent)):
             r = b.find(s)
@@ -761,8 +824,11 @@ def slice_model(model: nn.Module, groups: list[Group], removed: dict[int, torch.
             cuts.setdefault((m.module, m.tensor), {}).setdefault(m.dim, []).append(
                 m.positions(idx).reshape(-1)
             )
-    touched: set[str] = set()
+    touched: dict[str, int] = {}  # module -> positions removed from its tensorless member
     for (mod_name, t_name), dims in cuts.items():
+        if t_name is None:
+            touched[mod_name] = sum(int(torch.cat(pos).unique().numel()) for pos in dims.values())
+            continue
         mod = model.get_submodule(mod_name) if mod_name else model
         t = getattr(mod, t_name)
         new = t.detach()
@@ -775,9 +841,9 @@ def slice_model(model: nn.Module, groups: list[Group], removed: dict[int, torch.
             setattr(mod, t_name, nn.Parameter(new, requires_grad=t.requires_grad))
         else:
             mod._buffers[t_name] = new
-        touched.add(mod_name)
-    for name in touched:
-        _fix_attributes(model, name)
+        touched.setdefault(mod_name, 0)
+    for name, dropped in touched.items():
+        _fix_attributes(model, name, dropped)
 
 
 _FIXUPS: dict[type, Callable[[nn.Module, str, nn.Module], None]] = {}
@@ -788,7 +854,8 @@ def register_fixup(cls: type, fn: Callable[[nn.Module, str, nn.Module], None]) -
     _FIXUPS[cls] = fn
 
 
-def _fix_attributes(root: nn.Module, name: str) -> None:
+def _fix_attributes(root: nn.Module, name: str, dropped: int) -> None:
+    """Update size attributes from the sliced tensors; a module without any loses ``dropped`` positions."""
     m = root.get_submodule(name) if name else root
     if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if m.groups > 1 and m.groups == m.in_channels:
@@ -800,9 +867,10 @@ def _fix_attributes(root: nn.Module, name: str) -> None:
     elif isinstance(m, nn.Linear):
         m.out_features, m.in_features = m.weight.shape
     elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
-        m.num_features = m.running_mean.shape[0] if m.running_mean is not None else m.weight.shape[0]
+        t = m.running_mean if m.running_mean is not None else m.weight
+        m.num_features = t.shape[0] if t is not None else m.num_features - dropped
     elif isinstance(m, nn.LayerNorm):
-        m.normalized_shape = (m.weight.shape[0],)
+        m.normalized_shape = (m.weight.shape[0] if m.weight is not None else m.normalized_shape[0] - dropped,)
     elif isinstance(m, nn.Embedding):
         m.embedding_dim = m.weight.shape[1]
     # Composite owners (attention modules) are fixed from their own and their children's names.

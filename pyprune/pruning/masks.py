@@ -110,7 +110,7 @@ class CubicSchedule:
 
 
 def _targets(model: nn.Module, types: tuple[type, ...], ignore: Iterable[str]) -> dict[str, nn.Module]:
-    ignore = set(ignore)
+    ignore = {ignore} if isinstance(ignore, str) else set(ignore)
     known = {n for n, _ in model.named_modules()}
     for n in ignore:
         if n not in known:
@@ -120,6 +120,19 @@ def _targets(model: nn.Module, types: tuple[type, ...], ignore: Iterable[str]) -
         for n, m in model.named_modules()
         if isinstance(m, types) and n not in ignore and not any(n.startswith(i + ".") for i in ignore)
     }
+
+
+def _check_block(block: object) -> tuple[int, int]:
+    pair = (block, block) if isinstance(block, int) else block
+    if (
+        not isinstance(pair, (tuple, list))
+        or len(pair) != 2
+        or any(isinstance(b, bool) or not isinstance(b, int) for b in pair)
+    ):
+        raise TypeError(f"block must be an int or a (bh, bw) pair of ints, got {block!r}")
+    if min(pair) < 1:
+        raise ValueError(f"block must be (bh, bw) with positive sizes, got {block!r}")
+    return tuple(pair)
 
 
 def get_mask(module: nn.Module) -> torch.Tensor | None:
@@ -145,7 +158,7 @@ def sparsify(
     sparsity: float = 0.9,
     pattern: str = "unstructured",
     scope: str = "layer",
-    block: tuple[int, int] = (32, 32),
+    block: int | tuple[int, int] = (32, 32),
     schedule: CubicSchedule | None = None,
     ignore: Iterable[str] = (),
     types: tuple[type, ...] = (nn.Linear, nn.Conv2d),
@@ -157,9 +170,9 @@ def sparsify(
         sparsity: fraction of weights (unstructured) or tiles (block) zeroed, in [0, 1]; exact per layer for
             scope="layer", exact over all targeted weights for scope="global". Not used by N:M patterns, whose
             density is N/M.
-        pattern: "unstructured" (smallest |w|), "block" (tiles of ``block`` = (bh, bw) with the smallest L2
-            norm; the 2-D weight (O, C*kh*kw) must be tiled exactly) or "N:M" such as "2:4" (N largest of
-            every M consecutive input weights; the input dim must be a multiple of M).
+        pattern: "unstructured" (smallest |w|), "block" (tiles of ``block`` = (bh, bw), or an int for square
+            tiles, with the smallest L2 norm; the 2-D weight (O, C*kh*kw) must be tiled exactly) or "N:M" such
+            as "2:4" (N largest of every M consecutive input weights; the input dim must be a multiple of M).
         scope: "layer" (each layer its own threshold) or "global" (one threshold over all targeted weights).
         schedule: a :class:`CubicSchedule`; masks start at its initial sparsity and reach ``sparsity`` as the
             user calls ``schedule.step()`` (unstructured and block patterns only).
@@ -172,8 +185,8 @@ def sparsify(
         check_sparsity(sparsity)
     if scope not in ("layer", "global"):
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
-    if kind == "block" and (len(block) != 2 or min(block) < 1):
-        raise ValueError(f"block must be (bh, bw) with positive sizes, got {block!r}")
+    if kind == "block":
+        block = _check_block(block)
     if schedule is not None and kind == "nm":
         raise ValueError(
             "schedule= works with pattern='unstructured' or 'block'; an N:M pattern has a fixed density"

@@ -255,6 +255,8 @@ def test_bad_types():
         pyprune.prune_channels(
             models.lenet5(), torch.randn(1, 1, 32, 32), importance="thinet", data=[{"x": 1}]
         )
+    with pytest.raises(TypeError, match="seed must be an int.*got 'a'"):
+        pyprune.prune_channels(models.lenet5(), torch.randn(1, 1, 32, 32), importance="random", seed="a")
 
 
 def test_global_ranking_that_would_empty_a_group_raises():

@@ -283,3 +283,125 @@ def test_opaque_torch_transformer_is_named_and_can_be_ignored():
         TorchEncoder().eval(), x, protect_first_last=False, ignore=["enc"], dry_run=True
     )
     assert plan.removed_channels == 0 and "ignored module enc" in str(plan)
+
+
+class PlainNorms(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 32)
+        self.ln = nn.LayerNorm(32, elementwise_affine=False)
+        self.c = nn.Conv1d(32, 16, 1)
+        self.bn = nn.BatchNorm1d(16, affine=False, track_running_stats=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = F.relu(self.ln(self.a(x)))  # (N, L, 32)
+        return self.head(F.relu(self.bn(self.c(h.transpose(1, 2)))).mean(2))
+
+
+@pytest.mark.parametrize("importance", ["l1", "taylor"])
+def test_norms_without_tensors_follow_the_pruned_channels(importance):
+    x, y = torch.randn(4, 5, 8), torch.randint(0, 3, (4,))
+    graph = build_graph(PlainNorms().eval(), (x,))
+    listed = {(m.module, m.tensor, m.dim, m.role) for m in _group(graph, "a").members}
+    assert ("ln", None, 0, "norm") in listed  # no tensor to slice, but listed so its size follows
+    kwargs = dict(importance=importance, data=[(x, y)], loss_fn=F.cross_entropy, protect_first_last=False)
+    pruned = pyprune.prune_channels(PlainNorms(), x, ratio=0.5, **kwargs)
+    assert pruned.ln.normalized_shape == (pruned.a.out_features,) == (16,)
+    assert pruned.bn.num_features == pruned.c.out_channels == 8
+    assert pruned(x).shape == (4, 3)
+
+
+class SharedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c0 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = F.relu(self.c0(x))
+        x = F.relu(self.c(x))
+        x = F.relu(self.c(x))  # the same module again: its input and output channels are one set
+        return self.fc(x.mean((2, 3)))
+
+
+class SharedByTwoProducers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(3, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 6, 1)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        y = F.relu(self.c(F.relu(self.a(x)))) * F.relu(self.c(F.relu(self.b(x))))
+        return self.fc(y.mean((2, 3)))
+
+
+def test_module_called_twice_prunes_consistently(exactness):
+    x = torch.randn(2, 3, 8, 8)
+    pruned, _ = exactness(SharedConv(), x, ratio=0.5, protect_first_last=False)
+    assert pruned.c0.out_channels == 4 and pruned.c.weight.shape == (4, 4, 3, 3)
+    pruned, _ = exactness(SharedByTwoProducers(), x, ratio=0.5, protect_first_last=False)
+    assert pruned.a.out_channels == pruned.b.out_channels == pruned.c.in_channels == 4
+    assert pruned.c.out_channels == 3 and pruned.fc.in_features == 3
+
+
+class SharedOnFixedInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.s = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(F.relu(self.s(x)) + F.relu(self.s(F.relu(self.a(x)))))  # s also reads the input
+
+
+def test_module_called_once_on_fixed_channels_keeps_its_inputs(exactness):
+    pruned, plan = exactness(SharedOnFixedInput(), torch.randn(2, 8), ratio=0.5, protect_first_last=False)
+    assert pruned.s.in_features == pruned.a.out_features == 8 and pruned.s.out_features == 4
+    assert any("s is called more than once" in p for g in plan.groups for p in g.pinned)
+
+
+class SharedOnDifferentLayouts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(4, 10)
+        self.x = nn.Linear(4, 16)
+        self.s = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.head(self.s(torch.cat([self.a(x), self.b(x)], -1)) + self.s(self.x(x)))
+
+
+def test_module_called_on_differently_laid_out_channels_names_it_and_ignore_resolves_it():
+    x = torch.randn(2, 4)
+    with pytest.raises(UnsupportedPatternError, match=r"s\.weight is used more than once.*ignore=\[\.\.\.\]"):
+        pyprune.prune_channels(SharedOnDifferentLayouts(), x, protect_first_last=False)
+    pruned = pyprune.prune_channels(SharedOnDifferentLayouts(), x, protect_first_last=False, ignore=["s"])
+    assert pruned.s.weight.shape == (16, 16) and pruned(x).shape == (2, 2)
+
+
+class MaskPerHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(8, 32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x, mask):
+        h = self.emb(x)
+        return self.head((h + self.attn(h, h, h, attn_mask=mask)[0]).mean(1))
+
+
+def test_3d_attention_mask_keeps_the_heads(exactness):
+    mask = torch.zeros(2 * 4, 5, 5, dtype=torch.bool)  # (N * num_heads, L, S)
+    mask[:, :, 4] = True
+    pruned, plan = exactness(MaskPerHead(), (torch.randn(2, 5, 8), mask), ratio=0.5, protect_first_last=False)
+    assert pruned.attn.num_heads == 4 and pruned.attn.in_proj_weight.shape == (3 * 32, 16)
+    heads = [g for g in plan.groups if g.channels == 4]
+    assert len(heads) == 1 and heads[0].keep == 4 and "3-D attn_mask" in heads[0].pinned[0]

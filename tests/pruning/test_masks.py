@@ -89,6 +89,22 @@ def test_sparsify_block_pattern():
         assert set(per_tile.unique().tolist()) == {0.0, 1.0} and per_tile.mean() == 0.5
 
 
+def test_sparsify_block_accepts_an_int_for_square_tiles():
+    model = nn.Sequential(nn.Linear(8, 8))
+    square = get_mask(pyprune.sparsify(model, sparsity=0.5, pattern="block", block=4)[0])
+    pair = get_mask(pyprune.sparsify(model, sparsity=0.5, pattern="block", block=(4, 4))[0])
+    assert torch.equal(square, pair)
+    assert set(square.reshape(2, 4, 2, 4).float().mean((1, 3)).unique().tolist()) == {0.0, 1.0}
+
+
+def test_sparsify_ignore_accepts_one_name():
+    model = nn.Sequential()
+    model.add_module("dw", nn.Conv2d(8, 8, 3, groups=8))
+    model.add_module("fc", nn.Conv2d(8, 16, 1))
+    masked = pyprune.sparsify(model, sparsity=0.5, ignore="dw")
+    assert get_mask(masked.dw) is None and get_mask(masked.fc) is not None
+
+
 def test_masks_stay_fixed_through_fine_tuning():
     torch.manual_seed(0)
     masked = pyprune.sparsify(nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2)), sparsity=0.75)
@@ -135,6 +151,9 @@ def test_cubic_schedule_follows_zhu_gupta():
         (dict(pattern="2:4", schedule=CubicSchedule()), ValueError, r"schedule= works with"),
         (dict(schedule="cubic"), TypeError, r"schedule must be"),
         (dict(pattern="block", block=(32, 32)), ValueError, r"not tiled by"),
+        (dict(pattern="block", block=(4.0, 4.0)), TypeError, r"block must be an int or a \(bh, bw\) pair"),
+        (dict(pattern="block", block=(2, 2, 2)), TypeError, r"block must be an int or a \(bh, bw\) pair"),
+        (dict(pattern="block", block=0), ValueError, r"block must be \(bh, bw\) with positive sizes"),
     ],
 )
 def test_sparsify_bad_arguments(kwargs, exc, match):
