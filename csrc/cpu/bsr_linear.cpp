@@ -192,6 +192,7 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   const at::Tensor crow = crow_indices.contiguous(), col = col_indices.contiguous(), val = values.contiguous();
   PYPRUNE_CHECK(crow.data_ptr<int32_t>()[0] == 0 && crow.data_ptr<int32_t>()[n_brows] == nnzb, op, "crow_indices",
                 "must start at 0 and end at the number of blocks ", nnzb);
+  check_compressed_indices(crow_indices, col_indices, (K + bw - 1) / bw, op, "ceil(in_features / bw)");
   if (x.scalar_type() != at::kFloat) {
     // The kernel is fp32; float64 (gradcheck), bf16 and fp16 run a dense fallback.
     const int64_t n_bcols = (K + bw - 1) / bw;

@@ -371,9 +371,11 @@ at::Tensor dense_conv(const at::Tensor& x, const at::Tensor& crow, const at::Ten
 // Index values: rows non-decreasing, columns strictly increasing within a row and inside [0, K).
 void check_structure(const int32_t* cr, const int32_t* ci, int64_t O, int64_t K) {
   constexpr const char* op = "csr_conv2d";
-  for (int64_t o = 0; o < O; ++o) {
-    PYPRUNE_CHECK(cr[o] <= cr[o + 1], op, "crow_indices", "must be non-decreasing, got ", cr[o], " then ",
+  for (int64_t o = 0; o < O; ++o)  // all row pointers first: the column walk below trusts them (cr[O] is nnz)
+    PYPRUNE_CHECK(cr[o] <= cr[o + 1] && cr[o + 1] <= cr[O], op, "crow_indices",
+                  "must be non-decreasing and at most the number of nonzeros (", cr[O], "), got ", cr[o], " then ",
                   cr[o + 1], " at row ", o);
+  for (int64_t o = 0; o < O; ++o) {
     for (int64_t j = cr[o]; j < cr[o + 1]; ++j) {
       PYPRUNE_CHECK(ci[j] >= 0 && ci[j] < K, op, "col_indices", "must lie in [0, kh*kw*C_in = ", K, "), got ",
                     ci[j], " in row ", o);
@@ -488,6 +490,10 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   const bool cl = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
   const bool in_place = !cl && kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 &&
                         (H * W) % kLanes == 0 && spread(H * W / kLanes);
+  // allocated before the tiles are laid out, whose count follows the output's size: an output too large to
+  // allocate (a huge padding) fails here at once, as in F.conv2d
+  at::Tensor y = at::empty({N, O, OH, OW},
+                           x.options().memory_format(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
   std::vector<Tile> tiles = make_tiles(OH, OW, Wq, tile);
   const int64_t threads = at::get_num_threads();
   // row parts balanced by nnz; for channels_last output, in whole groups of 16 rows (one transposed store each)
@@ -523,8 +529,6 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
     return dense_conv(x, crow, col, val, O, kh, kw, bias, stride, padding, dilation);
   }
   const at::Tensor b = checked_bias(bias, O, op);
-  at::Tensor y = at::empty({N, O, OH, OW},
-                           x.options().memory_format(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
   if (N == 0 || O == 0) return y;
   if (C == 0 || nnz == 0) return b.defined() ? y.copy_(b.view({1, O, 1, 1}).expand_as(y)) : y.zero_();
 

@@ -7,6 +7,7 @@
 // weight bytes (8 per nonzero), not by arithmetic.
 #include <immintrin.h>
 
+#include "pyprune/derived_cache.h"
 #include "pyprune/linear.h"
 #include "pyprune/token_tiles.h"
 
@@ -188,6 +189,26 @@ void csr_gather(const CsrArgs& a, const float* x, const std::vector<int64_t>& rb
 
 }  // namespace
 
+void check_compressed_indices(const at::Tensor& crow, const at::Tensor& col, int64_t n_cols, const char* op,
+                              const char* n_cols_name) {
+  static DerivedCache<bool> checked(4096);  // one "byte" per entry: the newest 4096 index pairs kept
+  checked.get({crow, col}, {n_cols}, [&] {
+    const at::Tensor cr_t = crow.contiguous(), ci_t = col.contiguous();
+    const int32_t* cr = cr_t.data_ptr<int32_t>();
+    const int32_t* ci = ci_t.data_ptr<int32_t>();
+    const int64_t rows = cr_t.numel() - 1, nnz = ci_t.numel();
+    for (int64_t r = 0; r < rows; ++r)
+      PYPRUNE_CHECK(cr[r] <= cr[r + 1] && cr[r + 1] <= nnz, op, "crow_indices",
+                    "must be non-decreasing and at most the number of entries (", nnz, "), got ", cr[r], " then ",
+                    cr[r + 1], " at row ", r);
+    int32_t lo = 0, hi = 0;
+    for (int64_t j = 0; j < nnz; ++j) lo = std::min(lo, ci[j]), hi = std::max(hi, ci[j]);
+    PYPRUNE_CHECK(lo >= 0 && (nnz == 0 || hi < n_cols), op, "col_indices", "must lie in [0, ", n_cols_name, " = ",
+                  n_cols, "), got values in [", lo, ", ", hi, "]");
+    return true;
+  }, [](bool) { return int64_t(1); });
+}
+
 at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, const at::Tensor& col_indices,
                           const at::Tensor& values, int64_t out_features, const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "csr_linear";
@@ -203,6 +224,7 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   PYPRUNE_CHECK(crow.data_ptr<int32_t>()[0] == 0 && crow.data_ptr<int32_t>()[N] == nnz, op, "crow_indices",
                 "must start at 0 and end at nnz = ", nnz, ", got ", crow.data_ptr<int32_t>()[0], " and ",
                 crow.data_ptr<int32_t>()[N]);
+  check_compressed_indices(crow_indices, col_indices, K, op, "in_features");
   if (x.scalar_type() != at::kFloat) {
     // The kernel is fp32; float64 (gradcheck), bf16 and fp16 run a dense fallback.
     const at::Tensor rows = at::repeat_interleave(at::arange(N, crow.options().dtype(at::kLong)),

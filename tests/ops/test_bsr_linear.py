@@ -109,5 +109,22 @@ def test_bad_input_raises_clearly():
         bsr_linear(torch.randn(2, 16), crow, col, vals.double(), n)
 
 
+@pytest.mark.parametrize("m", [1, 40])
+@pytest.mark.parametrize(
+    "crow, col, match",
+    [
+        ([0, 1, 2], [0, 100000000], "'col_indices' must lie in \\[0, ceil\\(in_features / bw\\) = 2\\)"),
+        ([0, 1, 2], [0, -100000], "'col_indices' must lie in"),
+        ([0, 3, 2], [0, 1], "'crow_indices' must be non-decreasing"),
+    ],
+)
+def test_index_values_are_checked(m, crow, col, match):
+    # out of range the kernel crashed or read garbage (blocks of 2 x 4, x with 8 features: 2 block columns)
+    x = torch.randn(m, 8)
+    crow, col = torch.tensor(crow, dtype=torch.int32), torch.tensor(col, dtype=torch.int32)
+    with pytest.raises(ValueError, match=match):
+        bsr_linear(x, crow, col, torch.randn(2, 2, 4), 4)
+
+
 def test_column_major_input():
     check_column_major_input(bsr_linear, make_args, "bsr")

@@ -196,6 +196,9 @@ def _set(i, v):
         (_set(2, lambda a: a[2][:-1]), ValueError, "'col_indices' must have as many entries"),
         (_set(2, lambda a: a[2] + 16 * 9), ValueError, "'col_indices' must lie in"),
         (_set(1, lambda a: a[1].flip(0)), ValueError, "'crow_indices' must"),
+        # a row pointer past nnz: checked before any column is read through it
+        (_set(1, lambda a: torch.cat([a[1][:1], a[1][-1:] + 100, a[1][2:]])), ValueError,
+         "'crow_indices' must be non-decreasing and at most the number of nonzeros"),
         (_set(5, [0, 3]), ValueError, "'kernel_size' must be"),
         (_set(7, [1, 0]), ValueError, "'stride' must be"),
         (_set(8, [-1, 1]), ValueError, "'padding' must be"),
@@ -208,6 +211,16 @@ def _set(i, v):
 def test_bad_input_names_the_argument(change, exc, match):
     with pytest.raises(exc, match=match):
         OP(*_bad(change))
+
+
+def test_output_too_large_fails_at_once():
+    # a 2^25 x 2^25 output (2^58 bytes, past any address space): the allocation fails before anything walks
+    # the output's pixels (that walk took minutes)
+    args, _ = _case(CASES[4], 0.5)
+    args = list(args)
+    args[8] = [1 << 24, 1 << 24]
+    with pytest.raises(RuntimeError, match="allocate"):
+        OP(*args)
 
 
 def test_checked_reference_rejects_bad_indices():

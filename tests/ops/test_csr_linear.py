@@ -116,6 +116,24 @@ def test_bad_input_raises_clearly():
         csr_linear(torch.randn(2, 16), bad, col, vals, n)
 
 
+@pytest.mark.parametrize("m", [1, 40], ids=["gather", "tiles"])
+@pytest.mark.parametrize(
+    "crow, col, match",
+    [
+        ([0, 1, 2, 3, 4], [0, 1, 2, 100000000], "'col_indices' must lie in \\[0, in_features = 8\\)"),
+        ([0, 1, 2, 3, 4], [0, 1, 2, -5], "'col_indices' must lie in"),
+        ([0, 1000000, 2, 3, 4], [0, 1, 2, 3], "'crow_indices' must be non-decreasing"),
+        ([0, 3, 1, 3, 4], [0, 1, 2, 3], "'crow_indices' must be non-decreasing"),
+    ],
+)
+def test_index_values_are_checked(m, crow, col, match):
+    # the kernels read x and the values at these indices: out of range they crashed or read garbage
+    x = torch.randn(m, 8)
+    crow, col = torch.tensor(crow, dtype=torch.int32), torch.tensor(col, dtype=torch.int32)
+    with pytest.raises(ValueError, match=match):
+        csr_linear(x, crow, col, torch.randn(4), 4, None)
+
+
 def test_cpp_backend_is_the_cpu_kernel():
     assert pyprune._extension.HAS_CPP, pyprune._extension.CPP_REASON
 

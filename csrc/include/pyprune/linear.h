@@ -35,6 +35,14 @@ inline at::Tensor bias_only(at::Tensor& y, const at::Tensor& b) {
   return b.defined() ? y.copy_(b.expand_as(y)) : y.zero_();
 }
 
+// The index values of a CSR weight (columns) or a BSR one (block columns), whose kernels read x at them: row
+// pointers non-decreasing from 0 to the number of entries, every column in [0, n_cols). Checked when index
+// tensors are first seen and kept while they are the same tensors at the same version (derived_cache.h):
+// at decode sizes a check on every call would cost as much as the multiply. Index tensors written through
+// `.data` (their version counter unmoved) are the case this leaves out; nothing in pyprune does that.
+void check_compressed_indices(const at::Tensor& crow, const at::Tensor& col, int64_t n_cols, const char* op,
+                              const char* n_cols_name);
+
 // The CSR linear kernel (csrc/cpu/csr_linear.cpp), which csr_conv2d also runs for channels_last 1x1 convs.
 at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, const at::Tensor& col_indices,
                           const at::Tensor& values, int64_t out_features, const std::optional<at::Tensor>& bias);
