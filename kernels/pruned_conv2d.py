@@ -213,7 +213,7 @@ def _pruned_conv2d_fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + co, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.where(acc < 0.0, 0.0, acc)  # keeps NaN, as F.relu does (tl.maximum need not)
     oc = co
     if HAS_OUT_INDEX:
         oc = tl.load(out_idx_ptr + co, mask=mask_n, other=0)
@@ -322,7 +322,7 @@ def _pruned_conv2d_dw_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + co, mask=mask_c, other=0.0).to(tl.float32)[None, :]
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.where(acc < 0.0, 0.0, acc)  # keeps NaN, as F.relu does (tl.maximum need not)
     oc = co
     if HAS_OUT_INDEX:
         oc = tl.load(out_idx_ptr + co, mask=mask_c, other=0)

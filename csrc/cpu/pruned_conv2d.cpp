@@ -771,7 +771,8 @@ void transpose_weight(const float* w, float* wt, int64_t G, int64_t Cog, int64_t
   });
 }
 
-// Transposed weights are kept between calls (see derived_cache.h for when one is reused).
+// Transposed weights are kept between calls, checked against the weight's contents on every call (see
+// derived_cache.h for when one is reused: a write through `.data` moves no version counter).
 at::Tensor transposed_weight(const at::Tensor& weight, const at::Tensor& wc, int64_t G, int64_t Cog, int64_t Cig,
                              int64_t taps, int64_t cog16) {
   static DerivedCache<at::Tensor> cache(int64_t(256) << 20);
@@ -779,7 +780,7 @@ at::Tensor transposed_weight(const at::Tensor& weight, const at::Tensor& wc, int
     at::Tensor wt = at::empty({G, taps, Cig, cog16}, wc.options());
     transpose_weight(wc.data_ptr<float>(), wt.data_ptr<float>(), G, Cog, Cig, taps, cog16);
     return wt;
-  }, [](const at::Tensor& wt) { return static_cast<int64_t>(wt.nbytes()); });
+  }, [](const at::Tensor& wt) { return static_cast<int64_t>(wt.nbytes()); }, content_fingerprint(wc));
 }
 
 // At least n fp32 zeros, kept for the next call (a bigger request replaces the buffer; a call in flight holds
@@ -882,6 +883,12 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
     }
   }
   if (x.size(0) == 0 || c_out == 0) return y;
+  if (c_in == 0) {  // no input channel kept: every output is the bias (or zero), through the ReLU
+    const std::vector<int64_t> shape{x.size(0), c_out, OH, OW};
+    at::Tensor v = bias.has_value() ? bc.view({1, c_out, 1, 1}).expand(shape) : at::zeros(shape, y.options());
+    if (relu) v = at::relu(v);
+    return out_index.has_value() ? y.index_copy_(1, *out_index, v.contiguous(fmt)) : y.copy_(v);
+  }
 
   ConvArgs a{};
   a.x = xc.data_ptr<float>();

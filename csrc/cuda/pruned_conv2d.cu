@@ -250,7 +250,7 @@ __global__ void __launch_bounds__(kThreads) pruned_conv2d_gemm_kernel(const Prun
     const long long co = static_cast<long long>(g) * cout_g + n;
     float v = Cs[mi * kLdc + ni];
     if (bias != nullptr) v += to_f(bias[co]);
-    if (p.relu) v = fmaxf(v, 0.f);
+    if (p.relu && v < 0.f) v = 0.f;  // keeps NaN, as F.relu does (fmaxf does not)
     const long long oc = p.out_index != nullptr ? p.out_index[co] : co;
     y[row_y[mi] + oc * p.sy[1]] = from_f<T>(v);
   }
@@ -284,7 +284,7 @@ __global__ void __launch_bounds__(256) pruned_conv2d_dw_kernel(const PrunedConv2
     }
   }
   if (p.bias != nullptr) acc += to_f(static_cast<const T*>(p.bias)[co]);
-  if (p.relu) acc = fmaxf(acc, 0.f);
+  if (p.relu && acc < 0.f) acc = 0.f;
   const long long oc = p.out_index != nullptr ? p.out_index[co] : co;
   static_cast<T*>(p.y)[img * p.sy[0] + oc * p.sy[1] + oh * p.sy[2] + ow * p.sy[3]] = from_f<T>(acc);
 }

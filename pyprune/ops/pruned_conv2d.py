@@ -38,6 +38,8 @@ def pruned_conv2d(
     is compact, (N, C_out_kept, OH, OW)). Returns relu?(conv2d(x[:, in_index], weight, bias)) scattered to
     out_index, in x's memory format."""
     if out_channels is None:
+        if out_index is not None and out_index.numel() == 0:
+            raise ValueError(f"{OP}: argument 'out_channels' must be given when out_index is empty")
         out_channels = weight.shape[0] if out_index is None else int(out_index.max()) + 1
     return call_op(
         torch.ops.pyprune.pruned_conv2d.default, x, weight, bias, in_index, out_index, out_channels,

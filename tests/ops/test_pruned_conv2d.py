@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import pyprune
+from pyprune.nn import PrunedConv2d
 from pyprune.ops import pruned_conv2d
 from pyprune.reference import pruned_conv2d_ref
 
@@ -284,6 +285,64 @@ def test_channels_last_weight_cache_follows_weight_changes(made_in, called_in):
         p.add_(p)
     torch.testing.assert_close(run(p), -4 * y1)
     torch.testing.assert_close(run(torch.zeros_like(w)), torch.zeros_like(y1))
+
+
+def test_weight_changes_behind_the_version_counter_are_seen():
+    # writes through .data leave the parameter's version counter alone, and `p.data = t` can hand back an
+    # address seen before (a reused flat buffer, as torch.nn.utils.vector_to_parameters does): the transposed
+    # weight kept between calls, matched by identity and version alone, gave the old values here (max error
+    # 0.7 to 30); it is now matched against the weight's contents too
+    m = PrunedConv2d.from_dense(torch.nn.Conv2d(8, 16, 3, padding=1), keep_in=[0, 2, 3, 5], keep_out=[1, 4, 9])
+    x = torch.randn(2, 8, 7, 7)  # a small map: the path that packs the weight
+
+    def check():
+        torch.testing.assert_close(m(x), m.to_dense()(x), rtol=1e-4, atol=1e-4)
+
+    check()
+    m.weight.data.mul_(0.5)
+    check()
+    m.weight.data.copy_(torch.randn_like(m.weight))
+    check()
+    m.weight.data[0, 1, 2, 0] = 0.0  # one weight, as pruning by hand does
+    check()
+    flat = torch.nn.utils.parameters_to_vector(m.parameters()).detach().clone()
+    for _ in range(3):
+        torch.nn.utils.vector_to_parameters(flat, m.parameters())
+        check()
+        flat.mul_(-0.5)  # the next values, in the same buffer
+
+
+@pytest.mark.parametrize("side", [7, 40], ids=["pixels-as-rows", "pixel-vectors"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_relu_keeps_nan_like_f_relu(side, channels_last):
+    # a NaN weight (a diverged run, a bad checkpoint) must show in the output, as with F.relu(F.conv2d(...)):
+    # the vector ReLU's `v > 0 ? v : 0` turned it into a plausible 0
+    x = torch.randn(1, 8, side, side)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(4, 8, 3, 3)
+    w[1, 0, 1, 1] = float("nan")
+    y = OP(x, w, None, None, None, 4, [1, 1], [1, 1], [1, 1], 1, True)
+    expected = F.relu(F.conv2d(x, w, None, 1, 1))
+    assert torch.equal(torch.isnan(y), torch.isnan(expected)) and torch.isnan(y[:, 1]).all()
+    torch.testing.assert_close(y[:, [0, 2, 3]], expected[:, [0, 2, 3]], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_no_input_channel_kept_gives_the_bias(relu):
+    # an empty in_index sums nothing: every output pixel is its channel's bias (the output was left unset)
+    x = torch.randn(2, 6, 5, 5)
+    b = torch.tensor([0.5, -1.0, 2.0])
+    empty = torch.zeros(0, dtype=torch.int64)
+    y = OP(x, torch.randn(3, 0, 3, 3), b, empty, torch.tensor([0, 2, 4]), 5, [1, 1], [0, 0], [1, 1], 1, relu)
+    expected = torch.zeros(2, 5, 3, 3)
+    expected[:, [0, 2, 4]] = (b.relu() if relu else b).view(1, 3, 1, 1)
+    assert torch.equal(y, expected)
+
+
+def test_empty_out_index_needs_out_channels():
+    with pytest.raises(ValueError, match="'out_channels' must be given when out_index is empty"):
+        pruned_conv2d(torch.randn(1, 4, 5, 5), torch.randn(0, 4, 1, 1), None, None, torch.zeros(0, dtype=torch.long))
 
 
 def test_grad_mode_off_skips_autograd_and_gives_the_same_result():

@@ -6,15 +6,80 @@
 // `.copy_`, an index assignment), under torch.inference_mode too, as long as the tensor is a normal one.
 // Inference tensors (made inside torch.inference_mode) keep no version counter, so nothing derived from them is
 // kept: it is rebuilt on every call.
+//
+// Writes through `.data` move no counter (`w.data.mul_(0.5)`, `w.data[mask] = 0`), and `p.data = t` can bring
+// back an address seen before (torch.nn.utils.vector_to_parameters refills one flat buffer). Weights are written
+// that way (pruning by hand, weight clipping, EMA), so an entry derived from a weight is also checked against a
+// fingerprint of its contents (content_fingerprint), computed on every call: one read of the weight, instead of
+// a silently stale result. Index tensors are checked by identity and version alone.
 #pragma once
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <cstdint>
+#include <cstring>
 #include <list>
 #include <mutex>
 #include <utility>
 #include <vector>
 
+#include "pyprune/cpu_features.h"
+
 namespace pyprune {
+
+namespace detail {
+
+// Fletcher sums over 16 lanes of 32-bit words (a += w, b += a): a changed word changes a, a moved one changes b.
+// n is a multiple of 16. One 64-byte vector per step, in the registers of the target it is instantiated for.
+typedef uint32_t U32x16 __attribute__((vector_size(64)));
+
+template <int kDummy>
+PYPRUNE_INLINE uint64_t fletcher16(const uint32_t* p, int64_t n) {
+  U32x16 a = {}, b = {};
+  for (int64_t i = 0; i < n; i += 16) {
+    U32x16 w;
+    std::memcpy(&w, p + i, sizeof(w));
+    a += w;
+    b += a;
+  }
+  uint64_t h = 0x9e3779b97f4a7c15ull;
+  for (int l = 0; l < 16; ++l) h = (h ^ ((static_cast<uint64_t>(b[l]) << 32) | a[l])) * 0xff51afd7ed558ccdull;
+  return h;
+}
+
+inline uint64_t fletcher16_baseline(const uint32_t* p, int64_t n) { return fletcher16<0>(p, n); }
+#if PYPRUNE_X86
+PYPRUNE_TARGET_AVX2 inline uint64_t fletcher16_avx2(const uint32_t* p, int64_t n) { return fletcher16<1>(p, n); }
+PYPRUNE_TARGET_AVX512 inline uint64_t fletcher16_avx512(const uint32_t* p, int64_t n) { return fletcher16<2>(p, n); }
+#endif
+
+}  // namespace detail
+
+// A 64-bit function of a contiguous CPU tensor's bytes and size, for DerivedCache::get's `content`: chunks of
+// 256 KiB summed in parallel (about 4 us per MiB and thread from L2, the memory's speed from DRAM).
+inline uint64_t content_fingerprint(const at::Tensor& t) {
+  TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "content_fingerprint: a contiguous CPU tensor");
+  const int64_t bytes = t.numel() * static_cast<int64_t>(t.element_size());
+  const auto* p = static_cast<const uint8_t*>(t.data_ptr());
+  uint64_t (*sum)(const uint32_t*, int64_t) = detail::fletcher16_baseline;
+#if PYPRUNE_X86
+  if (kernel_isa() == Isa::kAvx512) sum = detail::fletcher16_avx512;
+  else if (kernel_isa() == Isa::kAvx2) sum = detail::fletcher16_avx2;
+#endif
+  constexpr int64_t kChunk = 256 << 10;  // bytes, a multiple of 64
+  const int64_t full = bytes / 64 * 64, n_chunks = (full + kChunk - 1) / kChunk;
+  std::vector<uint64_t> part(n_chunks);
+  at::parallel_for(0, n_chunks, 4, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t len = std::min(kChunk, full - c * kChunk);
+      part[c] = sum(reinterpret_cast<const uint32_t*>(p + c * kChunk), len / 4);
+    }
+  });
+  uint64_t h = static_cast<uint64_t>(bytes) * 0xc4ceb9fe1a85ec53ull;
+  for (int64_t c = 0; c < n_chunks; ++c) h = (h ^ (part[c] + static_cast<uint64_t>(c))) * 0xff51afd7ed558ccdull;
+  for (int64_t i = full; i < bytes; ++i) h = (h ^ p[i]) * 0xff51afd7ed558ccdull;  // the last < 64 bytes
+  return h ^ (h >> 33);
+}
 
 template <typename Value>
 class DerivedCache {
@@ -23,19 +88,23 @@ class DerivedCache {
 
   // The value derived from `sources` under `key` (the geometry it was built for): the kept one, or
   // build() (whose result takes bytes(value) bytes) kept for next time when every source can be tracked.
+  // `content` (content_fingerprint of the sources, or 0 for none) must match too.
   template <typename Build, typename Bytes>
-  Value get(const std::vector<at::Tensor>& sources, std::vector<int64_t> key, Build build, Bytes bytes) {
+  Value get(const std::vector<at::Tensor>& sources, std::vector<int64_t> key, Build build, Bytes bytes,
+            uint64_t content = 0) {
     bool trackable = true;
     for (const at::Tensor& t : sources) trackable = trackable && !t.is_inference();
     if (trackable) {
       std::lock_guard<std::mutex> lock(mu_);
       for (auto it = entries_.begin(); it != entries_.end();) {
-        if (!it->alive()) {  // a source is gone: drop what was derived from it
+        // a source gone, or the same sources under the same key changed since: drop what was derived
+        const bool superseded = it->key == key && it->same_tensors(sources) && !it->matches(sources, content);
+        if (!it->alive() || superseded) {
           bytes_ -= it->bytes;
           it = entries_.erase(it);
           continue;
         }
-        if (it->key == key && it->matches(sources)) {
+        if (it->key == key && it->matches(sources, content)) {
           entries_.splice(entries_.begin(), entries_, it);
           return entries_.front().value;
         }
@@ -45,7 +114,7 @@ class DerivedCache {
     Value value = build();
     const int64_t size = bytes(value);
     if (trackable && size <= max_bytes_) {
-      Entry e{{}, std::move(key), value, size};
+      Entry e{{}, std::move(key), value, size, content};
       for (const at::Tensor& t : sources) e.stamps.push_back(Stamp(t));
       std::lock_guard<std::mutex> lock(mu_);
       entries_.push_front(std::move(e));
@@ -75,6 +144,7 @@ class DerivedCache {
     std::vector<int64_t> key;
     Value value;
     int64_t bytes;
+    uint64_t content;
 
     bool alive() const {
       for (const Stamp& s : stamps)
@@ -82,14 +152,16 @@ class DerivedCache {
       return true;
     }
     // the weak pointers keep each TensorImpl's memory, so an address can't be reused by another tensor
-    bool matches(const std::vector<at::Tensor>& sources) const {
+    bool same_tensors(const std::vector<at::Tensor>& sources) const {
       if (sources.size() != stamps.size()) return false;
-      for (size_t i = 0; i < stamps.size(); ++i) {
-        const at::Tensor& t = sources[i];
-        if (stamps[i].impl._unsafe_get_target() != t.unsafeGetTensorImpl() || stamps[i].data != t.data_ptr() ||
-            stamps[i].ver != version(t))
-          return false;
-      }
+      for (size_t i = 0; i < stamps.size(); ++i)
+        if (stamps[i].impl._unsafe_get_target() != sources[i].unsafeGetTensorImpl()) return false;
+      return true;
+    }
+    bool matches(const std::vector<at::Tensor>& sources, uint64_t fingerprint) const {
+      if (!same_tensors(sources) || fingerprint != content) return false;
+      for (size_t i = 0; i < stamps.size(); ++i)
+        if (stamps[i].data != sources[i].data_ptr() || stamps[i].ver != version(sources[i])) return false;
       return true;
     }
   };

@@ -54,7 +54,7 @@ PYPRUNE_INLINE Vec16<P> operator*(Vec16<P> a, const Vec16<P>& b) {
 }
 template <int P>
 PYPRUNE_INLINE Vec16<P> relu16(Vec16<P> a) {
-  for (int p = 0; p < P; ++p) a.h[p] = a.h[p] > 0.f ? a.h[p] : typename Vec16<P>::H{};
+  for (int p = 0; p < P; ++p) a.h[p] = a.h[p] < 0.f ? typename Vec16<P>::H{} : a.h[p];  // NaN stays, as in F.relu
   return a;
 }
 
