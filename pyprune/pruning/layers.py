@@ -157,6 +157,8 @@ def prune_layers(
         )
     if importance not in LAYER_IMPORTANCE:
         raise ValueError(f"importance must be one of {LAYER_IMPORTANCE}, got {importance!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int (seeds importance='random'), got {seed!r}")
     names = residual_blocks(model)
     if ratio is not None:
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:

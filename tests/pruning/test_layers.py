@@ -71,6 +71,8 @@ def test_ratio_and_bad_arguments():
         pyprune.prune_layers(model, n=1)
     with pytest.raises(ValueError, match="importance must be one of"):
         pyprune.prune_layers(model, n=1, importance="taylor")
+    with pytest.raises(TypeError, match="seed must be an int"):
+        pyprune.prune_layers(model, n=1, importance="random", seed="a")
     with pytest.raises(ValueError, match=r"\[0, 0\]"):
         pyprune.prune_layers(models.lenet5(), n=1, importance="l1")
 
