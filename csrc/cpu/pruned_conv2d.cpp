@@ -9,7 +9,7 @@
 //   zero-bordered planes of the kept channels (stride-1 kxk; each thread stages the band of rows its own tiles
 //   read, inside the same parallel region), or from im2col tiles.
 // - Pixels as GEMM rows (channels_last, and small NCHW maps): 6-8 pixels x 16-64 output channels, each input
-//   value broadcast in place, the weight transposed once and cached (see transposed_weight). With at most 32
+//   value broadcast in place, the weight transposed once and kept (see transposed_weight). With at most 32
 //   output channels a broadcast feeds too few FMAs; 3-wide stride-1 kernels then take row windows of 7-14
 //   pixels, where each broadcast serves the three taps that read it (cl_row_micro), and stride-1 1x1 convs on
 //   channels_last x 14-pixel runs addressed from one pointer (cl_micro's RUN). kxk tiles whose windows lie
@@ -948,7 +948,7 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   const bool small_map =
       a.P <= 64 || (a.P <= 256 && KH == 1 && KW == 1 && a.SH == 1 && a.SW == 1) || (a.P <= 1024 && (KH > 1 || KW > 1));
   if ((!planar && xc.stride(1) == 1) || small_map) {
-    // read in place through the channel index; the weight transposed once and cached
+    // read in place through the channel index; the weight transposed once and kept
     const int64_t cog16 = round_up(a.Cog, kLanes);
     at::Tensor wt = transposed_weight(weight, wc, groups, a.Cog, a.Cig, KH * KW, cog16);
     // taps in the padding read a row of zeros at every x[pixel, c] offset (C floats for channels_last input,
