@@ -45,7 +45,7 @@ from .. import ops
 from ..sparse import BSR, CSR, Sparse24
 from ..sparse.bsr import check_block
 from ..sparse.select import block_mask, magnitude_mask, nm_mask
-from .sparse_linear import LAYOUTS, _check_layout
+from .sparse_linear import LAYOUTS, _check_layout, check_stored_shape
 
 # activations per op call on the NCHW 1x1 path (measured: 1 MiB chunks beat whole images of 3 MiB and more)
 _NCHW_CHUNK_BYTES = 1 << 20
@@ -346,16 +346,13 @@ class SparseConv2d(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
+        want = (self.out_channels, self.kernel_size[0] * self.kernel_size[1] * self.in_channels)
+        if prefix + "_extra_state" in state_dict:  # layout and geometry first: the more specific message
+            self.set_extra_state(state_dict[prefix + "_extra_state"])
+        check_stored_shape(state_dict, prefix, want, "C_out, kh*kw*C_in")
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        shape = state_dict.get(prefix + "weight._extra_state", {}).get("shape")
-        want = (self.out_channels, self.kernel_size[0] * self.kernel_size[1] * self.in_channels)
-        if shape is not None and tuple(shape) != want:
-            error_msgs.append(
-                f"{prefix}weight: state_dict holds a {tuple(shape)} weight, this SparseConv2d needs {want} "
-                "(C_out, kh*kw*C_in)"
-            )
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"

@@ -20,6 +20,18 @@ def _check_layout(layout: str) -> str:
     return layout
 
 
+def check_stored_shape(state_dict, prefix: str, want: tuple[int, int], what: str) -> None:
+    """Refuse a state_dict whose weight has another dense shape than ``want`` (named ``what``). Raised from
+    the owning module's own load, which runs before its weight's: a refused load leaves the module as it was
+    (the weight adopts the stored sizes, as a fresh one must, see pyprune.sparse.base)."""
+    shape = state_dict.get(prefix + "weight._extra_state", {}).get("shape")
+    if shape is not None and tuple(shape) != want:
+        raise RuntimeError(
+            f"Error(s) in loading state_dict: {prefix}weight holds a {tuple(shape)} weight, this module "
+            f"needs {want} ({what})"
+        )
+
+
 class SparseLinear(nn.Module):
     """y = x W^T + b with W sparse. Build it with :meth:`from_dense`; the constructor makes an all-zero weight
     of the right layout, which ``load_state_dict`` then fills (any nonzero count).
@@ -123,6 +135,17 @@ class SparseLinear(nn.Module):
 
     def get_extra_state(self):
         return {"layout": self.layout}
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        if prefix + "_extra_state" in state_dict:  # the layout first: the more specific message
+            self.set_extra_state(state_dict[prefix + "_extra_state"])
+        want = (self.out_features, self.in_features)
+        check_stored_shape(state_dict, prefix, want, "out_features, in_features")
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def set_extra_state(self, state) -> None:
         if state["layout"] != self.layout:

@@ -1,6 +1,6 @@
 """What every weight format shares: tensors held as module state (so state_dict, .to() and parameters()
-work), a load that adopts the stored sizes (a fresh module knows the layout, not the nonzero count), and
-validation with messages that name the argument."""
+work), a load that adopts the stored sizes (a fresh module knows the layout, not the nonzero count) and keeps
+its own dtypes, and validation with messages that name the argument."""
 
 from __future__ import annotations
 
@@ -46,6 +46,8 @@ class SparseFormat(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
+        # the sizes are adopted, the dtypes kept (the load casts, as nn.Linear's does: a state_dict saved in
+        # half precision loads into a float32 module as float32)
         for name in ("values", *self._index_names):
             key = prefix + name
             if key in state_dict:
@@ -53,10 +55,10 @@ class SparseFormat(nn.Module):
                 if name == "values":
                     old = self._parameters[name]
                     self._parameters[name] = nn.Parameter(
-                        old.new_empty(incoming.shape, dtype=incoming.dtype), requires_grad=old.requires_grad
+                        old.new_empty(incoming.shape), requires_grad=old.requires_grad
                     )
                 else:
-                    self._buffers[name] = self._buffers[name].new_empty(incoming.shape, dtype=incoming.dtype)
+                    self._buffers[name] = self._buffers[name].new_empty(incoming.shape)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

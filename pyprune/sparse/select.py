@@ -6,6 +6,8 @@ blocks / the last group are padded and count only their real entries. Ties prune
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -24,7 +26,7 @@ def lowest_k(scores: Tensor, k: int) -> Tensor:
 
 
 def _as_2d(weight: Tensor) -> Tensor:
-    return weight.detach().reshape(weight.shape[0], -1)
+    return weight.detach().reshape(weight.shape[0], math.prod(weight.shape[1:]))  # -1 fails with 0 rows
 
 
 def magnitude_mask(weight: Tensor, sparsity: float) -> Tensor:

@@ -256,8 +256,12 @@ def test_state_dict_mismatch_is_refused_naming_what_differs():
         SparseConv2d(8, 16, 3, layout="bsr", block=(4, 4)).load_state_dict(sd)
     with pytest.raises(ValueError, match="kernel_size"):
         SparseConv2d(8, 16, 1).load_state_dict(sd)
+    target = SparseConv2d(4, 16, 3)
+    before = target.weight.values.clone(), target.weight.col_indices.clone()
     with pytest.raises(RuntimeError, match="C_out, kh\\*kw\\*C_in"):
-        SparseConv2d(4, 16, 3).load_state_dict(sd)
+        target.load_state_dict(sd)
+    # refused before the weight adopted the stored sizes: nothing changed
+    assert torch.equal(target.weight.values, before[0]) and torch.equal(target.weight.col_indices, before[1])
 
 
 def test_to_dtype_moves_everything():

@@ -58,6 +58,31 @@ def test_state_dict_layout_mismatch_is_refused():
         SparseLinear(16, 8, layout="bsr", block=(4, 4)).load_state_dict(sp.state_dict())
 
 
+@pytest.mark.parametrize("layout", ["csr", "bsr", "2:4"])
+def test_state_dict_of_another_shape_is_refused_and_changes_nothing(layout):
+    # nn.Linear refuses a weight of another size; the weight adopted the stored sizes, in_features stayed 12,
+    # and the forward silently used 10 of the 12 inputs
+    source = SparseLinear.from_dense(torch.nn.Linear(16, 20), sparsity=0.5, layout=layout, block=(4, 4))
+    sd = source.state_dict()
+    target = SparseLinear.from_dense(torch.nn.Linear(24, 20), sparsity=0.5, layout=layout, block=(4, 4))
+    before = {k: v.clone() for k, v in target.state_dict().items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(RuntimeError, match=r"holds a \(20, 16\) weight, this module needs \(20, 24\)"):
+        target.load_state_dict(sd)
+    after = target.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("layout", ["csr", "bsr", "2:4"])
+def test_state_dict_in_another_dtype_loads_in_the_modules_dtype(layout):
+    # as nn.Linear's load casts: the values came in float16 next to a float32 bias, and no input dtype worked
+    half = SparseLinear.from_dense(torch.nn.Linear(16, 8), sparsity=0.5, layout=layout, block=(4, 4)).half()
+    fresh = SparseLinear(16, 8, layout=layout, block=(4, 4))
+    fresh.load_state_dict(half.state_dict())
+    assert fresh.weight.values.dtype == torch.float32 and fresh.bias.dtype == torch.float32
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(fresh(x), half.float()(x))
+
+
 def test_to_dtype_and_device_moves_everything():
     sp = SparseLinear.from_dense(torch.nn.Linear(16, 8), sparsity=0.5, layout="csr").to(torch.float64)
     assert sp.weight.values.dtype == torch.float64 and sp.bias.dtype == torch.float64

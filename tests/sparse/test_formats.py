@@ -128,3 +128,10 @@ def test_state_dict_round_trip_adopts_stored_sizes():
     ):
         fresh.load_state_dict(src.state_dict())
         assert torch.equal(fresh.to_dense(), src.to_dense())
+
+
+def test_masks_of_a_weight_without_rows():
+    # an empty (0, 4) mask, as magnitude_mask gives: reshape(0, -1) can't infer the columns
+    w = torch.zeros(0, 4)
+    for mask in (block_mask(w, 0.5, (2, 2)), nm_mask(w), magnitude_mask(w, 0.5)):
+        assert mask.shape == (0, 4) and mask.dtype == torch.bool
