@@ -81,7 +81,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def _check(methods, levels, rounds, threads, device):
+def _check(methods, levels, rounds, threads, device, budget_s):
     if isinstance(methods, str):
         methods = (methods,)
     methods = tuple(methods)
@@ -96,6 +96,8 @@ def _check(methods, levels, rounds, threads, device):
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     if threads is not None and int(threads) < 1:
         raise ValueError(f"threads must be >= 1 or None, got {threads}")
+    if not budget_s >= 0:  # NaN too
+        raise ValueError(f"budget_s must be >= 0 (seconds), got {budget_s}")
     return methods, levels, resolve_device(device)
 
 
@@ -196,7 +198,7 @@ def compare(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    methods, levels, dev = _check(methods, levels, rounds, threads, device)
+    methods, levels, dev = _check(methods, levels, rounds, threads, device, budget_s)
     if int(layer_repeats) < 1:
         raise ValueError(f"layer_repeats must be >= 1, got {layer_repeats}")
     args = tuple(a.to(dev) if isinstance(a, torch.Tensor) else a for a in _args(example_inputs))
@@ -222,6 +224,8 @@ def compare(
                 kernels = _kernels(mod, args, str(dev))
             except _VARIANT_ERRORS as exc:
                 why = str(exc) if isinstance(exc, NotApplicable) else f"{type(exc).__name__}: {exc}"
+                if key == ("dense", None):  # every speedup is against it: nothing to compare
+                    raise ValueError(f"the dense model fails on example_inputs: {why}") from exc
                 rows.append(_na(*key, why.splitlines()[0][:200] if why else type(exc).__name__))
                 prog.step(f"{key[0]}@{key[1]}: n/a")
                 continue

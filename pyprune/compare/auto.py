@@ -74,10 +74,14 @@ def _key(layer: nn.Module, x: torch.Tensor, candidates, block) -> tuple:
     w = layer.weight.detach()
     w2 = _w2(layer)
     density = float(w2.ne(0).float().mean())
+    # a conv's geometry and padding mode decide what can run it and how fast, as does x's memory format
+    geometry = tuple(
+        getattr(layer, a, None) for a in ("stride", "padding", "dilation", "groups", "padding_mode")
+    )
     return (
         str(w.device), torch.get_num_threads(), str(w.dtype), type(layer).__name__, tuple(w.shape),
-        tuple(x.shape), round(density, 2), round(_block_fill(w2, block), 2), _is_24(w2), tuple(block),
-        tuple(candidates),
+        tuple(x.shape), x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last), geometry,
+        round(density, 2), round(_block_fill(w2, block), 2), _is_24(w2), tuple(block), tuple(candidates),
     )  # fmt: skip
 
 

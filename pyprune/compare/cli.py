@@ -43,11 +43,11 @@ def model_and_inputs(
     if kind == "tokens":
         if channels_last:
             raise ValueError(f"--channels-last applies to image models; {name} takes token ids")
-        s = seq or size
+        s = size if seq is None else seq
         if not 1 <= s <= m.config.max_position_embeddings:
             raise ValueError(f"--seq must lie in [1, {m.config.max_position_embeddings}], got {s}")
         return m, (torch.randint(0, m.config.vocab_size, (batch, s), generator=gen),)
-    side = image or size
+    side = size if image is None else image
     if side < 1:
         raise ValueError(f"--image must be >= 1, got {side}")
     channels = 1 if kind == "image1" else 3
@@ -74,6 +74,19 @@ def resolve_cli_device(device: str) -> str:
     return device
 
 
+def _positive(kind):
+    """An argparse type: a number of ``kind`` (int or float) > 0 (so that 0 cannot pass for "unset")."""
+
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid <type> value" messages
+    return parse
+
+
 def _common(p: argparse.ArgumentParser, model_nargs) -> None:
     p.add_argument(
         "--model",
@@ -81,10 +94,14 @@ def _common(p: argparse.ArgumentParser, model_nargs) -> None:
         default=None,
         help=f"one of {', '.join(MODELS)}",
     )
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=None, help="sequence length for bert models (default 128)")
-    p.add_argument("--image", type=int, default=None, help="image side (default 224; lenet5 32)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's current)")
+    p.add_argument("--batch", type=_positive(int), default=1)
+    p.add_argument(
+        "--seq", type=_positive(int), default=None, help="sequence length for bert models (default 128)"
+    )
+    p.add_argument("--image", type=_positive(int), default=None, help="image side (default 224; lenet5 32)")
+    p.add_argument(
+        "--threads", type=_positive(int), default=None, help="torch threads (default: torch's current)"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda without a GPU: warns, uses the CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
     p.add_argument(
@@ -126,7 +143,7 @@ def _compare(args) -> int:
     methods = _methods(args.methods)
     device = resolve_cli_device(args.device)
     levels = args.levels or (QUICK_LEVELS if args.quick else DEFAULT_LEVELS)
-    rounds = args.rounds or (3 if args.quick else 5)
+    rounds = args.rounds if args.rounds is not None else (3 if args.quick else 5)
     budget = args.budget if args.budget is not None else (4.0 if args.quick else 20.0)
     t0 = time.perf_counter()
     with fixed_threads(args.threads) as nthreads:
@@ -237,8 +254,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(cp, "+")
     cp.add_argument("--levels", type=float, nargs="+", default=None, help="sparsity levels in (0, 1)")
     cp.add_argument("--methods", nargs="+", default=list(METHODS), help=f"subset of {', '.join(METHODS)}")
-    cp.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; --quick 3)")
-    cp.add_argument("--budget", type=float, default=None, help="seconds for the timing rounds (default 20)")
+    cp.add_argument(
+        "--rounds", type=_positive(int), default=None, help="interleaved rounds (default 5; --quick 3)"
+    )
+    cp.add_argument(
+        "--budget", type=_positive(float), default=None, help="seconds for the timing rounds (default 20)"
+    )
     cp.add_argument(
         "--quick", action="store_true", help=f"levels {' '.join(map(str, QUICK_LEVELS))}, 3 rounds, 4 s"
     )
@@ -253,7 +274,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(pp, None)
     pp.add_argument("--method", default="csr", help=f"one of {', '.join(METHODS[1:])}")
     pp.add_argument("--level", type=float, default=0.9)
-    pp.add_argument("--repeats", type=int, default=5, help="forward passes per per-layer timing")
+    pp.add_argument("--repeats", type=_positive(int), default=5, help="forward passes per per-layer timing")
     pp.add_argument(
         "--trace", default=None, metavar="PATH", help="chrome trace file (default pyprune_trace_*.json)"
     )
@@ -265,7 +286,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(ap, None)
     ap.add_argument("--levels", type=float, nargs="+", default=[0.5, 0.9])
     ap.add_argument("--methods", nargs="+", default=["channel", "csr", "bsr", "2:4", "torch.sparse"])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--budget", type=float, default=10.0)
+    ap.add_argument("--rounds", type=_positive(int), default=3)
+    ap.add_argument("--budget", type=_positive(float), default=10.0)
     ap.add_argument("--summary", action="store_true", help="counts per form, not every layer")
     ap.set_defaults(func=_friendly(_advise))

@@ -51,6 +51,27 @@ def test_auto_offers_24_only_for_24_masks():
     assert layout == min(times, key=times.get)
 
 
+def test_convs_of_one_shape_but_another_geometry_are_measured_apart(monkeypatch):
+    # the timing cache's key left out stride, padding, dilation, groups and padding_mode: a reflect-padded
+    # conv took a zero-padded one's "csr", which SparseConv2d can't hold (convert raised)
+    auto.clear_cache()
+    calls = []
+    real = auto._measure
+    monkeypatch.setattr(auto, "_measure", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")]
+    convs.append(nn.Conv2d(8, 8, 3, padding=2, dilation=2))
+    for c in convs[1:]:
+        c.weight.data.copy_(convs[0].weight.data)  # the same pattern statistics
+    model = pyprune.sparsify(nn.Sequential(*convs).eval(), 0.9)
+    x = torch.randn(1, 8, 10, 10)
+    out, rep = pyprune.convert(model, layout="auto", example_inputs=x, return_report=True)
+    assert len(calls) == 3
+    assert type(out.get_submodule("1")) is nn.Conv2d  # reflect padding stays dense, whatever the timings
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_auto_bad_input():
     with pytest.raises(ValueError, match="example_inputs"):
         pyprune.convert(_masked_mlp(), layout="auto")

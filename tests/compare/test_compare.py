@@ -244,11 +244,38 @@ def test_save_writes_everything(lenet_report, tmp_path):
         ({"rounds": 0}, "rounds"),
         ({"device": "tpu"}, "device"),
         ({"layer_repeats": 0}, "layer_repeats"),
+        ({"budget_s": -1.0}, "budget_s"),
     ],
 )
 def test_bad_arguments(kwargs, word):
     with pytest.raises(ValueError, match=word):
         pyprune.compare(_mlp(), torch.randn(2, 64), **kwargs)
+
+
+def test_a_dense_model_that_fails_on_the_inputs_is_a_clear_error():
+    # every speedup is against dense: this ended in KeyError: 'dense@None' after the timing
+    with pytest.raises(ValueError, match="the dense model fails on example_inputs"):
+        pyprune.compare(_mlp(), torch.randn(2, 63), methods=("dense", "csr"), levels=(0.5,), rounds=1)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["compare", "--threads", "0"],
+        ["profile", "--threads", "-2"],
+        ["compare", "--rounds", "0"],
+        ["compare", "--image", "0"],
+        ["compare", "--model", "bert-small", "--seq", "0"],
+        ["compare", "--budget", "-1"],
+        ["advise", "--budget", "0"],
+    ],
+)
+def test_cli_numbers_must_be_positive(argv, capsys):
+    # 0 passed for "unset" (--rounds 0 ran 3 rounds, --image 0 the default size) and --threads 0 crashed in
+    # torch.set_num_threads
+    with pytest.raises(SystemExit) as exc:
+        main([*argv[:1], *(["--model", "lenet5"] if "--model" not in argv else []), *argv[1:]])
+    assert exc.value.code == 2 and "must be > 0" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
