@@ -111,12 +111,12 @@ def _common(p: argparse.ArgumentParser, model_nargs) -> None:
     )
 
 
-def _methods(values):
+def _methods(values, option: str = "--methods"):
     from . import METHODS
 
     bad = [m for m in values if m not in METHODS]
     if bad:
-        raise ValueError(f"--methods: unknown {bad}; valid methods are {list(METHODS)}")
+        raise ValueError(f"{option}: unknown {bad}; valid methods are {list(METHODS)}")
     return tuple(values)
 
 
@@ -184,7 +184,7 @@ def _profile(args) -> int:
     from .timing import fixed_threads
 
     name = args.model or "bert-small"
-    if args.method not in _methods([args.method]) or args.method == "dense":
+    if args.method not in _methods([args.method], "--method") or args.method == "dense":
         raise ValueError(f"--method: {args.method!r} is not a pruned variant")
     if not 0.0 < args.level < 1.0:
         raise ValueError(f"--level must lie in (0, 1), got {args.level}")

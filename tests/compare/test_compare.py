@@ -291,6 +291,7 @@ def test_cuda_without_gpu_is_a_clear_error():
         (["compare", "--model", "lenet5", "--methods", "coo"], ["--methods", "coo", "csr", "torch.sparse"]),
         (["compare", "--model", "lenet5", "--device", "tpu"], ["--device", "tpu", "cpu", "cuda"]),
         (["profile", "--model", "lenet5", "--method", "dense"], ["--method"]),
+        (["profile", "--model", "lenet5", "--method", "coo"], ["--method:", "coo", "csr"]),
         (["profile", "--model", "lenet5", "--level", "1.5"], ["--level"]),
     ],
 )
