@@ -780,7 +780,8 @@ at::Tensor transposed_weight(const at::Tensor& weight, const at::Tensor& wc, int
     at::Tensor wt = at::empty({G, taps, Cig, cog16}, wc.options());
     transpose_weight(wc.data_ptr<float>(), wt.data_ptr<float>(), G, Cog, Cig, taps, cog16);
     return wt;
-  }, [](const at::Tensor& wt) { return static_cast<int64_t>(wt.nbytes()); }, content_fingerprint(wc));
+  }, [](const at::Tensor& wt) { return static_cast<int64_t>(wt.nbytes()); },
+     weight.is_inference() ? 0 : content_fingerprint(wc));  // an inference tensor's copy is never kept
 }
 
 // At least n fp32 zeros, kept for the next call (a bigger request replaces the buffer; a call in flight holds
