@@ -1,13 +1,47 @@
 """Parameter and FLOP counts. FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``, which counts
-matmul/conv/attention kernels (a multiply-add is 2 FLOPs) and ignores elementwise ops, norms and pooling."""
+matmul/conv/attention kernels (a multiply-add is 2 FLOPs) and ignores elementwise ops, norms and pooling.
+pyprune's own ops count the multiply-adds their kernels perform: one per stored weight entry (the zeros inside
+BSR blocks and 2:4 groups included) and per output row or pixel; PrunedConv2d's kept weight is dense."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+
+from . import ops as _ops  # noqa: F401  (defines the torch.ops.pyprune schemas the formulas attach to)
+
+
+# The formulas get shapes in place of tensors, and the output's shape as out_shape.
+def _linear_flops(x_shape, values_shape, out_shape) -> int:
+    return 2 * math.prod(values_shape) * math.prod(x_shape[:-1])
+
+
+def _conv_flops(weight_shape, out_shape) -> int:
+    return 2 * math.prod(weight_shape) * out_shape[0] * math.prod(out_shape[2:])
+
+
+@register_flop_formula([torch.ops.pyprune.csr_linear, torch.ops.pyprune.bsr_linear])
+def _compressed_linear_flop(x, crow, col, values, *args, out_shape=None, **kwargs) -> int:
+    return _linear_flops(x, values, out_shape)
+
+
+@register_flop_formula(torch.ops.pyprune.sparse24_linear)
+def _sparse24_linear_flop(x, values, *args, out_shape=None, **kwargs) -> int:
+    return _linear_flops(x, values, out_shape)
+
+
+@register_flop_formula(torch.ops.pyprune.pruned_conv2d)
+def _pruned_conv2d_flop(x, weight, *args, out_shape=None, **kwargs) -> int:
+    return _conv_flops(weight, out_shape)
+
+
+@register_flop_formula(torch.ops.pyprune.csr_conv2d)
+def _csr_conv2d_flop(x, crow, col, values, *args, out_shape=None, **kwargs) -> int:
+    return _conv_flops(values, out_shape)
 
 
 def _as_args(example_inputs: Any) -> tuple:

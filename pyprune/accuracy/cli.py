@@ -8,6 +8,7 @@ import os
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``accuracy`` subcommand; its handler is stored as the parser's ``func`` default."""
+    from ..compare.cli import friendly, positive
     from .models import MODELS
     from .pipeline import METHODS
 
@@ -29,30 +30,46 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="fractions of FLOPs removed (unstructured: of weights zeroed), in (0, 1)",
     )
     p.add_argument(
-        "--epochs", type=int, default=None, help="dense training epochs (default 20 lenet5, 8 resnet)"
+        "--epochs",
+        type=positive(int, zero=True),
+        default=None,
+        help="dense training epochs (default 20 lenet5, 8 resnet)",
     )
     p.add_argument(
-        "--finetune-epochs", type=int, default=None, help="fine-tune epochs (default 5 lenet5, 3 resnet)"
+        "--finetune-epochs",
+        type=positive(int, zero=True),
+        default=None,
+        help="fine-tune epochs (default 5 lenet5, 3 resnet)",
     )
     p.add_argument(
         "--distill", action="store_true", help="fine-tune with knowledge distillation from the dense model"
     )
     p.add_argument(
-        "--iterative", type=int, default=1, help="pruning steps with fine-tuning between (default 1)"
+        "--iterative",
+        type=positive(int),
+        default=1,
+        help="pruning steps with fine-tuning between (default 1)",
     )
     p.add_argument("--no-pipeline", action="store_true", help="skip the prune -> low-rank -> int8 rows")
     p.add_argument("--quick", action="store_true", help="fewer epochs and methods (under 2 minutes)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads for training and timing (default 1)")
-    p.add_argument("--batch", type=int, default=64, help="batch size of the timed forward (default 64)")
     p.add_argument(
-        "--budget", type=float, default=None, help="seconds for the timing rounds (default 30, quick 8)"
+        "--threads", type=positive(int), default=1, help="torch threads for training and timing (default 1)"
+    )
+    p.add_argument(
+        "--batch", type=positive(int), default=64, help="batch size of the timed forward (default 64)"
+    )
+    p.add_argument(
+        "--budget",
+        type=positive(float),
+        default=None,
+        help="seconds for the timing rounds (default 30, quick 8)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--out", default=None, metavar="DIR", help="write accuracy_<model>.md/.json/.csv/.png here"
     )
     p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
-    p.set_defaults(func=run)
+    p.set_defaults(func=friendly(run))
 
 
 def run(args: argparse.Namespace) -> int:

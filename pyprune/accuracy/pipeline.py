@@ -183,6 +183,15 @@ def _check_prune(p: Prune) -> None:
         raise ValueError(f"Prune.steps must be an int >= 1, got {p.steps!r}")
     if p.method == "2:4" and p.steps > 1:
         raise ValueError("Prune(method='2:4') cannot be iterative (steps=1): its density is fixed")
+    b = p.block
+    if not (isinstance(b, (tuple, list)) and len(b) == 2 and all(type(v) is int and v >= 1 for v in b)):
+        raise ValueError(f"Prune.block must be a (bh, bw) pair of ints >= 1, got {b!r}")
+
+
+def check_time_batch(time_batch: object) -> None:
+    """A negative slice would drop samples from the end, 0 time an empty batch."""
+    if isinstance(time_batch, bool) or not isinstance(time_batch, int) or time_batch < 1:
+        raise ValueError(f"time_batch must be an int >= 1 (samples in the timed batch), got {time_batch!r}")
 
 
 # ----------------------------------------------------------------------------------------------- measuring
@@ -199,23 +208,23 @@ def _nnz(weight: object) -> int | None:
 
 def effective_flops(model: nn.Module, example_inputs: torch.Tensor | tuple) -> int:
     """FLOPs of the weighted layers counting only nonzero weights: 2 * nnz(W) per output position, for
-    nn.Linear / nn.Conv2d and pyprune's SparseLinear / SparseConv2d (any module whose ``weight`` is a tensor or
-    a sparse format). For an unpruned conv / linear model this equals count_flops."""
+    nn.Linear / nn.Conv2d (masked or not) and pyprune's SparseLinear / SparseConv2d / PrunedConv2d; norms and
+    embeddings, which also hold a ``weight``, do no multiply-adds with it. For an unpruned conv / linear model
+    this equals count_flops."""
+    from ..nn import PrunedConv2d, SparseConv2d, SparseLinear
+
+    convs = (nn.Conv2d, SparseConv2d, PrunedConv2d)
     total = [0]
 
     def hook(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
         nnz = _nnz(mod.weight)
         if nnz is None or not isinstance(out, torch.Tensor) or out.dim() < 2:
             return
-        per_out = out.numel() // out.shape[1] if out.dim() == 4 else out.numel() // out.shape[-1]
+        # a conv's output channels are dim 1; a linear's the last dim, whatever the input's rank
+        per_out = out.numel() // (out.shape[1] if isinstance(mod, convs) else out.shape[-1])
         total[0] += 2 * nnz * per_out
 
-    mods = [
-        m
-        for m in model.modules()
-        if isinstance(m, (nn.Linear, nn.Conv2d))
-        or (hasattr(m, "weight") and _nnz(m.weight) is not None)
-    ]
+    mods = [m for m in model.modules() if isinstance(m, (nn.Linear, SparseLinear, *convs))]
     handles = [m.register_forward_hook(hook) for m in mods]
     args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     was = model.training
@@ -577,6 +586,7 @@ def pipeline(
             model.train(was)
     check_loader(train_data, "train_data", input_shape, num_classes)
     check_loader(val_data, "val_data", input_shape, num_classes)
+    check_time_batch(time_batch)
     if example_inputs is None:
         xs = torch.cat([x for x, _ in val_data])[:time_batch]
         example_inputs = (xs,)

@@ -23,6 +23,7 @@ from .pipeline import (
     NotApplicable,
     Prune,
     apply_prune,
+    check_time_batch,
     effective_flops,
     finalize,
     measure_latency,
@@ -88,6 +89,7 @@ def accuracy_study(
         raise ValueError(f"iterative must be an int >= 1 (pruning steps), got {iterative!r}")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be an int >= 1, got {threads!r}")
+    check_time_batch(time_batch)
     d_ep, f_ep, size = (QUICK_SETTINGS if quick else SETTINGS)[model]
     epochs = d_ep if epochs is None else epochs
     finetune_epochs = f_ep if finetune_epochs is None else finetune_epochs
@@ -106,11 +108,8 @@ def accuracy_study(
         losses = train(dense, task.train, epochs, lr=2e-3, description=f"dense {model}")
         dense.eval()
         dense_acc = evaluate(dense, task.val)
-        _log(
-            f"dense: val accuracy {dense_acc:.2%} (loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
-            f"{time.perf_counter() - t0:.1f} s)",
-            verbose,
-        )
+        trained = f"loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "untrained"  # epochs=0
+        _log(f"dense: val accuracy {dense_acc:.2%} ({trained}, {time.perf_counter() - t0:.1f} s)", verbose)
         dense_sizes = _sizes(dense, one)
         rows = [
             {

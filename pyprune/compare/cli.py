@@ -74,13 +74,13 @@ def resolve_cli_device(device: str) -> str:
     return device
 
 
-def _positive(kind):
-    """An argparse type: a number of ``kind`` (int or float) > 0 (so that 0 cannot pass for "unset")."""
+def positive(kind, zero: bool = False):
+    """An argparse type: a number of ``kind`` (int or float) > 0, or >= 0 with ``zero`` (NaN never)."""
 
     def parse(text: str):
         value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not (value >= 0 if zero else value > 0):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if zero else '>'} 0, got {text}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in "invalid <type> value" messages
@@ -94,13 +94,13 @@ def _common(p: argparse.ArgumentParser, model_nargs) -> None:
         default=None,
         help=f"one of {', '.join(MODELS)}",
     )
-    p.add_argument("--batch", type=_positive(int), default=1)
+    p.add_argument("--batch", type=positive(int), default=1)
     p.add_argument(
-        "--seq", type=_positive(int), default=None, help="sequence length for bert models (default 128)"
+        "--seq", type=positive(int), default=None, help="sequence length for bert models (default 128)"
     )
-    p.add_argument("--image", type=_positive(int), default=None, help="image side (default 224; lenet5 32)")
+    p.add_argument("--image", type=positive(int), default=None, help="image side (default 224; lenet5 32)")
     p.add_argument(
-        "--threads", type=_positive(int), default=None, help="torch threads (default: torch's current)"
+        "--threads", type=positive(int), default=None, help="torch threads (default: torch's current)"
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda without a GPU: warns, uses the CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
@@ -228,7 +228,7 @@ def _advise(args) -> int:
     return 0
 
 
-def _friendly(fn):
+def friendly(fn):
     """Bad arguments end with ``pyprune <command>: error: <message>`` and exit status 2, as argparse does."""
 
     def run(args) -> int:
@@ -255,10 +255,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     cp.add_argument("--levels", type=float, nargs="+", default=None, help="sparsity levels in (0, 1)")
     cp.add_argument("--methods", nargs="+", default=list(METHODS), help=f"subset of {', '.join(METHODS)}")
     cp.add_argument(
-        "--rounds", type=_positive(int), default=None, help="interleaved rounds (default 5; --quick 3)"
+        "--rounds", type=positive(int), default=None, help="interleaved rounds (default 5; --quick 3)"
     )
     cp.add_argument(
-        "--budget", type=_positive(float), default=None, help="seconds for the timing rounds (default 20)"
+        "--budget", type=positive(float), default=None, help="seconds for the timing rounds (default 20)"
     )
     cp.add_argument(
         "--quick", action="store_true", help=f"levels {' '.join(map(str, QUICK_LEVELS))}, 3 rounds, 4 s"
@@ -268,17 +268,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     cp.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
     cp.add_argument("--csv", default=None, metavar="PATH", help="also write the report as CSV")
     cp.add_argument("--plot", default=None, metavar="DIR", help="write PNG plots into DIR")
-    cp.set_defaults(func=_friendly(_compare))
+    cp.set_defaults(func=friendly(_compare))
 
     pp = sub.add_parser("profile", help="per-layer time, intensity, bound and break-even of one variant")
     _common(pp, None)
     pp.add_argument("--method", default="csr", help=f"one of {', '.join(METHODS[1:])}")
     pp.add_argument("--level", type=float, default=0.9)
-    pp.add_argument("--repeats", type=_positive(int), default=5, help="forward passes per per-layer timing")
+    pp.add_argument("--repeats", type=positive(int), default=5, help="forward passes per per-layer timing")
     pp.add_argument(
         "--trace", default=None, metavar="PATH", help="chrome trace file (default pyprune_trace_*.json)"
     )
-    pp.set_defaults(func=_friendly(_profile))
+    pp.set_defaults(func=friendly(_profile))
 
     ap = sub.add_parser(
         "advise", help="per layer, which form (dense, csr, bsr, 2:4) is fastest at each budget"
@@ -286,7 +286,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(ap, None)
     ap.add_argument("--levels", type=float, nargs="+", default=[0.5, 0.9])
     ap.add_argument("--methods", nargs="+", default=["channel", "csr", "bsr", "2:4", "torch.sparse"])
-    ap.add_argument("--rounds", type=_positive(int), default=3)
-    ap.add_argument("--budget", type=_positive(float), default=10.0)
+    ap.add_argument("--rounds", type=positive(int), default=3)
+    ap.add_argument("--budget", type=positive(float), default=10.0)
     ap.add_argument("--summary", action="store_true", help="counts per form, not every layer")
-    ap.set_defaults(func=_friendly(_advise))
+    ap.set_defaults(func=friendly(_advise))

@@ -151,6 +151,26 @@ def test_effective_flops_counts_only_nonzero_weights(trained_lenet):
     assert effective_flops(masked, x) == pytest.approx(0.5 * pyprune.count_flops(trained_lenet, x), rel=0.01)
 
 
+def test_effective_flops_skips_norms_and_embeddings_and_reads_a_linear_output_right():
+    # BatchNorm, LayerNorm and Embedding hold a weight but do no multiply-adds with it; a Linear on a 4-D
+    # input has its features on the last dim (counted on dim 1 before: 10240 instead of 3840)
+    conv_bn = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    assert effective_flops(conv_bn, x) == pyprune.count_flops(conv_bn, x)
+    emb = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 8))
+    tokens = torch.randint(0, 50, (2, 7))
+    assert effective_flops(emb, tokens) == pyprune.count_flops(emb, tokens) == 2 * 14 * 16 * 8
+    lin = torch.nn.Linear(16, 8)
+    assert effective_flops(lin, torch.randn(1, 3, 5, 16)) == 2 * 15 * 16 * 8
+
+
+def test_pipeline_and_prune_check_their_sizes(trained_lenet, small_task):
+    with pytest.raises(ValueError, match="time_batch must be an int >= 1"):
+        pyprune.pipeline(copy.deepcopy(trained_lenet), *small_task, [Prune("l1", 0.5)], time_batch=-5)
+    with pytest.raises(ValueError, match="Prune.block must be a \\(bh, bw\\) pair of ints >= 1"):
+        pyprune.pipeline(copy.deepcopy(trained_lenet), *small_task, [Prune("block", 0.5, block=(0, 2))])
+
+
 def test_bake_masks_leaves_the_masked_model_working(trained_lenet):
     x = torch.randn(2, 1, 32, 32)
     masked = sparsify(trained_lenet, 0.5)

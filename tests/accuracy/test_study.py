@@ -52,6 +52,35 @@ def test_study_bad_arguments():
         accuracy_study(model="vgg", verbose=False)
 
 
+@pytest.mark.parametrize(
+    "argv, word",
+    [
+        (["--levels", "1.5"], "levels"),
+        (["--model", "foo"], "model"),
+        (["--batch", "0"], "--batch"),
+        (["--threads", "0"], "--threads"),
+        (["--epochs", "-1"], "--epochs"),
+        (["--budget", "-1"], "--budget"),
+    ],
+)
+def test_cli_accuracy_bad_arguments_are_clear_errors(argv, word, capsys):
+    # a traceback (or a ZeroDivisionError for --batch 0) before; now as compare's CLI: exit status 2
+    try:
+        rc = main(["accuracy", *argv])
+    except SystemExit as exc:  # argparse's own checks
+        rc = exc.code
+    err = capsys.readouterr().err
+    assert rc == 2 and "pyprune accuracy: error:" in err and word in err
+
+
+def test_study_without_dense_training_epochs(capsys):
+    # epochs=0 is allowed (train() takes >= 0); its log line read the first and last loss of an empty list
+    rep = accuracy_study(methods=["l1"], levels=[0.5], epochs=0, finetune_epochs=0, run_pipeline=False,
+                         budget_s=0.2, time_batch=8, verbose=True)  # fmt: skip
+    assert "(untrained, " in capsys.readouterr().out
+    assert len(rep.rows) >= 2
+
+
 def test_cli_accuracy_runs(tmp_path, capsys):
     rc = main(
         [
