@@ -55,6 +55,19 @@ def sparse24_linear_ref(
     return F.linear(x, w[:, :in_features].to(x.dtype), bias)
 
 
+def _conv2d(x: Tensor, w: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int = 1) -> Tensor:
+    """F.conv2d, also for a weight without output or input channels (F.conv2d rejects the first and gives no
+    output channels for the second): then the output is the bias, or zeros."""
+    if w.shape[0] and w.shape[1]:
+        return F.conv2d(x, w, bias, stride, padding, dilation, groups)
+    oh, ow = (
+        (x.shape[2 + i] + 2 * padding[i] - dilation[i] * (w.shape[2 + i] - 1) - 1) // stride[i] + 1
+        for i in (0, 1)
+    )
+    y = x.new_zeros(x.shape[0], w.shape[0], oh, ow)
+    return y if bias is None else y + bias.view(1, -1, 1, 1)
+
+
 def csr_conv2d_ref(
     x: Tensor,
     crow_indices: Tensor,
@@ -75,7 +88,8 @@ def csr_conv2d_ref(
         start, end = int(crow_indices[row]), int(crow_indices[row + 1])
         w[row, col_indices[start:end].long()] = values[start:end]
     w = w.reshape(out_channels, kh, kw, c_in).permute(0, 3, 1, 2)
-    return F.conv2d(x, w.to(x.dtype), bias, stride, padding, dilation).contiguous(memory_format=_memory_format(x))
+    y = _conv2d(x, w.to(x.dtype), bias, stride, padding, dilation)
+    return y.contiguous(memory_format=_memory_format(x))
 
 
 def pruned_conv2d_ref(
@@ -92,7 +106,7 @@ def pruned_conv2d_ref(
     relu: bool,
 ) -> Tensor:
     xs = x if in_index is None else x.index_select(1, in_index)
-    y = F.conv2d(xs, weight, bias, stride, padding, dilation, groups)
+    y = _conv2d(xs, weight, bias, stride, padding, dilation, groups)
     if relu:
         y = torch.relu(y)
     if out_index is not None:

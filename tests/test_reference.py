@@ -2,7 +2,7 @@
 
 import torch
 
-from pyprune.reference import bsr_linear_ref, csr_linear_ref
+from pyprune.reference import bsr_linear_ref, csr_conv2d_ref, csr_linear_ref, pruned_conv2d_ref
 
 
 def test_csr_linear_ref_hand_computed():
@@ -29,3 +29,17 @@ def test_bsr_linear_ref_hand_computed_ragged():
         3,
     )
     assert y.tolist() == [[10.0, 12.0, 3.0]]
+
+
+def test_conv_references_without_channels():
+    # the GPU router's reference backend and the CPU fallback: F.conv2d rejects a weight without rows and
+    # gives no output channels for one without inputs; the op's answer is the bias (or zeros) in out_channels
+    x, b = torch.randn(2, 4, 5, 5), torch.randn(3)
+    empty = torch.zeros(0, dtype=torch.long)
+    y = pruned_conv2d_ref(x, torch.randn(3, 0, 3, 3), b, empty, None, 3, [1, 1], [1, 1], [1, 1], 1, True)
+    assert torch.equal(y, b.relu().view(1, 3, 1, 1).expand(2, 3, 5, 5))
+    y = pruned_conv2d_ref(x, torch.randn(0, 4, 3, 3), None, None, empty, 5, [1, 1], [1, 1], [1, 1], 1, False)
+    assert torch.equal(y, torch.zeros(2, 5, 5, 5))
+    crow, col = torch.zeros(1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32)
+    y = csr_conv2d_ref(x, crow, col, torch.zeros(0), 0, [3, 3], None, [2, 2], [1, 1], [1, 1])
+    assert y.shape == (2, 0, 3, 3)

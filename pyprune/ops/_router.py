@@ -48,14 +48,16 @@ def _check_name(name: str | None) -> str | None:
 
 
 class use_backend:
-    """Pick the GPU backend for pyprune ops: ``"triton"``, ``"cuda"``, ``"reference"`` or ``"auto"``/None.
+    """Pick the GPU backend for pyprune ops: ``"triton"``, ``"cuda"``, ``"reference"``, ``"auto"`` (the
+    automatic order) or None (no choice: ``PYPRUNE_BACKEND`` if set, else automatic).
 
     ``pyprune.use_backend("reference")`` sets it for the process; ``with pyprune.use_backend("triton"): ...``
-    sets it for the block and restores the previous choice afterwards. Overrides ``PYPRUNE_BACKEND``."""
+    sets it for the block and restores the previous choice afterwards. Any name overrides ``PYPRUNE_BACKEND``,
+    "auto" included."""
 
     def __init__(self, name: str | None):
         global _choice
-        new = _check_name(name)
+        new = _AUTO if name == _AUTO else _check_name(name)
         self._previous = _choice
         _choice = new
 
@@ -71,7 +73,7 @@ class use_backend:
 def get_backend() -> str | None:
     """The backend asked for (by use_backend, else PYPRUNE_BACKEND), or None for automatic choice."""
     if _choice is not None:
-        return _choice
+        return None if _choice == _AUTO else _choice
     env = os.environ.get(ENV_VAR, "").strip().lower()
     try:
         return _check_name(env or None)
@@ -248,10 +250,12 @@ def _check_bsr_args(x, crow, col, values, out_features, bias) -> None:
 
 
 def _flat(fn2d):
-    """Adapts a 2-D (M, K) implementation to x of shape (..., K); checks the arguments first."""
+    """Adapts a 2-D (M, K) implementation to x of shape (..., K); checks the arguments first, the index values
+    included (once per structure)."""
 
     def run(x, crow, col, values, out_features, bias):
         _check_bsr_args(x, crow, col, values, out_features, bias)
+        _checked(_BSR_CHECKED, check_bsr_index_values, crow, col, -(-x.shape[-1] // values.shape[2]))
         y = fn2d(x.reshape(-1, x.shape[-1]), crow, col, values, out_features, bias)
         return y.reshape(*x.shape[:-1], out_features)
 
@@ -281,10 +285,7 @@ def check_bsr_index_values(crow: Tensor, col: Tensor, n_bcols: int) -> None:
 
 def _bsr_cuda(x, crow, col, values, out_features, bias):
     _check_bsr_args(x, crow, col, values, out_features, bias)
-    n_bcols = -(-x.shape[-1] // values.shape[2])
-    checked_for = _BSR_CHECKED.get((crow, col), lambda: check_bsr_index_values(crow, col, n_bcols) or n_bcols)
-    if checked_for != n_bcols:  # the same structure against another in_features: column bounds differ
-        check_bsr_index_values(crow, col, n_bcols)
+    _checked(_BSR_CHECKED, check_bsr_index_values, crow, col, -(-x.shape[-1] // values.shape[2]))
     return torch.ops.pyprune._bsr_linear_cuda(x, crow, col, values, out_features, bias)
 
 
@@ -374,8 +375,10 @@ BSR_GRAD_VALUES_BACKENDS = [
 class TensorCache:
     """Values derived from tensors (a converted weight, a validated index), reused while every key tensor is
     the same object at the same version (``Tensor._version`` counts in-place changes, optimizer steps
-    included, under torch.inference_mode too). Held through weak references: a freed tensor whose id is reused
-    never hits. Inference tensors keep no version, so what derives from them is made again on every call.
+    included, under torch.inference_mode too), data pointer, dtype and device (``module.half()`` / ``.to()``
+    swap a parameter's data and keep its version). Held through weak references: a freed tensor whose id is
+    reused never hits. Inference tensors keep no version, so what derives from them is made again on every
+    call.
     At most ``max_entries`` values, and with ``max_bytes`` at most that many bytes of tensors among them (a
     value is a tensor or a tuple of tensors and other things); the least recently used go first."""
 
@@ -390,7 +393,7 @@ class TensorCache:
             return make()
         key = tuple(id(t) for t in tensors)
         hit = self._entries.pop(key, None)
-        versions = tuple(t._version for t in tensors)
+        versions = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
         if hit is not None and hit[1] == versions and all(r() is t for r, t in zip(hit[0], tensors)):
             self._entries[key] = hit  # most recently used last
             return hit[2]
@@ -451,12 +454,17 @@ def check_csr_index_values(
         raise ValueError(f"{op}: argument 'col_indices' must lie in [0, {bound} = {in_features})")
 
 
+def _checked(cache: TensorCache, check: Callable, crow: Tensor, col: Tensor, bound: int) -> None:
+    """check(crow, col, bound) once per structure (a device sync on GPU): the kernels read x at these
+    indices."""
+    checked_for = cache.get((crow, col), lambda: check(crow, col, bound) or bound)
+    if checked_for != bound:  # the same structure against another in_features: column bounds differ
+        check(crow, col, bound)
+
+
 def _csr_cuda(x, crow, col, values, out_features, bias):
     _check_csr_args(x, crow, col, values, out_features, bias)
-    k = x.shape[-1]
-    checked_for = _CSR_CHECKED.get((crow, col), lambda: check_csr_index_values(crow, col, k) or k)
-    if checked_for != k:  # the same structure against another in_features: column bounds differ
-        check_csr_index_values(crow, col, k)
+    _checked(_CSR_CHECKED, check_csr_index_values, crow, col, x.shape[-1])
     return torch.ops.pyprune._csr_linear_cuda(x, crow, col, values, out_features, bias)
 
 
@@ -487,6 +495,7 @@ def _csr_cuda_unavailable(x, *args) -> str | None:
 
 def _csr_reference(x, crow, col, values, out_features, bias):
     _check_csr_args(x, crow, col, values, out_features, bias)
+    _checked(_CSR_CHECKED, check_csr_index_values, crow, col, x.shape[-1])
     return reference.csr_linear_ref(x, crow, col, values, out_features, bias)
 
 

@@ -100,6 +100,8 @@ def check_args(x, weight, bias, in_index, out_index, out_channels, stride, paddi
             f"{OP}: argument 'weight' must have C_in_kept / groups = {c_in // groups} input channels "
             f"(C_in_kept = {c_in}), got shape {tuple(weight.shape)}"
         )
+    if out_channels < 0:
+        raise ValueError(f"{OP}: argument 'out_channels' must be >= 0, got {out_channels}")
     if out_index is None:
         if out_channels != c_out:
             raise ValueError(

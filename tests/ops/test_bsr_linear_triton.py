@@ -139,6 +139,10 @@ def test_use_backend_sets_and_restores(monkeypatch):
     assert _router.get_backend() == "triton"
     with _router.use_backend("reference"):  # the setter wins over the environment
         assert _router.get_backend() == "reference"
+    with _router.use_backend("auto"):  # "auto" too (it fell through to the environment)
+        assert _router.get_backend() is None
+    with _router.use_backend(None):  # no choice: the environment's
+        assert _router.get_backend() == "triton"
     monkeypatch.setenv(_router.ENV_VAR, "nope")
     with pytest.raises(ValueError, match="PYPRUNE_BACKEND"):
         _router.get_backend()

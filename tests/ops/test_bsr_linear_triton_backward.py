@@ -274,3 +274,12 @@ def test_gpu_grad_values_opcheck_and_compiled_backward():
     loss(x, v1).backward()
     torch.compile(loss, fullgraph=True)(x, v2).backward()
     torch.testing.assert_close(v2.grad, v1.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_the_router_finds_every_triton_launcher():
+    # the router looks launchers up on the pyprune_kernels package: the SDDMM one was missing from its
+    # __init__, so on a GPU the values' gradient always fell back to the dense reference
+    if _router.load_triton_kernels()[0] is None:
+        pytest.skip(_router.load_triton_kernels()[1])
+    for launcher in ("bsr_linear_triton", "bsr_linear_grad_values_triton", "pruned_conv2d_triton"):
+        assert _router.triton_unavailable(launcher, launcher, torch.float32) is None, launcher

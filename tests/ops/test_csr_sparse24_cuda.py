@@ -171,6 +171,30 @@ def test_tensor_cache_keys_on_identity_and_version():
     assert calls == ["ab", "ab2", "ba", "c", "ab3", "ab4", "d", "d2"]
 
 
+def test_reference_backends_check_index_values():
+    # the router's reference backends computed with a negative column (Python indexing from the end) or a
+    # decreasing crow_indices (rows dropped) instead of refusing, as the CPU kernels and the CUDA path do
+    csr_ref = {b.name: b.fn for b in _router.CSR_LINEAR_BACKENDS}["reference"]
+    bsr_ref = {b.name: b.fn for b in _router.BSR_LINEAR_BACKENDS}["reference"]
+    x, i32 = torch.randn(3, 8), torch.int32
+    for crow, col, match in (([0, 1, 2], [0, -1], "col_indices"), ([0, 2, 1, 2], [0, 1], "crow_indices")):
+        with pytest.raises(ValueError, match=match):
+            crow_t, col_t = torch.tensor(crow, dtype=i32), torch.tensor(col, dtype=i32)
+            csr_ref(x, crow_t, col_t, torch.randn(2), len(crow) - 1, None)
+    with pytest.raises(ValueError, match="col_indices"):
+        crow_t, col_t = torch.tensor([0, 1, 2], dtype=i32), torch.tensor([0, -2], dtype=i32)
+        bsr_ref(x, crow_t, col_t, torch.randn(2, 2, 4), 4, None)
+
+
+def test_tensor_cache_sees_a_parameter_converted_in_place():
+    # Module.half() / .to() set param.data: same object, same version, new data, dtype (or device)
+    cache = _router.TensorCache()
+    lin = torch.nn.Linear(4, 4).half()
+    assert cache.get((lin.weight,), lambda: lin.weight.dtype) == torch.float16
+    lin.bfloat16()
+    assert cache.get((lin.weight,), lambda: lin.weight.dtype) == torch.bfloat16
+
+
 def test_tensor_cache_drops_the_least_recently_used_past_its_byte_budget():
     cache = _router.TensorCache(max_entries=10, max_bytes=100)  # 100 bytes: two 40-byte values, not three
     keys = [torch.zeros(1) for _ in range(3)]

@@ -238,6 +238,7 @@ def _bad(**change):
         ({"in_index": torch.tensor([0, 1, 2, 3], dtype=torch.int32)}, TypeError, "in_index.*Long"),
         ({"out_index": torch.tensor([0, 1, 6])}, ValueError, "out_index.*\\[0, 6\\)"),
         ({"out_index": torch.tensor([0, 1])}, ValueError, "out_index.*one entry per weight row"),
+        ({"out_channels": -1}, ValueError, "out_channels.*>= 0"),
         ({"in_index": torch.tensor([0, 1, 2])}, ValueError, "weight.*C_in_kept"),
         ({"groups": 3}, ValueError, "groups.*must divide"),
         ({"weight": torch.randn(3, 4, 3)}, ValueError, "weight.*4-D"),
