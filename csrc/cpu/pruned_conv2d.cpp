@@ -813,6 +813,7 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   PYPRUNE_CHECK(dilation.size() == 2 && dilation[0] >= 1 && dilation[1] >= 1, kOp, "dilation",
                 "must be two ints >= 1, got ", dilation);
   PYPRUNE_CHECK(groups >= 1, kOp, "groups", "must be >= 1, got ", groups);
+  PYPRUNE_CHECK(out_channels >= 0, kOp, "out_channels", "must be >= 0, got ", out_channels);
   const int64_t C = x.size(1);
   check_index(in_index, "in_index", C, "x's channels");
   check_index(out_index, "out_index", out_channels, "out_channels");
