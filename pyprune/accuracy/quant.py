@@ -46,6 +46,9 @@ def quantize_int8(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    n = calibration_batches
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"calibration_batches must be an int >= 1, got {calibration_batches!r}")
     batches = []
     for b in calibration:
         batches.append(b[0] if isinstance(b, (tuple, list)) else b)

@@ -24,3 +24,5 @@ def test_int8_bad_input(trained_lenet):
         quantize_int8(trained_lenet, [])
     with pytest.raises(ValueError, match="mode"):
         quantize_int8(trained_lenet, [torch.zeros(1, 1, 32, 32)], mode="int4")
+    with pytest.raises(ValueError, match="calibration_batches must be an int >= 1"):  # 0 calibrated on 1
+        quantize_int8(trained_lenet, [torch.zeros(1, 1, 32, 32)], calibration_batches=0)
