@@ -776,7 +776,8 @@ void transpose_weight(const float* w, float* wt, int64_t G, int64_t Cog, int64_t
 at::Tensor transposed_weight(const at::Tensor& weight, const at::Tensor& wc, int64_t G, int64_t Cog, int64_t Cig,
                              int64_t taps, int64_t cog16) {
   static DerivedCache<at::Tensor> cache(int64_t(256) << 20);
-  return cache.get({weight}, {G}, [&] {
+  // the shape too: `p.data = p.data.view(...)` keeps the tensor, its version and its bytes
+  return cache.get({weight}, {G, weight.size(0), weight.size(1), weight.size(2), weight.size(3)}, [&] {
     at::Tensor wt = at::empty({G, taps, Cig, cog16}, wc.options());
     transpose_weight(wc.data_ptr<float>(), wt.data_ptr<float>(), G, Cog, Cig, taps, cog16);
     return wt;

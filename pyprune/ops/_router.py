@@ -21,6 +21,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import threading
 import warnings
 import weakref
 from collections.abc import Callable
@@ -387,31 +388,40 @@ class TensorCache:
         self._max = max_entries
         self._max_bytes = max_bytes
         self._bytes = 0
+        # several threads may call an op at once (autograd's backward threads, a user's own): the entries and
+        # the byte count change only under the lock; make() runs outside it
+        self._lock = threading.Lock()
 
     def get(self, tensors: tuple[Tensor, ...], make: Callable[[], object]):
         if any(t.is_inference() for t in tensors):
             return make()
         key = tuple(id(t) for t in tensors)
-        hit = self._entries.pop(key, None)
         versions = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
-        if hit is not None and hit[1] == versions and all(r() is t for r, t in zip(hit[0], tensors)):
-            self._entries[key] = hit  # most recently used last
-            return hit[2]
-        if hit is not None:
-            self._bytes -= hit[3]
+        with self._lock:
+            hit = self._entries.pop(key, None)
+            if hit is not None and hit[1] == versions and all(r() is t for r, t in zip(hit[0], tensors)):
+                self._entries[key] = hit  # most recently used last
+                return hit[2]
+            if hit is not None:
+                self._bytes -= hit[3]
         value = make()
         size = _nbytes(value)
-        self._entries[key] = (tuple(weakref.ref(t) for t in tensors), versions, value, size)
-        self._bytes += size
-        while len(self._entries) > self._max or (
-            self._max_bytes is not None and self._bytes > self._max_bytes and len(self._entries) > 1
-        ):
-            self._bytes -= self._entries.pop(next(iter(self._entries)))[3]
+        with self._lock:
+            old = self._entries.pop(key, None)  # another thread's, made meanwhile
+            if old is not None:
+                self._bytes -= old[3]
+            self._entries[key] = (tuple(weakref.ref(t) for t in tensors), versions, value, size)
+            self._bytes += size
+            while len(self._entries) > self._max or (
+                self._max_bytes is not None and self._bytes > self._max_bytes and len(self._entries) > 1
+            ):
+                self._bytes -= self._entries.pop(next(iter(self._entries)))[3]
         return value
 
     def clear(self) -> None:
-        self._entries.clear()
-        self._bytes = 0
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
 
 
 def _nbytes(value) -> int:

@@ -9,6 +9,9 @@ the 2x-naive-error rule for fp16/bf16, opcheck, torch.compile, gradients.
 
 from __future__ import annotations
 
+import random
+import sys
+import threading
 import types
 import warnings
 
@@ -193,6 +196,35 @@ def test_tensor_cache_sees_a_parameter_converted_in_place():
     assert cache.get((lin.weight,), lambda: lin.weight.dtype) == torch.float16
     lin.bfloat16()
     assert cache.get((lin.weight,), lambda: lin.weight.dtype) == torch.bfloat16
+
+
+def test_tensor_cache_under_threads():
+    # six threads sharing one cache (as autograd's backward threads share csr_linear's transposes) raised
+    # KeyError / "dictionary changed size" and let the byte count drift above the entries' real total
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    cache = _router.TensorCache(max_entries=4, max_bytes=1 << 12)
+    keys = [(torch.zeros(1), torch.zeros(1)) for _ in range(16)]
+    errors = []
+
+    def work(seed):
+        rng = random.Random(seed)
+        try:
+            for _ in range(3000):
+                cache.get(rng.choice(keys), lambda: torch.zeros(100))
+        except Exception as e:  # noqa: BLE001  (any exception is the failure)
+            errors.append(repr(e))
+
+    try:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors
+    assert cache._bytes == sum(e[3] for e in cache._entries.values()) and len(cache._entries) <= 4
 
 
 def test_tensor_cache_drops_the_least_recently_used_past_its_byte_budget():

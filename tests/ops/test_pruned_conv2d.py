@@ -311,6 +311,26 @@ def test_weight_changes_behind_the_version_counter_are_seen():
         torch.nn.utils.vector_to_parameters(flat, m.parameters())
         check()
         flat.mul_(-0.5)  # the next values, in the same buffer
+    # changes that add one constant to every 32-bit word (a sign flip; a scale by a power of two moves every
+    # exponent) passed a Fletcher sum of the words on these shapes (numel a multiple of 64, 64 KiB)
+    m = PrunedConv2d.from_dense(torch.nn.Conv2d(128, 128, 1), keep_in=range(128), keep_out=range(128))
+    x = torch.randn(1, 128, 7, 7)
+    check()
+    m.weight.data.neg_()
+    check()
+    m.weight.data.mul_(2.0)
+    check()
+
+
+def test_a_weight_reshaped_through_data_is_seen():
+    # same tensor, version and bytes, another shape: the transposed copy of the old shape was reused
+    w = torch.nn.Parameter(torch.randn(32, 16, 3, 3))
+    with torch.no_grad():
+        pruned_conv2d(torch.randn(1, 16, 7, 7), w, padding=1)
+        w.data = w.data.view(16, 32, 3, 3)
+        x = torch.randn(1, 32, 7, 7)
+        y = pruned_conv2d(x, w, padding=1)
+        torch.testing.assert_close(y, F.conv2d(x, w, padding=1), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("side", [7, 40], ids=["pixels-as-rows", "pixel-vectors"])

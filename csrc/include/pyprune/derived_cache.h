@@ -29,55 +29,65 @@ namespace pyprune {
 
 namespace detail {
 
-// Fletcher sums over 16 lanes of 32-bit words (a += w, b += a): a changed word changes a, a moved one changes b.
-// n is a multiple of 16. One 64-byte vector per step, in the registers of the target it is instantiated for.
+// 16 lanes x 4 independent chains of 32-bit words, each step h = (h ^ w) * M, h ^= h >> 16: a multiply
+// carries a change upwards, the shift brings it back down, so every bit of every word reaches the state, and
+// the order of the words matters. (A Fletcher sum missed changes that add the same constant to every word:
+// a sign flip, a scale by a power of two.) n is a multiple of 64. One 64-byte vector per chain and step, in
+// the registers of the target it is instantiated for.
 typedef uint32_t U32x16 __attribute__((vector_size(64)));
 
 template <int kDummy>
-PYPRUNE_INLINE uint64_t fletcher16(const uint32_t* p, int64_t n) {
-  U32x16 a = {}, b = {};
-  for (int64_t i = 0; i < n; i += 16) {
-    U32x16 w;
-    std::memcpy(&w, p + i, sizeof(w));
-    a += w;
-    b += a;
-  }
-  uint64_t h = 0x9e3779b97f4a7c15ull;
-  for (int l = 0; l < 16; ++l) h = (h ^ ((static_cast<uint64_t>(b[l]) << 32) | a[l])) * 0xff51afd7ed558ccdull;
-  return h;
+PYPRUNE_INLINE uint64_t mix64(const uint32_t* p, int64_t n) {
+  U32x16 h[4];
+  for (int j = 0; j < 4; ++j)
+    for (int l = 0; l < 16; ++l) h[j][l] = 0x9e3779b9u * static_cast<uint32_t>(16 * j + l + 1);
+  for (int64_t i = 0; i < n; i += 64)
+    for (int j = 0; j < 4; ++j) {
+      U32x16 w;
+      std::memcpy(&w, p + i + 16 * j, sizeof(w));
+      h[j] = (h[j] ^ w) * 0x85ebca6bu;
+      h[j] ^= h[j] >> 16;
+    }
+  uint64_t out = 0x9e3779b97f4a7c15ull;
+  for (int j = 0; j < 4; ++j)
+    for (int l = 0; l < 16; ++l) {
+      out = (out ^ h[j][l]) * 0xff51afd7ed558ccdull;
+      out ^= out >> 33;
+    }
+  return out;
 }
 
-inline uint64_t fletcher16_baseline(const uint32_t* p, int64_t n) { return fletcher16<0>(p, n); }
+inline uint64_t mix64_baseline(const uint32_t* p, int64_t n) { return mix64<0>(p, n); }
 #if PYPRUNE_X86
-PYPRUNE_TARGET_AVX2 inline uint64_t fletcher16_avx2(const uint32_t* p, int64_t n) { return fletcher16<1>(p, n); }
-PYPRUNE_TARGET_AVX512 inline uint64_t fletcher16_avx512(const uint32_t* p, int64_t n) { return fletcher16<2>(p, n); }
+PYPRUNE_TARGET_AVX2 inline uint64_t mix64_avx2(const uint32_t* p, int64_t n) { return mix64<1>(p, n); }
+PYPRUNE_TARGET_AVX512 inline uint64_t mix64_avx512(const uint32_t* p, int64_t n) { return mix64<2>(p, n); }
 #endif
 
 }  // namespace detail
 
 // A 64-bit function of a contiguous CPU tensor's bytes and size, for DerivedCache::get's `content`: chunks of
-// 256 KiB summed in parallel (about 4 us per MiB and thread from L2, the memory's speed from DRAM).
+// 256 KiB mixed in parallel (from L2 a few us per MiB and thread, from DRAM the memory's speed).
 inline uint64_t content_fingerprint(const at::Tensor& t) {
   TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "content_fingerprint: a contiguous CPU tensor");
   const int64_t bytes = t.numel() * static_cast<int64_t>(t.element_size());
   const auto* p = static_cast<const uint8_t*>(t.data_ptr());
-  uint64_t (*sum)(const uint32_t*, int64_t) = detail::fletcher16_baseline;
+  uint64_t (*mix)(const uint32_t*, int64_t) = detail::mix64_baseline;
 #if PYPRUNE_X86
-  if (kernel_isa() == Isa::kAvx512) sum = detail::fletcher16_avx512;
-  else if (kernel_isa() == Isa::kAvx2) sum = detail::fletcher16_avx2;
+  if (kernel_isa() == Isa::kAvx512) mix = detail::mix64_avx512;
+  else if (kernel_isa() == Isa::kAvx2) mix = detail::mix64_avx2;
 #endif
-  constexpr int64_t kChunk = 256 << 10;  // bytes, a multiple of 64
-  const int64_t full = bytes / 64 * 64, n_chunks = (full + kChunk - 1) / kChunk;
+  constexpr int64_t kChunk = 256 << 10;  // bytes, a multiple of 256
+  const int64_t full = bytes / 256 * 256, n_chunks = (full + kChunk - 1) / kChunk;
   std::vector<uint64_t> part(n_chunks);
   at::parallel_for(0, n_chunks, 4, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t len = std::min(kChunk, full - c * kChunk);
-      part[c] = sum(reinterpret_cast<const uint32_t*>(p + c * kChunk), len / 4);
+      part[c] = mix(reinterpret_cast<const uint32_t*>(p + c * kChunk), len / 4);
     }
   });
   uint64_t h = static_cast<uint64_t>(bytes) * 0xc4ceb9fe1a85ec53ull;
   for (int64_t c = 0; c < n_chunks; ++c) h = (h ^ (part[c] + static_cast<uint64_t>(c))) * 0xff51afd7ed558ccdull;
-  for (int64_t i = full; i < bytes; ++i) h = (h ^ p[i]) * 0xff51afd7ed558ccdull;  // the last < 64 bytes
+  for (int64_t i = full; i < bytes; ++i) h = (h ^ p[i]) * 0xff51afd7ed558ccdull;  // the last < 256 bytes
   return h ^ (h >> 33);
 }
 
