@@ -51,7 +51,7 @@ def main(argv=None) -> None:
     ).item()
     ours = triton.testing.do_bench(run, warmup=50, rep=200, return_mode="median")
     dense = triton.testing.do_bench(lambda: F.linear(x, w), warmup=50, rep=200, return_mode="median")
-    best = getattr(kernels._bsr_linear_fwd_kernel, "best_config", None)
+    best = getattr(kernels.bsr_linear._bsr_linear_fwd_kernel, "best_config", None)  # the module holds it
     print(
         f"{args.dtype} M={args.m} {args.k}->{args.n} block {args.block} sparsity {args.sparsity}: "
         f"ours {ours * 1e3:.1f} us, cuBLAS {dense * 1e3:.1f} us, ratio {dense / ours:.2f}x, rel err {err:.1e}, "

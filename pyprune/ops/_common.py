@@ -3,6 +3,8 @@ fallback when _C is missing."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import reference
@@ -18,6 +20,11 @@ def call_op(op, *args):
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
+
+
+def rows2d(t: torch.Tensor) -> torch.Tensor:
+    """t (..., d) as (rows, d); also for d = 0, where reshape(-1, 0) cannot infer the rows."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 def eager(*tensors: torch.Tensor) -> bool:

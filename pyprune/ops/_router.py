@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ._common import check_csr_arrays
+from ._common import check_csr_arrays, rows2d
 
 ENV_VAR = "PYPRUNE_BACKEND"
 BACKEND_NAMES = ("triton", "cuda", "reference")
@@ -257,7 +257,7 @@ def _flat(fn2d):
     def run(x, crow, col, values, out_features, bias):
         _check_bsr_args(x, crow, col, values, out_features, bias)
         _checked(_BSR_CHECKED, check_bsr_index_values, crow, col, -(-x.shape[-1] // values.shape[2]))
-        y = fn2d(x.reshape(-1, x.shape[-1]), crow, col, values, out_features, bias)
+        y = fn2d(rows2d(x), crow, col, values, out_features, bias)
         return y.reshape(*x.shape[:-1], out_features)
 
     return run
@@ -349,7 +349,7 @@ def _grad_values_triton(grad, x, crow, col, bh, bw):
     _check_grad_values_args(grad, x, crow, col, bh, bw)
     mod, _ = load_triton_kernels()
     return mod.bsr_linear_grad_values_triton(
-        grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]), crow, col, bh, bw
+        rows2d(grad), rows2d(x), crow, col, bh, bw
     )
 
 
@@ -615,7 +615,7 @@ def _sparse24_semi(x, values, meta, out_features, bias):
         return _to_semi_structured(dense), dense.shape[0], dense.shape[1]
 
     w_semi, n_pad, k_pad = _SEMI_CACHE.get((values, meta), convert)
-    x2 = x.reshape(-1, k)
+    x2 = rows2d(x)
     if k_pad != k:
         x2 = torch.nn.functional.pad(x2, (0, k_pad - k))
     x2 = x2.contiguous()

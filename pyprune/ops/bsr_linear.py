@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..sparse.base import compressed_rows
 from . import _library  # noqa: F401
-from ._common import autograd_bias_grad, call_op, eager, register_cpu_fallback
+from ._common import autograd_bias_grad, call_op, eager, register_cpu_fallback, rows2d
 from ._router import register_cuda
 from .csr_linear import csr_transpose
 
@@ -67,7 +67,7 @@ def bsr_grad_values_dense(grad: Tensor, x: Tensor, crow: Tensor, col: Tensor, bh
     (nnz_blocks, bh, bw). The CPU path, and the reference backend of the CUDA SDDMM."""
     n, k = grad.shape[-1], x.shape[-1]
     n_brows, n_bcols = crow.numel() - 1, -(-k // bw)
-    gw = grad.reshape(-1, n).t() @ x.reshape(-1, k)
+    gw = rows2d(grad).t() @ rows2d(x)
     gw = torch.nn.functional.pad(gw, (0, n_bcols * bw - k, 0, n_brows * bh - n))
     grid = gw.reshape(n_brows, bh, n_bcols, bw).permute(0, 2, 1, 3)
     return grid[compressed_rows(crow, col.numel()), col.long()]
@@ -88,7 +88,7 @@ def bsr_grad_values_blocks(grad: Tensor, x: Tensor, crow: Tensor, col: Tensor, b
     """Only the stored blocks of grad^T @ x: block (r, c) is grad[:, rows of r]^T @ x[:, cols of c], batched
     (bmm) over chunks of blocks whose gathered operands take at most ~32 MB."""
     n, k = grad.shape[-1], x.shape[-1]
-    g2, x2 = grad.reshape(-1, n), x.reshape(-1, k)
+    g2, x2 = rows2d(grad), rows2d(x)
     m, nnzb = g2.shape[0], col.numel()
     n_brows, n_bcols = crow.numel() - 1, -(-k // bw)
     gt = torch.nn.functional.pad(g2, (0, n_brows * bh - n)).t().reshape(n_brows, bh, m)

@@ -189,6 +189,14 @@ def test_reference_backends_check_index_values():
         bsr_ref(x, crow_t, col_t, torch.randn(2, 2, 4), 4, None)
 
 
+def test_bsr_reference_backend_without_input_features():
+    # x (3, 0): reshape(-1, 0) cannot infer the rows; the CPU op gives the bias broadcast (here zeros)
+    bsr_ref = {b.name: b.fn for b in _router.BSR_LINEAR_BACKENDS}["reference"]
+    crow, col = torch.tensor([0, 0], dtype=torch.int32), torch.zeros(0, dtype=torch.int32)
+    y = bsr_ref(torch.randn(3, 0), crow, col, torch.zeros(0, 16, 16), 16, None)
+    assert torch.equal(y, torch.zeros(3, 16))
+
+
 def test_tensor_cache_sees_a_parameter_converted_in_place():
     # Module.half() / .to() set param.data: same object, same version, new data, dtype (or device)
     cache = _router.TensorCache()
