@@ -16,7 +16,7 @@ from . import ops as _ops  # noqa: F401  (defines the torch.ops.pyprune schemas 
 
 
 # The formulas get shapes in place of tensors, and the output's shape as out_shape.
-def _linear_flops(x_shape, values_shape, out_shape) -> int:
+def _linear_flops(x_shape, values_shape) -> int:
     return 2 * math.prod(values_shape) * math.prod(x_shape[:-1])
 
 
@@ -26,12 +26,12 @@ def _conv_flops(weight_shape, out_shape) -> int:
 
 @register_flop_formula([torch.ops.pyprune.csr_linear, torch.ops.pyprune.bsr_linear])
 def _compressed_linear_flop(x, crow, col, values, *args, out_shape=None, **kwargs) -> int:
-    return _linear_flops(x, values, out_shape)
+    return _linear_flops(x, values)
 
 
 @register_flop_formula(torch.ops.pyprune.sparse24_linear)
 def _sparse24_linear_flop(x, values, *args, out_shape=None, **kwargs) -> int:
-    return _linear_flops(x, values, out_shape)
+    return _linear_flops(x, values)
 
 
 @register_flop_formula(torch.ops.pyprune.pruned_conv2d)

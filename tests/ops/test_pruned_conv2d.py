@@ -293,7 +293,8 @@ def test_weight_changes_behind_the_version_counter_are_seen():
     # address seen before (a reused flat buffer, as torch.nn.utils.vector_to_parameters does): the transposed
     # weight kept between calls, matched by identity and version alone, gave the old values here (max error
     # 0.7 to 30); it is now matched against the weight's contents too
-    m = PrunedConv2d.from_dense(torch.nn.Conv2d(8, 16, 3, padding=1), keep_in=[0, 2, 3, 5], keep_out=[1, 4, 9])
+    conv = torch.nn.Conv2d(8, 16, 3, padding=1)
+    m = PrunedConv2d.from_dense(conv, keep_in=[0, 2, 3, 5], keep_out=[1, 4, 9])
     x = torch.randn(2, 8, 7, 7)  # a small map: the path that packs the weight
 
     def check():
@@ -363,7 +364,8 @@ def test_no_input_channel_kept_gives_the_bias(relu):
 
 def test_empty_out_index_needs_out_channels():
     with pytest.raises(ValueError, match="'out_channels' must be given when out_index is empty"):
-        pruned_conv2d(torch.randn(1, 4, 5, 5), torch.randn(0, 4, 1, 1), None, None, torch.zeros(0, dtype=torch.long))
+        empty = torch.zeros(0, dtype=torch.long)
+        pruned_conv2d(torch.randn(1, 4, 5, 5), torch.randn(0, 4, 1, 1), None, None, empty)
 
 
 def test_grad_mode_off_skips_autograd_and_gives_the_same_result():
