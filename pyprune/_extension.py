@@ -6,7 +6,17 @@ raised by :func:`require_cpp` when an op needs the C++ kernels.
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+ISA_CAPS = ("baseline", "avx2", "avx512")
+_isa_cap = os.environ.get("PYPRUNE_ISA")
+if _isa_cap and _isa_cap not in ISA_CAPS:
+    # read once by _C when it loads (below); an unknown value would silently leave the widest path on
+    raise ValueError(
+        f"environment variable PYPRUNE_ISA must be one of {', '.join(ISA_CAPS)} (or unset or empty), got {_isa_cap!r}"
+    )
 
 HAS_CPP = False
 CPP_REASON = ""

@@ -64,3 +64,10 @@ def test_every_isa_path_matches_reference(isa):
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == [isa, "ok"]
+
+
+def test_unknown_isa_cap_raises_at_import():
+    env = dict(os.environ, PYPRUNE_ISA="avx1024")
+    out = subprocess.run([sys.executable, "-c", "import pyprune"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "ValueError: environment variable PYPRUNE_ISA must be one of baseline, avx2, avx512" in out.stderr
