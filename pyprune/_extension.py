@@ -15,7 +15,8 @@ _isa_cap = os.environ.get("PYPRUNE_ISA")
 if _isa_cap and _isa_cap not in ISA_CAPS:
     # read once by _C when it loads (below); an unknown value would silently leave the widest path on
     raise ValueError(
-        f"environment variable PYPRUNE_ISA must be one of {', '.join(ISA_CAPS)} (or unset or empty), got {_isa_cap!r}"
+        f"environment variable PYPRUNE_ISA must be one of {', '.join(ISA_CAPS)} (or unset or empty), "
+        f"got {_isa_cap!r}"
     )
 
 HAS_CPP = False

@@ -275,6 +275,10 @@ class Report:
     def layer_table(self, method: str, level: float | None) -> str:
         """Per-layer text: dense vs ``method`` at ``level``: times, speedup, intensity, bound, break-even."""
         dense, row = self._row("dense", None), self._row(method, level)
+        for r in self.rows if row is None else ():
+            note = r.get("note") or ""
+            if (r["method"], r["level"]) == (method, level) and note.startswith("n/a: "):
+                raise ValueError(f"{self.model}: method={method!r} level={level} did not run: {note[5:]}")
         if dense is None or row is None or "layers" not in row:
             raise ValueError(
                 f"no per-layer data for method={method!r} level={level}; run compare(..., per_layer=True) "

@@ -50,6 +50,9 @@ def test_not_applicable_rows_say_why(mlp_report):
     timed = [r for r in mlp_report.rows if r["method"] != "channel-pyprune"]
     assert all(r["median_s"] is not None for r in timed)
     assert "n/a" in mlp_report.table()
+    # asking for its layers says why it did not run, not that per_layer was off
+    with pytest.raises(ValueError, match="'channel-pyprune' level=0.5 did not run: no Conv2d"):
+        mlp_report.layer_table("channel-pyprune", 0.5)
 
 
 def test_speedup_is_median_of_same_round_ratios(mlp_report):

@@ -68,6 +68,7 @@ def test_every_isa_path_matches_reference(isa):
 
 def test_unknown_isa_cap_raises_at_import():
     env = dict(os.environ, PYPRUNE_ISA="avx1024")
-    out = subprocess.run([sys.executable, "-c", "import pyprune"], env=env, capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, "-c", "import pyprune"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "ValueError: environment variable PYPRUNE_ISA must be one of baseline, avx2, avx512" in out.stderr
