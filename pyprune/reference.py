@@ -19,7 +19,8 @@ def csr_linear_ref(
     w = torch.zeros(out_features, x.shape[-1], dtype=values.dtype, device=values.device)
     for row in range(out_features):
         start, end = int(crow_indices[row]), int(crow_indices[row + 1])
-        w[row, col_indices[start:end].long()] = values[start:end]
+        # a column given twice in a row adds up, as in the kernels (and torch.sparse)
+        w[row].index_add_(0, col_indices[start:end].long(), values[start:end])
     return F.linear(x, w.to(x.dtype), bias)
 
 
@@ -39,7 +40,7 @@ def bsr_linear_ref(
     for brow in range(n_brows):
         for blk in range(int(crow_indices[brow]), int(crow_indices[brow + 1])):
             c = int(col_indices[blk])
-            w[brow * bh : (brow + 1) * bh, c * bw : (c + 1) * bw] = values[blk]
+            w[brow * bh : (brow + 1) * bh, c * bw : (c + 1) * bw] += values[blk]
     return F.linear(x, w[:out_features, :in_features].to(x.dtype), bias)
 
 
@@ -86,7 +87,8 @@ def csr_conv2d_ref(
     w = torch.zeros(out_channels, kh * kw * c_in, dtype=values.dtype, device=values.device)
     for row in range(out_channels):
         start, end = int(crow_indices[row]), int(crow_indices[row + 1])
-        w[row, col_indices[start:end].long()] = values[start:end]
+        # a column given twice in a row adds up, as in the kernels (and torch.sparse)
+        w[row].index_add_(0, col_indices[start:end].long(), values[start:end])
     w = w.reshape(out_channels, kh, kw, c_in).permute(0, 3, 1, 2)
     y = _conv2d(x, w.to(x.dtype), bias, stride, padding, dilation)
     return y.contiguous(memory_format=_memory_format(x))

@@ -31,6 +31,21 @@ def test_bsr_linear_ref_hand_computed_ragged():
     assert y.tolist() == [[10.0, 12.0, 3.0]]
 
 
+def test_duplicate_columns_add_up_as_in_the_kernels():
+    # W row 0 = [1 + 2, 0] given as two entries of column 0; x = [[1, 5]] (m = 1: gather path, 40: tiles)
+    from pyprune.ops import bsr_linear, csr_linear
+
+    crow, col = torch.tensor([0, 2], dtype=torch.int32), torch.tensor([0, 0], dtype=torch.int32)
+    for m in (1, 40):
+        x = torch.tensor([[1.0, 5.0]]).expand(m, 2)
+        y = csr_linear_ref(x, crow, col, torch.tensor([1.0, 2.0]), 1)
+        assert y.tolist() == [[3.0]] * m
+        assert csr_linear(x, crow, col, torch.tensor([1.0, 2.0]), 1).tolist() == [[3.0]] * m
+        blocks = torch.tensor([[[1.0]], [[2.0]]])  # 1 x 1 blocks
+        assert bsr_linear_ref(x, crow, col, blocks, 1).tolist() == [[3.0]] * m
+        assert bsr_linear(x, crow, col, blocks, 1).tolist() == [[3.0]] * m
+
+
 def test_conv_references_without_channels():
     # the GPU router's reference backend and the CPU fallback: F.conv2d rejects a weight without rows and
     # gives no output channels for one without inputs; the op's answer is the bias (or zeros) in out_channels
