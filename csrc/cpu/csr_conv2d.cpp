@@ -415,13 +415,14 @@ Structure build_structure(const int32_t* cr, const int32_t* ci, int64_t O, int64
 }
 
 // Structures are kept between calls (at 90% sparsity building one costs as much as the multiply on a 7x7 map),
-// per index tensors and geometry; validation happens only when an entry is built.
+// per index tensors, their contents and geometry; validation happens only when an entry is built.
 template <typename Build>
 Structure structure(const at::Tensor& crow, const at::Tensor& col, std::vector<int64_t> geometry, Build build) {
   static DerivedCache<Structure> cache(int64_t(64) << 20);
+  const bool kept = !crow.is_inference() && !col.is_inference();  // else nothing is kept: no fingerprint
   return cache.get({crow, col}, std::move(geometry), build, [](const Structure& st) {
     return static_cast<int64_t>(st.off.nbytes() + st.bnd.nbytes());
-  });
+  }, kept ? content_fingerprint(crow, col) : 0);
 }
 
 }  // namespace

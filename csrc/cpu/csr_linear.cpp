@@ -192,8 +192,9 @@ void csr_gather(const CsrArgs& a, const float* x, const std::vector<int64_t>& rb
 void check_compressed_indices(const at::Tensor& crow, const at::Tensor& col, int64_t n_cols, const char* op,
                               const char* n_cols_name) {
   static DerivedCache<bool> checked(4096);  // one "byte" per entry: the newest 4096 index pairs kept
+  const at::Tensor cr_t = crow.contiguous(), ci_t = col.contiguous();
+  const bool kept = !crow.is_inference() && !col.is_inference();  // else nothing is kept: no fingerprint
   checked.get({crow, col}, {n_cols}, [&] {
-    const at::Tensor cr_t = crow.contiguous(), ci_t = col.contiguous();
     const int32_t* cr = cr_t.data_ptr<int32_t>();
     const int32_t* ci = ci_t.data_ptr<int32_t>();
     const int64_t rows = cr_t.numel() - 1, nnz = ci_t.numel();
@@ -206,7 +207,7 @@ void check_compressed_indices(const at::Tensor& crow, const at::Tensor& col, int
     PYPRUNE_CHECK(lo >= 0 && (nnz == 0 || hi < n_cols), op, "col_indices", "must lie in [0, ", n_cols_name, " = ",
                   n_cols, "), got values in [", lo, ", ", hi, "]");
     return true;
-  }, [](bool) { return int64_t(1); });
+  }, [](bool) { return int64_t(1); }, kept ? content_fingerprint(cr_t, ci_t) : 0);
 }
 
 at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, const at::Tensor& col_indices,

@@ -126,5 +126,17 @@ def test_index_values_are_checked(m, crow, col, match):
         bsr_linear(x, crow, col, torch.randn(2, 2, 4), 4)
 
 
+@pytest.mark.parametrize("m", [1, 40])
+def test_index_writes_through_data_are_checked(m):
+    # a write through .data moves no version counter: the kept validation of these indices would let it by
+    x = torch.randn(m, 8)
+    crow, col = torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32)
+    vals = torch.randn(2, 2, 4)
+    bsr_linear(x, crow, col, vals, 4)
+    col.data[1] = 10**8
+    with pytest.raises(ValueError, match="'col_indices' must lie in"):
+        bsr_linear(x, crow, col, vals, 4)
+
+
 def test_column_major_input():
     check_column_major_input(bsr_linear, make_args, "bsr")

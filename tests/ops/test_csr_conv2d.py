@@ -258,3 +258,18 @@ def test_cached_structure_follows_index_changes(made_in, called_in):
         col[0], col[1] = col[1].clone(), col[0].clone()
         with pytest.raises(ValueError, match="'col_indices' must be strictly increasing within each row"):
             OP(*args)
+
+
+def test_cached_structure_follows_writes_through_data():
+    # a write through .data moves no version counter: the structure derived from the old indices (each
+    # nonzero's input offset) was kept, a silently wrong result
+    args, _ = _case(CASES[5], 0.5)
+    x, crow, col = args[0], args[1], args[2]
+    torch.testing.assert_close(OP(*args), csr_conv2d_ref(*args), rtol=1e-4, atol=1e-4)
+    first = int(crow[1])
+    assert first > 0 and int(col[first - 1]) < 9 * x.shape[1] - 1
+    col.data[first - 1] = 9 * x.shape[1] - 1
+    torch.testing.assert_close(OP(*args), csr_conv2d_ref(*args), rtol=1e-4, atol=1e-4)
+    col.data[first - 1] = 10**9
+    with pytest.raises(ValueError, match="'col_indices' must lie in"):
+        OP(*args)

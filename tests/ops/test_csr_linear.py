@@ -134,6 +134,22 @@ def test_index_values_are_checked(m, crow, col, match):
         csr_linear(x, crow, col, torch.randn(4), 4, None)
 
 
+@pytest.mark.parametrize("m", [1, 40], ids=["gather", "tiles"])
+def test_index_writes_through_data_are_checked(m):
+    # a write through .data moves no version counter: the kept validation of these indices segfaulted
+    w = pruned_weight(16, 32, 0.7, "csr")
+    crow, col, vals, n, _ = make_args(w, None)
+    x = torch.randn(m, 32)
+    torch.testing.assert_close(csr_linear(x, crow, col, vals, n), x @ w.T, rtol=1e-4, atol=1e-4)
+    old = int(col[0])
+    col.data[0] = 10**9
+    with pytest.raises(ValueError, match="'col_indices' must lie in"):
+        csr_linear(x, crow, col, vals, n)
+    col.data[0] = (old + 1) % 32  # valid again
+    expected = csr_linear_ref(x, crow, col, vals, n, None)
+    torch.testing.assert_close(csr_linear(x, crow, col, vals, n), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_cpp_backend_is_the_cpu_kernel():
     assert pyprune._extension.HAS_CPP, pyprune._extension.CPP_REASON
 

@@ -11,7 +11,9 @@
 // back an address seen before (torch.nn.utils.vector_to_parameters refills one flat buffer). Weights are written
 // that way (pruning by hand, weight clipping, EMA), so an entry derived from a weight is also checked against a
 // fingerprint of its contents (content_fingerprint), computed on every call: one read of the weight, instead of
-// a silently stale result. Index tensors are checked by identity and version alone.
+// a silently stale result. What the CPU kernels derive from index tensors (a validation, CSR offsets) is checked
+// against their fingerprint too: a stale one would read out of bounds. (The CUDA caches of derived indices
+// match identity and version alone: fingerprinting device memory would cost a kernel and a sync per call.)
 #pragma once
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -89,6 +91,11 @@ inline uint64_t content_fingerprint(const at::Tensor& t) {
   for (int64_t c = 0; c < n_chunks; ++c) h = (h ^ (part[c] + static_cast<uint64_t>(c))) * 0xff51afd7ed558ccdull;
   for (int64_t i = full; i < bytes; ++i) h = (h ^ p[i]) * 0xff51afd7ed558ccdull;  // the last < 256 bytes
   return h ^ (h >> 33);
+}
+
+// Of two tensors (a CSR pattern's crow and col indices), in order.
+inline uint64_t content_fingerprint(const at::Tensor& a, const at::Tensor& b) {
+  return (content_fingerprint(a) * 0x9e3779b97f4a7c15ull) ^ content_fingerprint(b);
 }
 
 template <typename Value>
