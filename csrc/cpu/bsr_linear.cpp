@@ -180,7 +180,7 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
                           const at::Tensor& values, int64_t out_features, const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "bsr_linear";
   check_compressed_args(x, crow_indices, col_indices, values, 3, op);
-  const int64_t N = out_features, K = x.size(-1), M = K ? x.numel() / K : 0;
+  const int64_t N = out_features, K = x.size(-1), M = token_rows(x);
   const int64_t bh = values.size(1), bw = values.size(2), nnzb = values.size(0);
   PYPRUNE_CHECK(bh > 0 && bw > 0, op, "values", "must hold blocks of positive size, got ", values.sizes());
   PYPRUNE_CHECK(N >= 0, op, "out_features", "must be >= 0, got ", N);
@@ -193,6 +193,7 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   PYPRUNE_CHECK(crow.data_ptr<int32_t>()[0] == 0 && crow.data_ptr<int32_t>()[n_brows] == nnzb, op, "crow_indices",
                 "must start at 0 and end at the number of blocks ", nnzb);
   check_compressed_indices(crow_indices, col_indices, (K + bw - 1) / bw, op, "ceil(in_features / bw)");
+  const at::Tensor b = checked_bias(bias, N, op, x.scalar_type());
   if (x.scalar_type() != at::kFloat) {
     // The kernel is fp32; float64 (gradcheck), bf16 and fp16 run a dense fallback.
     const int64_t n_bcols = (K + bw - 1) / bw;
@@ -201,9 +202,8 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
     at::Tensor grid = at::zeros({n_brows, n_bcols, bh, bw}, val.options());
     grid.index_put_({brow, col.to(at::kLong)}, val, true);
     const at::Tensor w = grid.permute({0, 2, 1, 3}).reshape({n_brows * bh, n_bcols * bw}).slice(0, 0, N).slice(1, 0, K);
-    return at::linear(x, w, bias);
+    return dense_linear(x, w, b);
   }
-  const at::Tensor b = checked_bias(bias, N, op);
   at::Tensor y = linear_output(x, N);
   if (M == 0 || N == 0) return y;
   if (K == 0 || nnzb == 0) return bias_only(y, b);

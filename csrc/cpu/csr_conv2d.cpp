@@ -356,13 +356,14 @@ std::vector<Tile> make_tiles(int64_t OH, int64_t OW, int64_t Wq, int64_t tile) {
 // The dense equivalent, for dtypes the kernel lacks (float64 for gradcheck, fp16, bf16) and for images too
 // large for int32 offsets.
 at::Tensor dense_conv(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& val,
-                      int64_t O, int64_t kh, int64_t kw, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                      int64_t O, int64_t kh, int64_t kw, const at::Tensor& bias, at::IntArrayRef stride,
                       at::IntArrayRef padding, at::IntArrayRef dilation) {
   const int64_t C = x.size(1), nnz = val.numel();
   const at::Tensor rows =
       at::repeat_interleave(at::arange(O, crow.options().dtype(at::kLong)), crow.diff().to(at::kLong), 0, nnz);
   const at::Tensor w = at::zeros({O, kh * kw * C}, val.options()).index_put_({rows, col.to(at::kLong)}, val, true);
-  return at::conv2d(x, w.view({O, kh, kw, C}).permute({0, 3, 1, 2}), bias, stride, padding, dilation)
+  const std::optional<at::Tensor> b = bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
+  return at::conv2d(x, w.view({O, kh, kw, C}).permute({0, 3, 1, 2}), b, stride, padding, dilation)
       .contiguous(x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous()
                       ? at::MemoryFormat::ChannelsLast
                       : at::MemoryFormat::Contiguous);
@@ -525,11 +526,11 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   int64_t plane = pack_tiles ? tile : round_up(Hq * Wq, kLanes);
   if (!in_place && !pack_tiles && !spread(plane / kLanes)) plane += kLanes;
 
+  const at::Tensor b = checked_bias(bias, O, op, x.scalar_type());
   if (x.scalar_type() != at::kFloat || N * planes * plane >= (int64_t{1} << 31)) {
     check_structure(cr, ci, O, K);
-    return dense_conv(x, crow, col, val, O, kh, kw, bias, stride, padding, dilation);
+    return dense_conv(x, crow, col, val, O, kh, kw, b, stride, padding, dilation);
   }
-  const at::Tensor b = checked_bias(bias, O, op);
   if (N == 0 || O == 0) return y;
   if (C == 0 || nnz == 0) return b.defined() ? y.copy_(b.view({1, O, 1, 1}).expand_as(y)) : y.zero_();
 
@@ -558,7 +559,7 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
     // lie beats staging them (2 threads, 90%: 1024->256 @14 batch 1 2.0x vs 1.3x, 2048->512 @7 5.8x vs 4.8x);
     // its output (pixels, C_out) is the channels_last result
     const at::Tensor y2 = csr_linear_cpu(xc.permute({0, 2, 3, 1}).reshape({N * H * W, C}), crow, col, val, O, bias);
-    return y2.view({N, H, W, O}).permute({0, 3, 1, 2});
+    return unaliased(y2.view({N, H, W, O}).permute({0, 3, 1, 2}));
   }
 
   // Staging: every image's planes, zero borders, plus one tile of slack at the end for full-vector reads.

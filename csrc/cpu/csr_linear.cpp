@@ -219,21 +219,21 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
                 "must have out_features + 1 = ", out_features + 1, " entries, got ", crow_indices.numel());
   PYPRUNE_CHECK(col_indices.numel() == values.numel(), op, "col_indices",
                 "must have as many entries as values (", values.numel(), "), got ", col_indices.numel());
-  const int64_t N = out_features, K = x.size(-1), M = K ? x.numel() / K : 0;
+  const int64_t N = out_features, K = x.size(-1), M = token_rows(x);
   const at::Tensor crow = crow_indices.contiguous(), col = col_indices.contiguous(), val = values.contiguous();
   const int64_t nnz = val.numel();
   PYPRUNE_CHECK(crow.data_ptr<int32_t>()[0] == 0 && crow.data_ptr<int32_t>()[N] == nnz, op, "crow_indices",
                 "must start at 0 and end at nnz = ", nnz, ", got ", crow.data_ptr<int32_t>()[0], " and ",
                 crow.data_ptr<int32_t>()[N]);
   check_compressed_indices(crow_indices, col_indices, K, op, "in_features");
+  const at::Tensor b = checked_bias(bias, N, op, x.scalar_type());
   if (x.scalar_type() != at::kFloat) {
     // The kernel is fp32; float64 (gradcheck), bf16 and fp16 run a dense fallback.
     const at::Tensor rows = at::repeat_interleave(at::arange(N, crow.options().dtype(at::kLong)),
                                                   crow.diff().to(at::kLong), 0, nnz);
     const at::Tensor w = at::zeros({N, K}, val.options()).index_put_({rows, col.to(at::kLong)}, val, true);
-    return at::linear(x, w, bias);
+    return dense_linear(x, w, b);
   }
-  const at::Tensor b = checked_bias(bias, N, op);
   at::Tensor y = linear_output(x, N);
   if (M == 0 || N == 0) return y;
   if (K == 0 || nnz == 0) return bias_only(y, b);

@@ -187,12 +187,13 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
   PYPRUNE_CHECK_DIM(values, 2, op, "values");
   PYPRUNE_CHECK_DIM(meta, 2, op, "meta");
   for (const auto* t : {&x, &values, &meta}) PYPRUNE_CHECK_CPU(*t, op, "x/values/meta");
-  const int64_t N = out_features, K = x.size(-1), M = K ? x.numel() / K : 0;
+  const int64_t N = out_features, K = x.size(-1), M = token_rows(x);
   const int64_t K4 = round_up(K, 8);
   PYPRUNE_CHECK(values.size(0) == K4 / 2 && values.size(1) == N, op, "values", "must have shape (", K4 / 2, ", ",
                 N, ") for in_features ", K, " and out_features ", N, ", got ", values.sizes());
   PYPRUNE_CHECK(meta.size(0) == K4 / 8 && meta.size(1) == N, op, "meta", "must have shape (", K4 / 8, ", ", N,
                 "), got ", meta.sizes());
+  const at::Tensor b = checked_bias(bias, N, op, x.scalar_type());
   if (x.scalar_type() != at::kFloat) {
     // The kernel is fp32; float64 (gradcheck), bf16 and fp16 run a dense fallback. Position of each kept value
     // within its group: 2 bits each, 4 per meta byte (see the storage note above).
@@ -202,9 +203,8 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
                             at::arange(K4 / 2, pos.options()).floor_divide(2).mul(4).unsqueeze(1);
     const at::Tensor w = at::zeros({N, K4}, values.options())
                              .scatter_add_(1, cols.t().to(at::kLong), values.t()).slice(1, 0, K);
-    return at::linear(x, w, bias);
+    return dense_linear(x, w, b);
   }
-  const at::Tensor b = checked_bias(bias, N, op);
   at::Tensor y = linear_output(x, N);
   if (M == 0 || N == 0) return y;
   if (K == 0) return bias_only(y, b);

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -129,3 +130,18 @@ def check_shapes_and_empty(op, make_args, layout):
     assert op(torch.randn(0, 64), *make_args(w, None)).shape == (0, 40)
     b = torch.randn(40)
     torch.testing.assert_close(op(torch.randn(4, 64), *make_args(torch.zeros(40, 64), b)), b.expand(4, 40))
+    # no input features: the bias (tokens counted from the leading sizes; numel / K returned an empty tensor)
+    for _ in range(3):
+        torch.full((4, 40), 1e30)  # leaves garbage where an uninitialised output would be allocated
+        torch.testing.assert_close(op(torch.randn(2, 2, 0), *make_args(torch.zeros(40, 0), b)), b.expand(2, 2, 40))
+    # the dtypes the kernel lacks: the bias checked like fp32's, and an output of its own (at::linear's is a
+    # view for 3-D x, and an in-place op on an op's view output fails under autograd)
+    x = torch.randn(2, 3, 64, dtype=torch.float64)
+    w64 = w.double()
+    y = op(x, *make_args(w64, b.double()))
+    assert not y._is_view()
+    torch.testing.assert_close(y.relu_(), F.linear(x, w64, b.double()).relu())
+    with pytest.raises(TypeError, match="argument 'bias' must be Double"):
+        op(x, *make_args(w64, b))
+    with pytest.raises(ValueError, match="argument 'bias' must have shape \\(40\\)"):
+        op(x, *make_args(w64, torch.randn(3, dtype=torch.float64)))

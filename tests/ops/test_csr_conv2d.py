@@ -273,3 +273,14 @@ def test_cached_structure_follows_writes_through_data():
     col.data[first - 1] = 10**9
     with pytest.raises(ValueError, match="'col_indices' must lie in"):
         OP(*args)
+
+
+def test_channels_last_1x1_output_is_its_own_tensor():
+    # a sparse channels_last 1x1 conv runs csr_linear's kernel on the pixels and returned a permuted view of
+    # its result: an in-place ReLU after it failed under autograd ("... is a view and is being modified inplace")
+    w = torch.randn(32, 64) * (torch.rand(32, 64) < 0.1)
+    c = CSR.from_dense(w)
+    x = torch.randn(1, 64, 7, 7).contiguous(memory_format=torch.channels_last)
+    y = csr_conv2d(x, c.crow_indices, c.col_indices, c.values, 32, 1)
+    assert not y._is_view() and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(torch.relu_(y), F.conv2d(x, w.view(32, 64, 1, 1)).relu(), rtol=1e-4, atol=1e-4)

@@ -13,14 +13,34 @@ inline void check_compressed_args(const at::Tensor& x, const at::Tensor& crow_in
   PYPRUNE_CHECK_CPU(x, op, "x");
 }
 
-// bias: None or (N,) fp32 on the CPU; returned contiguous (undefined for None).
-inline at::Tensor checked_bias(const std::optional<at::Tensor>& bias, int64_t N, const char* op) {
+// bias: None or (N,) of x's dtype on the CPU; returned contiguous (undefined for None).
+inline at::Tensor checked_bias(const std::optional<at::Tensor>& bias, int64_t N, const char* op,
+                               at::ScalarType dtype) {
   if (!bias.has_value()) return at::Tensor();
   at::Tensor b = bias->contiguous();
-  PYPRUNE_CHECK_DTYPE(b, op, "bias", at::kFloat);
+  PYPRUNE_CHECK_DTYPE(b, op, "bias", dtype);
   PYPRUNE_CHECK_CPU(b, op, "bias");
   PYPRUNE_CHECK(b.dim() == 1 && b.numel() == N, op, "bias", "must have shape (", N, "), got ", b.sizes());
   return b;
+}
+
+// The rows of x (..., K): the product of its leading sizes (also when K = 0, where numel / K cannot say).
+inline int64_t token_rows(const at::Tensor& x) {
+  int64_t m = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) m *= x.size(d);
+  return m;
+}
+
+// A tensor of its own over `view`'s memory (an op that returns a view of its own temporary breaks in-place use
+// of its output under autograd: "Output 0 of ... is a view and is being modified inplace").
+inline at::Tensor unaliased(const at::Tensor& view) {
+  return at::empty({0}, view.options()).set_(view.storage(), view.storage_offset(), view.sizes(), view.strides());
+}
+
+// at::linear, for the dtypes the kernels lack, into an output of its own (for x of more than 2 dims at::linear
+// returns a view of a 2-D product).
+inline at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  return unaliased(at::linear(x, w, b.defined() ? std::optional<at::Tensor>(b) : std::nullopt));
 }
 
 // y: (..., N) for x: (..., K), uninitialised.
