@@ -46,24 +46,39 @@ class SparseFormat(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        # the sizes are adopted, the dtypes kept (the load casts, as nn.Linear's does: a state_dict saved in
-        # half precision loads into a float32 module as float32)
-        for name in ("values", *self._index_names):
-            key = prefix + name
-            if key in state_dict:
-                incoming = state_dict[key]
+        # The sizes are adopted, the dtypes kept (the load casts, as nn.Linear's does: a state_dict saved in
+        # half precision loads into a float32 module as float32). Each stored tensor present is loaded into new
+        # memory of the incoming size; ``values`` stays the same Parameter (an optimizer built before the load
+        # goes on training it). A load that fails (a missing key under strict, a size error, a structure that
+        # does not validate) leaves the format as it was.
+        names = ("values", *self._index_names)
+        old = {name: getattr(self, name) for name in names}
+        old_values, old_shape = old["values"].data, self.shape
+        n_errors, n_missing = len(error_msgs), len(missing_keys)
+        for name in names:
+            if prefix + name in state_dict:
+                incoming = state_dict[prefix + name]
                 if name == "values":
-                    old = self._parameters[name]
-                    self._parameters[name] = nn.Parameter(
-                        old.new_empty(incoming.shape), requires_grad=old.requires_grad
-                    )
+                    self.values.data = old_values.new_empty(incoming.shape)
                 else:
-                    self._buffers[name] = self._buffers[name].new_empty(incoming.shape)
+                    self._buffers[name] = old[name].new_empty(incoming.shape)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        if not error_msgs:
-            self.validate()
+        try:
+            if len(error_msgs) == n_errors and len(missing_keys) == n_missing:
+                self.validate()
+                return
+        except Exception:
+            self._restore(old, old_values, old_shape)
+            raise
+        self._restore(old, old_values, old_shape)
+
+    def _restore(self, old: dict[str, Tensor], old_values: Tensor, old_shape: tuple[int, int]) -> None:
+        self.values.data = old_values
+        for name in self._index_names:
+            self._buffers[name] = old[name]
+        self.shape = old_shape
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, nnz={self.nnz}"

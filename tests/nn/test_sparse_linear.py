@@ -73,6 +73,39 @@ def test_state_dict_of_another_shape_is_refused_and_changes_nothing(layout):
 
 
 @pytest.mark.parametrize("layout", ["csr", "bsr", "2:4"])
+def test_optimizer_built_before_a_load_trains_the_loaded_values(layout):
+    # the load put a new Parameter in place of values: opt.step() then left the weight alone
+    sp = SparseLinear.from_dense(torch.nn.Linear(16, 8), sparsity=0.5, layout=layout, block=(4, 4))
+    opt = torch.optim.SGD(sp.parameters(), lr=0.1)
+    values = sp.weight.values
+    sp.load_state_dict(SparseLinear.from_dense(torch.nn.Linear(16, 8), 0.5, layout, (4, 4)).state_dict())
+    assert sp.weight.values is values
+    before = values.detach().clone()
+    sp(torch.randn(3, 16)).square().sum().backward()
+    opt.step()
+    assert not torch.equal(sp.weight.values.detach(), before)
+
+
+def test_refused_load_leaves_the_weight_as_it_was():
+    # the load swapped in the incoming sizes first: a checkpoint missing col_indices (another nnz) left new
+    # values next to the old indices, and a corrupt one kept its out-of-range columns
+    sp = SparseLinear.from_dense(torch.nn.Linear(40, 24), sparsity=0.7)
+    w = sp.weight.to_dense().clone()
+    sd = SparseLinear.from_dense(torch.nn.Linear(40, 24), sparsity=0.5).state_dict()
+    del sd["weight.col_indices"]
+    with pytest.raises(RuntimeError, match='Missing key\\(s\\) in state_dict: "weight.col_indices"'):
+        sp.load_state_dict(sd)
+    assert torch.equal(sp.weight.to_dense(), w)
+    sd = SparseLinear.from_dense(torch.nn.Linear(40, 24), sparsity=0.5).state_dict()
+    sd["weight.col_indices"][0] = 1000
+    with pytest.raises(ValueError, match="col_indices must lie in"):
+        sp.load_state_dict(sd)
+    assert torch.equal(sp.weight.to_dense(), w)
+    x = torch.randn(2, 40)
+    torch.testing.assert_close(sp(x), F.linear(x, w, sp.bias))
+
+
+@pytest.mark.parametrize("layout", ["csr", "bsr", "2:4"])
 def test_state_dict_in_another_dtype_loads_in_the_modules_dtype(layout):
     # as nn.Linear's load casts: the values came in float16 next to a float32 bias, and no input dtype worked
     half = SparseLinear.from_dense(torch.nn.Linear(16, 8), sparsity=0.5, layout=layout, block=(4, 4)).half()
