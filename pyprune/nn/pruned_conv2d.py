@@ -21,7 +21,8 @@ def _index(idx, n: int, name: str, device) -> Tensor | None:
         if idx.dtype not in (torch.int64, torch.int32) or idx.dim() != 1:
             raise TypeError(f"{name} must be a 1-D integer tensor (or a list of ints), got {idx.dtype} "
                             f"of shape {tuple(idx.shape)}")  # fmt: skip
-        t = idx.detach().to(device=device, dtype=torch.int64)
+        # a copy: the module must not follow later writes into the caller's tensor (the weight is sliced once)
+        t = idx.detach().to(device=device, dtype=torch.int64, copy=True)
     else:
         idx = list(idx)
         if not all(isinstance(i, int) for i in idx):
@@ -29,7 +30,8 @@ def _index(idx, n: int, name: str, device) -> Tensor | None:
         t = torch.tensor(idx, dtype=torch.int64, device=device)
     if t.numel() == 0:
         raise ValueError(f"{name} must keep at least one channel")
-    check_channel_index(t, n, name)
+    if t.device.type != "meta":  # the meta device holds no values to check
+        check_channel_index(t, n, name)
     return t
 
 

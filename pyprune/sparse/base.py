@@ -28,6 +28,9 @@ class SparseFormat(nn.Module):
 
     @property
     def density(self) -> float:
+        """Nonzeros / (out_features * in_features); nan on the meta device (no values to count)."""
+        if self.values.device.type == "meta":
+            return float("nan")
         numel = self.shape[0] * self.shape[1]
         return float(torch.count_nonzero(self.to_dense()).item()) / numel if numel else 0.0
 
@@ -36,6 +39,11 @@ class SparseFormat(nn.Module):
 
     def validate(self) -> None:
         raise NotImplementedError
+
+    def validate_unless_meta(self) -> None:
+        """validate(), which reads the index values: on the meta device there are none to read."""
+        if self.values.device.type != "meta":
+            self.validate()
 
     def get_extra_state(self):
         return {"shape": self.shape}
@@ -47,9 +55,9 @@ class SparseFormat(nn.Module):
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
         # The sizes are adopted, the dtypes kept (the load casts, as nn.Linear's does: a state_dict saved in
-        # half precision loads into a float32 module as float32). Each stored tensor present is loaded into new
-        # memory of the incoming size; ``values`` stays the same Parameter (an optimizer built before the load
-        # goes on training it). A load that fails (a missing key under strict, a size error, a structure that
+        # half precision loads into a float32 module as float32). Each stored tensor present is loaded into
+        # new memory of the incoming size; ``values`` stays the same Parameter (an optimizer built before the
+        # load goes on training it). A load that fails (a missing key under strict, a size error, a structure that
         # does not validate) leaves the format as it was.
         names = ("values", *self._index_names)
         old = {name: getattr(self, name) for name in names}
@@ -67,7 +75,7 @@ class SparseFormat(nn.Module):
         )
         try:
             if len(error_msgs) == n_errors and len(missing_keys) == n_missing:
-                self.validate()
+                self.validate_unless_meta()
                 return
         except Exception:
             self._restore(old, old_values, old_shape)

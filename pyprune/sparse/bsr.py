@@ -49,7 +49,7 @@ class BSR(SparseFormat):
         self.register_buffer("col_indices", col_indices)
         self.values = nn.Parameter(values.detach())
         if validate:
-            self.validate()
+            self.validate_unless_meta()
 
     @property
     def block(self) -> tuple[int, int]:
@@ -71,7 +71,11 @@ class BSR(SparseFormat):
     def empty(
         cls, shape: tuple[int, int], block: tuple[int, int] = (32, 32), dtype=torch.float32, device=None
     ) -> BSR:
-        return cls.from_dense(torch.zeros(shape, dtype=dtype, device=device), block)
+        """No stored blocks (built without a dense tensor, so also on the meta device)."""
+        bh, bw = check_block(block)
+        crow = torch.zeros(-(-int(shape[0]) // bh) + 1, dtype=torch.int32, device=device)
+        col = torch.zeros(0, dtype=torch.int32, device=device)
+        return cls(crow, col, torch.zeros(0, bh, bw, dtype=dtype, device=device), shape)
 
     def block_row_indices(self) -> Tensor:
         return compressed_rows(self.crow_indices, self.col_indices.numel())

@@ -29,7 +29,7 @@ class CSR(SparseFormat):
         self.register_buffer("col_indices", col_indices)
         self.values = nn.Parameter(values.detach())
         if validate:
-            self.validate()
+            self.validate_unless_meta()
 
     @classmethod
     def from_dense(cls, dense: Tensor) -> CSR:
@@ -46,7 +46,10 @@ class CSR(SparseFormat):
 
     @classmethod
     def empty(cls, shape: tuple[int, int], dtype=torch.float32, device=None) -> CSR:
-        return cls.from_dense(torch.zeros(shape, dtype=dtype, device=device))
+        """No stored entries (built without a dense tensor, so also on the meta device)."""
+        crow = torch.zeros(int(shape[0]) + 1, dtype=torch.int32, device=device)
+        col = torch.zeros(0, dtype=torch.int32, device=device)
+        return cls(crow, col, torch.zeros(0, dtype=dtype, device=device), shape)
 
     def row_indices(self) -> Tensor:
         return compressed_rows(self.crow_indices, self.nnz)

@@ -43,7 +43,7 @@ class Sparse24(SparseFormat):
         self.register_buffer("meta", meta)
         self.values = nn.Parameter(values.detach())
         if validate:
-            self.validate()
+            self.validate_unless_meta()
 
     @classmethod
     def from_dense(cls, dense: Tensor) -> Sparse24:
@@ -73,7 +73,11 @@ class Sparse24(SparseFormat):
 
     @classmethod
     def empty(cls, shape: tuple[int, int], dtype=torch.float32, device=None) -> Sparse24:
-        return cls.from_dense(torch.zeros(shape, dtype=dtype, device=device))
+        """All zeros, each group keeping positions 0 and 1 (built without a dense tensor, so also on the meta
+        device)."""
+        n, k4 = int(shape[0]), padded_in_features(int(shape[1]))
+        meta = torch.full((k4 // 8, n), 0b01000100, dtype=torch.uint8, device=device)  # positions 0, 1, 0, 1
+        return cls(torch.zeros(k4 // 2, n, dtype=dtype, device=device), meta, shape)
 
     def to_dense(self) -> Tensor:
         n, k = self.shape

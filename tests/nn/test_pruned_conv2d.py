@@ -126,3 +126,24 @@ def test_bad_modules_and_inputs(conv_bn):
         m(torch.randn(1, 15, 8, 8))
     with pytest.raises(TypeError, match="dtype"):
         m(torch.randn(1, 16, 8, 8, dtype=torch.float64))
+
+
+def test_keeps_its_own_copy_of_the_indices():
+    # an int64 index tensor was kept as is: a later write into the caller's tensor changed which channels the
+    # module read (its weight had been sliced with the old ones), and two modules built from one shared it
+    conv = torch.nn.Conv2d(8, 6, 3, padding=1)
+    keep = torch.tensor([0, 2, 3, 5])
+    a = PrunedConv2d.from_dense(conv, keep_in=keep)
+    b = PrunedConv2d.from_dense(conv, keep_in=keep)
+    x = torch.randn(1, 8, 5, 5)
+    y = a(x)
+    keep[0] = 1
+    torch.testing.assert_close(a(x), y)
+    a.in_index[1] = 4
+    assert b.in_index.tolist() == [0, 2, 3, 5]
+
+
+def test_builds_on_the_meta_device():
+    # the index check read values (.item() on meta)
+    m = PrunedConv2d(8, 16, 3, keep_in=[0, 1], device="meta")
+    assert m.weight.is_meta and m.in_index.is_meta and m.weight.shape == (16, 2, 3, 3)

@@ -173,3 +173,19 @@ def test_bad_input_raises_clearly():
         with torch.no_grad():
             lin.weight[0, 0] = float("nan")
         SparseLinear.from_dense(lin)
+
+
+@pytest.mark.parametrize("layout", ["csr", "bsr", "2:4"])
+def test_deferred_init_on_meta_then_load(layout):
+    # built on the meta device (the deferred-init pattern), then materialised and loaded; construction read
+    # index values (.item() on meta) and failed, as did repr of a module moved to meta
+    source = SparseLinear.from_dense(torch.nn.Linear(40, 24), sparsity=0.5, layout=layout, block=(8, 8))
+    with torch.device("meta"):
+        m = SparseLinear(40, 24, layout=layout, block=(8, 8))
+    assert m.weight.values.is_meta and "density=nan" in repr(m)
+    assert SparseLinear(40, 24, layout=layout, block=(8, 8), device="meta").weight.values.is_meta
+    m = m.to_empty(device="cpu")
+    m.load_state_dict(source.state_dict())
+    x = torch.randn(3, 40)
+    torch.testing.assert_close(m(x), source(x))
+    assert "density=nan" in repr(source.to("meta"))  # moved there: nothing to count, and no crash
