@@ -57,8 +57,8 @@ class SparseFormat(nn.Module):
         # The sizes are adopted, the dtypes kept (the load casts, as nn.Linear's does: a state_dict saved in
         # half precision loads into a float32 module as float32). Each stored tensor present is loaded into
         # new memory of the incoming size; ``values`` stays the same Parameter (an optimizer built before the
-        # load goes on training it). A load that fails (a missing key under strict, a size error, a structure that
-        # does not validate) leaves the format as it was.
+        # load goes on training it). A load that fails (a missing key under strict, a size error, a structure
+        # that does not validate) leaves the format as it was.
         names = ("values", *self._index_names)
         old = {name: getattr(self, name) for name in names}
         old_values, old_shape = old["values"].data, self.shape
