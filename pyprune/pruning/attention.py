@@ -37,14 +37,17 @@ class PrunedMultiheadAttention(nn.Module):
         bias: bool = True,
         batch_first: bool = False,
         dropout: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
         self.batch_first, self.dropout = batch_first, dropout
         inner = num_heads * head_dim
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * inner, embed_dim))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * inner)) if bias else None
-        self.out_proj = nn.Linear(inner, out_dim, bias=bias)
+        like = {"device": device, "dtype": dtype}
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * inner, embed_dim, **like))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * inner, **like)) if bias else None
+        self.out_proj = nn.Linear(inner, out_dim, bias=bias, **like)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     @classmethod
@@ -58,6 +61,8 @@ class PrunedMultiheadAttention(nn.Module):
             m.in_proj_bias is not None,
             m.batch_first,
             m.dropout,
+            device=m.in_proj_weight.device,
+            dtype=m.in_proj_weight.dtype,
         )
         new.load_state_dict(m.state_dict())
         return new

@@ -156,6 +156,16 @@ def _thinet_consumer(model: nn.Module, g: Group) -> Member | None:
     return None
 
 
+def _unfold(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """The patches ``conv`` multiplies: (N, C_in, H, W) -> (N, C_in * kh * kw, L)."""
+    pad = conv.padding
+    if isinstance(pad, str):  # "valid", or "same" padded as nn.Conv2d does: an odd total's extra on the right
+        total = [0 if pad == "valid" else d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        x = F.pad(x, [p for t in reversed(total) for p in (t // 2, t - t // 2)])
+        pad = 0
+    return F.unfold(x, conv.kernel_size, conv.dilation, pad, conv.stride)
+
+
 def _thinet(
     model: nn.Module, groups: list[Group], data: Iterable, seed: int
 ) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
@@ -176,7 +186,7 @@ def _thinet(
                 r = torch.randint(rows.shape[0], (s,), generator=gen)
                 z = (rows[r][:, pos] * w[o][:, pos]).sum(-1)
             else:
-                cols = F.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
+                cols = _unfold(x, mod)
                 cols = cols.reshape(x.shape[0], x.shape[1], -1, cols.shape[-1])  # (N, C_in, kh*kw, L)
                 nb = torch.randint(cols.shape[0], (s,), generator=gen)
                 loc = torch.randint(cols.shape[-1], (s,), generator=gen)
@@ -420,7 +430,7 @@ def prune_channels(
         protect_first_last: keep the first layer's filters and the last layer's inputs.
         global_ranking: rank channels of all groups together (scores normalised by each group's mean) and
             remove ``ratio`` of all prunable channels; groups may then lose different fractions.
-        inplace: prune ``model`` itself instead of a deep copy.
+        inplace: prune ``model`` itself instead of a deep copy; if pruning fails, ``model`` is left as it was.
         dry_run: return a :class:`PruningPlan` describing the groups and removals; nothing is changed.
         seed: seed for "random" and for ThiNet's sampling.
         return_plan: also return the PruningPlan of what was removed.
@@ -455,7 +465,34 @@ def prune_channels(
         was_training = model.training
         expected = _shapes(model.eval()(*args))
         model.train(was_training)
-    target = model if inplace else copy.deepcopy(model)
+    if not inplace:
+        target = copy.deepcopy(model)
+        _slice_and_check(target, graph, removed, args, expected)
+        return (target, plan) if return_plan else target
+    saved = _snapshot(model)
+    try:
+        _slice_and_check(model, graph, removed, args, expected)
+    except BaseException:
+        _restore(saved)
+        raise
+    return (model, plan) if return_plan else model
+
+
+def _snapshot(model: nn.Module) -> list[tuple[nn.Module, dict[str, Any]]]:
+    """Every module's attributes: slicing replaces tensors, submodules and sizes, never edits a tensor."""
+    tables = ("_parameters", "_buffers", "_modules")
+    return [(m, {k: copy.copy(v) if k in tables else v for k, v in vars(m).items()}) for m in model.modules()]
+
+
+def _restore(saved: list[tuple[nn.Module, dict[str, Any]]]) -> None:
+    for m, attrs in saved:
+        vars(m).clear()
+        vars(m).update(attrs)
+
+
+def _slice_and_check(
+    target: nn.Module, graph: DependencyGraph, removed: dict[int, torch.Tensor], args: tuple, expected: Any
+) -> None:
     slice_model(target, graph.groups, removed)
     with torch.no_grad():
         was_training = target.training
@@ -470,7 +507,6 @@ def prune_channels(
             target.train(was_training)
     if got != expected:
         raise PruningError(f"internal error: pruned model output shapes {got} differ from {expected}")
-    return (target, plan) if return_plan else target
 
 
 def _shapes(out: Any) -> Any:

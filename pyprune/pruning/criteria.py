@@ -67,6 +67,10 @@ def thinet_order(contrib: torch.Tensor, n_remove: int | None = None) -> torch.Te
     z = contrib.detach().double()
     c = z.shape[1]
     n_remove = c if n_remove is None else n_remove
+    if isinstance(n_remove, bool) or not isinstance(n_remove, int) or not 0 <= n_remove <= c:
+        raise ValueError(
+            f"thinet_order: n_remove must be an int in [0, {c}] (the number of channels), got {n_remove!r}"
+        )
     # ||r + z_c||^2 = ||r||^2 + 2 r.z_c + ||z_c||^2 with r the removed channels' running sum: keeping r.z for
     # every channel (updated from the Gram matrix) makes each greedy step O(C) instead of O(S*C).
     gram = z.T @ z

@@ -51,10 +51,15 @@ class ChInfo:
 
 @dataclass(frozen=True)
 class ParamRef:
-    """A tensor that is (a broadcast view of) a parameter reached through ``get_attr``."""
+    """A tensor that is (a broadcast view of) a parameter reached through ``get_attr``.
+
+    ``dims[i]`` is the parameter dim shown by dim i of the view (None for a size-1 dim); None when the view
+    keeps the parameter's dims.
+    """
 
     module: str
     name: str
+    dims: tuple[int | None, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -217,7 +222,21 @@ _BINARY = {
 }
 _RESHAPE = {"view", "reshape", "flatten", "unsqueeze", "squeeze", "unflatten"}
 _REDUCE = {"mean", "sum", "amax", "amin"}
-_NON_TENSOR = {"size", "dim", "getattr", "numel"}
+_NON_TENSOR = {"size", "dim", "numel"}
+# Ops returning (values, indices) along one dim: arg position of the dim, its default, whether it is reduced.
+_VALUES_INDICES = {
+    "max": (1, None, True),
+    "min": (1, None, True),
+    "median": (1, None, True),
+    "nanmedian": (1, None, True),
+    "mode": (1, -1, True),
+    "kthvalue": (2, -1, True),
+    "sort": (1, -1, False),
+    "topk": (2, -1, False),
+    "cummax": (1, None, False),
+    "cummin": (1, None, False),
+}
+_MULTI_OUT = {"split", "chunk", "unbind", "tensor_split", "getitem", "getattr"}
 
 
 def _fname(node: fx.Node) -> str:
@@ -348,6 +367,8 @@ class _Builder(fx.Interpreter):
             return self.info.get(a)
         if isinstance(a, (list, tuple)):
             return [self._in(x) for x in a]
+        if isinstance(a, dict):
+            return [self._in(x) for x in a.values()]
         return None
 
     def _describe(self, n: fx.Node, result: Any) -> Any:
@@ -459,15 +480,13 @@ class _Builder(fx.Interpreter):
     # -- functions and methods -----------------------------------------------------------------------------
     def _function(self, n: fx.Node, f: str, out: Any) -> Any:
         args = [self._in(a) for a in n.args]
-        if not isinstance(out, torch.Tensor) and f not in (
-            "split",
-            "chunk",
-            "unbind",
-            "tensor_split",
-            "getitem",
-        ):
-            return None
         if f in _NON_TENSOR:
+            return None
+        if f in _VALUES_INDICES and isinstance(out, tuple):
+            return self._values_indices(n, f, args[0], out)
+        if not isinstance(out, torch.Tensor) and f not in _MULTI_OUT:
+            if isinstance(out, (tuple, list)) and any(isinstance(o, torch.Tensor) for o in out):
+                self.problem(n, args, f"op {f!r} returns several tensors and is not supported")
             return None
         if f in _PASS_FUNCS or (f == "softmax" and not self._is_channel_dim(n, 1)):
             return args[0] if args else None
@@ -495,6 +514,8 @@ class _Builder(fx.Interpreter):
             return self._split(n, f, out)
         if f == "getitem":
             return self._getitem(n, out)
+        if f == "getattr":
+            return self._attribute(n, args[0], n.args[1], out)
         if f == "scaled_dot_product_attention":
             self.problem(n, args, "attention outside a registered attention module")
             return None
@@ -519,7 +540,8 @@ class _Builder(fx.Interpreter):
         ]
         if not tracked:
             return None
-        ref, ref_t = tracked[0]
+        # A one-channel operand (a spatial attention map) broadcasts; the reference is one with the channels.
+        ref, ref_t = next(((i, t) for i, t in tracked if i.length != 1), tracked[0])
         d = ref.dim + nd - ref_t.dim()
         result = ChInfo(d, ref.segs)
         for a in operands:
@@ -542,10 +564,12 @@ class _Builder(fx.Interpreter):
                     self.union(s1.space, s2.space, n)
             elif isinstance(info, ParamRef):
                 p = self._param(info)
-                pd = d - (nd - p.dim())
-                if pd >= 0 and p.shape[pd] == ref.length:
+                dims = info.dims if info.dims is not None else tuple(range(p.dim()))
+                vd = d - (nd - len(dims))
+                pd = dims[vd] if vd >= 0 else None
+                if pd is not None and p.shape[pd] == ref.length:
                     self.add_members(result, info.module, info.name, pd, "param")
-                elif pd >= 0 and p.shape[pd] != 1:
+                elif pd is not None and p.shape[pd] != 1:
                     self.problem(
                         n, ref, f"parameter {info.module}.{info.name} broadcasts against the channels"
                     )
@@ -559,11 +583,16 @@ class _Builder(fx.Interpreter):
         return getattr(owner, ref.name)
 
     def _reshape(self, n: fx.Node, x: Any, src: Any, out: torch.Tensor) -> Any:
+        shape_in, shape_out = list(self.env[src].shape), list(out.shape)
         if isinstance(x, ParamRef):
-            return x if tuple(out.shape[-1:]) == tuple(self._param(x).shape[-1:]) else None
+            # Only adding or removing size-1 dims keeps track of which parameter dim each view dim shows.
+            if [s for s in shape_in if s != 1] != [s for s in shape_out if s != 1]:
+                return None
+            dims_in = x.dims if x.dims is not None else tuple(range(len(shape_in)))
+            shown = iter(pd for pd, s in zip(dims_in, shape_in) if s != 1)
+            return ParamRef(x.module, x.name, tuple(next(shown) if s != 1 else None for s in shape_out))
         if not isinstance(x, ChInfo):
             return None
-        shape_in, shape_out = list(self.env[src].shape), list(out.shape)
         before, length = math.prod(shape_in[: x.dim]), shape_in[x.dim]
         after = math.prod(shape_in[x.dim + 1 :])
         for k in range(len(shape_out)):
@@ -594,6 +623,37 @@ class _Builder(fx.Interpreter):
                 perm.insert(b, a)
         perm = [p % nd for p in perm]
         return ChInfo(perm.index(x.dim), x.segs)
+
+    def _attribute(self, n: fx.Node, x: Any, name: str, out: Any) -> Any:
+        if isinstance(x, list):  # the (values, indices) pair of a tuple-returning op
+            return x[("values", "indices").index(name)] if name in ("values", "indices") else None
+        if not isinstance(x, ChInfo) or not isinstance(out, torch.Tensor):
+            return None
+        nd = out.dim()
+        if name in ("mT", "mH"):
+            return ChInfo({nd - 1: nd - 2, nd - 2: nd - 1}.get(x.dim, x.dim), x.segs)
+        if name in ("T", "H"):
+            return ChInfo(nd - 1 - x.dim, x.segs)
+        if name == "data":
+            return x
+        self.problem(n, x, f"tensor attribute {name!r} is not supported")
+        return None
+
+    def _values_indices(self, n: fx.Node, f: str, x: Any, out: tuple) -> list:
+        """max/min/sort/topk/... with a dim: values and indices carry the input's channels alike."""
+        if not isinstance(x, ChInfo):
+            return [None] * len(out)
+        pos, default, reduces = _VALUES_INDICES[f]
+        dim = n.args[pos] if len(n.args) > pos else n.kwargs.get("dim", default)
+        nd = self.env[n.args[0]].dim()
+        if dim % nd == x.dim:
+            why = "reduction over the channel dim" if reduces else f"{f} along the channel dim"
+            self.problem(n, x, why)
+            return [None] * len(out)
+        if not reduces:
+            return [x] * len(out)
+        keep = n.args[pos + 1] if len(n.args) > pos + 1 else n.kwargs.get("keepdim", False)
+        return [x if keep else ChInfo(x.dim - (dim % nd < x.dim), x.segs)] * len(out)
 
     def _reduce(self, n: fx.Node, x: Any, out: torch.Tensor) -> Any:
         if not isinstance(x, ChInfo):
@@ -838,9 +898,8 @@ def slice_model(model: nn.Module, groups: list[Group], removed: dict[int, torch.
             new = new.index_select(dim, (~drop).nonzero().squeeze(1))
         new = new.clone()
         if isinstance(t, nn.Parameter):
-            setattr(mod, t_name, nn.Parameter(new, requires_grad=t.requires_grad))
-        else:
-            mod._buffers[t_name] = new
+            new = nn.Parameter(new, requires_grad=t.requires_grad)
+        setattr(mod, t_name, new)  # a buffer stays a buffer, a plain tensor attribute a plain attribute
         touched.setdefault(mod_name, 0)
     for name, dropped in touched.items():
         _fix_attributes(model, name, dropped)

@@ -92,6 +92,17 @@ def residual_blocks(model: nn.Module) -> list[str]:
     return names
 
 
+def _overlap(a: str, b: str) -> bool:
+    """True if block ``a`` lies inside block ``b`` or contains it."""
+    return a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def _most_disjoint(names: list[str]) -> int:
+    """The most blocks of ``names`` that can be removed together, none inside another."""
+    tops = [a for a in names if not any(a.startswith(b + ".") for b in names)]
+    return sum(max(1, _most_disjoint([d for d in names if d.startswith(t + ".")])) for t in tops)
+
+
 def _block_scores(
     model: nn.Module, names: list[str], importance: str, example_inputs: Any, seed: int
 ) -> torch.Tensor:
@@ -148,6 +159,11 @@ def prune_layers(
 
     importance: "residual_norm" (needs ``example_inputs``: blocks that change their input least go first),
     "l1" (mean |w| of the block's weights), "random".
+
+    Candidates may nest (a residual group of residual blocks). The ``n`` replaced blocks never overlap, so
+    ``n`` is at most the number of blocks removable together and ``ratio`` is a fraction of that number.
+    Blocks are taken least important first, skipping one that contains or lies inside a block already taken,
+    or whose removal would leave fewer than ``n`` blocks removable in all.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -160,21 +176,32 @@ def prune_layers(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int (seeds importance='random'), got {seed!r}")
     names = residual_blocks(model)
+    most = _most_disjoint(names)
     if ratio is not None:
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
             raise ValueError(f"ratio must be in [0, 1) (fraction of residual blocks removed), got {ratio!r}")
-        n = int(ratio * len(names))
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0 or n > len(names):
+        n = int(ratio * most)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0 or n > most:
         raise ValueError(
-            f"n must be an int in [0, {len(names)}] (the model has {len(names)} removable residual "
-            f"blocks), got {n!r}"
+            f"n must be an int in [0, {most}] (the model has {most} residual blocks that can be removed "
+            f"together), got {n!r}"
         )
     target = model if inplace else copy.deepcopy(model)
     if n == 0:
         return target
     scores = _block_scores(target, names, importance, example_inputs, seed)
-    for i in torch.argsort(scores, stable=True)[:n].tolist():
-        parent_name, _, attr = names[i].rpartition(".")
+    chosen: list[str] = []
+    for i in torch.argsort(scores, stable=True).tolist():
+        if len(chosen) == n:
+            break
+        if any(_overlap(names[i], c) for c in chosen):
+            continue
+        taken = chosen + [names[i]]
+        free = [b for b in names if b not in taken and not any(_overlap(b, c) for c in taken)]
+        if len(taken) + _most_disjoint(free) >= n:
+            chosen.append(names[i])
+    for name in chosen:
+        parent_name, _, attr = name.rpartition(".")
         parent = target.get_submodule(parent_name) if parent_name else target
         if isinstance(parent, nn.ModuleList):
             parent[int(attr)] = Skip()

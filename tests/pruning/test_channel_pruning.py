@@ -11,6 +11,8 @@ from torch import nn
 import pyprune
 from pyprune import models
 from pyprune.pruning import IMPORTANCE, build_graph
+from pyprune.pruning.channel import _unfold
+from pyprune.pruning.graph import slice_model
 
 # Small inputs keep the matrix affordable on 2 cores.
 FULL_MATRIX = ["lenet5", "resnet18", "mobilenet_v2", "bert_small"]
@@ -284,3 +286,71 @@ def test_per_layer_overrides_are_kept_out_of_global_ranking():
     assert len(fc1.removed) == 30
     rest = [g for g in plan.groups if not g.pinned and g is not fc1]
     assert sum(len(g.removed) for g in rest) == int(0.3 * sum(g.channels for g in rest))
+
+
+class SameConvs(nn.Module):
+    def __init__(self, padding, kernel_size=3, dilation=1):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 6, kernel_size, padding=padding, dilation=dilation)
+        self.c3 = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        return self.c3(F.relu(self.c2(F.relu(self.c1(x)))))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+def test_thinet_reads_string_padding_like_the_conv():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    explicit, same = SameConvs(1), SameConvs("same")
+    same.load_state_dict(explicit.state_dict())
+    kw = dict(importance="thinet", data=[x, x.flip(0)], protect_first_last=False, dry_run=True)
+    assert pyprune.prune_channels(same, x, **kw).groups[0].removed == (
+        pyprune.prune_channels(explicit, x, **kw).groups[0].removed
+    )
+    # Even kernels pad "same" unevenly; the patches ThiNet samples must be those the conv multiplies.
+    for padding, k, d in (("same", 4, 1), ("same", 3, 2), ("valid", 3, 1)):
+        conv = SameConvs(padding, k, d).c2
+        h = torch.randn(2, 8, 7, 7)
+        cols = _unfold(h, conv)  # (N, C_in * k * k, L)
+        out = (conv.weight.reshape(6, -1) @ cols).reshape(2, 6, *conv(h).shape[2:])
+        torch.testing.assert_close(out + conv.bias[:, None, None], conv(h))
+    kw = dict(importance="thinet", data=[x], protect_first_last=False)
+    pruned = pyprune.prune_channels(SameConvs("same", 4), x, **kw)
+    assert pruned.c2.out_channels == 3 and pruned(x).shape == (2, 2, 8, 8)
+
+
+class AttnNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(16, 32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.out = nn.Linear(32, 8)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.out(h + self.attn(h, h, h, need_weights=False)[0])
+
+
+def test_failed_inplace_prune_leaves_the_model_as_it_was(monkeypatch):
+    def slice_then_fail(*args):
+        slice_model(*args)
+        raise RuntimeError("failure after slicing")
+
+    monkeypatch.setattr(pyprune.pruning.channel, "slice_model", slice_then_fail)
+    torch.manual_seed(0)
+    cases = [(models.resnet18(num_classes=4), torch.randn(1, 3, 32, 32)), (AttnNet(), torch.randn(2, 5, 16))]
+    for model, x in cases:
+        model.eval()
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        layers = {name: (type(m), repr(m)) for name, m in model.named_modules()}  # repr shows the sizes
+        with torch.no_grad():
+            before = model(x)
+        with pytest.raises(RuntimeError, match="failure after slicing"):
+            pyprune.prune_channels(model, x, ratio=0.5, protect_first_last=False, inplace=True)
+        assert {name: (type(m), repr(m)) for name, m in model.named_modules()} == layers
+        assert model.state_dict().keys() == state.keys()
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), before)

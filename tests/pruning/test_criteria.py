@@ -60,3 +60,10 @@ def test_criteria_reject_scalars_and_bad_shapes():
         criteria.l1_norm(torch.tensor(1.0))
     with pytest.raises(ValueError, match="samples, channels"):
         criteria.thinet_order(torch.ones(3))
+
+
+@pytest.mark.parametrize("n_remove", [-1, 5, 2.0])
+def test_thinet_order_rejects_n_remove_outside_the_channel_count(n_remove):
+    with pytest.raises(ValueError, match=r"n_remove must be an int in \[0, 4\]"):
+        criteria.thinet_order(torch.randn(20, 4), n_remove)
+    assert criteria.thinet_order(torch.randn(20, 4), 0).tolist() == []

@@ -405,3 +405,167 @@ def test_3d_attention_mask_keeps_the_heads(exactness):
     assert pruned.attn.num_heads == 4 and pruned.attn.in_proj_weight.shape == (3 * 32, 16)
     heads = [g for g in plan.groups if g.channels == 4]
     assert len(heads) == 1 and heads[0].keep == 4 and "3-D attn_mask" in heads[0].pinned[0]
+
+
+class DictOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 6, 1)
+        self.aux = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        h = F.relu(self.b(F.relu(self.a(x))))
+        return {"aux": self.aux(h), "feat": h}
+
+
+def test_outputs_inside_a_dict_keep_their_channels():
+    x = torch.randn(2, 3, 8, 8)
+    plan = pyprune.prune_channels(DictOutput(), x, ratio=0.5, protect_first_last=False, dry_run=True)
+    pinned = {layer for g in plan.groups if g.pinned for layer in g.layers}
+    assert {"aux", "b"} <= pinned
+    pruned = pyprune.prune_channels(DictOutput(), x, ratio=0.5, protect_first_last=False)
+    out = pruned(x)
+    assert out["aux"].shape == (2, 4, 8, 8) and out["feat"].shape == (2, 6, 8, 8)
+    assert pruned.a.out_channels == 4
+
+
+class TensorAttribute(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 2, 1)
+        self.scale = torch.linspace(0.5, 1.5, 8).view(1, 8, 1, 1)  # a plain attribute, not a buffer
+
+    def forward(self, x):
+        return self.c2(F.relu(self.c1(x)) * self.scale)
+
+
+def test_plain_tensor_attribute_is_sliced_and_stays_an_attribute(exactness):
+    pruned, _ = exactness(TensorAttribute(), torch.randn(2, 3, 8, 8), ratio=0.5, protect_first_last=False)
+    assert pruned.scale.shape == (1, 4, 1, 1) and dict(pruned.named_buffers()) == {}
+
+
+class GlobalMax(nn.Module):
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x)).flatten(2)
+        if self.op == "max":
+            h = h.max(dim=2)[0]
+        elif self.op == "median":
+            h = torch.median(h, 2, True).values.squeeze(2)
+        else:  # top-2 locations of each channel, the best one
+            h = h.topk(2, dim=-1).values.sort(dim=-1, descending=True).values[..., 0]
+        return self.fc(h)
+
+
+@pytest.mark.parametrize("op", ["max", "median", "topk"])
+def test_values_of_max_and_sort_keep_the_channels(exactness, op):
+    pruned, _ = exactness(GlobalMax(op), torch.randn(2, 3, 8, 8), ratio=0.5, protect_first_last=False)
+    assert pruned.c1.out_channels == 4 and pruned.fc.in_features == 4
+
+
+class ChannelMaxAfterMax(nn.Module):
+    def __init__(self, over_channels_first):
+        super().__init__()
+        self.over_channels_first = over_channels_first
+        self.c0 = nn.Conv2d(3, 3, 1)
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        h = F.relu(self.c1(self.c0(x)))
+        if self.over_channels_first:
+            return torch.max(h, 1).values
+        return h.max(dim=3).values.mean(1)
+
+
+@pytest.mark.parametrize("over_channels_first", [True, False])
+def test_reduction_over_channels_through_max_values_is_rejected(over_channels_first):
+    with pytest.raises(UnsupportedPatternError, match="reduction over the channel dim"):
+        pyprune.prune_channels(ChannelMaxAfterMax(over_channels_first), torch.randn(2, 3, 8, 8))
+
+
+class MatrixTranspose(nn.Module):
+    def __init__(self, attr):
+        super().__init__()
+        self.attr = attr
+        self.l1 = nn.Linear(3, 8)
+        self.l2 = nn.Linear(8, 2)
+
+    def forward(self, x):  # x: (N, 4, 3)
+        h = F.relu(self.l1(x))
+        if self.attr == "mT":
+            return self.l2(h.mT.mT)
+        return self.l2(h[0].T.T)
+
+
+@pytest.mark.parametrize("attr", ["mT", "T"])
+def test_transpose_attributes_move_the_channel_dim(exactness, attr):
+    pruned, _ = exactness(MatrixTranspose(attr), torch.randn(2, 4, 3), ratio=0.5, protect_first_last=False)
+    assert pruned.l2.in_features == 4
+
+
+class TransposedToChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(3, 8)
+        self.l2 = nn.Linear(4, 2)
+
+    def forward(self, x):  # x: (N, 4, 3); l2 reads the 4 tokens, not l1's channels
+        return self.l2(F.relu(self.l1(x)).mT)
+
+
+def test_transpose_attribute_that_moves_channels_away_from_the_consumer_is_rejected():
+    with pytest.raises(UnsupportedPatternError, match="Linear l2 reads the last dim"):
+        pyprune.prune_channels(TransposedToChannels(), torch.randn(2, 4, 3), protect_first_last=False)
+
+
+class UnsqueezedScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 2, 1)
+        self.g = nn.Parameter(torch.linspace(0.5, 1.5, 8).view(8, 1))  # per-channel scale stored as (C, 1)
+
+    def forward(self, x):
+        return self.c2(F.relu(self.c1(x)) * self.g.unsqueeze(-1))
+
+
+def test_parameter_reshaped_before_broadcasting_is_sliced_on_its_channel_dim(exactness):
+    pruned, _ = exactness(UnsqueezedScale(), torch.randn(2, 3, 8, 8), ratio=0.5, protect_first_last=False)
+    assert pruned.g.shape == (4, 1)
+
+
+class SpatialAttention(nn.Module):
+    def __init__(self, map_first):
+        super().__init__()
+        self.map_first = map_first
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.sa = nn.Conv2d(3, 1, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y, a = F.relu(self.c1(x)), torch.sigmoid(self.sa(x))  # a: (N, 1, H, W)
+        return self.c2(a * y if self.map_first else y * a)
+
+
+@pytest.mark.parametrize("map_first", [True, False])
+def test_one_channel_map_broadcasts_in_either_order(exactness, map_first):
+    pruned, _ = exactness(SpatialAttention(map_first), torch.randn(2, 3, 8, 8), protect_first_last=False)
+    assert pruned.c1.out_channels == 4 and pruned.c2.in_channels == 4 and pruned.sa.out_channels == 1
+
+
+def test_pruned_mha_keeps_the_dtype_and_device_of_the_module_it_replaces():
+    for dtype in (torch.float64, torch.bfloat16):
+        mha = nn.MultiheadAttention(16, 4, batch_first=True, dtype=dtype)
+        assert {p.dtype for p in PrunedMultiheadAttention.from_module(mha).parameters()} == {dtype}
+    meta = PrunedMultiheadAttention.from_module(nn.MultiheadAttention(16, 4, device="meta"))
+    assert all(p.is_meta for p in meta.parameters())
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    pruned = pyprune.prune_channels(MHABlock().double().eval(), x, ratio=0.5, protect_first_last=False)
+    assert pruned.attn.in_proj_weight.dtype == torch.float64 and pruned(x).dtype == torch.float64

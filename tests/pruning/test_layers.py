@@ -92,3 +92,54 @@ def test_torch_transformer_encoder_layers_are_removable():
     assert sum(isinstance(m, Skip) for m in pruned.layers) == 1
     with torch.no_grad():
         assert pruned(x).shape == (2, 5, 32)
+
+
+class ResBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+class ResGroup(nn.Module):  # a residual group of residual blocks (RCAN / EDSR style)
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(ResBlock(), ResBlock(), nn.Conv2d(8, 8, 3, padding=1))
+        with torch.no_grad():
+            self.body[2].weight.mul_(1e-3)  # the group's own conv is tiny: the groups rank lowest under l1
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class NestedResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Conv2d(3, 8, 3, padding=1)
+        self.groups = nn.Sequential(ResGroup(), ResGroup())
+        self.tail = nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.tail(self.groups(self.head(x)))
+
+
+def _skipped(model):
+    return [name for name, m in model.named_modules() if isinstance(m, Skip)]
+
+
+def test_nested_residual_blocks_are_removed_without_overlap():
+    torch.manual_seed(0)
+    model, x = NestedResidual().eval(), torch.randn(1, 3, 8, 8)
+    assert len(residual_blocks(model)) == 6  # both groups and their four blocks
+    assert len(_skipped(pyprune.prune_layers(model, n=1, importance="l1"))) == 1
+    assert _skipped(pyprune.prune_layers(model, n=2, importance="l1")) == ["groups.0", "groups.1"]
+    for n in (3, 4):  # more than the two groups: blocks inside a group that is kept
+        pruned = pyprune.prune_layers(model, n=n, importance="l1")
+        skipped = _skipped(pruned)
+        assert len(skipped) == n and not any(a.startswith(b + ".") for a in skipped for b in skipped)
+        assert pruned(x).shape == (1, 3, 8, 8)
+    assert len(_skipped(pyprune.prune_layers(model, ratio=0.5, importance="random"))) == 2
+    with pytest.raises(ValueError, match=r"n must be an int in \[0, 4\].*removed together"):
+        pyprune.prune_layers(model, n=5, importance="l1")
