@@ -7,6 +7,8 @@
 // weight bytes (8 per nonzero), not by arithmetic.
 #include <immintrin.h>
 
+#include <atomic>
+
 #include "pyprune/derived_cache.h"
 #include "pyprune/linear.h"
 #include "pyprune/token_tiles.h"
@@ -22,42 +24,78 @@ struct CsrArgs {
   const int32_t* col;
   const float* val;
   const float* bias;
-  int64_t M, K, N;
+  int64_t M, K, N, nnz;
   UnitOrder order;
+  std::atomic<bool>* bad;  // set by a kernel that met an index out of range (and read nothing there)
 };
+
+// The kernels check the index values as they read them: a row's entries [crow[r], crow[r + 1]) must lie in
+// [0, nnz], and each column in [0, K). A row out of range is read as empty, a column as column 0 (or its chunk
+// is skipped), and the call fails afterwards with validate_compressed_indices' message. (A check kept between
+// calls is stale after a write through `.data`, and a fingerprint of the indices on every call, to notice such
+// a write, cost 13-20% of a decode call on a 4096 x 4096 weight at 90%; these checks cost 4-7% at 8-64 tokens.)
+PYPRUNE_INLINE bool row_out_of_range(const CsrArgs& a, int64_t s, int64_t e) { return s < 0 || e < s || e > a.nnz; }
+
+// The bound of a column as unsigned 32 bits: K, or 2^31 when K is larger (a negative column, >= 2^31 as unsigned,
+// is out of range either way). 32-bit compares vectorize.
+PYPRUNE_INLINE uint32_t col_bound(int64_t K) { return static_cast<uint32_t>(std::min<int64_t>(K, int64_t{1} << 31)); }
+
+// col as an offset into a row of K: in range, or 0 with `bad` set
+PYPRUNE_INLINE int64_t checked_col(int32_t c, uint32_t bound, bool& bad) {
+  const bool out = static_cast<uint32_t>(c) >= bound;
+  bad |= out;
+  return out ? 0 : c;
+}
 
 // Two accumulator sets over alternate nonzeros: with 4 vectors that is 8 independent FMA chains, enough to
 // cover the FMA latency at one FMA per cycle.
 template <class V, int NV>
 PYPRUNE_INLINE void row_tile(const int32_t* col, const float* val, int64_t nnz, const float* xt, int64_t ld,
-                             float* out) {
+                             int64_t K, bool& bad, float* out) {
   V a[NV], b[NV];
   for (int t = 0; t < NV; ++t) a[t] = b[t] = V{};
-  int64_t j = 0;
-  for (; j + 2 <= nnz; j += 2) {
-    const float* p0 = xt + static_cast<int64_t>(col[j]) * ld;
-    const float* p1 = xt + static_cast<int64_t>(col[j + 1]) * ld;
-    const float w0 = val[j], w1 = val[j + 1];
-    for (int t = 0; t < NV; ++t) a[t] += w0 * load16<V>(p0 + kLanes * t);
-    for (int t = 0; t < NV; ++t) b[t] += w1 * load16<V>(p1 + kLanes * t);
-  }
-  if (j < nnz) {
-    const float* p0 = xt + static_cast<int64_t>(col[j]) * ld;
-    const float w0 = val[j];
-    for (int t = 0; t < NV; ++t) a[t] += w0 * load16<V>(p0 + kLanes * t);
+  // Each kChunk columns are checked (a loop the compiler vectorizes, with no stores: a copy of checked columns
+  // read back at once stalls on store forwarding) before the FMA loop reads them; a chunk that holds one out of
+  // range is skipped (the call fails). A check per nonzero inside the FMA loop cost up to 1.35x at 8-64 tokens.
+  constexpr int64_t kChunk = 256;
+  const uint32_t bound = col_bound(K);
+  for (int64_t j0 = 0; j0 < nnz; j0 += kChunk) {
+    const int64_t n = std::min(kChunk, nnz - j0);
+    const int32_t* c = col + j0;
+    uint32_t out_of_range = 0;
+    for (int64_t i = 0; i < n; ++i) out_of_range |= static_cast<uint32_t>(c[i]) >= bound;
+    if (out_of_range) {
+      bad = true;
+      continue;
+    }
+    const float* v = val + j0;
+    int64_t j = 0;
+    for (; j + 2 <= n; j += 2) {
+      const float* p0 = xt + static_cast<int64_t>(c[j]) * ld;
+      const float* p1 = xt + static_cast<int64_t>(c[j + 1]) * ld;
+      const float w0 = v[j], w1 = v[j + 1];
+      for (int t = 0; t < NV; ++t) a[t] += w0 * load16<V>(p0 + kLanes * t);
+      for (int t = 0; t < NV; ++t) b[t] += w1 * load16<V>(p1 + kLanes * t);
+    }
+    if (j < n) {
+      const float* p0 = xt + static_cast<int64_t>(c[j]) * ld;
+      const float w0 = v[j];
+      for (int t = 0; t < NV; ++t) a[t] += w0 * load16<V>(p0 + kLanes * t);
+    }
   }
   for (int t = 0; t < NV; ++t) store16(out + kLanes * t, a[t] + b[t]);
 }
 
 template <class V, int NV>
 PYPRUNE_INLINE void rows_tile(const CsrArgs& a, const float* xt, int64_t ld, int64_t r0, int64_t r1,
-                              int64_t m0, float* buf, float* y) {
+                              int64_t m0, float* buf, bool& bad, float* y) {
   constexpr int64_t ldb = kLanes * NV;
   for (int64_t g = r0; g < r1; g += kRowGroup) {
     const int64_t ge = std::min(r1, g + kRowGroup);
     for (int64_t r = g; r < ge; ++r) {
-      const int64_t s = a.crow[r];
-      row_tile<V, NV>(a.col + s, a.val + s, a.crow[r + 1] - s, xt, ld, buf + (r - g) * ldb);
+      int64_t s = a.crow[r], e = a.crow[r + 1];
+      if (row_out_of_range(a, s, e)) bad = true, s = e = 0;
+      row_tile<V, NV>(a.col + s, a.val + s, e - s, xt, ld, a.K, bad, buf + (r - g) * ldb);
     }
     store_transposed<V>(buf, ldb, ge - g, std::min<int64_t>(ldb, a.M - m0), a.bias, y, a.N, g, m0);
   }
@@ -72,11 +110,13 @@ PYPRUNE_INLINE void tile_units(const CsrArgs& a, const float* xt, const float* x
   constexpr int64_t tile = kLanes * NV, ld = tile;
   alignas(64) float buf[kRowGroup * tile];
   TileSource<V> src(xt, x_rows, a.M, a.K, tile);
+  bool bad = false;
   for (int64_t u = u0; u < u1; ++u) {
     int64_t p, t;
     a.order.decode(u, p, t);
-    rows_tile<V, NV>(a, src.slice(t), ld, rb[p], rb[p + 1], t * tile, buf, y);
+    rows_tile<V, NV>(a, src.slice(t), ld, rb[p], rb[p + 1], t * tile, buf, bad, y);
   }
+  if (bad) a.bad->store(true, std::memory_order_relaxed);
 }
 
 using UnitsFn = void (*)(const CsrArgs&, const float*, const float*, const int64_t*, int64_t, int64_t, float*);
@@ -118,46 +158,64 @@ int tile_vecs(Isa isa, int nv) {
 
 template <int MT>
 PYPRUNE_INLINE void gather_rows_scalar(const CsrArgs& a, const float* x, int64_t r0, int64_t r1, float* y) {
+  bool bad = false;
   for (int64_t r = r0; r < r1; ++r) {
     float acc[MT][4] = {};
-    const int64_t s = a.crow[r], e = a.crow[r + 1];
+    int64_t s = a.crow[r], e = a.crow[r + 1];
+    if (row_out_of_range(a, s, e)) bad = true, s = e = 0;
     int64_t j = s;
     for (; j + 4 <= e; j += 4)
-      for (int q = 0; q < 4; ++q)
-        for (int m = 0; m < MT; ++m) acc[m][q] += a.val[j + q] * x[m * a.K + a.col[j + q]];
-    for (; j < e; ++j)
-      for (int m = 0; m < MT; ++m) acc[m][0] += a.val[j] * x[m * a.K + a.col[j]];
+      for (int q = 0; q < 4; ++q) {
+        const int64_t c = checked_col(a.col[j + q], col_bound(a.K), bad);
+        for (int m = 0; m < MT; ++m) acc[m][q] += a.val[j + q] * x[m * a.K + c];
+      }
+    for (; j < e; ++j) {
+      const int64_t c = checked_col(a.col[j], col_bound(a.K), bad);
+      for (int m = 0; m < MT; ++m) acc[m][0] += a.val[j] * x[m * a.K + c];
+    }
     for (int m = 0; m < MT; ++m)
       y[m * a.N + r] = (acc[m][0] + acc[m][1]) + (acc[m][2] + acc[m][3]) + (a.bias ? a.bias[r] : 0.f);
   }
+  if (bad) a.bad->store(true, std::memory_order_relaxed);
 }
 
 #if PYPRUNE_X86
 template <int MT>
 PYPRUNE_TARGET_AVX512 void gather_rows_avx512(const CsrArgs& a, const float* x, int64_t r0, int64_t r1,
                                               float* y) {
+  // a lane whose column is out of range (unsigned compare: negatives too) is not gathered
+  const __m512i kv = _mm512_set1_epi32(static_cast<int32_t>(col_bound(a.K)));
+  __mmask16 bad = 0;
+  bool bad_row = false;
   for (int64_t r = r0; r < r1; ++r) {
     __m512 acc[MT];
     for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
-    const int64_t s = a.crow[r], e = a.crow[r + 1];
+    int64_t s = a.crow[r], e = a.crow[r + 1];
+    if (row_out_of_range(a, s, e)) bad_row = true, s = e = 0;
     int64_t j = s;
     for (; j + 16 <= e; j += 16) {
       const __m512i idx = _mm512_loadu_si512(a.col + j);
+      const __mmask16 in = _mm512_cmplt_epu32_mask(idx, kv);
+      bad |= static_cast<__mmask16>(~in);
       const __m512 w = _mm512_loadu_ps(a.val + j);
       for (int m = 0; m < MT; ++m)
-        acc[m] = _mm512_fmadd_ps(w, _mm512_i32gather_ps(idx, x + m * a.K, 4), acc[m]);
+        acc[m] = _mm512_fmadd_ps(
+            w, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), in, idx, x + m * a.K, 4), acc[m]);
     }
     if (j < e) {
       const __mmask16 k = static_cast<__mmask16>((1u << (e - j)) - 1u);
       const __m512i idx = _mm512_maskz_loadu_epi32(k, a.col + j);
+      const __mmask16 in = _mm512_mask_cmplt_epu32_mask(k, idx, kv);
+      bad |= static_cast<__mmask16>(k & ~in);
       const __m512 w = _mm512_maskz_loadu_ps(k, a.val + j);
       for (int m = 0; m < MT; ++m)
         acc[m] = _mm512_fmadd_ps(
-            w, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, idx, x + m * a.K, 4), acc[m]);
+            w, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), in, idx, x + m * a.K, 4), acc[m]);
     }
     for (int m = 0; m < MT; ++m)
       y[m * a.N + r] = _mm512_reduce_add_ps(acc[m]) + (a.bias ? a.bias[r] : 0.f);
   }
+  if (bad || bad_row) a.bad->store(true, std::memory_order_relaxed);
 }
 #endif
 
@@ -189,25 +247,30 @@ void csr_gather(const CsrArgs& a, const float* x, const std::vector<int64_t>& rb
 
 }  // namespace
 
+void validate_compressed_indices(const at::Tensor& crow, const at::Tensor& col, int64_t n_cols, const char* op,
+                                 const char* n_cols_name) {
+  const at::Tensor cr_t = crow.contiguous(), ci_t = col.contiguous();
+  const int32_t* cr = cr_t.data_ptr<int32_t>();
+  const int32_t* ci = ci_t.data_ptr<int32_t>();
+  const int64_t rows = cr_t.numel() - 1, nnz = ci_t.numel();
+  for (int64_t r = 0; r < rows; ++r)
+    PYPRUNE_CHECK(cr[r] <= cr[r + 1] && cr[r + 1] <= nnz, op, "crow_indices",
+                  "must be non-decreasing and at most the number of entries (", nnz, "), got ", cr[r], " then ",
+                  cr[r + 1], " at row ", r);
+  int32_t lo = 0, hi = 0;
+  for (int64_t j = 0; j < nnz; ++j) lo = std::min(lo, ci[j]), hi = std::max(hi, ci[j]);
+  PYPRUNE_CHECK(lo >= 0 && (nnz == 0 || hi < n_cols), op, "col_indices", "must lie in [0, ", n_cols_name, " = ",
+                n_cols, "), got values in [", lo, ", ", hi, "]");
+}
+
 void check_compressed_indices(const at::Tensor& crow, const at::Tensor& col, int64_t n_cols, const char* op,
                               const char* n_cols_name) {
   static DerivedCache<bool> checked(4096);  // one "byte" per entry: the newest 4096 index pairs kept
-  const at::Tensor cr_t = crow.contiguous(), ci_t = col.contiguous();
   const bool kept = !crow.is_inference() && !col.is_inference();  // else nothing is kept: no fingerprint
   checked.get({crow, col}, {n_cols}, [&] {
-    const int32_t* cr = cr_t.data_ptr<int32_t>();
-    const int32_t* ci = ci_t.data_ptr<int32_t>();
-    const int64_t rows = cr_t.numel() - 1, nnz = ci_t.numel();
-    for (int64_t r = 0; r < rows; ++r)
-      PYPRUNE_CHECK(cr[r] <= cr[r + 1] && cr[r + 1] <= nnz, op, "crow_indices",
-                    "must be non-decreasing and at most the number of entries (", nnz, "), got ", cr[r], " then ",
-                    cr[r + 1], " at row ", r);
-    int32_t lo = 0, hi = 0;
-    for (int64_t j = 0; j < nnz; ++j) lo = std::min(lo, ci[j]), hi = std::max(hi, ci[j]);
-    PYPRUNE_CHECK(lo >= 0 && (nnz == 0 || hi < n_cols), op, "col_indices", "must lie in [0, ", n_cols_name, " = ",
-                  n_cols, "), got values in [", lo, ", ", hi, "]");
+    validate_compressed_indices(crow, col, n_cols, op, n_cols_name);
     return true;
-  }, [](bool) { return int64_t(1); }, kept ? content_fingerprint(cr_t, ci_t) : 0);
+  }, [](bool) { return int64_t(1); }, kept ? content_fingerprint(crow.contiguous(), col.contiguous()) : 0);
 }
 
 at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, const at::Tensor& col_indices,
@@ -225,9 +288,9 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   PYPRUNE_CHECK(crow.data_ptr<int32_t>()[0] == 0 && crow.data_ptr<int32_t>()[N] == nnz, op, "crow_indices",
                 "must start at 0 and end at nnz = ", nnz, ", got ", crow.data_ptr<int32_t>()[0], " and ",
                 crow.data_ptr<int32_t>()[N]);
-  check_compressed_indices(crow_indices, col_indices, K, op, "in_features");
   const at::Tensor b = checked_bias(bias, N, op, x.scalar_type());
   if (x.scalar_type() != at::kFloat) {
+    validate_compressed_indices(crow, col, K, op, "in_features");
     // The kernel is fp32; float64 (gradcheck), bf16 and fp16 run a dense fallback.
     const at::Tensor rows = at::repeat_interleave(at::arange(N, crow.options().dtype(at::kLong)),
                                                   crow.diff().to(at::kLong), 0, nnz);
@@ -238,8 +301,16 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   if (M == 0 || N == 0) return y;
   if (K == 0 || nnz == 0) return bias_only(y, b);
 
+  std::atomic<bool> bad{false};
   CsrArgs a{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), val.data_ptr<float>(),
-            b.defined() ? b.data_ptr<float>() : nullptr, M, K, N, UnitOrder{}};
+            b.defined() ? b.data_ptr<float>() : nullptr, M, K, N, nnz, UnitOrder{}, &bad};
+  auto checked = [&](const at::Tensor& out) {  // the kernels met an index out of range: say which
+    if (bad.load()) {
+      validate_compressed_indices(crow, col, K, op, "in_features");
+      TORCH_CHECK(false, "pyprune::", op, ": an index out of range that validation did not find");
+    }
+    return out;
+  };
   const int32_t* cr = a.crow;
   auto prefix = [cr](int64_t r) { return static_cast<int64_t>(cr[r]); };
   const int64_t threads = at::get_num_threads();
@@ -249,7 +320,7 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
     const auto rb = balanced_split(N, threads * 8, prefix, 8);
     const at::Tensor xc = x.contiguous();
     csr_gather(a, xc.data_ptr<float>(), rb, y.data_ptr<float>());
-    return y;
+    return checked(y);
   }
   // Largest tile whose slice of xt fits in ~512 KiB of L2 (the column indices of a row are scattered over K).
   // Tile width: no wider than the tokens (a 64-token tile at M = 32 computes half padding), and xt's slice
@@ -266,7 +337,7 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   const float* xrp = xo.rows_data();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, n_units, 1, [&](int64_t u0, int64_t u1) { fn(a, xtp, xrp, rb.data(), u0, u1, yp); });
-  return y;
+  return checked(y);
 }
 
 TORCH_LIBRARY_IMPL(pyprune, CPU, m) { m.impl("csr_linear", &csr_linear_cpu); }

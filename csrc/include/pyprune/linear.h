@@ -56,10 +56,15 @@ inline at::Tensor bias_only(at::Tensor& y, const at::Tensor& b) {
 }
 
 // The index values of a CSR weight (columns) or a BSR one (block columns), whose kernels read x at them: row
-// pointers non-decreasing from 0 to the number of entries, every column in [0, n_cols). Checked when index
-// tensors are first seen and kept while they are the same tensors at the same version (derived_cache.h):
-// at decode sizes a check on every call would cost as much as the multiply. Index tensors written through
-// `.data` (their version counter unmoved) are the case this leaves out; nothing in pyprune does that.
+// pointers non-decreasing from 0 to the number of entries, every column in [0, n_cols). Throws naming the
+// first argument at fault.
+void validate_compressed_indices(const at::Tensor& crow, const at::Tensor& col, int64_t n_cols, const char* op,
+                                 const char* n_cols_name);
+
+// validate_compressed_indices once per index tensors and contents: kept while they are the same tensors at the
+// same version and fingerprint (derived_cache.h). For BSR, whose fingerprint reads one index per block. (The
+// CSR kernel checks each index as it reads it instead: a fingerprint of its indices cost 13-20% of a decode
+// call.)
 void check_compressed_indices(const at::Tensor& crow, const at::Tensor& col, int64_t n_cols, const char* op,
                               const char* n_cols_name);
 
