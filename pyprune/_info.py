@@ -39,7 +39,7 @@ def info(print_it: bool = True) -> dict:
         "cuda": {
             "available": _extension.HAS_CUDA,
             "why": (
-                f"extension built with CUDA {torch.version.cuda} (.cu kernels: pruned_conv2d, csr_linear); CUDA tensors go "
+                f"extension built with CUDA {torch.version.cuda} (.cu kernels: pruned_conv2d, csr_linear, bsr_linear); CUDA tensors go "
                 "through the router (pyprune.use_backend / PYPRUNE_BACKEND)"
             )
             if _extension.HAS_CUDA

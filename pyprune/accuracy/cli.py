@@ -66,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--out", default=None, metavar="DIR", help="write accuracy_<model>.md/.json/.csv/.png here"
+        "--out", default=None, metavar="DIR", help="write accuracy_<model>[_quick].md/.json/.csv/.png here (- in the model name becomes _)"
     )
     p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
     p.set_defaults(func=friendly(run))

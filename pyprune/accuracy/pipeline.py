@@ -63,9 +63,9 @@ class Prune:
     residual blocks; "slimming": ``slim_epochs`` of training with an L1 penalty on BN scales, then bn_scale)
     remove ``level`` of the model's FLOPs (count_flops), matched by searching the channel ratio. Unstructured
     methods zero ``level`` of every Linear / Conv2d weight ("magnitude": kept as dense weights with zeros;
-    "csr": Linear layers converted to pyprune's CSR kernel; "block": ``block`` tiles, Linear layers converted
-    to BSR; "2:4": fixed 50%, Linear layers converted to the 2:4 kernel; layers whose shape does not fit the
-    pattern stay dense). ``steps > 1`` prunes iteratively: ``steps`` increments of the level with ``between``
+    "csr": Linear and Conv2d layers converted to pyprune's CSR kernels (SparseLinear / SparseConv2d);
+    "block": ``block`` tiles, converted to BSR; "2:4": fixed 50%, converted to the 2:4 kernel; layers whose
+    shape does not fit the pattern stay dense). ``steps > 1`` prunes iteratively: ``steps`` increments of the level with ``between``
     fine-tuning after each but the last.
     """
 
@@ -453,8 +453,8 @@ def bake_masks(model: nn.Module) -> nn.Module:
 
 
 def _finalize_unstructured(model: nn.Module, method: str, block: tuple[int, int]) -> tuple[nn.Module, str]:
-    """Deployable copy of a masked model: sparse kernels for Linear layers (csr / 2:4 / block->bsr), masks
-    baked into plain dense weights for everything else."""
+    """Deployable copy of a masked model: sparse kernels for Linear and Conv2d layers (csr / 2:4 / block->bsr;
+    pyprune.convert), masks baked into plain dense weights for everything else."""
     if method == "magnitude":
         return bake_masks(model), "dense kernels, zeros stored"
     layout = {"csr": "csr", "2:4": "2:4", "block": "bsr"}[method]
