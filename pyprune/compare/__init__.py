@@ -10,7 +10,6 @@ per variant, from which the report derives break-even sparsities and per-layer a
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 import re
@@ -21,6 +20,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from ..pruning.masks import copy_of
 from .report import Report, environment, loadavg
 from .roofline import explain, measure_peak, place
 from .timing import Progress, fixed_threads, summarize, time_interleaved
@@ -202,7 +202,7 @@ def compare(
     if int(layer_repeats) < 1:
         raise ValueError(f"layer_repeats must be >= 1, got {layer_repeats}")
     args = tuple(a.to(dev) if isinstance(a, torch.Tensor) else a for a in _args(example_inputs))
-    model = copy.deepcopy(model).to(dev).eval()
+    model = copy_of(model).to(dev).eval()
     sync = torch.cuda.synchronize if dev.type == "cuda" else None
     t_start = time.perf_counter()
     with fixed_threads(threads) as nthreads, torch.no_grad(), Progress(progress) as prog:
@@ -261,7 +261,7 @@ def compare(
                 "flops_executed": work["flops_executed"],
                 "bytes": work["bytes"],
                 "memory_bytes": work["weight_bytes"],
-                "prunable_kept": kept_weights(mod) / dense_w,
+                "prunable_kept": kept_weights(mod) / dense_w if dense_w else None,
                 **place(work["flops"], work["bytes"], stats["median_s"], peak),
                 "kernels": kernels,
                 "times_s": ts,

@@ -9,14 +9,13 @@ fill, 2:4-ness), so the repeated shapes of a transformer are measured once.
 
 from __future__ import annotations
 
-import copy
 import statistics
 
 import torch
 from torch import nn
 
-from ..pruning.convert import ConvertReport
-from ..pruning.masks import get_mask
+from ..pruning.convert import ConvertReport, weight_read_directly
+from ..pruning.masks import copy_of, get_mask
 from .timing import time_interleaved
 from .variants import _baked, _set
 
@@ -103,6 +102,11 @@ def _measure(layer: nn.Module, x: torch.Tensor, candidates, block, rounds: int, 
     return min(times, key=times.get), times
 
 
+def _fixed(model: nn.Module, name: str, m: nn.Module) -> str | None:
+    """Why a masked layer keeps its form whatever is fastest (its owner reads its weight itself), or None."""
+    return weight_read_directly(model, name) if isinstance(m, nn.Linear) else None
+
+
 def plan(
     model: nn.Module,
     example_inputs,
@@ -123,7 +127,7 @@ def plan(
     layers = {
         n: m
         for n, m in model.named_modules()
-        if isinstance(m, (nn.Linear, nn.Conv2d)) and get_mask(m) is not None
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and get_mask(m) is not None and not _fixed(model, n, m)
     }
     inputs: dict[str, torch.Tensor] = {}
     handles = [
@@ -159,11 +163,15 @@ def convert_auto(
     layer with the mask baked in, or ``SparseLinear`` / ``SparseConv2d`` in csr, bsr or 2:4."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_of(model)
     was_training = target.training
     target.eval()
     decisions = plan(target, example_inputs, candidates, block)
     report = ConvertReport()
+    for name, m in target.named_modules():
+        why = _fixed(target, name, m) if get_mask(m) is not None else None
+        if why is not None:
+            report.left_dense[name] = f"Linear: {why}"
     for name, (layout, times) in decisions.items():
         _set(target, name, _candidate(target.get_submodule(name), layout, block))
         report.layouts[name] = layout

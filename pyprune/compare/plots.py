@@ -64,7 +64,12 @@ def plot_report(report, directory: str | os.PathLike) -> list[str]:
 
     # roofline: achieved useful GFLOP/s vs intensity, under the measured roofs
     if "peak_gflops" in env:
-        rows = [r for r in report.rows if r.get("median_s") is not None and "intensity" in r]
+        # on log axes: a variant with no useful FLOPs (every block of a small layer dropped) has no point
+        rows = [
+            r
+            for r in report.rows
+            if r.get("median_s") is not None and r.get("intensity", 0) > 0 and r.get("achieved_gflops", 0) > 0
+        ]
         fig, ax = plt.subplots(figsize=(7, 4.5))
         peak, bw = env["peak_gflops"], env["copy_gbps"]
         ais = [r["intensity"] for r in rows] or [1.0]

@@ -147,7 +147,7 @@ def _cells(r: dict) -> list[str]:
         f"{r['p10_s'] * 1e3:.3f}-{r['p90_s'] * 1e3:.3f}",
         f"{r['speedup']:.2f}x",
         _si(r["params"]),
-        f"{r['prunable_kept']:.2f}",
+        "-" if r["prunable_kept"] is None else f"{r['prunable_kept']:.2f}",
         _si(r["flops"]),
         f"{r['achieved_gflops']:.1f}",
         f"{r['frac_peak']:.0%}",

@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..pruning import convert, get_mask, prune_channels, sparsify
+from ..pruning.convert import weight_read_directly
 
 METHODS = ("dense", "masked", "channel", "channel-pyprune", "csr", "bsr", "2:4", "torch.sparse")
 
@@ -82,8 +83,21 @@ def stored_params(model: nn.Module) -> int:
 
 
 def prunable_weights(model: nn.Module) -> int:
-    """Weight elements of the Linear / Conv2d layers (what sparsify masks); masked weights count in full."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    """Weight elements of the weight layers (what sparsify masks); masked weights count in full, pyprune's
+    sparse layers at their dense size and a PrunedConv2d at its kept size (so kept_weights never exceeds it)."""
+    from ..nn import PrunedConv2d, SparseLinear
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, PrunedConv2d)):
+            n += m.weight.numel()
+        elif isinstance(m, SparseLinear):
+            n += m.in_features * m.out_features
+        elif isinstance(m, TorchSparseLinear):
+            n += m.weight_csr.shape[0] * m.weight_csr.shape[1]
+        elif _is_sparse_conv(m):
+            n += m.to_dense().weight.numel()
+    return n
 
 
 def kept_weights(model: nn.Module) -> int:
@@ -340,15 +354,19 @@ class Builder:
 
     def torch_sparse(self, level: float) -> tuple[nn.Module, str]:
         out = copy.deepcopy(self.masked(level))
-        names = [n for n, m in out.named_modules() if isinstance(m, nn.Linear) and get_mask(m) is not None]
+        names = [
+            n
+            for n, m in out.named_modules()
+            if isinstance(m, nn.Linear) and get_mask(m) is not None and weight_read_directly(out, n) is None
+        ]
         if not names:
-            raise NotApplicable("no Linear layer (torch.sparse has no sparse convolution)")
+            raise NotApplicable("no Linear layer it can replace (torch.sparse has no sparse convolution)")
         for name in names:
             _set(out, name, TorchSparseLinear(_baked(out.get_submodule(name))))
         baked = _bake_all(out)
         note = f"{len(names)} linear -> torch.sparse_csr"
         if baked:
-            note += f", {baked} conv dense (no torch.sparse conv)"
+            note += f", {baked} dense (no torch.sparse conv; Linears whose owner reads .weight)"
         return out, note
 
     def structured_sparse(self, method: str, level: float) -> tuple[nn.Module, str]:
@@ -365,7 +383,7 @@ class Builder:
                     if method == "bsr"
                     else m.in_features % 4 == 0
                 )
-                (good if ok else bad).append(name)
+                (good if ok and weight_read_directly(base, name) is None else bad).append(name)
         if good:
             kw = {"pattern": "block", "block": self.block} if method == "bsr" else {"pattern": "2:4"}
             masked = sparsify(base, level, types=(nn.Linear,), ignore=bad, **kw)
@@ -404,6 +422,8 @@ class Builder:
         """Bisection on prune_channels' ratio so that prunable weights ~= (1 - level) * dense."""
         if level in self._channel:
             return self._channel[level]
+        if self.dense_w == 0:
+            raise NotApplicable("no Linear / Conv2d weights to prune")
         target = (1.0 - level) * self.dense_w
         lo, hi, best = 0.0, 0.95, None
         for _ in range(steps):

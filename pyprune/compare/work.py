@@ -181,10 +181,15 @@ def measure_work(model: nn.Module, args: tuple) -> dict:
     for name, m in layers.items():
         handles.append(m.register_forward_pre_hook(pre(name)))
         handles.append(m.register_forward_hook(post(name)))
+    # nn.MultiheadAttention / nn.TransformerEncoderLayer's inference fast path is one fused op FlopCounterMode
+    # counts as 0: the work is counted on their standard path (the same math)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         with torch.no_grad(), counter:
             model(*args)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for h in handles:
             h.remove()
     other = counter.get_total_flops() - counted[0]

@@ -15,6 +15,7 @@ from torch import nn
 from . import attention  # noqa: F401  (registers the attention leaf handlers)
 from . import criteria
 from .graph import DependencyGraph, Group, Member, PruningError, build_graph, slice_model
+from .masks import copy_of
 
 IMPORTANCE = ("l1", "l2", "bn_scale", "taylor", "fpgm", "thinet", "random")
 _NEEDS_DATA = ("taylor", "thinet")
@@ -466,7 +467,7 @@ def prune_channels(
         expected = _shapes(model.eval()(*args))
         model.train(was_training)
     if not inplace:
-        target = copy.deepcopy(model)
+        target = copy_of(model)
         _slice_and_check(target, graph, removed, args, expected)
         return (target, plan) if return_plan else target
     saved = _snapshot(model)

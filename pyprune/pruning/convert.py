@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 from torch import nn
 
-from .masks import get_mask
+from .masks import copy_of, get_mask
 
 LAYOUTS = ("csr", "bsr", "2:4")
 
@@ -19,6 +18,18 @@ class ConvertReport:
     converted: list[str] = field(default_factory=list)
     left_dense: dict[str, str] = field(default_factory=dict)
     layouts: dict[str, str] = field(default_factory=dict)  # layout="auto": the form chosen per masked layer
+
+
+def weight_read_directly(model: nn.Module, name: str) -> str | None:
+    """Why layer ``name`` of ``model`` must stay an ``nn.Linear``, or None: its owner reads ``.weight``
+    itself instead of calling the layer (a module without a weight tensor there breaks it)."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, nn.MultiheadAttention) and attr == "out_proj":
+        return "nn.MultiheadAttention reads out_proj.weight itself"
+    if isinstance(parent, nn.TransformerEncoderLayer) and attr in ("linear1", "linear2"):
+        return f"nn.TransformerEncoderLayer's fast path reads {attr}.weight itself"
+    return None
 
 
 def _baked_linear(m: nn.Linear) -> nn.Linear:
@@ -56,9 +67,11 @@ def convert(
     masked ``nn.Conv2d`` by ``pyprune.nn.SparseConv2d.from_dense(..., sparsity=None)``, which store exactly the
     zeros of the masked weight in ``layout`` ("csr", "bsr" with tiles ``block`` = (bh, bw), or "2:4").
 
-    A masked Conv2d that SparseConv2d cannot hold in ``layout`` is left dense with its mask and listed in the
-    report with the reason: non-zero padding modes, groups > 1 outside "csr", and "2:4" on kxk convs whose
-    mask is not 2:4 along SparseConv2d's tap-major inputs (sparsify's N:M groups run over (C, kh, kw)).
+    A masked Linear whose owner reads its ``.weight`` itself (nn.MultiheadAttention's out_proj,
+    nn.TransformerEncoderLayer's linear1 / linear2) is left dense with its mask, and so is a masked Conv2d
+    that SparseConv2d cannot hold in ``layout`` (non-zero padding modes, groups > 1 outside "csr", and "2:4"
+    on kxk convs whose mask is not 2:4 along SparseConv2d's tap-major inputs: sparsify's N:M groups run over
+    (C, kh, kw)); the report lists each with the reason.
     Other masked layers are left dense too. Returns the converted model, or ``(model, ConvertReport)`` if
     ``return_report``.
 
@@ -81,7 +94,7 @@ def convert(
         raise ImportError(
             f"convert needs pyprune.nn.SparseLinear, which is not available in this build ({exc})"
         ) from exc
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_of(model)
     report = ConvertReport()
     for name, mod in list(target.named_modules()):
         if get_mask(mod) is None:
@@ -93,6 +106,10 @@ def convert(
                 report.left_dense[name] = f"Conv2d: {exc}"
                 continue
         elif isinstance(mod, nn.Linear):
+            why = weight_read_directly(target, name)
+            if why is not None:
+                report.left_dense[name] = f"Linear: {why}"
+                continue
             sparse = SparseLinear.from_dense(_baked_linear(mod), sparsity=None, layout=layout, block=block)
         else:
             report.left_dense[name] = f"{type(mod).__name__}: only nn.Linear and nn.Conv2d are converted"
@@ -103,4 +120,4 @@ def convert(
     return (target, report) if return_report else target
 
 
-__all__ = ["ConvertReport", "LAYOUTS", "convert"]
+__all__ = ["ConvertReport", "LAYOUTS", "convert", "weight_read_directly"]

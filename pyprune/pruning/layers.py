@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import operator
 from typing import Any
 
@@ -11,6 +10,7 @@ import torch.fx as fx
 from torch import nn
 
 from .graph import PruningError, trace
+from .masks import copy_of
 
 LAYER_IMPORTANCE = ("residual_norm", "l1", "random")
 # Ops through which "the block's input" stays the block's input for the residual check.
@@ -186,7 +186,7 @@ def prune_layers(
             f"n must be an int in [0, {most}] (the model has {most} residual blocks that can be removed "
             f"together), got {n!r}"
         )
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_of(model)
     if n == 0:
         return target
     scores = _block_scores(target, names, importance, example_inputs, seed)

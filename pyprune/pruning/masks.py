@@ -193,7 +193,7 @@ def sparsify(
         )
     if schedule is not None and not isinstance(schedule, CubicSchedule):
         raise TypeError(f"schedule must be a pyprune CubicSchedule, got {type(schedule).__name__}")
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_of(model)
     layers = _targets(target, types, ignore)
     if not layers:
         raise ValueError(f"sparsify found no {[t.__name__ for t in types]} layers to mask outside ignore")
@@ -253,6 +253,23 @@ def mask_density(model: nn.Module) -> dict[str, float]:
     }
 
 
+def copy_of(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``; a model holding torch.nn.utils.prune masks (whose weight is computed, so deepcopy
+    refuses it) gets a message that says what to do."""
+    try:
+        return copy.deepcopy(model)
+    except RuntimeError as exc:
+        for name, m in model.named_modules():
+            for hook in m._forward_pre_hooks.values():
+                if isinstance(hook, torch.nn.utils.prune.BasePruningMethod):
+                    raise ValueError(
+                        f"model: layer {name!r} holds a torch.nn.utils.prune mask on {hook._tensor_name!r}, and such "
+                        f"a model cannot be copied ({exc}); call torch.nn.utils.prune.remove(layer, "
+                        f"{hook._tensor_name!r}) on its layers first (the zeros stay), or mask with pyprune.sparsify"
+                    ) from exc
+        raise
+
+
 def remove_masks(model: nn.Module) -> nn.Module:
     """Bake masks into plain weights (zeros stay zeros) and drop the parametrizations, in place."""
     for mod in model.modules():
@@ -266,6 +283,7 @@ __all__ = [
     "WeightMask",
     "block_mask",
     "block_scores",
+    "copy_of",
     "get_mask",
     "mask_density",
     "nm_mask",

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.utils.prune
 from torch import nn
 
 import pyprune
@@ -385,3 +386,79 @@ def test_cli_channels_last_needs_an_image_model(capsys):
 
 def test_cli_info_still_works(capsys):
     assert main(["info"]) == 0
+
+
+def _quick(model, x, methods, levels=(0.5,)):
+    return pyprune.compare(model, x, methods=methods, levels=levels, rounds=2, budget_s=0.2, threads=1)
+
+
+def test_model_without_weight_layers_gets_rows_not_a_crash():
+    # prunable weights 0 divided the kept fraction: ZeroDivisionError ended the run
+    model = nn.Sequential(nn.LayerNorm(16), nn.ReLU())
+    rep = _quick(model, torch.randn(2, 16), ("dense", "masked", "channel"))
+    rows = {r["method"]: r for r in rep.rows}
+    assert rows["dense"]["median_s"] is not None and rows["dense"]["prunable_kept"] is None
+    assert rows["channel"]["median_s"] is None and "no Linear / Conv2d weights" in rows["channel"]["note"]
+    assert "dense" in rep.table()
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.enc = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+        self.head = nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.head(self.enc(self.mha(x, x, x, need_weights=False)[0]))
+
+
+def test_linears_whose_owner_reads_their_weight_stay_dense():
+    # MultiheadAttention reads out_proj.weight and TransformerEncoderLayer's fast path linear1/2.weight
+    # themselves: SparseLinear / torch.sparse modules there crashed the run (and convert's model at inference)
+    torch.manual_seed(0)
+    model, x = _Attention().eval(), torch.randn(2, 6, 32)
+    rep = _quick(model, x, ("dense", "masked", "csr", "torch.sparse"))
+    rows = {r["method"]: r for r in rep.rows}
+    assert all(r["median_s"] is not None for r in rows.values()), rows
+    assert "1 linear -> csr" in rows["csr"]["note"]  # the head
+    # their FLOPs count on the fast path too (it is one fused op FlopCounterMode counts as 0)
+    assert rows["dense"]["flops"] >= 2 * 6 * 2 * 32 * (4 * 32 + 64 + 64 + 4 * 32)
+    masked = pyprune.sparsify(model, sparsity=0.5)
+    conv, report = pyprune.convert(masked, layout="csr", return_report=True)
+    assert report.converted == ["head"]
+    assert "reads out_proj.weight itself" in report.left_dense["mha.out_proj"]
+    assert "fast path reads linear1.weight itself" in report.left_dense["enc.linear1"]
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), masked(x), rtol=1e-4, atol=1e-5)
+        auto, report = pyprune.convert(masked, layout="auto", example_inputs=x, return_report=True)
+        torch.testing.assert_close(auto(x), masked(x), rtol=1e-4, atol=1e-5)
+    assert "enc.linear2" in report.left_dense
+
+
+def test_kept_fraction_counts_pyprune_layers_in_both_terms():
+    # kept counted PrunedConv2d / SparseLinear weights, prunable ones only nn.Linear / Conv2d: kept 1.11
+    conv = pyprune.nn.PrunedConv2d.from_dense(nn.Conv2d(3, 8, 3, padding=1), keep_out=[0, 2, 4, 6])
+    lin = pyprune.nn.SparseLinear.from_dense(nn.Linear(4 * 8 * 8, 10), sparsity=0.5)
+    model = nn.Sequential(conv, nn.Flatten(), lin, nn.ReLU(), nn.Linear(10, 10))
+    rep = _quick(model, torch.randn(1, 3, 8, 8), ("dense",))
+    kept = rep.rows[0]["prunable_kept"]
+    want = (4 * 3 * 9 + lin.weight.nnz + 100) / (4 * 3 * 9 + 256 * 10 + 100)
+    assert kept == pytest.approx(want, rel=0.02) and kept <= 1
+
+
+def test_torch_prune_masks_get_a_clear_error():
+    # their computed weight made copy.deepcopy fail with torch's "graph leaves" message
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    torch.nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.5)
+    with pytest.raises(ValueError, match=r"torch.nn.utils.prune.remove\(layer, 'weight'\)"):
+        _quick(model, torch.randn(2, 8), ("dense",))
+
+
+def test_plots_skip_variants_without_useful_flops(tmp_path):
+    # bsr at 0.9 drops every 32x32 block of 64x64 layers: intensity 0 divided the roofline plot's range
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    rep = _quick(model, torch.randn(4, 64), ("dense", "bsr"), levels=(0.9,))
+    assert [r["flops"] for r in rep.rows if r["method"] == "bsr"] == [0]
+    paths = rep.save(tmp_path)
+    assert any(p.endswith("_roofline.png") for p in paths)
