@@ -80,7 +80,10 @@ def bsr_grad_values_cpu(grad: Tensor, x: Tensor, crow: Tensor, col: Tensor, bh: 
     pick 1.45x slower than the other way). Tracing takes the dense way."""
     m = grad.numel() // max(1, grad.shape[-1])
     density = col.numel() * bh * bw / max(1, grad.shape[-1] * x.shape[-1])
-    blocks = eager(grad, x, crow, col) and density * m <= 16
+    # the blocks' bmm writes into one output (out=), which autograd cannot differentiate: a double backward
+    # (create_graph=True) takes the dense way
+    differentiated = torch.is_grad_enabled() and (grad.requires_grad or x.requires_grad)
+    blocks = eager(grad, x, crow, col) and density * m <= 16 and not differentiated
     return (bsr_grad_values_blocks if blocks else bsr_grad_values_dense)(grad, x, crow, col, bh, bw)
 
 

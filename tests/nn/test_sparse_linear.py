@@ -189,3 +189,20 @@ def test_deferred_init_on_meta_then_load(layout):
     x = torch.randn(3, 40)
     torch.testing.assert_close(m(x), source(x))
     assert "density=nan" in repr(source.to("meta"))  # moved there: nothing to count, and no crash
+
+
+@pytest.mark.parametrize("tokens", [4, 64])
+def test_gradient_penalty_double_backward_bsr(tokens):
+    # few tokens take the values' gradient through a bmm into one output (out=), which autograd cannot
+    # differentiate: create_graph=True failed with "bmm(): functions with out=... arguments"
+    torch.manual_seed(0)
+    sp = SparseLinear.from_dense(torch.nn.Linear(64, 48), sparsity=0.5, layout="bsr", block=(16, 16))
+    dense = sp.to_dense()
+    grads = []
+    for m in (sp, dense):
+        x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        (gx,) = torch.autograd.grad(m(x).pow(2).sum(), x, create_graph=True)
+        gx.pow(2).sum().backward()
+        grads.append((x.grad, m.bias.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
