@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..ops.pruned_conv2d import check_channel_index, pair
 from ._bn import bn_affine
+from ._dtype import weight_dtype_input
 
 
 def _index(idx, n: int, name: str, device) -> Tensor | None:
@@ -155,8 +156,7 @@ class PrunedConv2d(nn.Module):
         # share of a small conv's call
         weight = self.weight
         if input.dtype != weight.dtype:
-            raise TypeError(f"input has dtype {input.dtype} but the weight is {weight.dtype}; convert "
-                            f"one of them (e.g. module.to({input.dtype}))")  # fmt: skip
+            input = weight_dtype_input(input, weight.dtype)
         scatter = self.scatter_output
         return ops.pruned_conv2d(
             input, weight, self.bias, self.in_index, self.out_index if scatter else None,

@@ -45,6 +45,7 @@ from .. import ops
 from ..sparse import BSR, CSR, Sparse24
 from ..sparse.bsr import check_block
 from ..sparse.select import block_mask, magnitude_mask, nm_mask
+from ._dtype import weight_dtype_input
 from .sparse_linear import LAYOUTS, _check_layout, check_stored_shape
 
 # activations per op call on the NCHW 1x1 path (measured: 1 MiB chunks beat whole images of 3 MiB and more)
@@ -234,10 +235,7 @@ class SparseConv2d(nn.Module):
         wt = self.weight  # read once: a module attribute costs ~0.45 us a read
         values = wt.values
         if input.dtype != values.dtype:
-            raise TypeError(
-                f"input has dtype {input.dtype} but the weight is {values.dtype}; "
-                f"convert one of them (e.g. module.to({input.dtype}))"
-            )
+            input = weight_dtype_input(input, values.dtype)
         if input.device != values.device:
             raise ValueError(f"input is on {input.device} but the weight is on {values.device}")
         x = input if input.dim() == 4 else input.unsqueeze(0)

@@ -10,6 +10,7 @@ from .. import ops
 from ..sparse import BSR, CSR, Sparse24
 from ..sparse.bsr import check_block
 from ..sparse.select import block_mask, magnitude_mask, nm_mask
+from ._dtype import weight_dtype_input
 
 LAYOUTS = ("csr", "bsr", "2:4")
 
@@ -110,10 +111,7 @@ class SparseLinear(nn.Module):
         w = self.weight  # each module attribute read once: ~0.45 us a read
         values = w.values
         if input.dtype != values.dtype:
-            raise TypeError(
-                f"input has dtype {input.dtype} but the weight is {values.dtype}; "
-                f"convert one of them (e.g. module.to({input.dtype}))"
-            )
+            input = weight_dtype_input(input, values.dtype)
         if input.device != values.device:
             raise ValueError(f"input is on {input.device} but the weight is on {values.device}")
         if self.layout == "csr":

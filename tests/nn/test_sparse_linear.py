@@ -206,3 +206,27 @@ def test_gradient_penalty_double_backward_bsr(tokens):
         grads.append((x.grad, m.bias.grad))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_autocast_activations_are_computed_in_the_weights_dtype():
+    # a bf16 activation from an autocast layer before was refused ("input has dtype torch.bfloat16 but the
+    # weight is torch.float32"); under autocast the modules now compute in their own dtype, as autocast's
+    # fp32-list ops do
+    from pyprune.nn import PrunedConv2d, SparseConv2d
+
+    conv = torch.nn.Conv2d(16, 8, 3, padding=1)
+    cases = [
+        (SparseLinear.from_dense(torch.nn.Linear(64, 32), sparsity=0.5), torch.randn(4, 64)),
+        (SparseConv2d.from_dense(conv, sparsity=0.5), torch.randn(2, 16, 6, 6)),
+        (PrunedConv2d.from_dense(conv, keep_in=[0, 2, 4]), torch.randn(2, 16, 6, 6)),
+    ]
+    for m, x in cases:
+        xb = x.bfloat16().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(xb)
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, m(xb.detach().float()))
+        y.sum().backward()
+        assert xb.grad is not None and xb.grad.dtype == torch.bfloat16
+        with pytest.raises(TypeError, match="input has dtype torch.bfloat16 but the weight is torch.float32"):
+            m(xb.detach())  # outside autocast a mismatch is still an error
