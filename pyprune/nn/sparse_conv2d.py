@@ -305,6 +305,13 @@ class SparseConv2d(nn.Module):
     def _im2col(self, xp: Tensor) -> Tensor:
         """(..., H, W, C) padded NHWC rows -> the (pixels, kh * kw * C) patch matrix in tap-major order."""
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        if torch.compiler.is_compiling():
+            # the same patches through F.unfold: inductor's CPU backward of two chained Tensor.unfold corrupted
+            # the heap (torch 2.13; "double free or corruption", or a wrong gradient)
+            x4 = xp.reshape(-1, *xp.shape[-3:]).permute(0, 3, 1, 2)  # (images, C, H, W)
+            cols = F.unfold(x4, (kh, kw), dilation=(dh, dw), stride=(sh, sw))
+            cols = cols.view(x4.shape[0], x4.shape[1], kh * kw, -1)
+            return cols.permute(0, 3, 2, 1).reshape(-1, kh * kw * x4.shape[1])  # (images, OH * OW, kh, kw, C)
         patches = xp.unfold(-3, dh * (kh - 1) + 1, sh).unfold(-3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
         return patches.movedim(-3, -1).reshape(-1, kh * kw * xp.shape[-1])  # (..., OH, OW, kh, kw, C)
 

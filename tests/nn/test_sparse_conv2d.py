@@ -1,5 +1,7 @@
 import copy
 import io
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -212,6 +214,33 @@ def test_gradcheck_float64_tiny(layout, k, stride, padding):
     assert torch.autograd.gradcheck(
         f, (x.contiguous(memory_format=torch.channels_last), v, b), fast_mode=True
     )
+
+
+@pytest.mark.parametrize("layout", ["bsr", "2:4"])
+def test_inductor_backward_of_a_kxk_conv_matches_eager(layout):
+    # the patches of a kxk bsr / 2:4 conv came from two chained Tensor.unfold, whose backward inductor compiles
+    # into heap corruption on the CPU (torch 2.13: "double free or corruption", or a wrong gradient); compiled,
+    # they come from F.unfold. In a subprocess: the failure aborts the process.
+    code = f"""
+import torch
+from pyprune.nn import SparseConv2d
+torch.manual_seed(0)
+m = SparseConv2d.from_dense(torch.nn.Conv2d(16, 32, 3, padding=1), sparsity=0.5,
+                            layout={layout!r}, block=(16, 16))
+x = torch.randn(2, 16, 11, 7, requires_grad=True)
+m(x).square().sum().backward()
+want = x.grad.clone()
+compiled = torch.compile(m, fullgraph=True)
+for _ in range(3):
+    x.grad = None
+    y = compiled(x)
+    torch.testing.assert_close(y, m(x))
+    y.square().sum().backward()
+    torch.testing.assert_close(x.grad, want, rtol=1e-4, atol=1e-4)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.split() == ["ok"], out.stderr[-3000:]
 
 
 @pytest.mark.parametrize("layout,sparsity", [("csr", 0.9), ("bsr", 0.75), ("2:4", 0.5)])
