@@ -11,8 +11,8 @@
 // back an address seen before (torch.nn.utils.vector_to_parameters refills one flat buffer). Weights are written
 // that way (pruning by hand, weight clipping, EMA), so an entry derived from a weight is also checked against a
 // fingerprint of its contents (content_fingerprint), computed on every call: one read of the weight, instead of
-// a silently stale result. What the CPU kernels derive from index tensors (a validation, CSR offsets) is checked
-// against their fingerprint too: a stale one would read out of bounds. (The CUDA caches of derived indices
+// a silently stale result. What the CPU kernels derive from index tensors (a BSR validation, csr_conv2d's
+// offsets) is checked against their fingerprint too: a stale one would read out of bounds. (The CUDA caches of derived indices
 // match identity and version alone: fingerprinting device memory would cost a kernel and a sync per call.)
 #pragma once
 #include <ATen/Parallel.h>
