@@ -209,7 +209,8 @@ def fold_bn(model: nn.Module) -> tuple[nn.Module, int, str]:
     """A copy of ``model`` with every eval-mode BatchNorm2d that alone consumes a Conv2d's output folded into
     that conv (its weight scaled per output channel, a masked conv's mask kept: zeros stay zeros; a bias
     added) and taken out of the graph; a conv the graph calls twice is left alone. Returns (model, BNs folded,
-    why none were: an fx trace failure)."""
+    why none were: an fx trace failure); ``model`` itself, not a copy, when it has no BatchNorm2d or fx cannot
+    trace it (callers compare identities to know whether they hold a copy)."""
     from ..nn._bn import bn_affine
 
     if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):

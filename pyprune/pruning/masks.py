@@ -9,6 +9,7 @@ only an attached :class:`CubicSchedule` does.
 from __future__ import annotations
 
 import copy
+import math
 import re
 from collections.abc import Iterable
 from typing import Callable
@@ -40,8 +41,9 @@ class WeightMask(nn.Module):
 
 
 def _as_2d(w: torch.Tensor) -> torch.Tensor:
-    # Conv weights (O, C, kh, kw) flatten to (O, C*kh*kw): the reduction dim of the im2col GEMM.
-    return w.reshape(w.shape[0], -1)
+    # Conv weights (O, C, kh, kw) flatten to (O, C*kh*kw): the reduction dim of the im2col GEMM (math.prod,
+    # not -1, which fails for a layer without outputs)
+    return w.reshape(w.shape[0], math.prod(w.shape[1:]))
 
 
 def _parse_pattern(pattern: str) -> tuple[str, int, int]:
@@ -74,7 +76,7 @@ class CubicSchedule:
             raise ValueError(f"CubicSchedule needs 0 <= begin_step < end_step, got {begin_step}, {end_step}")
         if frequency < 1:
             raise ValueError(f"CubicSchedule frequency must be >= 1, got {frequency}")
-        check_sparsity(initial_sparsity)
+        check_sparsity(initial_sparsity, name="initial_sparsity")
         self.begin_step, self.end_step, self.frequency = begin_step, end_step, frequency
         self.initial_sparsity = initial_sparsity
         self.final_sparsity: float | None = None
@@ -105,6 +107,15 @@ class CubicSchedule:
         return self.sparsity_at(t)
 
     def _attach(self, final_sparsity: float, apply: Callable[[float], None]) -> None:
+        if self._apply is not None:  # a second model would silently take over the steps
+            raise ValueError(
+                "schedule: this CubicSchedule already drives another sparsify call (use one per model)"
+            )
+        if self.initial_sparsity > final_sparsity:
+            raise ValueError(
+                f"schedule: initial_sparsity ({self.initial_sparsity}) must not exceed the final sparsity "
+                f"({final_sparsity}); masks only grow"
+            )
         self.final_sparsity, self._apply = final_sparsity, apply
         apply(self.sparsity_at(0))
 
@@ -145,6 +156,14 @@ def get_mask(module: nn.Module) -> torch.Tensor | None:
     return None
 
 
+def _stored_weight(module: nn.Module) -> torch.Tensor:
+    """The weight Parameter itself (under a mask's parametrization, the original), whose identity tells tied
+    weights apart."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original
+    return module.weight
+
+
 def _set_mask(module: nn.Module, mask: torch.Tensor) -> None:
     current = get_mask(module)
     if current is not None:
@@ -177,6 +196,10 @@ def sparsify(
         schedule: a :class:`CubicSchedule`; masks start at its initial sparsity and reach ``sparsity`` as the
             user calls ``schedule.step()`` (unstructured and block patterns only).
         inplace: mask ``model`` itself instead of a deep copy.
+
+    A layer masked before keeps its zeros: its new mask is the old one and the new selection together, so
+    calling sparsify again prunes further and never brings weights back (use remove_masks, or the unmasked
+    model, to start over).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -193,12 +216,16 @@ def sparsify(
         )
     if schedule is not None and not isinstance(schedule, CubicSchedule):
         raise TypeError(f"schedule must be a pyprune CubicSchedule, got {type(schedule).__name__}")
+    if isinstance(types, type):
+        types = (types,)
     target = model if inplace else copy_of(model)
     layers = _targets(target, types, ignore)
     if not layers:
         raise ValueError(f"sparsify found no {[t.__name__ for t in types]} layers to mask outside ignore")
     bad = []
     for name, layer in layers.items():
+        if not isinstance(getattr(layer, "weight", None), torch.Tensor):
+            raise ValueError(f"types: layer {name!r} ({type(layer).__name__}) has no weight tensor to mask")
         w2 = _as_2d(layer.weight)
         if kind == "nm" and w2.shape[1] % m:
             bad.append(f"{name} (input dim {w2.shape[1]} not a multiple of {m})")
@@ -221,21 +248,25 @@ def sparsify(
                     for name, w in weights.items()
                 }
             else:
-                scores = {
-                    name: (w.abs() if kind == "unstructured" else block_scores(w, block))
-                    for name, w in weights.items()
-                }
+                # a weight tied between layers is ranked once, and its layers share its mask
+                first = {}
+                for name, layer in layers.items():
+                    first.setdefault(id(_stored_weight(layer)), name)
+                score = (lambda w: w.abs()) if kind == "unstructured" else (lambda w: block_scores(w, block))
+                scores = {name: score(weights[name]) for name in first.values()}
                 flat = torch.cat([sc.reshape(-1) for sc in scores.values()])
                 keep = lowest_k(flat, round(s * flat.numel()))
-                masks, start = {}, 0
+                shared, start = {}, 0
                 for name, sc in scores.items():
                     k = keep[start : start + sc.numel()].reshape(sc.shape)
                     start += sc.numel()
-                    masks[name] = (
+                    shared[name] = (
                         k if kind == "unstructured" else expand_blocks(k, block, weights[name].shape)
                     )
+                masks = {name: shared[first[id(_stored_weight(layer))]] for name, layer in layers.items()}
             for name, mask in masks.items():
-                _set_mask(layers[name], mask)
+                old = get_mask(layers[name])  # an earlier mask's zeros stay: sparsify only prunes further
+                _set_mask(layers[name], mask if old is None else mask & old)
 
     if schedule is not None:
         schedule._attach(float(sparsity), apply)
@@ -254,18 +285,19 @@ def mask_density(model: nn.Module) -> dict[str, float]:
 
 
 def copy_of(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy(model)``; a model holding torch.nn.utils.prune masks (whose weight is computed, so deepcopy
-    refuses it) gets a message that says what to do."""
+    """``copy.deepcopy(model)``; a model holding torch.nn.utils.prune masks (whose weight is computed, so
+    deepcopy refuses it) gets a message that says what to do."""
     try:
         return copy.deepcopy(model)
     except RuntimeError as exc:
         for name, m in model.named_modules():
             for hook in m._forward_pre_hooks.values():
                 if isinstance(hook, torch.nn.utils.prune.BasePruningMethod):
+                    t = hook._tensor_name
                     raise ValueError(
-                        f"model: layer {name!r} holds a torch.nn.utils.prune mask on {hook._tensor_name!r}, and such "
-                        f"a model cannot be copied ({exc}); call torch.nn.utils.prune.remove(layer, "
-                        f"{hook._tensor_name!r}) on its layers first (the zeros stay), or mask with pyprune.sparsify"
+                        f"model: layer {name!r} holds a torch.nn.utils.prune mask on {t!r}, and such a "
+                        f"model cannot be copied ({exc}); call torch.nn.utils.prune.remove(layer, {t!r}) on "
+                        "its layers first (the zeros stay), or mask with pyprune.sparsify"
                     ) from exc
         raise
 

@@ -213,3 +213,53 @@ def test_mask_properties(rows, groups, nm, sparsity, seed):
     assert (kept_min >= pruned_max).all()
     u = magnitude_mask(w, sparsity)
     assert int((~u).sum()) == round(sparsity * w.numel())
+
+
+def test_sparsify_again_only_prunes_further():
+    # scoring the masked weight tied every pruned weight at 0: a second call at a lower sparsity revived the
+    # smallest ones by index, with their stale values
+    lin = nn.Linear(100, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.arange(100, 0, -1, dtype=torch.float32))  # magnitudes fall with the index
+    twice = pyprune.sparsify(pyprune.sparsify(lin, 0.9), 0.5)
+    assert get_mask(twice).nonzero()[:, 1].tolist() == list(range(10))
+    more = pyprune.sparsify(pyprune.sparsify(lin, 0.5), 0.9)
+    assert get_mask(more).nonzero()[:, 1].tolist() == list(range(10))
+
+
+def test_schedule_serves_one_model_and_only_grows():
+    # a second sparsify took the schedule over and left the first model dense; a falling schedule revived weights
+    sched = CubicSchedule(0, 10, 1)
+    pyprune.sparsify(nn.Linear(8, 8), 0.5, schedule=sched)
+    with pytest.raises(ValueError, match="already drives another sparsify call"):
+        pyprune.sparsify(nn.Linear(8, 8), 0.5, schedule=sched)
+    with pytest.raises(ValueError, match="initial_sparsity \\(0.9\\) must not exceed the final sparsity"):
+        pyprune.sparsify(nn.Linear(8, 8), 0.1, schedule=CubicSchedule(0, 10, 1, initial_sparsity=0.9))
+    with pytest.raises(ValueError, match="initial_sparsity must be a number"):
+        CubicSchedule(initial_sparsity=1.5)
+
+
+def test_tied_weights_get_one_mask_in_global_scope():
+    # the shared tensor was ranked twice; the cut fell between its copies and remove_masks changed the output
+    torch.manual_seed(0)
+    a, b = nn.Linear(16, 16), nn.Linear(16, 16)
+    b.weight = a.weight
+    model = nn.Sequential(a, nn.ReLU(), b)
+    masked = pyprune.sparsify(model, 0.4, scope="global")
+    assert torch.equal(get_mask(masked[0]), get_mask(masked[2]))
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        y = masked(x)
+        torch.testing.assert_close(remove_masks(masked)(x), y)
+
+
+def test_sparsify_odd_layers_and_types():
+    # a layer without outputs failed in a reshape; one class for types= crashed the "none found" message; a
+    # weightless module of types= raised a raw AttributeError
+    model = nn.Sequential(nn.Linear(8, 0), nn.Linear(0, 4), nn.Linear(4, 4))
+    assert get_mask(pyprune.sparsify(model, 0.5)[2]) is not None
+    assert get_mask(pyprune.sparsify(nn.Sequential(nn.Linear(4, 4)), 0.5, types=nn.Linear)[0]) is not None
+    with pytest.raises(ValueError, match="found no \\['Conv2d'\\] layers"):
+        pyprune.sparsify(nn.Sequential(nn.Linear(4, 4)), 0.5, types=nn.Conv2d)
+    with pytest.raises(ValueError, match="types: layer '0' \\(LayerNorm\\) has no weight tensor"):
+        pyprune.sparsify(nn.Sequential(nn.LayerNorm(4, elementwise_affine=False)), 0.5, types=nn.LayerNorm)
