@@ -214,7 +214,10 @@ def _advise(args) -> int:
 
     name = args.model or "bert-small"
     device = resolve_cli_device(args.device)
-    methods = ("dense", *_methods(args.methods))
+    pruned = tuple(m for m in _methods(args.methods) if m != "dense")
+    if not pruned:
+        raise ValueError("--methods: name at least one pruned form to advise on (dense is always timed)")
+    methods = ("dense", *pruned)
     model, inputs = model_and_inputs(name, args.batch, args.seq, args.image, args.channels_last)
     t0 = time.perf_counter()
     rep = compare(

@@ -46,3 +46,9 @@ def test_cli_profile_and_advise(tmp_path, capsys):
     assert main(argv + ["--budget", "1", "--threads", "1", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "fastest whole model" in out and "conv1:" in out
+
+
+def test_cli_advise_needs_a_pruned_form(capsys):
+    # --methods dense timed dense alone and printed an empty advice section
+    assert main(["advise", "--model", "lenet5", "--methods", "dense", "--no-progress"]) == 2
+    assert "--methods: name at least one pruned form" in capsys.readouterr().err
