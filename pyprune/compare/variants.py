@@ -274,9 +274,13 @@ def fuse_pruned_convs(model: nn.Module) -> tuple[nn.Module, dict]:
                     counts["skipped"] += 1
         return out, counts
     modules, shared = dict(gm.named_modules()), _shared_modules(gm)
+    done = set()  # a conv the graph calls twice is replaced (and counted) once
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(modules.get(node.target), nn.Conv2d):
             continue
+        if node.target in done:
+            continue
+        done.add(node.target)
         conv, bn, bn_node, relu_node, last = modules[node.target], None, None, None, node
         found = _bn_after(node, modules) if node.target not in shared else None
         if found is not None:

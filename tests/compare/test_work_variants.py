@@ -126,6 +126,7 @@ def test_fold_bn_and_fuse_leave_a_shared_conv_alone():
     folded, n, _ = fold_bn(net)
     fused, counts = fuse_pruned_convs(net)
     assert n == 0 and counts["bn"] == 0  # the conv becomes a PrunedConv2d at both calls, nothing folded
+    assert counts["conv"] == 1  # one module, though called twice (the note counted it twice)
     x = torch.randn(2, 4, 5, 5)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), net(x))
