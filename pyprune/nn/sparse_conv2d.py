@@ -17,12 +17,12 @@ field (Fast Sparse ConvNets, Elsen et al. 2020, for the 1x1 case).
     of the chunk (bsr packs it for its kernel with plain copies, as the pixels of a channel are contiguous;
     2:4 transposes it into rows through 16x16 register transposes), and its (pixels, C_out) output is
     transposed back to (C_out, pixels) (benchmarks/results/cpu/sparse_conv2d.md measures the transposes).
-    Under torch.compile the whole batch is transposed at once instead.
+    Traced (torch.compile, torch.export, torch.jit.trace), the whole batch is transposed at once instead.
   - kxk (and strided / padded 1x1): **explicit im2col**: the (N*OH*OW, kh*kw*C_in) patch matrix is
     materialised from a strided view of the zero-padded NHWC input, then multiplied. This costs kh*kw times
     the input's bytes in memory traffic. Past 4 MiB of patches it goes per image, a few output rows per op
     call, so each chunk's patches stay in cache and no multi-MB buffer is mapped and unmapped per call
-    (eager only; under torch.compile the whole batch goes in one call).
+    (eager only; traced, the whole batch goes in one call).
 
 Because of that arrangement the stored weight is the (C_out, kh*kw*C_in) matrix in **tap-major column
 order**: column ``(i * kw + j) * C_in + c`` holds ``conv.weight[o, c, i, j]`` (``conv.weight.permute(0, 2, 3,
@@ -258,13 +258,15 @@ class SparseConv2d(nn.Module):
             )
         channels_last = _channels_last(x)
         pointwise = (kh, kw) == (1, 1) and (ph, pw) == (0, 0)
-        if pointwise and not channels_last and n > 0 and not torch.compiler.is_compiling():
+        # loops over images / rows only in eager mode: a traced graph (dynamo, export, torch.jit.trace) would
+        # unroll them for the example's batch and leave the rest of another batch's output unwritten
+        eager = not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+        if pointwise and not channels_last and n > 0 and eager:
             # NCHW 1x1, one image at a time, its pixels in chunks of about _NCHW_CHUNK_BYTES of activations:
             # image i is (C, H*W) with the pixels contiguous, so a chunk's (pixels, C) operand is a transposed
             # view that the op packs (bsr) or transposes (2:4) once. Cache-sized chunks keep that copy and the
             # kernel's packed activations in L2, and keep glibc from unmapping and re-faulting multi-MB
             # buffers on every call, which cost more than the multiply (benchmarks/results/cpu/sparse_conv2d.md).
-            # Traced graphs take the batched path below, which does not depend on the batch size.
             xs = x[:, :, ::sh, ::sw]
             pixels = oh * ow
             n_chunks = -(-pixels * c * x.element_size() // _NCHW_CHUNK_BYTES)
@@ -287,7 +289,7 @@ class SparseConv2d(nn.Module):
             # past _KXK_CHUNK_BYTES (eager only) per image, `rows` output rows per op call
             xp = F.pad(xl, (0, 0, pw, pw, ph, ph)) if ph or pw else xl
             patch_row = ow * kh * kw * c * x.element_size()  # bytes of im2col per output row
-            if n * oh * patch_row > _KXK_CHUNK_BYTES and not torch.compiler.is_compiling():
+            if n * oh * patch_row > _KXK_CHUNK_BYTES and eager:
                 rows = max(1, _KXK_CHUNK_BYTES // patch_row)
                 y = x.new_empty(n, oh, ow, self.out_channels)
                 for i in range(n):

@@ -216,6 +216,19 @@ def test_gradcheck_float64_tiny(layout, k, stride, padding):
     )
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("layout", ["bsr", "2:4"])
+def test_jit_trace_at_one_batch_runs_another(layout):
+    # the NCHW 1x1 path loops over images in eager mode; torch.jit.trace unrolled that loop for the example's
+    # batch, and a bigger batch left the other images' outputs unwritten (NaN or garbage)
+    torch.manual_seed(0)
+    m = SparseConv2d.from_dense(torch.nn.Conv2d(32, 32, 1), sparsity=0.5, layout=layout, block=(8, 8)).eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(m, torch.randn(2, 32, 5, 5), check_trace=False)
+        x = torch.randn(4, 32, 5, 5)
+        torch.testing.assert_close(traced(x), m(x))
+
+
 @pytest.mark.parametrize("layout", ["bsr", "2:4"])
 def test_inductor_backward_of_a_kxk_conv_matches_eager(layout):
     # the patches of a kxk bsr / 2:4 conv came from two chained Tensor.unfold, whose backward inductor compiles
