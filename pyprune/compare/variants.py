@@ -205,6 +205,17 @@ def _bn_after(node, modules) -> tuple | None:
     return users[0], bn
 
 
+def _traced_copy(model: nn.Module) -> torch.fx.GraphModule:
+    """An fx trace of a copy of ``model``, without the type annotations of its nodes: a module written with
+    ``from __future__ import annotations`` annotates them with strings, which GraphModule's pickling cannot
+    handle (torch.save of the result failed)."""
+    gm = torch.fx.symbolic_trace(copy.deepcopy(model))
+    for node in gm.graph.nodes:
+        node.type = None
+    gm.recompile()
+    return gm
+
+
 def fold_bn(model: nn.Module) -> tuple[nn.Module, int, str]:
     """A copy of ``model`` with every eval-mode BatchNorm2d that alone consumes a Conv2d's output folded into
     that conv (its weight scaled per output channel, a masked conv's mask kept: zeros stay zeros; a bias
@@ -216,7 +227,7 @@ def fold_bn(model: nn.Module) -> tuple[nn.Module, int, str]:
     if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         return model, 0, ""
     try:
-        gm = torch.fx.symbolic_trace(copy.deepcopy(model))
+        gm = _traced_copy(model)
     except Exception as exc:  # noqa: BLE001  (fx raises many types)
         return model, 0, f"fx trace failed ({type(exc).__name__}), BN not folded"
     modules, shared = dict(gm.named_modules()), _shared_modules(gm)
@@ -261,7 +272,7 @@ def fuse_pruned_convs(model: nn.Module) -> tuple[nn.Module, dict]:
 
     counts = {"conv": 0, "bn": 0, "relu": 0, "skipped": 0, "why": ""}
     try:
-        gm = torch.fx.symbolic_trace(copy.deepcopy(model))
+        gm = _traced_copy(model)
     except Exception as exc:  # noqa: BLE001  (fx raises many types; fall back to per-module replacement)
         counts["why"] = f"fx trace failed ({type(exc).__name__}), BN not folded"
         out = copy.deepcopy(model)

@@ -184,3 +184,22 @@ def test_attention_flops_counted_on_both_sdpa_paths():
     # non-contiguous inputs take another kernel; the count must not change with the path
     qt, kt, vt = (t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (q, k, v))
     assert measure_work(_Attn(), (qt, kt, vt))["flops"] == expected
+
+
+def test_folded_and_fused_models_pickle():
+    # the zoo's modules use `from __future__ import annotations`: fx kept the string annotations in the graph
+    # code, and torch.save of fold_bn / fuse_pruned_convs' GraphModule failed ("'str' object has no attribute
+    # '__name__'")
+    import io
+
+    from pyprune.models import resnet18
+
+    net = resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    for model in (fold_bn(net)[0], fuse_pruned_convs(net)[0]):
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), model(x))
