@@ -29,11 +29,12 @@ struct CsrArgs {
   std::atomic<bool>* bad;  // set by a kernel that met an index out of range (and read nothing there)
 };
 
-// The kernels check the index values as they read them: a row's entries [crow[r], crow[r + 1]) must lie in
-// [0, nnz], and each column in [0, K). A row out of range is read as empty, a column as column 0 (or its chunk
-// is skipped), and the call fails afterwards with validate_compressed_indices' message. (A check kept between
-// calls is stale after a write through `.data`, and a fingerprint of the indices on every call, to notice such
-// a write, cost 13-20% of a decode call on a 4096 x 4096 weight at 90%; these checks cost 4-7% at 8-64 tokens.)
+// The decode kernels (<= kGatherMaxTokens) check the index values as they read them: a row's entries
+// [crow[r], crow[r + 1]) must lie in [0, nnz], and each column in [0, K). A row out of range is read as empty,
+// a column as column 0, and the call fails afterwards with validate_compressed_indices' message. (A check kept
+// between calls is stale after a write through `.data`, and a fingerprint of the indices on every call, to
+// notice such a write, cost 13-20% of a decode call on a 4096 x 4096 weight at 90%.) More tokens amortize the
+// fingerprint: check_compressed_indices.
 PYPRUNE_INLINE bool row_out_of_range(const CsrArgs& a, int64_t s, int64_t e) { return s < 0 || e < s || e > a.nnz; }
 
 // The bound of a column as unsigned 32 bits: K, or 2^31 when K is larger (a negative column, >= 2^31 as unsigned,
@@ -51,51 +52,34 @@ PYPRUNE_INLINE int64_t checked_col(int32_t c, uint32_t bound, bool& bad) {
 // cover the FMA latency at one FMA per cycle.
 template <class V, int NV>
 PYPRUNE_INLINE void row_tile(const int32_t* col, const float* val, int64_t nnz, const float* xt, int64_t ld,
-                             int64_t K, bool& bad, float* out) {
+                             float* out) {
   V a[NV], b[NV];
   for (int t = 0; t < NV; ++t) a[t] = b[t] = V{};
-  // Each kChunk columns are checked (a loop the compiler vectorizes, with no stores: a copy of checked columns
-  // read back at once stalls on store forwarding) before the FMA loop reads them; a chunk that holds one out of
-  // range is skipped (the call fails). A check per nonzero inside the FMA loop cost up to 1.35x at 8-64 tokens.
-  constexpr int64_t kChunk = 256;
-  const uint32_t bound = col_bound(K);
-  for (int64_t j0 = 0; j0 < nnz; j0 += kChunk) {
-    const int64_t n = std::min(kChunk, nnz - j0);
-    const int32_t* c = col + j0;
-    uint32_t out_of_range = 0;
-    for (int64_t i = 0; i < n; ++i) out_of_range |= static_cast<uint32_t>(c[i]) >= bound;
-    if (out_of_range) {
-      bad = true;
-      continue;
-    }
-    const float* v = val + j0;
-    int64_t j = 0;
-    for (; j + 2 <= n; j += 2) {
-      const float* p0 = xt + static_cast<int64_t>(c[j]) * ld;
-      const float* p1 = xt + static_cast<int64_t>(c[j + 1]) * ld;
-      const float w0 = v[j], w1 = v[j + 1];
-      for (int t = 0; t < NV; ++t) a[t] += w0 * load16<V>(p0 + kLanes * t);
-      for (int t = 0; t < NV; ++t) b[t] += w1 * load16<V>(p1 + kLanes * t);
-    }
-    if (j < n) {
-      const float* p0 = xt + static_cast<int64_t>(c[j]) * ld;
-      const float w0 = v[j];
-      for (int t = 0; t < NV; ++t) a[t] += w0 * load16<V>(p0 + kLanes * t);
-    }
+  int64_t j = 0;
+  for (; j + 2 <= nnz; j += 2) {
+    const float* p0 = xt + static_cast<int64_t>(col[j]) * ld;
+    const float* p1 = xt + static_cast<int64_t>(col[j + 1]) * ld;
+    const float w0 = val[j], w1 = val[j + 1];
+    for (int t = 0; t < NV; ++t) a[t] += w0 * load16<V>(p0 + kLanes * t);
+    for (int t = 0; t < NV; ++t) b[t] += w1 * load16<V>(p1 + kLanes * t);
+  }
+  if (j < nnz) {
+    const float* p0 = xt + static_cast<int64_t>(col[j]) * ld;
+    const float w0 = val[j];
+    for (int t = 0; t < NV; ++t) a[t] += w0 * load16<V>(p0 + kLanes * t);
   }
   for (int t = 0; t < NV; ++t) store16(out + kLanes * t, a[t] + b[t]);
 }
 
 template <class V, int NV>
 PYPRUNE_INLINE void rows_tile(const CsrArgs& a, const float* xt, int64_t ld, int64_t r0, int64_t r1,
-                              int64_t m0, float* buf, bool& bad, float* y) {
+                              int64_t m0, float* buf, float* y) {
   constexpr int64_t ldb = kLanes * NV;
   for (int64_t g = r0; g < r1; g += kRowGroup) {
     const int64_t ge = std::min(r1, g + kRowGroup);
     for (int64_t r = g; r < ge; ++r) {
-      int64_t s = a.crow[r], e = a.crow[r + 1];
-      if (row_out_of_range(a, s, e)) bad = true, s = e = 0;
-      row_tile<V, NV>(a.col + s, a.val + s, e - s, xt, ld, a.K, bad, buf + (r - g) * ldb);
+      const int64_t s = a.crow[r];
+      row_tile<V, NV>(a.col + s, a.val + s, a.crow[r + 1] - s, xt, ld, buf + (r - g) * ldb);
     }
     store_transposed<V>(buf, ldb, ge - g, std::min<int64_t>(ldb, a.M - m0), a.bias, y, a.N, g, m0);
   }
@@ -110,13 +94,11 @@ PYPRUNE_INLINE void tile_units(const CsrArgs& a, const float* xt, const float* x
   constexpr int64_t tile = kLanes * NV, ld = tile;
   alignas(64) float buf[kRowGroup * tile];
   TileSource<V> src(xt, x_rows, a.M, a.K, tile);
-  bool bad = false;
   for (int64_t u = u0; u < u1; ++u) {
     int64_t p, t;
     a.order.decode(u, p, t);
-    rows_tile<V, NV>(a, src.slice(t), ld, rb[p], rb[p + 1], t * tile, buf, bad, y);
+    rows_tile<V, NV>(a, src.slice(t), ld, rb[p], rb[p + 1], t * tile, buf, y);
   }
-  if (bad) a.bad->store(true, std::memory_order_relaxed);
 }
 
 using UnitsFn = void (*)(const CsrArgs&, const float*, const float*, const int64_t*, int64_t, int64_t, float*);
@@ -322,6 +304,9 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
     csr_gather(a, xc.data_ptr<float>(), rb, y.data_ptr<float>());
     return checked(y);
   }
+  // Many tokens: the indices are checked once per index tensors and contents (a check inside this kernel's FMA
+  // loop cost 1.00-1.07x at 128 tokens on BERT-base's shapes, the fingerprint 1.00-1.02x)
+  check_compressed_indices(crow_indices, col_indices, K, op, "in_features");
   // Largest tile whose slice of xt fits in ~512 KiB of L2 (the column indices of a row are scattered over K).
   // Tile width: no wider than the tokens (a 64-token tile at M = 32 computes half padding), and xt's slice
   // (K x tile) within ~512 KiB of L2, since the column indices of a row jump anywhere in K.
@@ -337,7 +322,7 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   const float* xrp = xo.rows_data();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, n_units, 1, [&](int64_t u0, int64_t u1) { fn(a, xtp, xrp, rb.data(), u0, u1, yp); });
-  return checked(y);
+  return y;
 }
 
 TORCH_LIBRARY_IMPL(pyprune, CPU, m) { m.impl("csr_linear", &csr_linear_cpu); }

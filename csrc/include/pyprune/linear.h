@@ -62,9 +62,9 @@ void validate_compressed_indices(const at::Tensor& crow, const at::Tensor& col, 
                                  const char* n_cols_name);
 
 // validate_compressed_indices once per index tensors and contents: kept while they are the same tensors at the
-// same version and fingerprint (derived_cache.h). For BSR, whose fingerprint reads one index per block. (The
-// CSR kernel checks each index as it reads it instead: a fingerprint of its indices cost 13-20% of a decode
-// call.)
+// same version and fingerprint (derived_cache.h). For BSR, whose fingerprint reads one index per block, and CSR
+// with more than a few tokens. (The CSR decode kernel checks each index as it reads it instead: a fingerprint
+// of its indices cost 13-20% of a decode call.)
 void check_compressed_indices(const at::Tensor& crow, const at::Tensor& col, int64_t n_cols, const char* op,
                               const char* n_cols_name);
 
