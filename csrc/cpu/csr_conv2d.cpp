@@ -558,7 +558,8 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
     // channels_last 1x1 under 25% dense with few tiles: csr_linear's token-minor kernel on the pixels as they
     // lie beats staging them (2 threads, 90%: 1024->256 @14 batch 1 2.0x vs 1.3x, 2048->512 @7 5.8x vs 4.8x);
     // its output (pixels, C_out) is the channels_last result
-    const at::Tensor y2 = csr_linear_cpu(xc.permute({0, 2, 3, 1}).reshape({N * H * W, C}), crow, col, val, O, bias);
+    const at::Tensor y2 = csr_linear_run(xc.permute({0, 2, 3, 1}).reshape({N * H * W, C}), crow, col, val, O, bias,
+                                         /*indices_checked=*/true);
     return unaliased(y2.view({N, H, W, O}).permute({0, 3, 1, 2}));
   }
 

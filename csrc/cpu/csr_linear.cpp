@@ -255,8 +255,9 @@ void check_compressed_indices(const at::Tensor& crow, const at::Tensor& col, int
   }, [](bool) { return int64_t(1); }, kept ? content_fingerprint(crow.contiguous(), col.contiguous()) : 0);
 }
 
-at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, const at::Tensor& col_indices,
-                          const at::Tensor& values, int64_t out_features, const std::optional<at::Tensor>& bias) {
+at::Tensor csr_linear_run(const at::Tensor& x, const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                          const at::Tensor& values, int64_t out_features, const std::optional<at::Tensor>& bias,
+                          bool indices_checked) {
   constexpr const char* op = "csr_linear";
   check_compressed_args(x, crow_indices, col_indices, values, 1, op);
   PYPRUNE_CHECK(out_features >= 0, op, "out_features", "must be >= 0, got ", out_features);
@@ -286,13 +287,6 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   std::atomic<bool> bad{false};
   CsrArgs a{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), val.data_ptr<float>(),
             b.defined() ? b.data_ptr<float>() : nullptr, M, K, N, nnz, UnitOrder{}, &bad};
-  auto checked = [&](const at::Tensor& out) {  // the kernels met an index out of range: say which
-    if (bad.load()) {
-      validate_compressed_indices(crow, col, K, op, "in_features");
-      TORCH_CHECK(false, "pyprune::", op, ": an index out of range that validation did not find");
-    }
-    return out;
-  };
   const int32_t* cr = a.crow;
   auto prefix = [cr](int64_t r) { return static_cast<int64_t>(cr[r]); };
   const int64_t threads = at::get_num_threads();
@@ -302,11 +296,15 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
     const auto rb = balanced_split(N, threads * 8, prefix, 8);
     const at::Tensor xc = x.contiguous();
     csr_gather(a, xc.data_ptr<float>(), rb, y.data_ptr<float>());
-    return checked(y);
+    if (bad.load()) {  // the kernel met an index out of range: say which
+      validate_compressed_indices(crow, col, K, op, "in_features");
+      TORCH_CHECK(false, "pyprune::", op, ": an index out of range that validation did not find");
+    }
+    return y;
   }
   // Many tokens: the indices are checked once per index tensors and contents (a check inside this kernel's FMA
   // loop cost 1.00-1.07x at 128 tokens on BERT-base's shapes, the fingerprint 1.00-1.02x)
-  check_compressed_indices(crow_indices, col_indices, K, op, "in_features");
+  if (!indices_checked) check_compressed_indices(crow_indices, col_indices, K, op, "in_features");
   // Largest tile whose slice of xt fits in ~512 KiB of L2 (the column indices of a row are scattered over K).
   // Tile width: no wider than the tokens (a 64-token tile at M = 32 computes half padding), and xt's slice
   // (K x tile) within ~512 KiB of L2, since the column indices of a row jump anywhere in K.
@@ -323,6 +321,11 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, n_units, 1, [&](int64_t u0, int64_t u1) { fn(a, xtp, xrp, rb.data(), u0, u1, yp); });
   return y;
+}
+
+at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                          const at::Tensor& values, int64_t out_features, const std::optional<at::Tensor>& bias) {
+  return csr_linear_run(x, crow_indices, col_indices, values, out_features, bias, /*indices_checked=*/false);
 }
 
 TORCH_LIBRARY_IMPL(pyprune, CPU, m) { m.impl("csr_linear", &csr_linear_cpu); }
