@@ -9,7 +9,6 @@ only an attached :class:`CubicSchedule` does.
 from __future__ import annotations
 
 import copy
-import math
 import re
 from collections.abc import Iterable
 from typing import Callable
@@ -19,6 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..sparse.select import (
+    as_2d,
     block_mask,
     block_scores,
     check_sparsity,
@@ -38,12 +38,6 @@ class WeightMask(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return w * self.mask
-
-
-def _as_2d(w: torch.Tensor) -> torch.Tensor:
-    # Conv weights (O, C, kh, kw) flatten to (O, C*kh*kw): the reduction dim of the im2col GEMM (math.prod,
-    # not -1, which fails for a layer without outputs)
-    return w.reshape(w.shape[0], math.prod(w.shape[1:]))
 
 
 def _parse_pattern(pattern: str) -> tuple[str, int, int]:
@@ -226,7 +220,7 @@ def sparsify(
     for name, layer in layers.items():
         if not isinstance(getattr(layer, "weight", None), torch.Tensor):
             raise ValueError(f"types: layer {name!r} ({type(layer).__name__}) has no weight tensor to mask")
-        w2 = _as_2d(layer.weight)
+        w2 = as_2d(layer.weight)
         if kind == "nm" and w2.shape[1] % m:
             bad.append(f"{name} (input dim {w2.shape[1]} not a multiple of {m})")
         if kind == "block" and (w2.shape[0] % block[0] or w2.shape[1] % block[1]):

@@ -25,8 +25,9 @@ def lowest_k(scores: Tensor, k: int) -> Tensor:
     return keep.reshape(scores.shape)
 
 
-def _as_2d(weight: Tensor) -> Tensor:
-    return weight.detach().reshape(weight.shape[0], math.prod(weight.shape[1:]))  # -1 fails with 0 rows
+def as_2d(weight: Tensor) -> Tensor:
+    """A Linear / Conv weight as (O, C*kh*kw), the reduction dim of the im2col GEMM (-1 fails with 0 rows)."""
+    return weight.detach().reshape(weight.shape[0], math.prod(weight.shape[1:]))
 
 
 def magnitude_mask(weight: Tensor, sparsity: float) -> Tensor:
@@ -38,7 +39,7 @@ def magnitude_mask(weight: Tensor, sparsity: float) -> Tensor:
 def block_scores(weight: Tensor, block: tuple[int, int]) -> Tensor:
     """L2 norm of every (bh, bw) tile of the 2-D view: (ceil(O / bh), ceil(I / bw))."""
     bh, bw = block
-    w2 = _as_2d(weight).float()
+    w2 = as_2d(weight).float()
     n, k = w2.shape
     nb_r, nb_c = -(-n // bh), -(-k // bw)
     padded = torch.nn.functional.pad(w2, (0, nb_c * bw - k, 0, nb_r * bh - n))
@@ -64,7 +65,7 @@ def nm_mask(weight: Tensor, n: int = 2, m: int = 4) -> Tensor:
     """Keeps the n largest |w| of every m consecutive inputs."""
     if not (isinstance(n, int) and isinstance(m, int) and 0 < n <= m):
         raise ValueError(f"N:M pattern needs integers 0 < N <= M, got {n!r}:{m!r}")
-    w2 = _as_2d(weight)
+    w2 = as_2d(weight)
     rows, k = w2.shape
     km = -(-k // m) * m
     scores = torch.nn.functional.pad(w2.abs().float(), (0, km - k), value=-1.0)
