@@ -38,11 +38,11 @@ def model_and_inputs(
     if batch < 1:
         raise ValueError(f"--batch must be >= 1, got {batch}")
     ctor, ctor_args, kind, size = MODELS[name]
+    if channels_last and kind == "tokens":
+        raise ValueError(f"--channels-last applies to image models; {name} takes token ids")
     m = getattr(models, ctor)(*ctor_args).eval()
     gen = torch.Generator().manual_seed(0)
     if kind == "tokens":
-        if channels_last:
-            raise ValueError(f"--channels-last applies to image models; {name} takes token ids")
         s = size if seq is None else seq
         if not 1 <= s <= m.config.max_position_embeddings:
             raise ValueError(f"--seq must lie in [1, {m.config.max_position_embeddings}], got {s}")
@@ -55,6 +55,26 @@ def model_and_inputs(
     if channels_last:
         return m.to(memory_format=torch.channels_last), (x.contiguous(memory_format=torch.channels_last),)
     return m, (x,)
+
+
+def takes_tokens(name: str) -> bool:
+    return MODELS[name][2] == "tokens"
+
+
+def check_size_options(names, args) -> None:
+    """Before anything runs: ``--seq`` needs a model that takes token ids among ``names``, ``--image`` and
+    ``--channels-last`` one that takes images (with both kinds, each applies to its own kind only)."""
+    for n in names:
+        if n not in MODELS:
+            raise ValueError(f"--model: unknown model {n!r}; valid models are {list(MODELS)}")
+    listed = f"{', '.join(names)} {'takes' if len(names) == 1 else 'take'}"
+    token_models = [n for n in names if takes_tokens(n)]
+    image_models = [n for n in names if not takes_tokens(n)]
+    if args.seq is not None and not token_models:
+        raise ValueError(f"--seq applies to bert models; {listed} images (use --image)")
+    for option, given in (("--image", args.image is not None), ("--channels-last", args.channels_last)):
+        if given and not image_models:
+            raise ValueError(f"{option} applies to image models; {listed} token ids")
 
 
 def resolve_cli_device(device: str) -> str:
@@ -127,9 +147,14 @@ def _suffixed(path: str, model: str, many: bool) -> str:
     return f"{root}_{model}{ext}"
 
 
+def _channels_last(name: str, args) -> bool:
+    """--channels-last for this model: image models only (check_size_options refused it with none)."""
+    return args.channels_last and not takes_tokens(name)
+
+
 def _run_name(name: str, args) -> str:
     """The report's model name, which also names its files: channels_last runs apart from the default ones."""
-    return f"{name} channels_last" if args.channels_last else name
+    return f"{name} channels_last" if _channels_last(name, args) else name
 
 
 def _compare(args) -> int:
@@ -137,9 +162,7 @@ def _compare(args) -> int:
     from .timing import fixed_threads
 
     names = args.model or list(DEFAULT_MODELS)
-    for n in names:
-        if n not in MODELS:
-            raise ValueError(f"--model: unknown model {n!r}; valid models are {list(MODELS)}")
+    check_size_options(names, args)
     methods = _methods(args.methods)
     device = resolve_cli_device(args.device)
     levels = args.levels or (QUICK_LEVELS if args.quick else DEFAULT_LEVELS)
@@ -150,7 +173,7 @@ def _compare(args) -> int:
         peak = measure_peak(nthreads, device)
     many = len(names) > 1
     for name in names:
-        model, inputs = model_and_inputs(name, args.batch, args.seq, args.image, args.channels_last)
+        model, inputs = model_and_inputs(name, args.batch, args.seq, args.image, _channels_last(name, args))
         t1 = time.perf_counter()
         report = compare(
             model, inputs, methods=methods, levels=levels, device=device, threads=args.threads, rounds=rounds,
@@ -184,6 +207,7 @@ def _profile(args) -> int:
     from .timing import fixed_threads
 
     name = args.model or "bert-small"
+    check_size_options([name], args)
     if args.method not in _methods([args.method], "--method") or args.method == "dense":
         raise ValueError(f"--method: {args.method!r} is not a pruned variant")
     if not 0.0 < args.level < 1.0:
@@ -213,6 +237,7 @@ def _advise(args) -> int:
     from . import compare
 
     name = args.model or "bert-small"
+    check_size_options([name], args)
     device = resolve_cli_device(args.device)
     pruned = tuple(m for m in _methods(args.methods) if m != "dense")
     if not pruned:

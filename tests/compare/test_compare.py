@@ -384,6 +384,35 @@ def test_cli_channels_last_needs_an_image_model(capsys):
     assert "--channels-last applies to image models; bert-small takes token ids" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["compare", "--model", "lenet5", "--seq", "64"], "--seq applies to bert models; lenet5 takes images"),
+        (["advise", "--model", "resnet18", "--seq", "8"], "--seq applies to bert models; resnet18 takes images"),
+        (["profile", "--seq", "8", "--image", "32"], "--image applies to image models; bert-small takes token ids"),
+        (["compare", "--model", "bert-small", "bert-base", "--image", "32"], "bert-small, bert-base take token ids"),
+    ],
+)
+def test_cli_size_options_need_a_model_that_takes_them(argv, message, capsys):
+    # --seq with only image models (and --image with only bert) was silently ignored
+    assert main([*argv, "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_channels_last_applies_to_the_image_models_of_a_mixed_run(tmp_path, monkeypatch):
+    # the default models are resnet50 and bert-base: --channels-last ran resnet50 for minutes and then failed on
+    # bert; it now applies to the image model only, and the check comes before any timing
+    from pyprune.compare import cli
+
+    seen = []
+    monkeypatch.setattr(
+        cli, "model_and_inputs", lambda name, *a: seen.append((name, a[-1])) or (_ for _ in ()).throw(KeyError)
+    )
+    with pytest.raises(KeyError):
+        main(["compare", "--model", "bert-small", "lenet5", "--channels-last", "--no-progress"])
+    assert seen == [("bert-small", False)]
+
+
 def test_cli_info_still_works(capsys):
     assert main(["info"]) == 0
 
