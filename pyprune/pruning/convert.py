@@ -72,6 +72,7 @@ def convert(
     that SparseConv2d cannot hold in ``layout`` (non-zero padding modes, groups > 1 outside "csr", and "2:4"
     on kxk convs whose mask is not 2:4 along SparseConv2d's tap-major inputs: sparsify's N:M groups run over
     (C, kh, kw)); the report lists each with the reason.
+    A masked Linear whose mask ``layout`` cannot hold (not 2:4 for "2:4") raises ValueError naming it.
     Other masked layers are left dense too. Returns the converted model, or ``(model, ConvertReport)`` if
     ``return_report``.
 
@@ -110,7 +111,13 @@ def convert(
             if why is not None:
                 report.left_dense[name] = f"Linear: {why}"
                 continue
-            sparse = SparseLinear.from_dense(_baked_linear(mod), sparsity=None, layout=layout, block=block)
+            try:
+                sparse = SparseLinear.from_dense(_baked_linear(mod), sparsity=None, layout=layout, block=block)
+            except ValueError as exc:  # its mask is not in layout's pattern: the user's choice, not a limit
+                raise ValueError(
+                    f"convert(layout={layout!r}): masked Linear {name!r} cannot be stored that way ({exc}); "
+                    f"mask it with sparsify(pattern={layout!r}) or choose another layout"
+                ) from exc
         else:
             report.left_dense[name] = f"{type(mod).__name__}: only nn.Linear and nn.Conv2d are converted"
             continue

@@ -187,6 +187,16 @@ def test_convert_swaps_masked_linears_and_convs(layout, pattern):
         torch.testing.assert_close(fast(x), masked(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.skipif(not _sparse_linear_available(), reason="pyprune.nn.SparseLinear not built yet")
+def test_convert_to_2_4_names_the_linear_whose_mask_is_not_2_4():
+    # the error came from SparseLinear.from_dense, named its argument 'dense' and advised from_dense's arguments
+    masked = pyprune.sparsify(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)), sparsity=0.5)
+    with pytest.raises(ValueError) as exc:
+        pyprune.convert(masked, layout="2:4")
+    assert "convert(layout='2:4'): masked Linear '0' cannot be stored" in str(exc.value)
+    assert "sparsify(pattern='2:4')" in str(exc.value)
+
+
 def test_convert_rejects_unknown_layout():
     with pytest.raises(ValueError, match="layout must be one of"):
         pyprune.convert(models.lenet5(), layout="coo")
