@@ -7,6 +7,7 @@ from .channel import IMPORTANCE, GroupPlan, PruningPlan, plan_pruning, prune_cha
 from .convert import ConvertReport, convert
 from .graph import DependencyGraph, Group, Member, PruningError, UnsupportedPatternError, build_graph
 from .layers import Skip, prune_layers, residual_blocks
+from .load import load_pruned_state_dict
 from .masks import CubicSchedule, WeightMask, get_mask, mask_density, remove_masks, sparsify
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "count_params",
     "criteria",
     "get_mask",
+    "load_pruned_state_dict",
     "mask_density",
     "plan_pruning",
     "prune_channels",

@@ -28,11 +28,23 @@ _SAME_SHAPE_MODULES = (
 _ADDS = {operator.add, operator.iadd, torch.add}
 
 
+# A removed block's one state_dict entry (``<block>._extra_state``), which load_pruned_state_dict reads
+SKIP_STATE = {"pyprune": "Skip"}
+
+
 class Skip(nn.Module):
-    """Stands in for a removed residual block: returns its first argument unchanged."""
+    """Stands in for a removed residual block: returns its first argument unchanged. Its state_dict holds one
+    entry, ``_extra_state``, marking the block as removed."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return x
+
+    def get_extra_state(self) -> dict[str, str]:
+        return dict(SKIP_STATE)
+
+    def set_extra_state(self, state: Any) -> None:
+        if state != SKIP_STATE:
+            raise ValueError(f"Skip: state_dict entry '_extra_state' must be {SKIP_STATE}, got {state!r}")
 
 
 def _is_residual(block: nn.Module) -> bool:
@@ -154,8 +166,9 @@ def prune_layers(
 
     Candidates are the residual children of nn.Sequential / nn.ModuleList containers (see
     :func:`residual_blocks`): ResNet blocks without downsampling, MobileNetV2 blocks with a skip connection,
-    transformer encoder layers. Remaining blocks keep their names, so the pruned model's state_dict keys are a
-    subset of the original's.
+    transformer encoder layers. Remaining blocks keep their names, so the pruned model's state_dict keys are
+    those of the original's remaining blocks plus one ``<block>._extra_state`` marker per removed block;
+    :func:`load_pruned_state_dict` rebuilds the pruned model from it.
 
     importance: "residual_norm" (needs ``example_inputs``: blocks that change their input least go first),
     "l1" (mean |w| of the block's weights), "random".

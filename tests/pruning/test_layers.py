@@ -38,7 +38,11 @@ def test_prune_layers_keeps_outputs_shaped_and_state_dict_loadable(build, x, imp
     with torch.no_grad():
         assert pruned(x).shape == model(x).shape
     assert pyprune.count_params(pruned) < pyprune.count_params(model)
-    assert set(pruned.state_dict()) < set(model.state_dict())
+    kept = {k for k in pruned.state_dict() if not k.endswith("._extra_state")}  # a marker per removed block
+    assert kept < set(model.state_dict())
+    assert {k for k in pruned.state_dict() if k not in kept} == {
+        f"{n}._extra_state" for n, m in pruned.named_modules() if isinstance(m, Skip)
+    }
     fresh = copy.deepcopy(pruned)
     with torch.no_grad():
         for p in fresh.parameters():
