@@ -373,7 +373,9 @@ class Builder:
         names = [
             n
             for n, m in out.named_modules()
-            if isinstance(m, nn.Linear) and get_mask(m) is not None and weight_read_directly(out, n) is None
+            if isinstance(m, nn.Linear)
+            and get_mask(m) is not None
+            and weight_read_directly(out, n, pyprune_weight=False) is None
         ]
         if not names:
             raise NotApplicable("no Linear layer it can replace (torch.sparse has no sparse convolution)")

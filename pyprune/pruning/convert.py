@@ -20,14 +20,18 @@ class ConvertReport:
     layouts: dict[str, str] = field(default_factory=dict)  # layout="auto": the form chosen per masked layer
 
 
-def weight_read_directly(model: nn.Module, name: str) -> str | None:
+def weight_read_directly(model: nn.Module, name: str, pyprune_weight: bool = True) -> str | None:
     """Why layer ``name`` of ``model`` must stay an ``nn.Linear``, or None: its owner reads ``.weight``
-    itself instead of calling the layer (a module without a weight tensor there breaks it)."""
+    itself instead of calling the layer (a module without a weight tensor there breaks it).
+
+    ``pyprune_weight``: the replacement's ``.weight`` is a pyprune sparse format, whose ``__torch_function__``
+    sends nn.TransformerEncoderLayer past its fused fast path to the path that calls linear1 / linear2; False
+    for a replacement without one (compare's torch.sparse baseline)."""
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     if isinstance(parent, nn.MultiheadAttention) and attr == "out_proj":
         return "nn.MultiheadAttention reads out_proj.weight itself"
-    if isinstance(parent, nn.TransformerEncoderLayer) and attr in ("linear1", "linear2"):
+    if not pyprune_weight and isinstance(parent, nn.TransformerEncoderLayer) and attr in ("linear1", "linear2"):
         return f"nn.TransformerEncoderLayer's fast path reads {attr}.weight itself"
     return None
 
@@ -67,8 +71,8 @@ def convert(
     masked ``nn.Conv2d`` by ``pyprune.nn.SparseConv2d.from_dense(..., sparsity=None)``, which store exactly the
     zeros of the masked weight in ``layout`` ("csr", "bsr" with tiles ``block`` = (bh, bw), or "2:4").
 
-    A masked Linear whose owner reads its ``.weight`` itself (nn.MultiheadAttention's out_proj,
-    nn.TransformerEncoderLayer's linear1 / linear2) is left dense with its mask, and so is a masked Conv2d
+    A masked Linear whose owner reads its ``.weight`` itself (nn.MultiheadAttention's out_proj) is left dense
+    with its mask, and so is a masked Conv2d
     that SparseConv2d cannot hold in ``layout`` (non-zero padding modes, groups > 1 outside "csr", and "2:4"
     on kxk convs whose mask is not 2:4 along SparseConv2d's tap-major inputs: sparsify's N:M groups run over
     (C, kh, kw)); the report lists each with the reason.

@@ -21,6 +21,13 @@ class SparseFormat(nn.Module):
             raise ValueError(f"shape must be (out_features, in_features) with sizes >= 0, got {tuple(shape)}")
         self.shape = (int(shape[0]), int(shape[1]))
 
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        """A sparse weight is not a tensor: a torch function handed one finds no implementation (TypeError).
+        Owners that read ``layer.weight`` for a fused fast path check ``has_torch_function`` on it first, so
+        they take their path that calls the layer (nn.TransformerEncoderLayer's linear1 / linear2)."""
+        return NotImplemented
+
     @property
     def nnz(self) -> int:
         """Stored values (including explicit zeros inside blocks / 2:4 groups)."""

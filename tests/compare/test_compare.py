@@ -444,25 +444,35 @@ class _Attention(nn.Module):
 
 def test_linears_whose_owner_reads_their_weight_stay_dense():
     # MultiheadAttention reads out_proj.weight and TransformerEncoderLayer's fast path linear1/2.weight
-    # themselves: SparseLinear / torch.sparse modules there crashed the run (and convert's model at inference)
+    # themselves: SparseLinear / torch.sparse modules there crashed the run (and convert's model at inference).
+    # A pyprune sparse weight sends TransformerEncoderLayer to the path that calls linear1 / linear2, so those
+    # convert; torch.sparse's baseline module has no such weight and leaves them dense.
     torch.manual_seed(0)
     model, x = _Attention().eval(), torch.randn(2, 6, 32)
     rep = _quick(model, x, ("dense", "masked", "csr", "torch.sparse"))
     rows = {r["method"]: r for r in rep.rows}
     assert all(r["median_s"] is not None for r in rows.values()), rows
-    assert "1 linear -> csr" in rows["csr"]["note"]  # the head
+    assert "3 linear -> csr" in rows["csr"]["note"]  # enc.linear1, enc.linear2, head
+    assert "1 linear -> torch.sparse_csr" in rows["torch.sparse"]["note"]
     # their FLOPs count on the fast path too (it is one fused op FlopCounterMode counts as 0)
     assert rows["dense"]["flops"] >= 2 * 6 * 2 * 32 * (4 * 32 + 64 + 64 + 4 * 32)
     masked = pyprune.sparsify(model, sparsity=0.5)
     conv, report = pyprune.convert(masked, layout="csr", return_report=True)
-    assert report.converted == ["head"]
+    assert report.converted == ["enc.linear1", "enc.linear2", "head"]
+    assert list(report.left_dense) == ["mha.out_proj", "enc.self_attn.out_proj"]
     assert "reads out_proj.weight itself" in report.left_dense["mha.out_proj"]
-    assert "fast path reads linear1.weight itself" in report.left_dense["enc.linear1"]
     with torch.no_grad():
         torch.testing.assert_close(conv(x), masked(x), rtol=1e-4, atol=1e-5)
         auto, report = pyprune.convert(masked, layout="auto", example_inputs=x, return_report=True)
         torch.testing.assert_close(auto(x), masked(x), rtol=1e-4, atol=1e-5)
-    assert "enc.linear2" in report.left_dense
+    assert "enc.self_attn.out_proj" in report.left_dense and "enc.linear2" in report.layouts
+
+
+def test_sparse_weight_is_not_a_tensor_to_torch_functions():
+    # its __torch_function__ (what sends TransformerEncoderLayer past its fast path) returns NotImplemented
+    weight = pyprune.nn.SparseLinear.from_dense(nn.Linear(8, 4), sparsity=0.5).weight
+    with pytest.raises(TypeError, match="all __torch_function__ handlers returned NotImplemented"):
+        torch.add(weight, 1)
 
 
 def test_kept_fraction_counts_pyprune_layers_in_both_terms():
