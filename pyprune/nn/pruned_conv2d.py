@@ -12,6 +12,7 @@ from .. import ops
 from ..ops.pruned_conv2d import check_channel_index, pair
 from ._bn import bn_affine
 from ._dtype import weight_dtype_input
+from ._trainable import trains
 
 
 def _index(idx, n: int, name: str, device) -> Tensor | None:
@@ -146,6 +147,12 @@ class PrunedConv2d(nn.Module):
             new.weight.data = weight.contiguous()
             if new.bias is not None:
                 new.bias.data = bias.contiguous()
+        # a frozen layer stays frozen; the bias trains if a parameter it is folded from does
+        new.weight.requires_grad_(trains(conv, "weight"))
+        if new.bias is not None:
+            sources = [(conv, "bias")] + ([(bn, "weight"), (bn, "bias")] if bn is not None else [])
+            flags = [f for f in (trains(m, name) for m, name in sources) if f is not None]
+            new.bias.requires_grad_(any(flags) if flags else trains(conv, "weight"))
         return new
 
     def forward(self, input: Tensor) -> Tensor:

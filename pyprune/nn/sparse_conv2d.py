@@ -46,6 +46,7 @@ from ..sparse import BSR, CSR, Sparse24
 from ..sparse.bsr import check_block
 from ..sparse.select import block_mask, magnitude_mask, nm_mask
 from ._dtype import weight_dtype_input
+from ._trainable import trains
 from .sparse_linear import LAYOUTS, _check_layout, check_stored_shape
 
 # activations per op call on the NCHW 1x1 path (measured: 1 MiB chunks beat whole images of 3 MiB and more)
@@ -212,8 +213,9 @@ class SparseConv2d(nn.Module):
             new.weight = BSR.from_dense(w2, check_block(block))
         else:
             new.weight = Sparse24.from_dense(w2)
+        new.weight.values.requires_grad_(trains(conv, "weight"))  # a frozen layer stays frozen
         if conv.bias is not None:
-            new.bias = nn.Parameter(conv.bias.detach().clone())
+            new.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=trains(conv, "bias"))
         return new
 
     def _linear(self, a: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ from ..sparse import BSR, CSR, Sparse24
 from ..sparse.bsr import check_block
 from ..sparse.select import block_mask, magnitude_mask, nm_mask
 from ._dtype import weight_dtype_input
+from ._trainable import trains
 
 LAYOUTS = ("csr", "bsr", "2:4")
 
@@ -98,7 +99,10 @@ class SparseLinear(nn.Module):
             new.weight = BSR.from_dense(w, check_block(block))
         else:
             new.weight = Sparse24.from_dense(w)
-        new.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
+        new.weight.values.requires_grad_(trains(linear, "weight"))  # a frozen layer stays frozen
+        new.bias = None
+        if linear.bias is not None:
+            new.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=trains(linear, "bias"))
         return new
 
     def forward(self, input: Tensor) -> Tensor:
