@@ -313,7 +313,8 @@ def _pruned_conv2d_dw_kernel(
                 ih = ih0 + r * DIL_H
                 iw = iw0 + s * DIL_W
                 m_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            tap = (r * DIL_H).to(tl.int64) * stride_xh + (s * DIL_W).to(tl.int64) * stride_xw
+            # tl.cast: with dilation 1 (a constexpr once Triton specializes the 1) r * DIL_H is a Python int
+            tap = tl.cast(r * DIL_H, tl.int64) * stride_xh + tl.cast(s * DIL_W, tl.int64) * stride_xw
             xv = tl.load(x_ptr + (x_row[:, None] + (x_col + tap)[None, :]), mask=m_ok[:, None] & mask_c[None, :],
                          other=0.0)  # fmt: skip
             wv = tl.load(w_ptr + (co.to(tl.int64) * stride_wo + r * stride_wh + s * stride_ww), mask=mask_c,
