@@ -22,16 +22,16 @@ struct BsrArgs {
   UnitOrder order;
 };
 
-// acc(RB rows x NV*16 tokens, held in `out`) += block rows [i0, i0 + RB) of block `blk` times xt's slice.
-// Block-outer order: the block's slice of xt (bw rows x tile) is read from L2 once and then from L1 by every
-// RB-row group; the accumulators make a round trip through the L1 buffer once per block (RB*NV loads and
-// stores per bw*RB*NV FMAs).
+// out = (in, or zeros if in is null) + block rows [i0, i0 + RB) of block `blk` times xt's slice, plus addend
+// if not null (RB rows x NV*16 tokens each, leading dimension ldb). Block-outer order: the block's slice of xt
+// (bw rows x tile) is read from L2 once and then from L1 by every RB-row group; the accumulators make a round
+// trip through the L1 buffer once per block (RB*NV loads and stores per bw*RB*NV FMAs).
 template <class V, int RB, int NV>
-PYPRUNE_INLINE void block_rows(const BsrArgs& a, int64_t blk, int64_t i0, const float* xt, int64_t ld, float* out,
-                               int64_t ldb) {
+PYPRUNE_INLINE void block_rows(const BsrArgs& a, int64_t blk, int64_t i0, const float* xt, int64_t ld,
+                               const float* in, float* out, const float* addend, int64_t ldb) {
   V acc[RB][NV];
   for (int i = 0; i < RB; ++i)
-    for (int t = 0; t < NV; ++t) acc[i][t] = load16<V>(out + i * ldb + kLanes * t);
+    for (int t = 0; t < NV; ++t) acc[i][t] = in ? load16<V>(in + i * ldb + kLanes * t) : V{};
   const int64_t c0 = static_cast<int64_t>(a.col[blk]) * a.bw;
   const int64_t jn = std::min(a.bw, a.K - c0);
   const float* w = a.val + blk * a.bh * a.bw + i0 * a.bw;
@@ -45,8 +45,15 @@ PYPRUNE_INLINE void block_rows(const BsrArgs& a, int64_t blk, int64_t i0, const 
     }
   }
   for (int i = 0; i < RB; ++i)
-    for (int t = 0; t < NV; ++t) store16(out + i * ldb + kLanes * t, acc[i][t]);
+    for (int t = 0; t < NV; ++t) {
+      const int64_t q = i * ldb + kLanes * t;
+      store16(out + q, addend ? acc[i][t] + load16<V>(addend + q) : acc[i][t]);
+    }
 }
+
+// Blocks summed in the L1 buffer before the sum is added into the block row's total: the error of a sum of n
+// fp32 terms in one chain grows with n (see csr_linear's kFlush), so a chunk holds about kFlushCols inputs.
+constexpr int64_t kFlushCols = 256;
 
 // Units u in [u0, u1) of the (block-row part x token tile) grid; the ISA copy comes from the wrapper's target.
 // The tiles' slices come from xt, or (xt null) are packed by this range from the row-major x_rows.
@@ -54,7 +61,8 @@ template <class V, int RB, int NV>
 PYPRUNE_INLINE void tile_units(const BsrArgs& a, const float* xt, const float* x_rows, const int64_t* bounds,
                                int64_t u0, int64_t u1, float* y) {
   constexpr int64_t tile = kLanes * NV, ld = tile;
-  std::vector<float> buf(a.bh * tile);
+  const int64_t per_chunk = std::max<int64_t>(1, kFlushCols / a.bw);  // blocks per partial sum
+  std::vector<float> buf(a.bh * tile), total(a.bh * tile);
   TileSource<V> src(xt, x_rows, a.M, a.K, tile);
   for (int64_t u = u0; u < u1; ++u) {
     int64_t p, t;
@@ -63,13 +71,26 @@ PYPRUNE_INLINE void tile_units(const BsrArgs& a, const float* xt, const float* x
     const float* xtt = src.slice(t);
     for (int64_t br = bounds[p]; br < bounds[p + 1]; ++br) {
       const int64_t rows = std::min(a.bh, a.N - br * a.bh);
-      std::fill(buf.begin(), buf.begin() + rows * tile, 0.f);
-      for (int64_t blk = a.crow[br]; blk < a.crow[br + 1]; ++blk) {
+      const int64_t b0 = a.crow[br], b1 = a.crow[br + 1];
+      float* out = total.data();
+      if (b0 == b1) std::fill(out, out + rows * tile, 0.f);
+      // each chunk starts from zeros in buf; its last block writes buf + the blocks so far into total
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const bool first = (blk - b0) % per_chunk == 0, last = blk + 1 == b1 || (blk + 1 - b0) % per_chunk == 0;
+        const float* addend = last && blk - b0 >= per_chunk ? out : nullptr;
         int64_t i = 0;
-        for (; i + RB <= rows; i += RB) block_rows<V, RB, NV>(a, blk, i, xtt, ld, buf.data() + i * tile, tile);
-        for (; i < rows; ++i) block_rows<V, 1, NV>(a, blk, i, xtt, ld, buf.data() + i * tile, tile);
+        for (; i + RB <= rows; i += RB) {
+          const int64_t q = i * tile;
+          block_rows<V, RB, NV>(a, blk, i, xtt, ld, first ? nullptr : buf.data() + q, (last ? out : buf.data()) + q,
+                                addend ? addend + q : nullptr, tile);
+        }
+        for (; i < rows; ++i) {
+          const int64_t q = i * tile;
+          block_rows<V, 1, NV>(a, blk, i, xtt, ld, first ? nullptr : buf.data() + q, (last ? out : buf.data()) + q,
+                               addend ? addend + q : nullptr, tile);
+        }
       }
-      store_transposed<V>(buf.data(), tile, rows, std::min(tile, a.M - m0), a.bias, y, a.N, br * a.bh, m0);
+      store_transposed<V>(out, tile, rows, std::min(tile, a.M - m0), a.bias, y, a.N, br * a.bh, m0);
     }
   }
 }

@@ -20,6 +20,9 @@ constexpr int kMR = 8;          // tokens per register tile
 constexpr int64_t kOutBlock = 64;  // outputs per parallel unit
 constexpr int64_t kTokBlock = 64;  // tokens per parallel unit
 constexpr int64_t kDecodeMaxTokens = 4;
+// Group pairs (4 kept values each) summed in one chain before the chain is added into the output's total: the
+// error of an fp32 sum in one chain grows with its length (see csr_linear's kFlush).
+constexpr int64_t kFlushPairs = 64;
 
 struct S24Args {
   const float* val;
@@ -34,14 +37,18 @@ inline void scalar_outputs(const S24Args& a, const float* x, int64_t m0, int64_t
   for (int64_t m = m0; m < m1; ++m) {
     const float* xr = x + m * a.K4;
     for (int64_t o = o0; o < o1; ++o) {
-      float acc = 0.f;
-      for (int64_t p = 0; p < a.K4 / 8; ++p) {
-        const unsigned mb = a.meta[p * a.N + o];
-        const float* v = a.val + 4 * p * a.N + o;
-        acc += v[0] * xr[8 * p + (mb & 3)] + v[a.N] * xr[8 * p + ((mb >> 2) & 3)] +
-               v[2 * a.N] * xr[8 * p + 4 + ((mb >> 4) & 3)] + v[3 * a.N] * xr[8 * p + 4 + (mb >> 6)];
+      float total = 0.f;
+      for (int64_t c = 0; c < a.K4 / 8; c += kFlushPairs) {
+        float acc = 0.f;
+        for (int64_t p = c; p < std::min(a.K4 / 8, c + kFlushPairs); ++p) {
+          const unsigned mb = a.meta[p * a.N + o];
+          const float* v = a.val + 4 * p * a.N + o;
+          acc += v[0] * xr[8 * p + (mb & 3)] + v[a.N] * xr[8 * p + ((mb >> 2) & 3)] +
+                 v[2 * a.N] * xr[8 * p + 4 + ((mb >> 4) & 3)] + v[3 * a.N] * xr[8 * p + 4 + (mb >> 6)];
+        }
+        total += acc;
       }
-      y[m * a.N + o] = acc + (a.bias ? a.bias[o] : 0.f);
+      y[m * a.N + o] = total + (a.bias ? a.bias[o] : 0.f);
     }
   }
 }
@@ -51,26 +58,31 @@ template <int MR>
 PYPRUNE_TARGET_AVX512 void panel_avx512(const S24Args& a, const float* x, int64_t m0, int64_t o0, __mmask16 k,
                                         float* y) {
   __m512 acc[MR];
-  for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
-  const int64_t N = a.N;
-  for (int64_t p = 0; p < a.K4 / 8; ++p) {
-    const __m512i mb = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, a.meta + p * N + o0));
-    const __m512i i1 = _mm512_srli_epi32(mb, 2), i2 = _mm512_srli_epi32(mb, 4), i3 = _mm512_srli_epi32(mb, 6);
-    const float* v = a.val + 4 * p * N + o0;
-    const __m512 v0 = _mm512_maskz_loadu_ps(k, v), v1 = _mm512_maskz_loadu_ps(k, v + N);
-    const __m512 v2 = _mm512_maskz_loadu_ps(k, v + 2 * N), v3 = _mm512_maskz_loadu_ps(k, v + 3 * N);
-    for (int m = 0; m < MR; ++m) {
-      const float* xr = x + (m0 + m) * a.K4 + 8 * p;
-      const __m512 xa = _mm512_broadcast_f32x4(_mm_loadu_ps(xr));
-      const __m512 xb = _mm512_broadcast_f32x4(_mm_loadu_ps(xr + 4));
-      acc[m] = _mm512_fmadd_ps(v0, _mm512_permutevar_ps(xa, mb), acc[m]);
-      acc[m] = _mm512_fmadd_ps(v1, _mm512_permutevar_ps(xa, i1), acc[m]);
-      acc[m] = _mm512_fmadd_ps(v2, _mm512_permutevar_ps(xb, i2), acc[m]);
-      acc[m] = _mm512_fmadd_ps(v3, _mm512_permutevar_ps(xb, i3), acc[m]);
+  alignas(64) float total[MR][16] = {};  // partial sums of kFlushPairs group pairs are added here
+  const int64_t N = a.N, pairs = a.K4 / 8;
+  for (int64_t c = 0; c < pairs; c += kFlushPairs) {
+    for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t p = c; p < std::min(pairs, c + kFlushPairs); ++p) {
+      const __m512i mb = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, a.meta + p * N + o0));
+      const __m512i i1 = _mm512_srli_epi32(mb, 2), i2 = _mm512_srli_epi32(mb, 4), i3 = _mm512_srli_epi32(mb, 6);
+      const float* v = a.val + 4 * p * N + o0;
+      const __m512 v0 = _mm512_maskz_loadu_ps(k, v), v1 = _mm512_maskz_loadu_ps(k, v + N);
+      const __m512 v2 = _mm512_maskz_loadu_ps(k, v + 2 * N), v3 = _mm512_maskz_loadu_ps(k, v + 3 * N);
+      for (int m = 0; m < MR; ++m) {
+        const float* xr = x + (m0 + m) * a.K4 + 8 * p;
+        const __m512 xa = _mm512_broadcast_f32x4(_mm_loadu_ps(xr));
+        const __m512 xb = _mm512_broadcast_f32x4(_mm_loadu_ps(xr + 4));
+        acc[m] = _mm512_fmadd_ps(v0, _mm512_permutevar_ps(xa, mb), acc[m]);
+        acc[m] = _mm512_fmadd_ps(v1, _mm512_permutevar_ps(xa, i1), acc[m]);
+        acc[m] = _mm512_fmadd_ps(v2, _mm512_permutevar_ps(xb, i2), acc[m]);
+        acc[m] = _mm512_fmadd_ps(v3, _mm512_permutevar_ps(xb, i3), acc[m]);
+      }
     }
+    for (int m = 0; m < MR; ++m) _mm512_store_ps(total[m], _mm512_add_ps(_mm512_load_ps(total[m]), acc[m]));
   }
   const __m512 b = a.bias ? _mm512_maskz_loadu_ps(k, a.bias + o0) : _mm512_setzero_ps();
-  for (int m = 0; m < MR; ++m) _mm512_mask_storeu_ps(y + (m0 + m) * N + o0, k, _mm512_add_ps(acc[m], b));
+  for (int m = 0; m < MR; ++m)
+    _mm512_mask_storeu_ps(y + (m0 + m) * N + o0, k, _mm512_add_ps(_mm512_load_ps(total[m]), b));
 }
 
 PYPRUNE_TARGET_AVX512 void block_avx512(const S24Args& a, const float* x, int64_t m0, int64_t m1, int64_t o0,
@@ -86,26 +98,30 @@ PYPRUNE_TARGET_AVX512 void block_avx512(const S24Args& a, const float* x, int64_
 template <int MR>
 PYPRUNE_TARGET_AVX2 void panel_avx2(const S24Args& a, const float* x, int64_t m0, int64_t o0, float* y) {
   __m256 acc[MR];
-  for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
-  const int64_t N = a.N;
-  for (int64_t p = 0; p < a.K4 / 8; ++p) {
-    const __m256i mb = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.meta + p * N + o0)));
-    const __m256i i1 = _mm256_srli_epi32(mb, 2), i2 = _mm256_srli_epi32(mb, 4), i3 = _mm256_srli_epi32(mb, 6);
-    const float* v = a.val + 4 * p * N + o0;
-    const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + N);
-    const __m256 v2 = _mm256_loadu_ps(v + 2 * N), v3 = _mm256_loadu_ps(v + 3 * N);
-    for (int m = 0; m < MR; ++m) {
-      const float* xr = x + (m0 + m) * a.K4 + 8 * p;
-      const __m256 xa = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(xr));
-      const __m256 xb = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(xr + 4));
-      acc[m] = _mm256_fmadd_ps(v0, _mm256_permutevar_ps(xa, mb), acc[m]);
-      acc[m] = _mm256_fmadd_ps(v1, _mm256_permutevar_ps(xa, i1), acc[m]);
-      acc[m] = _mm256_fmadd_ps(v2, _mm256_permutevar_ps(xb, i2), acc[m]);
-      acc[m] = _mm256_fmadd_ps(v3, _mm256_permutevar_ps(xb, i3), acc[m]);
+  alignas(32) float total[MR][8] = {};  // partial sums of kFlushPairs group pairs are added here
+  const int64_t N = a.N, pairs = a.K4 / 8;
+  for (int64_t c = 0; c < pairs; c += kFlushPairs) {
+    for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t p = c; p < std::min(pairs, c + kFlushPairs); ++p) {
+      const __m256i mb = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.meta + p * N + o0)));
+      const __m256i i1 = _mm256_srli_epi32(mb, 2), i2 = _mm256_srli_epi32(mb, 4), i3 = _mm256_srli_epi32(mb, 6);
+      const float* v = a.val + 4 * p * N + o0;
+      const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + N);
+      const __m256 v2 = _mm256_loadu_ps(v + 2 * N), v3 = _mm256_loadu_ps(v + 3 * N);
+      for (int m = 0; m < MR; ++m) {
+        const float* xr = x + (m0 + m) * a.K4 + 8 * p;
+        const __m256 xa = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(xr));
+        const __m256 xb = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(xr + 4));
+        acc[m] = _mm256_fmadd_ps(v0, _mm256_permutevar_ps(xa, mb), acc[m]);
+        acc[m] = _mm256_fmadd_ps(v1, _mm256_permutevar_ps(xa, i1), acc[m]);
+        acc[m] = _mm256_fmadd_ps(v2, _mm256_permutevar_ps(xb, i2), acc[m]);
+        acc[m] = _mm256_fmadd_ps(v3, _mm256_permutevar_ps(xb, i3), acc[m]);
+      }
     }
+    for (int m = 0; m < MR; ++m) _mm256_store_ps(total[m], _mm256_add_ps(_mm256_load_ps(total[m]), acc[m]));
   }
   const __m256 b = a.bias ? _mm256_loadu_ps(a.bias + o0) : _mm256_setzero_ps();
-  for (int m = 0; m < MR; ++m) _mm256_storeu_ps(y + (m0 + m) * N + o0, _mm256_add_ps(acc[m], b));
+  for (int m = 0; m < MR; ++m) _mm256_storeu_ps(y + (m0 + m) * N + o0, _mm256_add_ps(_mm256_load_ps(total[m]), b));
 }
 
 // Decoding (few tokens): bound by the weight bytes, so the values are streamed row by row, each row contiguous
@@ -141,13 +157,28 @@ PYPRUNE_TARGET_AVX512 void decode_avx512(const S24Args& a, const float* x, int64
   }
 }
 
-PYPRUNE_TARGET_AVX512 void decode_range_avx512(const S24Args& a, const float* x, int64_t p0, int64_t p1,
-                                               float* acc) {
+PYPRUNE_TARGET_AVX512 void decode_rows_avx512(const S24Args& a, const float* x, int64_t p0, int64_t p1,
+                                              float* acc) {
   switch (a.M) {
     case 4: return decode_avx512<4>(a, x, p0, p1, acc);
     case 3: return decode_avx512<3>(a, x, p0, p1, acc);
     case 2: return decode_avx512<2>(a, x, p0, p1, acc);
     default: return decode_avx512<1>(a, x, p0, p1, acc);
+  }
+}
+
+// total (M x N, zeroed) = group pairs [p0, p1), each kFlushPairs of them summed in `chunk` (M x N) first.
+PYPRUNE_TARGET_AVX512 void decode_range_avx512(const S24Args& a, const float* x, int64_t p0, int64_t p1,
+                                               float* total, float* chunk) {
+  const int64_t n = a.M * a.N;
+  if (p1 - p0 <= kFlushPairs) return decode_rows_avx512(a, x, p0, p1, total);
+  for (int64_t c = p0; c < p1; c += kFlushPairs) {
+    std::fill(chunk, chunk + n, 0.f);
+    decode_rows_avx512(a, x, c, std::min(p1, c + kFlushPairs), chunk);
+    int64_t q = 0;
+    for (; q + 16 <= n; q += 16)
+      _mm512_storeu_ps(total + q, _mm512_add_ps(_mm512_loadu_ps(total + q), _mm512_loadu_ps(chunk + q)));
+    for (; q < n; ++q) total[q] += chunk[q];
   }
 }
 
@@ -231,8 +262,9 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
     at::Tensor partial = at::zeros({parts, M, N}, x.options());
     float* pp = partial.data_ptr<float>();
     at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
+      std::vector<float> chunk(M * N);
       for (int64_t q = q0; q < q1; ++q)
-        decode_range_avx512(a, xp, pairs * q / parts, pairs * (q + 1) / parts, pp + q * M * N);
+        decode_range_avx512(a, xp, pairs * q / parts, pairs * (q + 1) / parts, pp + q * M * N, chunk.data());
     });
     at::Tensor out = partial.sum(0);
     if (b.defined()) out.add_(b);

@@ -16,7 +16,7 @@ torch.manual_seed(0)
 print(pyprune._extension.cpu_features()["kernel_isa"])
 for layout, s in (("csr", 0.8), ("bsr", 0.6), ("2:4", 0.5)):
     for m in (1, 3, 17, 70):
-        for k, n in ((97, 33), (64, 50), (520, 40)):
+        for k, n in ((97, 33), (64, 50), (520, 40), (3001, 20)):  # the last: several partial sums a row
             lin = torch.nn.Linear(k, n)
             sp = SparseLinear.from_dense(lin, sparsity=s, layout=layout, block=(8, 16))
             x = torch.randn(m, k)
