@@ -90,6 +90,9 @@ def convert(
     Other masked layers are left dense too. Returns the converted model, or ``(model, ConvertReport)`` if
     ``return_report``.
 
+    The modules keep their stored pattern while training, but bsr / 2:4 store whole blocks / pairs: zeros of
+    the mask inside a stored block (or filling a 2:4 group) are stored values, and fine-tuning updates them.
+
     ``layout="auto"`` (needs ``example_inputs``) times each masked layer as dense and in every layout that holds
     its pattern, on the input it receives, on this device, and keeps the fastest (``report.layouts``).
     """
