@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..nn._trainable import copy_requires_grad
 from ..pruning import convert, get_mask, prune_channels, sparsify
 from ..pruning.convert import weight_read_directly
 
@@ -152,7 +153,7 @@ def _baked(m: nn.Module) -> nn.Module:
         new.weight.copy_(m.weight.detach())
         if m.bias is not None:
             new.bias.copy_(m.bias.detach())
-    return new
+    return copy_requires_grad(new, m)  # a frozen layer stays frozen in every variant and in convert(auto)
 
 
 def _bake_all(model: nn.Module) -> int:

@@ -12,7 +12,7 @@ from .. import ops
 from ..ops.pruned_conv2d import check_channel_index, pair
 from ._bn import bn_affine
 from ._dtype import weight_dtype_input
-from ._trainable import trains
+from ._trainable import copy_requires_grad, trains
 
 
 def _index(idx, n: int, name: str, device) -> Tensor | None:
@@ -35,6 +35,12 @@ def _index(idx, n: int, name: str, device) -> Tensor | None:
     if t.device.type != "meta":  # the meta device holds no values to check
         check_channel_index(t, n, name)
     return t
+
+
+def _any_trains(params) -> bool | None:
+    """Whether any of the (module, name) parameters requires grad; None if none of them exists."""
+    flags = [f for f in (trains(m, name) for m, name in params) if f is not None]
+    return any(flags) if flags else None
 
 
 class PrunedConv2d(nn.Module):
@@ -147,12 +153,13 @@ class PrunedConv2d(nn.Module):
             new.weight.data = weight.contiguous()
             if new.bias is not None:
                 new.bias.data = bias.contiguous()
-        # a frozen layer stays frozen; the bias trains if a parameter it is folded from does
+        # a frozen conv stays frozen (its weight, even with a trainable BN's scale folded in: the per-channel
+        # capacity a BN-only fine-tune trains lives on in the bias); the bias trains if a parameter it is folded
+        # from does
         new.weight.requires_grad_(trains(conv, "weight"))
         if new.bias is not None:
-            sources = [(conv, "bias")] + ([(bn, "weight"), (bn, "bias")] if bn is not None else [])
-            flags = [f for f in (trains(m, name) for m, name in sources) if f is not None]
-            new.bias.requires_grad_(any(flags) if flags else trains(conv, "weight"))
+            flag = _any_trains([(conv, "bias"), *([(bn, "weight"), (bn, "bias")] if bn is not None else [])])
+            new.bias.requires_grad_(trains(conv, "weight") if flag is None else flag)
         return new
 
     def forward(self, input: Tensor) -> Tensor:
@@ -180,6 +187,7 @@ class PrunedConv2d(nn.Module):
             conv.weight.copy_(w)
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
+        copy_requires_grad(conv, self)
         layers = [_SelectChannels(self.in_index)] if self.in_index is not None else []
         layers.append(conv)
         if self.relu:

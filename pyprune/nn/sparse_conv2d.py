@@ -46,7 +46,7 @@ from ..sparse import BSR, CSR, Sparse24
 from ..sparse.bsr import check_block
 from ..sparse.select import block_mask, magnitude_mask, nm_mask
 from ._dtype import weight_dtype_input
-from ._trainable import trains
+from ._trainable import copy_requires_grad, trains
 from .sparse_linear import LAYOUTS, _check_layout, check_stored_shape
 
 # activations per op call on the NCHW 1x1 path (measured: 1 MiB chunks beat whole images of 3 MiB and more)
@@ -338,7 +338,7 @@ class SparseConv2d(nn.Module):
             conv.weight.copy_(w.permute(0, 3, 1, 2))
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
-        return conv
+        return copy_requires_grad(conv, self, {"weight": "weight.values", "bias": "bias"})
 
     def get_extra_state(self):
         return {"layout": self.layout, "kernel_size": self.kernel_size, "groups": self.groups}

@@ -11,7 +11,7 @@ from ..sparse import BSR, CSR, Sparse24
 from ..sparse.bsr import check_block
 from ..sparse.select import block_mask, magnitude_mask, nm_mask
 from ._dtype import weight_dtype_input
-from ._trainable import trains
+from ._trainable import copy_requires_grad, trains
 
 LAYOUTS = ("csr", "bsr", "2:4")
 
@@ -133,7 +133,7 @@ class SparseLinear(nn.Module):
             lin.weight.copy_(w)
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
-        return lin
+        return copy_requires_grad(lin, self, {"weight": "weight.values", "bias": "bias"})
 
     def get_extra_state(self):
         return {"layout": self.layout}

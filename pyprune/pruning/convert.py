@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..nn._trainable import trains
+from ..nn._trainable import copy_requires_grad
 from .masks import copy_of, get_mask
 
 LAYOUTS = ("csr", "bsr", "2:4")
@@ -45,7 +45,7 @@ def _baked_linear(m: nn.Linear) -> nn.Linear:
     lin.weight.data.copy_(m.weight.detach())  # reading .weight applies the mask
     if m.bias is not None:
         lin.bias.data.copy_(m.bias.detach())
-    return _trainable_like(lin, m)
+    return copy_requires_grad(lin, m)
 
 
 def _baked_conv(m: nn.Conv2d) -> nn.Conv2d:
@@ -57,16 +57,7 @@ def _baked_conv(m: nn.Conv2d) -> nn.Conv2d:
     conv.weight.data.copy_(m.weight.detach())
     if m.bias is not None:
         conv.bias.data.copy_(m.bias.detach())
-    return _trainable_like(conv, m)
-
-
-def _trainable_like(baked: nn.Module, m: nn.Module) -> nn.Module:
-    """``baked`` with the requires_grad of ``m``'s weight and bias (the sparse module built from it copies
-    them: a frozen layer stays frozen)."""
-    for name in ("weight", "bias"):
-        if getattr(baked, name) is not None:
-            getattr(baked, name).requires_grad_(trains(m, name))
-    return baked
+    return copy_requires_grad(conv, m)
 
 
 def convert(

@@ -3,6 +3,7 @@ Parameters, which train by default, and a fine-tune over the parameters that req
 
 import pytest
 import torch
+import torch.nn.utils.prune
 from torch import nn
 
 import pyprune
@@ -43,3 +44,28 @@ def test_convert_keeps_a_frozen_masked_layer_frozen(layout):
         fast = pyprune.convert(masked, layout=layout, block=(4, 4))
     assert set(_flags(fast[0]).values()) == {False} and set(_flags(fast[2]).values()) == {False}
     assert set(_flags(fast[3]).values()) == {True}
+
+
+def test_convert_auto_keeps_a_frozen_layer_frozen():
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    model[0].requires_grad_(False)
+    masked = pyprune.sparsify(model, sparsity=0.5)
+    fast = pyprune.convert(masked, layout="auto", example_inputs=torch.randn(4, 16))
+    assert set(_flags(fast[0]).values()) == {False} and set(_flags(fast[2]).values()) == {True}
+
+
+def test_torch_prune_mask_applied_under_no_grad_keeps_the_layer_trainable():
+    # torch.nn.utils.prune recomputes .weight in a pre-hook: made under no_grad it has no flag; weight_orig has
+    lin = nn.Linear(16, 8)
+    with torch.no_grad():
+        torch.nn.utils.prune.l1_unstructured(lin, "weight", amount=0.5)
+    assert SparseLinear.from_dense(lin).weight.values.requires_grad
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_to_dense_keeps_requires_grad(frozen):
+    lin, conv = nn.Linear(16, 8).requires_grad_(not frozen), nn.Conv2d(8, 8, 3).requires_grad_(not frozen)
+    for m in (SparseLinear.from_dense(lin, 0.5), SparseConv2d.from_dense(conv, 0.5)):
+        assert set(_flags(m.to_dense()).values()) == {not frozen}
+    dense = PrunedConv2d.from_dense(conv, keep_in=[0, 2]).to_dense()
+    assert set(_flags(dense).values()) == {not frozen}
