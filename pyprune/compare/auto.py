@@ -14,7 +14,7 @@ import statistics
 import torch
 from torch import nn
 
-from ..pruning.convert import ConvertReport, weight_read_directly
+from ..pruning.convert import ConvertReport, plain_encoder_inputs, weight_read_directly
 from ..pruning.masks import copy_of, get_mask
 from .timing import time_interleaved
 from .variants import _baked, _set
@@ -180,5 +180,6 @@ def convert_auto(
             report.left_dense[name] = f"auto: dense is fastest here ({timing})"
         else:
             report.converted.append(name)
+    plain_encoder_inputs(target)
     target.train(was_training)
     return (target, report) if return_report else target

@@ -37,6 +37,19 @@ def weight_read_directly(model: nn.Module, name: str, pyprune_weight: bool = Tru
     return None
 
 
+def plain_encoder_inputs(model: nn.Module) -> None:
+    """An nn.TransformerEncoder turns a padded input into a NestedTensor when its first layer can take the fused
+    fast path, and a layer holding a pyprune sparse Linear cannot take it (nor a NestedTensor): encoders with one
+    keep plain tensors (``use_nested_tensor = False``)."""
+    from ..sparse.base import SparseFormat
+
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoder) and any(
+            isinstance(getattr(sub, "weight", None), SparseFormat) for sub in m.layers.modules()
+        ):
+            m.use_nested_tensor = False
+
+
 def _baked_linear(m: nn.Linear) -> nn.Linear:
     """A plain nn.Linear whose weight is the masked weight (exact zeros where the mask is off)."""
     lin = nn.Linear(
@@ -132,7 +145,8 @@ def convert(
         parent_name, _, attr = name.rpartition(".")
         setattr(target.get_submodule(parent_name) if parent_name else target, attr, sparse)
         report.converted.append(name)
+    plain_encoder_inputs(target)
     return (target, report) if return_report else target
 
 
-__all__ = ["ConvertReport", "LAYOUTS", "convert", "weight_read_directly"]
+__all__ = ["ConvertReport", "LAYOUTS", "convert", "plain_encoder_inputs", "weight_read_directly"]

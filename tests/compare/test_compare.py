@@ -468,6 +468,22 @@ def test_linears_whose_owner_reads_their_weight_stay_dense():
     assert "enc.self_attn.out_proj" in report.left_dense and "enc.linear2" in report.layouts
 
 
+@pytest.mark.parametrize("layout", ["csr", "auto"])
+def test_encoder_with_a_dense_first_layer_and_sparse_later_ones_takes_padding_masks(layout):
+    # nn.TransformerEncoder checks only its first layer before turning a padded input into a NestedTensor:
+    # with layers.0 dense and layers.1 converted, SparseLinear received one and crashed
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), 2).eval()
+    x, pad = torch.randn(3, 7, 32), torch.zeros(3, 7, dtype=torch.bool)
+    pad[0, 5:] = True
+    masked = pyprune.sparsify(enc, sparsity=0.5, ignore=["layers.0.linear1", "layers.0.linear2"])
+    fast = pyprune.convert(masked, layout=layout, example_inputs=(x,))
+    assert isinstance(fast.layers[1].linear1, pyprune.nn.SparseLinear) or layout == "auto"
+    with torch.no_grad():
+        got, want = fast(x, src_key_padding_mask=pad), masked(x, src_key_padding_mask=pad)
+    torch.testing.assert_close(got[~pad], want[~pad], rtol=1e-4, atol=1e-5)  # padded rows: torch's own choice
+
+
 def test_sparse_weight_is_not_a_tensor_to_torch_functions():
     # its __torch_function__ (what sends TransformerEncoderLayer past its fast path) returns NotImplemented
     weight = pyprune.nn.SparseLinear.from_dense(nn.Linear(8, 4), sparsity=0.5).weight
