@@ -37,6 +37,16 @@ def _skip_removed_blocks(model: nn.Module, state_dict: Mapping[str, Any]) -> Non
             _replace(model, name, Skip())
 
 
+def _never_pruned(mod: nn.Module, t_name: str) -> tuple[int, ...]:
+    """Dimensions of ``mod``'s tensor ``t_name`` that channel pruning never cuts: a conv's kernel, an
+    embedding's rows (the vocabulary)."""
+    if isinstance(mod, nn.modules.conv._ConvNd) and t_name == "weight":
+        return tuple(range(2, mod.weight.dim()))
+    if isinstance(mod, nn.Embedding) and t_name == "weight":
+        return (0,)
+    return ()
+
+
 def _shrink_tensors(model: nn.Module, state_dict: Mapping[str, Any]) -> None:
     """Give every parameter and buffer the shape its state_dict entry has (pruning only removes positions), and
     update the sizes its module keeps (in_channels, num_features, heads, ...) as prune_channels does."""
@@ -55,14 +65,21 @@ def _shrink_tensors(model: nn.Module, state_dict: Mapping[str, Any]) -> None:
                 "a pruned model's tensors have the model's dimensions, each no larger; is this the state_dict "
                 "of a pruned instance of this architecture?"
             )
+        mod_name, _, t_name = key.rpartition(".")
+        mod = model.get_submodule(mod_name) if mod_name else model
+        cut = [d for d in _never_pruned(mod, t_name) if value.shape[d] != old.shape[d]]
+        if cut:
+            raise ValueError(
+                f"state_dict[{key!r}] has shape {tuple(value.shape)}, but the model's is {tuple(old.shape)}: "
+                f"dimension {cut[0]} of a {type(mod).__name__}'s {t_name} is never pruned"
+            )
         new = resized.get(id(old))
         if new is None:
             new = torch.empty(value.shape, dtype=old.dtype, device=old.device)
             if isinstance(old, nn.Parameter):
                 new = nn.Parameter(new, requires_grad=old.requires_grad)
             resized[id(old)] = new
-        mod_name, _, t_name = key.rpartition(".")
-        setattr(model.get_submodule(mod_name) if mod_name else model, t_name, new)
+        setattr(mod, t_name, new)
         if mod_name not in touched:
             touched.append(mod_name)
     for name in touched:
@@ -86,8 +103,14 @@ def _check_keys(model: nn.Module, state_dict: Mapping[str, Any], strict: bool) -
                 )
     for k, v in state_dict.items():
         mine = own.get(k)
-        if isinstance(v, torch.Tensor) and isinstance(mine, torch.Tensor) and v.shape != mine.shape:
+        if not isinstance(mine, torch.Tensor):
+            continue
+        if not isinstance(v, torch.Tensor):
+            problems.append(f"{k!r}: a {type(v).__name__}, not a tensor")
+        elif v.shape != mine.shape:
             problems.append(f"{k!r}: shape {tuple(v.shape)} where the rebuilt model has {tuple(mine.shape)}")
+        elif v.device.type == "meta" and mine.device.type != "meta":
+            problems.append(f"{k!r}: on the meta device (it holds no values)")
     if problems:
         raise ValueError("state_dict does not fit this architecture, pruned or not: " + "; ".join(problems))
 
@@ -103,8 +126,11 @@ def load_pruned_state_dict(
     follow (``in_channels``, ``out_features``, ``num_features``, attention heads; an ``nn.MultiheadAttention``
     whose width changed becomes a :class:`PrunedMultiheadAttention`, as prune_channels makes it); each block
     the state_dict marks as removed by prune_layers becomes a :class:`Skip`. Sizes that live only in code (a
-    ``view(-1, 512)`` in a forward) or in plain tensor attributes are not in a state_dict and are not rebuilt.
-    Keys and shapes are checked before any weight is copied: on an error ``model`` is left as it was.
+    ``view(-1, 512)`` in a forward), in plain tensor attributes or in modules without tensors (a LayerNorm
+    without affine, a BatchNorm without affine or running statistics) are not in a state_dict and are not
+    rebuilt. Keys, shapes, devices and value types are checked before any weight is copied, and on such an
+    error ``model`` is left as it was (an error inside torch's copy would leave it partly loaded, as
+    ``load_state_dict`` does).
     Returns torch's ``(missing_keys, unexpected_keys)``. Converted models (SparseLinear, PrunedConv2d, masks)
     have other keys: load the pruned dense model, then convert it again.
     """

@@ -157,3 +157,28 @@ def test_bad_arguments():
         load_pruned_state_dict({}, {})
     with pytest.raises(TypeError, match="state_dict must be a mapping"):
         load_pruned_state_dict(nn.Linear(2, 2), [("weight", torch.ones(2, 2))])
+
+
+def test_a_cut_kernel_is_refused_and_the_model_kept():
+    # pruning never cuts a conv's kernel: such a shape loaded and then failed in the forward
+    model = models.resnet18().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sd = dict(model.state_dict())
+    sd["layer1.0.conv1.weight"] = torch.zeros(32, 64, 1, 1)
+    with pytest.raises(ValueError, match="dimension 2 of a Conv2d's weight is never pruned"):
+        load_pruned_state_dict(model, sd)
+    _unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    "bad, message", [(torch.empty(4, 8, device="meta"), "on the meta device"), (3, "not a tensor")]
+)
+def test_values_torch_cannot_copy_are_refused_before_any_copy(bad, message):
+    # torch's load_state_dict copies the tensors it can before it fails on such an entry
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sd = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    sd["0.weight"] = bad
+    with pytest.raises(ValueError, match=message):
+        load_pruned_state_dict(model, sd)
+    _unchanged(model, before)
