@@ -57,6 +57,21 @@ def model_and_inputs(
     return m, (x,)
 
 
+def runnable(name: str, model, inputs: tuple):
+    """(model, inputs) once the model has run on the inputs; ValueError naming the size options if not."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except (RuntimeError, ValueError, IndexError) as exc:
+        raise ValueError(
+            f"--model {name} fails on its input of shape {tuple(inputs[0].shape)} (check --batch, --seq, "
+            f"--image): {str(exc).splitlines()[0]}"
+        ) from exc
+    return model, inputs
+
+
 def takes_tokens(name: str) -> bool:
     return MODELS[name][2] == "tokens"
 
@@ -172,8 +187,13 @@ def _compare(args) -> int:
     with fixed_threads(args.threads) as nthreads:
         peak = measure_peak(nthreads, device)
     many = len(names) > 1
+    # every model built and run once before any timing: a size one of them refuses (--seq past its positions,
+    # --image for a fixed-size model) fails now, not after the models before it have run
+    prepared = []
     for name in names:
-        model, inputs = model_and_inputs(name, args.batch, args.seq, args.image, _channels_last(name, args))
+        built = model_and_inputs(name, args.batch, args.seq, args.image, _channels_last(name, args))
+        prepared.append((name, *runnable(name, *built)))
+    for name, model, inputs in prepared:
         t1 = time.perf_counter()
         report = compare(
             model, inputs, methods=methods, levels=levels, device=device, threads=args.threads, rounds=rounds,

@@ -134,8 +134,10 @@ def convert(
                 continue
             try:
                 sparse = SparseLinear.from_dense(_baked_linear(mod), sparsity=None, layout=layout, block=block)
-            except ValueError as exc:  # its mask is not in layout's pattern: the user's choice, not a limit
-                raise ValueError(
+            except ValueError as exc:
+                if layout != "2:4":  # csr and bsr hold any mask: a bad argument (block), reported as it is
+                    raise
+                raise ValueError(  # its mask is not 2:4: the user's choice, not a limit
                     f"convert(layout={layout!r}): masked Linear {name!r} cannot be stored that way ({exc}); "
                     f"mask it with sparsify(pattern={layout!r}) or choose another layout"
                 ) from exc

@@ -399,6 +399,20 @@ def test_cli_size_options_need_a_model_that_takes_them(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "lenet5", "bert-small", "--seq", "100000"], "--seq must lie in [1, 512]"),
+        (["--model", "bert-small", "lenet5", "--image", "16"], "--model lenet5 fails on its input of shape (1, 1, 16"),
+    ],
+)
+def test_cli_sizes_a_later_model_refuses_fail_before_any_timing(argv, message, capsys):
+    # they failed after the models before them had been timed and reported
+    assert main(["compare", *argv, "--levels", "0.5", "--rounds", "1", "--no-progress"]) == 2
+    out = capsys.readouterr()
+    assert message in out.err and "vs dense" not in out.out and out.out == ""
+
+
 def test_cli_channels_last_applies_to_the_image_models_of_a_mixed_run(tmp_path, monkeypatch):
     # the default models are resnet50 and bert-base: --channels-last ran resnet50 for minutes and then failed on
     # bert; it now applies to the image model only, and the check comes before any timing
@@ -407,7 +421,7 @@ def test_cli_channels_last_applies_to_the_image_models_of_a_mixed_run(tmp_path, 
     seen = []
     monkeypatch.setattr(
         cli, "model_and_inputs", lambda name, *a: seen.append((name, a[-1])) or (_ for _ in ()).throw(KeyError)
-    )
+    )  # stops at the first model built
     with pytest.raises(KeyError):
         main(["compare", "--model", "bert-small", "lenet5", "--channels-last", "--no-progress"])
     assert seen == [("bert-small", False)]

@@ -195,6 +195,9 @@ def test_convert_to_2_4_names_the_linear_whose_mask_is_not_2_4():
         pyprune.convert(masked, layout="2:4")
     assert "convert(layout='2:4'): masked Linear '0' cannot be stored" in str(exc.value)
     assert "sparsify(pattern='2:4')" in str(exc.value)
+    with pytest.raises(ValueError) as exc:  # a bad block is an argument error, not a mask the layout cannot hold
+        pyprune.convert(masked, layout="bsr", block=(0, 32))
+    assert "block" in str(exc.value) and "cannot be stored" not in str(exc.value)
 
 
 def test_convert_rejects_unknown_layout():
