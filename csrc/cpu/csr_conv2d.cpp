@@ -420,10 +420,9 @@ Structure build_structure(const int32_t* cr, const int32_t* ci, int64_t O, int64
 template <typename Build>
 Structure structure(const at::Tensor& crow, const at::Tensor& col, std::vector<int64_t> geometry, Build build) {
   static DerivedCache<Structure> cache(int64_t(64) << 20);
-  const bool kept = !crow.is_inference() && !col.is_inference();  // else nothing is kept: no fingerprint
-  return cache.get({crow, col}, std::move(geometry), build, [](const Structure& st) {
-    return static_cast<int64_t>(st.off.nbytes() + st.bnd.nbytes());
-  }, kept ? content_fingerprint(crow, col) : 0);
+  return cache.get({crow, col}, {crow, col}, std::move(geometry), [&](const std::vector<at::Tensor>& from) {
+    return build(from[0].data_ptr<int32_t>(), from[1].data_ptr<int32_t>());
+  }, [](const Structure& st) { return static_cast<int64_t>(st.off.nbytes() + st.bnd.nbytes()); });
 }
 
 }  // namespace
@@ -548,9 +547,10 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
     for (int64_t j = 0; j < kw; ++j)
       tap_off[i * kw + j] =
           phase_slot[(i * dh % sh) * sw + j * dw % sw] * C * plane + (i * dh / sh) * Wq + j * dw / sw;
-  const Structure st = structure(crow, col, {C, kh, kw, sh, sw, dh, dw, Wq, plane, chunk}, [&] {
-    check_structure(cr, ci, O, K);
-    return build_structure(cr, ci, O, C, chunk, tap_off, plane);
+  const Structure st = structure(crow, col, {C, kh, kw, sh, sw, dh, dw, Wq, plane, chunk},
+                                 [&](const int32_t* crow_p, const int32_t* col_p) {
+    check_structure(crow_p, col_p, O, K);
+    return build_structure(crow_p, col_p, O, C, chunk, tap_off, plane);
   });
   const int32_t* off = st.off.data_ptr<int32_t>();
   const int64_t n_chunks = st.n_chunks;

@@ -260,11 +260,10 @@ void validate_compressed_indices(const at::Tensor& crow, const at::Tensor& col, 
 void check_compressed_indices(const at::Tensor& crow, const at::Tensor& col, int64_t n_cols, const char* op,
                               const char* n_cols_name) {
   static DerivedCache<bool> checked(4096);  // one "byte" per entry: the newest 4096 index pairs kept
-  const bool kept = !crow.is_inference() && !col.is_inference();  // else nothing is kept: no fingerprint
-  checked.get({crow, col}, {n_cols}, [&] {
-    validate_compressed_indices(crow, col, n_cols, op, n_cols_name);
+  checked.get({crow, col}, {crow.contiguous(), col.contiguous()}, {n_cols}, [&](const std::vector<at::Tensor>& from) {
+    validate_compressed_indices(from[0], from[1], n_cols, op, n_cols_name);
     return true;
-  }, [](bool) { return int64_t(1); }, kept ? content_fingerprint(crow.contiguous(), col.contiguous()) : 0);
+  }, [](bool) { return int64_t(1); });
 }
 
 at::Tensor csr_linear_run(const at::Tensor& x, const at::Tensor& crow_indices, const at::Tensor& col_indices,

@@ -777,12 +777,12 @@ at::Tensor transposed_weight(const at::Tensor& weight, const at::Tensor& wc, int
                              int64_t taps, int64_t cog16) {
   static DerivedCache<at::Tensor> cache(int64_t(256) << 20);
   // the shape too: `p.data = p.data.view(...)` keeps the tensor, its version and its bytes
-  return cache.get({weight}, {G, weight.size(0), weight.size(1), weight.size(2), weight.size(3)}, [&] {
+  return cache.get({weight}, {wc}, {G, weight.size(0), weight.size(1), weight.size(2), weight.size(3)},
+                   [&](const std::vector<at::Tensor>& from) {
     at::Tensor wt = at::empty({G, taps, Cig, cog16}, wc.options());
-    transpose_weight(wc.data_ptr<float>(), wt.data_ptr<float>(), G, Cog, Cig, taps, cog16);
+    transpose_weight(from[0].data_ptr<float>(), wt.data_ptr<float>(), G, Cog, Cig, taps, cog16);
     return wt;
-  }, [](const at::Tensor& wt) { return static_cast<int64_t>(wt.nbytes()); },
-     weight.is_inference() ? 0 : content_fingerprint(wc));  // an inference tensor's copy is never kept
+  }, [](const at::Tensor& wt) { return static_cast<int64_t>(wt.nbytes()); });
 }
 
 // At least n fp32 zeros, kept for the next call (a bigger request replaces the buffer; a call in flight holds

@@ -49,8 +49,8 @@ gpu::csr::Path forced_path() {
 // is never destroyed (CUDA tensors freed by a static destructor at exit could outlive the CUDA allocator).
 at::Tensor narrow_columns(const at::Tensor& col) {
   static auto* cache = new DerivedCache<at::Tensor>(int64_t(256) << 20);
-  return cache->get({col}, {}, [&] {
-    const at::Tensor c = col.contiguous();
+  return cache->get({col}, {}, [](const std::vector<at::Tensor>& from) {
+    const at::Tensor c = from[0].contiguous();
     return at::where(c >= 32768, c - 65536, c).to(at::kShort);
   }, [](const at::Tensor& t) { return static_cast<int64_t>(t.nbytes()); });
 }
@@ -59,8 +59,8 @@ at::Tensor narrow_columns(const at::Tensor& col) {
 // calls like the 16-bit columns.
 at::Tensor rows_by_length(const at::Tensor& crow, int64_t n) {
   static auto* cache = new DerivedCache<at::Tensor>(int64_t(64) << 20);
-  return cache->get({crow}, {n}, [&] {
-    const at::Tensor c = crow.contiguous();
+  return cache->get({crow}, {n}, [n](const std::vector<at::Tensor>& from) {
+    const at::Tensor c = from[0].contiguous();
     const at::Tensor lengths = c.narrow(0, 1, n) - c.narrow(0, 0, n);
     return std::get<1>(lengths.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true)).to(at::kInt);
   }, [](const at::Tensor& t) { return static_cast<int64_t>(t.nbytes()); });
