@@ -226,6 +226,7 @@ int decode_smem_limit(int device) {
     cudaGetLastError();
     optin = 48 * 1024;
   }
+  optin -= static_cast<int>(2 * sizeof(int64_t));  // the kernel's static shared memory (row_range)
   return optin < kDecodeSmemCap ? optin : kDecodeSmemCap;
 }
 
@@ -233,7 +234,9 @@ template <typename T, int MT, typename I>
 const char* launch_decode(const CsrLinearParams& p, int device, cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(p.k) * MT * sizeof(T);
   auto kernel = csr_linear_decode_kernel<T, MT, I>;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
+  // the same limit on every call (smem <= it, see csr_linear_decode_tokens): the attribute is shared by every
+  // host thread, and a limit set to this call's smem could drop under another thread's larger launch
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, decode_smem_limit(device)) !=
       cudaSuccess) {
     return cudaGetErrorString(cudaGetLastError());
   }
@@ -271,7 +274,9 @@ const char* launch_t(const CsrLinearParams& p, int device, Path path, cudaStream
       break;
   }
   constexpr int kVec = 16 / sizeof(T);
-  if (p.xt == nullptr || p.ldxt % kVec != 0 || p.ldxt < p.m || reinterpret_cast<uintptr_t>(p.xt) % 16 != 0) {
+  // with k = 0 there are no nonzeros (columns lie in [0, k)) and xt, of 0 bytes, may be null: y is the bias
+  if (p.k > 0 && (p.xt == nullptr || p.ldxt % kVec != 0 || p.ldxt < p.m ||
+                  reinterpret_cast<uintptr_t>(p.xt) % 16 != 0)) {
     return "csr_linear rows path: xt must be given, 16-byte aligned, with ldxt >= m a multiple of 16 bytes";
   }
   const int64_t tiles = (p.ldxt + 32 * kVec - 1) / (32 * kVec);
