@@ -152,23 +152,26 @@ def _bsr_linear_fwd_kernel(
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
 
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for blk in range(start, end):
+    # one flat loop over (stored block, BLOCK_K chunk of its columns): the pipeliner buffers one chunk per
+    # stage whatever BW is (an unrolled inner chunk loop multiplied shared memory by BW / BLOCK_K)
+    N_CHUNK: tl.constexpr = (BW + BLOCK_K - 1) // BLOCK_K
+    for it in range(start * N_CHUNK, end * N_CHUNK):
+        blk = it // N_CHUNK
         bcol = tl.load(col_ptr + blk).to(tl.int64)
         v_base = values_ptr + blk * stride_vb
-        for kk in tl.static_range(0, BW, BLOCK_K):
-            w_in = kk + offs_w
-            k_idx = bcol * BW + w_in
-            x_mask = mask_m[:, None] & (k_idx < K)[None, :]
-            if BW % BLOCK_K != 0:
-                x_mask = x_mask & (w_in < BW)[None, :]
-            x_tile = tl.load(x_rows + k_idx[None, :] * stride_xk, mask=x_mask, other=0.0)
-            # block^T chunk (BLOCK_K x BLOCK_N); padding past the weight's edge is stored as zeros
-            v_ptrs = v_base + w_in[:, None] * stride_vw + offs_h[None, :] * stride_vh
-            if (BH % BLOCK_N != 0) or (BW % BLOCK_K != 0):
-                w_tile = tl.load(v_ptrs, mask=(w_in < BW)[:, None] & (offs_h < BH)[None, :], other=0.0)
-            else:
-                w_tile = tl.load(v_ptrs)
-            acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+        w_in = (it % N_CHUNK) * BLOCK_K + offs_w
+        k_idx = bcol * BW + w_in
+        x_mask = mask_m[:, None] & (k_idx < K)[None, :]
+        if BW % BLOCK_K != 0:
+            x_mask = x_mask & (w_in < BW)[None, :]
+        x_tile = tl.load(x_rows + k_idx[None, :] * stride_xk, mask=x_mask, other=0.0)
+        # block^T chunk (BLOCK_K x BLOCK_N); padding past the weight's edge is stored as zeros
+        v_ptrs = v_base + w_in[:, None] * stride_vw + offs_h[None, :] * stride_vh
+        if (BH % BLOCK_N != 0) or (BW % BLOCK_K != 0):
+            w_tile = tl.load(v_ptrs, mask=(w_in < BW)[:, None] & (offs_h < BH)[None, :], other=0.0)
+        else:
+            w_tile = tl.load(v_ptrs)
+        acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
 
     offs_n = brow * BH + offs_h
     mask_n = (offs_n < N) & (offs_h < BH)
@@ -398,7 +401,8 @@ def _bsr_linear_grad_values_kernel(
         g = tl.load(g_ptrs + offs_m[None, :] * stride_gm, mask=mask_h[:, None] & mask_m[None, :], other=0.0)
         xt = tl.load(x_ptrs + offs_m[:, None] * stride_xm, mask=mask_m[:, None] & mask_w[None, :], other=0.0)
         acc = tl.dot(g, xt, acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
-    o_ptrs = out_ptr + blk * stride_ob + offs_h[:, None] * stride_oh + offs_w[None, :] * stride_ow
+    # int64: nnz_blocks * BH * BW passes 2**31 for large layers
+    o_ptrs = out_ptr + blk.to(tl.int64) * stride_ob + offs_h[:, None] * stride_oh + offs_w[None, :] * stride_ow
     # entries past the weight's edge get 0 (their loads were masked), as the padding of values must stay zero
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_h < BH)[:, None] & (offs_w < BW)[None, :])
 

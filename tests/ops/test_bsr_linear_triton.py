@@ -101,6 +101,19 @@ def test_interpreted_small_and_odd_blocks_are_padded(interp):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("schedule", ["rows", "balanced"])
+def test_interpreted_blocks_wider_than_a_chunk(interp, schedule):
+    # blocks wider than BLOCK_K (64) run as several chunks of one flat loop (an unrolled chunk loop multiplied
+    # the kernel's shared memory by BW / 64: 384 KiB for fp32 256x256 blocks, over an H100's 227 KiB), with a
+    # ragged last chunk (100, 144) and last block column
+    for block in [(32, 128), (16, 100), (32, 144)]:
+        w, crow, col, vals = bsr_case(70, 300, block, sparsity=0.3)
+        x, b = torch.randn(5, 300), torch.randn(70)
+        y = interp.bsr_linear_triton(x, crow, col, vals, 70, b, schedule=schedule, split_blocks=1)
+        torch.testing.assert_close(y.double(), ref64(x, w, b), rtol=0, atol=TOL32 * 300**0.5 * 4)
+
+
+@pytest.mark.triton
 def test_interpreted_non_contiguous_x_and_all_empty(interp):
     w, crow, col, vals = bsr_case(32, 40, (16, 16))
     x = torch.randn(40, 6).t()

@@ -54,6 +54,8 @@ run = JITFunction.run
 def compile_only(self, *args, grid, warmup, **kw):
     kernel = run(self, *args, grid=grid, warmup=True, **kw)
     assert "cubin" in kernel.asm, self.fn.__name__
+    # what a launch on an H100 would refuse: more shared memory than a block may opt in to (227 KiB)
+    assert kernel.metadata.shared <= 232448, (self.fn.__name__, kernel.metadata.shared)
     compiled.append(self.fn.__name__)
     return kernel
 
@@ -80,15 +82,19 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
         w = torch.randn(5, 3 * 3 * 6, dtype=dt).to_sparse_csr()
         cc.csr_conv2d_triton(x, w.crow_indices().int(), w.col_indices().int(), w.values(), 5, (3, 3),
                              torch.randn(5, dtype=dt), (1, 1), (1, 1), (dil, dil))
+    # blocks wider than a 64-column chunk (256: its shared memory grew with the block's width, 384 KiB in fp32
+    # with tf32, until the chunks became one flat loop)
     for m, n, k, bh, bw, schedule in ((8, 96, 80, 32, 32, "rows"), (8, 96, 80, 32, 32, "balanced"),
-                                      (1, 64, 64, 16, 16, "rows"), (300, 100, 70, 48, 24, "rows")):
+                                      (1, 64, 64, 16, 16, "rows"), (300, 100, 70, 48, 24, "rows"),
+                                      (64, 256, 256, 256, 256, "rows")):
         x = torch.randn(m, k, dtype=dt)
         rows, cols = -(-n // bh), -(-k // bw)
         crow = torch.arange(rows + 1, dtype=torch.int32) * cols
         col = torch.arange(cols, dtype=torch.int32).repeat(rows)
         values = torch.randn(rows * cols, bh, bw, dtype=dt)
-        bl.bsr_linear_triton(x, crow, col, values, n, torch.randn(n, dtype=dt), schedule=schedule, split_blocks=1)
-        bl.bsr_linear_grad_values_triton(torch.randn(m, n, dtype=dt), x, crow, col, bh, bw)
+        bl.bsr_linear_triton(x, crow, col, values, n, torch.randn(n, dtype=dt), schedule=schedule, split_blocks=1,
+                             allow_tf32=True)
+        bl.bsr_linear_grad_values_triton(torch.randn(m, n, dtype=dt), x, crow, col, bh, bw, allow_tf32=True)
 print("compiled", len(compiled), " ".join(sorted(set(compiled))))
 """
 
@@ -103,6 +109,6 @@ def test_every_triton_kernel_compiles_for_sm90():
     if out.stdout.startswith("SKIP"):
         pytest.skip(f"this Triton cannot compile for CUDA here: {out.stdout.strip()}")
     count, names = out.stdout.split()[1], out.stdout.split()[2:]
-    assert int(count) == 3 * (5 + 2 + 4 * 2), out.stdout
+    assert int(count) == 3 * (5 + 2 + 5 * 2), out.stdout
     assert names == sorted(["_bsr_linear_fwd_kernel", "_bsr_linear_grad_values_kernel", "_csr_conv2d_fwd_kernel",
                             "_pruned_conv2d_dw_kernel", "_pruned_conv2d_fwd_kernel"])  # fmt: skip
