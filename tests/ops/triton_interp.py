@@ -14,11 +14,32 @@ KERNELS = Path(__file__).resolve().parents[2] / "kernels"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
+def _index_takes_one_element_arrays():
+    """Triton 3.6's interpreter turns a scalar tensor into an int (``range(start, end)`` over loaded bounds)
+    with ``int(handle.data)`` on a shape-(1,) array, a TypeError since NumPy 2.4 (triton-lang/triton#9171,
+    fixed by #9172; 3.9 has the fix). Re-patches ``__index__`` after the interpreter's own patch; its scope
+    restores both, last first. A Triton without the private hook keeps its own."""
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "_pyprune_index", False):
+        return
+
+    def _patch_lang_tensor(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    _patch_lang_tensor._pyprune_index = True
+    interpreter._patch_lang_tensor = _patch_lang_tensor
+
+
 def load_interpreted(name: str):
     """kernels/<name>.py executed again with TRITON_INTERPRET=1, as a module of its own inside the installed
     pyprune_kernels (so its relative imports resolve; that package's own modules stay compiled); the
     variable is restored afterwards."""
     import pyprune_kernels  # noqa: F401  (the parent package of the interpreted copy)
+
+    _index_takes_one_element_arrays()
 
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
