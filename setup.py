@@ -28,6 +28,15 @@ def _want_cuda() -> tuple[bool, str]:
         if flag == "1":
             raise RuntimeError("PYPRUNE_CUDA=1 but no CUDA toolkit (nvcc / CUDA_HOME) was found")
         return False, "no CUDA toolkit (nvcc / CUDA_HOME) found at build time"
+    # torch guesses CUDA_HOME from nvcc's path: an nvcc wrapper outside the toolkit (/usr/local/bin/nvcc)
+    # gives /usr/local, and the build failed minutes later on a missing cuda_runtime.h
+    headers = [os.path.join(CUDA_HOME, "include")] if CUDA_HOME else []
+    headers += [os.environ["CUDA_INC_PATH"]] if os.environ.get("CUDA_INC_PATH") else []
+    if not any(os.path.exists(os.path.join(d, "cuda_runtime.h")) for d in headers):
+        reason = f"no cuda_runtime.h under CUDA_HOME={CUDA_HOME}/include or CUDA_INC_PATH (set CUDA_HOME to the toolkit)"
+        if flag == "1":
+            raise RuntimeError(f"PYPRUNE_CUDA=1 but {reason}")
+        return False, reason
     return True, f"built with CUDA {torch.version.cuda}"
 
 
