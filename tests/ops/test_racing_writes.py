@@ -15,16 +15,16 @@ import threading
 import pytest
 import torch
 
+from pyprune import _extension
 from pyprune.nn import PrunedConv2d, SparseConv2d
 
-pytestmark = pytest.mark.skipif(not hasattr(torch.ops.pyprune, "pruned_conv2d"), reason="needs the ops")
+pytestmark = pytest.mark.skipif(not _extension.HAS_CPP, reason="the values kept between calls are the C++ kernels'")
 
 
-def _rounds(module, x, target, other, rounds=200):
-    """Rounds of: a thread calls `module` while this one writes `other` then `target` into the tensor `target`
-    currently holds, 20 times; then one call, which must match the module's dense equivalent."""
-    live = target
-    a, b = target.clone(), other.clone()
+def _rounds(module, x, source, other, rounds=200):
+    """Rounds of: a thread calls `module` while this one writes `other`, then the source's own values back,
+    into `source` through `.data`, 20 times; then one call, which must match the module's dense equivalent."""
+    a, b = source.clone(), other.clone()
     with torch.no_grad():
         expected = module.to_dense()(x)
         wrong = 0
@@ -41,8 +41,8 @@ def _rounds(module, x, target, other, rounds=200):
             thread = threading.Thread(target=call)
             thread.start()
             for _ in range(20):
-                live.data.copy_(b)
-                live.data.copy_(a)
+                source.data.copy_(b)
+                source.data.copy_(a)
             stop.set()
             thread.join()
             wrong += not torch.allclose(module(x), expected, rtol=1e-4, atol=1e-4)
