@@ -24,6 +24,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "pyprune/check.h"
@@ -829,6 +830,34 @@ at::Tensor shared_zeros(int64_t n) {
   return zeros;
 }
 
+// The channels of y (N, C, H, W) that out_ids (sorted) leaves out, set to zero before the kernel writes the
+// others. NCHW: one memset per image and run of such channels. channels_last: all of y, one contiguous
+// memset, which the kernel then overwrites (y.index_fill_ walked it element by element: channels_last 64
+// channels @56 batch 8, 48 of them filled, 1.45 ms against 0.15 ms for the whole memset).
+void zero_unwritten(at::Tensor& y, const std::vector<int64_t>& out_ids, bool channels_last) {
+  float* p = y.data_ptr<float>();
+  if (channels_last) {
+    const int64_t n = y.numel(), chunk = int64_t(1) << 16;
+    at::parallel_for(0, (n + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
+      std::memset(p + c0 * chunk, 0, (std::min(n, c1 * chunk) - c0 * chunk) * sizeof(float));
+    });
+    return;
+  }
+  std::vector<std::pair<int64_t, int64_t>> runs;  // [first, end) channels nobody writes
+  for (int64_t ch = 0, i = 0; ch < y.size(1);) {
+    const int64_t next = i < static_cast<int64_t>(out_ids.size()) ? out_ids[i] : y.size(1);
+    if (ch < next) runs.emplace_back(ch, next);
+    ch = next + 1, ++i;
+  }
+  const int64_t plane = y.size(2) * y.size(3), nr = static_cast<int64_t>(runs.size());
+  at::parallel_for(0, y.size(0) * nr, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const auto& r = runs[u % nr];
+      std::memset(p + (u / nr) * y.stride(0) + r.first * plane, 0, (r.second - r.first) * plane * sizeof(float));
+    }
+  });
+}
+
 }  // namespace
 
 at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -910,14 +939,7 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   } else {
     at::Tensor c = out_index->contiguous();
     out_ids.assign(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
-    if (c_out < out_channels) {  // channels nobody writes are zero
-      std::vector<int64_t> rest;
-      for (int64_t ch = 0, i = 0; ch < out_channels; ++ch) {
-        if (i < c_out && out_ids[i] == ch) ++i;
-        else rest.push_back(ch);
-      }
-      y.index_fill_(1, at::tensor(rest, at::kLong), 0.f);
-    }
+    if (c_out < out_channels) zero_unwritten(y, out_ids, channels_last);
   }
   if (x.size(0) == 0 || c_out == 0) return y;
   if (c_in == 0) {  // no input channel kept: every output is the bias (or zero), through the ReLU
