@@ -178,7 +178,7 @@ def _backward(ctx, grad):
         if in_index is None:
             grad_x = gx
         else:
-            grad_x = x.new_zeros(x.shape).index_copy_(1, in_index, gx)
+            grad_x = torch.zeros_like(x).index_copy_(1, in_index, gx)  # in x's memory format
     if ctx.needs_input_grad[1]:
         grad_w = torch.nn.grad.conv2d_weight(xs, weight.shape, grad, stride, padding, dilation, groups)
     if ctx.has_bias and ctx.needs_input_grad[2]:
