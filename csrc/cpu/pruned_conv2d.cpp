@@ -850,7 +850,10 @@ void zero_unwritten(at::Tensor& y, const std::vector<int64_t>& out_ids, bool cha
     ch = next + 1, ++i;
   }
   const int64_t plane = y.size(2) * y.size(3), nr = static_cast<int64_t>(runs.size());
-  at::parallel_for(0, y.size(0) * nr, 1, [&](int64_t u0, int64_t u1) {
+  const int64_t per_run = (y.size(1) - static_cast<int64_t>(out_ids.size())) * plane / nr;  // floats, on average
+  // a thread's share at least 64 Ki floats: waking the other thread costs more than a smaller memset
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / per_run);
+  at::parallel_for(0, y.size(0) * nr, grain, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
       const auto& r = runs[u % nr];
       std::memset(p + (u / nr) * y.stride(0) + r.first * plane, 0, (r.second - r.first) * plane * sizeof(float));
