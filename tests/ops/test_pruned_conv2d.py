@@ -381,3 +381,24 @@ def test_grad_mode_off_skips_autograd_and_gives_the_same_result():
     torch.testing.assert_close(y0, y.detach())
     with torch.no_grad(), torch.enable_grad():  # grad mode back on inside: the graph is built again
         assert pruned_conv2d(x, w, None, ii, padding=1).grad_fn is not None
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("out_index", [[1, 2, 5], [0, 6], [3]])
+def test_scatter_zeroes_every_channel_nobody_writes(channels_last, out_index):
+    # The output is allocated uninitialised and the kernel zeroes what out_index leaves out (runs of channels
+    # before, between and after the kept ones; all of a channels_last y): memory freed full of NaN just before
+    # must not show through
+    out_index = torch.tensor(out_index)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(3, 5, 9, 9).contiguous(memory_format=fmt)
+    w, b = torch.randn(len(out_index), 4, 3, 3), torch.randn(len(out_index))
+    ii = torch.tensor([0, 1, 3, 4])
+    expected = torch.zeros(3, 8, 9, 9)
+    expected[:, out_index] = F.conv2d(x[:, ii], w, b, padding=1)
+    for _ in range(3):
+        garbage = torch.full((3, 8, 9, 9), float("nan")).contiguous(memory_format=fmt)
+        del garbage
+        y = pruned_conv2d(x, w, b, ii, out_index, 8, padding=1)
+        assert y.is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
