@@ -43,6 +43,24 @@ def test_suite_dry_run_writes_results(tmp_path):
     assert "DRY" in proc.stdout
 
 
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_suite_deadline_cuts_the_steps_it_reaches(tmp_path):
+    # SUITE_TOTAL_S is the whole run's deadline: steps that start with under 5 s left are skipped and said so
+    out = tmp_path / "suite"
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu" / "suite.sh"), str(out), "--dry"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHON": sys.executable, "PATH": _path(), "SUITE_TOTAL_S": "3"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = dict(line.split("\t")[:2] for line in (out / "steps.tsv").read_text().splitlines())
+    for name in ("env", "bench", "bench_conv", "bench_csr"):
+        assert rows[name] == "skipped", rows
+    assert "no time left before the 3s deadline" in proc.stdout
+
+
 def _path():
     import os
 

@@ -9,9 +9,11 @@
 #   bash benchmarks/gpu/suite.sh OUTDIR --dry    # on a CPU machine: wiring check, stub table marked DRY
 #
 # Env: PYTHON (default python3), SUITE_BUILD_S / SUITE_TEST_S / SUITE_BENCH_S / SUITE_CONV_S / SUITE_CSR_S (step
-# time limits, seconds). Budget on an H100 (under 8 minutes in all): build ~45 s, tests ~90 s, BSR bench 125 s of
-# cases (the three skewed-structure schedule cases first, then the main table until the budget), conv bench 90 s,
-# CSR/2:4 bench ~40 s, plus start-up and floors per step.
+# time limits, seconds), SUITE_TOTAL_S (the whole run's deadline, default 460 s: no step runs past it, so a
+# step that hangs costs the later ones their time, not the device session more than 8 minutes; the step limits
+# alone add up to 920 s). Budget on an H100: build ~45 s, tests ~90 s, BSR bench 125 s of cases (the three
+# skewed-structure schedule cases first, then the main table until the budget), conv bench 90 s, CSR/2:4 bench
+# ~40 s, plus start-up and floors per step.
 set -u -o pipefail
 if [ $# -lt 1 ]; then echo "usage: $0 OUTDIR [--dry]" >&2; exit 2; fi
 OUT=$(mkdir -p "$1" && cd "$1" && pwd)
@@ -22,11 +24,16 @@ cd "$ROOT"
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 : > "$OUT/steps.tsv"
 T0=$(date +%s)
+DEADLINE=$(( T0 + ${SUITE_TOTAL_S:-460} ))
 
-# step NAME LIMIT_S CMD...: runs CMD with a time limit, output to OUT/NAME.log, status to steps.tsv
+# step NAME LIMIT_S CMD...: runs CMD with a time limit (cut to what is left before the deadline), output to
+# OUT/NAME.log, status to steps.tsv
 step() {
   local name=$1 limit=$2; shift 2
   local t=$(date +%s) rc
+  local left=$(( DEADLINE - t ))
+  if [ $left -lt 5 ]; then skip "$name" "no time left before the ${SUITE_TOTAL_S:-460}s deadline"; return 0; fi
+  [ $left -lt "$limit" ] && limit=$left
   echo "== $name (limit ${limit}s): $*" | tee -a "$OUT/suite.log"
   timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   rc=$?
