@@ -386,8 +386,8 @@ PYPRUNE_INLINE void depthwise_units(const ConvArgs& a, int64_t u0, int64_t u1) {
 // A channels_last x holds each pixel's channels contiguously, which is the layout of a GEMM with pixels as rows:
 // acc[pixel r][channel vector v] += x[pixel r, tap, in_idx[c]] * wt[tap][c][16 v ...]. The activation is read
 // in place through the kept-channel index as an embedded broadcast (taps in the padding point at a zero row),
-// so nothing is staged or packed per pixel; only the weight is transposed, once per call, to wt (K x Cog16,
-// one channel block after another).
+// so nothing is staged or packed per pixel; only the weight is transposed to wt (K x Cog16, one channel block
+// after another), once and kept (transposed_weight).
 struct ClArgs {
   const float* wt;     // per group, its channel blocks, each (KH * KW * Cig) x its width: see block_weight
   const float* zeros;  // a row of zeros covering every channel index (null when no tap lies in the padding)
@@ -407,8 +407,8 @@ struct ClArgs {
 // The weights of the channel block from co0 (a multiple of NVmax * 16) of group g: row k = t * Cig + ci at
 // w + k * ld, with ld the block's width (NVmax * 16, less for the group's last block). Each block is one
 // contiguous K x ld matrix: with the blocks' rows interleaved (one K x Cog16 matrix), a block's row stride
-// was Cog16 floats, and the rows of the block a thread works on were spread over Cog16 / 64 times the
-// memory, and the streaming prefetchers fetched the other blocks' rows along with them (A/B in one process,
+// was Cog16 floats, and the rows of the block a thread works on were spread over Cog16 / (NVmax * 16) times
+// the memory, and the streaming prefetchers fetched the other blocks' rows along with them (A/B in one process,
 // 2 threads, Xeon VM, batch 8: 512->512 3x3 @7 keep 0.75 NCHW and channels_last 0.91x the time, keep 0.5
 // NCHW 0.92x; 2048->512 1x1 @7 keep 0.5 0.96x; 1024->256 1x1 @14 and 3x3 convs on 14x14 / 28x28 maps within 2%).
 struct BlockWeight {
