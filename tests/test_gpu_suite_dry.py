@@ -14,14 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_suite_dry_run_writes_results(tmp_path):
     out = tmp_path / "suite"
-    proc = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu" / "suite.sh"), str(out), "--dry"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"PYTHON": sys.executable, "PATH": _path()},
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = _run_dry(out, timeout=300)
     md, js = out / "results.md", out / "results.json"
     assert md.is_file() and js.is_file(), proc.stdout
     assert "DRY" in md.read_text()
@@ -47,18 +40,24 @@ def test_suite_dry_run_writes_results(tmp_path):
 def test_suite_deadline_cuts_the_steps_it_reaches(tmp_path):
     # SUITE_TOTAL_S is the whole run's deadline: steps that start with under 5 s left are skipped and said so
     out = tmp_path / "suite"
-    proc = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu" / "suite.sh"), str(out), "--dry"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"PYTHON": sys.executable, "PATH": _path(), "SUITE_TOTAL_S": "3"},
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = _run_dry(out, timeout=120, SUITE_TOTAL_S="3")
     rows = dict(line.split("\t")[:2] for line in (out / "steps.tsv").read_text().splitlines())
     for name in ("env", "bench", "bench_conv", "bench_csr"):
         assert rows[name] == "skipped", rows
     assert "no time left before the 3s deadline" in proc.stdout
+
+
+def _run_dry(out, timeout, **env):
+    """suite.sh OUT --dry with this Python, PATH and ``env``; asserts that it exits 0."""
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu" / "suite.sh"), str(out), "--dry"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={"PYTHON": sys.executable, "PATH": _path(), **env},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
 
 
 def _path():
