@@ -410,7 +410,10 @@ struct ClArgs {
 // was Cog16 floats, and the rows of the block a thread works on were spread over Cog16 / (NVmax * 16) times
 // the memory, and the streaming prefetchers fetched the other blocks' rows along with them (A/B in one process,
 // 2 threads, Xeon VM, batch 8: 512->512 3x3 @7 keep 0.75 NCHW and channels_last 0.91x the time, keep 0.5
-// NCHW 0.92x; 2048->512 1x1 @7 keep 0.5 0.96x; 1024->256 1x1 @14 and 3x3 convs on 14x14 / 28x28 maps within 2%).
+// NCHW 0.92x; 2048->512 1x1 @7 keep 0.5 0.96x; 1024->256 1x1 @14 and 3x3 convs on 14x14 / 28x28 maps within 2%.
+// The AVX2 path, whose blocks are 16 channels wide, gained more: old and new builds alternating, 512->512 3x3
+// @7 batch 8 keep 0.75 NCHW 0.72x, channels_last 256->256 3x3 @14 batch 1 keep 0.5 0.75x, 128->128 3x3 @28
+// batch 8 0.88x).
 struct BlockWeight {
   const float* w;
   int64_t ld;
