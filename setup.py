@@ -33,7 +33,10 @@ def _want_cuda() -> tuple[bool, str]:
     headers = [os.path.join(CUDA_HOME, "include")] if CUDA_HOME else []
     headers += [os.environ["CUDA_INC_PATH"]] if os.environ.get("CUDA_INC_PATH") else []
     if not any(os.path.exists(os.path.join(d, "cuda_runtime.h")) for d in headers):
-        reason = f"no cuda_runtime.h under CUDA_HOME={CUDA_HOME}/include or CUDA_INC_PATH (set CUDA_HOME to the toolkit)"
+        reason = (
+            f"no cuda_runtime.h under CUDA_HOME={CUDA_HOME}/include or CUDA_INC_PATH "
+            "(set CUDA_HOME to the toolkit)"
+        )
         if flag == "1":
             raise RuntimeError(f"PYPRUNE_CUDA=1 but {reason}")
         return False, reason

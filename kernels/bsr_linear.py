@@ -402,7 +402,9 @@ def _bsr_linear_grad_values_kernel(
         xt = tl.load(x_ptrs + offs_m[:, None] * stride_xm, mask=mask_m[:, None] & mask_w[None, :], other=0.0)
         acc = tl.dot(g, xt, acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
     # int64: nnz_blocks * BH * BW passes 2**31 for large layers
-    o_ptrs = out_ptr + blk.to(tl.int64) * stride_ob + offs_h[:, None] * stride_oh + offs_w[None, :] * stride_ow
+    o_ptrs = (
+        out_ptr + blk.to(tl.int64) * stride_ob + offs_h[:, None] * stride_oh + offs_w[None, :] * stride_ow
+    )
     # entries past the weight's edge get 0 (their loads were masked), as the padding of values must stay zero
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_h < BH)[:, None] & (offs_w < BW)[None, :])
 

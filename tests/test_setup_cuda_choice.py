@@ -24,7 +24,8 @@ def test_cuda_home_without_headers_is_refused_up_front(monkeypatch, tmp_path):
     # failed minutes in on a missing cuda_runtime.h
     assert want_cuda(monkeypatch, tmp_path, cuda_version="13.0", cuda_home=str(tmp_path)) == (
         False,
-        f"no cuda_runtime.h under CUDA_HOME={tmp_path}/include or CUDA_INC_PATH (set CUDA_HOME to the toolkit)",
+        f"no cuda_runtime.h under CUDA_HOME={tmp_path}/include or CUDA_INC_PATH "
+        "(set CUDA_HOME to the toolkit)",
     )
     with pytest.raises(RuntimeError, match="PYPRUNE_CUDA=1 but no cuda_runtime.h"):
         want_cuda(monkeypatch, tmp_path, cuda_version="13.0", cuda_home=str(tmp_path), flag="1")

@@ -313,11 +313,12 @@ def test_gpu_csr_cuda_edges():
         bad[0] = 50
         with pytest.raises(ValueError, match="in_features"):
             csr_linear(xs, crow1, bad, vals1, 40, b)
-        # no input features: y is the bias on both paths (the rows path refused the 0-byte x^T, a null pointer)
+        # no input features: y is the bias on both paths (the rows path refused the 0-byte x^T, a null
+        # pointer)
         _, crow_k0, col_k0, vals_k0 = csr_args(40, 0, sparsity=1.0, device="cuda")
         for m in (3, 100):
-            torch.testing.assert_close(csr_linear(torch.randn(m, 0, device="cuda"), crow_k0, col_k0, vals_k0, 40, b),
-                                       b.expand(m, 40))
+            y = csr_linear(torch.randn(m, 0, device="cuda"), crow_k0, col_k0, vals_k0, 40, b)
+            torch.testing.assert_close(y, b.expand(m, 40))
 
 
 @pytest.mark.gpu

@@ -18,7 +18,9 @@ import torch
 from pyprune import _extension
 from pyprune.nn import PrunedConv2d, SparseConv2d
 
-pytestmark = pytest.mark.skipif(not _extension.HAS_CPP, reason="the values kept between calls are the C++ kernels'")
+pytestmark = pytest.mark.skipif(
+    not _extension.HAS_CPP, reason="the values kept between calls are the C++ kernels'"
+)
 
 
 def _rounds(module, x, source, other, rounds=200):
