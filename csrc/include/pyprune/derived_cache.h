@@ -38,9 +38,8 @@ namespace detail {
 // the order of the words matters. (A Fletcher sum missed changes that add the same constant to every word:
 // a sign flip, a scale by a power of two.) n is a multiple of 64 (a last 64 words go to chains 0-3). One
 // 64-byte vector per chain and step, in the registers of the target it is instantiated for. Eight chains,
-// not four: a step is a dependent multiply, shift and two xors (~13 cycles on Intel cores, where vpmulld
-// takes 10), and four left a 1 MiB weight hashing at ~14 bytes a cycle (Xeon VM, measured through
-// pruned_conv2d on a 1x1 map).
+// not four: a step is a dependent multiply, shift and two xors (vpmulld alone takes 10 cycles on Intel
+// cores), so four chains left the multipliers idle (see fingerprint for what the change measured).
 typedef uint32_t U32x16 __attribute__((vector_size(64)));
 
 // With kCopy, each vector is also stored to `out`: the copy holds exactly the words that were mixed, even when
@@ -98,8 +97,9 @@ uint64_t fingerprint(const at::Tensor& t, uint8_t* out) {
   else if (kernel_isa() == Isa::kAvx2) mix = mix64_avx2<kCopy>;
 #endif
   // chunks of 64 KiB, two or more to a thread: in chunks of 256 KiB, four to a thread, weights up to 1 MiB
-  // hashed on one thread while the other waited (Xeon VM, 2 threads, with eight chains: pruned_conv2d on a
-  // 1x1 map, 1 MiB weight 60 -> 35 us a call, 0.25 MiB 23 -> 19 us, 4 MiB within noise)
+  // hashed on one thread while the other waited (Xeon VM, 2 threads, old and new builds alternating, this and
+  // the eight chains together: pruned_conv2d on a 1x1 map, 1 MiB weight 60 -> 35 us a call, 0.25 MiB
+  // 23 -> 19 us, 4 MiB within noise)
   constexpr int64_t kChunk = 64 << 10;  // bytes, a multiple of 256
   const int64_t full = bytes / 256 * 256, n_chunks = (full + kChunk - 1) / kChunk;
   std::vector<uint64_t> part(n_chunks);
@@ -125,9 +125,7 @@ inline uint64_t combine(uint64_t h, uint64_t next) { return (h * 0x9e3779b97f4a7
 
 }  // namespace detail
 
-// A 64-bit function of a contiguous CPU tensor's bytes and size: chunks of 64 KiB mixed in parallel (from L2
-// a 1 MiB weight costs pruned_conv2d on a 1x1 map ~20 us more than a 0.2 MiB one on 2 threads of the Xeon
-// VM; from DRAM, the memory's speed).
+// A 64-bit function of a contiguous CPU tensor's bytes and size: chunks of 64 KiB mixed in parallel.
 inline uint64_t content_fingerprint(const at::Tensor& t) { return detail::fingerprint<false>(t, nullptr); }
 
 template <typename Value>
