@@ -44,6 +44,11 @@ def _csr_conv2d_flop(x, crow, col, values, *args, out_shape=None, **kwargs) -> i
     return _conv_flops(values, out_shape)
 
 
+@register_flop_formula(torch.ops.pyprune.bsr_conv2d)
+def _bsr_conv2d_flop(x, crow, col, values, *args, out_shape=None, **kwargs) -> int:
+    return _conv_flops(values, out_shape)
+
+
 def _as_args(example_inputs: Any) -> tuple:
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
 

@@ -32,16 +32,20 @@ def bsr_linear_ref(
     out_features: int,
     bias: Tensor | None = None,
 ) -> Tensor:
-    in_features = x.shape[-1]
+    w = _bsr_matrix(crow_indices, col_indices, values, out_features, x.shape[-1])
+    return F.linear(x, w.to(x.dtype), bias)
+
+
+def _bsr_matrix(crow_indices: Tensor, col_indices: Tensor, values: Tensor, n_rows: int, n_cols: int) -> Tensor:
+    """The (n_rows, n_cols) matrix a BSR stores (blocks zero-padded past its edges; a block given twice adds)."""
     bh, bw = values.shape[1], values.shape[2]
     n_brows = crow_indices.numel() - 1
-    n_bcols = -(-in_features // bw)
-    w = torch.zeros(n_brows * bh, n_bcols * bw, dtype=values.dtype, device=values.device)
+    w = torch.zeros(n_brows * bh, -(-n_cols // bw) * bw, dtype=values.dtype, device=values.device)
     for brow in range(n_brows):
         for blk in range(int(crow_indices[brow]), int(crow_indices[brow + 1])):
             c = int(col_indices[blk])
             w[brow * bh : (brow + 1) * bh, c * bw : (c + 1) * bw] += values[blk]
-    return F.linear(x, w[:out_features, :in_features].to(x.dtype), bias)
+    return w[:n_rows, :n_cols]
 
 
 def sparse24_linear_ref(
@@ -69,6 +73,14 @@ def _conv2d(x: Tensor, w: Tensor, bias: Tensor | None, stride, padding, dilation
     return y if bias is None else y + bias.view(1, -1, 1, 1)
 
 
+def _tap_major_conv2d(x: Tensor, w: Tensor, kernel_size, bias, stride, padding, dilation) -> Tensor:
+    """conv2d with the (C_out, kh*kw*C_in) tap-major weight matrix w, output in x's memory format."""
+    kh, kw = kernel_size
+    w = w.reshape(w.shape[0], kh, kw, x.shape[1]).permute(0, 3, 1, 2)
+    y = _conv2d(x, w.to(x.dtype), bias, stride, padding, dilation)
+    return y.contiguous(memory_format=_memory_format(x))
+
+
 def csr_conv2d_ref(
     x: Tensor,
     crow_indices: Tensor,
@@ -89,9 +101,26 @@ def csr_conv2d_ref(
         start, end = int(crow_indices[row]), int(crow_indices[row + 1])
         # a column given twice in a row adds up, as in the kernels (and torch.sparse)
         w[row].index_add_(0, col_indices[start:end].long(), values[start:end])
-    w = w.reshape(out_channels, kh, kw, c_in).permute(0, 3, 1, 2)
-    y = _conv2d(x, w.to(x.dtype), bias, stride, padding, dilation)
-    return y.contiguous(memory_format=_memory_format(x))
+    return _tap_major_conv2d(x, w, kernel_size, bias, stride, padding, dilation)
+
+
+def bsr_conv2d_ref(
+    x: Tensor,
+    crow_indices: Tensor,
+    col_indices: Tensor,
+    values: Tensor,
+    out_channels: int,
+    kernel_size: list[int],
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+) -> Tensor:
+    """The weight is (out_channels, kh*kw*C_in) in tap-major columns, as in csr_conv2d_ref, stored as BSR
+    blocks (bh x bw) zero-padded past its edges."""
+    kh, kw = kernel_size
+    w = _bsr_matrix(crow_indices, col_indices, values, out_channels, kh * kw * x.shape[1])
+    return _tap_major_conv2d(x, w, kernel_size, bias, stride, padding, dilation)
 
 
 def pruned_conv2d_ref(

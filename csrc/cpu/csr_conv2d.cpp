@@ -1,40 +1,23 @@
 // pyprune::csr_conv2d on the CPU: conv2d of x with a CSR weight (C_out, kh*kw*C_in), tap-major columns
-// (column (i*kw + j)*C_in + c holds w[o, c, i, j]), as an implicit GEMM that never builds a patch matrix.
-//
-// Fast Sparse ConvNets (Elsen et al. 2020) for 1x1 convs, generalised to kxk: in NCHW a channel's pixels are
-// contiguous, so a nonzero w[o, c, i, j] multiplies a contiguous run of input pixels into a contiguous run of
-// output pixels, one broadcast FMA per 16 pixels. To make every tap a plain shift, each image's input is
-// staged once as zero-padded planes, split by stride phase: plane (a, b, c)[u][v] = x_pad[c][u*sh + a][v*sw + b].
-// Output pixel (oh, ow) is then q = oh*Wq + ow, and the tap (c, i, j) reads plane (i*dh % sh, j*dw % sw, c) at
-// q + (i*dh / sh)*Wq + (j*dw / sw): one int32 offset per nonzero, cached with the indices. Flat q covers Wq - OW
-// columns per row that are computed and dropped; tiles either follow output rows (no waste, partial last
-// vectors) or run flat across rows, whichever computes fewer vectors. A stride-1 unpadded 1x1 conv on an NCHW
-// map of whole vectors (H*W % 16 == 0) reads x in place; on other NCHW maps (7x7, 14x14) each unit range copies
-// its own tiles into an L2 buffer instead of staging the image (no pass through memory), the tiles running flat
-// across images so that small maps fill whole vectors. channels_last x is
-// staged through 16x16 transposes and gets a channels_last y, stored 16 rows at a time through the same
-// transposes; for a stride-1 unpadded 1x1 conv with many tiles each unit transposes its own tile instead (the
-// input is read once, nothing staged goes through memory), and with few tiles under 25% density the CSR
-// linear kernel runs on the pixels as they lie.
+// (column (i*kw + j)*C_in + c holds w[o, c, i, j]), as an implicit GEMM that never builds a patch matrix: the
+// staged planes of pyprune/conv_planes.h, where a nonzero w[o, c, i, j] multiplies a contiguous run of input
+// pixels into a contiguous run of output pixels, one broadcast FMA per 16 pixels, at one int32 offset per
+// nonzero, cached with the indices. A stride-1 unpadded 1x1 conv on an NCHW map of whole vectors
+// (H*W % 16 == 0) reads x in place; on other NCHW maps (7x7, 14x14) each unit range copies its own tiles into
+// an L2 buffer instead of staging the image (no pass through memory), the tiles running flat across images so
+// that small maps fill whole vectors. For a channels_last stride-1 unpadded 1x1 conv with many tiles each unit
+// transposes its own tile instead (the input is read once, nothing staged goes through memory), and with few
+// tiles under 25% density the CSR linear kernel runs on the pixels as they lie.
 //
 // Work units are (image, pixel tile, output-row part): a tile's input slice (planes x tile) stays in L2 while
 // every row's nonzeros stream past it, and the next tile's slice is prefetched meanwhile; row parts (balanced
 // by nnz) add parallelism when tiles are few.
-#include <immintrin.h>
-
-#include <numeric>
-
+#include "pyprune/conv_planes.h"
 #include "pyprune/derived_cache.h"
 #include "pyprune/linear.h"
-#include "pyprune/token_tiles.h"
 
 namespace pyprune {
 namespace {
-
-struct Tile {
-  int64_t q0, len;
-  int64_t dst;  // offset of q0 in an output channel when the tile's outputs are contiguous, else -1
-};
 
 struct ConvArgs {
   const int32_t* bnd;  // (n_chunks + 1, O): bnd[k * O + o] = row o's first nonzero with column >= k * chunk
@@ -84,27 +67,6 @@ PYPRUNE_INLINE void row_tile(const int32_t* off, const float* val, int64_t nnz, 
   for (int t = 0; t < NV; ++t) out[t] = a[t] + b[t];
 }
 
-template <class V, int NV>
-PYPRUNE_INLINE void store_tile(const V* acc, const Tile& tl, float bias, int64_t Wq, int64_t OW, float* yc) {
-  if (tl.dst >= 0) {
-    float* d = yc + tl.dst;
-    int t = 0;
-    for (; t < NV && (t + 1) * kLanes <= tl.len; ++t) store16(d + kLanes * t, acc[t] + bias);
-    for (int64_t k = t * kLanes; k < tl.len; ++k) d[k] = acc[t][k - t * kLanes] + bias;
-    return;
-  }
-  alignas(64) float buf[NV * kLanes];
-  for (int t = 0; t < NV; ++t) store16(buf + kLanes * t, acc[t]);
-  const int64_t q1 = tl.q0 + tl.len;
-  for (int64_t q = tl.q0; q < q1;) {
-    const int64_t oh = q / Wq, row = oh * Wq;
-    const int64_t valid_end = std::min(q1, row + OW);
-    float* d = yc + oh * OW - row;
-    for (int64_t k = q; k < valid_end; ++k) d[k] = buf[k - tl.q0] + bias;
-    q = std::min(q1, row + Wq);
-  }
-}
-
 // NCHW output of a packed tile that spans images (q = n * OHW + p): one run per image. yo: output channel o of
 // image 0; images are O * OHW apart.
 template <class V, int NV>
@@ -117,36 +79,6 @@ PYPRUNE_INLINE void store_tile_images(const V* acc, const Tile& tl, float bias, 
     const float* s = buf + (q - tl.q0);
     for (int64_t k = 0; k < len; ++k) d[k] = s[k] + bias;
     q += len;
-  }
-}
-
-// channels_last output: rows [o0, o0 + g) of one tile, buffered as buf[row][q - q0] (bias added), go out as
-// y[pixel][o0 .. o0 + g), a whole group through in-register 16x16 transposes, a partial one element-wise.
-template <class V>
-PYPRUNE_INLINE void store_group_cl(const float* buf, int64_t ldb, int64_t g, const Tile& tl, int64_t Wq,
-                                   int64_t OW, int64_t O, int64_t o0, float* y_img) {
-  auto pixel = [&](int64_t q) {  // output pixel of q, or -1 for a dropped column
-    if (tl.dst >= 0) return tl.dst + q - tl.q0;  // the tile's outputs are contiguous: no division
-    const int64_t oh = q / Wq, ow = q - oh * Wq;
-    return ow < OW ? oh * OW + ow : -1;
-  };
-  for (int64_t qb = 0; qb < tl.len; qb += kLanes) {
-    const int64_t n = std::min<int64_t>(kLanes, tl.len - qb);
-    if (g == kLanes) {
-      V r[kLanes];
-      for (int i = 0; i < kLanes; ++i) r[i] = load16<V>(buf + i * ldb + qb);
-      transpose16(r);
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t p = pixel(tl.q0 + qb + j);
-        if (p >= 0) store16(y_img + p * O + o0, r[j]);
-      }
-      continue;
-    }
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t p = pixel(tl.q0 + qb + j);
-      if (p < 0) continue;
-      for (int64_t i = 0; i < g; ++i) y_img[p * O + o0 + i] = buf[i * ldb + qb + j];
-    }
   }
 }
 
@@ -192,41 +124,6 @@ PYPRUNE_INLINE void rows_tile(const ConvArgs& a, const Tile& tl, const float* ba
       if (i == kLanes - 1 || o + 1 == r1)
         store_group_cl<V>(group, NV * kLanes, i + 1, tl, a.Wq, a.OW, a.O, o - i, y_img);
     }
-  }
-}
-
-// channels_last input: plane row u (all channels) from one NHWC input row xr, columns v in [v0, v1) reading
-// input column v*sw + col0; stride 1 through in-register 16x16 transposes (16 pixels x 16 channels at a time).
-// Each block's 16 pixel rows are prefetched into L2 kPrefetchBlocks blocks (48 pixels) ahead: the 16 rows, a
-// whole pixel (C floats) apart, are more streams than the hardware prefetcher keeps up with, and past the end
-// of a packed tile the prefetches reach into the next one, which then arrives while this tile's rows compute
-// (2 threads, 90% sparse channels_last 256->64 1x1 @56 batch 8, A/B in one process: 2 blocks ahead into L2
-// 1.35x faster than none, 3 blocks 1.06x faster than 2, 4 or 5 no better, 1 block into L1 1.23x; old and new
-// builds in alternating processes: 2.35-3.17 -> 1.81-2.37 ms; batch 1 and the 3x3 convs within 1-6%).
-constexpr int64_t kPrefetchBlocks = 3;
-
-template <class V>
-PYPRUNE_INLINE void stage_row_cl(const float* xr, int64_t C, int64_t v0, int64_t v1, int64_t col0, int64_t sw,
-                                 float* dst, int64_t plane) {
-  int64_t v = v0;
-  if (sw == 1) {
-    for (; v + kLanes <= v1; v += kLanes) {
-      const float* src = xr + (v + col0) * C;
-      int64_t c = 0;
-      for (; c + kLanes <= C; c += kLanes) {
-        for (int i = 0; i < kLanes; ++i) __builtin_prefetch(src + (kPrefetchBlocks * kLanes + i) * C + c, 0, 2);
-        V r[kLanes];
-        for (int i = 0; i < kLanes; ++i) r[i] = load16<V>(src + i * C + c);
-        transpose16(r);
-        for (int j = 0; j < kLanes; ++j) store16(dst + (c + j) * plane + v, r[j]);
-      }
-      for (; c < C; ++c)
-        for (int i = 0; i < kLanes; ++i) dst[c * plane + v + i] = src[i * C + c];
-    }
-  }
-  for (; v < v1; ++v) {
-    const float* src = xr + (v * sw + col0) * C;
-    for (int64_t c = 0; c < C; ++c) dst[c * plane + v] = src[c];
   }
 }
 
@@ -306,51 +203,6 @@ UnitsFn pick_units(Isa isa) {
 #endif
   (void)isa;
   return units_baseline;
-}
-
-using StageClFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
-
-#define PYPRUNE_STAGE_CL(SUFFIX, TARGET, V)                                                                \
-  TARGET void stage_cl_##SUFFIX(const float* xr, int64_t C, int64_t v0, int64_t v1, int64_t col0, int64_t sw, \
-                                float* dst, int64_t plane) {                                                \
-    stage_row_cl<V>(xr, C, v0, v1, col0, sw, dst, plane);                                                   \
-  }
-
-PYPRUNE_STAGE_CL(baseline, , VecBaseline)
-#if PYPRUNE_X86
-PYPRUNE_STAGE_CL(avx2, PYPRUNE_TARGET_AVX2, VecAvx2)
-PYPRUNE_STAGE_CL(avx512, PYPRUNE_TARGET_AVX512, VecAvx512)
-#endif
-
-StageClFn pick_stage_cl(Isa isa) {
-#if PYPRUNE_X86
-  if (isa == Isa::kAvx512) return stage_cl_avx512;
-  if (isa == Isa::kAvx2) return stage_cl_avx2;
-#endif
-  (void)isa;
-  return stage_cl_baseline;
-}
-
-// The pixel tiles of one image in q space, at most `tile` wide: along output rows, or flat across them.
-std::vector<Tile> make_tiles(int64_t OH, int64_t OW, int64_t Wq, int64_t tile) {
-  auto vecs = [](int64_t len) { return (len + kLanes - 1) / kLanes; };
-  const int64_t q_end = (OH - 1) * Wq + OW;
-  int64_t flat_vecs = 0, row_vecs = 0;
-  for (int64_t q = 0; q < q_end; q += tile) flat_vecs += vecs(std::min(tile, q_end - q));
-  for (int64_t w = 0; w < OW; w += tile) row_vecs += OH * vecs(std::min(tile, OW - w));
-  std::vector<Tile> tiles;
-  auto add = [&](int64_t q0, int64_t len) {
-    const int64_t oh = q0 / Wq, ow = q0 - oh * Wq;
-    const bool contiguous = Wq == OW || ow + len <= OW;
-    tiles.push_back({q0, len, contiguous ? oh * OW + ow : -1});
-  };
-  if (Wq == OW || flat_vecs <= row_vecs) {
-    for (int64_t q = 0; q < q_end; q += tile) add(q, std::min(tile, q_end - q));
-  } else {
-    for (int64_t oh = 0; oh < OH; ++oh)
-      for (int64_t w = 0; w < OW; w += tile) add(oh * Wq + w, std::min(tile, OW - w));
-  }
-  return tiles;
 }
 
 // The dense equivalent, for dtypes the kernel lacks (float64 for gradcheck, fp16, bf16) and for images too
@@ -433,24 +285,12 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
                           at::IntArrayRef dilation) {
   constexpr const char* op = "csr_conv2d";
   check_compressed_args(x, crow_indices, col_indices, values, 1, op);
-  PYPRUNE_CHECK(x.dim() == 4, op, "x", "must be 4-D (N, C_in, H, W), got shape ", x.sizes());
+  const PlaneGeometry g = checked_plane_geometry(x, kernel_size, stride, padding, dilation, op);
   PYPRUNE_CHECK(out_channels >= 0, op, "out_channels", "must be >= 0, got ", out_channels);
-  PYPRUNE_CHECK(kernel_size.size() == 2 && kernel_size[0] >= 1 && kernel_size[1] >= 1, op, "kernel_size",
-                "must be two ints >= 1, got ", kernel_size);
-  PYPRUNE_CHECK(stride.size() == 2 && stride[0] >= 1 && stride[1] >= 1, op, "stride",
-                "must be two ints >= 1, got ", stride);
-  PYPRUNE_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, op, "padding",
-                "must be two ints >= 0, got ", padding);
-  PYPRUNE_CHECK(dilation.size() == 2 && dilation[0] >= 1 && dilation[1] >= 1, op, "dilation",
-                "must be two ints >= 1, got ", dilation);
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), O = out_channels;
-  const int64_t kh = kernel_size[0], kw = kernel_size[1], sh = stride[0], sw = stride[1];
-  const int64_t ph = padding[0], pw = padding[1], dh = dilation[0], dw = dilation[1];
-  const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw;
-  const int64_t OH = Hp >= dh * (kh - 1) + 1 ? (Hp - dh * (kh - 1) - 1) / sh + 1 : 0;
-  const int64_t OW = Wp >= dw * (kw - 1) + 1 ? (Wp - dw * (kw - 1) - 1) / sw + 1 : 0;
-  PYPRUNE_CHECK(OH >= 1 && OW >= 1, op, "x", "has spatial size (", H, ", ", W,
-                "), smaller than the dilated kernel after padding ", padding);
+  const int64_t N = g.N, C = g.C, H = g.H, W = g.W, O = out_channels;
+  const int64_t kh = g.kh, kw = g.kw, sh = g.sh, sw = g.sw, ph = g.ph, pw = g.pw;
+  const int64_t OH = g.OH, OW = g.OW, Wq = g.Wq, planes = g.planes, reach = g.reach;
+  const bool cl = g.cl;  // channels_last x gets a channels_last y; anything else is read as NCHW
   PYPRUNE_CHECK(crow_indices.numel() == O + 1, op, "crow_indices", "must have out_channels + 1 = ", O + 1,
                 " entries, got ", crow_indices.numel());
   PYPRUNE_CHECK(col_indices.numel() == values.numel(), op, "col_indices",
@@ -462,35 +302,11 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   PYPRUNE_CHECK(cr[0] == 0 && cr[O] == nnz, op, "crow_indices", "must start at 0 and end at nnz = ", nnz,
                 ", got ", cr[0], " and ", cr[O]);
 
-  const int64_t Hq = (Hp + sh - 1) / sh, Wq = (Wp + sw - 1) / sw;
-  std::vector<int64_t> phase_slot(sh * sw, -1);
-  std::vector<int64_t> slot_phase;
-  for (int64_t i = 0; i < kh; ++i)
-    for (int64_t j = 0; j < kw; ++j) {
-      const int64_t ph_ab = (i * dh % sh) * sw + j * dw % sw;
-      if (phase_slot[ph_ab] < 0) {
-        phase_slot[ph_ab] = static_cast<int64_t>(slot_phase.size());
-        slot_phase.push_back(ph_ab);
-      }
-    }
-  const int64_t planes = static_cast<int64_t>(slot_phase.size()) * C;
   const Isa isa = kernel_isa();
-  // Widest tile whose input slice (planes x (tile + the taps' reach)) stays within ~512 KiB of L2.
-  const int64_t reach = ((kh - 1) * dh / sh) * Wq + (kw - 1) * dw / sw;
-  int64_t nv = isa_vecs(isa);
-  while (nv > 1 && planes * (kLanes * nv + reach) * 4 > 512 * 1024) --nv;
-  const int64_t tile = kLanes * nv;
-  // Staged planes: one per (stride phase in use, channel), Hq x Wq each, padded to whole vectors so that every
-  // plane starts 64-byte aligned (split-line loads cost 1.2-1.25x on 7x7 and 14x14 maps), and to a line count
-  // that spreads consecutive planes' tiles over the L1 sets (a 4 KiB plane stride puts every plane's tile in
-  // the same 4 sets: about 1.5x slower at 32x32). A stride-1 unpadded 1x1 conv on NCHW x whose planes already
-  // qualify reads x in place.
-  auto spread = [nv](int64_t lines) { return std::gcd<int64_t>(lines, 64) <= nv; };
-  // channels_last x (as F.conv2d decides: laid out so, and not trivially both) is staged from NHWC and gets a
-  // channels_last y; anything else is read as NCHW.
-  const bool cl = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+  const int64_t nv = tile_vecs(g, isa_vecs(isa)), tile = kLanes * nv;
+  // A stride-1 unpadded 1x1 conv on NCHW x whose planes already qualify reads x in place.
   const bool in_place = !cl && kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 &&
-                        (H * W) % kLanes == 0 && spread(H * W / kLanes);
+                        (H * W) % kLanes == 0 && spreads_sets(H * W / kLanes, nv);
   // allocated before the tiles are laid out, whose count follows the output's size: an output too large to
   // allocate (a huge padding) fails here at once, as in F.conv2d
   at::Tensor y = at::empty({N, O, OH, OW},
@@ -522,8 +338,7 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
     want_parts = parts_for(static_cast<int64_t>(tiles.size()));
   }
   const int64_t n_tiles = static_cast<int64_t>(tiles.size());
-  int64_t plane = pack_tiles ? tile : round_up(Hq * Wq, kLanes);
-  if (!in_place && !pack_tiles && !spread(plane / kLanes)) plane += kLanes;
+  const int64_t plane = pack_tiles ? tile : in_place ? round_up(H * W, kLanes) : plane_stride(g, nv);
 
   const at::Tensor b = checked_bias(bias, O, op, x.scalar_type());
   if (x.scalar_type() != at::kFloat || N * planes * plane >= (int64_t{1} << 31)) {
@@ -541,13 +356,8 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   // 1.1-1.3x faster chunked, 90% ones up to 1.25x slower).
   const int64_t l1_cols = std::max<int64_t>(16, (24 * 1024) / (4 * tile));
   const int64_t chunk = l1_cols * nnz >= 24 * K * O ? std::min(K, l1_cols) : K;
-  // Offsets: per tap (i, j) its plane slot and shift.
-  std::vector<int64_t> tap_off(kh * kw);
-  for (int64_t i = 0; i < kh; ++i)
-    for (int64_t j = 0; j < kw; ++j)
-      tap_off[i * kw + j] =
-          phase_slot[(i * dh % sh) * sw + j * dw % sw] * C * plane + (i * dh / sh) * Wq + j * dw / sw;
-  const Structure st = structure(crow, col, {C, kh, kw, sh, sw, dh, dw, Wq, plane, chunk},
+  const std::vector<int64_t> tap_off = tap_offsets(g, plane);
+  const Structure st = structure(crow, col, {C, kh, kw, sh, sw, g.dh, g.dw, Wq, plane, chunk},
                                  [&](const int32_t* crow_p, const int32_t* col_p) {
     check_structure(crow_p, col_p, O, K);
     return build_structure(crow_p, col_p, O, C, chunk, tap_off, plane);
@@ -567,66 +377,9 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   at::Tensor staged;
   const float* in = xc.data_ptr<float>();
   const int64_t in_image = planes * plane;
-  if (cl && !pack_tiles) {
-    // NHWC rows into zeroed planes: unit (image, slot, plane row), a thread's share at least ~64 KiB
-    staged = at::zeros({N * in_image + kLanes * nv}, x.options());
-    float* st = staged.data_ptr<float>();
-    const int64_t n_slots = static_cast<int64_t>(slot_phase.size());
-    const StageClFn stage = pick_stage_cl(isa);
-    at::parallel_for(0, N * n_slots * Hq, std::max<int64_t>(1, 16384 / (C * Wq)), [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t n = p / (n_slots * Hq), s = (p / Hq) % n_slots, u = p % Hq;
-        const int64_t pa = slot_phase[s] / sw, pb = slot_phase[s] % sw, r = u * sh + pa - ph;
-        if (r < 0 || r >= H) continue;
-        const int64_t v0 = std::min(Wq, (std::max<int64_t>(0, pw - pb) + sw - 1) / sw);
-        const int64_t v1 = std::max(v0, std::min(Wq, (W + pw - pb + sw - 1) / sw));
-        stage(in + (n * H + r) * W * C, C, v0, v1, pb - pw, sw, st + n * in_image + s * C * plane + u * Wq, plane);
-      }
-    });
-    in = st;
-  } else if (!in_place && !pack_tiles && !cl) {
-    staged = at::empty({N * in_image + kLanes * nv}, x.options());
-    float* st = staged.data_ptr<float>();
-    std::fill(st + N * in_image, st + N * in_image + kLanes * nv, 0.f);
-    const int64_t n_slots = static_cast<int64_t>(slot_phase.size());
-    // a thread's share at least ~64 KiB: waking the second thread costs more than copying less
-    // per slot: its phase (pa, pb) and the columns v whose input column v*sw + pb - pw lies in [0, W)
-    std::vector<int64_t> pa(n_slots), pb(n_slots), v0(n_slots), v1(n_slots);
-    for (int64_t s = 0; s < n_slots; ++s) {
-      pa[s] = slot_phase[s] / sw;
-      pb[s] = slot_phase[s] % sw;
-      v0[s] = std::min(Wq, (std::max<int64_t>(0, pw - pb[s]) + sw - 1) / sw);
-      v1[s] = std::max(v0[s], std::min(Wq, (W + pw - pb[s] + sw - 1) / sw));
-    }
-    const bool whole_planes = Hq == H && Wq == W && sh == 1 && sw == 1 && ph == 0 && pw == 0;
-    // a thread's share at least ~64 KiB: waking the second thread costs more than copying less. Plane p is
-    // (image n, slot s, channel c) = p / planes, (p % planes) / C, p % C, stepped without divisions.
-    at::parallel_for(0, N * planes, std::max<int64_t>(1, 16384 / plane), [&](int64_t p0, int64_t p1) {
-      int64_t n = p0 / planes, s = (p0 % planes) / C, c = p0 % C;
-      for (int64_t p = p0; p < p1; ++p) {
-        const float* src = in + (n * C + c) * H * W;
-        float* dst = st + p * plane;
-        if (whole_planes) {  // one run
-          std::copy(src, src + H * W, dst);
-          std::fill(dst + H * W, dst + plane, 0.f);
-        } else {  // one fill of the plane, then a copy per row
-          std::fill(dst, dst + plane, 0.f);
-          for (int64_t u = 0; u < Hq; ++u) {
-            const int64_t r = u * sh + pa[s] - ph;
-            if (r < 0 || r >= H) continue;
-            const float* sr = src + r * W + pb[s] - pw;
-            float* d = dst + u * Wq;
-            if (sw == 1) std::copy(sr + v0[s], sr + v1[s], d + v0[s]);
-            else for (int64_t v = v0[s]; v < v1[s]; ++v) d[v] = sr[v * sw];
-          }
-        }
-        if (++c == C) {
-          c = 0;
-          if (++s == n_slots) s = 0, ++n;
-        }
-      }
-    });
-    in = st;
+  if (!in_place && !pack_tiles) {
+    staged = stage_planes(xc, g, plane, tile, isa);
+    in = staged.data_ptr<float>();
   }
 
   auto prefix = [cr, step, O](int64_t g) { return static_cast<int64_t>(cr[std::min(g * step, O)]); };

@@ -12,14 +12,11 @@ from torch import nn
 
 from .variants import METHODS
 
-# the op each pyprune module calls, by class name and layout
+# the op each pyprune module calls, by class name and layout (SparseConv2d names its own: kernel_op)
 _OPS = {
     ("SparseLinear", "csr"): "csr_linear",
     ("SparseLinear", "bsr"): "bsr_linear",
     ("SparseLinear", "2:4"): "sparse24_linear",
-    ("SparseConv2d", "csr"): "csr_conv2d",
-    ("SparseConv2d", "bsr"): "bsr_linear",
-    ("SparseConv2d", "2:4"): "sparse24_linear",
     ("PrunedConv2d", None): "pruned_conv2d",
 }
 
@@ -42,6 +39,8 @@ def op_backend(op: str, device: str = "cpu") -> str:
 def module_op(m: nn.Module) -> str | None:
     """The pyprune op ``m`` calls, or None for modules that are not pyprune's."""
     name = type(m).__name__
+    if isinstance(getattr(type(m), "kernel_op", None), property):
+        return m.kernel_op
     return _OPS.get((name, getattr(m, "layout", None))) or _OPS.get((name, None))
 
 

@@ -9,8 +9,11 @@ field (Fast Sparse ConvNets, Elsen et al. 2020, for the 1x1 case).
   per stride phase once per call, or through 16x16 transposes from channels_last input; see
   csrc/cpu/csr_conv2d.cpp for the cases it reads in place, transposes per tile, or hands to the CSR linear
   kernel).
-- **bsr** / **2:4**: the sparse-linear ops in the NHWC (channels_last) arrangement, where a pixel's channels
-  are contiguous:
+- **bsr**, kxk (and padded 1x1): ``pyprune::bsr_conv2d``, the same implicit GEMM over the stored blocks
+  (csrc/cpu/bsr_conv2d.cpp: RB rows of a block share each loaded run of pixels). On CUDA that op builds the
+  patch matrix and runs bsr_linear's GPU kernels.
+- **bsr**, unpadded 1x1, and **2:4**: the sparse-linear ops in the NHWC (channels_last) arrangement, where a
+  pixel's channels are contiguous:
   - 1x1, channels_last input: the input *is* the (N*H*W, C_in) activation matrix (a view, no copy), and the
     op's (N*H*W, C_out) output *is* the channels_last result.
   - 1x1, NCHW input: per image and in ~1 MiB chunks of pixels, the op gets the (pixels, C) transposed view
@@ -18,7 +21,7 @@ field (Fast Sparse ConvNets, Elsen et al. 2020, for the 1x1 case).
     2:4 transposes it into rows through 16x16 register transposes), and its (pixels, C_out) output is
     transposed back to (C_out, pixels) (benchmarks/results/cpu/sparse_conv2d.md measures the transposes).
     Traced (torch.compile, torch.export, torch.jit.trace), the whole batch is transposed at once instead.
-  - kxk (and strided / padded 1x1): **explicit im2col**: the (N*OH*OW, kh*kw*C_in) patch matrix is
+  - 2:4, kxk (and padded 1x1): **explicit im2col**: the (N*OH*OW, kh*kw*C_in) patch matrix is
     materialised from a strided view of the zero-padded NHWC input, then multiplied. This costs kh*kw times
     the input's bytes in memory traffic. Past 4 MiB of patches it goes per image, a few output rows per op
     call, so each chunk's patches stay in cache and no multi-MB buffer is mapped and unmapped per call
@@ -51,7 +54,7 @@ from .sparse_linear import LAYOUTS, _check_layout, check_stored_shape
 
 # activations per op call on the NCHW 1x1 path (measured: 1 MiB chunks beat whole images of 3 MiB and more)
 _NCHW_CHUNK_BYTES = 1 << 20
-# im2col per op call on the kxk path (bsr, 2:4) past this size: rows of each image at a time. Whole 58 MiB
+# im2col per op call on the 2:4 kxk path past this size (measured when bsr took it too): rows of each image at a time. Whole 58 MiB
 # patch matrices (64->64 3x3 @56, batch 8) were allocated, page-faulted and unmapped on every call: 2 threads,
 # Zen 5 VM, bsr 90% channels_last 29.7 -> 4.6 ms, 2:4 26.8 -> 6.5 ms (dense 4.1-4.2 ms); chunks of 1 and
 # 16 MiB did no better than 4 on the ResNet-50 3x3 shapes at batch 1 and 8
@@ -226,6 +229,16 @@ class SparseConv2d(nn.Module):
             return ops.bsr_linear(a, w.crow_indices, w.col_indices, w.values, self.out_channels, self.bias)
         return ops.sparse24_linear(a, w.values, w.meta, self.out_channels, self.bias)
 
+    @property
+    def kernel_op(self) -> str:
+        """The pyprune op this module's forward calls (the profiler's label for it)."""
+        if self.layout == "csr":
+            return "csr_conv2d"
+        pointwise = self.kernel_size == (1, 1) and self.padding == (0, 0)
+        if self.layout == "bsr":
+            return "bsr_linear" if pointwise else "bsr_conv2d"
+        return "sparse24_linear"
+
     def forward(self, input: Tensor) -> Tensor:
         if not isinstance(input, Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
@@ -260,6 +273,12 @@ class SparseConv2d(nn.Module):
             )
         channels_last = _channels_last(x)
         pointwise = (kh, kw) == (1, 1) and (ph, pw) == (0, 0)
+        if self.layout == "bsr" and not pointwise:
+            y = ops.bsr_conv2d(
+                x, wt.crow_indices, wt.col_indices, values, self.out_channels, self.kernel_size, self.bias,
+                self.stride, self.padding, self.dilation,
+            )  # fmt: skip
+            return y if input.dim() == 4 else y.squeeze(0)
         # loops over images / rows only in eager mode: a traced graph (dynamo, export, torch.jit.trace) would
         # unroll them for the example's batch and leave the rest of another batch's output unwritten
         eager = not torch.compiler.is_compiling() and not torch.jit.is_tracing()

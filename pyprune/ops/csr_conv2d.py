@@ -57,25 +57,32 @@ def check_args(x, crow, col, values, out_channels, kernel_size, bias, stride, pa
     if x.dim() != 4:
         raise ValueError(f"{OP}: argument 'x' must be 4-D (N, C_in, H, W), got shape {tuple(x.shape)}")
     check_csr_arrays(OP, x, crow, col, values, out_channels, "out_channels")
-    for name, t in (("crow_indices", crow), ("col_indices", col), ("values", values)):
+    return check_conv_args(OP, x, (crow, col, values), out_channels, kernel_size, bias, stride, padding, dilation)
+
+
+def check_conv_args(op, x, arrays, out_channels, kernel_size, bias, stride, padding, dilation):
+    """What the sparse-weight conv ops (``op``: "pyprune::csr_conv2d", "pyprune::bsr_conv2d") check alike: the
+    weight's ``arrays`` (crow_indices, col_indices, values) on x's device, the conv arguments, the bias, and an
+    output of at least one pixel. Returns (OH, OW)."""
+    for name, t in zip(("crow_indices", "col_indices", "values"), arrays):
         if t.device != x.device:
-            raise ValueError(f"{OP}: argument '{name}' must be on {x.device} (x's device), got {t.device}")
+            raise ValueError(f"{op}: argument '{name}' must be on {x.device} (x's device), got {t.device}")
     for name, v, low in (
         ("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)
     ):  # fmt: skip
         if len(v) != 2 or min(v) < low:
-            raise ValueError(f"{OP}: argument '{name}' must be two ints >= {low}, got {list(v)}")
+            raise ValueError(f"{op}: argument '{name}' must be two ints >= {low}, got {list(v)}")
     if bias is not None and (
         bias.dtype != x.dtype or bias.shape != (out_channels,) or bias.device != x.device
     ):
         raise ValueError(
-            f"{OP}: argument 'bias' must be a {x.dtype} tensor of shape ({out_channels},) on {x.device}, got "
+            f"{op}: argument 'bias' must be a {x.dtype} tensor of shape ({out_channels},) on {x.device}, got "
             f"{bias.dtype} {tuple(bias.shape)} on {bias.device}"
         )
     oh, ow = output_size(x.shape[2:], kernel_size, stride, padding, dilation)
     if oh <= 0 or ow <= 0:
         raise ValueError(
-            f"{OP}: argument 'x' has spatial size {tuple(x.shape[2:])}, smaller than the dilated kernel "
+            f"{op}: argument 'x' has spatial size {tuple(x.shape[2:])}, smaller than the dilated kernel "
             f"{list(kernel_size)} (dilation {list(dilation)}) after padding {list(padding)}"
         )
     return oh, ow
@@ -100,30 +107,41 @@ def dense_weight(
     return w.view(out_channels, kh, kw, c_in).permute(0, 3, 1, 2)
 
 
-def _setup_context(ctx, inputs, output):
+def setup_context(ctx, inputs, output):
+    """What the sparse-weight conv ops (csr_conv2d, bsr_conv2d) keep for backward."""
     x, crow, col, values, out_channels, kernel_size, bias, stride, padding, dilation = inputs
     ctx.save_for_backward(x, crow, col, values)
     ctx.conv = (out_channels, kernel_size, stride, padding, dilation)
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, grad):
-    x, crow, col, values = ctx.saved_tensors
-    out_channels, kernel_size, stride, padding, dilation = ctx.conv
-    w = dense_weight(crow, col, values, out_channels, kernel_size, x.shape[1])
-    grad_x = grad_values = grad_b = None
-    if ctx.needs_input_grad[0]:
-        grad_x = torch.nn.grad.conv2d_input(x.shape, w, grad, stride, padding, dilation)
-    if ctx.needs_input_grad[3]:
-        gw = torch.nn.grad.conv2d_weight(x, w.shape, grad, stride, padding, dilation)
-        gw = gw.permute(0, 2, 3, 1).reshape(out_channels, -1)
-        grad_values = gw[compressed_rows(crow, col.numel()), col.long()]
-    if ctx.has_bias and ctx.needs_input_grad[6]:
-        grad_b = grad.sum((0, 2, 3))
-    return grad_x, None, None, grad_values, None, None, grad_b, None, None, None
+def dense_backward(dense_weight_fn, sample_fn):
+    """The backward of a sparse-weight conv op: ATen's conv gradients on the weight densified by
+    ``dense_weight_fn(crow, col, values, out_channels, kernel_size, C_in)``; the values' gradient is
+    ``sample_fn(gw, crow, col, values)`` of the tap-major (out_channels, kh*kw*C_in) dense weight gradient."""
+
+    def backward(ctx, grad):
+        x, crow, col, values = ctx.saved_tensors
+        out_channels, kernel_size, stride, padding, dilation = ctx.conv
+        w = dense_weight_fn(crow, col, values, out_channels, kernel_size, x.shape[1])
+        grad_x = grad_values = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.nn.grad.conv2d_input(x.shape, w, grad, stride, padding, dilation)
+        if ctx.needs_input_grad[3]:
+            gw = torch.nn.grad.conv2d_weight(x, w.shape, grad, stride, padding, dilation)
+            grad_values = sample_fn(gw.permute(0, 2, 3, 1).reshape(out_channels, -1), crow, col, values)
+        if ctx.has_bias and ctx.needs_input_grad[6]:
+            grad_b = grad.sum((0, 2, 3))
+        return grad_x, None, None, grad_values, None, None, grad_b, None, None, None
+
+    return backward
 
 
-torch.library.register_autograd(OP, _backward, setup_context=_setup_context)
+def _sample(gw: Tensor, crow: Tensor, col: Tensor, values: Tensor) -> Tensor:
+    return gw[compressed_rows(crow, col.numel()), col.long()]
+
+
+torch.library.register_autograd(OP, dense_backward(dense_weight, _sample), setup_context=setup_context)
 
 
 def csr_conv2d_checked_ref(x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding,
@@ -181,4 +199,12 @@ CSR_CONV2D_BACKENDS = [
 ]
 torch.library.impl(OP, "CUDA")(route("csr_conv2d", CSR_CONV2D_BACKENDS))
 
-__all__ = ["CSR_CONV2D_BACKENDS", "check_args", "csr_conv2d", "dense_weight"]
+__all__ = [
+    "CSR_CONV2D_BACKENDS",
+    "check_args",
+    "check_conv_args",
+    "csr_conv2d",
+    "dense_backward",
+    "dense_weight",
+    "setup_context",
+]

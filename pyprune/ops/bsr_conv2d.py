@@ -1,0 +1,176 @@
+"""pyprune::bsr_conv2d: conv2d whose weight is stored BSR, computed as an implicit GEMM over the stored blocks.
+
+The weight is the (out_channels, kh*kw*C_in) matrix in tap-major column order, as for csr_conv2d: column
+``(i*kw + j)*C_in + c`` holds ``w[o, c, i, j]``, so a block's columns are consecutive input channels of one tap
+when bw divides C_in. Blocks (bh x bw) are zero-padded past the weight's edges, as in bsr_linear. The output
+has x's memory format (channels_last when x is laid out so, else contiguous), like F.conv2d.
+
+On the CPU the C++ kernel (csrc/cpu/bsr_conv2d.cpp) reads the input through staged planes and never builds a
+patch matrix. On CUDA the patches are built (F.unfold) and multiplied by bsr_linear's GPU kernels: no
+implicit-GEMM GPU kernel is written for it.
+
+Backward: the input gradient and the stored blocks' gradient (the dense weight gradient sampled at the stored
+blocks) go through ``torch.nn.grad.conv2d_input`` / ``conv2d_weight`` on the densified weight, so training
+costs dense time; only the forward is sparse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import reference
+from ..sparse.base import check_compressed, compressed_rows
+from . import (
+    _library,  # noqa: F401
+    _router,
+)
+from ._common import call_op
+from ._router import Backend, route
+from .csr_conv2d import check_conv_args, dense_backward, setup_context
+from .pruned_conv2d import pair
+
+OP = "pyprune::bsr_conv2d"
+
+
+def bsr_conv2d(
+    x: Tensor,
+    crow_indices: Tensor,
+    col_indices: Tensor,
+    values: Tensor,
+    out_channels: int,
+    kernel_size: int | Sequence[int],
+    bias: Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+) -> Tensor:
+    """x: (N, C_in, H, W); W: (out_channels, kh*kw*C_in) in tap-major columns as BSR with int32 crow_indices
+    (ceil(out_channels / bh) + 1,) and col_indices (nnz_blocks,), values (nnz_blocks, bh, bw) zero past the
+    weight's edges; bias: (out_channels,) or None. Returns conv2d(x, W, bias, stride, padding, dilation):
+    (N, out_channels, OH, OW) in x's memory format."""
+    return call_op(
+        torch.ops.pyprune.bsr_conv2d.default, x, crow_indices, col_indices, values, out_channels,
+        pair(kernel_size, "kernel_size"), bias, pair(stride, "stride"), pair(padding, "padding"),
+        pair(dilation, "dilation"),
+    )  # fmt: skip
+
+
+def check_args(x, crow, col, values, out_channels, kernel_size, bias, stride, padding, dilation):
+    """Shape, dtype and device checks (no index values: the kernels check those); returns (OH, OW)."""
+    if x.dim() != 4:
+        raise ValueError(f"{OP}: argument 'x' must be 4-D (N, C_in, H, W), got shape {tuple(x.shape)}")
+    if values.dtype != x.dtype:
+        raise TypeError(f"{OP}: argument 'values' must be {x.dtype} (x's dtype), got {values.dtype}")
+    for name, t in (("crow_indices", crow), ("col_indices", col)):
+        if t.dtype != torch.int32:
+            raise TypeError(f"{OP}: argument '{name}' must be torch.int32, got {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"{OP}: argument '{name}' must be 1-D, got shape {tuple(t.shape)}")
+    if values.dim() != 3 or min(values.shape[1:]) <= 0:
+        raise ValueError(
+            f"{OP}: argument 'values' must be 3-D (nnz_blocks, bh, bw) with blocks of positive size, got "
+            f"{tuple(values.shape)}"
+        )
+    if out_channels < 0:
+        raise ValueError(f"{OP}: argument 'out_channels' must be >= 0, got {out_channels}")
+    n_brows = -(-out_channels // values.shape[1])
+    if crow.numel() != n_brows + 1:
+        raise ValueError(
+            f"{OP}: argument 'crow_indices' must have ceil(out_channels / bh) + 1 = {n_brows + 1} entries, "
+            f"got {crow.numel()}"
+        )
+    if col.numel() != values.shape[0]:
+        raise ValueError(
+            f"{OP}: argument 'col_indices' must have one entry per block ({values.shape[0]}), got {col.numel()}"
+        )
+    return check_conv_args(OP, x, (crow, col, values), out_channels, kernel_size, bias, stride, padding, dilation)
+
+
+@torch.library.register_fake(OP)
+def _(x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation):
+    oh, ow = check_args(
+        x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation
+    )
+    y = x.new_empty((x.shape[0], out_channels, oh, ow))
+    return y.contiguous(memory_format=reference._memory_format(x))
+
+
+def dense_matrix(crow: Tensor, col: Tensor, values: Tensor, out_channels: int, k: int) -> Tensor:
+    """The (out_channels, k) matrix the BSR stores (blocks given twice add up, as in the kernels)."""
+    nnzb, bh, bw = values.shape
+    n_brows, n_bcols = crow.numel() - 1, -(-k // bw)
+    grid = values.new_zeros(n_brows, n_bcols, bh, bw)
+    grid.index_put_((compressed_rows(crow, nnzb), col.long()), values, accumulate=True)
+    return grid.permute(0, 2, 1, 3).reshape(n_brows * bh, n_bcols * bw)[:out_channels, :k]
+
+
+def dense_weight(crow: Tensor, col: Tensor, values: Tensor, out_channels: int, kernel_size, c_in: int) -> Tensor:
+    """The (out_channels, C_in, kh, kw) weight the BSR stores."""
+    kh, kw = kernel_size
+    w = dense_matrix(crow, col, values, out_channels, kh * kw * c_in)
+    return w.reshape(out_channels, kh, kw, c_in).permute(0, 3, 1, 2)
+
+
+def _sample_blocks(gw: Tensor, crow: Tensor, col: Tensor, values: Tensor) -> Tensor:
+    """The stored blocks of the (out_channels, K) dense gradient gw, zero-padded past its edges."""
+    nnzb, bh, bw = values.shape
+    n_brows, n_bcols = crow.numel() - 1, -(-gw.shape[1] // bw)
+    gw = F.pad(gw, (0, n_bcols * bw - gw.shape[1], 0, n_brows * bh - gw.shape[0]))
+    return gw.reshape(n_brows, bh, n_bcols, bw).permute(0, 2, 1, 3)[compressed_rows(crow, nnzb), col.long()]
+
+
+torch.library.register_autograd(OP, dense_backward(dense_weight, _sample_blocks), setup_context=setup_context)
+
+
+def bsr_conv2d_checked_ref(x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding,
+                           dilation):  # fmt: skip
+    """The reference behind the full argument checks: the CPU kernel when _C lacks one, and the CUDA router's
+    last resort."""
+    check_args(
+        x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation
+    )
+    kh, kw = kernel_size
+    try:
+        check_compressed(
+            crow_indices, col_indices, -(-out_channels // values.shape[1]),
+            -(-kh * kw * x.shape[1] // values.shape[2]), "ceil(out_channels / bh)", "ceil(kh*kw*C_in / bw)",
+            "nnz_blocks",
+        )  # fmt: skip
+    except ValueError as e:
+        raise ValueError(f"{OP}: {e}") from None
+    return reference.bsr_conv2d_ref(
+        x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation
+    )
+
+
+if not torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU"):
+    torch.library.impl(OP, "CPU")(bsr_conv2d_checked_ref)
+
+
+def _bsr_conv2d_im2col(x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding,
+                       dilation):  # fmt: skip
+    """The patch matrix (N*OH*OW, kh*kw*C_in), tap-major, times the BSR weight through bsr_linear (which routes
+    to its own GPU kernels and checks the index values)."""
+    oh, ow = check_args(
+        x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation
+    )
+    n, c = x.shape[:2]
+    cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)  # (N, C*kh*kw, OH*OW)
+    cols = cols.view(n, c, kernel_size[0] * kernel_size[1], oh * ow).permute(0, 3, 2, 1)
+    y = torch.ops.pyprune.bsr_linear(cols.reshape(n * oh * ow, -1), crow_indices, col_indices, values,
+                                     out_channels, bias)  # fmt: skip
+    y = y.view(n, oh, ow, out_channels).permute(0, 3, 1, 2)
+    return y.contiguous(memory_format=reference._memory_format(x))
+
+
+BSR_CONV2D_BACKENDS = [
+    Backend("im2col", _bsr_conv2d_im2col),
+    Backend("reference", bsr_conv2d_checked_ref),
+]
+torch.library.impl(OP, "CUDA")(route("bsr_conv2d", BSR_CONV2D_BACKENDS))
+
+__all__ = ["BSR_CONV2D_BACKENDS", "bsr_conv2d", "check_args", "dense_matrix", "dense_weight"]
