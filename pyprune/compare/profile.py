@@ -36,11 +36,11 @@ def op_backend(op: str, device: str = "cpu") -> str:
     return "none"
 
 
-def module_op(m: nn.Module) -> str | None:
-    """The pyprune op ``m`` calls, or None for modules that are not pyprune's."""
+def module_op(m: nn.Module, x: torch.Tensor) -> str | None:
+    """The pyprune op ``m`` calls on input ``x``, or None for modules that are not pyprune's."""
     name = type(m).__name__
-    if isinstance(getattr(type(m), "kernel_op", None), property):
-        return m.kernel_op
+    if hasattr(m, "kernel_op"):
+        return m.kernel_op(x)
     return _OPS.get((name, getattr(m, "layout", None))) or _OPS.get((name, None))
 
 
@@ -52,12 +52,13 @@ def layer_ranges(model: nn.Module, device: str = "cpu"):
     stack: dict[int, list] = {}
     handles = []
     for name, m in weight_layers(model).items():
-        labels = [f"layer {name} ({kind(m)})"]
-        op = module_op(m)
-        if op is not None:
-            labels.append(f"pyprune::{op}/{op_backend(op, device)}")
+        layer = f"layer {name} ({kind(m)})"
 
-        def pre(mod, inp, labels=labels):
+        def pre(mod, inp, layer=layer):
+            labels = [layer]
+            op = module_op(mod, inp[0]) if inp else None
+            if op is not None:
+                labels.append(f"pyprune::{op}/{op_backend(op, device)}")
             rfs = [torch.autograd.profiler.record_function(label) for label in labels]
             for rf in rfs:
                 rf.__enter__()

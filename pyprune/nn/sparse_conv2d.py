@@ -9,19 +9,20 @@ field (Fast Sparse ConvNets, Elsen et al. 2020, for the 1x1 case).
   per stride phase once per call, or through 16x16 transposes from channels_last input; see
   csrc/cpu/csr_conv2d.cpp for the cases it reads in place, transposes per tile, or hands to the CSR linear
   kernel).
-- **bsr**, kxk (and padded 1x1): ``pyprune::bsr_conv2d``, the same implicit GEMM over the stored blocks
-  (csrc/cpu/bsr_conv2d.cpp: RB rows of a block share each loaded run of pixels). On CUDA that op builds the
-  patch matrix and runs bsr_linear's GPU kernels.
-- **bsr**, unpadded 1x1, and **2:4**: the sparse-linear ops in the NHWC (channels_last) arrangement, where a
-  pixel's channels are contiguous:
+- **bsr**: ``pyprune::bsr_conv2d``, the same implicit GEMM over the stored blocks (csrc/cpu/bsr_conv2d.cpp:
+  RB rows of a block share each loaded run of pixels), except an unpadded 1x1 conv on channels_last input,
+  which goes to bsr_linear as below. On CUDA bsr_conv2d builds the patch matrix and runs bsr_linear's GPU
+  kernels.
+- **2:4** (and bsr's channels_last 1x1): the sparse-linear ops in the NHWC (channels_last) arrangement,
+  where a pixel's channels are contiguous:
   - 1x1, channels_last input: the input *is* the (N*H*W, C_in) activation matrix (a view, no copy), and the
     op's (N*H*W, C_out) output *is* the channels_last result.
   - 1x1, NCHW input: per image and in ~1 MiB chunks of pixels, the op gets the (pixels, C) transposed view
-    of the chunk (bsr packs it for its kernel with plain copies, as the pixels of a channel are contiguous;
-    2:4 transposes it into rows through 16x16 register transposes), and its (pixels, C_out) output is
-    transposed back to (C_out, pixels) (benchmarks/results/cpu/sparse_conv2d.md measures the transposes).
-    Traced (torch.compile, torch.export, torch.jit.trace), the whole batch is transposed at once instead.
-  - 2:4, kxk (and padded 1x1): **explicit im2col**: the (N*OH*OW, kh*kw*C_in) patch matrix is
+    of the chunk (which 2:4 transposes into rows through 16x16 register transposes), and its (pixels, C_out)
+    output is transposed back to (C_out, pixels) (benchmarks/results/cpu/sparse_conv2d.md measures the
+    transposes). Traced (torch.compile, torch.export, torch.jit.trace), the whole batch is transposed at once
+    instead.
+  - kxk (and padded 1x1): **explicit im2col**: the (N*OH*OW, kh*kw*C_in) patch matrix is
     materialised from a strided view of the zero-padded NHWC input, then multiplied. This costs kh*kw times
     the input's bytes in memory traffic. Past 4 MiB of patches it goes per image, a few output rows per op
     call, so each chunk's patches stay in cache and no multi-MB buffer is mapped and unmapped per call
@@ -229,15 +230,21 @@ class SparseConv2d(nn.Module):
             return ops.bsr_linear(a, w.crow_indices, w.col_indices, w.values, self.out_channels, self.bias)
         return ops.sparse24_linear(a, w.values, w.meta, self.out_channels, self.bias)
 
-    @property
-    def kernel_op(self) -> str:
-        """The pyprune op this module's forward calls (the profiler's label for it)."""
+    def kernel_op(self, input: Tensor) -> str:
+        """The pyprune op this module's forward calls on ``input`` (the profiler's label for it)."""
         if self.layout == "csr":
             return "csr_conv2d"
-        pointwise = self.kernel_size == (1, 1) and self.padding == (0, 0)
         if self.layout == "bsr":
-            return "bsr_linear" if pointwise else "bsr_conv2d"
+            return "bsr_linear" if self._bsr_as_linear(input) else "bsr_conv2d"
         return "sparse24_linear"
+
+    def _bsr_as_linear(self, x: Tensor) -> bool:
+        """bsr on an unpadded 1x1 conv over channels_last input: the input is the (pixels, C_in) activation
+        matrix as it lies, which bsr_linear's kernel reads without staging (2 threads, Xeon VM: bsr_conv2d
+        1.0-7x slower on ResNet-50's 1x1 convs there; on NCHW input it is 1.2-9x faster than bsr_linear over
+        transposed chunks, except 256->64 @56 batch 8 at 0.8x)."""
+        pointwise = self.kernel_size == (1, 1) and self.padding == (0, 0)
+        return pointwise and _channels_last(x if x.dim() == 4 else x.unsqueeze(0))
 
     def forward(self, input: Tensor) -> Tensor:
         if not isinstance(input, Tensor):
@@ -273,7 +280,7 @@ class SparseConv2d(nn.Module):
             )
         channels_last = _channels_last(x)
         pointwise = (kh, kw) == (1, 1) and (ph, pw) == (0, 0)
-        if self.layout == "bsr" and not pointwise:
+        if self.layout == "bsr" and not self._bsr_as_linear(x):
             y = ops.bsr_conv2d(
                 x, wt.crow_indices, wt.col_indices, values, self.out_channels, self.kernel_size, self.bias,
                 self.stride, self.padding, self.dilation,
@@ -285,7 +292,7 @@ class SparseConv2d(nn.Module):
         if pointwise and not channels_last and n > 0 and eager:
             # NCHW 1x1, one image at a time, its pixels in chunks of about _NCHW_CHUNK_BYTES of activations:
             # image i is (C, H*W) with the pixels contiguous, so a chunk's (pixels, C) operand is a transposed
-            # view that the op packs (bsr) or transposes (2:4) once. Cache-sized chunks keep that copy and the
+            # view that the op transposes once. Cache-sized chunks keep that copy and the
             # kernel's packed activations in L2, and keep glibc from unmapping and re-faulting multi-MB
             # buffers on every call, which cost more than the multiply (benchmarks/results/cpu/sparse_conv2d.md).
             xs = x[:, :, ::sh, ::sw]

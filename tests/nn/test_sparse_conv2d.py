@@ -433,10 +433,12 @@ def test_profile_names_the_op_forward_runs():
     half = SparseConv2d.from_dense(torch.nn.Conv2d(8, 4, 1), sparsity=0.5)
     k3 = SparseConv2d.from_dense(torch.nn.Conv2d(8, 4, 3, padding=1), sparsity=0.9)
     bsr = SparseConv2d.from_dense(torch.nn.Conv2d(8, 4, 1), sparsity=0.5, layout="bsr", block=(2, 2))
-    assert [module_op(point), module_op(point), module_op(half), module_op(k3), module_op(bsr)] == [
-        "csr_conv2d", "csr_conv2d", "csr_conv2d", "csr_conv2d", "bsr_linear"
+    bsr3 = SparseConv2d.from_dense(torch.nn.Conv2d(8, 4, 3, padding=1), sparsity=0.5, layout="bsr", block=(2, 2))
+    calls = [(point, x), (point, xcl), (half, xcl), (k3, xcl), (bsr, x), (bsr, xcl), (bsr3, xcl)]
+    assert [module_op(m, inp) for m, inp in calls] == [
+        "csr_conv2d", "csr_conv2d", "csr_conv2d", "csr_conv2d", "bsr_conv2d", "bsr_linear", "bsr_conv2d"
     ]  # fmt: skip
-    for m, inp in ((point, x), (point, xcl), (half, xcl), (k3, xcl), (bsr, x)):
+    for m, inp in calls:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             m(inp)
-        assert f"pyprune::{module_op(m)}" in {e.name for e in prof.events()}
+        assert f"pyprune::{module_op(m, inp)}" in {e.name for e in prof.events()}
