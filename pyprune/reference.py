@@ -36,8 +36,11 @@ def bsr_linear_ref(
     return F.linear(x, w.to(x.dtype), bias)
 
 
-def _bsr_matrix(crow_indices: Tensor, col_indices: Tensor, values: Tensor, n_rows: int, n_cols: int) -> Tensor:
-    """The (n_rows, n_cols) matrix a BSR stores (blocks zero-padded past its edges; a block given twice adds)."""
+def _bsr_matrix(
+    crow_indices: Tensor, col_indices: Tensor, values: Tensor, n_rows: int, n_cols: int
+) -> Tensor:
+    """The (n_rows, n_cols) matrix a BSR stores (blocks zero-padded past its edges; a block given twice
+    adds)."""
     bh, bw = values.shape[1], values.shape[2]
     n_brows = crow_indices.numel() - 1
     w = torch.zeros(n_brows * bh, -(-n_cols // bw) * bw, dtype=values.dtype, device=values.device)

@@ -55,10 +55,10 @@ from .sparse_linear import LAYOUTS, _check_layout, check_stored_shape
 
 # activations per op call on the NCHW 1x1 path (measured: 1 MiB chunks beat whole images of 3 MiB and more)
 _NCHW_CHUNK_BYTES = 1 << 20
-# im2col per op call on the 2:4 kxk path past this size (measured when bsr took it too): rows of each image at a time. Whole 58 MiB
-# patch matrices (64->64 3x3 @56, batch 8) were allocated, page-faulted and unmapped on every call: 2 threads,
-# Zen 5 VM, bsr 90% channels_last 29.7 -> 4.6 ms, 2:4 26.8 -> 6.5 ms (dense 4.1-4.2 ms); chunks of 1 and
-# 16 MiB did no better than 4 on the ResNet-50 3x3 shapes at batch 1 and 8
+# im2col per op call on the 2:4 kxk path past this size (measured when bsr took it too): rows of each image
+# at a time. Whole 58 MiB patch matrices (64->64 3x3 @56, batch 8) were allocated, page-faulted and unmapped
+# on every call: 2 threads, Zen 5 VM, bsr 90% channels_last 29.7 -> 4.6 ms, 2:4 26.8 -> 6.5 ms (dense 4.1-4.2
+# ms); chunks of 1 and 16 MiB did no better than 4 on the ResNet-50 3x3 shapes at batch 1 and 8
 _KXK_CHUNK_BYTES = 4 << 20
 
 

@@ -24,7 +24,8 @@ SCHEMAS = {
     # conv2d with a BSR weight (out_channels, kh*kw*C_in) in the same tap-major column order; values
     # (nnz_blocks, bh, bw), blocks past the weight's edge zero-padded. x: (N, C_in, H, W).
     "bsr_conv2d": "bsr_conv2d(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
-    "int out_channels, int[2] kernel_size, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation) -> Tensor",
+    "int out_channels, int[2] kernel_size, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation) "
+    "-> Tensor",
     # conv2d over the input channels in_index (gathered inside the kernel) with weight (C_out_kept,
     # C_in_kept / groups, kh, kw); relu fused; out_index scatters into an out_channels-wide zero output.
     "pruned_conv2d": "pruned_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor? in_index, Tensor? out_index, "

@@ -1,9 +1,10 @@
-"""pyprune::bsr_conv2d: conv2d whose weight is stored BSR, computed as an implicit GEMM over the stored blocks.
+"""pyprune::bsr_conv2d: conv2d whose weight is stored BSR, computed as an implicit GEMM over the stored
+blocks.
 
 The weight is the (out_channels, kh*kw*C_in) matrix in tap-major column order, as for csr_conv2d: column
-``(i*kw + j)*C_in + c`` holds ``w[o, c, i, j]``, so a block's columns are consecutive input channels of one tap
-when bw divides C_in. Blocks (bh x bw) are zero-padded past the weight's edges, as in bsr_linear. The output
-has x's memory format (channels_last when x is laid out so, else contiguous), like F.conv2d.
+``(i*kw + j)*C_in + c`` holds ``w[o, c, i, j]``, so a block's columns are consecutive input channels of one
+tap when bw divides C_in. Blocks (bh x bw) are zero-padded past the weight's edges, as in bsr_linear. The
+output has x's memory format (channels_last when x is laid out so, else contiguous), like F.conv2d.
 
 On the CPU the C++ kernel (csrc/cpu/bsr_conv2d.cpp) reads the input through staged planes and never builds a
 patch matrix. On CUDA the patches are built (F.unfold) and multiplied by bsr_linear's GPU kernels: no
@@ -85,9 +86,12 @@ def check_args(x, crow, col, values, out_channels, kernel_size, bias, stride, pa
         )
     if col.numel() != values.shape[0]:
         raise ValueError(
-            f"{OP}: argument 'col_indices' must have one entry per block ({values.shape[0]}), got {col.numel()}"
+            f"{OP}: argument 'col_indices' must have one entry per block ({values.shape[0]}), "
+            f"got {col.numel()}"
         )
-    return check_conv_args(OP, x, (crow, col, values), out_channels, kernel_size, bias, stride, padding, dilation)
+    return check_conv_args(
+        OP, x, (crow, col, values), out_channels, kernel_size, bias, stride, padding, dilation
+    )
 
 
 @torch.library.register_fake(OP)
@@ -108,7 +112,9 @@ def dense_matrix(crow: Tensor, col: Tensor, values: Tensor, out_channels: int, k
     return grid.permute(0, 2, 1, 3).reshape(n_brows * bh, n_bcols * bw)[:out_channels, :k]
 
 
-def dense_weight(crow: Tensor, col: Tensor, values: Tensor, out_channels: int, kernel_size, c_in: int) -> Tensor:
+def dense_weight(
+    crow: Tensor, col: Tensor, values: Tensor, out_channels: int, kernel_size, c_in: int
+) -> Tensor:
     """The (out_channels, C_in, kh, kw) weight the BSR stores."""
     kh, kw = kernel_size
     w = dense_matrix(crow, col, values, out_channels, kh * kw * c_in)
@@ -126,8 +132,8 @@ def _sample_blocks(gw: Tensor, crow: Tensor, col: Tensor, values: Tensor) -> Ten
 torch.library.register_autograd(OP, dense_backward(dense_weight, _sample_blocks), setup_context=setup_context)
 
 
-def bsr_conv2d_checked_ref(x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding,
-                           dilation):  # fmt: skip
+def bsr_conv2d_checked_ref(x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride,
+                           padding, dilation):  # fmt: skip
     """The reference behind the full argument checks: the CPU kernel when _C lacks one, and the CUDA router's
     last resort."""
     check_args(
@@ -153,8 +159,8 @@ if not torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU"):
 
 def _bsr_conv2d_im2col(x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding,
                        dilation):  # fmt: skip
-    """The patch matrix (N*OH*OW, kh*kw*C_in), tap-major, times the BSR weight through bsr_linear (which routes
-    to its own GPU kernels and checks the index values)."""
+    """The patch matrix (N*OH*OW, kh*kw*C_in), tap-major, times the BSR weight through bsr_linear (which
+    routes to its own GPU kernels and checks the index values)."""
     oh, ow = check_args(
         x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation
     )

@@ -433,7 +433,8 @@ def test_profile_names_the_op_forward_runs():
     half = SparseConv2d.from_dense(torch.nn.Conv2d(8, 4, 1), sparsity=0.5)
     k3 = SparseConv2d.from_dense(torch.nn.Conv2d(8, 4, 3, padding=1), sparsity=0.9)
     bsr = SparseConv2d.from_dense(torch.nn.Conv2d(8, 4, 1), sparsity=0.5, layout="bsr", block=(2, 2))
-    bsr3 = SparseConv2d.from_dense(torch.nn.Conv2d(8, 4, 3, padding=1), sparsity=0.5, layout="bsr", block=(2, 2))
+    conv3 = torch.nn.Conv2d(8, 4, 3, padding=1)
+    bsr3 = SparseConv2d.from_dense(conv3, sparsity=0.5, layout="bsr", block=(2, 2))
     calls = [(point, x), (point, xcl), (half, xcl), (k3, xcl), (bsr, x), (bsr, xcl), (bsr3, xcl)]
     assert [module_op(m, inp) for m, inp in calls] == [
         "csr_conv2d", "csr_conv2d", "csr_conv2d", "csr_conv2d", "bsr_conv2d", "bsr_linear", "bsr_conv2d"

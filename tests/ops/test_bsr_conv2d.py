@@ -18,7 +18,8 @@ OP = torch.ops.pyprune.bsr_conv2d
 # (C_in, C_out, (kh, kw), stride, padding, dilation, (H, W), batch, (bh, bw)). The kernel stages planes per
 # stride phase in use (stride 2, stride 3 with dilation 2, asymmetric ones), in flat tiles across rows (small
 # maps) or row tiles (wide maps: 1x7 at width 40). Blocks: bw dividing C_in (a block's columns one tap's
-# channels), not dividing it (blocks across taps: 3x5 on 12 channels), past the weight's bottom and right edges
+# channels), not dividing it (blocks across taps: 3x5 on 12 channels), past the weight's bottom and right
+# edges
 # (33 rows in 16-row blocks; K = 9 * 33 in 32-wide blocks), taller than 16 rows and not a divisor of 16 (the
 # channels_last output leaves in groups of 16 rows), and one block holding the whole weight.
 CASES = [
@@ -85,7 +86,8 @@ def test_reference_hand_computed():
     val = torch.tensor([[[0.0, 0.0, 5.0, 0.0]]])
     y = bsr_conv2d_ref(x, crow, col, val, 1, [2, 2], torch.tensor([1.0]), [1, 1], [0, 0], [1, 1])
     assert y.tolist() == [[[[1.0 + 5 * 3]]]]
-    assert OP(x, crow, col, val, 1, [2, 2], torch.tensor([1.0]), [1, 1], [0, 0], [1, 1]).tolist() == y.tolist()
+    got = OP(x, crow, col, val, 1, [2, 2], torch.tensor([1.0]), [1, 1], [0, 0], [1, 1])
+    assert got.tolist() == y.tolist()
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
@@ -175,7 +177,8 @@ def test_im2col_backend_matches():
         if channels_last:
             args = (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
         y = _bsr_conv2d_im2col(*args)
-        assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        assert y.is_contiguous(memory_format=fmt)
         torch.testing.assert_close(y, bsr_conv2d_ref(*args), rtol=1e-4, atol=1e-4)
 
 

@@ -50,8 +50,10 @@ for cin, cout, k, s, p, side, cl in ((12, 10, 1, 1, 0, 7, False), (12, 10, 3, 1,
     want = F.conv2d(x.double(), m.to_dense().weight.double(), m.bias.double(), s, p)
     err = (m(x).double() - want).abs().max().item()
     assert err < 1e-4, ("csr_conv2d", cin, cout, k, s, side, cl, err)
-for cin, cout, k, s, p, side, cl, block in ((12, 10, 3, 1, 1, 20, False, (4, 8)), (16, 40, 3, 2, 1, 9, True, (16, 16)),
-                                            (20, 18, 3, 1, 1, 13, True, (3, 5)), (32, 33, 5, 1, 2, 7, False, (32, 32))):
+for cin, cout, k, s, p, side, cl, block in ((12, 10, 3, 1, 1, 20, False, (4, 8)),
+                                            (16, 40, 3, 2, 1, 9, True, (16, 16)),
+                                            (20, 18, 3, 1, 1, 13, True, (3, 5)),
+                                            (32, 33, 5, 1, 2, 7, False, (32, 32))):
     m = SparseConv2d.from_dense(torch.nn.Conv2d(cin, cout, k, s, p), sparsity=0.6, layout="bsr", block=block)
     x = torch.randn(2, cin, side, side)
     if cl:
