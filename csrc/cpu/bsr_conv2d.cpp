@@ -168,13 +168,7 @@ UnitsFn pick_units(Isa isa, int64_t& nv_max) {
 at::Tensor dense_conv(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& val,
                       int64_t O, int64_t K, const PlaneGeometry& g, const at::Tensor& bias, at::IntArrayRef stride,
                       at::IntArrayRef padding, at::IntArrayRef dilation) {
-  const int64_t bh = val.size(1), bw = val.size(2), nnzb = val.size(0);
-  const int64_t n_brows = (O + bh - 1) / bh, n_bcols = (K + bw - 1) / bw;
-  const at::Tensor brow = at::repeat_interleave(at::arange(n_brows, crow.options().dtype(at::kLong)),
-                                                crow.diff().to(at::kLong), 0, nnzb);
-  at::Tensor grid = at::zeros({n_brows, n_bcols, bh, bw}, val.options());
-  grid.index_put_({brow, col.to(at::kLong)}, val, true);
-  const at::Tensor w = grid.permute({0, 2, 1, 3}).reshape({n_brows * bh, n_bcols * bw}).slice(0, 0, O).slice(1, 0, K);
+  const at::Tensor w = bsr_dense_matrix(crow, col, val, O, K);
   const std::optional<at::Tensor> b = bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
   return at::conv2d(x, w.reshape({O, g.kh, g.kw, g.C}).permute({0, 3, 1, 2}), b, stride, padding, dilation)
       .contiguous(g.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);

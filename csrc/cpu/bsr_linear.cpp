@@ -217,13 +217,7 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   const at::Tensor b = checked_bias(bias, N, op, x.scalar_type());
   if (x.scalar_type() != at::kFloat) {
     // The kernel is fp32; float64 (gradcheck), bf16 and fp16 run a dense fallback.
-    const int64_t n_bcols = (K + bw - 1) / bw;
-    const at::Tensor brow = at::repeat_interleave(at::arange(n_brows, crow.options().dtype(at::kLong)),
-                                                  crow.diff().to(at::kLong), 0, nnzb);
-    at::Tensor grid = at::zeros({n_brows, n_bcols, bh, bw}, val.options());
-    grid.index_put_({brow, col.to(at::kLong)}, val, true);
-    const at::Tensor w = grid.permute({0, 2, 1, 3}).reshape({n_brows * bh, n_bcols * bw}).slice(0, 0, N).slice(1, 0, K);
-    return dense_linear(x, w, b);
+    return dense_linear(x, bsr_dense_matrix(crow, col, val, N, K), b);
   }
   at::Tensor y = linear_output(x, N);
   if (M == 0 || N == 0) return y;

@@ -62,6 +62,40 @@ def check_csr_arrays(op: str, x, crow, col, values, n_rows: int, rows: str) -> N
         )
 
 
+def check_bsr_arrays(op: str, x, crow, col, values, n_rows: int, rows: str) -> None:
+    """The BSR triple of a weight with ``n_rows`` rows (named ``rows`` in messages): values of x's dtype holding
+    (nnz_blocks, bh, bw) blocks of positive size, int32 1-D indices, ceil(n_rows / bh) + 1 row pointers, one
+    column index per block. ``op`` is "pyprune::<op>"."""
+    if values.dtype != x.dtype:
+        raise TypeError(f"{op}: argument 'values' must be {x.dtype} (x's dtype), got {values.dtype}")
+    for name, t in (("crow_indices", crow), ("col_indices", col)):
+        if t.dtype != torch.int32:
+            raise TypeError(f"{op}: argument '{name}' must be torch.int32, got {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"{op}: argument '{name}' must be 1-D, got shape {tuple(t.shape)}")
+    if values.dim() != 3:
+        raise ValueError(
+            f"{op}: argument 'values' must be 3-D (nnz_blocks, bh, bw), got {tuple(values.shape)}"
+        )
+    nnzb, bh, bw = values.shape
+    if bh <= 0 or bw <= 0:
+        raise ValueError(
+            f"{op}: argument 'values' must hold blocks of positive size, got {tuple(values.shape)}"
+        )
+    if n_rows < 0:
+        raise ValueError(f"{op}: argument '{rows}' must be >= 0, got {n_rows}")
+    n_brows = -(-n_rows // bh)
+    if crow.numel() != n_brows + 1:
+        raise ValueError(
+            f"{op}: argument 'crow_indices' must have ceil({rows} / bh) + 1 = {n_brows + 1} "
+            f"entries, got {crow.numel()}"
+        )
+    if col.numel() != nnzb:
+        raise ValueError(
+            f"{op}: argument 'col_indices' must have one entry per block ({nnzb}), got {col.numel()}"
+        )
+
+
 def register_cpu_fallback(op: str) -> None:
     """Without pyprune._C the CPU key runs ``reference.<op>_ref`` (slow, correct); pyprune.info() says so."""
     if not HAS_CPP:

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ._common import check_csr_arrays, rows2d
+from ._common import check_bsr_arrays, check_csr_arrays, rows2d
 
 ENV_VAR = "PYPRUNE_BACKEND"
 BACKEND_NAMES = ("triton", "cuda", "reference")
@@ -219,34 +219,7 @@ def _check_bsr_args(x, crow, col, values, out_features, bias) -> None:
         raise ValueError(
             f"{op}: argument 'x' must have at least 1 dimension (..., in_features), got a scalar"
         )
-    if values.dtype != x.dtype:
-        raise TypeError(f"{op}: argument 'values' must be {x.dtype} (x's dtype), got {values.dtype}")
-    for name, t in (("crow_indices", crow), ("col_indices", col)):
-        if t.dtype != torch.int32:
-            raise TypeError(f"{op}: argument '{name}' must be torch.int32, got {t.dtype}")
-        if t.dim() != 1:
-            raise ValueError(f"{op}: argument '{name}' must be 1-D, got shape {tuple(t.shape)}")
-    if values.dim() != 3:
-        raise ValueError(
-            f"{op}: argument 'values' must be 3-D (nnz_blocks, bh, bw), got {tuple(values.shape)}"
-        )
-    nnzb, bh, bw = values.shape
-    if bh <= 0 or bw <= 0:
-        raise ValueError(
-            f"{op}: argument 'values' must hold blocks of positive size, got {tuple(values.shape)}"
-        )
-    if out_features < 0:
-        raise ValueError(f"{op}: argument 'out_features' must be >= 0, got {out_features}")
-    n_brows = -(-out_features // bh)
-    if crow.numel() != n_brows + 1:
-        raise ValueError(
-            f"{op}: argument 'crow_indices' must have ceil(out_features / bh) + 1 = {n_brows + 1} "
-            f"entries, got {crow.numel()}"
-        )
-    if col.numel() != nnzb:
-        raise ValueError(
-            f"{op}: argument 'col_indices' must have one entry per block ({nnzb}), got {col.numel()}"
-        )
+    check_bsr_arrays(op, x, crow, col, values, out_features, "out_features")
     _check_device_and_bias(op, x, crow, col, values, bias, out_features)
 
 

@@ -29,7 +29,7 @@ from . import (
     _library,  # noqa: F401
     _router,
 )
-from ._common import call_op
+from ._common import call_op, check_bsr_arrays
 from ._router import Backend, route
 from .csr_conv2d import check_conv_args, dense_backward, setup_context
 from .pruned_conv2d import pair
@@ -64,31 +64,7 @@ def check_args(x, crow, col, values, out_channels, kernel_size, bias, stride, pa
     """Shape, dtype and device checks (no index values: the kernels check those); returns (OH, OW)."""
     if x.dim() != 4:
         raise ValueError(f"{OP}: argument 'x' must be 4-D (N, C_in, H, W), got shape {tuple(x.shape)}")
-    if values.dtype != x.dtype:
-        raise TypeError(f"{OP}: argument 'values' must be {x.dtype} (x's dtype), got {values.dtype}")
-    for name, t in (("crow_indices", crow), ("col_indices", col)):
-        if t.dtype != torch.int32:
-            raise TypeError(f"{OP}: argument '{name}' must be torch.int32, got {t.dtype}")
-        if t.dim() != 1:
-            raise ValueError(f"{OP}: argument '{name}' must be 1-D, got shape {tuple(t.shape)}")
-    if values.dim() != 3 or min(values.shape[1:]) <= 0:
-        raise ValueError(
-            f"{OP}: argument 'values' must be 3-D (nnz_blocks, bh, bw) with blocks of positive size, got "
-            f"{tuple(values.shape)}"
-        )
-    if out_channels < 0:
-        raise ValueError(f"{OP}: argument 'out_channels' must be >= 0, got {out_channels}")
-    n_brows = -(-out_channels // values.shape[1])
-    if crow.numel() != n_brows + 1:
-        raise ValueError(
-            f"{OP}: argument 'crow_indices' must have ceil(out_channels / bh) + 1 = {n_brows + 1} entries, "
-            f"got {crow.numel()}"
-        )
-    if col.numel() != values.shape[0]:
-        raise ValueError(
-            f"{OP}: argument 'col_indices' must have one entry per block ({values.shape[0]}), "
-            f"got {col.numel()}"
-        )
+    check_bsr_arrays(OP, x, crow, col, values, out_channels, "out_channels")
     return check_conv_args(
         OP, x, (crow, col, values), out_channels, kernel_size, bias, stride, padding, dilation
     )

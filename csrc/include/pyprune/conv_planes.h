@@ -256,18 +256,28 @@ inline at::Tensor stage_planes(const at::Tensor& x, const PlaneGeometry& g, int6
   const int64_t n_slots = static_cast<int64_t>(g.slot_phase.size());
   const float* in = x.data_ptr<float>();
   if (g.cl) {
-    // NHWC rows into zeroed planes: unit (image, slot, plane row), a thread's share at least ~64 KiB
-    at::Tensor staged = at::zeros({N * in_image + slack}, x.options());
+    // NHWC rows into planes: unit (image, slot, plane row), a thread's share at least ~64 KiB. Each unit
+    // zeroes only its row's borders (and the last row's unit the plane's tail), so every float is written
+    // once: zeroing the whole buffer first took 3% of a channels_last bsr_conv2d call.
+    at::Tensor staged = at::empty({N * in_image + slack}, x.options());
     float* st = staged.data_ptr<float>();
+    std::fill(st + N * in_image, st + N * in_image + slack, 0.f);
     const StageClFn stage = pick_stage_cl(isa);
     at::parallel_for(0, N * n_slots * Hq, std::max<int64_t>(1, 16384 / (C * Wq)), [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t n = p / (n_slots * Hq), s = (p / Hq) % n_slots, u = p % Hq;
         const int64_t pa = g.slot_phase[s] / sw, pb = g.slot_phase[s] % sw, r = u * sh + pa - ph;
-        if (r < 0 || r >= H) continue;
-        const int64_t v0 = std::min(Wq, (std::max<int64_t>(0, pw - pb) + sw - 1) / sw);
-        const int64_t v1 = std::max(v0, std::min(Wq, (W + pw - pb + sw - 1) / sw));
-        stage(in + (n * H + r) * W * C, C, v0, v1, pb - pw, sw, st + n * in_image + s * C * plane + u * Wq, plane);
+        const bool inside = r >= 0 && r < H;
+        const int64_t v0 = inside ? std::min(Wq, (std::max<int64_t>(0, pw - pb) + sw - 1) / sw) : Wq;
+        const int64_t v1 = inside ? std::max(v0, std::min(Wq, (W + pw - pb + sw - 1) / sw)) : Wq;
+        float* row = st + n * in_image + s * C * plane + u * Wq;
+        for (int64_t c = 0; c < C; ++c) {
+          float* d = row + c * plane;
+          std::fill(d, d + v0, 0.f);
+          std::fill(d + v1, d + Wq, 0.f);
+          if (u == Hq - 1) std::fill(d + Wq, d + plane - u * Wq, 0.f);
+        }
+        if (inside) stage(in + (n * H + r) * W * C, C, v0, v1, pb - pw, sw, row, plane);
       }
     });
     return staged;

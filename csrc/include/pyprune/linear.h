@@ -43,6 +43,19 @@ inline at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w, const a
   return unaliased(at::linear(x, w, b.defined() ? std::optional<at::Tensor>(b) : std::nullopt));
 }
 
+// The (rows, cols) matrix a BSR weight stores (crow, col int32; val (nnz_blocks, bh, bw), zero past the
+// matrix's edges; blocks given twice add up, as in the kernels), for the dense fallbacks.
+inline at::Tensor bsr_dense_matrix(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& val,
+                                   int64_t rows, int64_t cols) {
+  const int64_t nnzb = val.size(0), bh = val.size(1), bw = val.size(2);
+  const int64_t n_brows = (rows + bh - 1) / bh, n_bcols = (cols + bw - 1) / bw;
+  const at::Tensor brow = at::repeat_interleave(at::arange(n_brows, crow.options().dtype(at::kLong)),
+                                                crow.diff().to(at::kLong), 0, nnzb);
+  at::Tensor grid = at::zeros({n_brows, n_bcols, bh, bw}, val.options());
+  grid.index_put_({brow, col.to(at::kLong)}, val, true);
+  return grid.permute({0, 2, 1, 3}).reshape({n_brows * bh, n_bcols * bw}).slice(0, 0, rows).slice(1, 0, cols);
+}
+
 // y: (..., N) for x: (..., K), uninitialised.
 inline at::Tensor linear_output(const at::Tensor& x, int64_t N) {
   auto sizes = x.sizes().vec();
