@@ -27,12 +27,17 @@ def test_suite_dry_run_writes_results(tmp_path):
     assert conv["dry"] is True and len(conv["cases"]) > 0
     assert all(not any(k.endswith("_ms") for k in c) for c in conv["cases"])
     assert "DRY" in (out / "pruned_conv2d.md").read_text()
+    bsrconv = json.loads((out / "bsr_conv2d.json").read_text())
+    assert bsrconv["dry"] is True and len(bsrconv["cases"]) > 0
+    assert all(not any(k.endswith("_ms") for k in c) for c in bsrconv["cases"])
+    assert "DRY" in (out / "bsr_conv2d.md").read_text()
     csr = json.loads((out / "csr_sparse24.json").read_text())
     assert csr["dry"] is True and len(csr["csr"]) > 0 and len(csr["semi_structured"]) > 0
     assert all(not any(k.endswith("_ms") for k in c) for c in csr["csr"] + csr["semi_structured"])
     assert "DRY" in (out / "csr_sparse24.md").read_text()
     steps = (out / "steps.tsv").read_text()
-    assert "bench\t0" in steps and "bench_conv\t0" in steps and "bench_csr\t0" in steps, steps
+    for name in ("bench", "bench_conv", "bench_bsrconv", "bench_csr"):
+        assert f"{name}\t0" in steps, steps
     assert "DRY" in proc.stdout
 
 
@@ -42,7 +47,7 @@ def test_suite_deadline_cuts_the_steps_it_reaches(tmp_path):
     out = tmp_path / "suite"
     proc = _run_dry(out, timeout=120, SUITE_TOTAL_S="3")
     rows = dict(line.split("\t")[:2] for line in (out / "steps.tsv").read_text().splitlines())
-    for name in ("env", "bench", "bench_conv", "bench_csr"):
+    for name in ("env", "bench", "bench_conv", "bench_bsrconv", "bench_csr"):
         assert rows[name] == "skipped", rows
     assert "no time left before the 3s deadline" in proc.stdout
 

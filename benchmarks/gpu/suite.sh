@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # The device suite: build the extension from source, run the GPU tests, time BSR linear against cuBLAS and
-# torch.sparse (results.md + results.json), pruned conv2d against cuDNN (pruned_conv2d.md + .json), and CSR
-# decode against cuBLAS / cuSPARSE plus 2:4 at 8192^3 against cuBLAS (csr_sparse24.md + .json) in OUTDIR.
+# torch.sparse (results.md + results.json), pruned conv2d against cuDNN (pruned_conv2d.md + .json), BSR conv2d
+# (Triton implicit GEMM) against its im2col route and dense cuDNN (bsr_conv2d.md + .json), and CSR decode
+# against cuBLAS / cuSPARSE plus 2:4 at 8192^3 against cuBLAS (csr_sparse24.md + .json) in OUTDIR.
 # Every step is guarded (one failing step does not stop the next) and logged to OUTDIR/<step>.log;
 # OUTDIR/steps.tsv says how each ended; the tables print last.
 #
 #   bash benchmarks/gpu/suite.sh OUTDIR          # on a GPU machine, under 8 minutes
 #   bash benchmarks/gpu/suite.sh OUTDIR --dry    # on a CPU machine: wiring check, stub table marked DRY
 #
-# Env: PYTHON (default python3), SUITE_BUILD_S / SUITE_TEST_S / SUITE_BENCH_S / SUITE_CONV_S / SUITE_CSR_S (step
-# time limits, seconds), SUITE_TOTAL_S (the whole run's deadline, default 460 s: no step runs past it, so a
-# step that hangs costs the later ones their time, not the device session more than 8 minutes; the step limits
-# alone add up to 920 s). Budget on an H100: build ~45 s, tests ~90 s, BSR bench 125 s of cases (the three
-# skewed-structure schedule cases first, then the main table until the budget), conv bench 90 s, CSR/2:4 bench
+# Env: PYTHON (default python3), SUITE_BUILD_S / SUITE_TEST_S / SUITE_BENCH_S / SUITE_CONV_S / SUITE_BSRCONV_S /
+# SUITE_CSR_S (step time limits, seconds), SUITE_TOTAL_S (the whole run's deadline, default 500 s: no step runs
+# past it, so a step that hangs costs the later ones their time, not the device session more than 8.5 minutes;
+# the step limits alone add up to 980 s). Budget on an H100: build ~45 s, tests ~90 s (the BSR conv tests, new
+# since that measurement, add about 30 compiles), BSR bench 125 s of cases (the three skewed-structure schedule
+# cases first, then the main table until the budget), conv bench 90 s, BSR conv bench 40 s, CSR/2:4 bench
 # ~40 s, plus start-up and floors per step.
 set -u -o pipefail
 if [ $# -lt 1 ]; then echo "usage: $0 OUTDIR [--dry]" >&2; exit 2; fi
@@ -24,7 +26,7 @@ cd "$ROOT"
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 : > "$OUT/steps.tsv"
 T0=$(date +%s)
-DEADLINE=$(( T0 + ${SUITE_TOTAL_S:-460} ))
+DEADLINE=$(( T0 + ${SUITE_TOTAL_S:-500} ))
 
 # step NAME LIMIT_S CMD...: runs CMD with a time limit (cut to what is left before the deadline), output to
 # OUT/NAME.log, status to steps.tsv
@@ -32,7 +34,7 @@ step() {
   local name=$1 limit=$2; shift 2
   local t=$(date +%s) rc
   local left=$(( DEADLINE - t ))
-  if [ $left -lt 5 ]; then skip "$name" "no time left before the ${SUITE_TOTAL_S:-460}s deadline"; return 0; fi
+  if [ $left -lt 5 ]; then skip "$name" "no time left before the ${SUITE_TOTAL_S:-500}s deadline"; return 0; fi
   [ $left -lt "$limit" ] && limit=$left
   echo "== $name (limit ${limit}s): $*" | tee -a "$OUT/suite.log"
   timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
@@ -60,6 +62,7 @@ if [ $DRY -eq 1 ]; then
   fi
   step bench 120 "$PY" benchmarks/gpu/bench_bsr_linear_gpu.py --out "$OUT" --dry
   step bench_conv 120 "$PY" benchmarks/gpu/bench_pruned_conv2d_gpu.py --out "$OUT" --dry
+  step bench_bsrconv 120 "$PY" benchmarks/gpu/bench_bsr_conv2d_gpu.py --out "$OUT" --dry
   step bench_csr 120 "$PY" benchmarks/gpu/bench_csr_sparse24_gpu.py --out "$OUT" --dry
 else
   step build "${SUITE_BUILD_S:-180}" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PYPRUNE_CUDA=1 "$PY" setup.py build_ext --inplace
@@ -76,6 +79,7 @@ else
   step bench "${SUITE_BENCH_S:-200}" "$PY" benchmarks/gpu/bench_bsr_linear_gpu.py --out "$OUT" --budget-s 125
   # autotuning compiles each Triton config once per layout and kernel size: the budget cuts bf16 first
   step bench_conv "${SUITE_CONV_S:-150}" "$PY" benchmarks/gpu/bench_pruned_conv2d_gpu.py --out "$OUT" --budget-s 90
+  step bench_bsrconv "${SUITE_BSRCONV_S:-60}" "$PY" benchmarks/gpu/bench_bsr_conv2d_gpu.py --out "$OUT" --budget-s 40
   step bench_csr "${SUITE_CSR_S:-90}" "$PY" benchmarks/gpu/bench_csr_sparse24_gpu.py --out "$OUT" --budget-s 40
 fi
 
@@ -86,5 +90,7 @@ echo
 if [ -f "$OUT/results.md" ]; then cat "$OUT/results.md"; else echo "no results.md: see $OUT/bench.log"; fi
 echo
 if [ -f "$OUT/pruned_conv2d.md" ]; then cat "$OUT/pruned_conv2d.md"; else echo "no pruned_conv2d.md: see $OUT/bench_conv.log"; fi
+echo
+if [ -f "$OUT/bsr_conv2d.md" ]; then cat "$OUT/bsr_conv2d.md"; else echo "no bsr_conv2d.md: see $OUT/bench_bsrconv.log"; fi
 echo
 if [ -f "$OUT/csr_sparse24.md" ]; then cat "$OUT/csr_sparse24.md"; else echo "no csr_sparse24.md: see $OUT/bench_csr.log"; fi

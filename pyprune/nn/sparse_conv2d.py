@@ -11,8 +11,8 @@ field (Fast Sparse ConvNets, Elsen et al. 2020, for the 1x1 case).
   kernel).
 - **bsr**: ``pyprune::bsr_conv2d``, the same implicit GEMM over the stored blocks (csrc/cpu/bsr_conv2d.cpp:
   RB rows of a block share each loaded run of pixels), except an unpadded 1x1 conv on channels_last input,
-  which goes to bsr_linear as below. On CUDA bsr_conv2d builds the patch matrix and runs bsr_linear's GPU
-  kernels.
+  which goes to bsr_linear as below. On CUDA bsr_conv2d runs a Triton implicit GEMM over the blocks
+  (kernels/bsr_conv2d.py), else builds the patch matrix for bsr_linear's GPU kernels.
 - **2:4** (and bsr's channels_last 1x1): the sparse-linear ops in the NHWC (channels_last) arrangement,
   where a pixel's channels are contiguous:
   - 1x1, channels_last input: the input *is* the (N*H*W, C_in) activation matrix (a view, no copy), and the

@@ -7,8 +7,9 @@ tap when bw divides C_in. Blocks (bh x bw) are zero-padded past the weight's edg
 output has x's memory format (channels_last when x is laid out so, else contiguous), like F.conv2d.
 
 On the CPU the C++ kernel (csrc/cpu/bsr_conv2d.cpp) reads the input through staged planes and never builds a
-patch matrix. On CUDA the patches are built (F.unfold) and multiplied by bsr_linear's GPU kernels: no
-implicit-GEMM GPU kernel is written for it.
+patch matrix. On CUDA the router tries the Triton implicit-GEMM kernel (kernels/bsr_conv2d.py: patch tiles
+loaded straight from x, the blocks on tensor cores), then ``im2col`` (the patches built by F.unfold and
+multiplied by bsr_linear's GPU kernels), then the reference.
 
 Backward: the input gradient and the stored blocks' gradient (the dense weight gradient sampled at the stored
 blocks) go through ``torch.nn.grad.conv2d_input`` / ``conv2d_weight`` on the densified weight, so training
@@ -149,7 +150,34 @@ def _bsr_conv2d_im2col(x, crow_indices, col_indices, values, out_channels, kerne
     return y.contiguous(memory_format=reference._memory_format(x))
 
 
+# (crow, col) -> the block-column bound ceil(kh*kw*C_in / bw) their values were checked against: an
+# out-of-range block column would make the kernel read x out of bounds, and the check costs a device sync, so
+# each structure version is checked once
+_BSR_CONV2D_CHECKED = _router.TensorCache()
+
+
+def _bsr_conv2d_triton(x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding,
+                       dilation):  # fmt: skip
+    args = (x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation)
+    check_args(*args)
+    bound = -(-kernel_size[0] * kernel_size[1] * x.shape[1] // values.shape[2])
+
+    def check() -> int:
+        _router.check_csr_index_values(crow_indices, col_indices, bound, OP, "ceil(kh*kw*C_in / bw)")
+        return bound
+
+    if _BSR_CONV2D_CHECKED.get((crow_indices, col_indices), check) != bound:  # another C_in, kernel or block
+        check()
+    mod, _ = _router.load_triton_kernels()
+    return mod.bsr_conv2d_triton(*args)
+
+
+def _bsr_conv2d_triton_unavailable(x, *args) -> str | None:
+    return _router.triton_unavailable("bsr_conv2d_triton", "bsr_conv2d", x.dtype)
+
+
 BSR_CONV2D_BACKENDS = [
+    Backend("triton", _bsr_conv2d_triton, _bsr_conv2d_triton_unavailable),
     Backend("im2col", _bsr_conv2d_im2col),
     Backend("reference", bsr_conv2d_checked_ref),
 ]

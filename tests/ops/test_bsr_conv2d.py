@@ -171,7 +171,7 @@ def test_module_uses_it_and_compiles():
 
 
 def test_im2col_backend_matches():
-    # the CUDA router's first backend (patches through F.unfold, then bsr_linear), run here on the CPU
+    # the CUDA router's im2col backend (patches through F.unfold, then bsr_linear), run here on the CPU
     for channels_last in (False, True):
         args, _ = _case(CASES[6], 0.5)
         if channels_last:
@@ -252,7 +252,8 @@ def test_cached_index_check_follows_writes():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_gpu_router_matches_float64(dtype, channels_last):
-    # on CUDA the router's im2col backend: F.unfold, then bsr_linear on its own GPU backends
+    # the routed op on CUDA: the Triton kernel where Triton runs, else im2col (F.unfold, then bsr_linear); in
+    # fp32 both it and the naive F.conv2d follow cudnn.allow_tf32 (TF32 by default)
     args, _ = _case((32, 48, (3, 3), 2, 1, 1, (15, 15), 2, (16, 16)), 0.5, dtype=dtype)
     args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
     if channels_last:

@@ -61,7 +61,7 @@ def compile_only(self, *args, grid, warmup, **kw):
 
 
 JITFunction.run = compile_only
-from pyprune_kernels import bsr_linear as bl, csr_conv2d as cc, pruned_conv2d as pc
+from pyprune_kernels import bsr_conv2d as bc, bsr_linear as bl, csr_conv2d as cc, pruned_conv2d as pc
 
 for dt in (torch.float16, torch.bfloat16, torch.float32):
     # (inputs per group, groups, dilation, stride, channels_last, index tensors): depthwise at dilation 1 and 2
@@ -82,6 +82,18 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
         w = torch.randn(5, 3 * 3 * 6, dtype=dt).to_sparse_csr()
         cc.csr_conv2d_triton(x, w.crow_indices().int(), w.col_indices().int(), w.values(), 5, (3, 3),
                              torch.randn(5, dtype=dt), (1, 1), (1, 1), (dil, dil))
+    # bsr_conv2d: blocks inside one tap (TAP_BLOCKS) and across taps (a 160 x 96 block: two row sub-tiles and
+    # two column chunks), NCHW and channels_last
+    for cin, cout, bh, bw, cl in ((64, 48, 32, 32, False), (64, 48, 16, 64, True), (40, 160, 160, 96, False),
+                                  (12, 20, 8, 24, True)):
+        x = torch.randn(2, cin, 9, 9, dtype=dt)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        rows, cols = -(-cout // bh), -(-9 * cin // bw)
+        crow = torch.arange(rows + 1, dtype=torch.int32) * cols
+        col = torch.arange(cols, dtype=torch.int32).repeat(rows)
+        bc.bsr_conv2d_triton(x, crow, col, torch.randn(rows * cols, bh, bw, dtype=dt), cout, (3, 3),
+                             torch.randn(cout, dtype=dt), (1, 1), (1, 1), (1, 1), allow_tf32=True)
     # blocks wider than a 64-column chunk (256: its shared memory grew with the block's width, 384 KiB in fp32
     # with tf32, until the chunks became one flat loop)
     for m, n, k, bh, bw, schedule in ((8, 96, 80, 32, 32, "rows"), (8, 96, 80, 32, 32, "balanced"),
@@ -109,6 +121,6 @@ def test_every_triton_kernel_compiles_for_sm90():
     if out.stdout.startswith("SKIP"):
         pytest.skip(f"this Triton cannot compile for CUDA here: {out.stdout.strip()}")
     count, names = out.stdout.split()[1], out.stdout.split()[2:]
-    assert int(count) == 3 * (5 + 2 + 5 * 2), out.stdout
-    assert names == sorted(["_bsr_linear_fwd_kernel", "_bsr_linear_grad_values_kernel", "_csr_conv2d_fwd_kernel",
-                            "_pruned_conv2d_dw_kernel", "_pruned_conv2d_fwd_kernel"])  # fmt: skip
+    assert int(count) == 3 * (5 + 2 + 4 + 5 * 2), out.stdout
+    assert names == sorted(["_bsr_conv2d_fwd_kernel", "_bsr_linear_fwd_kernel", "_bsr_linear_grad_values_kernel",
+                            "_csr_conv2d_fwd_kernel", "_pruned_conv2d_dw_kernel", "_pruned_conv2d_fwd_kernel"])  # fmt: skip
