@@ -69,3 +69,26 @@ def _path():
     import os
 
     return os.environ.get("PATH", "/usr/bin:/bin")
+
+
+def test_run_budgeted_records_failures_and_skips_past_the_budget(monkeypatch):
+    # the benches' case loop (bench_bsr_linear_gpu.run_budgeted), without a GPU
+    sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_bsr_linear_gpu as b
+
+    now = [0.0]
+    monkeypatch.setattr(b.time, "time", lambda: now[0])
+    saved = []
+
+    def run_one(c):  # each case takes 4 s
+        now[0] += 4.0
+        if c["i"] == 1:
+            raise RuntimeError("boom")
+        return dict(c, ok=True)
+
+    cases = [{"i": i} for i in range(4)]
+    rows, skipped = b.run_budgeted(cases, 10.0, run_one, lambda r: saved.append(len(r)), save_every=2)
+    assert rows[0] == {"i": 0, "ok": True} and "boom" in rows[1]["case_error"]
+    assert rows[2] == {"i": 2, "ok": True} and skipped == 1  # the 4th case starts past the 10 s budget
+    assert saved == [2]

@@ -119,6 +119,29 @@ def rotating(fns):
     return lambda: fns[next(it)]()
 
 
+def run_budgeted(cases, budget_s: float, run_one, save, save_every: int = 1) -> tuple[list, int]:
+    """run_one(case) -> row for each case until budget_s seconds have passed (the rest are counted as
+    skipped); a case that raises leaves a row with ``case_error``. save(rows) every ``save_every`` cases, so partial
+    results survive a kill. Returns (rows, skipped)."""
+    t0 = time.time()
+    rows, skipped = [], 0
+    for i, c in enumerate(cases):
+        if time.time() - t0 > budget_s:
+            skipped += 1
+            continue
+        try:
+            rows.append(run_one(c))
+        except Exception as e:  # noqa: BLE001
+            rows.append(dict(c, case_error=f"case failed: {e!r}"[:300]))
+            traceback.print_exc()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        print(f"[{i + 1}/{len(cases)}] {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+        if (i + 1) % save_every == 0:
+            save(rows)
+    return rows, skipped
+
+
 def measure_floors(quick: bool) -> dict:
     n = 1 << 28  # 512 MiB fp16 source
     a = torch.randn(n, device="cuda", dtype=torch.float16)

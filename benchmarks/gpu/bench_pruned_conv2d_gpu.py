@@ -28,7 +28,6 @@ import json
 import math
 import sys
 import time
-import traceback
 import zlib
 from pathlib import Path
 
@@ -40,7 +39,7 @@ sys.path.insert(0, str(ROOT.parents[1]))
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
 
-from bench_bsr_linear_gpu import environment, n_sets, rotating
+from bench_bsr_linear_gpu import environment, n_sets, rotating, run_budgeted
 from pruned_conv2d_table import SHAPES  # (C_in, C_out, kernel, H = W); stride 1, padding kernel // 2
 
 BATCHES = [32, 1]
@@ -245,25 +244,18 @@ def main(argv=None) -> int:
     t0 = time.time()
     l2 = env.get("l2_bytes") or 50 * 2**20
     triton_fn = getattr(kernels, "pruned_conv2d_triton", None) if kernels is not None else None
-    rows, skipped = [], 0
-    payload = {"dry": False, "environment": env, "cases": rows}
-    for i, c in enumerate(cases):
-        if time.time() - t0 > args.budget_s:
-            skipped += 1
-            continue
-        try:
-            rows.append(run_case(c, args.quick, l2, triton_fn, not cuda_why))
-        except Exception as e:  # noqa: BLE001
-            rows.append(dict(c, case_error=f"case failed: {e!r}"[:300]))
-            traceback.print_exc()
-        torch.cuda.empty_cache()
-        print(f"[{i + 1}/{len(cases)}] {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
-        if (i + 1) % 4 == 0:
-            write(args.out, payload, dry=False)  # partial results survive a kill
-    payload["skipped"] = skipped
+    payload = {"dry": False, "environment": env, "cases": []}
+
+    def save(rows):
+        write(args.out, dict(payload, cases=rows), dry=False)
+
+    def run_one(c):
+        return run_case(c, args.quick, l2, triton_fn, not cuda_why)
+
+    payload["cases"], payload["skipped"] = run_budgeted(cases, args.budget_s, run_one, save, save_every=4)
     payload["elapsed_s"] = time.time() - t0
     write(args.out, payload, dry=False)
-    print(table(rows))
+    print(table(payload["cases"]))
     return 0
 
 
