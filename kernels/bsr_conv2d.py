@@ -47,12 +47,10 @@ def _configs() -> list[triton.Config]:
     if INTERPRET:
         return [_cfg(16, 4, 1)]
     if os.environ.get("PYPRUNE_TRITON_AUTOTUNE", "1") == "0":
-        return [_cfg(128, 4, 3)]
-    # 128-row tiles with 3-4 stages for the big maps (Hopper and Ampere alike); 32/64 rows give small maps
-    # (batch 1 at 7x7 = 49 pixels) more programs. The block sets BLOCK_N and BLOCK_K.
-    return [
-        _cfg(bm, w, s) for bm in (32, 64, 128) for w in (4, 8) for s in (3, 4) if not (bm == 32 and w == 8)
-    ]
+        return [_cfg(64, 4, 3)]  # spills in no case of the register survey below
+    # 128-row tiles for the big maps, 32/64 rows give small maps (batch 1 at 7x7 = 49 pixels) more programs;
+    # 128 rows only on 8 warps (on 4 they spill, see _prune_configs). The block sets BLOCK_N and BLOCK_K.
+    return [_cfg(bm, w, s) for bm, w in ((32, 4), (64, 4), (64, 8), (128, 8)) for s in (3, 4)]
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -70,10 +68,13 @@ def _prune_configs(configs, named_args, **kwargs):
             continue
         if c.num_stages * (bm * block_k + block_k * block_n) * elem > 160 * 1024:  # A100: 164 KiB per SM
             continue
-        # register pressure (ptxas -v for sm_90 over every config): more than 64 fp32 accumulators a thread
-        # spill, and so do more than 16 x-tile elements a thread where each has its own tap (2-D offsets and
-        # padding tests): up to 1.1 KB a thread at 128 x 32 tiles on 4 warps
-        if bm * block_n > 64 * 32 * c.num_warps or (not tap_blocks and bm * block_k > 16 * 32 * c.num_warps):
+        # register pressure (ptxas -v for sm_90 over every config, as Triton 3.6 compiles them): tiles with
+        # more than 48 elements of accumulator and x tile a thread spill (128 rows on 4 warps: 52-964 B with
+        # 32x32 and 64x64 blocks), and so do more than 16 x-tile elements a thread where each column has its
+        # own tap (2-D offsets and padding tests; 404-848 B at 128 x 32 on 4 warps)
+        if bm * (block_n + block_k) > 48 * 32 * c.num_warps:
+            continue
+        if not tap_blocks and bm * block_k > 16 * 32 * c.num_warps:
             continue
         kept.append(c)
     return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"], c.num_stages))]
