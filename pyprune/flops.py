@@ -44,6 +44,11 @@ def _csr_conv2d_flop(x, crow, col, values, *args, out_shape=None, **kwargs) -> i
     return _conv_flops(values, out_shape)
 
 
+@register_flop_formula(torch.ops.pyprune.sparse24_conv2d)
+def _sparse24_conv2d_flop(x, values, *args, out_shape=None, **kwargs) -> int:
+    return _conv_flops(values, out_shape)  # values: (K4/2, out_channels), the kept half
+
+
 @register_flop_formula(torch.ops.pyprune.bsr_conv2d)
 def _bsr_conv2d_flop(x, crow, col, values, *args, out_shape=None, **kwargs) -> int:
     return _conv_flops(values, out_shape)

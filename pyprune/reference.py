@@ -51,16 +51,20 @@ def _bsr_matrix(
     return w[:n_rows, :n_cols]
 
 
-def sparse24_linear_ref(
-    x: Tensor, values: Tensor, meta: Tensor, out_features: int, bias: Tensor | None = None
-) -> Tensor:
-    in_features = x.shape[-1]
-    w = torch.zeros(out_features, meta.shape[0] * 8, dtype=values.dtype, device=values.device)
+def _sparse24_matrix(values: Tensor, meta: Tensor, n_rows: int, n_cols: int) -> Tensor:
+    """The (n_rows, n_cols) matrix a 2:4 weight stores."""
+    w = torch.zeros(n_rows, meta.shape[0] * 8, dtype=values.dtype, device=values.device)
     for r in range(values.shape[0]):  # value row r: group r // 2, meta byte r // 4, bit field r % 4
         pos = (meta[r // 4].long() >> (2 * (r % 4))) & 3
         cols = 4 * (r // 2) + pos
-        w[torch.arange(out_features), cols] += values[r]
-    return F.linear(x, w[:, :in_features].to(x.dtype), bias)
+        w[torch.arange(n_rows), cols] += values[r]
+    return w[:, :n_cols]
+
+
+def sparse24_linear_ref(
+    x: Tensor, values: Tensor, meta: Tensor, out_features: int, bias: Tensor | None = None
+) -> Tensor:
+    return F.linear(x, _sparse24_matrix(values, meta, out_features, x.shape[-1]).to(x.dtype), bias)
 
 
 def _conv2d(x: Tensor, w: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int = 1) -> Tensor:
@@ -123,6 +127,24 @@ def bsr_conv2d_ref(
     blocks (bh x bw) zero-padded past its edges."""
     kh, kw = kernel_size
     w = _bsr_matrix(crow_indices, col_indices, values, out_channels, kh * kw * x.shape[1])
+    return _tap_major_conv2d(x, w, kernel_size, bias, stride, padding, dilation)
+
+
+def sparse24_conv2d_ref(
+    x: Tensor,
+    values: Tensor,
+    meta: Tensor,
+    out_channels: int,
+    kernel_size: list[int],
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+) -> Tensor:
+    """The weight is (out_channels, kh*kw*C_in) in tap-major columns, as in csr_conv2d_ref, stored 2:4 as in
+    sparse24_linear_ref."""
+    kh, kw = kernel_size
+    w = _sparse24_matrix(values, meta, out_channels, kh * kw * x.shape[1])
     return _tap_major_conv2d(x, w, kernel_size, bias, stride, padding, dilation)
 
 

@@ -1,132 +1,23 @@
-// pyprune::sparse24_linear on the CPU: y = x W^T + b with W (N x K) 2:4 sparse along K.
-//
-// Storage (k-major so that 16 consecutive outputs are one vector load): values (K4/2, N): rows 2g and 2g+1
-// hold the two kept weights of group g (inputs 4g..4g+3); meta (K4/8, N) uint8: the byte of group pair p holds
-// the in-group positions of group 2p in bits 0-1 and 2-3 and of group 2p+1 in bits 4-5 and 6-7 (2 bits per
-// kept value, as in NVIDIA's 2:4 format). K4 is in_features rounded up to a multiple of 8; padding is zero.
-//
-// Kernel: vectors run over 16 outputs (8 on AVX2). The four inputs of a group are broadcast to every 128-bit
-// lane and a per-lane permute (vpermilps, which reads only the low 2 bits of each index, so the meta byte
-// needs no masking) picks each output's input: per group and token 2 FMAs instead of the dense 4.
+// pyprune::sparse24_linear on the CPU: y = x W^T + b with W (N x K) 2:4 sparse along K. The storage and the
+// panel kernel (vectors over 16 outputs, vpermilps picking each output's input from the metadata) are in
+// pyprune/sparse24_panels.h, shared with sparse24_conv2d; decoding (few tokens) is here.
 #include <immintrin.h>
 
 #include "pyprune/linear.h"
+#include "pyprune/sparse24_panels.h"
 #include "pyprune/token_tiles.h"
 
 namespace pyprune {
 namespace {
 
-constexpr int kMR = 8;          // tokens per register tile
-constexpr int64_t kOutBlock = 64;  // outputs per parallel unit
-constexpr int64_t kTokBlock = 64;  // tokens per parallel unit
+using namespace s24;
+
 constexpr int64_t kDecodeMaxTokens = 4;
-// Group pairs (4 kept values each) summed in one chain before the chain is added into the output's total: the
-// error of an fp32 sum in one chain grows with its length (see csr_linear's kFlush).
-constexpr int64_t kFlushPairs = 64;
-
-struct S24Args {
-  const float* val;
-  const uint8_t* meta;
-  const float* bias;
-  int64_t M, K4, N;
-};
-
-// Plain loops: the baseline ISA and the outputs past the last full vector.
-inline void scalar_outputs(const S24Args& a, const float* x, int64_t m0, int64_t m1, int64_t o0, int64_t o1,
-                           float* y) {
-  for (int64_t m = m0; m < m1; ++m) {
-    const float* xr = x + m * a.K4;
-    for (int64_t o = o0; o < o1; ++o) {
-      float total = 0.f;
-      for (int64_t c = 0; c < a.K4 / 8; c += kFlushPairs) {
-        float acc = 0.f;
-        for (int64_t p = c; p < std::min(a.K4 / 8, c + kFlushPairs); ++p) {
-          const unsigned mb = a.meta[p * a.N + o];
-          const float* v = a.val + 4 * p * a.N + o;
-          acc += v[0] * xr[8 * p + (mb & 3)] + v[a.N] * xr[8 * p + ((mb >> 2) & 3)] +
-                 v[2 * a.N] * xr[8 * p + 4 + ((mb >> 4) & 3)] + v[3 * a.N] * xr[8 * p + 4 + (mb >> 6)];
-        }
-        total += acc;
-      }
-      y[m * a.N + o] = total + (a.bias ? a.bias[o] : 0.f);
-    }
-  }
-}
 
 #if PYPRUNE_X86
-template <int MR>
-PYPRUNE_TARGET_AVX512 void panel_avx512(const S24Args& a, const float* x, int64_t m0, int64_t o0, __mmask16 k,
-                                        float* y) {
-  __m512 acc[MR];
-  alignas(64) float total[MR][16] = {};  // partial sums of kFlushPairs group pairs are added here
-  const int64_t N = a.N, pairs = a.K4 / 8;
-  for (int64_t c = 0; c < pairs; c += kFlushPairs) {
-    for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
-    for (int64_t p = c; p < std::min(pairs, c + kFlushPairs); ++p) {
-      const __m512i mb = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, a.meta + p * N + o0));
-      const __m512i i1 = _mm512_srli_epi32(mb, 2), i2 = _mm512_srli_epi32(mb, 4), i3 = _mm512_srli_epi32(mb, 6);
-      const float* v = a.val + 4 * p * N + o0;
-      const __m512 v0 = _mm512_maskz_loadu_ps(k, v), v1 = _mm512_maskz_loadu_ps(k, v + N);
-      const __m512 v2 = _mm512_maskz_loadu_ps(k, v + 2 * N), v3 = _mm512_maskz_loadu_ps(k, v + 3 * N);
-      for (int m = 0; m < MR; ++m) {
-        const float* xr = x + (m0 + m) * a.K4 + 8 * p;
-        const __m512 xa = _mm512_broadcast_f32x4(_mm_loadu_ps(xr));
-        const __m512 xb = _mm512_broadcast_f32x4(_mm_loadu_ps(xr + 4));
-        acc[m] = _mm512_fmadd_ps(v0, _mm512_permutevar_ps(xa, mb), acc[m]);
-        acc[m] = _mm512_fmadd_ps(v1, _mm512_permutevar_ps(xa, i1), acc[m]);
-        acc[m] = _mm512_fmadd_ps(v2, _mm512_permutevar_ps(xb, i2), acc[m]);
-        acc[m] = _mm512_fmadd_ps(v3, _mm512_permutevar_ps(xb, i3), acc[m]);
-      }
-    }
-    for (int m = 0; m < MR; ++m) _mm512_store_ps(total[m], _mm512_add_ps(_mm512_load_ps(total[m]), acc[m]));
-  }
-  const __m512 b = a.bias ? _mm512_maskz_loadu_ps(k, a.bias + o0) : _mm512_setzero_ps();
-  for (int m = 0; m < MR; ++m)
-    _mm512_mask_storeu_ps(y + (m0 + m) * N + o0, k, _mm512_add_ps(_mm512_load_ps(total[m]), b));
-}
-
-PYPRUNE_TARGET_AVX512 void block_avx512(const S24Args& a, const float* x, int64_t m0, int64_t m1, int64_t o0,
-                                        int64_t o1, float* y) {
-  for (int64_t o = o0; o < o1; o += 16) {
-    const __mmask16 k = static_cast<__mmask16>(o1 - o >= 16 ? 0xFFFFu : (1u << (o1 - o)) - 1u);
-    int64_t m = m0;
-    for (; m + kMR <= m1; m += kMR) panel_avx512<kMR>(a, x, m, o, k, y);
-    for (; m < m1; ++m) panel_avx512<1>(a, x, m, o, k, y);
-  }
-}
-
-template <int MR>
-PYPRUNE_TARGET_AVX2 void panel_avx2(const S24Args& a, const float* x, int64_t m0, int64_t o0, float* y) {
-  __m256 acc[MR];
-  alignas(32) float total[MR][8] = {};  // partial sums of kFlushPairs group pairs are added here
-  const int64_t N = a.N, pairs = a.K4 / 8;
-  for (int64_t c = 0; c < pairs; c += kFlushPairs) {
-    for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
-    for (int64_t p = c; p < std::min(pairs, c + kFlushPairs); ++p) {
-      const __m256i mb = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.meta + p * N + o0)));
-      const __m256i i1 = _mm256_srli_epi32(mb, 2), i2 = _mm256_srli_epi32(mb, 4), i3 = _mm256_srli_epi32(mb, 6);
-      const float* v = a.val + 4 * p * N + o0;
-      const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + N);
-      const __m256 v2 = _mm256_loadu_ps(v + 2 * N), v3 = _mm256_loadu_ps(v + 3 * N);
-      for (int m = 0; m < MR; ++m) {
-        const float* xr = x + (m0 + m) * a.K4 + 8 * p;
-        const __m256 xa = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(xr));
-        const __m256 xb = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(xr + 4));
-        acc[m] = _mm256_fmadd_ps(v0, _mm256_permutevar_ps(xa, mb), acc[m]);
-        acc[m] = _mm256_fmadd_ps(v1, _mm256_permutevar_ps(xa, i1), acc[m]);
-        acc[m] = _mm256_fmadd_ps(v2, _mm256_permutevar_ps(xb, i2), acc[m]);
-        acc[m] = _mm256_fmadd_ps(v3, _mm256_permutevar_ps(xb, i3), acc[m]);
-      }
-    }
-    for (int m = 0; m < MR; ++m) _mm256_store_ps(total[m], _mm256_add_ps(_mm256_load_ps(total[m]), acc[m]));
-  }
-  const __m256 b = a.bias ? _mm256_loadu_ps(a.bias + o0) : _mm256_setzero_ps();
-  for (int m = 0; m < MR; ++m) _mm256_storeu_ps(y + (m0 + m) * N + o0, _mm256_add_ps(_mm256_load_ps(total[m]), b));
-}
-
 // Decoding (few tokens): bound by the weight bytes, so the values are streamed row by row, each row contiguous
 // over all N outputs, into a per-thread accumulator acc (MT x N, L1/L2) over a range of group pairs; the
-// threads' partial sums are added at the end. (The panel kernel above walks each 16-output column panel
+// threads' partial sums are added at the end. (The panel kernel walks each 16-output column panel
 // down all of K instead: 64-byte reads at a 4N-byte stride that starve the prefetchers.)
 template <int MT>
 PYPRUNE_TARGET_AVX512 void decode_avx512(const S24Args& a, const float* x, int64_t p0, int64_t p1, float* acc) {
@@ -182,30 +73,7 @@ PYPRUNE_TARGET_AVX512 void decode_range_avx512(const S24Args& a, const float* x,
   }
 }
 
-PYPRUNE_TARGET_AVX2 void block_avx2(const S24Args& a, const float* x, int64_t m0, int64_t m1, int64_t o0,
-                                    int64_t o1, float* y) {
-  int64_t o = o0;
-  for (; o + 8 <= o1; o += 8) {
-    int64_t m = m0;
-    for (; m + kMR <= m1; m += kMR) panel_avx2<kMR>(a, x, m, o, y);
-    for (; m < m1; ++m) panel_avx2<1>(a, x, m, o, y);
-  }
-  scalar_outputs(a, x, m0, m1, o, o1, y);
-}
 #endif
-
-using BlockFn = void (*)(const S24Args&, const float*, int64_t, int64_t, int64_t, int64_t, float*);
-
-BlockFn pick_block(Isa isa) {
-#if PYPRUNE_X86
-  if (isa == Isa::kAvx512) return block_avx512;
-  if (isa == Isa::kAvx2) return block_avx2;
-#endif
-  (void)isa;
-  return [](const S24Args& a, const float* x, int64_t m0, int64_t m1, int64_t o0, int64_t o1, float* y) {
-    scalar_outputs(a, x, m0, m1, o0, o1, y);
-  };
-}
 
 }  // namespace
 
@@ -226,15 +94,8 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
                 "), got ", meta.sizes());
   const at::Tensor b = checked_bias(bias, N, op, x.scalar_type());
   if (x.scalar_type() != at::kFloat) {
-    // The kernel is fp32; float64 (gradcheck), bf16 and fp16 run a dense fallback. Position of each kept value
-    // within its group: 2 bits each, 4 per meta byte (see the storage note above).
-    const at::Tensor shifts = at::arange(0, 8, 2, meta.options().dtype(at::kInt));
-    const at::Tensor pos = meta.to(at::kInt).unsqueeze(1).bitwise_right_shift(shifts.view({1, 4, 1})).bitwise_and(3);
-    const at::Tensor cols = pos.reshape({K4 / 2, N}) +
-                            at::arange(K4 / 2, pos.options()).floor_divide(2).mul(4).unsqueeze(1);
-    const at::Tensor w = at::zeros({N, K4}, values.options())
-                             .scatter_add_(1, cols.t().to(at::kLong), values.t()).slice(1, 0, K);
-    return dense_linear(x, w, b);
+    // The kernel is fp32; float64 (gradcheck), bf16 and fp16 run a dense fallback.
+    return dense_linear(x, sparse24_dense_matrix(values, meta, N, K), b);
   }
   at::Tensor y = linear_output(x, N);
   if (M == 0 || N == 0) return y;
@@ -271,15 +132,7 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
     return y.copy_(out.view(y.sizes()));
   }
 #endif
-  const BlockFn fn = pick_block(kernel_isa());
-  const int64_t n_ob = (N + kOutBlock - 1) / kOutBlock, n_tb = (M + kTokBlock - 1) / kTokBlock;
-  at::parallel_for(0, n_ob * n_tb, 1, [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t ob = u / n_tb, tb = u % n_tb;
-      fn(a, xp, tb * kTokBlock, std::min(M, (tb + 1) * kTokBlock), ob * kOutBlock,
-         std::min(N, (ob + 1) * kOutBlock), yp);
-    }
-  });
+  run_panels(a, xp, yp);
   return y;
 }
 

@@ -13,8 +13,10 @@ field (Fast Sparse ConvNets, Elsen et al. 2020, for the 1x1 case).
   RB rows of a block share each loaded run of pixels), except an unpadded 1x1 conv on channels_last input,
   which goes to bsr_linear as below. On CUDA bsr_conv2d runs a Triton implicit GEMM over the blocks
   (kernels/bsr_conv2d.py), else builds the patch matrix for bsr_linear's GPU kernels.
-- **2:4** (and bsr's channels_last 1x1): the sparse-linear ops in the NHWC (channels_last) arrangement,
-  where a pixel's channels are contiguous:
+- **2:4** on kxk (and padded 1x1) convs with C_in a multiple of 8: ``pyprune::sparse24_conv2d``, an implicit
+  GEMM with sparse24_linear's kernel, each output pixel's inputs read from one zero-padded NHWC copy of x.
+- **2:4** otherwise (and bsr's channels_last 1x1): the sparse-linear ops in the NHWC (channels_last)
+  arrangement, where a pixel's channels are contiguous:
   - 1x1, channels_last input: the input *is* the (N*H*W, C_in) activation matrix (a view, no copy), and the
     op's (N*H*W, C_out) output *is* the channels_last result.
   - 1x1, NCHW input: per image and in ~1 MiB chunks of pixels, the op gets the (pixels, C) transposed view
@@ -22,8 +24,8 @@ field (Fast Sparse ConvNets, Elsen et al. 2020, for the 1x1 case).
     output is transposed back to (C_out, pixels) (benchmarks/results/cpu/sparse_conv2d.md measures the
     transposes). Traced (torch.compile, torch.export, torch.jit.trace), the whole batch is transposed at once
     instead.
-  - kxk (and padded 1x1): **explicit im2col**: the (N*OH*OW, kh*kw*C_in) patch matrix is
-    materialised from a strided view of the zero-padded NHWC input, then multiplied. This costs kh*kw times
+  - kxk (and padded 1x1; 2:4 with C_in not a multiple of 8): **explicit im2col**: the (N*OH*OW, kh*kw*C_in)
+    patch matrix is materialised from a strided view of the zero-padded NHWC input, then multiplied. This costs kh*kw times
     the input's bytes in memory traffic. Past 4 MiB of patches it goes per image, a few output rows per op
     call, so each chunk's patches stay in cache and no multi-MB buffer is mapped and unmapped per call
     (eager only; traced, the whole batch goes in one call).
@@ -236,7 +238,13 @@ class SparseConv2d(nn.Module):
             return "csr_conv2d"
         if self.layout == "bsr":
             return "bsr_linear" if self._bsr_as_linear(input) else "bsr_conv2d"
-        return "sparse24_linear"
+        return "sparse24_conv2d" if self._sparse24_as_conv() else "sparse24_linear"
+
+    def _sparse24_as_conv(self) -> bool:
+        """2:4 on a kxk or padded conv whose 2:4 group pairs (8 tap-major inputs) each lie in one tap: the
+        implicit-GEMM op. Other channel counts build the patch matrix here instead (the op would densify)."""
+        pointwise = self.kernel_size == (1, 1) and self.padding == (0, 0)
+        return not pointwise and self.in_channels % 8 == 0
 
     def _bsr_as_linear(self, x: Tensor) -> bool:
         """bsr on an unpadded 1x1 conv over channels_last input: the input is the (pixels, C_in) activation
@@ -284,6 +292,12 @@ class SparseConv2d(nn.Module):
             y = ops.bsr_conv2d(
                 x, wt.crow_indices, wt.col_indices, values, self.out_channels, self.kernel_size, self.bias,
                 self.stride, self.padding, self.dilation,
+            )  # fmt: skip
+            return y if input.dim() == 4 else y.squeeze(0)
+        if self.layout == "2:4" and self._sparse24_as_conv():
+            y = ops.sparse24_conv2d(
+                x, values, wt.meta, self.out_channels, self.kernel_size, self.bias, self.stride, self.padding,
+                self.dilation,
             )  # fmt: skip
             return y if input.dim() == 4 else y.squeeze(0)
         # loops over images / rows only in eager mode: a traced graph (dynamo, export, torch.jit.trace) would

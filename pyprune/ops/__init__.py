@@ -6,6 +6,15 @@ from .bsr_linear import bsr_linear
 from .csr_conv2d import csr_conv2d
 from .csr_linear import csr_linear
 from .pruned_conv2d import pruned_conv2d
+from .sparse24_conv2d import sparse24_conv2d
 from .sparse24_linear import sparse24_linear
 
-__all__ = ["bsr_conv2d", "bsr_linear", "csr_conv2d", "csr_linear", "pruned_conv2d", "sparse24_linear"]
+__all__ = [
+    "bsr_conv2d",
+    "bsr_linear",
+    "csr_conv2d",
+    "csr_linear",
+    "pruned_conv2d",
+    "sparse24_conv2d",
+    "sparse24_linear",
+]

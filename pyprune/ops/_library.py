@@ -26,6 +26,11 @@ SCHEMAS = {
     "bsr_conv2d": "bsr_conv2d(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
     "int out_channels, int[2] kernel_size, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation) "
     "-> Tensor",
+    # conv2d with a 2:4 weight (out_channels, kh*kw*C_in) in the same tap-major column order, stored as
+    # sparse24_linear's (values (K4/2, out_channels), meta (K4/8, out_channels) uint8, K4 = kh*kw*C_in rounded
+    # up to a multiple of 8). x: (N, C_in, H, W).
+    "sparse24_conv2d": "sparse24_conv2d(Tensor x, Tensor values, Tensor meta, int out_channels, "
+    "int[2] kernel_size, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation) -> Tensor",
     # conv2d over the input channels in_index (gathered inside the kernel) with weight (C_out_kept,
     # C_in_kept / groups, kh, kw); relu fused; out_index scatters into an out_channels-wide zero output.
     "pruned_conv2d": "pruned_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor? in_index, Tensor? out_index, "

@@ -66,9 +66,8 @@ def check_args(x, crow, col, values, out_channels, kernel_size, bias, stride, pa
     if x.dim() != 4:
         raise ValueError(f"{OP}: argument 'x' must be 4-D (N, C_in, H, W), got shape {tuple(x.shape)}")
     check_bsr_arrays(OP, x, crow, col, values, out_channels, "out_channels")
-    return check_conv_args(
-        OP, x, (crow, col, values), out_channels, kernel_size, bias, stride, padding, dilation
-    )
+    arrays = {"crow_indices": crow, "col_indices": col, "values": values}
+    return check_conv_args(OP, x, arrays, out_channels, kernel_size, bias, stride, padding, dilation)
 
 
 @torch.library.register_fake(OP)

@@ -57,16 +57,15 @@ def check_args(x, crow, col, values, out_channels, kernel_size, bias, stride, pa
     if x.dim() != 4:
         raise ValueError(f"{OP}: argument 'x' must be 4-D (N, C_in, H, W), got shape {tuple(x.shape)}")
     check_csr_arrays(OP, x, crow, col, values, out_channels, "out_channels")
-    return check_conv_args(
-        OP, x, (crow, col, values), out_channels, kernel_size, bias, stride, padding, dilation
-    )
+    arrays = {"crow_indices": crow, "col_indices": col, "values": values}
+    return check_conv_args(OP, x, arrays, out_channels, kernel_size, bias, stride, padding, dilation)
 
 
 def check_conv_args(op, x, arrays, out_channels, kernel_size, bias, stride, padding, dilation):
-    """What the sparse-weight conv ops (``op``: "pyprune::csr_conv2d", "pyprune::bsr_conv2d") check alike: the
-    weight's ``arrays`` (crow_indices, col_indices, values) on x's device, the conv arguments, the bias, and
-    an output of at least one pixel. Returns (OH, OW)."""
-    for name, t in zip(("crow_indices", "col_indices", "values"), arrays):
+    """What the sparse-weight conv ops (``op``: "pyprune::csr_conv2d", "pyprune::bsr_conv2d",
+    "pyprune::sparse24_conv2d") check alike: the weight's ``arrays`` ({argument name: tensor}) on x's device,
+    the conv arguments, the bias, and an output of at least one pixel. Returns (OH, OW)."""
+    for name, t in arrays.items():
         if t.device != x.device:
             raise ValueError(f"{op}: argument '{name}' must be on {x.device} (x's device), got {t.device}")
     for name, v, low in (

@@ -61,6 +61,16 @@ for cin, cout, k, s, p, side, cl, block in ((12, 10, 3, 1, 1, 20, False, (4, 8))
     want = F.conv2d(x.double(), m.to_dense().weight.double(), m.bias.double(), s, p)
     err = (m(x).double() - want).abs().max().item()
     assert err < 1e-4, ("bsr_conv2d", cin, cout, k, s, side, cl, block, err)
+# 2:4 kxk: the implicit GEMM over a padded NHWC copy (C_in a multiple of 8; 20 outputs: a partial vector)
+for cin, cout, k, s, p, side, cl in ((16, 20, 3, 1, 1, 11, False), (24, 33, 3, 2, 1, 9, True)):
+    m = SparseConv2d.from_dense(torch.nn.Conv2d(cin, cout, k, s, p), sparsity=0.5, layout="2:4")
+    x = torch.randn(2, cin, side, side)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert m.kernel_op(x) == "sparse24_conv2d"
+    want = F.conv2d(x.double(), m.to_dense().weight.double(), m.bias.double(), s, p)
+    err = (m(x).double() - want).abs().max().item()
+    assert err < 1e-4, ("sparse24_conv2d", cin, cout, k, s, side, cl, err)
 print("ok")
 """
 

@@ -1,0 +1,153 @@
+"""pyprune::sparse24_conv2d: conv2d whose weight is 2:4 sparse, computed as an implicit GEMM over the kept
+half.
+
+The weight is the (out_channels, kh*kw*C_in) matrix in tap-major column order, as for csr_conv2d (column
+``(i*kw + j)*C_in + c`` holds ``w[o, c, i, j]``), so a 2:4 group is 4 consecutive input channels of one tap;
+it is stored as sparse24_linear's weight (values (K4/2, out_channels), meta (K4/8, out_channels) uint8, K4 =
+kh*kw*C_in rounded up to a multiple of 8). The output has x's memory format, like F.conv2d.
+
+On the CPU the C++ kernel (csrc/cpu/sparse24_conv2d.cpp) runs sparse24_linear's panels with each output pixel's
+inputs read from a zero-padded NHWC copy of x (no patch matrix) when C_in is a multiple of 8, else ATen's conv
+on the decoded weight. On CUDA the patches are built (F.unfold) and multiplied by sparse24_linear's GPU route.
+
+Backward: the input gradient and the kept values' gradient (the dense weight gradient sampled at the kept
+positions) go through ``torch.nn.grad.conv2d_input`` / ``conv2d_weight`` on the decoded weight, so training
+costs dense time; only the forward is sparse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import reference
+from ..sparse.sparse24 import padded_in_features, value_columns
+from . import _library  # noqa: F401
+from ._common import call_op
+from ._router import Backend, route
+from .csr_conv2d import check_conv_args
+from .pruned_conv2d import pair
+
+OP = "pyprune::sparse24_conv2d"
+
+
+def sparse24_conv2d(
+    x: Tensor,
+    values: Tensor,
+    meta: Tensor,
+    out_channels: int,
+    kernel_size: int | Sequence[int],
+    bias: Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+) -> Tensor:
+    """x: (N, C_in, H, W); W: (out_channels, kh*kw*C_in) in tap-major columns, 2:4 along them, as values
+    (K4/2, out_channels) and meta (K4/8, out_channels) uint8; bias: (out_channels,) or None. Returns
+    conv2d(x, W, bias, stride, padding, dilation): (N, out_channels, OH, OW) in x's memory format."""
+    return call_op(
+        torch.ops.pyprune.sparse24_conv2d.default, x, values, meta, out_channels, pair(kernel_size, "kernel_size"),
+        bias, pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation"),
+    )  # fmt: skip
+
+
+def check_args(x, values, meta, out_channels, kernel_size, bias, stride, padding, dilation):
+    """Shape, dtype and device checks; returns (OH, OW)."""
+    if x.dim() != 4:
+        raise ValueError(f"{OP}: argument 'x' must be 4-D (N, C_in, H, W), got shape {tuple(x.shape)}")
+    if values.dtype != x.dtype:
+        raise TypeError(f"{OP}: argument 'values' must be {x.dtype} (x's dtype), got {values.dtype}")
+    if meta.dtype != torch.uint8:
+        raise TypeError(f"{OP}: argument 'meta' must be torch.uint8, got {meta.dtype}")
+    if out_channels < 0:
+        raise ValueError(f"{OP}: argument 'out_channels' must be >= 0, got {out_channels}")
+    oh_ow = check_conv_args(
+        OP, x, {"values": values, "meta": meta}, out_channels, kernel_size, bias, stride, padding, dilation
+    )
+    k4 = padded_in_features(kernel_size[0] * kernel_size[1] * x.shape[1])
+    for name, t, rows in (("values", values, k4 // 2), ("meta", meta, k4 // 8)):
+        if tuple(t.shape) != (rows, out_channels):
+            raise ValueError(
+                f"{OP}: argument '{name}' must have shape ({rows}, {out_channels}) for kh*kw*C_in = "
+                f"{kernel_size[0] * kernel_size[1] * x.shape[1]} and out_channels {out_channels}, got "
+                f"{tuple(t.shape)}"
+            )
+    return oh_ow
+
+
+@torch.library.register_fake(OP)
+def _(x, values, meta, out_channels, kernel_size, bias, stride, padding, dilation):
+    oh, ow = check_args(x, values, meta, out_channels, kernel_size, bias, stride, padding, dilation)
+    y = x.new_empty((x.shape[0], out_channels, oh, ow))
+    return y.contiguous(memory_format=reference._memory_format(x))
+
+
+def dense_weight(values: Tensor, meta: Tensor, out_channels: int, kernel_size, c_in: int) -> Tensor:
+    """The (out_channels, C_in, kh, kw) weight the 2:4 storage holds."""
+    kh, kw = kernel_size
+    k = kh * kw * c_in
+    w = values.new_zeros(out_channels, padded_in_features(k))
+    w = w.scatter_add(1, value_columns(meta).t(), values.t())[:, :k]
+    return w.reshape(out_channels, kh, kw, c_in).permute(0, 3, 1, 2)
+
+
+def _setup_context(ctx, inputs, output):
+    x, values, meta, out_channels, kernel_size, bias, stride, padding, dilation = inputs
+    ctx.save_for_backward(x, values, meta)
+    ctx.conv = (out_channels, kernel_size, stride, padding, dilation)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    x, values, meta = ctx.saved_tensors
+    out_channels, kernel_size, stride, padding, dilation = ctx.conv
+    w = dense_weight(values, meta, out_channels, kernel_size, x.shape[1])
+    grad_x = grad_values = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.nn.grad.conv2d_input(x.shape, w, grad, stride, padding, dilation)
+    if ctx.needs_input_grad[1]:
+        gw = torch.nn.grad.conv2d_weight(x, w.shape, grad, stride, padding, dilation)
+        gw = gw.permute(0, 2, 3, 1).reshape(out_channels, -1)  # tap-major
+        gw = F.pad(gw, (0, padded_in_features(gw.shape[1]) - gw.shape[1]))
+        grad_values = torch.gather(gw, 1, value_columns(meta).t()).t()
+    if ctx.has_bias and ctx.needs_input_grad[5]:
+        grad_b = grad.sum((0, 2, 3))
+    return grad_x, grad_values, None, None, None, grad_b, None, None, None
+
+
+torch.library.register_autograd(OP, _backward, setup_context=_setup_context)
+
+
+def sparse24_conv2d_checked_ref(x, values, meta, out_channels, kernel_size, bias, stride, padding, dilation):
+    """The reference behind the full argument checks: the CPU kernel when _C lacks one, and the CUDA router's
+    last resort."""
+    check_args(x, values, meta, out_channels, kernel_size, bias, stride, padding, dilation)
+    return reference.sparse24_conv2d_ref(x, values, meta, out_channels, kernel_size, bias, stride, padding, dilation)
+
+
+if not torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU"):
+    torch.library.impl(OP, "CPU")(sparse24_conv2d_checked_ref)
+
+
+def _sparse24_conv2d_im2col(x, values, meta, out_channels, kernel_size, bias, stride, padding, dilation):
+    """The patch matrix (N*OH*OW, kh*kw*C_in), tap-major, times the 2:4 weight through sparse24_linear (which
+    routes to its own GPU backends)."""
+    oh, ow = check_args(x, values, meta, out_channels, kernel_size, bias, stride, padding, dilation)
+    n, c = x.shape[:2]
+    cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)  # (N, C*kh*kw, OH*OW)
+    cols = cols.view(n, c, kernel_size[0] * kernel_size[1], oh * ow).permute(0, 3, 2, 1)
+    y = torch.ops.pyprune.sparse24_linear(cols.reshape(n * oh * ow, -1), values, meta, out_channels, bias)
+    y = y.view(n, oh, ow, out_channels).permute(0, 3, 1, 2)
+    return y.contiguous(memory_format=reference._memory_format(x))
+
+
+SPARSE24_CONV2D_BACKENDS = [
+    Backend("im2col", _sparse24_conv2d_im2col),
+    Backend("reference", sparse24_conv2d_checked_ref),
+]
+torch.library.impl(OP, "CUDA")(route("sparse24_conv2d", SPARSE24_CONV2D_BACKENDS))
+
+__all__ = ["SPARSE24_CONV2D_BACKENDS", "check_args", "dense_weight", "sparse24_conv2d"]
