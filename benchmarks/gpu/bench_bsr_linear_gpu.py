@@ -121,8 +121,8 @@ def rotating(fns):
 
 def run_budgeted(cases, budget_s: float, run_one, save, save_every: int = 1) -> tuple[list, int]:
     """run_one(case) -> row for each case until budget_s seconds have passed (the rest are counted as
-    skipped); a case that raises leaves a row with ``case_error``. save(rows) every ``save_every`` cases, so partial
-    results survive a kill. Returns (rows, skipped)."""
+    skipped); a case that raises leaves a row with ``case_error``. save(rows) every ``save_every`` cases, so
+    partial results survive a kill. Returns (rows, skipped)."""
     t0 = time.time()
     rows, skipped = [], 0
     for i, c in enumerate(cases):

@@ -25,10 +25,10 @@ field (Fast Sparse ConvNets, Elsen et al. 2020, for the 1x1 case).
     transposes). Traced (torch.compile, torch.export, torch.jit.trace), the whole batch is transposed at once
     instead.
   - kxk (and padded 1x1; 2:4 with C_in not a multiple of 8): **explicit im2col**: the (N*OH*OW, kh*kw*C_in)
-    patch matrix is materialised from a strided view of the zero-padded NHWC input, then multiplied. This costs kh*kw times
-    the input's bytes in memory traffic. Past 4 MiB of patches it goes per image, a few output rows per op
-    call, so each chunk's patches stay in cache and no multi-MB buffer is mapped and unmapped per call
-    (eager only; traced, the whole batch goes in one call).
+    patch matrix is materialised from a strided view of the zero-padded NHWC input, then multiplied. This
+    costs kh*kw times the input's bytes in memory traffic. Past 4 MiB of patches it goes per image, a few
+    output rows per op call, so each chunk's patches stay in cache and no multi-MB buffer is mapped and
+    unmapped per call (eager only; traced, the whole batch goes in one call).
 
 Because of that arrangement the stored weight is the (C_out, kh*kw*C_in) matrix in **tap-major column
 order**: column ``(i * kw + j) * C_in + c`` holds ``conv.weight[o, c, i, j]`` (``conv.weight.permute(0, 2, 3,

@@ -63,9 +63,9 @@ def check_csr_arrays(op: str, x, crow, col, values, n_rows: int, rows: str) -> N
 
 
 def check_bsr_arrays(op: str, x, crow, col, values, n_rows: int, rows: str) -> None:
-    """The BSR triple of a weight with ``n_rows`` rows (named ``rows`` in messages): values of x's dtype holding
-    (nnz_blocks, bh, bw) blocks of positive size, int32 1-D indices, ceil(n_rows / bh) + 1 row pointers, one
-    column index per block. ``op`` is "pyprune::<op>"."""
+    """The BSR triple of a weight with ``n_rows`` rows (named ``rows`` in messages): values of x's dtype
+    holding (nnz_blocks, bh, bw) blocks of positive size, int32 1-D indices, ceil(n_rows / bh) + 1 row
+    pointers, one column index per block. ``op`` is "pyprune::<op>"."""
     if values.dtype != x.dtype:
         raise TypeError(f"{op}: argument 'values' must be {x.dtype} (x's dtype), got {values.dtype}")
     for name, t in (("crow_indices", crow), ("col_indices", col)):

@@ -6,9 +6,10 @@ The weight is the (out_channels, kh*kw*C_in) matrix in tap-major column order, a
 it is stored as sparse24_linear's weight (values (K4/2, out_channels), meta (K4/8, out_channels) uint8, K4 =
 kh*kw*C_in rounded up to a multiple of 8). The output has x's memory format, like F.conv2d.
 
-On the CPU the C++ kernel (csrc/cpu/sparse24_conv2d.cpp) runs sparse24_linear's panels with each output pixel's
-inputs read from a zero-padded NHWC copy of x (no patch matrix) when C_in is a multiple of 8, else ATen's conv
-on the decoded weight. On CUDA the patches are built (F.unfold) and multiplied by sparse24_linear's GPU route.
+On the CPU the C++ kernel (csrc/cpu/sparse24_conv2d.cpp) runs sparse24_linear's panels with each output
+pixel's inputs read from a zero-padded NHWC copy of x (no patch matrix) when C_in is a multiple of 8, else
+ATen's conv on the decoded weight. On CUDA the patches are built (F.unfold) and multiplied by
+sparse24_linear's GPU route.
 
 Backward: the input gradient and the kept values' gradient (the dense weight gradient sampled at the kept
 positions) go through ``torch.nn.grad.conv2d_input`` / ``conv2d_weight`` on the decoded weight, so training
@@ -49,8 +50,9 @@ def sparse24_conv2d(
     (K4/2, out_channels) and meta (K4/8, out_channels) uint8; bias: (out_channels,) or None. Returns
     conv2d(x, W, bias, stride, padding, dilation): (N, out_channels, OH, OW) in x's memory format."""
     return call_op(
-        torch.ops.pyprune.sparse24_conv2d.default, x, values, meta, out_channels, pair(kernel_size, "kernel_size"),
-        bias, pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation"),
+        torch.ops.pyprune.sparse24_conv2d.default, x, values, meta, out_channels,
+        pair(kernel_size, "kernel_size"), bias, pair(stride, "stride"), pair(padding, "padding"),
+        pair(dilation, "dilation"),
     )  # fmt: skip
 
 
@@ -125,7 +127,9 @@ def sparse24_conv2d_checked_ref(x, values, meta, out_channels, kernel_size, bias
     """The reference behind the full argument checks: the CPU kernel when _C lacks one, and the CUDA router's
     last resort."""
     check_args(x, values, meta, out_channels, kernel_size, bias, stride, padding, dilation)
-    return reference.sparse24_conv2d_ref(x, values, meta, out_channels, kernel_size, bias, stride, padding, dilation)
+    return reference.sparse24_conv2d_ref(
+        x, values, meta, out_channels, kernel_size, bias, stride, padding, dilation
+    )
 
 
 if not torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU"):

@@ -13,6 +13,8 @@ from pyprune.ops.bsr_conv2d import _bsr_conv2d_im2col, bsr_conv2d_checked_ref, d
 from pyprune.reference import bsr_conv2d_ref
 from pyprune.sparse import BSR
 
+from .triton_interp import set_arg
+
 OP = torch.ops.pyprune.bsr_conv2d
 
 # (C_in, C_out, (kh, kw), stride, padding, dilation, (H, W), batch, (bh, bw)). The kernel stages planes per
@@ -189,30 +191,24 @@ def _bad(change):
     return args
 
 
-def _set(i, v):
-    def change(a):
-        a[i] = v(a) if callable(v) else v
-
-    return change
-
-
 BAD = [
-    (_set(0, lambda a: a[0][0]), ValueError, "'x' must be 4-D"),
-    (_set(1, lambda a: a[1].long()), TypeError, "'crow_indices' must be"),
-    (_set(2, lambda a: a[2].long()), TypeError, "'col_indices' must be"),
-    (_set(3, lambda a: a[3].double()), TypeError, "'values' must be"),
-    (_set(3, lambda a: a[3][:, 0]), ValueError, "'values' must"),
-    (_set(1, lambda a: a[1][:-1]), ValueError, "'crow_indices' must have ceil\\(out_channels / bh\\) \\+ 1"),
-    (_set(2, lambda a: a[2][:-1]), ValueError, "'col_indices' must have one entry per block"),
-    (_set(2, lambda a: a[2] + 18), ValueError, "'col_indices' must lie in"),
-    (_set(1, lambda a: a[1].flip(0)), ValueError, "'crow_indices' must"),
-    (_set(5, [0, 3]), ValueError, "'kernel_size' must be"),
-    (_set(7, [1, 0]), ValueError, "'stride' must be"),
-    (_set(8, [-1, 1]), ValueError, "'padding' must be"),
-    (_set(9, [1, 0]), ValueError, "'dilation' must be"),
-    (_set(6, lambda a: torch.zeros(3)), ValueError, "'bias' must"),
-    (_set(5, [12, 3]), ValueError, "'x' has spatial size"),
-    (_set(4, -1), ValueError, "'out_channels' must be >= 0"),
+    (set_arg(0, lambda a: a[0][0]), ValueError, "'x' must be 4-D"),
+    (set_arg(1, lambda a: a[1].long()), TypeError, "'crow_indices' must be"),
+    (set_arg(2, lambda a: a[2].long()), TypeError, "'col_indices' must be"),
+    (set_arg(3, lambda a: a[3].double()), TypeError, "'values' must be"),
+    (set_arg(3, lambda a: a[3][:, 0]), ValueError, "'values' must"),
+    (set_arg(1, lambda a: a[1][:-1]), ValueError,
+     "'crow_indices' must have ceil\\(out_channels / bh\\) \\+ 1"),
+    (set_arg(2, lambda a: a[2][:-1]), ValueError, "'col_indices' must have one entry per block"),
+    (set_arg(2, lambda a: a[2] + 18), ValueError, "'col_indices' must lie in"),
+    (set_arg(1, lambda a: a[1].flip(0)), ValueError, "'crow_indices' must"),
+    (set_arg(5, [0, 3]), ValueError, "'kernel_size' must be"),
+    (set_arg(7, [1, 0]), ValueError, "'stride' must be"),
+    (set_arg(8, [-1, 1]), ValueError, "'padding' must be"),
+    (set_arg(9, [1, 0]), ValueError, "'dilation' must be"),
+    (set_arg(6, lambda a: torch.zeros(3)), ValueError, "'bias' must"),
+    (set_arg(5, [12, 3]), ValueError, "'x' has spatial size"),
+    (set_arg(4, -1), ValueError, "'out_channels' must be >= 0"),
 ]
 
 

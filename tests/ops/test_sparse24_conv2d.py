@@ -1,5 +1,5 @@
-"""pyprune::sparse24_conv2d on the CPU (the C++ kernel when built, else the reference) against the float64 spec,
-and SparseConv2d's 2:4 layout on top of it."""
+"""pyprune::sparse24_conv2d on the CPU (the C++ kernel when built, else the reference) against the float64
+spec, and SparseConv2d's 2:4 layout on top of it."""
 
 from __future__ import annotations
 
@@ -13,13 +13,16 @@ from pyprune.ops import sparse24_conv2d
 from pyprune.ops.sparse24_conv2d import _sparse24_conv2d_im2col, dense_weight, sparse24_conv2d_checked_ref
 from pyprune.reference import sparse24_conv2d_ref
 from pyprune.sparse import Sparse24
+from pyprune.sparse.select import nm_mask
+
+from .triton_interp import set_arg
 
 OP = torch.ops.pyprune.sparse24_conv2d
 
-# (C_in, C_out, (kh, kw), stride, padding, dilation, (H, W), batch). C_in a multiple of 8 takes the implicit
-# GEMM (a group pair of 8 inputs in one tap): 3x3 padded, strided, dilated and asymmetric, 1x1 with padding, 24
-# outputs (a partial 16-output vector), batches past a register tile of 8 pixels; other C_in (12: pairs across
-# taps, K = 108 padded to 112) take the dense fallback.
+# (C_in, C_out, (kh, kw), stride, padding, dilation, (H, W), batch). C_in a multiple of 8 takes the
+# implicit GEMM (a group pair of 8 inputs in one tap): 3x3 padded, strided, dilated and asymmetric, 1x1 with
+# padding, 24 outputs (a partial 16-output vector), batches past a register tile of 8 pixels; other C_in (12:
+# pairs across taps, K = 108 padded to 112) take the dense fallback.
 CASES = [
     (16, 24, (3, 3), 1, 1, 1, (9, 9), 2),
     (8, 5, (3, 3), 2, 1, 1, (10, 11), 3),
@@ -40,10 +43,7 @@ def _case(case, bias=True, dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(cout, cin, *k, generator=gen, dtype=dtype)
     wt = tap_major(w)
-    kk = wt.shape[1]
-    padded = F.pad(wt, (0, -kk % 4)).view(cout, -1, 4)
-    keep = torch.zeros_like(padded, dtype=torch.bool).scatter_(2, padded.abs().topk(2, dim=2).indices, True)
-    wt = (padded * keep).view(cout, -1)[:, :kk]
+    wt = wt * nm_mask(wt, 2, 4)
     s24 = Sparse24.from_dense(wt)
     x = torch.randn(n, cin, *hw, generator=gen, dtype=dtype)
     b = torch.randn(cout, generator=gen, dtype=dtype) if bias else None
@@ -99,7 +99,8 @@ def test_empty_and_noncontiguous_inputs():
     x = args[0]
     assert OP(x[:0], *args[1:]).shape == (0, 24, 9, 9)
     for xs in (x.transpose(2, 3).contiguous().transpose(2, 3), torch.randn(2, 32, 9, 9)[:, ::2]):
-        torch.testing.assert_close(OP(xs, *args[1:]), sparse24_conv2d_ref(xs, *args[1:]), rtol=1e-4, atol=1e-4)
+        want = sparse24_conv2d_ref(xs, *args[1:])
+        torch.testing.assert_close(OP(xs, *args[1:]), want, rtol=1e-4, atol=1e-4)
     no_out = (x, args[1][:, :0], args[2][:, :0], 0, args[4], None, *args[6:])
     assert OP(*no_out).shape == (2, 0, 9, 9)
 
@@ -152,7 +153,8 @@ def test_im2col_backend_matches():
         if channels_last:
             args = (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
         y = _sparse24_conv2d_im2col(*args)
-        assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        assert y.is_contiguous(memory_format=fmt)
         torch.testing.assert_close(y, sparse24_conv2d_ref(*args), rtol=1e-4, atol=1e-4)
 
 
@@ -181,27 +183,20 @@ def _bad(change):
     return args
 
 
-def _set(i, v):
-    def change(a):
-        a[i] = v(a) if callable(v) else v
-
-    return change
-
-
 BAD = [
-    (_set(0, lambda a: a[0][0]), ValueError, "'x' must be 4-D"),
-    (_set(1, lambda a: a[1].double()), TypeError, "'values' must be"),
-    (_set(2, lambda a: a[2].int()), TypeError, "'meta' must be"),
-    (_set(1, lambda a: a[1][:-1]), ValueError, "'values' must have shape"),
-    (_set(2, lambda a: a[2][:, :-1]), ValueError, "'meta' must have shape"),
-    (_set(4, [0, 3]), ValueError, "'kernel_size' must be"),
-    (_set(4, [1, 1]), ValueError, "'values' must have shape"),
-    (_set(6, [1, 0]), ValueError, "'stride' must be"),
-    (_set(7, [-1, 1]), ValueError, "'padding' must be"),
-    (_set(8, [1, 0]), ValueError, "'dilation' must be"),
-    (_set(5, lambda a: torch.zeros(3)), ValueError, "'bias' must"),
-    (_set(4, [12, 3]), ValueError, "'x' has spatial size"),
-    (_set(3, -1), ValueError, "'out_channels' must be >= 0"),
+    (set_arg(0, lambda a: a[0][0]), ValueError, "'x' must be 4-D"),
+    (set_arg(1, lambda a: a[1].double()), TypeError, "'values' must be"),
+    (set_arg(2, lambda a: a[2].int()), TypeError, "'meta' must be"),
+    (set_arg(1, lambda a: a[1][:-1]), ValueError, "'values' must have shape"),
+    (set_arg(2, lambda a: a[2][:, :-1]), ValueError, "'meta' must have shape"),
+    (set_arg(4, [0, 3]), ValueError, "'kernel_size' must be"),
+    (set_arg(4, [1, 1]), ValueError, "'values' must have shape"),
+    (set_arg(6, [1, 0]), ValueError, "'stride' must be"),
+    (set_arg(7, [-1, 1]), ValueError, "'padding' must be"),
+    (set_arg(8, [1, 0]), ValueError, "'dilation' must be"),
+    (set_arg(5, lambda a: torch.zeros(3)), ValueError, "'bias' must"),
+    (set_arg(4, [12, 3]), ValueError, "'x' has spatial size"),
+    (set_arg(3, -1), ValueError, "'out_channels' must be >= 0"),
 ]
 
 

@@ -122,5 +122,7 @@ def test_every_triton_kernel_compiles_for_sm90():
         pytest.skip(f"this Triton cannot compile for CUDA here: {out.stdout.strip()}")
     count, names = out.stdout.split()[1], out.stdout.split()[2:]
     assert int(count) == 3 * (5 + 2 + 4 + 5 * 2), out.stdout
-    assert names == sorted(["_bsr_conv2d_fwd_kernel", "_bsr_linear_fwd_kernel", "_bsr_linear_grad_values_kernel",
-                            "_csr_conv2d_fwd_kernel", "_pruned_conv2d_dw_kernel", "_pruned_conv2d_fwd_kernel"])  # fmt: skip
+    assert names == sorted([
+        "_bsr_conv2d_fwd_kernel", "_bsr_linear_fwd_kernel", "_bsr_linear_grad_values_kernel",
+        "_csr_conv2d_fwd_kernel", "_pruned_conv2d_dw_kernel", "_pruned_conv2d_fwd_kernel",
+    ])  # fmt: skip

@@ -85,3 +85,12 @@ def check_layout(y, args):
     x = args[0]
     want_cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     assert y.is_contiguous(memory_format=torch.channels_last if want_cl else torch.contiguous_format)
+
+
+def set_arg(i, v):
+    """A change to an op's argument list (for the bad-input tables): argument i becomes v, or v(args)."""
+
+    def change(a):
+        a[i] = v(a) if callable(v) else v
+
+    return change
