@@ -155,18 +155,16 @@ def _bsr_conv2d_im2col(x, crow_indices, col_indices, values, out_channels, kerne
 _BSR_CONV2D_CHECKED = _router.TensorCache()
 
 
+def _check_block_columns(crow: Tensor, col: Tensor, bound: int) -> None:
+    _router.check_csr_index_values(crow, col, bound, OP, "ceil(kh*kw*C_in / bw)")
+
+
 def _bsr_conv2d_triton(x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding,
                        dilation):  # fmt: skip
     args = (x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation)
     check_args(*args)
     bound = -(-kernel_size[0] * kernel_size[1] * x.shape[1] // values.shape[2])
-
-    def check() -> int:
-        _router.check_csr_index_values(crow_indices, col_indices, bound, OP, "ceil(kh*kw*C_in / bw)")
-        return bound
-
-    if _BSR_CONV2D_CHECKED.get((crow_indices, col_indices), check) != bound:  # another C_in, kernel or block
-        check()
+    _router._checked(_BSR_CONV2D_CHECKED, _check_block_columns, crow_indices, col_indices, bound)
     mod, _ = _router.load_triton_kernels()
     return mod.bsr_conv2d_triton(*args)
 

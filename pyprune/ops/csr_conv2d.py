@@ -174,18 +174,16 @@ if not torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU"):
 _CSR_CONV2D_CHECKED = _router.TensorCache()
 
 
+def _check_columns(crow: Tensor, col: Tensor, bound: int) -> None:
+    _router.check_csr_index_values(crow, col, bound, OP, "kh*kw*C_in")
+
+
 def _csr_conv2d_triton(x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding,
                        dilation):  # fmt: skip
     args = (x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation)
     check_args(*args)
     bound = kernel_size[0] * kernel_size[1] * x.shape[1]
-
-    def check() -> int:
-        _router.check_csr_index_values(crow_indices, col_indices, bound, OP, "kh*kw*C_in")
-        return bound
-
-    if _CSR_CONV2D_CHECKED.get((crow_indices, col_indices), check) != bound:  # another C_in or kernel size
-        check()
+    _router._checked(_CSR_CONV2D_CHECKED, _check_columns, crow_indices, col_indices, bound)
     mod, _ = _router.load_triton_kernels()
     return mod.csr_conv2d_triton(*args)
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from ..sparse.sparse24 import padded_in_features, value_columns
+from ..sparse.sparse24 import dense_matrix, kept_entries, padded_in_features
 from . import _library  # noqa: F401
 from ._common import call_op
 from ._router import Backend, route
@@ -90,9 +90,7 @@ def _(x, values, meta, out_channels, kernel_size, bias, stride, padding, dilatio
 def dense_weight(values: Tensor, meta: Tensor, out_channels: int, kernel_size, c_in: int) -> Tensor:
     """The (out_channels, C_in, kh, kw) weight the 2:4 storage holds."""
     kh, kw = kernel_size
-    k = kh * kw * c_in
-    w = values.new_zeros(out_channels, padded_in_features(k))
-    w = w.scatter_add(1, value_columns(meta).t(), values.t())[:, :k]
+    w = dense_matrix(values, meta, kh * kw * c_in)
     return w.reshape(out_channels, kh, kw, c_in).permute(0, 3, 1, 2)
 
 
@@ -112,9 +110,7 @@ def _backward(ctx, grad):
         grad_x = torch.nn.grad.conv2d_input(x.shape, w, grad, stride, padding, dilation)
     if ctx.needs_input_grad[1]:
         gw = torch.nn.grad.conv2d_weight(x, w.shape, grad, stride, padding, dilation)
-        gw = gw.permute(0, 2, 3, 1).reshape(out_channels, -1)  # tap-major
-        gw = F.pad(gw, (0, padded_in_features(gw.shape[1]) - gw.shape[1]))
-        grad_values = torch.gather(gw, 1, value_columns(meta).t()).t()
+        grad_values = kept_entries(gw.permute(0, 2, 3, 1).reshape(out_channels, -1), meta)  # tap-major
     if ctx.has_bias and ctx.needs_input_grad[5]:
         grad_b = grad.sum((0, 2, 3))
     return grad_x, grad_values, None, None, None, grad_b, None, None, None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..sparse.sparse24 import padded_in_features, value_columns
+from ..sparse.sparse24 import dense_matrix, kept_entries
 from . import _library  # noqa: F401
 from ._common import autograd_bias_grad, call_op, register_cpu_fallback
 from ._router import register_cuda
@@ -35,16 +35,11 @@ def _backward(ctx, grad):
     x, values, meta = ctx.saved_tensors
     k = x.shape[-1]
     n = values.shape[1]
-    cols = value_columns(meta).t()  # (N, K4/2)
     grad_x = grad_values = None
     if ctx.needs_input_grad[0]:
-        w = torch.zeros(n, padded_in_features(k), dtype=values.dtype, device=values.device)
-        w = w.scatter_add(1, cols, values.t())[:, :k]
-        grad_x = grad @ w
+        grad_x = grad @ dense_matrix(values, meta, k)
     if ctx.needs_input_grad[1]:
-        gw = grad.reshape(-1, n).t() @ x.reshape(-1, k)
-        gw = torch.nn.functional.pad(gw, (0, padded_in_features(k) - k))
-        grad_values = torch.gather(gw, 1, cols).t()
+        grad_values = kept_entries(grad.reshape(-1, n).t() @ x.reshape(-1, k), meta)
     return grad_x, grad_values, None, None, autograd_bias_grad(ctx, grad)
 
 

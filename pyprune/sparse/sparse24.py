@@ -33,6 +33,19 @@ def value_columns(meta: Tensor) -> Tensor:
     return pos + 4 * group
 
 
+def dense_matrix(values: Tensor, meta: Tensor, n_cols: int) -> Tensor:
+    """The (N, n_cols) matrix that 2:4 values (K4/2, N) and meta (K4/8, N) store (differentiable in values)."""
+    w = values.new_zeros(values.shape[1], padded_in_features(n_cols))
+    return w.scatter_add(1, value_columns(meta).t(), values.t())[:, :n_cols]
+
+
+def kept_entries(dense: Tensor, meta: Tensor) -> Tensor:
+    """The (K4/2, N) entries of a dense (N, K) matrix at the positions the 2:4 meta (K4/8, N) keeps (a dense
+    weight gradient sampled for the stored values)."""
+    dense = torch.nn.functional.pad(dense, (0, padded_in_features(dense.shape[1]) - dense.shape[1]))
+    return torch.gather(dense, 1, value_columns(meta).t()).t()
+
+
 class Sparse24(SparseFormat):
     layout = "2:4"
     _index_names = ("meta",)
@@ -80,10 +93,7 @@ class Sparse24(SparseFormat):
         return cls(torch.zeros(k4 // 2, n, dtype=dtype, device=device), meta, shape)
 
     def to_dense(self) -> Tensor:
-        n, k = self.shape
-        dense = torch.zeros(n, padded_in_features(k), dtype=self.values.dtype, device=self.values.device)
-        dense.scatter_add_(1, value_columns(self.meta).t(), self.values.detach().t())
-        return dense[:, :k].clone()
+        return dense_matrix(self.values.detach(), self.meta, self.shape[1]).clone()
 
     def validate(self) -> None:
         n, k = self.shape

@@ -101,15 +101,15 @@ PYPRUNE_TARGET_AVX512 void chunk_avx512(const S24Args& a, const float* x, int64_
     _mm512_store_ps(tot + 16 * m, _mm512_add_ps(_mm512_load_ps(tot + 16 * m), acc[m]));
 }
 
-// Group pairs [p0, p1) of tokens [t0, t1), 8 at a time, into total + 16 * (m - mb). (A function, not a lambda: a lambda
-// does not inherit the caller's target ISA.)
+// Group pairs [p0, p1) of tokens [m0, m1), 8 at a time, into total + 16 * (m - m0). (A function, not a
+// lambda: a lambda does not inherit the caller's target ISA.)
 template <bool CONV>
-PYPRUNE_TARGET_AVX512 PYPRUNE_INLINE void tokens_avx512(const S24Args& a, const float* x, int64_t t0, int64_t t1,
+PYPRUNE_TARGET_AVX512 PYPRUNE_INLINE void tokens_avx512(const S24Args& a, const float* x, int64_t m0, int64_t m1,
                                                         int64_t o0, __mmask16 k, int64_t p0, int64_t p1,
-                                                        float* total, int64_t mb) {
-  int64_t m = t0;
-  for (; m + kMR <= t1; m += kMR) chunk_avx512<kMR, CONV>(a, x, m, o0, k, p0, p1, total + 16 * (m - mb));
-  for (; m < t1; ++m) chunk_avx512<1, CONV>(a, x, m, o0, k, p0, p1, total + 16 * (m - mb));
+                                                        float* total) {
+  int64_t m = m0;
+  for (; m + kMR <= m1; m += kMR) chunk_avx512<kMR, CONV>(a, x, m, o0, k, p0, p1, total + 16 * (m - m0));
+  for (; m < m1; ++m) chunk_avx512<1, CONV>(a, x, m, o0, k, p0, p1, total + 16 * (m - m0));
 }
 
 // Tokens [m0, m1) x outputs [o0, o1), kTokBlock tokens and 16 outputs at a time, their sums in `total`. Each
@@ -129,7 +129,7 @@ PYPRUNE_TARGET_AVX512 void panels_avx512(const S24Args& a, const float* x, int64
       const __mmask16 k = static_cast<__mmask16>(o1 - o >= 16 ? 0xFFFFu : (1u << (o1 - o)) - 1u);
       std::fill(total, total + (me - mb) * 16, 0.f);
       for (int64_t c = 0; c < pairs; c += kFlushPairs)
-        tokens_avx512<CONV>(a, x, mb, me, o, k, c, std::min(pairs, c + kFlushPairs), total, mb);
+        tokens_avx512<CONV>(a, x, mb, me, o, k, c, std::min(pairs, c + kFlushPairs), total);
       const __m512 b = a.bias ? _mm512_maskz_loadu_ps(k, a.bias + o) : _mm512_setzero_ps();
       for (int64_t m = mb; m < me; ++m)
         _mm512_mask_storeu_ps(y + m * a.N + o, k, _mm512_add_ps(_mm512_load_ps(total + 16 * (m - mb)), b));
@@ -174,11 +174,11 @@ PYPRUNE_TARGET_AVX2 void chunk_avx2(const S24Args& a, const float* x, int64_t m0
 }
 
 template <bool CONV>
-PYPRUNE_TARGET_AVX2 PYPRUNE_INLINE void tokens_avx2(const S24Args& a, const float* x, int64_t t0, int64_t t1,
-                                                    int64_t o0, int64_t p0, int64_t p1, float* total, int64_t mb) {
-  int64_t m = t0;
-  for (; m + kMR <= t1; m += kMR) chunk_avx2<kMR, CONV>(a, x, m, o0, p0, p1, total + 8 * (m - mb));
-  for (; m < t1; ++m) chunk_avx2<1, CONV>(a, x, m, o0, p0, p1, total + 8 * (m - mb));
+PYPRUNE_TARGET_AVX2 PYPRUNE_INLINE void tokens_avx2(const S24Args& a, const float* x, int64_t m0, int64_t m1,
+                                                    int64_t o0, int64_t p0, int64_t p1, float* total) {
+  int64_t m = m0;
+  for (; m + kMR <= m1; m += kMR) chunk_avx2<kMR, CONV>(a, x, m, o0, p0, p1, total + 8 * (m - m0));
+  for (; m < m1; ++m) chunk_avx2<1, CONV>(a, x, m, o0, p0, p1, total + 8 * (m - m0));
 }
 
 template <bool CONV>
@@ -192,7 +192,7 @@ PYPRUNE_TARGET_AVX2 void panels_avx2(const S24Args& a, const float* x, int64_t m
       const int64_t me = std::min(m1, mb + kTokBlock);
       std::fill(total, total + (me - mb) * 8, 0.f);
       for (int64_t c = 0; c < pairs; c += kFlushPairs)
-        tokens_avx2<CONV>(a, x, mb, me, o, c, std::min(pairs, c + kFlushPairs), total, mb);
+        tokens_avx2<CONV>(a, x, mb, me, o, c, std::min(pairs, c + kFlushPairs), total);
       const __m256 b = a.bias ? _mm256_loadu_ps(a.bias + o) : _mm256_setzero_ps();
       for (int64_t m = mb; m < me; ++m)
         _mm256_storeu_ps(y + m * a.N + o, _mm256_add_ps(_mm256_load_ps(total + 8 * (m - mb)), b));
