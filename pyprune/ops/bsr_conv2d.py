@@ -11,9 +11,11 @@ patch matrix. On CUDA the router tries the Triton implicit-GEMM kernel (kernels/
 loaded straight from x, the blocks on tensor cores), then ``im2col`` (the patches built by F.unfold and
 multiplied by bsr_linear's GPU kernels), then the reference.
 
-Backward: the input gradient and the stored blocks' gradient (the dense weight gradient sampled at the stored
-blocks) go through ``torch.nn.grad.conv2d_input`` / ``conv2d_weight`` on the densified weight, so training
-costs dense time; only the forward is sparse.
+Backward: as csr_conv2d's. The input gradient is this op again with the weight's blocks flipped and
+transposed (bw x bh blocks over the (C_in, kh*kw*out_channels) weight of the input gradient's conv) when bh
+divides out_channels and bw divides C_in, so that every block stays inside one tap; otherwise, and for strided
+kxk convs, ATen's conv gradient on the densified weight. The stored blocks' gradient is the dense weight
+gradient sampled at the stored blocks.
 """
 
 from __future__ import annotations
@@ -32,7 +34,13 @@ from . import (
 )
 from ._common import call_op, check_bsr_arrays
 from ._router import Backend, route
-from .csr_conv2d import check_conv_args, dense_backward, setup_context
+from .csr_conv2d import (
+    cached_transpose,
+    check_conv_args,
+    setup_context,
+    sparse_backward,
+    transposed_structure,
+)
 from .pruned_conv2d import pair
 
 OP = "pyprune::bsr_conv2d"
@@ -105,7 +113,25 @@ def _sample_blocks(gw: Tensor, crow: Tensor, col: Tensor, values: Tensor) -> Ten
     return gw.reshape(n_brows, bh, n_bcols, bw).permute(0, 2, 1, 3)[compressed_rows(crow, nnzb), col.long()]
 
 
-torch.library.register_autograd(OP, dense_backward(dense_weight, _sample_blocks), setup_context=setup_context)
+def _transpose(crow: Tensor, col: Tensor, values: Tensor, out_channels: int, taps: int, c_in: int):
+    """The flipped, transposed blocks (see csr_conv2d.transposed_structure, here over block coordinates), or
+    None when a block would straddle two taps or output-channel ranges."""
+    nnzb, bh, bw = values.shape
+    if c_in % bw or out_channels % bh:
+        return None
+
+    def make():
+        rows = compressed_rows(crow, nnzb)
+        return transposed_structure(rows, col.long(), out_channels // bh, taps, c_in // bw)
+
+    crow_t, col_t, perm = cached_transpose(crow, col, (out_channels, taps, c_in, bh, bw), make)
+    return crow_t, col_t, values[perm].transpose(1, 2).contiguous()
+
+
+torch.library.register_autograd(
+    OP, sparse_backward(torch.ops.pyprune.bsr_conv2d.default, _transpose, dense_weight, _sample_blocks),
+    setup_context=setup_context,
+)  # fmt: skip
 
 
 def bsr_conv2d_checked_ref(x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride,

@@ -5,13 +5,17 @@ holds ``w[o, c, i, j]`` (``w.permute(0, 2, 3, 1).reshape(out_channels, -1)``); a
 block-diagonal embedding of its weight, whose cross-group zeros are simply not stored. The output has x's
 memory format (channels_last when x is laid out so, else contiguous), like F.conv2d.
 
-Backward: the input gradient and the stored values' gradient (the dense weight gradient sampled at the stored
-positions) go through ``torch.nn.grad.conv2d_input`` / ``conv2d_weight`` on the densified weight, so training
-costs dense time; only the forward is sparse.
+Backward: the input gradient is this op again, on the output gradient with the weight flipped and transposed
+(its structure made once per weight structure and kept, see ``transposed_structure``) whenever that is a conv:
+stride 1 with padding <= dilation * (k - 1), and 1x1 unpadded convs of any stride (their gradient lands on
+every stride-th pixel). Other strided convs take ``torch.nn.grad.conv2d_input`` on the densified weight. The
+stored values' gradient is the dense weight gradient (``torch.nn.grad.conv2d_weight``) sampled at the stored
+positions, which costs dense time.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -23,8 +27,8 @@ from . import (
     _library,  # noqa: F401
     _router,
 )
-from ._common import call_op, check_csr_arrays
-from ._router import Backend, route
+from ._common import call_op, check_csr_arrays, eager
+from ._router import Backend, TensorCache, route
 from .pruned_conv2d import output_size, pair
 
 OP = "pyprune::csr_conv2d"
@@ -116,20 +120,33 @@ def setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def dense_backward(dense_weight_fn, sample_fn):
-    """The backward of a sparse-weight conv op: ATen's conv gradients on the weight densified by
-    ``dense_weight_fn(crow, col, values, out_channels, kernel_size, C_in)``; the values' gradient is
-    ``sample_fn(gw, crow, col, values)`` of the tap-major (out_channels, kh*kw*C_in) dense weight gradient."""
+def sparse_backward(op, transpose_fn, dense_weight_fn, sample_fn):
+    """The backward of a sparse-weight conv op ``op`` (torch.ops.pyprune.csr_conv2d or bsr_conv2d).
+
+    The input gradient goes through ``op`` itself where that is a conv (see ``input_grad_geometry``), with
+    the structure of the flipped, transposed weight from ``transpose_fn(crow, col, values, out_channels,
+    taps, C_in)`` -> (crow_t, col_t, values_t), or None where that weight cannot be stored so (then, and for
+    other strides, ATen's conv gradient on the weight densified by ``dense_weight_fn(crow, col, values,
+    out_channels, kernel_size, C_in)``). The values' gradient is ``sample_fn(gw, crow, col, values)`` of the
+    tap-major (out_channels, kh*kw*C_in) dense weight gradient."""
 
     def backward(ctx, grad):
         x, crow, col, values = ctx.saved_tensors
         out_channels, kernel_size, stride, padding, dilation = ctx.conv
-        w = dense_weight_fn(crow, col, values, out_channels, kernel_size, x.shape[1])
+        c_in = x.shape[1]
         grad_x = grad_values = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.nn.grad.conv2d_input(x.shape, w, grad, stride, padding, dilation)
+            geometry = input_grad_geometry(kernel_size, stride, padding, dilation)
+            taps = math.prod(kernel_size)
+            t = None if geometry is None else transpose_fn(crow, col, values, out_channels, taps, c_in)
+            if t is None:
+                w = dense_weight_fn(crow, col, values, out_channels, kernel_size, c_in)
+                grad_x = torch.nn.grad.conv2d_input(x.shape, w, grad, stride, padding, dilation)
+            else:
+                grad_x = _input_grad(op, grad, x, t, kernel_size, stride, dilation, geometry)
         if ctx.needs_input_grad[3]:
-            gw = torch.nn.grad.conv2d_weight(x, w.shape, grad, stride, padding, dilation)
+            w_shape = (out_channels, c_in, *kernel_size)
+            gw = torch.nn.grad.conv2d_weight(x, w_shape, grad, stride, padding, dilation)
             grad_values = sample_fn(gw.permute(0, 2, 3, 1).reshape(out_channels, -1), crow, col, values)
         if ctx.has_bias and ctx.needs_input_grad[6]:
             grad_b = grad.sum((0, 2, 3))
@@ -138,11 +155,78 @@ def dense_backward(dense_weight_fn, sample_fn):
     return backward
 
 
+def input_grad_geometry(kernel_size, stride, padding, dilation) -> tuple[int, ...] | None:
+    """How the input gradient of a conv is a conv of the output gradient with the flipped, transposed weight:
+    (pad_h, pad_w) for stride 1, where the padding becomes dilation * (k - 1) - padding (the input's size
+    comes back exactly); () for an unpadded 1x1 conv of any stride, whose gradient is the 1x1 conv's result
+    on every stride-th pixel and zero elsewhere; None otherwise (a strided kxk conv would need the output
+    gradient dilated by zeros, or padding beyond the kernel's reach)."""
+    if tuple(kernel_size) == (1, 1) and tuple(padding) == (0, 0):
+        return ()
+    if tuple(stride) != (1, 1):
+        return None
+    pads = tuple(d * (k - 1) - p for k, p, d in zip(kernel_size, padding, dilation))
+    return pads if min(pads) >= 0 else None
+
+
+def _input_grad(op, grad, x, t, kernel_size, stride, dilation, geometry) -> Tensor:
+    crow_t, col_t, values_t = t
+    if geometry:  # stride 1
+        return op(grad, crow_t, col_t, values_t, x.shape[1], list(kernel_size), None, [1, 1], list(geometry),
+                  list(dilation))  # fmt: skip
+    g = op(grad, crow_t, col_t, values_t, x.shape[1], [1, 1], None, [1, 1], [0, 0], [1, 1])
+    if tuple(stride) == (1, 1):
+        return g
+    grad_x = g.new_zeros(x.shape).contiguous(memory_format=reference._memory_format(g))
+    grad_x[:, :, :: stride[0], :: stride[1]] = g
+    return grad_x
+
+
+def transposed_structure(
+    rows: Tensor, cols: Tensor, out_channels: int, taps: int, c_in: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The flipped, transposed weight of a conv as a compressed structure: the entry (o, t * C_in + c) of the
+    tap-major (out_channels, taps * C_in) weight moves to row c, column (taps - 1 - t) * out_channels + o of
+    the (C_in, taps * out_channels) weight of the input gradient's conv (its tap t' = taps - 1 - t is tap t
+    rotated by 180 degrees). ``rows``, ``cols``: the entries' coordinates (long). Returns (crow, col, perm),
+    int32 indices in row-major order, with the entries' values ``values[perm]``."""
+    tap, c = cols // c_in, cols % c_in
+    new_cols = (taps - 1 - tap) * out_channels + rows
+    perm = torch.sort(c * (taps * out_channels) + new_cols).indices
+    counts = torch.zeros(c_in + 1, dtype=torch.int32, device=cols.device)
+    counts.index_add_(0, c + 1, torch.ones_like(c, dtype=torch.int32))
+    return torch.cumsum(counts, 0, dtype=torch.int32), new_cols[perm].to(torch.int32), perm
+
+
+def cached_transpose(crow: Tensor, col: Tensor, key: tuple, make):
+    """``make()`` kept while (crow, col) are unchanged and ``key`` (the conv's sizes) is the same: the
+    backward of every training step asks for the same structure. Not while tracing."""
+    if not eager(crow, col):
+        return make()
+    kept = _TRANSPOSES.get((crow, col), lambda: (key, make()))
+    return kept[1] if kept[0] == key else make()
+
+
+# (crow, col) -> (sizes, transposed structure): up to 256 MiB of index tensors, least recently used out first
+_TRANSPOSES = TensorCache(max_entries=1024, max_bytes=1 << 28)
+
+
+def _transpose(crow: Tensor, col: Tensor, values: Tensor, out_channels: int, taps: int, c_in: int):
+    def make():
+        return transposed_structure(compressed_rows(crow, col.numel()), col.long(), out_channels, taps, c_in)
+
+    crow_t, col_t, perm = cached_transpose(crow, col, (out_channels, taps, c_in), make)
+    return crow_t, col_t, values[perm]
+
+
 def _sample(gw: Tensor, crow: Tensor, col: Tensor, values: Tensor) -> Tensor:
     return gw[compressed_rows(crow, col.numel()), col.long()]
 
 
-torch.library.register_autograd(OP, dense_backward(dense_weight, _sample), setup_context=setup_context)
+torch.library.register_autograd(
+    OP, sparse_backward(torch.ops.pyprune.csr_conv2d.default, _transpose, dense_weight, _sample),
+    setup_context=setup_context,
+)  # fmt: skip
 
 
 def csr_conv2d_checked_ref(x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding,
@@ -202,8 +286,11 @@ __all__ = [
     "CSR_CONV2D_BACKENDS",
     "check_args",
     "check_conv_args",
+    "cached_transpose",
     "csr_conv2d",
-    "dense_backward",
     "dense_weight",
+    "input_grad_geometry",
     "setup_context",
+    "sparse_backward",
+    "transposed_structure",
 ]

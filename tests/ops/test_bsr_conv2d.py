@@ -10,9 +10,11 @@ import pyprune
 from pyprune.nn.sparse_conv2d import tap_major
 from pyprune.ops import bsr_conv2d
 from pyprune.ops.bsr_conv2d import _bsr_conv2d_im2col, bsr_conv2d_checked_ref, dense_weight
+from pyprune.ops.csr_conv2d import input_grad_geometry
 from pyprune.reference import bsr_conv2d_ref
 from pyprune.sparse import BSR
 
+from .test_csr_conv2d import input_grad_check
 from .triton_interp import set_arg
 
 OP = torch.ops.pyprune.bsr_conv2d
@@ -140,6 +142,19 @@ def test_gradients_match_reference_autograd():
     # the padding past the weight's edges (K = 9 * 33 in 32-wide blocks) gets no gradient from the reference
     # either; the block gradient's shape is the values'
     assert got[1].shape == args[3].shape
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)).replace(" ", ""))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_input_grad_through_the_op(case, channels_last, monkeypatch):
+    # the op on the flipped, transposed blocks where that is a conv (csr_conv2d's rule) and every block stays
+    # in one tap and one range of output channels (bh | C_out, bw | C_in: 16->32 in 4x8, 40->48 in 48x64 ...);
+    # otherwise (strided kxk, 1x1 padded by 1, 33 channels in 16x32 blocks, 3x5 blocks on 12 ...) ATen's
+    args, w = _case(case, 0.5, bias=False)
+    cin, cout, bh, bw = case[0], case[1], *case[8]
+    sparse = input_grad_geometry(*args[5:6], *args[7:]) is not None
+    sparse = sparse and cin % bw == 0 and cout % bh == 0
+    input_grad_check(OP, args, w, channels_last, monkeypatch, sparse)
 
 
 def test_gradcheck_float64():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 
 import pytest
 import torch
@@ -11,13 +12,21 @@ import torch.nn.functional as F
 import pyprune
 from pyprune.nn.sparse_conv2d import tap_major
 from pyprune.ops import csr_conv2d
-from pyprune.ops.csr_conv2d import csr_conv2d_checked_ref
+from pyprune.ops.csr_conv2d import (
+    csr_conv2d_checked_ref,
+    dense_weight,
+    input_grad_geometry,
+    transposed_structure,
+)
 from pyprune.reference import csr_conv2d_ref
 from pyprune.sparse import CSR
+from pyprune.sparse.base import compressed_rows
 
 from .triton_interp import set_arg
 
 OP = torch.ops.pyprune.csr_conv2d
+# the module (pyprune.ops.csr_conv2d is the function)
+csr_conv2d_module = importlib.import_module("pyprune.ops.csr_conv2d")
 
 # (C_in, C_out, (kh, kw), stride, padding, dilation, (H, W), batch). Paths of the C++ kernel: a stride-1
 # unpadded 1x1 reads x in place when the pixel count is a multiple of 16, else each unit range copies its own
@@ -151,6 +160,66 @@ def test_gradients_match_reference_autograd():
 
     for g, want in zip(grads(OP, args), grads(csr_conv2d_ref, _double(args))):
         torch.testing.assert_close(g.double(), want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+
+
+def input_grad_check(op, args, w, channels_last, monkeypatch, sparse_path):
+    """x's gradient of op(*args) against F.conv2d's in float64, and whether it went through ATen's dense
+    conv2d_input (it must not when ``sparse_path``: the op itself runs on the transposed weight)."""
+    x, stride, padding, dilation = args[0], args[7], args[8], args[9]
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.detach().requires_grad_()
+    y = op(x, *args[1:])
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+    dense_calls = []
+    conv2d_input = torch.nn.grad.conv2d_input
+    monkeypatch.setattr(
+        torch.nn.grad, "conv2d_input", lambda *a, **k: dense_calls.append(1) or conv2d_input(*a, **k)
+    )
+    (gx,) = torch.autograd.grad(y, x, g)
+    xd = x.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(F.conv2d(xd, w.double(), None, stride, padding, dilation), xd, g.double())
+    assert gx.shape == x.shape
+    torch.testing.assert_close(gx.double(), want, rtol=1e-4, atol=1e-4 * max(1.0, float(want.abs().max())))
+    assert bool(dense_calls) != sparse_path
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)).replace(" ", ""))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_input_grad_through_the_op(case, channels_last, monkeypatch):
+    # stride 1 (padding within the kernel's reach) and unpadded 1x1 convs of any stride run the op on the
+    # flipped, transposed weight; the strided kxk ones (33->17, 12->10, 9->4) take ATen's dense gradient
+    args, w = _case(case, 0.6, bias=False)
+    sparse = input_grad_geometry(*args[5:6], *args[7:]) is not None
+    assert sparse == (case[2] == (1, 1) or case[3] == 1)
+    input_grad_check(OP, args, w, channels_last, monkeypatch, sparse)
+
+
+def test_transposed_structure_is_the_flipped_transposed_weight():
+    args, w = _case((3, 5, (3, 2), 1, 1, 1, (4, 4), 1), 0.5)
+    crow, col, values = args[1:4]
+    crow_t, col_t, perm = transposed_structure(compressed_rows(crow, col.numel()), col.long(), 5, 6, 3)
+    assert crow_t.dtype == col_t.dtype == torch.int32 and crow_t.shape == (4,)
+    got = dense_weight(crow_t, col_t, values[perm], 3, (3, 2), 5)
+    torch.testing.assert_close(got, w.flip(2, 3).transpose(0, 1), rtol=0, atol=0)
+    for r in range(3):  # columns ascending within each row, as the kernels' structure checks expect
+        row = col_t[crow_t[r] : crow_t[r + 1]]
+        assert torch.all(row[1:] > row[:-1])
+
+
+def test_transposed_structure_is_kept_until_the_indices_change(monkeypatch):
+    made = []
+    make = csr_conv2d_module.transposed_structure
+    monkeypatch.setattr(csr_conv2d_module, "transposed_structure", lambda *a: made.append(1) or make(*a))
+    args, w = _case(CASES[4], 0.5, bias=False)
+    x = args[0].requires_grad_()
+    for _ in range(2):
+        OP(x, *args[1:]).sum().backward()
+    assert len(made) == 1
+    with torch.no_grad():
+        args[2][0] = args[2][0]  # an in-place write moves the version counter
+    OP(x, *args[1:]).sum().backward()
+    assert len(made) == 2
 
 
 def test_gradcheck_float64():
