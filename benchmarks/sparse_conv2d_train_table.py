@@ -1,13 +1,13 @@
-"""Interleaved timing of one training step (forward + backward, gradients for x, the kept weights and the bias)
-of SparseConv2d (csr, bsr) against nn.Conv2d on ResNet-50 conv shapes, written as markdown + JSON.
+"""Interleaved timing of one training step (forward + backward, gradients for x, the kept weights and the
+bias) of SparseConv2d (csr, bsr) against nn.Conv2d on ResNet-50 conv shapes, written as markdown + JSON.
 
 Each round times every provider once, in shuffled order (a batch of steps of >= --batch-ms); figures are
 medians over rounds, and "x dense" is the median of the same-round ratios. The step: y = conv(x);
 y.backward(g) with x requiring grad (every conv of a network but the first needs its input's gradient), the
-gradients zeroed between steps (not timed). With --dense-input-grad, "csr / bsr, dx dense" run the same
-modules with the input gradient forced through ATen's conv2d_input on the densified weight (the backward
-before the ops ran the input gradient themselves), so both routes are timed in one run.
-    python benchmarks/sparse_conv2d_train_table.py [--rounds 5] [--dense-input-grad] [--out DIR]
+gradients zeroed between steps (not timed). With --dense-backward, "csr / bsr, dense bw" run the same modules
+with the backward of before: the input gradient through ATen's conv2d_input on the densified weight and the
+values' gradient read from ATen's dense weight gradient, so both backwards are timed in one run.
+    python benchmarks/sparse_conv2d_train_table.py [--rounds 5] [--dense-backward] [--out DIR]
 """
 
 from __future__ import annotations
@@ -39,30 +39,30 @@ _csr_conv2d = importlib.import_module("pyprune.ops.csr_conv2d")  # (pyprune.ops.
 
 
 @contextlib.contextmanager
-def dense_input_grad():
-    """The sparse conv ops' backward with the input gradient through ATen on the densified weight."""
-    geometry = _csr_conv2d.input_grad_geometry
-    _csr_conv2d.input_grad_geometry = lambda *args: None
+def dense_backward():
+    """The sparse conv ops' backward through ATen's dense conv gradients (input and weight)."""
+    geometry, density = _csr_conv2d.input_grad_geometry, _csr_conv2d.SAMPLED_MAX_DENSITY
+    _csr_conv2d.input_grad_geometry, _csr_conv2d.SAMPLED_MAX_DENSITY = (lambda *args: None), -1.0
     try:
         yield
     finally:
-        _csr_conv2d.input_grad_geometry = geometry
+        _csr_conv2d.input_grad_geometry, _csr_conv2d.SAMPLED_MAX_DENSITY = geometry, density
 
 
-def step_fn(layer, x, g, dense_dx=False):
+def step_fn(layer, x, g, dense_bw=False):
     params = [p for p in layer.parameters() if p.requires_grad]
 
     def step():
         x.grad = None
         for p in params:
             p.grad = None
-        with dense_input_grad() if dense_dx else contextlib.nullcontext():
+        with dense_backward() if dense_bw else contextlib.nullcontext():
             layer(x).backward(g)
 
     return step
 
 
-def run_case(c_in, c_out, k, hw, stride, sparsity, batch, rounds, batch_s, with_dense_dx, rng):
+def run_case(c_in, c_out, k, hw, stride, sparsity, batch, rounds, batch_s, with_dense_bw, rng):
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2)
     layers = {"dense": conv}
@@ -71,9 +71,9 @@ def run_case(c_in, c_out, k, hw, stride, sparsity, batch, rounds, batch_s, with_
     x = torch.randn(batch, c_in, hw, hw, requires_grad=True)
     g = torch.randn_like(conv(x))
     fns = {name: step_fn(layer, x, g) for name, layer in layers.items()}
-    if with_dense_dx:
+    if with_dense_bw:
         for layout in ("csr", "bsr"):
-            fns[f"{layout}, dx dense"] = step_fn(layers[layout], x, g, dense_dx=True)
+            fns[f"{layout}, dense bw"] = step_fn(layers[layout], x, g, dense_bw=True)
     samples = {name: [] for name in fns}
     for _ in range(rounds):
         names = list(fns)
@@ -96,8 +96,9 @@ def markdown(rows, env) -> str:
     lines = [
         (
             f"# One training step (forward + backward): SparseConv2d vs nn.Conv2d (CPU)\n\n{env['cpu']}, "
-            f"{env['threads']} threads, torch {env['torch']}, commit {env['git_commit']}, fp32, NCHW, bsr blocks "
-            "32x32. Medians over interleaved rounds; x dense = median of same-round ratios (> 1: faster).\n"
+            f"{env['threads']} threads, torch {env['torch']}, commit {env['git_commit']}, fp32, NCHW, bsr "
+            "blocks 32x32. Medians over interleaved rounds; x dense = median of same-round ratios (> 1: "
+            "faster).\n"
         ),
         "| conv | batch | sparsity | dense ms | " + " | ".join(f"{n} ms | {n} x dense" for n in names) + " |",
         "|---|---:|---:|---:|" + "---:|---:|" * len(names),
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8, help="images per step")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's current)")
     ap.add_argument("--shapes", type=int, nargs="*", default=None, help="indices into SHAPES (default: all)")
-    ap.add_argument("--dense-input-grad", action="store_true", help="also time the ATen input-gradient route")
+    ap.add_argument("--dense-backward", action="store_true", help="also time the backward through ATen")
     ap.add_argument("--quick", action="store_true", help="two small shapes at batch 1, 90%%, 2 rounds")
     ap.add_argument("--out", default=None, help="directory for sparse_conv2d_train.md / .json")
     ap.add_argument("--name", default="sparse_conv2d_train", help="file name stem under --out")
@@ -137,7 +138,7 @@ def main(argv=None) -> int:
     for shape in shapes:
         for sp in sparsities:
             rows.append(
-                run_case(*shape, sp, args.batch, args.rounds, args.batch_ms / 1e3, args.dense_input_grad, rng)
+                run_case(*shape, sp, args.batch, args.rounds, args.batch_ms / 1e3, args.dense_backward, rng)
             )
             print(markdown(rows[-1:], env).splitlines()[-1], flush=True)
     md = markdown(rows, env)

@@ -130,6 +130,23 @@ def bsr_conv2d_ref(
     return _tap_major_conv2d(x, w, kernel_size, bias, stride, padding, dilation)
 
 
+def _conv2d_weight_sampled_ref(
+    x: Tensor,
+    grad: Tensor,
+    rows: Tensor,
+    cols: Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+) -> Tensor:
+    """The gradient of conv2d's weight given the output's gradient grad, as the tap-major (C_out, kh*kw*C_in)
+    matrix, read at the entries (rows[e], cols[e])."""
+    out_channels, c_in = grad.shape[1], x.shape[1]
+    gw = torch.nn.grad.conv2d_weight(x, (out_channels, c_in, *kernel_size), grad, stride, padding, dilation)
+    return gw.permute(0, 2, 3, 1).reshape(out_channels, -1)[rows, cols]
+
+
 def sparse24_conv2d_ref(
     x: Tensor,
     values: Tensor,

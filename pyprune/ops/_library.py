@@ -45,6 +45,11 @@ SCHEMAS = {
     # Triton kernel or the dense-sampled reference.
     "_bsr_linear_grad_values": "_bsr_linear_grad_values(Tensor grad, Tensor x, Tensor crow_indices, "
     "Tensor col_indices, int bh, int bw) -> Tensor",
+    # private: the weight gradient of a conv at the entries (rows[e], cols[e]) of its tap-major (C_out,
+    # kh*kw*C_in) weight only; grad: the output's gradient (N, C_out, OH, OW). The backward of csr_conv2d and
+    # bsr_conv2d calls it for the values' gradient of a sparse weight on the CPU.
+    "_conv2d_weight_sampled": "_conv2d_weight_sampled(Tensor x, Tensor grad, Tensor rows, Tensor cols, "
+    "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> Tensor",
     # private: the CUDA kernel of csrc/cuda/csr_linear.cu, called by csr_linear's router after its checks.
     "_csr_linear_cuda": "_csr_linear_cuda(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
     "int out_features, Tensor? bias) -> Tensor",

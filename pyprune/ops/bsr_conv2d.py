@@ -14,12 +14,14 @@ multiplied by bsr_linear's GPU kernels), then the reference.
 Backward: as csr_conv2d's. The input gradient is this op again with the weight's blocks flipped and
 transposed (bw x bh blocks over the (C_in, kh*kw*out_channels) weight of the input gradient's conv) when bh
 divides out_channels and bw divides C_in, so that every block stays inside one tap; otherwise, and for strided
-kxk convs, ATen's conv gradient on the densified weight. The stored blocks' gradient is the dense weight
-gradient sampled at the stored blocks.
+kxk convs, ATen's conv gradient on the densified weight. The stored blocks' gradient is computed at their
+entries alone by csr_conv2d's sampled kernel under the same rule (fp32 on the CPU, at most a tenth of the
+weight stored), else the dense weight gradient sampled at the stored blocks.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -35,8 +37,13 @@ from . import (
 from ._common import call_op, check_bsr_arrays
 from ._router import Backend, route
 from .csr_conv2d import (
+    cached_entries,
     cached_transpose,
     check_conv_args,
+    dense_weight_grad,
+    entry_order,
+    sampled_grad_applies,
+    sampled_weight_grad,
     setup_context,
     sparse_backward,
     transposed_structure,
@@ -128,8 +135,31 @@ def _transpose(crow: Tensor, col: Tensor, values: Tensor, out_channels: int, tap
     return crow_t, col_t, values[perm].transpose(1, 2).contiguous()
 
 
+def _values_grad(x: Tensor, grad: Tensor, crow: Tensor, col: Tensor, values: Tensor, conv) -> Tensor:
+    out_channels, kernel_size = conv[:2]
+    taps, c_in = math.prod(kernel_size), x.shape[1]
+    k = taps * c_in
+    nnzb, bh, bw = values.shape
+    if not sampled_grad_applies(x, grad, nnzb * bh * bw, out_channels, k):
+        return _sample_blocks(dense_weight_grad(x, grad, conv), crow, col, values)
+
+    def make():
+        # every position of the stored blocks inside the weight: its row, its column, its flat index in values
+        r = (compressed_rows(crow, nnzb) * bh)[:, None, None] + torch.arange(bh, device=col.device)[:, None]
+        c = (col.long() * bw)[:, None, None] + torch.arange(bw, device=col.device)
+        r, c = r.expand(nnzb, bh, bw).reshape(-1), c.expand(nnzb, bh, bw).reshape(-1)
+        pos = ((r < out_channels) & (c < k)).nonzero().squeeze(1)
+        perm = entry_order(r[pos], c[pos], taps, c_in)
+        pos = pos[perm]
+        return r[pos], c[pos], pos
+
+    rows, cols, pos = cached_entries(crow, col, (out_channels, taps, c_in, bh, bw), make)
+    out = values.new_zeros(nnzb * bh * bw).index_copy_(0, pos, sampled_weight_grad(x, grad, rows, cols, conv))
+    return out.view(nnzb, bh, bw)
+
+
 torch.library.register_autograd(
-    OP, sparse_backward(torch.ops.pyprune.bsr_conv2d.default, _transpose, dense_weight, _sample_blocks),
+    OP, sparse_backward(torch.ops.pyprune.bsr_conv2d.default, _transpose, dense_weight, _values_grad),
     setup_context=setup_context,
 )  # fmt: skip
 

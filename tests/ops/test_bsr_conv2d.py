@@ -9,12 +9,13 @@ import torch.nn.functional as F
 import pyprune
 from pyprune.nn.sparse_conv2d import tap_major
 from pyprune.ops import bsr_conv2d
-from pyprune.ops.bsr_conv2d import _bsr_conv2d_im2col, bsr_conv2d_checked_ref, dense_weight
+from pyprune._extension import HAS_CPP
+from pyprune.ops.bsr_conv2d import _bsr_conv2d_im2col, _sample_blocks, bsr_conv2d_checked_ref, dense_weight
 from pyprune.ops.csr_conv2d import input_grad_geometry
 from pyprune.reference import bsr_conv2d_ref
 from pyprune.sparse import BSR
 
-from .test_csr_conv2d import input_grad_check
+from .test_csr_conv2d import input_grad_check, values_grad_check
 from .triton_interp import set_arg
 
 OP = torch.ops.pyprune.bsr_conv2d
@@ -155,6 +156,37 @@ def test_input_grad_through_the_op(case, channels_last, monkeypatch):
     sparse = input_grad_geometry(*args[5:6], *args[7:]) is not None
     sparse = sparse and cin % bw == 0 and cout % bh == 0
     input_grad_check(OP, args, w, channels_last, monkeypatch, sparse)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=["4x8", "across-taps"])
+@pytest.mark.parametrize("sparsity", [0.95, 0.5])
+def test_values_grad_sampled_at_low_density(case, sparsity, monkeypatch):
+    # blocks holding at most a tenth of the weight: their entries alone (_conv2d_weight_sampled); else ATen's
+    # dense gradient read at the blocks
+    args, w = _case(case, sparsity, bias=False)
+    crow, col, values = args[1:4]
+    k = w[0].numel()
+    sampled = values.numel() <= 0.1 * w.shape[0] * k
+    assert sampled == (sparsity == 0.95)
+    sample = lambda gw: _sample_blocks(gw, crow, col, values)  # noqa: E731
+    values_grad_check(OP, args, w, monkeypatch, sampled and HAS_CPP, sample)
+
+
+def test_sampled_values_grad_of_a_block_past_the_edges(monkeypatch):
+    # one 16x32 block over rows 32-47 of 40 and columns 288-319 of 297: its entries inside the weight are
+    # computed, the rest of the block's gradient is zero
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 33, 3, 3, generator=gen)
+    wt = tap_major(w)
+    mask = torch.zeros_like(wt)
+    mask[32:, 288:] = 1
+    bsr = BSR.from_dense(wt * mask, (16, 32))
+    assert bsr.values.shape == (1, 16, 32)
+    x = torch.randn(2, 33, 9, 9, generator=gen)
+    args = (x, bsr.crow_indices, bsr.col_indices, bsr.values, 40, [3, 3], None, [1, 1], [1, 1], [1, 1])
+    dense = (wt * mask).reshape(40, 3, 3, 33).permute(0, 3, 1, 2)
+    sample = lambda gw: _sample_blocks(gw, *args[1:4])  # noqa: E731
+    values_grad_check(OP, args, dense, monkeypatch, HAS_CPP, sample)
 
 
 def test_gradcheck_float64():

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import pyprune
+from pyprune._extension import HAS_CPP
 from pyprune.nn.sparse_conv2d import tap_major
 from pyprune.ops import csr_conv2d
 from pyprune.ops.csr_conv2d import (
@@ -193,6 +194,74 @@ def test_input_grad_through_the_op(case, channels_last, monkeypatch):
     sparse = input_grad_geometry(*args[5:6], *args[7:]) is not None
     assert sparse == (case[2] == (1, 1) or case[3] == 1)
     input_grad_check(OP, args, w, channels_last, monkeypatch, sparse)
+
+
+def values_grad_check(op, args, w, monkeypatch, sampled, sample):
+    """The values' gradient of op(*args) against F.conv2d's weight gradient in float64, read by
+    ``sample(dense tap-major gradient)``, and whether it went through the sampled kernel (``sampled``) or
+    ATen's dense weight gradient."""
+    x, stride, padding, dilation = args[0], args[7], args[8], args[9]
+    values = args[3].detach().requires_grad_()
+    y = op(x, *args[1:3], values, *args[4:])
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    dense_calls = []
+    conv2d_weight = torch.nn.grad.conv2d_weight
+    monkeypatch.setattr(
+        torch.nn.grad, "conv2d_weight", lambda *a, **k: dense_calls.append(1) or conv2d_weight(*a, **k)
+    )
+    (gv,) = torch.autograd.grad(y, values, g)
+    wd = w.double().requires_grad_()
+    (gw,) = torch.autograd.grad(F.conv2d(x.double(), wd, None, stride, padding, dilation), wd, g.double())
+    want = sample(tap_major(gw))
+    torch.testing.assert_close(gv.double(), want, rtol=1e-4, atol=1e-4 * max(1.0, float(want.abs().max())))
+    assert bool(dense_calls) != sampled
+
+
+@pytest.mark.parametrize(
+    "case", [CASES[4], CASES[3], CASES[6], CASES[14]], ids=["3x3", "1x1-s2", "dilated", "7x7-batch5"]
+)
+@pytest.mark.parametrize("sparsity", [0.95, 0.5])
+def test_values_grad_sampled_at_low_density(case, sparsity, monkeypatch):
+    # at most a tenth of the weight stored: the stored entries alone (_conv2d_weight_sampled); else ATen's
+    # dense weight gradient, read at them
+    args, w = _case(case, sparsity, bias=False)
+    crow, col = args[1], args[2]
+    assert (col.numel() <= 0.1 * w.numel()) == (sparsity == 0.95)
+
+    def sample(gw):
+        return gw[compressed_rows(crow, col.numel()), col.long()]
+
+    values_grad_check(OP, args, w, monkeypatch, sparsity == 0.95 and HAS_CPP, sample)
+
+
+def test_sampled_entries_are_kept_until_the_indices_change(monkeypatch):
+    made = []
+    order = csr_conv2d_module.entry_order
+    monkeypatch.setattr(csr_conv2d_module, "entry_order", lambda *a: made.append(1) or order(*a))
+    args, _ = _case(CASES[4], 0.95, bias=False)
+    v = args[3].requires_grad_()
+    for _ in range(2):
+        OP(*args).sum().backward()
+    assert len(made) == 1
+    with torch.no_grad():
+        args[1][0] = args[1][0]
+    OP(*args).sum().backward()
+    assert len(made) == 2
+    assert v.grad is not None
+
+
+def test_double_backward_through_the_values_gradient():
+    # create_graph: the values' gradient is differentiated again, which the sampled op cannot be: ATen's way
+    args, w = _case(CASES[4], 0.95, bias=False)
+    x = args[0].requires_grad_()
+    v = args[3].requires_grad_()
+    (gv,) = torch.autograd.grad(OP(x, *args[1:3], v, *args[4:]).square().sum(), v, create_graph=True)
+    (gx,) = torch.autograd.grad(gv.square().sum(), x)
+    xd, wd = x.detach().double().requires_grad_(), w.double().requires_grad_()
+    (gw,) = torch.autograd.grad(F.conv2d(xd, wd, None, *args[7:]).square().sum(), wd, create_graph=True)
+    rows = compressed_rows(args[1], args[2].numel())
+    (want,) = torch.autograd.grad(tap_major(gw)[rows, args[2].long()].square().sum(), xd)
+    torch.testing.assert_close(gx.double(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 
 def test_transposed_structure_is_the_flipped_transposed_weight():

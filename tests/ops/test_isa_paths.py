@@ -71,6 +71,17 @@ for cin, cout, k, s, p, side, cl in ((16, 20, 3, 1, 1, 11, False), (24, 33, 3, 2
     want = F.conv2d(x.double(), m.to_dense().weight.double(), m.bias.double(), s, p)
     err = (m(x).double() - want).abs().max().item()
     assert err < 1e-4, ("sparse24_conv2d", cin, cout, k, s, side, cl, err)
+# the sampled weight gradient (a 7x7 map in image blocks, a 3x3 conv, a strided 1x1)
+from pyprune.reference import _conv2d_weight_sampled_ref
+for cin, cout, k, s, p, side in ((20, 12, 1, 1, 0, 7), (12, 10, 3, 1, 1, 13), (16, 8, 1, 2, 0, 9)):
+    x = torch.randn(3, cin, side, side)
+    g = torch.randn(3, cout, (side + 2 * p - k) // s + 1, (side + 2 * p - k) // s + 1)
+    rows, cols = (torch.rand(cout, k * k * cin) < 0.3).nonzero(as_tuple=True)
+    conv = ([k, k], [s, s], [p, p], [1, 1])
+    got = torch.ops.pyprune._conv2d_weight_sampled(x, g, rows, cols, *conv)
+    want = _conv2d_weight_sampled_ref(x.double(), g.double(), rows, cols, *conv)
+    err = (got.double() - want).abs().max().item()
+    assert err < 1e-3, ("_conv2d_weight_sampled", cin, cout, k, s, side, err)
 print("ok")
 """
 
