@@ -9,6 +9,7 @@ sparse_conv2d_train_table.py, which interleaves providers and repeats rounds.
 
 import pytest
 import torch
+from conv_op_bench import against_dense
 from sparse_conv2d_table import SHAPES
 from sparse_linear_providers import environment
 
@@ -36,18 +37,13 @@ def test_conv2d_weight_sampled(benchmark, c_in, c_out, hw, k, density, provider)
         rows, cols = rows[perm], cols[perm]
         out = benchmark(lambda: torch.ops.pyprune._conv2d_weight_sampled(x, grad, rows, cols, *conv))
         assert out.shape == rows.shape
-    key = (c_in, c_out, hw, k)
-    info = {
-        "shape": {"c_in": c_in, "c_out": c_out, "hw": hw, "kernel": k, "batch": 8},
-        "dtype": "float32",
-        "density": 1.0 if provider == "torch_dense" else density,
-        "device": "cpu",
-        **environment(),
-    }
-    if benchmark.stats is not None:
-        med = benchmark.stats.stats.median
-        if provider == "torch_dense":
-            _dense_median[key] = med
-        elif key in _dense_median:
-            info["speedup_vs_torch_dense"] = _dense_median[key] / med
-    benchmark.extra_info.update(info)
+    benchmark.extra_info.update(
+        {
+            "shape": {"c_in": c_in, "c_out": c_out, "hw": hw, "kernel": k, "batch": 8},
+            "dtype": "float32",
+            "density": 1.0 if provider == "torch_dense" else density,
+            "device": "cpu",
+            **environment(),
+            **against_dense(benchmark, (c_in, c_out, hw, k), provider == "torch_dense", _dense_median),
+        }
+    )

@@ -39,10 +39,17 @@ def run(benchmark, c_in, c_out, hw, k, sparsity, provider, build):
         **environment(),
     }
     if benchmark.stats is not None:
-        med = benchmark.stats.stats.median
-        info["dense_equivalent_gflops"] = flops / med / 1e9
-        if provider == "torch_dense":
-            _dense_median[key] = med
-        elif key in _dense_median:
-            info["speedup_vs_torch_dense"] = _dense_median[key] / med
+        info["dense_equivalent_gflops"] = flops / benchmark.stats.stats.median / 1e9
+    info.update(against_dense(benchmark, key, provider == "torch_dense", _dense_median))
     benchmark.extra_info.update(info)
+
+
+def against_dense(benchmark, key, dense: bool, medians: dict) -> dict:
+    """A dense provider's median is kept in ``medians`` under ``key``; a later provider with the same key gets
+    {"speedup_vs_torch_dense": dense median / its median}. Nothing when timing is disabled."""
+    if benchmark.stats is None:
+        return {}
+    med = benchmark.stats.stats.median
+    if dense:
+        medians[key] = med
+    return {"speedup_vs_torch_dense": medians[key] / med} if not dense and key in medians else {}

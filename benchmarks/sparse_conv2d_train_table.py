@@ -20,6 +20,7 @@ import statistics
 
 import torch
 from sparse_linear_providers import environment, time_batch, write_table
+from sparse_linear_train_table import step_fn
 
 from pyprune.nn import SparseConv2d
 
@@ -49,17 +50,12 @@ def dense_backward():
         _csr_conv2d.input_grad_geometry, _csr_conv2d.SAMPLED_MAX_DENSITY = geometry, density
 
 
-def step_fn(layer, x, g, dense_bw=False):
-    params = [p for p in layer.parameters() if p.requires_grad]
+def dense_backward_step(step):
+    def run():
+        with dense_backward():
+            step()
 
-    def step():
-        x.grad = None
-        for p in params:
-            p.grad = None
-        with dense_backward() if dense_bw else contextlib.nullcontext():
-            layer(x).backward(g)
-
-    return step
+    return run
 
 
 def run_case(c_in, c_out, k, hw, stride, sparsity, batch, rounds, batch_s, with_dense_bw, rng):
@@ -73,7 +69,7 @@ def run_case(c_in, c_out, k, hw, stride, sparsity, batch, rounds, batch_s, with_
     fns = {name: step_fn(layer, x, g) for name, layer in layers.items()}
     if with_dense_bw:
         for layout in ("csr", "bsr"):
-            fns[f"{layout}, dense bw"] = step_fn(layers[layout], x, g, dense_bw=True)
+            fns[f"{layout}, dense bw"] = dense_backward_step(fns[layout])
     samples = {name: [] for name in fns}
     for _ in range(rounds):
         names = list(fns)

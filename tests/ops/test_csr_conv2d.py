@@ -234,22 +234,6 @@ def test_values_grad_sampled_at_low_density(case, sparsity, monkeypatch):
     values_grad_check(OP, args, w, monkeypatch, sparsity == 0.95 and HAS_CPP, sample)
 
 
-def test_sampled_entries_are_kept_until_the_indices_change(monkeypatch):
-    made = []
-    order = csr_conv2d_module.entry_order
-    monkeypatch.setattr(csr_conv2d_module, "entry_order", lambda *a: made.append(1) or order(*a))
-    args, _ = _case(CASES[4], 0.95, bias=False)
-    v = args[3].requires_grad_()
-    for _ in range(2):
-        OP(*args).sum().backward()
-    assert len(made) == 1
-    with torch.no_grad():
-        args[1][0] = args[1][0]
-    OP(*args).sum().backward()
-    assert len(made) == 2
-    assert v.grad is not None
-
-
 def test_double_backward_through_the_values_gradient():
     # create_graph: the values' gradient is differentiated again, which the sampled op cannot be: ATen's way
     args, w = _case(CASES[4], 0.95, bias=False)
@@ -276,18 +260,25 @@ def test_transposed_structure_is_the_flipped_transposed_weight():
         assert torch.all(row[1:] > row[:-1])
 
 
-def test_transposed_structure_is_kept_until_the_indices_change(monkeypatch):
+@pytest.mark.parametrize(
+    "derived, sparsity, changed",
+    [("transposed_structure", 0.5, 2), ("entry_order", 0.95, 1)],
+    ids=["input-grad-structure", "sampled-entries"],
+)
+def test_backward_structures_are_kept_until_the_indices_change(derived, sparsity, changed, monkeypatch):
+    # what the backward derives from the weight's structure is made once, and again after an in-place write
+    # to an index tensor (col_indices, crow_indices) moves its version counter
     made = []
-    make = csr_conv2d_module.transposed_structure
-    monkeypatch.setattr(csr_conv2d_module, "transposed_structure", lambda *a: made.append(1) or make(*a))
-    args, w = _case(CASES[4], 0.5, bias=False)
-    x = args[0].requires_grad_()
+    make = getattr(csr_conv2d_module, derived)
+    monkeypatch.setattr(csr_conv2d_module, derived, lambda *a: made.append(1) or make(*a))
+    args, _ = _case(CASES[4], sparsity, bias=False)
+    x, v = args[0].requires_grad_(), args[3].requires_grad_()
     for _ in range(2):
-        OP(x, *args[1:]).sum().backward()
+        OP(x, *args[1:3], v, *args[4:]).sum().backward()
     assert len(made) == 1
     with torch.no_grad():
-        args[2][0] = args[2][0]  # an in-place write moves the version counter
-    OP(x, *args[1:]).sum().backward()
+        args[changed][0] = args[changed][0]
+    OP(x, *args[1:3], v, *args[4:]).sum().backward()
     assert len(made) == 2
 
 
