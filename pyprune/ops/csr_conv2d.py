@@ -8,10 +8,11 @@ memory format (channels_last when x is laid out so, else contiguous), like F.con
 Backward: the input gradient is this op again, on the output gradient with the weight flipped and transposed
 (its structure made once per weight structure and kept, see ``transposed_structure``) whenever that is a conv:
 stride 1 with padding <= dilation * (k - 1), and 1x1 unpadded convs of any stride (their gradient lands on
-every stride-th pixel). Other strided convs take ``torch.nn.grad.conv2d_input`` on the densified weight. The
-stored values' gradient is computed at the stored positions alone (the private op ``_conv2d_weight_sampled``,
-csrc/cpu/conv2d_weight_sampled.cpp) on the CPU in fp32 when at most a tenth of the weight is stored; otherwise
-it is the dense weight gradient (``torch.nn.grad.conv2d_weight``) sampled there.
+every stride-th pixel); for kxk weights only up to 30% density, past which ATen's route was faster. Other
+strided convs take ``torch.nn.grad.conv2d_input`` on the densified weight. The stored values' gradient is
+computed at the stored positions alone (the private op ``_conv2d_weight_sampled``,
+csrc/cpu/conv2d_weight_sampled.cpp) on the CPU in fp32 when at most a tenth of the weight is stored;
+otherwise it is the dense weight gradient (``torch.nn.grad.conv2d_weight``) sampled there.
 """
 
 from __future__ import annotations
@@ -264,7 +265,17 @@ def dense_weight_grad(x: Tensor, grad: Tensor, conv) -> Tensor:
     return gw.permute(0, 2, 3, 1).reshape(out_channels, -1)
 
 
+# a kxk weight's share of stored entries at most for its input gradient to run csr_conv2d (1x1 convs always
+# do): one training step of ResNet-50's 3x3 convs (batch 8, 2 threads, Xeon VM) took 1.03-1.18x the time of
+# the ATen route at 50% sparsity, 0.97-1.06x at 70%, 0.46-0.84x at 90% (sparse_conv2d_train.md)
+KXK_INPUT_GRAD_MAX_DENSITY = 0.3
+
+
 def _transpose(crow: Tensor, col: Tensor, values: Tensor, out_channels: int, taps: int, c_in: int):
+    """The flipped, transposed CSR, or None for a kxk weight denser than KXK_INPUT_GRAD_MAX_DENSITY."""
+    if taps > 1 and col.numel() > KXK_INPUT_GRAD_MAX_DENSITY * out_channels * taps * c_in:
+        return None
+
     def make():
         return transposed_structure(compressed_rows(crow, col.numel()), col.long(), out_channels, taps, c_in)
 
@@ -360,6 +371,7 @@ __all__ = [
     "CSR_CONV2D_BACKENDS",
     "check_args",
     "check_conv_args",
+    "KXK_INPUT_GRAD_MAX_DENSITY",
     "SAMPLED_MAX_DENSITY",
     "cached_entries",
     "cached_transpose",

@@ -15,7 +15,7 @@ from pyprune.ops.csr_conv2d import input_grad_geometry
 from pyprune.reference import bsr_conv2d_ref
 from pyprune.sparse import BSR
 
-from .test_csr_conv2d import input_grad_check, values_grad_check
+from .test_csr_conv2d import gpu_backward_check, input_grad_check, values_grad_check
 from .triton_interp import set_arg
 
 OP = torch.ops.pyprune.bsr_conv2d
@@ -308,3 +308,13 @@ def test_gpu_router_matches_float64(dtype, channels_last):
     assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     err = (y.cpu().double() - want).abs().max().item()
     assert err <= max(2 * (naive - want).abs().max().item(), 1e-3 * want.abs().max().item()), err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_backward_matches_float64():
+    # 4x8 blocks within taps: the input gradient through the op on the transposed blocks (its CUDA router)
+    args, w = _case(CASES[0], 0.8, bias=False)
+    gv, gw = gpu_backward_check(OP, args, w)
+    want = _sample_blocks(gw, *args[1:4])
+    torch.testing.assert_close(gv, want, rtol=0, atol=1e-2 * float(want.abs().max()))

@@ -186,13 +186,17 @@ def input_grad_check(op, args, w, channels_last, monkeypatch, sparse_path):
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)).replace(" ", ""))
+@pytest.mark.parametrize("sparsity", [0.8, 0.5])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-def test_input_grad_through_the_op(case, channels_last, monkeypatch):
+def test_input_grad_through_the_op(case, sparsity, channels_last, monkeypatch):
     # stride 1 (padding within the kernel's reach) and unpadded 1x1 convs of any stride run the op on the
-    # flipped, transposed weight; the strided kxk ones (33->17, 12->10, 9->4) take ATen's dense gradient
-    args, w = _case(case, 0.6, bias=False)
-    sparse = input_grad_geometry(*args[5:6], *args[7:]) is not None
-    assert sparse == (case[2] == (1, 1) or case[3] == 1)
+    # flipped, transposed weight, kxk ones up to 30% density; the strided kxk ones (33->17, 12->10, 9->4) and
+    # denser kxk ones take ATen's dense gradient
+    args, w = _case(case, sparsity, bias=False)
+    geometry = input_grad_geometry(*args[5:6], *args[7:])
+    assert (geometry is not None) == (case[2] == (1, 1) or case[3] == 1)
+    pointwise = case[2] == (1, 1)
+    sparse = geometry is not None and (pointwise or args[2].numel() <= 0.3 * w.numel())
     input_grad_check(OP, args, w, channels_last, monkeypatch, sparse)
 
 
@@ -262,7 +266,7 @@ def test_transposed_structure_is_the_flipped_transposed_weight():
 
 @pytest.mark.parametrize(
     "derived, sparsity, changed",
-    [("transposed_structure", 0.5, 2), ("entry_order", 0.95, 1)],
+    [("transposed_structure", 0.8, 2), ("entry_order", 0.95, 1)],
     ids=["input-grad-structure", "sampled-entries"],
 )
 def test_backward_structures_are_kept_until_the_indices_change(derived, sparsity, changed, monkeypatch):
@@ -412,3 +416,30 @@ def test_channels_last_1x1_output_is_its_own_tensor():
     y = csr_conv2d(x, c.crow_indices, c.col_indices, c.values, 32, 1)
     assert not y._is_view() and y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(torch.relu_(y), F.conv2d(x, w.view(32, 64, 1, 1)).relu(), rtol=1e-4, atol=1e-4)
+
+
+def gpu_backward_check(op, args, w):
+    """x's and the values' gradients of op(*args) on CUDA (fp32: TF32 where the kernels use it) against
+    F.conv2d's in float64 on the CPU."""
+    args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+    x, v = args[0].requires_grad_(), args[3].requires_grad_()
+    y = op(x, *args[1:3], v, *args[4:])
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    gx, gv = torch.autograd.grad(y, (x, v), g.cuda())
+    xd, wd = x.detach().cpu().double().requires_grad_(), w.double().requires_grad_()
+    gxd, gwd = torch.autograd.grad(F.conv2d(xd, wd, None, *args[7:]), (xd, wd), g.double())
+    assert gx.shape == x.shape and gv.shape == v.shape
+    torch.testing.assert_close(gx.cpu().double(), gxd, rtol=0, atol=1e-2 * float(gxd.abs().max()))
+    return gv.cpu().double(), tap_major(gwd)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", [CASES[4], CASES[3]], ids=["3x3", "1x1-s2"])
+def test_gpu_backward_matches_float64(case):
+    # the input gradient through the op itself on the flipped, transposed weight (its CUDA router), the
+    # values' gradient from ATen's dense one
+    args, w = _case(case, 0.9, bias=False)
+    gv, gw = gpu_backward_check(OP, args, w)
+    want = gw[compressed_rows(args[1], args[2].numel()), args[2].long()]
+    torch.testing.assert_close(gv, want, rtol=0, atol=1e-2 * float(want.abs().max()))
