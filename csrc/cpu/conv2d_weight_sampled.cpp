@@ -9,7 +9,8 @@
 // product of two contiguous runs: the grad plane of its row and the x plane of its channel, shifted by its
 // tap. Threads split the rows (balanced by entries); each walks the images outermost, so that one image's x
 // planes stay in its L2 while all its rows read them, and takes a row's entries four at a time (each grad
-// vector loaded once for four FMAs).
+// vector loaded once for four FMAs), or, where four rows hold the same columns (a BSR block's), a 4x4 tile of
+// rows and columns (quad_rows).
 //
 // The dropped columns multiply x values by exact zeros, which is only exact for finite x: an x holding inf or
 // NaN (and dtypes other than fp32) takes ATen's dense weight gradient, sampled.
@@ -29,6 +30,7 @@ struct SampledArgs {
   const int64_t* order;    // entry indices by row, within a row by (channel, tap); null: the identity
   const int64_t* cols;     // each entry's tap-major column
   const int64_t* col_off;  // per column: its x run's offset in a block's staged planes
+  const uint8_t* quad;     // per row: rows o .. o + 3 hold the same columns (a BSR block's rows), or null
 };
 
 template <class V>
@@ -36,6 +38,50 @@ PYPRUNE_INLINE float hsum(const V& v) {
   float s = 0.f;
   for (int i = 0; i < kLanes; ++i) s += v[i];
   return s;
+}
+
+// Four rows o .. o + 3 with the same columns (in the same order), over q in [q0, q1): four columns at a time,
+// each x vector loaded once for the four rows and each grad vector once for the four columns (16 FMAs per 8
+// loads, against 4 per 5 a row at a time). sum: row o's first entry; the others follow row by row. On BSR
+// blocks (32x32, batch 8, 2 threads, Xeon VM) 3x3 convs ran 1.5-1.9x faster than row by row at 10-30%
+// block density, 1x1 convs 0.92-1.24x (x, streamed from L2, stays their bound).
+template <class V>
+PYPRUNE_INLINE void quad_rows(const SampledArgs& a, const float* xb, const float* g, int64_t o, int64_t q0,
+                              int64_t q1, float* sum) {
+  const int64_t n = a.row_ptr[o + 1] - a.row_ptr[o];
+  auto x_of = [&](int64_t i) {
+    const int64_t e = a.row_ptr[o] + i;
+    return xb + a.col_off[a.cols[a.order ? a.order[e] : e]];
+  };
+  const float* g1 = g + a.len;
+  const float* g2 = g1 + a.len;
+  const float* g3 = g2 + a.len;
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const float* x[4] = {x_of(i), x_of(i + 1), x_of(i + 2), x_of(i + 3)};
+    V s[4][4] = {};
+    for (int64_t q = q0; q < q1; q += kLanes) {
+      const V gv[4] = {load16<V>(g + q), load16<V>(g1 + q), load16<V>(g2 + q), load16<V>(g3 + q)};
+      for (int c = 0; c < 4; ++c) {
+        const V xv = load16<V>(x[c] + q);
+        for (int r = 0; r < 4; ++r) s[r][c] += gv[r] * xv;
+      }
+    }
+    for (int r = 0; r < 4; ++r)
+      for (int c = 0; c < 4; ++c) sum[r * n + i + c] += hsum(s[r][c]);
+  }
+  for (; i < n; ++i) {
+    const float* x0 = x_of(i);
+    V s[4] = {};
+    for (int64_t q = q0; q < q1; q += kLanes) {
+      const V xv = load16<V>(x0 + q);
+      s[0] += load16<V>(g + q) * xv;
+      s[1] += load16<V>(g1 + q) * xv;
+      s[2] += load16<V>(g2 + q) * xv;
+      s[3] += load16<V>(g3 + q) * xv;
+    }
+    for (int r = 0; r < 4; ++r) sum[r * n + i] += hsum(s[r]);
+  }
 }
 
 // out[order[e]] for the entries e of rows [o0, o1) (sums over image blocks in `sum`, in row order).
@@ -50,6 +96,13 @@ PYPRUNE_INLINE void sampled_rows(const SampledArgs& a, int64_t o0, int64_t o1, f
     const float* xb = a.xs + b * a.in_block;
     for (int64_t o = o0; o < o1; ++o) {
       const float* g = a.gs + (b * a.O + o) * a.len;
+      if constexpr (V::kParts == 1) {  // 16 accumulators + 8 operands: AVX-512's 32 registers only
+        if (a.quad && a.quad[o] && o + 4 <= o1) {
+          quad_rows<V>(a, xb, g, o, q0, q1, sum + (a.row_ptr[o] - e_begin));
+          o += 3;
+          continue;
+        }
+      }
       int64_t e = a.row_ptr[o];
       const int64_t e1 = a.row_ptr[o + 1];
       for (; e + 4 <= e1; e += 4) {
@@ -228,8 +281,23 @@ at::Tensor conv2d_weight_sampled_cpu(const at::Tensor& x, const at::Tensor& grad
     std::vector<int64_t> fill(row_ptr.begin(), row_ptr.end() - 1);
     for (int64_t e : by_key) order[fill[rp[e]]++] = e;
   }
+  // rows o .. o + 3 with the same columns in the same order (a BSR block's rows, 4 at a time)
+  auto col_at = [&](int64_t e) { return cp[ordered ? e : order[e]]; };
+  std::vector<uint8_t> quad(O, 0);
+  bool any_quad = false;
+  for (int64_t o = 0; o + 4 <= O; ++o) {
+    const int64_t n = row_ptr[o + 1] - row_ptr[o];
+    bool same = n > 0;
+    for (int64_t r = 1; r < 4 && same; ++r) {
+      same = row_ptr[o + r + 1] - row_ptr[o + r] == n;
+      for (int64_t i = 0; i < n && same; ++i) same = col_at(row_ptr[o + r] + i) == col_at(row_ptr[o] + i);
+    }
+    quad[o] = same;
+    any_quad = any_quad || same;
+  }
   const SampledArgs a{xs.data_ptr<float>(), gs.data_ptr<float>(), NB, O, gb.planes * plane, len, chunk,
-                      row_ptr.data(), ordered ? nullptr : order.data(), cp, col_off.data()};
+                      row_ptr.data(), ordered ? nullptr : order.data(), cp, col_off.data(),
+                      any_quad ? quad.data() : nullptr};
   SampledFn fn = sampled_baseline;
 #if PYPRUNE_X86
   if (isa == Isa::kAvx512) fn = sampled_avx512;

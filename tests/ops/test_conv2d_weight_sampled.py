@@ -60,6 +60,27 @@ def test_runs_in_chunks(channels_last):
     torch.testing.assert_close(OP(x, grad, rows, cols, *conv).double(), want, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_rows_with_the_same_columns(channels_last):
+    # 4x3 blocks over 10 rows: rows 0-7 go four at a time with their columns (3 of each block, 4 at a time and
+    # a tail), rows 8-9 one by one
+    x, grad, _, _, *conv = _case((16, 10, (3, 3), 1, 1, 1, (9, 9), 2), 0.0)
+    gen = torch.Generator().manual_seed(2)
+    keep = torch.rand(3, 48, generator=gen) < 0.4
+    mask = keep.repeat_interleave(4, 0).repeat_interleave(3, 1)[:10]
+    rows, cols = mask.nonzero(as_tuple=True)
+    perm = entry_order(rows, cols, 9, 16)
+    rows, cols = rows[perm], cols[perm]
+    if channels_last:
+        x, grad = (t.contiguous(memory_format=torch.channels_last) for t in (x, grad))
+    want = _want(x, grad, rows, cols, *conv)
+    got = OP(x, grad, rows, cols, *conv)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    shuffled = torch.randperm(rows.numel(), generator=gen)  # the same entries in another order
+    torch.testing.assert_close(OP(x, grad, rows[shuffled], cols[shuffled], *conv), got[shuffled], rtol=1e-5,
+                               atol=1e-5)  # fmt: skip
+
+
 def test_entry_order_gives_the_same_values():
     # entries in (row, channel, tap) order take the kernel's no-sort path; any other order is sorted inside
     x, grad, rows, cols, *conv = _case(CASES[4], 0.3)
