@@ -24,7 +24,7 @@ constexpr const char* kOp = "_conv2d_weight_sampled";
 struct SampledArgs {
   const float* xs;  // staged x: NB blocks of in_block floats
   const float* gs;  // staged grad: NB * O runs of len floats
-  int64_t NB, O, in_block, len;  // len: floats per (block, row), nb planes of whole vectors
+  int64_t NB, O, in_block, len;  // len: floats per (block, row): nb planes, rounded up to whole vectors
   int64_t chunk;                 // floats per dot: len in pieces whose x runs fit in L2
   const int64_t* row_ptr;  // (O + 1): entries of row o are order[row_ptr[o] .. row_ptr[o + 1])
   const int64_t* order;    // entry indices by row, within a row by (channel, tap); null: the identity
@@ -144,12 +144,12 @@ PYPRUNE_SAMPLED_ISA(avx2, PYPRUNE_TARGET_AVX2, VecAvx2)
 PYPRUNE_SAMPLED_ISA(avx512, PYPRUNE_TARGET_AVX512, VecAvx512)
 #endif
 
-// grad (N, O, OH, OW), NCHW or channels_last, into runs of nb * plane floats per (image block, row): image i
-// of the block at i * plane, pixel (oh, ow) at oh * Wq + ow, zero in the columns ow >= OW and past the last
+// grad (N, O, OH, OW), NCHW or channels_last, into runs of `run` floats per (image block, row): image i of
+// the block at i * plane, pixel (oh, ow) at oh * Wq + ow, zero in the columns ow >= OW and past the last
 // pixel.
-at::Tensor stage_grad(const at::Tensor& grad, int64_t nb, int64_t Wq, int64_t plane) {
+at::Tensor stage_grad(const at::Tensor& grad, int64_t nb, int64_t Wq, int64_t plane, int64_t run) {
   const int64_t N = grad.size(0), O = grad.size(1), OH = grad.size(2), OW = grad.size(3);
-  at::Tensor gs = at::zeros({N * O * plane}, grad.options());
+  at::Tensor gs = at::zeros({N / nb * O * run}, grad.options());
   float* d = gs.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
   const int64_t sN = grad.stride(0), sC = grad.stride(1), sH = grad.stride(2), sW = grad.stride(3);
@@ -157,7 +157,7 @@ at::Tensor stage_grad(const at::Tensor& grad, int64_t nb, int64_t Wq, int64_t pl
     for (int64_t p = p0; p < p1; ++p) {  // p = (image n, row o)
       const int64_t n = p / O, o = p % O;
       const float* src = g + n * sN + o * sC;
-      float* dst = d + (((n / nb) * O + o) * nb + n % nb) * plane;
+      float* dst = d + ((n / nb) * O + o) * run + (n % nb) * plane;
       if (sW == 1) {  // NCHW: a copy per row
         for (int64_t oh = 0; oh < OH; ++oh) std::copy(src + oh * sH, src + oh * sH + OW, dst + oh * Wq);
       } else {
@@ -236,13 +236,16 @@ at::Tensor conv2d_weight_sampled_cpu(const at::Tensor& x, const at::Tensor& grad
   // vectors, and its overhead cost more than its FMAs). Planes past an image's last pixel multiply grad's zeros.
   // When one image's planes exceed that, its runs go in chunks whose x fits instead (256->64 1x1 @56: x read
   // from L3 for every row otherwise).
+  // Blocked images' planes are packed (Hq * Wq floats apart, not rounded up to whole vectors: a padded 7x7
+  // map's 49 pixels in 81 floats, not 96; an unpadded one's in 49, not 64); only each run is rounded up to
+  // whole vectors (A/B in one process at 10% density, batch 8: 7x7 maps 0.63-0.91x the time).
   constexpr int64_t kL2Floats = (int64_t(1) << 20) / 4;
-  const int64_t plane = plane_stride(g, 1);
   const int64_t slots = static_cast<int64_t>(g.slot_phase.size());
   int64_t nb = 1;
   for (int64_t d = 1; d <= g.N; ++d)
-    if (g.N % d == 0 && d * slots * g.C * plane <= kL2Floats) nb = d;
-  const int64_t NB = g.N / nb, len = nb * plane;
+    if (g.N % d == 0 && d * slots * g.C * g.Hq * g.Wq <= kL2Floats) nb = d;
+  const int64_t plane = nb > 1 ? g.Hq * g.Wq : plane_stride(g, 1);
+  const int64_t NB = g.N / nb, len = round_up(nb * plane, kLanes);
   const int64_t chunk = std::min(len, std::max<int64_t>(kLanes, kL2Floats / (slots * g.C) / kLanes * kLanes));
   const at::Tensor xb =
       nb == 1 ? xc : xc.reshape({NB, nb, g.C, g.H, g.W}).transpose(1, 2).reshape({NB, g.C * nb, g.H, g.W});
@@ -252,7 +255,7 @@ at::Tensor conv2d_weight_sampled_cpu(const at::Tensor& x, const at::Tensor& grad
   const int64_t shift = *std::max_element(tap_off.begin(), tap_off.end()) % plane;
   const Isa isa = kernel_isa();
   const at::Tensor xs = stage_planes(gb.cl ? xb : xb.contiguous(), gb, plane, shift + len, isa);
-  const at::Tensor gs = stage_grad(gc, nb, g.Wq, plane);
+  const at::Tensor gs = stage_grad(gc, nb, g.Wq, plane, len);
 
   // Entries run by row, and within a row by (channel, tap): a channel's taps read overlapping runs of one
   // plane, which the next dots then find in L1 (7-39% faster than tap-major order on ResNet-50's 3x3 convs
