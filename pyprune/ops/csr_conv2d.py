@@ -222,9 +222,9 @@ def _kept(cache: TensorCache, crow: Tensor, col: Tensor, key: tuple, make):
 _TRANSPOSES = TensorCache(max_entries=1024, max_bytes=1 << 28)
 _ENTRIES = TensorCache(max_entries=1024, max_bytes=1 << 28)
 
-# the sampled weight gradient's share of stored entries at most: at 10% density it took 0.98-0.58x the time of
-# ATen's dense weight gradient on ResNet-50's convs (batch 8, 2 threads, Xeon VM; 5%: 0.76-0.29x, 20%:
-# 0.95-1.85x)
+# the sampled weight gradient's share of stored entries at most: at 10% density it took 0.61-1.05x the time of
+# ATen's dense weight gradient on ResNet-50's convs with unstructured entries (batch 8, 2 threads, Xeon VM; 5%:
+# 0.30-0.78x, 20%: 0.74-1.33x) and 0.31-0.71x with 32x32 blocks (30%: 0.65-1.82x)
 SAMPLED_MAX_DENSITY = 0.1
 
 
