@@ -178,7 +178,8 @@ def _input_grad(op, grad, x, t, kernel_size, stride, dilation, geometry) -> Tens
     g = op(grad, crow_t, col_t, values_t, x.shape[1], [1, 1], None, [1, 1], [0, 0], [1, 1])
     if tuple(stride) == (1, 1):
         return g
-    grad_x = g.new_zeros(x.shape).contiguous(memory_format=reference._memory_format(g))
+    fmt = reference._memory_format(g)
+    grad_x = torch.empty(x.shape, dtype=g.dtype, device=g.device, memory_format=fmt).zero_()
     grad_x[:, :, :: stride[0], :: stride[1]] = g
     return grad_x
 
