@@ -398,8 +398,10 @@ class TensorCache:
 
 
 def _nbytes(value) -> int:
-    items = value if isinstance(value, tuple) else (value,)
-    return sum(v.nbytes for v in items if isinstance(v, Tensor))
+    """The bytes of the tensors in ``value``, a tensor or tuples and lists of them (at any depth)."""
+    if isinstance(value, Tensor):
+        return value.nbytes
+    return sum(_nbytes(v) for v in value) if isinstance(value, (tuple, list)) else 0
 
 
 # ---- csr_linear ----------------------------------------------------------------------------------------

@@ -253,6 +253,17 @@ def test_tensor_cache_drops_the_least_recently_used_past_its_byte_budget():
     assert made == [0, 1, 2, 1]
 
 
+def test_tensor_cache_counts_tensors_nested_in_its_values():
+    # the conv backward keeps (sizes, (crow, col, perm)) and lists of such tuples: their tensors count against
+    # the byte budget as top-level ones do (they counted as 0 bytes, so the budget never evicted them)
+    cache = _router.TensorCache(max_entries=10, max_bytes=100)
+    keys = [torch.zeros(1) for _ in range(3)]
+    for i, key in enumerate(keys):
+        cache.get((key,), lambda: ((3, 4), [(torch.zeros(5), torch.zeros(5)), None]))  # 40 bytes
+        assert cache._bytes == 40 * min(i + 1, 2)
+    assert len(cache._entries) == 2
+
+
 # ---- GPU -------------------------------------------------------------------------------------------------
 
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
