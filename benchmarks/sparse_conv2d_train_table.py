@@ -24,7 +24,8 @@ from sparse_linear_train_table import step_fn
 
 from pyprune.nn import SparseConv2d
 
-# (C_in, C_out, kernel, feature map side, stride): ResNet-50's stride-1 convs and a downsampling 1x1
+# (C_in, C_out, kernel, input feature map side, stride): ResNet-50's stride-1 convs, a downsampling 1x1 and
+# the strided 3x3s that open layers 2-4
 SHAPES = [
     (64, 64, 3, 56, 1),
     (256, 64, 1, 56, 1),
@@ -34,6 +35,9 @@ SHAPES = [
     (1024, 256, 1, 14, 1),
     (2048, 512, 1, 7, 1),
     (512, 1024, 1, 28, 2),
+    (128, 128, 3, 56, 2),
+    (256, 256, 3, 28, 2),
+    (512, 512, 3, 14, 2),
 ]
 SPARSITIES = [0.5, 0.7, 0.9]
 _csr_conv2d = importlib.import_module("pyprune.ops.csr_conv2d")  # (pyprune.ops.csr_conv2d: the function)
@@ -42,12 +46,12 @@ _csr_conv2d = importlib.import_module("pyprune.ops.csr_conv2d")  # (pyprune.ops.
 @contextlib.contextmanager
 def dense_backward():
     """The sparse conv ops' backward through ATen's dense conv gradients (input and weight)."""
-    geometry, density = _csr_conv2d.input_grad_geometry, _csr_conv2d.SAMPLED_MAX_DENSITY
-    _csr_conv2d.input_grad_geometry, _csr_conv2d.SAMPLED_MAX_DENSITY = (lambda *args: None), -1.0
+    phases, density = _csr_conv2d.input_grad_phases, _csr_conv2d.SAMPLED_MAX_DENSITY
+    _csr_conv2d.input_grad_phases, _csr_conv2d.SAMPLED_MAX_DENSITY = (lambda *args: None), -1.0
     try:
         yield
     finally:
-        _csr_conv2d.input_grad_geometry, _csr_conv2d.SAMPLED_MAX_DENSITY = geometry, density
+        _csr_conv2d.input_grad_phases, _csr_conv2d.SAMPLED_MAX_DENSITY = phases, density
 
 
 def dense_backward_step(step):
@@ -118,7 +122,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's current)")
     ap.add_argument("--shapes", type=int, nargs="*", default=None, help="indices into SHAPES (default: all)")
     ap.add_argument("--dense-backward", action="store_true", help="also time the backward through ATen")
-    ap.add_argument("--quick", action="store_true", help="two small shapes at batch 1, 90%%, 2 rounds")
+    ap.add_argument("--quick", action="store_true", help="three small shapes at batch 1, 90%%, 2 rounds")
     ap.add_argument("--out", default=None, help="directory for sparse_conv2d_train.md / .json")
     ap.add_argument("--name", default="sparse_conv2d_train", help="file name stem under --out")
     args = ap.parse_args(argv)
@@ -127,7 +131,8 @@ def main(argv=None) -> int:
     shapes = SHAPES if args.shapes is None else [SHAPES[i] for i in args.shapes]
     sparsities = SPARSITIES
     if args.quick:
-        shapes, sparsities, args.rounds, args.batch = [(16, 16, 3, 8, 1), (32, 64, 1, 8, 2)], [0.9], 2, 1
+        shapes, sparsities = [(16, 16, 3, 8, 1), (32, 64, 1, 8, 2), (16, 16, 3, 9, 2)], [0.9]
+        args.rounds, args.batch = 2, 1
     rng = random.Random(0)
     env = environment()
     rows = []

@@ -12,11 +12,11 @@ loaded straight from x, the blocks on tensor cores), then ``im2col`` (the patche
 multiplied by bsr_linear's GPU kernels), then the reference.
 
 Backward: as csr_conv2d's. The input gradient is this op again with the weight's blocks flipped and
-transposed (bw x bh blocks over the (C_in, kh*kw*out_channels) weight of the input gradient's conv) when bh
-divides out_channels and bw divides C_in, so that every block stays inside one tap; otherwise, and for strided
-kxk convs, ATen's conv gradient on the densified weight. The stored blocks' gradient is computed at their
-entries alone by csr_conv2d's sampled kernel under the same rule (fp32 on the CPU, at most a tenth of the
-weight stored), else the dense weight gradient sampled at the stored blocks.
+transposed (bw x bh blocks over the (C_in, kh*kw*out_channels) weight of the input gradient's conv), one
+stride-1 conv per stride phase of x, when bh divides out_channels and bw divides C_in, so that every block
+stays inside one tap; otherwise ATen's conv gradient on the densified weight. The stored blocks' gradient is
+computed at their entries alone by csr_conv2d's sampled kernel under the same rule (fp32 on the CPU, at most
+a tenth of the weight stored), else the dense weight gradient sampled at the stored blocks.
 """
 
 from __future__ import annotations
@@ -131,8 +131,7 @@ def _transpose(crow: Tensor, col: Tensor, values: Tensor, out_channels: int, tap
         rows = compressed_rows(crow, nnzb)
         return transposed_structure(rows, col.long(), out_channels // bh, taps, c_in // bw)
 
-    crow_t, col_t, perm = cached_transpose(crow, col, (out_channels, taps, c_in, bh, bw), make)
-    return crow_t, col_t, values[perm].transpose(1, 2).contiguous()
+    return cached_transpose(crow, col, (out_channels, taps, c_in, bh, bw), make)
 
 
 def _values_grad(x: Tensor, grad: Tensor, crow: Tensor, col: Tensor, values: Tensor, conv) -> Tensor:

@@ -6,19 +6,20 @@ block-diagonal embedding of its weight, whose cross-group zeros are simply not s
 memory format (channels_last when x is laid out so, else contiguous), like F.conv2d.
 
 Backward: the input gradient is this op again, on the output gradient with the weight flipped and transposed
-(its structure made once per weight structure and kept, see ``transposed_structure``) whenever that is a conv:
-stride 1 with padding <= dilation * (k - 1), and 1x1 unpadded convs of any stride (their gradient lands on
-every stride-th pixel); for kxk weights only up to 30% density, past which ATen's route was faster. Other
-strided convs take ``torch.nn.grad.conv2d_input`` on the densified weight. The stored values' gradient is
-computed at the stored positions alone (the private op ``_conv2d_weight_sampled``,
+(its structure made once per weight structure and kept, see ``transposed_structure``), one stride-1 conv per
+stride phase of x over the taps that reach that phase (``input_grad_phases``); for kxk weights only up to 30%
+density, past which ATen's route (``torch.nn.grad.conv2d_input`` on the densified weight) was faster. The
+stored values' gradient is computed at the stored positions alone (the private op ``_conv2d_weight_sampled``,
 csrc/cpu/conv2d_weight_sampled.cpp) on the CPU in fp32 when at most a tenth of the weight is stored;
 otherwise it is the dense weight gradient (``torch.nn.grad.conv2d_weight``) sampled there.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -126,12 +127,13 @@ def setup_context(ctx, inputs, output):
 def sparse_backward(op, transpose_fn, dense_weight_fn, values_grad_fn):
     """The backward of a sparse-weight conv op ``op`` (torch.ops.pyprune.csr_conv2d or bsr_conv2d).
 
-    The input gradient goes through ``op`` itself where that is a conv (see ``input_grad_geometry``), with
-    the structure of the flipped, transposed weight from ``transpose_fn(crow, col, values, out_channels,
-    taps, C_in)`` -> (crow_t, col_t, values_t), or None where that weight cannot be stored so (then, and for
-    other strides, ATen's conv gradient on the weight densified by ``dense_weight_fn(crow, col, values,
-    out_channels, kernel_size, C_in)``). The values' gradient is ``values_grad_fn(x, grad, crow, col, values,
-    conv)``, conv = (out_channels, kernel_size, stride, padding, dilation)."""
+    The input gradient goes through ``op`` itself, as a stride-1 conv per stride phase (see
+    ``input_grad_phases``), with the structure of the flipped, transposed weight from ``transpose_fn(crow,
+    col, values, out_channels, taps, C_in)`` -> (crow_t, col_t, perm), its entries ``values[perm]`` (blocks
+    transposed), or None where that weight cannot be stored so (then ATen's conv gradient on the weight
+    densified by ``dense_weight_fn(crow, col, values, out_channels, kernel_size, C_in)``). The values'
+    gradient is ``values_grad_fn(x, grad, crow, col, values, conv)``, conv = (out_channels, kernel_size,
+    stride, padding, dilation)."""
 
     def backward(ctx, grad):
         x, crow, col, values = ctx.saved_tensors
@@ -139,14 +141,14 @@ def sparse_backward(op, transpose_fn, dense_weight_fn, values_grad_fn):
         c_in = x.shape[1]
         grad_x = grad_values = grad_b = None
         if ctx.needs_input_grad[0]:
-            geometry = input_grad_geometry(kernel_size, stride, padding, dilation)
             taps = math.prod(kernel_size)
-            t = None if geometry is None else transpose_fn(crow, col, values, out_channels, taps, c_in)
+            phases = input_grad_phases(kernel_size, stride, padding, dilation, x.shape[2:], grad.shape[2:])
+            t = None if phases is None else transpose_fn(crow, col, values, out_channels, taps, c_in)
             if t is None:
                 w = dense_weight_fn(crow, col, values, out_channels, kernel_size, c_in)
                 grad_x = torch.nn.grad.conv2d_input(x.shape, w, grad, stride, padding, dilation)
             else:
-                grad_x = _input_grad(op, grad, x, t, kernel_size, stride, dilation, geometry)
+                grad_x = _input_grad(op, grad, x, values, t, out_channels, taps, stride, phases)
         if ctx.needs_input_grad[3]:
             grad_values = values_grad_fn(x, grad, crow, col, values, ctx.conv)
         if ctx.has_bias and ctx.needs_input_grad[6]:
@@ -156,32 +158,132 @@ def sparse_backward(op, transpose_fn, dense_weight_fn, values_grad_fn):
     return backward
 
 
-def input_grad_geometry(kernel_size, stride, padding, dilation) -> tuple[int, ...] | None:
-    """How the input gradient of a conv is a conv of the output gradient with the flipped, transposed weight:
-    (pad_h, pad_w) for stride 1, where the padding becomes dilation * (k - 1) - padding (the input's size
-    comes back exactly); () for an unpadded 1x1 conv of any stride, whose gradient is the 1x1 conv's result
-    on every stride-th pixel and zero elsewhere; None otherwise (a strided kxk conv would need the output
-    gradient dilated by zeros, or padding beyond the kernel's reach)."""
-    if tuple(kernel_size) == (1, 1) and tuple(padding) == (0, 0):
-        return ()
-    if tuple(stride) != (1, 1):
-        return None
-    pads = tuple(d * (k - 1) - p for k, p, d in zip(kernel_size, padding, dilation))
-    return pads if min(pads) >= 0 else None
+class Phase(NamedTuple):
+    """One stride phase of a conv's input gradient: x's pixels ``start + stride * m`` (m < ``size``) get
+    the stride-1 conv of the output gradient with the flipped weight's ``taps`` (row-major indices into the
+    flipped kernel, ascending) as a ``kernel_size`` kernel of that ``dilation``, padded by ``padding``, its
+    result read from ``crop`` on; ``taps`` None where no tap reaches these pixels (their gradient is 0)."""
+
+    start: tuple[int, int]
+    size: tuple[int, int]
+    taps: tuple[int, ...] | None
+    kernel_size: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    crop: tuple[int, int]
 
 
-def _input_grad(op, grad, x, t, kernel_size, stride, dilation, geometry) -> Tensor:
-    crow_t, col_t, values_t = t
-    if geometry:  # stride 1
-        return op(grad, crow_t, col_t, values_t, x.shape[1], list(kernel_size), None, [1, 1], list(geometry),
-                  list(dilation))  # fmt: skip
-    g = op(grad, crow_t, col_t, values_t, x.shape[1], [1, 1], None, [1, 1], [0, 0], [1, 1])
-    if tuple(stride) == (1, 1):
-        return g
-    fmt = reference._memory_format(g)
-    grad_x = torch.empty(x.shape, dtype=g.dtype, device=g.device, memory_format=fmt).zero_()
-    grad_x[:, :, :: stride[0], :: stride[1]] = g
+def input_grad_phases(kernel_size, stride, padding, dilation, in_size, out_size) -> list[Phase] | None:
+    """The input gradient of a conv (x's spatial size ``in_size``, the output's ``out_size``) as stride-1
+    convs of the output gradient, one per stride phase.
+
+    Along one dimension, x's pixel i = r + s * m (phase r < s) received tap t from output pixel m + e with
+    e = (r + p - t * d) / s wherever that is an integer: the taps of one phase lie s / gcd(s, d) apart,
+    their output pixels d / gcd(s, d) apart, so the phase's gradient is a stride-1 conv of the output
+    gradient with those taps of the flipped weight, padded far enough on both sides and cropped to the
+    phase's pixels. Stride 1 is one phase with every tap (padding d * (k - 1) - p, nothing cropped when that
+    is >= 0); an unpadded strided 1x1 conv is one phase with the tap, the others have none. Together the
+    phases cost the conv's own FLOPs. (None would send the backward to ATen's route: the benchmarks'
+    dense-backward baseline patches this function so.)"""
+    dims = [_phases_1d(*a) for a in zip(kernel_size, stride, padding, dilation, in_size, out_size)]
+    kw = kernel_size[1]
+    phases = []
+    for h, w in itertools.product(*dims):
+        if h.taps is None or w.taps is None:
+            phases.append(Phase((h.start, w.start), (h.size, w.size), None, (0, 0), (0, 0), (1, 1), (0, 0)))
+            continue
+        taps = tuple(i * kw + j for i in h.taps for j in w.taps)
+        phases.append(Phase(
+            (h.start, w.start), (h.size, w.size), taps, (len(h.taps), len(w.taps)), (h.padding, w.padding),
+            (h.dilation, w.dilation), (h.crop, w.crop),
+        ))  # fmt: skip
+    return phases
+
+
+class _Phase1d(NamedTuple):
+    start: int
+    size: int
+    taps: tuple[int, ...] | None
+    padding: int
+    dilation: int
+    crop: int
+
+
+def _phases_1d(k: int, s: int, p: int, d: int, n: int, out: int) -> list[_Phase1d]:
+    phases = []
+    for r in range(min(s, n)):
+        size = (n - r + s - 1) // s
+        # original taps, last first: their flipped indices k - 1 - t ascend, their offsets e ascend
+        taps = [t for t in range(k - 1, -1, -1) if (r + p - t * d) % s == 0]
+        if not taps:
+            phases.append(_Phase1d(r, size, None, 0, 1, 0))
+            continue
+        e = [(r + p - t * d) // s for t in taps]
+        step = e[1] - e[0] if len(e) > 1 else 1
+        # output m' of the padded conv reads from m' - pad: pixel m needs m' = m + e[0] + pad, and the last
+        # pixel's window must end inside the padded gradient
+        pad = max(0, -e[0], e[0] + size + e[-1] - e[0] - out)
+        phases.append(_Phase1d(r, size, tuple(k - 1 - t for t in taps), pad, step, e[0] + pad))
+    return phases
+
+
+def _input_grad(op, grad: Tensor, x: Tensor, values: Tensor, t, out_channels: int, taps: int, stride,
+                phases: list[Phase]) -> Tensor:  # fmt: skip
+    """x's gradient, phase by phase (input_grad_phases), from ``t`` = (crow_t, col_t, perm): the structure of
+    the flipped, transposed weight of ``taps`` taps, whose entries are ``values[perm]`` (see
+    transposed_structure)."""
+    crow_t, col_t, perm_t = t
+    c_in = x.shape[1]
+    # the transposed weight's columns per tap: out_channels entries (csr), out_channels // bh blocks (bsr)
+    units = out_channels // (values.shape[1] if values.dim() == 3 else 1)
+    parts = cached_transpose(
+        crow_t, col_t, (out_channels, taps, tuple(p.taps for p in phases)),
+        lambda: [_phase_structure(crow_t, col_t, perm_t, units, taps, p.taps) for p in phases],
+    )  # fmt: skip
+    p = phases[0] if len(phases) == 1 and parts[0] is not None else None
+    if p is not None and p.crop == (0, 0) and p.size == tuple(x.shape[2:]):
+        crow_p, col_p, perm_p = parts[0]  # stride 1, padding within the kernel's reach
+        return op(grad, crow_p, col_p, _transposed_values(values, perm_p), c_in, list(p.kernel_size), None,
+                  [1, 1], list(p.padding), list(p.dilation))  # fmt: skip
+    fmt = reference._memory_format(grad)
+    grad_x = torch.empty(x.shape, dtype=grad.dtype, device=grad.device, memory_format=fmt)
+    for p, part in zip(phases, parts):
+        pixels = grad_x[:, :, p.start[0] :: stride[0], p.start[1] :: stride[1]]
+        if part is None:
+            pixels.zero_()
+            continue
+        crow_p, col_p, perm_p = part
+        values_p = _transposed_values(values, perm_p)
+        g = op(grad, crow_p, col_p, values_p, c_in, list(p.kernel_size), None, [1, 1], list(p.padding),
+               list(p.dilation))  # fmt: skip
+        pixels.copy_(g[:, :, p.crop[0] : p.crop[0] + p.size[0], p.crop[1] : p.crop[1] + p.size[1]])
     return grad_x
+
+
+def _phase_structure(crow_t: Tensor, col_t: Tensor, perm_t: Tensor, units: int, taps: int, kept):
+    """The entries of the flipped, transposed weight (``units`` columns per tap) whose tap is in ``kept``
+    (ascending), their columns renumbered to kept's taps: (crow, col, perm), the entries being the original
+    ``values[perm]``; None for no taps kept, the structure itself for all of them."""
+    if kept is None:
+        return None
+    if len(kept) == taps:
+        return crow_t, col_t, perm_t
+    new_tap = torch.full((taps,), -1, dtype=torch.long, device=col_t.device)
+    new_tap[list(kept)] = torch.arange(len(kept), device=col_t.device)
+    cols = col_t.long()
+    tap = new_tap[cols // units]
+    pos = (tap >= 0).nonzero().squeeze(1)
+    rows = compressed_rows(crow_t, col_t.numel())[pos]
+    counts = torch.zeros(crow_t.numel(), dtype=torch.int32, device=col_t.device)
+    counts.index_add_(0, rows + 1, torch.ones_like(rows, dtype=torch.int32))
+    col_p = (tap[pos] * units + cols[pos] % units).to(torch.int32)
+    return torch.cumsum(counts, 0, dtype=torch.int32), col_p, perm_t[pos]
+
+
+def _transposed_values(values: Tensor, perm: Tensor) -> Tensor:
+    """The transposed weight's entries: ``values[perm]``, each block transposed for bsr's (nnzb, bh, bw)."""
+    v = values[perm]
+    return v.transpose(1, 2).contiguous() if v.dim() == 3 else v
 
 
 def transposed_structure(
@@ -273,15 +375,14 @@ KXK_INPUT_GRAD_MAX_DENSITY = 0.3
 
 
 def _transpose(crow: Tensor, col: Tensor, values: Tensor, out_channels: int, taps: int, c_in: int):
-    """The flipped, transposed CSR, or None for a kxk weight denser than KXK_INPUT_GRAD_MAX_DENSITY."""
+    """The flipped, transposed structure, or None for a kxk weight denser than KXK_INPUT_GRAD_MAX_DENSITY."""
     if taps > 1 and col.numel() > KXK_INPUT_GRAD_MAX_DENSITY * out_channels * taps * c_in:
         return None
 
     def make():
         return transposed_structure(compressed_rows(crow, col.numel()), col.long(), out_channels, taps, c_in)
 
-    crow_t, col_t, perm = cached_transpose(crow, col, (out_channels, taps, c_in), make)
-    return crow_t, col_t, values[perm]
+    return cached_transpose(crow, col, (out_channels, taps, c_in), make)
 
 
 def _values_grad(x: Tensor, grad: Tensor, crow: Tensor, col: Tensor, values: Tensor, conv) -> Tensor:
@@ -380,7 +481,8 @@ __all__ = [
     "dense_weight",
     "dense_weight_grad",
     "entry_order",
-    "input_grad_geometry",
+    "Phase",
+    "input_grad_phases",
     "sampled_grad_applies",
     "sampled_weight_grad",
     "setup_context",

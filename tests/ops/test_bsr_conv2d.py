@@ -11,7 +11,6 @@ from pyprune.nn.sparse_conv2d import tap_major
 from pyprune.ops import bsr_conv2d
 from pyprune._extension import HAS_CPP
 from pyprune.ops.bsr_conv2d import _bsr_conv2d_im2col, _sample_blocks, bsr_conv2d_checked_ref, dense_weight
-from pyprune.ops.csr_conv2d import input_grad_geometry
 from pyprune.reference import bsr_conv2d_ref
 from pyprune.sparse import BSR
 
@@ -26,7 +25,8 @@ OP = torch.ops.pyprune.bsr_conv2d
 # channels), not dividing it (blocks across taps: 3x5 on 12 channels), past the weight's bottom and right
 # edges
 # (33 rows in 16-row blocks; K = 9 * 33 in 32-wide blocks), taller than 16 rows and not a divisor of 16 (the
-# channels_last output leaves in groups of 16 rows), and one block holding the whole weight.
+# channels_last output leaves in groups of 16 rows), one block holding the whole weight, and a strided 3x3 in
+# blocks that divide both channel counts (its input gradient goes phase by phase through the op).
 CASES = [
     (16, 32, (3, 3), 1, 1, 1, (9, 9), 2, (4, 8)),
     (33, 17, (3, 3), 2, 1, 1, (13, 13), 3, (16, 32)),
@@ -38,6 +38,7 @@ CASES = [
     (24, 20, (1, 1), 1, 1, 1, (7, 9), 2, (4, 4)),
     (40, 48, (3, 3), 1, 1, 1, (7, 7), 4, (48, 64)),
     (5, 6, (7, 7), 1, 3, 1, (4, 5), 1, (6, 245)),
+    (16, 24, (3, 3), 2, 1, 1, (11, 10), 2, (8, 4)),
 ]
 
 
@@ -148,14 +149,13 @@ def test_gradients_match_reference_autograd():
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)).replace(" ", ""))
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_input_grad_through_the_op(case, channels_last, monkeypatch):
-    # the op on the flipped, transposed blocks where that is a conv (csr_conv2d's rule) and every block stays
-    # in one tap and one range of output channels (bh | C_out, bw | C_in: 16->32 in 4x8, 40->48 in 48x64 ...);
-    # otherwise (strided kxk, 1x1 padded by 1, 33 channels in 16x32 blocks, 3x5 blocks on 12 ...) ATen's
+    # the op on the flipped, transposed blocks, phase by phase (csr_conv2d's input_grad_phases), where every
+    # block stays in one tap and one range of output channels (bh | C_out, bw | C_in: 16->32 in 4x8, 16->24
+    # strided in 8x4, 40->48 in 48x64 ...); otherwise (33 channels in 16x32 blocks, 3x5 blocks on 12 ...)
+    # ATen's dense gradient
     args, w = _case(case, 0.5, bias=False)
     cin, cout, bh, bw = case[0], case[1], *case[8]
-    sparse = input_grad_geometry(*args[5:6], *args[7:]) is not None
-    sparse = sparse and cin % bw == 0 and cout % bh == 0
-    input_grad_check(OP, args, w, channels_last, monkeypatch, sparse)
+    input_grad_check(OP, args, w, channels_last, monkeypatch, cin % bw == 0 and cout % bh == 0)
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=["4x8", "across-taps"])

@@ -16,7 +16,7 @@ from pyprune.ops import csr_conv2d
 from pyprune.ops.csr_conv2d import (
     csr_conv2d_checked_ref,
     dense_weight,
-    input_grad_geometry,
+    input_grad_phases,
     transposed_structure,
 )
 from pyprune.reference import csr_conv2d_ref
@@ -189,15 +189,56 @@ def input_grad_check(op, args, w, channels_last, monkeypatch, sparse_path):
 @pytest.mark.parametrize("sparsity", [0.8, 0.5])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_input_grad_through_the_op(case, sparsity, channels_last, monkeypatch):
-    # stride 1 (padding within the kernel's reach) and unpadded 1x1 convs of any stride run the op on the
-    # flipped, transposed weight, kxk ones up to 30% density; the strided kxk ones (33->17, 12->10, 9->4) and
-    # denser kxk ones take ATen's dense gradient
+    # the op on the flipped, transposed weight, phase by phase (input_grad_phases), for 1x1 weights and kxk
+    # ones up to 30% density; denser kxk ones take ATen's dense gradient
     args, w = _case(case, sparsity, bias=False)
-    geometry = input_grad_geometry(*args[5:6], *args[7:])
-    assert (geometry is not None) == (case[2] == (1, 1) or case[3] == 1)
-    pointwise = case[2] == (1, 1)
-    sparse = geometry is not None and (pointwise or args[2].numel() <= 0.3 * w.numel())
+    sparse = case[2] == (1, 1) or args[2].numel() <= 0.3 * w.numel()
     input_grad_check(OP, args, w, channels_last, monkeypatch, sparse)
+
+
+def test_input_grad_phases_of_a_strided_3x3():
+    # 3x3, stride 2, padding 1: even pixels take the centre tap from output pixel m, odd ones the flipped
+    # taps 0 and 2 (original 2 and 0) from output pixels m and m + 1: a 2-tap conv, padded by 1 and read
+    # from its second output where the last odd pixel's m + 1 falls past the output (8 wide: 4 odd columns,
+    # 4 output columns; 9 high: 4 odd rows, 5 output rows); 2x2 phases in all
+    phases = input_grad_phases((3, 3), (2, 2), (1, 1), (1, 1), (9, 8), (5, 4))
+    assert [p.start for p in phases] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [p.size for p in phases] == [(5, 4), (5, 4), (4, 4), (4, 4)]
+    assert [p.taps for p in phases] == [(4,), (3, 5), (1, 7), (0, 2, 6, 8)]
+    assert [p.kernel_size for p in phases] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert [p.padding for p in phases] == [(0, 0), (0, 1), (0, 0), (0, 1)]
+    assert [p.crop for p in phases] == [(0, 0), (0, 1), (0, 0), (0, 1)]
+    # stride 1: one phase, every tap; a 1x1 conv of stride 2 (x 5 wide): its pixel phase and three empty ones
+    (p,) = input_grad_phases((3, 5), (1, 1), (1, 2), (2, 1), (6, 6), (4, 6))
+    assert p.taps == tuple(range(15)) and p.padding == (3, 2) and p.crop == (0, 0) and p.size == (6, 6)
+    phases = input_grad_phases((1, 1), (2, 2), (0, 0), (1, 1), (5, 5), (3, 3))
+    assert [p.taps for p in phases] == [(0,), None, None, None]
+    # a 1-high map whose one row no tap reaches (padding 1, dilation 2, stride 2: every tap lands on odd rows)
+    (p,) = input_grad_phases((2, 1), (2, 1), (1, 0), (2, 1), (1, 3), (1, 3))
+    assert p.taps is None and p.size == (1, 3)
+
+
+def test_input_grad_over_random_geometries(monkeypatch):
+    # kernels 1-5, strides 1-4, paddings past the kernel's reach, dilations sharing factors with the stride
+    # (phases with no tap), maps smaller than the stride; NCHW and channels_last
+    gen = torch.Generator().manual_seed(3)
+
+    def draw(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+    done = 0
+    while done < 40:
+        k, s = (draw(1, 5), draw(1, 4)), (draw(1, 3), draw(1, 4))
+        p, d, hw = (draw(0, 4), draw(0, 3)), (draw(1, 3), draw(1, 2)), (draw(1, 12), draw(1, 12))
+        if done == 0:  # x's gradient all zeros: no tap reaches its one row
+            k, s, p, d, hw = (2, 1), (2, 1), (1, 0), (2, 1), (1, 3)
+        if any(n + 2 * pi - di * (ki - 1) < 1 for n, pi, di, ki in zip(hw, p, d, k)):
+            continue
+        args, w = _case((draw(1, 6), draw(1, 6), k, s, p, d, hw, 2), 0.85, bias=False, seed=done)
+        sparse = k == (1, 1) or args[2].numel() <= 0.3 * w.numel()
+        input_grad_check(OP, args, w, done % 2 == 1, monkeypatch, sparse)
+        monkeypatch.undo()
+        done += 1
 
 
 def values_grad_check(op, args, w, monkeypatch, sampled, sample):
