@@ -139,7 +139,7 @@ def _values_grad(x: Tensor, grad: Tensor, crow: Tensor, col: Tensor, values: Ten
     taps, c_in = math.prod(kernel_size), x.shape[1]
     k = taps * c_in
     nnzb, bh, bw = values.shape
-    if not sampled_grad_applies(x, grad, nnzb * bh * bw, out_channels, k):
+    if not sampled_grad_applies(x, grad, nnzb * bh * bw, out_channels, k, bh * bw):
         return _sample_blocks(dense_weight_grad(x, grad, conv), crow, col, values)
 
     def make():

@@ -174,6 +174,33 @@ def test_groups_csr_gradients(fmt):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("layout", ["csr", "bsr"])
+def test_pruned_to_exactly_ninety_percent_takes_the_sparse_backward(layout, monkeypatch):
+    # 8->32 1x1 pruned to 90%: csr keeps 26 of 256 entries, bsr 2 of 16 4x4 blocks (32 entries), both just
+    # past 0.1 * 256 = 25.6, yet ceil(10%) of the entries (blocks) is what a 90%-sparse weight holds: the
+    # values' gradient is the sampled one (on the CPU with the C++ kernel), not ATen's dense weight gradient;
+    # a 3x3 pruned to 70% (130 of 432 entries, 0.3 * 432 = 129.6) has its input gradient through the op
+    from pyprune._extension import HAS_CPP
+
+    dense_calls = []
+    for name in ("conv2d_weight", "conv2d_input"):
+        fn = getattr(torch.nn.grad, name)
+        monkeypatch.setattr(
+            torch.nn.grad, name, lambda *a, f=fn, n=name, **k: dense_calls.append(n) or f(*a, **k)
+        )
+    torch.manual_seed(0)
+    sc = SparseConv2d.from_dense(torch.nn.Conv2d(8, 32, 1), sparsity=0.9, layout=layout, block=(4, 4))
+    assert sc.weight.values.numel() == (26 if layout == "csr" else 32)
+    sc(torch.randn(2, 8, 5, 5)).sum().backward()
+    assert ("conv2d_weight" in dense_calls) != HAS_CPP
+    dense_calls.clear()
+    sc = SparseConv2d.from_dense(torch.nn.Conv2d(8, 6, 3), sparsity=0.7, layout="csr")
+    assert sc.weight.values.numel() == 130
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    sc(x).sum().backward()
+    assert "conv2d_input" not in dense_calls
+
+
 def test_empty_batch_and_unbatched_input():
     sc = SparseConv2d.from_dense(torch.nn.Conv2d(8, 4, 3, stride=2, padding=1), sparsity=0.5)
     assert sc(torch.randn(0, 8, 9, 9)).shape == (0, 4, 5, 5)
