@@ -350,7 +350,7 @@ def sampled_grad_applies(
 
 def within_density(entries: int, total: int, density: float, granule: int = 1) -> bool:
     """``entries`` of ``total`` are at most ``density`` of it, counted in whole units of ``granule`` entries:
-    a weight pruned to 90% sparsity keeps ceil(10%) of its entries or blocks (235930 of 2359296 for
+    a weight pruned to 90% sparsity may keep ceil(10%) of its entries or blocks (235930 of 2359296 for
     ResNet-50's 512->512 3x3), which a plain ``entries <= 0.1 * total`` turned away."""
     return entries <= granule * math.ceil(density * total / granule)
 
