@@ -313,9 +313,11 @@ def test_gpu_router_matches_float64(dtype, channels_last):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_backward_matches_float64():
-    # 4x8 blocks within taps: the input gradient through the op on the transposed blocks (its CUDA router)
-    args, w = _case(CASES[0], 0.8, bias=False)
+@pytest.mark.parametrize("case", [CASES[0], CASES[-1]], ids=["3x3", "3x3-s2"])
+def test_gpu_backward_matches_float64(case):
+    # blocks within taps: the input gradient through the op on the transposed blocks (its CUDA router; stride
+    # 2: one call per stride phase)
+    args, w = _case(case, 0.8, bias=False)
     gv, gw = gpu_backward_check(OP, args, w)
     want = _sample_blocks(gw, *args[1:4])
     torch.testing.assert_close(gv, want, rtol=0, atol=1e-2 * float(want.abs().max()))

@@ -477,10 +477,10 @@ def gpu_backward_check(op, args, w):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("case", [CASES[4], CASES[3]], ids=["3x3", "1x1-s2"])
+@pytest.mark.parametrize("case", [CASES[4], CASES[3], CASES[5]], ids=["3x3", "1x1-s2", "3x3-s2"])
 def test_gpu_backward_matches_float64(case):
-    # the input gradient through the op itself on the flipped, transposed weight (its CUDA router), the
-    # values' gradient from ATen's dense one
+    # the input gradient through the op itself on the flipped, transposed weight (its CUDA router; stride 2:
+    # one call per stride phase), the values' gradient from ATen's dense one
     args, w = _case(case, 0.9, bias=False)
     gv, gw = gpu_backward_check(OP, args, w)
     want = gw[compressed_rows(args[1], args[2].numel()), args[2].long()]
