@@ -6,8 +6,11 @@ medians over rounds, and "x dense" is the median of the same-round ratios. The s
 y.backward(g) with x requiring grad (every conv of a network but the first needs its input's gradient), the
 gradients zeroed between steps (not timed). With --dense-backward, "csr / bsr, dense bw" run the same modules
 with the backward of before: the input gradient through ATen's conv2d_input on the densified weight and the
-values' gradient read from ATen's dense weight gradient, so both backwards are timed in one run.
-    python benchmarks/sparse_conv2d_train_table.py [--rounds 5] [--dense-backward] [--out DIR]
+values' gradient read from ATen's dense weight gradient, so both backwards are timed in one run. With
+--device cuda the modules and tensors live on the GPU and every step ends in a synchronize (the device suite
+runs it so: cuDNN's conv against the routers' Triton kernels, and, with --dense-backward, the same steps with
+cuDNN's backward).
+    python benchmarks/sparse_conv2d_train_table.py [--rounds 5] [--dense-backward] [--device cuda] [--out DIR]
 """
 
 from __future__ import annotations
@@ -62,15 +65,28 @@ def dense_backward_step(step):
     return run
 
 
-def run_case(c_in, c_out, k, hw, stride, sparsity, batch, rounds, batch_s, with_dense_bw, rng):
+def synchronized(step, device: torch.device):
+    """step, then a wait for the GPU's queue on CUDA (so that wall-clock timing counts the kernels)."""
+    if device.type != "cuda":
+        return step
+
+    def run():
+        step()
+        torch.cuda.synchronize(device)
+
+    return run
+
+
+def run_case(c_in, c_out, k, hw, stride, sparsity, batch, rounds, batch_s, with_dense_bw, rng, device):
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2)
     layers = {"dense": conv}
     for layout in ("csr", "bsr"):
         layers[layout] = SparseConv2d.from_dense(conv, sparsity=sparsity, layout=layout)
-    x = torch.randn(batch, c_in, hw, hw, requires_grad=True)
-    g = torch.randn_like(conv(x))
-    fns = {name: step_fn(layer, x, g) for name, layer in layers.items()}
+    layers = {name: layer.to(device) for name, layer in layers.items()}
+    x = torch.randn(batch, c_in, hw, hw, device=device, requires_grad=True)
+    g = torch.randn_like(layers["dense"](x))
+    fns = {name: synchronized(step_fn(layer, x, g), device) for name, layer in layers.items()}
     if with_dense_bw:
         for layout in ("csr", "bsr"):
             fns[f"{layout}, dense bw"] = dense_backward_step(fns[layout])
@@ -95,10 +111,10 @@ def markdown(rows, env) -> str:
     names = list(rows[0]["vs_dense"]) if rows else []
     lines = [
         (
-            f"# One training step (forward + backward): SparseConv2d vs nn.Conv2d (CPU)\n\n{env['cpu']}, "
-            f"{env['threads']} threads, torch {env['torch']}, commit {env['git_commit']}, fp32, NCHW, bsr "
-            "blocks 32x32. Medians over interleaved rounds; x dense = median of same-round ratios (> 1: "
-            "faster).\n"
+            f"# One training step (forward + backward): SparseConv2d vs nn.Conv2d ({env['device']})\n\n"
+            f"{env['cpu']}, {env['threads']} threads, torch {env['torch']}, commit {env['git_commit']}, "
+            "fp32, NCHW, bsr blocks 32x32. Medians over interleaved rounds; x dense = median of same-round "
+            "ratios (> 1: faster).\n"
         ),
         "| conv | batch | sparsity | dense ms | " + " | ".join(f"{n} ms | {n} x dense" for n in names) + " |",
         "|---|---:|---:|---:|" + "---:|---:|" * len(names),
@@ -121,6 +137,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8, help="images per step")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's current)")
     ap.add_argument("--shapes", type=int, nargs="*", default=None, help="indices into SHAPES (default: all)")
+    ap.add_argument("--sparsities", type=float, nargs="*", default=SPARSITIES)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dense-backward", action="store_true", help="also time the backward through ATen")
     ap.add_argument("--quick", action="store_true", help="three small shapes at batch 1, 90%%, 2 rounds")
     ap.add_argument("--out", default=None, help="directory for sparse_conv2d_train.md / .json")
@@ -129,17 +147,21 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = SHAPES if args.shapes is None else [SHAPES[i] for i in args.shapes]
-    sparsities = SPARSITIES
+    sparsities = args.sparsities
     if args.quick:
         shapes, sparsities = [(16, 16, 3, 8, 1), (32, 64, 1, 8, 2), (16, 16, 3, 9, 2)], [0.9]
         args.rounds, args.batch = 2, 1
     rng = random.Random(0)
+    device = torch.device(args.device)
     env = environment()
+    env["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     rows = []
     for shape in shapes:
         for sp in sparsities:
             rows.append(
-                run_case(*shape, sp, args.batch, args.rounds, args.batch_ms / 1e3, args.dense_backward, rng)
+                run_case(
+                    *shape, sp, args.batch, args.rounds, args.batch_ms / 1e3, args.dense_backward, rng, device
+                )
             )
             print(markdown(rows[-1:], env).splitlines()[-1], flush=True)
     md = markdown(rows, env)

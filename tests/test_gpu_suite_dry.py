@@ -35,8 +35,11 @@ def test_suite_dry_run_writes_results(tmp_path):
     assert csr["dry"] is True and len(csr["csr"]) > 0 and len(csr["semi_structured"]) > 0
     assert all(not any(k.endswith("_ms") for k in c) for c in csr["csr"] + csr["semi_structured"])
     assert "DRY" in (out / "csr_sparse24.md").read_text()
+    # the training-step table runs its --quick CPU form: real timings of three tiny convs
+    train = json.loads((out / "sparse_conv2d_train_gpu.json").read_text())
+    assert len(train["rows"]) == 3 and all(r["median_s"]["dense"] > 0 for r in train["rows"])
     steps = (out / "steps.tsv").read_text()
-    for name in ("bench", "bench_conv", "bench_bsrconv", "bench_csr"):
+    for name in ("bench", "bench_conv", "bench_bsrconv", "bench_csr", "bench_convtrain"):
         assert f"{name}\t0" in steps, steps
     assert "DRY" in proc.stdout
 
@@ -47,7 +50,7 @@ def test_suite_deadline_cuts_the_steps_it_reaches(tmp_path):
     out = tmp_path / "suite"
     proc = _run_dry(out, timeout=120, SUITE_TOTAL_S="3")
     rows = dict(line.split("\t")[:2] for line in (out / "steps.tsv").read_text().splitlines())
-    for name in ("env", "bench", "bench_conv", "bench_bsrconv", "bench_csr"):
+    for name in ("env", "bench", "bench_conv", "bench_bsrconv", "bench_csr", "bench_convtrain"):
         assert rows[name] == "skipped", rows
     assert "no time left before the 3s deadline" in proc.stdout
 

@@ -2,7 +2,8 @@
 # The device suite: build the extension from source, run the GPU tests, time BSR linear against cuBLAS and
 # torch.sparse (results.md + results.json), pruned conv2d against cuDNN (pruned_conv2d.md + .json), BSR conv2d
 # (Triton implicit GEMM) against its im2col route and dense cuDNN (bsr_conv2d.md + .json), and CSR decode
-# against cuBLAS / cuSPARSE plus 2:4 at 8192^3 against cuBLAS (csr_sparse24.md + .json) in OUTDIR.
+# against cuBLAS / cuSPARSE plus 2:4 at 8192^3 against cuBLAS (csr_sparse24.md + .json) in OUTDIR, and last,
+# in whatever time is left, one SparseConv2d training step against cuDNN's (sparse_conv2d_train_gpu.md + .json).
 # Every step is guarded (one failing step does not stop the next) and logged to OUTDIR/<step>.log;
 # OUTDIR/steps.tsv says how each ended; the tables print last.
 #
@@ -10,7 +11,7 @@
 #   bash benchmarks/gpu/suite.sh OUTDIR --dry    # on a CPU machine: wiring check, stub table marked DRY
 #
 # Env: PYTHON (default python3), SUITE_BUILD_S / SUITE_TEST_S / SUITE_BENCH_S / SUITE_CONV_S / SUITE_BSRCONV_S /
-# SUITE_CSR_S (step time limits, seconds), SUITE_TOTAL_S (the whole run's deadline, default 500 s: no step runs
+# SUITE_CSR_S / SUITE_CONVTRAIN_S (step time limits, seconds), SUITE_TOTAL_S (the whole run's deadline, default 500 s: no step runs
 # past it, so a step that hangs costs the later ones their time, not the device session more than 8.5 minutes;
 # the step limits alone add up to 980 s). Budget on an H100: build ~45 s, tests ~90 s (the BSR conv tests, new
 # since that measurement, add about 30 compiles), BSR bench 125 s of cases (the three skewed-structure schedule
@@ -64,6 +65,7 @@ if [ $DRY -eq 1 ]; then
   step bench_conv 120 "$PY" benchmarks/gpu/bench_pruned_conv2d_gpu.py --out "$OUT" --dry
   step bench_bsrconv 120 "$PY" benchmarks/gpu/bench_bsr_conv2d_gpu.py --out "$OUT" --dry
   step bench_csr 120 "$PY" benchmarks/gpu/bench_csr_sparse24_gpu.py --out "$OUT" --dry
+  step bench_convtrain 120 "$PY" benchmarks/sparse_conv2d_train_table.py --quick --out "$OUT" --name sparse_conv2d_train_gpu
 else
   step build "${SUITE_BUILD_S:-180}" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PYPRUNE_CUDA=1 "$PY" setup.py build_ext --inplace
   step info 30 "$PY" -c "import pyprune; pyprune.info()"
@@ -81,6 +83,12 @@ else
   step bench_conv "${SUITE_CONV_S:-150}" "$PY" benchmarks/gpu/bench_pruned_conv2d_gpu.py --out "$OUT" --budget-s 90
   step bench_bsrconv "${SUITE_BSRCONV_S:-60}" "$PY" benchmarks/gpu/bench_bsr_conv2d_gpu.py --out "$OUT" --budget-s 40
   step bench_csr "${SUITE_CSR_S:-90}" "$PY" benchmarks/gpu/bench_csr_sparse24_gpu.py --out "$OUT" --budget-s 40
+  # a training step of SparseConv2d csr / bsr at 90% (ResNet-50's 64->64 3x3 @56, 512->512 3x3 @7 and strided
+  # 3x3s, whose input gradient runs one Triton conv per stride phase) against nn.Conv2d's, and against the same
+  # modules with cuDNN's backward (--dense-backward); last, as it gets only the time the others leave
+  step bench_convtrain "${SUITE_CONVTRAIN_S:-60}" env PYPRUNE_TRITON_AUTOTUNE=0 "$PY" \
+    benchmarks/sparse_conv2d_train_table.py --device cuda --shapes 0 4 8 9 10 --sparsities 0.9 --rounds 3 \
+    --batch-ms 20 --dense-backward --out "$OUT" --name sparse_conv2d_train_gpu
 fi
 
 echo
@@ -94,3 +102,6 @@ echo
 if [ -f "$OUT/bsr_conv2d.md" ]; then cat "$OUT/bsr_conv2d.md"; else echo "no bsr_conv2d.md: see $OUT/bench_bsrconv.log"; fi
 echo
 if [ -f "$OUT/csr_sparse24.md" ]; then cat "$OUT/csr_sparse24.md"; else echo "no csr_sparse24.md: see $OUT/bench_csr.log"; fi
+echo
+if [ -f "$OUT/sparse_conv2d_train_gpu.md" ]; then cat "$OUT/sparse_conv2d_train_gpu.md"
+else echo "no sparse_conv2d_train_gpu.md: see $OUT/bench_convtrain.log"; fi
