@@ -8,7 +8,9 @@ ratios:
   torch.nn.utils.prune trains;
 - csr / bsr: every Conv2d and Linear replaced by ``SparseConv2d`` / ``SparseLinear.from_dense(...,
   sparsity=..., layout=...)`` (bsr in 32x32 tiles), whose backward computes the input gradient through the
-  sparse kernels and the stored values' gradient alone (see pyprune/ops/csr_conv2d.py).
+  sparse kernels and the stored values' gradient alone (see pyprune/ops/csr_conv2d.py);
+- auto: the masked model through ``pyprune.convert(..., layout="auto", train=True)``, each layer in the form
+  whose forward + backward was fastest on its input (for these unstructured masks: dense or csr).
 
 BatchNorm and everything else stays as it is; the model trains (train mode), so BN uses batch statistics.
     python benchmarks/model_train_table.py [--model resnet50] [--batch 8] [--sparsity 0.9] [--rounds 5]
@@ -61,20 +63,23 @@ def step_fn(model: nn.Module, inputs: tuple):
     return step
 
 
-def variants(model: nn.Module, sparsity: float) -> dict:
-    """The model as built, masked, and as csr and bsr (see the module docstring), all in train mode."""
+def variants(model: nn.Module, sparsity: float, inputs: tuple) -> dict:
+    """The model as built, masked, as csr and bsr, and converted per layer for training (see the module
+    docstring), all in train mode."""
+    masked = pyprune.sparsify(model, sparsity=sparsity)
     return {
         "dense": model.train(),
-        "masked": pyprune.sparsify(model, sparsity=sparsity).train(),
+        "masked": masked.train(),
         "csr": sparse_copy(model, sparsity, "csr").train(),
         "bsr": sparse_copy(model, sparsity, "bsr").train(),
+        "auto": pyprune.convert(masked, layout="auto", example_inputs=inputs, train=True).train(),
     }
 
 
 def run(name, batch, image, sparsity, rounds, batch_s, rng) -> dict:
     torch.manual_seed(0)
     model, inputs = model_and_inputs(name, batch=batch, image=image)
-    fns = {v: step_fn(m, inputs) for v, m in variants(model, sparsity).items()}
+    fns = {v: step_fn(m, inputs) for v, m in variants(model, sparsity, inputs).items()}
     samples = {v: [] for v in fns}
     for _ in range(rounds):
         order = list(fns)
@@ -96,7 +101,8 @@ def markdown(rows, env) -> str:
         "# One training step of a whole model: dense vs pruned (CPU)\n",
         f"{env['cpu']}, {env['threads']} threads, torch {env['torch']}, commit {env['git_commit']}, fp32, NCHW. "
         "Step = forward, mean-square loss, backward, SGD. masked: dense weights times masks "
-        "(torch.nn.utils.prune's way); csr / bsr: SparseConv2d / SparseLinear (bsr 32x32). Medians over "
+        "(torch.nn.utils.prune's way); csr / bsr: SparseConv2d / SparseLinear (bsr 32x32); auto: the masks "
+        "converted per layer to the form fastest over forward + backward. Medians over "
         "interleaved rounds; x dense = median of same-round ratios (> 1: faster); spread = (max - min) / "
         "median.\n",
         "| model | batch | sparsity | variant | median ms | x dense | spread |",

@@ -2,9 +2,13 @@
 
 Each masked layer is timed in isolation on the input it receives from ``example_inputs``, as dense (mask
 baked in) and as every sparse layout that can hold its pattern exactly (csr always; bsr; 2:4 only when every
-group of 4 inputs keeps at most 2), interleaved as in ``pyprune.compare``; the fastest wins. Decisions are
-cached in memory per device, thread count, dtype, layer shape, input shape and pattern (density, BSR block
-fill, 2:4-ness), so the repeated shapes of a transformer are measured once.
+group of 4 inputs keeps at most 2), interleaved as in ``pyprune.compare``; the fastest wins. With
+``train=True`` what is timed is a training step's share of the layer: its forward and its backward to its
+input and to its trainable parameters, for a model to be fine-tuned (the sparse backward's speed differs from
+the forward's: csr kxk convs take ATen's input gradient above 30% density, the stored values' gradient is
+sparse only up to 10%). Decisions are cached in memory per device, thread count, dtype, layer shape, input
+shape, pattern (density, BSR block fill, 2:4-ness) and train, so the repeated shapes of a transformer are
+measured once.
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ def _w2(layer: nn.Module) -> torch.Tensor:
     return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1) if w.dim() == 4 else w
 
 
-def _key(layer: nn.Module, x: torch.Tensor, candidates, block) -> tuple:
+def _key(layer: nn.Module, x: torch.Tensor, candidates, block, train: bool) -> tuple:
     w = layer.weight.detach()
     w2 = _w2(layer)
     density = float(w2.ne(0).float().mean())
@@ -81,10 +85,11 @@ def _key(layer: nn.Module, x: torch.Tensor, candidates, block) -> tuple:
         str(w.device), torch.get_num_threads(), str(w.dtype), type(layer).__name__, tuple(w.shape),
         tuple(x.shape), x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last), geometry,
         round(density, 2), round(_block_fill(w2, block), 2), _is_24(w2), tuple(block), tuple(candidates),
+        train, train and tuple(p.requires_grad for p in layer.parameters()),
     )  # fmt: skip
 
 
-def _measure(layer: nn.Module, x: torch.Tensor, candidates, block, rounds: int, budget_s: float):
+def _measure(layer: nn.Module, x: torch.Tensor, candidates, block, rounds: int, budget_s: float, train: bool):
     mods = {}
     for c in candidates:
         if c == "2:4" and not _is_24(_w2(layer)):
@@ -95,11 +100,30 @@ def _measure(layer: nn.Module, x: torch.Tensor, candidates, block, rounds: int, 
                 mods[c](x)
         except (NotImplementedError, RuntimeError, ValueError, TypeError):
             mods.pop(c, None)
-    samples = time_interleaved(
-        {c: (lambda m=m: m(x)) for c, m in mods.items()}, rounds, torch.get_num_threads(), budget_s
-    )
+    fns = {c: (lambda m=m: m(x)) for c, m in mods.items()}
+    if train and mods:
+        fns = _training_steps(mods, x)
+    samples = time_interleaved(fns, rounds, torch.get_num_threads(), budget_s)
     times = {c: statistics.median(ts) for c, ts in samples.items()}
     return min(times, key=times.get), times
+
+
+def _training_steps(mods: dict[str, nn.Module], x: torch.Tensor) -> dict:
+    """Per candidate: forward, then backward of a fixed output gradient to x (as every layer of a network but
+    the first needs it) and to the trainable parameters, gradients cleared before each step."""
+    x = x.detach().requires_grad_(x.is_floating_point())
+    with torch.no_grad():
+        g = torch.randn_like(next(iter(mods.values()))(x))
+
+    def step(m: nn.Module) -> None:
+        with torch.enable_grad():
+            m.zero_grad(set_to_none=True)
+            x.grad = None
+            y = m(x)
+            if y.requires_grad:
+                y.backward(g)
+
+    return {c: (lambda m=m: step(m)) for c, m in mods.items()}
 
 
 def _fixed(model: nn.Module, name: str, m: nn.Module) -> str | None:
@@ -114,8 +138,10 @@ def plan(
     block: tuple[int, int] = (32, 32),
     rounds: int = 5,
     budget_s: float = 0.3,
+    train: bool = False,
 ) -> dict[str, tuple[str, dict[str, float]]]:
-    """{masked layer name: (fastest layout, {layout: median seconds})}, measured on this device (cached)."""
+    """{masked layer name: (fastest layout, {layout: median seconds})}, measured on this device (cached);
+    ``train``: seconds of a forward and backward (see the module docstring)."""
     bad = [c for c in candidates if c not in CANDIDATES]
     if bad or not candidates:
         raise ValueError(f"candidates: unknown {bad}; valid candidates are {list(CANDIDATES)}")
@@ -144,9 +170,9 @@ def plan(
     for name, layer in layers.items():
         if name not in inputs:
             continue  # not reached by example_inputs: left as is
-        key = _key(layer, inputs[name], candidates, block)
+        key = _key(layer, inputs[name], candidates, block, train)
         if key not in _CACHE:
-            _CACHE[key] = _measure(layer, inputs[name], candidates, block, rounds, budget_s)
+            _CACHE[key] = _measure(layer, inputs[name], candidates, block, rounds, budget_s, train)
         out[name] = _CACHE[key]
     return out
 
@@ -158,15 +184,19 @@ def convert_auto(
     inplace: bool = False,
     return_report: bool = False,
     candidates=CANDIDATES,
+    train: bool = False,
 ):
     """Replace every masked Linear / Conv2d by its fastest form here (see the module docstring): a plain
-    layer with the mask baked in, or ``SparseLinear`` / ``SparseConv2d`` in csr, bsr or 2:4."""
+    layer with the mask baked in, or ``SparseLinear`` / ``SparseConv2d`` in csr, bsr or 2:4; ``train``: the
+    fastest over a forward and backward."""
+    if not isinstance(train, bool):
+        raise TypeError(f"train must be a bool, got {type(train).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     target = model if inplace else copy_of(model)
     was_training = target.training
     target.eval()
-    decisions = plan(target, example_inputs, candidates, block)
+    decisions = plan(target, example_inputs, candidates, block, train=train)
     report = ConvertReport()
     for name, m in target.named_modules():
         why = _fixed(target, name, m) if get_mask(m) is not None else None

@@ -80,6 +80,7 @@ def convert(
     inplace: bool = False,
     return_report: bool = False,
     example_inputs=None,
+    train: bool = False,
 ) -> nn.Module | tuple[nn.Module, ConvertReport]:
     """Replace every masked ``nn.Linear`` by ``pyprune.nn.SparseLinear.from_dense(..., sparsity=None)`` and every
     masked ``nn.Conv2d`` by ``pyprune.nn.SparseConv2d.from_dense(..., sparsity=None)``, which store exactly the
@@ -98,14 +99,22 @@ def convert(
     the mask inside a stored block (or filling a 2:4 group) are stored values, and fine-tuning updates them.
 
     ``layout="auto"`` (needs ``example_inputs``) times each masked layer as dense and in every layout that holds
-    its pattern, on the input it receives, on this device, and keeps the fastest (``report.layouts``).
+    its pattern, on the input it receives, on this device, and keeps the fastest (``report.layouts``); with
+    ``train=True`` the fastest over a forward and backward (to the layer's input and trainable parameters),
+    for a model about to be fine-tuned. ``train`` applies to "auto" only.
     """
     if layout == "auto":
         # layout="auto": time each masked layer dense / csr / bsr / 2:4 on its input from example_inputs on
         # this device and keep the fastest (pyprune.compare.auto; decisions cached per device and shape)
         from ..compare.auto import convert_auto
 
-        return convert_auto(model, example_inputs, block=block, inplace=inplace, return_report=return_report)
+        return convert_auto(
+            model, example_inputs, block=block, inplace=inplace, return_report=return_report, train=train
+        )
+    if train:
+        raise ValueError(
+            f"train=True applies to layout='auto' (layers timed over a training step), not {layout!r}"
+        )
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS + ('auto',)}, got {layout!r}")
     if not isinstance(model, nn.Module):

@@ -79,3 +79,37 @@ def test_auto_bad_input():
         auto.plan(_masked_mlp(), torch.randn(2, 64), candidates=("coo",))
     with pytest.raises(ValueError, match="auto"):
         pyprune.convert(_masked_mlp(), layout="ell")
+
+
+def test_train_times_forward_and_backward_and_is_cached_apart(monkeypatch):
+    # train=True: each candidate runs a forward and a backward to x and to its parameters; its decisions are
+    # cached apart from the forward-only ones (the same layers are measured again, once)
+    auto.clear_cache()
+    calls, stepped = [], {}
+    real_measure, real_steps = auto._measure, auto._training_steps
+    monkeypatch.setattr(auto, "_measure", lambda *a, **k: calls.append(a[-1]) or real_measure(*a, **k))
+    monkeypatch.setattr(auto, "_training_steps", lambda mods, x: stepped.update(mods) or real_steps(mods, x))
+    model = _masked_mlp()
+    x = torch.randn(4, 64)
+    pyprune.convert(model, layout="auto", example_inputs=x)
+    assert calls == [False, False] and not stepped
+    out, rep = pyprune.convert(model, layout="auto", example_inputs=x, return_report=True, train=True)
+    assert calls == [False, False, True, True]
+    assert set(stepped) >= {"dense", "csr", "bsr"}
+    for m in stepped.values():  # the timed steps left their gradients on every parameter
+        assert all(p.grad is not None for p in m.parameters())
+    pyprune.convert(model, layout="auto", example_inputs=x, train=True)
+    assert len(calls) == 4  # cached
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), model(x), rtol=1e-5, atol=1e-5)
+    # the converted model trains: its sparse layers get gradients
+    out.train()
+    out(x).square().sum().backward()
+    assert all(p.grad is not None for p in out.parameters() if p.requires_grad)
+
+
+def test_train_bad_input():
+    with pytest.raises(ValueError, match="train=True applies to layout='auto'"):
+        pyprune.convert(_masked_mlp(), layout="csr", train=True)
+    with pytest.raises(TypeError, match="train must be a bool"):
+        pyprune.convert(_masked_mlp(), layout="auto", example_inputs=torch.randn(2, 64), train="yes")
