@@ -24,7 +24,7 @@ import random
 import statistics
 
 import torch
-from sparse_linear_providers import environment, time_batch, write_table
+from sparse_linear_providers import environment, interleaved_samples, write_table
 from torch import nn
 
 import pyprune
@@ -80,12 +80,7 @@ def run(name, batch, image, sparsity, rounds, batch_s, rng) -> dict:
     torch.manual_seed(0)
     model, inputs = model_and_inputs(name, batch=batch, image=image)
     fns = {v: step_fn(m, inputs) for v, m in variants(model, sparsity, inputs).items()}
-    samples = {v: [] for v in fns}
-    for _ in range(rounds):
-        order = list(fns)
-        rng.shuffle(order)
-        for v in order:
-            samples[v].append(time_batch(fns[v], batch_s))
+    samples = interleaved_samples(fns, rounds, batch_s, rng)
     return {
         "model": name, "batch": batch, "image": image, "sparsity": sparsity, "rounds": rounds,
         "median_s": {v: statistics.median(s) for v, s in samples.items()},

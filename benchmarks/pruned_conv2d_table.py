@@ -22,7 +22,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from sparse_linear_providers import environment, time_batch, write_table
+from sparse_linear_providers import environment, interleaved_samples, write_table
 
 from pyprune.ops import pruned_conv2d
 
@@ -73,13 +73,8 @@ def providers(cin, cout, k, side, batch, keep, channels_last, gen):
 def run_case(shape, batch, keep, channels_last, rounds, batch_s, rng, gen):
     cin, cout, k, side = shape
     fns = providers(cin, cout, k, side, batch, keep, channels_last, gen)
-    samples = {name: [] for name in fns}
     with torch.no_grad():
-        for _ in range(rounds):
-            names = list(fns)
-            rng.shuffle(names)
-            for name in names:
-                samples[name].append(time_batch(fns[name], batch_s, CLOCK))
+        samples = interleaved_samples(fns, rounds, batch_s, rng, CLOCK)
     dense = samples["dense"]
     ideal = 1.0 / (keep * keep)
     row = {

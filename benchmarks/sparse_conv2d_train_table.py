@@ -22,7 +22,7 @@ import random
 import statistics
 
 import torch
-from sparse_linear_providers import environment, time_batch, write_table
+from sparse_linear_providers import environment, interleaved_samples, write_table
 from sparse_linear_train_table import step_fn
 
 from pyprune.nn import SparseConv2d
@@ -90,12 +90,7 @@ def run_case(c_in, c_out, k, hw, stride, sparsity, batch, rounds, batch_s, with_
     if with_dense_bw:
         for layout in ("csr", "bsr"):
             fns[f"{layout}, dense bw"] = dense_backward_step(fns[layout])
-    samples = {name: [] for name in fns}
-    for _ in range(rounds):
-        names = list(fns)
-        rng.shuffle(names)
-        for name in names:
-            samples[name].append(time_batch(fns[name], batch_s))
+    samples = interleaved_samples(fns, rounds, batch_s, rng)
     return {
         "c_in": c_in, "c_out": c_out, "kernel": k, "hw": hw, "stride": stride, "batch": batch,
         "sparsity": sparsity,

@@ -156,6 +156,18 @@ def time_batch(fn, batch_s: float, clock=time.perf_counter) -> float:
             return el / n
 
 
+def interleaved_samples(fns: dict, rounds: int, batch_s: float, rng, clock=time.perf_counter) -> dict:
+    """Seconds per call of each fn, one sample per round (time_batch): every round times each fn once, in an
+    order shuffled by ``rng``, so that the machine's drifts hit all fns alike."""
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        names = list(fns)
+        rng.shuffle(names)
+        for name in names:
+            samples[name].append(time_batch(fns[name], batch_s, clock))
+    return samples
+
+
 def write_table(out: str, name: str, md: str, payload: dict) -> None:
     """The table scripts' results: out/name.md (md) and out/name.json (payload)."""
     os.makedirs(out, exist_ok=True)

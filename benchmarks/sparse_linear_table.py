@@ -25,7 +25,7 @@ from sparse_linear_providers import (
     TOKENS,  # noqa: E402
     dense_weight,
     environment,
-    time_batch,
+    interleaved_samples,
     write_table,
 )
 
@@ -39,13 +39,8 @@ def run_case(k, n, m, sparsities, providers, rounds, batch_s, rng):
             fn = PROVIDERS[p](lin, x, s)
             if fn is not None:
                 fns[(p, None if p in DENSE else s)] = fn
-    samples = {key: [] for key in fns}
     with torch.no_grad():
-        for _ in range(rounds):
-            keys = list(fns)
-            rng.shuffle(keys)
-            for key in keys:
-                samples[key].append(time_batch(fns[key], batch_s))
+        samples = interleaved_samples(fns, rounds, batch_s, rng)
     dense = samples[("torch_dense", None)]
     best_dense = [min(a, b) for a, b in zip(dense, samples.get(("numpy_dense", None), dense))]
     rows = []

@@ -14,7 +14,7 @@ import random
 import statistics
 
 import torch
-from sparse_linear_providers import environment, time_batch, write_table
+from sparse_linear_providers import environment, interleaved_samples, write_table
 
 from pyprune.nn import SparseLinear
 
@@ -42,12 +42,7 @@ def run_case(k, n, m, sparsity, rounds, batch_s, rng):
     x = torch.randn(m, k, requires_grad=True)
     g = torch.randn(m, n)
     fns = {name: step_fn(layer, x, g) for name, layer in fns.items()}
-    samples = {name: [] for name in fns}
-    for _ in range(rounds):
-        names = list(fns)
-        rng.shuffle(names)
-        for name in names:
-            samples[name].append(time_batch(fns[name], batch_s))
+    samples = interleaved_samples(fns, rounds, batch_s, rng)
     return {
         "in_features": k, "out_features": n, "tokens": m, "sparsity": sparsity,
         "dense_median_s": statistics.median(samples["dense"]),
