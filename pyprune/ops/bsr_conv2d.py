@@ -34,7 +34,7 @@ from . import (
     _library,  # noqa: F401
     _router,
 )
-from ._common import call_op, check_bsr_arrays
+from ._common import call_op, check_bsr_arrays, eager
 from ._router import Backend, route
 from .csr_conv2d import (
     cached_entries,
@@ -139,7 +139,12 @@ def _values_grad(x: Tensor, grad: Tensor, crow: Tensor, col: Tensor, values: Ten
     taps, c_in = math.prod(kernel_size), x.shape[1]
     k = taps * c_in
     nnzb, bh, bw = values.shape
-    if not sampled_grad_applies(x, grad, nnzb * bh * bw, out_channels, k, bh * bw):
+    # blocks past the weight's edges hold positions outside it, dropped by a count that depends on the
+    # indices' values: traced (torch.compile), such a weight takes the dense gradient
+    ragged = bool(out_channels % bh or k % bw)
+    if not sampled_grad_applies(x, grad, nnzb * bh * bw, out_channels, k, bh * bw) or (
+        ragged and not eager(crow, col)
+    ):
         return _sample_blocks(dense_weight_grad(x, grad, conv), crow, col, values)
 
     def make():
@@ -147,7 +152,10 @@ def _values_grad(x: Tensor, grad: Tensor, crow: Tensor, col: Tensor, values: Ten
         r = (compressed_rows(crow, nnzb) * bh)[:, None, None] + torch.arange(bh, device=col.device)[:, None]
         c = (col.long() * bw)[:, None, None] + torch.arange(bw, device=col.device)
         r, c = r.expand(nnzb, bh, bw).reshape(-1), c.expand(nnzb, bh, bw).reshape(-1)
-        pos = ((r < out_channels) & (c < k)).nonzero().squeeze(1)
+        if ragged:
+            pos = ((r < out_channels) & (c < k)).nonzero().squeeze(1)
+        else:
+            pos = torch.arange(r.numel(), device=col.device)
         perm = entry_order(r[pos], c[pos], taps, c_in)
         pos = pos[perm]
         return r[pos], c[pos], pos

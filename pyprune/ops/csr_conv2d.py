@@ -8,8 +8,9 @@ memory format (channels_last when x is laid out so, else contiguous), like F.con
 Backward: the input gradient is this op again, on the output gradient with the weight flipped and transposed
 (its structure made once per weight structure and kept, see ``transposed_structure``), one stride-1 conv per
 stride phase of x over the taps that reach that phase (``input_grad_phases``); for kxk weights only up to 30%
-density, past which ATen's route (``torch.nn.grad.conv2d_input`` on the densified weight) was faster. The
-stored values' gradient is computed at the stored positions alone (the private op ``_conv2d_weight_sampled``,
+density, past which ATen's route (``torch.nn.grad.conv2d_input`` on the densified weight) was faster; traced
+(torch.compile), strided kxk convs take ATen's route too (a phase's count of entries depends on the indices'
+values, which a traced graph cannot hold). The stored values' gradient is computed at the stored positions alone (the private op ``_conv2d_weight_sampled``,
 csrc/cpu/conv2d_weight_sampled.cpp) on the CPU in fp32 when at most a tenth of the weight is stored;
 otherwise it is the dense weight gradient (``torch.nn.grad.conv2d_weight``) sampled there.
 """
@@ -143,6 +144,8 @@ def sparse_backward(op, transpose_fn, dense_weight_fn, values_grad_fn):
         if ctx.needs_input_grad[0]:
             taps = math.prod(kernel_size)
             phases = input_grad_phases(kernel_size, stride, padding, dilation, x.shape[2:], grad.shape[2:])
+            if phases is not None and not eager(crow, col) and _filters_taps(phases, taps):
+                phases = None  # a phase's share of the entries has a data-dependent size: traced, ATen's
             t = None if phases is None else transpose_fn(crow, col, values, out_channels, taps, c_in)
             if t is None:
                 w = dense_weight_fn(crow, col, values, out_channels, kernel_size, c_in)
@@ -258,6 +261,12 @@ def _input_grad(op, grad: Tensor, x: Tensor, values: Tensor, t, out_channels: in
                list(p.dilation))  # fmt: skip
         pixels.copy_(g[:, :, p.crop[0] : p.crop[0] + p.size[0], p.crop[1] : p.crop[1] + p.size[1]])
     return grad_x
+
+
+def _filters_taps(phases: list[Phase], taps: int) -> bool:
+    """Whether some phase keeps part of the taps (strided kxk convs): its structure is the transposed one's
+    entries at those taps, a count that depends on the indices' values."""
+    return any(p.taps is not None and len(p.taps) < taps for p in phases)
 
 
 def _phase_structure(crow_t: Tensor, col_t: Tensor, perm_t: Tensor, units: int, taps: int, kept):

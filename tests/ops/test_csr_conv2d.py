@@ -352,6 +352,36 @@ def test_compile_matches_eager():
     torch.testing.assert_close(compiled(x), m(x))
 
 
+@pytest.mark.parametrize("layout", ["csr", "bsr"])
+@pytest.mark.parametrize(
+    "k, stride, c_out",
+    [(3, 2, 16), (3, 1, 16), (1, 2, 16), (1, 2, 12)],
+    ids=["3x3-s2", "3x3", "1x1-s2", "ragged"],
+)
+def test_compiled_backward_traces_whole(layout, k, stride, c_out):
+    # AOTAutograd traces the backward: a strided kxk conv's phases keep a data-dependent share of the entries
+    # (nonzero), which it cannot trace, so traced backwards take ATen's input gradient there, and bsr blocks
+    # past the weight's edge (12 rows in 8-row blocks) its dense values' gradient; all compile whole (the
+    # sampled values' gradient included: one block of four is stored, within 10% in whole blocks), and the
+    # gradients match eager ones
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(16, c_out, k, stride=stride, padding=k // 2)
+    m = pyprune.nn.SparseConv2d.from_dense(conv, sparsity=0.8, layout=layout, block=(8, 8))
+    x = torch.randn(2, 16, 11, 11, requires_grad=True)
+    m(x).square().sum().backward()
+    want = (x.grad.clone(), m.weight.values.grad.clone())
+    x.grad = None
+    m.zero_grad()
+    torch._dynamo.reset()
+    counters.clear()
+    torch.compile(m, backend="aot_eager")(x).square().sum().backward()
+    assert counters["aot_autograd"]["ok"] >= 1 and counters["aot_autograd"]["not_ok"] == 0
+    torch.testing.assert_close(x.grad, want[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(m.weight.values.grad, want[1], rtol=1e-4, atol=1e-4)
+
+
 def _bad(change):
     args, _ = _case(CASES[4], 0.5)
     args = list(args)
