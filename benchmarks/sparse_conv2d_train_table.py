@@ -44,17 +44,21 @@ SHAPES = [
 ]
 SPARSITIES = [0.5, 0.7, 0.9]
 _csr_conv2d = importlib.import_module("pyprune.ops.csr_conv2d")  # (pyprune.ops.csr_conv2d: the function)
+_bsr_conv2d = importlib.import_module("pyprune.ops.bsr_conv2d")
 
 
 @contextlib.contextmanager
 def dense_backward():
     """The sparse conv ops' backward through ATen's dense conv gradients (input and weight)."""
     phases, density = _csr_conv2d.input_grad_phases, _csr_conv2d.SAMPLED_MAX_DENSITY
+    bsr_density = _bsr_conv2d.BSR_KXK_SAMPLED_MAX_DENSITY
     _csr_conv2d.input_grad_phases, _csr_conv2d.SAMPLED_MAX_DENSITY = (lambda *args: None), -1.0
+    _bsr_conv2d.BSR_KXK_SAMPLED_MAX_DENSITY = -1.0
     try:
         yield
     finally:
         _csr_conv2d.input_grad_phases, _csr_conv2d.SAMPLED_MAX_DENSITY = phases, density
+        _bsr_conv2d.BSR_KXK_SAMPLED_MAX_DENSITY = bsr_density
 
 
 def dense_backward_step(step):

@@ -16,7 +16,8 @@ transposed (bw x bh blocks over the (C_in, kh*kw*out_channels) weight of the inp
 stride-1 conv per stride phase of x, when bh divides out_channels and bw divides C_in, so that every block
 stays inside one tap; otherwise ATen's conv gradient on the densified weight. The stored blocks' gradient is
 computed at their entries alone by csr_conv2d's sampled kernel under the same rule (fp32 on the CPU, at most
-a tenth of the weight stored), else the dense weight gradient sampled at the stored blocks.
+a tenth of the weight stored; up to 30% for stride-1 kxk convs with >= 14x14 outputs in blocks of >= 4 rows,
+``BSR_KXK_SAMPLED_MAX_DENSITY``), else the dense weight gradient sampled at the stored blocks.
 """
 
 from __future__ import annotations
@@ -134,15 +135,25 @@ def _transpose(crow: Tensor, col: Tensor, values: Tensor, out_channels: int, tap
     return cached_transpose(crow, col, (out_channels, taps, c_in, bh, bw), make)
 
 
+# the blocks' share of the weight at most for the sampled values' gradient of a stride-1 kxk conv with an
+# output of >= 14x14 pixels in blocks of >= 4 rows (its 4x4 tiles of rows and columns): one step of
+# ResNet-50's 3x3s in 32x32 blocks at 30% density (forward + values' gradient, batch 8, 2 threads, Xeon VM)
+# took 0.72-0.85x the time of the dense gradient's, at 20% 0.63-0.71x; on 7x7 outputs, strided 3x3s and 1x1
+# convs 30% lost (1.04-1.45x), so those keep SAMPLED_MAX_DENSITY
+BSR_KXK_SAMPLED_MAX_DENSITY = 0.3
+
+
 def _values_grad(x: Tensor, grad: Tensor, crow: Tensor, col: Tensor, values: Tensor, conv) -> Tensor:
-    out_channels, kernel_size = conv[:2]
+    out_channels, kernel_size, stride = conv[:3]
     taps, c_in = math.prod(kernel_size), x.shape[1]
     k = taps * c_in
     nnzb, bh, bw = values.shape
+    tiled = taps > 1 and tuple(stride) == (1, 1) and bh >= 4 and grad.shape[2] * grad.shape[3] >= 196
     # blocks past the weight's edges hold positions outside it, dropped by a count that depends on the
     # indices' values: traced (torch.compile), such a weight takes the dense gradient
     ragged = bool(out_channels % bh or k % bw)
-    if not sampled_grad_applies(x, grad, nnzb * bh * bw, out_channels, k, bh * bw) or (
+    limit = BSR_KXK_SAMPLED_MAX_DENSITY if tiled else None
+    if not sampled_grad_applies(x, grad, nnzb * bh * bw, out_channels, k, bh * bw, limit) or (
         ragged and not eager(crow, col)
     ):
         return _sample_blocks(dense_weight_grad(x, grad, conv), crow, col, values)
@@ -243,4 +254,11 @@ BSR_CONV2D_BACKENDS = [
 ]
 torch.library.impl(OP, "CUDA")(route("bsr_conv2d", BSR_CONV2D_BACKENDS))
 
-__all__ = ["BSR_CONV2D_BACKENDS", "bsr_conv2d", "check_args", "dense_matrix", "dense_weight"]
+__all__ = [
+    "BSR_CONV2D_BACKENDS",
+    "BSR_KXK_SAMPLED_MAX_DENSITY",
+    "bsr_conv2d",
+    "check_args",
+    "dense_matrix",
+    "dense_weight",
+]

@@ -341,27 +341,30 @@ SAMPLED_MAX_DENSITY = 0.1
 
 
 def sampled_grad_applies(
-    x: Tensor, grad: Tensor, entries: int, out_channels: int, k: int, granule: int = 1
+    x: Tensor, grad: Tensor, entries: int, out_channels: int, k: int, granule: int = 1, max_density=None
 ) -> bool:
     """Whether the values' gradient of a conv with ``entries`` stored of its (out_channels, k) weight, in
     units of ``granule`` entries (bsr: a block), takes ``_conv2d_weight_sampled``: fp32 on the CPU with the
-    C++ kernel, at most SAMPLED_MAX_DENSITY of the weight stored (``within_density``), and no double backward
-    (the op has no derivative of its own)."""
+    C++ kernel, at most ``max_density`` (default SAMPLED_MAX_DENSITY) of the weight stored
+    (``within_density``), and no double backward (the op has no derivative of its own)."""
+    max_density = SAMPLED_MAX_DENSITY if max_density is None else max_density
     differentiated = torch.is_grad_enabled() and (grad.requires_grad or x.requires_grad)
     return (
         HAS_CPP
         and x.device.type == "cpu"
         and x.dtype == torch.float32
-        and within_density(entries, out_channels * k, SAMPLED_MAX_DENSITY, granule)
+        and within_density(entries, out_channels * k, max_density, granule)
         and not differentiated
     )
 
 
 def within_density(entries: int, total: int, density: float, granule: int = 1) -> bool:
-    """``entries`` of ``total`` are at most ``density`` of it, counted in whole units of ``granule`` entries:
-    a weight pruned to 90% sparsity may keep ceil(10%) of its entries or blocks (235930 of 2359296 for
-    ResNet-50's 512->512 3x3), which a plain ``entries <= 0.1 * total`` turned away."""
-    return entries <= granule * math.ceil(density * total / granule)
+    """``entries`` of ``total`` are at most ``density`` of it, counted as the pruning masks count: a weight
+    of n units (entries, or blocks of ``granule`` entries) pruned to sparsity 1 - density keeps n - round((1 -
+    density) * n) of them (235930 of 2359296 for ResNet-50's 512->512 3x3 at 90%, past a plain ``entries <=
+    0.1 * total``)."""
+    n = -(-total // granule)
+    return entries <= granule * (n - round((1 - density) * n))
 
 
 def entry_order(rows: Tensor, cols: Tensor, taps: int, c_in: int) -> Tensor:

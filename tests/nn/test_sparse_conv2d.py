@@ -177,7 +177,7 @@ def test_groups_csr_gradients(fmt):
 @pytest.mark.parametrize("layout", ["csr", "bsr"])
 def test_pruned_to_exactly_ninety_percent_takes_the_sparse_backward(layout, monkeypatch):
     # 8->32 1x1 pruned to 90%: csr keeps 26 of 256 entries, bsr 2 of 16 4x4 blocks (32 entries), both just
-    # past 0.1 * 256 = 25.6, yet ceil(10%) of the entries (blocks) is what a 90%-sparse weight holds: the
+    # past 0.1 * 256 = 25.6, yet n - round(0.9 n) entries (blocks) is what a 90%-sparse weight holds: the
     # values' gradient is the sampled one (on the CPU with the C++ kernel), not ATen's dense weight gradient;
     # a 3x3 pruned to 70% (130 of 432 entries, 0.3 * 432 = 129.6) has its input gradient through the op
     from pyprune._extension import HAS_CPP

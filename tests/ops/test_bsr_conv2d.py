@@ -173,6 +173,28 @@ def test_values_grad_sampled_at_low_density(case, sparsity, monkeypatch):
     values_grad_check(OP, args, w, monkeypatch, sampled and HAS_CPP, sample)
 
 
+@pytest.mark.parametrize(
+    "case, sampled, seed",
+    [
+        ((16, 16, (3, 3), 1, 1, 1, (14, 14), 1, (8, 8)), True, 0),
+        ((16, 16, (3, 3), 2, 1, 1, (28, 28), 1, (8, 8)), False, 0),
+        ((16, 16, (3, 3), 1, 1, 1, (13, 13), 1, (8, 8)), False, 0),
+        ((16, 16, (3, 3), 1, 1, 1, (14, 14), 1, (2, 8)), False, 0),
+        ((48, 16, (1, 1), 1, 0, 1, (14, 14), 1, (8, 8)), False, 1),
+    ],
+    ids=["3x3-14x14", "strided", "13x13", "2-row-blocks", "1x1"],
+)
+def test_values_grad_sampled_up_to_30_percent_on_tiled_kxk(case, sampled, seed, monkeypatch):
+    # blocks holding 10-30% of the weight: the sampled gradient for stride-1 kxk convs with >= 14x14 outputs
+    # in blocks of >= 4 rows (BSR_KXK_SAMPLED_MAX_DENSITY), ATen's dense one for the rest
+    args, w = _case(case, 0.75, bias=False, seed=seed)
+    crow, col, values = args[1:4]
+    density = values.numel() / w.numel()
+    assert 0.1 < density <= 0.3
+    sample = lambda gw: _sample_blocks(gw, crow, col, values)  # noqa: E731
+    values_grad_check(OP, args, w, monkeypatch, sampled and HAS_CPP, sample)
+
+
 def test_sampled_values_grad_of_a_block_past_the_edges(monkeypatch):
     # one 16x32 block over rows 32-47 of 40 and columns 288-319 of 297: its entries inside the weight are
     # computed, the rest of the block's gradient is zero

@@ -27,8 +27,9 @@ from pyprune.sparse.base import compressed_rows
 from .triton_interp import set_arg
 
 OP = torch.ops.pyprune.csr_conv2d
-# the module (pyprune.ops.csr_conv2d is the function)
+# the modules (pyprune.ops.csr_conv2d is the function)
 csr_conv2d_module = importlib.import_module("pyprune.ops.csr_conv2d")
+bsr_conv2d_module = importlib.import_module("pyprune.ops.bsr_conv2d")
 
 # (C_in, C_out, (kh, kw), stride, padding, dilation, (H, W), batch). Paths of the C++ kernel: a stride-1
 # unpadded 1x1 reads x in place when the pixel count is a multiple of 16, else each unit range copies its own
@@ -354,23 +355,27 @@ def test_compile_matches_eager():
 
 @pytest.mark.parametrize("layout", ["csr", "bsr"])
 @pytest.mark.parametrize(
-    "k, stride, c_out",
-    [(3, 2, 16), (3, 1, 16), (1, 2, 16), (1, 2, 12)],
-    ids=["3x3-s2", "3x3", "1x1-s2", "ragged"],
+    "c_in, c_out, k, stride, sparsity",
+    [(16, 16, 3, 2, 0.8), (16, 16, 3, 1, 0.8), (16, 16, 1, 2, 0.8), (64, 64, 1, 1, 0.9), (64, 60, 1, 2, 0.9)],
+    ids=["3x3-s2", "3x3", "1x1-s2", "sampled", "ragged"],
 )
-def test_compiled_backward_traces_whole(layout, k, stride, c_out):
+def test_compiled_backward_traces_whole(layout, c_in, c_out, k, stride, sparsity, monkeypatch):
     # AOTAutograd traces the backward: a strided kxk conv's phases keep a data-dependent share of the entries
     # (nonzero), which it cannot trace, so traced backwards take ATen's input gradient there, and bsr blocks
-    # past the weight's edge (12 rows in 8-row blocks) its dense values' gradient; all compile whole (the
-    # sampled values' gradient included: one block of four is stored, within 10% in whole blocks), and the
-    # gradients match eager ones
+    # past the weight's edge (60 rows in 8-row blocks) the dense values' gradient; all compile whole, the
+    # sampled values' gradient at 10% included, and the gradients match eager ones
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(16, c_out, k, stride=stride, padding=k // 2)
-    m = pyprune.nn.SparseConv2d.from_dense(conv, sparsity=0.8, layout=layout, block=(8, 8))
-    x = torch.randn(2, 16, 11, 11, requires_grad=True)
+    conv = torch.nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2)
+    m = pyprune.nn.SparseConv2d.from_dense(conv, sparsity=sparsity, layout=layout, block=(8, 8))
+    sampled = []
+    real = csr_conv2d_module.sampled_weight_grad
+    for mod in (csr_conv2d_module, bsr_conv2d_module):
+        monkeypatch.setattr(mod, "sampled_weight_grad", lambda *a: sampled.append(1) or real(*a))
+    x = torch.randn(2, c_in, 11, 11, requires_grad=True)
     m(x).square().sum().backward()
+    assert bool(sampled) == (sparsity == 0.9 and HAS_CPP)
     want = (x.grad.clone(), m.weight.values.grad.clone())
     x.grad = None
     m.zero_grad()
