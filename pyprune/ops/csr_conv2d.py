@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..sparse.base import check_compressed, compressed_rows
+from ..sparse.base import check_compressed, compressed_rows, row_pointers
 from . import (
     _library,  # noqa: F401
     _router,
@@ -282,11 +282,8 @@ def _phase_structure(crow_t: Tensor, col_t: Tensor, perm_t: Tensor, units: int, 
     cols = col_t.long()
     tap = new_tap[cols // units]
     pos = (tap >= 0).nonzero().squeeze(1)
-    rows = compressed_rows(crow_t, col_t.numel())[pos]
-    counts = torch.zeros(crow_t.numel(), dtype=torch.int32, device=col_t.device)
-    counts.index_add_(0, rows + 1, torch.ones_like(rows, dtype=torch.int32))
-    col_p = (tap[pos] * units + cols[pos] % units).to(torch.int32)
-    return torch.cumsum(counts, 0, dtype=torch.int32), col_p, perm_t[pos]
+    crow_p = row_pointers(compressed_rows(crow_t, col_t.numel())[pos], crow_t.numel() - 1)
+    return crow_p, (tap[pos] * units + cols[pos] % units).to(torch.int32), perm_t[pos]
 
 
 def _transposed_values(values: Tensor, perm: Tensor) -> Tensor:
@@ -306,9 +303,7 @@ def transposed_structure(
     tap, c = cols // c_in, cols % c_in
     new_cols = (taps - 1 - tap) * out_channels + rows
     perm = torch.sort(c * (taps * out_channels) + new_cols).indices
-    counts = torch.zeros(c_in + 1, dtype=torch.int32, device=cols.device)
-    counts.index_add_(0, c + 1, torch.ones_like(c, dtype=torch.int32))
-    return torch.cumsum(counts, 0, dtype=torch.int32), new_cols[perm].to(torch.int32), perm
+    return row_pointers(c, c_in), new_cols[perm].to(torch.int32), perm
 
 
 def cached_transpose(crow: Tensor, col: Tensor, key: tuple, make):

@@ -7,7 +7,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from ..sparse.base import compressed_rows
+from ..sparse.base import compressed_rows, row_pointers
 from . import _library  # noqa: F401
 from ._common import autograd_bias_grad, call_op, eager, register_cpu_fallback
 from ._router import TensorCache, register_cuda
@@ -56,9 +56,7 @@ def _transpose(crow_indices: Tensor, col_indices: Tensor, n_cols: int) -> tuple[
     rows = compressed_rows(crow_indices, col_indices.numel()).to(torch.int32)
     # stable sort by column keeps the rows ascending inside each new row
     perm = torch.sort(col_indices, stable=True).indices
-    counts = torch.zeros(n_cols + 1, dtype=torch.int32, device=col_indices.device)
-    counts.index_add_(0, col_indices.long() + 1, torch.ones_like(col_indices))
-    return torch.cumsum(counts, 0, dtype=torch.int32), rows[perm], perm
+    return row_pointers(col_indices, n_cols), rows[perm], perm
 
 
 def _setup_context(ctx, inputs, output):

@@ -131,6 +131,14 @@ def compressed_rows(crow_indices: Tensor, nnz: int) -> Tensor:
     )
 
 
+def row_pointers(rows: Tensor, n_rows: int) -> Tensor:
+    """The inverse of compressed_rows: the (n_rows + 1,) int32 row pointers of entries whose rows are ``rows``
+    (counted, so in any order)."""
+    counts = torch.zeros(n_rows + 1, dtype=torch.int32, device=rows.device)
+    counts.index_add_(0, rows.long() + 1, torch.ones_like(rows, dtype=torch.int32))
+    return torch.cumsum(counts, 0, dtype=torch.int32)
+
+
 def check_compressed(
     crow: Tensor, col: Tensor, n_rows: int, n_cols: int, rows: str, cols: str, count: str
 ) -> None:
