@@ -5,9 +5,8 @@
 // nonzero, cached with the indices. A stride-1 unpadded 1x1 conv on an NCHW map of whole vectors
 // (H*W % 16 == 0) reads x in place; on other NCHW maps (7x7, 14x14) each unit range copies its own tiles into
 // an L2 buffer instead of staging the image (no pass through memory), the tiles running flat across images so
-// that small maps fill whole vectors. For a channels_last stride-1 unpadded 1x1 conv with many tiles each unit
-// transposes its own tile instead (the input is read once, nothing staged goes through memory), and with few
-// tiles under 25% density the CSR linear kernel runs on the pixels as they lie.
+// that small maps fill whole vectors. For a channels_last stride-1 unpadded 1x1 conv each unit range
+// transposes its own tiles instead (the input is read once, nothing staged goes through memory).
 //
 // Work units are (image, pixel tile, output-row part): a tile's input slice (planes x tile) stays in L2 while
 // every row's nonzeros stream past it, and the next tile's slice is prefetched meanwhile; row parts (balanced
@@ -141,8 +140,8 @@ PYPRUNE_INLINE void conv_units(const ConvArgs& a, int64_t u0, int64_t u1, float*
       const int64_t key = n * a.n_tiles + t;
       if (key != packed) {  // the row parts of one tile that fall in this range share its packing
         const int64_t end = round_up(tl.len, kLanes);
-        if (a.cl_out) {  // the images' pixels are one run of x
-          stage_row_cl<V>(a.x_raw + tl.q0 * a.C, a.C, 0, tl.len, 0, 1, tile_buf, a.tile);
+        if (a.cl_out) {  // the images' pixels are one run of x, which the hardware prefetcher follows
+          stage_row_cl<V, false>(a.x_raw + tl.q0 * a.C, a.C, 0, tl.len, 0, 1, tile_buf, a.tile);
         } else {  // one run per image the tile reaches
           for (int64_t q = tl.q0, q1 = tl.q0 + tl.len; q < q1;) {
             const int64_t img = q / a.OHW, p = q - img * a.OHW, len = std::min(q1 - q, a.OHW - p);
@@ -320,10 +319,11 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
     return std::clamp<int64_t>((8 * threads + units - 1) / units, 1, std::max<int64_t>(1, groups));
   };
   int64_t want_parts = parts_for(N * static_cast<int64_t>(tiles.size()));
-  // channels_last 1x1 (stride 1, unpadded) with one part per tile: each unit transposes its own tile into an
-  // L2-sized buffer, so the input is read once and no staged copy goes through memory
+  // A stride-1 unpadded 1x1 conv on channels_last x (or NCHW x not read in place): each unit range transposes
+  // (copies) its own tiles into an L2-sized buffer, so the input is read once and no staged copy goes through
+  // memory. Units run (image, tile, row part), so consecutive row parts of a tile share its packing.
   const bool unpadded_1x1 = kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0;
-  const bool pack_tiles = unpadded_1x1 && (cl ? want_parts == 1 : !in_place);
+  const bool pack_tiles = unpadded_1x1 && (cl || !in_place);
   // Packed tiles run flat across images (q = n * OH * OW + p, as one image), so that small maps fill whole
   // vectors: a 7x7 image alone is 49 pixels in 4 vectors, 8 of them 25 vectors instead of 32.
   int64_t n_img = N;
@@ -364,15 +364,6 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   });
   const int32_t* off = st.off.data_ptr<int32_t>();
   const int64_t n_chunks = st.n_chunks;
-  if (cl && unpadded_1x1 && !pack_tiles && 4 * nnz < O * K) {
-    // channels_last 1x1 under 25% dense with few tiles: csr_linear's token-minor kernel on the pixels as they
-    // lie beats staging them (2 threads, 90%: 1024->256 @14 batch 1 2.0x vs 1.3x, 2048->512 @7 5.8x vs 4.8x);
-    // its output (pixels, C_out) is the channels_last result
-    const at::Tensor y2 = csr_linear_run(xc.permute({0, 2, 3, 1}).reshape({N * H * W, C}), crow, col, val, O, bias,
-                                         /*indices_checked=*/true);
-    return unaliased(y2.view({N, H, W, O}).permute({0, 3, 1, 2}));
-  }
-
   // Staging: every image's planes, zero borders, plus one tile of slack at the end for full-vector reads.
   at::Tensor staged;
   const float* in = xc.data_ptr<float>();

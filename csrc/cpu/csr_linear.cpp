@@ -266,9 +266,8 @@ void check_compressed_indices(const at::Tensor& crow, const at::Tensor& col, int
   }, [](bool) { return int64_t(1); });
 }
 
-at::Tensor csr_linear_run(const at::Tensor& x, const at::Tensor& crow_indices, const at::Tensor& col_indices,
-                          const at::Tensor& values, int64_t out_features, const std::optional<at::Tensor>& bias,
-                          bool indices_checked) {
+at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                          const at::Tensor& values, int64_t out_features, const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "csr_linear";
   check_compressed_args(x, crow_indices, col_indices, values, 1, op);
   PYPRUNE_CHECK(out_features >= 0, op, "out_features", "must be >= 0, got ", out_features);
@@ -315,7 +314,7 @@ at::Tensor csr_linear_run(const at::Tensor& x, const at::Tensor& crow_indices, c
   }
   // Many tokens: the indices are checked once per index tensors and contents (a check inside this kernel's FMA
   // loop cost 1.00-1.07x at 128 tokens on BERT-base's shapes, the fingerprint 1.00-1.02x)
-  if (!indices_checked) check_compressed_indices(crow_indices, col_indices, K, op, "in_features");
+  check_compressed_indices(crow_indices, col_indices, K, op, "in_features");
   // Largest tile whose slice of xt fits in ~512 KiB of L2 (the column indices of a row are scattered over K).
   // Tile width: no wider than the tokens (a 64-token tile at M = 32 computes half padding), and xt's slice
   // (K x tile) within ~512 KiB of L2, since the column indices of a row jump anywhere in K.
@@ -332,11 +331,6 @@ at::Tensor csr_linear_run(const at::Tensor& x, const at::Tensor& crow_indices, c
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, n_units, 1, [&](int64_t u0, int64_t u1) { fn(a, xtp, xrp, rb.data(), u0, u1, yp); });
   return y;
-}
-
-at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, const at::Tensor& col_indices,
-                          const at::Tensor& values, int64_t out_features, const std::optional<at::Tensor>& bias) {
-  return csr_linear_run(x, crow_indices, col_indices, values, out_features, bias, /*indices_checked=*/false);
 }
 
 TORCH_LIBRARY_IMPL(pyprune, CPU, m) { m.impl("csr_linear", &csr_linear_cpu); }

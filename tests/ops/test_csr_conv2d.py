@@ -37,8 +37,8 @@ bsr_conv2d_module = importlib.import_module("pyprune.ops.bsr_conv2d")
 # reads staged planes, one per stride phase in use (stride 2,
 # stride 3 with dilation 2, asymmetric ones), in flat tiles across rows (small maps) or row tiles (wide maps
 # where flat tiles would compute more dropped columns: 1x7 at width 40); kernel wider than the map. With
-# channels_last input the planes are staged through 16x16 transposes, except for a 1x1 conv with many tiles
-# (33x35: 38), where each unit transposes its own tile (channel and pixel tails included). Copied or
+# channels_last input the planes are staged through 16x16 transposes, except for a stride-1 unpadded 1x1
+# conv, where each unit range transposes its own tiles (channel and pixel tails included). Copied or
 # transposed tiles run flat across images: 7x7 batch 5 and 3x3 batch 9 put two to eight images in one tile
 # (NCHW: outputs stored a run per image), and 33x35 has tiles across the image boundary.
 CASES = [
@@ -485,7 +485,7 @@ def test_cached_structure_follows_writes_through_data():
 
 
 def test_channels_last_1x1_output_is_its_own_tensor():
-    # a sparse channels_last 1x1 conv runs csr_linear's kernel on the pixels and returned a permuted view of
+    # a sparse channels_last 1x1 conv once ran csr_linear's kernel on the pixels and returned a permuted view of
     # its result: an in-place ReLU after it failed under autograd ("... is a view and is being modified inplace")
     w = torch.randn(32, 64) * (torch.rand(32, 64) < 0.1)
     c = CSR.from_dense(w)
@@ -493,6 +493,26 @@ def test_channels_last_1x1_output_is_its_own_tensor():
     y = csr_conv2d(x, c.crow_indices, c.col_indices, c.values, 32, 1)
     assert not y._is_view() and y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(torch.relu_(y), F.conv2d(x, w.view(32, 64, 1, 1)).relu(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("hw,batch", [((14, 14), 1), ((7, 7), 3)], ids=["14x14", "7x7-b3"])
+def test_channels_last_1x1_few_tiles_many_row_parts(hw, batch):
+    # few pixel tiles (4 and 10 of 64 pixels) split into row parts that two threads share: a tile's transposed
+    # copy is made by each unit range that reaches it, and ranges may split a tile's row parts between them
+    torch.manual_seed(0)
+    w = torch.randn(256, 192) * (torch.rand(256, 192) < 0.5)
+    c = CSR.from_dense(w)
+    x = torch.randn(batch, 192, *hw).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(256)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = csr_conv2d(x, c.crow_indices, c.col_indices, c.values, 256, 1, b)
+    finally:
+        torch.set_num_threads(threads)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    want = F.conv2d(x.double(), w.double().view(256, 192, 1, 1), b.double())
+    torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)
 
 
 def gpu_backward_check(op, args, w):

@@ -191,15 +191,15 @@ PYPRUNE_INLINE void store_group_cl(const float* buf, int64_t ldb, int64_t g, con
 
 // channels_last input: plane row u (all channels) from one NHWC input row xr, columns v in [v0, v1) reading
 // input column v*sw + col0; stride 1 through in-register 16x16 transposes (16 pixels x 16 channels at a time).
-// Each block's 16 pixel rows are prefetched into L2 kPrefetchBlocks blocks (48 pixels) ahead: the 16 rows, a
-// whole pixel (C floats) apart, are more streams than the hardware prefetcher keeps up with, and past the end
-// of a packed tile the prefetches reach into the next one, which then arrives while this tile's rows compute
-// (2 threads, 90% sparse channels_last 256->64 1x1 @56 batch 8, A/B in one process: 2 blocks ahead into L2
-// 1.35x faster than none, 3 blocks 1.06x faster than 2, 4 or 5 no better, 1 block into L1 1.23x; old and new
-// builds in alternating processes: 2.35-3.17 -> 1.81-2.37 ms; batch 1 and the 3x3 convs within 1-6%).
+// With Prefetch, each block's 16 pixel rows are prefetched into L2 kPrefetchBlocks blocks (48 pixels) ahead:
+// the 16 rows, a whole pixel (C floats) apart, are more streams than the hardware prefetcher kept up with when
+// the planes were staged row by row (2 threads, 90% sparse channels_last 256->64 1x1 @56 batch 8, A/B in one
+// process: 2 blocks ahead into L2 1.35x faster than none, 3 blocks 1.06x faster than 2, 4 or 5 no better).
+// csr_conv2d's packed 1x1 tiles, one contiguous run of pixels each, go without: there the prefetches cost
+// 1.01-1.16x on ResNet-50's 1x1 convs (9 alternating rounds in one process, nineteenth session).
 constexpr int64_t kPrefetchBlocks = 3;
 
-template <class V>
+template <class V, bool Prefetch = true>
 PYPRUNE_INLINE void stage_row_cl(const float* xr, int64_t C, int64_t v0, int64_t v1, int64_t col0, int64_t sw,
                                  float* dst, int64_t plane) {
   int64_t v = v0;
@@ -208,7 +208,8 @@ PYPRUNE_INLINE void stage_row_cl(const float* xr, int64_t C, int64_t v0, int64_t
       const float* src = xr + (v + col0) * C;
       int64_t c = 0;
       for (; c + kLanes <= C; c += kLanes) {
-        for (int i = 0; i < kLanes; ++i) __builtin_prefetch(src + (kPrefetchBlocks * kLanes + i) * C + c, 0, 2);
+        if constexpr (Prefetch)
+          for (int i = 0; i < kLanes; ++i) __builtin_prefetch(src + (kPrefetchBlocks * kLanes + i) * C + c, 0, 2);
         V r[kLanes];
         for (int i = 0; i < kLanes; ++i) r[i] = load16<V>(src + i * C + c);
         transpose16(r);

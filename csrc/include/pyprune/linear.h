@@ -81,11 +81,4 @@ void validate_compressed_indices(const at::Tensor& crow, const at::Tensor& col, 
 void check_compressed_indices(const at::Tensor& crow, const at::Tensor& col, int64_t n_cols, const char* op,
                               const char* n_cols_name);
 
-// pyprune::csr_linear's CPU kernel (csrc/cpu/csr_linear.cpp), which csr_conv2d also runs for channels_last
-// 1x1 convs with `indices_checked` (its structure cache validated these index contents), so that the many-token
-// path skips its own fingerprinted check.
-at::Tensor csr_linear_run(const at::Tensor& x, const at::Tensor& crow_indices, const at::Tensor& col_indices,
-                          const at::Tensor& values, int64_t out_features, const std::optional<at::Tensor>& bias,
-                          bool indices_checked);
-
 }  // namespace pyprune
