@@ -7,8 +7,7 @@ field (Fast Sparse ConvNets, Elsen et al. 2020, for the 1x1 case).
 - **csr** (any kernel, stride, padding, dilation, groups, memory format): ``pyprune::csr_conv2d``, an
   implicit GEMM that reads each channel's pixels as contiguous runs (the C++ kernel stages zero-padded planes
   per stride phase once per call, or through 16x16 transposes from channels_last input; see
-  csrc/cpu/csr_conv2d.cpp for the cases it reads in place, transposes per tile, or hands to the CSR linear
-  kernel).
+  csrc/cpu/csr_conv2d.cpp for the cases it reads in place or copies / transposes per tile).
 - **bsr**: ``pyprune::bsr_conv2d``, the same implicit GEMM over the stored blocks (csrc/cpu/bsr_conv2d.cpp:
   RB rows of a block share each loaded run of pixels), except an unpadded 1x1 conv on channels_last input,
   which goes to bsr_linear as below. On CUDA bsr_conv2d runs a Triton implicit GEMM over the blocks
