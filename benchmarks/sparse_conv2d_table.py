@@ -212,7 +212,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--batch-ms", type=float, default=30.0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--providers", nargs="*", default=list(PROVIDERS))
+    ap.add_argument("--providers", nargs="*", choices=list(PROVIDERS), default=list(PROVIDERS))
     ap.add_argument(
         "--out", default=None, help="directory for sparse_conv2d.md / .json (default: print only)"
     )
