@@ -497,7 +497,7 @@ def test_channels_last_1x1_output_is_its_own_tensor():
 
 @pytest.mark.parametrize("hw,batch", [((14, 14), 1), ((7, 7), 3)], ids=["14x14", "7x7-b3"])
 def test_channels_last_1x1_few_tiles_many_row_parts(hw, batch):
-    # few pixel tiles (4 and 10 of 64 pixels) split into row parts that two threads share: a tile's transposed
+    # few pixel tiles (4 and 3 of 64 pixels) in 4 and 6 row parts that two threads share: a tile's transposed
     # copy is made by each unit range that reaches it, and ranges may split a tile's row parts between them
     torch.manual_seed(0)
     w = torch.randn(256, 192) * (torch.rand(256, 192) < 0.5)
