@@ -11,6 +11,7 @@ PYBIND11_MODULE(_C, m) {
     d["avx2"] = f.avx2;
     d["avx512"] = f.avx512;
     d["kernel_isa"] = pyprune::kernel_isa_name();
+    d["last_level_cache_bytes"] = pyprune::last_level_cache_bytes();
     d["with_cuda"] = bool(PYPRUNE_WITH_CUDA);
     return d;
   });

@@ -515,6 +515,25 @@ def test_channels_last_1x1_few_tiles_many_row_parts(hw, batch):
     torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(not HAS_CPP, reason="the C++ kernel's path")
+def test_channels_last_1x1_beyond_half_the_llc():
+    # x larger than half the last-level cache: the tiles' transposes prefetch the pixels ahead (the one
+    # path that does; past the end of x the prefetches must not fault)
+    llc = pyprune._extension.cpu_features()["last_level_cache_bytes"]
+    if not 0 < llc <= 64 << 20:
+        pytest.skip(f"last-level cache of {llc} bytes: x would be too large for a unit test")
+    torch.manual_seed(0)
+    c_in, side = 128, 56
+    batch = llc // (2 * 4 * c_in * side * side) + 1
+    w = torch.randn(32, c_in) * (torch.rand(32, c_in) < 0.1)
+    c = CSR.from_dense(w)
+    x = torch.randn(batch, c_in, side, side).contiguous(memory_format=torch.channels_last)
+    assert 2 * x.nbytes > llc
+    y = csr_conv2d(x, c.crow_indices, c.col_indices, c.values, 32, 1)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, F.conv2d(x, w.view(32, c_in, 1, 1)), rtol=1e-4, atol=1e-4)
+
+
 def gpu_backward_check(op, args, w):
     """x's and the values' gradients of op(*args) on CUDA (fp32: TF32 where the kernels use it) against
     F.conv2d's in float64 on the CPU."""

@@ -1,6 +1,7 @@
 """Every SIMD path of the C++ kernels (AVX-512, AVX2, portable baseline) on the same cases. The ISA is picked
 once per process, so each capped path runs in a subprocess with PYPRUNE_ISA set."""
 
+import glob
 import os
 import subprocess
 import sys
@@ -104,3 +105,25 @@ def test_unknown_isa_cap_raises_at_import():
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "ValueError: environment variable PYPRUNE_ISA must be one of baseline, avx2, avx512" in out.stderr
+
+
+def sysfs_last_level_cache() -> int:
+    """The size of cpu0's highest cache level from sysfs, in bytes (0 without sysfs)."""
+    top, size = 0, 0
+    for d in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+        try:
+            level = int(open(f"{d}/level").read())
+            text = open(f"{d}/size").read().strip()
+        except (OSError, ValueError):
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        if level > top:
+            top, size = level, int(text.rstrip("KMG")) * scale
+    return size
+
+
+@pytest.mark.skipif(not pyprune._extension.HAS_CPP, reason="pyprune._C is not built")
+def test_last_level_cache_size_is_read_from_sysfs():
+    got = pyprune._extension.cpu_features()["last_level_cache_bytes"]
+    assert got == sysfs_last_level_cache()
+    assert got == 0 or got >= 1 << 16

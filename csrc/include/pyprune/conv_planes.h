@@ -195,8 +195,9 @@ PYPRUNE_INLINE void store_group_cl(const float* buf, int64_t ldb, int64_t g, con
 // the 16 rows, a whole pixel (C floats) apart, are more streams than the hardware prefetcher kept up with when
 // the planes were staged row by row (2 threads, 90% sparse channels_last 256->64 1x1 @56 batch 8, A/B in one
 // process: 2 blocks ahead into L2 1.35x faster than none, 3 blocks 1.06x faster than 2, 4 or 5 no better).
-// csr_conv2d's packed 1x1 tiles, one contiguous run of pixels each, go without: there the prefetches cost
-// 1.01-1.16x on ResNet-50's 1x1 convs (9 alternating rounds in one process, nineteenth session).
+// csr_conv2d's packed 1x1 tiles, one contiguous run of pixels each, go without unless x is larger than half
+// the last-level cache: with x in the LLC the prefetches cost 1.01-1.16x on ResNet-50's 1x1 convs (Xeon VM, 9
+// alternating rounds in one process), from memory they gained 1.13-1.25x (Zen 4 VM, see csr_conv2d.cpp).
 constexpr int64_t kPrefetchBlocks = 3;
 
 template <class V, bool Prefetch = true>
