@@ -198,6 +198,27 @@ PYPRUNE_CSR_CONV_UNITS(avx512, PYPRUNE_TARGET_AVX512, VecAvx512, 4)
 
 int isa_vecs(Isa isa) { return isa == Isa::kAvx512 ? 4 : (isa == Isa::kAvx2 ? 2 : 1); }
 
+// Column chunks: when a row holds >= 24 nonzeros per ~96 columns on average, the reduction runs in chunks of
+// that many columns (the input slice of chunk x tile fits in L1, 24 KiB). Sparser rows run whole: the
+// partial sums' round trip through scratch would cost more than L1 saves (measured: 50% sparse 1x1 convs
+// 1.1-1.3x faster chunked, 90% ones up to 1.25x slower).
+int64_t l1_cols(int64_t tile) { return std::max<int64_t>(16, (24 * 1024) / (4 * tile)); }
+bool chunked_rows(int64_t nnz, int64_t K, int64_t O, int64_t tile) { return l1_cols(tile) * nnz >= 24 * K * O; }
+
+// Vectors one image's tiles compute, at the widest tile the geometry's planes allow.
+int64_t image_vectors(const PlaneGeometry& g, int64_t nv_max) {
+  return tiled_vectors(g.OH, g.OW, g.Wq, kLanes * tile_vecs(g, nv_max));
+}
+
+// Taps reading whole lines (taps_aligned) when some tap shifts by columns and rounding the rows up to whole
+// vectors adds at most 1/8 to the vectors computed: 3x3 convs on 56x56, 28x28 and 14x14 maps, not on 7x7
+// (4 -> 7 vectors).
+PlaneGeometry aligned_if_cheap(const PlaneGeometry& g, int64_t nv_max) {
+  if ((g.kw - 1) * g.dw / g.sw == 0) return g;
+  const PlaneGeometry a = taps_aligned(g);
+  return 8 * image_vectors(a, nv_max) <= 9 * image_vectors(g, nv_max) ? a : g;
+}
+
 UnitsFn pick_units(Isa isa) {
 #if PYPRUNE_X86
   if (isa == Isa::kAvx512) return units_avx512;
@@ -287,12 +308,12 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
                           at::IntArrayRef dilation) {
   constexpr const char* op = "csr_conv2d";
   check_compressed_args(x, crow_indices, col_indices, values, 1, op);
-  const PlaneGeometry g = checked_plane_geometry(x, kernel_size, stride, padding, dilation, op);
+  const PlaneGeometry g0 = checked_plane_geometry(x, kernel_size, stride, padding, dilation, op);
   PYPRUNE_CHECK(out_channels >= 0, op, "out_channels", "must be >= 0, got ", out_channels);
-  const int64_t N = g.N, C = g.C, H = g.H, W = g.W, O = out_channels;
-  const int64_t kh = g.kh, kw = g.kw, sh = g.sh, sw = g.sw, ph = g.ph, pw = g.pw;
-  const int64_t OH = g.OH, OW = g.OW, Wq = g.Wq, planes = g.planes, reach = g.reach;
-  const bool cl = g.cl;  // channels_last x gets a channels_last y; anything else is read as NCHW
+  const int64_t N = g0.N, C = g0.C, H = g0.H, W = g0.W, O = out_channels;
+  const int64_t kh = g0.kh, kw = g0.kw, sh = g0.sh, sw = g0.sw, ph = g0.ph, pw = g0.pw;
+  const int64_t OH = g0.OH, OW = g0.OW;
+  const bool cl = g0.cl;  // channels_last x gets a channels_last y; anything else is read as NCHW
   PYPRUNE_CHECK(crow_indices.numel() == O + 1, op, "crow_indices", "must have out_channels + 1 = ", O + 1,
                 " entries, got ", crow_indices.numel());
   PYPRUNE_CHECK(col_indices.numel() == values.numel(), op, "col_indices",
@@ -305,6 +326,13 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
                 ", got ", cr[0], " and ", cr[O]);
 
   const Isa isa = kernel_isa();
+  // Taps that read whole lines where the rows run in column chunks (below): there the loads, not L2, bound the
+  // FMAs. Sparser rows stream a tile's whole input slice from L2, which the kw shifted copies triple. A/B in one
+  // process, Zen 4 VM, 2 threads, ResNet-50's 3x3 convs: 1.06-1.29x faster at 50%, 1.11x at 70% (256->256 @14
+  // batch 8 channels_last); at 90% 0.67-0.89x the speed.
+  const PlaneGeometry g =
+      chunked_rows(nnz, K, O, kLanes * tile_vecs(g0, isa_vecs(isa))) ? aligned_if_cheap(g0, isa_vecs(isa)) : g0;
+  const int64_t Wq = g.Wq, planes = g.planes, reach = g.reach;
   const int64_t nv = tile_vecs(g, isa_vecs(isa)), tile = kLanes * nv;
   // A stride-1 unpadded 1x1 conv on NCHW x whose planes already qualify reads x in place.
   const bool in_place = !cl && kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 &&
@@ -360,14 +388,9 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
 
   const at::Tensor xc = cl ? x : x.contiguous();
 
-  // Column chunks: when a row holds >= 24 nonzeros per ~96 columns on average, the reduction runs in chunks of
-  // that many columns (the input slice of chunk x tile fits in L1, 24 KiB). Sparser rows run whole: the
-  // partial sums' round trip through scratch would cost more than L1 saves (measured: 50% sparse 1x1 convs
-  // 1.1-1.3x faster chunked, 90% ones up to 1.25x slower).
-  const int64_t l1_cols = std::max<int64_t>(16, (24 * 1024) / (4 * tile));
-  const int64_t chunk = l1_cols * nnz >= 24 * K * O ? std::min(K, l1_cols) : K;
+  const int64_t chunk = chunked_rows(nnz, K, O, tile) ? std::min(K, l1_cols(tile)) : K;
   const std::vector<int64_t> tap_off = tap_offsets(g, plane);
-  const Structure st = structure(crow, col, {C, kh, kw, sh, sw, g.dh, g.dw, Wq, plane, chunk},
+  const Structure st = structure(crow, col, {C, kh, kw, sh, sw, g.dh, g.dw, Wq, plane, chunk, g.aligned},
                                  [&](const int32_t* crow_p, const int32_t* col_p) {
     check_structure(crow_p, col_p, O, K);
     return build_structure(crow_p, col_p, O, C, chunk, tap_off, plane);

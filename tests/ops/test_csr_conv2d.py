@@ -40,7 +40,10 @@ bsr_conv2d_module = importlib.import_module("pyprune.ops.bsr_conv2d")
 # channels_last input the planes are staged through 16x16 transposes, except for a stride-1 unpadded 1x1
 # conv, where each unit range transposes its own tiles (channel and pixel tails included). Copied or
 # transposed tiles run flat across images: 7x7 batch 5 and 3x3 batch 9 put two to eight images in one tile
-# (NCHW: outputs stored a run per image), and 33x35 has tiles across the image boundary.
+# (NCHW: outputs stored a run per image), and 33x35 has tiles across the image boundary. Rows dense enough to
+# run in column chunks (50% here) get every tap reading whole lines where that costs few extra vectors: planes
+# staged once per column shift, rows of whole vectors (dilation 2 at 11x11, 5x5 at 40x40, 1x7 at 3x40, and
+# stride 2 at 32x32, whose shifted slots come per stride phase).
 CASES = [
     (7, 5, (1, 1), 1, 0, 1, (7, 7), 1),
     (16, 24, (1, 1), 1, 0, 1, (8, 8), 3),
@@ -58,6 +61,7 @@ CASES = [
     (24, 20, (1, 1), 1, 0, 1, (33, 35), 2),
     (70, 20, (1, 1), 1, 0, 1, (7, 7), 5),
     (40, 18, (1, 1), 1, 0, 1, (3, 3), 9),
+    (8, 12, (3, 3), 2, 1, 1, (32, 32), 2),
 ]
 
 
