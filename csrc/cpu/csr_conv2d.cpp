@@ -205,19 +205,6 @@ int isa_vecs(Isa isa) { return isa == Isa::kAvx512 ? 4 : (isa == Isa::kAvx2 ? 2 
 int64_t l1_cols(int64_t tile) { return std::max<int64_t>(16, (24 * 1024) / (4 * tile)); }
 bool chunked_rows(int64_t nnz, int64_t K, int64_t O, int64_t tile) { return l1_cols(tile) * nnz >= 24 * K * O; }
 
-// Vectors one image's tiles compute, at the widest tile the geometry's planes allow.
-int64_t image_vectors(const PlaneGeometry& g, int64_t nv_max) {
-  return tiled_vectors(g.OH, g.OW, g.Wq, kLanes * tile_vecs(g, nv_max));
-}
-
-// Taps reading whole lines (taps_aligned) when some tap shifts by columns and rounding the rows up to whole
-// vectors adds at most 1/8 to the vectors computed: 3x3 convs on 56x56, 28x28 and 14x14 maps, not on 7x7
-// (4 -> 7 vectors).
-PlaneGeometry aligned_if_cheap(const PlaneGeometry& g, int64_t nv_max) {
-  if ((g.kw - 1) * g.dw / g.sw == 0) return g;
-  const PlaneGeometry a = taps_aligned(g);
-  return 8 * image_vectors(a, nv_max) <= 9 * image_vectors(g, nv_max) ? a : g;
-}
 
 UnitsFn pick_units(Isa isa) {
 #if PYPRUNE_X86

@@ -154,6 +154,19 @@ inline int64_t tiled_vectors(int64_t OH, int64_t OW, int64_t Wq, int64_t tile) {
   return Wq == OW ? flat_vecs : std::min(flat_vecs, row_vecs);
 }
 
+// Vectors one image's tiles compute, at the widest tile the geometry's planes allow.
+inline int64_t image_vectors(const PlaneGeometry& g, int64_t nv_max) {
+  return tiled_vectors(g.OH, g.OW, g.Wq, kLanes * tile_vecs(g, nv_max));
+}
+
+// taps_aligned(g) when some tap shifts by columns and rounding the rows up to whole vectors adds at most 1/8
+// to the vectors computed (3x3 convs on 56x56, 28x28 and 14x14 maps, not on 7x7: 4 -> 7 vectors), else g.
+inline PlaneGeometry aligned_if_cheap(const PlaneGeometry& g, int64_t nv_max) {
+  if ((g.kw - 1) * g.dw / g.sw == 0) return g;
+  const PlaneGeometry a = taps_aligned(g);
+  return 8 * image_vectors(a, nv_max) <= 9 * image_vectors(g, nv_max) ? a : g;
+}
+
 // The pixel tiles of one image in q space, at most `tile` wide: along output rows, or flat across them.
 inline std::vector<Tile> make_tiles(int64_t OH, int64_t OW, int64_t Wq, int64_t tile) {
   const int64_t q_end = (OH - 1) * Wq + OW;
