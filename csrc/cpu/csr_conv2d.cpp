@@ -313,12 +313,14 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
                 ", got ", cr[0], " and ", cr[O]);
 
   const Isa isa = kernel_isa();
-  // Taps that read whole lines where the rows run in column chunks (below): there the loads, not L2, bound the
-  // FMAs. Sparser rows stream a tile's whole input slice from L2, which the kw shifted copies triple. A/B in one
-  // process, Zen 4 VM, 2 threads, ResNet-50's 3x3 convs: 1.06-1.29x faster at 50%, 1.11x at 70% (256->256 @14
-  // batch 8 channels_last); at 90% 0.67-0.89x the speed.
-  const PlaneGeometry g =
-      chunked_rows(nnz, K, O, kLanes * tile_vecs(g0, isa_vecs(isa))) ? aligned_if_cheap(g0, isa_vecs(isa)) : g0;
+  // Taps that read whole lines where the rows run in column chunks (below), so that the loads, not L2, bound
+  // the FMAs, and where a weight column holds >= 48 nonzeros on average, so that its FMAs outweigh staging
+  // the kw shifted copies. Sparser rows stream a tile's whole input slice from L2, which the copies triple.
+  // A/B in one process, Zen 4 VM, 2 threads, ResNet-50's 3x3 convs: 128->128 @28 and 256->256 @14 at 50%
+  // (64 and 128 a column) 1.14-1.29x faster, 256->256 @14 at 70% 1.05x, the stride-2 ones at 50% 1.07-1.10x;
+  // 64->64 @56 at 50% (32 a column) 0.85-1.04x, at 70% (19) 0.77x; every conv at 90% 0.67-0.89x.
+  const bool dense_columns = nnz >= 48 * K && chunked_rows(nnz, K, O, kLanes * tile_vecs(g0, isa_vecs(isa)));
+  const PlaneGeometry g = dense_columns ? aligned_if_cheap(g0, isa_vecs(isa)) : g0;
   const int64_t Wq = g.Wq, planes = g.planes, reach = g.reach;
   const int64_t nv = tile_vecs(g, isa_vecs(isa)), tile = kLanes * nv;
   // A stride-1 unpadded 1x1 conv on NCHW x whose planes already qualify reads x in place.

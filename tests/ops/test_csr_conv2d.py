@@ -40,10 +40,9 @@ bsr_conv2d_module = importlib.import_module("pyprune.ops.bsr_conv2d")
 # channels_last input the planes are staged through 16x16 transposes, except for a stride-1 unpadded 1x1
 # conv, where each unit range transposes its own tiles (channel and pixel tails included). Copied or
 # transposed tiles run flat across images: 7x7 batch 5 and 3x3 batch 9 put two to eight images in one tile
-# (NCHW: outputs stored a run per image), and 33x35 has tiles across the image boundary. Rows dense enough to
-# run in column chunks (50% here) get every tap reading whole lines where that costs few extra vectors: planes
-# staged once per column shift, rows of whole vectors (dilation 2 at 11x11, 5x5 at 40x40, 1x7 at 3x40, and
-# stride 2 at 32x32, whose shifted slots come per stride phase).
+# (NCHW: outputs stored a run per image), and 33x35 has tiles across the image boundary. (The planes staged per
+# column shift of taps_aligned need more nonzeros per weight column than these have: see
+# test_dense_columns_read_aligned_taps.)
 CASES = [
     (7, 5, (1, 1), 1, 0, 1, (7, 7), 1),
     (16, 24, (1, 1), 1, 0, 1, (8, 8), 3),
@@ -517,6 +516,29 @@ def test_channels_last_1x1_few_tiles_many_row_parts(hw, batch):
     assert y.is_contiguous(memory_format=torch.channels_last)
     want = F.conv2d(x.double(), w.double().view(256, 192, 1, 1), b.double())
     torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["nchw", "channels_last"])
+@pytest.mark.parametrize(
+    "k,stride,padding,dilation,hw",
+    [(3, 1, 1, 1, (14, 14)), (3, 2, 1, 1, (32, 30)), (3, 1, 2, 2, (11, 11)), ((1, 5), 1, (0, 2), 1, (6, 40))],
+    ids=["3x3", "3x3-s2", "3x3-d2", "1x5"],
+)
+def test_dense_columns_read_aligned_taps(k, stride, padding, dilation, hw, fmt):
+    # >= 48 nonzeros per weight column and rows dense enough for column chunks: the planes are staged once
+    # per column shift with rows of whole vectors (taps_aligned), on maps where that costs few extra vectors
+    torch.manual_seed(0)
+    k = _pair(k)
+    w = torch.randn(64, 12, *k) * (torch.rand(64, 12, *k) >= 0.2)
+    c = CSR.from_dense(tap_major(w))
+    x = torch.randn(2, 12, *hw)
+    if fmt == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    b = torch.randn(64)
+    y = csr_conv2d(x, c.crow_indices, c.col_indices, c.values, 64, k, b, stride, padding, dilation)
+    want = F.conv2d(x.double(), w.double(), b.double(), stride, padding, dilation)
+    torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)
+    assert y.is_contiguous(memory_format=torch.channels_last if fmt == "channels_last" else torch.contiguous_format)
 
 
 @pytest.mark.skipif(not HAS_CPP, reason="the C++ kernel's path")
