@@ -205,7 +205,6 @@ int isa_vecs(Isa isa) { return isa == Isa::kAvx512 ? 4 : (isa == Isa::kAvx2 ? 2 
 int64_t l1_cols(int64_t tile) { return std::max<int64_t>(16, (24 * 1024) / (4 * tile)); }
 bool chunked_rows(int64_t nnz, int64_t K, int64_t O, int64_t tile) { return l1_cols(tile) * nnz >= 24 * K * O; }
 
-
 UnitsFn pick_units(Isa isa) {
 #if PYPRUNE_X86
   if (isa == Isa::kAvx512) return units_avx512;

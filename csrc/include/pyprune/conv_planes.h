@@ -148,10 +148,13 @@ inline int64_t run_vectors(int64_t len, int64_t tile) {
   return len / tile * (tile / kLanes) + (len % tile + kLanes - 1) / kLanes;
 }
 
-// The vectors make_tiles' tiles compute per image: flat across rows, or along them, whichever is fewer.
-inline int64_t tiled_vectors(int64_t OH, int64_t OW, int64_t Wq, int64_t tile) {
+// The vectors make_tiles' tiles compute per image, flat across rows or along them, whichever is fewer (*flat:
+// which one make_tiles takes).
+inline int64_t tiled_vectors(int64_t OH, int64_t OW, int64_t Wq, int64_t tile, bool* flat = nullptr) {
   const int64_t flat_vecs = run_vectors((OH - 1) * Wq + OW, tile), row_vecs = OH * run_vectors(OW, tile);
-  return Wq == OW ? flat_vecs : std::min(flat_vecs, row_vecs);
+  const bool f = Wq == OW || flat_vecs <= row_vecs;
+  if (flat) *flat = f;
+  return f ? flat_vecs : row_vecs;
 }
 
 // Vectors one image's tiles compute, at the widest tile the geometry's planes allow.
@@ -170,14 +173,15 @@ inline PlaneGeometry aligned_if_cheap(const PlaneGeometry& g, int64_t nv_max) {
 // The pixel tiles of one image in q space, at most `tile` wide: along output rows, or flat across them.
 inline std::vector<Tile> make_tiles(int64_t OH, int64_t OW, int64_t Wq, int64_t tile) {
   const int64_t q_end = (OH - 1) * Wq + OW;
-  const int64_t flat_vecs = run_vectors(q_end, tile), row_vecs = OH * run_vectors(OW, tile);
+  bool flat = true;
+  tiled_vectors(OH, OW, Wq, tile, &flat);
   std::vector<Tile> tiles;
   auto add = [&](int64_t q0, int64_t len) {
     const int64_t oh = q0 / Wq, ow = q0 - oh * Wq;
     const bool contiguous = Wq == OW || ow + len <= OW;
     tiles.push_back({q0, len, contiguous ? oh * OW + ow : -1});
   };
-  if (Wq == OW || flat_vecs <= row_vecs) {
+  if (flat) {
     for (int64_t q = 0; q < q_end; q += tile) add(q, std::min(tile, q_end - q));
   } else {
     for (int64_t oh = 0; oh < OH; ++oh)
