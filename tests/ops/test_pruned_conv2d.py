@@ -107,9 +107,10 @@ def test_matches_reference(case, keep, channels_last):
      ((40, 72, 3, 1, 1, 1, 2, 13, 3), False), ((24, 40, 1, 1, 0, 1, 1, 9, 5), True),
      ((20, 48, 3, 1, 1, 1, 1, 14, 3), True), ((800, 72, 3, 1, 1, 1, 1, 10, 3), False),
      ((800, 72, 3, 1, 1, 1, 1, 10, 3), True), ((1600, 128, 1, 1, 0, 1, 1, 7, 2), False),
-     ((1600, 128, 1, 1, 0, 1, 1, 7, 2), True)],
+     ((1600, 128, 1, 1, 0, 1, 1, 7, 2), True), ((100, 40, 3, 1, 1, 1, 1, 11, 20), False),
+     ((128, 128, 3, 1, 2, 2, 2, 12, 8), False)],
     ids=["staged", "staged-groups", "pixel-rows", "pixel-rows-cl", "row-windows", "tap-chunks", "tap-chunks-cl",
-         "channel-chunks", "channel-chunks-cl"],
+         "channel-chunks", "channel-chunks-cl", "restaged", "restaged-groups"],
 )  # fmt: skip
 def test_work_split_at_any_thread_count(case, cl, threads):
     # the staged path (stride-1 kxk on maps wider than 32): each thread stages the band of rows its tiles read,
@@ -118,7 +119,9 @@ def test_work_split_at_any_thread_count(case, cl, threads):
     # block, pixel tile) items, which may start and end mid-block; with the taps in chunks (400 kept input
     # channels x 9 taps x 36 output channels, 48 in the transposed weight: a block's weights over 512 KiB) a
     # thread's tiles of a block pass over each chunk in batches (38 tiles: two batches at one thread); a 1x1
-    # conv's input channels in chunks (800 kept channels x 64 outputs: a block's weights over 192 KiB)
+    # conv's input channels in chunks (800 kept channels x 64 outputs: a block's weights over 192 KiB); NCHW x
+    # restaged as channels_last (stride-1 kxk, >= 16 Mi multiply-adds: 50 kept channels, 121-pixel maps, not
+    # whole 16 x 16 blocks; with groups and dilation), in parallel over 16-pixel blocks of each image
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
