@@ -2,16 +2,16 @@
 //
 // Implicit GEMM per group: Y_g (C_out_g x pixels) = W_g (C_out_g x K_g) * X_g (K_g x pixels), K_g = C_in_g * kh * kw.
 // The gather is fused everywhere: kept channels are read through the index, and x[:, in_index] never exists as
-// a separate tensor (stride-1 kxk convs of >= 16 Mi multiply-adds on small NCHW maps restage the kept channels
-// as channels_last, the gather done by the same pass).
+// a separate tensor (on NCHW x, the pixels-as-rows tiles of stride-1 kxk convs of >= 16 Mi multiply-adds
+// restage the kept channels as channels_last first, the gather done by the same pass).
 // Two orientations:
 // - Vectors over output pixels (NCHW, larger maps): 64 pixels per tile (pixels of consecutive images share a
 //   tile), weights broadcast straight from their rows (one broadcast feeds 4 FMAs, no weight packing), register
 //   tile 6 output channels x 4 vectors. X_g comes from the input rows in place (1x1 stride 1), from
 //   zero-bordered planes of the kept channels (stride-1 kxk; each thread stages the band of rows its own tiles
 //   read, inside the same parallel region), or from im2col tiles.
-// - Pixels as GEMM rows (channels_last, and small NCHW maps): 6-8 pixels x 16-64 output channels, each input
-//   value broadcast in place, the weight transposed once and kept (see transposed_weight). With at most 32
+// - Pixels as GEMM rows (channels_last, small NCHW maps, plain 3x3 convs on NCHW): 6-8 pixels x 16-64 output
+//   channels, each input value broadcast in place, the weight transposed once and kept (see transposed_weight). With at most 32
 //   output channels a broadcast feeds too few FMAs; 3-wide stride-1 kernels then take row windows of 7-14
 //   pixels, where each broadcast serves the three taps that read it (cl_row_micro), and stride-1 1x1 convs on
 //   channels_last x 14-pixel runs addressed from one pointer (cl_micro's RUN). kxk tiles whose windows lie
@@ -1086,7 +1086,15 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   // batch 8).
   const bool small_map =
       a.P <= 64 || (a.P <= 256 && KH == 1 && KW == 1 && a.SH == 1 && a.SW == 1) || (a.P <= 1024 && (KH > 1 || KW > 1));
-  if ((!planar && xc.stride(1) == 1) || small_map) {
+  // Larger NCHW maps too for plain 3x3 convs whose output channels fill whole vectors: with x's kept channels
+  // restaged as channels_last (below) or, under 16 Mi multiply-adds, read in place, they beat the staged planes
+  // (A/B in one process, 2 threads, Xeon VM, NCHW, fused gather: 64->64 @56 keep 0.75 / 0.5 / 0.25 batch 8
+  // 0.94 / 0.78-0.81 / 0.85x the time, batch 1 0.91 / 0.78 / 0.83x; 64->64 @224 keep 0.5 0.85x, 128->128 @112
+  // 0.96x, 256->256 @56 0.93-0.96x; 64->64 @56 keep 1 batch 8 1.02x). Not with channels to spare in the last
+  // vector (24->24 @40 1.05-1.09x, 8->8 5x5 2.4x) nor 7x7 kernels (64->64 @56 keep 0.5 1.03-1.06x).
+  const bool plain_3x3 = KH == 3 && KW == 3 && a.SH == 1 && a.SW == 1 && a.DH == 1 && a.DW == 1 &&
+                         a.Cog % kLanes == 0;
+  if ((!planar && xc.stride(1) == 1) || small_map || plain_3x3) {
     // read in place through the channel index; the weight transposed once and kept
     const int64_t cog16 = round_up(a.Cog, kLanes);
     // taps in the padding read a row of zeros at every x[pixel, c] offset (C floats for channels_last input,
