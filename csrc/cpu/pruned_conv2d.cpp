@@ -11,10 +11,10 @@
 //   zero-bordered planes of the kept channels (stride-1 kxk; each thread stages the band of rows its own tiles
 //   read, inside the same parallel region), or from im2col tiles.
 // - Pixels as GEMM rows (channels_last, small NCHW maps, plain 3x3 convs on NCHW): 6-8 pixels x 16-64 output
-//   channels, each input value broadcast in place, the weight transposed once and kept (see transposed_weight). With at most 32
-//   output channels a broadcast feeds too few FMAs; 3-wide stride-1 kernels then take row windows of 7-14
-//   pixels, where each broadcast serves the three taps that read it (cl_row_micro), and stride-1 1x1 convs on
-//   channels_last x 14-pixel runs addressed from one pointer (cl_micro's RUN). kxk tiles whose windows lie
+//   channels, each input value broadcast in place, the weight transposed once and kept (see transposed_weight).
+//   3-wide stride-1 kernels take row windows of 7-14 pixels x up to 32 channels, where each broadcast serves
+//   the three taps that read it (cl_row_micro), and stride-1 1x1 convs on channels_last x with at most 32
+//   output channels 14-pixel runs addressed from one pointer (cl_micro's RUN). kxk tiles whose windows lie
 //   inside x take one pointer per pixel and one loop over every tap (cl_micro's WIN).
 // The epilogue adds the bias, applies the ReLU and writes each row to its output channel (out_index) in NCHW or
 // channels_last. Convs with one input channel per group (depthwise) take a direct stencil loop instead.
@@ -510,8 +510,9 @@ PYPRUNE_INLINE void cl_micro_nv(int nv, const ConvArgs& a, const ClArgs& c, cons
   else cl_micro<V, MR, 1, false, WIN>(a, c, px, g, co0, k0, k1, init, stage, ahead);
 }
 
-// Row windows (KW = 3, stride and dilation 1 along the row, PW <= 1) for at most 32 output channels, where one
-// broadcast per FMA vector leaves the loads, not the FMAs, as the bound: a tile is MR consecutive pixels of one
+// Row windows (KW = 3, stride and dilation 1 along the row, PW <= 1), first for at most 32 output channels, where
+// one broadcast per FMA vector leaves the loads, not the FMAs, as the bound, and then for wider blocks too,
+// where the fewer loads per FMA pay as well (see the host's rule): a tile is MR consecutive pixels of one
 // output row, and each input value of its window (MR + 2 columns) is broadcast once for the three taps kw that
 // read it (3 * NV FMAs per broadcast). L / R: the window's first / last column lies in the padding (skipped).
 template <class V, int MR, int NV, bool L, bool R>
@@ -1134,9 +1135,15 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
     int64_t nv_max = mr == 6 ? 4 : 3;
     if (!avx512) mr = 6, nv_max = 1;
     // row windows (AVX-512, see cl_row_tile): 14, 8 or 7 pixels (whichever first divides OW; 14 only for one
-    // channel vector)
+    // channel vector) x up to 2 channel vectors, for any number of channels but an odd multiple of 3 vectors,
+    // which the 3 x 8 tile splits evenly (A/B in one process, 2 threads, Xeon VM, fused gather, against 6 x 4
+    // or 8 x 3 tiles: 512->512 3x3 @7 keep 1 / 0.75 / 0.5 batch 8 0.75 / 0.75 / 0.67x the time, NCHW batch 1
+    // keep 0.25 0.66x; 256->256 @14 keep 0.75 / 0.5 0.84-0.93x; 128->128 @28 keep 0.75 / 0.5 0.92x; 64->64
+    // @56 keep 1 0.89-0.91x; 160->160 @14 keep 0.5 (80 channels, 6 x 4 with a 1-vector tail) 0.68x; but 48
+    // channels (64->64 @56 keep 0.75, 96->96 @28 keep 0.5) 1.03-1.20x)
     bool rows = false;
-    if (avx512 && vecs <= 2 && KW == 3 && a.SW == 1 && a.DW == 1 && a.PW <= 1) {
+    if (avx512 && (vecs <= 2 || vecs % 2 == 0 || vecs % 3 != 0) && KW == 3 && a.SW == 1 && a.DW == 1 &&
+        a.PW <= 1) {
       for (int64_t m : {14, 8, 7}) {
         if ((m == 14 && vecs > 1) || OW % m != 0) continue;
         mr = m, nv_max = 2, rows = true;
