@@ -12,7 +12,7 @@
 //   read, inside the same parallel region), or from im2col tiles.
 // - Pixels as GEMM rows (channels_last, small NCHW maps, plain 3x3 convs on NCHW): 6-8 pixels x 16-64 output
 //   channels, each input value broadcast in place, the weight transposed once and kept (see transposed_weight).
-//   3-wide stride-1 kernels take row windows of 7-14 pixels x up to 32 channels, where each broadcast serves
+//   3-wide stride-1 kernels take row windows of 7-14 pixels x up to 48 channels, where each broadcast serves
 //   the three taps that read it (cl_row_micro), and stride-1 1x1 convs on channels_last x with at most 32
 //   output channels 14-pixel runs addressed from one pointer (cl_micro's RUN). kxk tiles whose windows lie
 //   inside x take one pointer per pixel and one loop over every tap (cl_micro's WIN).
@@ -560,9 +560,9 @@ PYPRUNE_INLINE void cl_row_lr(bool l, bool r, const ConvArgs& a, const ClArgs& c
   else cl_row_micro<V, MR, NV, false, false>(a, c, n, oh, ow0, g, co0, stage);
 }
 
-// One row-window tile of MR (14, 8 or 7) pixels and nv (1 or 2) channel vectors. Instantiated for AVX-512
-// only, the one ISA the host enables them on: 14 accumulators plus 3 weight vectors exceed AVX2's 16
-// registers once each vector takes two.
+// One row-window tile of MR (14, 8 or 7) pixels and nv (1 or 2; 3 at 7 pixels) channel vectors. Instantiated
+// for AVX-512 only, the one ISA the host enables them on: 14 accumulators plus 3 weight vectors exceed AVX2's
+// 16 registers once each vector takes two.
 template <class V>
 PYPRUNE_INLINE void cl_row_tile(int64_t mr, int nv, const ConvArgs& a, const ClArgs& c, int64_t n, int64_t oh,
                                 int64_t ow0, int64_t g, int64_t co0, float* stage) {
@@ -572,7 +572,8 @@ PYPRUNE_INLINE void cl_row_tile(int64_t mr, int nv, const ConvArgs& a, const ClA
     else if (mr == 8 && nv == 1) cl_row_lr<V, 8, 1>(l, r, a, c, n, oh, ow0, g, co0, stage);
     else if (mr == 8) cl_row_lr<V, 8, 2>(l, r, a, c, n, oh, ow0, g, co0, stage);
     else if (nv == 1) cl_row_lr<V, 7, 1>(l, r, a, c, n, oh, ow0, g, co0, stage);
-    else cl_row_lr<V, 7, 2>(l, r, a, c, n, oh, ow0, g, co0, stage);
+    else if (nv == 2) cl_row_lr<V, 7, 2>(l, r, a, c, n, oh, ow0, g, co0, stage);
+    else cl_row_lr<V, 7, 3>(l, r, a, c, n, oh, ow0, g, co0, stage);
   }
 }
 
@@ -1135,12 +1136,12 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
     int64_t nv_max = mr == 6 ? 4 : 3;
     if (!avx512) mr = 6, nv_max = 1;
     // row windows (AVX-512, see cl_row_tile): 14, 8 or 7 pixels (whichever first divides OW; 14 only for one
-    // channel vector) x up to 2 channel vectors, for any number of channels but an odd multiple of 3 vectors,
-    // which the 3 x 8 tile splits evenly (A/B in one process, 2 threads, Xeon VM, fused gather, against 6 x 4
+    // channel vector) x up to 2 channel vectors, for any number of channels but an odd multiple of 3 vectors
+    // (see below; A/B in one process, 2 threads, Xeon VM, fused gather, against 6 x 4
     // or 8 x 3 tiles: 512->512 3x3 @7 keep 1 / 0.75 / 0.5 batch 8 0.75 / 0.75 / 0.67x the time, NCHW batch 1
     // keep 0.25 0.66x; 256->256 @14 keep 0.75 / 0.5 0.84-0.93x; 128->128 @28 keep 0.75 / 0.5 0.92x; 64->64
     // @56 keep 1 0.89-0.91x; 160->160 @14 keep 0.5 (80 channels, 6 x 4 with a 1-vector tail) 0.68x; but 48
-    // channels (64->64 @56 keep 0.75, 96->96 @28 keep 0.5) 1.03-1.20x)
+    // channels (64->64 @56 keep 0.75, 96->96 @28 keep 0.5) in blocks of 2 vectors and 1 1.03-1.20x)
     bool rows = false;
     if (avx512 && (vecs <= 2 || vecs % 2 == 0 || vecs % 3 != 0) && KW == 3 && a.SW == 1 && a.DW == 1 &&
         a.PW <= 1) {
@@ -1149,6 +1150,14 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
         mr = m, nv_max = 2, rows = true;
         break;
       }
+    }
+    // an odd multiple of 3 vectors: 7 x 3 row windows where 7 divides OW (21 accumulators and 9 weight vectors;
+    // A/B against the 8 x 3 tile, same setup: 64->64 @56 keep 0.75 batch 8 0.87x the time channels_last, 0.92x
+    // NCHW, batch 1 0.90x; 96->96 @28 keep 0.5 0.87x; 128->128 @28 keep 0.375 0.88x. Instead of the 2-vector
+    // row windows on even multiples: 0.93-0.97x at 14x14 and 28x28 but 1.08x at 512->512 @7, not taken)
+    if (avx512 && !rows && vecs % 3 == 0 && vecs % 2 == 1 && KW == 3 && a.SW == 1 && a.DW == 1 && a.PW <= 1 &&
+        OW % 7 == 0) {
+      mr = 7, nv_max = 3, rows = true;
     }
     // runs (AVX-512, see cl_micro's RUN): stride-1 unpadded 1x1 on channels_last x with <= 32 output channels,
     // 14-pixel tiles (A/B in one process, 2 threads: 256->64 1x1 @56 keep 0.5 batch 1 0.080-0.085 -> 0.071 ms,
