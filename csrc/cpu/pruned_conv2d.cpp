@@ -1093,9 +1093,10 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   // (A/B in one process, 2 threads, Xeon VM, NCHW, fused gather: 64->64 @56 keep 0.75 / 0.5 / 0.25 batch 8
   // 0.94 / 0.78-0.81 / 0.85x the time, batch 1 0.91 / 0.78 / 0.83x; 64->64 @224 keep 0.5 0.85x, 128->128 @112
   // 0.96x, 256->256 @56 0.93-0.96x; 64->64 @56 keep 1 batch 8 1.02x). Not with channels to spare in the last
-  // vector (24->24 @40 1.05-1.09x, 8->8 5x5 2.4x) nor 7x7 kernels (64->64 @56 keep 0.5 1.03-1.06x).
-  const bool plain_3x3 = KH == 3 && KW == 3 && a.SH == 1 && a.SW == 1 && a.DH == 1 && a.DW == 1 &&
-                         a.Cog % kLanes == 0;
+  // vector (24->24 @40 1.05-1.09x, 8->8 5x5 2.4x) nor 7x7 kernels (64->64 @56 keep 0.5 1.03-1.06x). AVX-512
+  // only: the AVX2 tiles (6 pixels x 1 vector) lost to the staged planes, 1.10-1.35x the time.
+  const bool plain_3x3 = kernel_isa() == Isa::kAvx512 && KH == 3 && KW == 3 && a.SH == 1 && a.SW == 1 &&
+                         a.DH == 1 && a.DW == 1 && a.Cog % kLanes == 0;
   if ((!planar && xc.stride(1) == 1) || small_map || plain_3x3) {
     // read in place through the channel index; the weight transposed once and kept
     const int64_t cog16 = round_up(a.Cog, kLanes);
@@ -1107,7 +1108,8 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
     // batch 8 128->128 3x3 @28 0.92 / 0.92 / 0.95x the time, 256->256 @14 0.89 / 0.87 / 0.92x, 512->512 @7
     // 0.86 / 0.85 / 0.85x; batch 1 0.89-0.94x down to 16 Mi multiply-adds a call, below which the extra pass
     // cost up to 4%; not 1x1 convs, 1.03-1.16x at 1024->256 @14, nor stride 2, 1.13-1.18x at 128->128 @56 batch
-    // 8 and 256->256 @28 batch 1 against 0.87x at 512->512 @14)
+    // 8 and 256->256 @28 batch 1 against 0.87x at 512->512 @14; the AVX2 tiles gain too: without the pass
+    // 1.11-1.31x the time on the batch 8 convs above at keep 0.5)
     at::Tensor xt;
     std::vector<int64_t> kept;
     if (a.sC != 1 && (KH > 1 || KW > 1) && a.SH == 1 && a.SW == 1 && a.N * a.P * a.Kg * c_out >= (int64_t(16) << 20)) {
