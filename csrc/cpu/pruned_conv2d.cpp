@@ -686,52 +686,51 @@ PYPRUNE_INLINE int64_t cl_tile(const ConvArgs& a, const ClArgs& c, int64_t t, in
   return cnt;
 }
 
-// Lanes [lo, hi) of v into d[lo, hi); the memory of the other lanes is not touched (on AVX-512 one masked
-// store, whose masked-off lanes never fault).
-template <class V>
-PYPRUNE_INLINE void store_lanes(float* d, const V& v, int64_t lo, int64_t hi) {
 #if PYPRUNE_X86
-  if constexpr (V::kParts == 1) {
-    const unsigned mask = ((1u << hi) - 1) & ~((1u << lo) - 1);
-    __builtin_ia32_storeups512_mask(d, v.h[0], static_cast<uint16_t>(mask));
-    return;
-  }
-#endif
-  for (int64_t i = lo; i < hi; ++i) d[i] = v[static_cast<int>(i)];
+// Lanes [lo, hi) of an AVX-512 vector into d[lo, hi) as one masked store (the masked-off lanes' memory is not
+// touched and never faults).
+PYPRUNE_INLINE void store_lanes(float* d, const VecAvx512& v, int64_t lo, int64_t hi) {
+  const unsigned mask = ((1u << hi) - 1) & ~((1u << lo) - 1);
+  __builtin_ia32_storeups512_mask(d, v.h[0], static_cast<uint16_t>(mask));
 }
+#endif
 
 // A finished tile's outputs (stage[r * 64 + j]: pixel r, channel row0 + j of nco) into y, with bias and ReLU.
 template <class V>
 PYPRUNE_INLINE void cl_store(const ConvArgs& a, const float* stage, int64_t cnt, const int64_t* pix_n,
                              const int64_t* pix_p, int64_t row0, int64_t nco, bool consecutive) {
-  if (!consecutive && a.oP == 1) {
-    // NCHW output: 16 channels at a time, the tile's pixels transposed into one vector per channel, whose runs
-    // of pixels in one image go out as one store each. One scalar store per output (an index load, a multiply
-    // and a store to another line each) had ~17% of the kernel's samples on 1024->256 1x1 @14 batch 8 keep
-    // 0.25 (A/B in one process, 2 threads, Xeon VM, NCHW: that conv 0.91x the time, keep 0.5 0.95x, batch 1
-    // 0.95x; 128->128 3x3 @28 batch 1 keep 0.25 0.91x, batch 8 keep 0.5 0.96x; 2048->512 1x1 @7 and the 3x3
-    // convs on 7x7 / 14x14 maps 0.98-0.99x)
-    for (int64_t jb = 0; jb < nco; jb += kLanes) {
-      const int64_t nj = std::min<int64_t>(kLanes, nco - jb);
-      alignas(64) float bias[kLanes] = {};
-      if (a.bias) std::copy(a.bias + row0 + jb, a.bias + row0 + jb + nj, bias);
-      const V b = load16<V>(bias);
-      V r[kLanes];
-      for (int i = 0; i < kLanes; ++i) {
-        r[i] = i < cnt ? load16<V>(stage + i * 64 + jb) + b : V{};
-        if (a.relu) r[i] = relu16(r[i]);
+#if PYPRUNE_X86
+  if constexpr (V::kParts == 1) {  // AVX-512 (on AVX2 the lane-by-lane stores were 1.05-1.12x the time)
+    if (!consecutive && a.oP == 1) {
+      // NCHW output: 16 channels at a time, the tile's pixels transposed into one vector per channel, whose runs
+      // of pixels in one image go out as one store each. One scalar store per output (an index load, a multiply
+      // and a store to another line each) had ~17% of the kernel's samples on 1024->256 1x1 @14 batch 8 keep
+      // 0.25 (A/B in one process, 2 threads, Xeon VM, NCHW: that conv 0.91x the time, keep 0.5 0.95x, batch 1
+      // 0.95x; 128->128 3x3 @28 batch 1 keep 0.25 0.91x, batch 8 keep 0.5 0.96x; 2048->512 1x1 @7 and the 3x3
+      // convs on 7x7 / 14x14 maps 0.98-0.99x)
+      for (int64_t jb = 0; jb < nco; jb += kLanes) {
+        const int64_t nj = std::min<int64_t>(kLanes, nco - jb);
+        alignas(64) float bias[kLanes] = {};
+        if (a.bias) std::copy(a.bias + row0 + jb, a.bias + row0 + jb + nj, bias);
+        const V b = load16<V>(bias);
+        V r[kLanes];
+        for (int i = 0; i < kLanes; ++i) {
+          r[i] = i < cnt ? load16<V>(stage + i * 64 + jb) + b : V{};
+          if (a.relu) r[i] = relu16(r[i]);
+        }
+        transpose16(r);
+        for (int64_t r0 = 0; r0 < cnt;) {
+          int64_t r1 = r0 + 1;
+          while (r1 < cnt && pix_n[r1] == pix_n[r0] && pix_p[r1] == pix_p[r1 - 1] + 1) ++r1;
+          float* base = a.y + pix_n[r0] * a.oN + pix_p[r0] - r0;  // pixel r at base[r]
+          for (int64_t j = 0; j < nj; ++j) store_lanes(base + a.out_ch[row0 + jb + j] * a.oC, r[j], r0, r1);
+          r0 = r1;
+        }
       }
-      transpose16(r);
-      for (int64_t r0 = 0; r0 < cnt;) {
-        int64_t r1 = r0 + 1;
-        while (r1 < cnt && pix_n[r1] == pix_n[r0] && pix_p[r1] == pix_p[r1 - 1] + 1) ++r1;
-        float* base = a.y + pix_n[r0] * a.oN + pix_p[r0] - r0;  // pixel r at base[r]
-        for (int64_t j = 0; j < nj; ++j) store_lanes(base + a.out_ch[row0 + jb + j] * a.oC, r[j], r0, r1);
-        r0 = r1;
-      }
+      return;
     }
-    return;
   }
+#endif
   for (int64_t r = 0; r < cnt; ++r) {
     float* d = a.y + pix_n[r] * a.oN + pix_p[r] * a.oP;
     const float* src = stage + r * 64;
@@ -805,8 +804,8 @@ PYPRUNE_INLINE void cl_units(const ConvArgs& a, const ClArgs& c, int64_t f0, int
   }
 }
 
-// NCHW x restaged as channels_last of its kept channels: xt[(n * HW + p) * Ck + c] = x[n, in_idx[c], p] (p an input pixel) for the
-// pixels of blocks [b0, b1) (16 pixels of one image each), through in-register 16x16 transposes.
+// NCHW x restaged as channels_last of its kept channels: xt[(n * HW + p) * Ck + c] = x[n, in_idx[c], p] for the
+// input pixels p of blocks [b0, b1) (16 pixels of one image each), through in-register 16x16 transposes.
 template <class V>
 PYPRUNE_INLINE void restage_units(const ConvArgs& a, int64_t Ck, float* xt, int64_t b0, int64_t b1) {
   const int64_t HW = a.H * a.W, per_image = (HW + kLanes - 1) / kLanes;
