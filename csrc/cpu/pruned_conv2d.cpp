@@ -10,12 +10,12 @@
 //   tile 6 output channels x 4 vectors. X_g comes from the input rows in place (1x1 stride 1), from
 //   zero-bordered planes of the kept channels (stride-1 kxk; each thread stages the band of rows its own tiles
 //   read, inside the same parallel region), or from im2col tiles.
-// - Pixels as GEMM rows (channels_last, small NCHW maps, plain 3x3 convs on NCHW): 6-8 pixels x 16-64 output
-//   channels, each input value broadcast in place, the weight transposed once and kept (see transposed_weight).
-//   3-wide stride-1 kernels take row windows of 7-14 pixels x up to 48 channels, where each broadcast serves
-//   the three taps that read it (cl_row_micro), and stride-1 1x1 convs on channels_last x with at most 32
-//   output channels 14-pixel runs addressed from one pointer (cl_micro's RUN). kxk tiles whose windows lie
-//   inside x take one pointer per pixel and one loop over every tap (cl_micro's WIN).
+// - Pixels as GEMM rows (channels_last, small NCHW maps, plain 3x3 convs and ResNet-like stems on NCHW): 6-8
+//   pixels x 16-64 output channels, each input value broadcast in place, the weight transposed once and kept
+//   (see transposed_weight). 3-wide stride-1 kernels take row windows of 7-14 pixels x up to 48 channels, where
+//   each broadcast serves the three taps that read it (cl_row_micro), and stride-1 1x1 convs on channels_last x
+//   with at most 32 output channels 14-pixel runs addressed from one pointer (cl_micro's RUN). kxk tiles whose
+//   windows lie inside x take one pointer per pixel and one loop over every tap (cl_micro's WIN).
 // The epilogue adds the bias, applies the ReLU and writes each row to its output channel (out_index) in NCHW or
 // channels_last. Convs with one input channel per group (depthwise) take a direct stencil loop instead.
 #include <ATen/Parallel.h>
@@ -1092,11 +1092,18 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   // (A/B in one process, 2 threads, Xeon VM, NCHW, fused gather: 64->64 @56 keep 0.75 / 0.5 / 0.25 batch 8
   // 0.94 / 0.78-0.81 / 0.85x the time, batch 1 0.91 / 0.78 / 0.83x; 64->64 @224 keep 0.5 0.85x, 128->128 @112
   // 0.96x, 256->256 @56 0.93-0.96x; 64->64 @56 keep 1 batch 8 1.02x). Not with channels to spare in the last
-  // vector (24->24 @40 1.05-1.09x, 8->8 5x5 2.4x) nor 7x7 kernels (64->64 @56 keep 0.5 1.03-1.06x). AVX-512
+  // vector (24->24 @40 1.05-1.09x, 8->8 5x5 2.4x) nor 7x7 kernels (64->64 @56 keep 0.5 1.03-1.06x), nor
+  // under 32 input channels (3->64 @224 1.2-1.6x, 8->64 and 16->64 @56 batch 1 1.10x; 32->32 @56 0.86x). AVX-512
   // only: the AVX2 tiles (6 pixels x 1 vector) lost to the staged planes, 1.10-1.35x the time.
-  const bool plain_3x3 = kernel_isa() == Isa::kAvx512 && KH == 3 && KW == 3 && a.SH == 1 && a.SW == 1 &&
-                         a.DH == 1 && a.DW == 1 && a.Cog % kLanes == 0;
-  if ((!planar && xc.stride(1) == 1) || small_map || plain_3x3) {
+  const bool avx512_tiles = kernel_isa() == Isa::kAvx512 && a.Cog % kLanes == 0;
+  const bool plain_3x3 = avx512_tiles && KH == 3 && KW == 3 && a.SH == 1 && a.SW == 1 && a.DH == 1 && a.DW == 1 &&
+                         a.Cig >= 32;
+  // And the ResNet stem's kind of conv, 7x7 or wider with stride 2 over at most 4 input channels, whose im2col
+  // tiles (147 strided gathers per pixel for 147 multiply-adds per output channel) cost as much as their FMAs:
+  // 3->64 7x7 s2 @224 0.78x the time at batch 1, 0.83x at batch 8 (same A/B; 3x3 s2 stems 1.02-1.13x, and on
+  // AVX2 1.08-1.58x, so neither).
+  const bool stem = avx512_tiles && KH * KW >= 49 && a.Cig <= 4 && a.SH == 2 && a.SW == 2;
+  if ((!planar && xc.stride(1) == 1) || small_map || plain_3x3 || stem) {
     // read in place through the channel index; the weight transposed once and kept
     const int64_t cog16 = round_up(a.Cog, kLanes);
     // taps in the padding read a row of zeros at every x[pixel, c] offset (C floats for channels_last input,
