@@ -1093,11 +1093,12 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   // 0.94 / 0.78-0.81 / 0.85x the time, batch 1 0.91 / 0.78 / 0.83x; 64->64 @224 keep 0.5 0.85x, 128->128 @112
   // 0.96x, 256->256 @56 0.93-0.96x; 64->64 @56 keep 1 batch 8 1.02x). Not with channels to spare in the last
   // vector (24->24 @40 1.05-1.09x, 8->8 5x5 2.4x) nor 7x7 kernels (64->64 @56 keep 0.5 1.03-1.06x), nor
-  // under 32 input channels (3->64 @224 1.2-1.6x, 8->64 and 16->64 @56 batch 1 1.10x; 32->32 @56 0.86x). AVX-512
+  // under 32 input channels (3->64 @224 1.2-1.6x, 8->64 and 16->64 @56 batch 1 1.10x; 32->32 @56 0.86x) unless
+  // 16 or more feed at most 32 outputs (16->16 @56 batch 1 0.86x, batch 8 0.98x, 16->32 0.92-0.95x). AVX-512
   // only: the AVX2 tiles (6 pixels x 1 vector) lost to the staged planes, 1.10-1.35x the time.
   const bool avx512_tiles = kernel_isa() == Isa::kAvx512 && a.Cog % kLanes == 0;
   const bool plain_3x3 = avx512_tiles && KH == 3 && KW == 3 && a.SH == 1 && a.SW == 1 && a.DH == 1 && a.DW == 1 &&
-                         a.Cig >= 32;
+                         (a.Cig >= 32 || (a.Cig >= 16 && a.Cog <= 32));
   // And the ResNet stem's kind of conv, 7x7 or wider with stride 2 over at most 4 input channels, whose im2col
   // tiles (147 strided gathers per pixel for 147 multiply-adds per output channel) cost as much as their FMAs:
   // 3->64 7x7 s2 @224 0.78x the time at batch 1, 0.83x at batch 8 (same A/B; 3x3 s2 stems 1.02-1.13x, and on

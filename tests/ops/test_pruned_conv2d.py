@@ -18,17 +18,18 @@ OP = torch.ops.pyprune.pruned_conv2d
 # (C_in, C_out, kernel, stride, padding, dilation, groups, side, batch): 1x1 and kxk, stride 2, dilation,
 # groups and depthwise, odd sizes; maps that take each path of the C++ kernel: channels_last and NCHW maps up
 # to 32x32 (pixels as rows), stride-1 kxk on wider maps (staged planes: 40, 36; see also the thread-count
-# test) except plain 3x3 convs with >= 32 input channels and whole vectors of output channels (AVX-512: pixels
-# as rows, 36 with x read in place, 40 restaged as channels_last), a 7x7 stride-2 conv over 4 channels
-# (AVX-512: pixels as rows, 30), NCHW 1x1 (rows read in place), the rest (im2col tiles: stride 2 at 70, a 7x7
-# kernel whose border columns would waste > 1/7); pixels as rows with row windows (3-wide stride-1 kernels, OW
-# a multiple of 14, 8 or 7; an odd multiple of 3 channel vectors only at 7): both borders in one 14-pixel tile
-# (14), unpadded with groups (8), 8-pixel tiles of one and two channel vectors (16), 14 and 7 (28), blocks of
-# two vectors and a last one of one (80 channels at 14, 7-pixel tiles; 64 at 40, 8-pixel tiles), 7 pixels x 3
-# vectors (48 channels at 14); the taps in chunks: see the thread-count test; stride-1 1x1 on NCHW maps past
-# 16x16 (17: tiles of 64 pixels that span images) and up to it (10: pixels as rows); on channels_last with <=
-# 32 output channels, 14-pixel runs with a partial last tile (7, 10, 56; grouped: 9), but not a 1x1 map of 30
-# NCHW images (its pixels are one input channel apart yet not one run: C floats apart)
+# test) except plain 3x3 convs with >= 32 input channels (>= 16 for <= 32 outputs) and whole vectors of output
+# channels (AVX-512: pixels as rows, 36 with x read in place, 40 restaged as channels_last), a 7x7 stride-2
+# conv over 4 channels (AVX-512: pixels as rows, 30), NCHW 1x1 (rows read in place), the rest (im2col tiles:
+# stride 2 at 70, a 7x7 kernel whose border columns would waste > 1/7); pixels as rows with row windows
+# (3-wide stride-1 kernels, OW a multiple of 14, 8 or 7; an odd multiple of 3 channel vectors only at 7): both
+# borders in one 14-pixel tile (14), unpadded with groups (8), 8-pixel tiles of one and two channel vectors
+# (16), 14 and 7 (28), blocks of two vectors and a last one of one (80 channels at 14, 7-pixel tiles; 64 at
+# 40, 8-pixel tiles), 7 pixels x 3 vectors (48 channels at 14); the taps in chunks: see the thread-count test;
+# stride-1 1x1 on NCHW maps past 16x16 (17: tiles of 64 pixels that span images) and up to it (10: pixels as
+# rows); on channels_last with <= 32 output channels, 14-pixel runs with a partial last tile (7, 10, 56;
+# grouped: 9), but not a 1x1 map of 30 NCHW images (its pixels are one input channel apart yet not one run: C
+# floats apart)
 CASES = [
     (16, 32, 3, 1, 1, 1, 1, 9, 2),
     (7, 5, 1, 1, 0, 1, 1, 7, 1),
