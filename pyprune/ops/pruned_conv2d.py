@@ -1,8 +1,9 @@
 """pyprune::pruned_conv2d: a convolution over a subset of input channels producing a subset of output channels.
 
-The channel gather is part of the op (the kernel reads ``x[:, in_index]`` in place, no compacted copy), as is
-the optional ReLU and the scatter of the kept outputs into a full-width output (so a residual add still lines
-up when only one side of it was pruned)."""
+The channel gather is part of the op (the kernel reads ``x[:, in_index]`` in place; the CPU kernel restages the
+kept channels of NCHW x as channels_last in the same pass for large stride-1 kxk convs), as is the optional
+ReLU and the scatter of the kept outputs into a full-width output (so a residual add still lines up when only
+one side of it was pruned)."""
 
 from __future__ import annotations
 
