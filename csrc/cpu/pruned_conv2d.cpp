@@ -26,6 +26,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <numeric>
 #include <utility>
 #include <vector>
 
@@ -43,6 +44,7 @@ static_assert(kMR <= 6, "micro_rows instantiates tiles of 1 to 6 rows");
 constexpr int kNV = 4;                // pixel vectors per register tile
 constexpr int64_t kNR = kNV * kLanes;  // pixels per tile
 constexpr int64_t kTileBatch = 32;     // pixels-as-rows tiles that share a pass over a chunk of taps
+constexpr int kMaxRowPixels = 14;      // pixels of the widest pixels-as-rows tile (RUN, row windows)
 
 struct ConvArgs {
   const float* x;
@@ -594,9 +596,9 @@ PYPRUNE_INLINE bool tile_windows(const ConvArgs& a, const ClArgs& c, int64_t q0,
   const int64_t taps = a.KH * a.KW, MR = c.MR;
   // walk the tile's pixels without dividing per pixel
   int64_t n = q0 / a.P, oh = (q0 % a.P) / a.OW, ow = (q0 % a.P) % a.OW;
-  const float* base[14];
-  bool inside[14], all_in = c.koff != nullptr;
-  int64_t ih0[14], iw0[14];
+  const float* base[kMaxRowPixels];
+  bool inside[kMaxRowPixels], all_in = c.koff != nullptr;
+  int64_t ih0[kMaxRowPixels], iw0[kMaxRowPixels];
   for (int64_t r = 0; r < MR; ++r) {
     if (r > 0 && r < cnt && ++ow == a.OW) {
       ow = 0;
@@ -715,7 +717,7 @@ PYPRUNE_INLINE void cl_store(const ConvArgs& a, const float* stage, int64_t cnt,
         const V b = load16<V>(bias);
         V r[kLanes];
         for (int i = 0; i < kLanes; ++i) {
-          r[i] = i < cnt ? load16<V>(stage + i * 64 + jb) + b : V{};
+          r[i] = i < cnt && i < kMaxRowPixels ? load16<V>(stage + i * 64 + jb) + b : V{};
           if (a.relu) r[i] = relu16(r[i]);
         }
         transpose16(r);
@@ -765,8 +767,8 @@ PYPRUNE_INLINE void cl_units(const ConvArgs& a, const ClArgs& c, int64_t f0, int
   const int64_t bw = c.NVmax * kLanes, blocks_per_group = (a.Cog + bw - 1) / bw;
   const int64_t n_tiles = (a.N * a.P + MR - 1) / MR;
   std::vector<const float*> px(taps * MR);
-  alignas(64) float stage[14 * 64];
-  int64_t pix_n[14], pix_p[14];
+  alignas(64) float stage[kMaxRowPixels * 64];
+  int64_t pix_n[kMaxRowPixels], pix_p[kMaxRowPixels];
   // A stride-1 unpadded 1x1 conv on channels_last x reads one contiguous run of pixels per tile (the kept
   // channels of MR whole pixels: with 16 channels to a line nearly every line of them), so the next tile's run
   // is prefetched into L2 while this one computes. On inputs past the caches the hardware prefetcher alone
@@ -1096,7 +1098,8 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   // under 32 input channels (3->64 @224 1.2-1.6x, 8->64 and 16->64 @56 batch 1 1.10x; 32->32 @56 0.86x) unless
   // 16 or more feed at most 32 outputs (16->16 @56 batch 1 0.86x, batch 8 0.98x, 16->32 0.92-0.95x). AVX-512
   // only: the AVX2 tiles (6 pixels x 1 vector) lost to the staged planes, 1.10-1.35x the time.
-  const bool avx512_tiles = kernel_isa() == Isa::kAvx512 && a.Cog % kLanes == 0;
+  const bool avx512 = kernel_isa() == Isa::kAvx512;
+  const bool avx512_tiles = avx512 && a.Cog % kLanes == 0;
   const bool plain_3x3 = avx512_tiles && KH == 3 && KW == 3 && a.SH == 1 && a.SW == 1 && a.DH == 1 && a.DW == 1 &&
                          (a.Cig >= 32 || (a.Cig >= 16 && a.Cog <= 32));
   // And the ResNet stem's kind of conv, 7x7 or wider with stride 2 over at most 4 input channels, whose im2col
@@ -1105,10 +1108,8 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   // AVX2 1.08-1.58x, so neither).
   const bool stem = avx512_tiles && KH * KW >= 49 && a.Cig <= 4 && a.SH == 2 && a.SW == 2;
   if ((!planar && xc.stride(1) == 1) || small_map || plain_3x3 || stem) {
-    // read in place through the channel index; the weight transposed once and kept
+    // read in place through the channel index (or restaged, below); the weight transposed once and kept
     const int64_t cog16 = round_up(a.Cog, kLanes);
-    // taps in the padding read a row of zeros at every x[pixel, c] offset (C floats for channels_last input,
-    // the whole image for NCHW): allocated and cleared once, shared by the calls (never written after)
     // NCHW x on stride-1 kxk convs: its kept channels restaged as channels_last first (one parallel pass of
     // 16x16 transposes), after which the tiles broadcast along each pixel's contiguous channels instead of one
     // line per input channel (A/B in one process, 2 threads, Xeon VM, fused gather, keep 0.75 / 0.5 / 0.25:
@@ -1119,27 +1120,29 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
     // 1.11-1.31x the time on the batch 8 convs above at keep 0.5)
     at::Tensor xt;
     std::vector<int64_t> kept;
-    if (a.sC != 1 && (KH > 1 || KW > 1) && a.SH == 1 && a.SW == 1 && a.N * a.P * a.Kg * c_out >= (int64_t(16) << 20)) {
+    if (a.sC != 1 && (KH > 1 || KW > 1) && a.SH == 1 && a.SW == 1 &&
+        a.N * a.P * a.Kg * c_out >= (int64_t(16) << 20)) {
       xt = at::empty({a.N * a.H * a.W * c_in}, x.options());
       RestageFn rf = restage_baseline;
 #if PYPRUNE_X86
-      if (kernel_isa() == Isa::kAvx512) rf = restage_avx512;
+      if (avx512) rf = restage_avx512;
       else if (kernel_isa() == Isa::kAvx2) rf = restage_avx2;
 #endif
       float* xtp = xt.data_ptr<float>();
       const int64_t nb = a.N * ((a.H * a.W + kLanes - 1) / kLanes);
       at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) { rf(a, c_in, xtp, b0, b1); });
       kept.resize(c_in);
-      for (int64_t i = 0; i < c_in; ++i) kept[i] = i;
+      std::iota(kept.begin(), kept.end(), int64_t(0));
       a.x = xtp, a.in_idx = kept.data();
       a.sC = 1, a.sW = c_in, a.sH = a.W * c_in, a.sN = a.H * a.sH;
     }
+    // taps in the padding read a row of zeros at every x[pixel, c] offset (C floats for channels_last or
+    // restaged x, the whole image for NCHW): allocated and cleared once, shared by the calls (never written after)
     const int64_t x_channels = xt.defined() ? c_in : C;
     const at::Tensor zeros = a.PH || a.PW ? shared_zeros((x_channels - 1) * a.sC + 1) : at::Tensor();
     // register tile (AVX-512): 4 channel vectors x 6 pixels, or up to 3 x 8 when that splits the channels
     // evenly (96, 144, ...) and for 16-48 channels (8 pixels: 12 spilled the pixel pointers); AVX2 and the
     // baseline: 1 x 6 (12 ymm accumulators of 16; the AVX-512 tiles spill there)
-    const bool avx512 = kernel_isa() == Isa::kAvx512;
     const int64_t vecs = cog16 / kLanes;
     int64_t mr = vecs >= 4 && (vecs % 4 == 0 || vecs % 3 != 0) ? 6 : 8;
     int64_t nv_max = mr == 6 ? 4 : 3;
