@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from . import ops as _ops  # noqa: F401  (defines the torch.ops.pyprune schemas the formulas attach to)
+from .ops.pruned_conv2d import output_size
 
 
 # The formulas get shapes in place of tensors, and the output's shape as out_shape.
@@ -35,8 +36,11 @@ def _sparse24_linear_flop(x, values, *args, out_shape=None, **kwargs) -> int:
 
 
 @register_flop_formula(torch.ops.pyprune.pruned_conv2d)
-def _pruned_conv2d_flop(x, weight, *args, out_shape=None, **kwargs) -> int:
-    return _conv_flops(weight, out_shape)
+def _pruned_conv2d_flop(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, *args,
+                        out_shape=None, **kwargs) -> int:  # fmt: skip
+    # the conv's own output (out_shape is after the optional max pool); x and weight are shapes here
+    oh, ow = output_size(x[2:], weight[2:], stride, padding, dilation)
+    return _conv_flops(weight, (x[0], weight[0], oh, ow))
 
 
 @register_flop_formula(torch.ops.pyprune.csr_conv2d)

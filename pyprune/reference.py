@@ -177,7 +177,9 @@ def pruned_conv2d_ref(
     dilation: list[int],
     groups: int,
     relu: bool,
+    max_pool: list[int] = (),
 ) -> Tensor:
+    """max_pool: [] or (kernel_h, kernel_w, stride_h, stride_w, padding_h, padding_w), applied last."""
     xs = x if in_index is None else x.index_select(1, in_index)
     y = _conv2d(xs, weight, bias, stride, padding, dilation, groups)
     if relu:
@@ -186,6 +188,8 @@ def pruned_conv2d_ref(
         full = y.new_zeros(y.shape[0], out_channels, y.shape[2], y.shape[3])
         full[:, out_index] = y
         y = full
+    if max_pool:
+        y = torch.nn.functional.max_pool2d(y, max_pool[:2], max_pool[2:4], max_pool[4:])
     return y.contiguous(memory_format=_memory_format(x))
 
 

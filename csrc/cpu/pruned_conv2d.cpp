@@ -17,13 +17,15 @@
 //   with at most 32 output channels 14-pixel runs addressed from one pointer (cl_micro's RUN). kxk tiles whose
 //   windows lie inside x take one pointer per pixel and one loop over every tap (cl_micro's WIN).
 // The epilogue adds the bias, applies the ReLU and writes each row to its output channel (out_index) in NCHW or
-// channels_last. Convs with one input channel per group (depthwise) take a direct stencil loop instead.
+// channels_last. Convs with one input channel per group (depthwise) take a direct stencil loop instead. An
+// optional max pool (max_pool) runs over the finished output in a second parallel pass (pool_units).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <numeric>
@@ -835,6 +837,85 @@ using UnitFn = void (*)(const ConvArgs&, int64_t, int64_t);
 using ClFn = void (*)(const ConvArgs&, const ClArgs&, int64_t, int64_t);
 using RestageFn = void (*)(const ConvArgs&, int64_t, float*, int64_t, int64_t);
 
+// ---- the fused max pool ------------------------------------------------------------------------------------
+// y = max_pool2d(yc) as F.max_pool2d computes it with dilation 1 and floor mode: windows clipped to yc, a NaN in
+// a window wins. A window's rows are reduced first (runs of whole rows, which vectorize), then along the row.
+struct PoolArgs {
+  int64_t KH, KW, SH, SW, PH, PW;
+  const float* s;  // yc, and its sizes
+  int64_t N, C, H, W;
+  float* d;  // y, and its map
+  int64_t OH, OW;
+  bool channels_last;
+};
+
+// d[j] = max(d[j], s[j]) for j < n, a NaN in either winning (as in F.max_pool2d).
+PYPRUNE_INLINE void max_into(float* __restrict d, const float* __restrict s, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float a = d[j], b = s[j];
+    d[j] = (b > a || b != b) ? b : a;
+  }
+}
+
+// Output rows [r0, r1) of one NCHW plane (H x W -> OH x OW). v: the window rows' maximum over the padded
+// columns, whose padding stays -inf; h: the stride-1 window maximum along v, of which every SW-th is an
+// output. h spans whole vectors (pool_h floats; v KW - 1 more), so that its loops have no scalar tail.
+PYPRUNE_INLINE int64_t pool_h(const PoolArgs& p) { return round_up((p.OW - 1) * p.SW + 1, kLanes); }
+PYPRUNE_INLINE void pool_plane(const PoolArgs& p, const float* s, float* d, int64_t r0, int64_t r1, float* v,
+                               float* h) {
+  const int64_t W = p.W, OW = p.OW, hn = pool_h(p);
+  const int64_t wn = std::min(W, (OW - 1) * p.SW + p.KW - p.PW);  // the input columns a window reads
+  std::fill(v, v + hn + p.KW - 1, -std::numeric_limits<float>::infinity());
+  float* vc = v + p.PW;  // input column 0
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t i0 = std::max<int64_t>(0, r * p.SH - p.PH), i1 = std::min(p.H, r * p.SH - p.PH + p.KH);
+    std::memcpy(vc, s + i0 * W, wn * sizeof(float));
+    for (int64_t i = i0 + 1; i < i1; ++i) max_into(vc, s + i * W, wn);
+    std::memcpy(h, v, hn * sizeof(float));
+    for (int64_t t = 1; t < p.KW; ++t) max_into(h, v + t, hn);
+    float* dr = d + r * OW;
+    if (p.SW == 1) {
+      std::memcpy(dr, h, OW * sizeof(float));
+    } else if (p.SW == 2) {  // a constant stride, which the vectorizer turns into lane permutes
+      for (int64_t o = 0; o < OW; ++o) dr[o] = h[2 * o];
+    } else {
+      for (int64_t o = 0; o < OW; ++o) dr[o] = h[o * p.SW];
+    }
+  }
+}
+
+// Output row r of one channels_last image (H x W x C -> OH x OW x C): each output pixel's window, channel runs.
+PYPRUNE_INLINE void pool_cl_row(const PoolArgs& p, const float* s, float* d, int64_t r) {
+  const int64_t W = p.W, C = p.C;
+  const int64_t i0 = std::max<int64_t>(0, r * p.SH - p.PH), i1 = std::min(p.H, r * p.SH - p.PH + p.KH);
+  for (int64_t o = 0; o < p.OW; ++o) {
+    const int64_t j0 = std::max<int64_t>(0, o * p.SW - p.PW), j1 = std::min(W, o * p.SW - p.PW + p.KW);
+    float* out = d + (r * p.OW + o) * C;
+    std::memcpy(out, s + (i0 * W + j0) * C, C * sizeof(float));
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t j = i == i0 ? j0 + 1 : j0; j < j1; ++j) max_into(out, s + (i * W + j) * C, C);
+  }
+}
+
+// Units [u0, u1): output rows (image, row) of channels_last y, else (plane, row) of NCHW y.
+PYPRUNE_INLINE void pool_units(const PoolArgs& p, int64_t u0, int64_t u1) {
+  const int64_t OH = p.OH, OW = p.OW, H = p.H, W = p.W, C = p.C;
+  if (p.channels_last) {
+    for (int64_t u = u0; u < u1; ++u)
+      pool_cl_row(p, p.s + (u / OH) * H * W * C, p.d + (u / OH) * OH * OW * C, u % OH);
+    return;
+  }
+  const int64_t hn = pool_h(p);
+  std::vector<float> buf(2 * hn + p.KW - 1);
+  for (int64_t u = u0; u < u1;) {  // the rows of one plane in this range at a time
+    const int64_t plane = u / OH, r0 = u % OH, r1 = std::min(OH, r0 + (u1 - u));
+    pool_plane(p, p.s + plane * H * W, p.d + plane * OH * OW, r0, r1, buf.data() + hn, buf.data());
+    u += r1 - r0;
+  }
+}
+
+using PoolFn = void (*)(const PoolArgs&, int64_t, int64_t);
+
 #define PYPRUNE_CONV_ISA(SUFFIX, TARGET, V)                                                                 \
   TARGET void gemm_##SUFFIX(const ConvArgs& a, int64_t u0, int64_t u1) { gemm_units<V>(a, u0, u1); }        \
   TARGET void depthwise_##SUFFIX(const ConvArgs& a, int64_t u0, int64_t u1) { depthwise_units(a, u0, u1); } \
@@ -843,7 +924,8 @@ using RestageFn = void (*)(const ConvArgs&, int64_t, float*, int64_t, int64_t);
   }                                                                                                         \
   TARGET void restage_##SUFFIX(const ConvArgs& a, int64_t Ck, float* xt, int64_t b0, int64_t b1) {          \
     restage_units<V>(a, Ck, xt, b0, b1);                                                                    \
-  }
+  }                                                                                                         \
+  TARGET void pool_##SUFFIX(const PoolArgs& p, int64_t u0, int64_t u1) { pool_units(p, u0, u1); }
 PYPRUNE_CONV_ISA(baseline, , VecBaseline)
 #if PYPRUNE_X86
 PYPRUNE_CONV_ISA(avx2, PYPRUNE_TARGET_AVX2, VecAvx2)
@@ -941,9 +1023,24 @@ void zero_unwritten(at::Tensor& y, const std::vector<int64_t>& out_ids, bool cha
   });
 }
 
-}  // namespace
 
-at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+// yc (N, C, H, W) -> y (N, C, OH, OW), both NCHW or both channels_last; units of about 16 Ki window reads.
+void pool_output(PoolArgs p, const at::Tensor& yc, at::Tensor& y, bool channels_last) {
+  p.s = yc.data_ptr<float>(), p.d = y.data_ptr<float>(), p.channels_last = channels_last;
+  p.N = yc.size(0), p.C = yc.size(1), p.H = yc.size(2), p.W = yc.size(3), p.OH = y.size(2), p.OW = y.size(3);
+  PoolFn fn = pool_baseline;
+#if PYPRUNE_X86
+  if (kernel_isa() == Isa::kAvx512) fn = pool_avx512;
+  else if (kernel_isa() == Isa::kAvx2) fn = pool_avx2;
+#endif
+  const int64_t per_row = p.OW * p.KH * p.KW * (channels_last ? p.C : 1);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, per_row));
+  at::parallel_for(0, (channels_last ? p.N : p.N * p.C) * p.OH, grain,
+                   [&](int64_t u0, int64_t u1) { fn(p, u0, u1); });
+}
+
+// The convolution, bias, ReLU and scatter: y before the max pool.
+at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const std::optional<at::Tensor>& in_index, const std::optional<at::Tensor>& out_index,
                              int64_t out_channels, at::IntArrayRef stride, at::IntArrayRef padding,
                              at::IntArrayRef dilation, int64_t groups, bool relu) {
@@ -1268,6 +1365,37 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   at::parallel_for(0, ranges, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) fn(a, ub[r], ub[r + 1]);
   });
+  return y;
+}
+
+}  // namespace
+
+at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& in_index, const std::optional<at::Tensor>& out_index,
+                             int64_t out_channels, at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation, int64_t groups, bool relu, at::IntArrayRef max_pool) {
+  PYPRUNE_CHECK(max_pool.empty() || max_pool.size() == 6, kOp, "max_pool",
+                "must be empty or (kernel_h, kernel_w, stride_h, stride_w, padding_h, padding_w), got ", max_pool);
+  PoolArgs p{};
+  if (!max_pool.empty()) {
+    p.KH = max_pool[0], p.KW = max_pool[1], p.SH = max_pool[2], p.SW = max_pool[3], p.PH = max_pool[4];
+    p.PW = max_pool[5];
+    PYPRUNE_CHECK(p.KH >= 1 && p.KW >= 1 && p.SH >= 1 && p.SW >= 1 && p.PH >= 0 && p.PW >= 0 &&
+                      2 * p.PH <= p.KH && 2 * p.PW <= p.KW,
+                  kOp, "max_pool", "needs kernel >= 1, stride >= 1 and 0 <= padding <= kernel / 2, got ", max_pool);
+  }
+  at::Tensor yc = conv_forward(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation,
+                               groups, relu);
+  if (max_pool.empty()) return yc;
+  const int64_t OH = (yc.size(2) + 2 * p.PH - p.KH) / p.SH + 1, OW = (yc.size(3) + 2 * p.PW - p.KW) / p.SW + 1;
+  PYPRUNE_CHECK(yc.size(2) + 2 * p.PH >= p.KH && yc.size(3) + 2 * p.PW >= p.KW, kOp, "max_pool",
+                "gives an empty output for the conv's ", yc.size(2), " x ", yc.size(3), " output, got ", max_pool);
+  const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  if (yc.scalar_type() != at::kFloat)
+    return at::max_pool2d(yc, {p.KH, p.KW}, {p.SH, p.SW}, {p.PH, p.PW}).contiguous(fmt);
+  at::Tensor y = at::empty({yc.size(0), yc.size(1), OH, OW}, yc.options().memory_format(fmt));
+  if (y.numel() > 0) pool_output(p, yc.contiguous(fmt), y, channels_last);
   return y;
 }
 

@@ -8,8 +8,8 @@
   BLAS) kernels run the smaller shapes. When the engine cannot shrink that far (protected first/last layers,
   attention heads), the closest reachable model is used and the note says so;
 - ``channel-pyprune``: that same channel-pruned model with every Conv2d replaced by
-  ``pyprune.nn.PrunedConv2d.from_dense``, its following eval-mode BatchNorm folded and ReLU fused where the fx
-  graph shows the conv's output feeding only them;
+  ``pyprune.nn.PrunedConv2d.from_dense``, its following eval-mode BatchNorm folded and ReLU and nn.MaxPool2d
+  fused where the fx graph shows the conv's output feeding only them;
 - ``csr``: the masked model converted with ``convert(layout="csr")``; ``bsr``: ``sparsify(pattern="block")`` of
   the layers whose shape tiles by ``block``, converted to BSR; ``2:4``: ``sparsify(pattern="2:4")`` then
   ``convert(layout="2:4")`` (density is fixed at 1/2, so it is built once, at level 0.5). Conv2d layers are
@@ -265,13 +265,22 @@ def _is_relu(node, modules) -> bool:
     return node.op == "call_method" and node.target in ("relu", "relu_")
 
 
+def _fusable_pool(node, modules) -> nn.MaxPool2d | None:
+    """The nn.MaxPool2d that node calls, if PrunedConv2d can fuse it (dilation 1, floor mode, no indices)."""
+    m = modules.get(node.target) if node.op == "call_module" else None
+    if not isinstance(m, nn.MaxPool2d):
+        return None
+    return m if m.dilation in (1, (1, 1)) and not m.ceil_mode and not m.return_indices else None
+
+
 def fuse_pruned_convs(model: nn.Module) -> tuple[nn.Module, dict]:
-    """``model`` (not modified) with every Conv2d as a PrunedConv2d, BN folded and ReLU fused where the fx
-    graph allows (the conv output feeds only an eval-mode BatchNorm2d, whose output feeds only the ReLU).
-    Returns (new model, counts {"conv", "bn", "relu", "skipped"} and "why" for a model fx cannot trace)."""
+    """``model`` (not modified) with every Conv2d as a PrunedConv2d, BN folded, ReLU and max pool fused where
+    the fx graph allows (the conv output feeds only an eval-mode BatchNorm2d, whose output feeds only the ReLU,
+    whose output feeds only an nn.MaxPool2d). Returns (new model, counts {"conv", "bn", "relu", "pool",
+    "skipped"} and "why" for a model fx cannot trace)."""
     from ..nn import PrunedConv2d
 
-    counts = {"conv": 0, "bn": 0, "relu": 0, "skipped": 0, "why": ""}
+    counts = {"conv": 0, "bn": 0, "relu": 0, "pool": 0, "skipped": 0, "why": ""}
     try:
         gm = _traced_copy(model)
     except Exception as exc:  # noqa: BLE001  (fx raises many types; fall back to per-module replacement)
@@ -301,13 +310,22 @@ def fuse_pruned_convs(model: nn.Module) -> tuple[nn.Module, dict]:
         users = list(last.users)
         if node.target not in shared and len(users) == 1 and _is_relu(users[0], modules):
             relu_node = users[0]
+        pool_node, pool = None, None
+        users = list((relu_node or last).users)
+        if node.target not in shared and len(users) == 1:
+            pool = _fusable_pool(users[0], modules)
+            pool_node = users[0] if pool is not None else None
         try:
-            new = PrunedConv2d.from_dense(conv, bn=bn, relu=relu_node is not None)
+            new = PrunedConv2d.from_dense(conv, bn=bn, relu=relu_node is not None, max_pool=pool)
         except (TypeError, ValueError):
             counts["skipped"] += 1
             continue
         _set(gm, node.target, new)
         counts["conv"] += 1
+        if pool_node is not None:
+            pool_node.replace_all_uses_with(node)
+            gm.graph.erase_node(pool_node)
+            counts["pool"] += 1
         if relu_node is not None:
             relu_node.replace_all_uses_with(node)
             gm.graph.erase_node(relu_node)
@@ -470,6 +488,8 @@ class Builder:
         if c["conv"] == 0:
             raise NotApplicable(f"no Conv2d could become a PrunedConv2d ({c['skipped']} skipped) {c['why']}")
         parts = [f"{c['conv']} conv -> PrunedConv2d", f"{c['bn']} BN folded", f"{c['relu']} ReLU fused"]
+        if c["pool"]:
+            parts.append(f"{c['pool']} max pool fused")
         if c["skipped"]:
             parts.append(f"{c['skipped']} conv kept")
         if c["why"]:

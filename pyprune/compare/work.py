@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..ops.pruned_conv2d import output_size
+
 
 def _sparse_conv_cls():
     from .. import nn as pnn
@@ -77,7 +79,9 @@ def _layer_flops(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[int, i
         return 2 * _nonzero(m.weight_csr.values()) * rows, 2 * nnz * rows
     if isinstance(m, PrunedConv2d):
         w = m.weight
-        positions = y.numel() // y.shape[1]  # N * OH * OW
+        # the conv's N * OH * OW (y is after the max pool, when one is fused)
+        oh, ow = output_size(x.shape[2:], w.shape[2:], m.stride, m.padding, m.dilation)
+        positions = x.shape[0] * oh * ow
         per_out = w[0].numel()
         return 2 * _nonzero(w) * positions, 2 * w.shape[0] * per_out * positions
     w = _dense_weight(m)

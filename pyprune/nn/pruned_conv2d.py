@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops.pruned_conv2d import check_channel_index, pair
+from ..ops.pruned_conv2d import check_channel_index, check_pool, pair, pool_list
 from ._bn import bn_affine
 from ._dtype import weight_dtype_input
 from ._trainable import copy_requires_grad, trains
@@ -45,7 +45,8 @@ def _any_trains(params) -> bool | None:
 
 class PrunedConv2d(nn.Module):
     """``relu?(conv2d(x[:, keep_in], weight, bias))``, the output compact ``(N, len(keep_out), OH, OW)`` or,
-    with ``scatter_output=True``, scattered into ``(N, out_channels, OH, OW)`` with zeros elsewhere.
+    with ``scatter_output=True``, scattered into ``(N, out_channels, OH, OW)`` with zeros elsewhere; with
+    ``max_pool=(kernel_size, stride, padding)``, max-pooled after that (dilation 1, floor mode).
 
     Build it with :meth:`from_dense`. ``weight`` (a Parameter) holds only the kept rows and columns;
     ``in_index`` / ``out_index`` are buffers (``None`` when everything is kept)."""
@@ -64,10 +65,15 @@ class PrunedConv2d(nn.Module):
         bias: bool = True,
         relu: bool = False,
         scatter_output: bool = False,
+        max_pool: Sequence | None = None,
         device=None,
         dtype=None,
     ):
         super().__init__()
+        pool = pool_list(max_pool)
+        if pool:
+            check_pool(pool)  # here, not at the first call
+        self.max_pool = None if not pool else (tuple(pool[:2]), tuple(pool[2:4]), tuple(pool[4:]))
         kh, kw = pair(kernel_size, "kernel_size")
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.kernel_size = (kh, kw)
@@ -100,12 +106,26 @@ class PrunedConv2d(nn.Module):
         bn: nn.BatchNorm2d | None = None,
         relu: bool = False,
         scatter_output: bool = False,
+        max_pool: nn.MaxPool2d | None = None,
     ) -> PrunedConv2d:
         """Keeps ``conv``'s weight rows ``keep_out`` and input channels ``keep_in`` (sorted unique indices, None =
-        all). ``bn`` (eval-mode statistics) is folded into the weight and bias; ``relu`` fuses a ReLU after it.
+        all). ``bn`` (eval-mode statistics) is folded into the weight and bias; ``relu`` fuses a ReLU after it;
+        ``max_pool`` (dilation 1, floor mode, no indices returned) fuses that pool after everything else.
         Depthwise convs (groups == in_channels == out_channels) need keep_in == keep_out."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be a torch.nn.Conv2d, got {type(conv).__name__}")
+        pool = None
+        if max_pool is not None:
+            if not isinstance(max_pool, nn.MaxPool2d):
+                raise TypeError(f"max_pool must be a torch.nn.MaxPool2d or None, got {type(max_pool).__name__}")
+            if max_pool.dilation not in (1, (1, 1)) or max_pool.ceil_mode or max_pool.return_indices:
+                raise ValueError(
+                    "max_pool must have dilation 1, ceil_mode=False and return_indices=False, got "
+                    f"dilation={max_pool.dilation}, ceil_mode={max_pool.ceil_mode}, "
+                    f"return_indices={max_pool.return_indices}"
+                )
+            stride = max_pool.kernel_size if max_pool.stride is None else max_pool.stride
+            pool = (max_pool.kernel_size, stride, max_pool.padding)
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError(f"conv must use numeric zero padding, got padding={conv.padding!r} "
                              f"padding_mode={conv.padding_mode!r}")  # fmt: skip
@@ -113,7 +133,7 @@ class PrunedConv2d(nn.Module):
         new = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, keep_in, keep_out, conv.stride, conv.padding,
             conv.dilation, 1, bias=conv.bias is not None or bn is not None, relu=relu,
-            scatter_output=scatter_output, device=w.device, dtype=w.dtype,
+            scatter_output=scatter_output, max_pool=pool, device=w.device, dtype=w.dtype,
         )  # fmt: skip
         g = new.groups = conv.groups
         rows = torch.arange(conv.out_channels, device=w.device) if new.out_index is None else new.out_index
@@ -175,11 +195,11 @@ class PrunedConv2d(nn.Module):
         return ops.pruned_conv2d(
             input, weight, self.bias, self.in_index, self.out_index if scatter else None,
             self.out_channels if scatter else weight.shape[0],
-            self.stride, self.padding, self.dilation, self.groups, self.relu,
+            self.stride, self.padding, self.dilation, self.groups, self.relu, self.max_pool,
         )  # fmt: skip
 
     def to_dense(self) -> nn.Sequential:
-        """An equivalent plain-PyTorch module: index_select -> nn.Conv2d -> (ReLU) -> (scatter)."""
+        """An equivalent plain-PyTorch module: index_select -> nn.Conv2d -> (ReLU) -> (scatter) -> (max pool)."""
         w = self.weight
         conv = nn.Conv2d(w.shape[1] * self.groups, w.shape[0], self.kernel_size, self.stride, self.padding,
                          self.dilation, self.groups, bias=self.bias is not None, device=w.device, dtype=w.dtype)  # fmt: skip
@@ -194,6 +214,8 @@ class PrunedConv2d(nn.Module):
             layers.append(nn.ReLU())
         if self.scatter_output and self.out_index is not None:
             layers.append(_ScatterChannels(self.out_index, self.out_channels))
+        if self.max_pool is not None:
+            layers.append(nn.MaxPool2d(*self.max_pool))
         return nn.Sequential(*layers)
 
     def extra_repr(self) -> str:
@@ -210,6 +232,8 @@ class PrunedConv2d(nn.Module):
             s += ", relu=True"
         if self.scatter_output:
             s += ", scatter_output=True"
+        if self.max_pool is not None:
+            s += f", max_pool={self.max_pool}"
         return s
 
 

@@ -32,9 +32,12 @@ SCHEMAS = {
     "sparse24_conv2d": "sparse24_conv2d(Tensor x, Tensor values, Tensor meta, int out_channels, "
     "int[2] kernel_size, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation) -> Tensor",
     # conv2d over the input channels in_index (gathered inside the kernel) with weight (C_out_kept,
-    # C_in_kept / groups, kh, kw); relu fused; out_index scatters into an out_channels-wide zero output.
+    # C_in_kept / groups, kh, kw); relu fused; out_index scatters into an out_channels-wide zero output;
+    # max_pool: [] or (kernel_h, kernel_w, stride_h, stride_w, padding_h, padding_w) of a max pool fused after
+    # (dilation 1, floor mode).
     "pruned_conv2d": "pruned_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor? in_index, Tensor? out_index, "
-    "int out_channels, int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor",
+    "int out_channels, int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu, "
+    "int[] max_pool=[]) -> Tensor",
     # private: the CUDA kernel of csrc/cuda/pruned_conv2d.cu, called by pruned_conv2d's router (which checks the
     # arguments first); registered for CUDA only, by pyprune._C when built with CUDA.
     "_pruned_conv2d_cuda": "_pruned_conv2d_cuda(Tensor x, Tensor weight, Tensor? bias, Tensor? in_index, "

@@ -626,13 +626,19 @@ def _pruned_conv2d_checked(fn):
     """Runs the op's full argument checks, index values included (one device sync), before fn: a bad index
     never reaches a kernel, which would read or write out of bounds."""
 
-    def run(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu):
+    def run(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu,
+            max_pool=()):  # fmt: skip
         from .pruned_conv2d import check_args, check_index_values  # that module imports this one
 
         args = (x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu)
-        check_args(*args)
+        check_args(*args, max_pool)
         check_index_values(in_index, out_index, x.shape[1], out_channels)
-        return fn(*args)
+        y = fn(*args)
+        if not max_pool:
+            return y
+        # the GPU kernels have no pool epilogue: ATen's (cuDNN's) pool after them
+        y = torch.nn.functional.max_pool2d(y, max_pool[:2], max_pool[2:4], max_pool[4:])
+        return y.contiguous(memory_format=reference._memory_format(x))
 
     return run
 

@@ -2,8 +2,9 @@
 
 The channel gather is part of the op (the kernel reads ``x[:, in_index]`` in place; the CPU kernel restages the
 kept channels of NCHW x as channels_last in the same pass for large stride-1 kxk convs), as is the optional
-ReLU and the scatter of the kept outputs into a full-width output (so a residual add still lines up when only
-one side of it was pruned)."""
+ReLU, the scatter of the kept outputs into a full-width output (so a residual add still lines up when only
+one side of it was pruned) and an optional max pool after it all (a CNN stem's conv -> BN -> ReLU -> max pool
+as one op: ATen's NCHW max pool runs an order of magnitude slower than the CPU kernel's)."""
 
 from __future__ import annotations
 
@@ -32,12 +33,14 @@ def pruned_conv2d(
     dilation: int | Sequence[int] = 1,
     groups: int = 1,
     relu: bool = False,
+    max_pool: Sequence | None = None,
 ) -> Tensor:
     """x: (N, C_in, H, W) in NCHW or channels_last; weight: (C_out_kept, C_in_kept / groups, kh, kw);
     bias: (C_out_kept,); in_index: int64 (C_in_kept,) sorted unique channels of x (None: all of them);
     out_index: int64 (C_out_kept,) sorted unique channels of an out_channels-wide output (None: the output
-    is compact, (N, C_out_kept, OH, OW)). Returns relu?(conv2d(x[:, in_index], weight, bias)) scattered to
-    out_index, in x's memory format."""
+    is compact, (N, C_out_kept, OH, OW)); max_pool: (kernel_size, stride, padding), each an int or a pair, of
+    a max pool applied last (dilation 1, floor mode, as ``F.max_pool2d``), or None. Returns
+    max_pool?(relu?(conv2d(x[:, in_index], weight, bias)) scattered to out_index), in x's memory format."""
     if out_channels is None:
         if out_index is not None and out_index.numel() == 0:
             raise ValueError(f"{OP}: argument 'out_channels' must be given when out_index is empty")
@@ -45,6 +48,7 @@ def pruned_conv2d(
     return call_op(
         torch.ops.pyprune.pruned_conv2d.default, x, weight, bias, in_index, out_index, out_channels,
         pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation"), groups, relu,
+        pool_list(max_pool),
     )  # fmt: skip
 
 
@@ -59,14 +63,39 @@ def pair(v, name: str) -> list[int] | tuple[int, int]:
     return v
 
 
+def pool_list(max_pool) -> list[int]:
+    """(kernel_size, stride, padding) as the op's flat [kh, kw, sh, sw, ph, pw]; None: []."""
+    if max_pool is None:
+        return []
+    if not isinstance(max_pool, (tuple, list)) or len(max_pool) != 3:
+        raise ValueError(f"{OP}: argument 'max_pool' must be (kernel_size, stride, padding) or None, got {max_pool!r}")
+    return [v for part, name in zip(max_pool, ("kernel_size", "stride", "padding")) for v in pair(part, name)]
+
+
+def check_pool(max_pool) -> None:
+    """The op's flat max_pool: 6 ints, kernel >= 1, stride >= 1, 0 <= padding <= kernel / 2 (F.max_pool2d's rule)."""
+    if len(max_pool) != 6:
+        raise ValueError(
+            f"{OP}: argument 'max_pool' must be empty or (kernel_h, kernel_w, stride_h, stride_w, padding_h, "
+            f"padding_w), got {list(max_pool)}"
+        )
+    k, st, p = max_pool[:2], max_pool[2:4], max_pool[4:]
+    if min(k) < 1 or min(st) < 1 or min(p) < 0 or 2 * p[0] > k[0] or 2 * p[1] > k[1]:
+        raise ValueError(
+            f"{OP}: argument 'max_pool' needs kernel >= 1, stride >= 1 and 0 <= padding <= kernel / 2, got "
+            f"{list(max_pool)}"
+        )
+
+
 def output_size(x_hw, weight_hw, stride, padding, dilation) -> tuple[int, int]:
     return tuple(
         (x_hw[i] + 2 * padding[i] - dilation[i] * (weight_hw[i] - 1) - 1) // stride[i] + 1 for i in range(2)
     )
 
 
-def check_args(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu):
-    """Shape, dtype and device checks (no index values: see check_index_values)."""
+def check_args(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu,
+               max_pool=()):  # fmt: skip
+    """Shape, dtype and device checks (no index values: see check_index_values). Returns the output's size."""
     if x.dim() != 4:
         raise ValueError(f"{OP}: argument 'x' must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     if weight.dim() != 4:
@@ -127,7 +156,14 @@ def check_args(x, weight, bias, in_index, out_index, out_channels, stride, paddi
             f"{OP}: the output would be empty ({oh} x {ow}) for input {tuple(x.shape[2:])}, kernel "
             f"{tuple(weight.shape[2:])}, stride {list(stride)}, padding {list(padding)}, dilation {list(dilation)}"
         )
-    return oh, ow
+    if not max_pool:
+        return oh, ow
+    check_pool(max_pool)
+    k, st, p = max_pool[:2], max_pool[2:4], max_pool[4:]
+    if oh + 2 * p[0] < k[0] or ow + 2 * p[1] < k[1]:
+        raise ValueError(f"{OP}: argument 'max_pool' gives an empty output for the conv's {oh} x {ow} output, got "
+                         f"{list(max_pool)}")  # fmt: skip
+    return output_size((oh, ow), k, st, p, (1, 1))
 
 
 def check_channel_index(idx: Tensor, bound: int, what: str) -> None:
@@ -150,24 +186,39 @@ def check_index_values(in_index, out_index, x_channels: int, out_channels: int) 
 
 
 @torch.library.register_fake(OP)
-def _(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu):
+def _(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu, max_pool=()):
     oh, ow = check_args(
-        x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu
+        x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu, max_pool
     )
     y = x.new_empty((x.shape[0], out_channels, oh, ow))
     return y.contiguous(memory_format=reference._memory_format(x))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu = inputs
-    ctx.save_for_backward(x, weight, in_index, out_index, output if relu else None)
+    x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu = inputs[:11]
+    max_pool = list(inputs[11]) if len(inputs) > 11 else []
+    # with a max pool the output says neither where each maximum came from nor where the ReLU cut: backward
+    # recomputes the conv's output
+    ctx.save_for_backward(x, weight, bias if max_pool else None, in_index, out_index,
+                          output if relu and not max_pool else None)  # fmt: skip
     ctx.conv = (stride, padding, dilation, groups)
     ctx.has_bias = bias is not None
+    ctx.pool = (max_pool, out_channels, relu)
 
 
 def _backward(ctx, grad):
-    x, weight, in_index, out_index, y = ctx.saved_tensors
+    x, weight, bias, in_index, out_index, y = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv
+    max_pool, out_channels, relu = ctx.pool
+    if max_pool:
+        k, s, p = max_pool[:2], max_pool[2:4], max_pool[4:]
+        with torch.no_grad():
+            y0 = torch.ops.pyprune.pruned_conv2d.default(
+                x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu
+            )
+            _, where = torch.ops.aten.max_pool2d_with_indices.default(y0, k, s, p)
+        grad = torch.ops.aten.max_pool2d_with_indices_backward.default(grad, y0, k, s, p, [1, 1], False, where)
+        y = y0 if relu else None
     if y is not None:
         grad = grad * (y > 0)
     if out_index is not None:
@@ -184,24 +235,27 @@ def _backward(ctx, grad):
         grad_w = torch.nn.grad.conv2d_weight(xs, weight.shape, grad, stride, padding, dilation, groups)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_b = grad.sum((0, 2, 3))
-    return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
+    return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd(OP, _backward, setup_context=_setup_context)
 
 
 def pruned_conv2d_checked_ref(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation,
-                              groups, relu):  # fmt: skip
+                              groups, relu, max_pool=()):  # fmt: skip
     """The reference behind the full argument checks: the CPU kernel when _C lacks one, and the CUDA
     'reference' backend."""
-    check_args(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu)
+    check_args(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu, max_pool)
     check_index_values(in_index, out_index, x.shape[1], out_channels)
     return reference.pruned_conv2d_ref(
-        x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu
+        x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu, max_pool
     )
 
 
 if not torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU"):
     torch.library.impl(OP, "CPU")(pruned_conv2d_checked_ref)
 register_cuda("pruned_conv2d")
-__all__ = ["check_args", "check_channel_index", "check_index_values", "output_size", "pair", "pruned_conv2d"]
+__all__ = [
+    "check_args", "check_channel_index", "check_index_values", "check_pool", "output_size", "pair", "pool_list",
+    "pruned_conv2d",
+]  # fmt: skip

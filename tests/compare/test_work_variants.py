@@ -80,13 +80,48 @@ def _net_with_bn_stats():
 def test_fuse_pruned_convs_folds_bn_and_relu():
     net = _net_with_bn_stats()
     fused, counts = fuse_pruned_convs(net)
-    assert counts == {"conv": 3, "bn": 2, "relu": 1, "skipped": 0, "why": ""}
+    assert counts == {"conv": 3, "bn": 2, "relu": 1, "pool": 0, "skipped": 0, "why": ""}
     kinds = [type(m).__name__ for m in fused.modules()]
     assert kinds.count("PrunedConv2d") == 3 and "BatchNorm2d" not in kinds
     x = torch.randn(2, 3, 9, 9)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), net(x), rtol=1e-4, atol=1e-5)
     assert isinstance(net.conv1, nn.Conv2d)  # the original is untouched
+
+
+class _Stem(nn.Module):
+    """conv -> BN -> ReLU -> max pool (fusable), then conv -> max pool in ceil mode (not), then conv -> ReLU
+    whose output feeds two pools (ReLU fused, neither pool)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 7, stride=2, padding=3)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.pool1 = nn.MaxPool2d(3, 2, 1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.pool2 = nn.MaxPool2d(2, ceil_mode=True)
+        self.conv3 = nn.Conv2d(8, 8, 1)
+        self.pool3 = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        y = self.pool1(torch.relu(self.bn1(self.conv1(x))))
+        y = self.pool2(self.conv2(y))
+        z = torch.relu(self.conv3(y))
+        return self.pool3(z) + self.pool3(z * 2)
+
+
+def test_fuse_pruned_convs_fuses_a_max_pool_after_bn_and_relu():
+    torch.manual_seed(0)
+    net = _Stem().eval()
+    net.bn1.running_mean.uniform_(-0.5, 0.5)
+    fused, counts = fuse_pruned_convs(net)
+    assert counts == {"conv": 3, "bn": 1, "relu": 2, "pool": 1, "skipped": 0, "why": ""}
+    assert fused.conv1.max_pool == ((3, 3), (2, 2), (1, 1)) and fused.conv2.max_pool is None
+    assert [type(m).__name__ for m in fused.modules()].count("MaxPool2d") == 2  # pool2 and pool3 stay
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 3, 37, 41).contiguous(memory_format=fmt)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), net(x), rtol=1e-4, atol=1e-5)
 
 
 def test_fold_bn_keeps_masks_and_outputs():

@@ -147,3 +147,38 @@ def test_builds_on_the_meta_device():
     # the index check read values (.item() on meta)
     m = PrunedConv2d(8, 16, 3, keep_in=[0, 1], device="meta")
     assert m.weight.is_meta and m.in_index.is_meta and m.weight.shape == (16, 2, 3, 3)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_from_dense_fuses_a_max_pool(conv_bn, channels_last):
+    conv, bn = conv_bn
+    keep_in, keep_out = [0, 3, 4, 9, 15], [1, 2, 8, 23]
+    for pool in (nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(2), nn.MaxPool2d((3, 2), (1, 2), (1, 0))):
+        m = PrunedConv2d.from_dense(conv, keep_in, keep_out, bn=bn, relu=True, max_pool=pool, scatter_output=True)
+        x = torch.randn(2, 16, 13, 11)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        want = pool(torch.relu(bn(conv(_masked_input(x, keep_in)))))
+        others = [c for c in range(24) if c not in keep_out]
+        want[:, others] = 0
+        torch.testing.assert_close(m(x), want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(m.to_dense()(x), m(x), rtol=1e-5, atol=1e-6)
+        assert f"max_pool={m.max_pool}" in repr(m)
+    # the pool is configuration, as relu is: a module built with the same one loads the state
+    fresh = PrunedConv2d(16, 24, 3, keep_in=keep_in, keep_out=keep_out, stride=2, padding=1, relu=True,
+                         scatter_output=True, max_pool=((3, 2), (1, 2), (1, 0)))  # fmt: skip
+    fresh.load_state_dict(m.state_dict())
+    torch.testing.assert_close(fresh(x), m(x))
+
+
+def test_bad_max_pools_are_named(conv_bn):
+    conv, _ = conv_bn
+    with pytest.raises(TypeError, match="max_pool must be a torch.nn.MaxPool2d"):
+        PrunedConv2d.from_dense(conv, max_pool=nn.AvgPool2d(2))
+    for pool in (nn.MaxPool2d(2, ceil_mode=True), nn.MaxPool2d(3, dilation=2), nn.MaxPool2d(2, return_indices=True)):
+        with pytest.raises(ValueError, match="max_pool must have dilation 1, ceil_mode=False"):
+            PrunedConv2d.from_dense(conv, max_pool=pool)
+    with pytest.raises(ValueError, match="max_pool.*padding <= kernel / 2"):
+        PrunedConv2d(16, 24, 3, max_pool=(2, 2, 2))
+    with pytest.raises(ValueError, match="max_pool' must be \\(kernel_size, stride, padding\\)"):
+        PrunedConv2d(16, 24, 3, max_pool=(2, 2))

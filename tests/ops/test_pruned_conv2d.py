@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import pyprune
 from pyprune.nn import PrunedConv2d
 from pyprune.ops import pruned_conv2d
+from pyprune.ops.pruned_conv2d import pruned_conv2d_checked_ref
 from pyprune.reference import pruned_conv2d_ref
 
 OP = torch.ops.pyprune.pruned_conv2d
@@ -415,3 +416,111 @@ def test_scatter_zeroes_every_channel_nobody_writes(channels_last, out_index):
         y = pruned_conv2d(x, w, b, ii, out_index, 8, padding=1)
         assert y.is_contiguous(memory_format=fmt)
         torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+
+
+# (case index into CASES, max_pool): ResNet's 3x3 s2 p1 on a pixels-as-rows and a staged-planes conv, 2x2 s2
+# (VGG's), a non-square kernel with stride 1 and one-sided padding, a window past a map of odd size, 1x1
+POOLS = [(0, [3, 3, 2, 2, 1, 1]), (13, [3, 3, 2, 2, 1, 1]), (29, [2, 2, 2, 2, 0, 0]), (4, [3, 2, 1, 1, 1, 0]),
+         (3, [2, 3, 3, 2, 0, 1]), (2, [1, 1, 1, 1, 0, 0]), (26, [1, 1, 1, 1, 0, 0])]  # fmt: skip
+
+
+@pytest.mark.parametrize("case, pool", POOLS, ids=lambda v: "x".join(map(str, v)) if isinstance(v, list) else str(v))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_max_pool_matches_reference(case, pool, channels_last):
+    for scatter, relu in ((False, True), (True, False)):
+        args = (*_case(CASES[case], 0.5, scatter, channels_last, True), relu, pool)
+        y = OP(*args)
+        want = pruned_conv2d_ref(*_double(args))
+        assert y.shape == want.shape
+        assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)
+        plain = F.max_pool2d(OP(*args[:-1]), pool[:2], pool[2:4], pool[4:])
+        assert torch.equal(y, plain)  # bit for bit what ATen's pool makes of the same conv output
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_max_pool_keeps_nan_and_inf_like_f_max_pool2d(channels_last):
+    # a depthwise 1x1 identity conv, so the pool sees x itself: NaN wins wherever a window holds one, -inf never
+    # beats a number, +inf always does
+    x = torch.randn(2, 20, 11, 13)
+    x[0, 3, 4, 5] = float("nan")
+    x[1, 17, 0, 0] = float("nan")
+    x[0, :, 7, :] = float("-inf")
+    x[1, 5, 10, 12] = float("inf")
+    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    ones = torch.ones(20, 1, 1, 1)
+    y = OP(x, ones, None, None, None, 20, [1, 1], [0, 0], [1, 1], 20, False, [3, 3, 2, 2, 1, 1])
+    want = F.max_pool2d(x, 3, 2, 1)
+    # (4, 5) lies in the windows of output row 2, columns 2 and 3; (0, 0) in one window
+    assert torch.equal(y.isnan(), want.isnan()) and y.isnan().sum() == 2 + 1
+    torch.testing.assert_close(y, want, equal_nan=True, rtol=0, atol=0)
+
+
+def test_max_pool_gradients_match_reference_autograd():
+    for relu, scatter in ((True, True), (False, False)):
+        args = list(_case((12, 10, 3, 1, 1, 1, 1, 9, 2), 0.5, scatter, False, True))
+        x, w, b = (t.clone().requires_grad_() for t in args[:3])
+        pool = [3, 3, 2, 2, 1, 1]
+        y = OP(x, w, b, *args[3:], relu, pool)
+        gy = torch.randn_like(y)
+        got = torch.autograd.grad(y, (x, w, b), gy)
+        x2, w2, b2 = (t.detach().double().requires_grad_() for t in (x, w, b))
+        want = torch.autograd.grad(pruned_conv2d_ref(x2, w2, b2, *args[3:], relu, pool), (x2, w2, b2), gy.double())
+        for g1, g2 in zip(got, want):
+            torch.testing.assert_close(g1.double(), g2, rtol=1e-4, atol=1e-4)
+
+
+def test_max_pool_gradcheck_float64_and_opcheck():
+    x, w, b, ii, oi, oc, s, p, d, g = _case((6, 5, 3, 1, 1, 1, 1, 7, 1), 0.5, True, False, True, torch.float64)
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    fn = lambda x, w, b: OP(x, w, b, ii, oi, oc, s, p, d, g, True, [2, 3, 2, 1, 1, 1])
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    args = (*_case((8, 6, 3, 1, 1, 1, 1, 9, 2), 0.5, True, True, True), True, [3, 3, 2, 2, 1, 1])
+    torch.library.opcheck(OP, args)
+
+
+def test_max_pool_compiles_and_counts_the_conv_flops():
+    conv = torch.nn.Conv2d(3, 8, 7, 2, 3)
+    m = pyprune.nn.PrunedConv2d.from_dense(conv, keep_out=[0, 2, 3, 5], relu=True, max_pool=torch.nn.MaxPool2d(3, 2, 1))
+    x = torch.randn(2, 3, 30, 30)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, fullgraph=True, backend="eager")
+    y = compiled(x)
+    assert y.shape == (2, 4, 8, 8)
+    torch.testing.assert_close(y, m(x))
+    # the conv's 15 x 15 outputs, not the pool's 8 x 8
+    assert pyprune.flops.count_flops(m, x) == 2 * m.weight.numel() * 2 * 15 * 15
+
+
+@pytest.mark.parametrize(
+    "pool, match",
+    [
+        ([3, 3, 2, 2, 1], "max_pool.*empty or \\(kernel_h"),
+        ([0, 3, 2, 2, 0, 0], "max_pool.*kernel >= 1"),
+        ([3, 3, 0, 2, 0, 0], "max_pool.*stride >= 1"),
+        ([3, 3, 2, 2, 2, 1], "max_pool.*padding <= kernel / 2"),
+        ([3, 3, 2, 2, -1, 0], "max_pool.*0 <= padding"),
+        ([9, 9, 1, 1, 0, 0], "max_pool.*empty output for the conv's 6 x 6 output"),
+    ],
+)
+def test_max_pool_bad_input_names_the_argument(pool, match):
+    args = _case((8, 6, 3, 1, 1, 1, 1, 6, 1), 0.5, True, False, True)
+    with pytest.raises(ValueError, match=match):
+        OP(*args, False, pool)
+    with pytest.raises(ValueError, match=match):  # the checks of the fake and the GPU routes
+        pruned_conv2d_checked_ref(*args, False, pool)
+
+
+def test_gpu_routes_pool_after_their_kernel():
+    # the router's checked wrapper (the Triton and CUDA backends) pools what an 11-argument kernel returns
+    from pyprune.ops._router import _pruned_conv2d_checked
+
+    routed = _pruned_conv2d_checked(pruned_conv2d_ref)
+    for cl in (False, True):
+        args = (*_case(CASES[0], 0.5, True, cl, True), True)
+        pool = [3, 3, 2, 2, 1, 1]
+        y = routed(*args, pool)
+        torch.testing.assert_close(y, pruned_conv2d_ref(*args, pool))
+        assert y.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        with pytest.raises(ValueError, match="max_pool"):
+            routed(*args, [3, 3, 2, 2, 2, 2])
