@@ -1,12 +1,15 @@
 """pytest-benchmark: PrunedConv2d (pyprune::pruned_conv2d, fused channel gather) vs dense F.conv2d and oneDNN on a
-pre-compacted input, on ResNet-50 conv shapes.
+pre-compacted input, on ResNet-50 conv shapes; its fused max pool vs ATen's pool after it.
 
 CI runs this with --benchmark-disable (each case once, as a smoke test). The numbers quoted in
-benchmarks/results/cpu/ come from pruned_conv2d_table.py, which interleaves providers and repeats rounds.
+benchmarks/results/cpu/ come from pruned_conv2d_table.py and max_pool_table.py, which interleave providers and
+repeat rounds.
 """
 
 import pytest
 import torch
+from max_pool_table import CASES as POOL_CASES
+from max_pool_table import providers as pool_providers
 from pruned_conv2d_table import SHAPES, environment, providers
 
 _dense_median: dict = {}
@@ -39,3 +42,15 @@ def test_pruned_conv2d(benchmark, shape, batch, channels_last, keep, provider):
             info["speedup_vs_dense"] = _dense_median[key] / med
             info["ideal"] = 1 / (keep * keep)
     benchmark.extra_info.update(info)
+
+
+@pytest.mark.parametrize("provider", ("aten", "ours_aten_pool", "ours_fused"))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: c[0].replace(" ", "-"))
+def test_pruned_conv2d_max_pool(benchmark, case, channels_last, provider):
+    """The fused max pool (max_pool_table.py) against the same conv followed by ATen's pool, batch 1."""
+    fns = pool_providers(case, 1, 1.0, channels_last, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        benchmark(fns[provider])
+    benchmark.extra_info.update({"case": case[0], "format": "channels_last" if channels_last else "nchw",
+                                 "batch": 1, "dtype": "float32", "device": "cpu", **environment()})  # fmt: skip
