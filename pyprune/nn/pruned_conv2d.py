@@ -186,14 +186,17 @@ class PrunedConv2d(nn.Module):
         if not isinstance(input, Tensor) or input.dim() != 4 or input.shape[1] != self.in_channels:
             shape = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
             raise ValueError(f"input must have shape (N, in_channels={self.in_channels}, H, W), got {shape}")
-        # each parameter and buffer read once: a module's __getattr__ costs ~0.45 us a read, a sizeable
-        # share of a small conv's call
-        weight = self.weight
+        # parameters and buffers straight from their dicts: a module's __getattr__ costs ~1.3 us a read on
+        # the Xeon VM, a sizeable share of a small conv's call. A parametrized or torch.nn.utils.prune'd weight
+        # is no longer in _parameters: then the attribute, which computes it.
+        params, buffers = self._parameters, self._buffers
+        weight = params["weight"] if "weight" in params else self.weight
+        bias = params["bias"] if "bias" in params else self.bias
         if input.dtype != weight.dtype:
             input = weight_dtype_input(input, weight.dtype)
         scatter = self.scatter_output
         return ops.pruned_conv2d(
-            input, weight, self.bias, self.in_index, self.out_index if scatter else None,
+            input, weight, bias, buffers["in_index"], buffers["out_index"] if scatter else None,
             self.out_channels if scatter else weight.shape[0],
             self.stride, self.padding, self.dilation, self.groups, self.relu, self.max_pool,
         )  # fmt: skip

@@ -182,3 +182,26 @@ def test_bad_max_pools_are_named(conv_bn):
         PrunedConv2d(16, 24, 3, max_pool=(2, 2, 2))
     with pytest.raises(ValueError, match="max_pool' must be \\(kernel_size, stride, padding\\)"):
         PrunedConv2d(16, 24, 3, max_pool=(2, 2))
+
+
+def test_forward_uses_a_parametrized_or_pruned_weight(conv_bn):
+    # forward reads the weight from _parameters when it is there, else through the attribute: a
+    # parametrization or torch.nn.utils.prune moves it out and computes it
+    import torch.nn.utils.parametrize as P
+    from torch.nn.utils import prune
+
+    conv, _ = conv_bn
+    x = torch.randn(1, 16, 7, 7)
+    m = PrunedConv2d.from_dense(conv, [0, 3, 5], [1, 4])
+
+    class Half(nn.Module):
+        def forward(self, w):
+            return w * 0.5
+
+    plain = m(x)
+    P.register_parametrization(m, "weight", Half())
+    torch.testing.assert_close(m(x) - m.bias.view(1, -1, 1, 1), 0.5 * (plain - m.bias.view(1, -1, 1, 1)))
+    m2 = PrunedConv2d.from_dense(conv, [0, 3, 5], [1, 4])
+    prune.l1_unstructured(m2, "weight", amount=1.0)
+    prune.l1_unstructured(m2, "bias", amount=1.0)
+    assert (m2(x) == 0).all()
