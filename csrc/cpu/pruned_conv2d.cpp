@@ -1401,9 +1401,9 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   at::Tensor yc = conv_forward(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation,
                                groups, relu);
   if (max_pool.empty()) return yc;
-  const int64_t OH = (yc.size(2) + 2 * p.PH - p.KH) / p.SH + 1, OW = (yc.size(3) + 2 * p.PW - p.KW) / p.SW + 1;
   PYPRUNE_CHECK(yc.size(2) + 2 * p.PH >= p.KH && yc.size(3) + 2 * p.PW >= p.KW, kOp, "max_pool",
                 "gives an empty output for the conv's ", yc.size(2), " x ", yc.size(3), " output, got ", max_pool);
+  const int64_t OH = (yc.size(2) + 2 * p.PH - p.KH) / p.SH + 1, OW = (yc.size(3) + 2 * p.PW - p.KW) / p.SW + 1;
   const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
   const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   if (yc.scalar_type() != at::kFloat)

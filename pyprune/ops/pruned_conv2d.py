@@ -57,10 +57,10 @@ def pair(v, name: str) -> list[int] | tuple[int, int]:
         return [v, v]
     if type(v) in (tuple, list) and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:
         return v  # the common case, checked without a copy (a module's stride is a tuple)
-    v = list(v)
-    if len(v) != 2 or not all(isinstance(i, int) for i in v):
+    items = list(v) if isinstance(v, Sequence) else None
+    if items is None or len(items) != 2 or not all(isinstance(i, int) for i in items):
         raise ValueError(f"pruned_conv2d: argument '{name}' must be an int or a pair of ints, got {v!r}")
-    return v
+    return items
 
 
 def pool_list(max_pool) -> list[int]:
@@ -69,7 +69,8 @@ def pool_list(max_pool) -> list[int]:
         return []
     if not isinstance(max_pool, (tuple, list)) or len(max_pool) != 3:
         raise ValueError(f"{OP}: argument 'max_pool' must be (kernel_size, stride, padding) or None, got {max_pool!r}")
-    return [v for part, name in zip(max_pool, ("kernel_size", "stride", "padding")) for v in pair(part, name)]
+    names = ("max_pool kernel_size", "max_pool stride", "max_pool padding")
+    return [v for part, name in zip(max_pool, names) for v in pair(part, name)]
 
 
 def check_pool(max_pool) -> None:

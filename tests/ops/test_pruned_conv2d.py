@@ -524,3 +524,17 @@ def test_gpu_routes_pool_after_their_kernel():
         assert y.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
         with pytest.raises(ValueError, match="max_pool"):
             routed(*args, [3, 3, 2, 2, 2, 2])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_pool": (3, None, 1)}, "'max_pool stride' must be an int or a pair of ints, got None"),
+        ({"max_pool": 3}, "'max_pool' must be \\(kernel_size, stride, padding\\) or None"),
+        ({"stride": None}, "'stride' must be an int or a pair of ints, got None"),
+        ({"padding": (1, 1, 1)}, "'padding' must be an int or a pair of ints"),
+    ],
+)
+def test_public_function_names_bad_sizes(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        pruned_conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), **kwargs)
