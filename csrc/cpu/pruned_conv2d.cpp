@@ -871,6 +871,30 @@ PYPRUNE_INLINE void max_into(float* __restrict d, const float* __restrict s, int
   }
 }
 
+// d[j] = the maximum of a[j], b[j] and c[j] (c null: of a[j] and b[j]) for j < n, NaN winning: one pass for the
+// common 2- and 3-wide windows instead of a copy and one max_into per further row (ResNet-50's stem pool at
+// batch 8, alternating processes: 3.16 -> 2.44 ms; batch 1, where reading the conv's output bounds it, 0.32 ms
+// either way).
+PYPRUNE_INLINE void max_of(float* __restrict d, const float* __restrict a, const float* __restrict b,
+                           const float* __restrict c, int64_t n) {
+  const auto mx = [](float x, float y) { return (y > x || y != y) ? y : x; };
+  if (c) {
+    for (int64_t j = 0; j < n; ++j) d[j] = mx(mx(a[j], b[j]), c[j]);
+  } else {
+    for (int64_t j = 0; j < n; ++j) d[j] = mx(a[j], b[j]);
+  }
+}
+
+// d = the maximum of the m rows s, s + ld, ... (n floats each).
+PYPRUNE_INLINE void max_rows(float* d, const float* s, int64_t ld, int64_t m, int64_t n) {
+  if (m == 2 || m == 3) {
+    max_of(d, s, s + ld, m == 3 ? s + 2 * ld : nullptr, n);
+    return;
+  }
+  std::memcpy(d, s, n * sizeof(float));
+  for (int64_t i = 1; i < m; ++i) max_into(d, s + i * ld, n);
+}
+
 // Output rows [r0, r1) of one NCHW plane (H x W -> OH x OW). v: the window rows' maximum over the padded
 // columns, whose padding stays -inf; h: the stride-1 window maximum along v, of which every SW-th is an
 // output. h spans whole vectors (pool_h floats; v KW - 1 more), so that its loops have no scalar tail.
@@ -883,10 +907,8 @@ PYPRUNE_INLINE void pool_plane(const PoolArgs& p, const float* s, float* d, int6
   float* vc = v + p.PW;  // input column 0
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t i0 = std::max<int64_t>(0, r * p.SH - p.PH), i1 = std::min(p.H, r * p.SH - p.PH + p.KH);
-    std::memcpy(vc, s + i0 * W, wn * sizeof(float));
-    for (int64_t i = i0 + 1; i < i1; ++i) max_into(vc, s + i * W, wn);
-    std::memcpy(h, v, hn * sizeof(float));
-    for (int64_t t = 1; t < p.KW; ++t) max_into(h, v + t, hn);
+    max_rows(vc, s + i0 * W, W, i1 - i0, wn);
+    max_rows(h, v, 1, p.KW, hn);
     float* dr = d + r * OW;
     if (p.SW == 1) {
       std::memcpy(dr, h, OW * sizeof(float));
