@@ -52,5 +52,6 @@ def test_pruned_conv2d_max_pool(benchmark, case, channels_last, provider):
     fns = pool_providers(case, 1, 1.0, channels_last, torch.Generator().manual_seed(0))
     with torch.no_grad():
         benchmark(fns[provider])
-    benchmark.extra_info.update({"case": case[0], "format": "channels_last" if channels_last else "nchw",
-                                 "batch": 1, "dtype": "float32", "device": "cpu", **environment()})  # fmt: skip
+    fmt = "channels_last" if channels_last else "nchw"
+    info = {"case": case[0], "format": fmt, "batch": 1, "dtype": "float32", "device": "cpu", **environment()}
+    benchmark.extra_info.update(info)

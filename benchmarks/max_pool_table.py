@@ -75,8 +75,8 @@ def markdown(rows, env) -> str:
         f"# PrunedConv2d's fused max pool (CPU)\n\n{env['cpu']}, ISA {env['kernel_isa']}, {env['threads']} "
         f"threads, torch {env['torch']}, fp32. Median times, and medians of same-round ratios, over "
         "interleaved rounds.\n",
-        "| case | keep | batch | format | aten conv+pool ms | ours + ATen pool ms | ours fused ms | ATen pool "
-        "alone ms | fused vs ours + ATen pool | fused vs aten |",
+        "| case | keep | batch | format | aten conv+pool ms | ours + ATen pool ms | ours fused ms | "
+        "ATen pool alone ms | fused vs ours + ATen pool | fused vs aten |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

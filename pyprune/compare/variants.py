@@ -275,8 +275,8 @@ def _fusable_pool(node, modules) -> nn.MaxPool2d | None:
 
 def fuse_pruned_convs(model: nn.Module) -> tuple[nn.Module, dict]:
     """``model`` (not modified) with every Conv2d as a PrunedConv2d, BN folded, ReLU and max pool fused where
-    the fx graph allows (the conv output feeds only an eval-mode BatchNorm2d, whose output feeds only the ReLU,
-    whose output feeds only an nn.MaxPool2d). Returns (new model, counts {"conv", "bn", "relu", "pool",
+    the fx graph allows (the conv output feeds only an eval-mode BatchNorm2d, whose output feeds only the
+    ReLU, whose output feeds only an nn.MaxPool2d). Returns (new model, counts {"conv", "bn", "relu", "pool",
     "skipped"} and "why" for a model fx cannot trace)."""
     from ..nn import PrunedConv2d
 

@@ -109,15 +109,16 @@ class PrunedConv2d(nn.Module):
         max_pool: nn.MaxPool2d | None = None,
     ) -> PrunedConv2d:
         """Keeps ``conv``'s weight rows ``keep_out`` and input channels ``keep_in`` (sorted unique indices, None =
-        all). ``bn`` (eval-mode statistics) is folded into the weight and bias; ``relu`` fuses a ReLU after it;
-        ``max_pool`` (dilation 1, floor mode, no indices returned) fuses that pool after everything else.
+        all). ``bn`` (eval-mode statistics) is folded into the weight and bias; ``relu`` fuses a ReLU after
+        it; ``max_pool`` (dilation 1, floor mode, no indices returned) fuses that pool after everything else.
         Depthwise convs (groups == in_channels == out_channels) need keep_in == keep_out."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be a torch.nn.Conv2d, got {type(conv).__name__}")
         pool = None
         if max_pool is not None:
             if not isinstance(max_pool, nn.MaxPool2d):
-                raise TypeError(f"max_pool must be a torch.nn.MaxPool2d or None, got {type(max_pool).__name__}")
+                got = type(max_pool).__name__
+                raise TypeError(f"max_pool must be a torch.nn.MaxPool2d or None, got {got}")
             if max_pool.dilation not in (1, (1, 1)) or max_pool.ceil_mode or max_pool.return_indices:
                 raise ValueError(
                     "max_pool must have dilation 1, ceil_mode=False and return_indices=False, got "
@@ -187,8 +188,8 @@ class PrunedConv2d(nn.Module):
             shape = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
             raise ValueError(f"input must have shape (N, in_channels={self.in_channels}, H, W), got {shape}")
         # parameters and buffers straight from their dicts: a module's __getattr__ costs ~1.3 us a read on
-        # the Xeon VM, a sizeable share of a small conv's call. A parametrized or torch.nn.utils.prune'd weight
-        # is no longer in _parameters: then the attribute, which computes it.
+        # the Xeon VM, a sizeable share of a small conv's call. A parametrized or torch.nn.utils.prune'd
+        # weight is no longer in _parameters: then the attribute, which computes it.
         params, buffers = self._parameters, self._buffers
         weight = params["weight"] if "weight" in params else self.weight
         bias = params["bias"] if "bias" in params else self.bias
@@ -202,7 +203,8 @@ class PrunedConv2d(nn.Module):
         )  # fmt: skip
 
     def to_dense(self) -> nn.Sequential:
-        """An equivalent plain-PyTorch module: index_select -> nn.Conv2d -> (ReLU) -> (scatter) -> (max pool)."""
+        """An equivalent plain-PyTorch module: index_select -> nn.Conv2d -> (ReLU) -> (scatter) -> (max
+        pool)."""
         w = self.weight
         conv = nn.Conv2d(w.shape[1] * self.groups, w.shape[0], self.kernel_size, self.stride, self.padding,
                          self.dilation, self.groups, bias=self.bias is not None, device=w.device, dtype=w.dtype)  # fmt: skip

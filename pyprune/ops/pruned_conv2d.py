@@ -68,13 +68,16 @@ def pool_list(max_pool) -> list[int]:
     if max_pool is None:
         return []
     if not isinstance(max_pool, (tuple, list)) or len(max_pool) != 3:
-        raise ValueError(f"{OP}: argument 'max_pool' must be (kernel_size, stride, padding) or None, got {max_pool!r}")
+        raise ValueError(
+            f"{OP}: argument 'max_pool' must be (kernel_size, stride, padding) or None, got {max_pool!r}"
+        )
     names = ("max_pool kernel_size", "max_pool stride", "max_pool padding")
     return [v for part, name in zip(max_pool, names) for v in pair(part, name)]
 
 
 def check_pool(max_pool) -> None:
-    """The op's flat max_pool: 6 ints, kernel >= 1, stride >= 1, 0 <= padding <= kernel / 2 (F.max_pool2d's rule)."""
+    """The op's flat max_pool: 6 ints, kernel >= 1, stride >= 1, 0 <= padding <= kernel / 2 (as in
+    F.max_pool2d)."""
     if len(max_pool) != 6:
         raise ValueError(
             f"{OP}: argument 'max_pool' must be empty or (kernel_h, kernel_w, stride_h, stride_w, padding_h, "
@@ -162,8 +165,10 @@ def check_args(x, weight, bias, in_index, out_index, out_channels, stride, paddi
     check_pool(max_pool)
     k, st, p = max_pool[:2], max_pool[2:4], max_pool[4:]
     if oh + 2 * p[0] < k[0] or ow + 2 * p[1] < k[1]:
-        raise ValueError(f"{OP}: argument 'max_pool' gives an empty output for the conv's {oh} x {ow} output, got "
-                         f"{list(max_pool)}")  # fmt: skip
+        raise ValueError(
+            f"{OP}: argument 'max_pool' gives an empty output for the conv's {oh} x {ow} output, got "
+            f"{list(max_pool)}"
+        )
     return output_size((oh, ow), k, st, p, (1, 1))
 
 
@@ -187,7 +192,8 @@ def check_index_values(in_index, out_index, x_channels: int, out_channels: int) 
 
 
 @torch.library.register_fake(OP)
-def _(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu, max_pool=()):
+def _(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu,
+      max_pool=()):  # fmt: skip
     oh, ow = check_args(
         x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu, max_pool
     )
@@ -218,7 +224,8 @@ def _backward(ctx, grad):
                 x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu
             )
             _, where = torch.ops.aten.max_pool2d_with_indices.default(y0, k, s, p)
-        grad = torch.ops.aten.max_pool2d_with_indices_backward.default(grad, y0, k, s, p, [1, 1], False, where)
+        back = torch.ops.aten.max_pool2d_with_indices_backward.default
+        grad = back(grad, y0, k, s, p, [1, 1], False, where)
         y = y0 if relu else None
     if y is not None:
         grad = grad * (y > 0)
@@ -246,17 +253,16 @@ def pruned_conv2d_checked_ref(x, weight, bias, in_index, out_index, out_channels
                               groups, relu, max_pool=()):  # fmt: skip
     """The reference behind the full argument checks: the CPU kernel when _C lacks one, and the CUDA
     'reference' backend."""
-    check_args(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu, max_pool)
+    args = (x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu)
+    check_args(*args, max_pool)
     check_index_values(in_index, out_index, x.shape[1], out_channels)
-    return reference.pruned_conv2d_ref(
-        x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu, max_pool
-    )
+    return reference.pruned_conv2d_ref(*args, max_pool)
 
 
 if not torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU"):
     torch.library.impl(OP, "CPU")(pruned_conv2d_checked_ref)
 register_cuda("pruned_conv2d")
 __all__ = [
-    "check_args", "check_channel_index", "check_index_values", "check_pool", "output_size", "pair", "pool_list",
-    "pruned_conv2d",
+    "check_args", "check_channel_index", "check_index_values", "check_pool", "output_size", "pair",
+    "pool_list", "pruned_conv2d",
 ]  # fmt: skip

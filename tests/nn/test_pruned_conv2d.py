@@ -154,7 +154,7 @@ def test_from_dense_fuses_a_max_pool(conv_bn, channels_last):
     conv, bn = conv_bn
     keep_in, keep_out = [0, 3, 4, 9, 15], [1, 2, 8, 23]
     for pool in (nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(2), nn.MaxPool2d((3, 2), (1, 2), (1, 0))):
-        m = PrunedConv2d.from_dense(conv, keep_in, keep_out, bn=bn, relu=True, max_pool=pool, scatter_output=True)
+        m = PrunedConv2d.from_dense(conv, keep_in, keep_out, bn, True, True, max_pool=pool)  # relu, scatter
         x = torch.randn(2, 16, 13, 11)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -175,7 +175,8 @@ def test_bad_max_pools_are_named(conv_bn):
     conv, _ = conv_bn
     with pytest.raises(TypeError, match="max_pool must be a torch.nn.MaxPool2d"):
         PrunedConv2d.from_dense(conv, max_pool=nn.AvgPool2d(2))
-    for pool in (nn.MaxPool2d(2, ceil_mode=True), nn.MaxPool2d(3, dilation=2), nn.MaxPool2d(2, return_indices=True)):
+    for pool in (nn.MaxPool2d(2, ceil_mode=True), nn.MaxPool2d(3, dilation=2),
+                 nn.MaxPool2d(2, return_indices=True)):  # fmt: skip
         with pytest.raises(ValueError, match="max_pool must have dilation 1, ceil_mode=False"):
             PrunedConv2d.from_dense(conv, max_pool=pool)
     with pytest.raises(ValueError, match="max_pool.*padding <= kernel / 2"):

@@ -424,7 +424,11 @@ POOLS = [(0, [3, 3, 2, 2, 1, 1]), (13, [3, 3, 2, 2, 1, 1]), (29, [2, 2, 2, 2, 0,
          (3, [2, 3, 3, 2, 0, 1]), (2, [1, 1, 1, 1, 0, 0]), (26, [1, 1, 1, 1, 0, 0])]  # fmt: skip
 
 
-@pytest.mark.parametrize("case, pool", POOLS, ids=lambda v: "x".join(map(str, v)) if isinstance(v, list) else str(v))
+def _pool_id(v):
+    return "_".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
+@pytest.mark.parametrize("case, pool", POOLS, ids=_pool_id)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_max_pool_matches_reference(case, pool, channels_last):
     for scatter, relu in ((False, True), (True, False)):
@@ -432,7 +436,8 @@ def test_max_pool_matches_reference(case, pool, channels_last):
         y = OP(*args)
         want = pruned_conv2d_ref(*_double(args))
         assert y.shape == want.shape
-        assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        assert y.is_contiguous(memory_format=fmt)
         torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)
         plain = F.max_pool2d(OP(*args[:-1]), pool[:2], pool[2:4], pool[4:])
         assert torch.equal(y, plain)  # bit for bit what ATen's pool makes of the same conv output
@@ -440,8 +445,8 @@ def test_max_pool_matches_reference(case, pool, channels_last):
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_max_pool_keeps_nan_and_inf_like_f_max_pool2d(channels_last):
-    # a depthwise 1x1 identity conv, so the pool sees x itself: NaN wins wherever a window holds one, -inf never
-    # beats a number, +inf always does
+    # a depthwise 1x1 identity conv, so the pool sees x itself: NaN wins wherever a window holds one, -inf
+    # never beats a number, +inf always does
     x = torch.randn(2, 20, 11, 13)
     x[0, 3, 4, 5] = float("nan")
     x[1, 17, 0, 0] = float("nan")
@@ -465,13 +470,15 @@ def test_max_pool_gradients_match_reference_autograd():
         gy = torch.randn_like(y)
         got = torch.autograd.grad(y, (x, w, b), gy)
         x2, w2, b2 = (t.detach().double().requires_grad_() for t in (x, w, b))
-        want = torch.autograd.grad(pruned_conv2d_ref(x2, w2, b2, *args[3:], relu, pool), (x2, w2, b2), gy.double())
+        y2 = pruned_conv2d_ref(x2, w2, b2, *args[3:], relu, pool)
+        want = torch.autograd.grad(y2, (x2, w2, b2), gy.double())
         for g1, g2 in zip(got, want):
             torch.testing.assert_close(g1.double(), g2, rtol=1e-4, atol=1e-4)
 
 
 def test_max_pool_gradcheck_float64_and_opcheck():
-    x, w, b, ii, oi, oc, s, p, d, g = _case((6, 5, 3, 1, 1, 1, 1, 7, 1), 0.5, True, False, True, torch.float64)
+    case = (6, 5, 3, 1, 1, 1, 1, 7, 1)
+    x, w, b, ii, oi, oc, s, p, d, g = _case(case, 0.5, True, False, True, torch.float64)
     x, w, b = (t.requires_grad_() for t in (x, w, b))
     fn = lambda x, w, b: OP(x, w, b, ii, oi, oc, s, p, d, g, True, [2, 3, 2, 1, 1, 1])
     assert torch.autograd.gradcheck(fn, (x, w, b))
@@ -481,7 +488,8 @@ def test_max_pool_gradcheck_float64_and_opcheck():
 
 def test_max_pool_compiles_and_counts_the_conv_flops():
     conv = torch.nn.Conv2d(3, 8, 7, 2, 3)
-    m = pyprune.nn.PrunedConv2d.from_dense(conv, keep_out=[0, 2, 3, 5], relu=True, max_pool=torch.nn.MaxPool2d(3, 2, 1))
+    pool = torch.nn.MaxPool2d(3, 2, 1)
+    m = pyprune.nn.PrunedConv2d.from_dense(conv, keep_out=[0, 2, 3, 5], relu=True, max_pool=pool)
     x = torch.randn(2, 3, 30, 30)
     torch._dynamo.reset()
     compiled = torch.compile(m, fullgraph=True, backend="eager")
