@@ -863,25 +863,24 @@ struct PoolArgs {
   bool channels_last;
 };
 
-// d[j] = max(d[j], s[j]) for j < n, a NaN in either winning (as in F.max_pool2d).
+// max(x, y) with a NaN in either winning, as in F.max_pool2d (the select vectorizes as compare and blend).
+PYPRUNE_INLINE float max_nan(float x, float y) { return (y > x || y != y) ? y : x; }
+
+// d[j] = max_nan(d[j], s[j]) for j < n.
 PYPRUNE_INLINE void max_into(float* __restrict d, const float* __restrict s, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    const float a = d[j], b = s[j];
-    d[j] = (b > a || b != b) ? b : a;
-  }
+  for (int64_t j = 0; j < n; ++j) d[j] = max_nan(d[j], s[j]);
 }
 
-// d[j] = the maximum of a[j], b[j] and c[j] (c null: of a[j] and b[j]) for j < n, NaN winning: one pass for the
+// d[j] = the max_nan of a[j], b[j] and c[j] (c null: of a[j] and b[j]) for j < n: one pass for the
 // common 2- and 3-wide windows instead of a copy and one max_into per further row (ResNet-50's stem pool at
 // batch 8, alternating processes: 3.16 -> 2.44 ms; batch 1, where reading the conv's output bounds it, 0.32 ms
 // either way).
 PYPRUNE_INLINE void max_of(float* __restrict d, const float* __restrict a, const float* __restrict b,
                            const float* __restrict c, int64_t n) {
-  const auto mx = [](float x, float y) { return (y > x || y != y) ? y : x; };
   if (c) {
-    for (int64_t j = 0; j < n; ++j) d[j] = mx(mx(a[j], b[j]), c[j]);
+    for (int64_t j = 0; j < n; ++j) d[j] = max_nan(max_nan(a[j], b[j]), c[j]);
   } else {
-    for (int64_t j = 0; j < n; ++j) d[j] = mx(a[j], b[j]);
+    for (int64_t j = 0; j < n; ++j) d[j] = max_nan(a[j], b[j]);
   }
 }
 
