@@ -1058,7 +1058,6 @@ void zero_unwritten(at::Tensor& y, const std::vector<int64_t>& out_ids, bool cha
   });
 }
 
-
 // yc (N, C, H, W) -> y (N, C, OH, OW), both NCHW or both channels_last; units of about 16 Ki window reads.
 void pool_output(PoolArgs p, const at::Tensor& yc, at::Tensor& y, bool channels_last) {
   p.s = yc.data_ptr<float>(), p.d = y.data_ptr<float>(), p.channels_last = channels_last;
@@ -1076,9 +1075,9 @@ void pool_output(PoolArgs p, const at::Tensor& yc, at::Tensor& y, bool channels_
 
 // The convolution, bias, ReLU and scatter: y before the max pool.
 at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                             const std::optional<at::Tensor>& in_index, const std::optional<at::Tensor>& out_index,
-                             int64_t out_channels, at::IntArrayRef stride, at::IntArrayRef padding,
-                             at::IntArrayRef dilation, int64_t groups, bool relu) {
+                        const std::optional<at::Tensor>& in_index, const std::optional<at::Tensor>& out_index,
+                        int64_t out_channels, at::IntArrayRef stride, at::IntArrayRef padding,
+                        at::IntArrayRef dilation, int64_t groups, bool relu) {
   PYPRUNE_CHECK(x.dim() == 4, kOp, "x", "must be 4-D (N, C, H, W), got shape ", x.sizes());
   PYPRUNE_CHECK(weight.dim() == 4, kOp, "weight", "must be 4-D (C_out, C_in / groups, kh, kw), got shape ",
                 weight.sizes());

@@ -266,11 +266,11 @@ def _is_relu(node, modules) -> bool:
 
 
 def _fusable_pool(node, modules) -> nn.MaxPool2d | None:
-    """The nn.MaxPool2d that node calls, if PrunedConv2d can fuse it (dilation 1, floor mode, no indices)."""
+    """The nn.MaxPool2d that node calls, if PrunedConv2d can fuse it."""
+    from ..nn.pruned_conv2d import fusable_max_pool
+
     m = modules.get(node.target) if node.op == "call_module" else None
-    if not isinstance(m, nn.MaxPool2d):
-        return None
-    return m if m.dilation in (1, (1, 1)) and not m.ceil_mode and not m.return_indices else None
+    return m if fusable_max_pool(m) else None
 
 
 def fuse_pruned_convs(model: nn.Module) -> tuple[nn.Module, dict]:

@@ -37,6 +37,14 @@ def _index(idx, n: int, name: str, device) -> Tensor | None:
     return t
 
 
+def fusable_max_pool(pool: nn.Module) -> bool:
+    """Whether PrunedConv2d can fuse ``pool``: an nn.MaxPool2d with dilation 1, floor mode, no indices."""
+    return (
+        isinstance(pool, nn.MaxPool2d) and pool.dilation in (1, (1, 1)) and not pool.ceil_mode
+        and not pool.return_indices
+    )  # fmt: skip
+
+
 def _any_trains(params) -> bool | None:
     """Whether any of the (module, name) parameters requires grad; None if none of them exists."""
     flags = [f for f in (trains(m, name) for m, name in params) if f is not None]
@@ -119,7 +127,7 @@ class PrunedConv2d(nn.Module):
             if not isinstance(max_pool, nn.MaxPool2d):
                 got = type(max_pool).__name__
                 raise TypeError(f"max_pool must be a torch.nn.MaxPool2d or None, got {got}")
-            if max_pool.dilation not in (1, (1, 1)) or max_pool.ceil_mode or max_pool.return_indices:
+            if not fusable_max_pool(max_pool):
                 raise ValueError(
                     "max_pool must have dilation 1, ceil_mode=False and return_indices=False, got "
                     f"dilation={max_pool.dilation}, ceil_mode={max_pool.ceil_mode}, "
