@@ -404,6 +404,7 @@ struct ClArgs {
   bool rows;                 // row windows (cl_row_micro): MR divides OW
   bool one_run;              // stride-1 unpadded 1x1 on channels_last x: a tile's pixels are one run of x
   bool run;                  // ... and the full tiles take cl_micro's RUN addressing (AVX-512, <= 32 channels)
+  bool ahead;                // ... and each tile prefetches the next tile's run (see cl_units)
   int64_t k_chunk;           // inputs (tap-major: t * Cig + ci) per pass over a batch of tiles
   const int64_t* tap_off;    // (taps): tap (kh, kw)'s offset from a pixel's window origin
   // kxk (not row windows): (G, taps * Cig) offsets of input k = (t, ci) from a pixel's window origin,
@@ -774,13 +775,8 @@ PYPRUNE_INLINE void cl_units(const ConvArgs& a, const ClArgs& c, int64_t f0, int
   std::vector<const float*> px(taps * MR);
   alignas(64) float stage[kStageRows * 64];
   int64_t pix_n[kStageRows], pix_p[kStageRows];
-  // A stride-1 unpadded 1x1 conv on channels_last x reads one contiguous run of pixels per tile (the kept
-  // channels of MR whole pixels: with 16 channels to a line nearly every line of them), so the next tile's run
-  // is prefetched into L2 while this one computes. On inputs past the caches the hardware prefetcher alone
-  // left the loads waiting (256->64 1x1 @56 batch 8, 2 threads, A/B in one process over four runs: keep 0.75
-  // 1.15-1.74 -> 1.07-1.17 ms, keep 0.5 0.60-1.19 -> 0.55-0.85 ms; batch 1 and keep 0.25, which is bound by
-  // reading the whole input, unchanged).
-  const bool ahead_ok = c.one_run;
+  // c.ahead: the next tile's run of pixels is prefetched while this one computes (see the host's rule)
+  const bool ahead_ok = c.ahead;
   // inputs in chunks (c.k_chunk < K): a batch of tiles takes each chunk in turn, its partial sums waiting in
   // `partial`, so that a chunk's weights stay in cache for the whole batch
   const int64_t K = taps * a.Cig;
@@ -1310,6 +1306,16 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
     const bool one_run = KH == 1 && KW == 1 && a.SH == 1 && a.SW == 1 && a.PH == 0 && a.PW == 0 && a.sC == 1 &&
                          a.sH == a.W * a.sW && a.sN == a.H * a.sH;
     const bool run = avx512 && vecs <= 2 && one_run;
+    // A one_run tile reads one contiguous run of pixels (the kept channels of MR whole pixels: with 16 channels
+    // to a line nearly every line of them). With x past L2 and at most 192 inputs, tiles are short and the
+    // hardware prefetchers leave the loads waiting, so each tile prefetches the next one's run (256->64 1x1 @56
+    // batch 8, A/B in one process over four runs: keep 0.75 1.15-1.74 -> 1.07-1.17 ms, keep 0.5 0.60-1.19 ->
+    // 0.55-0.85 ms; 320->80 and 384->96 @28 batch 8 1.05-1.08x faster). Otherwise the prefetches only take issue
+    // slots: A/B in one process, 2 threads, Xeon VM, against prefetching every one_run tile: x inside L2 (batch 1
+    // on 7x7-28x28 maps: 1024->256 @14, 512->128 and 128->512 @28, 2048->512 @7) 0.87-0.90x the time; more than
+    // 192 inputs (1024->256 @14 batch 8 keep 0.25-0.75, 2048->512 @7 keep 0.25, 1024->128 @28) 0.88-0.92x.
+    const int64_t l2 = l2_cache_bytes();
+    const bool ahead = one_run && a.Cig <= 192 && (l2 <= 0 || a.N * a.H * a.W * C * 4 > l2);
     if (run) mr = 14, nv_max = 2;
     // A channel block's weights over 512 KiB (with the input, more than a core's L2) stream from L3 once per
     // tile; then the taps go in chunks of at most 256 KiB of weights, each read once per batch of tiles (A/B in
@@ -1344,7 +1350,7 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
     const int64_t wblock = nv_max * kLanes;
     const at::Tensor wt = transposed_weight(weight, wc, groups, a.Cog, a.Cig, taps, cog16, wblock);
     ClArgs c{wt.data_ptr<float>(), zeros.defined() ? zeros.data_ptr<float>() : nullptr, cog16, mr, nv_max, wblock, rows,
-             one_run, run, k_chunk, tap_off.data(), koff.empty() ? nullptr : koff.data()};
+             one_run, run, ahead, k_chunk, tap_off.data(), koff.empty() ? nullptr : koff.data()};
     ClFn fn = cl_baseline;
 #if PYPRUNE_X86
     if (kernel_isa() == Isa::kAvx512) fn = cl_avx512;

@@ -55,26 +55,36 @@ inline Isa kernel_isa() {
   return isa;
 }
 
-// Bytes of the highest cache level cpu0 reports (the last-level cache), read from Linux's sysfs; 0 where it is
-// unknown. (glibc's sysconf(_SC_LEVEL3_CACHE_SIZE) said 320 MiB on a Zen 4 VM whose sysfs and lscpu say 32 MiB.)
-inline int64_t last_level_cache_bytes() {
-  static const int64_t bytes = [] {
-    int64_t top = 0, size = 0;
-    for (int i = 0; i < 16; ++i) {
-      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
-      std::ifstream level_file(dir + "level"), size_file(dir + "size");
-      int64_t level = 0, value = 0;
-      char unit = 0;
-      if (!(level_file >> level) || !(size_file >> value) || value <= 0) continue;
-      size_file >> unit;  // "32768K": a K, M or G suffix, if any
-      const int64_t scale = unit == 'K' ? 1 << 10 : unit == 'M' ? 1 << 20 : unit == 'G' ? 1 << 30 : 1;
-      if (level > top) {
-        top = level;
-        size = value * scale;
-      }
+// Bytes of cpu0's cache at `level` (1, 2, 3; 0: the highest level it reports, the last-level cache), read from
+// Linux's sysfs; 0 where it is unknown. (glibc's sysconf(_SC_LEVEL3_CACHE_SIZE) said 320 MiB on a Zen 4 VM whose
+// sysfs and lscpu say 32 MiB.)
+inline int64_t cache_bytes(int64_t level) {
+  int64_t top = 0, size = 0;
+  for (int i = 0; i < 16; ++i) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+    std::ifstream level_file(dir + "level"), size_file(dir + "size"), type_file(dir + "type");
+    int64_t lv = 0, value = 0;
+    char unit = 0;
+    std::string type;
+    if (!(level_file >> lv) || !(size_file >> value) || value <= 0) continue;
+    if ((type_file >> type) && type == "Instruction") continue;
+    size_file >> unit;  // "32768K": a K, M or G suffix, if any
+    const int64_t scale = unit == 'K' ? 1 << 10 : unit == 'M' ? 1 << 20 : unit == 'G' ? 1 << 30 : 1;
+    if (level ? lv == level : lv > top) {
+      top = lv;
+      size = value * scale;
     }
-    return size;
-  }();
+  }
+  return size;
+}
+
+inline int64_t last_level_cache_bytes() {
+  static const int64_t bytes = cache_bytes(0);
+  return bytes;
+}
+
+inline int64_t l2_cache_bytes() {
+  static const int64_t bytes = cache_bytes(2);
   return bytes;
 }
 
