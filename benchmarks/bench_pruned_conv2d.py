@@ -25,7 +25,7 @@ def test_pruned_conv2d(benchmark, shape, batch, channels_last, keep, provider):
     if provider == "dense" and keep != 0.5:
         pytest.skip("dense does not depend on keep: timed once per shape")
     cin, cout, k, side = shape
-    fns = providers(cin, cout, k, side, batch, keep, channels_last, torch.Generator().manual_seed(0))
+    fns, _ = providers(cin, cout, k, side, batch, keep, channels_last, torch.Generator().manual_seed(0))
     with torch.no_grad():
         benchmark(fns[provider])
     kept = round(cin * keep) * round(cout * keep) if provider != "dense" else cin * cout

@@ -7,9 +7,17 @@ Providers per case (keep ratio r on both sides):
   shrunk model runs; the compaction itself is not timed);
 - ours: pyprune.ops.pruned_conv2d (the op as users call it) reading the kept channels of the full input in place (the fused gather);
 - ours_compact: the same function on the same pre-compacted input (so ours / ours_compact is the
-  cost of fusing the gather).
+  cost of fusing the gather);
+- x_read: torch.sum over the full input, which reads every line of it once (the read floor's calibration).
 Each round times every provider once, in shuffled order (a batch of calls of >= --batch-ms); figures are
 medians over rounds of same-round ratios. "of ideal" = speedup vs dense / (1 / r^2).
+
+"x-read bound" is the most any kernel that reads the kept channels in place could gain on this machine:
+dense / (x_read x the fraction of x's 64-byte lines that hold a kept channel). On channels_last x a line holds
+16 channels of one pixel, so a quarter of the channels at random touches nearly every line; NCHW planes are
+whole lines. Where it is below the ideal 1 / r^2, reading x, not the FLOPs, bounds the fused gather; "of
+reachable" = speedup / min(ideal, x-read bound). (The bound leaves out the weight and output traffic and
+counts one op call's overhead, which x_read pays too.)
     python benchmarks/pruned_conv2d_table.py [--quick] [--rounds 7] [--out benchmarks/results/cpu]
 """
 
@@ -58,6 +66,7 @@ def providers(cin, cout, k, side, batch, keep, channels_last, gen):
     pad = k // 2
     op = pruned_conv2d
     fns = {
+        "x_read": lambda: torch.sum(x),
         "dense": lambda: F.conv2d(x, w, b, 1, pad),
         "onednn_compact": lambda: F.conv2d(xk, wk, bk, 1, pad),
         "ours": lambda: op(x, wk, bk, ii, None, co, [1, 1], [pad, pad], [1, 1], 1, False),
@@ -67,12 +76,22 @@ def providers(cin, cout, k, side, batch, keep, channels_last, gen):
     ref = F.conv2d(xk, wk, bk, 1, pad)
     for name in ("ours", "ours_compact"):
         torch.testing.assert_close(fns[name](), ref, rtol=1e-3, atol=1e-3)
-    return fns
+    return fns, x_lines_fraction(x, ii)
+
+
+def x_lines_fraction(x: torch.Tensor, index: torch.Tensor) -> float:
+    """The fraction of x's 64-byte lines that hold an element of a channel in ``index`` (images of whole
+    lines: C * H * W * 4 a multiple of 64; x 64-byte aligned, as torch's CPU allocator aligns it)."""
+    _, _, h, w = x.shape
+    pixels = (torch.arange(h)[:, None] * x.stride(2) + torch.arange(w)[None, :] * x.stride(3)).reshape(-1)
+    elems = index[:, None] * x.stride(1) + pixels[None, :]
+    lines = torch.unique(elems * x.element_size() // 64).numel()
+    return lines / (x[0].numel() * x.element_size() / 64)
 
 
 def run_case(shape, batch, keep, channels_last, rounds, batch_s, rng, gen):
     cin, cout, k, side = shape
-    fns = providers(cin, cout, k, side, batch, keep, channels_last, gen)
+    fns, lines = providers(cin, cout, k, side, batch, keep, channels_last, gen)
     with torch.no_grad():
         samples = interleaved_samples(fns, rounds, batch_s, rng, CLOCK)
     dense = samples["dense"]
@@ -88,6 +107,10 @@ def run_case(shape, batch, keep, channels_last, rounds, batch_s, rng, gen):
         row[f"{name}_median_s"] = statistics.median(ts)
         row[f"{name}_speedup"] = sp
         row[f"{name}_of_ideal"] = sp / ideal
+    row["x_lines_fraction"] = lines
+    row["x_read_median_s"] = statistics.median(samples["x_read"])
+    row["x_read_bound"] = statistics.median(d / (t * lines) for d, t in zip(dense, samples["x_read"]))
+    row["ours_of_reachable"] = row["ours_speedup"] / min(ideal, row["x_read_bound"])
     row["gather_cost"] = statistics.median(
         a / c - 1 for a, c in zip(samples["ours"], samples["ours_compact"])
     )
@@ -106,15 +129,16 @@ def markdown(rows, env) -> str:
         ),
         (
             "| conv | batch | format | keep | ideal | oneDNN compact | ours (fused gather) | of ideal | "
-            "ours / oneDNN compact | gather cost | dense ms |"
+            "ours / oneDNN compact | gather cost | x lines read | x-read bound | of reachable | dense ms |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['c_in']}->{r['c_out']} {r['kernel']}x{r['kernel']} @{r['side']} | {r['batch']} | {r['format']} | "
             f"{r['keep']} | {r['ideal']:.1f} | {r['onednn_compact_speedup']:.2f} | {r['ours_speedup']:.2f} | "
             f"{r['ours_of_ideal']:.2f} | {r['ours_vs_onednn_compact']:.2f} | {100 * r['gather_cost']:+.1f}% | "
+            f"{100 * r['x_lines_fraction']:.0f}% | {r['x_read_bound']:.1f} | {r['ours_of_reachable']:.2f} | "
             f"{1e3 * r['dense_median_s']:.3f} |"
         )
     return "\n".join(lines) + "\n"
