@@ -125,7 +125,9 @@ def markdown(rows, env) -> str:
         (
             f"# PrunedConv2d vs dense F.conv2d (CPU)\n\n{env['cpu']}, ISA {env['kernel_isa']}, {env['threads']} threads, "
             f"torch {env['torch']}, fp32. Keep ratio r on both sides; ideal speedup 1/r^2. Medians of same-round "
-            "ratios over interleaved rounds.\n"
+            "ratios over interleaved rounds. x lines read: the share of x's 64-byte lines that hold a kept "
+            "channel; x-read bound: dense / (torch.sum over x, times that share), the most a kernel reading "
+            "the kept channels in place could gain; of reachable: ours / min(ideal, x-read bound).\n"
         ),
         (
             "| conv | batch | format | keep | ideal | oneDNN compact | ours (fused gather) | of ideal | "
