@@ -775,8 +775,6 @@ PYPRUNE_INLINE void cl_units(const ConvArgs& a, const ClArgs& c, int64_t f0, int
   std::vector<const float*> px(taps * MR);
   alignas(64) float stage[kStageRows * 64];
   int64_t pix_n[kStageRows], pix_p[kStageRows];
-  // c.ahead: the next tile's run of pixels is prefetched while this one computes (see the host's rule)
-  const bool ahead_ok = c.ahead;
   // inputs in chunks (c.k_chunk < K): a batch of tiles takes each chunk in turn, its partial sums waiting in
   // `partial`, so that a chunk's weights stay in cache for the whole batch
   const int64_t K = taps * a.Cig;
@@ -808,7 +806,7 @@ PYPRUNE_INLINE void cl_units(const ConvArgs& a, const ClArgs& c, int64_t f0, int
             held = 0;
           }
           float* part = chunked ? partial.data() + (t - tb) * MR * 64 : nullptr;
-          const int64_t cnt = cl_tile<V>(a, c, t, g, co0, nv, k0, k1, part, px.data(), ahead_ok && !chunked,
+          const int64_t cnt = cl_tile<V>(a, c, t, g, co0, nv, k0, k1, part, px.data(), c.ahead && !chunked,
                                          stage + held * 64, pix_n + held, pix_p + held);
           if (k1 == K) held += cnt;
         }
