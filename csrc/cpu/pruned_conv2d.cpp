@@ -1304,9 +1304,10 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
     const bool one_run = KH == 1 && KW == 1 && a.SH == 1 && a.SW == 1 && a.PH == 0 && a.PW == 0 && a.sC == 1 &&
                          a.sH == a.W * a.sW && a.sN == a.H * a.sH;
     const bool run = avx512 && vecs <= 2 && one_run;
+    if (run) mr = 14, nv_max = 2;
     // A one_run tile reads one contiguous run of pixels (the kept channels of MR whole pixels: with 16 channels
-    // to a line nearly every line of them). With x past L2 and at most 192 inputs, tiles are short and the
-    // hardware prefetchers leave the loads waiting, so each tile prefetches the next one's run (256->64 1x1 @56
+    // to a line nearly every line of them). With x past L2 and at most 192 inputs (short tiles), the hardware
+    // prefetchers alone left the loads waiting, so each tile prefetches the next one's run (256->64 1x1 @56
     // batch 8, A/B in one process over four runs: keep 0.75 1.15-1.74 -> 1.07-1.17 ms, keep 0.5 0.60-1.19 ->
     // 0.55-0.85 ms; 320->80 and 384->96 @28 batch 8 1.05-1.08x faster). Otherwise the prefetches only take issue
     // slots: A/B in one process, 2 threads, Xeon VM, against prefetching every one_run tile: x inside L2 (batch 1
@@ -1314,7 +1315,6 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
     // 192 inputs (1024->256 @14 batch 8 keep 0.25-0.75, 2048->512 @7 keep 0.25, 1024->128 @28) 0.88-0.92x.
     const int64_t l2 = l2_cache_bytes();
     const bool ahead = one_run && a.Cig <= 192 && (l2 <= 0 || a.N * a.H * a.W * C * 4 > l2);
-    if (run) mr = 14, nv_max = 2;
     // A channel block's weights over 512 KiB (with the input, more than a core's L2) stream from L3 once per
     // tile; then the taps go in chunks of at most 256 KiB of weights, each read once per batch of tiles (A/B in
     // one process, 2 threads, Zen 5 VM: 512->512 3x3 @7 NCHW batch 8 keep 0.75 3.49 -> 3.09 ms, keep 0.5 1.41
