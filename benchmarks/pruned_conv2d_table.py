@@ -13,9 +13,9 @@ Each round times every provider once, in shuffled order (a batch of calls of >= 
 medians over rounds of same-round ratios. "of ideal" = speedup vs dense / (1 / r^2).
 
 "x-read bound" is the most any kernel that reads the kept channels in place could gain on this machine:
-dense / (x_read times the fraction of x's 64-byte lines that hold a kept channel). On channels_last x a line holds
-16 channels of one pixel, so a quarter of the channels at random touches nearly every line; NCHW planes are
-whole lines. Where it is below the ideal 1 / r^2, reading x, not the FLOPs, bounds the fused gather; "of
+dense / (x_read times the fraction of x's 64-byte lines that hold a kept channel). On channels_last x a line
+holds 16 channels of one pixel, so a quarter of the channels at random touches nearly every line; NCHW planes
+are whole lines. Where it is below the ideal 1 / r^2, reading x, not the FLOPs, bounds the fused gather; "of
 reachable" = speedup / min(ideal, x-read bound). (The bound leaves out the weight and output traffic and
 counts one op call's overhead, which x_read pays too.)
     python benchmarks/pruned_conv2d_table.py [--quick] [--rounds 7] [--out benchmarks/results/cpu]

@@ -404,7 +404,7 @@ struct ClArgs {
   bool rows;                 // row windows (cl_row_micro): MR divides OW
   bool one_run;              // stride-1 unpadded 1x1 on channels_last x: a tile's pixels are one run of x
   bool run;                  // ... and the full tiles take cl_micro's RUN addressing (AVX-512, <= 32 channels)
-  bool ahead;                // ... and each tile prefetches the next tile's run (see cl_units)
+  bool ahead;                // ... and each tile prefetches the next tile's run (the rule: conv_forward)
   int64_t k_chunk;           // inputs (tap-major: t * Cig + ci) per pass over a batch of tiles
   const int64_t* tap_off;    // (taps): tap (kh, kw)'s offset from a pixel's window origin
   // kxk (not row windows): (G, taps * Cig) offsets of input k = (t, ci) from a pixel's window origin,
@@ -1314,7 +1314,7 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
     // on 7x7-28x28 maps: 1024->256 @14, 512->128 and 128->512 @28, 2048->512 @7) 0.87-0.90x the time; more than
     // 192 inputs (1024->256 @14 batch 8 keep 0.25-0.75, 2048->512 @7 keep 0.25, 1024->128 @28) 0.88-0.92x.
     const int64_t l2 = l2_cache_bytes();
-    const bool ahead = one_run && a.Cig <= 192 && (l2 <= 0 || a.N * a.H * a.W * C * 4 > l2);
+    const bool ahead = one_run && a.Cig <= 192 && (l2 <= 0 || static_cast<int64_t>(x.nbytes()) > l2);
     // A channel block's weights over 512 KiB (with the input, more than a core's L2) stream from L3 once per
     // tile; then the taps go in chunks of at most 256 KiB of weights, each read once per batch of tiles (A/B in
     // one process, 2 threads, Zen 5 VM: 512->512 3x3 @7 NCHW batch 8 keep 0.75 3.49 -> 3.09 ms, keep 0.5 1.41
