@@ -439,14 +439,19 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
              y.data_ptr<float>(),
              pack_prefetch};
   const UnitsFn fn = pick_units(isa);
-  // Each thread takes a contiguous range of units of equal cost (vectors x nonzeros, plus a little per row):
-  // a short last tile or a light row part would otherwise leave one thread idle. One thread for tiny convs
-  // (under ~64K vector FMAs, some 20 us), where waking the second costs more.
+  // Each thread takes a contiguous range of units of equal cost (vectors x nonzeros, plus a little per row and,
+  // on a tile's first row part, its packing): a short last tile or a light row part would otherwise leave one
+  // thread idle. One thread for tiny convs (under ~64K vector FMAs, some 20 us), where waking the second costs
+  // more. A packed tile's 16x16 transposes (channels_last) cost about as much as 4 nonzeros a channel, its copy
+  // (NCHW) 1. Without them, 99% sparse channels_last 256->64 1x1 @56 at batch 1 ran on one thread (A/B in one
+  // process, 11 rounds, Xeon VM: 0.58-0.61x the time at 99% and 99.9%; at 95%, which had two threads, and on the
+  // 14x14 and 7x7 NCHW packed convs at 99-99.9%, unchanged).
   const int64_t n_units = n_img * n_tiles * a.n_parts;
+  const int64_t pack_cost = pack_tiles ? (cl ? 4 : 1) * C : 0;
   std::vector<int64_t> cost(n_units + 1, 0);
   for (int64_t u = 0; u < n_units; ++u) {
     const int64_t p = u % a.n_parts, t = (u / a.n_parts) % n_tiles;
-    const int64_t rows_nnz = cr[rb[p + 1]] - cr[rb[p]] + 2 * (rb[p + 1] - rb[p]);
+    const int64_t rows_nnz = cr[rb[p + 1]] - cr[rb[p]] + 2 * (rb[p + 1] - rb[p]) + (p == 0 ? pack_cost : 0);
     cost[u + 1] = cost[u] + (tiles[t].len + kLanes - 1) / kLanes * rows_nnz;
   }
   const auto ub = balanced_split(n_units, cost[n_units] < 65536 ? 1 : threads,
