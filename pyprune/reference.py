@@ -178,12 +178,16 @@ def pruned_conv2d_ref(
     groups: int,
     relu: bool,
     max_pool: list[int] = (),
+    relu_max: float | None = None,
 ) -> Tensor:
-    """max_pool: [] or (kernel_h, kernel_w, stride_h, stride_w, padding_h, padding_w), applied last."""
+    """max_pool: [] or (kernel_h, kernel_w, stride_h, stride_w, padding_h, padding_w), applied last;
+    relu_max: the ReLU's cap (relu_max=6 with relu: ReLU6)."""
     xs = x if in_index is None else x.index_select(1, in_index)
     y = _conv2d(xs, weight, bias, stride, padding, dilation, groups)
     if relu:
         y = torch.relu(y)
+    if relu_max is not None:
+        y = y.clamp_max(relu_max)
     if out_index is not None:
         full = y.new_zeros(y.shape[0], out_channels, y.shape[2], y.shape[3])
         full[:, out_index] = y

@@ -257,12 +257,19 @@ def fold_bn(model: nn.Module) -> tuple[nn.Module, int, str]:
     return gm, folded, ""
 
 
-def _is_relu(node, modules) -> bool:
+def _fusable_relu(node, modules) -> tuple[bool, float | None]:
+    """Whether ``node`` is an activation PrunedConv2d fuses, and its cap: a ReLU (None), ReLU6 (6.0) or a
+    Hardtanh clamping at 0 from below (its max_val)."""
     if node.op == "call_module":
-        return isinstance(modules.get(node.target), nn.ReLU)
+        m = modules.get(node.target)
+        if isinstance(m, nn.Hardtanh):  # nn.ReLU6 is one
+            return m.min_val == 0 and m.max_val > 0, float(m.max_val)
+        return isinstance(m, nn.ReLU), None
+    if node.op == "call_function" and node.target is nn.functional.relu6:
+        return True, 6.0
     if node.op == "call_function":
-        return node.target in (torch.relu, torch.relu_, nn.functional.relu)
-    return node.op == "call_method" and node.target in ("relu", "relu_")
+        return node.target in (torch.relu, torch.relu_, nn.functional.relu), None
+    return node.op == "call_method" and node.target in ("relu", "relu_"), None
 
 
 def _fusable_pool(node, modules) -> nn.MaxPool2d | None:
@@ -274,10 +281,10 @@ def _fusable_pool(node, modules) -> nn.MaxPool2d | None:
 
 
 def fuse_pruned_convs(model: nn.Module) -> tuple[nn.Module, dict]:
-    """``model`` (not modified) with every Conv2d as a PrunedConv2d, BN folded, ReLU and max pool fused where
-    the fx graph allows (the conv output feeds only an eval-mode BatchNorm2d, whose output feeds only the
-    ReLU, whose output feeds only an nn.MaxPool2d). Returns (new model, counts {"conv", "bn", "relu", "pool",
-    "skipped"} and "why" for a model fx cannot trace)."""
+    """``model`` (not modified) with every Conv2d as a PrunedConv2d, BN folded, ReLU (or ReLU6) and max pool
+    fused where the fx graph allows (the conv output feeds only an eval-mode BatchNorm2d, whose output feeds
+    only the ReLU, whose output feeds only an nn.MaxPool2d). Returns (new model, counts {"conv", "bn", "relu",
+    "pool", "skipped"} and "why" for a model fx cannot trace)."""
     from ..nn import PrunedConv2d
 
     counts = {"conv": 0, "bn": 0, "relu": 0, "pool": 0, "skipped": 0, "why": ""}
@@ -302,21 +309,25 @@ def fuse_pruned_convs(model: nn.Module) -> tuple[nn.Module, dict]:
         if node.target in done:
             continue
         done.add(node.target)
-        conv, bn, bn_node, relu_node, last = modules[node.target], None, None, None, node
+        conv, bn, bn_node, relu_node, relu_max, last = modules[node.target], None, None, None, None, node
         found = _bn_after(node, modules) if node.target not in shared else None
         if found is not None:
             bn_node, bn = found
             last = bn_node
         users = list(last.users)
-        if node.target not in shared and len(users) == 1 and _is_relu(users[0], modules):
-            relu_node = users[0]
+        if node.target not in shared and len(users) == 1:
+            fusable, relu_max = _fusable_relu(users[0], modules)
+            relu_node = users[0] if fusable else None
         pool_node, pool = None, None
         users = list((relu_node or last).users)
         if node.target not in shared and len(users) == 1:
             pool = _fusable_pool(users[0], modules)
             pool_node = users[0] if pool is not None else None
         try:
-            new = PrunedConv2d.from_dense(conv, bn=bn, relu=relu_node is not None, max_pool=pool)
+            new = PrunedConv2d.from_dense(
+                conv, bn=bn, relu=relu_node is not None, max_pool=pool,
+                relu_max=relu_max if relu_node is not None else None,
+            )  # fmt: skip
         except (TypeError, ValueError):
             counts["skipped"] += 1
             continue

@@ -54,7 +54,8 @@ def _any_trains(params) -> bool | None:
 class PrunedConv2d(nn.Module):
     """``relu?(conv2d(x[:, keep_in], weight, bias))``, the output compact ``(N, len(keep_out), OH, OW)`` or,
     with ``scatter_output=True``, scattered into ``(N, out_channels, OH, OW)`` with zeros elsewhere; with
-    ``max_pool=(kernel_size, stride, padding)``, max-pooled after that (dilation 1, floor mode).
+    ``max_pool=(kernel_size, stride, padding)``, max-pooled after that (dilation 1, floor mode). With
+    ``relu_max`` the ReLU is capped there (``relu_max=6``: ReLU6, as in MobileNetV2).
 
     Build it with :meth:`from_dense`. ``weight`` (a Parameter) holds only the kept rows and columns;
     ``in_index`` / ``out_index`` are buffers (``None`` when everything is kept)."""
@@ -76,8 +77,13 @@ class PrunedConv2d(nn.Module):
         max_pool: Sequence | None = None,
         device=None,
         dtype=None,
+        relu_max: float | None = None,
     ):
         super().__init__()
+        if relu_max is not None and not (relu and relu_max > 0):  # (NaN fails the comparison too)
+            raise ValueError(f"relu_max must be None, or a number > 0 with relu=True, got {relu_max!r} with "
+                             f"relu={relu!r}")  # fmt: skip
+        self.relu_max = None if relu_max is None else float(relu_max)
         pool = pool_list(max_pool)
         if pool:
             check_pool(pool)  # here, not at the first call
@@ -115,10 +121,12 @@ class PrunedConv2d(nn.Module):
         relu: bool = False,
         scatter_output: bool = False,
         max_pool: nn.MaxPool2d | None = None,
+        relu_max: float | None = None,
     ) -> PrunedConv2d:
         """Keeps ``conv``'s weight rows ``keep_out`` and input channels ``keep_in`` (sorted unique indices, None =
         all). ``bn`` (eval-mode statistics) is folded into the weight and bias; ``relu`` fuses a ReLU after
-        it; ``max_pool`` (dilation 1, floor mode, no indices returned) fuses that pool after everything else.
+        it, capped at ``relu_max`` if given (6: ReLU6); ``max_pool`` (dilation 1, floor mode, no indices
+        returned) fuses that pool after everything else.
         Depthwise convs (groups == in_channels == out_channels) need keep_in == keep_out."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be a torch.nn.Conv2d, got {type(conv).__name__}")
@@ -142,7 +150,7 @@ class PrunedConv2d(nn.Module):
         new = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, keep_in, keep_out, conv.stride, conv.padding,
             conv.dilation, 1, bias=conv.bias is not None or bn is not None, relu=relu,
-            scatter_output=scatter_output, max_pool=pool, device=w.device, dtype=w.dtype,
+            scatter_output=scatter_output, max_pool=pool, device=w.device, dtype=w.dtype, relu_max=relu_max,
         )  # fmt: skip
         g = new.groups = conv.groups
         rows = torch.arange(conv.out_channels, device=w.device) if new.out_index is None else new.out_index
@@ -207,12 +215,12 @@ class PrunedConv2d(nn.Module):
         return ops.pruned_conv2d(
             input, weight, bias, buffers["in_index"], buffers["out_index"] if scatter else None,
             self.out_channels if scatter else weight.shape[0],
-            self.stride, self.padding, self.dilation, self.groups, self.relu, self.max_pool,
+            self.stride, self.padding, self.dilation, self.groups, self.relu, self.max_pool, self.relu_max,
         )  # fmt: skip
 
     def to_dense(self) -> nn.Sequential:
-        """An equivalent plain-PyTorch module: index_select -> nn.Conv2d -> (ReLU) -> (scatter) -> (max
-        pool)."""
+        """An equivalent plain-PyTorch module: index_select -> nn.Conv2d -> (ReLU, or ReLU6 / Hardtanh(0,
+        relu_max)) -> (scatter) -> (max pool)."""
         w = self.weight
         conv = nn.Conv2d(w.shape[1] * self.groups, w.shape[0], self.kernel_size, self.stride, self.padding,
                          self.dilation, self.groups, bias=self.bias is not None, device=w.device, dtype=w.dtype)  # fmt: skip
@@ -223,7 +231,11 @@ class PrunedConv2d(nn.Module):
         copy_requires_grad(conv, self)
         layers = [_SelectChannels(self.in_index)] if self.in_index is not None else []
         layers.append(conv)
-        if self.relu:
+        if self.relu_max == 6.0:
+            layers.append(nn.ReLU6())
+        elif self.relu_max is not None:
+            layers.append(nn.Hardtanh(0.0, self.relu_max))
+        elif self.relu:
             layers.append(nn.ReLU())
         if self.scatter_output and self.out_index is not None:
             layers.append(_ScatterChannels(self.out_index, self.out_channels))
@@ -243,6 +255,8 @@ class PrunedConv2d(nn.Module):
             s += ", bias=False"
         if self.relu:
             s += ", relu=True"
+        if self.relu_max is not None:
+            s += f", relu_max={self.relu_max}"
         if self.scatter_output:
             s += ", scatter_output=True"
         if self.max_pool is not None:

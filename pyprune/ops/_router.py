@@ -627,13 +627,15 @@ def _pruned_conv2d_checked(fn):
     never reaches a kernel, which would read or write out of bounds."""
 
     def run(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu,
-            max_pool=()):  # fmt: skip
+            max_pool=(), relu_max=None):  # fmt: skip
         from .pruned_conv2d import check_args, check_index_values  # that module imports this one
 
         args = (x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu)
-        check_args(*args, max_pool)
+        check_args(*args, max_pool, relu_max)
         check_index_values(in_index, out_index, x.shape[1], out_channels)
         y = fn(*args)
+        if relu_max is not None:  # the GPU kernels fuse the ReLU but not its cap: one more pass over y
+            y = y.clamp_max_(relu_max)
         if not max_pool:
             return y
         # the GPU kernels have no pool epilogue: ATen's (cuDNN's) pool after them

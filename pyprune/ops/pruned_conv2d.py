@@ -34,13 +34,15 @@ def pruned_conv2d(
     groups: int = 1,
     relu: bool = False,
     max_pool: Sequence | None = None,
+    relu_max: float | None = None,
 ) -> Tensor:
     """x: (N, C_in, H, W) in NCHW or channels_last; weight: (C_out_kept, C_in_kept / groups, kh, kw);
     bias: (C_out_kept,); in_index: int64 (C_in_kept,) sorted unique channels of x (None: all of them);
     out_index: int64 (C_out_kept,) sorted unique channels of an out_channels-wide output (None: the output
     is compact, (N, C_out_kept, OH, OW)); max_pool: (kernel_size, stride, padding), each an int or a pair, of
-    a max pool applied last (dilation 1, floor mode, as ``F.max_pool2d``), or None. Returns
-    max_pool?(relu?(conv2d(x[:, in_index], weight, bias)) scattered to out_index), in x's memory format."""
+    a max pool applied last (dilation 1, floor mode, as ``F.max_pool2d``), or None; relu_max: with relu, the
+    ReLU's cap (6: ReLU6, as ``F.relu6``), or None. Returns max_pool?(min(relu?(conv2d(x[:, in_index], weight,
+    bias)), relu_max) scattered to out_index), in x's memory format."""
     if out_channels is None:
         if out_index is not None and out_index.numel() == 0:
             raise ValueError(f"{OP}: argument 'out_channels' must be given when out_index is empty")
@@ -48,7 +50,7 @@ def pruned_conv2d(
     return call_op(
         torch.ops.pyprune.pruned_conv2d.default, x, weight, bias, in_index, out_index, out_channels,
         pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation"), groups, relu,
-        pool_list(max_pool),
+        pool_list(max_pool), relu_max,
     )  # fmt: skip
 
 
@@ -98,8 +100,13 @@ def output_size(x_hw, weight_hw, stride, padding, dilation) -> tuple[int, int]:
 
 
 def check_args(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu,
-               max_pool=()):  # fmt: skip
+               max_pool=(), relu_max=None):  # fmt: skip
     """Shape, dtype and device checks (no index values: see check_index_values). Returns the output's size."""
+    if relu_max is not None and not (relu and relu_max > 0):  # (NaN fails the comparison too)
+        raise ValueError(
+            f"{OP}: argument 'relu_max' must be None, or a number > 0 with relu=True, got {relu_max} with "
+            f"relu={relu}"
+        )
     if x.dim() != 4:
         raise ValueError(f"{OP}: argument 'x' must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     if weight.dim() != 4:
@@ -193,9 +200,10 @@ def check_index_values(in_index, out_index, x_channels: int, out_channels: int) 
 
 @torch.library.register_fake(OP)
 def _(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu,
-      max_pool=()):  # fmt: skip
+      max_pool=(), relu_max=None):  # fmt: skip
     oh, ow = check_args(
-        x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu, max_pool
+        x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu, max_pool,
+        relu_max,
     )
     y = x.new_empty((x.shape[0], out_channels, oh, ow))
     return y.contiguous(memory_format=reference._memory_format(x))
@@ -204,31 +212,31 @@ def _(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilat
 def _setup_context(ctx, inputs, output):
     x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu = inputs[:11]
     max_pool = list(inputs[11]) if len(inputs) > 11 else []
+    relu_max = inputs[12] if len(inputs) > 12 else None
     # with a max pool the output says neither where each maximum came from nor where the ReLU cut: backward
     # recomputes the conv's output
     ctx.save_for_backward(x, weight, bias if max_pool else None, in_index, out_index,
                           output if relu and not max_pool else None)  # fmt: skip
     ctx.conv = (stride, padding, dilation, groups)
     ctx.has_bias = bias is not None
-    ctx.pool = (max_pool, out_channels, relu)
+    ctx.pool = (max_pool, out_channels, relu, relu_max)
 
 
 def _backward(ctx, grad):
     x, weight, bias, in_index, out_index, y = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv
-    max_pool, out_channels, relu = ctx.pool
+    max_pool, out_channels, relu, relu_max = ctx.pool
     if max_pool:
         k, s, p = max_pool[:2], max_pool[2:4], max_pool[4:]
         with torch.no_grad():
-            y0 = torch.ops.pyprune.pruned_conv2d.default(
-                x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu
-            )
+            conv = (x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups)
+            y0 = torch.ops.pyprune.pruned_conv2d.default(*conv, relu, [], relu_max)
             _, where = torch.ops.aten.max_pool2d_with_indices.default(y0, k, s, p)
         back = torch.ops.aten.max_pool2d_with_indices_backward.default
         grad = back(grad, y0, k, s, p, [1, 1], False, where)
         y = y0 if relu else None
-    if y is not None:
-        grad = grad * (y > 0)
+    if y is not None:  # where the ReLU (and its cap, as in F.relu6's gradient) let the value through
+        grad = grad * ((y > 0) if relu_max is None else ((y > 0) & (y < relu_max)))
     if out_index is not None:
         grad = grad.index_select(1, out_index)
     grad_x = grad_w = grad_b = None
@@ -243,20 +251,20 @@ def _backward(ctx, grad):
         grad_w = torch.nn.grad.conv2d_weight(xs, weight.shape, grad, stride, padding, dilation, groups)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_b = grad.sum((0, 2, 3))
-    return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None
+    return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd(OP, _backward, setup_context=_setup_context)
 
 
 def pruned_conv2d_checked_ref(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation,
-                              groups, relu, max_pool=()):  # fmt: skip
+                              groups, relu, max_pool=(), relu_max=None):  # fmt: skip
     """The reference behind the full argument checks: the CPU kernel when _C lacks one, and the CUDA
     'reference' backend."""
     args = (x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu)
-    check_args(*args, max_pool)
+    check_args(*args, max_pool, relu_max)
     check_index_values(in_index, out_index, x.shape[1], out_channels)
-    return reference.pruned_conv2d_ref(*args, max_pool)
+    return reference.pruned_conv2d_ref(*args, max_pool, relu_max)
 
 
 if not torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU"):

@@ -89,6 +89,39 @@ def test_fuse_pruned_convs_folds_bn_and_relu():
     assert isinstance(net.conv1, nn.Conv2d)  # the original is untouched
 
 
+class _Relu6Net(nn.Module):
+    """conv -> BN -> ReLU6 (module), a depthwise conv -> F.relu6, conv -> Hardtanh(0, 3) (fused, as a capped
+    ReLU), conv -> Hardtanh(-1, 1) (not a ReLU: kept)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1, self.act1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6()
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.conv3, self.act3 = nn.Conv2d(8, 8, 1), nn.Hardtanh(0.0, 3.0)
+        self.conv4, self.act4 = nn.Conv2d(8, 4, 1), nn.Hardtanh(-1.0, 1.0)
+
+    def forward(self, x):
+        y = nn.functional.relu6(self.dw(self.act1(self.bn1(self.conv1(x)))))
+        return self.act4(self.conv4(self.act3(self.conv3(y))))
+
+
+def test_fuse_pruned_convs_fuses_relu6_and_zero_floored_hardtanh():
+    torch.manual_seed(0)
+    net = _Relu6Net().eval()
+    with torch.no_grad():
+        net.bn1.running_mean.uniform_(-0.5, 0.5)
+        for c in (net.conv1, net.dw, net.conv3):
+            c.weight.mul_(4)
+    fused, counts = fuse_pruned_convs(net)
+    assert counts == {"conv": 4, "bn": 1, "relu": 3, "pool": 0, "skipped": 0, "why": ""}
+    assert [fused.conv1.relu_max, fused.dw.relu_max, fused.conv3.relu_max] == [6.0, 6.0, 3.0]
+    assert not fused.conv4.relu and isinstance(fused.act4, nn.Hardtanh)
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), net(x), rtol=1e-4, atol=1e-5)
+        assert (net.act1(net.bn1(net.conv1(x))) == 6).any()  # the cap is reached, so the test can fail
+
+
 class _Stem(nn.Module):
     """conv -> BN -> ReLU -> max pool (fusable), then conv -> max pool in ceil mode (not), then conv -> ReLU
     whose output feeds two pools (ReLU fused, neither pool)."""

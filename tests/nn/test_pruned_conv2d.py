@@ -62,6 +62,31 @@ def test_to_dense_is_equivalent(conv_bn):
     torch.testing.assert_close(m.to_dense()(x), m(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("cap, act", [(6.0, nn.ReLU6), (2.5, nn.Hardtanh)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_relu_max_caps_the_relu_and_to_dense_says_how(conv_bn, channels_last, cap, act):
+    # MobileNetV2's conv -> BN -> ReLU6, and its depthwise conv, as one module each
+    conv, bn = conv_bn
+    dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+    with torch.no_grad():
+        dw.weight.mul_(4)  # outputs past the cap
+    x = 20 * torch.randn(2, 16, 11, 11)  # outputs past the cap
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    cases = ((conv, bn, [0, 3, 4, 9, 15], [1, 2, 8, 23]), (dw, None, [1, 5, 6], [1, 5, 6]))
+    for c, b, keep_in, keep_out in cases:
+        m = PrunedConv2d.from_dense(c, keep_in, keep_out, bn=b, relu=True, relu_max=cap)
+        want = (b(c(_masked_input(x, keep_in))) if b is not None else c(x)).clamp(0, cap)[:, keep_out]
+        assert (want == cap).any()
+        torch.testing.assert_close(m(x), want, rtol=1e-4, atol=1e-5)
+        dense = m.to_dense()
+        assert isinstance(dense[-1], act) and dense[-1].max_val == cap
+        torch.testing.assert_close(dense(x), m(x), rtol=1e-4, atol=1e-5)
+        assert f"relu_max={cap}" in repr(m)
+    with pytest.raises(ValueError, match="relu_max must be None, or a number > 0 with relu=True"):
+        PrunedConv2d.from_dense(conv, relu_max=6.0)
+
+
 def test_depthwise_and_grouped():
     torch.manual_seed(1)
     dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)

@@ -96,10 +96,13 @@ def _double(args):
 @pytest.mark.parametrize("keep", [1.0, 0.5])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_matches_reference(case, keep, channels_last):
-    for scatter, relu, bias in ((False, False, True), (True, True, False), (True, False, True)):
+    # (relu_max 0.5: a ReLU capped low enough that most convs' outputs reach the cap, ReLU6 in kind)
+    combos = ((False, False, True, None), (True, True, False, None), (True, False, True, None),
+              (False, True, True, 0.5))  # fmt: skip
+    for scatter, relu, bias, cap in combos:
         args = (*_case(case, keep, scatter, channels_last, bias), relu)
-        y = OP(*args)
-        want = pruned_conv2d_ref(*_double(args))
+        y = OP(*args, [], cap)
+        want = pruned_conv2d_ref(*_double(args), [], cap)
         assert y.shape == want.shape
         assert y.is_contiguous(
             memory_format=torch.channels_last if channels_last else torch.contiguous_format
@@ -109,6 +112,40 @@ def test_matches_reference(case, keep, channels_last):
             dropped = torch.ones(want.shape[1], dtype=torch.bool)
             dropped[args[4]] = False
             assert (y[:, dropped] == 0).all()
+
+
+# depthwise (C, kernel, stride, padding, dilation, side, batch): 3x3 (weights in registers) with a tail past
+# the last 16-channel vector, on rows under 32 pixels (NCHW restaged) and over (NCHW row loops); 5x5 stride 2
+# (weights from memory); dilation 2; fewer than 16 channels (the tail alone); 7x7 maps of 2 blocks of 64
+DEPTHWISE = [
+    (40, 3, 1, 1, 1, 9, 2), (20, 3, 1, 1, 1, 34, 1), (36, 5, 2, 2, 1, 15, 2), (32, 3, 1, 2, 2, 11, 1),
+    (7, 3, 2, 1, 1, 10, 3), (144, 3, 1, 1, 1, 7, 2),
+]
+
+
+@pytest.mark.parametrize("case", DEPTHWISE, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("keep", ["all", "run", "scattered"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_depthwise_matches_reference(case, keep, channels_last):
+    # the channel-vector path (channels_last x; NCHW restaged) reads x in place when the kept channels are one
+    # run and compacts them first otherwise; scattered outputs store lane by lane
+    c, k, s, p, d, side, n = case
+    gen = torch.Generator().manual_seed(c + k)
+    kept = {"all": None, "run": torch.arange(1, c - 2),
+            "scattered": torch.sort(torch.randperm(c, generator=gen)[: c // 2 + 1]).values}[keep]  # fmt: skip
+    ck = c if kept is None else kept.numel()
+    x = torch.randn(n, c, side, side, generator=gen) * 2
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(ck, 1, k, k, generator=gen), torch.randn(ck, generator=gen)
+    for scatter, relu, cap in ((False, False, None), (True, True, None), (kept is not None, True, 1.0)):
+        oi = kept if scatter else None
+        args = (x, w, b, kept, oi, c if scatter else ck, [s, s], [p, p], [d, d], ck, relu)
+        y = OP(*args, [], cap)
+        want = pruned_conv2d_ref(*_double(args), [], cap)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        assert y.is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
@@ -209,6 +246,46 @@ def test_gradients_match_reference_autograd():
     for got, want in ((gx, gx2), (gw, gw2), (gb, gb2)):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
     assert (gx[:, [c for c in range(12) if c not in args[3].tolist()]] == 0).all()
+
+
+@pytest.mark.parametrize("pool", [[], [2, 2, 2, 2, 0, 0]], ids=["no-pool", "pool"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_relu6_and_its_gradients_match_f_relu6(pool, channels_last):
+    # relu_max=6 is F.relu6: forward, and the gradient zero where the cap or the ReLU cut (backward either
+    # reads the saved output or, with a pool, recomputes the conv)
+    x, w, b, ii, oi, oc, s, p, d, g = _case((10, 12, 3, 1, 1, 1, 1, 8, 2), 0.5, True, channels_last, True)
+    x, w, b = (t * 4 for t in (x, w, b))  # outputs well past 6 and below 0
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    y = pruned_conv2d(x, w, b, ii, oi, oc, s, p, d, g, relu=True, relu_max=6.0,
+                      max_pool=(pool[:2], pool[2:4], pool[4:]) if pool else None)  # fmt: skip
+    xs = x.index_select(1, ii)
+    full = torch.zeros(x.shape[0], oc, 8, 8).index_copy(1, oi, F.relu6(F.conv2d(xs, w, b, 1, 1)))
+    want = F.max_pool2d(full, pool[:2], pool[2:4], pool[4:]) if pool else full
+    assert (want == 6).any() and (want == 0).any()
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, w, b), gy)
+    wanted = torch.autograd.grad(want, (x, w, b), gy)
+    for g1, g2 in zip(got, wanted):
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-4)
+
+
+def test_relu_max_gradcheck_float64_and_opcheck():
+    case = (6, 5, 3, 1, 1, 1, 1, 5, 1)
+    x, w, b, ii, oi, oc, s, p, d, g = _case(case, 0.5, True, False, True, torch.float64)
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    fn = lambda x, w, b: OP(x, w, b, ii, oi, oc, s, p, d, g, True, [], 0.7)  # (no output at exactly 0.7)
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    torch.library.opcheck(OP, (*_case((8, 6, 3, 1, 1, 1, 1, 6, 2), 0.5, True, True, True), True, [], 0.5))
+
+
+@pytest.mark.parametrize("relu, cap", [(False, 6.0), (True, 0.0), (True, -1.0), (True, float("nan"))])
+def test_relu_max_needs_relu_and_a_positive_cap(relu, cap):
+    args = _case((8, 6, 3, 1, 1, 1, 1, 6, 1), 1.0, False, False, True)
+    for call in (lambda: OP(*args, relu, [], cap), lambda: pruned_conv2d(*args, relu=relu, relu_max=cap),
+                 lambda: pruned_conv2d_checked_ref(*args, relu, [], cap)):  # fmt: skip
+        with pytest.raises(ValueError, match="'relu_max' must be None, or a number > 0 with relu=True"):
+            call()
 
 
 def test_gradcheck_float64():
@@ -348,31 +425,33 @@ def test_a_weight_reshaped_through_data_is_seen():
         torch.testing.assert_close(y, F.conv2d(x, w, padding=1), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("cap", [None, 6.0], ids=["relu", "relu6"])
 @pytest.mark.parametrize("side", [7, 40], ids=["pixels-as-rows", "pixel-vectors"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_fused_relu_keeps_nan_like_f_relu(side, channels_last):
+def test_fused_relu_keeps_nan_like_f_relu(side, channels_last, cap):
     # a NaN weight (a diverged run, a bad checkpoint) must show in the output, as with F.relu(F.conv2d(...)):
-    # the vector ReLU's `v > 0 ? v : 0` turned it into a plausible 0
+    # the vector ReLU's `v > 0 ? v : 0` turned it into a plausible 0 (and F.relu6 keeps NaN too)
     x = torch.randn(1, 8, side, side)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     w = torch.randn(4, 8, 3, 3)
     w[1, 0, 1, 1] = float("nan")
-    y = OP(x, w, None, None, None, 4, [1, 1], [1, 1], [1, 1], 1, True)
-    expected = F.relu(F.conv2d(x, w, None, 1, 1))
+    y = OP(x, w, None, None, None, 4, [1, 1], [1, 1], [1, 1], 1, True, [], cap)
+    expected = (F.relu if cap is None else F.relu6)(F.conv2d(x, w, None, 1, 1))
     assert torch.equal(torch.isnan(y), torch.isnan(expected)) and torch.isnan(y[:, 1]).all()
     torch.testing.assert_close(y[:, [0, 2, 3]], expected[:, [0, 2, 3]], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("relu", [False, True])
-def test_no_input_channel_kept_gives_the_bias(relu):
+@pytest.mark.parametrize("relu, cap", [(False, None), (True, None), (True, 1.5)])
+def test_no_input_channel_kept_gives_the_bias(relu, cap):
     # an empty in_index sums nothing: every output pixel is its channel's bias (the output was left unset)
     x = torch.randn(2, 6, 5, 5)
     b = torch.tensor([0.5, -1.0, 2.0])
     empty = torch.zeros(0, dtype=torch.int64)
-    y = OP(x, torch.randn(3, 0, 3, 3), b, empty, torch.tensor([0, 2, 4]), 5, [1, 1], [0, 0], [1, 1], 1, relu)
+    oi = torch.tensor([0, 2, 4])
+    y = OP(x, torch.randn(3, 0, 3, 3), b, empty, oi, 5, [1, 1], [0, 0], [1, 1], 1, relu, [], cap)
     expected = torch.zeros(2, 5, 3, 3)
-    expected[:, [0, 2, 4]] = (b.relu() if relu else b).view(1, 3, 1, 1)
+    expected[:, [0, 2, 4]] = (b.relu().clamp_max(cap or float("inf")) if relu else b).view(1, 3, 1, 1)
     assert torch.equal(y, expected)
 
 

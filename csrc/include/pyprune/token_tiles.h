@@ -52,11 +52,18 @@ PYPRUNE_INLINE Vec16<P> operator*(Vec16<P> a, const Vec16<P>& b) {
   for (int p = 0; p < P; ++p) a.h[p] *= b.h[p];
   return a;
 }
+// ReLU capped at `cap` (+inf: plain ReLU; 6: ReLU6). NaN stays NaN, as in F.relu and F.relu6.
 template <int P>
-PYPRUNE_INLINE Vec16<P> relu16(Vec16<P> a) {
-  for (int p = 0; p < P; ++p) a.h[p] = a.h[p] < 0.f ? typename Vec16<P>::H{} : a.h[p];  // NaN stays, as in F.relu
+PYPRUNE_INLINE Vec16<P> relu16(Vec16<P> a, float cap) {
+  using H = typename Vec16<P>::H;
+  const H c = H{} + cap;
+  for (int p = 0; p < P; ++p) {
+    a.h[p] = a.h[p] < 0.f ? H{} : a.h[p];
+    a.h[p] = a.h[p] > c ? c : a.h[p];
+  }
   return a;
 }
+PYPRUNE_INLINE float relu1(float v, float cap) { return v < 0.f ? 0.f : (v > cap ? cap : v); }
 
 using VecAvx512 = Vec16<1>;
 using VecAvx2 = Vec16<2>;
