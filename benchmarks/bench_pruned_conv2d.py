@@ -1,13 +1,16 @@
 """pytest-benchmark: PrunedConv2d (pyprune::pruned_conv2d, fused channel gather) vs dense F.conv2d and oneDNN on a
-pre-compacted input, on ResNet-50 conv shapes; its fused max pool vs ATen's pool after it.
+pre-compacted input, on ResNet-50 conv shapes; its fused max pool vs ATen's pool after it; MobileNetV2's
+depthwise 3x3 + ReLU6 vs ATen's.
 
 CI runs this with --benchmark-disable (each case once, as a smoke test). The numbers quoted in
-benchmarks/results/cpu/ come from pruned_conv2d_table.py and max_pool_table.py, which interleave providers and
-repeat rounds.
+benchmarks/results/cpu/ come from pruned_conv2d_table.py, max_pool_table.py and depthwise_table.py, which
+interleave providers and repeat rounds.
 """
 
 import pytest
 import torch
+from depthwise_table import CASES as DEPTHWISE_CASES
+from depthwise_table import providers as depthwise_providers
 from max_pool_table import CASES as POOL_CASES
 from max_pool_table import providers as pool_providers
 from pruned_conv2d_table import SHAPES, environment, providers
@@ -54,4 +57,20 @@ def test_pruned_conv2d_max_pool(benchmark, case, channels_last, provider):
         benchmark(fns[provider])
     fmt = "channels_last" if channels_last else "nchw"
     info = {"case": case[0], "format": fmt, "batch": 1, "dtype": "float32", "device": "cpu", **environment()}
+    benchmark.extra_info.update(info)
+
+
+@pytest.mark.parametrize("provider", ("aten", "ours"))
+@pytest.mark.parametrize("keep", [1.0, 0.5])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("case", DEPTHWISE_CASES, ids=lambda c: f"dw{c[0]}-{c[1]}-s{c[2]}")
+def test_pruned_conv2d_depthwise(benchmark, case, channels_last, keep, provider):
+    """MobileNetV2's depthwise 3x3 + ReLU6 (depthwise_table.py), batch 1: ours with the gather and ReLU6 fused
+    against F.conv2d + F.relu6 on the compacted input."""
+    fns = depthwise_providers(case, 1, keep, channels_last, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        benchmark(fns[provider])
+    fmt = "channels_last" if channels_last else "nchw"
+    info = {"case": case, "keep": keep, "format": fmt, "batch": 1, "dtype": "float32", "device": "cpu",
+            **environment()}  # fmt: skip
     benchmark.extra_info.update(info)

@@ -412,11 +412,41 @@ struct DwArgs {
 };
 constexpr int64_t kDwBlock = 64;
 
-// Channels [c0, c0 + 16) of output row (n, oh). K3: a 3x3 kernel, its 9 weight vectors kept in registers. The
-// settings are locals: read through `a` they were reloaded after every store (which may alias it for all the
-// compiler knows). Output pixels whose taps all lie inside the row (the interior) run without bounds checks.
-template <class V, bool K3>
-PYPRUNE_INLINE void dw_cl_vector(const ConvArgs& a, const DwArgs& d, int64_t n, int64_t oh, int64_t c0) {
+#if PYPRUNE_X86
+// Lanes [lo, hi) of an AVX-512 vector into d[lo, hi) as one masked store (the masked-off lanes' memory is not
+// touched and never faults).
+PYPRUNE_INLINE void store_lanes(float* d, const VecAvx512& v, int64_t lo, int64_t hi) {
+  const unsigned mask = ((1u << hi) - 1) & ~((1u << lo) - 1);
+  __builtin_ia32_storeups512_mask(d, v.h[0], static_cast<uint16_t>(mask));
+}
+#endif
+
+// 16 floats from p; with MASK (AVX-512 only) lanes [0, nl) of them, as one masked load (the lanes past nl are
+// zero, their memory never touched: no fault past the end of x). Always inlined into the AVX-512 entry point:
+// GCC's note that a 64-byte vector return without AVX-512 changes the ABI does not apply (-Wpsabi).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+template <class V, bool MASK>
+PYPRUNE_INLINE V dw_load(const float* p, int nl) {
+#if PYPRUNE_X86
+  if constexpr (MASK) {
+    V v;
+    v.h[0] = __builtin_ia32_loadups512_mask(p, typename V::H{}, static_cast<uint16_t>((1u << nl) - 1));
+    return v;
+  }
+#endif
+  (void)nl;
+  return load16<V>(p);
+}
+#pragma GCC diagnostic pop
+
+// Channels [c0, c0 + nl) of output row (n, oh): nl = 16, or with MASK (AVX-512) the last 1-15 channels, in
+// masked loads and stores. K3: a 3x3 kernel, its 9 weight vectors kept in registers. The settings are locals:
+// read through `a` they were reloaded after every store (which may alias it for all the compiler knows).
+// Output pixels whose taps all lie inside the row (the interior) run without bounds checks.
+template <class V, bool K3, bool MASK = false>
+PYPRUNE_INLINE void dw_cl_vector(const ConvArgs& a, const DwArgs& d, int64_t n, int64_t oh, int64_t c0,
+                                 int nl = kLanes) {
   const int64_t KH = K3 ? 3 : a.KH, KW = K3 ? 3 : a.KW, SW = a.SW, PW = a.PW, DW = a.DW, W = a.W, OW = a.OW;
   const int64_t G = a.G, sW = d.sW, oP = a.oP;
   const bool relu = a.relu;
@@ -424,8 +454,8 @@ PYPRUNE_INLINE void dw_cl_vector(const ConvArgs& a, const DwArgs& d, int64_t n, 
   const float* wt = d.wt + c0;
   V wv[K3 ? 9 : 1];
   if constexpr (K3)
-    for (int t = 0; t < 9; ++t) wv[t] = load16<V>(wt + t * G);
-  const V bias = a.bias ? load16<V>(a.bias + c0) : V{};
+    for (int t = 0; t < 9; ++t) wv[t] = dw_load<V, MASK>(wt + t * G, nl);
+  const V bias = a.bias ? dw_load<V, MASK>(a.bias + c0, nl) : V{};
   // the rows the taps read (kh_ok: inside x)
   constexpr int kMaxKH = 16;
   const float* row[kMaxKH];
@@ -437,7 +467,7 @@ PYPRUNE_INLINE void dw_cl_vector(const ConvArgs& a, const DwArgs& d, int64_t n, 
     row[kh] = d.x + n * d.sN + ih * d.sH + c0;
     all_rows = all_rows && kh_ok[kh];
   }
-  const bool run = a.out_ch[c0 + kLanes - 1] - a.out_ch[c0] == kLanes - 1;  // the 16 outputs are one vector
+  const bool run = a.out_ch[c0 + nl - 1] - a.out_ch[c0] == nl - 1;  // the outputs are one run
   float* yrow = a.y + n * a.oN + oh * OW * oP;
   float* yrun = yrow + a.out_ch[c0];
   // interior: 0 <= ow * SW - PW and ow * SW - PW + (KW - 1) * DW < W
@@ -447,12 +477,18 @@ PYPRUNE_INLINE void dw_cl_vector(const ConvArgs& a, const DwArgs& d, int64_t n, 
   auto finish = [&](V acc, int64_t ow) {
     if (relu) acc = relu16(acc, cap);
     if (run) {
+#if PYPRUNE_X86
+      if constexpr (MASK) {
+        store_lanes(yrun + ow * oP, acc, 0, nl);
+        return;
+      }
+#endif
       store16(yrun + ow * oP, acc);
     } else {
       float* yp = yrow + ow * oP;
       alignas(64) float t[kLanes];
       store16(t, acc);
-      for (int j = 0; j < kLanes; ++j) yp[a.out_ch[c0 + j]] = t[j];
+      for (int j = 0; j < nl; ++j) yp[a.out_ch[c0 + j]] = t[j];
     }
   };
   int64_t blk_hi = lo;  // [lo, blk_hi): computed in blocks below
@@ -472,7 +508,7 @@ PYPRUNE_INLINE void dw_cl_vector(const ConvArgs& a, const DwArgs& d, int64_t n, 
 #pragma GCC unroll 3
           for (int kw = 0; kw < 3; ++kw) {
             const float* p = row[kh] + off + kw * DW * sW;
-            for (int r = 0; r < R; ++r) acc[r] += wv[kh * 3 + kw] * load16<V>(p + r * step);
+            for (int r = 0; r < R; ++r) acc[r] += wv[kh * 3 + kw] * dw_load<V, MASK>(p + r * step, nl);
           }
         for (int r = 0; r < R; ++r) finish(acc[r], blk_hi + r);
       }
@@ -496,7 +532,8 @@ PYPRUNE_INLINE void dw_cl_vector(const ConvArgs& a, const DwArgs& d, int64_t n, 
       for (int64_t kw = 0; kw < KW; ++kw) {
         const int64_t iw = iw0 + kw * DW;
         if (iw < 0 || iw >= W) continue;
-        acc += load16<V>(wt + (kh * KW + kw) * G) * load16<V>(xr + iw * sW);  // (wv[] stays in registers)
+        // (wv[] stays in registers)
+        acc += dw_load<V, MASK>(wt + (kh * KW + kw) * G, nl) * dw_load<V, MASK>(xr + iw * sW, nl);
       }
     }
     finish(acc, ow);
@@ -519,6 +556,43 @@ PYPRUNE_INLINE void dw_cl_scalar(const ConvArgs& a, const DwArgs& d, int64_t n, 
   }
 }
 
+// The kept channels of channels_last x as one run per pixel: dst[p * Ck + j] = x[pixel p, in_idx[j]] for pixels
+// [p0, p1). keep[b]: which of channels 16 b .. 16 b + 15 are kept. AVX-512 compresses each block's kept lanes
+// into place (a masked load, a compress and a masked store per 16 channels); the other ISAs copy one by one.
+// Locals, not a's fields: read through `a` they were reloaded after every store (some 2 ns an element).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"  // (inlined into the AVX-512 entry point: see dw_load)
+template <class V>
+PYPRUNE_INLINE void compact_cl_units(const ConvArgs& a, const uint16_t* keep, int64_t Ck, float* dst, int64_t p0,
+                                     int64_t p1) {
+  const int64_t W = a.W, HW = a.H * a.W, sN = a.sN, sH = a.sH, sW = a.sW;
+  const float* xs = a.x;
+  const int64_t* idx = a.in_idx;
+  const int64_t blocks = idx[Ck - 1] / kLanes + 1;  // up to the last kept channel's
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* __restrict src = xs + (p / HW) * sN + (p % HW / W) * sH + (p % W) * sW;
+    float* __restrict d = dst + p * Ck;
+#if PYPRUNE_X86
+    if constexpr (V::kParts == 1) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        const uint16_t m = keep[b];
+        if (!m) continue;
+        const int nb = __builtin_popcount(m);
+        // (the masked load reads no lane past the last kept channel, so never past the end of x)
+        const auto v = __builtin_ia32_loadups512_mask(src + b * kLanes, VecAvx512::H{}, m);
+        const auto c = __builtin_ia32_compresssf512_mask(v, VecAvx512::H{}, m);
+        __builtin_ia32_storeups512_mask(d, c, static_cast<uint16_t>((1u << nb) - 1));
+        d += nb;
+      }
+      continue;
+    }
+#endif
+    (void)keep, (void)blocks;
+    for (int64_t j = 0; j < Ck; ++j) d[j] = src[idx[j]];
+  }
+}
+#pragma GCC diagnostic pop
+
 template <class V>
 PYPRUNE_INLINE void dw_cl_units(const ConvArgs& a, const DwArgs& d, int64_t u0, int64_t u1) {
   const int64_t blocks = (a.G + kDwBlock - 1) / kDwBlock;
@@ -533,6 +607,14 @@ PYPRUNE_INLINE void dw_cl_units(const ConvArgs& a, const DwArgs& d, int64_t u0, 
       if (k3) dw_cl_vector<V, true>(a, d, n, oh, c);
       else dw_cl_vector<V, false>(a, d, n, oh, c);
     }
+#if PYPRUNE_X86
+    if constexpr (V::kParts == 1) {  // AVX-512: the last 1-15 channels as one masked vector
+      const int nl = static_cast<int>(c_end - c);
+      if (nl > 0 && k3) dw_cl_vector<V, true, true>(a, d, n, oh, c, nl);
+      else if (nl > 0) dw_cl_vector<V, false, true>(a, d, n, oh, c, nl);
+      continue;
+    }
+#endif
     for (; c < c_end; ++c) dw_cl_scalar(a, d, n, oh, c);
   }
 }
@@ -839,15 +921,6 @@ PYPRUNE_INLINE int64_t cl_tile(const ConvArgs& a, const ClArgs& c, int64_t t, in
   return cnt;
 }
 
-#if PYPRUNE_X86
-// Lanes [lo, hi) of an AVX-512 vector into d[lo, hi) as one masked store (the masked-off lanes' memory is not
-// touched and never faults).
-PYPRUNE_INLINE void store_lanes(float* d, const VecAvx512& v, int64_t lo, int64_t hi) {
-  const unsigned mask = ((1u << hi) - 1) & ~((1u << lo) - 1);
-  __builtin_ia32_storeups512_mask(d, v.h[0], static_cast<uint16_t>(mask));
-}
-#endif
-
 // Finished outputs (stage[r * 64 + j]: pixel r < cnt <= kStageRows, channel row0 + j of nco) into y, with bias
 // and ReLU.
 template <class V>
@@ -1097,6 +1170,10 @@ using PoolFn = void (*)(const PoolArgs&, int64_t, int64_t);
   TARGET void depthwise_##SUFFIX(const ConvArgs& a, int64_t u0, int64_t u1) { depthwise_units(a, u0, u1); } \
   TARGET void dw_cl_##SUFFIX(const ConvArgs& a, const DwArgs& d, int64_t u0, int64_t u1) {                  \
     dw_cl_units<V>(a, d, u0, u1);                                                                           \
+  }                                                                                                         \
+  TARGET void compact_cl_##SUFFIX(const ConvArgs& a, const uint16_t* keep, int64_t Ck, float* dst, int64_t p0, \
+                                  int64_t p1) {                                                             \
+    compact_cl_units<V>(a, keep, Ck, dst, p0, p1);                                                          \
   }                                                                                                         \
   TARGET void cl_##SUFFIX(const ConvArgs& a, const ClArgs& c, int64_t u0, int64_t u1) {                     \
     cl_units<V>(a, c, u0, u1);                                                                              \
@@ -1376,12 +1453,15 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
       xk = at::empty({a.N * a.H * a.W, c_in}, x.options());
       float* dst = xk.data_ptr<float>();
       const int64_t W = a.W, HW = a.H * a.W;
-      at::parallel_for(0, a.N * HW, 256, [&](int64_t p0, int64_t p1) {
-        for (int64_t p = p0; p < p1; ++p) {
-          const float* src = a.x + (p / HW) * a.sN + (p % HW / W) * a.sH + (p % W) * a.sW;
-          for (int64_t c = 0; c < c_in; ++c) dst[p * c_in + c] = src[a.in_idx[c]];
-        }
-      });
+      std::vector<uint16_t> keep((C + kLanes - 1) / kLanes, 0);
+      for (const int64_t c : in_ids) keep[c / kLanes] |= static_cast<uint16_t>(1u << (c % kLanes));
+      using CompactFn = void (*)(const ConvArgs&, const uint16_t*, int64_t, float*, int64_t, int64_t);
+      CompactFn cf = compact_cl_baseline;
+#if PYPRUNE_X86
+      if (kernel_isa() == Isa::kAvx512) cf = compact_cl_avx512;
+      else if (kernel_isa() == Isa::kAvx2) cf = compact_cl_avx2;
+#endif
+      at::parallel_for(0, a.N * HW, 256, [&](int64_t p0, int64_t p1) { cf(a, keep.data(), c_in, dst, p0, p1); });
       d = {dst, HW * c_in, W * c_in, c_in, nullptr};
     }
     std::vector<float> wt(KH * KW * c_in);
