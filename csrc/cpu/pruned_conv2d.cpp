@@ -409,7 +409,9 @@ struct DwArgs {
   const float* x;
   int64_t sN, sH, sW;
   const float* wt;
+  bool nchw_out;  // y is NCHW (x restaged): a row's outputs gather in a stage, then go out through transposes
 };
+constexpr int64_t kDwStagePixels = 32;  // NCHW output rows take this path only when shorter
 constexpr int64_t kDwBlock = 64;
 
 #if PYPRUNE_X86
@@ -474,8 +476,13 @@ PYPRUNE_INLINE void dw_cl_vector(const ConvArgs& a, const DwArgs& d, int64_t n, 
   const int64_t lo = std::min(OW, (PW + SW - 1) / SW);
   const int64_t last = W - 1 + PW - (KW - 1) * DW;
   const int64_t hi = std::max(lo, std::min(OW, last >= 0 ? last / SW + 1 : 0));
+  alignas(64) float stage[kDwStagePixels * kLanes];  // NCHW output: the row's pixels, 16 channels each
   auto finish = [&](V acc, int64_t ow) {
     if (relu) acc = relu16(acc, cap);
+    if (d.nchw_out) {
+      store16(stage + ow * kLanes, acc);
+      return;
+    }
     if (run) {
 #if PYPRUNE_X86
       if constexpr (MASK) {
@@ -538,6 +545,31 @@ PYPRUNE_INLINE void dw_cl_vector(const ConvArgs& a, const DwArgs& d, int64_t n, 
     }
     finish(acc, ow);
   }
+  if (!d.nchw_out) return;
+  // 16 pixels at a time: 16 x 16 transposed, channel j's pixels then one run of its NCHW row (a vector per
+  // channel instead of one scalar store per output)
+  for (int64_t ow0 = 0; ow0 < OW; ow0 += kLanes) {
+    const int64_t cnt = std::min<int64_t>(kLanes, OW - ow0);
+    V r[kLanes];
+    for (int i = 0; i < kLanes; ++i) r[i] = i < cnt ? load16<V>(stage + (ow0 + i) * kLanes) : V{};
+    transpose16(r);
+    for (int j = 0; j < nl; ++j) {
+      float* dst = a.y + n * a.oN + a.out_ch[c0 + j] * a.oC + oh * OW + ow0;
+#if PYPRUNE_X86
+      if constexpr (V::kParts == 1) {
+        store_lanes(dst, r[j], 0, cnt);
+        continue;
+      }
+#endif
+      if (cnt == kLanes) {
+        store16(dst, r[j]);
+      } else {
+        alignas(64) float t[kLanes];
+        store16(t, r[j]);
+        std::copy(t, t + cnt, dst);
+      }
+    }
+  }
 }
 
 // Channel g of output row (n, oh), the channels past the last whole vector.
@@ -552,7 +584,7 @@ PYPRUNE_INLINE void dw_cl_scalar(const ConvArgs& a, const DwArgs& d, int64_t n, 
         if (iw >= 0 && iw < a.W) acc += d.wt[(kh * a.KW + kw) * a.G + g] * d.x[n * d.sN + ih * d.sH + iw * d.sW + g];
       }
     }
-    a.y[n * a.oN + (oh * a.OW + ow) * a.oP + a.out_ch[g]] = a.relu ? relu1(acc, a.relu_max) : acc;
+    a.y[n * a.oN + a.out_ch[g] * a.oC + (oh * a.OW + ow) * a.oP] = a.relu ? relu1(acc, a.relu_max) : acc;
   }
 }
 
@@ -1427,13 +1459,14 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
   // Depthwise convs take vectors over channels (dw_cl_units) on channels_last x, where kept channels that are
   // not one run are compacted first (one pass; each kept input feeds KH * KW / stride^2 outputs). On NCHW x
   // with output rows under 32 pixels, too short for the row loops' vectors, too: x restaged as channels_last
-  // (restage_units, the gather in the same pass), the output computed channels_last and copied back (A/B in
-  // one process, 2 threads, Xeon VM, 3x3 with ReLU6, against the row loops: 960 channels @7 0.23x the time,
-  // 384 and 576 @14 0.27-0.40x, 144 @56 stride 2 (28-pixel rows) 0.76x; 56-pixel rows 1.12-1.32x, 112 2.25x).
-  if (a.Cig == 1 && a.Cog == 1 && (channels_last || OW < 32)) {
-    at::Tensor xk, yt;
-    DwArgs d{a.x + in_ids[0], a.sN, a.sH, a.sW, nullptr};
-    std::vector<int64_t> ident;
+  // (restage_units, the gather in the same pass), each output row transposed back to NCHW as it is finished
+  // (DwArgs::nchw_out). A/B in one process, 2 threads, Xeon VM, 3x3 with ReLU6, the output then computed
+  // channels_last and copied back by ATen, against the row loops: 960 channels @7 0.23x the time, 384 and 576
+  // @14 0.27-0.40x, 144 @56 stride 2 (28-pixel rows) 0.76x; 56-pixel rows 1.12-1.32x, 112 2.25x. ATen's copy
+  // back then took 38% of 384 @14 batch 8's profile.
+  if (a.Cig == 1 && a.Cog == 1 && (channels_last || OW < kDwStagePixels)) {
+    at::Tensor xk;
+    DwArgs d{a.x + in_ids[0], a.sN, a.sH, a.sW, nullptr, false};
     if (!channels_last) {
       xk = at::empty({a.N * a.H * a.W, c_in}, x.options());
       RestageFn rf = restage_baseline;
@@ -1444,11 +1477,7 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
       float* xtp = xk.data_ptr<float>();
       const int64_t nb = a.N * ((a.H * a.W + kLanes - 1) / kLanes);
       at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) { rf(a, c_in, xtp, b0, b1); });
-      d = {xtp, a.H * a.W * c_in, a.W * c_in, c_in, nullptr};
-      yt = at::empty({a.N, OH, OW, c_in}, x.options());
-      ident.resize(c_in);
-      std::iota(ident.begin(), ident.end(), int64_t(0));
-      a.y = yt.data_ptr<float>(), a.out_ch = ident.data(), a.oN = OH * OW * c_in, a.oP = c_in, a.oC = 1;
+      d = {xtp, a.H * a.W * c_in, a.W * c_in, c_in, nullptr, true};
     } else if (in_ids.back() - in_ids.front() != c_in - 1) {
       xk = at::empty({a.N * a.H * a.W, c_in}, x.options());
       float* dst = xk.data_ptr<float>();
@@ -1462,7 +1491,7 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
       else if (kernel_isa() == Isa::kAvx2) cf = compact_cl_avx2;
 #endif
       at::parallel_for(0, a.N * HW, 256, [&](int64_t p0, int64_t p1) { cf(a, keep.data(), c_in, dst, p0, p1); });
-      d = {dst, HW * c_in, W * c_in, c_in, nullptr};
+      d = {dst, HW * c_in, W * c_in, c_in, nullptr, false};
     }
     std::vector<float> wt(KH * KW * c_in);
     for (int64_t g = 0; g < c_in; ++g)
@@ -1476,11 +1505,6 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
 #endif
     const int64_t units = a.N * OH * ((c_in + kDwBlock - 1) / kDwBlock);
     at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) { fn(a, d, u0, u1); });
-    if (yt.defined()) {
-      const at::Tensor v = yt.permute({0, 3, 1, 2});
-      if (out_index.has_value()) y.index_copy_(1, *out_index, v);
-      else y.copy_(v);
-    }
     return y;
   }
   if (a.Cig == 1) {
