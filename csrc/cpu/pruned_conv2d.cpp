@@ -458,16 +458,13 @@ PYPRUNE_INLINE void dw_cl_vector(const ConvArgs& a, const DwArgs& d, int64_t n, 
   if constexpr (K3)
     for (int t = 0; t < 9; ++t) wv[t] = dw_load<V, MASK>(wt + t * G, nl);
   const V bias = a.bias ? dw_load<V, MASK>(a.bias + c0, nl) : V{};
-  // the rows the taps read (kh_ok: inside x)
-  constexpr int kMaxKH = 16;
-  const float* row[kMaxKH];
-  bool kh_ok[kMaxKH];
-  bool all_rows = KH <= kMaxKH;
-  for (int64_t kh = 0; kh < std::min<int64_t>(KH, kMaxKH); ++kh) {
+  // the 3 rows the taps read, for the blocks below, which run only when all of them lie inside x
+  const float* row[3] = {};
+  bool all_rows = K3;
+  for (int64_t kh = 0; K3 && kh < 3; ++kh) {
     const int64_t ih = oh * a.SH - a.PH + kh * a.DH;
-    kh_ok[kh] = ih >= 0 && ih < a.H;
-    row[kh] = d.x + n * d.sN + ih * d.sH + c0;
-    all_rows = all_rows && kh_ok[kh];
+    all_rows = all_rows && ih >= 0 && ih < a.H;
+    if (all_rows) row[kh] = d.x + n * d.sN + ih * d.sH + c0;
   }
   const bool run = a.out_ch[c0 + nl - 1] - a.out_ch[c0] == nl - 1;  // the outputs are one run
   float* yrow = a.y + n * a.oN + oh * OW * oP;
@@ -476,7 +473,8 @@ PYPRUNE_INLINE void dw_cl_vector(const ConvArgs& a, const DwArgs& d, int64_t n, 
   const int64_t lo = std::min(OW, (PW + SW - 1) / SW);
   const int64_t last = W - 1 + PW - (KW - 1) * DW;
   const int64_t hi = std::max(lo, std::min(OW, last >= 0 ? last / SW + 1 : 0));
-  alignas(64) float stage[kDwStagePixels * kLanes];  // NCHW output: the row's pixels, 16 channels each
+  // NCHW output: the row's pixels, 16 channels each (the host takes this path only for OW < kDwStagePixels)
+  alignas(64) float stage[kDwStagePixels * kLanes];
   auto finish = [&](V acc, int64_t ow) {
     if (relu) acc = relu16(acc, cap);
     if (d.nchw_out) {
@@ -633,8 +631,8 @@ PYPRUNE_INLINE void dw_cl_units(const ConvArgs& a, const DwArgs& d, int64_t u0, 
     const int64_t b = u % blocks, row = u / blocks, n = row / a.OH, oh = row % a.OH;
     const int64_t c_end = std::min(a.G, (b + 1) * kDwBlock);
     int64_t c = b * kDwBlock;
-    // (each channel vector along the whole row: in chunks of 8 or 16 pixels, every vector in turn, 0.87-1.5x
-    // the time, mostly more)
+    // (each channel vector runs along the whole row; in chunks of 8 or 16 pixels, every vector in turn, it took
+    // 0.87-1.51x the time, mostly more)
     for (; c + kLanes <= c_end; c += kLanes) {
       if (k3) dw_cl_vector<V, true>(a, d, n, oh, c);
       else dw_cl_vector<V, false>(a, d, n, oh, c);
