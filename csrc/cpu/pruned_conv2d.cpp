@@ -19,7 +19,7 @@
 //   windows lie inside x take one pointer per pixel and one loop over every tap (cl_micro's WIN).
 // The epilogue adds the bias, applies the ReLU and writes each row to its output channel (out_index) in NCHW or
 // channels_last. Depthwise convs take vectors over channels on channels_last x (and on NCHW x restaged, for
-// short rows; dw_cl_units); other convs with one input channel per group a direct stencil loop. An
+// rows under 128 pixels; dw_cl_units); other convs with one input channel per group a direct stencil loop. An
 // optional max pool (max_pool) runs over the finished output in a second parallel pass (pool_units).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -411,7 +411,7 @@ struct DwArgs {
   const float* wt;
   bool nchw_out;  // y is NCHW (x restaged): a row's outputs gather in a stage, then go out through transposes
 };
-constexpr int64_t kDwStagePixels = 32;  // NCHW output rows take this path only when shorter
+constexpr int64_t kDwStagePixels = 128;  // NCHW output rows take this path only when shorter
 constexpr int64_t kDwBlock = 64;
 
 #if PYPRUNE_X86
@@ -1456,13 +1456,18 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
   const int64_t threads = at::get_num_threads();
   // Depthwise convs take vectors over channels (dw_cl_units) on channels_last x, where kept channels that are
   // not one run are compacted first (one pass; each kept input feeds KH * KW / stride^2 outputs). On NCHW x
-  // with output rows under 32 pixels, too short for the row loops' vectors, too: x restaged as channels_last
-  // (restage_units, the gather in the same pass), each output row transposed back to NCHW as it is finished
-  // (DwArgs::nchw_out). A/B in one process, 2 threads, Xeon VM, 3x3 with ReLU6, the output then computed
-  // channels_last and copied back by ATen, against the row loops: 960 channels @7 0.23x the time, 384 and 576
-  // @14 0.27-0.40x, 144 @56 stride 2 (28-pixel rows) 0.76x; 56-pixel rows 1.12-1.32x, 112 2.25x. ATen's copy
-  // back then took 38% of 384 @14 batch 8's profile.
-  if (a.Cig == 1 && a.Cog == 1 && (channels_last || OW < kDwStagePixels)) {
+  // too (rows under kDwStagePixels), x restaged as channels_last (restage_units, the gather in the same pass),
+  // each output row transposed back to NCHW as it is finished (DwArgs::nchw_out). A/B in one process, 2
+  // threads, Xeon VM, 3x3 with ReLU6, against the NCHW row loops: with the output then computed channels_last
+  // and copied back by ATen (38% of 384 @14 batch 8's profile), 960 channels @7 0.23x the time, 384 and 576
+  // @14 0.27-0.40x, 144 @56 stride 2 (28-pixel rows) 0.76x, but 56-pixel rows 1.12-1.32x and 112 2.25x; with
+  // the rows transposed in the kernel (each variant in its own process, 5 alternating runs), 144 @56 0.79x,
+  // batch 8 0.93x (a 14.5 MB copy), 96 @112 stride 2 0.89x, 32 @112 0.74x, but 96 @112 stride 2 batch 8 3.0x:
+  // its 38.5 MB copy comes freshly mapped on every call (torch.empty + fill of 38.5 MB in a loop: 9,402 minor
+  // page faults a call, every page). Hence rows under 32 pixels, or up to kDwStagePixels with a copy of at
+  // most 16 MiB.
+  const bool dw_restage = OW < 32 || (OW < kDwStagePixels && a.N * a.H * a.W * c_in * 4 <= (int64_t{16} << 20));
+  if (a.Cig == 1 && a.Cog == 1 && (channels_last || dw_restage)) {
     at::Tensor xk;
     DwArgs d{a.x + in_ids[0], a.sN, a.sH, a.sW, nullptr, false};
     if (!channels_last) {
