@@ -128,6 +128,7 @@ def _pruned_conv2d_fwd_kernel(
     PAD_W,
     DIL_H,
     DIL_W,
+    RELU_MAX,
     KH: tl.constexpr,
     KW: tl.constexpr,
     X_M_MAJOR: tl.constexpr,
@@ -137,6 +138,7 @@ def _pruned_conv2d_fwd_kernel(
     HAS_IN_INDEX: tl.constexpr,
     HAS_OUT_INDEX: tl.constexpr,
     RELU: tl.constexpr,
+    HAS_RELU_MAX: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -214,6 +216,8 @@ def _pruned_conv2d_fwd_kernel(
         acc += tl.load(bias_ptr + co, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if RELU:
         acc = tl.where(acc < 0.0, 0.0, acc)  # keeps NaN, as F.relu does (tl.maximum need not)
+    if HAS_RELU_MAX:
+        acc = tl.where(acc > RELU_MAX, RELU_MAX, acc)  # the ReLU's cap (ReLU6); NaN stays, as in F.relu6
     oc = co
     if HAS_OUT_INDEX:
         oc = tl.load(out_idx_ptr + co, mask=mask_n, other=0)
@@ -273,6 +277,7 @@ def _pruned_conv2d_dw_kernel(
     PAD_W,
     DIL_H,
     DIL_W,
+    RELU_MAX,
     KH: tl.constexpr,
     KW: tl.constexpr,
     HAS_PAD: tl.constexpr,
@@ -280,6 +285,7 @@ def _pruned_conv2d_dw_kernel(
     HAS_IN_INDEX: tl.constexpr,
     HAS_OUT_INDEX: tl.constexpr,
     RELU: tl.constexpr,
+    HAS_RELU_MAX: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -324,6 +330,8 @@ def _pruned_conv2d_dw_kernel(
         acc += tl.load(bias_ptr + co, mask=mask_c, other=0.0).to(tl.float32)[None, :]
     if RELU:
         acc = tl.where(acc < 0.0, 0.0, acc)  # keeps NaN, as F.relu does (tl.maximum need not)
+    if HAS_RELU_MAX:
+        acc = tl.where(acc > RELU_MAX, RELU_MAX, acc)  # the ReLU's cap (ReLU6); NaN stays, as in F.relu6
     oc = co
     if HAS_OUT_INDEX:
         oc = tl.load(out_idx_ptr + co, mask=mask_c, other=0)
@@ -349,11 +357,13 @@ def pruned_conv2d_triton(
     relu: bool,
     *,
     allow_tf32: bool | None = None,
+    relu_max: float | None = None,
 ) -> torch.Tensor:
     """x: (N, C, H, W), any strides (NCHW and channels_last are the fast ones); weight: (C_out_kept,
     C_in_kept / groups, kh, kw); bias: (C_out_kept,) or None; in_index / out_index: int64 sorted unique channels
-    or None; stride, padding, dilation: pairs of ints. Returns y: (N, out_channels, OH, OW) in x's dtype and
-    memory format; channels not in out_index are zero.
+    or None; stride, padding, dilation: pairs of ints; relu_max: with relu, the ReLU's cap (ReLU6: 6) or
+    None. Returns y: (N, out_channels, OH, OW) in x's dtype and memory format; channels not in out_index are
+    zero.
 
     Checks only what the kernel needs to run; the index values are trusted (the router checks them first, see
     pyprune.ops._router). ``allow_tf32`` (fp32 only): None follows ``torch.backends.cudnn.allow_tf32``."""
@@ -401,7 +411,9 @@ def pruned_conv2d_triton(
         "HAS_IN_INDEX": in_index is not None,
         "HAS_OUT_INDEX": out_index is not None,
         "RELU": bool(relu),
+        "HAS_RELU_MAX": relu_max is not None,
     }
+    cap = float(relu_max) if relu_max is not None else 0.0  # (never read without HAS_RELU_MAX)
     m_bucket = triton.next_power_of_2(m)
     ctx = on_device(x)
     with ctx:
@@ -414,7 +426,7 @@ def pruned_conv2d_triton(
                 x, wt, b_arg, in_idx, out_idx, y,
                 m, m_bucket, h, w, oh, ow, c_out, cout_g,
                 *x.stride(), wt.stride(0), wt.stride(2), wt.stride(3), *y.stride(),
-                sh, sw, ph, pw, dh, dw,
+                sh, sw, ph, pw, dh, dw, cap,
                 KH=kh, KW=kw, **common,
             )  # fmt: skip
         else:
@@ -426,7 +438,7 @@ def pruned_conv2d_triton(
                 x, wt, b_arg, in_idx, out_idx, y,
                 m, m_bucket, h, w, oh, ow, cin_g, cout_g,
                 *x.stride(), *wt.stride(), *y.stride(),
-                sh, sw, ph, pw, dh, dw,
+                sh, sw, ph, pw, dh, dw, cap,
                 KH=kh, KW=kw, X_M_MAJOR=x_m_major, Y_M_MAJOR=not cl, INPUT_PRECISION=precision, **common,
             )  # fmt: skip
     return y

@@ -622,9 +622,10 @@ def _pruned_conv2d_reference(*args):
     return pruned_conv2d_checked_ref(*args)
 
 
-def _pruned_conv2d_checked(fn):
+def _pruned_conv2d_checked(fn, fuses_relu_max: bool = False):
     """Runs the op's full argument checks, index values included (one device sync), before fn: a bad index
-    never reaches a kernel, which would read or write out of bounds."""
+    never reaches a kernel, which would read or write out of bounds. fn takes relu_max as a keyword when
+    ``fuses_relu_max`` (the Triton kernel); otherwise the cap is a clamp after it."""
 
     def run(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu,
             max_pool=(), relu_max=None):  # fmt: skip
@@ -633,9 +634,12 @@ def _pruned_conv2d_checked(fn):
         args = (x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu)
         check_args(*args, max_pool, relu_max)
         check_index_values(in_index, out_index, x.shape[1], out_channels)
-        y = fn(*args)
-        if relu_max is not None:  # the GPU kernels fuse the ReLU but not its cap: one more pass over y
-            y = y.clamp_max_(relu_max)
+        if fuses_relu_max:
+            y = fn(*args, relu_max=relu_max)
+        else:
+            y = fn(*args)
+            if relu_max is not None:  # the CUDA kernel fuses the ReLU but not its cap: one more pass over y
+                y = y.clamp_max_(relu_max)
         if not max_pool:
             return y
         # the GPU kernels have no pool epilogue: ATen's (cuDNN's) pool after them
@@ -645,9 +649,9 @@ def _pruned_conv2d_checked(fn):
     return run
 
 
-def _pruned_conv2d_triton(*args):
+def _pruned_conv2d_triton(*args, relu_max=None):
     mod, _ = load_triton_kernels()
-    return mod.pruned_conv2d_triton(*args)
+    return mod.pruned_conv2d_triton(*args, relu_max=relu_max)
 
 
 def _pruned_conv2d_triton_unavailable(x, *args) -> str | None:
@@ -666,7 +670,7 @@ def _pruned_conv2d_cuda_unavailable(x, *args) -> str | None:
 
 
 PRUNED_CONV2D_BACKENDS = [
-    Backend("triton", _pruned_conv2d_checked(_pruned_conv2d_triton), _pruned_conv2d_triton_unavailable),
+    Backend("triton", _pruned_conv2d_checked(_pruned_conv2d_triton, True), _pruned_conv2d_triton_unavailable),
     Backend("cuda", _pruned_conv2d_checked(_pruned_conv2d_cuda), _pruned_conv2d_cuda_unavailable),
     Backend("reference", _pruned_conv2d_reference),
 ]

@@ -158,6 +158,24 @@ def test_routed_triton_backend_runs_the_interpreted_kernel(interp, monkeypatch):
     torch.testing.assert_close(y.double(), ref64(args), rtol=0, atol=fp32_tol(args))
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("name", ["3x3_pad", "depthwise_scatter"])
+def test_routed_triton_backend_fuses_relu_max(interp, monkeypatch, name):
+    # relu_max (ReLU6) in the Triton kernels' epilogue (implicit GEMM and depthwise), through the router; the
+    # CUDA backend gets a clamp after its kernel instead (exercised here through a stand-in kernel)
+    monkeypatch.setattr(_router, "load_triton_kernels", lambda: (interp, None))
+    impl = _router.route("pruned_conv2d", _router.PRUNED_CONV2D_BACKENDS)
+    args = make_case(**{**dict(CPU_CASES)[name], "relu": True})
+    args[0] = args[0] * 4  # outputs past the cap
+    want = pruned_conv2d_ref(*to_double(args), [], 0.5)
+    assert (want == 0.5).any() and (want == 0).any()
+    with _router.use_backend("triton"), torch.backends.cudnn.flags(allow_tf32=False):
+        y = impl(*args, [], 0.5)
+    torch.testing.assert_close(y.double(), want, rtol=0, atol=fp32_tol(args))
+    unfused = _router._pruned_conv2d_checked(lambda *a: pruned_conv2d_ref(*a))  # ReLU only, as CUDA's
+    torch.testing.assert_close(unfused(*args, [], 0.5).double(), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "bad,match",
     [
