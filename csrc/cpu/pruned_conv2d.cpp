@@ -1218,6 +1218,14 @@ PYPRUNE_CONV_ISA(avx2, PYPRUNE_TARGET_AVX2, VecAvx2)
 PYPRUNE_CONV_ISA(avx512, PYPRUNE_TARGET_AVX512, VecAvx512)
 #endif
 
+// NAME's entry point (NAME_baseline / _avx2 / _avx512, above) for the ISA the kernels run on (kernel_isa()).
+#if PYPRUNE_X86
+#define PYPRUNE_ISA_ENTRY(NAME)                                                                             \
+  (kernel_isa() == Isa::kAvx512 ? NAME##_avx512 : kernel_isa() == Isa::kAvx2 ? NAME##_avx2 : NAME##_baseline)
+#else
+#define PYPRUNE_ISA_ENTRY(NAME) NAME##_baseline
+#endif
+
 void check_index(const std::optional<at::Tensor>& idx, const char* name, int64_t bound, const char* bound_name) {
   if (!idx.has_value()) return;
   const at::Tensor& t = *idx;
@@ -1313,15 +1321,18 @@ void zero_unwritten(at::Tensor& y, const std::vector<int64_t>& out_ids, bool cha
 void pool_output(PoolArgs p, const at::Tensor& yc, at::Tensor& y, bool channels_last) {
   p.s = yc.data_ptr<float>(), p.d = y.data_ptr<float>(), p.channels_last = channels_last;
   p.N = yc.size(0), p.C = yc.size(1), p.H = yc.size(2), p.W = yc.size(3), p.OH = y.size(2), p.OW = y.size(3);
-  PoolFn fn = pool_baseline;
-#if PYPRUNE_X86
-  if (kernel_isa() == Isa::kAvx512) fn = pool_avx512;
-  else if (kernel_isa() == Isa::kAvx2) fn = pool_avx2;
-#endif
+  const PoolFn fn = PYPRUNE_ISA_ENTRY(pool);
   const int64_t per_row = p.OW * p.KH * p.KW * (channels_last ? p.C : 1);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, per_row));
   at::parallel_for(0, (channels_last ? p.N : p.N * p.C) * p.OH, grain,
                    [&](int64_t u0, int64_t u1) { fn(p, u0, u1); });
+}
+
+// NCHW x's kept channels restaged as channels_last into xt, (N * H * W, c_in), in one parallel pass.
+void restage_kept(const ConvArgs& a, int64_t c_in, float* xt) {
+  const RestageFn rf = PYPRUNE_ISA_ENTRY(restage);
+  const int64_t nb = a.N * ((a.H * a.W + kLanes - 1) / kLanes);
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) { rf(a, c_in, xt, b0, b1); });
 }
 
 at::Tensor capped_relu(const at::Tensor& y, double cap) {
@@ -1472,15 +1483,8 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
     DwArgs d{a.x + in_ids[0], a.sN, a.sH, a.sW, nullptr, false};
     if (!channels_last) {
       xk = at::empty({a.N * a.H * a.W, c_in}, x.options());
-      RestageFn rf = restage_baseline;
-#if PYPRUNE_X86
-      if (kernel_isa() == Isa::kAvx512) rf = restage_avx512;
-      else if (kernel_isa() == Isa::kAvx2) rf = restage_avx2;
-#endif
-      float* xtp = xk.data_ptr<float>();
-      const int64_t nb = a.N * ((a.H * a.W + kLanes - 1) / kLanes);
-      at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) { rf(a, c_in, xtp, b0, b1); });
-      d = {xtp, a.H * a.W * c_in, a.W * c_in, c_in, nullptr, true};
+      restage_kept(a, c_in, xk.data_ptr<float>());
+      d = {xk.data_ptr<float>(), a.H * a.W * c_in, a.W * c_in, c_in, nullptr, true};
     } else if (in_ids.back() - in_ids.front() != c_in - 1) {
       xk = at::empty({a.N * a.H * a.W, c_in}, x.options());
       float* dst = xk.data_ptr<float>();
@@ -1488,11 +1492,7 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
       std::vector<uint16_t> keep((C + kLanes - 1) / kLanes, 0);
       for (const int64_t c : in_ids) keep[c / kLanes] |= static_cast<uint16_t>(1u << (c % kLanes));
       using CompactFn = void (*)(const ConvArgs&, const uint16_t*, int64_t, float*, int64_t, int64_t);
-      CompactFn cf = compact_cl_baseline;
-#if PYPRUNE_X86
-      if (kernel_isa() == Isa::kAvx512) cf = compact_cl_avx512;
-      else if (kernel_isa() == Isa::kAvx2) cf = compact_cl_avx2;
-#endif
+      const CompactFn cf = PYPRUNE_ISA_ENTRY(compact_cl);
       at::parallel_for(0, a.N * HW, 256, [&](int64_t p0, int64_t p1) { cf(a, keep.data(), c_in, dst, p0, p1); });
       d = {dst, HW * c_in, W * c_in, c_in, nullptr, false};
     }
@@ -1501,21 +1501,13 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
       for (int64_t t = 0; t < KH * KW; ++t) wt[t * c_in + g] = a.w[g * KH * KW + t];
     d.wt = wt.data();
     using DwFn = void (*)(const ConvArgs&, const DwArgs&, int64_t, int64_t);
-    DwFn fn = dw_cl_baseline;
-#if PYPRUNE_X86
-    if (kernel_isa() == Isa::kAvx512) fn = dw_cl_avx512;
-    else if (kernel_isa() == Isa::kAvx2) fn = dw_cl_avx2;
-#endif
+    const DwFn fn = PYPRUNE_ISA_ENTRY(dw_cl);
     const int64_t units = a.N * OH * ((c_in + kDwBlock - 1) / kDwBlock);
     at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) { fn(a, d, u0, u1); });
     return y;
   }
   if (a.Cig == 1) {
-    UnitFn fn = depthwise_baseline;
-#if PYPRUNE_X86
-    if (kernel_isa() == Isa::kAvx512) fn = depthwise_avx512;
-    else if (kernel_isa() == Isa::kAvx2) fn = depthwise_avx2;
-#endif
+    const UnitFn fn = PYPRUNE_ISA_ENTRY(depthwise);
     at::parallel_for(0, a.N * c_out, 1, [&](int64_t u0, int64_t u1) { fn(a, u0, u1); });
     return y;
   }
@@ -1566,14 +1558,8 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
     if (a.sC != 1 && (KH > 1 || KW > 1) && a.SH == 1 && a.SW == 1 &&
         a.N * a.P * a.Kg * c_out >= (int64_t(16) << 20)) {
       xt = at::empty({a.N * a.H * a.W * c_in}, x.options());
-      RestageFn rf = restage_baseline;
-#if PYPRUNE_X86
-      if (avx512) rf = restage_avx512;
-      else if (kernel_isa() == Isa::kAvx2) rf = restage_avx2;
-#endif
       float* xtp = xt.data_ptr<float>();
-      const int64_t nb = a.N * ((a.H * a.W + kLanes - 1) / kLanes);
-      at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) { rf(a, c_in, xtp, b0, b1); });
+      restage_kept(a, c_in, xtp);
       kept.resize(c_in);
       std::iota(kept.begin(), kept.end(), int64_t(0));
       a.x = xtp, a.in_idx = kept.data();
@@ -1667,11 +1653,7 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
     const at::Tensor wt = transposed_weight(weight, wc, groups, a.Cog, a.Cig, taps, cog16, wblock);
     ClArgs c{wt.data_ptr<float>(), zeros.defined() ? zeros.data_ptr<float>() : nullptr, cog16, mr, nv_max, wblock, rows,
              one_run, run, ahead, k_chunk, tap_off.data(), koff.empty() ? nullptr : koff.data()};
-    ClFn fn = cl_baseline;
-#if PYPRUNE_X86
-    if (kernel_isa() == Isa::kAvx512) fn = cl_avx512;
-    else if (kernel_isa() == Isa::kAvx2) fn = cl_avx2;
-#endif
+    const ClFn fn = PYPRUNE_ISA_ENTRY(cl);
     const int64_t bw = nv_max * kLanes;
     const int64_t tiles = (a.N * a.P + c.MR - 1) / c.MR, blocks = groups * ((a.Cog + bw - 1) / bw);
     // one equal share of the (block, tile) items per thread (chunks of whole units left one thread up to 10%
@@ -1699,11 +1681,7 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
   a.n_slices = tg >= per_thread * threads ? 1 : std::min(panels, (per_thread * threads + tg - 1) / tg);
   a.rows_per_slice = (panels + a.n_slices - 1) / a.n_slices * kMR;
   a.n_slices = (a.Cog + a.rows_per_slice - 1) / a.rows_per_slice;
-  UnitFn fn = gemm_baseline;
-#if PYPRUNE_X86
-  if (kernel_isa() == Isa::kAvx512) fn = gemm_avx512;
-  else if (kernel_isa() == Isa::kAvx2) fn = gemm_avx2;
-#endif
+  const UnitFn fn = PYPRUNE_ISA_ENTRY(gemm);
   // Contiguous unit ranges of equal cost (a tile's vectors x a slice's rows). Equal unit counts left one thread
   // a whole tile more work when a map ends in a short tile (1024->256 1x1 @14 batch 1: 196 pixels = 3 full
   // tiles + 4 pixels; A/B in one process, 2 threads: 14-17% faster, batch 8 2-6%, other shapes within 1%).

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops.pruned_conv2d import check_channel_index, check_pool, pair, pool_list
+from ..ops.pruned_conv2d import check_channel_index, check_pool, check_relu_max, pair, pool_list
 from ._bn import bn_affine
 from ._dtype import weight_dtype_input
 from ._trainable import copy_requires_grad, trains
@@ -80,9 +80,7 @@ class PrunedConv2d(nn.Module):
         relu_max: float | None = None,
     ):
         super().__init__()
-        if relu_max is not None and not (relu and relu_max > 0):  # (NaN fails the comparison too)
-            raise ValueError(f"relu_max must be None, or a number > 0 with relu=True, got {relu_max!r} with "
-                             f"relu={relu!r}")  # fmt: skip
+        check_relu_max(relu, relu_max, "relu_max")  # here, not at the first call
         self.relu_max = None if relu_max is None else float(relu_max)
         pool = pool_list(max_pool)
         if pool:

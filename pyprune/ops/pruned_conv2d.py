@@ -102,11 +102,7 @@ def output_size(x_hw, weight_hw, stride, padding, dilation) -> tuple[int, int]:
 def check_args(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu,
                max_pool=(), relu_max=None):  # fmt: skip
     """Shape, dtype and device checks (no index values: see check_index_values). Returns the output's size."""
-    if relu_max is not None and not (relu and relu_max > 0):  # (NaN fails the comparison too)
-        raise ValueError(
-            f"{OP}: argument 'relu_max' must be None, or a number > 0 with relu=True, got {relu_max} with "
-            f"relu={relu}"
-        )
+    check_relu_max(relu, relu_max, f"{OP}: argument 'relu_max'")
     if x.dim() != 4:
         raise ValueError(f"{OP}: argument 'x' must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     if weight.dim() != 4:
@@ -177,6 +173,14 @@ def check_args(x, weight, bias, in_index, out_index, out_channels, stride, paddi
             f"{list(max_pool)}"
         )
     return output_size((oh, ow), k, st, p, (1, 1))
+
+
+def check_relu_max(relu: bool, relu_max, what: str) -> None:
+    """relu_max must be None, or a number > 0 with relu on; ``what`` names the argument in the message."""
+    if relu_max is not None and not (relu and relu_max > 0):  # (NaN fails the comparison too)
+        raise ValueError(
+            f"{what} must be None, or a number > 0 with relu=True, got {relu_max!r} with relu={relu!r}"
+        )
 
 
 def check_channel_index(idx: Tensor, bound: int, what: str) -> None:
@@ -271,6 +275,6 @@ if not torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU"):
     torch.library.impl(OP, "CPU")(pruned_conv2d_checked_ref)
 register_cuda("pruned_conv2d")
 __all__ = [
-    "check_args", "check_channel_index", "check_index_values", "check_pool", "output_size", "pair",
-    "pool_list", "pruned_conv2d",
+    "check_args", "check_channel_index", "check_index_values", "check_pool", "check_relu_max", "output_size",
+    "pair", "pool_list", "pruned_conv2d",
 ]  # fmt: skip
