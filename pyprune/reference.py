@@ -179,19 +179,23 @@ def pruned_conv2d_ref(
     relu: bool,
     max_pool: list[int] = (),
     relu_max: float | None = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """max_pool: [] or (kernel_h, kernel_w, stride_h, stride_w, padding_h, padding_w), applied last;
-    relu_max: the ReLU's cap (relu_max=6 with relu: ReLU6)."""
+    relu_max: the ReLU's cap (relu_max=6 with relu: ReLU6); residual: added to the scattered output before
+    the ReLU."""
     xs = x if in_index is None else x.index_select(1, in_index)
     y = _conv2d(xs, weight, bias, stride, padding, dilation, groups)
-    if relu:
-        y = torch.relu(y)
-    if relu_max is not None:
-        y = y.clamp_max(relu_max)
     if out_index is not None:
         full = y.new_zeros(y.shape[0], out_channels, y.shape[2], y.shape[3])
         full[:, out_index] = y
         y = full
+    if residual is not None:
+        y = y + residual
+    if relu:
+        y = torch.relu(y)
+    if relu_max is not None:
+        y = y.clamp_max(relu_max)
     if max_pool:
         y = torch.nn.functional.max_pool2d(y, max_pool[:2], max_pool[2:4], max_pool[4:])
     return y.contiguous(memory_format=_memory_format(x))

@@ -66,6 +66,9 @@ struct ConvArgs {
   int64_t oN, oC, oP;  // y strides: image, channel, pixel (pixels are contiguous among themselves)
   bool relu;
   float relu_max;  // the ReLU's cap (+inf: none)
+  // a residual laid out as y (null: none), added before the ReLU: y = relu?(conv + bias + res); the value for
+  // y[i] is res[i], read where the epilogue writes y (the GEMM and pixels-as-rows paths; the others add it after)
+  const float* res;
   // work decomposition of the GEMM path: unit = (tile, group, slice of C_out_g)
   int64_t n_tiles, n_slices, rows_per_slice;
   // staged path (stride 1, kxk): the kept channels copied into zero-bordered planes of width Wp, so the kernel
@@ -200,9 +203,47 @@ PYPRUNE_INLINE void micro_rows(int mr, bool pf, const float* w, int64_t ldw, con
   }
 }
 
+// d[i] = relu?(s[i] + b[i] + r[i]) for i < n (b null: no bias), the residual's epilogue on a contiguous run (y
+// is a new tensor: d aliases none of the others).
+PYPRUNE_INLINE void add_residual_run(float* __restrict d, const float* __restrict s, const float* __restrict b,
+                                     const float* __restrict r, int64_t n, bool relu, float cap) {
+  if (b && relu) {
+    for (int64_t i = 0; i < n; ++i) d[i] = relu1(s[i] + b[i] + r[i], cap);
+  } else if (b) {
+    for (int64_t i = 0; i < n; ++i) d[i] = s[i] + b[i] + r[i];
+  } else if (relu) {
+    for (int64_t i = 0; i < n; ++i) d[i] = relu1(s[i] + r[i], cap);
+  } else {
+    for (int64_t i = 0; i < n; ++i) d[i] = s[i] + r[i];
+  }
+}
+
 // stage rows -> y: one output channel per row, the tile's pixels through its segments.
 PYPRUNE_INLINE void store_rows(const ConvArgs& a, const float* stage, int mr, int64_t row0, const Segment* seg,
                                int ns) {
+  if (a.res) {  // y = relu?(stage + the residual where y is written)
+    const bool relu = a.relu;
+    const float cap = a.relu_max;
+    for (int r = 0; r < mr; ++r) {
+      float* yc = a.y + a.out_ch[row0 + r] * a.oC;
+      const float* src = stage + r * kNR;
+      for (int s = 0; s < ns; ++s) {
+        const Segment& sg = seg[s];
+        float* d = yc + sg.n * a.oN + (sg.oh * a.OW + sg.ow0) * a.oP;
+        const float* res = a.res + (d - a.y);
+        const int64_t oP = a.oP;
+        if (oP == 1) {
+          add_residual_run(d, src + sg.j0, nullptr, res, sg.len, relu, cap);
+          continue;
+        }
+        for (int64_t i = 0; i < sg.len; ++i) {
+          const float v = src[sg.j0 + i] + res[i * oP];
+          d[i * oP] = relu ? relu1(v, cap) : v;
+        }
+      }
+    }
+    return;
+  }
   if (a.oC == 1 && a.out_ch[row0 + mr - 1] - a.out_ch[row0] == mr - 1) {
     // channels_last, consecutive channels: each pixel's mr outputs are one short contiguous run
     for (int s = 0; s < ns; ++s) {
@@ -338,17 +379,18 @@ PYPRUNE_INLINE void gemm_units(const ConvArgs& a, int64_t u0, int64_t u1) {
       const float* w = a.w + row * a.Kg;
       const float* b = a.bias ? a.bias + row : nullptr;
       const bool pf = in_place && r == r_begin;  // the first panel of a tile fetches the next tile's rows
+      const bool relu = a.relu && !a.res;  // with a residual, the ReLU comes after it, in store_rows
       if constexpr (V::kParts > 1) {  // AVX2, baseline: 6 x 1 tiles per 16 pixels (6 x 4 would spill)
         for (int v = 0; v < nv; ++v)
-          micro_rows<V, 1>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, a.relu, a.relu_max, stage, v * kLanes);
+          micro_rows<V, 1>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, relu, a.relu_max, stage, v * kLanes);
       } else if (nv == 4) {
-        micro_rows<V, 4>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, a.relu, a.relu_max, stage, 0);
+        micro_rows<V, 4>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, relu, a.relu_max, stage, 0);
       } else if (nv == 3) {
-        micro_rows<V, 3>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, a.relu, a.relu_max, stage, 0);
+        micro_rows<V, 3>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, relu, a.relu_max, stage, 0);
       } else if (nv == 2) {
-        micro_rows<V, 2>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, a.relu, a.relu_max, stage, 0);
+        micro_rows<V, 2>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, relu, a.relu_max, stage, 0);
       } else {
-        micro_rows<V, 1>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, a.relu, a.relu_max, stage, 0);
+        micro_rows<V, 1>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, relu, a.relu_max, stage, 0);
       }
       store_rows(a, stage, mr, row, seg, ns);
     }
@@ -421,6 +463,16 @@ PYPRUNE_INLINE void store_lanes(float* d, const VecAvx512& v, int64_t lo, int64_
   const unsigned mask = ((1u << hi) - 1) & ~((1u << lo) - 1);
   __builtin_ia32_storeups512_mask(d, v.h[0], static_cast<uint16_t>(mask));
 }
+// Lanes [lo, hi) of s[0, 16) as one masked load, the others zero (their memory not touched).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+PYPRUNE_INLINE VecAvx512 load_lanes(const float* s, int64_t lo, int64_t hi) {
+  const unsigned mask = ((1u << hi) - 1) & ~((1u << lo) - 1);
+  VecAvx512 v;
+  v.h[0] = __builtin_ia32_loadups512_mask(s, VecAvx512::H{}, static_cast<uint16_t>(mask));
+  return v;
+}
+#pragma GCC diagnostic pop
 #endif
 
 // 16 floats from p; with MASK (AVX-512 only) lanes [0, nl) of them, as one masked load (the lanes past nl are
@@ -973,14 +1025,22 @@ PYPRUNE_INLINE void cl_store(const ConvArgs& a, const float* stage, int64_t cnt,
         V r[kLanes];
         for (int i = 0; i < kLanes; ++i) {
           r[i] = i < cnt ? load16<V>(stage + i * 64 + jb) + b : V{};
-          if (a.relu) r[i] = relu16(r[i], a.relu_max);
+          if (a.relu && !a.res) r[i] = relu16(r[i], a.relu_max);
         }
         transpose16(r);
         for (int64_t r0 = 0; r0 < cnt;) {
           int64_t r1 = r0 + 1;
           while (r1 < cnt && pix_n[r1] == pix_n[r0] && pix_p[r1] == pix_p[r1 - 1] + 1) ++r1;
           float* base = a.y + pix_n[r0] * a.oN + pix_p[r0] - r0;  // pixel r at base[r]
-          for (int64_t j = 0; j < nj; ++j) store_lanes(base + a.out_ch[row0 + jb + j] * a.oC, r[j], r0, r1);
+          for (int64_t j = 0; j < nj; ++j) {
+            float* d = base + a.out_ch[row0 + jb + j] * a.oC;
+            if (a.res) {  // the residual's lanes where y's are written, then the ReLU
+              V v = r[j] + load_lanes(a.res + (d - a.y), r0, r1);
+              store_lanes(d, a.relu ? relu16(v, a.relu_max) : v, r0, r1);
+            } else {
+              store_lanes(d, r[j], r0, r1);
+            }
+          }
           r0 = r1;
         }
       }
@@ -989,6 +1049,26 @@ PYPRUNE_INLINE void cl_store(const ConvArgs& a, const float* stage, int64_t cnt,
   }
 #endif
   const float cap = a.relu_max;  // a local: the stores below may alias `a` for all the compiler knows
+  if (a.res) {  // y = relu?(stage + bias + the residual where y is written)
+    const bool relu = a.relu;
+    for (int64_t r = 0; r < cnt; ++r) {
+      float* d = a.y + pix_n[r] * a.oN + pix_p[r] * a.oP;
+      const float* src = stage + r * 64;
+      const float* res = a.res + (d - a.y);
+      const float* b = a.bias ? a.bias + row0 : nullptr;
+      if (consecutive) {  // one contiguous run from channel out_ch[row0]
+        const int64_t c0 = a.out_ch[row0];
+        add_residual_run(d + c0, src, b, res + c0, nco, relu, cap);
+      } else {
+        for (int64_t j = 0; j < nco; ++j) {
+          const int64_t o = a.out_ch[row0 + j] * a.oC;
+          const float v = src[j] + (b ? b[j] : 0.f) + res[o];
+          d[o] = relu ? relu1(v, cap) : v;
+        }
+      }
+    }
+    return;
+  }
   for (int64_t r = 0; r < cnt; ++r) {
     float* d = a.y + pix_n[r] * a.oN + pix_p[r] * a.oP;
     const float* src = stage + r * 64;
@@ -1339,11 +1419,22 @@ at::Tensor capped_relu(const at::Tensor& y, double cap) {
   return cap < std::numeric_limits<double>::infinity() ? at::relu(y).clamp_max(cap) : at::relu(y);
 }
 
+// y = relu?(y + res) in place: the residual for the paths whose epilogue does not add it (y computed without
+// the ReLU, its unkept channels zero).
+void add_residual(at::Tensor& y, const at::Tensor& res, bool relu, double cap) {
+  y.add_(res);
+  if (relu) {
+    y.clamp_min_(0);
+    if (cap < std::numeric_limits<double>::infinity()) y.clamp_max_(cap);
+  }
+}
+
 // The convolution, bias, ReLU and scatter: y before the max pool.
 at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                         const std::optional<at::Tensor>& in_index, const std::optional<at::Tensor>& out_index,
                         int64_t out_channels, at::IntArrayRef stride, at::IntArrayRef padding,
-                        at::IntArrayRef dilation, int64_t groups, bool relu, double relu_max) {
+                        at::IntArrayRef dilation, int64_t groups, bool relu, double relu_max,
+                        const at::Tensor& residual) {
   PYPRUNE_CHECK(x.dim() == 4, kOp, "x", "must be 4-D (N, C, H, W), got shape ", x.sizes());
   PYPRUNE_CHECK(weight.dim() == 4, kOp, "weight", "must be 4-D (C_out, C_in / groups, kh, kw), got shape ",
                 weight.sizes());
@@ -1388,17 +1479,29 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
 
   const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
   const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const bool has_res = residual.defined();
+  if (has_res) {
+    PYPRUNE_CHECK_DTYPE(residual, kOp, "residual", x.scalar_type());
+    PYPRUNE_CHECK_CPU(residual, kOp, "residual");
+    PYPRUNE_CHECK(residual.sizes() == at::IntArrayRef({x.size(0), out_channels, OH, OW}), kOp, "residual",
+                  "must have the output's shape (", x.size(0), ", ", out_channels, ", ", OH, ", ", OW, "), got ",
+                  residual.sizes());
+  }
+  // the residual in y's layout, so that y[i] and rc[i] are the same element
+  const at::Tensor rc = has_res ? residual.contiguous(fmt) : at::Tensor();
 
   if (x.scalar_type() != at::kFloat) {
     // The kernel computes fp32; other dtypes take ATen's convolution on the gathered input.
     at::Tensor xs = in_index.has_value() ? x.index_select(1, *in_index) : x;
     at::Tensor y = at::conv2d(xs, weight, bias, stride, padding, dilation, groups);
-    if (relu) y = capped_relu(y, relu_max);
+    if (relu && !has_res) y = capped_relu(y, relu_max);
     if (out_index.has_value()) {
       at::Tensor full = at::zeros({x.size(0), out_channels, OH, OW}, y.options());
       y = full.index_copy_(1, *out_index, y);
     }
-    return y.contiguous(fmt);
+    y = y.contiguous(fmt);
+    if (has_res) add_residual(y, rc, relu, relu_max);
+    return y;
   }
 
   at::Tensor xc = x.is_contiguous() || channels_last ? x : x.contiguous();
@@ -1420,6 +1523,12 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
     at::Tensor c = out_index->contiguous();
     out_ids.assign(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
     if (c_out < out_channels) zero_unwritten(y, out_ids, channels_last);
+  }
+  if (has_res && (x.size(0) == 0 || c_out == 0 || c_in == 0)) {  // the residual through the other cases
+    at::Tensor y0 = conv_forward(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation,
+                                 groups, false, relu_max, at::Tensor());
+    add_residual(y0, rc, relu, relu_max);
+    return y0;
   }
   if (x.size(0) == 0 || c_out == 0) return y;
   if (c_in == 0) {  // no input channel kept: every output is the bias (or zero), through the ReLU
@@ -1463,6 +1572,25 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
   a.oP = y.stride(3);
   a.relu = relu;
   a.relu_max = static_cast<float>(relu_max);
+  // The GEMM and pixels-as-rows epilogues add the residual (a.res); the depthwise paths compute without the
+  // ReLU and add it after. Either way the unkept channels (zero) get it after the kernel.
+  a.res = has_res ? rc.data_ptr<float>() : nullptr;
+  auto finish = [&](bool fused) {
+    if (!has_res) return y;
+    if (!fused) {
+      add_residual(y, rc, relu, relu_max);
+    } else if (c_out < out_channels) {
+      std::vector<int64_t> unkept;
+      for (int64_t ch = 0, i = 0; ch < out_channels; ++ch) {
+        if (i < c_out && out_ids[i] == ch) ++i;
+        else unkept.push_back(ch);
+      }
+      const at::Tensor u = at::tensor(unkept, at::kLong);
+      at::Tensor r = rc.index_select(1, u);
+      y.index_copy_(1, u, relu ? capped_relu(r, relu_max) : r);
+    }
+    return y;
+  };
 
   const int64_t threads = at::get_num_threads();
   // Depthwise convs take vectors over channels (dw_cl_units) on channels_last x, where kept channels that are
@@ -1478,6 +1606,7 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
   // page faults a call, every page). Hence rows under 32 pixels, or up to kDwStagePixels with a copy of at
   // most 16 MiB.
   const bool dw_restage = OW < 32 || (OW < kDwStagePixels && a.N * a.H * a.W * c_in * 4 <= (int64_t{16} << 20));
+  if (a.Cig == 1 && has_res) a.relu = false, a.res = nullptr;  // (added after: see finish)
   if (a.Cig == 1 && a.Cog == 1 && (channels_last || dw_restage)) {
     at::Tensor xk;
     DwArgs d{a.x + in_ids[0], a.sN, a.sH, a.sW, nullptr, false};
@@ -1504,12 +1633,12 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
     const DwFn fn = PYPRUNE_ISA_ENTRY(dw_cl);
     const int64_t units = a.N * OH * ((c_in + kDwBlock - 1) / kDwBlock);
     at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) { fn(a, d, u0, u1); });
-    return y;
+    return finish(false);
   }
   if (a.Cig == 1) {
     const UnitFn fn = PYPRUNE_ISA_ENTRY(depthwise);
     at::parallel_for(0, a.N * c_out, 1, [&](int64_t u0, int64_t u1) { fn(a, u0, u1); });
-    return y;
+    return finish(false);
   }
   // Stride-1 kxk convs on maps wide enough that the Wp - OW wasted columns cost less than building im2col
   // tiles (about a fifth of the FMAs' time at 28x28): stage the kept channels into zero-bordered planes.
@@ -1662,7 +1791,7 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
     at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) fn(a, c, items * p / parts, items * (p + 1) / parts);
     });
-    return y;
+    return finish(true);
   }
   if (a.SH == 1 && a.SW == 1 && (KH > 1 || KW > 1) && 7 * (Wp - OW) <= Wp) {
     a.staged = true;
@@ -1699,7 +1828,7 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
   at::parallel_for(0, ranges, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) fn(a, ub[r], ub[r + 1]);
   });
-  return y;
+  return finish(true);
 }
 
 }  // namespace
@@ -1708,12 +1837,14 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
                              const std::optional<at::Tensor>& in_index, const std::optional<at::Tensor>& out_index,
                              int64_t out_channels, at::IntArrayRef stride, at::IntArrayRef padding,
                              at::IntArrayRef dilation, int64_t groups, bool relu, at::IntArrayRef max_pool,
-                             std::optional<double> relu_max) {
+                             std::optional<double> relu_max, const std::optional<at::Tensor>& residual) {
   PYPRUNE_CHECK(!relu_max.has_value() || (relu && *relu_max > 0), kOp, "relu_max",
                 "must be None, or a number > 0 with relu=True, got ", relu_max.has_value() ? *relu_max : 0.0,
                 " with relu=", relu ? "True" : "False");
   PYPRUNE_CHECK(max_pool.empty() || max_pool.size() == 6, kOp, "max_pool",
                 "must be empty or (kernel_h, kernel_w, stride_h, stride_w, padding_h, padding_w), got ", max_pool);
+  PYPRUNE_CHECK(!residual.has_value() || max_pool.empty(), kOp, "residual",
+                "cannot be combined with max_pool (the pool would have to follow the residual add)");
   PoolArgs p{};
   if (!max_pool.empty()) {
     p.KH = max_pool[0], p.KW = max_pool[1], p.SH = max_pool[2], p.SW = max_pool[3], p.PH = max_pool[4];
@@ -1723,7 +1854,8 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
                   kOp, "max_pool", "needs kernel >= 1, stride >= 1 and 0 <= padding <= kernel / 2, got ", max_pool);
   }
   at::Tensor yc = conv_forward(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation,
-                               groups, relu, relu_max.value_or(std::numeric_limits<double>::infinity()));
+                               groups, relu, relu_max.value_or(std::numeric_limits<double>::infinity()),
+                               residual.has_value() ? *residual : at::Tensor());
   if (max_pool.empty()) return yc;
   PYPRUNE_CHECK(yc.size(2) + 2 * p.PH >= p.KH && yc.size(3) + 2 * p.PW >= p.KW, kOp, "max_pool",
                 "gives an empty output for the conv's ", yc.size(2), " x ", yc.size(3), " output, got ", max_pool);

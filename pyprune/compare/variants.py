@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import copy
+import operator
 import warnings
 from collections.abc import Callable
 
@@ -280,14 +281,53 @@ def _fusable_pool(node, modules) -> nn.MaxPool2d | None:
     return m if fusable_max_pool(m) else None
 
 
-def fuse_pruned_convs(model: nn.Module) -> tuple[nn.Module, dict]:
+def _tensor_shapes(gm: torch.fx.GraphModule, example: tuple) -> dict:
+    """{node: (shape, dtype)} of the tensor each node of ``gm`` produced on ``example`` (no gradients, every
+    module in eval mode for the run, its training flags restored after: a BatchNorm in training mode would
+    update its statistics); {} when the run fails."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    flags = {m: m.training for m in gm.modules()}
+    try:
+        gm.eval()
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example)
+    except Exception:  # noqa: BLE001  (a model may reject the example: then no residual is fused)
+        return {}
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+    meta = {n: n.meta.get("tensor_meta") for n in gm.graph.nodes}
+    return {n: (tuple(t.shape), t.dtype) for n, t in meta.items() if hasattr(t, "shape")}
+
+
+_ADDS = {("call_function", operator.add), ("call_function", operator.iadd), ("call_function", torch.add),
+         ("call_method", "add"), ("call_method", "add_")}  # fmt: skip
+
+
+def _residual_of(node, out, shapes: dict):
+    """The other operand when ``node`` adds a same-shaped tensor to ``out`` (a skip connection: a plain
+    two-operand add, no alpha, no broadcast), else None."""
+    if (node.op, node.target) not in _ADDS or node.kwargs or len(node.args) != 2 or out not in node.args:
+        return None
+    other = node.args[1] if node.args[0] is out else node.args[0]
+    if not isinstance(other, torch.fx.Node) or other is out:
+        return None
+    if out not in shapes or shapes.get(other) != shapes[out] or shapes.get(node) != shapes[out]:
+        return None
+    return other
+
+
+def fuse_pruned_convs(model: nn.Module, example: tuple | None = None) -> tuple[nn.Module, dict]:
     """``model`` (not modified) with every Conv2d as a PrunedConv2d, BN folded, ReLU (or ReLU6) and max pool
     fused where the fx graph allows (the conv output feeds only an eval-mode BatchNorm2d, whose output feeds
-    only the ReLU, whose output feeds only an nn.MaxPool2d). Returns (new model, counts {"conv", "bn", "relu",
-    "pool", "skipped"} and "why" for a model fx cannot trace)."""
+    only the ReLU, whose output feeds only an nn.MaxPool2d). Given the model's ``example`` inputs (which fix
+    the tensors' shapes), a skip connection's add after the conv (or its BN), and a ReLU after the add, go into
+    the conv too (``PrunedConv2d(x, residual)``). Returns (new model, counts {"conv", "bn", "relu", "pool",
+    "residual", "skipped"} and "why" for a model fx cannot trace)."""
     from ..nn import PrunedConv2d
 
-    counts = {"conv": 0, "bn": 0, "relu": 0, "pool": 0, "skipped": 0, "why": ""}
+    counts = {"conv": 0, "bn": 0, "relu": 0, "pool": 0, "residual": 0, "skipped": 0, "why": ""}
     try:
         gm = _traced_copy(model)
     except Exception as exc:  # noqa: BLE001  (fx raises many types; fall back to per-module replacement)
@@ -302,6 +342,7 @@ def fuse_pruned_convs(model: nn.Module) -> tuple[nn.Module, dict]:
                     counts["skipped"] += 1
         return out, counts
     modules, shared = dict(gm.named_modules()), _shared_modules(gm)
+    shapes = _tensor_shapes(gm, example) if example is not None else {}
     done = set()  # a conv the graph calls twice is replaced (and counted) once
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(modules.get(node.target), nn.Conv2d):
@@ -315,12 +356,17 @@ def fuse_pruned_convs(model: nn.Module) -> tuple[nn.Module, dict]:
             bn_node, bn = found
             last = bn_node
         users = list(last.users)
+        add_node, residual = None, None
+        if node.target not in shared and len(users) == 1 and len(node.args) == 1 and not node.kwargs:
+            residual = _residual_of(users[0], last, shapes)
+            add_node = users[0] if residual is not None else None
+        users = list((add_node or last).users)
         if node.target not in shared and len(users) == 1:
             fusable, relu_max = _fusable_relu(users[0], modules)
             relu_node = users[0] if fusable else None
         pool_node, pool = None, None
         users = list((relu_node or last).users)
-        if node.target not in shared and len(users) == 1:
+        if node.target not in shared and len(users) == 1 and add_node is None:
             pool = _fusable_pool(users[0], modules)
             pool_node = users[0] if pool is not None else None
         try:
@@ -333,6 +379,21 @@ def fuse_pruned_convs(model: nn.Module) -> tuple[nn.Module, dict]:
             continue
         _set(gm, node.target, new)
         counts["conv"] += 1
+        if add_node is not None:  # the conv moves to the add's place, where its residual exists
+            with gm.graph.inserting_before(add_node):
+                fused = gm.graph.call_module(node.target, (node.args[0], residual))
+            (relu_node or add_node).replace_all_uses_with(fused)
+            if add_node in shapes:  # (a later add may take this output as its residual)
+                shapes[fused] = shapes[add_node]
+            for dead in (relu_node, add_node, bn_node, node):
+                if dead is not None:
+                    gm.graph.erase_node(dead)
+            counts["residual"] += 1
+            counts["relu"] += relu_node is not None
+            counts["bn"] += bn_node is not None
+            continue
+        if pool_node in shapes:  # the conv's node now gives the pool's output
+            shapes[node] = shapes[pool_node]
         if pool_node is not None:
             pool_node.replace_all_uses_with(node)
             gm.graph.erase_node(pool_node)
@@ -495,10 +556,12 @@ class Builder:
         if not any(isinstance(m, nn.Conv2d) for m in self.model.modules()):
             raise NotApplicable("no Conv2d layer (PrunedConv2d is a convolution kernel)")
         base, note = self.channel(level)
-        out, c = fuse_pruned_convs(base)
+        out, c = fuse_pruned_convs(base, self.args)
         if c["conv"] == 0:
             raise NotApplicable(f"no Conv2d could become a PrunedConv2d ({c['skipped']} skipped) {c['why']}")
         parts = [f"{c['conv']} conv -> PrunedConv2d", f"{c['bn']} BN folded", f"{c['relu']} ReLU fused"]
+        if c["residual"]:
+            parts.append(f"{c['residual']} residual add fused")
         if c["pool"]:
             parts.append(f"{c['pool']} max pool fused")
         if c["skipped"]:

@@ -55,7 +55,9 @@ class PrunedConv2d(nn.Module):
     """``relu?(conv2d(x[:, keep_in], weight, bias))``, the output compact ``(N, len(keep_out), OH, OW)`` or,
     with ``scatter_output=True``, scattered into ``(N, out_channels, OH, OW)`` with zeros elsewhere; with
     ``max_pool=(kernel_size, stride, padding)``, max-pooled after that (dilation 1, floor mode). With
-    ``relu_max`` the ReLU is capped there (``relu_max=6``: ReLU6, as in MobileNetV2).
+    ``relu_max`` the ReLU is capped there (``relu_max=6``: ReLU6, as in MobileNetV2). ``module(x, residual)``
+    adds ``residual`` (the output's shape; not with ``max_pool``) before the ReLU: a ResNet block's last conv,
+    its skip connection and the ReLU after the sum as one op.
 
     Build it with :meth:`from_dense`. ``weight`` (a Parameter) holds only the kept rows and columns;
     ``in_index`` / ``out_index`` are buffers (``None`` when everything is kept)."""
@@ -197,7 +199,7 @@ class PrunedConv2d(nn.Module):
             new.bias.requires_grad_(trains(conv, "weight") if flag is None else flag)
         return new
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         if not isinstance(input, Tensor) or input.dim() != 4 or input.shape[1] != self.in_channels:
             shape = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
             raise ValueError(f"input must have shape (N, in_channels={self.in_channels}, H, W), got {shape}")
@@ -209,16 +211,19 @@ class PrunedConv2d(nn.Module):
         bias = params["bias"] if "bias" in params else self.bias
         if input.dtype != weight.dtype:
             input = weight_dtype_input(input, weight.dtype)
+        if residual is not None and residual.dtype != weight.dtype:
+            residual = weight_dtype_input(residual, weight.dtype)
         scatter = self.scatter_output
         return ops.pruned_conv2d(
             input, weight, bias, buffers["in_index"], buffers["out_index"] if scatter else None,
             self.out_channels if scatter else weight.shape[0],
             self.stride, self.padding, self.dilation, self.groups, self.relu, self.max_pool, self.relu_max,
+            residual,
         )  # fmt: skip
 
     def to_dense(self) -> nn.Sequential:
         """An equivalent plain-PyTorch module: index_select -> nn.Conv2d -> (ReLU, or ReLU6 / Hardtanh(0,
-        relu_max)) -> (scatter) -> (max pool)."""
+        relu_max)) -> (scatter) -> (max pool); of calls without a residual (a ReLU applies to the sum)."""
         w = self.weight
         conv = nn.Conv2d(w.shape[1] * self.groups, w.shape[0], self.kernel_size, self.stride, self.padding,
                          self.dilation, self.groups, bias=self.bias is not None, device=w.device, dtype=w.dtype)  # fmt: skip

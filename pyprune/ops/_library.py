@@ -34,10 +34,11 @@ SCHEMAS = {
     # conv2d over the input channels in_index (gathered inside the kernel) with weight (C_out_kept,
     # C_in_kept / groups, kh, kw); relu fused; out_index scatters into an out_channels-wide zero output;
     # max_pool: [] or (kernel_h, kernel_w, stride_h, stride_w, padding_h, padding_w) of a max pool fused after
-    # (dilation 1, floor mode); relu_max: the ReLU's cap (6: ReLU6), with relu only.
+    # (dilation 1, floor mode); relu_max: the ReLU's cap (6: ReLU6), with relu only; residual: a tensor of the
+    # output's shape added before the ReLU (not with max_pool).
     "pruned_conv2d": "pruned_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor? in_index, Tensor? out_index, "
     "int out_channels, int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu, "
-    "int[] max_pool=[], float? relu_max=None) -> Tensor",
+    "int[] max_pool=[], float? relu_max=None, Tensor? residual=None) -> Tensor",
     # private: the CUDA kernel of csrc/cuda/pruned_conv2d.cu, called by pruned_conv2d's router (which checks the
     # arguments first); registered for CUDA only, by pyprune._C when built with CUDA.
     "_pruned_conv2d_cuda": "_pruned_conv2d_cuda(Tensor x, Tensor weight, Tensor? bias, Tensor? in_index, "

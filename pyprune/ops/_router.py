@@ -625,16 +625,21 @@ def _pruned_conv2d_reference(*args):
 def _pruned_conv2d_checked(fn, fuses_relu_max: bool = False):
     """Runs the op's full argument checks, index values included (one device sync), before fn: a bad index
     never reaches a kernel, which would read or write out of bounds. fn takes relu_max as a keyword when
-    ``fuses_relu_max`` (the Triton kernel); otherwise the cap is a clamp after it."""
+    ``fuses_relu_max`` (the Triton kernel); otherwise the cap is a clamp after it. A residual is added after
+    the kernel (which then leaves out the ReLU): no GPU kernel has it in its epilogue."""
 
     def run(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu,
-            max_pool=(), relu_max=None):  # fmt: skip
+            max_pool=(), relu_max=None, residual=None):  # fmt: skip
         from .pruned_conv2d import check_args, check_index_values  # that module imports this one
 
         args = (x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu)
-        check_args(*args, max_pool, relu_max)
+        check_args(*args, max_pool, relu_max, residual)
         check_index_values(in_index, out_index, x.shape[1], out_channels)
-        if fuses_relu_max:
+        if residual is not None:
+            y = fn(*args[:-1], False).add_(residual)
+            if relu:
+                y = y.relu_() if relu_max is None else y.clamp_(0, relu_max)
+        elif fuses_relu_max:
             y = fn(*args, relu_max=relu_max)
         else:
             y = fn(*args)

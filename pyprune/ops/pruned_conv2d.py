@@ -35,14 +35,17 @@ def pruned_conv2d(
     relu: bool = False,
     max_pool: Sequence | None = None,
     relu_max: float | None = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """x: (N, C_in, H, W) in NCHW or channels_last; weight: (C_out_kept, C_in_kept / groups, kh, kw);
     bias: (C_out_kept,); in_index: int64 (C_in_kept,) sorted unique channels of x (None: all of them);
     out_index: int64 (C_out_kept,) sorted unique channels of an out_channels-wide output (None: the output
     is compact, (N, C_out_kept, OH, OW)); max_pool: (kernel_size, stride, padding), each an int or a pair, of
     a max pool applied last (dilation 1, floor mode, as ``F.max_pool2d``), or None; relu_max: with relu, the
-    ReLU's cap (6: ReLU6, as ``F.relu6``), or None. Returns max_pool?(min(relu?(conv2d(x[:, in_index], weight,
-    bias)), relu_max) scattered to out_index), in x's memory format."""
+    ReLU's cap (6: ReLU6, as ``F.relu6``), or None; residual: a tensor of the output's shape added before the
+    ReLU (a ResNet block's skip connection; not with max_pool), or None. Returns max_pool?(min(relu?(y +
+    residual), relu_max)), y = conv2d(x[:, in_index], weight, bias) scattered to out_index (zero elsewhere), in
+    x's memory format."""
     if out_channels is None:
         if out_index is not None and out_index.numel() == 0:
             raise ValueError(f"{OP}: argument 'out_channels' must be given when out_index is empty")
@@ -50,7 +53,7 @@ def pruned_conv2d(
     return call_op(
         torch.ops.pyprune.pruned_conv2d.default, x, weight, bias, in_index, out_index, out_channels,
         pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation"), groups, relu,
-        pool_list(max_pool), relu_max,
+        pool_list(max_pool), relu_max, residual,
     )  # fmt: skip
 
 
@@ -100,7 +103,7 @@ def output_size(x_hw, weight_hw, stride, padding, dilation) -> tuple[int, int]:
 
 
 def check_args(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu,
-               max_pool=(), relu_max=None):  # fmt: skip
+               max_pool=(), relu_max=None, residual=None):  # fmt: skip
     """Shape, dtype and device checks (no index values: see check_index_values). Returns the output's size."""
     check_relu_max(relu, relu_max, f"{OP}: argument 'relu_max'")
     if x.dim() != 4:
@@ -163,6 +166,17 @@ def check_args(x, weight, bias, in_index, out_index, out_channels, stride, paddi
             f"{OP}: the output would be empty ({oh} x {ow}) for input {tuple(x.shape[2:])}, kernel "
             f"{tuple(weight.shape[2:])}, stride {list(stride)}, padding {list(padding)}, dilation {list(dilation)}"
         )
+    if residual is not None:
+        want = (x.shape[0], out_channels, oh, ow)
+        if residual.dtype != x.dtype or tuple(residual.shape) != want or residual.device != x.device:
+            raise ValueError(
+                f"{OP}: argument 'residual' must be a {x.dtype} tensor of the output's shape {want} on {x.device}, "
+                f"got {residual.dtype} {tuple(residual.shape)} on {residual.device}"
+            )
+        if max_pool:
+            raise ValueError(
+                f"{OP}: argument 'residual' cannot be combined with max_pool (the pool would follow the add)"
+            )
     if not max_pool:
         return oh, ow
     check_pool(max_pool)
@@ -204,10 +218,10 @@ def check_index_values(in_index, out_index, x_channels: int, out_channels: int) 
 
 @torch.library.register_fake(OP)
 def _(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu,
-      max_pool=(), relu_max=None):  # fmt: skip
+      max_pool=(), relu_max=None, residual=None):  # fmt: skip
     oh, ow = check_args(
         x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu, max_pool,
-        relu_max,
+        relu_max, residual,
     )
     y = x.new_empty((x.shape[0], out_channels, oh, ow))
     return y.contiguous(memory_format=reference._memory_format(x))
@@ -217,6 +231,7 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu = inputs[:11]
     max_pool = list(inputs[11]) if len(inputs) > 11 else []
     relu_max = inputs[12] if len(inputs) > 12 else None
+    ctx.has_residual = len(inputs) > 13 and inputs[13] is not None
     # with a max pool the output says neither where each maximum came from nor where the ReLU cut: backward
     # recomputes the conv's output
     ctx.save_for_backward(x, weight, bias if max_pool else None, in_index, out_index,
@@ -241,6 +256,8 @@ def _backward(ctx, grad):
         y = y0 if relu else None
     if y is not None:  # where the ReLU (and its cap, as in F.relu6's gradient) let the value through
         grad = grad * ((y > 0) if relu_max is None else ((y > 0) & (y < relu_max)))
+    # the residual is added before the ReLU: its gradient is the (masked) output gradient, every channel
+    grad_res = grad if ctx.has_residual and ctx.needs_input_grad[13] else None
     if out_index is not None:
         grad = grad.index_select(1, out_index)
     grad_x = grad_w = grad_b = None
@@ -255,20 +272,20 @@ def _backward(ctx, grad):
         grad_w = torch.nn.grad.conv2d_weight(xs, weight.shape, grad, stride, padding, dilation, groups)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_b = grad.sum((0, 2, 3))
-    return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None
+    return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None, grad_res
 
 
 torch.library.register_autograd(OP, _backward, setup_context=_setup_context)
 
 
 def pruned_conv2d_checked_ref(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation,
-                              groups, relu, max_pool=(), relu_max=None):  # fmt: skip
+                              groups, relu, max_pool=(), relu_max=None, residual=None):  # fmt: skip
     """The reference behind the full argument checks: the CPU kernel when _C lacks one, and the CUDA
     'reference' backend."""
     args = (x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu)
-    check_args(*args, max_pool, relu_max)
+    check_args(*args, max_pool, relu_max, residual)
     check_index_values(in_index, out_index, x.shape[1], out_channels)
-    return reference.pruned_conv2d_ref(*args, max_pool, relu_max)
+    return reference.pruned_conv2d_ref(*args, max_pool, relu_max, residual)
 
 
 if not torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU"):

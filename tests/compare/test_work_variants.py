@@ -80,7 +80,7 @@ def _net_with_bn_stats():
 def test_fuse_pruned_convs_folds_bn_and_relu():
     net = _net_with_bn_stats()
     fused, counts = fuse_pruned_convs(net)
-    assert counts == {"conv": 3, "bn": 2, "relu": 1, "pool": 0, "skipped": 0, "why": ""}
+    assert counts == {"conv": 3, "bn": 2, "relu": 1, "pool": 0, "residual": 0, "skipped": 0, "why": ""}
     kinds = [type(m).__name__ for m in fused.modules()]
     assert kinds.count("PrunedConv2d") == 3 and "BatchNorm2d" not in kinds
     x = torch.randn(2, 3, 9, 9)
@@ -113,7 +113,7 @@ def test_fuse_pruned_convs_fuses_relu6_and_zero_floored_hardtanh():
         for c in (net.conv1, net.dw, net.conv3):
             c.weight.mul_(4)
     fused, counts = fuse_pruned_convs(net)
-    assert counts == {"conv": 4, "bn": 1, "relu": 3, "pool": 0, "skipped": 0, "why": ""}
+    assert counts == {"conv": 4, "bn": 1, "relu": 3, "pool": 0, "residual": 0, "skipped": 0, "why": ""}
     assert [fused.conv1.relu_max, fused.dw.relu_max, fused.conv3.relu_max] == [6.0, 6.0, 3.0]
     assert not fused.conv4.relu and isinstance(fused.act4, nn.Hardtanh)
     x = torch.randn(2, 3, 9, 9)
@@ -148,13 +148,57 @@ def test_fuse_pruned_convs_fuses_a_max_pool_after_bn_and_relu():
     net = _Stem().eval()
     net.bn1.running_mean.uniform_(-0.5, 0.5)
     fused, counts = fuse_pruned_convs(net)
-    assert counts == {"conv": 3, "bn": 1, "relu": 2, "pool": 1, "skipped": 0, "why": ""}
+    assert counts == {"conv": 3, "bn": 1, "relu": 2, "pool": 1, "residual": 0, "skipped": 0, "why": ""}
     assert fused.conv1.max_pool == ((3, 3), (2, 2), (1, 1)) and fused.conv2.max_pool is None
     assert [type(m).__name__ for m in fused.modules()].count("MaxPool2d") == 2  # pool2 and pool3 stay
     for fmt in (torch.contiguous_format, torch.channels_last):
         x = torch.randn(2, 3, 37, 41).contiguous(memory_format=fmt)
         with torch.no_grad():
             torch.testing.assert_close(fused(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+class _Blocks(nn.Module):
+    """Skip connections: conv -> BN -> (+ x) -> ReLU (a ResNet block's end; fused), x + conv (MobileNetV2's,
+    the residual first and no ReLU; fused), a conv whose output is added to a (C, 1, 1) tensor (a broadcast:
+    not a skip connection) and a conv added to itself (no other operand)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.conv3 = nn.Conv2d(8, 8, 1)
+        self.shift = nn.Parameter(torch.randn(8, 1, 1))
+        self.conv4 = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)) + x)
+        y = y + self.conv2(y)
+        y = self.conv3(y) + self.shift
+        z = self.conv4(y)
+        return z + z
+
+
+def test_fuse_pruned_convs_fuses_skip_connections_given_an_example():
+    torch.manual_seed(0)
+    net = _Blocks().eval()
+    net.bn1.running_mean.uniform_(-0.5, 0.5)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 8, 9, 9).contiguous(memory_format=fmt)
+        fused, counts = fuse_pruned_convs(net, (x,))
+        assert counts == {"conv": 4, "bn": 1, "relu": 1, "pool": 0, "residual": 2, "skipped": 0, "why": ""}
+        called = [n.target for n in fused.graph.nodes if n.op == "call_module"]
+        assert called == ["conv1", "conv2", "conv3", "conv4"]
+        adds = [n for n in fused.graph.nodes if n.op == "call_function" and "add" in str(n.target)]
+        assert len(adds) == 2  # the broadcast and the self-add stay
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), net(x), rtol=1e-4, atol=1e-5)
+        assert fused(x).is_contiguous(memory_format=fmt)
+    # without an example the shapes are unknown: no add is fused
+    assert fuse_pruned_convs(net)[1]["residual"] == 0
+    # a training-mode BN is not folded, and the shape run leaves its flag and statistics as they were
+    out, counts = fuse_pruned_convs(_Blocks().train(), (torch.randn(2, 8, 9, 9),))
+    assert counts["bn"] == 0 and out.bn1.training and int(out.bn1.num_batches_tracked) == 0
+    assert torch.equal(out.bn1.running_mean, torch.zeros(8))
 
 
 def test_fold_bn_keeps_masks_and_outputs():

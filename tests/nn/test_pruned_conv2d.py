@@ -231,3 +231,30 @@ def test_forward_uses_a_parametrized_or_pruned_weight(conv_bn):
     prune.l1_unstructured(m2, "weight", amount=1.0)
     prune.l1_unstructured(m2, "bias", amount=1.0)
     assert (m2(x) == 0).all()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_residual_goes_in_before_the_relu(conv_bn, channels_last):
+    # module(x, residual): relu(bn(conv(x))[scattered] + residual), a ResNet block's end as one op; the
+    # residual's gradient is the output gradient where the ReLU let the sum through; torch.compile traces it
+    conv, bn = conv_bn
+    keep_in, keep_out = [0, 3, 4, 9, 15], [1, 2, 8, 23]
+    m = PrunedConv2d.from_dense(conv, keep_in, keep_out, bn=bn, relu=True, scatter_output=True)
+    x = torch.randn(2, 16, 11, 11)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    res = torch.randn(2, 24, 6, 6, requires_grad=True)
+    full = torch.zeros(2, 24, 6, 6)
+    full[:, keep_out] = bn(conv(_masked_input(x, keep_in)))[:, keep_out]
+    want = torch.relu(full + res)
+    y = m(x, res)
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-5)
+    assert (y == 0).any() and (y[:, 0] > 0).any()  # the sum crosses zero, the unkept channels pass res
+    g = torch.randn_like(y)
+    (got,) = torch.autograd.grad(y, res, g)
+    torch.testing.assert_close(got, g * (want > 0))
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, res), y)
+    torch.testing.assert_close(m(x), m.to_dense()(x))  # to_dense: the calls without a residual
+    with pytest.raises(ValueError, match="'residual'"):
+        m(x, torch.randn(2, 4, 6, 6))

@@ -114,6 +114,70 @@ def test_matches_reference(case, keep, channels_last):
             assert (y[:, dropped] == 0).all()
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_residual_matches_reference(case, channels_last):
+    # the residual is added before the ReLU, in every path's epilogue (or after the kernel where the path has
+    # none for it), to the unkept channels of a scattered output too; a residual in the other memory format
+    combos = ((True, True, True, None, False), (False, True, False, 0.5, True), (True, False, True, None, True),
+              (False, False, True, None, False))  # fmt: skip
+    for scatter, relu, bias, cap, other_format in combos:
+        x, w, b, ii, oi, oc, s, p, d, g = _case(case, 0.5, scatter, channels_last, bias, seed=1)
+        args = (x, w, b, ii, oi, oc, s, p, d, g, relu)
+        oh = (x.shape[2] + 2 * p[0] - d[0] * (w.shape[2] - 1) - 1) // s[0] + 1
+        ow = (x.shape[3] + 2 * p[1] - d[1] * (w.shape[3] - 1) - 1) // s[1] + 1
+        res = torch.randn(x.shape[0], oc, oh, ow, generator=torch.Generator().manual_seed(2)) * 2
+        if channels_last != other_format:
+            res = res.contiguous(memory_format=torch.channels_last)
+        y = OP(*args, [], cap, res)
+        want = pruned_conv2d_ref(*_double(args), [], cap, res.double())
+        assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)
+        assert (want < 0).any() == (not relu)  # the ReLU after the sum, so the test can tell the order
+        if scatter:
+            dropped = torch.ones(oc, dtype=torch.bool)
+            dropped[oi] = False
+            r = res[:, dropped]
+            torch.testing.assert_close(y[:, dropped], (r.clamp(0, cap) if cap else r.relu()) if relu else r)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_residual_on_depthwise_rows_and_other_dtypes(channels_last, dtype):
+    # depthwise on 130-pixel NCHW rows (the row loops) and channels_last (channel vectors), and float64 (ATen's
+    # conv): the residual added after the kernel
+    x, w, b, ii, oi, oc, s, p, d, g = _case((18, 18, 3, 1, 1, 1, 18, 130, 1), 0.5, True, channels_last, True,
+                                            dtype)  # fmt: skip
+    res = torch.randn(1, oc, 130, 130, dtype=dtype)
+    args = (x, w, b, ii, oi, oc, s, p, d, g, True)
+    torch.testing.assert_close(OP(*args, [], 6.0, res), pruned_conv2d_ref(*args, [], 6.0, res))
+
+
+def test_residual_gradcheck_float64_and_opcheck():
+    x, w, b, ii, oi, oc, s, p, d, g = _case((6, 5, 3, 1, 1, 1, 1, 5, 1), 0.5, True, False, True, torch.float64)
+    r = torch.randn(1, oc, 5, 5, dtype=torch.float64)
+    x, w, b, r = (t.requires_grad_() for t in (x, w, b, r))
+    fn = lambda x, w, b, r: OP(x, w, b, ii, oi, oc, s, p, d, g, True, [], None, r)
+    assert torch.autograd.gradcheck(fn, (x, w, b, r))
+    x, w, b, ii, oi, oc, s, p, d, g = _case((8, 6, 3, 1, 1, 1, 1, 6, 2), 0.5, True, True, True)
+    r = torch.randn(2, oc, 6, 6)
+    torch.library.opcheck(OP, (x, w, b, ii, oi, oc, s, p, d, g, True, [], 0.5, r))
+
+
+@pytest.mark.parametrize("what", ["shape", "dtype", "pool"])
+def test_bad_residuals_are_named(what):
+    x, w, b, ii, oi, oc, s, p, d, g = _case((8, 6, 3, 1, 1, 1, 1, 6, 1), 1.0, False, False, True)
+    res = {"shape": torch.randn(1, oc, 6, 5), "dtype": torch.randn(1, oc, 6, 6, dtype=torch.float64),
+           "pool": torch.randn(1, oc, 6, 6)}[what]  # fmt: skip
+    pool = [2, 2, 2, 2, 0, 0] if what == "pool" else []
+    args = (x, w, b, ii, oi, oc, s, p, d, g, True)
+    for call in (lambda: OP(*args, pool, None, res), lambda: pruned_conv2d_checked_ref(*args, pool, None, res),
+                 lambda: pruned_conv2d(*args, max_pool=(pool[:2], pool[2:4], pool[4:]) if pool else None,
+                                       residual=res)):  # fmt: skip
+        with pytest.raises((ValueError, TypeError), match="'residual'"):
+            call()
+
+
 # depthwise (C, kernel, stride, padding, dilation, side, batch): 3x3 (weights in registers, interior pixels in
 # blocks of 8, then 4 (AVX2, baseline: 2), the rest one at a time) with a tail past the last 16-channel vector,
 # on rows under 32 pixels and over (NCHW restaged either way), and of 130 (NCHW row loops); 3x3 stride 2; 5x5

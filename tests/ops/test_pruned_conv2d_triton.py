@@ -176,6 +176,26 @@ def test_routed_triton_backend_fuses_relu_max(interp, monkeypatch, name):
     torch.testing.assert_close(unfused(*args, [], 0.5).double(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("name", ["3x3_pad", "depthwise_scatter"])
+def test_routed_residual_is_added_after_the_kernel(interp, monkeypatch, name):
+    # no GPU kernel has the residual in its epilogue: the router runs it without the ReLU, then adds the
+    # residual and applies the (capped) ReLU; the Triton kernel interpreted, and a stand-in for CUDA's
+    monkeypatch.setattr(_router, "load_triton_kernels", lambda: (interp, None))
+    impl = _router.route("pruned_conv2d", _router.PRUNED_CONV2D_BACKENDS)
+    args = make_case(**{**dict(CPU_CASES)[name], "relu": True})
+    y0 = pruned_conv2d_ref(*args)
+    res = torch.randn(y0.shape) * 2
+    want = pruned_conv2d_ref(*to_double(args), [], 0.5, res.double())
+    assert (want == 0.5).any() and (want == 0).any() and ((want > 0) & (want < 0.5)).any()
+    with _router.use_backend("triton"), torch.backends.cudnn.flags(allow_tf32=False):
+        y = impl(*args, [], 0.5, res)
+    torch.testing.assert_close(y.double(), want, rtol=0, atol=fp32_tol(args))
+    unfused = _router._pruned_conv2d_checked(lambda *a: pruned_conv2d_ref(*a))
+    plain = torch.relu(pruned_conv2d_ref(*to_double(args[:-1]), False) + res.double())  # uncapped
+    torch.testing.assert_close(unfused(*args, [], None, res).double(), plain, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "bad,match",
     [
