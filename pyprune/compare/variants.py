@@ -9,7 +9,9 @@
   attention heads), the closest reachable model is used and the note says so;
 - ``channel-pyprune``: that same channel-pruned model with every Conv2d replaced by
   ``pyprune.nn.PrunedConv2d.from_dense``, its following eval-mode BatchNorm folded and ReLU and nn.MaxPool2d
-  fused where the fx graph shows the conv's output feeding only them;
+  fused where the fx graph shows the conv's output feeding only them, and a skip connection's add (and a
+  ReLU after it) where the conv's output feeds only an add of a same-shaped tensor (shapes from one run of
+  the example input);
 - ``csr``: the masked model converted with ``convert(layout="csr")``; ``bsr``: ``sparsify(pattern="block")`` of
   the layers whose shape tiles by ``block``, converted to BSR; ``2:4``: ``sparsify(pattern="2:4")`` then
   ``convert(layout="2:4")`` (density is fixed at 1/2, so it is built once, at level 0.5). Conv2d layers are
