@@ -249,6 +249,28 @@ def _backend_or_skip(name, args):
 @pytest.mark.triton
 @gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("name", ["3x3", "scatter_nobias", "depthwise_cl"])
+def test_gpu_residual_added_before_the_relu(backend, name):
+    # the router adds the residual after the kernel (run without its ReLU), then applies the ReLU: fp32
+    # against the float64 reference, unkept channels of a scattered output included
+    args = make_case(**{**dict(GPU_CASES)[name], "relu": True}, device="cuda")
+    _backend_or_skip(backend, args)
+    y0 = ref64(args)
+    res = torch.randn(y0.shape, device="cuda") * 2
+    if args[0].is_contiguous(memory_format=torch.channels_last):
+        res = res.contiguous(memory_format=torch.channels_last)
+    with _router.use_backend(backend), torch.backends.cudnn.flags(allow_tf32=False):
+        y = torch.ops.pyprune.pruned_conv2d(*args, [], 0.5, res)
+    want = pruned_conv2d_ref(*to_double(args), [], 0.5, res.double())
+    check_layout(y, args)
+    assert (want == 0).any() and (want == 0.5).any()
+    assert (y.double() - want).abs().max().item() <= fp32_tol(args)
+
+
+@pytest.mark.gpu
+@pytest.mark.triton
+@gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kw", [c[1] for c in GPU_CASES], ids=[c[0] for c in GPU_CASES])
 def test_gpu_matches_float64(backend, dtype, kw):
