@@ -102,6 +102,7 @@ def _pruned_conv2d_fwd_kernel(
     in_idx_ptr,
     out_idx_ptr,
     y_ptr,
+    res_ptr,
     M,
     M_BUCKET,
     H,
@@ -122,6 +123,10 @@ def _pruned_conv2d_fwd_kernel(
     stride_yc,
     stride_yh,
     stride_yw,
+    stride_rn,
+    stride_rc,
+    stride_rh,
+    stride_rw,
     CONV_SH,
     CONV_SW,
     PAD_H,
@@ -139,6 +144,7 @@ def _pruned_conv2d_fwd_kernel(
     HAS_OUT_INDEX: tl.constexpr,
     RELU: tl.constexpr,
     HAS_RELU_MAX: tl.constexpr,
+    HAS_RES: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -214,13 +220,17 @@ def _pruned_conv2d_fwd_kernel(
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + co, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    oc = co
+    if HAS_OUT_INDEX:
+        oc = tl.load(out_idx_ptr + co, mask=mask_n, other=0)
+    if HAS_RES:  # the residual at the output's element (its own strides), added before the ReLU
+        r_row = img.to(tl.int64) * stride_rn + oh.to(tl.int64) * stride_rh + ow.to(tl.int64) * stride_rw
+        r_off = r_row[:, None] + (oc.to(tl.int64) * stride_rc)[None, :]
+        acc += tl.load(res_ptr + r_off, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
     if RELU:
         acc = tl.where(acc < 0.0, 0.0, acc)  # keeps NaN, as F.relu does (tl.maximum need not)
     if HAS_RELU_MAX:
         acc = tl.where(acc > RELU_MAX, RELU_MAX, acc)  # the ReLU's cap (ReLU6); NaN stays, as in F.relu6
-    oc = co
-    if HAS_OUT_INDEX:
-        oc = tl.load(out_idx_ptr + co, mask=mask_n, other=0)
     y_row = img.to(tl.int64) * stride_yn + oh.to(tl.int64) * stride_yh + ow.to(tl.int64) * stride_yw
     y_col = oc.to(tl.int64) * stride_yc
     out = acc.to(y_ptr.dtype.element_ty)
@@ -252,6 +262,7 @@ def _pruned_conv2d_dw_kernel(
     in_idx_ptr,
     out_idx_ptr,
     y_ptr,
+    res_ptr,
     M,
     M_BUCKET,
     H,
@@ -271,6 +282,10 @@ def _pruned_conv2d_dw_kernel(
     stride_yc,
     stride_yh,
     stride_yw,
+    stride_rn,
+    stride_rc,
+    stride_rh,
+    stride_rw,
     CONV_SH,
     CONV_SW,
     PAD_H,
@@ -286,6 +301,7 @@ def _pruned_conv2d_dw_kernel(
     HAS_OUT_INDEX: tl.constexpr,
     RELU: tl.constexpr,
     HAS_RELU_MAX: tl.constexpr,
+    HAS_RES: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -328,13 +344,17 @@ def _pruned_conv2d_dw_kernel(
             acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + co, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    oc = co
+    if HAS_OUT_INDEX:
+        oc = tl.load(out_idx_ptr + co, mask=mask_c, other=0)
+    if HAS_RES:  # the residual at the output's element, added before the ReLU
+        r_row = img.to(tl.int64) * stride_rn + oh.to(tl.int64) * stride_rh + ow.to(tl.int64) * stride_rw
+        r_off = r_row[:, None] + (oc.to(tl.int64) * stride_rc)[None, :]
+        acc += tl.load(res_ptr + r_off, mask=mask_m[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
     if RELU:
         acc = tl.where(acc < 0.0, 0.0, acc)  # keeps NaN, as F.relu does (tl.maximum need not)
     if HAS_RELU_MAX:
         acc = tl.where(acc > RELU_MAX, RELU_MAX, acc)  # the ReLU's cap (ReLU6); NaN stays, as in F.relu6
-    oc = co
-    if HAS_OUT_INDEX:
-        oc = tl.load(out_idx_ptr + co, mask=mask_c, other=0)
     y_row = img.to(tl.int64) * stride_yn + oh.to(tl.int64) * stride_yh + ow.to(tl.int64) * stride_yw
     tl.store(
         y_ptr + (y_row[:, None] + (oc.to(tl.int64) * stride_yc)[None, :]),
@@ -358,12 +378,14 @@ def pruned_conv2d_triton(
     *,
     allow_tf32: bool | None = None,
     relu_max: float | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x: (N, C, H, W), any strides (NCHW and channels_last are the fast ones); weight: (C_out_kept,
     C_in_kept / groups, kh, kw); bias: (C_out_kept,) or None; in_index / out_index: int64 sorted unique channels
     or None; stride, padding, dilation: pairs of ints; relu_max: with relu, the ReLU's cap (ReLU6: 6) or
-    None. Returns y: (N, out_channels, OH, OW) in x's dtype and memory format; channels not in out_index are
-    zero.
+    None; residual: (N, out_channels, OH, OW) in x's dtype, any strides, added before the ReLU, or None.
+    Returns y: (N, out_channels, OH, OW) in x's dtype and memory format; channels not in out_index are zero
+    (with a residual: the residual through the ReLU).
 
     Checks only what the kernel needs to run; the index values are trusted (the router checks them first, see
     pyprune.ops._router). ``allow_tf32`` (fp32 only): None follows ``torch.backends.cudnn.allow_tf32``."""
@@ -388,8 +410,17 @@ def pruned_conv2d_triton(
     fmt = torch.channels_last if cl else torch.contiguous_format
     partial = out_index is not None and out_index.numel() < out_channels
     y = torch.empty((n, out_channels, oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt)
-    if partial:
+    if residual is not None and (residual.shape != y.shape or residual.dtype != x.dtype):
+        raise ValueError(
+            f"pruned_conv2d_triton: residual must be {x.dtype} {tuple(y.shape)}, got {residual.dtype} "
+            f"{tuple(residual.shape)}"
+        )
+    if partial and residual is None:
         y.zero_()  # the channels outside out_index
+    elif partial:  # the channels outside out_index: the residual through the ReLU (the kernel writes the rest)
+        y.copy_(residual)
+        if relu:
+            y.clamp_(min=0.0, max=relu_max)
     m = n * oh * ow
     if m == 0 or c_out == 0:
         return y
@@ -405,6 +436,7 @@ def pruned_conv2d_triton(
     in_idx = in_index.contiguous() if in_index is not None else x  # never read without HAS_IN_INDEX
     out_idx = out_index.contiguous() if out_index is not None else x  # never read without HAS_OUT_INDEX
     b_arg = bias.contiguous() if bias is not None else x  # never read without HAS_BIAS
+    res = residual if residual is not None else y  # never read without HAS_RES
     common = {
         "HAS_PAD": ph > 0 or pw > 0,
         "HAS_BIAS": bias is not None,
@@ -412,6 +444,7 @@ def pruned_conv2d_triton(
         "HAS_OUT_INDEX": out_index is not None,
         "RELU": bool(relu),
         "HAS_RELU_MAX": relu_max is not None,
+        "HAS_RES": residual is not None,
     }
     cap = float(relu_max) if relu_max is not None else 0.0  # (never read without HAS_RELU_MAX)
     m_bucket = triton.next_power_of_2(m)
@@ -423,9 +456,9 @@ def pruned_conv2d_triton(
                 return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_C"]),)
 
             _pruned_conv2d_dw_kernel[dw_grid](
-                x, wt, b_arg, in_idx, out_idx, y,
+                x, wt, b_arg, in_idx, out_idx, y, res,
                 m, m_bucket, h, w, oh, ow, c_out, cout_g,
-                *x.stride(), wt.stride(0), wt.stride(2), wt.stride(3), *y.stride(),
+                *x.stride(), wt.stride(0), wt.stride(2), wt.stride(3), *y.stride(), *res.stride(),
                 sh, sw, ph, pw, dh, dw, cap,
                 KH=kh, KW=kw, **common,
             )  # fmt: skip
@@ -435,9 +468,9 @@ def pruned_conv2d_triton(
                 return (groups * triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cout_g, meta["BLOCK_N"]),)
 
             _pruned_conv2d_fwd_kernel[grid](
-                x, wt, b_arg, in_idx, out_idx, y,
+                x, wt, b_arg, in_idx, out_idx, y, res,
                 m, m_bucket, h, w, oh, ow, cin_g, cout_g,
-                *x.stride(), *wt.stride(), *y.stride(),
+                *x.stride(), *wt.stride(), *y.stride(), *res.stride(),
                 sh, sw, ph, pw, dh, dw, cap,
                 KH=kh, KW=kw, X_M_MAJOR=x_m_major, Y_M_MAJOR=not cl, INPUT_PRECISION=precision, **common,
             )  # fmt: skip

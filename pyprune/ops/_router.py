@@ -622,11 +622,11 @@ def _pruned_conv2d_reference(*args):
     return pruned_conv2d_checked_ref(*args)
 
 
-def _pruned_conv2d_checked(fn, fuses_relu_max: bool = False):
+def _pruned_conv2d_checked(fn, fuses_epilogue: bool = False):
     """Runs the op's full argument checks, index values included (one device sync), before fn: a bad index
-    never reaches a kernel, which would read or write out of bounds. fn takes relu_max as a keyword when
-    ``fuses_relu_max`` (the Triton kernel); otherwise the cap is a clamp after it. A residual is added after
-    the kernel (which then leaves out the ReLU): no GPU kernel has it in its epilogue."""
+    never reaches a kernel, which would read or write out of bounds. fn takes relu_max and residual as
+    keywords when ``fuses_epilogue`` (the Triton kernel); otherwise the cap is a clamp after it, and a residual
+    is added after it (the kernel then leaves out the ReLU)."""
 
     def run(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu,
             max_pool=(), relu_max=None, residual=None):  # fmt: skip
@@ -635,12 +635,12 @@ def _pruned_conv2d_checked(fn, fuses_relu_max: bool = False):
         args = (x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation, groups, relu)
         check_args(*args, max_pool, relu_max, residual)
         check_index_values(in_index, out_index, x.shape[1], out_channels)
-        if residual is not None:
+        if fuses_epilogue:
+            y = fn(*args, relu_max=relu_max, residual=residual)
+        elif residual is not None:
             y = fn(*args[:-1], False).add_(residual)
             if relu:
                 y = y.relu_() if relu_max is None else y.clamp_(0, relu_max)
-        elif fuses_relu_max:
-            y = fn(*args, relu_max=relu_max)
         else:
             y = fn(*args)
             if relu_max is not None:  # the CUDA kernel fuses the ReLU but not its cap: one more pass over y
@@ -654,9 +654,9 @@ def _pruned_conv2d_checked(fn, fuses_relu_max: bool = False):
     return run
 
 
-def _pruned_conv2d_triton(*args, relu_max=None):
+def _pruned_conv2d_triton(*args, relu_max=None, residual=None):
     mod, _ = load_triton_kernels()
-    return mod.pruned_conv2d_triton(*args, relu_max=relu_max)
+    return mod.pruned_conv2d_triton(*args, relu_max=relu_max, residual=residual)
 
 
 def _pruned_conv2d_triton_unavailable(x, *args) -> str | None:

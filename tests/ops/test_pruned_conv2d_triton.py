@@ -178,15 +178,21 @@ def test_routed_triton_backend_fuses_relu_max(interp, monkeypatch, name):
 
 @pytest.mark.triton
 @pytest.mark.parametrize("name", ["3x3_pad", "depthwise_scatter"])
-def test_routed_residual_is_added_after_the_kernel(interp, monkeypatch, name):
-    # no GPU kernel has the residual in its epilogue: the router runs it without the ReLU, then adds the
-    # residual and applies the (capped) ReLU; the Triton kernel interpreted, and a stand-in for CUDA's
+def test_routed_residual_in_the_triton_epilogue(interp, monkeypatch, name):
+    # the Triton kernels (implicit GEMM and depthwise, interpreted) add the residual before the ReLU in their
+    # epilogue, in any memory format, and a scattered output's other channels get the residual through the
+    # ReLU; the CUDA backend's kernel runs without the ReLU and the router adds the residual after it (a
+    # stand-in kernel here)
     monkeypatch.setattr(_router, "load_triton_kernels", lambda: (interp, None))
     impl = _router.route("pruned_conv2d", _router.PRUNED_CONV2D_BACKENDS)
     args = make_case(**{**dict(CPU_CASES)[name], "relu": True})
     y0 = pruned_conv2d_ref(*args)
     res = torch.randn(y0.shape) * 2
+    if not args[0].is_contiguous(memory_format=torch.channels_last):
+        res = res.contiguous(memory_format=torch.channels_last)  # the other format than x's
     want = pruned_conv2d_ref(*to_double(args), [], 0.5, res.double())
+    if args[4] is not None:
+        assert args[4].numel() < args[5]  # (a scattered output with channels outside out_index)
     assert (want == 0.5).any() and (want == 0).any() and ((want > 0) & (want < 0.5)).any()
     with _router.use_backend("triton"), torch.backends.cudnn.flags(allow_tf32=False):
         y = impl(*args, [], 0.5, res)
