@@ -221,30 +221,7 @@ PYPRUNE_INLINE void add_residual_run(float* __restrict d, const float* __restric
 // stage rows -> y: one output channel per row, the tile's pixels through its segments.
 PYPRUNE_INLINE void store_rows(const ConvArgs& a, const float* stage, int mr, int64_t row0, const Segment* seg,
                                int ns) {
-  if (a.res) {  // y = relu?(stage + the residual where y is written)
-    const bool relu = a.relu;
-    const float cap = a.relu_max;
-    for (int r = 0; r < mr; ++r) {
-      float* yc = a.y + a.out_ch[row0 + r] * a.oC;
-      const float* src = stage + r * kNR;
-      for (int s = 0; s < ns; ++s) {
-        const Segment& sg = seg[s];
-        float* d = yc + sg.n * a.oN + (sg.oh * a.OW + sg.ow0) * a.oP;
-        const float* res = a.res + (d - a.y);
-        const int64_t oP = a.oP;
-        if (oP == 1) {
-          add_residual_run(d, src + sg.j0, nullptr, res, sg.len, relu, cap);
-          continue;
-        }
-        for (int64_t i = 0; i < sg.len; ++i) {
-          const float v = src[sg.j0 + i] + res[i * oP];
-          d[i * oP] = relu ? relu1(v, cap) : v;
-        }
-      }
-    }
-    return;
-  }
-  if (a.oC == 1 && a.out_ch[row0 + mr - 1] - a.out_ch[row0] == mr - 1) {
+  if (!a.res && a.oC == 1 && a.out_ch[row0 + mr - 1] - a.out_ch[row0] == mr - 1) {
     // channels_last, consecutive channels: each pixel's mr outputs are one short contiguous run
     for (int s = 0; s < ns; ++s) {
       const Segment& sg = seg[s];
@@ -254,16 +231,27 @@ PYPRUNE_INLINE void store_rows(const ConvArgs& a, const float* stage, int mr, in
     }
     return;
   }
+  const bool relu = a.relu;  // (with a residual: y = relu?(stage + the residual where y is written))
+  const float cap = a.relu_max;
+  const int64_t oP = a.oP;
   for (int r = 0; r < mr; ++r) {
     float* yc = a.y + a.out_ch[row0 + r] * a.oC;
     const float* src = stage + r * kNR;
     for (int s = 0; s < ns; ++s) {
       const Segment& sg = seg[s];
-      float* d = yc + sg.n * a.oN + (sg.oh * a.OW + sg.ow0) * a.oP;
-      if (a.oP == 1) {
+      float* d = yc + sg.n * a.oN + (sg.oh * a.OW + sg.ow0) * oP;
+      const float* res = a.res ? a.res + (d - a.y) : nullptr;
+      if (res && oP == 1) {
+        add_residual_run(d, src + sg.j0, nullptr, res, sg.len, relu, cap);
+      } else if (res) {
+        for (int64_t i = 0; i < sg.len; ++i) {
+          const float v = src[sg.j0 + i] + res[i * oP];
+          d[i * oP] = relu ? relu1(v, cap) : v;
+        }
+      } else if (oP == 1) {
         std::memcpy(d, src + sg.j0, sg.len * sizeof(float));
       } else {
-        for (int64_t i = 0; i < sg.len; ++i) d[i * a.oP] = src[sg.j0 + i];
+        for (int64_t i = 0; i < sg.len; ++i) d[i * oP] = src[sg.j0 + i];
       }
     }
   }
