@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import _extension, reference
 from . import _library  # noqa: F401
@@ -20,30 +19,24 @@ from ._common import call_op
 from ._router import register_cuda
 
 OP = "pyprune::pruned_conv2d"
-# the CPU kernel's direct entry (pyprune._C.pruned_conv2d_cpu), None without the extension
-_DIRECT = getattr(_extension._C, "pruned_conv2d_cpu", None) if _extension.HAS_CPP else None
+# the op called through the dispatcher from C++ (pyprune._C.pruned_conv2d), None without the extension
+_FAST = getattr(_extension._C, "pruned_conv2d", None) if _extension.HAS_CPP else None
 
 
-def _direct(*tensors) -> bool:
-    """Whether a call may go straight to the CPU kernel, skipping the dispatcher: plain eager inference on
-    CPU tensors. torch.ops' Python binding costs ~10 us a call (schema matching, boxing), against ~2.4 us for
-    the direct entry (Xeon VM, a 4->4 1x1 conv on a 2x2 map): a tenth of a channel-pruned ResNet-50's
-    forward at 0.9. Anything that watches or transforms ops (torch.compile, jit tracing, dispatch and function
-    modes such as FlopCounterMode, functorch transforms) or needs autograd keeps the op."""
-    if _DIRECT is None or torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
+def _fast(*tensors) -> bool:
+    """Whether a call may take ``pyprune._C.pruned_conv2d``: the op itself, entered through the C++
+    dispatcher below the Autograd key, so dispatch keys, modes (FlopCounterMode, FakeTensorMode), CUDA's
+    router and the profiler see it as they see torch.ops' call. torch.ops' Python binding spends ~10 us a call
+    matching and boxing the 14 arguments (Xeon VM: a 4->4 1x1 conv on a 2x2 map, 15.7 us through it, 2.9 us
+    this way), a tenth of a channel-pruned ResNet-50's forward at 0.9. Not for calls that need autograd, nor
+    under torch.compile or torch.jit tracing (which trace torch.ops) or a functorch transform."""
+    if _FAST is None or torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
         return False
-    if torch._C._are_functorch_transforms_active() or torch._C._is_torch_function_mode_enabled():
+    if torch._C._are_functorch_transforms_active():
         return False
-    if _get_current_dispatch_mode() is not None:
-        return False
-    grad = torch.is_grad_enabled()
-    for t in tensors:
-        if t is not None and (type(t) not in _PLAIN or not t.is_cpu or (grad and t.requires_grad)):
-            return False
+    if torch.is_grad_enabled():
+        return not any(t is not None and t.requires_grad for t in tensors)
     return True
-
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)  # (not subclasses such as FakeTensor)
 
 
 def pruned_conv2d(
@@ -77,11 +70,8 @@ def pruned_conv2d(
         out_channels = weight.shape[0] if out_index is None else int(out_index.max()) + 1
     args = (x, weight, bias, in_index, out_index, out_channels, pair(stride, "stride"), pair(padding, "padding"),
             pair(dilation, "dilation"), groups, relu, pool_list(max_pool), relu_max, residual)  # fmt: skip
-    if _direct(x, weight, bias, in_index, out_index, residual):
-        if torch.autograd.profiler._is_profiler_enabled:  # the op's name in a profile, as the dispatcher gives
-            with torch.profiler.record_function(OP):
-                return _DIRECT(*args)
-        return _DIRECT(*args)
+    if _fast(x, weight, bias, in_index, out_index, residual):
+        return _FAST(*args)
     return call_op(torch.ops.pyprune.pruned_conv2d.default, *args)
 
 

@@ -692,45 +692,48 @@ def test_public_function_names_bad_sizes(kwargs, match):
         pruned_conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), **kwargs)
 
 
-def test_eager_inference_skips_the_dispatcher(monkeypatch):
-    # plain eager inference on CPU calls the kernel's direct entry (pyprune._C.pruned_conv2d_cpu), with the
-    # op's result to the bit and the op's name in a profile; autograd, dispatch modes (FlopCounterMode,
-    # FakeTensorMode) and torch.compile go through the op
+def test_calls_without_autograd_take_the_c_entry(monkeypatch):
+    # a call that needs no autograd enters the op through pyprune._C.pruned_conv2d (the C++ dispatcher, below
+    # the Autograd key), with torch.ops' result to the bit; dispatch modes (FlopCounterMode, FakeTensorMode)
+    # and the profiler see the op as they do through torch.ops; autograd and torch.compile take torch.ops
     import importlib
 
+    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
     mod = importlib.import_module("pyprune.ops.pruned_conv2d")
-    if mod._DIRECT is None:
+    if mod._FAST is None:
         pytest.skip("pyprune._C not built")
     calls = []
+    fast = mod._FAST
 
     def spy(*args):
         calls.append(1)
-        return direct(*args)
+        return fast(*args)
 
-    direct = mod._DIRECT
-    monkeypatch.setattr(mod, "_DIRECT", spy)
+    monkeypatch.setattr(mod, "_FAST", spy)
     torch.manual_seed(0)
     m = PrunedConv2d.from_dense(torch.nn.Conv2d(8, 12, 3, padding=1), keep_in=[0, 2, 5, 7], relu=True)
     x, res = torch.randn(2, 8, 9, 9), torch.randn(2, 12, 9, 9)
     with torch.no_grad():
         y = m(x, res)
         assert calls == [1]
-        monkeypatch.setattr(mod, "_DIRECT", None)
+        monkeypatch.setattr(mod, "_FAST", None)
         assert torch.equal(m(x, res), y)
-        monkeypatch.setattr(mod, "_DIRECT", spy)
+        monkeypatch.setattr(mod, "_FAST", spy)
         with torch.profiler.profile() as prof:
             m(x)
-        assert len(calls) == 2 and "pyprune::pruned_conv2d" in [e.key for e in prof.key_averages()]
+        assert "pyprune::pruned_conv2d" in [e.key for e in prof.key_averages()]
         with FlopCounterMode(display=False) as counter:
             m(x)
         assert counter.get_total_flops() == 2 * 12 * 4 * 9 * 2 * 81
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
         with FakeTensorMode(allow_non_fake_inputs=True) as fake:
             assert m(fake.from_tensor(x)).shape == (2, 12, 9, 9)
+        assert len(calls) == 4  # all of them through the C entry
         torch.testing.assert_close(torch.compile(m, fullgraph=True, backend="eager")(x), m(x))
         n = len(calls)
     y = m(x)  # grad mode, a weight that requires grad: autograd's path
     assert len(calls) == n and y.grad_fn is not None
+    with pytest.raises(ValueError, match="'residual'"):  # the op's checks, through the C entry too
+        with torch.no_grad():
+            m(x, torch.randn(2, 12, 9, 8))
