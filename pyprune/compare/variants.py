@@ -308,12 +308,13 @@ _ADDS = {("call_function", operator.add), ("call_function", operator.iadd), ("ca
 
 
 def _residual_of(node, out, shapes: dict):
-    """The other operand when ``node`` adds a same-shaped tensor to ``out`` (a skip connection: a plain
-    two-operand add, no alpha, no broadcast), else None."""
+    """The other operand when ``node`` adds a same-shaped activation to ``out`` (a skip connection: a plain
+    two-operand add, no alpha, no broadcast, not a module attribute), else None."""
     if (node.op, node.target) not in _ADDS or node.kwargs or len(node.args) != 2 or out not in node.args:
         return None
     other = node.args[1] if node.args[0] is out else node.args[0]
-    if not isinstance(other, torch.fx.Node) or other is out:
+    # (a module attribute, such as a learned (1, C, H, W) table, matches the shape only at the example's batch)
+    if not isinstance(other, torch.fx.Node) or other is out or other.op == "get_attr":
         return None
     if out not in shapes or shapes.get(other) != shapes[out] or shapes.get(node) != shapes[out]:
         return None

@@ -160,7 +160,8 @@ def test_fuse_pruned_convs_fuses_a_max_pool_after_bn_and_relu():
 class _Blocks(nn.Module):
     """Skip connections: conv -> BN -> (+ x) -> ReLU (a ResNet block's end; fused), x + conv (MobileNetV2's,
     the residual first and no ReLU; fused), a conv whose output is added to a (C, 1, 1) tensor (a broadcast:
-    not a skip connection) and a conv added to itself (no other operand)."""
+    not a skip connection), a conv added to itself (no other operand) and one added to a (1, C, H, W) table
+    (the output's shape at batch 1 only: not fused)."""
 
     def __init__(self):
         super().__init__()
@@ -169,27 +170,29 @@ class _Blocks(nn.Module):
         self.conv3 = nn.Conv2d(8, 8, 1)
         self.shift = nn.Parameter(torch.randn(8, 1, 1))
         self.conv4 = nn.Conv2d(8, 8, 1)
+        self.conv5 = nn.Conv2d(8, 8, 1)
+        self.table = nn.Parameter(torch.randn(1, 8, 9, 9))
 
     def forward(self, x):
         y = torch.relu(self.bn1(self.conv1(x)) + x)
         y = y + self.conv2(y)
         y = self.conv3(y) + self.shift
         z = self.conv4(y)
-        return z + z
+        return self.conv5(z + z) + self.table
 
 
 def test_fuse_pruned_convs_fuses_skip_connections_given_an_example():
     torch.manual_seed(0)
     net = _Blocks().eval()
     net.bn1.running_mean.uniform_(-0.5, 0.5)
-    for fmt in (torch.contiguous_format, torch.channels_last):
-        x = torch.randn(2, 8, 9, 9).contiguous(memory_format=fmt)
+    for fmt, batch in ((torch.contiguous_format, 2), (torch.channels_last, 1)):
+        x = torch.randn(batch, 8, 9, 9).contiguous(memory_format=fmt)
         fused, counts = fuse_pruned_convs(net, (x,))
-        assert counts == {"conv": 4, "bn": 1, "relu": 1, "pool": 0, "residual": 2, "skipped": 0, "why": ""}
+        assert counts == {"conv": 5, "bn": 1, "relu": 1, "pool": 0, "residual": 2, "skipped": 0, "why": ""}
         called = [n.target for n in fused.graph.nodes if n.op == "call_module"]
-        assert called == ["conv1", "conv2", "conv3", "conv4"]
+        assert called == ["conv1", "conv2", "conv3", "conv4", "conv5"]
         adds = [n for n in fused.graph.nodes if n.op == "call_function" and "add" in str(n.target)]
-        assert len(adds) == 2  # the broadcast and the self-add stay
+        assert len(adds) == 3  # the broadcast, the self-add and the table stay
         with torch.no_grad():
             torch.testing.assert_close(fused(x), net(x), rtol=1e-4, atol=1e-5)
         assert fused(x).is_contiguous(memory_format=fmt)
