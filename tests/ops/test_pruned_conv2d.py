@@ -12,7 +12,7 @@ import pyprune
 from pyprune.nn import PrunedConv2d
 from pyprune.ops import pruned_conv2d
 from pyprune.ops.pruned_conv2d import pruned_conv2d_checked_ref
-from pyprune.reference import pruned_conv2d_ref
+from pyprune.reference import _memory_format, pruned_conv2d_ref
 
 OP = torch.ops.pyprune.pruned_conv2d
 
@@ -176,6 +176,29 @@ def test_bad_residuals_are_named(what):
                                        residual=res)):  # fmt: skip
         with pytest.raises((ValueError, TypeError), match="'residual'"):
             call()
+
+
+@pytest.mark.parametrize("c_in, c_out", [(1, 1), (15, 2), (17, 1), (32, 3), (40, 4), (15, 4)])
+@pytest.mark.parametrize("keep", ["all", "run", "scattered"])
+def test_one_to_four_output_channels_on_channels_last(c_in, c_out, keep):
+    # stride-1 1x1 convs on channels_last x with 1-2 outputs (3-4 from 32 inputs) and a run of kept inputs
+    # take pixels as lanes: whole and masked 16-channel chunks, a partial last block of pixels (7x7 maps), a
+    # bias, residual and capped ReLU per pixel, scattered outputs; 15->4 and scattered inputs keep the tiles
+    gen = torch.Generator().manual_seed(c_in + c_out)
+    x = torch.randn(2, c_in + 3, 7, 7, generator=gen).contiguous(memory_format=torch.channels_last)
+    ii = {"all": None, "run": torch.arange(2, 2 + c_in),
+          "scattered": torch.sort(torch.randperm(c_in + 3, generator=gen)[:c_in]).values}[keep]  # fmt: skip
+    if keep == "all":
+        x = x[:, :c_in].contiguous(memory_format=torch.channels_last)
+    w = torch.randn(c_out, c_in, 1, 1, generator=gen)
+    b = torch.randn(c_out, generator=gen)
+    oi = torch.arange(1, 1 + c_out)
+    res = torch.randn(2, c_out + 2, 7, 7, generator=gen)
+    for args, extra in (((x, w, b, ii, None, c_out, [1, 1], [0, 0], [1, 1], 1, False), ([], None, None)),
+                        ((x, w, None, ii, oi, c_out + 2, [1, 1], [0, 0], [1, 1], 1, True), ([], 0.5, res))):  # fmt: skip
+        y = OP(*args, *extra)
+        assert y.is_contiguous(memory_format=_memory_format(x))  # (x of one channel counts as NCHW)
+        torch.testing.assert_close(y, pruned_conv2d_ref(*args, *extra), rtol=1e-4, atol=1e-4)
 
 
 # depthwise (C, kernel, stride, padding, dilation, side, batch): 3x3 (weights in registers, interior pixels in
