@@ -18,10 +18,11 @@
 //   with at most 32 output channels 14-pixel runs addressed from one pointer (cl_micro's RUN). kxk tiles whose
 //   windows lie inside x take one pointer per pixel and one loop over every tap (cl_micro's WIN). Such 1x1 convs
 //   with one or two output channels (up to four from 32 inputs) take pixels as the lanes instead (few_out_units).
-// The epilogue adds the bias (and a residual), applies the ReLU and writes each row to its output channel (out_index) in NCHW or
-// channels_last. Depthwise convs take vectors over channels on channels_last x (and on NCHW x restaged, for
-// rows under 128 pixels; dw_cl_units); other convs with one input channel per group a direct stencil loop. An
-// optional max pool (max_pool) runs over the finished output in a second parallel pass (pool_units).
+// The epilogue adds the bias (and a residual), applies the ReLU and writes each row to its output channel
+// (out_index) in NCHW or channels_last. Depthwise convs take vectors over channels on channels_last x (and on
+// NCHW x restaged, for rows under 128 pixels; dw_cl_units); other convs with one input channel per group a
+// direct stencil loop. An optional max pool (max_pool) runs over the finished output in a second parallel pass
+// (pool_units).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 

@@ -194,8 +194,9 @@ def test_one_to_four_output_channels_on_channels_last(c_in, c_out, keep):
     b = torch.randn(c_out, generator=gen)
     oi = torch.arange(1, 1 + c_out)
     res = torch.randn(2, c_out + 2, 7, 7, generator=gen)
-    for args, extra in (((x, w, b, ii, None, c_out, [1, 1], [0, 0], [1, 1], 1, False), ([], None, None)),
-                        ((x, w, None, ii, oi, c_out + 2, [1, 1], [0, 0], [1, 1], 1, True), ([], 0.5, res))):  # fmt: skip
+    plain = (x, w, b, ii, None, c_out, [1, 1], [0, 0], [1, 1], 1, False)
+    scattered = (x, w, None, ii, oi, c_out + 2, [1, 1], [0, 0], [1, 1], 1, True)
+    for args, extra in ((plain, ([], None, None)), (scattered, ([], 0.5, res))):
         y = OP(*args, *extra)
         assert y.is_contiguous(memory_format=_memory_format(x))  # (x of one channel counts as NCHW)
         torch.testing.assert_close(y, pruned_conv2d_ref(*args, *extra), rtol=1e-4, atol=1e-4)
