@@ -1198,15 +1198,21 @@ PYPRUNE_INLINE void few_out_block(const ConvArgs& a, int64_t p0, int64_t n) {
   }
   alignas(64) float out[O][kLanes];
   for (int o = 0; o < O; ++o) store16(out[o], acc[o]);
+  // the settings as locals: read through `a` they were reloaded after every store (which may alias it)
   const bool relu = a.relu;
   const float cap = a.relu_max;
+  float* const y = a.y;
+  const float* const res = a.res;
+  const int64_t oP = a.oP;
+  int64_t off[O];
+  float bias[O];
+  for (int o = 0; o < O; ++o) off[o] = a.out_ch[o] * a.oC, bias[o] = a.bias ? a.bias[o] : 0.f;
   for (int64_t i = 0; i < n; ++i) {
-    float* d = a.y + (p0 + i) * a.oP;
+    const int64_t q = (p0 + i) * oP;
     for (int o = 0; o < O; ++o) {
-      float* e = d + a.out_ch[o] * a.oC;
-      float v = out[o][i] + (a.bias ? a.bias[o] : 0.f);
-      if (a.res) v += a.res[e - a.y];
-      *e = relu ? relu1(v, cap) : v;
+      float v = out[o][i] + bias[o];
+      if (res) v += res[q + off[o]];
+      y[q + off[o]] = relu ? relu1(v, cap) : v;
     }
   }
 }
@@ -1584,6 +1590,12 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
     return y;
   }
 
+  if (has_res && (x.size(0) == 0 || c_out == 0 || c_in == 0)) {  // the residual through the other cases
+    at::Tensor y0 = conv_forward(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation,
+                                 groups, false, relu_max, at::Tensor());
+    add_residual(y0, rc, relu, relu_max);
+    return y0;
+  }
   at::Tensor xc = x.is_contiguous() || channels_last ? x : x.contiguous();
   at::Tensor wc = weight.contiguous();
   at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -1603,12 +1615,6 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
     at::Tensor c = out_index->contiguous();
     out_ids.assign(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
     if (c_out < out_channels) zero_unwritten(y, out_ids, channels_last);
-  }
-  if (has_res && (x.size(0) == 0 || c_out == 0 || c_in == 0)) {  // the residual through the other cases
-    at::Tensor y0 = conv_forward(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation,
-                                 groups, false, relu_max, at::Tensor());
-    add_residual(y0, rc, relu, relu_max);
-    return y0;
   }
   if (x.size(0) == 0 || c_out == 0) return y;
   if (c_in == 0) {  // no input channel kept: every output is the bias (or zero), through the ReLU
