@@ -13,30 +13,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .. import _extension, reference
+from .. import reference
 from . import _library  # noqa: F401
 from ._common import call_op
 from ._router import register_cuda
 
 OP = "pyprune::pruned_conv2d"
-# the op called through the dispatcher from C++ (pyprune._C.pruned_conv2d), None without the extension
-_FAST = getattr(_extension._C, "pruned_conv2d", None) if _extension.HAS_CPP else None
-
-
-def _fast(*tensors) -> bool:
-    """Whether a call may take ``pyprune._C.pruned_conv2d``: the op itself, entered through the C++
-    dispatcher below the Autograd key, so dispatch keys, modes (FlopCounterMode, FakeTensorMode), CUDA's
-    router and the profiler see it as they see torch.ops' call. torch.ops' Python binding spends ~10 us a call
-    matching and boxing the 14 arguments (Xeon VM: a 4->4 1x1 conv on a 2x2 map, 15.7 us through it, 2.9 us
-    this way), a tenth of a channel-pruned ResNet-50's forward at 0.9. Not for calls that need autograd, nor
-    under torch.compile or torch.jit tracing (which trace torch.ops) or a functorch transform."""
-    if _FAST is None or torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
-        return False
-    if torch._C._are_functorch_transforms_active():
-        return False
-    if torch.is_grad_enabled():
-        return not any(t is not None and t.requires_grad for t in tensors)
-    return True
 
 
 def pruned_conv2d(
@@ -70,8 +52,6 @@ def pruned_conv2d(
         out_channels = weight.shape[0] if out_index is None else int(out_index.max()) + 1
     args = (x, weight, bias, in_index, out_index, out_channels, pair(stride, "stride"), pair(padding, "padding"),
             pair(dilation, "dilation"), groups, relu, pool_list(max_pool), relu_max, residual)  # fmt: skip
-    if _fast(x, weight, bias, in_index, out_index, residual):
-        return _FAST(*args)
     return call_op(torch.ops.pyprune.pruned_conv2d.default, *args)
 
 
