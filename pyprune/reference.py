@@ -130,6 +130,19 @@ def bsr_conv2d_ref(
     return _tap_major_conv2d(x, w, kernel_size, bias, stride, padding, dilation)
 
 
+def conv2d_weight(x: Tensor, weight_shape, grad: Tensor, stride, padding, dilation, groups: int = 1) -> Tensor:
+    """``torch.nn.grad.conv2d_weight``, except for unpadded 1x1 convs of one group: there the gradient over the
+    pixels the conv reads (x[:, :, ::sh, ::sw] cropped to the output), as one contraction. ATen 2.13's CPU
+    route for a strided 1x1 conv on channels_last fp32 x corrupts the heap on some small shapes (x (3, 4, 16,
+    16), 3 output channels, stride 2, 2 threads: a segfault or glibc abort within 300 calls; no crash with
+    NCHW x or oneDNN disabled), and every pyprune backward that takes a weight gradient comes here."""
+    if tuple(weight_shape[2:]) == (1, 1) and tuple(padding) == (0, 0) and groups == 1 and x.dim() == 4:
+        oh, ow = grad.shape[2:]
+        xs = x[:, :, :: stride[0], :: stride[1]][:, :, :oh, :ow]
+        return torch.einsum("nohw,nchw->oc", grad, xs).reshape(weight_shape)
+    return torch.nn.grad.conv2d_weight(x, weight_shape, grad, stride, padding, dilation, groups)
+
+
 def _conv2d_weight_sampled_ref(
     x: Tensor,
     grad: Tensor,
@@ -143,7 +156,7 @@ def _conv2d_weight_sampled_ref(
     """The gradient of conv2d's weight given the output's gradient grad, as the tap-major (C_out, kh*kw*C_in)
     matrix, read at the entries (rows[e], cols[e])."""
     out_channels, c_in = grad.shape[1], x.shape[1]
-    gw = torch.nn.grad.conv2d_weight(x, (out_channels, c_in, *kernel_size), grad, stride, padding, dilation)
+    gw = conv2d_weight(x, (out_channels, c_in, *kernel_size), grad, stride, padding, dilation)
     return gw.permute(0, 2, 3, 1).reshape(out_channels, -1)[rows, cols]
 
 

@@ -1,8 +1,9 @@
 """The references on hand-computed cases (the 2:4 one lives in tests/ops/test_sparse24_linear.py)."""
 
+import pytest
 import torch
 
-from pyprune.reference import bsr_linear_ref, csr_conv2d_ref, csr_linear_ref, pruned_conv2d_ref
+from pyprune.reference import bsr_linear_ref, conv2d_weight, csr_conv2d_ref, csr_linear_ref, pruned_conv2d_ref
 
 
 def test_csr_linear_ref_hand_computed():
@@ -58,3 +59,53 @@ def test_conv_references_without_channels():
     crow, col = torch.zeros(1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32)
     y = csr_conv2d_ref(x, crow, col, torch.zeros(0), 0, [3, 3], None, [2, 2], [1, 1], [1, 1])
     assert y.shape == (2, 0, 3, 3)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(
+    "shape,kernel,stride,padding,groups",
+    [
+        ((3, 4, 16, 16), 1, 2, 0, 1),
+        ((2, 6, 15, 9), 1, 3, 0, 1),
+        ((2, 6, 8, 8), 1, 1, 0, 1),
+        ((1, 5, 7, 7), 1, (2, 1), 0, 1),
+        ((2, 6, 9, 9), 3, 2, 1, 1),
+        ((2, 6, 9, 9), 1, 2, 1, 1),
+        ((2, 6, 9, 9), 1, 2, 0, 3),
+    ],
+)
+def test_conv2d_weight_matches_aten(channels_last, shape, kernel, stride, padding, groups):
+    # 1x1 unpadded single-group convs take a contraction over the pixels the conv reads; the rest ATen's
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=fmt)
+    stride, padding = torch.nn.modules.utils._pair(stride), torch.nn.modules.utils._pair(padding)
+    w_shape = (4 * groups, shape[1] // groups, kernel, kernel)
+    oh, ow = ((s + 2 * p - kernel) // st + 1 for s, p, st in zip(shape[2:], padding, stride))
+    grad = torch.randn(shape[0], w_shape[0], oh, ow, dtype=torch.float64).contiguous(memory_format=fmt)
+    expected = torch.nn.grad.conv2d_weight(x, w_shape, grad, stride, padding, (1, 1), groups)
+    got = conv2d_weight(x, w_shape, grad, stride, padding, (1, 1), groups)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected)
+
+
+def test_strided_1x1_weight_gradient_on_channels_last_does_not_crash():
+    # ATen 2.13's CPU weight gradient of this conv (channels_last fp32 x, 1x1, stride 2) corrupted the heap
+    # within 300 calls at 2 threads; pruned_conv2d's backward goes through reference.conv2d_weight instead.
+    # In a subprocess: a corrupted heap would take the test run down with it.
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, importlib\n"
+        "pc = importlib.import_module('pyprune.ops.pruned_conv2d').pruned_conv2d\n"
+        "torch.set_num_threads(2); torch.manual_seed(0)\n"
+        "for _ in range(300):\n"
+        "    x = torch.randn(3, 4, 16, 16).contiguous(memory_format=torch.channels_last).requires_grad_()\n"
+        "    w = torch.randn(3, 4, 1, 1, requires_grad=True)\n"
+        "    y = pc(x, w, stride=2)\n"
+        "    torch.autograd.grad(y, [x, w], torch.randn_like(y))\n"
+        "print('ok')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", (run.returncode, run.stderr[-2000:])

@@ -12,7 +12,8 @@ density, past which ATen's route (``torch.nn.grad.conv2d_input`` on the densifie
 (torch.compile), strided kxk convs take ATen's route too (a phase's count of entries depends on the indices'
 values, which a traced graph cannot hold). The stored values' gradient is computed at the stored positions alone (the private op ``_conv2d_weight_sampled``,
 csrc/cpu/conv2d_weight_sampled.cpp) on the CPU in fp32 when at most a tenth of the weight is stored;
-otherwise it is the dense weight gradient (``torch.nn.grad.conv2d_weight``) sampled there.
+otherwise it is the dense weight gradient (``reference.conv2d_weight``: ATen's, or one contraction for 1x1
+convs) sampled there.
 """
 
 from __future__ import annotations
@@ -381,7 +382,7 @@ def dense_weight_grad(x: Tensor, grad: Tensor, conv) -> Tensor:
     """ATen's weight gradient as the tap-major (out_channels, kh*kw*C_in) matrix."""
     out_channels, kernel_size, stride, padding, dilation = conv
     w_shape = (out_channels, x.shape[1], *kernel_size)
-    gw = torch.nn.grad.conv2d_weight(x, w_shape, grad, stride, padding, dilation)
+    gw = reference.conv2d_weight(x, w_shape, grad, stride, padding, dilation)
     return gw.permute(0, 2, 3, 1).reshape(out_channels, -1)
 
 

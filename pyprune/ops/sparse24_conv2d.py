@@ -12,8 +12,8 @@ ATen's conv on the decoded weight. On CUDA the patches are built (F.unfold) and 
 sparse24_linear's GPU route.
 
 Backward: the input gradient and the kept values' gradient (the dense weight gradient sampled at the kept
-positions) go through ``torch.nn.grad.conv2d_input`` / ``conv2d_weight`` on the decoded weight, so training
-costs dense time; only the forward is sparse.
+positions) go through ``torch.nn.grad.conv2d_input`` / ``reference.conv2d_weight`` on the decoded weight, so
+training costs dense time; only the forward is sparse.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def _backward(ctx, grad):
     if ctx.needs_input_grad[0]:
         grad_x = torch.nn.grad.conv2d_input(x.shape, w, grad, stride, padding, dilation)
     if ctx.needs_input_grad[1]:
-        gw = torch.nn.grad.conv2d_weight(x, w.shape, grad, stride, padding, dilation)
+        gw = reference.conv2d_weight(x, w.shape, grad, stride, padding, dilation)
         grad_values = kept_entries(gw.permute(0, 2, 3, 1).reshape(out_channels, -1), meta)  # tap-major
     if ctx.has_bias and ctx.needs_input_grad[5]:
         grad_b = grad.sum((0, 2, 3))

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import pyprune
+from pyprune import reference
 from pyprune._extension import HAS_CPP
 from pyprune.nn.sparse_conv2d import tap_major
 from pyprune.ops import csr_conv2d
@@ -249,15 +250,15 @@ def test_input_grad_over_random_geometries(monkeypatch):
 def values_grad_check(op, args, w, monkeypatch, sampled, sample):
     """The values' gradient of op(*args) against F.conv2d's weight gradient in float64, read by
     ``sample(dense tap-major gradient)``, and whether it went through the sampled kernel (``sampled``) or
-    ATen's dense weight gradient."""
+    the dense weight gradient (reference.conv2d_weight)."""
     x, stride, padding, dilation = args[0], args[7], args[8], args[9]
     values = args[3].detach().requires_grad_()
     y = op(x, *args[1:3], values, *args[4:])
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
     dense_calls = []
-    conv2d_weight = torch.nn.grad.conv2d_weight
+    conv2d_weight = reference.conv2d_weight
     monkeypatch.setattr(
-        torch.nn.grad, "conv2d_weight", lambda *a, **k: dense_calls.append(1) or conv2d_weight(*a, **k)
+        reference, "conv2d_weight", lambda *a, **k: dense_calls.append(1) or conv2d_weight(*a, **k)
     )
     (gv,) = torch.autograd.grad(y, values, g)
     wd = w.double().requires_grad_()
