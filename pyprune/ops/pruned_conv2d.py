@@ -8,6 +8,7 @@ as one op: ATen's NCHW max pool runs an order of magnitude slower than the CPU k
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -60,8 +61,11 @@ def pair(v, name: str) -> list[int] | tuple[int, int]:
         return [v, v]
     if type(v) in (tuple, list) and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:
         return v  # the common case, checked without a copy (a module's stride is a tuple)
-    items = list(v) if isinstance(v, Sequence) else None
-    if items is None or len(items) != 2 or not all(isinstance(i, int) for i in items):
+    try:  # a numpy or 0-d tensor integer, or a pair of them (as F.conv2d takes)
+        items = [operator.index(v)] * 2 if not isinstance(v, Sequence) else [operator.index(i) for i in v]
+    except TypeError:
+        items = None
+    if items is None or len(items) != 2:
         raise ValueError(f"pruned_conv2d: argument '{name}' must be an int or a pair of ints, got {v!r}")
     return items
 

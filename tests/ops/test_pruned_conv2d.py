@@ -714,3 +714,15 @@ def test_gpu_routes_pool_after_their_kernel():
 def test_public_function_names_bad_sizes(kwargs, match):
     with pytest.raises(ValueError, match=match):
         pruned_conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), **kwargs)
+
+
+def test_numpy_and_tensor_integers_are_sizes():
+    # as F.conv2d takes them: numpy integers (a tuple of an array's items) and 0-d integer tensors
+    import numpy as np
+
+    x, w = torch.randn(1, 3, 9, 9), torch.randn(4, 3, 3, 3)
+    want = F.conv2d(x, w, None, 2, 1)
+    got = pruned_conv2d(x, w, stride=tuple(np.array([2, 2])), padding=np.int64(1), dilation=torch.tensor(1))
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="'stride' must be an int or a pair of ints"):
+        pruned_conv2d(x, w, stride=(2.0, 2))
