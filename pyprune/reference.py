@@ -131,15 +131,19 @@ def bsr_conv2d_ref(
 
 
 def conv2d_weight(x: Tensor, weight_shape, grad: Tensor, stride, padding, dilation, groups: int = 1) -> Tensor:
-    """``torch.nn.grad.conv2d_weight``, except for unpadded 1x1 convs of one group: there the gradient over the
-    pixels the conv reads (x[:, :, ::sh, ::sw] cropped to the output), as one contraction. ATen 2.13's CPU
-    route for a strided 1x1 conv on channels_last fp32 x corrupts the heap on some small shapes (x (3, 4, 16,
-    16), 3 output channels, stride 2, 2 threads: a segfault or glibc abort within 300 calls; no crash with
-    NCHW x or oneDNN disabled), and every pyprune backward that takes a weight gradient comes here."""
-    if tuple(weight_shape[2:]) == (1, 1) and tuple(padding) == (0, 0) and groups == 1 and x.dim() == 4:
-        oh, ow = grad.shape[2:]
+    """``torch.nn.grad.conv2d_weight``, except for unpadded 1x1 convs: there the gradient over the pixels the
+    conv reads (x[:, :, ::sh, ::sw] cropped to the output), one contraction per group. ATen 2.13's CPU route
+    for a strided 1x1 conv on channels_last fp32 x corrupts the heap when a group has fewer than 16 input
+    channels (x (3, 4, 16, 16), 3 output channels, stride 2, 2 threads: a segfault or glibc abort within 300
+    calls; none with NCHW x, 16 inputs or oneDNN disabled; oneDNN issue 6035, the 1x1 weight-gradient kernel
+    writing past its reduce-to-unit-stride buffer), and every pyprune backward that takes a weight gradient
+    comes here."""
+    if tuple(weight_shape[2:]) == (1, 1) and tuple(padding) == (0, 0) and x.dim() == 4:
+        n, oh, ow = grad.shape[0], grad.shape[2], grad.shape[3]
         xs = x[:, :, :: stride[0], :: stride[1]][:, :, :oh, :ow]
-        return torch.einsum("nohw,nchw->oc", grad, xs).reshape(weight_shape)
+        xs = xs.reshape(n, groups, x.shape[1] // groups, oh, ow)
+        g = grad.reshape(n, groups, grad.shape[1] // groups, oh, ow)
+        return torch.einsum("ngohw,ngchw->goc", g, xs).reshape(weight_shape)
     return torch.nn.grad.conv2d_weight(x, weight_shape, grad, stride, padding, dilation, groups)
 
 

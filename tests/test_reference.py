@@ -72,10 +72,12 @@ def test_conv_references_without_channels():
         ((2, 6, 9, 9), 3, 2, 1, 1),
         ((2, 6, 9, 9), 1, 2, 1, 1),
         ((2, 6, 9, 9), 1, 2, 0, 3),
+        ((2, 6, 8, 8), 1, 2, 0, 6),
+        ((2, 6, 9, 9), 3, 2, 1, 2),
     ],
 )
 def test_conv2d_weight_matches_aten(channels_last, shape, kernel, stride, padding, groups):
-    # 1x1 unpadded single-group convs take a contraction over the pixels the conv reads; the rest ATen's
+    # unpadded 1x1 convs take one contraction per group over the pixels the conv reads; the rest ATen's
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=fmt)
