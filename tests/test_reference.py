@@ -77,7 +77,8 @@ def test_conv_references_without_channels():
     ],
 )
 def test_conv2d_weight_matches_aten(channels_last, shape, kernel, stride, padding, groups):
-    # unpadded 1x1 convs take one contraction per group over the pixels the conv reads; the rest ATen's
+    # strided unpadded 1x1 convs on x that is not NCHW-contiguous take one product per group over the pixels
+    # the conv reads; the rest ATen's
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=fmt)
