@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from .. import _extension, reference
 from .._extension import HAS_CPP
@@ -36,6 +37,8 @@ def call_op(op, *args):
     through torch.ops; with grad mode off below the Autograd key, as ATen's own ops run there: the autograd
     kernel that ``torch.library.register_autograd`` installs is Python and costs some 6 us a call even when
     it only passes the call on."""
+    if fwAD._current_level >= 0:  # a forward-mode AD level is open
+        _check_no_tangent(op, args)
     entry = C_ENTRIES.get(op)
     if entry is not None and _entry_ok(args):
         return entry(*args)
@@ -43,6 +46,23 @@ def call_op(op, *args):
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
+
+
+def _check_no_tangent(op, args) -> None:
+    """pyprune's ops have no forward-mode derivative: a tangent on an argument raises instead of being dropped
+    (the autograd kernel of ``torch.library.register_autograd`` returned the output without one, and
+    torch.func.jvp a zero tangent)."""
+    functorch = torch._C._functorch
+    it = functorch.peek_interpreter_stack()
+    jvp = it is not None and it.key() == functorch.TransformType.Jvp
+    for a in args:
+        if not isinstance(a, torch.Tensor):
+            continue
+        if fwAD.unpack_dual(a).tangent is not None or (jvp and functorch.is_functorch_wrapped_tensor(a)):
+            raise NotImplementedError(
+                f"{op.name()}: forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) is not "
+                "implemented; use reverse mode (backward or torch.autograd.grad)"
+            )
 
 
 def _entry_ok(args) -> bool:

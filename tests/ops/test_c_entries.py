@@ -110,6 +110,19 @@ def test_autograd_compile_and_torch_function_take_torch_ops(spy, name):
         assert len(calls) == 1
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_mode_ad_raises_instead_of_dropping_the_tangent(name):
+    import torch.autograd.forward_ad as fwAD
+
+    m, x = _module(name)
+    with torch.no_grad(), fwAD.dual_level():
+        with pytest.raises(NotImplementedError, match=f"pyprune::{name}: forward-mode AD"):
+            m(fwAD.make_dual(x, torch.randn_like(x)))
+        torch.testing.assert_close(m(x), m(x.clone()))  # a level open, no tangent on the op's arguments
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(m, (x,), (torch.randn_like(x),))
+
+
 def test_flop_counter_sees_pruned_conv2d_through_the_entry(spy):
     m, x = _module("pruned_conv2d")
     calls = spy("pruned_conv2d")
