@@ -12,18 +12,16 @@ from .. import _extension, reference
 from .._extension import HAS_CPP
 from . import _library  # noqa: F401  (the schemas, before torch.ops.pyprune is looked up below)
 
-# op -> its typed C++ entry in pyprune._C (csrc/module.cpp), for every public op; empty without the extension
-C_ENTRIES = (
-    {
-        getattr(torch.ops.pyprune, name).default: getattr(_extension._C, name)
-        for name in (
-            "csr_linear", "bsr_linear", "sparse24_linear", "csr_conv2d", "bsr_conv2d", "sparse24_conv2d",
-            "pruned_conv2d",
-        )
-    }  # fmt: skip
-    if HAS_CPP
-    else {}
-)
+# op -> its typed C++ entry in pyprune._C (csrc/module.cpp), for every public op; none without the extension,
+# and none for an op that an older build of it lacks (its calls go through torch.ops)
+_ENTRY_NAMES = (
+    "csr_linear", "bsr_linear", "sparse24_linear", "csr_conv2d", "bsr_conv2d", "sparse24_conv2d", "pruned_conv2d",
+)  # fmt: skip
+C_ENTRIES = {
+    getattr(torch.ops.pyprune, name).default: getattr(_extension._C, name)
+    for name in _ENTRY_NAMES
+    if HAS_CPP and hasattr(_extension._C, name)
+}
 
 
 def call_op(op, *args):
