@@ -3,8 +3,8 @@
 //
 // Implicit GEMM per group: Y_g (C_out_g x pixels) = W_g (C_out_g x K_g) * X_g (K_g x pixels), K_g = C_in_g * kh * kw.
 // The gather is fused everywhere: kept channels are read through the index, and x[:, in_index] never exists as
-// a separate tensor (on NCHW x, the pixels-as-rows tiles of stride-1 kxk convs of >= 16 Mi multiply-adds
-// restage the kept channels as channels_last first, the gather done by the same pass).
+// a separate tensor (on NCHW x, the pixels-as-rows tiles of kxk convs of >= 16 Mi multiply-adds, stride 1 or
+// from 128 kept inputs, restage the kept channels as channels_last first, the gather done by the same pass).
 // Two orientations:
 // - Vectors over output pixels (NCHW, larger maps): 64 pixels per tile (pixels of consecutive images share a
 //   tile), weights broadcast straight from their rows (one broadcast feeds 4 FMAs, no weight packing), register
@@ -40,6 +40,7 @@
 #include "pyprune/check.h"
 #include "pyprune/cpu_features.h"
 #include "pyprune/derived_cache.h"
+#include "pyprune/scratch.h"
 #include "pyprune/token_tiles.h"
 
 namespace pyprune {
@@ -304,11 +305,11 @@ PYPRUNE_INLINE void gemm_units(const ConvArgs& a, int64_t u0, int64_t u1) {
   const bool direct_ok = a.KH == 1 && a.KW == 1 && a.SH == 1 && a.SW == 1 && a.PH == 0 && a.PW == 0 &&
                          a.sW == 1 && a.sH == a.W;
   // im2col tile (every lane micro reads is written by pack_tile first) and the store stage: not cleared
-  const std::unique_ptr<float[]> storage(new float[(a.staged ? 0 : a.Kg * kNR) + kMR * kNR + 32]);
-  float* buf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(storage.get()) + 63) & ~uintptr_t(63));
+  const Scratch storage(kScratchTile, (a.staged ? 0 : a.Kg * kNR) + kMR * kNR);
+  float* buf = storage.get();
   float* stage = buf + (a.staged ? 0 : a.Kg * kNR);
   // staged path: this range's band of the current image's planes (rows band_r0 ..), plane stride band_ld
-  std::unique_ptr<float[]> band;
+  Scratch band;
   int64_t band_size = 0, band_n = -1, band_r0 = 0, band_ld = 0;
   const int64_t t_lo = u0 / a.n_slices / a.G, t_hi = (u1 - 1) / a.n_slices / a.G;  // this range's tiles
   std::vector<const float*> brow(std::max<int64_t>(a.Kg, 1));
@@ -333,7 +334,7 @@ PYPRUNE_INLINE void gemm_units(const ConvArgs& a, int64_t u0, int64_t u1) {
           if (band_ld % 1024 == 0) band_ld += kLanes;  // planes 4 KiB apart would share L1 sets
           if (a.G * a.Cig * band_ld > band_size) {
             band_size = a.G * a.Cig * band_ld;
-            band.reset(new float[band_size]);
+            band = Scratch(kScratchBand, band_size);
           }
           stage_band(a, n, band_r0, r1, band.get(), band_ld);
           band_n = n;
@@ -1688,21 +1689,21 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
   // @14 0.27-0.40x, 144 @56 stride 2 (28-pixel rows) 0.76x, but 56-pixel rows 1.12-1.32x and 112 2.25x; with
   // the rows transposed in the kernel (each variant in its own process, 5 alternating runs), 144 @56 0.79x,
   // batch 8 0.93x (a 14.5 MB copy), 96 @112 stride 2 0.89x, 32 @112 0.74x, but 96 @112 stride 2 batch 8 3.0x:
-  // its 38.5 MB copy comes freshly mapped on every call (torch.empty + fill of 38.5 MB in a loop: 9,402 minor
-  // page faults a call, every page). Hence rows under 32 pixels, or up to kDwStagePixels with a copy of at
-  // most 16 MiB.
+  // its 38.5 MB copy came freshly mapped on every call (torch.empty + fill of 38.5 MB in a loop: 9,402 minor
+  // page faults a call, every page), and with the copy kept between calls (Scratch), it still took 1.26x the
+  // time of the row loops. Hence rows under 32 pixels, or up to kDwStagePixels with a copy of at most 16 MiB.
   const bool dw_restage = OW < 32 || (OW < kDwStagePixels && a.N * a.H * a.W * c_in * 4 <= (int64_t{16} << 20));
   if (a.Cig == 1 && has_res) a.relu = false, a.res = nullptr;  // (added after: see finish)
   if (a.Cig == 1 && a.Cog == 1 && (channels_last || dw_restage)) {
-    at::Tensor xk;
+    Scratch xk;
     DwArgs d{a.x + in_ids[0], a.sN, a.sH, a.sW, nullptr, false};
     if (!channels_last) {
-      xk = at::empty({a.N * a.H * a.W, c_in}, x.options());
-      restage_kept(a, c_in, xk.data_ptr<float>());
-      d = {xk.data_ptr<float>(), a.H * a.W * c_in, a.W * c_in, c_in, nullptr, true};
+      xk = Scratch(kScratchCall, a.N * a.H * a.W * c_in);
+      restage_kept(a, c_in, xk.get());
+      d = {xk.get(), a.H * a.W * c_in, a.W * c_in, c_in, nullptr, true};
     } else if (in_ids.back() - in_ids.front() != c_in - 1) {
-      xk = at::empty({a.N * a.H * a.W, c_in}, x.options());
-      float* dst = xk.data_ptr<float>();
+      xk = Scratch(kScratchCall, a.N * a.H * a.W * c_in);
+      float* dst = xk.get();
       const int64_t W = a.W, HW = a.H * a.W;
       std::vector<uint16_t> keep((C + kLanes - 1) / kLanes, 0);
       for (const int64_t c : in_ids) keep[c / kLanes] |= static_cast<uint16_t>(1u << (c % kLanes));
@@ -1760,20 +1761,23 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
   if ((!planar && xc.stride(1) == 1) || small_map || plain_3x3 || stem) {
     // read in place through the channel index (or restaged, below); the weight transposed once and kept
     const int64_t cog16 = round_up(a.Cog, kLanes);
-    // NCHW x on stride-1 kxk convs: its kept channels restaged as channels_last first (one parallel pass of
-    // 16x16 transposes), after which the tiles broadcast along each pixel's contiguous channels instead of one
-    // line per input channel (A/B in one process, 2 threads, Xeon VM, fused gather, keep 0.75 / 0.5 / 0.25:
-    // batch 8 128->128 3x3 @28 0.92 / 0.92 / 0.95x the time, 256->256 @14 0.89 / 0.87 / 0.92x, 512->512 @7
-    // 0.86 / 0.85 / 0.85x; batch 1 0.89-0.94x down to 16 Mi multiply-adds a call, below which the extra pass
-    // cost up to 4%; not 1x1 convs, 1.03-1.16x at 1024->256 @14, nor stride 2, 1.13-1.18x at 128->128 @56 batch
-    // 8 and 256->256 @28 batch 1 against 0.87x at 512->512 @14; the AVX2 tiles gain too: without the pass
-    // 1.11-1.31x the time on the batch 8 convs above at keep 0.5)
-    at::Tensor xt;
+    // NCHW x on kxk convs: its kept channels restaged as channels_last first (one parallel pass of 16x16 transposes
+    // into a buffer kept between calls, see Scratch), after which the tiles broadcast along each pixel's contiguous
+    // channels instead of one line per input channel (A/B in one process, 2 threads, Xeon VM, fused gather, keep 0.75
+    // / 0.5 / 0.25: batch 8 128->128 3x3 @28 0.92 / 0.92 / 0.95x the time, 256->256 @14 0.89 / 0.87 / 0.92x, 512->512
+    // @7 0.86 / 0.85 / 0.85x; batch 1 0.89-0.94x down to 16 Mi multiply-adds a call, below which the extra pass cost
+    // up to 4%, with the buffer kept 0.99-1.07x; not 1x1 convs: 1024->256 @14 batch 8 1.19x, batch 1 1.01x, 2048->512
+    // @7 batch 8 0.93x, 256->64 @56 0.97x). The copy used to come freshly mapped on every call (its pages faulted in,
+    // ~1 us each): kept, the batch 8 3x3 convs above take 0.84-0.91x the time, 64->64 @56 0.70x (batch 1 0.67x),
+    // 128->128 @28 batch 1 0.82x. Stride 2 from 128 kept input channels on (256->256 @28 batch 8 keep 0.75 0.84-0.87x,
+    // 512->512 @14 batch 1 keep 0.5 0.93-0.96x, 256->256 @28 batch 1 keep 0.5 0.98-1.00x; with 64, 128->128 @56 batch
+    // 8 keep 0.5, 0.98-1.07x; the 7x7 stem over 3 channels 1.02-1.07x)
+    Scratch xt;
     std::vector<int64_t> kept;
-    if (a.sC != 1 && (KH > 1 || KW > 1) && a.SH == 1 && a.SW == 1 &&
+    if (a.sC != 1 && (KH > 1 || KW > 1) && ((a.SH == 1 && a.SW == 1) || a.Cig >= 128) &&
         a.N * a.P * a.Kg * c_out >= (int64_t(16) << 20)) {
-      xt = at::empty({a.N * a.H * a.W * c_in}, x.options());
-      float* xtp = xt.data_ptr<float>();
+      xt = Scratch(kScratchCall, a.N * a.H * a.W * c_in);
+      float* xtp = xt.get();
       restage_kept(a, c_in, xtp);
       kept.resize(c_in);
       std::iota(kept.begin(), kept.end(), int64_t(0));
@@ -1782,7 +1786,7 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
     }
     // taps in the padding read a row of zeros at every x[pixel, c] offset (C floats for channels_last or
     // restaged x, the whole image for NCHW): allocated and cleared once, shared by the calls (never written after)
-    const int64_t x_channels = xt.defined() ? c_in : C;
+    const int64_t x_channels = xt.get() ? c_in : C;
     const at::Tensor zeros = a.PH || a.PW ? shared_zeros((x_channels - 1) * a.sC + 1) : at::Tensor();
     // register tile (AVX-512): 4 channel vectors x 6 pixels, or up to 3 x 8 when that splits the channels
     // evenly (96, 144, ...) and for 16-48 channels (8 pixels: 12 spilled the pixel pointers); AVX2 and the
@@ -1791,29 +1795,28 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
     int64_t mr = vecs >= 4 && (vecs % 4 == 0 || vecs % 3 != 0) ? 6 : 8;
     int64_t nv_max = mr == 6 ? 4 : 3;
     if (!avx512) mr = 6, nv_max = 1;
-    // row windows (AVX-512, see cl_row_tile): 14, 8 or 7 pixels (whichever first divides OW; 14 only for one
-    // channel vector) x up to 2 channel vectors, for any number of channels but an odd multiple of 3 vectors
-    // (see below; A/B in one process, 2 threads, Xeon VM, fused gather, against 6 x 4
-    // or 8 x 3 tiles: 512->512 3x3 @7 keep 1 / 0.75 / 0.5 batch 8 0.75 / 0.75 / 0.67x the time, NCHW batch 1
-    // keep 0.25 0.66x; 256->256 @14 keep 0.75 / 0.5 0.84-0.93x; 128->128 @28 keep 0.75 / 0.5 0.92x; 64->64
-    // @56 keep 1 0.89-0.91x; 160->160 @14 keep 0.5 (80 channels, 6 x 4 with a 1-vector tail) 0.68x; but 48
-    // channels (64->64 @56 keep 0.75, 96->96 @28 keep 0.5) in blocks of 2 vectors and 1 1.03-1.20x)
+    // row windows (AVX-512, see cl_row_tile). A multiple of 3 channel vectors takes 7 x 3 windows where 7
+    // divides OW (21 accumulators and 9 weight vectors; A/B in one process, 2 threads, Xeon VM, fused gather,
+    // against the 8 x 3 tile: 64->64 @56 keep 0.75 batch 8 0.87x the time channels_last, 0.92x NCHW, batch 1
+    // 0.90x; 96->96 @28 keep 0.5 0.87x; 128->128 @28 keep 0.375 0.88x; against the 2-vector windows below, keep
+    // 0.75: 128->128 @28 batch 8 0.92x channels_last, 0.96x NCHW; 256->256 @14 0.91-0.92x; 512->512 @7
+    // 0.97-0.99x; 128->128 @56 batch 8 channels_last 0.90x, batch 1 NCHW 0.99x). Otherwise 14, 8 or 7 pixels
+    // (whichever first divides OW; 14 only for one channel vector) x up to 2 channel vectors, but not for an odd
+    // multiple of 3 vectors (against 6 x 4 or 8 x 3 tiles: 512->512 3x3 @7 keep 1 / 0.75 / 0.5 batch 8 0.75 /
+    // 0.75 / 0.67x the time, NCHW batch 1 keep 0.25 0.66x; 256->256 @14 keep 0.75 / 0.5 0.84-0.93x; 128->128
+    // @28 keep 0.75 / 0.5 0.92x; 64->64 @56 keep 1 0.89-0.91x; 160->160 @14 keep 0.5 (80 channels, 6 x 4 with a
+    // 1-vector tail) 0.68x; but 48 channels (64->64 @56 keep 0.75, 96->96 @28 keep 0.5) in blocks of 2 vectors
+    // and 1 1.03-1.20x)
+    const bool row_ok = avx512 && KW == 3 && a.SW == 1 && a.DW == 1 && a.PW <= 1;
     bool rows = false;
-    if (avx512 && (vecs <= 2 || vecs % 2 == 0 || vecs % 3 != 0) && KW == 3 && a.SW == 1 && a.DW == 1 &&
-        a.PW <= 1) {
+    if (row_ok && vecs % 3 == 0 && OW % 7 == 0) {
+      mr = 7, nv_max = 3, rows = true;
+    } else if (row_ok && (vecs % 2 == 0 || vecs % 3 != 0)) {
       for (int64_t m : {14, 8, 7}) {
         if ((m == 14 && vecs > 1) || OW % m != 0) continue;
         mr = m, nv_max = 2, rows = true;
         break;
       }
-    }
-    // an odd multiple of 3 vectors: 7 x 3 row windows where 7 divides OW (21 accumulators and 9 weight vectors;
-    // A/B against the 8 x 3 tile, same setup: 64->64 @56 keep 0.75 batch 8 0.87x the time channels_last, 0.92x
-    // NCHW, batch 1 0.90x; 96->96 @28 keep 0.5 0.87x; 128->128 @28 keep 0.375 0.88x. Instead of the 2-vector
-    // row windows on even multiples: 0.93-0.97x at 14x14 and 28x28 but 1.08x at 512->512 @7, not taken)
-    if (avx512 && !rows && vecs % 3 == 0 && vecs % 2 == 1 && KW == 3 && a.SW == 1 && a.DW == 1 && a.PW <= 1 &&
-        OW % 7 == 0) {
-      mr = 7, nv_max = 3, rows = true;
     }
     // runs (AVX-512, see cl_micro's RUN): stride-1 unpadded 1x1 on channels_last x with <= 32 output channels,
     // 14-pixel tiles (A/B in one process, 2 threads: 256->64 1x1 @56 keep 0.5 batch 1 0.080-0.085 -> 0.071 ms,

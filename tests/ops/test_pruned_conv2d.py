@@ -23,10 +23,11 @@ OP = torch.ops.pyprune.pruned_conv2d
 # channels (AVX-512: pixels as rows, 36 with x read in place, 40 restaged as channels_last), a 7x7 stride-2
 # conv over 4 channels (AVX-512: pixels as rows, 30), NCHW 1x1 (rows read in place), the rest (im2col tiles:
 # stride 2 at 70, a 7x7 kernel whose border columns would waste > 1/7); pixels as rows with row windows
-# (3-wide stride-1 kernels, OW a multiple of 14, 8 or 7; an odd multiple of 3 channel vectors only at 7): both
+# (3-wide stride-1 kernels, OW a multiple of 14, 8 or 7; a multiple of 3 channel vectors at 7): both
 # borders in one 14-pixel tile (14), unpadded with groups (8), 8-pixel tiles of one and two channel vectors
 # (16), 14 and 7 (28), blocks of two vectors and a last one of one (80 channels at 14, 7-pixel tiles; 64 at
-# 40, 8-pixel tiles), 7 pixels x 3 vectors (48 channels at 14); the taps in chunks: see the thread-count test;
+# 40, 8-pixel tiles), 7 pixels x 3 vectors (48 and 96 channels at 14; 96 at 56, where 8 divides OW too);
+# the taps in chunks: see the thread-count test;
 # stride-1 1x1 on NCHW maps past 16x16 (17: tiles of 64 pixels that span images) and up to it (10: pixels as
 # rows); on channels_last with <= 32 output channels, 14-pixel runs with a partial last tile (7, 10, 56;
 # grouped: 9), but not a 1x1 map of 30 NCHW images (its pixels are one input channel apart yet not one run: C
@@ -64,6 +65,7 @@ CASES = [
     (4, 16, 7, 2, 3, 1, 1, 30, 2),
     (48, 80, 3, 1, 1, 1, 1, 14, 2),
     (40, 96, 3, 1, 1, 1, 1, 14, 3),
+    (32, 96, 3, 1, 1, 1, 1, 56, 1),
 ]
 
 
@@ -245,9 +247,9 @@ def test_depthwise_matches_reference(case, keep, channels_last):
      ((20, 48, 3, 1, 1, 1, 1, 14, 3), True), ((800, 72, 3, 1, 1, 1, 1, 10, 3), False),
      ((800, 72, 3, 1, 1, 1, 1, 10, 3), True), ((1600, 128, 1, 1, 0, 1, 1, 7, 2), False),
      ((1600, 128, 1, 1, 0, 1, 1, 7, 2), True), ((100, 40, 3, 1, 1, 1, 1, 11, 20), False),
-     ((128, 128, 3, 1, 2, 2, 2, 12, 8), False)],
+     ((128, 128, 3, 1, 2, 2, 2, 12, 8), False), ((300, 40, 3, 2, 1, 1, 1, 21, 6), False)],
     ids=["staged", "staged-groups", "pixel-rows", "pixel-rows-cl", "row-windows", "tap-chunks", "tap-chunks-cl",
-         "channel-chunks", "channel-chunks-cl", "restaged", "restaged-groups"],
+         "channel-chunks", "channel-chunks-cl", "restaged", "restaged-groups", "restaged-stride2"],
 )  # fmt: skip
 def test_work_split_at_any_thread_count(case, cl, threads):
     # the staged path (stride-1 kxk on maps wider than 32): each thread stages the band of rows its tiles read,
@@ -257,8 +259,9 @@ def test_work_split_at_any_thread_count(case, cl, threads):
     # channels x 9 taps x 36 output channels, 48 in the transposed weight: a block's weights over 512 KiB) a
     # thread's tiles of a block pass over each chunk in batches (38 tiles: two batches at one thread); a 1x1
     # conv's input channels in chunks (800 kept channels x 64 outputs: a block's weights over 192 KiB); NCHW x
-    # restaged as channels_last (stride-1 kxk, >= 16 Mi multiply-adds: 50 kept channels, 121-pixel maps, not
-    # whole 16 x 16 blocks; with groups and dilation), in parallel over 16-pixel blocks of each image
+    # restaged as channels_last (kxk, >= 16 Mi multiply-adds: 50 kept channels, 121-pixel maps, not whole 16 x
+    # 16 blocks; with groups and dilation; stride 2 from 150 kept channels), in parallel over 16-pixel blocks of
+    # each image
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
