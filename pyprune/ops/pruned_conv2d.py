@@ -1,7 +1,7 @@
 """pyprune::pruned_conv2d: a convolution over a subset of input channels producing a subset of output channels.
 
 The channel gather is part of the op (the kernel reads ``x[:, in_index]`` in place; the CPU kernel restages the
-kept channels of NCHW x as channels_last in the same pass for large stride-1 kxk convs), as is the optional
+kept channels of NCHW x as channels_last in the same pass for large kxk convs), as is the optional
 ReLU, the scatter of the kept outputs into a full-width output (so a residual add still lines up when only
 one side of it was pruned) and an optional max pool after it all (a CNN stem's conv -> BN -> ReLU -> max pool
 as one op: ATen's NCHW max pool runs an order of magnitude slower than the CPU kernel's)."""
