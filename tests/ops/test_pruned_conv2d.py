@@ -285,6 +285,38 @@ def test_padding_taps_read_zeros_whatever_the_call_order():
         )
 
 
+def test_kept_scratch_buffers_across_sizes_and_threads():
+    # the restaged input (kxk on NCHW, >= 16 Mi multiply-adds), the staged planes' bands and the im2col tiles
+    # live in buffers each thread keeps for its next call, grown on demand: calls of other sizes in turn, from
+    # two Python threads at once, each against the reference
+    import threading
+
+    cases = [((100, 40, 3, 1, 1, 1, 1, 11, 20), False), ((10, 14, 3, 1, 1, 1, 1, 34, 1), False),
+             ((300, 40, 3, 2, 1, 1, 1, 21, 6), False), ((100, 40, 3, 1, 1, 1, 1, 11, 8), False),
+             ((24, 20, 3, 2, 1, 1, 1, 70, 1), False), ((64, 64, 3, 1, 1, 1, 64, 40, 8), False)]  # fmt: skip
+    calls = []
+    for case, cl in cases:
+        args = (*_case(case, 0.5, False, cl, True), True)
+        calls.append((args, pruned_conv2d_ref(*_double(args))))
+    errors = []
+
+    def run(order):
+        try:
+            for _ in range(2):
+                for i in order:
+                    args, want = calls[i]
+                    torch.testing.assert_close(OP(*args).double(), want, rtol=1e-4, atol=1e-4)
+        except AssertionError as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(order,)) for order in ([0, 1, 2, 3, 4, 5], [5, 3, 4, 2, 1, 0])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
 def test_reference_hand_computed():
     # one input channel kept of two, a 1x1 weight of 2, out_index scatters to channel 1 of 3, ReLU
     x = torch.tensor([[[[1.0, -2.0]], [[10.0, 20.0]]]])
