@@ -63,6 +63,12 @@ def _check_no_tangent(op, args) -> None:
             )
 
 
+# argument types that are never tensors: skipped before isinstance, which costs ~0.28 us on a non-tensor
+# (torch.Tensor's metaclass hook); with it on each of pruned_conv2d's 14 arguments the check took 4.7 us of an
+# 11.6 us call on a tiny conv, 0.9 us this way
+_NOT_TENSORS = frozenset((int, float, bool, list, tuple, str, type(None)))
+
+
 def _entry_ok(args) -> bool:
     if torch._C._get_tracing_state() is not None or torch.compiler.is_compiling():
         return False
@@ -70,7 +76,10 @@ def _entry_ok(args) -> bool:
         return False
     if not torch.is_grad_enabled():
         return True
-    return not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    for a in args:
+        if type(a) not in _NOT_TENSORS and isinstance(a, torch.Tensor) and a.requires_grad:
+            return False
+    return True
 
 
 def rows2d(t: torch.Tensor) -> torch.Tensor:
