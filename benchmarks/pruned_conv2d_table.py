@@ -18,6 +18,12 @@ holds 16 channels of one pixel, so a quarter of the channels at random touches n
 are whole lines. Where it is below the ideal 1 / r^2, reading x, not the FLOPs, bounds the fused gather; "of
 reachable" = speedup / min(ideal, x-read bound). (The bound leaves out the weight and output traffic and
 counts one op call's overhead, which x_read pays too.)
+
+"page faults a call" (dense / oneDNN compact / ours): minor page faults a call over 10 calls after the timing
+(getrusage). A call faults when glibc handed a multi-MB buffer of an earlier call back to the system, which
+depends on the process's heap more than on the kernel (oneDNN's NCHW convs took ~1,400-1,700 a call in one
+process and none in another; ~1 us each on the Xeon VM): a row whose dense faults and whose ours does not
+shows a speedup that the next process may not.
     python benchmarks/pruned_conv2d_table.py [--quick] [--rounds 7] [--out benchmarks/results/cpu]
 """
 
@@ -27,6 +33,11 @@ import argparse
 import random
 import statistics
 import time
+
+try:
+    import resource
+except ImportError:  # not on Windows: no fault counts
+    resource = None
 
 import torch
 import torch.nn.functional as F
@@ -89,11 +100,23 @@ def x_lines_fraction(x: torch.Tensor, index: torch.Tensor) -> float:
     return lines / (x[0].numel() * x.element_size() / 64)
 
 
+def faults_per_call(fn, calls: int = 10) -> float | None:
+    """Minor page faults of the process per call of fn (None without the resource module)."""
+    if resource is None:
+        return None
+    fn()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+
+
 def run_case(shape, batch, keep, channels_last, rounds, batch_s, rng, gen):
     cin, cout, k, side = shape
     fns, lines = providers(cin, cout, k, side, batch, keep, channels_last, gen)
     with torch.no_grad():
         samples = interleaved_samples(fns, rounds, batch_s, rng, CLOCK)
+        faults = {name: faults_per_call(fns[name]) for name in ("dense", "onednn_compact", "ours")}
     dense = samples["dense"]
     ideal = 1.0 / (keep * keep)
     row = {
@@ -117,7 +140,14 @@ def run_case(shape, batch, keep, channels_last, rounds, batch_s, rng, gen):
     row["ours_vs_onednn_compact"] = statistics.median(
         o / t for o, t in zip(samples["onednn_compact"], samples["ours"])
     )
+    for name, n in faults.items():
+        row[f"{name}_faults_per_call"] = n
     return row
+
+
+def _faults(r) -> str:
+    counts = [r.get(f"{name}_faults_per_call") for name in ("dense", "onednn_compact", "ours")]
+    return " / ".join("-" if n is None else f"{n:.0f}" for n in counts)
 
 
 def markdown(rows, env) -> str:
@@ -127,13 +157,17 @@ def markdown(rows, env) -> str:
             f"torch {env['torch']}, fp32. Keep ratio r on both sides; ideal speedup 1/r^2. Medians of same-round "
             "ratios over interleaved rounds. x lines read: the share of x's 64-byte lines that hold a kept "
             "channel; x-read bound: dense / (torch.sum over x, times that share), the most a kernel reading "
-            "the kept channels in place could gain; of reachable: ours / min(ideal, x-read bound).\n"
+            "the kept channels in place could gain; of reachable: ours / min(ideal, x-read bound). "
+            "Page faults a call (dense / oneDNN compact / ours): over 10 calls after the timing; a row "
+            "whose dense faults and whose ours does not shows a speedup the next process may not (see "
+            "the script's docstring).\n"
         ),
         (
             "| conv | batch | format | keep | ideal | oneDNN compact | ours (fused gather) | of ideal | "
-            "ours / oneDNN compact | gather cost | x lines read | x-read bound | of reachable | dense ms |"
+            "ours / oneDNN compact | gather cost | x lines read | x-read bound | of reachable | dense ms | "
+            "page faults a call |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
@@ -141,7 +175,7 @@ def markdown(rows, env) -> str:
             f"{r['keep']} | {r['ideal']:.1f} | {r['onednn_compact_speedup']:.2f} | {r['ours_speedup']:.2f} | "
             f"{r['ours_of_ideal']:.2f} | {r['ours_vs_onednn_compact']:.2f} | {100 * r['gather_cost']:+.1f}% | "
             f"{100 * r['x_lines_fraction']:.0f}% | {r['x_read_bound']:.1f} | {r['ours_of_reachable']:.2f} | "
-            f"{1e3 * r['dense_median_s']:.3f} |"
+            f"{1e3 * r['dense_median_s']:.3f} | {_faults(r)} |"
         )
     return "\n".join(lines) + "\n"
 
