@@ -23,7 +23,7 @@ from torch import nn
 from ..pruning.masks import copy_of
 from .report import Report, environment, loadavg
 from .roofline import explain, measure_peak, place
-from .timing import Progress, fixed_threads, summarize, time_interleaved
+from .timing import Progress, fixed_threads, page_faults, summarize, time_interleaved
 from .variants import METHODS, Builder, NotApplicable, kept_weights, prunable_weights, stored_params
 from .work import measure_work, time_layers
 
@@ -61,6 +61,23 @@ def _pool_hint(kernels: str, memory_format: str | None) -> str:
     return (
         f"; ATen's NCHW max pool takes {m.group(1)}% of it, and is many times faster on channels_last input: "
         "try --channels-last (model and input .to(memory_format=torch.channels_last))"
+    )
+
+
+# minor page faults a forward past which the report says so (~1 us each on the Xeon VM: 1,000 are a
+# millisecond, whole convs' worth at batch 1)
+_FAULTS_NOTED = 200
+
+
+def _fault_hint(faults: float | None) -> str:
+    """A note when a variant's forward faults its buffers in again on every call: that time is the allocator's
+    and the process's heap (oneDNN's NCHW convs took ~1,400-1,700 faults a call in one process and none in
+    another), not the kernels', and may not repeat in the next run."""
+    if faults is None or faults < _FAULTS_NOTED:
+        return ""
+    return (
+        f"; {faults:.0f} minor page faults a forward (buffers handed back to the system and faulted in again "
+        "each call: time that moves with the process's heap, not the kernels)"
     )
 
 
@@ -243,6 +260,7 @@ def compare(
             progress=prog,
             warmed=True,
         )
+        faults = {key: page_faults(fn) for key, fn in fns.items()}
         env["timing_s"] = time.perf_counter() - t_start - env["build_s"]
         dense_t = samples["dense@None"]
         dense_w = prunable_weights(model)
@@ -264,10 +282,13 @@ def compare(
                 "prunable_kept": kept_weights(mod) / dense_w if dense_w else None,
                 **place(work["flops"], work["bytes"], stats["median_s"], peak),
                 "kernels": kernels,
+                "page_faults": faults[(m, lv)],
                 "times_s": ts,
                 "note": note,
             }
-            row["explain"] = explain(row, peak) + _pool_hint(kernels, env["memory_format"])
+            row["explain"] = (
+                explain(row, peak) + _pool_hint(kernels, env["memory_format"]) + _fault_hint(row["page_faults"])
+            )
             if per_layer:
                 times = time_layers(mod, args, int(layer_repeats), sync=sync)
                 row["layers"] = {

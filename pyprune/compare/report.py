@@ -26,7 +26,7 @@ _LEFT = {0, 10, 13}
 CSV_FIELDS = (
     "model", "method", "level", "median_ms", "p10_ms", "p90_ms", "speedup", "speedup_p10", "speedup_p90",
     "noisy", "params", "prunable_kept", "flops", "flops_executed", "bytes", "memory_bytes", "achieved_gflops",
-    "frac_peak", "intensity", "bound", "frac_roofline", "kernels", "note",
+    "frac_peak", "intensity", "bound", "frac_roofline", "kernels", "page_faults", "note",
 )  # fmt: skip
 ENV_FIELDS = (
     "device", "cpu", "isa", "cpu_flags", "cpu_count", "threads", "torch", "triton", "python", "gpu", "git_commit",

@@ -14,6 +14,11 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils import benchmark
 
+try:
+    import resource
+except ImportError:  # not on Windows: no fault counts
+    resource = None
+
 
 @contextlib.contextmanager
 def fixed_threads(threads: int | None) -> Iterator[int]:
@@ -31,6 +36,18 @@ def _sample(fn: Callable[[], object], number: int, threads: int) -> float:
     """Seconds per call, averaged over ``number`` back-to-back calls (one torch.utils.benchmark measurement)."""
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
     return timer.timeit(number).mean
+
+
+def page_faults(fn: Callable[[], object], calls: int = 3) -> float | None:
+    """Minor page faults of the process per call of ``fn`` over ``calls`` calls (None without the resource
+    module). Buffers that the allocator handed back to the system are faulted in again page by page on the
+    next call; how many depends on the process's heap as much as on the kernels."""
+    if resource is None:
+        return None
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
 
 
 class Progress:

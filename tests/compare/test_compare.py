@@ -379,6 +379,26 @@ def test_pool_hint_points_nchw_runs_at_channels_last():
     assert _pool_hint("aten::addmm 90%", None) == ""
 
 
+def test_rows_count_page_faults_and_say_when_they_are_many(mlp_report):
+    from pyprune.compare import _fault_hint
+    from pyprune.compare.timing import page_faults
+
+    for r in mlp_report.rows:
+        if r["median_s"] is not None:
+            assert r["page_faults"] is None or r["page_faults"] >= 0
+    # a call that maps fresh memory and touches every page faults on each of them
+    size = 64 << 20
+
+    def touch():
+        buf = bytearray(size)  # calloc'd: fresh pages from the system, zero until written
+        buf[:: 4096] = b"\x01" * (size // 4096)
+
+    n = page_faults(touch, calls=2)
+    assert n is None or n >= size // 4096 // 2
+    assert "1500 minor page faults a forward" in _fault_hint(1500.0)
+    assert _fault_hint(3.0) == "" and _fault_hint(None) == ""
+
+
 def test_cli_channels_last_needs_an_image_model(capsys):
     assert main(["compare", "--model", "bert-small", "--channels-last", "--no-progress"]) == 2
     assert "--channels-last applies to image models; bert-small takes token ids" in capsys.readouterr().err
