@@ -1795,21 +1795,23 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
     int64_t mr = vecs >= 4 && (vecs % 4 == 0 || vecs % 3 != 0) ? 6 : 8;
     int64_t nv_max = mr == 6 ? 4 : 3;
     if (!avx512) mr = 6, nv_max = 1;
-    // row windows (AVX-512, see cl_row_tile). A multiple of 3 channel vectors takes 7 x 3 windows where 7
-    // divides OW (21 accumulators and 9 weight vectors; A/B in one process, 2 threads, Xeon VM, fused gather,
-    // against the 8 x 3 tile: 64->64 @56 keep 0.75 batch 8 0.87x the time channels_last, 0.92x NCHW, batch 1
-    // 0.90x; 96->96 @28 keep 0.5 0.87x; 128->128 @28 keep 0.375 0.88x; against the 2-vector windows below, keep
-    // 0.75: 128->128 @28 batch 8 0.92x channels_last, 0.96x NCHW; 256->256 @14 0.91-0.92x; 512->512 @7
-    // 0.97-0.99x; 128->128 @56 batch 8 channels_last 0.90x, batch 1 NCHW 0.99x). Otherwise 14, 8 or 7 pixels
+    // row windows (AVX-512, see cl_row_tile). A multiple of 3 channel vectors takes 7 x 3 windows where 7 divides OW
+    // (21 accumulators and 9 weight vectors; A/B in one process, 2 threads, Xeon VM, fused gather, against the 8 x 3
+    // tile: 64->64 @56 keep 0.75 batch 8 0.87x the time channels_last, 0.92x NCHW, batch 1 0.90x; 96->96 @28 keep 0.5
+    // 0.87x; 128->128 @28 keep 0.375 0.88x; against the 2-vector windows below, keep 0.75: 128->128 @28 batch 8 0.92x
+    // channels_last, 0.96x NCHW; 256->256 @14 0.91-0.92x; 512->512 @7 0.97-0.99x; 128->128 @56 batch 8 channels_last
+    // 0.90x, batch 1 NCHW 0.99x), and so does an odd count of 2 past a multiple of 3 (5, 11, ...: blocks of 3 and a
+    // last one of 2, where blocks of 2 left a last one of 1; same setup: 160->160 @14 keep 0.5 batch 8 channels_last
+    // 0.86-0.90x the time, batch 1 NCHW 0.88x, @28 0.88x, @7 0.95x; 352->352 @14 keep 0.5 0.87-0.90x; even counts such
+    // as 8 vectors within noise, 0.97-1.04x, so those keep the 2-vector windows). Otherwise 14, 8 or 7 pixels
     // (whichever first divides OW; 14 only for one channel vector) x up to 2 channel vectors, but not for an odd
-    // multiple of 3 vectors (against 6 x 4 or 8 x 3 tiles: 512->512 3x3 @7 keep 1 / 0.75 / 0.5 batch 8 0.75 /
-    // 0.75 / 0.67x the time, NCHW batch 1 keep 0.25 0.66x; 256->256 @14 keep 0.75 / 0.5 0.84-0.93x; 128->128
-    // @28 keep 0.75 / 0.5 0.92x; 64->64 @56 keep 1 0.89-0.91x; 160->160 @14 keep 0.5 (80 channels, 6 x 4 with a
-    // 1-vector tail) 0.68x; but 48 channels (64->64 @56 keep 0.75, 96->96 @28 keep 0.5) in blocks of 2 vectors
-    // and 1 1.03-1.20x)
+    // multiple of 3 vectors (against 6 x 4 or 8 x 3 tiles: 512->512 3x3 @7 keep 1 / 0.75 / 0.5 batch 8 0.75 / 0.75 /
+    // 0.67x the time, NCHW batch 1 keep 0.25 0.66x; 256->256 @14 keep 0.75 / 0.5 0.84-0.93x; 128->128 @28 keep 0.75 /
+    // 0.5 0.92x; 64->64 @56 keep 1 0.89-0.91x; 160->160 @14 keep 0.5 (80 channels, 6 x 4 with a 1-vector tail) 0.68x;
+    // but 48 channels (64->64 @56 keep 0.75, 96->96 @28 keep 0.5) in blocks of 2 vectors and 1 1.03-1.20x)
     const bool row_ok = avx512 && KW == 3 && a.SW == 1 && a.DW == 1 && a.PW <= 1;
     bool rows = false;
-    if (row_ok && vecs % 3 == 0 && OW % 7 == 0) {
+    if (row_ok && (vecs % 3 == 0 || (vecs % 3 == 2 && vecs % 2 == 1)) && OW % 7 == 0) {
       mr = 7, nv_max = 3, rows = true;
     } else if (row_ok && (vecs % 2 == 0 || vecs % 3 != 0)) {
       for (int64_t m : {14, 8, 7}) {

@@ -23,11 +23,12 @@ OP = torch.ops.pyprune.pruned_conv2d
 # channels (AVX-512: pixels as rows, 36 with x read in place, 40 restaged as channels_last), a 7x7 stride-2
 # conv over 4 channels (AVX-512: pixels as rows, 30), NCHW 1x1 (rows read in place), the rest (im2col tiles:
 # stride 2 at 70, a 7x7 kernel whose border columns would waste > 1/7); pixels as rows with row windows
-# (3-wide stride-1 kernels, OW a multiple of 14, 8 or 7; a multiple of 3 channel vectors at 7): both
-# borders in one 14-pixel tile (14), unpadded with groups (8), 8-pixel tiles of one and two channel vectors
-# (16), 14 and 7 (28), blocks of two vectors and a last one of one (80 channels at 14, 7-pixel tiles; 64 at
-# 40, 8-pixel tiles), 7 pixels x 3 vectors (48 and 96 channels at 14; 96 at 56, where 8 divides OW too);
-# the taps in chunks: see the thread-count test;
+# (3-wide stride-1 kernels, OW a multiple of 14, 8 or 7; a multiple of 3 channel vectors, or an odd count of
+# 2 past one, at 7): both borders in one 14-pixel tile (14), unpadded with groups (8), 8-pixel tiles of one
+# and two channel vectors (16), 14 and 7 (28), blocks of two vectors and a last one of one (112 channels at
+# 14, 7-pixel tiles), of two vectors (64 at 40, 8-pixel tiles), 7 pixels x 3 vectors (48 and 96 channels at
+# 14; 96 at 56, where 8 divides OW too) and a last block of 2 (80 at 14); the taps in chunks: see the
+# thread-count test;
 # stride-1 1x1 on NCHW maps past 16x16 (17: tiles of 64 pixels that span images) and up to it (10: pixels as
 # rows); on channels_last with <= 32 output channels, 14-pixel runs with a partial last tile (7, 10, 56;
 # grouped: 9), but not a 1x1 map of 30 NCHW images (its pixels are one input channel apart yet not one run: C
@@ -66,6 +67,7 @@ CASES = [
     (48, 80, 3, 1, 1, 1, 1, 14, 2),
     (40, 96, 3, 1, 1, 1, 1, 14, 3),
     (32, 96, 3, 1, 1, 1, 1, 56, 1),
+    (48, 112, 3, 1, 1, 1, 1, 14, 2),
 ]
 
 
