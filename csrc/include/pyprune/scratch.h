@@ -33,8 +33,8 @@ inline FloatBuffer aligned_floats(int64_t n) {
   return FloatBuffer(p);
 }
 
-// At least n floats, 64-byte aligned, valid until this thread asks for the same slot again (or `own` is
-// released, for a request over the limit).
+// At least n floats, 64-byte aligned, valid until this thread asks for the same slot again (a request over the
+// limit: until this Scratch is destroyed or assigned to).
 class Scratch {
  public:
   Scratch(ScratchSlot slot, int64_t n) {
