@@ -34,15 +34,11 @@ import random
 import statistics
 import time
 
-try:
-    import resource
-except ImportError:  # not on Windows: no fault counts
-    resource = None
-
 import torch
 import torch.nn.functional as F
 from sparse_linear_providers import environment, interleaved_samples, write_table
 
+from pyprune.compare.timing import page_faults
 from pyprune.ops import pruned_conv2d
 
 # (C_in, C_out, kernel, feature map side) of ResNet-50's convs named in issue #3
@@ -100,23 +96,13 @@ def x_lines_fraction(x: torch.Tensor, index: torch.Tensor) -> float:
     return lines / (x[0].numel() * x.element_size() / 64)
 
 
-def faults_per_call(fn, calls: int = 10) -> float | None:
-    """Minor page faults of the process per call of fn (None without the resource module)."""
-    if resource is None:
-        return None
-    fn()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(calls):
-        fn()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
-
-
 def run_case(shape, batch, keep, channels_last, rounds, batch_s, rng, gen):
     cin, cout, k, side = shape
     fns, lines = providers(cin, cout, k, side, batch, keep, channels_last, gen)
     with torch.no_grad():
         samples = interleaved_samples(fns, rounds, batch_s, rng, CLOCK)
-        faults = {name: faults_per_call(fns[name]) for name in ("dense", "onednn_compact", "ours")}
+        # every fn already ran in the timing rounds: no warm-up call needed
+        faults = {name: page_faults(fns[name], calls=10) for name in ("dense", "onednn_compact", "ours")}
     dense = samples["dense"]
     ideal = 1.0 / (keep * keep)
     row = {
