@@ -1,5 +1,6 @@
 """Interleaved timing of PrunedConv2d's fused max pool: conv -> bias -> ReLU -> max pool as one op against the
-same conv followed by ATen's pool, and against the dense ATen chain, written as markdown + JSON.
+same conv followed by ATen's pool, and against the dense ATen chain; and of its kernel alone
+(pyprune.ops.max_pool2d, what pyprune.nn.MaxPool2d runs) against ATen's pool. Written as markdown + JSON.
 
 Cases: ResNet-50's stem (3->64 7x7 stride 2 @224, max pool 3x3 stride 2 padding 1) and VGG-16's last block
 (512->512 3x3 @14, max pool 2x2), unpruned and with half the output channels kept, batch 1 and 8, NCHW and
@@ -7,7 +8,8 @@ channels_last. Providers per case:
 - aten: F.conv2d -> F.relu -> F.max_pool2d on the pruned weight (what a channel-pruned model runs);
 - ours_aten_pool: pyprune.ops.pruned_conv2d (bias and ReLU fused) -> F.max_pool2d;
 - ours_fused: pyprune.ops.pruned_conv2d with max_pool;
-- aten_pool_alone: F.max_pool2d on the conv's output (what the fusion replaces).
+- aten_pool_alone: F.max_pool2d on the conv's output (what the fusion replaces);
+- ours_pool_alone: pyprune.ops.max_pool2d on the conv's output.
 Each round times every provider once, in shuffled order; figures are medians over rounds of same-round ratios.
     python benchmarks/max_pool_table.py [--rounds 7] [--out benchmarks/results/cpu]
 """
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from sparse_linear_providers import environment, interleaved_samples, write_table
 
-from pyprune.ops import pruned_conv2d
+from pyprune.ops import max_pool2d, pruned_conv2d
 
 # (name, C_in, C_out, kernel, stride, padding, side, (pool kernel, stride, padding))
 CASES = [
@@ -48,10 +50,12 @@ def providers(case, batch, keep, channels_last, gen):
     }
     y = conv()
     fns["aten_pool_alone"] = lambda: F.max_pool2d(y, *pool)
+    fns["ours_pool_alone"] = lambda: max_pool2d(y, *pool)
     # the check that the timed paths agree (a benchmark of a wrong result is worthless)
     want = fns["aten"]()
     torch.testing.assert_close(fns["ours_fused"](), want, rtol=1e-3, atol=1e-3)
     assert torch.equal(fns["ours_fused"](), fns["ours_aten_pool"]())
+    assert torch.equal(fns["ours_pool_alone"](), fns["aten_pool_alone"]())
     return fns
 
 
@@ -67,24 +71,27 @@ def run_case(case, batch, keep, channels_last, rounds, batch_s, rng, gen):
         **{f"{name}_median_s": v for name, v in med.items()},
         "fused_vs_ours_aten_pool": ratio("ours_aten_pool", "ours_fused"),
         "fused_vs_aten": ratio("aten", "ours_fused"),
+        "pool_alone_vs_aten": ratio("aten_pool_alone", "ours_pool_alone"),
     }  # fmt: skip
 
 
 def markdown(rows, env) -> str:
     lines = [
-        f"# PrunedConv2d's fused max pool (CPU)\n\n{env['cpu']}, ISA {env['kernel_isa']}, {env['threads']} "
-        f"threads, torch {env['torch']}, fp32. Median times, and medians of same-round ratios, over "
-        "interleaved rounds.\n",
+        "# PrunedConv2d's fused max pool and pyprune.ops.max_pool2d (CPU)\n\n"
+        f"{env['cpu']}, ISA {env['kernel_isa']}, {env['threads']} threads, torch {env['torch']}, fp32. Median "
+        "times, and medians of same-round ratios, over interleaved rounds.\n",
         "| case | keep | batch | format | aten conv+pool ms | ours + ATen pool ms | ours fused ms | "
-        "ATen pool alone ms | fused vs ours + ATen pool | fused vs aten |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "ATen pool alone ms | ours pool alone ms | fused vs ours + ATen pool | fused vs aten | "
+        "ours pool alone vs ATen pool |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['case']} | {r['keep']} | {r['batch']} | {r['format']} | {1e3 * r['aten_median_s']:.3f} | "
             f"{1e3 * r['ours_aten_pool_median_s']:.3f} | {1e3 * r['ours_fused_median_s']:.3f} | "
-            f"{1e3 * r['aten_pool_alone_median_s']:.3f} | {r['fused_vs_ours_aten_pool']:.2f}x | "
-            f"{r['fused_vs_aten']:.2f}x |"
+            f"{1e3 * r['aten_pool_alone_median_s']:.3f} | {1e3 * r['ours_pool_alone_median_s']:.3f} | "
+            f"{r['fused_vs_ours_aten_pool']:.2f}x | {r['fused_vs_aten']:.2f}x | "
+            f"{r['pool_alone_vs_aten']:.2f}x |"
         )
     return "\n".join(lines) + "\n"
 

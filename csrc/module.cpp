@@ -73,6 +73,10 @@ PYBIND11_MODULE(_C, m) {
     return e(x, weight, bias, in_index, out_index, out_channels, IA(stride), IA(padding), IA(dilation), groups, relu,
              IA(max_pool), relu_max, residual);
   });
+  m.def("max_pool2d", [](T x, Ints kernel_size, Ints stride, Ints padding) {
+    static const Entry<at::Tensor(T, IA, IA, IA)> e("pyprune::max_pool2d");
+    return e(x, IA(kernel_size), IA(stride), IA(padding));
+  });
   m.def("cpu_features", []() {
     const auto f = pyprune::detect_cpu_features();
     pybind11::dict d;

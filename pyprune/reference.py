@@ -223,6 +223,12 @@ def pruned_conv2d_ref(
     return y.contiguous(memory_format=_memory_format(x))
 
 
+def max_pool2d_ref(x: Tensor, kernel_size: list[int], stride: list[int], padding: list[int]) -> Tensor:
+    """F.max_pool2d with dilation 1 and floor mode, in x's memory format."""
+    y = torch.nn.functional.max_pool2d(x, kernel_size, stride, padding)
+    return y.contiguous(memory_format=_memory_format(x))
+
+
 def _memory_format(x: Tensor) -> torch.memory_format:
     """channels_last when x is laid out so (and not trivially both), else contiguous: what F.conv2d returns."""
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():

@@ -22,7 +22,7 @@
 // (out_index) in NCHW or channels_last. Depthwise convs take vectors over channels on channels_last x (and on
 // NCHW x restaged, for rows under 128 pixels; dw_cl_units); other convs with one input channel per group a
 // direct stencil loop. An optional max pool (max_pool) runs over the finished output in a second parallel pass
-// (pool_units).
+// (max_pool2d's kernel, csrc/cpu/max_pool2d.cpp).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -40,6 +40,7 @@
 #include "pyprune/check.h"
 #include "pyprune/cpu_features.h"
 #include "pyprune/derived_cache.h"
+#include "pyprune/max_pool.h"
 #include "pyprune/scratch.h"
 #include "pyprune/token_tiles.h"
 
@@ -1261,105 +1262,7 @@ using UnitFn = void (*)(const ConvArgs&, int64_t, int64_t);
 using ClFn = void (*)(const ConvArgs&, const ClArgs&, int64_t, int64_t);
 using RestageFn = void (*)(const ConvArgs&, int64_t, float*, int64_t, int64_t);
 
-// ---- the fused max pool ------------------------------------------------------------------------------------
-// y = max_pool2d(yc) as F.max_pool2d computes it with dilation 1 and floor mode: windows clipped to yc, a NaN in
-// a window wins. A window's rows are reduced first (runs of whole rows, which vectorize), then along the row.
-struct PoolArgs {
-  int64_t KH, KW, SH, SW, PH, PW;
-  const float* s;  // yc, and its sizes
-  int64_t N, C, H, W;
-  float* d;  // y, and its map
-  int64_t OH, OW;
-  bool channels_last;
-};
 
-// max(x, y) with a NaN in either winning, as in F.max_pool2d (the select vectorizes as compare and blend).
-PYPRUNE_INLINE float max_nan(float x, float y) { return (y > x || y != y) ? y : x; }
-
-// d[j] = max_nan(d[j], s[j]) for j < n.
-PYPRUNE_INLINE void max_into(float* __restrict d, const float* __restrict s, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) d[j] = max_nan(d[j], s[j]);
-}
-
-// d[j] = the max_nan of a[j], b[j] and c[j] (c null: of a[j] and b[j]) for j < n: one pass for the
-// common 2- and 3-wide windows instead of a copy and one max_into per further row (ResNet-50's stem pool at
-// batch 8, alternating processes: 3.16 -> 2.44 ms; batch 1, where reading the conv's output bounds it, 0.32 ms
-// either way).
-PYPRUNE_INLINE void max_of(float* __restrict d, const float* __restrict a, const float* __restrict b,
-                           const float* __restrict c, int64_t n) {
-  if (c) {
-    for (int64_t j = 0; j < n; ++j) d[j] = max_nan(max_nan(a[j], b[j]), c[j]);
-  } else {
-    for (int64_t j = 0; j < n; ++j) d[j] = max_nan(a[j], b[j]);
-  }
-}
-
-// d = the maximum of the m rows s, s + ld, ... (n floats each).
-PYPRUNE_INLINE void max_rows(float* d, const float* s, int64_t ld, int64_t m, int64_t n) {
-  if (m == 2 || m == 3) {
-    max_of(d, s, s + ld, m == 3 ? s + 2 * ld : nullptr, n);
-    return;
-  }
-  std::memcpy(d, s, n * sizeof(float));
-  for (int64_t i = 1; i < m; ++i) max_into(d, s + i * ld, n);
-}
-
-// Output rows [r0, r1) of one NCHW plane (H x W -> OH x OW). v: the window rows' maximum over the padded
-// columns, whose padding stays -inf; h: the stride-1 window maximum along v, of which every SW-th is an
-// output. h spans whole vectors (pool_h floats; v KW - 1 more), so that its loops have no scalar tail.
-PYPRUNE_INLINE int64_t pool_h(const PoolArgs& p) { return round_up((p.OW - 1) * p.SW + 1, kLanes); }
-PYPRUNE_INLINE void pool_plane(const PoolArgs& p, const float* s, float* d, int64_t r0, int64_t r1, float* v,
-                               float* h) {
-  const int64_t W = p.W, OW = p.OW, hn = pool_h(p);
-  const int64_t wn = std::min(W, (OW - 1) * p.SW + p.KW - p.PW);  // the input columns a window reads
-  std::fill(v, v + hn + p.KW - 1, -std::numeric_limits<float>::infinity());
-  float* vc = v + p.PW;  // input column 0
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t i0 = std::max<int64_t>(0, r * p.SH - p.PH), i1 = std::min(p.H, r * p.SH - p.PH + p.KH);
-    max_rows(vc, s + i0 * W, W, i1 - i0, wn);
-    max_rows(h, v, 1, p.KW, hn);
-    float* dr = d + r * OW;
-    if (p.SW == 1) {
-      std::memcpy(dr, h, OW * sizeof(float));
-    } else if (p.SW == 2) {  // a constant stride, which the vectorizer turns into lane permutes
-      for (int64_t o = 0; o < OW; ++o) dr[o] = h[2 * o];
-    } else {
-      for (int64_t o = 0; o < OW; ++o) dr[o] = h[o * p.SW];
-    }
-  }
-}
-
-// Output row r of one channels_last image (H x W x C -> OH x OW x C): each output pixel's window, channel runs.
-PYPRUNE_INLINE void pool_cl_row(const PoolArgs& p, const float* s, float* d, int64_t r) {
-  const int64_t W = p.W, C = p.C;
-  const int64_t i0 = std::max<int64_t>(0, r * p.SH - p.PH), i1 = std::min(p.H, r * p.SH - p.PH + p.KH);
-  for (int64_t o = 0; o < p.OW; ++o) {
-    const int64_t j0 = std::max<int64_t>(0, o * p.SW - p.PW), j1 = std::min(W, o * p.SW - p.PW + p.KW);
-    float* out = d + (r * p.OW + o) * C;
-    std::memcpy(out, s + (i0 * W + j0) * C, C * sizeof(float));
-    for (int64_t i = i0; i < i1; ++i)
-      for (int64_t j = i == i0 ? j0 + 1 : j0; j < j1; ++j) max_into(out, s + (i * W + j) * C, C);
-  }
-}
-
-// Units [u0, u1): output rows (image, row) of channels_last y, else (plane, row) of NCHW y.
-PYPRUNE_INLINE void pool_units(const PoolArgs& p, int64_t u0, int64_t u1) {
-  const int64_t OH = p.OH, OW = p.OW, H = p.H, W = p.W, C = p.C;
-  if (p.channels_last) {
-    for (int64_t u = u0; u < u1; ++u)
-      pool_cl_row(p, p.s + (u / OH) * H * W * C, p.d + (u / OH) * OH * OW * C, u % OH);
-    return;
-  }
-  const int64_t hn = pool_h(p);
-  std::vector<float> buf(2 * hn + p.KW - 1);
-  for (int64_t u = u0; u < u1;) {  // the rows of one plane in this range at a time
-    const int64_t plane = u / OH, r0 = u % OH, r1 = std::min(OH, r0 + (u1 - u));
-    pool_plane(p, p.s + plane * H * W, p.d + plane * OH * OW, r0, r1, buf.data() + hn, buf.data());
-    u += r1 - r0;
-  }
-}
-
-using PoolFn = void (*)(const PoolArgs&, int64_t, int64_t);
 
 #define PYPRUNE_CONV_ISA(SUFFIX, TARGET, V)                                                                 \
   TARGET void gemm_##SUFFIX(const ConvArgs& a, int64_t u0, int64_t u1) { gemm_units<V>(a, u0, u1); }        \
@@ -1377,8 +1280,7 @@ using PoolFn = void (*)(const PoolArgs&, int64_t, int64_t);
   TARGET void few_out_##SUFFIX(const ConvArgs& a, int64_t u0, int64_t u1) { few_out_units<V>(a, u0, u1); }   \
   TARGET void restage_##SUFFIX(const ConvArgs& a, int64_t Ck, float* xt, int64_t b0, int64_t b1) {          \
     restage_units<V>(a, Ck, xt, b0, b1);                                                                    \
-  }                                                                                                         \
-  TARGET void pool_##SUFFIX(const PoolArgs& p, int64_t u0, int64_t u1) { pool_units(p, u0, u1); }
+  }
 PYPRUNE_CONV_ISA(baseline, , VecBaseline)
 #if PYPRUNE_X86
 PYPRUNE_CONV_ISA(avx2, PYPRUNE_TARGET_AVX2, VecAvx2)
@@ -1482,17 +1384,6 @@ void zero_unwritten(at::Tensor& y, const std::vector<int64_t>& out_ids, bool cha
       std::memset(p + (u / nr) * y.stride(0) + r.first * plane, 0, (r.second - r.first) * plane * sizeof(float));
     }
   });
-}
-
-// yc (N, C, H, W) -> y (N, C, OH, OW), both NCHW or both channels_last; units of about 16 Ki window reads.
-void pool_output(PoolArgs p, const at::Tensor& yc, at::Tensor& y, bool channels_last) {
-  p.s = yc.data_ptr<float>(), p.d = y.data_ptr<float>(), p.channels_last = channels_last;
-  p.N = yc.size(0), p.C = yc.size(1), p.H = yc.size(2), p.W = yc.size(3), p.OH = y.size(2), p.OW = y.size(3);
-  const PoolFn fn = PYPRUNE_ISA_ENTRY(pool);
-  const int64_t per_row = p.OW * p.KH * p.KW * (channels_last ? p.C : 1);
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, per_row));
-  at::parallel_for(0, (channels_last ? p.N : p.N * p.C) * p.OH, grain,
-                   [&](int64_t u0, int64_t u1) { fn(p, u0, u1); });
 }
 
 // NCHW x's kept channels restaged as channels_last into xt, (N * H * W, c_in), in one parallel pass.
@@ -1947,10 +1838,9 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
                 "must be empty or (kernel_h, kernel_w, stride_h, stride_w, padding_h, padding_w), got ", max_pool);
   PYPRUNE_CHECK(!residual.has_value() || max_pool.empty(), kOp, "residual",
                 "cannot be combined with max_pool (the pool would have to follow the residual add)");
-  PoolArgs p{};
+  PoolWindow p{};
   if (!max_pool.empty()) {
-    p.KH = max_pool[0], p.KW = max_pool[1], p.SH = max_pool[2], p.SW = max_pool[3], p.PH = max_pool[4];
-    p.PW = max_pool[5];
+    p = {max_pool[0], max_pool[1], max_pool[2], max_pool[3], max_pool[4], max_pool[5]};
     PYPRUNE_CHECK(p.KH >= 1 && p.KW >= 1 && p.SH >= 1 && p.SW >= 1 && p.PH >= 0 && p.PW >= 0 &&
                       2 * p.PH <= p.KH && 2 * p.PW <= p.KW,
                   kOp, "max_pool", "needs kernel >= 1, stride >= 1 and 0 <= padding <= kernel / 2, got ", max_pool);
@@ -1961,14 +1851,7 @@ at::Tensor pruned_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   if (max_pool.empty()) return yc;
   PYPRUNE_CHECK(yc.size(2) + 2 * p.PH >= p.KH && yc.size(3) + 2 * p.PW >= p.KW, kOp, "max_pool",
                 "gives an empty output for the conv's ", yc.size(2), " x ", yc.size(3), " output, got ", max_pool);
-  const int64_t OH = (yc.size(2) + 2 * p.PH - p.KH) / p.SH + 1, OW = (yc.size(3) + 2 * p.PW - p.KW) / p.SW + 1;
-  const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
-  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  if (yc.scalar_type() != at::kFloat)
-    return at::max_pool2d(yc, {p.KH, p.KW}, {p.SH, p.SW}, {p.PH, p.PW}).contiguous(fmt);
-  at::Tensor y = at::empty({yc.size(0), yc.size(1), OH, OW}, yc.options().memory_format(fmt));
-  if (y.numel() > 0) pool_output(p, yc.contiguous(fmt), y, channels_last);
-  return y;
+  return max_pool2d_checked(yc, p, x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous());
 }
 
 TORCH_LIBRARY_IMPL(pyprune, CPU, m) { m.impl("pruned_conv2d", &pruned_conv2d_cpu); }

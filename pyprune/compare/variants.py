@@ -11,13 +11,14 @@
   ``pyprune.nn.PrunedConv2d.from_dense``, its following eval-mode BatchNorm folded and ReLU and nn.MaxPool2d
   fused where the fx graph shows the conv's output feeding only them, and a skip connection's add (and a
   ReLU after it) where the conv's output feeds only an add of a same-shaped tensor (shapes from one run of
-  the example input);
+  the example input); other nn.MaxPool2d layers become ``pyprune.nn.MaxPool2d``;
 - ``csr``: the masked model converted with ``convert(layout="csr")``; ``bsr``: ``sparsify(pattern="block")`` of
   the layers whose shape tiles by ``block``, converted to BSR; ``2:4``: ``sparsify(pattern="2:4")`` then
   ``convert(layout="2:4")`` (density is fixed at 1/2, so it is built once, at level 0.5). Conv2d layers are
   converted too when ``pyprune.nn.SparseConv2d`` exists; otherwise their masks are baked into plain convs.
   In all three, an eval-mode BatchNorm2d that alone follows a conv is folded into it first (``fold_bn``; zeros
-  stay zeros), as channel-pyprune folds its own;
+  stay zeros), as channel-pyprune folds its own, and each nn.MaxPool2d becomes ``pyprune.nn.MaxPool2d`` (the
+  kernel channel-pyprune fuses into its convs; ATen's NCHW max pool is many times slower on the CPU);
 - ``torch.sparse``: the masked model's Linear weights as ``torch.sparse_csr`` tensors, ``y^T = W @ x^T`` through
   ``torch.mm`` (MKL on CPU): the incumbent sparse baseline.
 """
@@ -460,7 +461,8 @@ class Builder:
         out = convert(folded, layout="csr", block=self.block, inplace=folded is not self.masked(level))
         _, why = _convert_convs(out, "csr", self.block)
         baked = _bake_all(out)
-        return out, _sparse_note(out, "csr", baked, why, n_bn, why_bn)
+        pools = _pyprune_pools(out)
+        return out, _sparse_note(out, "csr", baked, why, n_bn, why_bn, pools)
 
     def torch_sparse(self, level: float) -> tuple[nn.Module, str]:
         out = copy.deepcopy(self.masked(level))
@@ -519,7 +521,7 @@ class Builder:
             raise NotApplicable(
                 f"no Linear layer {shape}" + (f" and no conv converts ({why})" if convs else "")
             )
-        note = _sparse_note(out, method, 0, "", n_bn, why_bn)
+        note = _sparse_note(out, method, 0, "", n_bn, why_bn, _pyprune_pools(out))
         if bad or kept:
             note += f", {len(bad) + kept} kept dense" + (f" ({why})" if why else "")
         return out, note
@@ -567,6 +569,9 @@ class Builder:
             parts.append(f"{c['residual']} residual add fused")
         if c["pool"]:
             parts.append(f"{c['pool']} max pool fused")
+        pools = _pyprune_pools(out)  # the pools no conv feeds alone
+        if pools:
+            parts.append(f"{pools} max pool -> pyprune")
         if c["skipped"]:
             parts.append(f"{c['skipped']} conv kept")
         if c["why"]:
@@ -574,8 +579,21 @@ class Builder:
         return out, "; ".join([note] + [", ".join(parts)])
 
 
-def _sparse_note(model: nn.Module, layout: str, baked: int, why: str, bn: int = 0, why_bn: str = "") -> str:
-    """What a sparse variant holds: its sparse layers, the layers left dense and why, the BNs folded."""
+def _pyprune_pools(model: nn.Module) -> int:
+    """Replace, in place, every nn.MaxPool2d that ``pyprune.nn.MaxPool2d`` covers by one; returns how many."""
+    from ..nn import MaxPool2d
+    from ..nn.pruned_conv2d import fusable_max_pool
+
+    names = [n for n, m in model.named_modules() if type(m) is nn.MaxPool2d and fusable_max_pool(m)]
+    for name in names:
+        _set(model, name, MaxPool2d.from_dense(model.get_submodule(name)))
+    return len(names)
+
+
+def _sparse_note(model: nn.Module, layout: str, baked: int, why: str, bn: int = 0, why_bn: str = "",
+                 pools: int = 0) -> str:  # fmt: skip
+    """What a sparse variant holds: its sparse layers, the layers left dense and why, the BNs folded, the max
+    pools on pyprune's kernel."""
     from ..nn import SparseLinear
 
     n_lin = sum(isinstance(m, SparseLinear) for m in model.modules())
@@ -590,4 +608,6 @@ def _sparse_note(model: nn.Module, layout: str, baked: int, why: str, bn: int = 
         note += f", {bn} BN folded"
     elif why_bn:
         note += f", {why_bn}"
+    if pools:
+        note += f", {pools} max pool -> pyprune"
     return note

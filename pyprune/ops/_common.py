@@ -16,6 +16,7 @@ from . import _library  # noqa: F401  (the schemas, before torch.ops.pyprune is 
 # and none for an op that an older build of it lacks (its calls go through torch.ops)
 _ENTRY_NAMES = (
     "csr_linear", "bsr_linear", "sparse24_linear", "csr_conv2d", "bsr_conv2d", "sparse24_conv2d", "pruned_conv2d",
+    "max_pool2d",
 )  # fmt: skip
 C_ENTRIES = {
     getattr(torch.ops.pyprune, name).default: getattr(_extension._C, name)

@@ -39,6 +39,9 @@ SCHEMAS = {
     "pruned_conv2d": "pruned_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor? in_index, Tensor? out_index, "
     "int out_channels, int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu, "
     "int[] max_pool=[], float? relu_max=None, Tensor? residual=None) -> Tensor",
+    # F.max_pool2d(x, kernel_size, stride, padding) with dilation 1 and floor mode, in x's memory format: the
+    # kernel of pruned_conv2d's fused max pool on its own (ATen's NCHW max pool is many times slower on the CPU).
+    "max_pool2d": "max_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor",
     # private: the CUDA kernel of csrc/cuda/pruned_conv2d.cu, called by pruned_conv2d's router (which checks the
     # arguments first); registered for CUDA only, by pyprune._C when built with CUDA.
     "_pruned_conv2d_cuda": "_pruned_conv2d_cuda(Tensor x, Tensor weight, Tensor? bias, Tensor? in_index, "

@@ -262,6 +262,61 @@ def test_sparse_variants_fold_bn(method):
             torch.testing.assert_close(mod(x), b.masked(0.5)(x), rtol=1e-4, atol=1e-5)
 
 
+class _PoolNet(nn.Module):
+    """A stem (conv, BN, ReLU, max pool), a conv and a ceil-mode pool (which pyprune's kernel does not
+    cover)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn = nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.conv2 = nn.Conv2d(32, 32, 3, padding=1)
+        self.ceil = nn.MaxPool2d(2, ceil_mode=True)
+
+    def forward(self, x):
+        return self.ceil(self.conv2(self.pool(self.bn(self.conv1(x)).relu())))
+
+
+@pytest.mark.parametrize("method", ["csr", "bsr", "2:4"])
+def test_sparse_variants_run_max_pools_on_pyprunes_kernel(method):
+    net = _PoolNet().eval()
+    x = torch.randn(2, 3, 13, 13)
+    b = Builder(net, (x,))
+    mod, note = b.build(method, 0.5)
+    assert "1 max pool -> pyprune" in note
+    assert type(mod.pool) is pyprune.nn.MaxPool2d and type(mod.ceil) is nn.MaxPool2d
+    assert type(net.pool) is nn.MaxPool2d  # the model given is untouched
+    if method == "csr":
+        with torch.no_grad():
+            torch.testing.assert_close(mod(x), b.masked(0.5)(x), rtol=1e-4, atol=1e-5)
+
+
+class _PoolAfterAddNet(nn.Module):
+    """A pool after a skip connection's add: no conv feeds it alone, so channel-pyprune cannot fuse it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        y = self.conv1(x).relu()
+        return self.head(self.pool(self.conv2(y) + y))
+
+
+def test_channel_pyprune_runs_unfused_max_pools_on_pyprunes_kernel():
+    net = _PoolAfterAddNet().eval()
+    x = torch.randn(2, 3, 12, 12)
+    b = Builder(net, (x,))
+    mod, note = b.build("channel-pyprune", 0.5)
+    assert "1 max pool -> pyprune" in note
+    assert type(mod.pool) is pyprune.nn.MaxPool2d
+    channel, _ = b.build("channel", 0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(mod(x), channel(x), rtol=1e-4, atol=1e-5)
+
+
 def test_builder_not_applicable_and_unknown():
     mlp = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
     b = Builder(mlp, (torch.randn(2, 8),))

@@ -12,7 +12,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from pyprune.nn import PrunedConv2d, SparseConv2d, SparseLinear
+from pyprune.nn import MaxPool2d, PrunedConv2d, SparseConv2d, SparseLinear
 
 common = importlib.import_module("pyprune.ops._common")
 
@@ -30,6 +30,8 @@ def _module(name):
     if name == "pruned_conv2d":
         m = PrunedConv2d.from_dense(torch.nn.Conv2d(8, 12, 3, padding=1), keep_in=[0, 2, 5, 7], relu=True)
         return m, torch.randn(2, 8, 9, 9)
+    if name == "max_pool2d":
+        return MaxPool2d(3, 2, 1), torch.randn(2, 8, 9, 9)
     layout = {"csr_conv2d": "csr", "bsr_conv2d": "bsr", "sparse24_conv2d": "2:4"}[name]
     conv = torch.nn.Conv2d(16, 12, 3, padding=1)
     block = {"block": (4, 4)} if layout == "bsr" else {}
@@ -38,7 +40,7 @@ def _module(name):
 
 
 NAMES = ["csr_linear", "bsr_linear", "sparse24_linear", "csr_conv2d", "bsr_conv2d", "sparse24_conv2d",
-         "pruned_conv2d"]  # fmt: skip
+         "pruned_conv2d", "max_pool2d"]  # fmt: skip
 
 
 @pytest.fixture
@@ -85,7 +87,8 @@ def test_no_grad_calls_take_the_entry_with_torch_ops_result(spy, monkeypatch, na
 def test_autograd_compile_and_torch_function_take_torch_ops(spy, name):
     m, x = _module(name)
     calls = spy(name)
-    y = m(x)  # grad mode and a weight that requires grad: the autograd kernel's path
+    # grad mode and a weight (a max pool has none: its input) that requires grad: the autograd kernel's path
+    y = m(x if list(m.parameters()) else x.clone().requires_grad_())
     assert y.grad_fn is not None
     x_grad = x.clone().requires_grad_()
     with torch.no_grad():

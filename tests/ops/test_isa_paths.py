@@ -83,6 +83,12 @@ for cin, cout, k, s, p, side in ((20, 12, 1, 1, 0, 7), (12, 10, 3, 1, 1, 13), (1
     want = _conv2d_weight_sampled_ref(x.double(), g.double(), rows, cols, *conv)
     err = (got.double() - want).abs().max().item()
     assert err < 1e-3, ("_conv2d_weight_sampled", cin, cout, k, s, side, err)
+# the max pool (vectorized per target): NCHW rows of whole and partial vectors, channels_last runs of 17
+for shape, k, s, p in (((2, 3, 40, 37), 3, 2, 1), ((1, 17, 9, 11), (2, 3), 1, (1, 0))):
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(shape).contiguous(memory_format=fmt)
+        got = pyprune.ops.max_pool2d(x, k, s, p)
+        assert torch.equal(got, F.max_pool2d(x, k, s, p)), ("max_pool2d", shape)
 print("ok")
 """
 

@@ -14,6 +14,8 @@ from pyprune.ops import pruned_conv2d
 from pyprune.ops.pruned_conv2d import pruned_conv2d_checked_ref
 from pyprune.reference import _memory_format, pruned_conv2d_ref
 
+from .test_max_pool2d import nan_inf_input
+
 OP = torch.ops.pyprune.pruned_conv2d
 
 # (C_in, C_out, kernel, stride, padding, dilation, groups, side, batch): 1x1 and kxk, stride 2, dilation,
@@ -650,20 +652,12 @@ def test_max_pool_matches_reference(case, pool, channels_last):
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_max_pool_keeps_nan_and_inf_like_f_max_pool2d(channels_last):
-    # a depthwise 1x1 identity conv, so the pool sees x itself: NaN wins wherever a window holds one, -inf
-    # never beats a number, +inf always does
-    x = torch.randn(2, 20, 11, 13)
-    x[0, 3, 4, 5] = float("nan")
-    x[1, 17, 0, 0] = float("nan")
-    x[0, :, 7, :] = float("-inf")
-    x[1, 5, 10, 12] = float("inf")
-    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    # a depthwise 1x1 identity conv, so the fused pool sees x itself
+    x = nan_inf_input(channels_last)
     ones = torch.ones(20, 1, 1, 1)
     y = OP(x, ones, None, None, None, 20, [1, 1], [0, 0], [1, 1], 20, False, [3, 3, 2, 2, 1, 1])
-    want = F.max_pool2d(x, 3, 2, 1)
-    # (4, 5) lies in the windows of output row 2, columns 2 and 3; (0, 0) in one window
-    assert torch.equal(y.isnan(), want.isnan()) and y.isnan().sum() == 2 + 1
-    torch.testing.assert_close(y, want, equal_nan=True, rtol=0, atol=0)
+    assert y.isnan().sum() == 2 + 1
+    torch.testing.assert_close(y, F.max_pool2d(x, 3, 2, 1), equal_nan=True, rtol=0, atol=0)
 
 
 def test_max_pool_gradients_match_reference_autograd():
