@@ -43,7 +43,8 @@ bsr_conv2d_module = importlib.import_module("pyprune.ops.bsr_conv2d")
 # transposed tiles run flat across images: 7x7 batch 5 and 3x3 batch 9 put two to eight images in one tile
 # (NCHW: outputs stored a run per image), and 33x35 has tiles across the image boundary. (The planes staged per
 # column shift of taps_aligned need more nonzeros per weight column than these have: see
-# test_dense_columns_read_aligned_taps.)
+# test_dense_columns_read_aligned_taps.) 200->20 1x1 on 195 pixels: channels_last at 90% takes 48-pixel
+# tiles (4 and a 3-pixel tail), at 50% 64-pixel ones.
 CASES = [
     (7, 5, (1, 1), 1, 0, 1, (7, 7), 1),
     (16, 24, (1, 1), 1, 0, 1, (8, 8), 3),
@@ -62,6 +63,7 @@ CASES = [
     (70, 20, (1, 1), 1, 0, 1, (7, 7), 5),
     (40, 18, (1, 1), 1, 0, 1, (3, 3), 9),
     (8, 12, (3, 3), 2, 1, 1, (32, 32), 2),
+    (200, 20, (1, 1), 1, 0, 1, (15, 13), 1),
 ]
 
 
