@@ -1262,8 +1262,6 @@ using UnitFn = void (*)(const ConvArgs&, int64_t, int64_t);
 using ClFn = void (*)(const ConvArgs&, const ClArgs&, int64_t, int64_t);
 using RestageFn = void (*)(const ConvArgs&, int64_t, float*, int64_t, int64_t);
 
-
-
 #define PYPRUNE_CONV_ISA(SUFFIX, TARGET, V)                                                                 \
   TARGET void gemm_##SUFFIX(const ConvArgs& a, int64_t u0, int64_t u1) { gemm_units<V>(a, u0, u1); }        \
   TARGET void depthwise_##SUFFIX(const ConvArgs& a, int64_t u0, int64_t u1) { depthwise_units(a, u0, u1); } \
