@@ -3,8 +3,8 @@ pruned_conv2d's fused max pool.
 
 ATen's max pool on NCHW input runs an order of magnitude slower on the CPU than this kernel (ResNet-50's
 stem pool, benchmarks/results/*/max_pool.md), and a pruned model whose convs got faster spends a growing share
-of its time there. The output has x's memory format; a NaN in a window wins, as in F.max_pool2d. On CUDA the op runs
-ATen's max pool (cuDNN); dtypes other than float32 take ATen's on the CPU too.
+of its time there. The output has x's memory format; a NaN in a window wins, as in F.max_pool2d. On CUDA the
+op runs ATen's max pool (cuDNN); dtypes other than float32 take ATen's on the CPU too.
 
 Backward: the gradient goes to each window's maximum as in F.max_pool2d's (ATen's indices of x, recomputed).
 """
