@@ -1,5 +1,6 @@
-"""pytest-benchmark: the op pyprune::max_pool2d vs F.max_pool2d (ATen) on ResNet-50's stem pool (64 x 112 x
-112, 3x3 stride 2 padding 1) and VGG-16's last pool (512 x 14 x 14, 2x2), batch 1 and 8, NCHW and channels_last.
+"""pytest-benchmark: the op pyprune::max_pool2d vs F.max_pool2d (ATen) on ResNet-50's stem pool (64 x 112
+x 112, 3x3 stride 2 padding 1) and VGG-16's last pool (512 x 14 x 14, 2x2), batch 1 and 8, NCHW and
+channels_last.
 
 CI runs this with --benchmark-disable (each case once, as a smoke test). The numbers quoted in
 benchmarks/results/<device>/max_pool.md come from max_pool_table.py, which interleaves providers and repeats

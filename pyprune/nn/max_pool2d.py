@@ -11,8 +11,9 @@ from .pruned_conv2d import fusable_max_pool
 
 class MaxPool2d(nn.MaxPool2d):
     """``nn.MaxPool2d(kernel_size, stride, padding)`` (dilation 1, floor mode, no indices) through
-    ``pyprune.ops.max_pool2d``: the same values and gradients, in the input's memory format. Input (N, C, H, W)
-    or (C, H, W). ``from_dense(pool)`` converts an nn.MaxPool2d with those settings; ``to_dense()`` goes back."""
+    ``pyprune.ops.max_pool2d``: the same values and gradients, in the input's memory format. Input
+    (N, C, H, W) or (C, H, W). ``from_dense(pool)`` converts an nn.MaxPool2d with those settings;
+    ``to_dense()`` goes back."""
 
     def __init__(self, kernel_size, stride=None, padding=0) -> None:
         super().__init__(kernel_size, stride, padding)

@@ -48,7 +48,8 @@ def test_matches_f_max_pool2d_bit_for_bit(case, channels_last):
 def nan_inf_input(channels_last: bool) -> torch.Tensor:
     """(2, 20, 11, 13) with two NaNs, a row of -inf in every channel, a +inf and a plane of -inf (channel 9 of
     image 1). Pooled 3x3 stride 2 padding 1: NaN wins in 2 + 1 windows ((4, 5) lies in those of output row 2,
-    columns 2 and 3; (0, 0) in one), -inf never beats a number, +inf always does, the -inf plane stays -inf."""
+    columns 2 and 3; (0, 0) in one), -inf never beats a number, +inf always does, the -inf plane stays
+    -inf."""
     x = torch.randn(2, 20, 11, 13)
     x[0, 3, 4, 5] = float("nan")
     x[1, 17, 0, 0] = float("nan")
