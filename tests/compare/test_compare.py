@@ -373,7 +373,7 @@ def test_pool_hint_points_nchw_runs_at_channels_last():
 
     ran = "aten::max_pool2d_with_indices 46%, pyprune::pruned_conv2d[cpp] 40%, aten::addmm 7%"
     hint = _pool_hint(ran, "contiguous")
-    assert "max pool takes 46%" in hint and "--channels-last" in hint
+    assert "max pool takes 46%" in hint and "--channels-last" in hint and "pyprune.nn.MaxPool2d" in hint
     assert _pool_hint(ran, "channels_last") == ""  # already there
     assert _pool_hint("aten::mkldnn_convolution 80%, aten::max_pool2d_with_indices 7%", "contiguous") == ""
     assert _pool_hint("aten::addmm 90%", None) == ""
