@@ -99,8 +99,11 @@ def csr_conv2d_ref(
     stride: list[int],
     padding: list[int],
     dilation: list[int],
+    relu: bool = False,
+    residual: Tensor | None = None,
 ) -> Tensor:
-    """The weight is (out_channels, kh*kw*C_in) in tap-major columns: column (i*kw + j)*C_in + c is w[o, c, i, j]."""
+    """The weight is (out_channels, kh*kw*C_in) in tap-major columns: column (i*kw + j)*C_in + c is
+    w[o, c, i, j]. Epilogue: relu?(conv + bias + residual)."""
     kh, kw = kernel_size
     c_in = x.shape[1]
     w = torch.zeros(out_channels, kh * kw * c_in, dtype=values.dtype, device=values.device)
@@ -108,7 +111,8 @@ def csr_conv2d_ref(
         start, end = int(crow_indices[row]), int(crow_indices[row + 1])
         # a column given twice in a row adds up, as in the kernels (and torch.sparse)
         w[row].index_add_(0, col_indices[start:end].long(), values[start:end])
-    return _tap_major_conv2d(x, w, kernel_size, bias, stride, padding, dilation)
+    y = _tap_major_conv2d(x, w, kernel_size, bias, stride, padding, dilation)
+    return sparse_conv_epilogue(y, relu, residual)
 
 
 def bsr_conv2d_ref(
@@ -122,12 +126,23 @@ def bsr_conv2d_ref(
     stride: list[int],
     padding: list[int],
     dilation: list[int],
+    relu: bool = False,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """The weight is (out_channels, kh*kw*C_in) in tap-major columns, as in csr_conv2d_ref, stored as BSR
-    blocks (bh x bw) zero-padded past its edges."""
+    blocks (bh x bw) zero-padded past its edges. Epilogue as csr_conv2d_ref's."""
     kh, kw = kernel_size
     w = _bsr_matrix(crow_indices, col_indices, values, out_channels, kh * kw * x.shape[1])
-    return _tap_major_conv2d(x, w, kernel_size, bias, stride, padding, dilation)
+    y = _tap_major_conv2d(x, w, kernel_size, bias, stride, padding, dilation)
+    return sparse_conv_epilogue(y, relu, residual)
+
+
+def sparse_conv_epilogue(y: Tensor, relu: bool, residual: Tensor | None) -> Tensor:
+    """csr_conv2d's / bsr_conv2d's epilogue on their conv output ``y`` (a new tensor, changed in place):
+    ``relu?(y + residual)``."""
+    if residual is not None:
+        y.add_(residual)
+    return y.relu_() if relu else y
 
 
 def conv2d_weight(x: Tensor, w_shape, grad: Tensor, stride, padding, dilation, groups: int = 1) -> Tensor:

@@ -32,6 +32,8 @@ struct BsrConvArgs {
   int64_t n_tiles, n_parts, O, Wq, OW, OHW;
   bool cl_out;  // y is channels_last: rows leave in groups of 16 through 16x16 transposes
   float* y;
+  const float* res;  // the residual laid out as y (null: none), added after the bias
+  bool relu;  // then the ReLU
 };
 
 // acc (RB rows x NV vectors) = `init` (or zeros) + rows [i0, i0 + RB) of blocks [b0, b1) times the tile's
@@ -66,13 +68,14 @@ struct RowSink {
   const BsrConvArgs& a;
   const Tile& tl;
   float* y_img;
+  const float* r_img;  // the residual's image, laid out as y_img (null: none)
   alignas(64) float group[kLanes * ld];
   int64_t g0 = -1, gn = 0;  // first row in `group`, rows in it
 
   PYPRUNE_INLINE void emit(int64_t o, const V* acc) {
     const float bias = a.bias ? a.bias[o] : 0.f;
     if (!a.cl_out) {
-      store_tile<V, NV>(acc, tl, bias, a.Wq, a.OW, y_img + o * a.OHW);
+      store_tile<V, NV>(acc, tl, bias, a.Wq, a.OW, y_img + o * a.OHW, r_img ? r_img + o * a.OHW : nullptr, a.relu);
       return;
     }
     if (gn == 0) g0 = o;
@@ -80,7 +83,7 @@ struct RowSink {
     if (++gn == kLanes) flush();
   }
   PYPRUNE_INLINE void flush() {
-    if (gn) store_group_cl<V>(group, ld, gn, tl, a.Wq, a.OW, a.O, g0, y_img);
+    if (gn) store_group_cl<V>(group, ld, gn, tl, a.Wq, a.OW, a.O, g0, y_img, r_img, a.relu);
     gn = 0;
   }
 };
@@ -90,7 +93,7 @@ template <class V, int RB, int NV>
 PYPRUNE_INLINE void rows_tile(const BsrConvArgs& a, const Tile& tl, const float* base, int64_t br0, int64_t br1,
                               float* y_img, float* partial) {
   constexpr int64_t ld = NV * kLanes;
-  RowSink<V, NV> sink{a, tl, y_img};
+  RowSink<V, NV> sink{a, tl, y_img, a.res ? a.res + (y_img - a.y) : nullptr};
   for (int64_t br = br0; br < br1; ++br) {
     const int64_t rows = std::min(a.bh, a.O - br * a.bh);
     const int64_t b0 = a.crow[br], b1 = a.crow[br + 1];
@@ -179,7 +182,7 @@ at::Tensor dense_conv(const at::Tensor& x, const at::Tensor& crow, const at::Ten
 at::Tensor bsr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, const at::Tensor& col_indices,
                           const at::Tensor& values, int64_t out_channels, at::IntArrayRef kernel_size,
                           const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
-                          at::IntArrayRef dilation) {
+                          at::IntArrayRef dilation, bool relu, const std::optional<at::Tensor>& residual) {
   constexpr const char* op = "bsr_conv2d";
   check_compressed_args(x, crow_indices, col_indices, values, 3, op);
   const PlaneGeometry g = checked_plane_geometry(x, kernel_size, stride, padding, dilation, op);
@@ -204,12 +207,21 @@ at::Tensor bsr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   const UnitsFn fn = pick_units(isa, nv_max);
   const int64_t nv = tile_vecs(g, nv_max), tile = kLanes * nv;
   const int64_t plane = plane_stride(g, nv);
-  if (x.scalar_type() != at::kFloat || N * g.planes * plane >= (int64_t{1} << 31))
-    return dense_conv(x, crow, col, val, O, K, g, b, stride, padding, dilation);
+  if (x.scalar_type() != at::kFloat || N * g.planes * plane >= (int64_t{1} << 31)) {
+    at::Tensor yd = dense_conv(x, crow, col, val, O, K, g, b, stride, padding, dilation);
+    apply_epilogue(yd, checked_residual(residual, yd, g.cl, op), relu);
+    return yd;
+  }
   at::Tensor y = at::empty({N, O, g.OH, g.OW}, x.options().memory_format(g.cl ? at::MemoryFormat::ChannelsLast
                                                                                : at::MemoryFormat::Contiguous));
+  const at::Tensor res = checked_residual(residual, y, g.cl, op);
   if (N == 0 || O == 0) return y;
-  if (C == 0 || nnzb == 0) return b.defined() ? y.copy_(b.view({1, O, 1, 1}).expand_as(y)) : y.zero_();
+  if (C == 0 || nnzb == 0) {
+    if (b.defined()) y.copy_(b.view({1, O, 1, 1}).expand_as(y));
+    else y.zero_();
+    apply_epilogue(y, res, relu);
+    return y;
+  }
 
   // each column's offset; the columns of the last block column past K are never read (block_rows stops at K)
   const std::vector<int64_t> tap_off = tap_offsets(g, plane);
@@ -251,7 +263,9 @@ at::Tensor bsr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
                 g.OW,
                 g.OH * g.OW,
                 g.cl,
-                y.data_ptr<float>()};
+                y.data_ptr<float>(),
+                res.defined() ? res.data_ptr<float>() : nullptr,
+                relu};
   // Each thread takes a contiguous range of units of equal cost (vectors x block entries, plus a little per
   // block row); one thread for tiny convs (under ~64K vector FMAs), where waking the second costs more.
   const int64_t n_units = N * n_tiles * a.n_parts;

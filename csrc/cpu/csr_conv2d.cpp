@@ -42,6 +42,8 @@ struct ConvArgs {
   int64_t C, tile;
   float* y;
   bool pack_prefetch;  // channels_last tiles prefetch the pixels kPrefetchBlocks blocks ahead (x beyond the LLC)
+  const float* res;  // the residual laid out as y (null: none), added after the bias
+  bool relu;  // then the ReLU
 };
 
 // Two accumulator sets over alternate nonzeros: with 4 vectors, 8 independent FMA chains.
@@ -70,16 +72,17 @@ PYPRUNE_INLINE void row_tile(const int32_t* off, const float* val, int64_t nnz, 
 }
 
 // NCHW output of a packed tile that spans images (q = n * OHW + p): one run per image. yo: output channel o of
-// image 0; images are O * OHW apart.
+// image 0; images are O * OHW apart; ro: the residual's, laid out as y (null: none).
 template <class V, int NV>
-PYPRUNE_INLINE void store_tile_images(const V* acc, const Tile& tl, float bias, int64_t OHW, int64_t O, float* yo) {
+PYPRUNE_INLINE void store_tile_images(const V* acc, const Tile& tl, float bias, int64_t OHW, int64_t O, float* yo,
+                                      const float* ro, bool relu) {
   alignas(64) float buf[NV * kLanes];
   for (int t = 0; t < NV; ++t) store16(buf + kLanes * t, acc[t]);
   for (int64_t q = tl.q0, q1 = tl.q0 + tl.len; q < q1;) {
     const int64_t n = q / OHW, p = q - n * OHW, len = std::min(q1 - q, OHW - p);
-    float* d = yo + n * O * OHW + p;
+    const int64_t at = n * O * OHW + p;
     const float* s = buf + (q - tl.q0);
-    for (int64_t k = 0; k < len; ++k) d[k] = s[k] + bias;
+    for (int64_t k = 0; k < len; ++k) yo[at + k] = epilogue1(s[k] + bias, ro ? ro + at + k : nullptr, relu);
     q += len;
   }
 }
@@ -106,6 +109,7 @@ PYPRUNE_INLINE void rows_tile(const ConvArgs& a, const Tile& tl, const float* ba
   V acc[NV];
   alignas(64) float group[kLanes * NV * kLanes];  // channels_last: the current 16 rows, bias added
   const int64_t rows = r1 - r0;
+  const float* r_img = a.res ? a.res + (y_img - a.y) : nullptr;  // the residual's image, laid out as y_img
   for (int64_t k = 0; k < a.n_chunks; ++k) {
     const int32_t* lo = a.bnd + k * a.O;
     const int32_t* hi = lo + a.O;
@@ -121,14 +125,17 @@ PYPRUNE_INLINE void rows_tile(const ConvArgs& a, const Tile& tl, const float* ba
       if (next) prefetch_planes(a, next, (o - r0) * a.n_used / rows, (o - r0 + 1) * a.n_used / rows);
       const float bias = a.bias ? a.bias[o] : 0.f;
       if (!a.cl_out) {
-        if (a.pack_tiles && tl.dst < 0) store_tile_images<V, NV>(acc, tl, bias, a.OHW, a.O, y_img + o * a.OHW);
-        else store_tile<V, NV>(acc, tl, bias, a.Wq, a.OW, y_img + o * a.OHW);
+        const float* rc = r_img ? r_img + o * a.OHW : nullptr;
+        if (a.pack_tiles && tl.dst < 0)
+          store_tile_images<V, NV>(acc, tl, bias, a.OHW, a.O, y_img + o * a.OHW, rc, a.relu);
+        else
+          store_tile<V, NV>(acc, tl, bias, a.Wq, a.OW, y_img + o * a.OHW, rc, a.relu);
         continue;
       }
       const int64_t i = (o - r0) % kLanes;
       for (int t = 0; t < NV; ++t) store16(group + i * NV * kLanes + kLanes * t, acc[t] + bias);
       if (i == kLanes - 1 || o + 1 == r1)
-        store_group_cl<V>(group, NV * kLanes, i + 1, tl, a.Wq, a.OW, a.O, o - i, y_img);
+        store_group_cl<V>(group, NV * kLanes, i + 1, tl, a.Wq, a.OW, a.O, o - i, y_img, r_img, a.relu);
     }
   }
 }
@@ -305,7 +312,7 @@ Structure structure(const at::Tensor& crow, const at::Tensor& col, std::vector<i
 at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, const at::Tensor& col_indices,
                           const at::Tensor& values, int64_t out_channels, at::IntArrayRef kernel_size,
                           const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
-                          at::IntArrayRef dilation) {
+                          at::IntArrayRef dilation, bool relu, const std::optional<at::Tensor>& residual) {
   constexpr const char* op = "csr_conv2d";
   check_compressed_args(x, crow_indices, col_indices, values, 1, op);
   const PlaneGeometry g0 = checked_plane_geometry(x, kernel_size, stride, padding, dilation, op);
@@ -355,6 +362,7 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   // allocate (a huge padding) fails here at once, as in F.conv2d
   at::Tensor y = at::empty({N, O, OH, OW},
                            x.options().memory_format(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+  const at::Tensor res = checked_residual(residual, y, cl, op);
   std::vector<Tile> tiles = make_tiles(OH, OW, Wq, tile);
   const int64_t threads = at::get_num_threads();
   // row parts balanced by nnz; for channels_last output, in whole groups of 16 rows (one transposed store each)
@@ -395,10 +403,17 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   const at::Tensor b = checked_bias(bias, O, op, x.scalar_type());
   if (x.scalar_type() != at::kFloat || N * planes * plane >= (int64_t{1} << 31)) {
     check_structure(cr, ci, O, K);
-    return dense_conv(x, crow, col, val, O, kh, kw, b, stride, padding, dilation);
+    at::Tensor yd = dense_conv(x, crow, col, val, O, kh, kw, b, stride, padding, dilation);
+    apply_epilogue(yd, res, relu);
+    return yd;
   }
   if (N == 0 || O == 0) return y;
-  if (C == 0 || nnz == 0) return b.defined() ? y.copy_(b.view({1, O, 1, 1}).expand_as(y)) : y.zero_();
+  if (C == 0 || nnz == 0) {
+    if (b.defined()) y.copy_(b.view({1, O, 1, 1}).expand_as(y));
+    else y.zero_();
+    apply_epilogue(y, res, relu);
+    return y;
+  }
 
   const at::Tensor xc = cl ? x : x.contiguous();
 
@@ -449,7 +464,9 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
              C,
              tile,
              y.data_ptr<float>(),
-             pack_prefetch};
+             pack_prefetch,
+             res.defined() ? res.data_ptr<float>() : nullptr,
+             relu};
   const UnitsFn fn = pick_units(isa);
   // Each thread takes a contiguous range of units of equal cost (vectors x nonzeros, plus a little per row and,
   // on a tile's first row part, its packing): a short last tile or a light row part would otherwise leave one

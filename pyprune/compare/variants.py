@@ -101,7 +101,7 @@ def prunable_weights(model: nn.Module) -> int:
         elif isinstance(m, TorchSparseLinear):
             n += m.weight_csr.shape[0] * m.weight_csr.shape[1]
         elif _is_sparse_conv(m):
-            n += m.to_dense().weight.numel()
+            n += m.dense_conv().weight.numel()
     return n
 
 
@@ -118,7 +118,7 @@ def kept_weights(model: nn.Module) -> int:
         elif isinstance(m, TorchSparseLinear):
             n += int(torch.count_nonzero(m.weight_csr.values()))
         elif _is_sparse_conv(m):
-            n += int(torch.count_nonzero(m.to_dense().weight.detach()))
+            n += int(torch.count_nonzero(m.dense_conv().weight.detach()))
     return n
 
 
@@ -416,6 +416,67 @@ def fuse_pruned_convs(model: nn.Module, example: tuple | None = None) -> tuple[n
     return gm, counts
 
 
+class _PyPruneLeaves(torch.fx.Tracer):
+    """fx's tracer with pyprune's modules as leaves (their forward checks arguments fx cannot trace)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return type(m).__module__.startswith("pyprune.") or super().is_leaf_module(m, qualname)
+
+
+def fuse_sparse_epilogues(model: nn.Module, example: tuple) -> tuple[nn.Module, dict]:
+    """Moves each skip connection's add after a csr / bsr SparseConv2d, and a plain ReLU after the conv (or
+    the add), into the conv (``relu=True``; ``SparseConv2d(x, residual)``), where their kernels apply both in
+    their stores. ``model`` (a variant's own copy: its modules are reused) is changed in place when it is an
+    fx GraphModule (what fold_bn returns), else traced with pyprune's modules as leaves; ``example`` fixes the
+    tensors' shapes, which a residual must match. Returns (model, {"relu": n, "residual": n}); the model as
+    given when fx cannot trace it."""
+    counts = {"relu": 0, "residual": 0}
+    if not any(_is_sparse_conv(m) and m.layout in ("csr", "bsr") for m in model.modules()):
+        return model, counts
+    gm = model
+    if not isinstance(gm, torch.fx.GraphModule):
+        try:
+            graph = _PyPruneLeaves().trace(model)
+        except Exception:  # noqa: BLE001  (fx raises many types: the model stays unfused)
+            return model, counts
+        for node in graph.nodes:
+            node.type = None  # (see _traced_copy)
+        gm = torch.fx.GraphModule(model, graph)
+    modules, shared = dict(gm.named_modules()), _shared_modules(gm)
+    shapes = _tensor_shapes(gm, example)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or node.target in shared or len(node.args) != 1 or node.kwargs:
+            continue
+        conv = modules.get(node.target)
+        if not _is_sparse_conv(conv) or conv.layout not in ("csr", "bsr") or conv.relu:
+            continue
+        users = list(node.users)
+        residual = _residual_of(users[0], node, shapes) if len(users) == 1 else None
+        add_node = users[0] if residual is not None else None
+        users = list((add_node or node).users)
+        relu_node = None
+        if len(users) == 1 and _fusable_relu(users[0], modules) == (True, None):
+            relu_node = users[0]
+        conv.relu = relu_node is not None
+        counts["relu"] += relu_node is not None
+        if add_node is not None:  # the conv moves to the add's place, where its residual exists
+            with gm.graph.inserting_before(add_node):
+                fused = gm.graph.call_module(node.target, (node.args[0], residual))
+            (relu_node or add_node).replace_all_uses_with(fused)
+            if add_node in shapes:  # (a later add may take this output as its residual)
+                shapes[fused] = shapes[add_node]
+            for dead in (relu_node, add_node, node):
+                if dead is not None:
+                    gm.graph.erase_node(dead)
+            counts["residual"] += 1
+        elif relu_node is not None:
+            relu_node.replace_all_uses_with(node)
+            gm.graph.erase_node(relu_node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm, counts
+
+
 class Builder:
     """Builds the variants of one model, sharing the expensive steps (one unstructured mask per level, one
     channel-pruning search per level) between the methods that start from them."""
@@ -462,7 +523,8 @@ class Builder:
         _, why = _convert_convs(out, "csr", self.block)
         baked = _bake_all(out)
         pools = _pyprune_pools(out)
-        return out, _sparse_note(out, "csr", baked, why, n_bn, why_bn, pools)
+        out, fused = fuse_sparse_epilogues(out, self.args)
+        return out, _sparse_note(out, "csr", baked, why, n_bn, why_bn, pools, fused)
 
     def torch_sparse(self, level: float) -> tuple[nn.Module, str]:
         out = copy.deepcopy(self.masked(level))
@@ -521,7 +583,9 @@ class Builder:
             raise NotApplicable(
                 f"no Linear layer {shape}" + (f" and no conv converts ({why})" if convs else "")
             )
-        note = _sparse_note(out, method, 0, "", n_bn, why_bn, _pyprune_pools(out))
+        pools = _pyprune_pools(out)
+        out, fused = fuse_sparse_epilogues(out, self.args) if method == "bsr" else (out, None)
+        note = _sparse_note(out, method, 0, "", n_bn, why_bn, pools, fused)
         if bad or kept:
             note += f", {len(bad) + kept} kept dense" + (f" ({why})" if why else "")
         return out, note
@@ -591,9 +655,9 @@ def _pyprune_pools(model: nn.Module) -> int:
 
 
 def _sparse_note(model: nn.Module, layout: str, baked: int, why: str, bn: int = 0, why_bn: str = "",
-                 pools: int = 0) -> str:  # fmt: skip
+                 pools: int = 0, fused: dict | None = None) -> str:  # fmt: skip
     """What a sparse variant holds: its sparse layers, the layers left dense and why, the BNs folded, the max
-    pools on pyprune's kernel."""
+    pools on pyprune's kernel, the ReLUs and residual adds fused into its convs (``fused``)."""
     from ..nn import SparseLinear
 
     n_lin = sum(isinstance(m, SparseLinear) for m in model.modules())
@@ -610,4 +674,8 @@ def _sparse_note(model: nn.Module, layout: str, baked: int, why: str, bn: int = 
         note += f", {why_bn}"
     if pools:
         note += f", {pools} max pool -> pyprune"
+    if fused and fused["relu"]:
+        note += f", {fused['relu']} ReLU fused"
+    if fused and fused["residual"]:
+        note += f", {fused['residual']} residual add fused"
     return note

@@ -61,7 +61,7 @@ def _dense_weight(m: nn.Module) -> torch.Tensor | None:
         return m.weight
     sc = _sparse_conv_cls()
     if sc is not None and isinstance(m, sc) and hasattr(m, "to_dense"):
-        return m.to_dense().weight
+        return m.dense_conv().weight
     return None
 
 

@@ -105,9 +105,14 @@ class SparseConv2d(nn.Module):
     order (see the module docstring); for ``groups > 1`` (csr only) it is the block-diagonal embedding of
     the grouped weight, whose cross-group zeros are not stored.
 
+    ``relu=True`` applies a ReLU to the output, and ``module(input, residual)`` adds ``residual`` (the
+    output's shape) before it: a ResNet block's last conv, skip connection and ReLU in one call. csr_conv2d
+    and bsr_conv2d apply both in the kernel's stores (no pass over the output of their own); the other routes
+    (bsr's channels_last 1x1, 2:4) after the op, in place on its new output.
+
     Build it with :meth:`from_dense`; the constructor makes an all-zero weight of the right layout, which
-    ``load_state_dict`` then fills. Gradients reach the input, the stored nonzeros (``weight.values``) and the
-    bias; the pattern stays fixed.
+    ``load_state_dict`` then fills. Gradients reach the input, the stored nonzeros (``weight.values``), the
+    bias and the residual; the pattern stays fixed.
     """
 
     def __init__(
@@ -124,9 +129,13 @@ class SparseConv2d(nn.Module):
         block: tuple[int, int] = (32, 32),
         device=None,
         dtype=None,
+        relu: bool = False,
     ):
         super().__init__()
         _check_layout(layout)
+        if not isinstance(relu, bool):
+            raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
+        self.relu = relu
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         if self.in_channels <= 0 or self.out_channels <= 0:
             raise ValueError(
@@ -179,11 +188,13 @@ class SparseConv2d(nn.Module):
         sparsity: float | None = None,
         layout: str = "csr",
         block: tuple[int, int] = (32, 32),
+        relu: bool = False,
     ) -> SparseConv2d:
         """With ``sparsity``, drops the smallest-magnitude weights (bsr: the smallest-norm (bh, bw) tiles of the
         tap-major weight matrix; 2:4: the two smallest of every four consecutive tap-major inputs, i.e. input
         channels at one kernel position when in_channels % 4 == 0, so sparsity must be 0.5); with
-        ``sparsity=None`` keeps exactly the zeros already in ``conv.weight``."""
+        ``sparsity=None`` keeps exactly the zeros already in ``conv.weight``. ``relu`` fuses a ReLU after the
+        conv (and after the residual a call passes)."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be a torch.nn.Conv2d, got {type(conv).__name__}")
         _check_layout(layout)
@@ -196,6 +207,7 @@ class SparseConv2d(nn.Module):
         new = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
             conv.groups, bias=conv.bias is not None, layout=layout, block=block, device=w.device, dtype=w.dtype,
+            relu=relu,
         )  # fmt: skip
         w2 = tap_major(w)  # (C_out, kh*kw*C_in/groups)
         if sparsity is not None:
@@ -253,9 +265,11 @@ class SparseConv2d(nn.Module):
         pointwise = self.kernel_size == (1, 1) and self.padding == (0, 0)
         return pointwise and _channels_last(x if x.dim() == 4 else x.unsqueeze(0))
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         if not isinstance(input, Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+        if residual is not None and not isinstance(residual, Tensor):
+            raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
         if input.dim() not in (3, 4) or input.shape[-3] != self.in_channels:
             raise ValueError(
                 f"input must have shape (N, in_channels={self.in_channels}, H, W) or (in_channels, H, W), "
@@ -268,14 +282,48 @@ class SparseConv2d(nn.Module):
         if input.device != values.device:
             raise ValueError(f"input is on {input.device} but the weight is on {values.device}")
         x = input if input.dim() == 4 else input.unsqueeze(0)
-        if self.layout == "csr":  # the op checks the spatial size itself
+        res = None
+        if residual is not None:
+            if residual.dim() != input.dim():
+                raise ValueError(
+                    f"residual must have the output's shape (as many dimensions as input, {input.dim()}), "
+                    f"got {tuple(residual.shape)}"
+                )
+            if residual.device != values.device:
+                raise ValueError(f"residual is on {residual.device} but the weight is on {values.device}")
+            res = weight_dtype_input(residual, values.dtype) if residual.dtype != values.dtype else residual
+            res = res if res.dim() == 4 else res.unsqueeze(0)
+        if self.layout == "csr":  # the op checks the spatial size (and the residual's shape) itself
             y = ops.csr_conv2d(
                 x, wt.crow_indices, wt.col_indices, values, self.out_channels, self.kernel_size, self.bias,
-                self.stride, self.padding, self.dilation,
+                self.stride, self.padding, self.dilation, self.relu, res,
             )  # fmt: skip
             if _channels_last(x):
                 y = y.contiguous(memory_format=torch.channels_last)
             return y if input.dim() == 4 else y.squeeze(0)
+        if self.layout == "bsr" and not self._bsr_as_linear(x):
+            y = ops.bsr_conv2d(
+                x, wt.crow_indices, wt.col_indices, values, self.out_channels, self.kernel_size, self.bias,
+                self.stride, self.padding, self.dilation, self.relu, res,
+            )  # fmt: skip
+        else:
+            y = self._forward_unfused(x, wt, values, res)
+        return y if input.dim() == 4 else y.squeeze(0)
+
+    def _forward_unfused(self, x: Tensor, wt, values: Tensor, res: Tensor | None) -> Tensor:
+        """The routes whose ops have no epilogue (bsr's channels_last 1x1, 2:4): the op, then the residual and
+        the ReLU in place on its new output."""
+        y = self._conv(x, wt, values)
+        if res is not None:
+            if res.shape != y.shape:
+                raise ValueError(
+                    f"residual must have the output's shape {tuple(y.shape)}, got {tuple(res.shape)}"
+                )
+            y.add_(res)
+        return y.relu_() if self.relu else y
+
+    def _conv(self, x: Tensor, wt, values: Tensor) -> Tensor:
+        """conv2d of 4-D x through the linear ops or sparse24_conv2d (bsr's channels_last 1x1, and 2:4)."""
         n, c, h, w = x.shape
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
         oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
@@ -287,18 +335,11 @@ class SparseConv2d(nn.Module):
             )
         channels_last = _channels_last(x)
         pointwise = (kh, kw) == (1, 1) and (ph, pw) == (0, 0)
-        if self.layout == "bsr" and not self._bsr_as_linear(x):
-            y = ops.bsr_conv2d(
-                x, wt.crow_indices, wt.col_indices, values, self.out_channels, self.kernel_size, self.bias,
-                self.stride, self.padding, self.dilation,
-            )  # fmt: skip
-            return y if input.dim() == 4 else y.squeeze(0)
         if self.layout == "2:4" and self._sparse24_as_conv():
-            y = ops.sparse24_conv2d(
+            return ops.sparse24_conv2d(
                 x, values, wt.meta, self.out_channels, self.kernel_size, self.bias, self.stride, self.padding,
                 self.dilation,
             )  # fmt: skip
-            return y if input.dim() == 4 else y.squeeze(0)
         # loops over images / rows only in eager mode: a traced graph (dynamo, export, torch.jit.trace) would
         # unroll them for the example's batch and leave the rest of another batch's output unwritten
         eager = not torch.compiler.is_compiling() and not torch.jit.is_tracing()
@@ -319,8 +360,7 @@ class SparseConv2d(nn.Module):
                 xi = xs[i].reshape(c, pixels)
                 for j in range(0, pixels, step):
                     y[i, :, j : j + step] = self._linear(xi[:, j : j + step].t()).t()
-            y = y.view(n, self.out_channels, oh, ow)
-            return y if input.dim() == 4 else y.squeeze(0)
+            return y.view(n, self.out_channels, oh, ow)
         xl = x.permute(0, 2, 3, 1)  # (N, H, W, C): a view; contiguous iff the input is channels_last
         if pointwise:
             # 1x1: pixels are rows. A view for dense channels_last input; else one NHWC copy of the pixels
@@ -341,9 +381,7 @@ class SparseConv2d(nn.Module):
             else:
                 y = self._linear(self._im2col(xp)).view(n, oh, ow, self.out_channels)
         y = y.permute(0, 3, 1, 2)  # channels_last strides
-        if not channels_last:
-            y = y.contiguous()
-        return y if input.dim() == 4 else y.squeeze(0)
+        return y if channels_last else y.contiguous()
 
     def _im2col(self, xp: Tensor) -> Tensor:
         """(..., H, W, C) padded NHWC rows -> the (pixels, kh * kw * C) patch matrix in tap-major order."""
@@ -358,7 +396,14 @@ class SparseConv2d(nn.Module):
         patches = xp.unfold(-3, dh * (kh - 1) + 1, sh).unfold(-3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
         return patches.movedim(-3, -1).reshape(-1, kh * kw * xp.shape[-1])  # (..., OH, OW, kh, kw, C)
 
-    def to_dense(self) -> nn.Conv2d:
+    def to_dense(self) -> nn.Module:
+        """An equivalent plain-PyTorch module: the nn.Conv2d of :meth:`dense_conv`, followed by an nn.ReLU
+        when ``relu`` is on (for calls without a residual, which the ReLU would follow)."""
+        conv = self.dense_conv()
+        return nn.Sequential(conv, nn.ReLU()) if self.relu else conv
+
+    def dense_conv(self) -> nn.Conv2d:
+        """The nn.Conv2d holding this conv's weight (its zeros stored) and bias, without the fused ReLU."""
         kh, kw = self.kernel_size
         w = self.weight.to_dense().reshape(self.out_channels, kh, kw, self.in_channels)
         if self.groups != 1:
@@ -412,6 +457,8 @@ class SparseConv2d(nn.Module):
             s += f", groups={self.groups}"
         if self.bias is None:
             s += ", bias=False"
+        if self.relu:
+            s += ", relu=True"
         s += f", layout={self.layout}"
         if self.layout == "bsr":
             s += f", block={self.weight.block}"

@@ -51,24 +51,46 @@ def csr_conv2d(
     stride: int | Sequence[int] = 1,
     padding: int | Sequence[int] = 0,
     dilation: int | Sequence[int] = 1,
+    relu: bool = False,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """x: (N, C_in, H, W); W: (out_channels, kh*kw*C_in) in tap-major columns as CSR with int32 crow_indices
-    (out_channels + 1,) and col_indices (nnz,), values (nnz,); bias: (out_channels,) or None.
-    Returns conv2d(x, W, bias, stride, padding, dilation): (N, out_channels, OH, OW) in x's memory format."""
+    (out_channels + 1,) and col_indices (nnz,), values (nnz,); bias: (out_channels,) or None; residual: a
+    tensor of the output's shape added after the bias (a ResNet block's skip connection), or None; relu: a
+    ReLU applied last. Returns relu?(conv2d(x, W, bias, stride, padding, dilation) + residual): (N,
+    out_channels, OH, OW) in x's memory format."""
     return call_op(
         torch.ops.pyprune.csr_conv2d.default, x, crow_indices, col_indices, values, out_channels,
         pair(kernel_size, "kernel_size"), bias, pair(stride, "stride"), pair(padding, "padding"),
-        pair(dilation, "dilation"),
+        pair(dilation, "dilation"), relu, residual,
     )  # fmt: skip
 
 
-def check_args(x, crow, col, values, out_channels, kernel_size, bias, stride, padding, dilation):
+def check_args(x, crow, col, values, out_channels, kernel_size, bias, stride, padding, dilation, relu=False,
+               residual=None):  # fmt: skip
     """Shape, dtype and device checks (no index values: the kernels check those); returns (OH, OW)."""
     if x.dim() != 4:
         raise ValueError(f"{OP}: argument 'x' must be 4-D (N, C_in, H, W), got shape {tuple(x.shape)}")
     check_csr_arrays(OP, x, crow, col, values, out_channels, "out_channels")
     arrays = {"crow_indices": crow, "col_indices": col, "values": values}
-    return check_conv_args(OP, x, arrays, out_channels, kernel_size, bias, stride, padding, dilation)
+    oh, ow = check_conv_args(OP, x, arrays, out_channels, kernel_size, bias, stride, padding, dilation)
+    check_epilogue(OP, x, out_channels, (oh, ow), relu, residual)
+    return oh, ow
+
+
+def check_epilogue(op, x, out_channels, out_size, relu, residual) -> None:
+    """The fused epilogue's arguments of csr_conv2d / bsr_conv2d (``op``): relu a bool, residual None or a
+    tensor of the output's shape, x's dtype and device."""
+    if not isinstance(relu, bool):
+        raise TypeError(f"{op}: argument 'relu' must be a bool, got {type(relu).__name__}")
+    if residual is None:
+        return
+    want = (x.shape[0], out_channels, *out_size)
+    if residual.dtype != x.dtype or tuple(residual.shape) != want or residual.device != x.device:
+        raise ValueError(
+            f"{op}: argument 'residual' must be a {x.dtype} tensor of the output's shape {want} on "
+            f"{x.device}, got {residual.dtype} {tuple(residual.shape)} on {residual.device}"
+        )
 
 
 def check_conv_args(op, x, arrays, out_channels, kernel_size, bias, stride, padding, dilation):
@@ -100,10 +122,12 @@ def check_conv_args(op, x, arrays, out_channels, kernel_size, bias, stride, padd
 
 
 @torch.library.register_fake(OP)
-def _(x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation):
+def _(x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation,
+      relu=False, residual=None):  # fmt: skip
     oh, ow = check_args(
-        x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation
-    )
+        x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation,
+        relu, residual,
+    )  # fmt: skip
     y = x.new_empty((x.shape[0], out_channels, oh, ow))
     return y.contiguous(memory_format=reference._memory_format(x))
 
@@ -119,11 +143,14 @@ def dense_weight(
 
 
 def setup_context(ctx, inputs, output):
-    """What the sparse-weight conv ops (csr_conv2d, bsr_conv2d) keep for backward."""
-    x, crow, col, values, out_channels, kernel_size, bias, stride, padding, dilation = inputs
-    ctx.save_for_backward(x, crow, col, values)
+    """What the sparse-weight conv ops (csr_conv2d, bsr_conv2d) keep for backward: with relu, the output too
+    (its positive entries are where the gradient passes)."""
+    x, crow, col, values, out_channels, kernel_size, bias, stride, padding, dilation = inputs[:10]
+    relu = len(inputs) > 10 and inputs[10]
+    ctx.save_for_backward(x, crow, col, values, output if relu else None)
     ctx.conv = (out_channels, kernel_size, stride, padding, dilation)
     ctx.has_bias = bias is not None
+    ctx.has_residual = len(inputs) > 11 and inputs[11] is not None
 
 
 def sparse_backward(op, transpose_fn, dense_weight_fn, values_grad_fn):
@@ -138,7 +165,11 @@ def sparse_backward(op, transpose_fn, dense_weight_fn, values_grad_fn):
     stride, padding, dilation)."""
 
     def backward(ctx, grad):
-        x, crow, col, values = ctx.saved_tensors
+        x, crow, col, values, y = ctx.saved_tensors
+        if y is not None:  # the ReLU let the value through where it is positive
+            grad = grad * (y > 0)
+        # the residual is added before the ReLU: its gradient is the (masked) output gradient
+        grad_res = grad if ctx.has_residual and ctx.needs_input_grad[11] else None
         out_channels, kernel_size, stride, padding, dilation = ctx.conv
         c_in = x.shape[1]
         grad_x = grad_values = grad_b = None
@@ -157,7 +188,7 @@ def sparse_backward(op, transpose_fn, dense_weight_fn, values_grad_fn):
             grad_values = values_grad_fn(x, grad, crow, col, values, ctx.conv)
         if ctx.has_bias and ctx.needs_input_grad[6]:
             grad_b = grad.sum((0, 2, 3))
-        return grad_x, None, None, grad_values, None, None, grad_b, None, None, None
+        return grad_x, None, None, grad_values, None, None, grad_b, None, None, None, None, grad_res
 
     return backward
 
@@ -435,12 +466,13 @@ torch.library.register_autograd(
 
 
 def csr_conv2d_checked_ref(x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding,
-                           dilation):  # fmt: skip
+                           dilation, relu=False, residual=None):  # fmt: skip
     """The reference behind the full argument checks: the CPU kernel when _C lacks one, and the CUDA router's
     last resort."""
     check_args(
-        x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation
-    )
+        x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation,
+        relu, residual,
+    )  # fmt: skip
     kh, kw = kernel_size
     try:
         check_compressed(
@@ -450,8 +482,9 @@ def csr_conv2d_checked_ref(x, crow_indices, col_indices, values, out_channels, k
     except ValueError as e:
         raise ValueError(f"{OP}: {e}") from None
     return reference.csr_conv2d_ref(
-        x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation
-    )
+        x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation,
+        relu, residual,
+    )  # fmt: skip
 
 
 if not torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU"):
@@ -468,13 +501,14 @@ def _check_columns(crow: Tensor, col: Tensor, bound: int) -> None:
 
 
 def _csr_conv2d_triton(x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding,
-                       dilation):  # fmt: skip
+                       dilation, relu=False, residual=None):  # fmt: skip
     args = (x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation)
-    check_args(*args)
+    check_args(*args, relu, residual)
     bound = kernel_size[0] * kernel_size[1] * x.shape[1]
     _router._checked(_CSR_CONV2D_CHECKED, _check_columns, crow_indices, col_indices, bound)
     mod, _ = _router.load_triton_kernels()
-    return mod.csr_conv2d_triton(*args)
+    # the epilogue after the Triton kernel, on its new output (not fused there yet)
+    return reference.sparse_conv_epilogue(mod.csr_conv2d_triton(*args), relu, residual)
 
 
 def _csr_conv2d_triton_unavailable(x, *args) -> str | None:
@@ -491,6 +525,7 @@ __all__ = [
     "CSR_CONV2D_BACKENDS",
     "check_args",
     "check_conv_args",
+    "check_epilogue",
     "KXK_INPUT_GRAD_MAX_DENSITY",
     "SAMPLED_MAX_DENSITY",
     "cached_entries",

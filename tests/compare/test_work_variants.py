@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 import pyprune
+from pyprune.compare import variants
 from pyprune.compare.variants import Builder, NotApplicable, TorchSparseLinear, fold_bn, fuse_pruned_convs
 from pyprune.compare.work import measure_work, time_layers
 from pyprune.pruning import get_mask, sparsify
@@ -305,6 +306,40 @@ class _PoolAfterAddNet(nn.Module):
         return self.head(self.pool(self.conv2(y) + y))
 
 
+@pytest.mark.parametrize("method", ["csr", "bsr"])
+def test_sparse_variants_fuse_relus_and_skip_connections(method, monkeypatch):
+    torch.manual_seed(0)
+    net = _Blocks().eval()
+    x = torch.randn(2, 8, 9, 9)
+    mod, note = Builder(net, (x,), block=(4, 4)).build(method, 0.5)
+    # conv1's BN folded, then + x and the ReLU; y + conv2(y) without one; the broadcast, self-add, table stay
+    assert "1 ReLU fused, 2 residual add fused" in note
+    assert mod.conv1.relu and not mod.conv2.relu and not mod.conv3.relu
+    args = {n.target: n.args for n in mod.graph.nodes if n.op == "call_module"}
+    assert [len(args[f"conv{i}"]) for i in range(1, 6)] == [2, 2, 1, 1, 1]
+    adds = [n for n in mod.graph.nodes if n.op == "call_function" and "add" in str(n.target)]
+    assert len(adds) == 3
+    monkeypatch.setattr(variants, "fuse_sparse_epilogues", lambda m, example: (m, {"relu": 0, "residual": 0}))
+    unfused, plain = Builder(net, (x,), block=(4, 4)).build(method, 0.5)
+    assert "ReLU fused" not in plain and "residual" not in plain
+    with torch.no_grad():
+        torch.testing.assert_close(mod(x), unfused(x), rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_epilogues_fuse_in_a_model_without_bn_and_not_in_24():
+    # no BN: fold_bn hands back the model itself, which the fusion traces with pyprune's modules as leaves
+    net = _PoolAfterAddNet().eval()
+    x = torch.randn(2, 3, 12, 12)
+    b = Builder(net, (x,))
+    mod, note = b.build("csr", 0.5)
+    assert "1 ReLU fused, 1 residual add fused" in note
+    assert mod.conv1.relu and not mod.conv2.relu and type(net.conv1) is nn.Conv2d
+    with torch.no_grad():
+        torch.testing.assert_close(mod(x), b.masked(0.5)(x), rtol=1e-4, atol=1e-5)
+    _, note = Builder(_Blocks().eval(), (torch.randn(2, 8, 9, 9),)).build("2:4", 0.5)
+    assert "fused" not in note.replace("BN folded", "")
+
+
 def test_channel_pyprune_runs_unfused_max_pools_on_pyprunes_kernel():
     net = _PoolAfterAddNet().eval()
     x = torch.randn(2, 3, 12, 12)
@@ -366,7 +401,8 @@ def test_folded_and_fused_models_pickle():
 
     net = resnet18(num_classes=10).eval()
     x = torch.randn(1, 3, 32, 32)
-    for model in (fold_bn(net)[0], fuse_pruned_convs(net)[0]):
+    sparse = Builder(net, (x,)).build("csr", 0.5)[0]  # its convs with ReLUs and residuals fused
+    for model in (fold_bn(net)[0], fuse_pruned_convs(net)[0], sparse):
         buf = io.BytesIO()
         torch.save(model, buf)
         buf.seek(0)

@@ -390,6 +390,80 @@ def test_extra_repr():
     assert "block=(16, 16)" in r and "density=0.500" in r
 
 
+# (layout, kernel, padding, channels_last): each route of forward. csr_conv2d (NCHW 3x3; channels_last 1x1,
+# its tiles transposed), bsr_conv2d (channels_last 3x3, NCHW 1x1) apply the epilogue in the kernel; bsr's
+# channels_last 1x1 (bsr_linear), 2:4's kxk (sparse24_conv2d) and 1x1 (NCHW chunks; channels_last view) after
+# it
+ROUTES = [
+    pytest.param("csr", 3, 1, False, "csr_conv2d", id="csr-3x3-nchw"),
+    pytest.param("csr", 1, 0, True, "csr_conv2d", id="csr-1x1-cl"),
+    pytest.param("bsr", 3, 1, True, "bsr_conv2d", id="bsr-3x3-cl"),
+    pytest.param("bsr", 1, 0, False, "bsr_conv2d", id="bsr-1x1-nchw"),
+    pytest.param("bsr", 1, 0, True, "bsr_linear", id="bsr-1x1-cl"),
+    pytest.param("2:4", 3, 1, False, "sparse24_conv2d", id="24-3x3-nchw"),
+    pytest.param("2:4", 1, 0, False, "sparse24_linear", id="24-1x1-nchw"),
+    pytest.param("2:4", 1, 0, True, "sparse24_linear", id="24-1x1-cl"),
+]
+
+
+@pytest.mark.parametrize("layout,k,padding,channels_last,op", ROUTES)
+def test_relu_and_residual_on_every_route(layout, k, padding, channels_last, op):
+    conv = _masked_conv(16, 24, k, 1, padding, 1, 0.5, layout)
+    sc = SparseConv2d.from_dense(conv, layout=layout, block=(4, 4), relu=True)
+    x = torch.randn(2, 16, 7, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert sc.kernel_op(x) == op
+    res = torch.randn(2, 24, 7, 7)
+    xg, rg = x.clone().requires_grad_(), res.clone().requires_grad_()
+    y = sc(xg, rg)
+    want = (_reference(conv, x) + res.double()).relu()
+    torch.testing.assert_close(y.double(), want, atol=1e-4, rtol=1e-4)
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    x64, r64 = x.double().requires_grad_(), res.double().requires_grad_()
+    ((_reference(conv, x64) + r64).relu() * g.double()).sum().backward()
+    torch.testing.assert_close(xg.grad.double(), x64.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rg.grad.double(), r64.grad, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(sc(x).double(), _reference(conv, x).relu(), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(sc(x[1], res[1]).double(), want[1], atol=1e-4, rtol=1e-4)  # unbatched
+        torch.testing.assert_close(sc.to_dense()(x), sc(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="residual'? must have the output's shape"):  # the op's or forward's
+        sc(x, res[:, :-1])
+
+
+def test_relu_flag_repr_dense_and_bad_residual():
+    sc = SparseConv2d.from_dense(torch.nn.Conv2d(8, 4, 3), sparsity=0.5, relu=True)
+    assert "relu=True" in repr(sc) and "relu" not in repr(SparseConv2d.from_dense(torch.nn.Conv2d(8, 4, 3)))
+    dense = sc.to_dense()
+    assert isinstance(dense, torch.nn.Sequential) and isinstance(dense[1], torch.nn.ReLU)
+    assert isinstance(sc.dense_conv(), torch.nn.Conv2d)
+    x = torch.randn(2, 8, 6, 6)
+    with pytest.raises(TypeError, match="residual must be a torch.Tensor"):
+        sc(x, 1.0)
+    with pytest.raises(ValueError, match="residual must have the output's shape"):
+        sc(x, torch.randn(4, 4, 4))
+    with pytest.raises(ValueError, match="residual is on meta"):
+        sc(x, torch.randn(2, 4, 4, 4, device="meta"))
+    with pytest.raises(ValueError, match="'residual' must"):
+        sc(x, torch.randn(2, 4, 5, 4))
+    with pytest.raises(TypeError, match="dtype"):
+        sc(x, torch.randn(2, 4, 4, 4, dtype=torch.float64))
+    with pytest.raises(TypeError, match="relu must be a bool"):
+        SparseConv2d(8, 4, 3, relu=1)
+
+
+@pytest.mark.parametrize("layout", ["csr", "bsr"])
+def test_torch_compile_with_residual_matches_eager(layout):
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+    sc = SparseConv2d.from_dense(conv, sparsity=0.75, layout=layout, block=(4, 4), relu=True)
+    compiled = torch.compile(lambda x, r: sc(x, r), fullgraph=True, backend="aot_eager")
+    x, r = torch.randn(2, 8, 6, 6), torch.randn(2, 8, 6, 6)
+    torch.testing.assert_close(compiled(x, r), sc(x, r))
+
+
 def test_bad_input_raises_naming_the_argument():
     sc = SparseConv2d.from_dense(torch.nn.Conv2d(8, 4, 3), sparsity=0.5)
     with pytest.raises(ValueError, match="in_channels=8"):

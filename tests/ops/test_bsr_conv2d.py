@@ -252,6 +252,10 @@ def test_im2col_backend_matches():
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         assert y.is_contiguous(memory_format=fmt)
         torch.testing.assert_close(y, bsr_conv2d_ref(*args), rtol=1e-4, atol=1e-4)
+        res = torch.randn_like(y)  # the epilogue after bsr_linear
+        y = _bsr_conv2d_im2col(*args, True, res)
+        assert y.is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(y, (bsr_conv2d_ref(*args) + res).relu(), rtol=1e-4, atol=1e-4)
 
 
 def _bad(change):

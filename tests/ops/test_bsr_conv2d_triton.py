@@ -190,6 +190,12 @@ def test_routed_triton_backend_runs_the_interpreted_kernel(interp, monkeypatch):
     check_layout(y, args)
     # the router passes no allow_tf32: on the CPU the interpreter computes fp32 either way
     torch.testing.assert_close(y.double(), ref64(args), rtol=0, atol=fp32_tol(args))
+    # the epilogue after the kernel: relu(conv + residual)
+    res = torch.randn_like(y)
+    with _router.use_backend("triton"):
+        y = impl(*args, True, res)
+    check_layout(y, args)
+    torch.testing.assert_close(y.double(), (ref64(args) + res.double()).relu(), rtol=0, atol=fp32_tol(args))
 
 
 def _launch_recorder(monkeypatch):

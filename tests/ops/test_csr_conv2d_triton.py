@@ -178,6 +178,12 @@ def test_routed_triton_backend_runs_the_interpreted_kernel(interp, monkeypatch):
     check_layout(y, args)
     torch.testing.assert_close(y.double(), ref64(args), rtol=0, atol=fp32_tol(args))
 
+    res = torch.randn_like(y)  # the epilogue after the kernel: relu(conv + residual)
+    with _router.use_backend("triton"):
+        y = impl(*args, True, res)
+    check_layout(y, args)
+    torch.testing.assert_close(y.double(), (ref64(args) + res.double()).relu(), rtol=0, atol=fp32_tol(args))
+
 
 def _launch_recorder(monkeypatch):
     launched = []

@@ -51,6 +51,10 @@ for cin, cout, k, s, p, side, cl in ((12, 10, 1, 1, 0, 7, False), (12, 10, 3, 1,
     want = F.conv2d(x.double(), m.to_dense().weight.double(), m.bias.double(), s, p)
     err = (m(x).double() - want).abs().max().item()
     assert err < 1e-4, ("csr_conv2d", cin, cout, k, s, side, cl, err)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    m.relu, res = True, torch.randn(want.shape).contiguous(memory_format=fmt)
+    err = (m(x, res).double() - (want + res.double()).relu()).abs().max().item()  # the fused epilogue
+    assert err < 1e-4, ("csr_conv2d epilogue", cin, cout, k, s, side, cl, err)
 for cin, cout, k, s, p, side, cl, block in ((12, 10, 3, 1, 1, 20, False, (4, 8)),
                                             (16, 40, 3, 2, 1, 9, True, (16, 16)),
                                             (20, 18, 3, 1, 1, 13, True, (3, 5)),
@@ -62,6 +66,10 @@ for cin, cout, k, s, p, side, cl, block in ((12, 10, 3, 1, 1, 20, False, (4, 8))
     want = F.conv2d(x.double(), m.to_dense().weight.double(), m.bias.double(), s, p)
     err = (m(x).double() - want).abs().max().item()
     assert err < 1e-4, ("bsr_conv2d", cin, cout, k, s, side, cl, block, err)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    m.relu, res = True, torch.randn(want.shape).contiguous(memory_format=fmt)
+    err = (m(x, res).double() - (want + res.double()).relu()).abs().max().item()  # the fused epilogue
+    assert err < 1e-4, ("bsr_conv2d epilogue", cin, cout, k, s, side, cl, block, err)
 # 2:4 kxk: the implicit GEMM over a padded NHWC copy (C_in a multiple of 8; 20 outputs: a partial vector)
 for cin, cout, k, s, p, side, cl in ((16, 20, 3, 1, 1, 11, False), (24, 33, 3, 2, 1, 9, True)):
     m = SparseConv2d.from_dense(torch.nn.Conv2d(cin, cout, k, s, p), sparsity=0.5, layout="2:4")

@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -190,14 +191,50 @@ inline std::vector<Tile> make_tiles(int64_t OH, int64_t OW, int64_t Wq, int64_t 
   return tiles;
 }
 
-// NCHW output of one row of a tile (yc: the row's output channel), bias added; dropped columns skipped.
+// The residual of csr_conv2d's / bsr_conv2d's fused epilogue, y = relu?(conv + bias + residual): checked
+// against the output y (channels_last or not), returned laid out as y so that one offset serves both
+// (undefined: no residual).
+inline at::Tensor checked_residual(const std::optional<at::Tensor>& residual, const at::Tensor& y, bool cl,
+                                   const char* op) {
+  if (!residual.has_value()) return at::Tensor();
+  PYPRUNE_CHECK_DTYPE(*residual, op, "residual", y.scalar_type());
+  PYPRUNE_CHECK_CPU(*residual, op, "residual");
+  PYPRUNE_CHECK(residual->sizes() == y.sizes(), op, "residual", "must have the output's shape ", y.sizes(),
+                ", got ", residual->sizes());
+  return residual->contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+}
+
+// y = relu?(y + res) in place (res undefined: none), for the paths that compute y without the epilogue.
+inline void apply_epilogue(at::Tensor& y, const at::Tensor& res, bool relu) {
+  if (res.defined()) y.add_(res);
+  if (relu) y.clamp_min_(0);
+}
+
+// The sparse convs' epilogue after the bias: plus the residual's matching floats (r null: none), then the ReLU
+// (NaN stays NaN, as in F.relu).
+template <class V>
+PYPRUNE_INLINE V epilogue16(V v, const float* r, bool relu) {
+  if (r) v += load16<V>(r);
+  return relu ? relu16(v, std::numeric_limits<float>::infinity()) : v;
+}
+PYPRUNE_INLINE float epilogue1(float v, const float* r, bool relu) {
+  if (r) v += *r;
+  return relu ? relu1(v, std::numeric_limits<float>::infinity()) : v;
+}
+
+// NCHW output of one row of a tile (yc: the row's output channel), bias added, then the epilogue (rc: the
+// residual's same channel, laid out as y, or null); dropped columns skipped.
 template <class V, int NV>
-PYPRUNE_INLINE void store_tile(const V* acc, const Tile& tl, float bias, int64_t Wq, int64_t OW, float* yc) {
+PYPRUNE_INLINE void store_tile(const V* acc, const Tile& tl, float bias, int64_t Wq, int64_t OW, float* yc,
+                               const float* rc, bool relu) {
   if (tl.dst >= 0) {
     float* d = yc + tl.dst;
+    const float* r = rc ? rc + tl.dst : nullptr;
     int t = 0;
-    for (; t < NV && (t + 1) * kLanes <= tl.len; ++t) store16(d + kLanes * t, acc[t] + bias);
-    for (int64_t k = t * kLanes; k < tl.len; ++k) d[k] = acc[t][k - t * kLanes] + bias;
+    for (; t < NV && (t + 1) * kLanes <= tl.len; ++t)
+      store16(d + kLanes * t, epilogue16(acc[t] + bias, r ? r + kLanes * t : nullptr, relu));
+    for (int64_t k = t * kLanes; k < tl.len; ++k)
+      d[k] = epilogue1(acc[t][k - t * kLanes] + bias, r ? r + k : nullptr, relu);
     return;
   }
   alignas(64) float buf[NV * kLanes];
@@ -206,17 +243,20 @@ PYPRUNE_INLINE void store_tile(const V* acc, const Tile& tl, float bias, int64_t
   for (int64_t q = tl.q0; q < q1;) {
     const int64_t oh = q / Wq, row = oh * Wq;
     const int64_t valid_end = std::min(q1, row + OW);
-    float* d = yc + oh * OW - row;
-    for (int64_t k = q; k < valid_end; ++k) d[k] = buf[k - tl.q0] + bias;
+    const int64_t at = oh * OW - row;  // y's offset of q in this row
+    for (int64_t k = q; k < valid_end; ++k)
+      yc[at + k] = epilogue1(buf[k - tl.q0] + bias, rc ? rc + at + k : nullptr, relu);
     q = std::min(q1, row + Wq);
   }
 }
 
 // channels_last output: rows [o0, o0 + g) of one tile, buffered as buf[row][q - q0] (bias added), go out as
-// y[pixel][o0 .. o0 + g), a whole group through in-register 16x16 transposes, a partial one element-wise.
+// y[pixel][o0 .. o0 + g), a whole group through in-register 16x16 transposes, a partial one element-wise; the
+// epilogue with r_img (the residual laid out as y_img, or null).
 template <class V>
 PYPRUNE_INLINE void store_group_cl(const float* buf, int64_t ldb, int64_t g, const Tile& tl, int64_t Wq,
-                                   int64_t OW, int64_t O, int64_t o0, float* y_img) {
+                                   int64_t OW, int64_t O, int64_t o0, float* y_img, const float* r_img,
+                                   bool relu) {
   auto pixel = [&](int64_t q) {  // output pixel of q, or -1 for a dropped column
     if (tl.dst >= 0) return tl.dst + q - tl.q0;  // the tile's outputs are contiguous: no division
     const int64_t oh = q / Wq, ow = q - oh * Wq;
@@ -230,14 +270,17 @@ PYPRUNE_INLINE void store_group_cl(const float* buf, int64_t ldb, int64_t g, con
       transpose16(r);
       for (int64_t j = 0; j < n; ++j) {
         const int64_t p = pixel(tl.q0 + qb + j);
-        if (p >= 0) store16(y_img + p * O + o0, r[j]);
+        if (p >= 0) store16(y_img + p * O + o0, epilogue16(r[j], r_img ? r_img + p * O + o0 : nullptr, relu));
       }
       continue;
     }
     for (int64_t j = 0; j < n; ++j) {
       const int64_t p = pixel(tl.q0 + qb + j);
       if (p < 0) continue;
-      for (int64_t i = 0; i < g; ++i) y_img[p * O + o0 + i] = buf[i * ldb + qb + j];
+      for (int64_t i = 0; i < g; ++i) {
+        const int64_t at = p * O + o0 + i;
+        y_img[at] = epilogue1(buf[i * ldb + qb + j], r_img ? r_img + at : nullptr, relu);
+      }
     }
   }
 }
