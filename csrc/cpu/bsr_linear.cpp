@@ -20,6 +20,8 @@ struct BsrArgs {
   const float* bias;
   int64_t M, K, N, bh, bw;
   UnitOrder order;
+  const float* res;  // bsr_conv2d's residual, laid out as y (null: none), added after the bias
+  bool relu;  // then the ReLU
 };
 
 // out = (in, or zeros if in is null) + block rows [i0, i0 + RB) of block `blk` times xt's slice, plus addend
@@ -90,7 +92,8 @@ PYPRUNE_INLINE void tile_units(const BsrArgs& a, const float* xt, const float* x
                                addend ? addend + q : nullptr, tile);
         }
       }
-      store_transposed<V>(out, tile, rows, std::min(tile, a.M - m0), a.bias, y, a.N, br * a.bh, m0);
+      store_transposed<V>(out, tile, rows, std::min(tile, a.M - m0), a.bias, y, a.N, br * a.bh, m0, a.res,
+                          a.relu);
     }
   }
 }
@@ -98,8 +101,8 @@ PYPRUNE_INLINE void tile_units(const BsrArgs& a, const float* xt, const float* x
 // Few tokens: bound by the weight bytes, so each block is streamed once, contiguously (row by row inside it),
 // into per-row partial sums kept in an L1 buffer (acc: rows x MT vectors), reduced at the end of the block row.
 template <class V, int MT>
-PYPRUNE_INLINE void gather_rows(const BsrArgs& a, const float* x, int64_t b0, int64_t b1, float* y, V* acc,
-                                float* tail) {
+PYPRUNE_INLINE void gather_rows(const BsrArgs& a, const float* x, int64_t b0, int64_t b1, float* y,
+                                const float* res, V* acc, float* tail) {
   for (int64_t br = b0; br < b1; ++br) {
     const int64_t rows = std::min(a.bh, a.N - br * a.bh);
     for (int64_t q = 0; q < rows * MT; ++q) {
@@ -127,7 +130,9 @@ PYPRUNE_INLINE void gather_rows(const BsrArgs& a, const float* x, int64_t b0, in
       for (int m = 0; m < MT; ++m) {
         float sum = tail[i * MT + m];
         for (int l = 0; l < kLanes; ++l) sum += acc[i * MT + m][l];
-        y[m * a.N + r] = sum + (a.bias ? a.bias[r] : 0.f);
+        sum += a.bias ? a.bias[r] : 0.f;
+        if (res) sum += res[m * a.N + r];
+        y[m * a.N + r] = a.relu ? relu1(sum, std::numeric_limits<float>::infinity()) : sum;
       }
     }
   }
@@ -142,10 +147,12 @@ PYPRUNE_INLINE void gather_units(const BsrArgs& a, const float* x, const int64_t
   for (int64_t p = p0; p < p1; ++p)
     for (int64_t m0 = 0; m0 < a.M; m0 += MT) {
       if (a.M - m0 >= MT) {
-        gather_rows<V, MT>(a, x + m0 * a.K, bounds[p], bounds[p + 1], y + m0 * a.N, acc, tail.data());
+        gather_rows<V, MT>(a, x + m0 * a.K, bounds[p], bounds[p + 1], y + m0 * a.N,
+                           a.res ? a.res + m0 * a.N : nullptr, acc, tail.data());
       } else {
         for (int64_t m = m0; m < a.M; ++m)
-          gather_rows<V, 1>(a, x + m * a.K, bounds[p], bounds[p + 1], y + m * a.N, acc, tail.data());
+          gather_rows<V, 1>(a, x + m * a.K, bounds[p], bounds[p + 1], y + m * a.N,
+                            a.res ? a.res + m * a.N : nullptr, acc, tail.data());
       }
     }
 }
@@ -222,15 +229,21 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   at::Tensor y = linear_output(x, N);
   if (M == 0 || N == 0) return y;
   if (K == 0 || nnzb == 0) return bias_only(y, b);
+  bsr_linear_rows(x, M, crow, col, val, N, b, y.data_ptr<float>(), nullptr, false);
+  return y;
+}
 
+void bsr_linear_rows(const at::Tensor& x, int64_t M, const at::Tensor& crow, const at::Tensor& col,
+                     const at::Tensor& val, int64_t N, const at::Tensor& b, float* yp, const float* res, bool relu) {
+  const int64_t K = x.size(-1), bh = val.size(1), bw = val.size(2), nnzb = val.size(0);
+  const int64_t n_brows = (N + bh - 1) / bh;
   BsrArgs a{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), val.data_ptr<float>(),
-            b.defined() ? b.data_ptr<float>() : nullptr, M, K, N, bh, bw, UnitOrder{}};
+            b.defined() ? b.data_ptr<float>() : nullptr, M, K, N, bh, bw, UnitOrder{}, res, relu};
   const int32_t* cr = a.crow;
   const int64_t block_cost = bh * bw;
   auto prefix = [cr, block_cost](int64_t r) { return static_cast<int64_t>(cr[r]) * block_cost; };
   const int64_t threads = at::get_num_threads();
   const Isa isa = kernel_isa();
-  float* yp = y.data_ptr<float>();
 
   if (M <= kGatherMaxTokens) {
     const auto bounds = balanced_split(n_brows, threads * 8, prefix, bh * 4);
@@ -239,7 +252,7 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
     const float* xp = xc.data_ptr<float>();
     at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1,
                      [&](int64_t p0, int64_t p1) { fn(a, xp, bounds.data(), p0, p1, yp); });
-    return y;
+    return;
   }
   // A block row walks its block columns in order, so xt streams through the prefetchers: the widest tile wins,
   // up to the number of tokens (padding lanes are computed for nothing).
@@ -254,7 +267,6 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   const float* xtp = xo.xt_data();
   const float* xrp = xo.rows_data();
   at::parallel_for(0, n_units, 1, [&](int64_t u0, int64_t u1) { fn(a, xtp, xrp, bounds.data(), u0, u1, yp); });
-  return y;
 }
 
 TORCH_LIBRARY_IMPL(pyprune, CPU, m) { m.impl("bsr_linear", &bsr_linear_cpu); }

@@ -9,12 +9,13 @@ field (Fast Sparse ConvNets, Elsen et al. 2020, for the 1x1 case).
   per stride phase once per call, or through 16x16 transposes from channels_last input; see
   csrc/cpu/csr_conv2d.cpp for the cases it reads in place or copies / transposes per tile).
 - **bsr**: ``pyprune::bsr_conv2d``, the same implicit GEMM over the stored blocks (csrc/cpu/bsr_conv2d.cpp:
-  RB rows of a block share each loaded run of pixels), except an unpadded 1x1 conv on channels_last input,
-  which goes to bsr_linear as below. On CUDA bsr_conv2d runs a Triton implicit GEMM over the blocks
-  (kernels/bsr_conv2d.py), else builds the patch matrix for bsr_linear's GPU kernels.
+  RB rows of a block share each loaded run of pixels); an unpadded 1x1 conv on channels_last input runs
+  bsr_linear's kernel inside it, over the (pixels, C_in) matrix as it lies. On CUDA bsr_conv2d runs a Triton
+  implicit GEMM over the blocks (kernels/bsr_conv2d.py), else builds the patch matrix for bsr_linear's GPU
+  kernels; there the unpadded channels_last 1x1 conv goes to bsr_linear as below.
 - **2:4** on kxk (and padded 1x1) convs with C_in a multiple of 8: ``pyprune::sparse24_conv2d``, an implicit
   GEMM with sparse24_linear's kernel, each output pixel's inputs read from one zero-padded NHWC copy of x.
-- **2:4** otherwise (and bsr's channels_last 1x1): the sparse-linear ops in the NHWC (channels_last)
+- **2:4** otherwise (and bsr's channels_last 1x1 on CUDA): the sparse-linear ops in the NHWC (channels_last)
   arrangement, where a pixel's channels are contiguous:
   - 1x1, channels_last input: the input *is* the (N*H*W, C_in) activation matrix (a view, no copy), and the
     op's (N*H*W, C_out) output *is* the channels_last result.
@@ -108,7 +109,7 @@ class SparseConv2d(nn.Module):
     ``relu=True`` applies a ReLU to the output, and ``module(input, residual)`` adds ``residual`` (the
     output's shape) before it: a ResNet block's last conv, skip connection and ReLU in one call. csr_conv2d
     and bsr_conv2d apply both in the kernel's stores (no pass over the output of their own); the other routes
-    (bsr's channels_last 1x1, 2:4) after the op, in place on its new output.
+    (2:4, bsr's channels_last 1x1 on CUDA) after the op, in place on its new output.
 
     Build it with :meth:`from_dense`; the constructor makes an all-zero weight of the right layout, which
     ``load_state_dict`` then fills. Gradients reach the input, the stored nonzeros (``weight.values``), the
@@ -258,12 +259,11 @@ class SparseConv2d(nn.Module):
         return not pointwise and self.in_channels % 8 == 0
 
     def _bsr_as_linear(self, x: Tensor) -> bool:
-        """bsr on an unpadded 1x1 conv over channels_last input: the input is the (pixels, C_in) activation
-        matrix as it lies, which bsr_linear's kernel reads without staging (2 threads, Xeon VM: bsr_conv2d
-        1.0-7x slower on ResNet-50's 1x1 convs there; on NCHW input it is 1.2-9x faster than bsr_linear over
-        transposed chunks, except 256->64 @56 batch 8 at 0.8x)."""
+        """bsr on an unpadded 1x1 conv over channels_last input off the CPU: the input is the (pixels, C_in)
+        activation matrix as it lies, for bsr_linear's GPU kernels. (On the CPU bsr_conv2d runs bsr_linear's
+        kernel on it itself, with the epilogue.)"""
         pointwise = self.kernel_size == (1, 1) and self.padding == (0, 0)
-        return pointwise and _channels_last(x if x.dim() == 4 else x.unsqueeze(0))
+        return pointwise and x.device.type != "cpu" and _channels_last(x if x.dim() == 4 else x.unsqueeze(0))
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         if not isinstance(input, Tensor):
@@ -311,8 +311,8 @@ class SparseConv2d(nn.Module):
         return y if input.dim() == 4 else y.squeeze(0)
 
     def _forward_unfused(self, x: Tensor, wt, values: Tensor, res: Tensor | None) -> Tensor:
-        """The routes whose ops have no epilogue (bsr's channels_last 1x1, 2:4): the op, then the residual and
-        the ReLU in place on its new output."""
+        """The routes whose ops have no epilogue (2:4, bsr's channels_last 1x1 on CUDA): the op, then the
+        residual and the ReLU in place on its new output."""
         y = self._conv(x, wt, values)
         if res is not None:
             if res.shape != y.shape:
@@ -323,7 +323,7 @@ class SparseConv2d(nn.Module):
         return y.relu_() if self.relu else y
 
     def _conv(self, x: Tensor, wt, values: Tensor) -> Tensor:
-        """conv2d of 4-D x through the linear ops or sparse24_conv2d (bsr's channels_last 1x1, and 2:4)."""
+        """conv2d of 4-D x through the linear ops or sparse24_conv2d (2:4, bsr's channels_last 1x1 on CUDA)."""
         n, c, h, w = x.shape
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
         oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1

@@ -392,14 +392,14 @@ def test_extra_repr():
 
 # (layout, kernel, padding, channels_last): each route of forward. csr_conv2d (NCHW 3x3; channels_last 1x1,
 # its tiles transposed), bsr_conv2d (channels_last 3x3, NCHW 1x1) apply the epilogue in the kernel; bsr's
-# channels_last 1x1 (bsr_linear), 2:4's kxk (sparse24_conv2d) and 1x1 (NCHW chunks; channels_last view) after
-# it
+# channels_last 1x1 (bsr_linear's kernel inside bsr_conv2d) in the kernel; 2:4's kxk (sparse24_conv2d) and 1x1
+# (NCHW chunks; channels_last view) after it
 ROUTES = [
     pytest.param("csr", 3, 1, False, "csr_conv2d", id="csr-3x3-nchw"),
     pytest.param("csr", 1, 0, True, "csr_conv2d", id="csr-1x1-cl"),
     pytest.param("bsr", 3, 1, True, "bsr_conv2d", id="bsr-3x3-cl"),
     pytest.param("bsr", 1, 0, False, "bsr_conv2d", id="bsr-1x1-nchw"),
-    pytest.param("bsr", 1, 0, True, "bsr_linear", id="bsr-1x1-cl"),
+    pytest.param("bsr", 1, 0, True, "bsr_conv2d", id="bsr-1x1-cl"),
     pytest.param("2:4", 3, 1, False, "sparse24_conv2d", id="24-3x3-nchw"),
     pytest.param("2:4", 1, 0, False, "sparse24_linear", id="24-1x1-nchw"),
     pytest.param("2:4", 1, 0, True, "sparse24_linear", id="24-1x1-cl"),
@@ -563,7 +563,7 @@ def test_profile_names_the_op_forward_runs():
     bsr3 = SparseConv2d.from_dense(conv3, sparsity=0.5, layout="bsr", block=(2, 2))
     calls = [(point, x), (point, xcl), (half, xcl), (k3, xcl), (bsr, x), (bsr, xcl), (bsr3, xcl)]
     assert [module_op(m, inp) for m, inp in calls] == [
-        "csr_conv2d", "csr_conv2d", "csr_conv2d", "csr_conv2d", "bsr_conv2d", "bsr_linear", "bsr_conv2d"
+        "csr_conv2d", "csr_conv2d", "csr_conv2d", "csr_conv2d", "bsr_conv2d", "bsr_conv2d", "bsr_conv2d"
     ]  # fmt: skip
     for m, inp in calls:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

@@ -27,7 +27,9 @@ OP = torch.ops.pyprune.bsr_conv2d
 # edges
 # (33 rows in 16-row blocks; K = 9 * 33 in 32-wide blocks), taller than 16 rows and not a divisor of 16 (the
 # channels_last output leaves in groups of 16 rows), one block holding the whole weight, and a strided 3x3 in
-# blocks that divide both channel counts (its input gradient goes phase by phase through the op).
+# blocks that divide both channel counts (its input gradient goes phase by phase through the op). Unpadded 1x1
+# convs (stride 1 and 2, and a 2x2 map: 4 pixels, bsr_linear's few-token path) run, on channels_last input,
+# bsr_linear's kernel over the pixels' matrix inside the op.
 CASES = [
     (16, 32, (3, 3), 1, 1, 1, (9, 9), 2, (4, 8)),
     (33, 17, (3, 3), 2, 1, 1, (13, 13), 3, (16, 32)),
@@ -40,6 +42,9 @@ CASES = [
     (40, 48, (3, 3), 1, 1, 1, (7, 7), 4, (48, 64)),
     (5, 6, (7, 7), 1, 3, 1, (4, 5), 1, (6, 245)),
     (16, 24, (3, 3), 2, 1, 1, (11, 10), 2, (8, 4)),
+    (40, 33, (1, 1), 1, 0, 1, (7, 9), 2, (8, 16)),
+    (24, 20, (1, 1), 2, 0, 1, (9, 9), 2, (4, 8)),
+    (16, 12, (1, 1), 1, 0, 1, (2, 2), 1, (4, 4)),
 ]
 
 

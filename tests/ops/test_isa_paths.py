@@ -58,7 +58,8 @@ for cin, cout, k, s, p, side, cl in ((12, 10, 1, 1, 0, 7, False), (12, 10, 3, 1,
 for cin, cout, k, s, p, side, cl, block in ((12, 10, 3, 1, 1, 20, False, (4, 8)),
                                             (16, 40, 3, 2, 1, 9, True, (16, 16)),
                                             (20, 18, 3, 1, 1, 13, True, (3, 5)),
-                                            (32, 33, 5, 1, 2, 7, False, (32, 32))):
+                                            (32, 33, 5, 1, 2, 7, False, (32, 32)),
+                                            (24, 20, 1, 1, 0, 9, True, (4, 8))):  # bsr_linear's kernel
     m = SparseConv2d.from_dense(torch.nn.Conv2d(cin, cout, k, s, p), sparsity=0.6, layout="bsr", block=block)
     x = torch.randn(2, cin, side, side)
     if cl:
