@@ -132,7 +132,7 @@ PYPRUNE_INLINE void gather_rows(const BsrArgs& a, const float* x, int64_t b0, in
         for (int l = 0; l < kLanes; ++l) sum += acc[i * MT + m][l];
         sum += a.bias ? a.bias[r] : 0.f;
         if (res) sum += res[m * a.N + r];
-        y[m * a.N + r] = a.relu ? relu1(sum, std::numeric_limits<float>::infinity()) : sum;
+        y[m * a.N + r] = a.relu ? relu1(sum) : sum;
       }
     }
   }

@@ -81,8 +81,7 @@ PYPRUNE_INLINE void store_tile_images(const V* acc, const Tile& tl, float bias, 
   for (int64_t q = tl.q0, q1 = tl.q0 + tl.len; q < q1;) {
     const int64_t n = q / OHW, p = q - n * OHW, len = std::min(q1 - q, OHW - p);
     const int64_t at = n * O * OHW + p;
-    const float* s = buf + (q - tl.q0);
-    for (int64_t k = 0; k < len; ++k) yo[at + k] = epilogue1(s[k] + bias, ro ? ro + at + k : nullptr, relu);
+    epilogue_run(yo + at, buf + (q - tl.q0), bias, ro ? ro + at : nullptr, len, relu);
     q += len;
   }
 }

@@ -17,7 +17,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -215,11 +214,27 @@ inline void apply_epilogue(at::Tensor& y, const at::Tensor& res, bool relu) {
 template <class V>
 PYPRUNE_INLINE V epilogue16(V v, const float* r, bool relu) {
   if (r) v += load16<V>(r);
-  return relu ? relu16(v, std::numeric_limits<float>::infinity()) : v;
+  return relu ? relu16(v) : v;
 }
 PYPRUNE_INLINE float epilogue1(float v, const float* r, bool relu) {
   if (r) v += *r;
-  return relu ? relu1(v, std::numeric_limits<float>::infinity()) : v;
+  return relu ? relu1(v) : v;
+}
+// d[k] = epilogue1(s[k] + bias, r + k, relu) for k < n, one loop per case so that the compiler vectorizes each:
+// the NCHW row tiles that drop columns (3x3 convs on small maps) store every output here, and with the choices
+// inside one loop (and the ReLU's cap compared too) bsr_conv2d with relu took 1.17x its time without, 128->128
+// 3x3 @28 at 90% (a separate in-place ReLU: 1.0-1.15x).
+PYPRUNE_INLINE void epilogue_run(float* __restrict d, const float* __restrict s, float bias,
+                                 const float* __restrict r, int64_t n, bool relu) {
+  if (r && relu) {
+    for (int64_t k = 0; k < n; ++k) d[k] = relu1(s[k] + bias + r[k]);
+  } else if (r) {
+    for (int64_t k = 0; k < n; ++k) d[k] = s[k] + bias + r[k];
+  } else if (relu) {
+    for (int64_t k = 0; k < n; ++k) d[k] = relu1(s[k] + bias);
+  } else {
+    for (int64_t k = 0; k < n; ++k) d[k] = s[k] + bias;
+  }
 }
 
 // NCHW output of one row of a tile (yc: the row's output channel), bias added, then the epilogue (rc: the
@@ -243,9 +258,8 @@ PYPRUNE_INLINE void store_tile(const V* acc, const Tile& tl, float bias, int64_t
   for (int64_t q = tl.q0; q < q1;) {
     const int64_t oh = q / Wq, row = oh * Wq;
     const int64_t valid_end = std::min(q1, row + OW);
-    const int64_t at = oh * OW - row;  // y's offset of q in this row
-    for (int64_t k = q; k < valid_end; ++k)
-      yc[at + k] = epilogue1(buf[k - tl.q0] + bias, rc ? rc + at + k : nullptr, relu);
+    const int64_t at = oh * OW - row + q;  // y's offset of q
+    epilogue_run(yc + at, buf + (q - tl.q0), bias, rc ? rc + at : nullptr, valid_end - q, relu);
     q = std::min(q1, row + Wq);
   }
 }

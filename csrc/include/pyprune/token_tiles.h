@@ -7,7 +7,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
 #include <utility>
 #include <vector>
 
@@ -70,6 +69,14 @@ PYPRUNE_INLINE float relu1(float v, float cap) {
   const float r = v < 0.f ? 0.f : v;  // NaN stays NaN
   return r > cap ? cap : r;
 }
+// The plain ReLU (no cap to compare against): one max a vector.
+template <int P>
+PYPRUNE_INLINE Vec16<P> relu16(Vec16<P> a) {
+  using H = typename Vec16<P>::H;
+  for (int p = 0; p < P; ++p) a.h[p] = a.h[p] < 0.f ? H{} : a.h[p];  // NaN stays NaN
+  return a;
+}
+PYPRUNE_INLINE float relu1(float v) { return v < 0.f ? 0.f : v; }
 
 using VecAvx512 = Vec16<1>;
 using VecAvx2 = Vec16<2>;
@@ -157,7 +164,6 @@ template <class V>
 PYPRUNE_INLINE void store_transposed(const float* buf, int64_t ldb, int64_t rows, int64_t toks, const float* bias,
                                      float* y, int64_t N, int64_t r0, int64_t m0, const float* res = nullptr,
                                      bool relu = false) {
-  constexpr float kInf = std::numeric_limits<float>::infinity();
   for (int64_t rb = 0; rb < rows; rb += kLanes) {
     const int64_t re = std::min<int64_t>(rows, rb + kLanes);
     int64_t mb = 0;
@@ -171,7 +177,7 @@ PYPRUNE_INLINE void store_transposed(const float* buf, int64_t ldb, int64_t rows
           const int64_t at = (m0 + mb + j) * N + r0 + rb;
           V v = r[j] + b;
           if (res) v += load16<V>(res + at);
-          store16(y + at, relu ? relu16(v, kInf) : v);
+          store16(y + at, relu ? relu16(v) : v);
         }
       }
     }
@@ -180,7 +186,7 @@ PYPRUNE_INLINE void store_transposed(const float* buf, int64_t ldb, int64_t rows
       for (int64_t r = rb; r < re; ++r) {
         float v = buf[r * ldb + m] + (bias ? bias[r0 + r] : 0.f);
         if (res) v += res[at + r];
-        y[at + r] = relu ? relu1(v, kInf) : v;
+        y[at + r] = relu ? relu1(v) : v;
       }
     }
   }
