@@ -434,6 +434,35 @@ def test_relu_and_residual_on_every_route(layout, k, padding, channels_last, op)
         sc(x, res[:, :-1])
 
 
+@pytest.mark.parametrize("mult", [1, 2], ids=["depthwise", "multiplier2"])
+@pytest.mark.parametrize("fmt", ["nchw", "channels_last"])
+def test_depthwise_on_channels_last_runs_pruned_conv2d_on_the_scattered_weight(mult, fmt):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(12, 12 * mult, 3, stride=2, padding=1, dilation=2, groups=12)
+    sc = SparseConv2d.from_dense(conv, sparsity=0.8, relu=True)
+    x = _as_format(torch.randn(2, 12, 11, 10), fmt)
+    assert sc.kernel_op(x) == ("pruned_conv2d" if fmt == "channels_last" else "csr_conv2d")
+    dense = sc.dense_conv()  # the stored weight (its zeros in place) as an nn.Conv2d
+    res = _as_format(torch.randn_like(dense(x)), fmt)
+    xg, rg = x.clone().requires_grad_(), res.clone().requires_grad_()
+    y = sc(xg, rg)
+    want = (dense(x) + res).relu()
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last if fmt == "channels_last" else torch.contiguous_format)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    xd, rd = x.clone().requires_grad_(), res.clone().requires_grad_()
+    ((dense(xd) + rd).relu() * g).sum().backward()
+    torch.testing.assert_close(xg.grad, xd.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rg.grad, rd.grad, rtol=1e-5, atol=1e-5)
+    # the values' gradient: the dense weight's gradient at the stored entries (tap-major embedding)
+    wt = sc.weight
+    rows = compressed_rows(wt.crow_indices, wt.col_indices.numel())
+    taps = wt.col_indices.long() // 12
+    want_v = dense.weight.grad.reshape(12 * mult, 9)[rows, taps]
+    torch.testing.assert_close(wt.values.grad, want_v, rtol=1e-5, atol=1e-5)
+
+
 def test_relu_flag_repr_dense_and_bad_residual():
     sc = SparseConv2d.from_dense(torch.nn.Conv2d(8, 4, 3), sparsity=0.5, relu=True)
     assert "relu=True" in repr(sc) and "relu" not in repr(SparseConv2d.from_dense(torch.nn.Conv2d(8, 4, 3)))
