@@ -48,18 +48,20 @@ PYBIND11_MODULE(_C, m) {
     static const Entry<at::Tensor(T, T, T, int64_t, Opt)> e("pyprune::sparse24_linear");
     return e(x, values, meta, out_features, bias);
   });
-  using Conv = at::Tensor(T, T, T, T, int64_t, IA, Opt, IA, IA, IA, bool, Opt);
+  using Conv = at::Tensor(T, T, T, T, int64_t, IA, Opt, IA, IA, IA, bool, Opt, std::optional<double>);
   m.def("csr_conv2d", [](T x, T crow, T col, T values, int64_t out_channels, Ints kernel_size, Opt bias,
-                         Ints stride, Ints padding, Ints dilation, bool relu, Opt residual) {
+                         Ints stride, Ints padding, Ints dilation, bool relu, Opt residual,
+                         std::optional<double> relu_max) {
     static const Entry<Conv> e("pyprune::csr_conv2d");
     return e(x, crow, col, values, out_channels, IA(kernel_size), bias, IA(stride), IA(padding), IA(dilation),
-             relu, residual);
+             relu, residual, relu_max);
   });
   m.def("bsr_conv2d", [](T x, T crow, T col, T values, int64_t out_channels, Ints kernel_size, Opt bias,
-                         Ints stride, Ints padding, Ints dilation, bool relu, Opt residual) {
+                         Ints stride, Ints padding, Ints dilation, bool relu, Opt residual,
+                         std::optional<double> relu_max) {
     static const Entry<Conv> e("pyprune::bsr_conv2d");
     return e(x, crow, col, values, out_channels, IA(kernel_size), bias, IA(stride), IA(padding), IA(dilation),
-             relu, residual);
+             relu, residual, relu_max);
   });
   m.def("sparse24_conv2d", [](T x, T values, T meta, int64_t out_channels, Ints kernel_size, Opt bias,
                               Ints stride, Ints padding, Ints dilation) {

@@ -101,9 +101,10 @@ def csr_conv2d_ref(
     dilation: list[int],
     relu: bool = False,
     residual: Tensor | None = None,
+    relu_max: float | None = None,
 ) -> Tensor:
     """The weight is (out_channels, kh*kw*C_in) in tap-major columns: column (i*kw + j)*C_in + c is
-    w[o, c, i, j]. Epilogue: relu?(conv + bias + residual)."""
+    w[o, c, i, j]. Epilogue: relu?(conv + bias + residual), capped at relu_max."""
     kh, kw = kernel_size
     c_in = x.shape[1]
     w = torch.zeros(out_channels, kh * kw * c_in, dtype=values.dtype, device=values.device)
@@ -112,7 +113,7 @@ def csr_conv2d_ref(
         # a column given twice in a row adds up, as in the kernels (and torch.sparse)
         w[row].index_add_(0, col_indices[start:end].long(), values[start:end])
     y = _tap_major_conv2d(x, w, kernel_size, bias, stride, padding, dilation)
-    return sparse_conv_epilogue(y, relu, residual)
+    return sparse_conv_epilogue(y, relu, residual, relu_max)
 
 
 def bsr_conv2d_ref(
@@ -128,21 +129,24 @@ def bsr_conv2d_ref(
     dilation: list[int],
     relu: bool = False,
     residual: Tensor | None = None,
+    relu_max: float | None = None,
 ) -> Tensor:
     """The weight is (out_channels, kh*kw*C_in) in tap-major columns, as in csr_conv2d_ref, stored as BSR
     blocks (bh x bw) zero-padded past its edges. Epilogue as csr_conv2d_ref's."""
     kh, kw = kernel_size
     w = _bsr_matrix(crow_indices, col_indices, values, out_channels, kh * kw * x.shape[1])
     y = _tap_major_conv2d(x, w, kernel_size, bias, stride, padding, dilation)
-    return sparse_conv_epilogue(y, relu, residual)
+    return sparse_conv_epilogue(y, relu, residual, relu_max)
 
 
-def sparse_conv_epilogue(y: Tensor, relu: bool, residual: Tensor | None) -> Tensor:
+def sparse_conv_epilogue(y: Tensor, relu: bool, residual: Tensor | None, relu_max: float | None = None) -> Tensor:
     """csr_conv2d's / bsr_conv2d's epilogue on their conv output ``y`` (a new tensor, changed in place):
-    ``relu?(y + residual)``."""
+    ``relu?(y + residual)``, capped at ``relu_max`` (with relu)."""
     if residual is not None:
         y.add_(residual)
-    return y.relu_() if relu else y
+    if relu:
+        y.relu_()
+    return y.clamp_max_(relu_max) if relu and relu_max is not None else y
 
 
 def conv2d_weight(x: Tensor, w_shape, grad: Tensor, stride, padding, dilation, groups: int = 1) -> Tensor:

@@ -33,7 +33,7 @@ struct BsrConvArgs {
   bool cl_out;  // y is channels_last: rows leave in groups of 16 through 16x16 transposes
   float* y;
   const float* res;  // the residual laid out as y (null: none), added after the bias
-  bool relu;  // then the ReLU
+  float cap;  // then the ReLU: kNoRelu, +inf (plain) or its cap (pyprune/conv_planes.h's relu_cap)
 };
 
 // acc (RB rows x NV vectors) = `init` (or zeros) + rows [i0, i0 + RB) of blocks [b0, b1) times the tile's
@@ -75,7 +75,7 @@ struct RowSink {
   PYPRUNE_INLINE void emit(int64_t o, const V* acc) {
     const float bias = a.bias ? a.bias[o] : 0.f;
     if (!a.cl_out) {
-      store_tile<V, NV>(acc, tl, bias, a.Wq, a.OW, y_img + o * a.OHW, r_img ? r_img + o * a.OHW : nullptr, a.relu);
+      store_tile<V, NV>(acc, tl, bias, a.Wq, a.OW, y_img + o * a.OHW, r_img ? r_img + o * a.OHW : nullptr, a.cap);
       return;
     }
     if (gn == 0) g0 = o;
@@ -83,7 +83,7 @@ struct RowSink {
     if (++gn == kLanes) flush();
   }
   PYPRUNE_INLINE void flush() {
-    if (gn) store_group_cl<V>(group, ld, gn, tl, a.Wq, a.OW, a.O, g0, y_img, r_img, a.relu);
+    if (gn) store_group_cl<V>(group, ld, gn, tl, a.Wq, a.OW, a.O, g0, y_img, r_img, a.cap);
     gn = 0;
   }
 };
@@ -182,8 +182,10 @@ at::Tensor dense_conv(const at::Tensor& x, const at::Tensor& crow, const at::Ten
 at::Tensor bsr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, const at::Tensor& col_indices,
                           const at::Tensor& values, int64_t out_channels, at::IntArrayRef kernel_size,
                           const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
-                          at::IntArrayRef dilation, bool relu, const std::optional<at::Tensor>& residual) {
+                          at::IntArrayRef dilation, bool relu, const std::optional<at::Tensor>& residual,
+                          std::optional<double> relu_max) {
   constexpr const char* op = "bsr_conv2d";
+  const float cap = relu_cap(relu, relu_max, op);
   check_compressed_args(x, crow_indices, col_indices, values, 3, op);
   const PlaneGeometry g = checked_plane_geometry(x, kernel_size, stride, padding, dilation, op);
   PYPRUNE_CHECK(out_channels >= 0, op, "out_channels", "must be >= 0, got ", out_channels);
@@ -209,7 +211,7 @@ at::Tensor bsr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   const int64_t plane = plane_stride(g, nv);
   if (x.scalar_type() != at::kFloat || N * g.planes * plane >= (int64_t{1} << 31)) {
     at::Tensor yd = dense_conv(x, crow, col, val, O, K, g, b, stride, padding, dilation);
-    apply_epilogue(yd, checked_residual(residual, yd, g.cl, op), relu);
+    apply_epilogue(yd, checked_residual(residual, yd, g.cl, op), cap);
     return yd;
   }
   at::Tensor y = at::empty({N, O, g.OH, g.OW}, x.options().memory_format(g.cl ? at::MemoryFormat::ChannelsLast
@@ -219,7 +221,7 @@ at::Tensor bsr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   if (C == 0 || nnzb == 0) {
     if (b.defined()) y.copy_(b.view({1, O, 1, 1}).expand_as(y));
     else y.zero_();
-    apply_epilogue(y, res, relu);
+    apply_epilogue(y, res, cap);
     return y;
   }
   if (g.cl && g.kh == 1 && g.kw == 1 && g.ph == 0 && g.pw == 0) {
@@ -230,7 +232,7 @@ at::Tensor bsr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
     const at::Tensor xs = g.sh == 1 && g.sw == 1 ? x : x.slice(2, 0, g.H, g.sh).slice(3, 0, g.W, g.sw);
     const at::Tensor rows = xs.permute({0, 2, 3, 1}).reshape({N * g.OH * g.OW, C});
     bsr_linear_rows(rows, N * g.OH * g.OW, crow, col, val, O, b, y.data_ptr<float>(),
-                    res.defined() ? res.data_ptr<float>() : nullptr, relu);
+                    res.defined() ? res.data_ptr<float>() : nullptr, cap);
     return y;
   }
 
@@ -276,7 +278,7 @@ at::Tensor bsr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
                 g.cl,
                 y.data_ptr<float>(),
                 res.defined() ? res.data_ptr<float>() : nullptr,
-                relu};
+                cap};
   // Each thread takes a contiguous range of units of equal cost (vectors x block entries, plus a little per
   // block row); one thread for tiny convs (under ~64K vector FMAs), where waking the second costs more.
   const int64_t n_units = N * n_tiles * a.n_parts;

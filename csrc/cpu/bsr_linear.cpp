@@ -21,7 +21,7 @@ struct BsrArgs {
   int64_t M, K, N, bh, bw;
   UnitOrder order;
   const float* res;  // bsr_conv2d's residual, laid out as y (null: none), added after the bias
-  bool relu;  // then the ReLU
+  float cap;  // then the ReLU: kNoRelu, +inf (plain) or its cap (see store_transposed)
 };
 
 // out = (in, or zeros if in is null) + block rows [i0, i0 + RB) of block `blk` times xt's slice, plus addend
@@ -93,7 +93,7 @@ PYPRUNE_INLINE void tile_units(const BsrArgs& a, const float* xt, const float* x
         }
       }
       store_transposed<V>(out, tile, rows, std::min(tile, a.M - m0), a.bias, y, a.N, br * a.bh, m0, a.res,
-                          a.relu);
+                          a.cap);
     }
   }
 }
@@ -132,7 +132,7 @@ PYPRUNE_INLINE void gather_rows(const BsrArgs& a, const float* x, int64_t b0, in
         for (int l = 0; l < kLanes; ++l) sum += acc[i * MT + m][l];
         sum += a.bias ? a.bias[r] : 0.f;
         if (res) sum += res[m * a.N + r];
-        y[m * a.N + r] = a.relu ? relu1(sum) : sum;
+        y[m * a.N + r] = a.cap < 0.f ? sum : relu1(sum, a.cap);
       }
     }
   }
@@ -229,16 +229,16 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   at::Tensor y = linear_output(x, N);
   if (M == 0 || N == 0) return y;
   if (K == 0 || nnzb == 0) return bias_only(y, b);
-  bsr_linear_rows(x, M, crow, col, val, N, b, y.data_ptr<float>(), nullptr, false);
+  bsr_linear_rows(x, M, crow, col, val, N, b, y.data_ptr<float>(), nullptr, -1.f);
   return y;
 }
 
 void bsr_linear_rows(const at::Tensor& x, int64_t M, const at::Tensor& crow, const at::Tensor& col,
-                     const at::Tensor& val, int64_t N, const at::Tensor& b, float* yp, const float* res, bool relu) {
+                     const at::Tensor& val, int64_t N, const at::Tensor& b, float* yp, const float* res, float cap) {
   const int64_t K = x.size(-1), bh = val.size(1), bw = val.size(2), nnzb = val.size(0);
   const int64_t n_brows = (N + bh - 1) / bh;
   BsrArgs a{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), val.data_ptr<float>(),
-            b.defined() ? b.data_ptr<float>() : nullptr, M, K, N, bh, bw, UnitOrder{}, res, relu};
+            b.defined() ? b.data_ptr<float>() : nullptr, M, K, N, bh, bw, UnitOrder{}, res, cap};
   const int32_t* cr = a.crow;
   const int64_t block_cost = bh * bw;
   auto prefix = [cr, block_cost](int64_t r) { return static_cast<int64_t>(cr[r]) * block_cost; };

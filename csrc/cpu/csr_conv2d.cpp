@@ -43,7 +43,7 @@ struct ConvArgs {
   float* y;
   bool pack_prefetch;  // channels_last tiles prefetch the pixels kPrefetchBlocks blocks ahead (x beyond the LLC)
   const float* res;  // the residual laid out as y (null: none), added after the bias
-  bool relu;  // then the ReLU
+  float cap;  // then the ReLU: kNoRelu, +inf (plain) or its cap (pyprune/conv_planes.h's relu_cap)
 };
 
 // Two accumulator sets over alternate nonzeros: with 4 vectors, 8 independent FMA chains.
@@ -75,13 +75,13 @@ PYPRUNE_INLINE void row_tile(const int32_t* off, const float* val, int64_t nnz, 
 // image 0; images are O * OHW apart; ro: the residual's, laid out as y (null: none).
 template <class V, int NV>
 PYPRUNE_INLINE void store_tile_images(const V* acc, const Tile& tl, float bias, int64_t OHW, int64_t O, float* yo,
-                                      const float* ro, bool relu) {
+                                      const float* ro, float cap) {
   alignas(64) float buf[NV * kLanes];
   for (int t = 0; t < NV; ++t) store16(buf + kLanes * t, acc[t]);
   for (int64_t q = tl.q0, q1 = tl.q0 + tl.len; q < q1;) {
     const int64_t n = q / OHW, p = q - n * OHW, len = std::min(q1 - q, OHW - p);
     const int64_t at = n * O * OHW + p;
-    epilogue_run(yo + at, buf + (q - tl.q0), bias, ro ? ro + at : nullptr, len, relu);
+    epilogue_run(yo + at, buf + (q - tl.q0), bias, ro ? ro + at : nullptr, len, cap);
     q += len;
   }
 }
@@ -126,15 +126,15 @@ PYPRUNE_INLINE void rows_tile(const ConvArgs& a, const Tile& tl, const float* ba
       if (!a.cl_out) {
         const float* rc = r_img ? r_img + o * a.OHW : nullptr;
         if (a.pack_tiles && tl.dst < 0)
-          store_tile_images<V, NV>(acc, tl, bias, a.OHW, a.O, y_img + o * a.OHW, rc, a.relu);
+          store_tile_images<V, NV>(acc, tl, bias, a.OHW, a.O, y_img + o * a.OHW, rc, a.cap);
         else
-          store_tile<V, NV>(acc, tl, bias, a.Wq, a.OW, y_img + o * a.OHW, rc, a.relu);
+          store_tile<V, NV>(acc, tl, bias, a.Wq, a.OW, y_img + o * a.OHW, rc, a.cap);
         continue;
       }
       const int64_t i = (o - r0) % kLanes;
       for (int t = 0; t < NV; ++t) store16(group + i * NV * kLanes + kLanes * t, acc[t] + bias);
       if (i == kLanes - 1 || o + 1 == r1)
-        store_group_cl<V>(group, NV * kLanes, i + 1, tl, a.Wq, a.OW, a.O, o - i, y_img, r_img, a.relu);
+        store_group_cl<V>(group, NV * kLanes, i + 1, tl, a.Wq, a.OW, a.O, o - i, y_img, r_img, a.cap);
     }
   }
 }
@@ -311,8 +311,10 @@ Structure structure(const at::Tensor& crow, const at::Tensor& col, std::vector<i
 at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, const at::Tensor& col_indices,
                           const at::Tensor& values, int64_t out_channels, at::IntArrayRef kernel_size,
                           const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
-                          at::IntArrayRef dilation, bool relu, const std::optional<at::Tensor>& residual) {
+                          at::IntArrayRef dilation, bool relu, const std::optional<at::Tensor>& residual,
+                          std::optional<double> relu_max) {
   constexpr const char* op = "csr_conv2d";
+  const float cap = relu_cap(relu, relu_max, op);
   check_compressed_args(x, crow_indices, col_indices, values, 1, op);
   const PlaneGeometry g0 = checked_plane_geometry(x, kernel_size, stride, padding, dilation, op);
   PYPRUNE_CHECK(out_channels >= 0, op, "out_channels", "must be >= 0, got ", out_channels);
@@ -403,14 +405,14 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   if (x.scalar_type() != at::kFloat || N * planes * plane >= (int64_t{1} << 31)) {
     check_structure(cr, ci, O, K);
     at::Tensor yd = dense_conv(x, crow, col, val, O, kh, kw, b, stride, padding, dilation);
-    apply_epilogue(yd, res, relu);
+    apply_epilogue(yd, res, cap);
     return yd;
   }
   if (N == 0 || O == 0) return y;
   if (C == 0 || nnz == 0) {
     if (b.defined()) y.copy_(b.view({1, O, 1, 1}).expand_as(y));
     else y.zero_();
-    apply_epilogue(y, res, relu);
+    apply_epilogue(y, res, cap);
     return y;
   }
 
@@ -465,7 +467,7 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
              y.data_ptr<float>(),
              pack_prefetch,
              res.defined() ? res.data_ptr<float>() : nullptr,
-             relu};
+             cap};
   const UnitsFn fn = pick_units(isa);
   // Each thread takes a contiguous range of units of equal cost (vectors x nonzeros, plus a little per row and,
   // on a tile's first row part, its packing): a short last tile or a light row part would otherwise leave one

@@ -424,9 +424,9 @@ class _PyPruneLeaves(torch.fx.Tracer):
 
 
 def fuse_sparse_epilogues(model: nn.Module, example: tuple) -> tuple[nn.Module, dict]:
-    """Moves each skip connection's add after a csr / bsr SparseConv2d, and a plain ReLU after the conv (or
-    the add), into the conv (``relu=True``; ``SparseConv2d(x, residual)``), where their kernels apply both in
-    their stores. ``model`` (a variant's own copy: its modules are reused) is changed in place when it is an
+    """Moves each skip connection's add after a csr / bsr SparseConv2d, and a ReLU (or ReLU6, a Hardtanh
+    floored at 0) after the conv (or the add), into the conv (``relu=True``, ``relu_max``;
+    ``SparseConv2d(x, residual)``), where their kernels apply both in their stores. ``model`` (a variant's own copy: its modules are reused) is changed in place when it is an
     fx GraphModule (what fold_bn returns), else traced with pyprune's modules as leaves; ``example`` fixes the
     tensors' shapes, which a residual must match. Returns (model, {"relu": n, "residual": n}); the model as
     given when fx cannot trace it."""
@@ -454,10 +454,12 @@ def fuse_sparse_epilogues(model: nn.Module, example: tuple) -> tuple[nn.Module, 
         residual = _residual_of(users[0], node, shapes) if len(users) == 1 else None
         add_node = users[0] if residual is not None else None
         users = list((add_node or node).users)
-        relu_node = None
-        if len(users) == 1 and _fusable_relu(users[0], modules) == (True, None):
-            relu_node = users[0]
+        relu_node, relu_max = None, None
+        if len(users) == 1:
+            fusable, relu_max = _fusable_relu(users[0], modules)
+            relu_node = users[0] if fusable else None
         conv.relu = relu_node is not None
+        conv.relu_max = relu_max if relu_node is not None else None
         counts["relu"] += relu_node is not None
         if add_node is not None:  # the conv moves to the add's place, where its residual exists
             with gm.graph.inserting_before(add_node):

@@ -59,6 +59,7 @@ from .. import ops
 from ..sparse import BSR, CSR, Sparse24
 from ..sparse.base import compressed_rows
 from ..sparse.bsr import check_block
+from ..ops.pruned_conv2d import check_relu_max
 from ..sparse.select import block_mask, magnitude_mask, nm_mask
 from ._dtype import weight_dtype_input
 from ._trainable import copy_requires_grad, trains
@@ -115,8 +116,8 @@ class SparseConv2d(nn.Module):
     order (see the module docstring); for ``groups > 1`` (csr only) it is the block-diagonal embedding of
     the grouped weight, whose cross-group zeros are not stored.
 
-    ``relu=True`` applies a ReLU to the output, and ``module(input, residual)`` adds ``residual`` (the
-    output's shape) before it: a ResNet block's last conv, skip connection and ReLU in one call. csr_conv2d
+    ``relu=True`` applies a ReLU to the output (capped at ``relu_max`` if given: 6 is ReLU6), and
+    ``module(input, residual)`` adds ``residual`` (the output's shape) before it: a ResNet block's last conv, skip connection and ReLU in one call. csr_conv2d
     and bsr_conv2d apply both in the kernel's stores (no pass over the output of their own); the other routes
     (2:4, bsr's channels_last 1x1 on CUDA) after the op, in place on its new output.
 
@@ -140,12 +141,15 @@ class SparseConv2d(nn.Module):
         device=None,
         dtype=None,
         relu: bool = False,
+        relu_max: float | None = None,
     ):
         super().__init__()
         _check_layout(layout)
         if not isinstance(relu, bool):
             raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
+        check_relu_max(relu, relu_max, "relu_max")
         self.relu = relu
+        self.relu_max = None if relu_max is None else float(relu_max)
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         if self.in_channels <= 0 or self.out_channels <= 0:
             raise ValueError(
@@ -199,12 +203,13 @@ class SparseConv2d(nn.Module):
         layout: str = "csr",
         block: tuple[int, int] = (32, 32),
         relu: bool = False,
+        relu_max: float | None = None,
     ) -> SparseConv2d:
         """With ``sparsity``, drops the smallest-magnitude weights (bsr: the smallest-norm (bh, bw) tiles of the
         tap-major weight matrix; 2:4: the two smallest of every four consecutive tap-major inputs, i.e. input
         channels at one kernel position when in_channels % 4 == 0, so sparsity must be 0.5); with
         ``sparsity=None`` keeps exactly the zeros already in ``conv.weight``. ``relu`` fuses a ReLU after the
-        conv (and after the residual a call passes)."""
+        conv (and after the residual a call passes), capped at ``relu_max`` if given."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be a torch.nn.Conv2d, got {type(conv).__name__}")
         _check_layout(layout)
@@ -217,7 +222,7 @@ class SparseConv2d(nn.Module):
         new = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
             conv.groups, bias=conv.bias is not None, layout=layout, block=block, device=w.device, dtype=w.dtype,
-            relu=relu,
+            relu=relu, relu_max=relu_max,
         )  # fmt: skip
         w2 = tap_major(w)  # (C_out, kh*kw*C_in/groups)
         if sparsity is not None:
@@ -319,13 +324,13 @@ class SparseConv2d(nn.Module):
         if self.layout == "csr" and self._depthwise(x):
             y = ops.pruned_conv2d(
                 x, self._depthwise_weight(wt, values), self.bias, None, None, self.out_channels, self.stride,
-                self.padding, self.dilation, self.groups, self.relu, None, None, res,
+                self.padding, self.dilation, self.groups, self.relu, None, self.relu_max, res,
             )  # fmt: skip
             return y if input.dim() == 4 else y.squeeze(0)
         if self.layout == "csr":  # the op checks the spatial size (and the residual's shape) itself
             y = ops.csr_conv2d(
                 x, wt.crow_indices, wt.col_indices, values, self.out_channels, self.kernel_size, self.bias,
-                self.stride, self.padding, self.dilation, self.relu, res,
+                self.stride, self.padding, self.dilation, self.relu, res, self.relu_max,
             )  # fmt: skip
             if _channels_last(x):
                 y = y.contiguous(memory_format=torch.channels_last)
@@ -333,7 +338,7 @@ class SparseConv2d(nn.Module):
         if self.layout == "bsr" and not self._bsr_as_linear(x):
             y = ops.bsr_conv2d(
                 x, wt.crow_indices, wt.col_indices, values, self.out_channels, self.kernel_size, self.bias,
-                self.stride, self.padding, self.dilation, self.relu, res,
+                self.stride, self.padding, self.dilation, self.relu, res, self.relu_max,
             )  # fmt: skip
         else:
             y = self._forward_unfused(x, wt, values, res)
@@ -349,7 +354,9 @@ class SparseConv2d(nn.Module):
                     f"residual must have the output's shape {tuple(y.shape)}, got {tuple(res.shape)}"
                 )
             y.add_(res)
-        return y.relu_() if self.relu else y
+        if self.relu:
+            y.relu_()
+        return y.clamp_max_(self.relu_max) if self.relu_max is not None else y
 
     def _conv(self, x: Tensor, wt, values: Tensor) -> Tensor:
         """conv2d of 4-D x through the linear ops or sparse24_conv2d (2:4, bsr's channels_last 1x1 on CUDA)."""
@@ -426,10 +433,15 @@ class SparseConv2d(nn.Module):
         return patches.movedim(-3, -1).reshape(-1, kh * kw * xp.shape[-1])  # (..., OH, OW, kh, kw, C)
 
     def to_dense(self) -> nn.Module:
-        """An equivalent plain-PyTorch module: the nn.Conv2d of :meth:`dense_conv`, followed by an nn.ReLU
-        when ``relu`` is on (for calls without a residual, which the ReLU would follow)."""
+        """An equivalent plain-PyTorch module: the nn.Conv2d of :meth:`dense_conv`, followed by an nn.ReLU (or
+        nn.ReLU6 / nn.Hardtanh(0, relu_max)) when ``relu`` is on (for calls without a residual, which the ReLU
+        would follow)."""
         conv = self.dense_conv()
-        return nn.Sequential(conv, nn.ReLU()) if self.relu else conv
+        if not self.relu:
+            return conv
+        if self.relu_max is None:
+            return nn.Sequential(conv, nn.ReLU())
+        return nn.Sequential(conv, nn.ReLU6() if self.relu_max == 6.0 else nn.Hardtanh(0.0, self.relu_max))
 
     def dense_conv(self) -> nn.Conv2d:
         """The nn.Conv2d holding this conv's weight (its zeros stored) and bias, without the fused ReLU."""
@@ -488,6 +500,8 @@ class SparseConv2d(nn.Module):
             s += ", bias=False"
         if self.relu:
             s += ", relu=True"
+        if self.relu_max is not None:
+            s += f", relu_max={self.relu_max}"
         s += f", layout={self.layout}"
         if self.layout == "bsr":
             s += f", block={self.weight.block}"

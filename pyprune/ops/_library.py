@@ -19,16 +19,17 @@ SCHEMAS = {
     "Tensor? bias) -> Tensor",
     # conv2d with a CSR weight (out_channels, kh*kw*C_in) in tap-major column order: column (i*kw + j)*C_in + c
     # holds w[o, c, i, j]; grouped convs store their block-diagonal embedding. x: (N, C_in, H, W). Epilogue:
-    # residual (the output's shape) added after the bias, then the ReLU: relu?(conv + bias + residual).
+    # residual (the output's shape) added after the bias, then the ReLU: relu?(conv + bias + residual), capped
+    # at relu_max (with relu only; 6: ReLU6).
     "csr_conv2d": "csr_conv2d(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
     "int out_channels, int[2] kernel_size, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
-    "bool relu=False, Tensor? residual=None) -> Tensor",
+    "bool relu=False, Tensor? residual=None, float? relu_max=None) -> Tensor",
     # conv2d with a BSR weight (out_channels, kh*kw*C_in) in the same tap-major column order; values
     # (nnz_blocks, bh, bw), blocks past the weight's edge zero-padded. x: (N, C_in, H, W). Epilogue as
     # csr_conv2d's.
     "bsr_conv2d": "bsr_conv2d(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
     "int out_channels, int[2] kernel_size, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
-    "bool relu=False, Tensor? residual=None) -> Tensor",
+    "bool relu=False, Tensor? residual=None, float? relu_max=None) -> Tensor",
     # conv2d with a 2:4 weight (out_channels, kh*kw*C_in) in the same tap-major column order, stored as
     # sparse24_linear's (values (K4/2, out_channels), meta (K4/8, out_channels) uint8, K4 = kh*kw*C_in rounded
     # up to a multiple of 8). x: (N, C_in, H, W).

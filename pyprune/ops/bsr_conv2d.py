@@ -68,37 +68,38 @@ def bsr_conv2d(
     dilation: int | Sequence[int] = 1,
     relu: bool = False,
     residual: Tensor | None = None,
+    relu_max: float | None = None,
 ) -> Tensor:
     """x: (N, C_in, H, W); W: (out_channels, kh*kw*C_in) in tap-major columns as BSR with int32 crow_indices
     (ceil(out_channels / bh) + 1,) and col_indices (nnz_blocks,), values (nnz_blocks, bh, bw) zero past the
-    weight's edges; bias: (out_channels,) or None; residual, relu: the epilogue, as in csr_conv2d. Returns
+    weight's edges; bias: (out_channels,) or None; residual, relu, relu_max: the epilogue, as in csr_conv2d. Returns
     relu?(conv2d(x, W, bias, stride, padding, dilation) + residual): (N, out_channels, OH, OW) in x's memory
     format."""
     return call_op(
         torch.ops.pyprune.bsr_conv2d.default, x, crow_indices, col_indices, values, out_channels,
         pair(kernel_size, "kernel_size"), bias, pair(stride, "stride"), pair(padding, "padding"),
-        pair(dilation, "dilation"), relu, residual,
+        pair(dilation, "dilation"), relu, residual, relu_max,
     )  # fmt: skip
 
 
 def check_args(x, crow, col, values, out_channels, kernel_size, bias, stride, padding, dilation, relu=False,
-               residual=None):  # fmt: skip
+               residual=None, relu_max=None):  # fmt: skip
     """Shape, dtype and device checks (no index values: the kernels check those); returns (OH, OW)."""
     if x.dim() != 4:
         raise ValueError(f"{OP}: argument 'x' must be 4-D (N, C_in, H, W), got shape {tuple(x.shape)}")
     check_bsr_arrays(OP, x, crow, col, values, out_channels, "out_channels")
     arrays = {"crow_indices": crow, "col_indices": col, "values": values}
     oh, ow = check_conv_args(OP, x, arrays, out_channels, kernel_size, bias, stride, padding, dilation)
-    check_epilogue(OP, x, out_channels, (oh, ow), relu, residual)
+    check_epilogue(OP, x, out_channels, (oh, ow), relu, residual, relu_max)
     return oh, ow
 
 
 @torch.library.register_fake(OP)
 def _(x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation,
-      relu=False, residual=None):  # fmt: skip
+      relu=False, residual=None, relu_max=None):  # fmt: skip
     oh, ow = check_args(
         x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation,
-        relu, residual,
+        relu, residual, relu_max,
     )  # fmt: skip
     y = x.new_empty((x.shape[0], out_channels, oh, ow))
     return y.contiguous(memory_format=reference._memory_format(x))
@@ -192,12 +193,12 @@ torch.library.register_autograd(
 
 
 def bsr_conv2d_checked_ref(x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride,
-                           padding, dilation, relu=False, residual=None):  # fmt: skip
+                           padding, dilation, relu=False, residual=None, relu_max=None):  # fmt: skip
     """The reference behind the full argument checks: the CPU kernel when _C lacks one, and the CUDA router's
     last resort."""
     check_args(
         x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation,
-        relu, residual,
+        relu, residual, relu_max,
     )  # fmt: skip
     kh, kw = kernel_size
     try:
@@ -210,7 +211,7 @@ def bsr_conv2d_checked_ref(x, crow_indices, col_indices, values, out_channels, k
         raise ValueError(f"{OP}: {e}") from None
     return reference.bsr_conv2d_ref(
         x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation,
-        relu, residual,
+        relu, residual, relu_max,
     )  # fmt: skip
 
 
@@ -219,12 +220,12 @@ if not torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU"):
 
 
 def _bsr_conv2d_im2col(x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding,
-                       dilation, relu=False, residual=None):  # fmt: skip
+                       dilation, relu=False, residual=None, relu_max=None):  # fmt: skip
     """The patch matrix (N*OH*OW, kh*kw*C_in), tap-major, times the BSR weight through bsr_linear (which
     routes to its own GPU kernels and checks the index values); the epilogue after it."""
     oh, ow = check_args(
         x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation,
-        relu, residual,
+        relu, residual, relu_max,
     )  # fmt: skip
     n, c = x.shape[:2]
     cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)  # (N, C*kh*kw, OH*OW)
@@ -233,7 +234,7 @@ def _bsr_conv2d_im2col(x, crow_indices, col_indices, values, out_channels, kerne
                                      out_channels, bias)  # fmt: skip
     y = y.view(n, oh, ow, out_channels).permute(0, 3, 1, 2)
     y = y.contiguous(memory_format=reference._memory_format(x))
-    return reference.sparse_conv_epilogue(y, relu, residual)
+    return reference.sparse_conv_epilogue(y, relu, residual, relu_max)
 
 
 # (crow, col) -> the block-column bound ceil(kh*kw*C_in / bw) their values were checked against: an
@@ -247,14 +248,14 @@ def _check_block_columns(crow: Tensor, col: Tensor, bound: int) -> None:
 
 
 def _bsr_conv2d_triton(x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding,
-                       dilation, relu=False, residual=None):  # fmt: skip
+                       dilation, relu=False, residual=None, relu_max=None):  # fmt: skip
     args = (x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation)
-    check_args(*args, relu, residual)
+    check_args(*args, relu, residual, relu_max)
     bound = -(-kernel_size[0] * kernel_size[1] * x.shape[1] // values.shape[2])
     _router._checked(_BSR_CONV2D_CHECKED, _check_block_columns, crow_indices, col_indices, bound)
     mod, _ = _router.load_triton_kernels()
     # the epilogue after the Triton kernel, on its new output (not fused there yet)
-    return reference.sparse_conv_epilogue(mod.bsr_conv2d_triton(*args), relu, residual)
+    return reference.sparse_conv_epilogue(mod.bsr_conv2d_triton(*args), relu, residual, relu_max)
 
 
 def _bsr_conv2d_triton_unavailable(x, *args) -> str | None:

@@ -35,7 +35,7 @@ from . import (
 from .._extension import HAS_CPP
 from ._common import call_op, check_csr_arrays, eager, register_cpu_fallback
 from ._router import Backend, TensorCache, route
-from .pruned_conv2d import output_size, pair
+from .pruned_conv2d import check_relu_max, output_size, pair
 
 OP = "pyprune::csr_conv2d"
 
@@ -53,36 +53,38 @@ def csr_conv2d(
     dilation: int | Sequence[int] = 1,
     relu: bool = False,
     residual: Tensor | None = None,
+    relu_max: float | None = None,
 ) -> Tensor:
     """x: (N, C_in, H, W); W: (out_channels, kh*kw*C_in) in tap-major columns as CSR with int32 crow_indices
     (out_channels + 1,) and col_indices (nnz,), values (nnz,); bias: (out_channels,) or None; residual: a
     tensor of the output's shape added after the bias (a ResNet block's skip connection), or None; relu: a
-    ReLU applied last. Returns relu?(conv2d(x, W, bias, stride, padding, dilation) + residual): (N,
-    out_channels, OH, OW) in x's memory format."""
+    ReLU applied last, capped at relu_max if given (6: ReLU6). Returns relu?(conv2d(x, W, bias, stride,
+    padding, dilation) + residual): (N, out_channels, OH, OW) in x's memory format."""
     return call_op(
         torch.ops.pyprune.csr_conv2d.default, x, crow_indices, col_indices, values, out_channels,
         pair(kernel_size, "kernel_size"), bias, pair(stride, "stride"), pair(padding, "padding"),
-        pair(dilation, "dilation"), relu, residual,
+        pair(dilation, "dilation"), relu, residual, relu_max,
     )  # fmt: skip
 
 
 def check_args(x, crow, col, values, out_channels, kernel_size, bias, stride, padding, dilation, relu=False,
-               residual=None):  # fmt: skip
+               residual=None, relu_max=None):  # fmt: skip
     """Shape, dtype and device checks (no index values: the kernels check those); returns (OH, OW)."""
     if x.dim() != 4:
         raise ValueError(f"{OP}: argument 'x' must be 4-D (N, C_in, H, W), got shape {tuple(x.shape)}")
     check_csr_arrays(OP, x, crow, col, values, out_channels, "out_channels")
     arrays = {"crow_indices": crow, "col_indices": col, "values": values}
     oh, ow = check_conv_args(OP, x, arrays, out_channels, kernel_size, bias, stride, padding, dilation)
-    check_epilogue(OP, x, out_channels, (oh, ow), relu, residual)
+    check_epilogue(OP, x, out_channels, (oh, ow), relu, residual, relu_max)
     return oh, ow
 
 
-def check_epilogue(op, x, out_channels, out_size, relu, residual) -> None:
-    """The fused epilogue's arguments of csr_conv2d / bsr_conv2d (``op``): relu a bool, residual None or a
-    tensor of the output's shape, x's dtype and device."""
+def check_epilogue(op, x, out_channels, out_size, relu, residual, relu_max=None) -> None:
+    """The fused epilogue's arguments of csr_conv2d / bsr_conv2d (``op``): relu a bool, relu_max None or a
+    number > 0 with relu, residual None or a tensor of the output's shape, x's dtype and device."""
     if not isinstance(relu, bool):
         raise TypeError(f"{op}: argument 'relu' must be a bool, got {type(relu).__name__}")
+    check_relu_max(relu, relu_max, f"{op}: argument 'relu_max'")
     if residual is None:
         return
     want = (x.shape[0], out_channels, *out_size)
@@ -123,10 +125,10 @@ def check_conv_args(op, x, arrays, out_channels, kernel_size, bias, stride, padd
 
 @torch.library.register_fake(OP)
 def _(x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation,
-      relu=False, residual=None):  # fmt: skip
+      relu=False, residual=None, relu_max=None):  # fmt: skip
     oh, ow = check_args(
         x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation,
-        relu, residual,
+        relu, residual, relu_max,
     )  # fmt: skip
     y = x.new_empty((x.shape[0], out_channels, oh, ow))
     return y.contiguous(memory_format=reference._memory_format(x))
@@ -144,13 +146,14 @@ def dense_weight(
 
 def setup_context(ctx, inputs, output):
     """What the sparse-weight conv ops (csr_conv2d, bsr_conv2d) keep for backward: with relu, the output too
-    (its positive entries are where the gradient passes)."""
+    (the gradient passes where it is positive, and below relu_max)."""
     x, crow, col, values, out_channels, kernel_size, bias, stride, padding, dilation = inputs[:10]
     relu = len(inputs) > 10 and inputs[10]
     ctx.save_for_backward(x, crow, col, values, output if relu else None)
     ctx.conv = (out_channels, kernel_size, stride, padding, dilation)
     ctx.has_bias = bias is not None
     ctx.has_residual = len(inputs) > 11 and inputs[11] is not None
+    ctx.relu_max = inputs[12] if len(inputs) > 12 else None
 
 
 def sparse_backward(op, transpose_fn, dense_weight_fn, values_grad_fn):
@@ -166,8 +169,8 @@ def sparse_backward(op, transpose_fn, dense_weight_fn, values_grad_fn):
 
     def backward(ctx, grad):
         x, crow, col, values, y = ctx.saved_tensors
-        if y is not None:  # the ReLU let the value through where it is positive
-            grad = grad * (y > 0)
+        if y is not None:  # the ReLU let the value through where it is positive (and below its cap, as F.relu6)
+            grad = grad * ((y > 0) if ctx.relu_max is None else ((y > 0) & (y < ctx.relu_max)))
         # the residual is added before the ReLU: its gradient is the (masked) output gradient
         grad_res = grad if ctx.has_residual and ctx.needs_input_grad[11] else None
         out_channels, kernel_size, stride, padding, dilation = ctx.conv
@@ -188,7 +191,7 @@ def sparse_backward(op, transpose_fn, dense_weight_fn, values_grad_fn):
             grad_values = values_grad_fn(x, grad, crow, col, values, ctx.conv)
         if ctx.has_bias and ctx.needs_input_grad[6]:
             grad_b = grad.sum((0, 2, 3))
-        return grad_x, None, None, grad_values, None, None, grad_b, None, None, None, None, grad_res
+        return grad_x, None, None, grad_values, None, None, grad_b, None, None, None, None, grad_res, None
 
     return backward
 
@@ -466,12 +469,12 @@ torch.library.register_autograd(
 
 
 def csr_conv2d_checked_ref(x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding,
-                           dilation, relu=False, residual=None):  # fmt: skip
+                           dilation, relu=False, residual=None, relu_max=None):  # fmt: skip
     """The reference behind the full argument checks: the CPU kernel when _C lacks one, and the CUDA router's
     last resort."""
     check_args(
         x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation,
-        relu, residual,
+        relu, residual, relu_max,
     )  # fmt: skip
     kh, kw = kernel_size
     try:
@@ -483,7 +486,7 @@ def csr_conv2d_checked_ref(x, crow_indices, col_indices, values, out_channels, k
         raise ValueError(f"{OP}: {e}") from None
     return reference.csr_conv2d_ref(
         x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation,
-        relu, residual,
+        relu, residual, relu_max,
     )  # fmt: skip
 
 
@@ -501,14 +504,14 @@ def _check_columns(crow: Tensor, col: Tensor, bound: int) -> None:
 
 
 def _csr_conv2d_triton(x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding,
-                       dilation, relu=False, residual=None):  # fmt: skip
+                       dilation, relu=False, residual=None, relu_max=None):  # fmt: skip
     args = (x, crow_indices, col_indices, values, out_channels, kernel_size, bias, stride, padding, dilation)
-    check_args(*args, relu, residual)
+    check_args(*args, relu, residual, relu_max)
     bound = kernel_size[0] * kernel_size[1] * x.shape[1]
     _router._checked(_CSR_CONV2D_CHECKED, _check_columns, crow_indices, col_indices, bound)
     mod, _ = _router.load_triton_kernels()
     # the epilogue after the Triton kernel, on its new output (not fused there yet)
-    return reference.sparse_conv_epilogue(mod.csr_conv2d_triton(*args), relu, residual)
+    return reference.sparse_conv_epilogue(mod.csr_conv2d_triton(*args), relu, residual, relu_max)
 
 
 def _csr_conv2d_triton_unavailable(x, *args) -> str | None:

@@ -326,6 +326,41 @@ def test_sparse_variants_fuse_relus_and_skip_connections(method, monkeypatch):
         torch.testing.assert_close(mod(x), unfused(x), rtol=1e-5, atol=1e-6)
 
 
+class _CappedNet(nn.Module):
+    """ReLU6 after a BN, F.relu6 and a Hardtanh floored at 0: capped ReLUs the sparse convs fuse; a Hardtanh
+    from -1 they do not."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.act1 = nn.ReLU6()
+        self.conv2, self.conv3, self.conv4 = nn.Conv2d(16, 16, 1), nn.Conv2d(16, 16, 1), nn.Conv2d(16, 8, 1)
+        self.act3, self.act4 = nn.Hardtanh(0.0, 3.0), nn.Hardtanh(-1.0, 1.0)
+
+    def forward(self, x):
+        y = self.act1(self.bn(self.conv1(x)))
+        y = nn.functional.relu6(self.conv2(y))
+        return self.act4(self.conv4(self.act3(self.conv3(y))))
+
+
+@pytest.mark.parametrize("method", ["csr", "bsr"])
+def test_sparse_variants_fuse_relu6_and_zero_floored_hardtanh(method, monkeypatch):
+    torch.manual_seed(0)
+    net = _CappedNet().eval()
+    with torch.no_grad():
+        net.conv1.weight.mul_(4)
+    x = 4 * torch.randn(2, 3, 9, 9)
+    mod, note = Builder(net, (x,), block=(4, 4)).build(method, 0.5)
+    assert "3 ReLU fused" in note
+    assert [mod.conv1.relu_max, mod.conv2.relu_max, mod.conv3.relu_max] == [6.0, 6.0, 3.0]
+    assert not mod.conv4.relu and isinstance(mod.act4, nn.Hardtanh)
+    monkeypatch.setattr(variants, "fuse_sparse_epilogues", lambda m, example: (m, {"relu": 0, "residual": 0}))
+    unfused, _ = Builder(net, (x,), block=(4, 4)).build(method, 0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(mod(x), unfused(x), rtol=1e-5, atol=1e-6)
+        assert (mod.conv1(x) == 6).any()  # the cap is reached, so the comparison can fail
+
+
 def test_sparse_epilogues_fuse_in_a_model_without_bn_and_not_in_24():
     # no BN: fold_bn hands back the model itself, which the fusion traces with pyprune's modules as leaves
     net = _PoolAfterAddNet().eval()

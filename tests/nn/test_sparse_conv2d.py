@@ -463,6 +463,31 @@ def test_depthwise_on_channels_last_runs_pruned_conv2d_on_the_scattered_weight(m
     torch.testing.assert_close(wt.values.grad, want_v, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout,k,padding,channels_last,op", ROUTES)
+def test_relu_max_on_every_route(layout, k, padding, channels_last, op):
+    conv = _masked_conv(16, 24, k, 1, padding, 1, 0.5, layout)
+    sc = SparseConv2d.from_dense(conv, layout=layout, block=(4, 4), relu=True, relu_max=0.5)
+    x = torch.randn(2, 16, 7, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    res = torch.randn(2, 24, 7, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(sc(x, res).double(), (_reference(conv, x) + res.double()).clamp(0, 0.5),
+                                   atol=1e-4, rtol=1e-4)  # fmt: skip
+        torch.testing.assert_close(sc(x).double(), _reference(conv, x).clamp(0, 0.5), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(sc.to_dense()(x), sc(x), atol=1e-5, rtol=1e-5)
+    assert isinstance(sc.to_dense()[1], torch.nn.Hardtanh) and "relu_max=0.5" in repr(sc)
+
+
+def test_relu_max_on_the_depthwise_route():
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
+    sc = SparseConv2d.from_dense(conv, sparsity=0.5, relu=True, relu_max=6.0)
+    x = (3 * torch.randn(2, 16, 9, 9)).contiguous(memory_format=torch.channels_last)
+    assert sc.kernel_op(x) == "pruned_conv2d" and isinstance(sc.to_dense()[1], torch.nn.ReLU6)
+    with torch.no_grad():
+        torch.testing.assert_close(sc(x), F.relu6(sc.dense_conv()(x)), atol=1e-5, rtol=1e-5)
+
+
 def test_relu_flag_repr_dense_and_bad_residual():
     sc = SparseConv2d.from_dense(torch.nn.Conv2d(8, 4, 3), sparsity=0.5, relu=True)
     assert "relu=True" in repr(sc) and "relu" not in repr(SparseConv2d.from_dense(torch.nn.Conv2d(8, 4, 3)))
@@ -482,6 +507,10 @@ def test_relu_flag_repr_dense_and_bad_residual():
         sc(x, torch.randn(2, 4, 4, 4, dtype=torch.float64))
     with pytest.raises(TypeError, match="relu must be a bool"):
         SparseConv2d(8, 4, 3, relu=1)
+    with pytest.raises(ValueError, match="relu_max"):
+        SparseConv2d(8, 4, 3, relu_max=6.0)
+    with pytest.raises(ValueError, match="relu_max"):
+        SparseConv2d.from_dense(torch.nn.Conv2d(8, 4, 3), relu=True, relu_max=0.0)
 
 
 @pytest.mark.parametrize("layout", ["csr", "bsr"])

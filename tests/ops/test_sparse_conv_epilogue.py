@@ -1,4 +1,5 @@
-"""The fused epilogue of pyprune::csr_conv2d and pyprune::bsr_conv2d: relu?(conv + bias + residual), applied
+"""The fused epilogue of pyprune::csr_conv2d and pyprune::bsr_conv2d: relu?(conv + bias + residual) (capped at
+relu_max when given), applied
 in the C++ kernels' stores (every store path: NCHW row tiles, tiles whose pixels span images, channels_last
 groups of 16 rows and their partial groups), in their dense fallback (other dtypes) and in their empty-weight
 paths; against the float64 spec of F.conv2d, the add and F.relu."""
@@ -24,17 +25,18 @@ def _cl(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
-def _spec(args, w, relu, residual):
-    """float64 F.conv2d of the case, plus the residual, then the ReLU."""
+def _spec(args, w, relu, residual, relu_max=None):
+    """float64 F.conv2d of the case, plus the residual, then the ReLU (capped at relu_max)."""
     x, b, stride, padding, dilation = args[0], args[6], args[7], args[8], args[9]
     y = F.conv2d(x.double(), w.double(), None if b is None else b.double(), stride, padding, dilation)
     if residual is not None:
         y = y + residual.double()
-    return y.relu() if relu else y
+    y = y.relu() if relu else y
+    return y.clamp_max(relu_max) if relu_max is not None else y
 
 
-def _with_epilogue(args, relu, residual):
-    return (*args[:10], relu, residual)
+def _with_epilogue(args, relu, residual, relu_max=None):
+    return (*args[:10], relu, residual, relu_max)
 
 
 def _residual_for(op, args, channels_last, seed=1):
@@ -58,13 +60,17 @@ def test_epilogue_matches_spec(layout, case, sparsity, channels_last):
     if channels_last:
         args = (_cl(args[0]), *args[1:])
     res = _residual_for(op, args, channels_last)
-    for relu, residual in ((True, None), (False, res), (True, res)):
-        y = op(*_with_epilogue(args, relu, residual))
-        want = _spec(args, w, relu, residual)
+    # a cap of 1 clips a good share of most cases' outputs (ReLU6's path, with a cap the values reach)
+    for relu, residual, cap in ((True, None, None), (False, res, None), (True, res, None), (True, res, 1.0),
+                                (True, None, 1.0)):  # fmt: skip
+        y = op(*_with_epilogue(args, relu, residual, cap))
+        want = _spec(args, w, relu, residual, cap)
         torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)
         assert y.stride() == op(*args).stride()  # the output's layout does not change
         if relu:
             assert (y >= 0).all()
+        if cap is not None:
+            assert y.max() <= cap
 
 
 @pytest.mark.parametrize("layout", ["csr", "bsr"])
@@ -89,8 +95,9 @@ def test_csr_tiles_spanning_images_and_48_pixel_tiles():
         if channels_last:
             args = (_cl(args[0]), *args[1:])
         res = _residual_for(OPS["csr"], args, channels_last)
-        y = OPS["csr"](*_with_epilogue(args, True, res))
-        torch.testing.assert_close(y.double(), _spec(args, w, True, res), rtol=1e-4, atol=1e-4)
+        for cap in (None, 1.0):
+            y = OPS["csr"](*_with_epilogue(args, True, res, cap))
+            torch.testing.assert_close(y.double(), _spec(args, w, True, res, cap), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("layout", ["csr", "bsr"])
@@ -99,10 +106,10 @@ def test_other_dtypes_take_the_epilogue_too(layout, dtype):
     op = OPS[layout]
     args, w = TESTS[layout]._case(TESTS[layout].CASES[1], 0.5, dtype=dtype)
     res = _residual_for(op, args, False)
-    y = op(*_with_epilogue(args, True, res))
+    y = op(*_with_epilogue(args, True, res, 2.0))
     assert y.dtype == dtype
     tol = 1e-9 if dtype == torch.float64 else 0.1 * float(_spec(args, w, False, res).abs().max())
-    torch.testing.assert_close(y.double(), _spec(args, w, True, res), rtol=0, atol=tol)
+    torch.testing.assert_close(y.double(), _spec(args, w, True, res, 2.0), rtol=0, atol=tol)
 
 
 @pytest.mark.parametrize("layout", ["csr", "bsr"])
@@ -111,8 +118,8 @@ def test_empty_weight_gives_relu_of_bias_plus_residual(layout):
     args, _ = TESTS[layout]._case(TESTS[layout].CASES[0], 1.0)  # every entry (block) pruned
     assert args[3].numel() == 0
     res = _residual_for(op, args, False)
-    y = op(*_with_epilogue(args, True, res))
-    torch.testing.assert_close(y, (args[6].view(1, -1, 1, 1) + res).relu())
+    y = op(*_with_epilogue(args, True, res, 0.5))
+    torch.testing.assert_close(y, (args[6].view(1, -1, 1, 1) + res).clamp(0, 0.5))
 
 
 def test_nan_passes_the_relu():
@@ -131,10 +138,12 @@ def test_gradients_through_the_relu_and_the_residual(layout):
     x, v, b = args[0].requires_grad_(), args[3].requires_grad_(), args[6].requires_grad_()
     r = res.requires_grad_()
 
-    def fn(x, v, b, r):
-        return OPS[layout](x, args[1], args[2], v, *args[4:6], b, *args[7:10], True, r)
+    for cap in (None, 2.0):
 
-    assert torch.autograd.gradcheck(fn, (x, v, b, r))
+        def fn(x, v, b, r):
+            return OPS[layout](x, args[1], args[2], v, *args[4:6], b, *args[7:10], True, r, cap)
+
+        assert torch.autograd.gradcheck(fn, (x, v, b, r))
 
 
 @pytest.mark.parametrize("layout", ["csr", "bsr"])
@@ -146,7 +155,7 @@ def test_fp32_gradients_match_the_unfused_ops(layout):
     def grads(fused):
         x, v, r = (t.detach().clone().requires_grad_() for t in (args[0], args[3], res))
         a = (x, *args[1:3], v, *args[4:10])
-        y = op(*a, True, r) if fused else (op(*a) + r).relu()
+        y = op(*a, True, r, 1.5) if fused else F.relu6(4 * (op(*a) + r)) / 4  # capped at 1.5 both ways
         (y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
         return x.grad, v.grad, r.grad
 
@@ -162,7 +171,7 @@ def test_opcheck(layout, channels_last):
     if channels_last:
         args = (_cl(args[0]), *args[1:])
     res = _residual_for(OPS[layout], args, channels_last)
-    torch.library.opcheck(OPS[layout], _with_epilogue(args, True, res))
+    torch.library.opcheck(OPS[layout], _with_epilogue(args, True, res, 6.0))
 
 
 @pytest.mark.parametrize("layout", ["csr", "bsr"])
@@ -178,7 +187,11 @@ def test_bad_residual_names_the_argument(layout, checked_ref):
 
 
 @pytest.mark.parametrize("layout", ["csr", "bsr"])
-def test_relu_must_be_a_bool(layout):
+def test_relu_must_be_a_bool_and_its_cap_positive_with_it(layout):
     args, _ = TESTS[layout]._case(TESTS[layout].CASES[0], 0.5)
     with pytest.raises(TypeError, match="'relu' must be a bool"):
         REFS[layout](*_with_epilogue(args, 1, None))
+    for fn in (REFS[layout], OPS[layout]):  # the checked reference and the kernel
+        for relu, cap in ((False, 6.0), (True, 0.0), (True, -1.0)):
+            with pytest.raises(ValueError, match="relu_max"):
+                fn(*_with_epilogue(args, relu, None, cap))

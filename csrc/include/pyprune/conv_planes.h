@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -203,30 +204,51 @@ inline at::Tensor checked_residual(const std::optional<at::Tensor>& residual, co
   return residual->contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
 }
 
+// The epilogue's ReLU as one float: kNoRelu none, +inf a plain ReLU, a finite cap > 0 the ReLU capped there
+// (6: ReLU6).
+constexpr float kNoRelu = -1.f;
+inline float relu_cap(bool relu, const std::optional<double>& relu_max, const char* op) {
+  PYPRUNE_CHECK(!relu_max.has_value() || (relu && *relu_max > 0), op, "relu_max",
+                "must be None, or a number > 0 with relu=True, got ", relu_max.value_or(0.0), " with relu=",
+                relu);
+  if (!relu) return kNoRelu;
+  return relu_max.has_value() ? static_cast<float>(*relu_max) : std::numeric_limits<float>::infinity();
+}
+
 // y = relu?(y + res) in place (res undefined: none), for the paths that compute y without the epilogue.
-inline void apply_epilogue(at::Tensor& y, const at::Tensor& res, bool relu) {
+inline void apply_epilogue(at::Tensor& y, const at::Tensor& res, float cap) {
   if (res.defined()) y.add_(res);
-  if (relu) y.clamp_min_(0);
+  if (cap != kNoRelu) y.clamp_min_(0);
+  if (cap != kNoRelu && cap < std::numeric_limits<float>::infinity()) y.clamp_max_(cap);
 }
 
 // The sparse convs' epilogue after the bias: plus the residual's matching floats (r null: none), then the ReLU
 // (NaN stays NaN, as in F.relu).
 template <class V>
-PYPRUNE_INLINE V epilogue16(V v, const float* r, bool relu) {
+PYPRUNE_INLINE V epilogue16(V v, const float* r, float cap) {
   if (r) v += load16<V>(r);
-  return relu ? relu16(v) : v;
+  if (cap == kNoRelu) return v;
+  return cap < std::numeric_limits<float>::infinity() ? relu16(v, cap) : relu16(v);
 }
-PYPRUNE_INLINE float epilogue1(float v, const float* r, bool relu) {
+PYPRUNE_INLINE float epilogue1(float v, const float* r, float cap) {
   if (r) v += *r;
-  return relu ? relu1(v) : v;
+  if (cap == kNoRelu) return v;
+  return cap < std::numeric_limits<float>::infinity() ? relu1(v, cap) : relu1(v);
 }
-// d[k] = epilogue1(s[k] + bias, r + k, relu) for k < n, one loop per case so that the compiler vectorizes each:
+// d[k] = epilogue1(s[k] + bias, r + k, cap) for k < n, one loop per case so that the compiler vectorizes each:
 // the NCHW row tiles that drop columns (3x3 convs on small maps) store every output here, and with the choices
 // inside one loop (and the ReLU's cap compared too) bsr_conv2d with relu took 1.17x its time without, 128->128
 // 3x3 @28 at 90% (a separate in-place ReLU: 1.0-1.15x).
 PYPRUNE_INLINE void epilogue_run(float* __restrict d, const float* __restrict s, float bias,
-                                 const float* __restrict r, int64_t n, bool relu) {
-  if (r && relu) {
+                                 const float* __restrict r, int64_t n, float cap) {
+  const bool relu = cap != kNoRelu;
+  if (relu && cap < std::numeric_limits<float>::infinity()) {  // capped (ReLU6)
+    if (r) {
+      for (int64_t k = 0; k < n; ++k) d[k] = relu1(s[k] + bias + r[k], cap);
+    } else {
+      for (int64_t k = 0; k < n; ++k) d[k] = relu1(s[k] + bias, cap);
+    }
+  } else if (r && relu) {
     for (int64_t k = 0; k < n; ++k) d[k] = relu1(s[k] + bias + r[k]);
   } else if (r) {
     for (int64_t k = 0; k < n; ++k) d[k] = s[k] + bias + r[k];
@@ -241,15 +263,15 @@ PYPRUNE_INLINE void epilogue_run(float* __restrict d, const float* __restrict s,
 // residual's same channel, laid out as y, or null); dropped columns skipped.
 template <class V, int NV>
 PYPRUNE_INLINE void store_tile(const V* acc, const Tile& tl, float bias, int64_t Wq, int64_t OW, float* yc,
-                               const float* rc, bool relu) {
+                               const float* rc, float cap) {
   if (tl.dst >= 0) {
     float* d = yc + tl.dst;
     const float* r = rc ? rc + tl.dst : nullptr;
     int t = 0;
     for (; t < NV && (t + 1) * kLanes <= tl.len; ++t)
-      store16(d + kLanes * t, epilogue16(acc[t] + bias, r ? r + kLanes * t : nullptr, relu));
+      store16(d + kLanes * t, epilogue16(acc[t] + bias, r ? r + kLanes * t : nullptr, cap));
     for (int64_t k = t * kLanes; k < tl.len; ++k)
-      d[k] = epilogue1(acc[t][k - t * kLanes] + bias, r ? r + k : nullptr, relu);
+      d[k] = epilogue1(acc[t][k - t * kLanes] + bias, r ? r + k : nullptr, cap);
     return;
   }
   alignas(64) float buf[NV * kLanes];
@@ -259,7 +281,7 @@ PYPRUNE_INLINE void store_tile(const V* acc, const Tile& tl, float bias, int64_t
     const int64_t oh = q / Wq, row = oh * Wq;
     const int64_t valid_end = std::min(q1, row + OW);
     const int64_t at = oh * OW - row + q;  // y's offset of q
-    epilogue_run(yc + at, buf + (q - tl.q0), bias, rc ? rc + at : nullptr, valid_end - q, relu);
+    epilogue_run(yc + at, buf + (q - tl.q0), bias, rc ? rc + at : nullptr, valid_end - q, cap);
     q = std::min(q1, row + Wq);
   }
 }
@@ -270,7 +292,7 @@ PYPRUNE_INLINE void store_tile(const V* acc, const Tile& tl, float bias, int64_t
 template <class V>
 PYPRUNE_INLINE void store_group_cl(const float* buf, int64_t ldb, int64_t g, const Tile& tl, int64_t Wq,
                                    int64_t OW, int64_t O, int64_t o0, float* y_img, const float* r_img,
-                                   bool relu) {
+                                   float cap) {
   auto pixel = [&](int64_t q) {  // output pixel of q, or -1 for a dropped column
     if (tl.dst >= 0) return tl.dst + q - tl.q0;  // the tile's outputs are contiguous: no division
     const int64_t oh = q / Wq, ow = q - oh * Wq;
@@ -284,7 +306,7 @@ PYPRUNE_INLINE void store_group_cl(const float* buf, int64_t ldb, int64_t g, con
       transpose16(r);
       for (int64_t j = 0; j < n; ++j) {
         const int64_t p = pixel(tl.q0 + qb + j);
-        if (p >= 0) store16(y_img + p * O + o0, epilogue16(r[j], r_img ? r_img + p * O + o0 : nullptr, relu));
+        if (p >= 0) store16(y_img + p * O + o0, epilogue16(r[j], r_img ? r_img + p * O + o0 : nullptr, cap));
       }
       continue;
     }
@@ -293,7 +315,7 @@ PYPRUNE_INLINE void store_group_cl(const float* buf, int64_t ldb, int64_t g, con
       if (p < 0) continue;
       for (int64_t i = 0; i < g; ++i) {
         const int64_t at = p * O + o0 + i;
-        y_img[at] = epilogue1(buf[i * ldb + qb + j], r_img ? r_img + at : nullptr, relu);
+        y_img[at] = epilogue1(buf[i * ldb + qb + j], r_img ? r_img + at : nullptr, cap);
       }
     }
   }

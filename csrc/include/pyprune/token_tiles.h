@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -159,11 +160,13 @@ PYPRUNE_INLINE void pack_token_minor_range(const float* x, int64_t ldx, int64_t 
 }
 
 // y[(m0 + m) * N + r0 + r] = buf[r * ldb + m] (+ bias[r0 + r]) for r < rows, m < toks; then, where `res`
-// (laid out as y) is not null, plus res at the same offset, and with `relu` the ReLU (NaN stays NaN).
+// (laid out as y) is not null, plus res at the same offset, and with cap >= 0 the ReLU (NaN stays NaN),
+// capped at `cap` unless that is +inf.
 template <class V>
 PYPRUNE_INLINE void store_transposed(const float* buf, int64_t ldb, int64_t rows, int64_t toks, const float* bias,
                                      float* y, int64_t N, int64_t r0, int64_t m0, const float* res = nullptr,
-                                     bool relu = false) {
+                                     float cap = -1.f) {
+  const bool relu = cap >= 0.f, capped = relu && cap < std::numeric_limits<float>::infinity();
   for (int64_t rb = 0; rb < rows; rb += kLanes) {
     const int64_t re = std::min<int64_t>(rows, rb + kLanes);
     int64_t mb = 0;
@@ -177,7 +180,7 @@ PYPRUNE_INLINE void store_transposed(const float* buf, int64_t ldb, int64_t rows
           const int64_t at = (m0 + mb + j) * N + r0 + rb;
           V v = r[j] + b;
           if (res) v += load16<V>(res + at);
-          store16(y + at, relu ? relu16(v) : v);
+          store16(y + at, capped ? relu16(v, cap) : relu ? relu16(v) : v);
         }
       }
     }
@@ -186,7 +189,7 @@ PYPRUNE_INLINE void store_transposed(const float* buf, int64_t ldb, int64_t rows
       for (int64_t r = rb; r < re; ++r) {
         float v = buf[r * ldb + m] + (bias ? bias[r0 + r] : 0.f);
         if (res) v += res[at + r];
-        y[at + r] = relu ? relu1(v) : v;
+        y[at + r] = capped ? relu1(v, cap) : relu ? relu1(v) : v;
       }
     }
   }
