@@ -139,7 +139,9 @@ def bsr_conv2d_ref(
     return sparse_conv_epilogue(y, relu, residual, relu_max)
 
 
-def sparse_conv_epilogue(y: Tensor, relu: bool, residual: Tensor | None, relu_max: float | None = None) -> Tensor:
+def sparse_conv_epilogue(
+    y: Tensor, relu: bool, residual: Tensor | None, relu_max: float | None = None
+) -> Tensor:
     """csr_conv2d's / bsr_conv2d's epilogue on their conv output ``y`` (a new tensor, changed in place):
     ``relu?(y + residual)``, capped at ``relu_max`` (with relu)."""
     if residual is not None:

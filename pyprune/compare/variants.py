@@ -426,9 +426,10 @@ class _PyPruneLeaves(torch.fx.Tracer):
 def fuse_sparse_epilogues(model: nn.Module, example: tuple) -> tuple[nn.Module, dict]:
     """Moves each skip connection's add after a csr / bsr SparseConv2d, and a ReLU (or ReLU6, a Hardtanh
     floored at 0) after the conv (or the add), into the conv (``relu=True``, ``relu_max``;
-    ``SparseConv2d(x, residual)``), where their kernels apply both in their stores. ``model`` (a variant's own copy: its modules are reused) is changed in place when it is an
-    fx GraphModule (what fold_bn returns), else traced with pyprune's modules as leaves; ``example`` fixes the
-    tensors' shapes, which a residual must match. Returns (model, {"relu": n, "residual": n}); the model as
+    ``SparseConv2d(x, residual)``), where their kernels apply both in their stores. ``model`` (a variant's
+    own copy: its modules are reused) is changed in place when it is an fx GraphModule (what fold_bn
+    returns), else traced with pyprune's modules as leaves; ``example`` fixes the tensors' shapes, which a
+    residual must match. Returns (model, {"relu": n, "residual": n}); the model as
     given when fx cannot trace it."""
     counts = {"relu": 0, "residual": 0}
     if not any(_is_sparse_conv(m) and m.layout in ("csr", "bsr") for m in model.modules()):

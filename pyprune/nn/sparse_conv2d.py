@@ -10,12 +10,12 @@ field (Fast Sparse ConvNets, Elsen et al. 2020, for the 1x1 case).
   csrc/cpu/csr_conv2d.cpp for the cases it reads in place or copies / transposes per tile).
   Depthwise convs (one input channel per group, groups == in_channels) on channels_last input instead run
   pruned_conv2d's depthwise kernel (channels as vectors) on the (C_out, 1, kh, kw) weight scattered from the
-  stored entries at every call: that weight is C_out * kh * kw floats and the conv 2 * kh * kw FLOPs an output,
-  while the implicit GEMM staged the whole input through transposes for about one nonzero a row (MobileNetV2's
-  depthwise convs at 90%: 0.16-0.56x the dense conv's speed that way; its csr variant 0.79-0.82x the time
-  this way, 2 threads, Xeon VM). The zeros are multiplied there: no gain from the sparsity, no loss against
-  the dense conv either. On NCHW input, where the planes are copied rather than transposed, csr_conv2d stays
-  (the other route cost 1.06-1.07x on MobileNetV2 there).
+  stored entries at every call: that weight is C_out * kh * kw floats and the conv 2 * kh * kw FLOPs an
+  output, while the implicit GEMM staged the whole input through transposes for about one nonzero a row
+  (MobileNetV2's depthwise convs at 90%: 0.16-0.56x the dense conv's speed that way; its csr variant
+  0.79-0.82x the time this way, 2 threads, Xeon VM). The zeros are multiplied there: no gain from the
+  sparsity, no loss against the dense conv either. On NCHW input, where the planes are copied rather than
+  transposed, csr_conv2d stays (the other route cost 1.06-1.07x on MobileNetV2 there).
 - **bsr**: ``pyprune::bsr_conv2d``, the same implicit GEMM over the stored blocks (csrc/cpu/bsr_conv2d.cpp:
   RB rows of a block share each loaded run of pixels); an unpadded 1x1 conv on channels_last input runs
   bsr_linear's kernel inside it, over the (pixels, C_in) matrix as it lies. On CUDA bsr_conv2d runs a Triton
@@ -117,9 +117,10 @@ class SparseConv2d(nn.Module):
     the grouped weight, whose cross-group zeros are not stored.
 
     ``relu=True`` applies a ReLU to the output (capped at ``relu_max`` if given: 6 is ReLU6), and
-    ``module(input, residual)`` adds ``residual`` (the output's shape) before it: a ResNet block's last conv, skip connection and ReLU in one call. csr_conv2d
-    and bsr_conv2d apply both in the kernel's stores (no pass over the output of their own); the other routes
-    (2:4, bsr's channels_last 1x1 on CUDA) after the op, in place on its new output.
+    ``module(input, residual)`` adds ``residual`` (the output's shape) before it: a ResNet block's last conv,
+    skip connection and ReLU in one call. csr_conv2d and bsr_conv2d apply both in the kernel's stores (no pass
+    over the output of their own); the other routes (2:4, bsr's channels_last 1x1 on CUDA) after the op, in
+    place on its new output.
 
     Build it with :meth:`from_dense`; the constructor makes an all-zero weight of the right layout, which
     ``load_state_dict`` then fills. Gradients reach the input, the stored nonzeros (``weight.values``), the
@@ -273,8 +274,9 @@ class SparseConv2d(nn.Module):
         return self.groups > 1 and self.groups == self.in_channels and cl
 
     def _depthwise_weight(self, wt, values: Tensor) -> Tensor:
-        """The (C_out, 1, kh, kw) weight of a depthwise conv, its stored entries scattered in (differentiable in
-        ``values``): entry (o, tap * C_in + c) of the block-diagonal embedding is tap ``tap`` of output o."""
+        """The (C_out, 1, kh, kw) weight of a depthwise conv, its stored entries scattered in (differentiable
+        in ``values``): entry (o, tap * C_in + c) of the block-diagonal embedding is tap ``tap`` of output
+        o."""
         (kh, kw), o = self.kernel_size, self.out_channels
         rows = compressed_rows(wt.crow_indices, wt.col_indices.numel())
         flat = rows * (kh * kw) + wt.col_indices.long() // self.in_channels
@@ -359,7 +361,8 @@ class SparseConv2d(nn.Module):
         return y.clamp_max_(self.relu_max) if self.relu_max is not None else y
 
     def _conv(self, x: Tensor, wt, values: Tensor) -> Tensor:
-        """conv2d of 4-D x through the linear ops or sparse24_conv2d (2:4, bsr's channels_last 1x1 on CUDA)."""
+        """conv2d of 4-D x through the linear ops or sparse24_conv2d (2:4; bsr's channels_last 1x1 on
+        CUDA)."""
         n, c, h, w = x.shape
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
         oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1

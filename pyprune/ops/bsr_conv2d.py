@@ -72,9 +72,9 @@ def bsr_conv2d(
 ) -> Tensor:
     """x: (N, C_in, H, W); W: (out_channels, kh*kw*C_in) in tap-major columns as BSR with int32 crow_indices
     (ceil(out_channels / bh) + 1,) and col_indices (nnz_blocks,), values (nnz_blocks, bh, bw) zero past the
-    weight's edges; bias: (out_channels,) or None; residual, relu, relu_max: the epilogue, as in csr_conv2d. Returns
-    relu?(conv2d(x, W, bias, stride, padding, dilation) + residual): (N, out_channels, OH, OW) in x's memory
-    format."""
+    weight's edges; bias: (out_channels,) or None; residual, relu, relu_max: the epilogue, as in csr_conv2d.
+    Returns relu?(conv2d(x, W, bias, stride, padding, dilation) + residual): (N, out_channels, OH, OW) in x's
+    memory format."""
     return call_op(
         torch.ops.pyprune.bsr_conv2d.default, x, crow_indices, col_indices, values, out_channels,
         pair(kernel_size, "kernel_size"), bias, pair(stride, "stride"), pair(padding, "padding"),

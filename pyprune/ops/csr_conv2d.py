@@ -169,7 +169,7 @@ def sparse_backward(op, transpose_fn, dense_weight_fn, values_grad_fn):
 
     def backward(ctx, grad):
         x, crow, col, values, y = ctx.saved_tensors
-        if y is not None:  # the ReLU let the value through where it is positive (and below its cap, as F.relu6)
+        if y is not None:  # the ReLU let the value through where positive (and below its cap, as F.relu6)
             grad = grad * ((y > 0) if ctx.relu_max is None else ((y > 0) & (y < ctx.relu_max)))
         # the residual is added before the ReLU: its gradient is the (masked) output gradient
         grad_res = grad if ctx.has_residual and ctx.needs_input_grad[11] else None

@@ -448,7 +448,8 @@ def test_depthwise_on_channels_last_runs_pruned_conv2d_on_the_scattered_weight(m
     y = sc(xg, rg)
     want = (dense(x) + res).relu()
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
-    assert y.is_contiguous(memory_format=torch.channels_last if fmt == "channels_last" else torch.contiguous_format)
+    want_fmt = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    assert y.is_contiguous(memory_format=want_fmt)
     g = torch.randn_like(y)
     (y * g).sum().backward()
     xd, rd = x.clone().requires_grad_(), res.clone().requires_grad_()
@@ -605,7 +606,8 @@ def test_kxk_chunks_match_reference_and_gradients(monkeypatch, chunk_bytes, case
     conv = _masked_conv(8, 6, k, stride, padding, dilation, 0.5, layout)
     sc = SparseConv2d.from_dense(conv, layout=layout, block=(4, 8))
     y = _check_output_and_input_grad(sc, conv, _as_format(torch.randn(2, 8, *hw), fmt).requires_grad_(True))
-    assert y.is_contiguous(memory_format=torch.channels_last if fmt == "channels_last" else torch.contiguous_format)
+    want_fmt = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    assert y.is_contiguous(memory_format=want_fmt)
 
 
 def test_profile_names_the_op_forward_runs():
