@@ -480,6 +480,26 @@ def test_relu_max_on_every_route(layout, k, padding, channels_last, op):
     assert isinstance(sc.to_dense()[1], torch.nn.Hardtanh) and "relu_max=0.5" in repr(sc)
 
 
+def test_torch_compile_of_the_depthwise_route_matches_eager():
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
+    sc = SparseConv2d.from_dense(conv, sparsity=0.5, relu=True, relu_max=6.0)
+    x = (3 * torch.randn(2, 16, 9, 9)).contiguous(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(sc, fullgraph=True, backend="aot_eager")
+        xg, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y = compiled(xg)
+        torch.testing.assert_close(y, sc(xe))
+        y.square().sum().backward()
+        got = sc.weight.values.grad.clone()
+        sc.weight.values.grad = None
+        sc(xe).square().sum().backward()
+        torch.testing.assert_close(xg.grad, xe.grad)
+        torch.testing.assert_close(got, sc.weight.values.grad)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_relu_max_on_the_depthwise_route():
     conv = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
     sc = SparseConv2d.from_dense(conv, sparsity=0.5, relu=True, relu_max=6.0)
