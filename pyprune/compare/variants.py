@@ -322,6 +322,20 @@ def _residual_of(node, out, shapes: dict):
     return other
 
 
+def _call_at_add(gm, node, add_node, residual, relu_node, shapes: dict, between=None) -> None:
+    """The conv of call ``node`` moves to the place of ``add_node`` (where its residual exists), called with
+    (its input, ``residual``): its output replaces the add's, or the ReLU's after it; the ReLU, the add,
+    ``between`` (a BN folded between conv and add) and ``node`` leave the graph."""
+    with gm.graph.inserting_before(add_node):
+        fused = gm.graph.call_module(node.target, (node.args[0], residual))
+    (relu_node or add_node).replace_all_uses_with(fused)
+    if add_node in shapes:  # (a later add may take this output as its residual)
+        shapes[fused] = shapes[add_node]
+    for dead in (relu_node, add_node, between, node):  # users before what they use
+        if dead is not None:
+            gm.graph.erase_node(dead)
+
+
 def fuse_pruned_convs(model: nn.Module, example: tuple | None = None) -> tuple[nn.Module, dict]:
     """``model`` (not modified) with every Conv2d as a PrunedConv2d, BN folded, ReLU (or ReLU6) and max pool
     fused where the fx graph allows (the conv output feeds only an eval-mode BatchNorm2d, whose output feeds
@@ -383,15 +397,8 @@ def fuse_pruned_convs(model: nn.Module, example: tuple | None = None) -> tuple[n
             continue
         _set(gm, node.target, new)
         counts["conv"] += 1
-        if add_node is not None:  # the conv moves to the add's place, where its residual exists
-            with gm.graph.inserting_before(add_node):
-                fused = gm.graph.call_module(node.target, (node.args[0], residual))
-            (relu_node or add_node).replace_all_uses_with(fused)
-            if add_node in shapes:  # (a later add may take this output as its residual)
-                shapes[fused] = shapes[add_node]
-            for dead in (relu_node, add_node, bn_node, node):
-                if dead is not None:
-                    gm.graph.erase_node(dead)
+        if add_node is not None:
+            _call_at_add(gm, node, add_node, residual, relu_node, shapes, bn_node)
             counts["residual"] += 1
             counts["relu"] += relu_node is not None
             counts["bn"] += bn_node is not None
@@ -462,15 +469,8 @@ def fuse_sparse_epilogues(model: nn.Module, example: tuple) -> tuple[nn.Module, 
         conv.relu = relu_node is not None
         conv.relu_max = relu_max if relu_node is not None else None
         counts["relu"] += relu_node is not None
-        if add_node is not None:  # the conv moves to the add's place, where its residual exists
-            with gm.graph.inserting_before(add_node):
-                fused = gm.graph.call_module(node.target, (node.args[0], residual))
-            (relu_node or add_node).replace_all_uses_with(fused)
-            if add_node in shapes:  # (a later add may take this output as its residual)
-                shapes[fused] = shapes[add_node]
-            for dead in (relu_node, add_node, node):
-                if dead is not None:
-                    gm.graph.erase_node(dead)
+        if add_node is not None:
+            _call_at_add(gm, node, add_node, residual, relu_node, shapes)
             counts["residual"] += 1
         elif relu_node is not None:
             relu_node.replace_all_uses_with(node)

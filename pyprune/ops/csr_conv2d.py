@@ -35,7 +35,7 @@ from . import (
 from .._extension import HAS_CPP
 from ._common import call_op, check_csr_arrays, eager, register_cpu_fallback
 from ._router import Backend, TensorCache, route
-from .pruned_conv2d import check_relu_max, output_size, pair
+from .pruned_conv2d import check_relu_max, check_residual, output_size, pair
 
 OP = "pyprune::csr_conv2d"
 
@@ -85,14 +85,8 @@ def check_epilogue(op, x, out_channels, out_size, relu, residual, relu_max=None)
     if not isinstance(relu, bool):
         raise TypeError(f"{op}: argument 'relu' must be a bool, got {type(relu).__name__}")
     check_relu_max(relu, relu_max, f"{op}: argument 'relu_max'")
-    if residual is None:
-        return
-    want = (x.shape[0], out_channels, *out_size)
-    if residual.dtype != x.dtype or tuple(residual.shape) != want or residual.device != x.device:
-        raise ValueError(
-            f"{op}: argument 'residual' must be a {x.dtype} tensor of the output's shape {want} on "
-            f"{x.device}, got {residual.dtype} {tuple(residual.shape)} on {residual.device}"
-        )
+    if residual is not None:
+        check_residual(op, x, (x.shape[0], out_channels, *out_size), residual)
 
 
 def check_conv_args(op, x, arrays, out_channels, kernel_size, bias, stride, padding, dilation):

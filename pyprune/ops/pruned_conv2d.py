@@ -169,12 +169,7 @@ def check_args(x, weight, bias, in_index, out_index, out_channels, stride, paddi
             f"{tuple(weight.shape[2:])}, stride {list(stride)}, padding {list(padding)}, dilation {list(dilation)}"
         )
     if residual is not None:
-        want = (x.shape[0], out_channels, oh, ow)
-        if residual.dtype != x.dtype or tuple(residual.shape) != want or residual.device != x.device:
-            raise ValueError(
-                f"{OP}: argument 'residual' must be a {x.dtype} tensor of the output's shape {want} on {x.device}, "
-                f"got {residual.dtype} {tuple(residual.shape)} on {residual.device}"
-            )
+        check_residual(OP, x, (x.shape[0], out_channels, oh, ow), residual)
         if max_pool:
             raise ValueError(
                 f"{OP}: argument 'residual' cannot be combined with max_pool (the pool would follow the add)"
@@ -189,6 +184,16 @@ def check_args(x, weight, bias, in_index, out_index, out_channels, stride, paddi
             f"{list(max_pool)}"
         )
     return output_size((oh, ow), k, st, p, (1, 1))
+
+
+def check_residual(op: str, x, want: tuple, residual) -> None:
+    """A fused residual (pruned_conv2d's, csr_conv2d's, bsr_conv2d's; ``op`` names the op): x's dtype and
+    device, the output's shape ``want``."""
+    if residual.dtype != x.dtype or tuple(residual.shape) != want or residual.device != x.device:
+        raise ValueError(
+            f"{op}: argument 'residual' must be a {x.dtype} tensor of the output's shape {want} on "
+            f"{x.device}, got {residual.dtype} {tuple(residual.shape)} on {residual.device}"
+        )
 
 
 def check_relu_max(relu: bool, relu_max, what: str) -> None:
@@ -294,6 +299,6 @@ if not torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU"):
     torch.library.impl(OP, "CPU")(pruned_conv2d_checked_ref)
 register_cuda("pruned_conv2d")
 __all__ = [
-    "check_args", "check_channel_index", "check_index_values", "check_pool", "check_relu_max", "output_size",
-    "pair", "pool_list", "pruned_conv2d",
+    "check_args", "check_channel_index", "check_index_values", "check_pool", "check_relu_max",
+    "check_residual", "output_size", "pair", "pool_list", "pruned_conv2d",
 ]  # fmt: skip
