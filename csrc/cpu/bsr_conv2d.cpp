@@ -83,7 +83,7 @@ struct RowSink {
     if (++gn == kLanes) flush();
   }
   PYPRUNE_INLINE void flush() {
-    if (gn) store_group_cl<V>(group, ld, gn, tl, a.Wq, a.OW, a.O, g0, y_img, r_img, a.cap);
+    if (gn) store_group_cl<V>(group, ld, gn, tl, a.Wq, a.OW, a.O, g0, y_img, r_img, a.cap, false);
     gn = 0;
   }
 };

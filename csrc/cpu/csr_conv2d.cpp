@@ -45,6 +45,7 @@ struct ConvArgs {
   bool pack_prefetch;  // channels_last tiles prefetch the pixels kPrefetchBlocks blocks ahead (x beyond the LLC)
   const float* res;  // the residual laid out as y (null: none), added after the bias
   float cap;  // then the ReLU: kNoRelu, +inf (plain) or its cap (pyprune/conv_planes.h's relu_cap)
+  bool stream_y;  // channels_last y beyond the LLC: whole groups of 16 rows leave by non-temporal stores
 };
 
 // Two accumulator sets over alternate nonzeros: with 4 vectors, 8 independent FMA chains.
@@ -135,7 +136,8 @@ PYPRUNE_INLINE void rows_tile(const ConvArgs& a, const Tile& tl, const float* ba
       const int64_t i = (o - r0) % kLanes;
       for (int t = 0; t < NV; ++t) store16(group + i * NV * kLanes + kLanes * t, acc[t] + bias);
       if (i == kLanes - 1 || o + 1 == r1)
-        store_group_cl<V>(group, NV * kLanes, i + 1, tl, a.Wq, a.OW, a.O, o - i, y_img, r_img, a.cap);
+        store_group_cl<V>(group, NV * kLanes, i + 1, tl, a.Wq, a.OW, a.O, o - i, y_img, r_img, a.cap,
+                          a.stream_y);
     }
   }
 }
@@ -194,6 +196,7 @@ PYPRUNE_INLINE void conv_units(const ConvArgs& a, int64_t u0, int64_t u1, float*
       default: rows_tile<V, 1>(a, tl, base, next, r0, r1, y_img, scratch);
     }
   }
+  if (a.stream_y) stream_fence();
 }
 
 using UnitsFn = void (*)(const ConvArgs&, int64_t, int64_t, float*, float*);
@@ -386,6 +389,15 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   // Xeon VM's 300 MiB L3 holds these x, and there it cost 1.01-1.16x on ResNet-50's 1x1 convs).
   const int64_t llc = last_level_cache_bytes();
   const bool pack_prefetch = cl && pack_tiles && llc > 0 && 2 * static_cast<int64_t>(x.nbytes()) > llc;
+  // Packed channels_last tiles store y by non-temporal stores when x, y and the residual together pass half
+  // the LLC: y's lines are then not read in before being overwritten (write-allocate), nor kept in a cache that
+  // x streams through. A/B in one process, Zen 4 VM, 7 rounds, batch 8, 256->64 @56 at 90% / 50% 0.85x / 0.93x
+  // the time, 64->256 @56 with a residual and ReLU at 90% / 70% 0.86x / 0.90x; at batch 1 (all of it within
+  // the LLC) plain stores, as streaming there cost 64->256 @56 1.04x. Not for staged kxk convs, whose staged
+  // copy also goes through the cache: 0.95-1.02x.
+  const int64_t footprint = static_cast<int64_t>(x.nbytes() + y.nbytes() + (res.defined() ? res.nbytes() : 0));
+  const bool aligned_y = reinterpret_cast<uintptr_t>(y.data_ptr()) % 64 == 0;  // vmovntps needs it
+  const bool stream_y = cl && pack_tiles && O % kLanes == 0 && aligned_y && llc > 0 && 2 * footprint > llc;
   // Packed tiles run flat across images (q = n * OH * OW + p, as one image), so that small maps fill whole
   // vectors: a 7x7 image alone is 49 pixels in 4 vectors, 8 of them 25 vectors instead of 32.
   int64_t n_img = N;
@@ -468,7 +480,8 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
              y.data_ptr<float>(),
              pack_prefetch,
              res.defined() ? res.data_ptr<float>() : nullptr,
-             cap};
+             cap,
+             stream_y};
   const UnitsFn fn = pick_units(isa);
   // Each thread takes a contiguous range of units of equal cost (vectors x nonzeros, plus a little per row and,
   // on a tile's first row part, its packing): a short last tile or a light row part would otherwise leave one

@@ -545,22 +545,29 @@ def test_dense_columns_read_aligned_taps(k, stride, padding, dilation, hw, fmt):
 
 
 @pytest.mark.skipif(not HAS_CPP, reason="the C++ kernel's path")
-def test_channels_last_1x1_beyond_half_the_llc():
+@pytest.mark.parametrize("c_out, epilogue", [(32, False), (32, True), (40, True)])
+def test_channels_last_1x1_beyond_half_the_llc(c_out, epilogue):
     # x larger than half the last-level cache: the tiles' transposes prefetch the pixels ahead (the one
-    # path that does; past the end of x the prefetches must not fault)
+    # path that does; past the end of x the prefetches must not fault), and y leaves by non-temporal stores
+    # with the epilogue applied (C_out a multiple of 16, each pixel's channels whole lines; 40: plain stores)
     llc = pyprune._extension.cpu_features()["last_level_cache_bytes"]
     if not 0 < llc <= 64 << 20:
         pytest.skip(f"last-level cache of {llc} bytes: x would be too large for a unit test")
     torch.manual_seed(0)
     c_in, side = 128, 56
     batch = llc // (2 * 4 * c_in * side * side) + 1
-    w = torch.randn(32, c_in) * (torch.rand(32, c_in) < 0.1)
+    w = torch.randn(c_out, c_in) * (torch.rand(c_out, c_in) < 0.1)
     c = CSR.from_dense(w)
     x = torch.randn(batch, c_in, side, side).contiguous(memory_format=torch.channels_last)
     assert 2 * x.nbytes > llc
-    y = csr_conv2d(x, c.crow_indices, c.col_indices, c.values, 32, 1)
+    b = torch.randn(c_out) if epilogue else None
+    res = torch.randn(batch, c_out, side, side).contiguous(memory_format=torch.channels_last) if epilogue else None
+    y = csr_conv2d(x, c.crow_indices, c.col_indices, c.values, c_out, 1, b, relu=epilogue, residual=res)
     assert y.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(y, F.conv2d(x, w.view(32, c_in, 1, 1)), rtol=1e-4, atol=1e-4)
+    want = F.conv2d(x, w.view(c_out, c_in, 1, 1), b)
+    if epilogue:
+        want = torch.relu(want + res)
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
 
 
 def gpu_backward_check(op, args, w):

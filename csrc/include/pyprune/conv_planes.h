@@ -287,12 +287,34 @@ PYPRUNE_INLINE void store_tile(const V* acc, const Tile& tl, float bias, int64_t
 }
 
 // channels_last output: rows [o0, o0 + g) of one tile, buffered as buf[row][q - q0] (bias added), go out as
+// A non-temporal store of one vector to p (aligned to the vector's width; x86 AVX and up, else a plain store).
+// For an output larger than the last-level cache: a plain store first reads each line in (write-allocate), only
+// for the output to leave the cache before anything reads it. A unit range that streamed ends with stream_fence.
+template <class V>
+PYPRUNE_INLINE void stream16(float* p, const V& v) {
+#if PYPRUNE_X86
+  if constexpr (V::kParts <= 2) {
+    using H = typename V::H;
+    for (int q = 0; q < V::kParts; ++q)
+      asm volatile("vmovntps %1, %0" : "=m"(*reinterpret_cast<H*>(p + V::kWidth * q)) : "v"(v.h[q]));
+    return;
+  }
+#endif
+  store16(p, v);
+}
+inline void stream_fence() {
+#if PYPRUNE_X86
+  asm volatile("sfence" ::: "memory");
+#endif
+}
+
 // y[pixel][o0 .. o0 + g), a whole group through in-register 16x16 transposes, a partial one element-wise; the
-// epilogue with r_img (the residual laid out as y_img, or null).
+// epilogue with r_img (the residual laid out as y_img, or null). stream: whole groups leave through stream16
+// (y 64-byte aligned and O a multiple of 16).
 template <class V>
 PYPRUNE_INLINE void store_group_cl(const float* buf, int64_t ldb, int64_t g, const Tile& tl, int64_t Wq,
                                    int64_t OW, int64_t O, int64_t o0, float* y_img, const float* r_img,
-                                   float cap) {
+                                   float cap, bool stream) {
   auto pixel = [&](int64_t q) {  // output pixel of q, or -1 for a dropped column
     if (tl.dst >= 0) return tl.dst + q - tl.q0;  // the tile's outputs are contiguous: no division
     const int64_t oh = q / Wq, ow = q - oh * Wq;
@@ -306,7 +328,10 @@ PYPRUNE_INLINE void store_group_cl(const float* buf, int64_t ldb, int64_t g, con
       transpose16(r);
       for (int64_t j = 0; j < n; ++j) {
         const int64_t p = pixel(tl.q0 + qb + j);
-        if (p >= 0) store16(y_img + p * O + o0, epilogue16(r[j], r_img ? r_img + p * O + o0 : nullptr, cap));
+        if (p < 0) continue;
+        const V v = epilogue16(r[j], r_img ? r_img + p * O + o0 : nullptr, cap);
+        if (stream) stream16(y_img + p * O + o0, v);
+        else store16(y_img + p * O + o0, v);
       }
       continue;
     }
