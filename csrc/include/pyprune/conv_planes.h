@@ -286,7 +286,6 @@ PYPRUNE_INLINE void store_tile(const V* acc, const Tile& tl, float bias, int64_t
   }
 }
 
-// channels_last output: rows [o0, o0 + g) of one tile, buffered as buf[row][q - q0] (bias added), go out as
 // A non-temporal store of one vector to p (aligned to the vector's width; x86 AVX and up, else a plain store).
 // For an output larger than the last-level cache: a plain store first reads each line in (write-allocate), only
 // for the output to leave the cache before anything reads it. A unit range that streamed ends with stream_fence.
@@ -308,6 +307,7 @@ inline void stream_fence() {
 #endif
 }
 
+// channels_last output: rows [o0, o0 + g) of one tile, buffered as buf[row][q - q0] (bias added), go out as
 // y[pixel][o0 .. o0 + g), a whole group through in-register 16x16 transposes, a partial one element-wise; the
 // epilogue with r_img (the residual laid out as y_img, or null). stream: whole groups leave through stream16
 // (y 64-byte aligned and O a multiple of 16).
