@@ -217,6 +217,35 @@ def test_sampled_values_grad_of_a_block_past_the_edges(monkeypatch):
     values_grad_check(OP, args, dense, monkeypatch, HAS_CPP, sample)
 
 
+@pytest.mark.skipif(not HAS_CPP, reason="the C++ kernel's path")
+@pytest.mark.parametrize("c_out, block, epilogue", [(32, (16, 16), False), (32, (16, 16), True),
+                                                    (40, (16, 16), True), (32, (8, 16), True)])
+def test_channels_last_1x1_beyond_half_the_llc(c_out, block, epilogue):
+    # x larger than half the last-level cache, on the route of channels_last unpadded 1x1 convs (bsr_linear's
+    # kernel): y leaves by non-temporal stores with the epilogue applied where C_out and the block height are
+    # multiples of 16 (40 output channels, or blocks 8 high: plain stores)
+    llc = pyprune._extension.cpu_features()["last_level_cache_bytes"]
+    if not 0 < llc <= 64 << 20:
+        pytest.skip(f"last-level cache of {llc} bytes: x would be too large for a unit test")
+    torch.manual_seed(0)
+    c_in, side = 128, 56
+    batch = llc // (2 * 4 * c_in * side * side) + 1
+    w = torch.randn(c_out, c_in) * (torch.rand(c_out, c_in) < 0.3)
+    bsr = BSR.from_dense(w, block)
+    x = torch.randn(batch, c_in, side, side).contiguous(memory_format=torch.channels_last)
+    assert 2 * x.nbytes > llc
+    b = torch.randn(c_out) if epilogue else None
+    res = None
+    if epilogue:
+        res = torch.randn(batch, c_out, side, side).contiguous(memory_format=torch.channels_last)
+    y = bsr_conv2d(x, bsr.crow_indices, bsr.col_indices, bsr.values, c_out, 1, b, relu=epilogue, residual=res)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    want = F.conv2d(x, w.view(c_out, c_in, 1, 1), b)
+    if epilogue:
+        want = torch.relu(want + res)
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+
+
 def test_gradcheck_float64():
     args, _ = _case((3, 4, (3, 2), 2, 1, (1, 2), (6, 7), 2, (2, 4)), 0.4, dtype=torch.float64)
     x, v, b = args[0].requires_grad_(), args[3].requires_grad_(), args[6].requires_grad_()

@@ -286,27 +286,6 @@ PYPRUNE_INLINE void store_tile(const V* acc, const Tile& tl, float bias, int64_t
   }
 }
 
-// A non-temporal store of one vector to p (aligned to the vector's width; x86 AVX and up, else a plain store).
-// For an output larger than the last-level cache: a plain store first reads each line in (write-allocate), only
-// for the output to leave the cache before anything reads it. A unit range that streamed ends with stream_fence.
-template <class V>
-PYPRUNE_INLINE void stream16(float* p, const V& v) {
-#if PYPRUNE_X86
-  if constexpr (V::kParts <= 2) {
-    using H = typename V::H;
-    for (int q = 0; q < V::kParts; ++q)
-      asm volatile("vmovntps %1, %0" : "=m"(*reinterpret_cast<H*>(p + V::kWidth * q)) : "v"(v.h[q]));
-    return;
-  }
-#endif
-  store16(p, v);
-}
-inline void stream_fence() {
-#if PYPRUNE_X86
-  asm volatile("sfence" ::: "memory");
-#endif
-}
-
 // channels_last output: rows [o0, o0 + g) of one tile, buffered as buf[row][q - q0] (bias added), go out as
 // y[pixel][o0 .. o0 + g), a whole group through in-register 16x16 transposes, a partial one element-wise; the
 // epilogue with r_img (the residual laid out as y_img, or null). stream: whole groups leave through stream16

@@ -97,6 +97,27 @@ PYPRUNE_INLINE void store16(float* p, const Vec16<P>& v) {
 }
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
+// A non-temporal store of one vector to p (aligned to the vector's width; x86 AVX and up, else a plain store).
+// For an output larger than the last-level cache: a plain store first reads each line in (write-allocate), only
+// for the output to leave the cache before anything reads it. A unit range that streamed ends with stream_fence.
+template <class V>
+PYPRUNE_INLINE void stream16(float* p, const V& v) {
+#if PYPRUNE_X86
+  if constexpr (V::kParts <= 2) {
+    using H = typename V::H;
+    for (int q = 0; q < V::kParts; ++q)
+      asm volatile("vmovntps %1, %0" : "=m"(*reinterpret_cast<H*>(p + V::kWidth * q)) : "v"(v.h[q]));
+    return;
+  }
+#endif
+  store16(p, v);
+}
+inline void stream_fence() {
+#if PYPRUNE_X86
+  asm volatile("sfence" ::: "memory");
+#endif
+}
+
 // In-register 16x16 transpose by four block-swap stages (B = 8, 4, 2, 1): rows i and i+B exchange their
 // off-diagonal BxB blocks. A block at least as wide as a part swaps whole parts; a narrower one goes through
 // __builtin_shuffle within each part, so the caller's ISA picks the instructions (vpermt2ps on AVX-512); the
@@ -161,11 +182,12 @@ PYPRUNE_INLINE void pack_token_minor_range(const float* x, int64_t ldx, int64_t 
 
 // y[(m0 + m) * N + r0 + r] = buf[r * ldb + m] (+ bias[r0 + r]) for r < rows, m < toks; then, where `res`
 // (laid out as y) is not null, plus res at the same offset, and with cap >= 0 the ReLU (NaN stays NaN),
-// capped at `cap` unless that is +inf.
+// capped at `cap` unless that is +inf. stream: whole groups of 16 rows leave through stream16 (y 64-byte
+// aligned, and N, r0 multiples of 16).
 template <class V>
 PYPRUNE_INLINE void store_transposed(const float* buf, int64_t ldb, int64_t rows, int64_t toks, const float* bias,
                                      float* y, int64_t N, int64_t r0, int64_t m0, const float* res = nullptr,
-                                     float cap = -1.f) {
+                                     float cap = -1.f, bool stream = false) {
   const bool relu = cap >= 0.f, capped = relu && cap < std::numeric_limits<float>::infinity();
   for (int64_t rb = 0; rb < rows; rb += kLanes) {
     const int64_t re = std::min<int64_t>(rows, rb + kLanes);
@@ -180,7 +202,9 @@ PYPRUNE_INLINE void store_transposed(const float* buf, int64_t ldb, int64_t rows
           const int64_t at = (m0 + mb + j) * N + r0 + rb;
           V v = r[j] + b;
           if (res) v += load16<V>(res + at);
-          store16(y + at, capped ? relu16(v, cap) : relu ? relu16(v) : v);
+          v = capped ? relu16(v, cap) : relu ? relu16(v) : v;
+          if (stream) stream16(y + at, v);
+          else store16(y + at, v);
         }
       }
     }
