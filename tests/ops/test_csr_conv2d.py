@@ -561,7 +561,9 @@ def test_channels_last_1x1_beyond_half_the_llc(c_out, epilogue):
     x = torch.randn(batch, c_in, side, side).contiguous(memory_format=torch.channels_last)
     assert 2 * x.nbytes > llc
     b = torch.randn(c_out) if epilogue else None
-    res = torch.randn(batch, c_out, side, side).contiguous(memory_format=torch.channels_last) if epilogue else None
+    res = None
+    if epilogue:
+        res = torch.randn(batch, c_out, side, side).contiguous(memory_format=torch.channels_last)
     y = csr_conv2d(x, c.crow_indices, c.col_indices, c.values, c_out, 1, b, relu=epilogue, residual=res)
     assert y.is_contiguous(memory_format=torch.channels_last)
     want = F.conv2d(x, w.view(c_out, c_in, 1, 1), b)
