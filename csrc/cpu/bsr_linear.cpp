@@ -268,10 +268,8 @@ void bsr_linear_rows(const at::Tensor& x, int64_t M, const at::Tensor& crow, con
   // packed tiles): A/B in one process, Zen 4 VM, 7 rounds, channels_last 1x1 convs at batch 8 through
   // SparseConv2d's bsr route, 256->64 @56 at 90% / 50% 0.79x / 0.89x the time, 64->256 @56 with a residual and
   // ReLU 0.78x; at batch 1 (within the LLC) 1.00-1.01x with the stores forced on, so plain stores there.
-  const int64_t llc = last_level_cache_bytes();
   const int64_t footprint = static_cast<int64_t>(x.nbytes()) + (res ? 2 : 1) * M * N * 4;
-  a.stream_y = N % kLanes == 0 && bh % kLanes == 0 && reinterpret_cast<uintptr_t>(yp) % 64 == 0 && llc > 0 &&
-               2 * footprint > llc;
+  a.stream_y = N % kLanes == 0 && bh % kLanes == 0 && stream_output(footprint, yp);
   const int64_t n_units = a.order.size();
   const float* xtp = xo.xt_data();
   const float* xrp = xo.rows_data();

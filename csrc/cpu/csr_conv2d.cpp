@@ -396,8 +396,7 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   // the LLC) plain stores, as streaming there cost 64->256 @56 1.04x. Not for staged kxk convs, whose staged
   // copy also goes through the cache: 0.95-1.02x.
   const int64_t footprint = static_cast<int64_t>(x.nbytes() + y.nbytes() + (res.defined() ? res.nbytes() : 0));
-  const bool aligned_y = reinterpret_cast<uintptr_t>(y.data_ptr()) % 64 == 0;  // vmovntps needs it
-  const bool stream_y = cl && pack_tiles && O % kLanes == 0 && aligned_y && llc > 0 && 2 * footprint > llc;
+  const bool stream_y = cl && pack_tiles && O % kLanes == 0 && stream_output(footprint, y.data_ptr());
   // Packed tiles run flat across images (q = n * OH * OW + p, as one image), so that small maps fill whole
   // vectors: a 7x7 image alone is 49 pixels in 4 vectors, 8 of them 25 vectors instead of 32.
   int64_t n_img = N;

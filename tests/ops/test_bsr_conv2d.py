@@ -15,7 +15,12 @@ from pyprune.ops.csr_conv2d import within_density
 from pyprune.reference import bsr_conv2d_ref
 from pyprune.sparse import BSR
 
-from .test_csr_conv2d import gpu_backward_check, input_grad_check, values_grad_check
+from .test_csr_conv2d import (
+    check_1x1_beyond_half_the_llc,
+    gpu_backward_check,
+    input_grad_check,
+    values_grad_check,
+)
 from .triton_interp import set_arg
 
 OP = torch.ops.pyprune.bsr_conv2d
@@ -224,26 +229,7 @@ def test_channels_last_1x1_beyond_half_the_llc(c_out, block, epilogue):
     # x larger than half the last-level cache, on the route of channels_last unpadded 1x1 convs (bsr_linear's
     # kernel): y leaves by non-temporal stores with the epilogue applied where C_out and the block height are
     # multiples of 16 (40 output channels, or blocks 8 high: plain stores)
-    llc = pyprune._extension.cpu_features()["last_level_cache_bytes"]
-    if not 0 < llc <= 64 << 20:
-        pytest.skip(f"last-level cache of {llc} bytes: x would be too large for a unit test")
-    torch.manual_seed(0)
-    c_in, side = 128, 56
-    batch = llc // (2 * 4 * c_in * side * side) + 1
-    w = torch.randn(c_out, c_in) * (torch.rand(c_out, c_in) < 0.3)
-    bsr = BSR.from_dense(w, block)
-    x = torch.randn(batch, c_in, side, side).contiguous(memory_format=torch.channels_last)
-    assert 2 * x.nbytes > llc
-    b = torch.randn(c_out) if epilogue else None
-    res = None
-    if epilogue:
-        res = torch.randn(batch, c_out, side, side).contiguous(memory_format=torch.channels_last)
-    y = bsr_conv2d(x, bsr.crow_indices, bsr.col_indices, bsr.values, c_out, 1, b, relu=epilogue, residual=res)
-    assert y.is_contiguous(memory_format=torch.channels_last)
-    want = F.conv2d(x, w.view(c_out, c_in, 1, 1), b)
-    if epilogue:
-        want = torch.relu(want + res)
-    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+    check_1x1_beyond_half_the_llc(bsr_conv2d, lambda w: BSR.from_dense(w, block), c_out, 0.3, epilogue)
 
 
 def test_gradcheck_float64():

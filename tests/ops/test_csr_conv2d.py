@@ -544,32 +544,39 @@ def test_dense_columns_read_aligned_taps(k, stride, padding, dilation, hw, fmt):
     assert y.is_contiguous(memory_format=torch.channels_last if fmt == "channels_last" else torch.contiguous_format)
 
 
-@pytest.mark.skipif(not HAS_CPP, reason="the C++ kernel's path")
-@pytest.mark.parametrize("c_out, epilogue", [(32, False), (32, True), (40, True)])
-def test_channels_last_1x1_beyond_half_the_llc(c_out, epilogue):
-    # x larger than half the last-level cache: the tiles' transposes prefetch the pixels ahead (the one
-    # path that does; past the end of x the prefetches must not fault), and y leaves by non-temporal stores
-    # with the epilogue applied (C_out a multiple of 16, each pixel's channels whole lines; 40: plain stores)
+def check_1x1_beyond_half_the_llc(op, compress, c_out, density, epilogue):
+    """op's channels_last 1x1 conv (bias, residual and ReLU with epilogue) on an x larger than half the
+    last-level cache against F.conv2d; compress(w) stores the (c_out, 128) weight (crow_indices, col_indices,
+    values)."""
     llc = pyprune._extension.cpu_features()["last_level_cache_bytes"]
     if not 0 < llc <= 64 << 20:
         pytest.skip(f"last-level cache of {llc} bytes: x would be too large for a unit test")
     torch.manual_seed(0)
     c_in, side = 128, 56
     batch = llc // (2 * 4 * c_in * side * side) + 1
-    w = torch.randn(c_out, c_in) * (torch.rand(c_out, c_in) < 0.1)
-    c = CSR.from_dense(w)
+    w = torch.randn(c_out, c_in) * (torch.rand(c_out, c_in) < density)
+    sp = compress(w)
     x = torch.randn(batch, c_in, side, side).contiguous(memory_format=torch.channels_last)
     assert 2 * x.nbytes > llc
     b = torch.randn(c_out) if epilogue else None
     res = None
     if epilogue:
         res = torch.randn(batch, c_out, side, side).contiguous(memory_format=torch.channels_last)
-    y = csr_conv2d(x, c.crow_indices, c.col_indices, c.values, c_out, 1, b, relu=epilogue, residual=res)
+    y = op(x, sp.crow_indices, sp.col_indices, sp.values, c_out, 1, b, relu=epilogue, residual=res)
     assert y.is_contiguous(memory_format=torch.channels_last)
     want = F.conv2d(x, w.view(c_out, c_in, 1, 1), b)
     if epilogue:
         want = torch.relu(want + res)
     torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="the C++ kernel's path")
+@pytest.mark.parametrize("c_out, epilogue", [(32, False), (32, True), (40, True)])
+def test_channels_last_1x1_beyond_half_the_llc(c_out, epilogue):
+    # x larger than half the last-level cache: the tiles' transposes prefetch the pixels ahead (the one
+    # path that does; past the end of x the prefetches must not fault), and y leaves by non-temporal stores
+    # with the epilogue applied (C_out a multiple of 16, each pixel's channels whole lines; 40: plain stores)
+    check_1x1_beyond_half_the_llc(csr_conv2d, CSR.from_dense, c_out, 0.1, epilogue)
 
 
 def gpu_backward_check(op, args, w):

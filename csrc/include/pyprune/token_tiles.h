@@ -112,6 +112,12 @@ PYPRUNE_INLINE void stream16(float* p, const V& v) {
 #endif
   store16(p, v);
 }
+// Whether an output y should leave by stream16: the call's data (x, y and a residual: `bytes`) passes half the
+// last-level cache, and y is 64-byte aligned (vmovntps needs it).
+inline bool stream_output(int64_t bytes, const void* y) {
+  const int64_t llc = last_level_cache_bytes();
+  return llc > 0 && 2 * bytes > llc && reinterpret_cast<uintptr_t>(y) % 64 == 0;
+}
 inline void stream_fence() {
 #if PYPRUNE_X86
   asm volatile("sfence" ::: "memory");
