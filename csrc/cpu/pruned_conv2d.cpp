@@ -52,6 +52,7 @@ constexpr int kMR = 6;                // output channels per register tile
 static_assert(kMR <= 6, "micro_rows instantiates tiles of 1 to 6 rows");
 constexpr int kNV = 4;                // pixel vectors per register tile
 constexpr int64_t kNR = kNV * kLanes;  // pixels per tile
+constexpr int64_t kL1Ahead = 16;       // rows ahead that micro's L1 variant prefetches
 constexpr int64_t kTileBatch = 32;     // pixels-as-rows tiles that share a pass over a chunk of taps
 constexpr int kMaxRowPixels = 14;      // pixels of the widest pixels-as-rows tile (RUN, row windows)
 constexpr int kStageRows = 16;         // pixels a pixels-as-rows stage holds: one 16x16 transpose's rows
@@ -162,8 +163,9 @@ PYPRUNE_INLINE void pack_tile(const ConvArgs& a, int64_t g, const Segment* seg, 
 // PF: also prefetch each row's next tile (brow[k] + NR) into L2, for operands read in place from x or the staged
 // planes, where one tile touches K rows at a large stride (too many streams for the hardware prefetcher); into L2,
 // not L1, so that the current tile's rows stay in L1 for the tile's other panels (A/B in one process, 2 threads:
-// 256->64 1x1 @56 batch 8 3-8% faster, the rest within 1%).
-template <class V, int MR, int NV, bool PF>
+// 256->64 1x1 @56 batch 8 3-8% faster, the rest within 1%). L1: also prefetch the row kL1Ahead rows on into L1,
+// for tiles too large to stay there (brow holds K + kL1Ahead rows; the rule: gemm_units).
+template <class V, int MR, int NV, bool PF, bool L1 = false>
 PYPRUNE_INLINE void micro(const float* w, int64_t ldw, const float* const* brow, int64_t K, const float* bias,
                           bool relu, float cap, float* stage, int64_t c0) {
   V acc[MR][NV];
@@ -177,6 +179,8 @@ PYPRUNE_INLINE void micro(const float* w, int64_t ldw, const float* const* brow,
     for (int v = 0; v < NV; ++v) bv[v] = load16<V>(b + v * kLanes);
     if (PF)
       for (int v = 0; v < NV; ++v) __builtin_prefetch(b + kNR + v * kLanes, 0, 2);
+    if (L1)
+      for (int v = 0; v < NV; ++v) __builtin_prefetch(brow[k + kL1Ahead] + c0 + v * kLanes, 0, 3);
     for (int r = 0; r < MR; ++r) {
       const float s = wr[r][k];
       for (int v = 0; v < NV; ++v) acc[r][v] += s * bv[v];
@@ -188,12 +192,17 @@ PYPRUNE_INLINE void micro(const float* w, int64_t ldw, const float* const* brow,
     }
 }
 
-// Full 6-row panels of a tile read in place (64 pixels) are the hot case and get the prefetching variant;
+// Full 6-row panels of a tile read in place (64 pixels) are the hot case and get the prefetching variants;
 // partial ones (the last rows of a group) and packed tiles do without, which keeps the instantiations (and
 // the compile time) down.
 template <class V, int NV>
-PYPRUNE_INLINE void micro_rows(int mr, bool pf, const float* w, int64_t ldw, const float* const* brow, int64_t K,
-                               const float* bias, bool relu, float cap, float* stage, int64_t c0) {
+PYPRUNE_INLINE void micro_rows(int mr, bool pf, bool l1, const float* w, int64_t ldw, const float* const* brow,
+                               int64_t K, const float* bias, bool relu, float cap, float* stage, int64_t c0) {
+  if (mr == kMR && l1) {
+    if (pf) micro<V, kMR, NV, true, true>(w, ldw, brow, K, bias, relu, cap, stage, c0);
+    else micro<V, kMR, NV, false, true>(w, ldw, brow, K, bias, relu, cap, stage, c0);
+    return;
+  }
   if (mr == kMR && pf) {
     micro<V, kMR, NV, true>(w, ldw, brow, K, bias, relu, cap, stage, c0);
     return;
@@ -313,7 +322,15 @@ PYPRUNE_INLINE void gemm_units(const ConvArgs& a, int64_t u0, int64_t u1) {
   Scratch band;
   int64_t band_size = 0, band_n = -1, band_r0 = 0, band_ld = 0;
   const int64_t t_lo = u0 / a.n_slices / a.G, t_hi = (u1 - 1) / a.n_slices / a.G;  // this range's tiles
-  std::vector<const float*> brow(std::max<int64_t>(a.Kg, 1));
+  // (past the last row, kL1Ahead copies of it: micro's L1 variant prefetches that far ahead)
+  std::vector<const float*> brow(std::max<int64_t>(a.Kg, 1) + kL1Ahead);
+  // A tile's rows past 24 KiB leave L1 before its next panel reads them again, and on gathered rows (kept
+  // channels with gaps between their planes) no hardware prefetcher sees a stride to fetch them back: the full
+  // panels of in-place tiles prefetch row k + kL1Ahead into L1 (A/B in one process, 2 threads, Zen 4 VM, NCHW
+  // 1x1, batch 8: 256->64 @56 keep 0.75 / 0.5 0.96-0.97x / 0.94-0.96x the time over two processes, gather cost
+  // +6-10% -> +2-6%; 512->128 and 1024->256 @28 keep 0.75 0.97-0.99x; contiguous channels, batch 1 and
+  // staged kxk tiles within 1%; not measured on AVX2)
+  const bool l1_ahead = a.Kg * kNR * 4 > (24 << 10);
   Segment seg[kNR];
   int64_t packed = -1;  // (tile, group) whose operand is in brow
   bool in_place = false;  // brow points into x or the staged planes (not the im2col buffer)
@@ -361,6 +378,7 @@ PYPRUNE_INLINE void gemm_units(const ConvArgs& a, int64_t u0, int64_t u1) {
           in_place = false;
         }
       }
+      for (int64_t k = a.Kg; k < a.Kg + kL1Ahead; ++k) brow[k] = brow[a.Kg - 1];
       packed = tg;
     }
     const int nv = static_cast<int>((cnt + kLanes - 1) / kLanes);
@@ -371,18 +389,19 @@ PYPRUNE_INLINE void gemm_units(const ConvArgs& a, int64_t u0, int64_t u1) {
       const float* w = a.w + row * a.Kg;
       const float* b = a.bias ? a.bias + row : nullptr;
       const bool pf = in_place && r == r_begin;  // the first panel of a tile fetches the next tile's rows
+      const bool l1 = in_place && l1_ahead && V::kParts == 1;  // AVX-512 (measured there), full panels only
       const bool relu = a.relu && !a.res;  // with a residual, the ReLU comes after it, in store_rows
       if constexpr (V::kParts > 1) {  // AVX2, baseline: 6 x 1 tiles per 16 pixels (6 x 4 would spill)
         for (int v = 0; v < nv; ++v)
-          micro_rows<V, 1>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, relu, a.relu_max, stage, v * kLanes);
+          micro_rows<V, 1>(mr, pf, l1, w, a.Kg, brow.data(), a.Kg, b, relu, a.relu_max, stage, v * kLanes);
       } else if (nv == 4) {
-        micro_rows<V, 4>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, relu, a.relu_max, stage, 0);
+        micro_rows<V, 4>(mr, pf, l1, w, a.Kg, brow.data(), a.Kg, b, relu, a.relu_max, stage, 0);
       } else if (nv == 3) {
-        micro_rows<V, 3>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, relu, a.relu_max, stage, 0);
+        micro_rows<V, 3>(mr, pf, l1, w, a.Kg, brow.data(), a.Kg, b, relu, a.relu_max, stage, 0);
       } else if (nv == 2) {
-        micro_rows<V, 2>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, relu, a.relu_max, stage, 0);
+        micro_rows<V, 2>(mr, pf, l1, w, a.Kg, brow.data(), a.Kg, b, relu, a.relu_max, stage, 0);
       } else {
-        micro_rows<V, 1>(mr, pf, w, a.Kg, brow.data(), a.Kg, b, relu, a.relu_max, stage, 0);
+        micro_rows<V, 1>(mr, pf, l1, w, a.Kg, brow.data(), a.Kg, b, relu, a.relu_max, stage, 0);
       }
       store_rows(a, stage, mr, row, seg, ns);
     }
