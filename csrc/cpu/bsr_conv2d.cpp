@@ -226,13 +226,14 @@ at::Tensor bsr_conv2d_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   }
   if (g.cl && g.kh == 1 && g.kw == 1 && g.ph == 0 && g.pw == 0) {
     // channels_last unpadded 1x1: the pixels' (pixels x C) matrix as it lies (strided: its read pixels
-    // copied) times W^T, through bsr_linear's kernel, whose (pixels x O) rows are y's channels_last storage.
+    // copied) times W^T, through bsr_linear's kernel, whose (pixels x O) rows are y's channels_last storage
+    // (with 32-row blocks, its token-rows tiles: the pixels' rows read in place, see bsr_linear_rows).
     // The planes' implicit GEMM staged the whole input through transposes for these: 1.0-7x slower on
     // ResNet-50's 1x1 convs (2 threads, Xeon VM).
     const at::Tensor xs = g.sh == 1 && g.sw == 1 ? x : x.slice(2, 0, g.H, g.sh).slice(3, 0, g.W, g.sw);
     const at::Tensor rows = xs.permute({0, 2, 3, 1}).reshape({N * g.OH * g.OW, C});
     bsr_linear_rows(rows, N * g.OH * g.OW, crow, col, val, O, b, y.data_ptr<float>(),
-                    res.defined() ? res.data_ptr<float>() : nullptr, cap);
+                    res.defined() ? res.data_ptr<float>() : nullptr, cap, true);
     return y;
   }
 

@@ -4,7 +4,9 @@
 // Many tokens: the token-minor scheme of csr_linear, but a weight block lets RB rows share every activation
 // load, so each loaded vector feeds RB FMAs (RB=4 on AVX-512: 4 loads + 4 broadcasts per 16 FMAs) and the
 // kernel can approach the FMA roofline at 1/density of the dense time. Few tokens: dense dot products of each
-// block row against x, bound by the weight bytes.
+// block row against x, bound by the weight bytes. bsr_conv2d's channels_last 1x1 convs with 32-row blocks take
+// tokens as the tile's rows instead (token_rows_tile): x read in place, y written as it lies.
+#include "pyprune/derived_cache.h"
 #include "pyprune/linear.h"
 #include "pyprune/token_tiles.h"
 
@@ -158,6 +160,77 @@ PYPRUNE_INLINE void gather_units(const BsrArgs& a, const float* x, const int64_t
     }
 }
 
+// Tokens as a tile's rows (AVX-512; block rows of 16 or 32 outputs, N a multiple of 16): y[m, o] for the MT
+// tokens from m0 (cnt of them real: past cnt, the last one again, never stored) and block row br. Each x[m, k]
+// is broadcast where it lies in x's row, so x is never packed and only the columns of the row's blocks are
+// read; it multiplies column k of its block, NV vectors of the block transposed (wt: bw x bh a block). Sums of
+// about kFlushCols inputs at a time gather in `tot`, which leaves straight into y's rows with the bias,
+// residual and ReLU.
+template <class V, int MT, int NV>
+PYPRUNE_INLINE void token_rows_tile(const BsrArgs& a, const float* wt, const float* x, int64_t m0, int64_t cnt,
+                                    int64_t br, float* y) {
+  const float* xr[MT];
+  for (int r = 0; r < MT; ++r) xr[r] = x + (m0 + std::min<int64_t>(r, cnt - 1)) * a.K;
+  alignas(64) float tot[MT][NV * kLanes];
+  const int64_t b0 = a.crow[br], b1 = a.crow[br + 1], per_chunk = std::max<int64_t>(1, kFlushCols / a.bw);
+  for (int64_t c = b0; c == b0 || c < b1; c += per_chunk) {
+    V acc[MT][NV];
+    for (int r = 0; r < MT; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+    for (int64_t blk = c; blk < std::min(b1, c + per_chunk); ++blk) {
+      const int64_t c0 = static_cast<int64_t>(a.col[blk]) * a.bw, jn = std::min(a.bw, a.K - c0);
+      const float* w = wt + blk * a.bw * a.bh;
+      for (int64_t j = 0; j < jn; ++j, w += a.bh) {
+        V wv[NV];
+        for (int v = 0; v < NV; ++v) wv[v] = load16<V>(w + v * kLanes);
+        for (int r = 0; r < MT; ++r) {
+          const float xs = xr[r][c0 + j];
+          for (int v = 0; v < NV; ++v) acc[r][v] += xs * wv[v];
+        }
+      }
+    }
+    for (int r = 0; r < MT; ++r)
+      for (int v = 0; v < NV; ++v)
+        store16(tot[r] + v * kLanes, c == b0 ? acc[r][v] : acc[r][v] + load16<V>(tot[r] + v * kLanes));
+  }
+  const int64_t o0 = br * a.bh, nvo = std::min<int64_t>(NV, (a.N - o0) / kLanes);
+  V bias[NV];
+  for (int v = 0; v < nvo; ++v) bias[v] = a.bias ? load16<V>(a.bias + o0 + v * kLanes) : V{};
+  const bool relu = a.cap >= 0.f;
+  const float cap = a.cap;
+  for (int64_t r = 0; r < cnt; ++r) {
+    const int64_t off = (m0 + r) * a.N + o0;
+    for (int v = 0; v < nvo; ++v) {
+      V s = load16<V>(tot[r] + v * kLanes) + bias[v];
+      if (a.res) s = s + load16<V>(a.res + off + v * kLanes);
+      if (relu) s = relu16(s, cap);
+      if (a.stream_y) stream16(y + off + v * kLanes, s);
+      else store16(y + off + v * kLanes, s);
+    }
+  }
+}
+
+// Units u in [u0, u1) of the (token tile, block-row part) grid, tile-major: a thread's range walks its tiles'
+// rows of x once each, the parts' transposed blocks (wt) staying in cache from tile to tile.
+template <class V, int MT, int NV>
+PYPRUNE_INLINE void token_rows_units(const BsrArgs& a, const float* wt, const float* x, const int64_t* bounds,
+                                     int64_t n_parts, int64_t u0, int64_t u1, float* y) {
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t t = u / n_parts, p = u % n_parts, m0 = t * MT, cnt = std::min<int64_t>(MT, a.M - m0);
+    for (int64_t br = bounds[p]; br < bounds[p + 1]; ++br) token_rows_tile<V, MT, NV>(a, wt, x, m0, cnt, br, y);
+  }
+}
+
+using TokenRowsFn = void (*)(const BsrArgs&, const float*, const float*, const int64_t*, int64_t, int64_t, int64_t,
+                             float*);
+#if PYPRUNE_X86
+template <int MT, int NV>
+PYPRUNE_TARGET_AVX512 void token_rows_avx512(const BsrArgs& a, const float* wt, const float* x, const int64_t* b,
+                                             int64_t n_parts, int64_t u0, int64_t u1, float* y) {
+  token_rows_units<VecAvx512, MT, NV>(a, wt, x, b, n_parts, u0, u1, y);
+}
+#endif
+
 using UnitsFn = void (*)(const BsrArgs&, const float*, const float*, const int64_t*, int64_t, int64_t, float*);
 
 #define PYPRUNE_BSR_ISA(SUFFIX, TARGET, V)                                                                 \
@@ -203,6 +276,14 @@ GatherFn pick_gather(Isa isa) {
   return gather_baseline;
 }
 
+// The blocks transposed, (nnzb, bw, bh), for token_rows_tile: built once per values tensor and kept.
+at::Tensor transposed_blocks(const at::Tensor& val) {
+  static DerivedCache<at::Tensor> cache(int64_t(256) << 20);
+  return cache.get({val}, {val}, {val.size(0), val.size(1), val.size(2)},
+                   [](const std::vector<at::Tensor>& from) { return from[0].transpose(1, 2).contiguous(); },
+                   [](const at::Tensor& wt) { return static_cast<int64_t>(wt.nbytes()); });
+}
+
 }  // namespace
 
 at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, const at::Tensor& col_indices,
@@ -230,12 +311,13 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   at::Tensor y = linear_output(x, N);
   if (M == 0 || N == 0) return y;
   if (K == 0 || nnzb == 0) return bias_only(y, b);
-  bsr_linear_rows(x, M, crow, col, val, N, b, y.data_ptr<float>(), nullptr, -1.f);
+  bsr_linear_rows(x, M, crow, col, val, N, b, y.data_ptr<float>(), nullptr, -1.f, false);
   return y;
 }
 
 void bsr_linear_rows(const at::Tensor& x, int64_t M, const at::Tensor& crow, const at::Tensor& col,
-                     const at::Tensor& val, int64_t N, const at::Tensor& b, float* yp, const float* res, float cap) {
+                     const at::Tensor& val, int64_t N, const at::Tensor& b, float* yp, const float* res, float cap,
+                     bool token_rows) {
   const int64_t K = x.size(-1), bh = val.size(1), bw = val.size(2), nnzb = val.size(0);
   const int64_t n_brows = (N + bh - 1) / bh;
   BsrArgs a{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), val.data_ptr<float>(),
@@ -255,6 +337,36 @@ void bsr_linear_rows(const at::Tensor& x, int64_t M, const at::Tensor& crow, con
                      [&](int64_t p0, int64_t p1) { fn(a, xp, bounds.data(), p0, p1, yp); });
     return;
   }
+  const int64_t footprint = static_cast<int64_t>(x.nbytes()) + (res ? 2 : 1) * M * N * 4;
+#if PYPRUNE_X86
+  // Tokens as rows (token_rows_tile), for bsr_conv2d's channels_last 1x1 convs with 32-row blocks: A/B in one
+  // process, 2 threads, Zen 4 VM, against the packed tiles below, through SparseConv2d(layout="bsr", block=(32,
+  // 32)): at 90% block sparsity 1024->256 @14 0.59x the time at batch 1 and 0.61x at batch 8, 256->64 @56
+  // 0.29x / 0.44x, 512->128 @28 0.53x, 2048->512 @7 0.78x, 64->256 @56 0.67x; at 75% 256->1024 @14 batch 8
+  // 0.71x, 512->2048 @7 0.89x; at 50% 1024->256 @14 0.83x / 0.88x, 256->64 @56 batch 8 0.88x, 2048->512 @7 batch
+  // 8 0.84x; at 25% 1024->256 @14 0.86x, 512->128 @28 batch 8 0.87x. Not 16-row blocks (one FMA per broadcast:
+  // 0.40-0.88x at 90% but 1.15-1.18x for 1024->256 @14 at 50-75%), nor bsr_linear's token rows (BERT-base's
+  // shapes, 128 and 1024 tokens: 0.44-0.96x at 90%, but 1.01-1.12x for 3072->768 at 50-75%).
+  if (token_rows && isa == Isa::kAvx512 && bh == 32 && N % kLanes == 0) {
+    const at::Tensor wt = transposed_blocks(val);
+    const at::Tensor xc = x.reshape({M, K}).contiguous();
+    // tiles of 12 tokens x 2 vectors (24 accumulators); block rows in parts of equal blocks, enough (token
+    // tile, part) units for 8 a thread
+    constexpr int64_t MT = 12;
+    const int64_t n_tiles = (M + MT - 1) / MT;
+    const auto bounds = balanced_split(n_brows, (threads * 8 + n_tiles - 1) / n_tiles, prefix, bh * 4);
+    const int64_t n_parts = static_cast<int64_t>(bounds.size()) - 1;
+    const TokenRowsFn fn = token_rows_avx512<MT, 2>;
+    a.stream_y = stream_output(footprint, yp);
+    const float* wtp = wt.data_ptr<float>();
+    const float* xp = xc.data_ptr<float>();
+    at::parallel_for(0, n_tiles * n_parts, 1, [&](int64_t u0, int64_t u1) {
+      fn(a, wtp, xp, bounds.data(), n_parts, u0, u1, yp);
+      if (a.stream_y) stream_fence();
+    });
+    return;
+  }
+#endif
   // A block row walks its block columns in order, so xt streams through the prefetchers: the widest tile wins,
   // up to the number of tokens (padding lanes are computed for nothing).
   int nv = static_cast<int>(std::min<int64_t>(kMaxTileVecs, (M + kLanes - 1) / kLanes));
@@ -268,7 +380,6 @@ void bsr_linear_rows(const at::Tensor& x, int64_t M, const at::Tensor& crow, con
   // packed tiles): A/B in one process, Zen 4 VM, 7 rounds, channels_last 1x1 convs at batch 8 through
   // SparseConv2d's bsr route, 256->64 @56 at 90% / 50% 0.79x / 0.89x the time, 64->256 @56 with a residual and
   // ReLU 0.78x; at batch 1 (within the LLC) 1.00-1.01x with the stores forced on, so plain stores there.
-  const int64_t footprint = static_cast<int64_t>(x.nbytes()) + (res ? 2 : 1) * M * N * 4;
   a.stream_y = N % kLanes == 0 && bh % kLanes == 0 && stream_output(footprint, yp);
   const int64_t n_units = a.order.size();
   const float* xtp = xo.xt_data();

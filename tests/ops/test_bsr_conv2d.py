@@ -34,7 +34,9 @@ OP = torch.ops.pyprune.bsr_conv2d
 # channels_last output leaves in groups of 16 rows), one block holding the whole weight, and a strided 3x3 in
 # blocks that divide both channel counts (its input gradient goes phase by phase through the op). Unpadded 1x1
 # convs (stride 1 and 2, and a 2x2 map: 4 pixels, bsr_linear's few-token path) run, on channels_last input,
-# bsr_linear's kernel over the pixels' matrix inside the op.
+# bsr_linear's kernel over the pixels' matrix inside the op; in 32x32 blocks with C_out a multiple of 16, its
+# token-rows tiles (tiles of 12 pixels: 126 and 50 of them; K = 300, past a block's width and past the 256
+# inputs a partial sum takes; 48 rows, the last block row half past the weight).
 CASES = [
     (16, 32, (3, 3), 1, 1, 1, (9, 9), 2, (4, 8)),
     (33, 17, (3, 3), 2, 1, 1, (13, 13), 3, (16, 32)),
@@ -50,6 +52,8 @@ CASES = [
     (40, 33, (1, 1), 1, 0, 1, (7, 9), 2, (8, 16)),
     (24, 20, (1, 1), 2, 0, 1, (9, 9), 2, (4, 8)),
     (16, 12, (1, 1), 1, 0, 1, (2, 2), 1, (4, 4)),
+    (300, 48, (1, 1), 1, 0, 1, (7, 9), 2, (32, 32)),
+    (64, 32, (1, 1), 2, 0, 1, (9, 9), 2, (32, 32)),
 ]
 
 
@@ -224,11 +228,13 @@ def test_sampled_values_grad_of_a_block_past_the_edges(monkeypatch):
 
 @pytest.mark.skipif(not HAS_CPP, reason="the C++ kernel's path")
 @pytest.mark.parametrize("c_out, block, epilogue", [(32, (16, 16), False), (32, (16, 16), True),
-                                                    (40, (16, 16), True), (32, (8, 16), True)])
+                                                    (40, (16, 16), True), (32, (8, 16), True),
+                                                    (48, (32, 32), True)])
 def test_channels_last_1x1_beyond_half_the_llc(c_out, block, epilogue):
     # x larger than half the last-level cache, on the route of channels_last unpadded 1x1 convs (bsr_linear's
     # kernel): y leaves by non-temporal stores with the epilogue applied where C_out and the block height are
-    # multiples of 16 (40 output channels, or blocks 8 high: plain stores)
+    # multiples of 16 (40 output channels, or blocks 8 high: plain stores), from the token-rows tiles too
+    # (32x32 blocks)
     check_1x1_beyond_half_the_llc(bsr_conv2d, lambda w: BSR.from_dense(w, block), c_out, 0.3, epilogue)
 
 
