@@ -4,8 +4,9 @@
 // Many tokens: the token-minor scheme of csr_linear, but a weight block lets RB rows share every activation
 // load, so each loaded vector feeds RB FMAs (RB=4 on AVX-512: 4 loads + 4 broadcasts per 16 FMAs) and the
 // kernel can approach the FMA roofline at 1/density of the dense time. Few tokens: dense dot products of each
-// block row against x, bound by the weight bytes. bsr_conv2d's channels_last 1x1 convs with 32-row blocks take
-// tokens as the tile's rows instead (token_rows_tile): x read in place, y written as it lies.
+// block row against x, bound by the weight bytes. With 32-row blocks, bsr_conv2d's channels_last 1x1 convs and
+// very sparse weights take tokens as the tile's rows instead (token_rows_tile): x read in place, y written as
+// it lies.
 #include "pyprune/derived_cache.h"
 #include "pyprune/linear.h"
 #include "pyprune/token_tiles.h"
@@ -311,7 +312,13 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   at::Tensor y = linear_output(x, N);
   if (M == 0 || N == 0) return y;
   if (K == 0 || nnzb == 0) return bias_only(y, b);
-  bsr_linear_rows(x, M, crow, col, val, N, b, y.data_ptr<float>(), nullptr, -1.f, false);
+  // token-rows tiles at most 15% of the blocks stored: A/B in one process, 2 threads, Zen 4 VM, 32x32 blocks,
+  // against the packed tiles: BERT-base's shapes at 90% block sparsity, 128 tokens, 768->768 0.44x the time,
+  // 768->3072 0.80x, 3072->768 0.96x; the whole model (seq 128) 0.72x at batch 1 and 0.86x at batch 8. Denser,
+  // they lost where the rows are long (3072->768 at 50-75%: 1.01-1.12x; the model at 50% 1.06x).
+  const int64_t n_bcols = (K + bw - 1) / bw;
+  const bool token_rows = nnzb * 20 <= 3 * n_brows * n_bcols;
+  bsr_linear_rows(x, M, crow, col, val, N, b, y.data_ptr<float>(), nullptr, -1.f, token_rows);
   return y;
 }
 
@@ -345,8 +352,8 @@ void bsr_linear_rows(const at::Tensor& x, int64_t M, const at::Tensor& crow, con
   // 0.29x / 0.44x, 512->128 @28 0.53x, 2048->512 @7 0.78x, 64->256 @56 0.67x; at 75% 256->1024 @14 batch 8
   // 0.71x, 512->2048 @7 0.89x; at 50% 1024->256 @14 0.83x / 0.88x, 256->64 @56 batch 8 0.88x, 2048->512 @7 batch
   // 8 0.84x; at 25% 1024->256 @14 0.86x, 512->128 @28 batch 8 0.87x. Not 16-row blocks (one FMA per broadcast:
-  // 0.40-0.88x at 90% but 1.15-1.18x for 1024->256 @14 at 50-75%), nor bsr_linear's token rows (BERT-base's
-  // shapes, 128 and 1024 tokens: 0.44-0.96x at 90%, but 1.01-1.12x for 3072->768 at 50-75%).
+  // 0.40-0.88x at 90% but 1.15-1.18x for 1024->256 @14 at 50-75%). bsr_linear asks for them at most 15% of
+  // the blocks stored (see bsr_linear_cpu).
   if (token_rows && isa == Isa::kAvx512 && bh == 32 && N % kLanes == 0) {
     const at::Tensor wt = transposed_blocks(val);
     const at::Tensor xc = x.reshape({M, K}).contiguous();

@@ -52,6 +52,26 @@ def test_block_shapes_with_ragged_edges(block, m):
     )
 
 
+@pytest.mark.parametrize("m", [5, 13, 70])
+@pytest.mark.parametrize("bias", [True, False])
+def test_very_sparse_32_row_blocks(m, bias):
+    # 4 of 30 blocks stored (at most 15%: the token-rows tiles on AVX-512, x's rows read in place, 12 tokens a
+    # tile): the last block row half past the 80 outputs, the last block column past the 300 inputs, block row
+    # 1 empty; 2-D, 3-D and non-contiguous x
+    gen = torch.Generator().manual_seed(m)
+    keep = torch.zeros(3, 10, dtype=torch.bool)
+    keep[0, 0] = keep[0, 9] = keep[2, 3] = keep[2, 4] = True
+    mask = keep.repeat_interleave(32, 0).repeat_interleave(32, 1)[:80, :300]
+    w = torch.randn(80, 300, generator=gen) * mask
+    b = torch.randn(80, generator=gen) if bias else None
+    args = args_for((32, 32))(w, b)
+    assert args[0][-1] == 4
+    xs = torch.randn(2, m, 300, generator=gen)
+    for x in (xs[0], xs, xs.transpose(0, 1)):
+        want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+        torch.testing.assert_close(bsr_linear(x, *args).double(), want, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_many_tokens_pack_their_own_tiles(threads):
     check_many_tokens(bsr_linear, args_for((16, 8)), threads)

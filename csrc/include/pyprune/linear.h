@@ -71,8 +71,8 @@ inline at::Tensor bias_only(at::Tensor& y, const at::Tensor& b) {
 // bsr_linear's kernel into y (M x N rows, yp) for fp32 x (M x K, the last dim contiguous) with M > 0, N > 0,
 // K > 0 and at least one block (crow, col, val contiguous and checked; b the checked bias or undefined); with
 // res (laid out as y) added after the bias and the ReLU applied last (cap < 0: none; +inf: plain; else capped
-// there): bsr_conv2d's channels_last 1x1 convs, which pass token_rows (x's rows read in place where that
-// kernel applies, see the rule in bsr_linear.cpp).
+// there): bsr_conv2d's channels_last 1x1 convs. token_rows: the caller's choice of the token-rows tiles (x's
+// rows read in place), taken where they apply (AVX-512, 32-row blocks, N a multiple of 16; bsr_linear.cpp).
 void bsr_linear_rows(const at::Tensor& x, int64_t M, const at::Tensor& crow, const at::Tensor& col,
                      const at::Tensor& val, int64_t N, const at::Tensor& b, float* yp, const float* res, float cap,
                      bool token_rows);
