@@ -161,7 +161,7 @@ PYPRUNE_INLINE void gather_units(const BsrArgs& a, const float* x, const int64_t
     }
 }
 
-// Tokens as a tile's rows (AVX-512; block rows of 16 or 32 outputs, N a multiple of 16): y[m, o] for the MT
+// Tokens as a tile's rows (AVX-512; blocks of 16 * NV rows, N a multiple of 16): y[m, o] for the MT
 // tokens from m0 (cnt of them real: past cnt, the last one again, never stored) and block row br. Each x[m, k]
 // is broadcast where it lies in x's row, so x is never packed and only the columns of the row's blocks are
 // read; it multiplies column k of its block, NV vectors of the block transposed (wt: bw x bh a block). Sums of
