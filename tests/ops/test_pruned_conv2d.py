@@ -759,32 +759,37 @@ def test_numpy_and_tensor_integers_are_sizes():
         pruned_conv2d(x, w, stride=(2.0, 2))
 
 
-@pytest.mark.parametrize("epilogue", [False, True])
-@pytest.mark.parametrize("out_start", [0, 5])
-def test_channels_last_beyond_half_the_llc(epilogue, out_start):
-    # x past half the last-level cache: the channels_last stores of the pixels-as-rows tiles leave by
-    # non-temporal stores, whole vectors at 64-byte aligned addresses (out_start 5 puts every vector off that
-    # alignment: plain stores), with the bias, residual and ReLU applied
+@pytest.mark.parametrize("epilogue", ["none", "bias_relu", "residual"])
+@pytest.mark.parametrize(
+    "fmt, side, out_start", [("cl", 56, 0), ("cl", 56, 5), ("nchw", 56, 0), ("nchw", 55, 0)]
+)
+def test_1x1_beyond_half_the_llc(epilogue, fmt, side, out_start):
+    # x past half the last-level cache: y leaves by non-temporal stores, whole vectors at 64-byte aligned
+    # addresses, from the channels_last pixels-as-rows tiles (out_start 5 puts every vector off that
+    # alignment: plain stores) and the NCHW GEMM tiles without a residual (55 x 55 planes start off
+    # alignment: plain stores around the streamed vectors), with the bias, residual and ReLU applied
     llc = pyprune._extension.cpu_features()["last_level_cache_bytes"]
     if not 0 < llc <= 64 << 20:
         pytest.skip(f"last-level cache of {llc} bytes: x would be too large for a unit test")
-    gen = torch.Generator().manual_seed(out_start)
-    c_in, side, out_channels = 64, 56, 80
+    gen = torch.Generator().manual_seed(out_start + side)
+    c_in, out_channels = 64, 80
+    fmt = torch.channels_last if fmt == "cl" else torch.contiguous_format
     batch = llc // (2 * 4 * c_in * side * side) + 1
-    x = torch.randn(batch, c_in, side, side, generator=gen).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, c_in, side, side, generator=gen).contiguous(memory_format=fmt)
     assert 2 * x.nbytes > llc
     ii = torch.arange(0, c_in, 4).repeat_interleave(3) + torch.arange(3).repeat(c_in // 4)  # 48 of 64
     oi = torch.arange(out_start, out_start + 64)
     w = torch.randn(64, 48, 1, 1, generator=gen) / 7
-    b = torch.randn(64, generator=gen) if epilogue else None
+    b = torch.randn(64, generator=gen) if epilogue != "none" else None
     res = None
-    if epilogue:
-        res = torch.randn(batch, out_channels, side, side, generator=gen)
-        res = res.contiguous(memory_format=torch.channels_last)
-    y = pruned_conv2d(x, w, b, ii, oi, out_channels, relu=epilogue, residual=res)
-    assert y.is_contiguous(memory_format=torch.channels_last)
+    if epilogue == "residual":
+        res = torch.randn(batch, out_channels, side, side, generator=gen).contiguous(memory_format=fmt)
+    y = pruned_conv2d(x, w, b, ii, oi, out_channels, relu=epilogue != "none", residual=res)
+    assert y.is_contiguous(memory_format=fmt)
     want = torch.zeros(batch, out_channels, side, side)
     want[:, oi] = F.conv2d(x[:, ii], w, b)
-    if epilogue:
-        want = torch.relu(want + res)
+    if res is not None:
+        want = want + res
+    if epilogue != "none":
+        want = torch.relu(want)
     torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
