@@ -197,14 +197,11 @@ PYPRUNE_INLINE void token_rows_tile(const BsrArgs& a, const float* wt, const flo
   const int64_t o0 = br * a.bh, nvo = std::min<int64_t>(NV, (a.N - o0) / kLanes);
   V bias[NV];
   for (int v = 0; v < nvo; ++v) bias[v] = a.bias ? load16<V>(a.bias + o0 + v * kLanes) : V{};
-  const bool relu = a.cap >= 0.f;
-  const float cap = a.cap;
   for (int64_t r = 0; r < cnt; ++r) {
     const int64_t off = (m0 + r) * a.N + o0;
     for (int v = 0; v < nvo; ++v) {
-      V s = load16<V>(tot[r] + v * kLanes) + bias[v];
-      if (a.res) s = s + load16<V>(a.res + off + v * kLanes);
-      if (relu) s = relu16(s, cap);
+      const V s = epilogue16(load16<V>(tot[r] + v * kLanes) + bias[v], a.res ? a.res + off + v * kLanes : nullptr,
+                             a.cap);
       if (a.stream_y) stream16(y + off + v * kLanes, s);
       else store16(y + off + v * kLanes, s);
     }
@@ -318,7 +315,7 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   // they lost where the rows are long (3072->768 at 50-75%: 1.01-1.12x; the model at 50% 1.06x).
   const int64_t n_bcols = (K + bw - 1) / bw;
   const bool token_rows = nnzb * 20 <= 3 * n_brows * n_bcols;
-  bsr_linear_rows(x, M, crow, col, val, N, b, y.data_ptr<float>(), nullptr, -1.f, token_rows);
+  bsr_linear_rows(x, M, crow, col, val, N, b, y.data_ptr<float>(), nullptr, kNoRelu, token_rows);
   return y;
 }
 

@@ -204,9 +204,7 @@ inline at::Tensor checked_residual(const std::optional<at::Tensor>& residual, co
   return residual->contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
 }
 
-// The epilogue's ReLU as one float: kNoRelu none, +inf a plain ReLU, a finite cap > 0 the ReLU capped there
-// (6: ReLU6).
-constexpr float kNoRelu = -1.f;
+// The epilogue's ReLU as one float (kNoRelu, +inf or a cap: see epilogue16 in token_tiles.h).
 inline float relu_cap(bool relu, const std::optional<double>& relu_max, const char* op) {
   PYPRUNE_CHECK(!relu_max.has_value() || (relu && *relu_max > 0), op, "relu_max",
                 "must be None, or a number > 0 with relu=True, got ", relu_max.value_or(0.0), " with relu=",
@@ -222,19 +220,6 @@ inline void apply_epilogue(at::Tensor& y, const at::Tensor& res, float cap) {
   if (cap != kNoRelu && cap < std::numeric_limits<float>::infinity()) y.clamp_max_(cap);
 }
 
-// The sparse convs' epilogue after the bias: plus the residual's matching floats (r null: none), then the ReLU
-// (NaN stays NaN, as in F.relu).
-template <class V>
-PYPRUNE_INLINE V epilogue16(V v, const float* r, float cap) {
-  if (r) v += load16<V>(r);
-  if (cap == kNoRelu) return v;
-  return cap < std::numeric_limits<float>::infinity() ? relu16(v, cap) : relu16(v);
-}
-PYPRUNE_INLINE float epilogue1(float v, const float* r, float cap) {
-  if (r) v += *r;
-  if (cap == kNoRelu) return v;
-  return cap < std::numeric_limits<float>::infinity() ? relu1(v, cap) : relu1(v);
-}
 // d[k] = epilogue1(s[k] + bias, r + k, cap) for k < n, one loop per case so that the compiler vectorizes each:
 // the NCHW row tiles that drop columns (3x3 convs on small maps) store every output here, and with the choices
 // inside one loop (and the ReLU's cap compared too) bsr_conv2d with relu took 1.17x its time without, 128->128

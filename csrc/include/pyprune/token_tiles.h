@@ -79,6 +79,10 @@ PYPRUNE_INLINE Vec16<P> relu16(Vec16<P> a) {
 }
 PYPRUNE_INLINE float relu1(float v) { return v < 0.f ? 0.f : v; }
 
+// The epilogue's ReLU as one float: kNoRelu none, +inf a plain ReLU, a finite cap > 0 the ReLU capped there
+// (6: ReLU6).
+constexpr float kNoRelu = -1.f;
+
 using VecAvx512 = Vec16<1>;
 using VecAvx2 = Vec16<2>;
 using VecBaseline = Vec16<4>;
@@ -96,6 +100,20 @@ PYPRUNE_INLINE void store16(float* p, const Vec16<P>& v) {
   for (int q = 0; q < P; ++q) *reinterpret_cast<typename Vec16<P>::H*>(p + Vec16<P>::kWidth * q) = v.h[q];
 }
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// The sparse kernels' epilogue after the bias: plus the residual's matching floats (r null: none), then the ReLU
+// (cap: kNoRelu, +inf or the cap; NaN stays NaN, as in F.relu).
+template <class V>
+PYPRUNE_INLINE V epilogue16(V v, const float* r, float cap) {
+  if (r) v += load16<V>(r);
+  if (cap == kNoRelu) return v;
+  return cap < std::numeric_limits<float>::infinity() ? relu16(v, cap) : relu16(v);
+}
+PYPRUNE_INLINE float epilogue1(float v, const float* r, float cap) {
+  if (r) v += *r;
+  if (cap == kNoRelu) return v;
+  return cap < std::numeric_limits<float>::infinity() ? relu1(v, cap) : relu1(v);
+}
 
 // A non-temporal store of one vector to p (aligned to the vector's width; x86 AVX and up, else a plain store).
 // For an output larger than the last-level cache: a plain store first reads each line in (write-allocate), only
