@@ -19,6 +19,9 @@ class ConvertReport:
     converted: list[str] = field(default_factory=list)
     left_dense: dict[str, str] = field(default_factory=dict)
     layouts: dict[str, str] = field(default_factory=dict)  # layout="auto": the form chosen per masked layer
+    # fuse=True: {"bn": BatchNorms folded, "max_pool": pools on pyprune's kernel, "relu": ReLUs / ReLU6s and
+    # "residual": skip connections' adds fused into csr / bsr convs}; "why" says why no BN was folded
+    fused: dict = field(default_factory=dict)
 
 
 def weight_read_directly(model: nn.Module, name: str, pyprune_weight: bool = True) -> str | None:
@@ -81,6 +84,7 @@ def convert(
     return_report: bool = False,
     example_inputs=None,
     train: bool = False,
+    fuse: bool = False,
 ) -> nn.Module | tuple[nn.Module, ConvertReport]:
     """Replace every masked ``nn.Linear`` by ``pyprune.nn.SparseLinear.from_dense(..., sparsity=None)`` and every
     masked ``nn.Conv2d`` by ``pyprune.nn.SparseConv2d.from_dense(..., sparsity=None)``, which store exactly the
@@ -102,7 +106,18 @@ def convert(
     its pattern, on the input it receives, on this device, and keeps the fastest (``report.layouts``); with
     ``train=True`` the fastest over a forward and backward (to the layer's input and trainable parameters),
     for a model about to be fine-tuned. ``train`` applies to "auto" only.
+
+    ``fuse=True`` (inference; needs ``example_inputs`` and an eval-mode model) returns the model that
+    ``pyprune.compare`` times for csr and bsr: every eval-mode BatchNorm2d that alone follows a conv folded
+    into it before the conversion (zeros stay zeros), each ``nn.MaxPool2d`` on pyprune's kernel
+    (``pyprune.nn.MaxPool2d``), and the ReLUs / ReLU6s and skip connections' adds after csr / bsr
+    SparseConv2d fused into them. The result is an fx GraphModule when a BatchNorm was folded or an epilogue
+    fused; ``report.fused`` counts each. Not with ``inplace`` (folding makes a traced copy) or ``train``.
     """
+    if not isinstance(fuse, bool):
+        raise TypeError(f"fuse must be a bool, got {type(fuse).__name__}")
+    if fuse:
+        return _convert_fused(model, layout, block, inplace, return_report, example_inputs, train)
     if layout == "auto":
         # layout="auto": time each masked layer dense / csr / bsr / 2:4 on its input from example_inputs on
         # this device and keep the fastest (pyprune.compare.auto; decisions cached per device and shape)
@@ -158,6 +173,32 @@ def convert(
         report.converted.append(name)
     plain_encoder_inputs(target)
     return (target, report) if return_report else target
+
+
+def _convert_fused(model, layout, block, inplace, return_report, example_inputs, train):
+    """convert(..., fuse=True): fold_bn, convert, pyprune's max pools, fused csr / bsr epilogues (the steps of
+    pyprune.compare's csr and bsr variants, pyprune.compare.variants)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if example_inputs is None:
+        raise ValueError("fuse=True needs example_inputs (the shapes decide which adds are skip connections)")
+    if model.training:
+        raise ValueError("fuse=True folds BatchNorm's running statistics: call model.eval() first")
+    if inplace:
+        raise ValueError("inplace=True cannot go with fuse=True (folding BatchNorm makes a traced copy)")
+    if train:
+        raise ValueError("fuse=True gives an inference model; train=True times layers for fine-tuning")
+    from ..compare.variants import _pyprune_pools, fold_bn, fuse_sparse_epilogues
+
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    folded, n_bn, why = fold_bn(model)
+    out, report = convert(folded, layout, block, inplace=folded is not model, return_report=True,
+                          example_inputs=args)  # fmt: skip
+    pools = _pyprune_pools(out)
+    out, fused = fuse_sparse_epilogues(out, args)
+    report.fused = {"bn": n_bn, "max_pool": pools, **fused, **({"why": why} if why else {})}
+    out.eval()
+    return (out, report) if return_report else out
 
 
 __all__ = ["ConvertReport", "LAYOUTS", "convert", "plain_encoder_inputs", "weight_read_directly"]

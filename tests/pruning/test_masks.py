@@ -205,6 +205,66 @@ def test_convert_rejects_unknown_layout():
         pyprune.convert(models.lenet5(), layout="coo")
 
 
+class _Block(nn.Module):
+    """conv -> BN -> ReLU -> max pool, then conv -> BN, the skip connection's add and a ReLU: what
+    convert(fuse=True) folds and fuses."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.conv2, self.bn2 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+
+    def forward(self, x):
+        y = self.pool(torch.relu(self.bn1(self.conv1(x))))
+        return torch.relu(self.bn2(self.conv2(y)) + y)
+
+
+def _masked_block():
+    torch.manual_seed(0)
+    net = _Block()
+    for bn in (net.bn1, net.bn2):  # statistics away from (0, 1), so that an unfolded or misfolded BN shows
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
+    return pyprune.sparsify(net.eval(), sparsity=0.5, pattern="unstructured")
+
+
+@pytest.mark.skipif(not _sparse_linear_available(), reason="pyprune.nn.SparseLinear not built yet")
+@pytest.mark.parametrize("layout", ["csr", "bsr", "auto"])
+def test_convert_fuse_folds_bn_and_fuses_epilogues(layout):
+    masked = _masked_block()
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        want = masked(x)
+    out, rep = pyprune.convert(masked, layout, block=(8, 8), fuse=True, example_inputs=x, return_report=True)
+    assert rep.fused["bn"] == 2 and rep.fused["max_pool"] == 1
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in out.modules())
+    assert any(isinstance(m, pyprune.nn.MaxPool2d) for m in out.modules())
+    convs = [m for m in out.modules() if isinstance(m, pyprune.nn.SparseConv2d)]
+    if layout != "auto":  # (auto may keep a layer dense: then nothing is fused into it)
+        assert rep.fused["relu"] == 2 and rep.fused["residual"] == 1
+        assert len(convs) == 2 and all(m.relu for m in convs)
+    assert not out.training
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(masked(x), want)  # the model given is not changed
+    assert isinstance(masked.bn1, nn.BatchNorm2d)
+
+
+def test_convert_fuse_rejects_what_it_cannot_do():
+    masked = _masked_block()
+    x = torch.randn(1, 3, 12, 12)
+    with pytest.raises(TypeError, match="fuse must be a bool"):
+        pyprune.convert(masked, fuse=1, example_inputs=x)
+    with pytest.raises(ValueError, match="fuse=True needs example_inputs"):
+        pyprune.convert(masked, fuse=True)
+    with pytest.raises(ValueError, match="inplace"):
+        pyprune.convert(masked, fuse=True, example_inputs=x, inplace=True)
+    with pytest.raises(ValueError, match="train=True"):
+        pyprune.convert(masked, "auto", fuse=True, example_inputs=x, train=True)
+    with pytest.raises(ValueError, match=r"model.eval\(\)"):
+        pyprune.convert(masked.train(), fuse=True, example_inputs=x)
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     rows=st.integers(1, 9),
