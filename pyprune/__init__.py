@@ -8,6 +8,7 @@ from ._info import info
 from .ops._router import use_backend
 from . import models, pruning  # noqa: F401
 from .pruning import CubicSchedule, convert, count_flops, count_params, prune_channels, prune_layers, sparsify
+from .pruning import to_pruned_convs
 
 from .compare import compare
 from .accuracy import pipeline
@@ -25,4 +26,5 @@ __all__ += [
     "prune_layers",
     "pruning",
     "sparsify",
+    "to_pruned_convs",
 ]

@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..nn._trainable import copy_requires_grad
-from ..pruning import convert, get_mask, prune_channels, sparsify
+from ..pruning import convert, get_mask, prune_channels, sparsify, to_pruned_convs
 from ..pruning.convert import weight_read_directly
 
 METHODS = ("dense", "masked", "channel", "channel-pyprune", "csr", "bsr", "2:4", "torch.sparse")
@@ -628,20 +628,20 @@ class Builder:
         if not any(isinstance(m, nn.Conv2d) for m in self.model.modules()):
             raise NotApplicable("no Conv2d layer (PrunedConv2d is a convolution kernel)")
         base, note = self.channel(level)
-        out, c = fuse_pruned_convs(base, self.args)
+        out, c = to_pruned_convs(base, self.args, return_report=True)
         if c["conv"] == 0:
-            raise NotApplicable(f"no Conv2d could become a PrunedConv2d ({c['skipped']} skipped) {c['why']}")
+            why = c.get("why", "")
+            raise NotApplicable(f"no Conv2d could become a PrunedConv2d ({c['skipped']} skipped) {why}")
         parts = [f"{c['conv']} conv -> PrunedConv2d", f"{c['bn']} BN folded", f"{c['relu']} ReLU fused"]
         if c["residual"]:
             parts.append(f"{c['residual']} residual add fused")
         if c["pool"]:
             parts.append(f"{c['pool']} max pool fused")
-        pools = _pyprune_pools(out)  # the pools no conv feeds alone
-        if pools:
-            parts.append(f"{pools} max pool -> pyprune")
+        if c["max_pool"]:  # the pools no conv feeds alone
+            parts.append(f"{c['max_pool']} max pool -> pyprune")
         if c["skipped"]:
             parts.append(f"{c['skipped']} conv kept")
-        if c["why"]:
+        if "why" in c:
             parts.append(c["why"])
         return out, "; ".join([note] + [", ".join(parts)])
 

@@ -4,7 +4,7 @@ from . import criteria
 from ..flops import count_flops, count_params
 from .attention import PrunedMultiheadAttention
 from .channel import IMPORTANCE, GroupPlan, PruningPlan, plan_pruning, prune_channels
-from .convert import ConvertReport, convert
+from .convert import ConvertReport, convert, to_pruned_convs
 from .graph import DependencyGraph, Group, Member, PruningError, UnsupportedPatternError, build_graph
 from .layers import Skip, prune_layers, residual_blocks
 from .load import load_pruned_state_dict
@@ -38,4 +38,5 @@ __all__ = [
     "remove_masks",
     "residual_blocks",
     "sparsify",
+    "to_pruned_convs",
 ]

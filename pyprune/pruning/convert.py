@@ -201,4 +201,30 @@ def _convert_fused(model, layout, block, inplace, return_report, example_inputs,
     return (out, report) if return_report else out
 
 
-__all__ = ["ConvertReport", "LAYOUTS", "convert", "plain_encoder_inputs", "weight_read_directly"]
+def to_pruned_convs(model: nn.Module, example_inputs=None, return_report: bool = False):
+    """A copy of ``model`` (a channel-pruned one, as ``prune_channels`` leaves it, or any model) with every
+    ``nn.Conv2d`` on pyprune's conv kernel, ``pyprune.nn.PrunedConv2d``: what ``pyprune compare`` times as
+    channel-pyprune. In eval mode, a BatchNorm2d that alone follows a conv is folded into it, and a ReLU (or
+    ReLU6) and an ``nn.MaxPool2d`` after it are fused into its kernel; given ``example_inputs`` (which fix the
+    shapes), so is a skip connection's add after the conv (and a ReLU after the add). Other nn.MaxPool2d
+    layers run on ``pyprune.nn.MaxPool2d``. A conv PrunedConv2d cannot hold (non-zero padding modes) stays.
+    Returns the model (an fx GraphModule where fx traces it), or ``(model, counts)`` with ``return_report``:
+    {"conv", "bn", "relu", "pool", "residual", "skipped", "max_pool"} and "why" when fx cannot trace it."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    from ..compare.variants import _pyprune_pools, fuse_pruned_convs
+
+    args = None
+    if example_inputs is not None:
+        args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    out, counts = fuse_pruned_convs(model, args)
+    counts["max_pool"] = _pyprune_pools(out)
+    if not counts["why"]:
+        del counts["why"]
+    out.train(model.training)
+    return (out, counts) if return_report else out
+
+
+__all__ = [
+    "ConvertReport", "LAYOUTS", "convert", "plain_encoder_inputs", "to_pruned_convs", "weight_read_directly",
+]  # fmt: skip

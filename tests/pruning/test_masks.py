@@ -250,6 +250,29 @@ def test_convert_fuse_folds_bn_and_fuses_epilogues(layout):
     assert isinstance(masked.bn1, nn.BatchNorm2d)
 
 
+def test_to_pruned_convs_runs_a_channel_pruned_model_on_pruned_conv2d():
+    torch.manual_seed(0)
+    net = _masked_block()
+    pyprune.pruning.remove_masks(net)
+    x = torch.randn(2, 3, 12, 12)
+    small = pyprune.prune_channels(net, x, ratio=0.5, importance="l1")
+    with torch.no_grad():
+        want = small(x)
+    out, counts = pyprune.to_pruned_convs(small, x, return_report=True)
+    assert {k: counts[k] for k in ("conv", "bn", "relu", "pool", "residual", "skipped")} == {
+        "conv": 2, "bn": 2, "relu": 2, "pool": 1, "residual": 1, "skipped": 0
+    }  # fmt: skip
+    assert sum(isinstance(m, pyprune.nn.PrunedConv2d) for m in out.modules()) == 2
+    assert not any(isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)) for m in out.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(small(x), want)  # the model given is not changed
+    without = pyprune.to_pruned_convs(small, return_report=True)[1]  # no example: no shapes, no skip add
+    assert without["residual"] == 0 and without["conv"] == 2
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        pyprune.to_pruned_convs("resnet50")
+
+
 def test_convert_fuse_rejects_what_it_cannot_do():
     masked = _masked_block()
     x = torch.randn(1, 3, 12, 12)
