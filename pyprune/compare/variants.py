@@ -521,13 +521,13 @@ class Builder:
         return self._folded
 
     def csr(self, level: float) -> tuple[nn.Module, str]:
-        folded, n_bn, why_bn = fold_bn(self.masked(level))
-        out = convert(folded, layout="csr", block=self.block, inplace=folded is not self.masked(level))
+        out, rep = convert(self.masked(level), "csr", self.block, return_report=True, example_inputs=self.args,
+                           fuse=True)  # fmt: skip
         _, why = _convert_convs(out, "csr", self.block)
         baked = _bake_all(out)
-        pools = _pyprune_pools(out)
-        out, fused = fuse_sparse_epilogues(out, self.args)
-        return out, _sparse_note(out, "csr", baked, why, n_bn, why_bn, pools, fused)
+        f = rep.fused
+        fused = {"relu": f["relu"], "residual": f["residual"]}
+        return out, _sparse_note(out, "csr", baked, why, f["bn"], f.get("why", ""), f["max_pool"], fused)
 
     def torch_sparse(self, level: float) -> tuple[nn.Module, str]:
         out = copy.deepcopy(self.masked(level))
@@ -586,7 +586,7 @@ class Builder:
             raise NotApplicable(
                 f"no Linear layer {shape}" + (f" and no conv converts ({why})" if convs else "")
             )
-        pools = _pyprune_pools(out)
+        pools = pyprune_pools(out)
         out, fused = fuse_sparse_epilogues(out, self.args) if method == "bsr" else (out, None)
         note = _sparse_note(out, method, 0, "", n_bn, why_bn, pools, fused)
         if bad or kept:
@@ -646,7 +646,7 @@ class Builder:
         return out, "; ".join([note] + [", ".join(parts)])
 
 
-def _pyprune_pools(model: nn.Module) -> int:
+def pyprune_pools(model: nn.Module) -> int:
     """Replace, in place, every nn.MaxPool2d that ``pyprune.nn.MaxPool2d`` covers by one; returns how many."""
     from ..nn import MaxPool2d
     from ..nn.pruned_conv2d import fusable_max_pool

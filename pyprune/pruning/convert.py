@@ -188,13 +188,13 @@ def _convert_fused(model, layout, block, inplace, return_report, example_inputs,
         raise ValueError("inplace=True cannot go with fuse=True (folding BatchNorm makes a traced copy)")
     if train:
         raise ValueError("fuse=True gives an inference model; train=True times layers for fine-tuning")
-    from ..compare.variants import _pyprune_pools, fold_bn, fuse_sparse_epilogues
+    from ..compare.variants import fold_bn, fuse_sparse_epilogues, pyprune_pools
 
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     folded, n_bn, why = fold_bn(model)
     out, report = convert(folded, layout, block, inplace=folded is not model, return_report=True,
                           example_inputs=args)  # fmt: skip
-    pools = _pyprune_pools(out)
+    pools = pyprune_pools(out)
     out, fused = fuse_sparse_epilogues(out, args)
     report.fused = {"bn": n_bn, "max_pool": pools, **fused, **({"why": why} if why else {})}
     out.eval()
@@ -212,13 +212,13 @@ def to_pruned_convs(model: nn.Module, example_inputs=None, return_report: bool =
     {"conv", "bn", "relu", "pool", "residual", "skipped", "max_pool"} and "why" when fx cannot trace it."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    from ..compare.variants import _pyprune_pools, fuse_pruned_convs
+    from ..compare.variants import fuse_pruned_convs, pyprune_pools
 
     args = None
     if example_inputs is not None:
         args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     out, counts = fuse_pruned_convs(model, args)
-    counts["max_pool"] = _pyprune_pools(out)
+    counts["max_pool"] = pyprune_pools(out)
     if not counts["why"]:
         del counts["why"]
     out.train(model.training)
