@@ -526,8 +526,7 @@ class Builder:
         _, why = _convert_convs(out, "csr", self.block)
         baked = _bake_all(out)
         f = rep.fused
-        fused = {"relu": f["relu"], "residual": f["residual"]}
-        return out, _sparse_note(out, "csr", baked, why, f["bn"], f.get("why", ""), f["max_pool"], fused)
+        return out, _sparse_note(out, "csr", baked, why, f["bn"], f["why"], f["max_pool"], f)
 
     def torch_sparse(self, level: float) -> tuple[nn.Module, str]:
         out = copy.deepcopy(self.masked(level))
@@ -630,8 +629,7 @@ class Builder:
         base, note = self.channel(level)
         out, c = to_pruned_convs(base, self.args, return_report=True)
         if c["conv"] == 0:
-            why = c.get("why", "")
-            raise NotApplicable(f"no Conv2d could become a PrunedConv2d ({c['skipped']} skipped) {why}")
+            raise NotApplicable(f"no Conv2d could become a PrunedConv2d ({c['skipped']} skipped) {c['why']}")
         parts = [f"{c['conv']} conv -> PrunedConv2d", f"{c['bn']} BN folded", f"{c['relu']} ReLU fused"]
         if c["residual"]:
             parts.append(f"{c['residual']} residual add fused")
@@ -641,7 +639,7 @@ class Builder:
             parts.append(f"{c['max_pool']} max pool -> pyprune")
         if c["skipped"]:
             parts.append(f"{c['skipped']} conv kept")
-        if "why" in c:
+        if c["why"]:
             parts.append(c["why"])
         return out, "; ".join([note] + [", ".join(parts)])
 

@@ -20,7 +20,7 @@ class ConvertReport:
     left_dense: dict[str, str] = field(default_factory=dict)
     layouts: dict[str, str] = field(default_factory=dict)  # layout="auto": the form chosen per masked layer
     # fuse=True: {"bn": BatchNorms folded, "max_pool": pools on pyprune's kernel, "relu": ReLUs / ReLU6s and
-    # "residual": skip connections' adds fused into csr / bsr convs}; "why" says why no BN was folded
+    # "residual": skip connections' adds fused into csr / bsr convs, "why": why no BN was folded, or ""}
     fused: dict = field(default_factory=dict)
 
 
@@ -196,7 +196,7 @@ def _convert_fused(model, layout, block, inplace, return_report, example_inputs,
                           example_inputs=args)  # fmt: skip
     pools = pyprune_pools(out)
     out, fused = fuse_sparse_epilogues(out, args)
-    report.fused = {"bn": n_bn, "max_pool": pools, **fused, **({"why": why} if why else {})}
+    report.fused = {"bn": n_bn, "max_pool": pools, **fused, "why": why}
     out.eval()
     return (out, report) if return_report else out
 
@@ -209,7 +209,8 @@ def to_pruned_convs(model: nn.Module, example_inputs=None, return_report: bool =
     shapes), so is a skip connection's add after the conv (and a ReLU after the add). Other nn.MaxPool2d
     layers run on ``pyprune.nn.MaxPool2d``. A conv PrunedConv2d cannot hold (non-zero padding modes) stays.
     Returns the model (an fx GraphModule where fx traces it), or ``(model, counts)`` with ``return_report``:
-    {"conv", "bn", "relu", "pool", "residual", "skipped", "max_pool"} and "why" when fx cannot trace it."""
+    {"conv", "bn", "relu", "pool", "residual", "skipped", "max_pool", "why"} ("why": "" unless fx cannot trace
+    the model)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     from ..compare.variants import fuse_pruned_convs, pyprune_pools
@@ -219,8 +220,6 @@ def to_pruned_convs(model: nn.Module, example_inputs=None, return_report: bool =
         args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     out, counts = fuse_pruned_convs(model, args)
     counts["max_pool"] = pyprune_pools(out)
-    if not counts["why"]:
-        del counts["why"]
     out.train(model.training)
     return (out, counts) if return_report else out
 

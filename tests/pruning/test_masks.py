@@ -224,7 +224,9 @@ def _masked_block():
     torch.manual_seed(0)
     net = _Block()
     for bn in (net.bn1, net.bn2):  # statistics away from (0, 1), so that an unfolded or misfolded BN shows
-        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 2)
     return pyprune.sparsify(net.eval(), sparsity=0.5, pattern="unstructured")
 
 
