@@ -3,7 +3,7 @@ dense F.conv2d on ResNet-50's 1x1 and stride-1 3x3 conv shapes, batch 1.
 
 CI runs this with --benchmark-disable (each case once, as a smoke test). The numbers quoted in
 benchmarks/results/cpu-xeon-emr/sparse24_conv2d_3x3.md come from sparse_conv2d_table.py (SparseConv2d, which
-calls this op for kxk and padded 2:4 convs with C_in a multiple of 8), which interleaves providers and repeats
+calls this op for 2:4 convs with C_in a multiple of 8), which interleaves providers and repeats
 rounds.
 """
 

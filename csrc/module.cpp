@@ -64,9 +64,12 @@ PYBIND11_MODULE(_C, m) {
              relu, residual, relu_max);
   });
   m.def("sparse24_conv2d", [](T x, T values, T meta, int64_t out_channels, Ints kernel_size, Opt bias,
-                              Ints stride, Ints padding, Ints dilation) {
-    static const Entry<at::Tensor(T, T, T, int64_t, IA, Opt, IA, IA, IA)> e("pyprune::sparse24_conv2d");
-    return e(x, values, meta, out_channels, IA(kernel_size), bias, IA(stride), IA(padding), IA(dilation));
+                              Ints stride, Ints padding, Ints dilation, bool relu, Opt residual,
+                              std::optional<double> relu_max) {
+    static const Entry<at::Tensor(T, T, T, int64_t, IA, Opt, IA, IA, IA, bool, Opt, std::optional<double>)> e(
+        "pyprune::sparse24_conv2d");
+    return e(x, values, meta, out_channels, IA(kernel_size), bias, IA(stride), IA(padding), IA(dilation), relu,
+             residual, relu_max);
   });
   m.def("pruned_conv2d", [](T x, T weight, Opt bias, Opt in_index, Opt out_index, int64_t out_channels,
                             Ints stride, Ints padding, Ints dilation, int64_t groups, bool relu, Ints max_pool,

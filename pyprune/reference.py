@@ -142,7 +142,7 @@ def bsr_conv2d_ref(
 def sparse_conv_epilogue(
     y: Tensor, relu: bool, residual: Tensor | None, relu_max: float | None = None
 ) -> Tensor:
-    """csr_conv2d's / bsr_conv2d's epilogue on their conv output ``y`` (a new tensor, changed in place):
+    """The sparse-weight convs' epilogue on their conv output ``y`` (a new tensor, changed in place):
     ``relu?(y + residual)``, capped at ``relu_max`` (with relu)."""
     if residual is not None:
         y.add_(residual)
@@ -200,12 +200,16 @@ def sparse24_conv2d_ref(
     stride: list[int],
     padding: list[int],
     dilation: list[int],
+    relu: bool = False,
+    residual: Tensor | None = None,
+    relu_max: float | None = None,
 ) -> Tensor:
     """The weight is (out_channels, kh*kw*C_in) in tap-major columns, as in csr_conv2d_ref, stored 2:4 as in
-    sparse24_linear_ref."""
+    sparse24_linear_ref. Epilogue as csr_conv2d_ref's."""
     kh, kw = kernel_size
     w = _sparse24_matrix(values, meta, out_channels, kh * kw * x.shape[1])
-    return _tap_major_conv2d(x, w, kernel_size, bias, stride, padding, dilation)
+    y = _tap_major_conv2d(x, w, kernel_size, bias, stride, padding, dilation)
+    return sparse_conv_epilogue(y, relu, residual, relu_max)
 
 
 def pruned_conv2d_ref(

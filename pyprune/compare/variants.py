@@ -17,8 +17,9 @@
   ``convert(layout="2:4")`` (density is fixed at 1/2, so it is built once, at level 0.5). Conv2d layers are
   converted too when ``pyprune.nn.SparseConv2d`` exists; otherwise their masks are baked into plain convs.
   In all three, an eval-mode BatchNorm2d that alone follows a conv is folded into it first (``fold_bn``; zeros
-  stay zeros), as channel-pyprune folds its own, and each nn.MaxPool2d becomes ``pyprune.nn.MaxPool2d`` (the
-  kernel channel-pyprune fuses into its convs; ATen's NCHW max pool is many times slower on the CPU);
+  stay zeros), as channel-pyprune folds its own, each nn.MaxPool2d becomes ``pyprune.nn.MaxPool2d`` (the
+  kernel channel-pyprune fuses into its convs; ATen's NCHW max pool is many times slower on the CPU), and the
+  ReLUs and skip connections' adds after a SparseConv2d are fused into it (``fuse_sparse_epilogues``);
 - ``torch.sparse``: the masked model's Linear weights as ``torch.sparse_csr`` tensors, ``y^T = W @ x^T`` through
   ``torch.mm`` (MKL on CPU): the incumbent sparse baseline.
 """
@@ -431,15 +432,16 @@ class _PyPruneLeaves(torch.fx.Tracer):
 
 
 def fuse_sparse_epilogues(model: nn.Module, example: tuple) -> tuple[nn.Module, dict]:
-    """Moves each skip connection's add after a csr / bsr SparseConv2d, and a ReLU (or ReLU6, a Hardtanh
-    floored at 0) after the conv (or the add), into the conv (``relu=True``, ``relu_max``;
-    ``SparseConv2d(x, residual)``), where their kernels apply both in their stores. ``model`` (a variant's
+    """Moves each skip connection's add after a SparseConv2d, and a ReLU (or ReLU6, a Hardtanh floored at 0)
+    after the conv (or the add), into the conv (``relu=True``, ``relu_max``; ``SparseConv2d(x,
+    residual)``), where their kernels apply both in their stores (the sparse-linear routes: in place after
+    the op). ``model`` (a variant's
     own copy: its modules are reused) is changed in place when it is an fx GraphModule (what fold_bn
     returns), else traced with pyprune's modules as leaves; ``example`` fixes the tensors' shapes, which a
     residual must match. Returns (model, {"relu": n, "residual": n}); the model as
     given when fx cannot trace it."""
     counts = {"relu": 0, "residual": 0}
-    if not any(_is_sparse_conv(m) and m.layout in ("csr", "bsr") for m in model.modules()):
+    if not any(_is_sparse_conv(m) for m in model.modules()):
         return model, counts
     gm = model
     if not isinstance(gm, torch.fx.GraphModule):
@@ -456,7 +458,7 @@ def fuse_sparse_epilogues(model: nn.Module, example: tuple) -> tuple[nn.Module, 
         if node.op != "call_module" or node.target in shared or len(node.args) != 1 or node.kwargs:
             continue
         conv = modules.get(node.target)
-        if not _is_sparse_conv(conv) or conv.layout not in ("csr", "bsr") or conv.relu:
+        if not _is_sparse_conv(conv) or conv.relu:
             continue
         users = list(node.users)
         residual = _residual_of(users[0], node, shapes) if len(users) == 1 else None
@@ -586,7 +588,7 @@ class Builder:
                 f"no Linear layer {shape}" + (f" and no conv converts ({why})" if convs else "")
             )
         pools = pyprune_pools(out)
-        out, fused = fuse_sparse_epilogues(out, self.args) if method == "bsr" else (out, None)
+        out, fused = fuse_sparse_epilogues(out, self.args)
         note = _sparse_note(out, method, 0, "", n_bn, why_bn, pools, fused)
         if bad or kept:
             note += f", {len(bad) + kept} kept dense" + (f" ({why})" if why else "")

@@ -32,9 +32,10 @@ SCHEMAS = {
     "bool relu=False, Tensor? residual=None, float? relu_max=None) -> Tensor",
     # conv2d with a 2:4 weight (out_channels, kh*kw*C_in) in the same tap-major column order, stored as
     # sparse24_linear's (values (K4/2, out_channels), meta (K4/8, out_channels) uint8, K4 = kh*kw*C_in rounded
-    # up to a multiple of 8). x: (N, C_in, H, W).
+    # up to a multiple of 8). x: (N, C_in, H, W). Epilogue as csr_conv2d's.
     "sparse24_conv2d": "sparse24_conv2d(Tensor x, Tensor values, Tensor meta, int out_channels, "
-    "int[2] kernel_size, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation) -> Tensor",
+    "int[2] kernel_size, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, bool relu=False, "
+    "Tensor? residual=None, float? relu_max=None) -> Tensor",
     # conv2d over the input channels in_index (gathered inside the kernel) with weight (C_out_kept,
     # C_in_kept / groups, kh, kw); relu fused; out_index scatters into an out_channels-wide zero output;
     # max_pool: [] or (kernel_h, kernel_w, stride_h, stride_w, padding_h, padding_w) of a max pool fused after

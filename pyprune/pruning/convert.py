@@ -20,7 +20,7 @@ class ConvertReport:
     left_dense: dict[str, str] = field(default_factory=dict)
     layouts: dict[str, str] = field(default_factory=dict)  # layout="auto": the form chosen per masked layer
     # fuse=True: {"bn": BatchNorms folded, "max_pool": pools on pyprune's kernel, "relu": ReLUs / ReLU6s and
-    # "residual": skip connections' adds fused into csr / bsr convs, "why": why no BN was folded, or ""}
+    # "residual": skip connections' adds fused into the sparse convs, "why": why no BN was folded, or ""}
     fused: dict = field(default_factory=dict)
 
 
@@ -108,10 +108,10 @@ def convert(
     for a model about to be fine-tuned. ``train`` applies to "auto" only.
 
     ``fuse=True`` (inference; needs ``example_inputs`` and an eval-mode model) returns the model that
-    ``pyprune.compare`` times for csr and bsr: every eval-mode BatchNorm2d that alone follows a conv folded
-    into it before the conversion (zeros stay zeros), each ``nn.MaxPool2d`` on pyprune's kernel
-    (``pyprune.nn.MaxPool2d``), and the ReLUs / ReLU6s and skip connections' adds after csr / bsr
-    SparseConv2d fused into them. The result is an fx GraphModule when a BatchNorm was folded or an epilogue
+    ``pyprune.compare`` times for csr, bsr and 2:4: every eval-mode BatchNorm2d that alone follows a conv
+    folded into it before the conversion (zeros stay zeros), each ``nn.MaxPool2d`` on pyprune's kernel
+    (``pyprune.nn.MaxPool2d``), and the ReLUs / ReLU6s and skip connections' adds after a SparseConv2d fused
+    into it. The result is an fx GraphModule when a BatchNorm was folded or an epilogue
     fused; ``report.fused`` counts each. Not with ``inplace`` (folding makes a traced copy) or ``train``.
     """
     if not isinstance(fuse, bool):
@@ -176,8 +176,8 @@ def convert(
 
 
 def _convert_fused(model, layout, block, inplace, return_report, example_inputs, train):
-    """convert(..., fuse=True): fold_bn, convert, pyprune's max pools, fused csr / bsr epilogues (the steps of
-    pyprune.compare's csr and bsr variants, pyprune.compare.variants)."""
+    """convert(..., fuse=True): fold_bn, convert, pyprune's max pools, fused epilogues (the steps of
+    pyprune.compare's csr, bsr and 2:4 variants, pyprune.compare.variants)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if example_inputs is None:

@@ -361,7 +361,7 @@ def test_sparse_variants_fuse_relu6_and_zero_floored_hardtanh(method, monkeypatc
         assert (mod.conv1(x) == 6).any()  # the cap is reached, so the comparison can fail
 
 
-def test_sparse_epilogues_fuse_in_a_model_without_bn_and_not_in_24():
+def test_sparse_epilogues_fuse_in_a_model_without_bn_and_in_24(monkeypatch):
     # no BN: fold_bn hands back the model itself, which the fusion traces with pyprune's modules as leaves
     net = _PoolAfterAddNet().eval()
     x = torch.randn(2, 3, 12, 12)
@@ -371,8 +371,15 @@ def test_sparse_epilogues_fuse_in_a_model_without_bn_and_not_in_24():
     assert mod.conv1.relu and not mod.conv2.relu and type(net.conv1) is nn.Conv2d
     with torch.no_grad():
         torch.testing.assert_close(mod(x), b.masked(0.5)(x), rtol=1e-4, atol=1e-5)
-    _, note = Builder(_Blocks().eval(), (torch.randn(2, 8, 9, 9),)).build("2:4", 0.5)
-    assert "fused" not in note.replace("BN folded", "")
+    # 2:4 fuses too (sparse24_conv2d's epilogue); its weights are the same built without the fusion
+    blocks, x = _Blocks().eval(), torch.randn(2, 8, 9, 9)
+    fused, note = Builder(blocks, (x,)).build("2:4", 0.5)
+    assert "ReLU fused" in note and "residual add fused" in note
+    monkeypatch.setattr(variants, "fuse_sparse_epilogues", lambda m, example: (m, {"relu": 0, "residual": 0}))
+    plain, _ = Builder(blocks, (x,)).build("2:4", 0.5)
+    assert not any(getattr(m, "relu", False) for m in plain.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), plain(x), rtol=1e-4, atol=1e-5)
 
 
 def test_channel_pyprune_runs_unfused_max_pools_on_pyprunes_kernel():

@@ -390,27 +390,30 @@ def test_extra_repr():
     assert "block=(16, 16)" in r and "density=0.500" in r
 
 
-# (layout, kernel, padding, channels_last): each route of forward. csr_conv2d (NCHW 3x3; channels_last 1x1,
-# its tiles transposed), bsr_conv2d (channels_last 3x3, NCHW 1x1) apply the epilogue in the kernel; bsr's
-# channels_last 1x1 (bsr_linear's kernel inside bsr_conv2d) in the kernel; 2:4's kxk (sparse24_conv2d) and 1x1
-# (NCHW chunks; channels_last view) after it
+# (layout, kernel, padding, channels_last, op, C_in): each route of forward. csr_conv2d (NCHW 3x3;
+# channels_last 1x1, its tiles transposed), bsr_conv2d (channels_last 3x3, NCHW 1x1) apply the epilogue in the
+# kernel; bsr's channels_last 1x1 (bsr_linear's kernel inside bsr_conv2d) in the kernel; 2:4 with C_in a
+# multiple of 8 (sparse24_conv2d: x staged or, channels_last 1x1, read in place) in the kernel, with other
+# C_in (sparse24_linear: NCHW chunks; channels_last view) after it
 ROUTES = [
-    pytest.param("csr", 3, 1, False, "csr_conv2d", id="csr-3x3-nchw"),
-    pytest.param("csr", 1, 0, True, "csr_conv2d", id="csr-1x1-cl"),
-    pytest.param("bsr", 3, 1, True, "bsr_conv2d", id="bsr-3x3-cl"),
-    pytest.param("bsr", 1, 0, False, "bsr_conv2d", id="bsr-1x1-nchw"),
-    pytest.param("bsr", 1, 0, True, "bsr_conv2d", id="bsr-1x1-cl"),
-    pytest.param("2:4", 3, 1, False, "sparse24_conv2d", id="24-3x3-nchw"),
-    pytest.param("2:4", 1, 0, False, "sparse24_linear", id="24-1x1-nchw"),
-    pytest.param("2:4", 1, 0, True, "sparse24_linear", id="24-1x1-cl"),
+    pytest.param("csr", 3, 1, False, "csr_conv2d", 16, id="csr-3x3-nchw"),
+    pytest.param("csr", 1, 0, True, "csr_conv2d", 16, id="csr-1x1-cl"),
+    pytest.param("bsr", 3, 1, True, "bsr_conv2d", 16, id="bsr-3x3-cl"),
+    pytest.param("bsr", 1, 0, False, "bsr_conv2d", 16, id="bsr-1x1-nchw"),
+    pytest.param("bsr", 1, 0, True, "bsr_conv2d", 16, id="bsr-1x1-cl"),
+    pytest.param("2:4", 3, 1, False, "sparse24_conv2d", 16, id="24-3x3-nchw"),
+    pytest.param("2:4", 1, 0, False, "sparse24_conv2d", 16, id="24-1x1-nchw"),
+    pytest.param("2:4", 1, 0, True, "sparse24_conv2d", 16, id="24-1x1-cl"),
+    pytest.param("2:4", 1, 0, False, "sparse24_linear", 12, id="24-1x1-nchw-cin12"),
+    pytest.param("2:4", 1, 0, True, "sparse24_linear", 12, id="24-1x1-cl-cin12"),
 ]
 
 
-@pytest.mark.parametrize("layout,k,padding,channels_last,op", ROUTES)
-def test_relu_and_residual_on_every_route(layout, k, padding, channels_last, op):
-    conv = _masked_conv(16, 24, k, 1, padding, 1, 0.5, layout)
+@pytest.mark.parametrize("layout,k,padding,channels_last,op,cin", ROUTES)
+def test_relu_and_residual_on_every_route(layout, k, padding, channels_last, op, cin):
+    conv = _masked_conv(cin, 24, k, 1, padding, 1, 0.5, layout)
     sc = SparseConv2d.from_dense(conv, layout=layout, block=(4, 4), relu=True)
-    x = torch.randn(2, 16, 7, 7)
+    x = torch.randn(2, cin, 7, 7)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     assert sc.kernel_op(x) == op
@@ -464,13 +467,14 @@ def test_depthwise_on_channels_last_runs_pruned_conv2d_on_the_scattered_weight(m
     torch.testing.assert_close(wt.values.grad, want_v, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout,k,padding,channels_last,op", ROUTES)
-def test_relu_max_on_every_route(layout, k, padding, channels_last, op):
-    conv = _masked_conv(16, 24, k, 1, padding, 1, 0.5, layout)
+@pytest.mark.parametrize("layout,k,padding,channels_last,op,cin", ROUTES)
+def test_relu_max_on_every_route(layout, k, padding, channels_last, op, cin):
+    conv = _masked_conv(cin, 24, k, 1, padding, 1, 0.5, layout)
     sc = SparseConv2d.from_dense(conv, layout=layout, block=(4, 4), relu=True, relu_max=0.5)
-    x = torch.randn(2, 16, 7, 7)
+    x = torch.randn(2, cin, 7, 7)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+    assert sc.kernel_op(x) == op
     res = torch.randn(2, 24, 7, 7)
     with torch.no_grad():
         torch.testing.assert_close(sc(x, res).double(), (_reference(conv, x) + res.double()).clamp(0, 0.5),

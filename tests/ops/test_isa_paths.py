@@ -71,8 +71,11 @@ for cin, cout, k, s, p, side, cl, block in ((12, 10, 3, 1, 1, 20, False, (4, 8))
     m.relu, res = True, torch.randn(want.shape).contiguous(memory_format=fmt)
     err = (m(x, res).double() - (want + res.double()).relu()).abs().max().item()  # the fused epilogue
     assert err < 1e-4, ("bsr_conv2d epilogue", cin, cout, k, s, side, cl, block, err)
-# 2:4 kxk: the implicit GEMM over a padded NHWC copy (C_in a multiple of 8; 20 outputs: a partial vector)
-for cin, cout, k, s, p, side, cl in ((16, 20, 3, 1, 1, 11, False), (24, 33, 3, 2, 1, 9, True)):
+# 2:4: the implicit GEMM (C_in a multiple of 8) over a zero-bordered NHWC copy (NCHW rows of whole 16 x 16
+# blocks: 32 channels, 19 pixels) or x in place (channels_last 1x1); 20 / 33 outputs: a partial vector; NCHW
+# output in 16 x 16 blocks and one by one; the epilogue (ReLU6, residual)
+for cin, cout, k, s, p, side, cl in ((16, 20, 3, 1, 1, 11, False), (24, 33, 3, 2, 1, 9, True),
+                                     (32, 48, 3, 1, 1, 19, False), (40, 33, 1, 1, 0, 9, True)):
     m = SparseConv2d.from_dense(torch.nn.Conv2d(cin, cout, k, s, p), sparsity=0.5, layout="2:4")
     x = torch.randn(2, cin, side, side)
     if cl:
@@ -81,6 +84,10 @@ for cin, cout, k, s, p, side, cl in ((16, 20, 3, 1, 1, 11, False), (24, 33, 3, 2
     want = F.conv2d(x.double(), m.to_dense().weight.double(), m.bias.double(), s, p)
     err = (m(x).double() - want).abs().max().item()
     assert err < 1e-4, ("sparse24_conv2d", cin, cout, k, s, side, cl, err)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    m.relu, m.relu_max, res = True, 0.5, torch.randn(want.shape).contiguous(memory_format=fmt)
+    err = (m(x, res).double() - (want + res.double()).clamp(0, 0.5)).abs().max().item()
+    assert err < 1e-4, ("sparse24_conv2d epilogue", cin, cout, k, s, side, cl, err)
 # the sampled weight gradient (a 7x7 map in image blocks, a 3x3 conv, a strided 1x1)
 from pyprune.reference import _conv2d_weight_sampled_ref
 for cin, cout, k, s, p, side in ((20, 12, 1, 1, 0, 7), (12, 10, 3, 1, 1, 13), (16, 8, 1, 2, 0, 9)):

@@ -11,6 +11,7 @@ import pyprune
 from pyprune.nn.sparse_conv2d import tap_major
 from pyprune.ops import sparse24_conv2d
 from pyprune.ops.sparse24_conv2d import _sparse24_conv2d_im2col, dense_weight, sparse24_conv2d_checked_ref
+from pyprune import reference
 from pyprune.reference import sparse24_conv2d_ref
 from pyprune.sparse import Sparse24
 from pyprune.sparse.select import nm_mask
@@ -71,6 +72,64 @@ def test_matches_reference_and_dense_conv(case, channels_last, bias):
     x, b, stride, padding, dilation = args[0], args[5], args[6], args[7], args[8]
     dense = F.conv2d(x.double(), w.double(), None if b is None else b.double(), stride, padding, dilation)
     torch.testing.assert_close(want, dense)
+
+
+# (C_in, C_out, (kh, kw), stride, padding, dilation, (H, W), batch) on the kernel's input and store paths: x
+# read in place (channels_last, unpadded: 1x1 and strided 3x3) or staged (NCHW rows of whole 16 x 16 blocks
+# and their tails); NCHW outputs of whole 16 x 16 blocks, planes that end inside a 64-pixel token block (17 x
+# 19 pixels, 3 images) and a partial 16-output vector (40 outputs).
+EPILOGUE_CASES = [
+    (32, 48, (3, 3), 1, 1, 1, (17, 19), 3),
+    (40, 40, (1, 1), 1, 0, 1, (16, 20), 2),
+    (16, 32, (3, 3), 2, 0, 1, (23, 21), 2),
+    (48, 16, (1, 1), 2, 0, 1, (9, 9), 2),
+]
+
+
+@pytest.mark.parametrize("case", EPILOGUE_CASES, ids=lambda c: "-".join(map(str, c)).replace(" ", ""))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_epilogue_matches_spec(case, channels_last):
+    args, w = _case(case)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    args = (args[0].contiguous(memory_format=fmt), *args[1:])
+    x, b, stride, padding, dilation = args[0], args[5], args[6], args[7], args[8]
+    conv = F.conv2d(x.double(), w.double(), b.double(), stride, padding, dilation)
+    res = torch.randn(conv.shape, generator=torch.Generator().manual_seed(1)).contiguous(memory_format=fmt)
+    # a cap of 1 clips a good share of the outputs (ReLU6's path, with a cap the values reach)
+    epilogues = [(False, None, None), (True, None, None), (False, res, None), (True, res, None),
+                 (True, res, 1.0), (True, None, 1.0)]  # fmt: skip
+    for relu, residual, cap in epilogues:
+        y = OP(*args, relu, residual, cap)
+        want = conv + residual.double() if residual is not None else conv
+        want = want.relu() if relu else want
+        want = want.clamp_max(cap) if cap is not None else want
+        torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)
+        assert y.is_contiguous(memory_format=fmt)
+        if relu:
+            assert (y >= 0).all() and (y > 0).any()
+        if cap is not None:
+            assert y.max() == cap
+    # a residual in the other layout, or strided, is read as it lies
+    other = res.contiguous(memory_format=torch.contiguous_format if channels_last else torch.channels_last)
+    for r in (other, torch.stack([res, res], -1)[..., 0]):
+        got = OP(*args, True, r).double()
+        torch.testing.assert_close(got, (conv + res.double()).relu(), rtol=1e-4, atol=1e-4)
+
+
+def test_epilogue_keeps_nan_and_fallback_paths():
+    args, _ = _case(CASES[0])
+    x = args[0].clone()
+    x[0, :, 4, 4] = float("nan")  # every output that reads pixel (4, 4) of image 0 is NaN
+    y = OP(x, *args[1:], True, None, 6.0)
+    assert y[0, :, 4, 4].isnan().all() and not y[1].isnan().any()
+    # the dense fallbacks (C_in not a multiple of 8; float64) and an empty weight apply the epilogue too
+    for a in (_case(CASES[5])[0], _case(CASES[0], dtype=torch.float64)[0]):
+        res = torch.randn(OP(*a).shape, dtype=a[0].dtype)
+        want = (sparse24_conv2d_ref(*_double(a)) + res.double()).relu()
+        torch.testing.assert_close(OP(*a, True, res).double(), want, rtol=1e-4, atol=1e-4)
+    empty = (x[:, :0], args[1][:0], args[2][:0], 24, [3, 3], args[5], *args[6:])
+    res = torch.randn(2, 24, 9, 9)
+    torch.testing.assert_close(OP(*empty, True, res), (args[5].view(1, -1, 1, 1) + res).relu())
 
 
 def test_reference_hand_computed():
@@ -136,6 +195,11 @@ def test_gradcheck_float64():
     args, _ = _case((8, 4, (3, 2), 2, 1, (1, 2), (6, 7), 2), dtype=torch.float64)
     x, v, b = args[0].requires_grad_(), args[1].requires_grad_(), args[5].requires_grad_()
     assert torch.autograd.gradcheck(lambda x, v, b: OP(x, v, args[2], *args[3:5], b, *args[6:]), (x, v, b))
+    # with the epilogue: the residual's gradient, and the ReLU's and its cap's masks
+    r = torch.randn(OP(*args).shape, dtype=torch.float64, requires_grad=True)
+    for cap in (None, 1.0):
+        fn = lambda x, v, b, r: OP(x, v, args[2], *args[3:5], b, *args[6:], True, r, cap)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x, v, b, r))
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
@@ -144,6 +208,8 @@ def test_opcheck(channels_last):
     if channels_last:
         args = (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
     torch.library.opcheck(OP, args)
+    res = torch.randn(OP(*args).shape).contiguous(memory_format=reference._memory_format(args[0]))
+    torch.library.opcheck(OP, (*args, True, res.requires_grad_(), 6.0))
 
 
 def test_im2col_backend_matches():
@@ -156,11 +222,14 @@ def test_im2col_backend_matches():
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         assert y.is_contiguous(memory_format=fmt)
         torch.testing.assert_close(y, sparse24_conv2d_ref(*args), rtol=1e-4, atol=1e-4)
+        res = torch.randn(y.shape)
+        got = _sparse24_conv2d_im2col(*args, True, res, 1.0)
+        torch.testing.assert_close(got, (y + res).clamp(0, 1), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("c_in, op", [(16, "sparse24_conv2d"), (12, "sparse24_linear")])
 def test_module_uses_it_and_compiles(c_in, op):
-    # kxk convs whose group pairs lie in one tap (C_in % 8 == 0) take the op; others build the patch matrix
+    # convs whose group pairs lie in one tap (C_in % 8 == 0) take the op; others build the patch matrix
     conv = torch.nn.Conv2d(c_in, 24, 3, stride=2, padding=1)
     m = pyprune.nn.SparseConv2d.from_dense(conv, sparsity=0.5, layout="2:4")
     x = torch.randn(2, c_in, 11, 11)
@@ -171,9 +240,10 @@ def test_module_uses_it_and_compiles(c_in, op):
     torch.testing.assert_close(y, m.to_dense()(x), rtol=1e-4, atol=1e-4)
     compiled = torch.compile(m, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), y)
-    # 1x1 unpadded convs stay on sparse24_linear
-    pw = pyprune.nn.SparseConv2d.from_dense(torch.nn.Conv2d(16, 8, 1), sparsity=0.5, layout="2:4")
-    assert pw.kernel_op(torch.randn(1, 16, 4, 4)) == "sparse24_linear"
+    # unpadded 1x1 convs too (channels_last x read in place), but for C_in not a multiple of 8
+    for cin, op in ((16, "sparse24_conv2d"), (12, "sparse24_linear")):
+        pw = pyprune.nn.SparseConv2d.from_dense(torch.nn.Conv2d(cin, 8, 1), sparsity=0.5, layout="2:4")
+        assert pw.kernel_op(torch.randn(1, cin, 4, 4)) == op
 
 
 def _bad(change):
@@ -197,6 +267,9 @@ BAD = [
     (set_arg(5, lambda a: torch.zeros(3)), ValueError, "'bias' must"),
     (set_arg(4, [12, 3]), ValueError, "'x' has spatial size"),
     (set_arg(3, -1), ValueError, "'out_channels' must be >= 0"),
+    (lambda a: a.extend([True, torch.zeros(2, 24, 9, 8)]), ValueError, "'residual' must"),
+    (lambda a: a.extend([False, None, 6.0]), ValueError, "'relu_max' must"),
+    (lambda a: a.extend([True, None, -1.0]), ValueError, "'relu_max' must"),
 ]
 
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -250,6 +251,48 @@ def test_convert_fuse_folds_bn_and_fuses_epilogues(layout):
         torch.testing.assert_close(out(x), want, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(masked(x), want)  # the model given is not changed
     assert isinstance(masked.bn1, nn.BatchNorm2d)
+
+
+class _PointwiseBlock(nn.Module):
+    """1x1 conv -> BN -> ReLU, 1x1 conv -> BN, the skip connection's add and a ReLU6: 2:4 masks from sparsify
+    (groups of 4 input channels) are 2:4 in SparseConv2d's tap-major order on 1x1 convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(16, 24, 1), nn.BatchNorm2d(24)
+        self.conv2, self.bn2 = nn.Conv2d(24, 16, 1), nn.BatchNorm2d(16)
+
+    def forward(self, x):
+        return F.relu6(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + x)
+
+
+@pytest.mark.skipif(not _sparse_linear_available(), reason="pyprune.nn.SparseLinear not built yet")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_convert_fuse_2to4_fuses_epilogues_into_sparse24_conv2d(channels_last):
+    torch.manual_seed(0)
+    net = _PointwiseBlock().eval()
+    for bn in (net.bn1, net.bn2):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    masked = pyprune.sparsify(net, sparsity=0.5, pattern="2:4")
+    x = 3 * torch.randn(2, 16, 9, 9)  # outputs past ReLU6's cap too
+    if channels_last:
+        masked = masked.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = masked(x)
+    out, rep = pyprune.convert(masked, "2:4", fuse=True, example_inputs=x, return_report=True)
+    assert rep.fused["bn"] == 2 and rep.fused["relu"] == 2 and rep.fused["residual"] == 1
+    convs = [m for m in out.modules() if isinstance(m, pyprune.nn.SparseConv2d)]
+    assert len(convs) == 2 and all(m.layout == "2:4" and m.kernel_op(x) == "sparse24_conv2d" for m in convs)
+    assert [m.relu_max for m in convs] == [None, 6.0]
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        y = out(x)
+    names = [e.name for e in prof.events()]
+    assert names.count("pyprune::sparse24_conv2d") == 2
+    assert not any(n in names for n in ("aten::relu", "aten::add", "aten::hardtanh", "aten::clamp"))
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+    assert (want == 6).any()
 
 
 def test_to_pruned_convs_runs_a_channel_pruned_model_on_pruned_conv2d():

@@ -40,7 +40,31 @@ struct S24Args {
   // run) instead of x + m * K4 + 8 * p. Both null for the linear op.
   const int64_t* base = nullptr;
   const int64_t* koff = nullptr;
+  // sparse24_conv2d's epilogue, after the bias: plus res (laid out as y; null: none), then the ReLU (cap:
+  // kNoRelu, +inf or its cap). plane: 0 for a (tokens, N) output (the linear op, channels_last convs); else
+  // the pixels of one image of an NCHW output, token m = n * plane + q going to y[(n * N + o) * plane + q].
+  const float* res = nullptr;
+  float cap = kNoRelu;
+  int64_t plane = 0;
 };
+
+// Where (token m, output o) lies in y (and in res).
+PYPRUNE_INLINE int64_t out_offset(const S24Args& a, int64_t m, int64_t o) {
+  return a.plane ? ((m / a.plane) * a.N + o) * a.plane + m % a.plane : m * a.N + o;
+}
+
+// y at (token m, output o) = the epilogue of sum + bias.
+PYPRUNE_INLINE void store_one(const S24Args& a, float* y, int64_t m, int64_t o, float sum) {
+  const int64_t at = out_offset(a, m, o);
+  y[at] = epilogue1(sum + (a.bias ? a.bias[o] : 0.f), a.res ? a.res + at : nullptr, a.cap);
+}
+
+// Tokens [m0, m1) x outputs [o0, o0 + no) from total (ldt floats a token, output o0 first), one at a time.
+inline void store_scalar(const S24Args& a, const float* total, int64_t ldt, int64_t m0, int64_t m1, int64_t o0,
+                         int64_t no, float* y) {
+  for (int64_t m = m0; m < m1; ++m)
+    for (int64_t j = 0; j < no; ++j) store_one(a, y, m, o0 + j, total[(m - m0) * ldt + j]);
+}
 
 // Where token m's inputs 8p .. 8p + 7 start.
 inline const float* pair_inputs(const S24Args& a, const float* x, int64_t m, int64_t p) {
@@ -64,7 +88,7 @@ inline void scalar_outputs(const S24Args& a, const float* x, int64_t m0, int64_t
         }
         total += acc;
       }
-      y[m * a.N + o] = total + (a.bias ? a.bias[o] : 0.f);
+      store_one(a, y, m, o, total);
     }
   }
 }
@@ -101,6 +125,45 @@ PYPRUNE_TARGET_AVX512 void chunk_avx512(const S24Args& a, const float* x, int64_
     _mm512_store_ps(tot + 16 * m, _mm512_add_ps(_mm512_load_ps(tot + 16 * m), acc[m]));
 }
 
+// Tokens [m0, m1) x the 16 outputs from o0 (lanes k) of total (16 floats a token) into y, bias and epilogue
+// applied. A (tokens, N) output takes one masked vector a token; an NCHW output (plane > 0) turns whole 16 x 16
+// blocks of one image through transpose16 into 16-pixel runs of each output's plane, and the rest one by one.
+PYPRUNE_TARGET_AVX512 PYPRUNE_INLINE void store_avx512(const S24Args& a, const float* total, int64_t m0,
+                                                       int64_t m1, int64_t o0, __mmask16 k, float* y) {
+  const __m512 b = a.bias ? _mm512_maskz_loadu_ps(k, a.bias + o0) : _mm512_setzero_ps();
+  const bool relu = a.cap != kNoRelu;
+  const __m512 zero = _mm512_setzero_ps(), cap = _mm512_set1_ps(relu ? a.cap : 0.f);
+  if (a.plane == 0) {
+    for (int64_t m = m0; m < m1; ++m) {
+      __m512 v = _mm512_add_ps(_mm512_load_ps(total + 16 * (m - m0)), b);
+      if (a.res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, a.res + m * a.N + o0));
+      if (relu) v = _mm512_min_ps(cap, _mm512_max_ps(zero, v));  // NaN (the second operand) stays NaN
+      _mm512_mask_storeu_ps(y + m * a.N + o0, k, v);
+    }
+    return;
+  }
+  const int64_t no = std::min<int64_t>(16, a.N - o0);
+  int64_t m = m0;
+  while (m < m1) {
+    const int64_t q = m % a.plane, run = std::min(m1 - m, a.plane - q);  // tokens left in m's image
+    int64_t j = 0;
+    if (no == 16) {
+      const int64_t n = m / a.plane;
+      for (; j + 16 <= run; j += 16) {
+        VecAvx512 r[16];
+        for (int i = 0; i < 16; ++i) r[i] = load16<VecAvx512>(total + 16 * (m - m0 + j + i));
+        transpose16(r);  // r[i]: output o0 + i over the 16 tokens
+        for (int i = 0; i < 16; ++i) {
+          const int64_t at = (n * a.N + o0 + i) * a.plane + q + j;
+          store16(y + at, epilogue16(r[i] + (a.bias ? a.bias[o0 + i] : 0.f), a.res ? a.res + at : nullptr, a.cap));
+        }
+      }
+    }
+    store_scalar(a, total + 16 * (m - m0 + j), 16, m + j, m + run, o0, no, y);
+    m += run;
+  }
+}
+
 // Group pairs [p0, p1) of tokens [m0, m1), 8 at a time, into total + 16 * (m - m0). (A function, not a
 // lambda: a lambda does not inherit the caller's target ISA.)
 template <bool CONV>
@@ -130,9 +193,7 @@ PYPRUNE_TARGET_AVX512 void panels_avx512(const S24Args& a, const float* x, int64
       std::fill(total, total + (me - mb) * 16, 0.f);
       for (int64_t c = 0; c < pairs; c += kFlushPairs)
         tokens_avx512<CONV>(a, x, mb, me, o, k, c, std::min(pairs, c + kFlushPairs), total);
-      const __m512 b = a.bias ? _mm512_maskz_loadu_ps(k, a.bias + o) : _mm512_setzero_ps();
-      for (int64_t m = mb; m < me; ++m)
-        _mm512_mask_storeu_ps(y + m * a.N + o, k, _mm512_add_ps(_mm512_load_ps(total + 16 * (m - mb)), b));
+      store_avx512(a, total, mb, me, o, k, y);
     }
   }
 }
@@ -193,6 +254,10 @@ PYPRUNE_TARGET_AVX2 void panels_avx2(const S24Args& a, const float* x, int64_t m
       std::fill(total, total + (me - mb) * 8, 0.f);
       for (int64_t c = 0; c < pairs; c += kFlushPairs)
         tokens_avx2<CONV>(a, x, mb, me, o, c, std::min(pairs, c + kFlushPairs), total);
+      if (a.plane || a.res || a.cap != kNoRelu) {  // the conv's epilogue or NCHW output: one at a time
+        store_scalar(a, total, 8, mb, me, o, 8, y);
+        continue;
+      }
       const __m256 b = a.bias ? _mm256_loadu_ps(a.bias + o) : _mm256_setzero_ps();
       for (int64_t m = mb; m < me; ++m)
         _mm256_storeu_ps(y + m * a.N + o, _mm256_add_ps(_mm256_load_ps(total + 8 * (m - mb)), b));
