@@ -9,8 +9,9 @@
 // Kernel: vectors run over 16 outputs (8 on AVX2). The four inputs of a group are broadcast to every 128-bit
 // lane and a per-lane permute (vpermilps, which reads only the low 2 bits of each index, so the meta byte
 // needs no masking) picks each output's input: per group and token 2 FMAs instead of the dense 4. A token's
-// inputs are either a row of x (linear) or, for the conv, 8-float runs of the padded NHWC input at a
-// per-token base plus a per-pair offset (S24Args::base / koff): the implicit GEMM, no patch matrix.
+// inputs are either a row of x (linear) or, for the conv, 8-float runs of the NHWC input (x or its
+// zero-bordered copy) at a per-token base plus a per-pair offset (S24Args::base / koff): the implicit GEMM, no
+// patch matrix.
 #pragma once
 #include <immintrin.h>
 
