@@ -24,7 +24,7 @@ field (Fast Sparse ConvNets, Elsen et al. 2020, for the 1x1 case).
 - **2:4** with C_in a multiple of 8 (any kernel): ``pyprune::sparse24_conv2d``, an implicit GEMM with
   sparse24_linear's kernel, each output pixel's inputs read from x itself (channels_last, unpadded) or from
   one zero-bordered NHWC copy of it, the epilogue fused. On NCHW 1x1 convs of ResNet-50 at batch 1 it took
-  0.55-0.9x the time of the route below (one process, 2 threads, Zen 4 VM), the same on channels_last.
+  0.55-1.0x the time of the route below (one process, 2 threads, Zen 4 VM), the same on channels_last.
 - **2:4** otherwise (and bsr's channels_last 1x1 on CUDA): the sparse-linear ops in the NHWC (channels_last)
   arrangement, where a pixel's channels are contiguous:
   - 1x1, channels_last input: the input *is* the (N*H*W, C_in) activation matrix (a view, no copy), and the

@@ -35,7 +35,7 @@ from . import (
 from .._extension import HAS_CPP
 from ._common import call_op, check_csr_arrays, eager, register_cpu_fallback
 from ._router import Backend, TensorCache, route
-from .pruned_conv2d import check_relu_max, check_residual, output_size, pair
+from .pruned_conv2d import check_relu_max, check_residual, epilogue_backward, output_size, pair
 
 OP = "pyprune::csr_conv2d"
 
@@ -163,10 +163,8 @@ def sparse_backward(op, transpose_fn, dense_weight_fn, values_grad_fn):
 
     def backward(ctx, grad):
         x, crow, col, values, y = ctx.saved_tensors
-        if y is not None:  # the ReLU let the value through where positive (and below its cap, as F.relu6)
-            grad = grad * ((y > 0) if ctx.relu_max is None else ((y > 0) & (y < ctx.relu_max)))
-        # the residual is added before the ReLU: its gradient is the (masked) output gradient
-        grad_res = grad if ctx.has_residual and ctx.needs_input_grad[11] else None
+        wants_res = ctx.has_residual and ctx.needs_input_grad[11]
+        grad, grad_res = epilogue_backward(grad, y, ctx.relu_max, wants_res)
         out_channels, kernel_size, stride, padding, dilation = ctx.conv
         c_in = x.shape[1]
         grad_x = grad_values = grad_b = None

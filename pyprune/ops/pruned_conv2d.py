@@ -261,10 +261,8 @@ def _backward(ctx, grad):
         back = torch.ops.aten.max_pool2d_with_indices_backward.default
         grad = back(grad, y0, k, s, p, [1, 1], False, where)
         y = y0 if relu else None
-    if y is not None:  # where the ReLU (and its cap, as in F.relu6's gradient) let the value through
-        grad = grad * ((y > 0) if relu_max is None else ((y > 0) & (y < relu_max)))
-    # the residual is added before the ReLU: its gradient is the (masked) output gradient, every channel
-    grad_res = grad if ctx.has_residual and ctx.needs_input_grad[13] else None
+    # the residual's gradient: the masked output gradient, every channel
+    grad, grad_res = epilogue_backward(grad, y, relu_max, ctx.has_residual and ctx.needs_input_grad[13])
     if out_index is not None:
         grad = grad.index_select(1, out_index)
     grad_x = grad_w = grad_b = None
@@ -285,6 +283,16 @@ def _backward(ctx, grad):
 torch.library.register_autograd(OP, _backward, setup_context=_setup_context)
 
 
+def epilogue_backward(grad: Tensor, y: Tensor | None, relu_max, residual_grad: bool):
+    """The gradient through the convs' epilogue relu?(conv + bias + residual): ``grad`` masked where
+    the ReLU let the value through (y, the op's output, positive and below relu_max, as F.relu6; y None: no
+    ReLU), and the residual's gradient (the masked gradient, the residual being added before the ReLU) when
+    ``residual_grad``. Returns (masked grad, residual grad or None)."""
+    if y is not None:
+        grad = grad * ((y > 0) if relu_max is None else ((y > 0) & (y < relu_max)))
+    return grad, grad if residual_grad else None
+
+
 def pruned_conv2d_checked_ref(x, weight, bias, in_index, out_index, out_channels, stride, padding, dilation,
                               groups, relu, max_pool=(), relu_max=None, residual=None):  # fmt: skip
     """The reference behind the full argument checks: the CPU kernel when _C lacks one, and the CUDA
@@ -300,5 +308,5 @@ if not torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU"):
 register_cuda("pruned_conv2d")
 __all__ = [
     "check_args", "check_channel_index", "check_index_values", "check_pool", "check_relu_max",
-    "check_residual", "output_size", "pair", "pool_list", "pruned_conv2d",
+    "check_residual", "epilogue_backward", "output_size", "pair", "pool_list", "pruned_conv2d",
 ]  # fmt: skip

@@ -32,7 +32,7 @@ from . import _library  # noqa: F401
 from ._common import call_op
 from ._router import Backend, route
 from .csr_conv2d import check_conv_args, check_epilogue
-from .pruned_conv2d import pair
+from .pruned_conv2d import epilogue_backward, pair
 
 OP = "pyprune::sparse24_conv2d"
 
@@ -119,10 +119,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x, values, meta, y = ctx.saved_tensors
-    if y is not None:  # the ReLU let the value through where positive (and below its cap, as F.relu6)
-        grad = grad * ((y > 0) if ctx.relu_max is None else ((y > 0) & (y < ctx.relu_max)))
-    # the residual is added before the ReLU: its gradient is the (masked) output gradient
-    grad_res = grad if ctx.has_residual and ctx.needs_input_grad[10] else None
+    grad, grad_res = epilogue_backward(grad, y, ctx.relu_max, ctx.has_residual and ctx.needs_input_grad[10])
     out_channels, kernel_size, stride, padding, dilation = ctx.conv
     w = dense_weight(values, meta, out_channels, kernel_size, x.shape[1])
     grad_x = grad_values = grad_b = None
@@ -143,8 +140,8 @@ def sparse24_conv2d_checked_ref(x, values, meta, out_channels, kernel_size, bias
                                 relu=False, residual=None, relu_max=None):  # fmt: skip
     """The reference behind the full argument checks: the CPU kernel when _C lacks one, and the CUDA router's
     last resort."""
-    conv = (out_channels, kernel_size, bias, stride, padding, dilation)
-    args = (x, values, meta, *conv, relu, residual, relu_max)
+    args = (x, values, meta, out_channels, kernel_size, bias, stride, padding, dilation, relu, residual,
+            relu_max)  # fmt: skip
     check_args(*args)
     return reference.sparse24_conv2d_ref(*args)
 
