@@ -169,9 +169,10 @@ PYPRUNE_INLINE void pack_tile(const ConvArgs& a, int64_t g, const Segment* seg, 
 // not L1, so that the current tile's rows stay in L1 for the tile's other panels (A/B in one process, 2 threads:
 // 256->64 1x1 @56 batch 8 3-8% faster, the rest within 1%). L1: also prefetch the row kL1Ahead rows on into L1,
 // for tiles too large to stay there (brow holds K + kL1Ahead rows; the rule: gemm_units).
+// Row r of the result goes to out + r * ldo + c0: the store stage (ldo = kNR), or y itself (see gemm_units).
 template <class V, int MR, int NV, bool PF, bool L1 = false>
 PYPRUNE_INLINE void micro(const float* w, int64_t ldw, const float* const* brow, int64_t K, const float* bias,
-                          bool relu, float cap, float* stage, int64_t c0) {
+                          bool relu, float cap, float* out, int64_t ldo, int64_t c0) {
   V acc[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = V{} + (bias ? bias[r] : 0.f);
@@ -190,9 +191,12 @@ PYPRUNE_INLINE void micro(const float* w, int64_t ldw, const float* const* brow,
       for (int v = 0; v < NV; ++v) acc[r][v] += s * bv[v];
     }
   }
+  // (unrolled by hand: with ldo a variable, GCC 12 kept acc in memory too and stored it on every k)
+#pragma GCC unroll 6
   for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
-      store16(stage + r * kNR + c0 + v * kLanes, relu ? relu16(acc[r][v], cap) : acc[r][v]);
+      store16(out + r * ldo + c0 + v * kLanes, relu ? relu16(acc[r][v], cap) : acc[r][v]);
     }
 }
 
@@ -201,19 +205,20 @@ PYPRUNE_INLINE void micro(const float* w, int64_t ldw, const float* const* brow,
 // the compile time) down.
 template <class V, int NV>
 PYPRUNE_INLINE void micro_rows(int mr, bool pf, bool l1, const float* w, int64_t ldw, const float* const* brow,
-                               int64_t K, const float* bias, bool relu, float cap, float* stage, int64_t c0) {
+                               int64_t K, const float* bias, bool relu, float cap, float* out, int64_t ldo,
+                               int64_t c0) {
   if (mr == kMR && l1) {
-    if (pf) micro<V, kMR, NV, true, true>(w, ldw, brow, K, bias, relu, cap, stage, c0);
-    else micro<V, kMR, NV, false, true>(w, ldw, brow, K, bias, relu, cap, stage, c0);
+    if (pf) micro<V, kMR, NV, true, true>(w, ldw, brow, K, bias, relu, cap, out, ldo, c0);
+    else micro<V, kMR, NV, false, true>(w, ldw, brow, K, bias, relu, cap, out, ldo, c0);
     return;
   }
   if (mr == kMR && pf) {
-    micro<V, kMR, NV, true>(w, ldw, brow, K, bias, relu, cap, stage, c0);
+    micro<V, kMR, NV, true>(w, ldw, brow, K, bias, relu, cap, out, ldo, c0);
     return;
   }
   switch (mr) {
 #define PYPRUNE_MR_CASE(R) \
-  case R: micro<V, R, NV, false>(w, ldw, brow, K, bias, relu, cap, stage, c0); break;
+  case R: micro<V, R, NV, false>(w, ldw, brow, K, bias, relu, cap, out, ldo, c0); break;
     PYPRUNE_MR_CASE(1) PYPRUNE_MR_CASE(2) PYPRUNE_MR_CASE(3)
     PYPRUNE_MR_CASE(4) PYPRUNE_MR_CASE(5) PYPRUNE_MR_CASE(6)
 #undef PYPRUNE_MR_CASE
@@ -392,6 +397,10 @@ PYPRUNE_INLINE void gemm_units(const ConvArgs& a, int64_t u0, int64_t u1) {
       packed = tg;
     }
     const int nv = static_cast<int>((cnt + kLanes - 1) / kLanes);
+    // (non-temporal stores and residuals go through store_rows; staged tiles are on the Wp-wide grid)
+    const bool direct_tile =
+        !a.staged && !a.res && !a.stream_y && a.oP == 1 && cnt == kNR && seg[0].n == seg[ns - 1].n;
+    float* const y_run = direct_tile ? a.y + seg[0].n * a.oN + (seg[0].oh * a.OW + seg[0].ow0) : nullptr;
     const int64_t r_begin = s * a.rows_per_slice, r_end = std::min(a.Cog, r_begin + a.rows_per_slice);
     for (int64_t r = r_begin; r < r_end; r += kMR) {
       const int mr = static_cast<int>(std::min<int64_t>(kMR, r_end - r));
@@ -401,19 +410,24 @@ PYPRUNE_INLINE void gemm_units(const ConvArgs& a, int64_t u0, int64_t u1) {
       const bool pf = in_place && r == r_begin;  // the first panel of a tile fetches the next tile's rows
       const bool l1 = in_place && l1_ahead && V::kParts == 1;  // AVX-512 (measured there), full panels only
       const bool relu = a.relu && !a.res;  // with a residual, the ReLU comes after it, in store_rows
+      // A full tile of one image on NCHW y is one run of each output plane: a panel of consecutive output
+      // channels goes from the registers to y, without the stage and its copy
+      const bool direct = direct_tile && a.out_ch[row + mr - 1] - a.out_ch[row] == mr - 1;
+      float* const out = direct ? y_run + a.out_ch[row] * a.oC : stage;
+      const int64_t ldo = direct ? a.oC : kNR;
       if constexpr (V::kParts > 1) {  // AVX2, baseline: 6 x 1 tiles per 16 pixels (6 x 4 would spill)
         for (int v = 0; v < nv; ++v)
-          micro_rows<V, 1>(mr, pf, l1, w, a.Kg, brow.data(), a.Kg, b, relu, a.relu_max, stage, v * kLanes);
+          micro_rows<V, 1>(mr, pf, l1, w, a.Kg, brow.data(), a.Kg, b, relu, a.relu_max, out, ldo, v * kLanes);
       } else if (nv == 4) {
-        micro_rows<V, 4>(mr, pf, l1, w, a.Kg, brow.data(), a.Kg, b, relu, a.relu_max, stage, 0);
+        micro_rows<V, 4>(mr, pf, l1, w, a.Kg, brow.data(), a.Kg, b, relu, a.relu_max, out, ldo, 0);
       } else if (nv == 3) {
-        micro_rows<V, 3>(mr, pf, l1, w, a.Kg, brow.data(), a.Kg, b, relu, a.relu_max, stage, 0);
+        micro_rows<V, 3>(mr, pf, l1, w, a.Kg, brow.data(), a.Kg, b, relu, a.relu_max, out, ldo, 0);
       } else if (nv == 2) {
-        micro_rows<V, 2>(mr, pf, l1, w, a.Kg, brow.data(), a.Kg, b, relu, a.relu_max, stage, 0);
+        micro_rows<V, 2>(mr, pf, l1, w, a.Kg, brow.data(), a.Kg, b, relu, a.relu_max, out, ldo, 0);
       } else {
-        micro_rows<V, 1>(mr, pf, l1, w, a.Kg, brow.data(), a.Kg, b, relu, a.relu_max, stage, 0);
+        micro_rows<V, 1>(mr, pf, l1, w, a.Kg, brow.data(), a.Kg, b, relu, a.relu_max, out, ldo, 0);
       }
-      store_rows<V>(a, stage, mr, row, seg, ns);
+      if (!direct) store_rows<V>(a, stage, mr, row, seg, ns);
     }
   }
 }
