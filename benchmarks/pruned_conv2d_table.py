@@ -8,7 +8,9 @@ Providers per case (keep ratio r on both sides):
 - ours: pyprune.ops.pruned_conv2d (the op as users call it) reading the kept channels of the full input in place (the fused gather);
 - ours_compact: the same function on the same pre-compacted input (so ours / ours_compact is the
   cost of fusing the gather);
-- x_read: torch.sum over the full input, which reads every line of it once (the read floor's calibration).
+- x_read: torch.sum over the full input, which reads every line of it once (the read floor's calibration);
+- call_floor: the same op on a tiny conv (8 -> 4 channels kept of 1x1 on a 4x4 map): what a call costs at
+  these threads besides its FMAs (Python, the dispatcher, setup, the parallel region's fork and join).
 Each round times every provider once, in shuffled order (a batch of calls of >= --batch-ms); figures are
 medians over rounds of same-round ratios. "of ideal" = speedup vs dense / (1 / r^2).
 
@@ -18,6 +20,10 @@ holds 16 channels of one pixel, so a quarter of the channels at random touches n
 are whole lines. Where it is below the ideal 1 / r^2, reading x, not the FLOPs, bounds the fused gather; "of
 reachable" = speedup / min(ideal, x-read bound). (The bound leaves out the weight and output traffic and
 counts one op call's overhead, which x_read pays too.)
+
+"call floor" is call_floor's median in microseconds, and "ideal us" the time a call takes at the ideal
+speedup (dense / (1 / r^2)): where the floor is a ninth of that or more, 0.9 of the ideal (ideal us / 0.9)
+leaves the kernel at most ideal us, i.e. it must run its FLOPs at dense oneDNN's rate or faster.
 
 "page faults a call" (dense / oneDNN compact / ours): minor page faults a call over 10 calls after the timing
 (getrusage). A call faults when glibc handed a multi-MB buffer of an earlier call back to the system, which
@@ -72,8 +78,11 @@ def providers(cin, cout, k, side, batch, keep, channels_last, gen):
     xk = x.index_select(1, ii).contiguous(memory_format=fmt)
     pad = k // 2
     op = pruned_conv2d
+    tiny_x = torch.randn(1, 8, 4, 4, generator=gen)
+    tiny_w, tiny_i = torch.randn(4, 4, 1, 1, generator=gen), torch.arange(0, 8, 2)
     fns = {
         "x_read": lambda: torch.sum(x),
+        "call_floor": lambda: op(tiny_x, tiny_w, None, tiny_i, None, 4, [1, 1], [0, 0], [1, 1], 1, False),
         "dense": lambda: F.conv2d(x, w, b, 1, pad),
         "onednn_compact": lambda: F.conv2d(xk, wk, bk, 1, pad),
         "ours": lambda: op(x, wk, bk, ii, None, co, [1, 1], [pad, pad], [1, 1], 1, False),
@@ -120,6 +129,7 @@ def run_case(shape, batch, keep, channels_last, rounds, batch_s, rng, gen):
     row["x_read_median_s"] = statistics.median(samples["x_read"])
     row["x_read_bound"] = statistics.median(d / (t * lines) for d, t in zip(dense, samples["x_read"]))
     row["ours_of_reachable"] = row["ours_speedup"] / min(ideal, row["x_read_bound"])
+    row["call_floor_median_s"] = statistics.median(samples["call_floor"])
     row["gather_cost"] = statistics.median(
         a / c - 1 for a, c in zip(samples["ours"], samples["ours_compact"])
     )
@@ -144,6 +154,7 @@ def markdown(rows, env) -> str:
             "ratios over interleaved rounds. x lines read: the share of x's 64-byte lines that hold a kept "
             "channel; x-read bound: dense / (torch.sum over x, times that share), the most a kernel reading "
             "the kept channels in place could gain; of reachable: ours / min(ideal, x-read bound). "
+            "Call floor: the same op on a tiny conv, us a call; ideal us: dense / ideal. "
             "Page faults a call (dense / oneDNN compact / ours): over 10 calls after the timing; a row "
             "whose dense faults and whose ours does not shows a speedup the next process may not (see "
             "the script's docstring).\n"
@@ -151,9 +162,9 @@ def markdown(rows, env) -> str:
         (
             "| conv | batch | format | keep | ideal | oneDNN compact | ours (fused gather) | of ideal | "
             "ours / oneDNN compact | gather cost | x lines read | x-read bound | of reachable | dense ms | "
-            "page faults a call |"
+            "ideal us | call floor us | page faults a call |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
@@ -161,7 +172,8 @@ def markdown(rows, env) -> str:
             f"{r['keep']} | {r['ideal']:.1f} | {r['onednn_compact_speedup']:.2f} | {r['ours_speedup']:.2f} | "
             f"{r['ours_of_ideal']:.2f} | {r['ours_vs_onednn_compact']:.2f} | {100 * r['gather_cost']:+.1f}% | "
             f"{100 * r['x_lines_fraction']:.0f}% | {r['x_read_bound']:.1f} | {r['ours_of_reachable']:.2f} | "
-            f"{1e3 * r['dense_median_s']:.3f} | {_faults(r)} |"
+            f"{1e3 * r['dense_median_s']:.3f} | {1e6 * r['dense_median_s'] / r['ideal']:.1f} | "
+            f"{1e6 * r['call_floor_median_s']:.1f} | {_faults(r)} |"
         )
     return "\n".join(lines) + "\n"
 
