@@ -1341,14 +1341,6 @@ PYPRUNE_CONV_ISA(avx2, PYPRUNE_TARGET_AVX2, VecAvx2)
 PYPRUNE_CONV_ISA(avx512, PYPRUNE_TARGET_AVX512, VecAvx512)
 #endif
 
-// NAME's entry point (NAME_baseline / _avx2 / _avx512, above) for the ISA the kernels run on (kernel_isa()).
-#if PYPRUNE_X86
-#define PYPRUNE_ISA_ENTRY(NAME)                                                                             \
-  (kernel_isa() == Isa::kAvx512 ? NAME##_avx512 : kernel_isa() == Isa::kAvx2 ? NAME##_avx2 : NAME##_baseline)
-#else
-#define PYPRUNE_ISA_ENTRY(NAME) NAME##_baseline
-#endif
-
 void check_index(const std::optional<at::Tensor>& idx, const char* name, int64_t bound, const char* bound_name) {
   if (!idx.has_value()) return;
   const at::Tensor& t = *idx;

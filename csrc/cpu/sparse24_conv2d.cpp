@@ -67,21 +67,12 @@ PYPRUNE_S24_STAGE(avx2, PYPRUNE_TARGET_AVX2, VecAvx2)
 PYPRUNE_S24_STAGE(avx512, PYPRUNE_TARGET_AVX512, VecAvx512)
 #endif
 
-StageFn pick_stage(Isa isa) {
-#if PYPRUNE_X86
-  if (isa == Isa::kAvx512) return stage_avx512;
-  if (isa == Isa::kAvx2) return stage_avx2;
-#endif
-  (void)isa;
-  return stage_baseline;
-}
-
 at::Tensor staged_nhwc(const at::Tensor& x, const PlaneGeometry& g) {
   const int64_t Hp = g.H + 2 * g.ph, Wp = g.W + 2 * g.pw;
   at::Tensor xp = at::empty({g.N, Hp, Wp, g.C}, x.options());
   const StageArgs s{x.data_ptr<float>(), x.stride(0), x.stride(1), x.stride(2), x.stride(3), g.C, g.H, g.W,
                     g.ph, g.pw, Hp, Wp, xp.data_ptr<float>()};
-  const StageFn fn = pick_stage(kernel_isa());
+  const StageFn fn = PYPRUNE_ISA_ENTRY(stage);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, Wp * g.C));
   at::parallel_for(0, g.N * Hp, grain, [&](int64_t r0, int64_t r1) { fn(s, r0, r1); });
   return xp;

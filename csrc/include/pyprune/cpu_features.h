@@ -55,6 +55,15 @@ inline Isa kernel_isa() {
   return isa;
 }
 
+// NAME's entry point (NAME_baseline / _avx2 / _avx512, defined by the including file) for the ISA the kernels
+// run on (kernel_isa()).
+#if PYPRUNE_X86
+#define PYPRUNE_ISA_ENTRY(NAME)                                                                             \
+  (kernel_isa() == Isa::kAvx512 ? NAME##_avx512 : kernel_isa() == Isa::kAvx2 ? NAME##_avx2 : NAME##_baseline)
+#else
+#define PYPRUNE_ISA_ENTRY(NAME) NAME##_baseline
+#endif
+
 // Bytes of cpu0's cache at `level` (1, 2, 3; 0: the highest level it reports, the last-level cache), read from
 // Linux's sysfs; 0 where it is unknown. (glibc's sysconf(_SC_LEVEL3_CACHE_SIZE) said 320 MiB on a Zen 4 VM whose
 // sysfs and lscpu say 32 MiB.)
